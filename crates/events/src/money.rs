@@ -1,0 +1,135 @@
+//! Value types of the order domain that are parsed, never trusted: currency codes, SKUs and the
+//! limits on quantities and amounts. Money is always an `i64` count of minor units (cents).
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Largest quantity of one line. Bounded so `quantity * unit_price` sums stay far from overflow
+/// in realistic orders and a typo (`100000000`) is rejected instead of billed.
+pub const MAX_QUANTITY: i64 = 10_000;
+
+/// Largest number of distinct lines in one order; bounds the size of the state and of snapshots.
+pub const MAX_LINES: usize = 200;
+
+/// Longest SKU accepted, in bytes.
+pub const MAX_SKU_LEN: usize = 64;
+
+/// Longest free-text field (reason, carrier, tracking number, payment reference), in bytes.
+pub const MAX_TEXT_LEN: usize = 500;
+
+/// Active ISO 4217 alphabetic codes (fund and precious-metal codes excluded).
+const ISO_4217: &str = "AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB \
+BRL BSD BTN BWP BYN BZD CAD CDF CHF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD \
+FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY KES KGS KHR \
+KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MYR \
+MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK \
+SGD SHP SLE SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD UYU UZS VES \
+VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG";
+
+/// An ISO 4217 currency code such as `EUR`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Currency(String);
+
+impl Currency {
+    /// Parses an upper-case ISO 4217 code; `eur`, `EURO` and `XYZ` are rejected.
+    pub fn parse(code: &str) -> Option<Self> {
+        let is_code = code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase());
+        (is_code && ISO_4217.split_ascii_whitespace().any(|known| known == code))
+            .then(|| Self(code.to_owned()))
+    }
+
+    /// A code read back from our own storage, validated when it was first written. Not for
+    /// input: a code later withdrawn from ISO 4217 must still read back as it was stored.
+    pub(crate) fn from_stored(code: &str) -> Self {
+        Self(code.to_owned())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Currency {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Currency::parse(&value).ok_or_else(|| format!("`{value}` is not an ISO 4217 currency code"))
+    }
+}
+
+impl From<Currency> for String {
+    fn from(value: Currency) -> Self {
+        value.0
+    }
+}
+
+impl fmt::Display for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A stock-keeping unit: 1 to 64 characters of letters, digits, `-`, `_` and `.`, so it is safe
+/// in a URL path segment (`DELETE /orders/{id}/items/{sku}`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Sku(String);
+
+impl Sku {
+    pub fn parse(value: &str) -> Option<Self> {
+        let valid = !value.is_empty()
+            && value.len() <= MAX_SKU_LEN
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        valid.then(|| Self(value.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Sku {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Sku::parse(&value).ok_or_else(|| format!("`{value}` is not a valid SKU"))
+    }
+}
+
+impl From<Sku> for String {
+    fn from(value: Sku) -> Self {
+        value.0
+    }
+}
+
+impl fmt::Display for Sku {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_upper_case_codes_are_currencies() {
+        assert!(Currency::parse("EUR").is_some());
+        assert!(Currency::parse("JPY").is_some());
+        assert!(Currency::parse("eur").is_none());
+        assert!(Currency::parse("XYZ").is_none());
+        assert!(Currency::parse("EURO").is_none());
+        assert!(Currency::parse("").is_none());
+    }
+
+    #[test]
+    fn skus_are_url_safe_and_bounded() {
+        assert!(Sku::parse("BOOK-42_v1.0").is_some());
+        assert!(Sku::parse("").is_none());
+        assert!(Sku::parse("has space").is_none());
+        assert!(Sku::parse("a/b").is_none());
+        assert!(Sku::parse(&"x".repeat(MAX_SKU_LEN)).is_some());
+        assert!(Sku::parse(&"x".repeat(MAX_SKU_LEN + 1)).is_none());
+    }
+}
