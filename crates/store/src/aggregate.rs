@@ -1,0 +1,71 @@
+//! Loading an order's state for `decide`: its latest valid snapshot plus the events after it.
+
+use crate::read::read_stream;
+use crate::snapshot::load_snapshot;
+use events::{
+    DecodeError, OrderState, STATE_SCHEMA_VERSION, decode_recorded, evolve, order_stream_id,
+};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// Events read per query while catching up after a snapshot; bounds memory for long streams.
+const LOAD_PAGE: i64 = 1_000;
+
+/// An order's state and how it was obtained.
+#[derive(Debug, Clone)]
+pub struct LoadedOrder {
+    pub state: OrderState,
+    /// Version of the snapshot the load started from, if one was used.
+    pub snapshot_version: Option<i64>,
+    /// Events folded after the snapshot.
+    pub events_replayed: usize,
+}
+
+/// Why an order could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error("stored event at version {version} of order {order_id} is unreadable: {source}")]
+    Corrupt {
+        order_id: Uuid,
+        version: i64,
+        source: DecodeError,
+    },
+}
+
+/// Loads an order (the default state, version 0, when it has no events).
+pub async fn load_order(pool: &PgPool, order_id: Uuid) -> Result<LoadedOrder, LoadError> {
+    let stream_id = order_stream_id(order_id);
+    let snapshot = load_snapshot::<OrderState>(pool, &stream_id, STATE_SCHEMA_VERSION).await?;
+    let snapshot_version = snapshot.as_ref().map(|(version, _)| *version);
+    let mut state = match snapshot {
+        // The stored state must claim the version it was stored at; anything else is ignored.
+        Some((version, state)) if state.version == version => state,
+        _ => OrderState::default(),
+    };
+    let snapshot_version =
+        snapshot_version.filter(|version| *version == state.version && *version > 0);
+    let mut events_replayed = 0;
+    loop {
+        let page = read_stream(pool, &stream_id, state.version, LOAD_PAGE).await?;
+        let page_len = page.len();
+        for event in &page {
+            let decoded = decode_recorded(event).map_err(|source| LoadError::Corrupt {
+                order_id,
+                version: event.stream_version,
+                source,
+            })?;
+            state = evolve(state, &decoded);
+        }
+        events_replayed += page_len;
+        if (page_len as i64) < LOAD_PAGE {
+            break;
+        }
+    }
+    Ok(LoadedOrder {
+        state,
+        snapshot_version,
+        events_replayed,
+    })
+}

@@ -1,0 +1,396 @@
+//! One append transaction for a batch of append requests.
+//!
+//! Each request targets one stream with an expected version. The transaction takes the global
+//! append lock, then checks, in memory and in request order, every request against the streams'
+//! current versions (so several requests for the same stream in one batch chain correctly), and
+//! inserts the accepted events with one multi-row `INSERT`. A rejected request does not fail the
+//! others. The unique `(stream_id, stream_version)` constraint stays as the database's backstop.
+
+use events::{EventMetadata, NewEvent};
+use sqlx::{PgConnection, PgPool, Row};
+use std::collections::HashMap;
+use uuid::Uuid;
+
+/// Key of the transaction-scoped advisory lock every append holds while it assigns positions.
+/// Serialising appends is what makes positions dense and in commit order (see the crate docs);
+/// group commit keeps the cost of that to one short transaction per batch.
+pub const APPEND_LOCK_KEY: i64 = 0x0E5E_0001;
+
+/// What the appender believes the stream's version is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    /// Append whatever the current version is.
+    Any,
+    /// The stream must be at exactly this version (0: it must not exist yet).
+    Exact(i64),
+}
+
+/// A stored response for an `Idempotency-Key`, written atomically with the events. The store
+/// adds the append's `version` and `position` to `response_body` (an object) before storing it,
+/// since they are only known inside the append.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdempotencyRecord {
+    pub key: String,
+    pub request_hash: Vec<u8>,
+    pub response_status: i16,
+    pub response_body: serde_json::Value,
+}
+
+/// Events to append to one stream.
+#[derive(Debug, Clone)]
+pub struct AppendRequest {
+    pub stream_id: String,
+    pub expected: ExpectedVersion,
+    pub events: Vec<NewEvent>,
+    pub idempotency: Option<IdempotencyRecord>,
+}
+
+/// Where an accepted append landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendOutcome {
+    /// The stream's version after the append (the version of its last event).
+    pub stream_version: i64,
+    /// Global position of the first and last appended event.
+    pub first_position: i64,
+    pub last_position: i64,
+    /// The events were already stored by an earlier attempt with the same event ids; nothing new
+    /// was written and the positions are those of the earlier append.
+    pub duplicate: bool,
+}
+
+/// Why an append was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    #[error("stream `{stream_id}` is at version {actual}, expected {expected}")]
+    Conflict {
+        stream_id: String,
+        expected: i64,
+        actual: i64,
+    },
+    #[error("some event ids of this append are already stored, but not as this same append")]
+    EventIdReused,
+    #[error("idempotency key `{0}` was stored by another request")]
+    IdempotencyKeyTaken(String),
+    #[error("an append needs at least one event")]
+    Empty,
+    #[error("the group committer has stopped")]
+    CommitterStopped,
+    #[error("event store unavailable: {0}")]
+    Database(#[source] std::sync::Arc<sqlx::Error>),
+}
+
+impl AppendError {
+    /// Whether retrying the same request later may succeed without changing it.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            AppendError::Database(_) | AppendError::CommitterStopped
+        )
+    }
+}
+
+impl From<sqlx::Error> for AppendError {
+    fn from(err: sqlx::Error) -> Self {
+        AppendError::Database(std::sync::Arc::new(err))
+    }
+}
+
+/// Appends a batch in one transaction on a pooled connection. Returns one result per request,
+/// in order; `Err` only when the transaction itself failed (then nothing was written).
+pub async fn append_batch(
+    pool: &PgPool,
+    requests: &[AppendRequest],
+) -> Result<Vec<Result<AppendOutcome, AppendError>>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let results = append_within(&mut tx, requests).await?;
+    tx.commit().await?;
+    Ok(results)
+}
+
+/// Row data of the accepted events, column by column for `UNNEST`.
+#[derive(Default)]
+struct Columns {
+    positions: Vec<i64>,
+    event_ids: Vec<Uuid>,
+    stream_ids: Vec<String>,
+    versions: Vec<i64>,
+    types: Vec<String>,
+    schema_versions: Vec<i32>,
+    data: Vec<serde_json::Value>,
+    metadata: Vec<serde_json::Value>,
+}
+
+/// Appends a batch inside a transaction the caller owns (and commits). Takes the append lock,
+/// which the caller holds until its transaction ends: keep the transaction short.
+pub async fn append_within(
+    conn: &mut PgConnection,
+    requests: &[AppendRequest],
+) -> Result<Vec<Result<AppendOutcome, AppendError>>, sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(APPEND_LOCK_KEY)
+        .execute(&mut *conn)
+        .await?;
+
+    let stored_ids = stored_event_ids(conn, requests).await?;
+    let taken_keys = taken_idempotency_keys(conn, requests).await?;
+    let mut versions = current_versions(conn, requests).await?;
+    let mut head: i64 = sqlx::query_scalar("SELECT COALESCE(max(global_position), 0) FROM events")
+        .fetch_one(&mut *conn)
+        .await?;
+
+    let mut results = Vec::with_capacity(requests.len());
+    let mut columns = Columns::default();
+    let mut keys_in_batch: Vec<(&IdempotencyRecord, AppendOutcome)> = Vec::new();
+    for request in requests {
+        let outcome = plan_one(
+            request,
+            &stored_ids,
+            &taken_keys,
+            &keys_in_batch,
+            &mut versions,
+            &mut head,
+            &mut columns,
+        );
+        if let (Ok(outcome), Some(record)) = (&outcome, &request.idempotency)
+            && !outcome.duplicate
+        {
+            keys_in_batch.push((record, *outcome));
+        }
+        results.push(outcome);
+    }
+
+    if !columns.positions.is_empty() {
+        insert_events(conn, &columns).await?;
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(crate::APPENDED_CHANNEL)
+            .bind(head.to_string())
+            .execute(&mut *conn)
+            .await?;
+    }
+    if !keys_in_batch.is_empty() {
+        insert_idempotency_records(conn, &keys_in_batch).await?;
+    }
+    Ok(results)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plan_one(
+    request: &AppendRequest,
+    stored_ids: &HashMap<Uuid, (String, i64, i64)>,
+    taken_keys: &[String],
+    keys_in_batch: &[(&IdempotencyRecord, AppendOutcome)],
+    versions: &mut HashMap<String, i64>,
+    head: &mut i64,
+    columns: &mut Columns,
+) -> Result<AppendOutcome, AppendError> {
+    if request.events.is_empty() {
+        return Err(AppendError::Empty);
+    }
+    // Idempotent event ids: the same events appended again are answered with where they landed.
+    let found: Vec<&(String, i64, i64)> = request
+        .events
+        .iter()
+        .filter_map(|event| stored_ids.get(&event.event_id))
+        .collect();
+    if !found.is_empty() {
+        let same_append = found.len() == request.events.len()
+            && found
+                .iter()
+                .all(|(stream, _, _)| *stream == request.stream_id);
+        if !same_append {
+            return Err(AppendError::EventIdReused);
+        }
+        return Ok(AppendOutcome {
+            stream_version: found
+                .iter()
+                .map(|(_, version, _)| *version)
+                .max()
+                .unwrap_or(0),
+            first_position: found.iter().map(|(_, _, pos)| *pos).min().unwrap_or(0),
+            last_position: found.iter().map(|(_, _, pos)| *pos).max().unwrap_or(0),
+            duplicate: true,
+        });
+    }
+    if let Some(record) = &request.idempotency {
+        let taken = taken_keys.contains(&record.key)
+            || keys_in_batch
+                .iter()
+                .any(|(other, _)| other.key == record.key);
+        if taken {
+            return Err(AppendError::IdempotencyKeyTaken(record.key.clone()));
+        }
+    }
+    let current = versions.get(&request.stream_id).copied().unwrap_or(0);
+    if let ExpectedVersion::Exact(expected) = request.expected
+        && expected != current
+    {
+        return Err(AppendError::Conflict {
+            stream_id: request.stream_id.clone(),
+            expected,
+            actual: current,
+        });
+    }
+    let first_position = *head + 1;
+    let mut version = current;
+    for event in &request.events {
+        version += 1;
+        *head += 1;
+        push_row(columns, *head, &request.stream_id, version, event);
+    }
+    versions.insert(request.stream_id.clone(), version);
+    Ok(AppendOutcome {
+        stream_version: version,
+        first_position,
+        last_position: *head,
+        duplicate: false,
+    })
+}
+
+fn push_row(columns: &mut Columns, position: i64, stream_id: &str, version: i64, event: &NewEvent) {
+    columns.positions.push(position);
+    columns.event_ids.push(event.event_id);
+    columns.stream_ids.push(stream_id.to_owned());
+    columns.versions.push(version);
+    columns.types.push(event.event_type.clone());
+    columns.schema_versions.push(event.schema_version);
+    columns.data.push(event.data.clone());
+    columns.metadata.push(metadata_json(&event.metadata));
+}
+
+fn metadata_json(metadata: &EventMetadata) -> serde_json::Value {
+    serde_json::to_value(metadata).unwrap_or_else(|_| serde_json::json!({}))
+}
+
+async fn stored_event_ids(
+    conn: &mut PgConnection,
+    requests: &[AppendRequest],
+) -> Result<HashMap<Uuid, (String, i64, i64)>, sqlx::Error> {
+    let ids: Vec<Uuid> = requests
+        .iter()
+        .flat_map(|request| request.events.iter().map(|event| event.event_id))
+        .collect();
+    let rows = sqlx::query(
+        "SELECT event_id, stream_id, stream_version, global_position FROM events WHERE event_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok((
+                row.try_get("event_id")?,
+                (
+                    row.try_get("stream_id")?,
+                    row.try_get("stream_version")?,
+                    row.try_get("global_position")?,
+                ),
+            ))
+        })
+        .collect()
+}
+
+async fn taken_idempotency_keys(
+    conn: &mut PgConnection,
+    requests: &[AppendRequest],
+) -> Result<Vec<String>, sqlx::Error> {
+    let keys: Vec<String> = requests
+        .iter()
+        .filter_map(|request| {
+            request
+                .idempotency
+                .as_ref()
+                .map(|record| record.key.clone())
+        })
+        .collect();
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar(
+        "SELECT idempotency_key FROM idempotency_keys WHERE idempotency_key = ANY($1)",
+    )
+    .bind(&keys)
+    .fetch_all(&mut *conn)
+    .await
+}
+
+async fn current_versions(
+    conn: &mut PgConnection,
+    requests: &[AppendRequest],
+) -> Result<HashMap<String, i64>, sqlx::Error> {
+    let mut streams: Vec<String> = requests.iter().map(|r| r.stream_id.clone()).collect();
+    streams.sort();
+    streams.dedup();
+    // One backward index probe per stream on (stream_id, stream_version).
+    let rows = sqlx::query(
+        "SELECT s.stream_id, \
+                COALESCE((SELECT e.stream_version FROM events e WHERE e.stream_id = s.stream_id \
+                          ORDER BY e.stream_version DESC LIMIT 1), 0) AS version \
+         FROM unnest($1::text[]) AS s(stream_id)",
+    )
+    .bind(&streams)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("stream_id")?, row.try_get("version")?)))
+        .collect()
+}
+
+async fn insert_events(conn: &mut PgConnection, columns: &Columns) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO events (global_position, event_id, stream_id, stream_version, event_type, \
+                             schema_version, data, metadata) \
+         SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], \
+                              $6::int[], $7::jsonb[], $8::jsonb[])",
+    )
+    .bind(&columns.positions)
+    .bind(&columns.event_ids)
+    .bind(&columns.stream_ids)
+    .bind(&columns.versions)
+    .bind(&columns.types)
+    .bind(&columns.schema_versions)
+    .bind(&columns.data)
+    .bind(&columns.metadata)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn insert_idempotency_records(
+    conn: &mut PgConnection,
+    records: &[(&IdempotencyRecord, AppendOutcome)],
+) -> Result<(), sqlx::Error> {
+    let keys: Vec<&str> = records.iter().map(|(r, _)| r.key.as_str()).collect();
+    let hashes: Vec<&[u8]> = records
+        .iter()
+        .map(|(r, _)| r.request_hash.as_slice())
+        .collect();
+    let statuses: Vec<i16> = records.iter().map(|(r, _)| r.response_status).collect();
+    let bodies: Vec<serde_json::Value> = records
+        .iter()
+        .map(|(record, outcome)| response_with_outcome(&record.response_body, outcome))
+        .collect();
+    sqlx::query(
+        "INSERT INTO idempotency_keys (idempotency_key, request_hash, response_status, response_body) \
+         SELECT * FROM unnest($1::text[], $2::bytea[], $3::smallint[], $4::jsonb[])",
+    )
+    .bind(&keys)
+    .bind(&hashes)
+    .bind(&statuses)
+    .bind(&bodies)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The response body to store: the caller's object plus where the append landed.
+pub fn response_with_outcome(
+    body: &serde_json::Value,
+    outcome: &AppendOutcome,
+) -> serde_json::Value {
+    let mut body = body.clone();
+    if let Some(object) = body.as_object_mut() {
+        object.insert("version".into(), outcome.stream_version.into());
+        object.insert("position".into(), outcome.last_position.into());
+    }
+    body
+}

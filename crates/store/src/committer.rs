@@ -1,0 +1,105 @@
+//! Group commit: concurrent appends share one transaction.
+//!
+//! Requests queue on a channel; one task takes everything waiting (up to a bound), appends it
+//! in a single transaction and answers each request on its own oneshot. While one batch commits
+//! the next one fills, so under load the cost of a commit (and of the append lock) is shared by
+//! many commands, and with no load a request waits for nothing but its own transaction.
+//!
+//! Requests are appended in the order they were submitted, so a caller may submit a second
+//! append to a stream, chained on the version the first one will produce, before the first has
+//! committed: if the first fails, the second fails its version check and nothing is out of order.
+
+use crate::append::{AppendError, AppendOutcome, AppendRequest, append_batch};
+use sqlx::PgPool;
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+
+/// Bounds of one group commit.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitterConfig {
+    /// Most requests in one transaction; bounds its duration and memory.
+    pub max_batch_requests: usize,
+    /// Requests waiting beyond this make submitters wait (back-pressure instead of unbounded
+    /// memory).
+    pub queue_capacity: usize,
+}
+
+impl Default for CommitterConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_requests: 256,
+            queue_capacity: 4096,
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<AppendOutcome, AppendError>>;
+
+/// Handle to the group-commit task; cheap to clone. The task stops when every handle is dropped
+/// after answering what is queued.
+#[derive(Clone, Debug)]
+pub struct GroupCommitter {
+    queue: mpsc::Sender<(AppendRequest, Reply)>,
+}
+
+/// A submitted append; await it for the outcome.
+pub type PendingAppend = oneshot::Receiver<Result<AppendOutcome, AppendError>>;
+
+impl GroupCommitter {
+    /// Starts the commit task on the current runtime.
+    pub fn spawn(pool: PgPool, config: CommitterConfig) -> Self {
+        let (queue, receiver) = mpsc::channel(config.queue_capacity.max(1));
+        tokio::spawn(run(pool, receiver, config.max_batch_requests.max(1)));
+        Self { queue }
+    }
+
+    /// Queues an append; the order of `submit` calls is the order of appending.
+    pub async fn submit(&self, request: AppendRequest) -> PendingAppend {
+        let (reply, answer) = oneshot::channel();
+        if let Err(mpsc::error::SendError((_, reply))) = self.queue.send((request, reply)).await {
+            let _ = reply.send(Err(AppendError::CommitterStopped));
+        }
+        answer
+    }
+
+    /// Appends and waits for the outcome.
+    pub async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, AppendError> {
+        self.submit(request)
+            .await
+            .await
+            .unwrap_or(Err(AppendError::CommitterStopped))
+    }
+}
+
+async fn run(pool: PgPool, mut receiver: mpsc::Receiver<(AppendRequest, Reply)>, max_batch: usize) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while receiver.recv_many(&mut batch, max_batch).await > 0 {
+        let (requests, replies): (Vec<AppendRequest>, Vec<Reply>) = batch.drain(..).unzip();
+        let started = Instant::now();
+        let result = append_batch(&pool, &requests).await;
+        metrics::histogram!("event_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("event_store_batch_requests").record(requests.len() as f64);
+        match result {
+            Ok(outcomes) => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let label = match &outcome {
+                        Ok(_) => "ok",
+                        Err(AppendError::Conflict { .. }) => "conflict",
+                        Err(_) => "rejected",
+                    };
+                    metrics::counter!("event_store_appends_total", "outcome" => label).increment(1);
+                    let _ = reply.send(outcome);
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, requests = requests.len(), "append transaction failed");
+                metrics::counter!("event_store_appends_total", "outcome" => "error")
+                    .increment(requests.len() as u64);
+                let shared = std::sync::Arc::new(err);
+                for reply in replies {
+                    let _ = reply.send(Err(AppendError::Database(shared.clone())));
+                }
+            }
+        }
+    }
+}

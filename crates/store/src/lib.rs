@@ -1,0 +1,51 @@
+//! # store
+//!
+//! The PostgreSQL event store. Only this crate writes the `events`, `snapshots` and
+//! `idempotency_keys` tables.
+//!
+//! # Layout
+//! - [`append`]: one append transaction for a batch of requests: optimistic concurrency per
+//!   stream, idempotent event ids, idempotency keys, all under the global append lock.
+//! - [`committer`]: group commit: many concurrent appends share one transaction.
+//! - [`read`]: reading a stream (by version or time) and the whole log in position order.
+//! - [`snapshot`]: saving and loading snapshots, ignoring those of another state schema.
+//! - [`aggregate`]: loading an order's state from its latest valid snapshot plus later events.
+//! - [`idempotency`]: looking up the stored response of an `Idempotency-Key`.
+//!
+//! # Invariants
+//! - Appends hold the transaction-scoped advisory lock [`append::APPEND_LOCK_KEY`] while they
+//!   assign positions, so `global_position` is dense (no gaps) and in commit order. A reader that
+//!   sees position `N` can already see every position below it: tailing the log by position never
+//!   skips an event whose transaction commits late.
+//! - `(stream_id, stream_version)` is unique: two writers never both own a version.
+//! - Rows of `events` are never updated or deleted (a trigger refuses it).
+
+pub mod aggregate;
+pub mod append;
+pub mod committer;
+pub mod idempotency;
+pub mod read;
+pub mod snapshot;
+
+pub use aggregate::{LoadError, LoadedOrder, load_order};
+pub use append::{
+    AppendError, AppendOutcome, AppendRequest, ExpectedVersion, IdempotencyRecord, append_batch,
+};
+pub use committer::{CommitterConfig, GroupCommitter};
+pub use read::{
+    head_position, read_all, read_stream, read_stream_until_time, read_stream_until_version,
+    stream_version,
+};
+pub use snapshot::{load_snapshot, save_snapshot};
+
+/// The embedded migrations of the whole system (event store, relay, read models), run by every
+/// service at start unless told not to. sqlx takes an advisory lock, so concurrent starts are safe.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// Name of the `NOTIFY` channel signalled by every append; its payload is the new head
+/// position. A wake-up hint only: listeners must still read the log, since notifications are
+/// lost while a listener reconnects.
+pub const APPENDED_CHANNEL: &str = "event_store_appended";
+
+#[cfg(feature = "test-util")]
+pub mod testing;

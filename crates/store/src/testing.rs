@@ -1,0 +1,73 @@
+//! Test support: a fresh, migrated database per test on the local PostgreSQL, dropped when the
+//! test ends, so tests run in parallel without seeing each other's data.
+//! Enabled by the `test-util` feature; never used by the services.
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+use std::str::FromStr;
+
+/// Server the test databases are created on; `TEST_DATABASE_URL` overrides it.
+pub fn server_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A database that exists for one test.
+pub struct TestDatabase {
+    pub name: String,
+    /// URL of this database, for starting service processes against it.
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDatabase {
+    /// Creates `test_<uuid>`, runs the migrations and connects a small pool.
+    pub async fn new() -> Self {
+        let name = format!("test_{}", uuid::Uuid::new_v4().simple());
+        let server = PgConnectOptions::from_str(&server_url()).expect("TEST_DATABASE_URL parses");
+        let mut admin = server
+            .connect()
+            .await
+            .expect("connect to the test PostgreSQL server");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut admin)
+            .await
+            .expect("create test database");
+        let _ = admin.close().await;
+        let options = server.clone().database(&name);
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect_with(options.clone())
+            .await
+            .expect("connect to test database");
+        crate::MIGRATOR.run(&pool).await.expect("migrations run");
+        let url = options.to_url_lossy().to_string();
+        Self { name, url, pool }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let server = server_url();
+        // Drop runs outside any runtime guarantee; use a private one on a plain thread.
+        let dropper = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                if let Ok(mut admin) = PgConnection::connect(&server).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                    )))
+                    .execute(&mut admin)
+                    .await;
+                }
+            });
+        });
+        let _ = dropper.join();
+    }
+}

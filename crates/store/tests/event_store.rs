@@ -1,0 +1,445 @@
+//! The event store against a real PostgreSQL, one fresh database per test.
+
+use events::{EventMetadata, NewEvent, OrderState, STATE_SCHEMA_VERSION};
+use store::testing::TestDatabase;
+use store::{
+    AppendError, AppendRequest, CommitterConfig, ExpectedVersion, GroupCommitter, IdempotencyRecord,
+};
+use uuid::Uuid;
+
+fn event(kind: &str) -> NewEvent {
+    NewEvent {
+        event_id: Uuid::new_v4(),
+        event_type: kind.to_owned(),
+        schema_version: 1,
+        data: serde_json::json!({ "kind": kind }),
+        metadata: EventMetadata {
+            correlation_id: Some("c-1".into()),
+            ..Default::default()
+        },
+    }
+}
+
+fn request(stream: &str, expected: ExpectedVersion, count: usize) -> AppendRequest {
+    AppendRequest {
+        stream_id: stream.to_owned(),
+        expected,
+        events: (0..count).map(|i| event(&format!("E{i}"))).collect(),
+        idempotency: None,
+    }
+}
+
+async fn append_one(
+    db: &TestDatabase,
+    request: AppendRequest,
+) -> Result<store::AppendOutcome, AppendError> {
+    let mut results = store::append_batch(&db.pool, &[request])
+        .await
+        .expect("transaction commits");
+    results.remove(0)
+}
+
+#[tokio::test]
+async fn of_many_concurrent_appends_at_one_expected_version_exactly_one_wins() {
+    let db = TestDatabase::new().await;
+    append_one(&db, request("order-a", ExpectedVersion::Exact(0), 1))
+        .await
+        .expect("first append");
+    let tasks: Vec<_> = (0..24)
+        .map(|_| {
+            let pool = db.pool.clone();
+            tokio::spawn(async move {
+                let mut results =
+                    store::append_batch(&pool, &[request("order-a", ExpectedVersion::Exact(1), 2)])
+                        .await
+                        .expect("transaction commits");
+                results.remove(0)
+            })
+        })
+        .collect();
+    let mut wins = 0;
+    let mut conflicts = 0;
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(outcome) => {
+                wins += 1;
+                assert_eq!(outcome.stream_version, 3);
+            }
+            Err(AppendError::Conflict {
+                expected: 1,
+                actual: 3,
+                ..
+            }) => conflicts += 1,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((wins, conflicts), (1, 23));
+    assert_eq!(
+        store::stream_version(&db.pool, "order-a")
+            .await
+            .expect("version"),
+        3
+    );
+}
+
+#[tokio::test]
+async fn the_group_committer_appends_concurrent_requests_with_dense_positions() {
+    let db = TestDatabase::new().await;
+    let committer = GroupCommitter::spawn(db.pool.clone(), CommitterConfig::default());
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let committer = committer.clone();
+            tokio::spawn(async move {
+                committer
+                    .append(request(
+                        &format!("order-{}", i % 50),
+                        ExpectedVersion::Any,
+                        2,
+                    ))
+                    .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task").expect("append succeeds");
+    }
+    let all = store::read_all(&db.pool, 0, 10_000).await.expect("read");
+    assert_eq!(all.len(), 400);
+    for (index, event) in all.iter().enumerate() {
+        assert_eq!(
+            event.global_position,
+            index as i64 + 1,
+            "positions are dense and ordered"
+        );
+    }
+    for stream in 0..50 {
+        let events = store::read_stream(&db.pool, &format!("order-{stream}"), 0, 100)
+            .await
+            .expect("read");
+        let versions: Vec<i64> = events.iter().map(|e| e.stream_version).collect();
+        assert_eq!(versions, (1..=8).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test]
+async fn an_append_chained_on_a_failed_one_fails_instead_of_landing_out_of_order() {
+    let db = TestDatabase::new().await;
+    append_one(&db, request("order-c", ExpectedVersion::Exact(0), 1))
+        .await
+        .expect("seed");
+    let committer = GroupCommitter::spawn(db.pool.clone(), CommitterConfig::default());
+    // The first is decided on a stale version and fails; the second was chained on the first.
+    let first = committer
+        .submit(request("order-c", ExpectedVersion::Exact(0), 1))
+        .await;
+    let second = committer
+        .submit(request("order-c", ExpectedVersion::Exact(1 + 0 + 1), 1))
+        .await;
+    assert!(matches!(
+        first.await.expect("answer"),
+        Err(AppendError::Conflict { .. })
+    ));
+    assert!(matches!(
+        second.await.expect("answer"),
+        Err(AppendError::Conflict { .. })
+    ));
+    assert_eq!(
+        store::stream_version(&db.pool, "order-c")
+            .await
+            .expect("version"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn appending_the_same_event_ids_again_is_answered_as_a_duplicate() {
+    let db = TestDatabase::new().await;
+    let original = request("order-d", ExpectedVersion::Exact(0), 2);
+    let first = append_one(&db, original.clone()).await.expect("first");
+    // A retry of the same append (say, after a lost response) with a now-stale expected version.
+    let again = append_one(&db, original.clone())
+        .await
+        .expect("retry is recognised");
+    assert!(again.duplicate);
+    assert_eq!(
+        (
+            again.first_position,
+            again.last_position,
+            again.stream_version
+        ),
+        (first.first_position, first.last_position, 2)
+    );
+    assert_eq!(
+        store::read_all(&db.pool, 0, 100).await.expect("read").len(),
+        2
+    );
+
+    let mut mixed = request("order-d", ExpectedVersion::Any, 1);
+    mixed.events.push(original.events[0].clone());
+    assert!(matches!(
+        append_one(&db, mixed).await,
+        Err(AppendError::EventIdReused)
+    ));
+}
+
+#[tokio::test]
+async fn reads_return_events_in_stream_and_global_order() {
+    let db = TestDatabase::new().await;
+    for round in 0..3 {
+        for stream in ["order-x", "order-y"] {
+            append_one(&db, request(stream, ExpectedVersion::Exact(round * 2), 2))
+                .await
+                .expect("append");
+        }
+    }
+    let all = store::read_all(&db.pool, 0, 100).await.expect("read all");
+    assert_eq!(
+        all.iter().map(|e| e.global_position).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
+    let page = store::read_all(&db.pool, 5, 3).await.expect("page");
+    assert_eq!(
+        page.iter().map(|e| e.global_position).collect::<Vec<_>>(),
+        vec![6, 7, 8]
+    );
+    let y = store::read_stream(&db.pool, "order-y", 2, 100)
+        .await
+        .expect("stream");
+    assert_eq!(
+        y.iter().map(|e| e.stream_version).collect::<Vec<_>>(),
+        vec![3, 4, 5, 6]
+    );
+    assert!(y.iter().all(|e| e.stream_id == "order-y"));
+    assert_eq!(y[0].metadata.correlation_id.as_deref(), Some("c-1"));
+    assert!(
+        all.windows(2)
+            .all(|pair| pair[0].recorded_at <= pair[1].recorded_at)
+    );
+    assert_eq!(store::head_position(&db.pool).await.expect("head"), 12);
+}
+
+#[tokio::test]
+async fn a_reader_does_not_skip_an_earlier_transaction_that_commits_late() {
+    let db = TestDatabase::new().await;
+    append_one(&db, request("order-seed", ExpectedVersion::Any, 1))
+        .await
+        .expect("seed");
+
+    // A slow transaction takes position 2 and holds it open.
+    let mut slow = db.pool.begin().await.expect("begin");
+    let slow_result =
+        store::append::append_within(&mut slow, &[request("order-slow", ExpectedVersion::Any, 1)])
+            .await
+            .expect("slow append runs");
+    assert_eq!(slow_result[0].as_ref().expect("accepted").first_position, 2);
+
+    // A later writer starts while it is open.
+    let pool = db.pool.clone();
+    let fast = tokio::spawn(async move {
+        let mut results =
+            store::append_batch(&pool, &[request("order-fast", ExpectedVersion::Any, 1)])
+                .await
+                .expect("fast append commits");
+        results.remove(0).expect("accepted")
+    });
+
+    // The tail never shows anything beyond what is contiguous from the last position seen.
+    let seen = store::read_all(&db.pool, 1, 100).await.expect("read");
+    assert!(
+        seen.is_empty(),
+        "nothing after position 1 is visible while position 2 is in flight: {seen:?}"
+    );
+
+    slow.commit().await.expect("slow commits");
+    let fast_outcome = fast.await.expect("task");
+    assert_eq!(fast_outcome.first_position, 3);
+    let tail = store::read_all(&db.pool, 1, 100).await.expect("read");
+    let streams: Vec<&str> = tail.iter().map(|e| e.stream_id.as_str()).collect();
+    assert_eq!(streams, vec!["order-slow", "order-fast"]);
+}
+
+#[tokio::test]
+async fn a_rolled_back_append_leaves_no_gap_in_positions() {
+    let db = TestDatabase::new().await;
+    let mut doomed = db.pool.begin().await.expect("begin");
+    store::append::append_within(
+        &mut doomed,
+        &[request("order-doomed", ExpectedVersion::Any, 3)],
+    )
+    .await
+    .expect("runs");
+    doomed.rollback().await.expect("rollback");
+    let outcome = append_one(&db, request("order-next", ExpectedVersion::Any, 1))
+        .await
+        .expect("append");
+    assert_eq!(outcome.first_position, 1);
+}
+
+#[tokio::test]
+async fn idempotency_records_are_stored_with_the_appended_version_and_position() {
+    let db = TestDatabase::new().await;
+    let record = IdempotencyRecord {
+        key: "key-1".into(),
+        request_hash: vec![1, 2, 3],
+        response_status: 201,
+        response_body: serde_json::json!({ "order_id": "o" }),
+    };
+    let mut with_key = request("order-k", ExpectedVersion::Exact(0), 2);
+    with_key.idempotency = Some(record.clone());
+    let outcome = append_one(&db, with_key).await.expect("append");
+    let stored = store::idempotency::find(&db.pool, "key-1")
+        .await
+        .expect("query")
+        .expect("stored");
+    assert_eq!(stored.status, 201);
+    assert_eq!(stored.request_hash, vec![1, 2, 3]);
+    assert_eq!(
+        stored.body,
+        serde_json::json!({ "order_id": "o", "version": 2, "position": outcome.last_position })
+    );
+
+    let mut reuse = request("order-other", ExpectedVersion::Any, 1);
+    reuse.idempotency = Some(record);
+    assert!(
+        matches!(append_one(&db, reuse).await, Err(AppendError::IdempotencyKeyTaken(key)) if key == "key-1")
+    );
+    assert_eq!(
+        store::stream_version(&db.pool, "order-other")
+            .await
+            .expect("version"),
+        0
+    );
+}
+
+#[tokio::test]
+async fn the_events_table_refuses_updates_and_deletes() {
+    let db = TestDatabase::new().await;
+    append_one(&db, request("order-i", ExpectedVersion::Any, 1))
+        .await
+        .expect("append");
+    assert!(
+        sqlx::query("UPDATE events SET event_type = 'X'")
+            .execute(&db.pool)
+            .await
+            .is_err()
+    );
+    assert!(
+        sqlx::query("DELETE FROM events")
+            .execute(&db.pool)
+            .await
+            .is_err()
+    );
+    assert!(
+        sqlx::query("TRUNCATE events")
+            .execute(&db.pool)
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        store::read_all(&db.pool, 0, 10).await.expect("read")[0].event_type,
+        "E0"
+    );
+}
+
+mod snapshots {
+    use super::*;
+    use events::{OrderCommand, decide, evolve, order_stream_id};
+
+    async fn order_with_items(db: &TestDatabase, items: usize) -> Uuid {
+        let order_id = Uuid::new_v4();
+        let mut state = OrderState::default();
+        let mut commands = vec![OrderCommand::CreateOrder {
+            order_id,
+            customer_id: Uuid::new_v4(),
+            currency: "EUR".into(),
+        }];
+        commands.extend((0..items).map(|i| OrderCommand::AddItem {
+            sku: format!("SKU-{i}"),
+            quantity: 1,
+            unit_price: 100,
+        }));
+        for command in commands {
+            let decided = decide(&state, &command).expect("valid command");
+            let request = AppendRequest {
+                stream_id: order_stream_id(order_id),
+                expected: ExpectedVersion::Exact(state.version),
+                events: decided
+                    .iter()
+                    .map(|e| e.to_new_event(EventMetadata::default()))
+                    .collect(),
+                idempotency: None,
+            };
+            append_one(db, request).await.expect("append");
+            state = decided.iter().fold(state, evolve);
+        }
+        order_id
+    }
+
+    #[tokio::test]
+    async fn loading_uses_the_latest_snapshot_and_only_the_events_after_it() {
+        let db = TestDatabase::new().await;
+        let order_id = order_with_items(&db, 30).await;
+        let full = store::load_order(&db.pool, order_id).await.expect("load");
+        assert_eq!(
+            (
+                full.snapshot_version,
+                full.events_replayed,
+                full.state.version
+            ),
+            (None, 31, 31)
+        );
+
+        // Snapshot at version 21 (order plus 20 items).
+        let events = store::read_stream_until_version(&db.pool, &order_stream_id(order_id), 21)
+            .await
+            .expect("read");
+        let at_21 = events
+            .iter()
+            .map(|e| events::decode_recorded(e).expect("decodes"))
+            .fold(OrderState::default(), |s, e| evolve(s, &e));
+        store::save_snapshot(
+            &db.pool,
+            &order_stream_id(order_id),
+            21,
+            STATE_SCHEMA_VERSION,
+            &at_21,
+        )
+        .await
+        .expect("save");
+
+        let loaded = store::load_order(&db.pool, order_id).await.expect("load");
+        assert_eq!(loaded.snapshot_version, Some(21));
+        assert_eq!(loaded.events_replayed, 10);
+        assert_eq!(
+            loaded.state, full.state,
+            "snapshot plus tail equals the full fold"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_of_another_state_schema_is_ignored_not_misread() {
+        let db = TestDatabase::new().await;
+        let order_id = order_with_items(&db, 3).await;
+        let stream = order_stream_id(order_id);
+        // A snapshot written by a build whose state had another shape and schema version.
+        sqlx::query("INSERT INTO snapshots (stream_id, stream_version, state_schema_version, state) VALUES ($1, 4, $2, $3)")
+            .bind(&stream)
+            .bind(STATE_SCHEMA_VERSION + 1)
+            .bind(serde_json::json!({ "totally": "different" }))
+            .execute(&db.pool)
+            .await
+            .expect("insert");
+        let loaded = store::load_order(&db.pool, order_id).await.expect("load");
+        assert_eq!((loaded.snapshot_version, loaded.events_replayed), (None, 4));
+        assert_eq!(loaded.state.order.expect("order").items.len(), 3);
+
+        // Same schema number but undecodable content is ignored as well.
+        sqlx::query("UPDATE snapshots SET state_schema_version = $1")
+            .bind(STATE_SCHEMA_VERSION)
+            .execute(&db.pool)
+            .await
+            .expect("update");
+        let loaded = store::load_order(&db.pool, order_id).await.expect("load");
+        assert_eq!((loaded.snapshot_version, loaded.events_replayed), (None, 4));
+    }
+}
