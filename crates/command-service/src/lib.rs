@@ -1,0 +1,3 @@
+//! # command-service (being written)
+
+pub mod relay;
