@@ -1,0 +1,356 @@
+//! Consumer groups: creating them, reading new and own pending entries, acknowledging,
+//! reclaiming entries of consumers that stopped, and removing consumers that are gone.
+//!
+//! A [`Consumer`] holds two connections: a dedicated one for `XREADGROUP … BLOCK` (its reply
+//! timeout is above the longest block, and nothing else queues behind a blocked read) and a
+//! shared one for everything else, so one task may ack or claim while another is blocked
+//! reading. `NOGROUP` from any call is [`BusError::NoGroup`]: recreate the group with
+//! [`ensure_group`] and go on (Postgres can refill what Redis lost).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{Client, Script, Value};
+
+use crate::connection::connect_blocking;
+use crate::dlq::DeadLetterQueue;
+use crate::entry::{
+    StreamEntry, parse_entry_list, parse_read_reply, value_to_i64, value_to_string, value_to_vec,
+};
+use crate::error::BusError;
+use crate::keys::StreamKeys;
+
+/// Start id for a new group that should see the whole stream (`XGROUP CREATE … 0`).
+pub const FROM_BEGINNING: &str = "0";
+
+/// Start id for a new group that should see only entries added from now on (`$`).
+pub const FROM_NOW: &str = "$";
+
+/// Creates consumer group `group` on `stream` starting after entry id `start` (usually
+/// [`FROM_BEGINNING`]), creating the stream if needed (MKSTREAM).
+///
+/// Idempotent: a group that already exists (BUSYGROUP) is left as it is. Returns whether the
+/// group was created by this call.
+pub async fn ensure_group(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+    start: &str,
+) -> Result<bool, BusError> {
+    let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg(start)
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match created {
+        Ok(()) => {
+            tracing::info!(stream, group, start, "created consumer group");
+            Ok(true)
+        }
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
+        Err(e) => Err(BusError::from_redis("create consumer group", e)),
+    }
+}
+
+/// KEYS[1] stream; ARGV: group, consumer, min idle ms, cursor, count.
+/// Claims idle entries, acks the ids Redis reports as deleted, and looks up each claimed entry's
+/// delivery count, all atomically. Returns `{next cursor, entries, deleted ids, counts}`.
+const AUTOCLAIM_SCRIPT: &str = r"
+local reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+local entries = reply[2]
+local deleted = reply[3] or {}
+if #deleted > 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(deleted))
+end
+local counts = {}
+for i, entry in ipairs(entries) do
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], entry[1], entry[1], 1)
+  if pending[1] then counts[i] = pending[1][4] else counts[i] = 1 end
+end
+return {reply[1], entries, deleted, counts}
+";
+
+/// KEYS[1] stream; ARGV: group, own name, idle threshold ms. Deletes consumers with nothing
+/// pending and idle above the threshold, except the caller, atomically (a consumer that gets an
+/// entry between the check and the delete would lose it from the pending list otherwise).
+const REMOVE_STALE_SCRIPT: &str = r"
+local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+local idle_over = tonumber(ARGV[3])
+local removed = {}
+for _, c in ipairs(consumers) do
+  local info = {}
+  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+  if info['name'] ~= ARGV[2] and tonumber(info['pending']) == 0 and tonumber(info['idle']) > idle_over then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    removed[#removed + 1] = info['name']
+  end
+end
+return removed
+";
+
+/// One member of a consumer group.
+pub struct Consumer {
+    blocking: ConnectionManager,
+    conn: ConnectionManager,
+    keys: StreamKeys,
+    group: String,
+    name: String,
+    max_block: Duration,
+    claim_cursor: Mutex<String>,
+    autoclaim_script: Script,
+    remove_stale_script: Script,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("stream", &self.keys.stream)
+            .field("group", &self.group)
+            .field("name", &self.name)
+            .field("max_block", &self.max_block)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Consumer {
+    /// Consumer `name` of `group` on `keys.stream`. Opens (lazily) its own connection for
+    /// blocking reads of up to `max_block` from `client`; `conn` is used for everything else.
+    ///
+    /// Use a name that is stable across restarts of the same instance (e.g. the host name) so
+    /// [`Consumer::read_own_pending`] finds what it had not acknowledged.
+    pub fn new(
+        client: &Client,
+        conn: ConnectionManager,
+        keys: StreamKeys,
+        group: impl Into<String>,
+        name: impl Into<String>,
+        max_block: Duration,
+    ) -> Result<Self, BusError> {
+        Ok(Self {
+            blocking: connect_blocking(client, max_block)?,
+            conn,
+            keys,
+            group: group.into(),
+            name: name.into(),
+            max_block,
+            claim_cursor: Mutex::new("0-0".to_owned()),
+            autoclaim_script: Script::new(AUTOCLAIM_SCRIPT),
+            remove_stale_script: Script::new(REMOVE_STALE_SCRIPT),
+        })
+    }
+
+    /// The consumer group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// This consumer's name within the group.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The stream keys.
+    pub fn keys(&self) -> &StreamKeys {
+        &self.keys
+    }
+
+    /// [`ensure_group`] for this consumer's stream and group.
+    pub async fn ensure_group(&self, start: &str) -> Result<bool, BusError> {
+        let mut conn = self.conn.clone();
+        ensure_group(&mut conn, &self.keys.stream, &self.group, start).await
+    }
+
+    fn classify(&self, op: &'static str, e: redis::RedisError) -> BusError {
+        BusError::classify(op, &self.keys.stream, &self.group, e)
+    }
+
+    /// Reads up to `count` entries never delivered to any consumer of the group
+    /// (`XREADGROUP … STREAMS <stream> >`), waiting up to `block` for the first one.
+    ///
+    /// An empty result means nothing arrived in time. `block` is capped at the `max_block` given
+    /// to [`Consumer::new`]; zero does not block at all (Redis's `BLOCK 0` would wait forever).
+    pub async fn read_new(
+        &self,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<StreamEntry>, BusError> {
+        const OP: &str = "read new entries";
+        let block = block.min(self.max_block);
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.name)
+            .arg("COUNT")
+            .arg(count.max(1));
+        if !block.is_zero() {
+            cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+        }
+        cmd.arg("STREAMS").arg(&self.keys.stream).arg(">");
+        let mut conn = self.blocking.clone();
+        let reply: Value = cmd
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.classify(OP, e))?;
+        Ok(parse_read_reply(OP, reply)?.entries)
+    }
+
+    /// Reads up to `count` entries already delivered to this consumer and not yet acknowledged
+    /// (`XREADGROUP … STREAMS <stream> 0`), oldest first: what a restarted instance with the
+    /// same name must finish first. Entries trimmed from the stream meanwhile are acknowledged
+    /// and left out.
+    pub async fn read_own_pending(&self, count: usize) -> Result<Vec<StreamEntry>, BusError> {
+        const OP: &str = "read own pending entries";
+        let mut conn = self.conn.clone();
+        let reply: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.name)
+            .arg("COUNT")
+            .arg(count.max(1))
+            .arg("STREAMS")
+            .arg(&self.keys.stream)
+            .arg("0")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.classify(OP, e))?;
+        let parsed = parse_read_reply(OP, reply)?;
+        if !parsed.deleted.is_empty() {
+            tracing::warn!(
+                group = %self.group,
+                ids = ?parsed.deleted,
+                "pending entries were trimmed before being processed; acknowledging them"
+            );
+            self.ack(&parsed.deleted).await?;
+        }
+        Ok(parsed.entries)
+    }
+
+    /// Acknowledges entries (XACK); returns how many were pending.
+    pub async fn ack<S: AsRef<str>>(&self, ids: &[S]) -> Result<u64, BusError> {
+        const OP: &str = "ack";
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut cmd = redis::cmd("XACK");
+        cmd.arg(&self.keys.stream).arg(&self.group);
+        for id in ids {
+            cmd.arg(id.as_ref());
+        }
+        let mut conn = self.conn.clone();
+        cmd.query_async(&mut conn)
+            .await
+            .map_err(|e| self.classify(OP, e))
+    }
+
+    /// Takes over up to `count` entries pending in the group for longer than `min_idle` (their
+    /// consumer died or hangs), via XAUTOCLAIM. Returns each with its delivery count including
+    /// this one, so the caller can dead-letter an entry that keeps failing.
+    ///
+    /// Successive calls continue the scan of the pending list where the last one stopped and
+    /// wrap around at its end. Entries Redis reports as deleted (trimmed) are acknowledged.
+    /// Every claim bumps the delivery count, so keep `min_idle` above the time processing takes.
+    pub async fn autoclaim(
+        &self,
+        min_idle: Duration,
+        count: usize,
+    ) -> Result<Vec<(StreamEntry, u32)>, BusError> {
+        const OP: &str = "autoclaim";
+        let cursor = self.cursor();
+        let mut conn = self.conn.clone();
+        let reply: Value = self
+            .autoclaim_script
+            .key(&self.keys.stream)
+            .arg(&self.group)
+            .arg(&self.name)
+            .arg(min_idle.as_millis() as u64)
+            .arg(&cursor)
+            .arg(count.max(1))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.classify(OP, e))?;
+        let mut parts = value_to_vec(OP, reply)?.into_iter();
+        let (Some(next), Some(entries), Some(deleted), Some(counts)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(BusError::unexpected(OP, "expected four parts"));
+        };
+        let next = value_to_string(OP, &next)?;
+        if let Ok(mut guard) = self.claim_cursor.lock() {
+            *guard = next;
+        }
+        let entries = parse_entry_list(OP, entries)?.entries;
+        let deleted = value_to_vec(OP, deleted)?;
+        if !deleted.is_empty() {
+            tracing::warn!(group = %self.group, count = deleted.len(), "claimed entries were trimmed; acknowledged");
+        }
+        let counts = value_to_vec(OP, counts)?;
+        if counts.len() != entries.len() {
+            return Err(BusError::unexpected(
+                OP,
+                "one delivery count per entry expected",
+            ));
+        }
+        entries
+            .into_iter()
+            .zip(counts)
+            .map(|(entry, n)| {
+                let n = value_to_i64(OP, &n)?;
+                Ok((entry, u32::try_from(n).unwrap_or(u32::MAX)))
+            })
+            .collect()
+    }
+
+    fn cursor(&self) -> String {
+        self.claim_cursor
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_else(|_| "0-0".to_owned())
+    }
+
+    /// Deletes consumers of the group (never this one) that have nothing pending and have been
+    /// idle for more than `idle_over` — instances that were scaled away. Returns their names.
+    ///
+    /// Consumers with pending entries are kept: their entries are reclaimed by
+    /// [`Consumer::autoclaim`] first, which empties their pending list. (Redis 7.0 registers a
+    /// consumer only once an XREADGROUP returns something to it.)
+    pub async fn remove_stale_consumers(
+        &self,
+        idle_over: Duration,
+    ) -> Result<Vec<String>, BusError> {
+        const OP: &str = "remove stale consumers";
+        let mut conn = self.conn.clone();
+        let reply: Value = self
+            .remove_stale_script
+            .key(&self.keys.stream)
+            .arg(&self.group)
+            .arg(&self.name)
+            .arg(idle_over.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.classify(OP, e))?;
+        let removed = value_to_vec(OP, reply)?
+            .iter()
+            .map(|v| value_to_string(OP, v))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !removed.is_empty() {
+            tracing::info!(group = %self.group, ?removed, "removed stale consumers");
+        }
+        Ok(removed)
+    }
+
+    /// Dead-letters `entry` for this group (see [`DeadLetterQueue::dead_letter`]).
+    pub async fn dead_letter(
+        &self,
+        entry: &StreamEntry,
+        error: &str,
+        attempts: u32,
+    ) -> Result<String, BusError> {
+        DeadLetterQueue::new(self.conn.clone(), self.keys.clone())
+            .dead_letter(&self.group, entry, error, attempts, &self.name)
+            .await
+    }
+}

@@ -1,0 +1,245 @@
+//! The dead-letter stream of each consumer group, `<stream>:dlq:<group>`.
+//!
+//! A dead letter is the original entry's fields plus why and when it failed. Moving an entry
+//! there and acknowledging it in the group is one MULTI/EXEC, so an entry is never both lost
+//! and unacknowledged, nor dead-lettered twice by a crash between the two steps. Dead-letter
+//! streams are never trimmed by this crate: an operator lists, replays or purges them with the
+//! projector's `dlq` subcommands, which use the helpers here. `data` and `metadata` stay JSON
+//! text, so `redis-cli XRANGE es:events:dlq:<group> - +` is readable.
+
+use std::collections::BTreeMap;
+
+use chrono::Utc;
+use events::envelope::RecordedEvent;
+use redis::Value;
+use redis::aio::ConnectionManager;
+
+use crate::codec::{DecodeError, decode_entry, field, format_timestamp};
+use crate::entry::{StreamEntry, parse_entry_list};
+use crate::error::BusError;
+use crate::keys::StreamKeys;
+
+/// Names of the fields a dead letter adds to the original ones.
+pub mod dlq_field {
+    /// The error message of the last attempt.
+    pub const ERROR: &str = "error";
+    /// How many times the entry was delivered before it was given up on.
+    pub const ATTEMPTS: &str = "attempts";
+    /// When it was dead-lettered, RFC 3339 UTC.
+    pub const FAILED_AT: &str = "failed_at";
+    /// The entry id in the event stream (`<position>-0`).
+    pub const ORIGINAL_ID: &str = "original_id";
+    /// The consumer that gave up on it.
+    pub const CONSUMER: &str = "consumer";
+
+    /// All of them, in write order.
+    pub const ALL: [&str; 5] = [ERROR, ATTEMPTS, FAILED_AT, ORIGINAL_ID, CONSUMER];
+}
+
+/// One entry of a dead-letter stream.
+///
+/// Read leniently: a hand-written entry lacking a field still lists (with an empty value or
+/// zero attempts) so an operator can see and delete it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The id of the dead letter in the dead-letter stream.
+    pub id: String,
+    /// The fields of the original event entry (everything but the dead-letter fields).
+    pub original: BTreeMap<String, String>,
+    /// The error message of the last attempt.
+    pub error: String,
+    /// Deliveries before it was given up on.
+    pub attempts: u32,
+    /// When it was dead-lettered (RFC 3339 text as stored).
+    pub failed_at: String,
+    /// The original entry id in the event stream.
+    pub original_id: String,
+    /// The consumer that dead-lettered it.
+    pub consumer: String,
+}
+
+impl DeadLetter {
+    fn from_entry(entry: StreamEntry) -> Self {
+        let mut dead = DeadLetter {
+            id: entry.id,
+            original: BTreeMap::new(),
+            error: String::new(),
+            attempts: 0,
+            failed_at: String::new(),
+            original_id: String::new(),
+            consumer: String::new(),
+        };
+        for (k, v) in entry.fields {
+            match k.as_str() {
+                dlq_field::ERROR => dead.error = v,
+                dlq_field::ATTEMPTS => dead.attempts = v.parse().unwrap_or(0),
+                dlq_field::FAILED_AT => dead.failed_at = v,
+                dlq_field::ORIGINAL_ID => dead.original_id = v,
+                dlq_field::CONSUMER => dead.consumer = v,
+                _ => {
+                    dead.original.entry(k).or_insert(v);
+                }
+            }
+        }
+        dead
+    }
+
+    /// The original entry as it was in the event stream (id `original_id`, event fields in
+    /// their usual order), e.g. to replay it through a projection.
+    pub fn original_entry(&self) -> StreamEntry {
+        let mut fields: Vec<(String, String)> = field::ALL
+            .iter()
+            .filter_map(|name| {
+                self.original
+                    .get(*name)
+                    .map(|v| ((*name).to_owned(), v.clone()))
+            })
+            .collect();
+        fields.extend(
+            self.original
+                .iter()
+                .filter(|(k, _)| !field::ALL.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        StreamEntry {
+            id: self.original_id.clone(),
+            fields,
+        }
+    }
+
+    /// The original event, decoded.
+    pub fn event(&self) -> Result<RecordedEvent, DecodeError> {
+        decode_entry(&self.original_entry())
+    }
+}
+
+/// Writes and administers the dead-letter streams of one event stream.
+#[derive(Clone)]
+pub struct DeadLetterQueue {
+    conn: ConnectionManager,
+    keys: StreamKeys,
+}
+
+impl std::fmt::Debug for DeadLetterQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadLetterQueue")
+            .field("stream", &self.keys.stream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeadLetterQueue {
+    /// The dead-letter streams of `keys.stream`.
+    pub fn new(conn: ConnectionManager, keys: StreamKeys) -> Self {
+        Self { conn, keys }
+    }
+
+    /// Atomically appends `entry` to the dead-letter stream of `group` with `error`, `attempts`,
+    /// `failed_at` (now), `original_id` and `consumer`, and acknowledges it in `group`.
+    /// Returns the id of the dead letter.
+    pub async fn dead_letter(
+        &self,
+        group: &str,
+        entry: &StreamEntry,
+        error: &str,
+        attempts: u32,
+        consumer: &str,
+    ) -> Result<String, BusError> {
+        const OP: &str = "dead-letter";
+        let dlq = self.keys.dlq(group);
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(&dlq).arg("*");
+        // A field named like a dead-letter field (an entry dead-lettered before and replayed)
+        // would be duplicated; the fresh values win.
+        for (k, v) in entry
+            .fields
+            .iter()
+            .filter(|(k, _)| !dlq_field::ALL.contains(&k.as_str()))
+        {
+            xadd.arg(k).arg(v);
+        }
+        xadd.arg(dlq_field::ERROR)
+            .arg(error)
+            .arg(dlq_field::ATTEMPTS)
+            .arg(attempts)
+            .arg(dlq_field::FAILED_AT)
+            .arg(format_timestamp(Utc::now()))
+            .arg(dlq_field::ORIGINAL_ID)
+            .arg(&entry.id)
+            .arg(dlq_field::CONSUMER)
+            .arg(consumer);
+        let mut xack = redis::cmd("XACK");
+        xack.arg(&self.keys.stream).arg(group).arg(&entry.id);
+
+        let mut pipe = redis::pipe();
+        pipe.atomic().add_command(xadd).add_command(xack).ignore();
+        let mut conn = self.conn.clone();
+        let (id,): (String,) = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| BusError::classify(OP, &self.keys.stream, group, e))?;
+        tracing::warn!(group, original_id = %entry.id, attempts, error, "dead-lettered entry");
+        Ok(id)
+    }
+
+    /// The oldest `count` dead letters of `group`.
+    pub async fn list(&self, group: &str, count: usize) -> Result<Vec<DeadLetter>, BusError> {
+        self.range(group, "-", "+", Some(count)).await
+    }
+
+    /// The dead letter `id` of `group`, if it exists.
+    pub async fn get(&self, group: &str, id: &str) -> Result<Option<DeadLetter>, BusError> {
+        Ok(self.range(group, id, id, Some(1)).await?.into_iter().next())
+    }
+
+    async fn range(
+        &self,
+        group: &str,
+        start: &str,
+        end: &str,
+        count: Option<usize>,
+    ) -> Result<Vec<DeadLetter>, BusError> {
+        const OP: &str = "read dead letters";
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(self.keys.dlq(group)).arg(start).arg(end);
+        if let Some(count) = count {
+            cmd.arg("COUNT").arg(count);
+        }
+        let mut conn = self.conn.clone();
+        let reply: Value = cmd
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| BusError::from_redis(OP, e))?;
+        Ok(parse_entry_list(OP, reply)?
+            .entries
+            .into_iter()
+            .map(DeadLetter::from_entry)
+            .collect())
+    }
+
+    /// Deletes dead letters of `group` (after a replay or a purge); returns how many existed.
+    pub async fn delete<S: AsRef<str>>(&self, group: &str, ids: &[S]) -> Result<u64, BusError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut cmd = redis::cmd("XDEL");
+        cmd.arg(self.keys.dlq(group));
+        for id in ids {
+            cmd.arg(id.as_ref());
+        }
+        let mut conn = self.conn.clone();
+        cmd.query_async(&mut conn)
+            .await
+            .map_err(|e| BusError::from_redis("delete dead letters", e))
+    }
+
+    /// How many dead letters `group` has.
+    pub async fn len(&self, group: &str) -> Result<u64, BusError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("XLEN")
+            .arg(self.keys.dlq(group))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| BusError::from_redis("count dead letters", e))
+    }
+}

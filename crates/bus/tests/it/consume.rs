@@ -1,0 +1,331 @@
+use std::time::{Duration, Instant};
+
+use bus::testing::wait_until;
+use bus::{BusError, Consumer, Publisher, ensure_group};
+
+use crate::{MAX_BLOCK, events, shared};
+
+#[tokio::test]
+async fn ensure_group_is_idempotent() {
+    let (_client, mut conn, keys) = shared().await;
+    assert!(
+        ensure_group(&mut conn, keys.stream(), "g", "0")
+            .await
+            .expect("create")
+    );
+    assert!(
+        !ensure_group(&mut conn, keys.stream(), "g", "0")
+            .await
+            .expect("again")
+    );
+    let groups: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(keys.stream())
+        .query_async(&mut conn)
+        .await
+        .expect("xinfo");
+    assert_eq!(groups.len(), 1);
+    crate::cleanup(&mut conn, &keys).await;
+}
+
+#[tokio::test]
+async fn entries_read_from_the_group_are_gone_from_the_pending_list_once_acked() {
+    let (client, mut conn, keys) = shared().await;
+    Publisher::new(conn.clone(), keys.clone(), 1000)
+        .publish(&events(1..=3))
+        .await
+        .expect("publish");
+    let consumer =
+        Consumer::new(&client, conn.clone(), keys.clone(), "g", "c1", MAX_BLOCK).expect("consumer");
+    consumer
+        .ensure_group(bus::FROM_BEGINNING)
+        .await
+        .expect("group");
+
+    let read = consumer
+        .read_new(10, Duration::from_millis(100))
+        .await
+        .expect("read");
+    let positions: Vec<_> = read.iter().map(|e| e.position()).collect();
+    assert_eq!(positions, [Some(1), Some(2), Some(3)]);
+    assert_eq!(
+        bus::decode_entry(&read[0]).expect("decode").global_position,
+        1
+    );
+
+    // Not acked yet: a restart with the same name sees them again.
+    let own = consumer.read_own_pending(10).await.expect("pending");
+    assert_eq!(own.len(), 3);
+    assert_eq!(
+        consumer
+            .ack(&[read[0].id.as_str(), read[1].id.as_str()])
+            .await
+            .expect("ack"),
+        2
+    );
+    let own = consumer.read_own_pending(10).await.expect("pending");
+    assert_eq!(
+        own.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        ["3-0"]
+    );
+
+    let pending: (i64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+        .arg(keys.stream())
+        .arg("g")
+        .query_async(&mut conn)
+        .await
+        .expect("xpending");
+    assert_eq!(pending.0, 1);
+    assert!(
+        consumer
+            .read_new(10, Duration::ZERO)
+            .await
+            .expect("read")
+            .is_empty()
+    );
+    crate::cleanup(&mut conn, &keys).await;
+}
+
+#[tokio::test]
+async fn a_blocking_read_of_two_seconds_returns_empty_rather_than_timing_out() {
+    let (client, mut conn, keys) = shared().await;
+    let consumer =
+        Consumer::new(&client, conn.clone(), keys.clone(), "g", "c1", MAX_BLOCK).expect("consumer");
+    consumer.ensure_group("$").await.expect("group");
+
+    let started = Instant::now();
+    let read = consumer
+        .read_new(10, Duration::from_secs(2))
+        .await
+        .expect("no timeout error");
+    assert!(read.is_empty());
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "it did block: {:?}",
+        started.elapsed()
+    );
+    crate::cleanup(&mut conn, &keys).await;
+}
+
+#[tokio::test]
+async fn a_blocked_read_does_not_hold_up_acks_and_wakes_up_on_publish() {
+    let (client, mut conn, keys) = shared().await;
+    let consumer = std::sync::Arc::new(
+        Consumer::new(&client, conn.clone(), keys.clone(), "g", "c1", MAX_BLOCK).expect("consumer"),
+    );
+    consumer.ensure_group("0").await.expect("group");
+    let reader = {
+        let consumer = consumer.clone();
+        tokio::spawn(async move { consumer.read_new(10, Duration::from_secs(4)).await })
+    };
+    // The shared connection stays responsive while the read blocks.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    assert_eq!(consumer.ack(&["1-0"]).await.expect("ack"), 0);
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    Publisher::new(conn.clone(), keys.clone(), 1000)
+        .publish(&events([1]))
+        .await
+        .expect("publish");
+    let read = reader.await.expect("join").expect("read");
+    assert_eq!(read.len(), 1);
+    crate::cleanup(&mut conn, &keys).await;
+}
+
+#[tokio::test]
+async fn autoclaim_takes_over_entries_of_a_consumer_that_stopped_acking() {
+    let (client, mut conn, keys) = shared().await;
+    Publisher::new(conn.clone(), keys.clone(), 1000)
+        .publish(&events(1..=3))
+        .await
+        .expect("publish");
+    let dead = Consumer::new(&client, conn.clone(), keys.clone(), "g", "dead", MAX_BLOCK)
+        .expect("consumer");
+    dead.ensure_group("0").await.expect("group");
+    assert_eq!(
+        dead.read_new(10, Duration::ZERO).await.expect("read").len(),
+        3
+    );
+
+    let alive = Consumer::new(&client, conn.clone(), keys.clone(), "g", "alive", MAX_BLOCK)
+        .expect("consumer");
+    let claimed = wait_until(
+        Duration::from_secs(5),
+        "the entries are idle long enough to claim",
+        || async {
+            let claimed = alive
+                .autoclaim(Duration::from_millis(50), 10)
+                .await
+                .expect("autoclaim");
+            (!claimed.is_empty()).then_some(claimed)
+        },
+    )
+    .await;
+    let ids: Vec<_> = claimed.iter().map(|(e, n)| (e.id.as_str(), *n)).collect();
+    assert_eq!(
+        ids,
+        [("1-0", 2), ("2-0", 2), ("3-0", 2)],
+        "second delivery of each"
+    );
+    assert_eq!(
+        bus::decode_entry(&claimed[2].0)
+            .expect("decode")
+            .global_position,
+        3
+    );
+
+    // Now they are the live consumer's own pending entries.
+    assert_eq!(alive.read_own_pending(10).await.expect("own").len(), 3);
+    assert!(dead.read_own_pending(10).await.expect("own").is_empty());
+    crate::cleanup(&mut conn, &keys).await;
+}
+
+#[tokio::test]
+async fn autoclaim_acknowledges_entries_trimmed_while_pending() {
+    let (client, mut conn, keys) = shared().await;
+    Publisher::new(conn.clone(), keys.clone(), 1000)
+        .publish(&events(1..=2))
+        .await
+        .expect("publish");
+    let dead = Consumer::new(&client, conn.clone(), keys.clone(), "g", "dead", MAX_BLOCK)
+        .expect("consumer");
+    dead.ensure_group("0").await.expect("group");
+    dead.read_new(10, Duration::ZERO).await.expect("read");
+    let _: i64 = redis::cmd("XDEL")
+        .arg(keys.stream())
+        .arg("1-0")
+        .query_async(&mut conn)
+        .await
+        .expect("xdel");
+
+    let alive = Consumer::new(&client, conn.clone(), keys.clone(), "g", "alive", MAX_BLOCK)
+        .expect("consumer");
+    let claimed = wait_until(Duration::from_secs(5), "the entry is claimable", || async {
+        let claimed = alive
+            .autoclaim(Duration::from_millis(50), 10)
+            .await
+            .expect("autoclaim");
+        (!claimed.is_empty()).then_some(claimed)
+    })
+    .await;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].0.id, "2-0");
+    let pending: (i64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+        .arg(keys.stream())
+        .arg("g")
+        .query_async(&mut conn)
+        .await
+        .expect("xpending");
+    assert_eq!(pending.0, 1, "only 2-0 remains pending");
+    crate::cleanup(&mut conn, &keys).await;
+}
+
+#[tokio::test]
+async fn stale_consumers_without_pending_entries_are_removed_but_never_oneself() {
+    let (client, mut conn, keys) = shared().await;
+    Publisher::new(conn.clone(), keys.clone(), 1000)
+        .publish(&events(1..=2))
+        .await
+        .expect("publish");
+    let consumer = |name: &str| {
+        Consumer::new(&client, conn.clone(), keys.clone(), "g", name, MAX_BLOCK).expect("consumer")
+    };
+    let (me, busy, idle) = (consumer("me"), consumer("busy"), consumer("idle"));
+    me.ensure_group("0").await.expect("group");
+    // `busy` holds an entry unacknowledged; `idle` acknowledged its entry; `me` has none.
+    assert_eq!(
+        busy.read_new(1, Duration::ZERO).await.expect("read").len(),
+        1
+    );
+    let read = idle.read_new(1, Duration::ZERO).await.expect("read");
+    assert_eq!(idle.ack(&[read[0].id.as_str()]).await.expect("ack"), 1);
+    // Redis 7.0 creates a consumer only when XREADGROUP returns something, so create `me`.
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("CREATECONSUMER")
+        .arg(keys.stream())
+        .arg("g")
+        .arg("me")
+        .query_async(&mut conn)
+        .await
+        .expect("create consumer");
+
+    let removed = wait_until(
+        Duration::from_secs(5),
+        "the idle consumer is stale",
+        || async {
+            let removed = me
+                .remove_stale_consumers(Duration::from_millis(50))
+                .await
+                .expect("remove");
+            (!removed.is_empty()).then_some(removed)
+        },
+    )
+    .await;
+    assert_eq!(removed, ["idle"]);
+    let consumers: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(keys.stream())
+        .arg("g")
+        .query_async(&mut conn)
+        .await
+        .expect("xinfo");
+    assert_eq!(consumers.len(), 2, "me and busy remain");
+    crate::cleanup(&mut conn, &keys).await;
+}
+
+#[tokio::test]
+async fn a_destroyed_group_is_reported_as_no_group() {
+    let (client, mut conn, keys) = shared().await;
+    Publisher::new(conn.clone(), keys.clone(), 1000)
+        .publish(&events(1..=2))
+        .await
+        .expect("publish");
+    let consumer =
+        Consumer::new(&client, conn.clone(), keys.clone(), "g", "c1", MAX_BLOCK).expect("consumer");
+    consumer.ensure_group("0").await.expect("group");
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(keys.stream())
+        .arg("g")
+        .query_async(&mut conn)
+        .await
+        .expect("destroy");
+
+    let err = consumer
+        .read_new(10, Duration::from_millis(100))
+        .await
+        .expect_err("no group");
+    assert!(
+        matches!(&err, BusError::NoGroup { group, .. } if group == "g"),
+        "{err:?}"
+    );
+    assert!(err.is_no_group() && !err.is_retryable());
+    for err in [
+        consumer.read_own_pending(10).await.expect_err("no group"),
+        consumer
+            .autoclaim(Duration::from_millis(1), 10)
+            .await
+            .map(|_| ())
+            .expect_err("no group"),
+        consumer
+            .remove_stale_consumers(Duration::from_millis(1))
+            .await
+            .map(|_| ())
+            .expect_err("no group"),
+    ] {
+        assert!(err.is_no_group(), "{err:?}");
+    }
+
+    // Recreating the group heals it.
+    assert!(consumer.ensure_group("0").await.expect("recreate"));
+    assert_eq!(
+        consumer
+            .read_new(10, Duration::ZERO)
+            .await
+            .expect("read")
+            .len(),
+        2
+    );
+    crate::cleanup(&mut conn, &keys).await;
+}

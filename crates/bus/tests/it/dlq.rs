@@ -1,0 +1,109 @@
+use std::time::Duration;
+
+use bus::{Consumer, DeadLetterQueue, Publisher};
+
+use crate::{MAX_BLOCK, events, shared, xrange};
+
+#[tokio::test]
+async fn dead_lettering_writes_every_field_and_acknowledges_the_original() {
+    let (client, mut conn, keys) = shared().await;
+    let published = events(1..=2);
+    Publisher::new(conn.clone(), keys.clone(), 1000)
+        .publish(&published)
+        .await
+        .expect("publish");
+    let consumer = Consumer::new(
+        &client,
+        conn.clone(),
+        keys.clone(),
+        "order_summaries",
+        "c1",
+        MAX_BLOCK,
+    )
+    .expect("consumer");
+    consumer.ensure_group("0").await.expect("group");
+    let read = consumer.read_new(10, Duration::ZERO).await.expect("read");
+
+    let dlq_id = consumer
+        .dead_letter(&read[0], "projection failed: boom", 5)
+        .await
+        .expect("dead-letter");
+
+    // Acknowledged in the group: only 2-0 is still pending.
+    let own = consumer.read_own_pending(10).await.expect("own");
+    assert_eq!(
+        own.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        ["2-0"]
+    );
+
+    // What `redis-cli XRANGE <stream>:dlq:order_summaries - +` shows.
+    let dlq_key = keys.dlq("order_summaries");
+    assert!(dlq_key.ends_with(":es:events:dlq:order_summaries"));
+    let raw = xrange(&mut conn, &dlq_key).await;
+    assert_eq!(raw.len(), 1);
+    assert_eq!(raw[0].0, dlq_id);
+    let get = |name: &str| {
+        raw[0]
+            .1
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .expect(name)
+    };
+    assert_eq!(get("error"), "projection failed: boom");
+    assert_eq!(get("attempts"), "5");
+    assert_eq!(get("original_id"), "1-0");
+    assert_eq!(get("consumer"), "c1");
+    assert!(chrono::DateTime::parse_from_rfc3339(&get("failed_at")).is_ok());
+    assert_eq!(get("position"), "1");
+    let data: serde_json::Value = serde_json::from_str(&get("data")).expect("data is JSON");
+    assert_eq!(data, published[0].data);
+    let _: serde_json::Value = serde_json::from_str(&get("metadata")).expect("metadata is JSON");
+
+    // The admin helpers.
+    let dlq = DeadLetterQueue::new(conn.clone(), keys.clone());
+    assert_eq!(dlq.len("order_summaries").await.expect("len"), 1);
+    let listed = dlq.list("order_summaries", 10).await.expect("list");
+    assert_eq!(listed.len(), 1);
+    let dead = &listed[0];
+    assert_eq!(
+        (
+            dead.error.as_str(),
+            dead.attempts,
+            dead.original_id.as_str(),
+            dead.consumer.as_str()
+        ),
+        ("projection failed: boom", 5, "1-0", "c1")
+    );
+    assert_eq!(
+        dead.original.len(),
+        9,
+        "exactly the event fields: {:?}",
+        dead.original
+    );
+    assert_eq!(dead.event().expect("decodes"), published[0]);
+    assert_eq!(dead.original_entry().id, "1-0");
+    assert_eq!(
+        dlq.get("order_summaries", &dlq_id)
+            .await
+            .expect("get")
+            .as_ref(),
+        Some(dead)
+    );
+    assert_eq!(dlq.get("order_summaries", "1-1").await.expect("get"), None);
+
+    assert_eq!(
+        dlq.delete("order_summaries", &[dlq_id.as_str()])
+            .await
+            .expect("delete"),
+        1
+    );
+    assert_eq!(dlq.len("order_summaries").await.expect("len"), 0);
+    assert!(
+        dlq.list("order_summaries", 10)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    crate::cleanup(&mut conn, &keys).await;
+}
