@@ -1,0 +1,203 @@
+//! Settings every binary shares, as clap arguments that also read environment variables.
+//!
+//! Each binary flattens [`CommonArgs`] (and [`AuthArgs`] when it serves an API) into its own
+//! `clap::Parser` with `#[command(flatten)]`. clap rejects bad numbers itself (exit code 2);
+//! [`CommonArgs::validate`] checks what clap cannot (URL syntax), and [`exit_on_config_error`]
+//! turns a failure into the one line the contract promises. This module never connects to
+//! anything.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use sqlx::postgres::PgConnectOptions;
+
+/// Default `DATABASE_URL`: the local trust-auth server used in development and tests.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/orders";
+/// Default `REDIS_URL`: the local server used in development and tests.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// Default `EVENT_STREAM`: the Redis stream every committed event is published to.
+pub const DEFAULT_EVENT_STREAM: &str = "es:events";
+/// Exit code for a bad setting, the same code clap uses for bad arguments.
+pub const CONFIG_ERROR_EXIT_CODE: i32 = 2;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line with span fields (request_id, correlation_id, trace_id).
+    Json,
+    /// Human-readable, coloured lines for a terminal.
+    #[default]
+    Pretty,
+}
+
+/// Settings shared by every binary; flatten it into the binary's own config.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// PostgreSQL connection URL; the database is created when missing
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+    pub database_url: String,
+
+    /// Redis connection URL
+    #[arg(long, env = "REDIS_URL", default_value = DEFAULT_REDIS_URL, hide_env_values = true)]
+    pub redis_url: String,
+
+    /// Log line format
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+
+    /// Do not run the embedded database migrations at start (env: true/false, 1/0, yes/no)
+    #[arg(
+        long,
+        env = "SKIP_MIGRATIONS",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub skip_migrations: bool,
+
+    /// Maximum number of pooled PostgreSQL connections (at least 1)
+    #[arg(
+        long,
+        env = "DB_MAX_CONNECTIONS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub db_max_connections: u32,
+
+    /// Redis stream the events are published to and consumed from
+    #[arg(long, env = "EVENT_STREAM", default_value = DEFAULT_EVENT_STREAM)]
+    pub event_stream: String,
+
+    /// Seconds to let in-flight requests and work finish after SIGTERM before exiting
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl CommonArgs {
+    /// Checks what clap cannot: that both URLs parse. The error is one line naming the setting,
+    /// e.g. `invalid DATABASE_URL: relative URL without a base`; it never repeats the URL, which
+    /// may hold a password.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        validate_database_url(&self.database_url)?;
+        validate_redis_url(&self.redis_url)?;
+        if self.db_max_connections == 0 {
+            return Err(anyhow!("invalid DB_MAX_CONNECTIONS: must be at least 1"));
+        }
+        if self.event_stream.trim().is_empty() {
+            return Err(anyhow!("invalid EVENT_STREAM: must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// The shutdown grace period as a `Duration`.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+/// Parses a `DATABASE_URL` the way `db::connect` will, naming the setting on failure.
+pub fn validate_database_url(url: &str) -> anyhow::Result<PgConnectOptions> {
+    PgConnectOptions::from_str(url).map_err(|e| anyhow!("invalid DATABASE_URL: {}", one_line(&e)))
+}
+
+/// Parses a `REDIS_URL` the way `redis_conn` will, naming the setting on failure.
+pub fn validate_redis_url(url: &str) -> anyhow::Result<redis::Client> {
+    redis::Client::open(url).map_err(|e| anyhow!("invalid REDIS_URL: {}", one_line(&e)))
+}
+
+/// Settings of binaries that serve an API.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuthArgs {
+    /// Bearer token required on API routes; unset means no authentication
+    #[arg(long, env = "API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+}
+
+impl AuthArgs {
+    /// The token in the shape `auth::require_bearer_token` takes; an empty value means unset.
+    pub fn token(&self) -> Option<std::sync::Arc<str>> {
+        self.api_token
+            .as_deref()
+            .filter(|t| !t.is_empty())
+            .map(std::sync::Arc::from)
+    }
+}
+
+/// Prints `error: <err>` (the whole context chain on one line) to stderr and exits with code 2.
+///
+/// Use it for configuration errors at start: `args.common.validate().unwrap_or_else(|e|
+/// platform::config::exit_on_config_error(e))`.
+pub fn exit_on_config_error(err: anyhow::Error) -> ! {
+    eprintln!("error: {}", one_line(&format!("{err:#}")));
+    std::process::exit(CONFIG_ERROR_EXIT_CODE)
+}
+
+/// Collapses a message onto a single line, so an error never spans several log lines.
+pub(crate) fn one_line(msg: &dyn std::fmt::Display) -> String {
+    msg.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        auth: AuthArgs,
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let cli = Cli::try_parse_from(["bin"]).unwrap();
+        assert_eq!(cli.common.db_max_connections, 10);
+        assert_eq!(cli.common.event_stream, "es:events");
+        assert_eq!(cli.common.shutdown_grace_secs, 20);
+        assert!(!cli.common.skip_migrations);
+        cli.common.validate().unwrap();
+    }
+
+    #[test]
+    fn zero_max_connections_is_rejected_by_clap() {
+        let err = Cli::try_parse_from(["bin", "--db-max-connections", "0"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn a_bad_redis_url_names_the_setting() {
+        let mut cli = Cli::try_parse_from(["bin"]).unwrap();
+        cli.common.redis_url = "http://nope".into();
+        let msg = cli.common.validate().unwrap_err().to_string();
+        assert!(msg.starts_with("invalid REDIS_URL: "), "{msg}");
+        assert!(!msg.contains('\n'));
+    }
+
+    #[test]
+    fn a_bad_database_url_names_the_setting() {
+        let mut cli = Cli::try_parse_from(["bin"]).unwrap();
+        cli.common.database_url = "not a url".into();
+        let msg = cli.common.validate().unwrap_err().to_string();
+        assert!(msg.starts_with("invalid DATABASE_URL: "), "{msg}");
+    }
+
+    #[test]
+    fn skip_migrations_is_a_plain_flag() {
+        let cli = Cli::try_parse_from(["bin", "--skip-migrations"]).unwrap();
+        assert!(cli.common.skip_migrations);
+    }
+
+    #[test]
+    fn an_empty_token_means_no_auth() {
+        let auth = AuthArgs {
+            api_token: Some(String::new()),
+        };
+        assert!(auth.token().is_none());
+    }
+}

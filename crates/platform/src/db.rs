@@ -1,0 +1,197 @@
+//! PostgreSQL bootstrap: create the database when missing, connect a pool, run migrations.
+//!
+//! Several instances may start at once: a concurrent `CREATE DATABASE` is tolerated, and sqlx's
+//! migrator takes an advisory lock. Every failure is one clear line naming the server and the
+//! setting (`cannot reach PostgreSQL at 127.0.0.1:5432 (DATABASE_URL): connection refused`); the
+//! URL itself, which may carry a password, is never printed.
+
+use std::io;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
+
+use crate::config::{one_line, validate_database_url};
+
+/// How long a request waits for a pooled connection before failing; short, so an overloaded or
+/// unreachable database shows up as an error instead of a hung request.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the first connection at start may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Maintenance database used to create the service's database.
+pub const MAINTENANCE_DATABASE: &str = "postgres";
+
+/// SQLSTATE `invalid_catalog_name`: the database does not exist.
+const INVALID_CATALOG_NAME: &str = "3D000";
+/// SQLSTATE `duplicate_database`: a concurrent starter created it first.
+const DUPLICATE_DATABASE: &str = "42P04";
+/// SQLSTATE `unique_violation`: the other way a concurrent `CREATE DATABASE` can lose the race.
+const UNIQUE_VIOLATION: &str = "23505";
+
+/// Connects a pool to `database_url`, creating the database if it does not exist, then runs
+/// `migrator` when given.
+pub async fn connect(
+    database_url: &str,
+    max_connections: u32,
+    migrator: Option<&'static sqlx::migrate::Migrator>,
+) -> anyhow::Result<PgPool> {
+    let options = validate_database_url(database_url)?;
+    ensure_database(&options).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections.max(1))
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(options.clone())
+        .await
+        .map_err(|e| describe(&e, &options))?;
+    if let Some(migrator) = migrator {
+        migrator.run(&pool).await.map_err(|e| {
+            anyhow!(
+                "cannot run database migrations on {} at {}: {}",
+                database_name(&options),
+                server(&options),
+                one_line(&e)
+            )
+        })?;
+        tracing::info!(database = %database_name(&options), "database migrations are up to date");
+    }
+    Ok(pool)
+}
+
+/// Creates the database named in `options` when a connection says it does not exist.
+async fn ensure_database(options: &PgConnectOptions) -> anyhow::Result<()> {
+    match connect_once(options).await {
+        Ok(conn) => {
+            // Closing politely is best effort; the connection is dropped either way.
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Err(e) if sqlstate(&e).as_deref() == Some(INVALID_CATALOG_NAME) => {
+            create_database(options).await
+        }
+        Err(e) => Err(describe(&e, options)),
+    }
+}
+
+async fn connect_once(options: &PgConnectOptions) -> Result<PgConnection, sqlx::Error> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(options)).await {
+        Ok(result) => result,
+        Err(_) => Err(sqlx::Error::Io(io::Error::from(io::ErrorKind::TimedOut))),
+    }
+}
+
+async fn create_database(options: &PgConnectOptions) -> anyhow::Result<()> {
+    let name = database_name(options);
+    let admin = options.clone().database(MAINTENANCE_DATABASE);
+    let mut conn = connect_once(&admin)
+        .await
+        .map_err(|e| describe(&e, &admin))?;
+    // Identifiers cannot be bound as parameters; quoting with doubled quotes makes any name safe.
+    let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+    let result = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut conn).await;
+    let _ = conn.close().await;
+    match result {
+        Ok(_) => {
+            tracing::info!(database = %name, "created the database");
+            Ok(())
+        }
+        Err(e)
+            if matches!(
+                sqlstate(&e).as_deref(),
+                Some(DUPLICATE_DATABASE | UNIQUE_VIOLATION)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(anyhow!(
+            "cannot create database {name} on PostgreSQL at {}: {}",
+            server(options),
+            describe_cause(&e)
+        )),
+    }
+}
+
+fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    e.as_database_error()
+        .and_then(|db| db.code())
+        .map(|c| c.into_owned())
+}
+
+/// The database name the options point at; Postgres defaults it to the user name.
+fn database_name(options: &PgConnectOptions) -> String {
+    options
+        .get_database()
+        .unwrap_or_else(|| options.get_username())
+        .to_owned()
+}
+
+/// `host:port` or the socket path, for messages.
+fn server(options: &PgConnectOptions) -> String {
+    match options.get_socket() {
+        Some(path) => path.display().to_string(),
+        None => format!("{}:{}", options.get_host(), options.get_port()),
+    }
+}
+
+/// One line describing a connection failure, naming the server and the setting.
+fn describe(e: &sqlx::Error, options: &PgConnectOptions) -> anyhow::Error {
+    let at = server(options);
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => {
+            anyhow!(
+                "cannot reach PostgreSQL at {at} (DATABASE_URL): {}",
+                describe_cause(e)
+            )
+        }
+        sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("28P01" | "28000")) => {
+            anyhow!(
+                "PostgreSQL at {at} rejected user {} (DATABASE_URL): {}",
+                options.get_username(),
+                one_line(&db.message())
+            )
+        }
+        _ => anyhow!(
+            "cannot connect to PostgreSQL at {at} (DATABASE_URL): {}",
+            describe_cause(e)
+        ),
+    }
+}
+
+/// A short lower-case cause: `connection refused`, `timed out`, or the server's message.
+fn describe_cause(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Io(io) => describe_io(io),
+        sqlx::Error::PoolTimedOut => "timed out".to_owned(),
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) => format!("{} (SQLSTATE {code})", one_line(&db.message())),
+            None => one_line(&db.message()),
+        },
+        other => one_line(other),
+    }
+}
+
+/// `connection refused` rather than `Connection refused (os error 111)`.
+pub(crate) fn describe_io(e: &io::Error) -> String {
+    use io::ErrorKind as K;
+    match e.kind() {
+        K::ConnectionRefused => "connection refused".to_owned(),
+        K::TimedOut => "timed out".to_owned(),
+        K::ConnectionReset => "connection reset".to_owned(),
+        K::ConnectionAborted => "connection aborted".to_owned(),
+        K::HostUnreachable => "host unreachable".to_owned(),
+        K::NetworkUnreachable => "network unreachable".to_owned(),
+        K::AddrNotAvailable => "address not available".to_owned(),
+        _ => {
+            let text = one_line(e);
+            let text = match text.find(" (os error") {
+                Some(i) => text[..i].to_owned(),
+                None => text,
+            };
+            let mut chars = text.chars();
+            match chars.next() {
+                Some(first) => first.to_lowercase().chain(chars).collect(),
+                None => "unknown i/o error".to_owned(),
+            }
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Liveness, readiness and the router serving them with `/metrics`.
+//!
+//! `/healthz` only says the process answers. `/readyz` runs every registered check concurrently,
+//! each bounded by [`CHECK_TIMEOUT`], and answers 200 `{"status":"ready","checks":{…}}` or 503
+//! `{"status":"not_ready","checks":{"redis":"error: …"}}`. Services add their own checks with
+//! [`Readiness::with_check`]. These routes carry no auth and never touch the domain.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use redis::aio::ConnectionManager;
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::config::one_line;
+
+/// Longest a single readiness check may take; a probe must answer well within its own timeout.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Name of the Postgres check in the `/readyz` body.
+pub const POSTGRES_CHECK: &str = "postgres";
+/// Name of the Redis check in the `/readyz` body.
+pub const REDIS_CHECK: &str = "redis";
+
+/// What a readiness check returns.
+pub type CheckFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+type CheckFn = Arc<dyn Fn() -> CheckFuture + Send + Sync>;
+
+/// The set of dependency checks behind `/readyz`.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    checks: Vec<(String, CheckFn)>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.checks.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("Readiness").field("checks", &names).finish()
+    }
+}
+
+impl Readiness {
+    /// The standard checks: Postgres (`SELECT 1`) and Redis (`PING`).
+    pub fn new(pg: PgPool, redis: ConnectionManager) -> Self {
+        Self::default().with_postgres(pg).with_redis(redis)
+    }
+
+    /// Adds the `postgres` check: `SELECT 1` on the pool.
+    pub fn with_postgres(self, pg: PgPool) -> Self {
+        self.with_check(POSTGRES_CHECK, move || {
+            let pg = pg.clone();
+            async move {
+                sqlx::query("SELECT 1").execute(&pg).await?;
+                Ok(())
+            }
+        })
+    }
+
+    /// Adds the `redis` check: `PING` on the connection.
+    pub fn with_redis(self, redis: ConnectionManager) -> Self {
+        self.with_check(REDIS_CHECK, move || {
+            let mut redis = redis.clone();
+            async move {
+                let _: String = redis::cmd("PING").query_async(&mut redis).await?;
+                Ok(())
+            }
+        })
+    }
+
+    /// Adds a named check; an `Err` makes `/readyz` answer 503 with its message.
+    pub fn with_check<F, Fut>(mut self, name: impl Into<String>, check: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let check: CheckFn = Arc::new(move || Box::pin(check()) as CheckFuture);
+        self.checks.push((name.into(), check));
+        self
+    }
+
+    /// Runs every check concurrently, each bounded by [`CHECK_TIMEOUT`].
+    pub async fn check(&self) -> ReadinessReport {
+        let runs = self.checks.iter().map(|(name, check)| {
+            let fut = check();
+            async move {
+                let outcome = match tokio::time::timeout(CHECK_TIMEOUT, fut).await {
+                    Ok(Ok(())) => "ok".to_owned(),
+                    Ok(Err(e)) => format!("error: {}", one_line(&format!("{e:#}"))),
+                    Err(_) => format!("error: timed out after {} ms", CHECK_TIMEOUT.as_millis()),
+                };
+                (name.clone(), outcome)
+            }
+        });
+        let checks: BTreeMap<String, String> =
+            futures::future::join_all(runs).await.into_iter().collect();
+        let ready = checks.values().all(|v| v == "ok");
+        ReadinessReport {
+            status: if ready { "ready" } else { "not_ready" },
+            checks,
+        }
+    }
+}
+
+/// The `/readyz` body.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ReadinessReport {
+    /// `ready` or `not_ready`.
+    pub status: &'static str,
+    /// Each check's name and `ok` or `error: …`.
+    pub checks: BTreeMap<String, String>,
+}
+
+impl ReadinessReport {
+    /// Whether every check passed.
+    pub fn is_ready(&self) -> bool {
+        self.status == "ready"
+    }
+}
+
+/// `GET /healthz`: 200 `{"status":"ok"}` while the process answers.
+pub async fn healthz() -> Response {
+    axum::Json(serde_json::json!({ "status": "ok" })).into_response()
+}
+
+/// `GET /readyz`: 200 when every check passes, else 503 naming the failing ones.
+pub async fn readyz(State(readiness): State<Readiness>) -> Response {
+    let report = readiness.check().await;
+    let status = if report.is_ready() {
+        StatusCode::OK
+    } else {
+        tracing::warn!(checks = ?report.checks, "not ready");
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(report)).into_response()
+}
+
+/// `/healthz`, `/readyz` and `/metrics`, to merge into a service's router outside its auth
+/// layer. Generic over the router state so it merges before or after the service's `with_state`.
+pub fn health_router<S>(readiness: Readiness, metrics_handle: PrometheusHandle) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let probes = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(readiness);
+    let metrics = Router::new()
+        .route("/metrics", get(crate::metrics::metrics_handler))
+        .with_state(metrics_handle);
+    probes.merge(metrics)
+}

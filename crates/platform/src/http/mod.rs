@@ -1,0 +1,200 @@
+//! The standard middleware stack every service puts around its router, plus request identity.
+//!
+//! [`standard_layers`] adds, from the outside in: the `x-request-id` (made when absent, echoed on
+//! the response), the [`RequestContext`] (correlation id, trace context, actor), a trace span
+//! carrying `method`, `route`, `request_id`, `correlation_id` and `trace_id`, the HTTP metrics,
+//! the panic catcher (500 `internal`), the request timeout (503 `timeout`) and the body limit
+//! (413 `payload_too_large`). Every error it produces is a [`Problem`].
+
+mod context;
+mod traceparent;
+
+use std::any::Any;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{Method, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::{Level, Span};
+
+pub use context::{
+    ACTOR_HEADER, CORRELATION_ID_HEADER, MAX_ID_LEN, REQUEST_ID_HEADER, RequestContext,
+    TRACEPARENT_HEADER,
+};
+pub use traceparent::{TraceParent, parse_traceparent};
+
+use crate::extract::payload_too_large;
+use crate::problem::Problem;
+
+/// Default body limit: commands are small JSON documents; 64 KiB leaves ample room.
+pub const DEFAULT_BODY_LIMIT_BYTES: usize = 64 * 1024;
+/// Default request timeout: well above a normal command (retries included), below a proxy's.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// `route` label and span field for requests that matched no route, so scans of random paths
+/// cannot blow up the metric's cardinality.
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+/// Limits applied by [`standard_layers`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Largest accepted request body; larger ones get 413 `payload_too_large`.
+    pub body_limit_bytes: usize,
+    /// Longest a request may take; slower ones get 503 `timeout`.
+    pub request_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            body_limit_bytes: DEFAULT_BODY_LIMIT_BYTES,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+}
+
+/// Wraps `router` in the standard layers (see the module docs). Call it on the complete router,
+/// after `with_state`, so every route, the fallback and the health routes get them.
+///
+/// Metrics carry the `service` label set by `metrics::install`.
+pub fn standard_layers(router: Router, limits: HttpLimits) -> Router {
+    // `Router::layer` wraps what is already there, so the last layer added runs first.
+    router
+        .layer(DefaultBodyLimit::max(limits.body_limit_bytes))
+        .layer(middleware::from_fn_with_state(
+            limits.body_limit_bytes,
+            reject_large_content_length,
+        ))
+        .layer(middleware::from_fn_with_state(
+            limits.request_timeout,
+            enforce_timeout,
+        ))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(middleware::from_fn(record_metrics))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(make_span)
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
+        .layer(middleware::from_fn(context::insert_context))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// The request span: every log line of the request carries these fields.
+fn make_span(req: &Request) -> Span {
+    let route = route_of(req);
+    let (request_id, correlation_id, trace_id) = match req.extensions().get::<RequestContext>() {
+        Some(ctx) => (
+            ctx.request_id.as_str(),
+            ctx.correlation_id.as_str(),
+            ctx.trace_id.as_str(),
+        ),
+        None => ("", "", ""),
+    };
+    tracing::info_span!(
+        "request",
+        method = %req.method(),
+        route = %route,
+        path = %req.uri().path(),
+        request_id = %request_id,
+        correlation_id = %correlation_id,
+        trace_id = %trace_id,
+    )
+}
+
+fn route_of(req: &Request) -> String {
+    req.extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| UNMATCHED_ROUTE.to_owned())
+}
+
+/// Bounded method label: unknown methods are folded into `other`.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Records `http_requests_total{method,route,status}` and
+/// `http_request_duration_seconds{method,route}`.
+async fn record_metrics(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = method_label(req.method());
+    let route = route_of(&req);
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    ::metrics::counter!(
+        "http_requests_total",
+        "method" => method,
+        "route" => route.clone(),
+        "status" => status
+    )
+    .increment(1);
+    ::metrics::histogram!(
+        "http_request_duration_seconds",
+        "method" => method,
+        "route" => route
+    )
+    .record(start.elapsed().as_secs_f64());
+    response
+}
+
+/// Answers 503 `timeout` when the inner service takes longer than the limit.
+async fn enforce_timeout(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(timeout_ms = limit.as_millis() as u64, "request timed out");
+            Problem::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "timeout")
+                .with_detail(format!(
+                    "the request did not complete within {} ms",
+                    limit.as_millis()
+                ))
+                .into_response()
+        }
+    }
+}
+
+/// Rejects a declared `Content-Length` above the limit before reading the body; bodies without
+/// one are capped by `DefaultBodyLimit` when an extractor reads them.
+async fn reject_large_content_length(
+    State(limit): State<usize>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(len) if len > limit as u64 => payload_too_large().into_response(),
+        _ => next.run(req).await,
+    }
+}
+
+/// 500 `internal` for a panicking handler; the panic message is logged, never sent.
+fn panic_response(err: Box<dyn Any + Send + 'static>) -> Response {
+    let message = if let Some(s) = err.downcast_ref::<String>() {
+        s.as_str()
+    } else if let Some(s) = err.downcast_ref::<&str>() {
+        s
+    } else {
+        "unknown panic payload"
+    };
+    tracing::error!(panic = %message, "handler panicked");
+    Problem::internal().into_response()
+}

@@ -1,0 +1,43 @@
+//! What every service binary (command-service, query-service, projector) shares, so none of
+//! them writes it twice: configuration pieces, logging, metrics, the HTTP error format and
+//! extractors, bearer auth, the standard middleware stack, health endpoints, database and Redis
+//! bootstrap, graceful shutdown and the container health probe.
+//!
+//! This crate knows nothing about orders or events: it must never depend on `events`, `store` or
+//! `bus`, and it never decides anything about the domain.
+//!
+//! # Layout
+//!
+//! - [`config`]: `CommonArgs` and `AuthArgs`, the flags and env vars every binary flattens into its
+//!   own clap config, their validation, and the one-line exit on a bad setting.
+//! - [`telemetry`]: the tracing subscriber (`RUST_LOG`, JSON or pretty), safe to call twice.
+//! - [`metrics`]: the process-wide Prometheus recorder and the `/metrics` handler.
+//! - [`problem`]: `Problem`, the RFC 9457 `application/problem+json` error response.
+//! - [`extract`]: `Json`, `Path` and `Query` extractors whose rejections are `Problem`s, plus the
+//!   404/405 fallbacks.
+//! - [`auth`]: the optional bearer-token layer with a constant-time compare.
+//! - [`http`]: `standard_layers` (request id, trace span, timeout, body limit, panic catcher, HTTP
+//!   metrics), W3C `traceparent` parsing and the `RequestContext` extractor.
+//! - [`health`]: `/healthz`, `/readyz` (per-dependency checks) and the router serving them with
+//!   `/metrics`.
+//! - [`db`]: connect to Postgres, creating the database when missing, and run migrations.
+//! - [`redis_conn`]: a `ConnectionManager` with explicit timeouts, and dedicated connections for
+//!   blocking reads.
+//! - [`shutdown`]: SIGTERM/Ctrl-C as a future and a cancellation token, and `serve` with graceful
+//!   shutdown.
+//! - [`healthcheck`]: a tiny HTTP probe for Docker `HEALTHCHECK` (containers have no curl).
+
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod extract;
+pub mod health;
+pub mod healthcheck;
+pub mod http;
+pub mod metrics;
+pub mod problem;
+pub mod redis_conn;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use problem::Problem;

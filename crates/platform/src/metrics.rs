@@ -1,0 +1,76 @@
+//! The process-wide Prometheus recorder and the `/metrics` endpoint.
+//!
+//! A process installs one global recorder; tests start many apps in one process, so
+//! [`install`] keeps the first handle in a `OnceLock` and hands out clones. The `service` given
+//! to the first call becomes a global label on every metric of the process. This module never
+//! opens a listener of its own: `/metrics` is served by `health::health_router`.
+
+use std::sync::OnceLock;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Content type of the Prometheus text exposition format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
+
+/// Histogram buckets (seconds) for every metric whose name ends in `_seconds`: 0.1 ms to 10 s,
+/// roughly ×2.5 apart, so both a cache hit and a slow projection land in a useful bucket.
+pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global Prometheus recorder on the first call and returns its handle; later calls
+/// return the same handle (and ignore their `service`).
+///
+/// `service` (e.g. `command-service`) is added as the `service` label to every metric.
+pub fn install(service: &'static str) -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = match PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_SECONDS)
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot set histogram buckets; using summaries");
+                    PrometheusBuilder::new()
+                }
+            };
+            let builder = builder.add_global_label("service", service);
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if let Err(e) = ::metrics::set_global_recorder(recorder) {
+                // Another recorder was installed by someone else: keep serving an empty page
+                // rather than failing the service.
+                tracing::warn!(error = %e, "a metrics recorder is already installed");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// Renders the Prometheus text page (`GET /metrics`).
+pub async fn metrics_handler(State(handle): State<PrometheusHandle>) -> Response {
+    // Upkeep drains histogram buffers; doing it at scrape time avoids a background task.
+    handle.run_upkeep();
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], handle.render()).into_response()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn install_returns_the_same_recorder_twice() {
+        let a = install("test");
+        let b = install("other");
+        ::metrics::counter!("platform_test_total").increment(1);
+        assert!(a.render().contains("platform_test_total"));
+        assert!(b.render().contains("service=\"test\""));
+    }
+}

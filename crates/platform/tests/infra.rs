@@ -1,0 +1,240 @@
+//! The pieces that talk to real Postgres and Redis (127.0.0.1:5432 and :6379), and a real server
+//! on port 0: database bootstrap, readiness, Redis connections, serve + healthcheck probe.
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use platform::health::{Readiness, health_router};
+use platform::{db, redis_conn, shutdown};
+use serde_json::Value;
+use sqlx::{Connection, PgConnection};
+use tower::ServiceExt;
+
+const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+static TEST_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("tests/migrations");
+
+/// A port nothing listens on: bind an ephemeral port, then free it.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Drops a test database, disconnecting whoever still uses it.
+async fn drop_database(name: &str) {
+    let mut admin = PgConnection::connect(ADMIN_URL).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+}
+
+async fn database_exists(name: &str) -> bool {
+    let mut admin = PgConnection::connect(ADMIN_URL).await.unwrap();
+    sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(name)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn connect_creates_a_missing_database_and_runs_migrations() {
+    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    assert!(!database_exists(&name).await);
+
+    let pool = db::connect(&url, 2, Some(&TEST_MIGRATOR)).await.unwrap();
+    let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM platform_probe")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(tables, 0);
+    pool.close().await;
+
+    // A second start finds the database and the migrations already there.
+    let pool = db::connect(&url, 1, Some(&TEST_MIGRATOR)).await.unwrap();
+    pool.close().await;
+
+    assert!(database_exists(&name).await);
+    drop_database(&name).await;
+}
+
+#[tokio::test]
+async fn concurrent_starts_on_a_missing_database_all_succeed() {
+    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    let starts = (0..4).map(|_| db::connect(&url, 1, Some(&TEST_MIGRATOR)));
+    let pools = futures::future::join_all(starts).await;
+    for pool in pools {
+        pool.unwrap().close().await;
+    }
+    drop_database(&name).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_postgres_is_one_clear_line_without_the_password() {
+    let port = closed_port();
+    let url = format!("postgres://postgres:hunter2@127.0.0.1:{port}/orders");
+    let err = db::connect(&url, 1, None).await.unwrap_err();
+    let msg = format!("{err:#}");
+    assert_eq!(
+        msg,
+        format!("cannot reach PostgreSQL at 127.0.0.1:{port} (DATABASE_URL): connection refused")
+    );
+    assert!(!format!("{err:?}").contains("hunter2"));
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_is_one_clear_line() {
+    let port = closed_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let err = redis_conn::connect_manager(&url, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        format!("{err:#}"),
+        format!("cannot reach Redis at 127.0.0.1:{port} (REDIS_URL): connection refused")
+    );
+}
+
+#[tokio::test]
+async fn a_dedicated_connection_survives_a_block_longer_than_the_default_timeout() {
+    let mut conn = redis_conn::dedicated_connection(REDIS_URL, Duration::from_secs(3))
+        .await
+        .unwrap();
+    let key = format!("platform_test:{}", uuid::Uuid::new_v4().simple());
+    // BLPOP on an empty list blocks for its full timeout (1 s), past redis' 500 ms default.
+    let popped: Option<(String, String)> = redis::cmd("BLPOP")
+        .arg(&key)
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(popped.is_none());
+}
+
+async fn readyz(readiness: Readiness) -> (StatusCode, Value) {
+    let handle = platform::metrics::install("platform-test");
+    let response = health_router(readiness, handle)
+        .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap())
+}
+
+async fn orders_pool() -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(ADMIN_URL)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn readyz_is_200_when_postgres_and_redis_answer() {
+    let redis = redis_conn::connect_manager(REDIS_URL, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let (status, body) = readyz(Readiness::new(orders_pool().await, redis)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        serde_json::json!({"status": "ready", "checks": {"postgres": "ok", "redis": "ok"}})
+    );
+}
+
+#[tokio::test]
+async fn readyz_is_503_naming_redis_when_redis_is_down() {
+    let url = format!("redis://127.0.0.1:{}", closed_port());
+    let redis = redis_conn::lazy_manager(&url, Duration::from_secs(1)).unwrap();
+    let (status, body) = readyz(Readiness::new(orders_pool().await, redis)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["status"], "not_ready");
+    assert_eq!(body["checks"]["postgres"], "ok");
+    assert!(
+        body["checks"]["redis"]
+            .as_str()
+            .unwrap()
+            .starts_with("error: "),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_custom_check_can_fail_readiness() {
+    let readiness = Readiness::default().with_check("projection_lag", || async {
+        anyhow::bail!("lag is 5000 events")
+    });
+    let (status, body) = readyz(readiness).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        body["checks"]["projection_lag"],
+        "error: lag is 5000 events"
+    );
+}
+
+#[tokio::test]
+async fn a_served_app_answers_the_probe_and_stops_on_shutdown() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let handle = platform::metrics::install("platform-test");
+    let app: Router = health_router(Readiness::default(), handle);
+    let token = shutdown::CancellationToken::new();
+    let server = tokio::spawn(shutdown::serve_with_grace(
+        listener,
+        app,
+        token.clone().cancelled_owned(),
+        Duration::from_secs(5),
+    ));
+
+    assert_eq!(
+        platform::healthcheck::probe(&addr, "/healthz").await,
+        ExitCode::SUCCESS
+    );
+    assert_eq!(
+        platform::healthcheck::probe(&addr, "/nowhere").await,
+        ExitCode::FAILURE
+    );
+    let metrics = platform::healthcheck::probe_status(&addr, "/metrics")
+        .await
+        .unwrap();
+    assert_eq!(metrics, 200);
+
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        platform::healthcheck::probe(&addr, "/healthz").await,
+        ExitCode::FAILURE
+    );
+}
+
+#[tokio::test]
+async fn metrics_are_served_as_prometheus_text() {
+    let handle = platform::metrics::install("platform-test");
+    let response = health_router(Readiness::default(), handle)
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/plain; version=0.0.4"
+    );
+}
