@@ -1,0 +1,253 @@
+//! One relay step, split from the loop so it can be tested on its own: read up to `RELAY_BATCH`
+//! events after the checkpoint, check they are contiguous, publish them in one round trip, and
+//! move the checkpoint.
+//!
+//! Every step runs at least one query on the leader connection (the read), so a dead connection,
+//! and with it a lost lock, is noticed within one cycle. The step never publishes past a gap and
+//! never publishes out of position order.
+
+use bus::{BusError, Publisher};
+use events::RecordedEvent;
+use sqlx::{Connection, PgConnection};
+
+use super::checkpoint;
+use super::status::RelayStatus;
+use super::telemetry;
+
+/// What one [`publish_step`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StepOutcome {
+    /// Events published in this step (including any Redis already had).
+    pub published: usize,
+    /// Nothing more to publish as of this step's read: wait for the next commit.
+    pub caught_up: bool,
+    /// The read showed a gap (never expected, see the store's invariants): the step published
+    /// only the events before it, and the caller should log and retry later.
+    pub gap: Option<Gap>,
+}
+
+/// A missing position in the log: `expected` was next, but the read returned `found` instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    /// The position the relay needs next.
+    pub expected: i64,
+    /// The position the read returned in its place.
+    pub found: i64,
+}
+
+/// Why a step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The leader connection failed (read, checkpoint write or ping): the lock may be gone, so
+    /// the caller must give up the leadership.
+    #[error("relay leader connection failed: {0}")]
+    Leadership(#[source] sqlx::Error),
+    /// Publishing to Redis failed; retry later with backoff (nothing was checkpointed).
+    #[error("publishing to redis failed: {0}")]
+    Publish(#[source] BusError),
+}
+
+/// The leader's state: its lock connection, where it is in the log, and where it publishes.
+pub struct RelayContext {
+    conn: PgConnection,
+    publisher: Publisher,
+    stream_key: String,
+    batch: i64,
+    checkpoint: i64,
+    head: i64,
+    status: RelayStatus,
+}
+
+impl std::fmt::Debug for RelayContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayContext")
+            .field("stream_key", &self.stream_key)
+            .field("batch", &self.batch)
+            .field("checkpoint", &self.checkpoint)
+            .field("head", &self.head)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RelayContext {
+    /// Starts leading on `conn` (which holds the relay lock): resumes after
+    /// `max(checkpoint, last entry on the stream)`. Redis being down is fine here: the relay then
+    /// resumes from the checkpoint, and whatever Redis already has counts as already present.
+    pub async fn resume(
+        mut conn: PgConnection,
+        publisher: Publisher,
+        stream_key: String,
+        batch: i64,
+        status: RelayStatus,
+    ) -> Result<Self, sqlx::Error> {
+        let stored = checkpoint::load(&mut conn, &stream_key).await?;
+        let head = store::head_position(&mut conn).await?;
+        let on_stream = match publisher.last_published_position().await {
+            Ok(last) => last.unwrap_or(0),
+            Err(err) => {
+                tracing::warn!(stream = %stream_key, error = %err,
+                    "cannot read the stream's last entry; resuming from the checkpoint");
+                0
+            }
+        };
+        if on_stream > head {
+            tracing::warn!(stream = %stream_key, on_stream, head,
+                "the stream is ahead of the event store (was the database reset without Redis?); \
+                 nothing is published until the store passes it");
+        }
+        let resume_at = stored.max(on_stream);
+        tracing::info!(stream = %stream_key, checkpoint = stored, on_stream, head,
+            backlog = head.saturating_sub(resume_at).max(0), "relay resuming");
+        status.set_checkpoint(resume_at);
+        telemetry::checkpoint(resume_at, head);
+        Ok(Self {
+            conn,
+            publisher,
+            stream_key,
+            batch: batch.max(1),
+            checkpoint: resume_at,
+            head,
+            status,
+        })
+    }
+
+    /// The highest position known to be on the stream.
+    pub fn checkpoint(&self) -> i64 {
+        self.checkpoint
+    }
+
+    /// Events committed but not yet published, as of the last read.
+    pub fn backlog_estimate(&self) -> i64 {
+        self.head.saturating_sub(self.checkpoint).max(0)
+    }
+
+    /// Checks the leader connection (and so the lock) is still alive.
+    pub async fn ping(&mut self) -> Result<(), sqlx::Error> {
+        self.conn.ping().await
+    }
+
+    /// Closes the leader connection, releasing the lock.
+    pub async fn close(self) {
+        if self.conn.close().await.is_err() {
+            tracing::debug!("relay leader connection was already gone at close");
+        }
+    }
+}
+
+/// Reads, publishes and checkpoints one batch. See the module docs.
+pub async fn publish_step(ctx: &mut RelayContext) -> Result<StepOutcome, StepError> {
+    let events = store::read_all(&mut ctx.conn, ctx.checkpoint, ctx.batch)
+        .await
+        .map_err(StepError::Leadership)?;
+    let full = events.len() as i64 >= ctx.batch;
+    if full {
+        ctx.head = store::head_position(&mut ctx.conn)
+            .await
+            .map_err(StepError::Leadership)?;
+    } else if let Some(last) = events.last() {
+        ctx.head = ctx.head.max(last.global_position);
+    }
+
+    let contiguous = contiguous_prefix(ctx.checkpoint, &events);
+    let gap = events.get(contiguous).map(|next| Gap {
+        expected: ctx.checkpoint + contiguous as i64 + 1,
+        found: next.global_position,
+    });
+    if gap.is_some() {
+        telemetry::gap();
+    }
+    let batch = &events[..contiguous];
+    let Some(last) = batch.last() else {
+        telemetry::lag_seconds(None);
+        telemetry::checkpoint(ctx.checkpoint, ctx.head);
+        return Ok(StepOutcome {
+            published: 0,
+            caught_up: gap.is_none(),
+            gap,
+        });
+    };
+    let last_position = last.global_position;
+    telemetry::lag_seconds(batch.first().map(|event| event.recorded_at));
+
+    let outcome = match ctx.publisher.publish(batch).await {
+        Ok(outcome) => {
+            ctx.status.set_redis_unavailable(false);
+            outcome
+        }
+        Err(err) => {
+            ctx.status.set_redis_unavailable(true);
+            telemetry::checkpoint(ctx.checkpoint, ctx.head);
+            return Err(StepError::Publish(err));
+        }
+    };
+    // In a sorted batch the entries Redis already had are a prefix (ids at or below its top).
+    telemetry::published(
+        outcome.appended,
+        batch[outcome.already_present.min(batch.len())..]
+            .iter()
+            .map(|event| event.recorded_at),
+    );
+    if outcome.already_present > 0 {
+        tracing::debug!(stream = %ctx.stream_key, already_present = outcome.already_present,
+            "part of the batch was already on the stream (republished after a restart)");
+    }
+
+    checkpoint::save(&mut ctx.conn, &ctx.stream_key, last_position)
+        .await
+        .map_err(StepError::Leadership)?;
+    ctx.checkpoint = last_position;
+    ctx.status.set_checkpoint(last_position);
+    telemetry::checkpoint(last_position, ctx.head);
+    let caught_up = !full && gap.is_none();
+    if caught_up {
+        telemetry::lag_seconds(None);
+    }
+    Ok(StepOutcome {
+        published: batch.len(),
+        caught_up,
+        gap,
+    })
+}
+
+/// How many leading events continue densely from `after` (`after + 1`, `after + 2`, …).
+pub fn contiguous_prefix(after: i64, events: &[RecordedEvent]) -> usize {
+    events
+        .iter()
+        .zip(1i64..)
+        .take_while(|(event, offset)| event.global_position == after + offset)
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(positions: &[i64]) -> Vec<RecordedEvent> {
+        positions
+            .iter()
+            .map(|&global_position| RecordedEvent {
+                global_position,
+                event_id: uuid::Uuid::new_v4(),
+                stream_id: "order-x".into(),
+                stream_version: 1,
+                event_type: "OrderCreated".into(),
+                schema_version: 1,
+                data: serde_json::json!({}),
+                metadata: events::EventMetadata::default(),
+                recorded_at: chrono::Utc::now(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_dense_batch_is_contiguous_in_full() {
+        assert_eq!(contiguous_prefix(4, &at(&[5, 6, 7])), 3);
+        assert_eq!(contiguous_prefix(0, &at(&[])), 0);
+    }
+
+    #[test]
+    fn the_relay_stops_before_a_missing_position() {
+        assert_eq!(contiguous_prefix(4, &at(&[5, 6, 8, 9])), 2);
+        assert_eq!(contiguous_prefix(4, &at(&[6, 7])), 0);
+    }
+}

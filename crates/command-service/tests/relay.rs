@@ -1,0 +1,725 @@
+//! The outbox relay against real PostgreSQL (a fresh database per test) and real Redis (the
+//! shared server under a unique stream key, or a private server for outage tests). Appends go
+//! straight through the store; the relay runs in-process, except in the kill -9 test, which runs
+//! the real binary.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use bus::testing::{PrivateRedis, shared_redis_url, unique_keys, wait_until};
+use bus::{ConnectionManager, StreamEntry};
+use command_service::relay::{self, RelayArgs, RelayStatus};
+use events::{EventMetadata, NewEvent, order_stream_id};
+use store::testing::TestDatabase;
+use store::{AppendOutcome, AppendRequest, CommitterConfig, ExpectedVersion, GroupCommitter};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// How long any wait in these tests may take before the test fails.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A W3C traceparent that must travel to the stream untouched.
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// Relay settings for tests: quick fail-over and fallback ticks, small batches so the tests
+/// cross batch boundaries.
+fn test_args() -> RelayArgs {
+    RelayArgs {
+        relay_batch: 25,
+        relay_poll_ms: 200,
+        relay_standby_poll_ms: 100,
+        relay_trim_interval_ms: 1000,
+        ..RelayArgs::default()
+    }
+}
+
+/// A relay running in-process until its token is cancelled.
+struct RunningRelay {
+    shutdown: CancellationToken,
+    handle: JoinHandle<anyhow::Result<()>>,
+    status: RelayStatus,
+}
+
+impl RunningRelay {
+    fn start(db: &TestDatabase, redis_url: &str, stream_key: &str) -> Self {
+        let shutdown = CancellationToken::new();
+        let (handle, status) = relay::spawn(
+            db.pool.clone(),
+            redis_url.to_owned(),
+            stream_key.to_owned(),
+            test_args(),
+            shutdown.clone(),
+        );
+        Self {
+            shutdown,
+            handle,
+            status,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle
+            .await
+            .expect("relay task does not panic")
+            .expect("relay stops cleanly");
+    }
+}
+
+fn new_events(count: usize) -> Vec<NewEvent> {
+    (0..count)
+        .map(|n| NewEvent {
+            event_id: Uuid::new_v4(),
+            event_type: "ItemAdded".into(),
+            schema_version: 1,
+            data: serde_json::json!({"sku": format!("sku-{n}"), "quantity": 1, "unit_price": 100}),
+            metadata: EventMetadata {
+                correlation_id: Some(Uuid::new_v4().to_string()),
+                traceparent: Some(TRACEPARENT.into()),
+                ..EventMetadata::default()
+            },
+        })
+        .collect()
+}
+
+fn request(stream_id: &str, count: usize) -> AppendRequest {
+    AppendRequest {
+        stream_id: stream_id.to_owned(),
+        expected: ExpectedVersion::Any,
+        events: new_events(count),
+        idempotency: None,
+    }
+}
+
+/// Appends `count` events to a new order stream in one transaction.
+async fn append(db: &TestDatabase, count: usize) -> AppendOutcome {
+    let stream = order_stream_id(Uuid::new_v4());
+    let mut results = store::append_batch(&db.pool, &[request(&stream, count)])
+        .await
+        .expect("append transaction");
+    results.remove(0).expect("append accepted")
+}
+
+async fn redis(url: &str) -> ConnectionManager {
+    bus::connect(&bus::client(url).expect("redis url"))
+        .await
+        .expect("redis is up")
+}
+
+async fn entries(conn: &ConnectionManager, key: &str) -> Vec<StreamEntry> {
+    let mut conn = conn.clone();
+    let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("XRANGE");
+    raw.into_iter()
+        .map(|(id, fields)| StreamEntry { id, fields })
+        .collect()
+}
+
+/// Waits until the stream holds at least `count` entries and returns them all.
+async fn wait_for_entries(conn: &ConnectionManager, key: &str, count: usize) -> Vec<StreamEntry> {
+    wait_until(
+        DEADLINE,
+        &format!("{count} entries are on {key}"),
+        || async {
+            let found = entries(conn, key).await;
+            (found.len() >= count).then_some(found)
+        },
+    )
+    .await
+}
+
+fn ids(entries: &[StreamEntry]) -> Vec<String> {
+    entries.iter().map(|entry| entry.id.clone()).collect()
+}
+
+fn expected_ids(positions: std::ops::RangeInclusive<i64>) -> Vec<String> {
+    positions.map(|position| format!("{position}-0")).collect()
+}
+
+async fn delete_key(conn: &ConnectionManager, key: &str) {
+    assert!(key.starts_with("test-"), "only ever delete test keys");
+    let mut conn = conn.clone();
+    let _: i64 = redis::cmd("DEL")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .expect("DEL test stream");
+}
+
+async fn stored_checkpoint(db: &TestDatabase, stream_key: &str) -> Option<i64> {
+    sqlx::query_scalar("SELECT position FROM relay_checkpoints WHERE stream_key = $1")
+        .bind(stream_key)
+        .fetch_optional(&db.pool)
+        .await
+        .expect("read relay_checkpoints")
+}
+
+#[tokio::test]
+async fn every_committed_event_appears_once_in_per_stream_order() {
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let url = shared_redis_url();
+    let conn = redis(&url).await;
+    let relay = RunningRelay::start(&db, &url, &keys.stream);
+    let committer = GroupCommitter::spawn(db.pool.clone(), CommitterConfig::default());
+
+    // 16 writers, each on its own order stream, 10 appends of 1 to 3 events each.
+    let mut writers = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let committer = committer.clone();
+        writers.spawn(async move {
+            let stream = order_stream_id(Uuid::new_v4());
+            let mut appended = 0;
+            for i in 0..10 {
+                let count = 1 + i % 3;
+                committer
+                    .append(request(&stream, count))
+                    .await
+                    .expect("append accepted");
+                appended += count;
+            }
+            appended
+        });
+    }
+    let mut total = 0;
+    while let Some(appended) = writers.join_next().await {
+        total += appended.expect("writer does not panic");
+    }
+
+    let found = wait_for_entries(&conn, &keys.stream, total).await;
+    assert_eq!(
+        ids(&found),
+        expected_ids(1..=total as i64),
+        "each position once, ascending"
+    );
+
+    // Fields per the contract: the decoded entry is exactly the stored event.
+    let stored = store::read_all(&db.pool, 0, total as i64 + 1)
+        .await
+        .expect("read the log");
+    assert_eq!(stored.len(), total);
+    let mut versions: HashMap<String, i64> = HashMap::new();
+    for (entry, event) in found.iter().zip(&stored) {
+        let names: Vec<&str> = entry.fields.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(
+            names,
+            bus::codec::field::ALL,
+            "entry {} has the contract's fields",
+            entry.id
+        );
+        let decoded = bus::decode_entry(entry).expect("entry decodes");
+        assert_eq!(&decoded, event);
+        assert_eq!(decoded.metadata.traceparent.as_deref(), Some(TRACEPARENT));
+        let last = versions.entry(decoded.stream_id.clone()).or_insert(0);
+        assert_eq!(
+            decoded.stream_version,
+            *last + 1,
+            "stream order of {}",
+            decoded.stream_id
+        );
+        *last = decoded.stream_version;
+    }
+    wait_until(
+        DEADLINE,
+        "the relay checkpoint reaches the head",
+        || async { (relay.status.checkpoint() == total as i64).then_some(()) },
+    )
+    .await;
+
+    relay.stop().await;
+    delete_key(&conn, &keys.stream).await;
+}
+
+#[tokio::test]
+async fn events_committed_while_redis_is_down_appear_after_it_restarts() {
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let mut server = PrivateRedis::start().await.expect("private redis starts");
+    let relay = RunningRelay::start(&db, &server.url(), &keys.stream);
+    {
+        let conn = redis(&server.url()).await;
+        append(&db, 5).await;
+        let found = wait_for_entries(&conn, &keys.stream, 5).await;
+        assert_eq!(ids(&found), expected_ids(1..=5));
+    }
+
+    server.stop();
+    // Commits keep succeeding: nothing on the write path waits for Redis.
+    for _ in 0..4 {
+        append(&db, 3).await;
+    }
+    wait_until(DEADLINE, "the relay notices Redis is down", || async {
+        relay.status.redis_unavailable().then_some(())
+    })
+    .await;
+    assert!(
+        relay.status.is_leader(),
+        "a Redis outage does not cost the leadership"
+    );
+    assert_eq!(
+        relay.status.checkpoint(),
+        5,
+        "nothing is checkpointed while Redis is down"
+    );
+
+    // The restarted server is empty (no persistence): publishing continues from the checkpoint.
+    server.start_again().await.expect("private redis restarts");
+    let conn = redis(&server.url()).await;
+    let found = wait_for_entries(&conn, &keys.stream, 12).await;
+    assert_eq!(ids(&found), expected_ids(6..=17));
+    wait_until(DEADLINE, "the relay checkpoints the backlog", || async {
+        (relay.status.checkpoint() == 17 && !relay.status.redis_unavailable()).then_some(())
+    })
+    .await;
+
+    relay.stop().await;
+}
+
+/// The real binary, killed with SIGKILL when dropped.
+fn start_service(db: &TestDatabase, stream_key: &str) -> tokio::process::Child {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("free port")
+        .port();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_command-service"))
+        .env("DATABASE_URL", &db.url)
+        .env("REDIS_URL", shared_redis_url())
+        .env("EVENT_STREAM", stream_key)
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("RELAY_ENABLED", "true")
+        .env("RELAY_POLL_MS", "200")
+        .env("RELAY_STANDBY_POLL_MS", "100")
+        .env("DB_MAX_CONNECTIONS", "4")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("command-service starts")
+}
+
+#[tokio::test]
+async fn events_committed_just_before_a_kill_9_appear_after_restart() {
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let conn = redis(&shared_redis_url()).await;
+
+    let mut first = start_service(&db, &keys.stream);
+    // The first event on the stream shows the process's relay is leading.
+    append(&db, 1).await;
+    wait_for_entries(&conn, &keys.stream, 1).await;
+
+    // Commit a batch and kill the process at once: some of it may be published, some not.
+    for _ in 0..5 {
+        append(&db, 4).await;
+    }
+    first.kill().await.expect("SIGKILL the first process");
+    // Commits while no relay runs at all.
+    for _ in 0..5 {
+        append(&db, 2).await;
+    }
+
+    let mut second = start_service(&db, &keys.stream);
+    let found = wait_for_entries(&conn, &keys.stream, 31).await;
+    assert_eq!(
+        ids(&found),
+        expected_ids(1..=31),
+        "every position exactly once"
+    );
+    wait_until(DEADLINE, "the checkpoint row reaches the head", || async {
+        (stored_checkpoint(&db, &keys.stream).await == Some(31)).then_some(())
+    })
+    .await;
+
+    second.kill().await.expect("stop the second process");
+    delete_key(&conn, &keys.stream).await;
+}
+
+#[tokio::test]
+async fn a_transaction_holding_an_earlier_position_is_still_published_in_order() {
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let url = shared_redis_url();
+    let conn = redis(&url).await;
+    let relay = RunningRelay::start(&db, &url, &keys.stream);
+    append(&db, 1).await;
+    wait_for_entries(&conn, &keys.stream, 1).await;
+
+    // A slow transaction takes position 2 and stays open …
+    let slow_stream = order_stream_id(Uuid::new_v4());
+    let mut slow = db.pool.begin().await.expect("begin");
+    let slow_outcome = store::append::append_within(&mut slow, &[request(&slow_stream, 1)])
+        .await
+        .expect("append inside the open transaction")
+        .remove(0)
+        .expect("accepted");
+    assert_eq!(slow_outcome.first_position, 2);
+    // … while another append waits behind it and the relay keeps looking.
+    let pool = db.pool.clone();
+    let fast_stream = order_stream_id(Uuid::new_v4());
+    let waiting = {
+        let fast_stream = fast_stream.clone();
+        tokio::spawn(async move { store::append_batch(&pool, &[request(&fast_stream, 1)]).await })
+    };
+    // The scenario itself: hold the transaction across several relay cycles (not a wait).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the second append waits for the first to commit"
+    );
+    assert_eq!(
+        ids(&entries(&conn, &keys.stream).await),
+        expected_ids(1..=1)
+    );
+    assert_eq!(
+        relay.status.checkpoint(),
+        1,
+        "the relay does not move past the open position"
+    );
+
+    slow.commit().await.expect("commit the slow transaction");
+    let fast_outcome = waiting
+        .await
+        .expect("append task")
+        .expect("append transaction")
+        .remove(0)
+        .expect("accepted");
+    assert_eq!(fast_outcome.first_position, 3);
+
+    let found = wait_for_entries(&conn, &keys.stream, 3).await;
+    assert_eq!(ids(&found), expected_ids(1..=3));
+    assert_eq!(found[1].field("stream_id"), Some(slow_stream.as_str()));
+    assert_eq!(found[2].field("stream_id"), Some(fast_stream.as_str()));
+
+    relay.stop().await;
+    delete_key(&conn, &keys.stream).await;
+}
+
+/// Whether exactly one of the relays leads (it is never two: the assertion is checked on every
+/// poll of the waits that use it).
+fn single_leader(relays: &[&RunningRelay]) -> Option<usize> {
+    let leaders: Vec<usize> = relays
+        .iter()
+        .enumerate()
+        .filter(|(_, relay)| relay.status.is_leader())
+        .map(|(index, _)| index)
+        .collect();
+    assert!(leaders.len() <= 1, "two relays lead at once: {leaders:?}");
+    leaders.first().copied()
+}
+
+#[tokio::test]
+async fn only_one_of_two_relays_publishes_and_the_survivor_takes_over() {
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let url = shared_redis_url();
+    let conn = redis(&url).await;
+    let first = RunningRelay::start(&db, &url, &keys.stream);
+    let second = RunningRelay::start(&db, &url, &keys.stream);
+
+    let leader = wait_until(DEADLINE, "one relay leads", || async {
+        single_leader(&[&first, &second])
+    })
+    .await;
+    for _ in 0..5 {
+        append(&db, 2).await;
+    }
+    wait_until(DEADLINE, "the first ten events are published", || async {
+        single_leader(&[&first, &second]);
+        (entries(&conn, &keys.stream).await.len() >= 10).then_some(())
+    })
+    .await;
+
+    let (gone, survivor) = if leader == 0 {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    assert!(!survivor.status.is_leader());
+    gone.stop().await;
+    wait_until(DEADLINE, "the survivor takes over", || async {
+        survivor.status.is_leader().then_some(())
+    })
+    .await;
+    for _ in 0..5 {
+        append(&db, 2).await;
+    }
+    let found = wait_for_entries(&conn, &keys.stream, 20).await;
+    assert_eq!(
+        ids(&found),
+        expected_ids(1..=20),
+        "no position published twice or skipped"
+    );
+    wait_until(DEADLINE, "the survivor checkpoints the head", || async {
+        (survivor.status.checkpoint() == 20).then_some(())
+    })
+    .await;
+
+    survivor.stop().await;
+    delete_key(&conn, &keys.stream).await;
+}
+
+#[tokio::test]
+async fn a_leader_whose_connection_is_terminated_steps_down_and_publishing_continues() {
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let url = shared_redis_url();
+    let conn = redis(&url).await;
+    let first = RunningRelay::start(&db, &url, &keys.stream);
+    let second = RunningRelay::start(&db, &url, &keys.stream);
+    wait_until(DEADLINE, "one relay leads", || async {
+        single_leader(&[&first, &second])
+    })
+    .await;
+    append(&db, 5).await;
+    wait_for_entries(&conn, &keys.stream, 5).await;
+
+    // Kill the session that holds the relay lock, as a network failure or an operator would.
+    let lock_key = relay::relay_lock_key(&keys.stream);
+    let terminated: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks \
+         WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND ((classid::bigint << 32) | objid::bigint) = $1",
+    )
+    .bind(lock_key)
+    .fetch_all(&db.pool)
+    .await
+    .expect("terminate the leader's session");
+    assert_eq!(
+        terminated,
+        vec![true],
+        "exactly one session held the relay lock"
+    );
+
+    append(&db, 5).await;
+    let found = wait_for_entries(&conn, &keys.stream, 10).await;
+    assert_eq!(
+        ids(&found),
+        expected_ids(1..=10),
+        "no position published twice or skipped"
+    );
+    wait_until(
+        DEADLINE,
+        "a relay leads and has checkpointed the head",
+        || async {
+            let leader = single_leader(&[&first, &second])?;
+            let status = if leader == 0 {
+                &first.status
+            } else {
+                &second.status
+            };
+            (status.checkpoint() == 10).then_some(())
+        },
+    )
+    .await;
+
+    first.stop().await;
+    second.stop().await;
+    delete_key(&conn, &keys.stream).await;
+}
+
+#[tokio::test]
+async fn a_restart_resumes_from_the_checkpoint() {
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let url = shared_redis_url();
+    let conn = redis(&url).await;
+
+    let relay = RunningRelay::start(&db, &url, &keys.stream);
+    append(&db, 5).await;
+    wait_for_entries(&conn, &keys.stream, 5).await;
+    wait_until(DEADLINE, "the relay checkpoints position 5", || async {
+        (relay.status.checkpoint() == 5).then_some(())
+    })
+    .await;
+    relay.stop().await;
+    assert_eq!(stored_checkpoint(&db, &keys.stream).await, Some(5));
+
+    // Redis lost the stream meanwhile: what is republished shows where the relay resumed.
+    delete_key(&conn, &keys.stream).await;
+    append(&db, 3).await;
+    let relay = RunningRelay::start(&db, &url, &keys.stream);
+    let found = wait_for_entries(&conn, &keys.stream, 3).await;
+    assert_eq!(
+        ids(&found),
+        expected_ids(6..=8),
+        "only the events after the checkpoint"
+    );
+    wait_until(DEADLINE, "the checkpoint row moves to 8", || async {
+        (stored_checkpoint(&db, &keys.stream).await == Some(8)).then_some(())
+    })
+    .await;
+
+    relay.stop().await;
+    delete_key(&conn, &keys.stream).await;
+}
+
+#[tokio::test]
+async fn a_commit_wakes_the_relay_without_waiting_for_the_fallback_tick() {
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let url = shared_redis_url();
+    let conn = redis(&url).await;
+    // A fallback tick far beyond the deadline: only the commit notification can wake the relay.
+    let shutdown = CancellationToken::new();
+    let (handle, status) = relay::spawn(
+        db.pool.clone(),
+        url.clone(),
+        keys.stream.clone(),
+        RelayArgs {
+            relay_poll_ms: 60_000,
+            ..test_args()
+        },
+        shutdown.clone(),
+    );
+    wait_until(DEADLINE, "the relay leads", || async {
+        status.is_leader().then_some(())
+    })
+    .await;
+    for round in 1..=3 {
+        append(&db, 2).await;
+        let found = wait_for_entries(&conn, &keys.stream, round * 2).await;
+        assert_eq!(ids(&found), expected_ids(1..=(round as i64 * 2)));
+    }
+
+    shutdown.cancel();
+    handle
+        .await
+        .expect("relay task")
+        .expect("relay stops cleanly");
+    delete_key(&conn, &keys.stream).await;
+}
+
+/// A leader's step context on its own connection (the step does not need the lock to be held).
+async fn step_context(
+    db: &TestDatabase,
+    conn: &ConnectionManager,
+    stream_key: &str,
+    batch: i64,
+) -> relay::RelayContext {
+    use sqlx::Connection;
+    let pg = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    let publisher = bus::Publisher::new(
+        conn.clone(),
+        bus::StreamKeys::new(stream_key),
+        bus::DEFAULT_HARD_CAP,
+    );
+    relay::RelayContext::resume(
+        pg,
+        publisher,
+        stream_key.to_owned(),
+        batch,
+        RelayStatus::default(),
+    )
+    .await
+    .expect("resume")
+}
+
+#[tokio::test]
+async fn one_step_publishes_at_most_one_batch_and_says_when_it_has_caught_up() {
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let conn = redis(&shared_redis_url()).await;
+    for _ in 0..6 {
+        append(&db, 10).await;
+    }
+    let mut ctx = step_context(&db, &conn, &keys.stream, 25).await;
+
+    let mut outcomes = Vec::new();
+    for _ in 0..4 {
+        outcomes.push(relay::publish_step(&mut ctx).await.expect("step"));
+    }
+    let summary: Vec<(usize, bool)> = outcomes
+        .iter()
+        .map(|o| (o.published, o.caught_up))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![(25, false), (25, false), (10, true), (0, true)]
+    );
+    assert!(outcomes.iter().all(|o| o.gap.is_none()));
+    assert_eq!(ctx.checkpoint(), 60);
+    assert_eq!(stored_checkpoint(&db, &keys.stream).await, Some(60));
+    assert_eq!(
+        ids(&entries(&conn, &keys.stream).await),
+        expected_ids(1..=60)
+    );
+
+    ctx.close().await;
+    delete_key(&conn, &keys.stream).await;
+}
+
+/// Inserts an event row at an explicit position, bypassing the store: the only way to make the
+/// gap the store's invariants rule out.
+async fn insert_at(db: &TestDatabase, position: i64) {
+    sqlx::query(
+        "INSERT INTO events (global_position, event_id, stream_id, stream_version, event_type, \
+                             schema_version, data) \
+         VALUES ($1, $2, $3, 1, 'OrderCreated', 1, '{}')",
+    )
+    .bind(position)
+    .bind(Uuid::new_v4())
+    .bind(order_stream_id(Uuid::new_v4()))
+    .execute(&db.pool)
+    .await
+    .expect("insert an event row");
+}
+
+#[tokio::test]
+async fn the_relay_stops_at_a_gap_and_never_passes_it() {
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let conn = redis(&shared_redis_url()).await;
+    append(&db, 3).await;
+    insert_at(&db, 6).await;
+    let mut ctx = step_context(&db, &conn, &keys.stream, 25).await;
+
+    let first = relay::publish_step(&mut ctx).await.expect("step");
+    assert_eq!(first.published, 3);
+    assert!(!first.caught_up);
+    assert_eq!(
+        first.gap,
+        Some(relay::Gap {
+            expected: 4,
+            found: 6
+        })
+    );
+    let again = relay::publish_step(&mut ctx).await.expect("step");
+    assert_eq!(again.published, 0);
+    assert_eq!(
+        again.gap,
+        Some(relay::Gap {
+            expected: 4,
+            found: 6
+        })
+    );
+    assert_eq!(
+        ids(&entries(&conn, &keys.stream).await),
+        expected_ids(1..=3)
+    );
+    assert_eq!(ctx.checkpoint(), 3);
+
+    // Once the missing positions are there, the relay carries on through them.
+    insert_at(&db, 4).await;
+    insert_at(&db, 5).await;
+    let healed = relay::publish_step(&mut ctx).await.expect("step");
+    assert_eq!(
+        (healed.published, healed.caught_up, healed.gap),
+        (3, true, None)
+    );
+    assert_eq!(
+        ids(&entries(&conn, &keys.stream).await),
+        expected_ids(1..=6)
+    );
+
+    ctx.close().await;
+    delete_key(&conn, &keys.stream).await;
+}
