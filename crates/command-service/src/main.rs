@@ -1,1 +1,34 @@
-fn main() {}
+//! The `command-service` binary: parse the config, then serve, migrate or probe.
+
+use std::process::ExitCode;
+
+use command_service::Application;
+use command_service::config::{Command, Config};
+use platform::config::exit_on_config_error;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse_or_exit();
+    if config.command() == Command::Healthcheck {
+        return platform::healthcheck::probe(&config.listen_addr, "/healthz").await;
+    }
+    config
+        .validate()
+        .unwrap_or_else(|e| exit_on_config_error(e));
+    platform::telemetry::init(config.common.log_format);
+    let result = match config.command() {
+        Command::Migrate => command_service::app::migrate(&config).await,
+        _ => match Application::build(config).await {
+            Ok(app) => app.run_until_stopped(platform::shutdown::signal()).await,
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, as the contract promises for a failed start.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Putting the service together: `Application::build(config)` connects, migrates, starts the
+//! group committer and binds the listener; `run_until_stopped(shutdown)` serves until
+//! `shutdown` resolves, running the relay and the idempotency-key expiry beside the server.
+//!
+//! Shutdown order: stop accepting and drain in-flight requests (bounded by
+//! `SHUTDOWN_GRACE_SECS`), then cancel the relay and the background tasks and wait for them.
+//! The group committer stops by itself once the router (its last handle) is dropped, after
+//! answering everything queued.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use platform::health::Readiness;
+use platform::http::HttpLimits;
+use platform::{db, redis_conn, shutdown};
+use sqlx::PgPool;
+use store::{CommitterConfig, GroupCommitter};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::commands::{CommandHandler, HandlerConfig};
+use crate::config::Config;
+use crate::http::{self, AppState, RouterParts};
+use crate::relay;
+
+/// Name of the service: the `service` label on every metric.
+pub const SERVICE_NAME: &str = "command-service";
+
+/// How often expired idempotency keys are deleted. Keys live for hours, so a coarse sweep is
+/// enough, and each sweep is one indexed `DELETE`.
+pub const IDEMPOTENCY_EXPIRY_INTERVAL: Duration = Duration::from_secs(600);
+
+/// A built service, listening but not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    port: u16,
+    router: Router,
+    pool: PgPool,
+    config: Config,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("port", &self.port)
+            .finish()
+    }
+}
+
+impl Application {
+    /// Connects to Postgres (creating the database and migrating unless `SKIP_MIGRATIONS`),
+    /// starts the group committer and binds `LISTEN_ADDR`. Redis is connected lazily: the write
+    /// path does not need it, and `/readyz` reports it.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        config.validate()?;
+        let metrics = platform::metrics::install(SERVICE_NAME);
+        let migrator = (!config.common.skip_migrations).then_some(&store::MIGRATOR);
+        let pool = db::connect(
+            &config.common.database_url,
+            config.common.db_max_connections,
+            migrator,
+        )
+        .await?;
+        let redis = redis_conn::lazy_manager(
+            &config.common.redis_url,
+            redis_conn::DEFAULT_RESPONSE_TIMEOUT,
+        )?;
+
+        let committer = GroupCommitter::spawn(pool.clone(), CommitterConfig::default());
+        let handler = CommandHandler::new(
+            pool.clone(),
+            committer,
+            HandlerConfig {
+                snapshot_every: i64::try_from(config.commands.snapshot_every).unwrap_or(i64::MAX),
+                retries: config.commands.command_retries,
+                cache_capacity: usize::try_from(config.commands.order_cache_capacity)
+                    .unwrap_or(usize::MAX),
+            },
+        );
+        let router = http::router(RouterParts {
+            state: AppState { handler },
+            token: config.auth.token(),
+            readiness: Readiness::new(pool.clone(), redis),
+            metrics,
+            limits: HttpLimits {
+                body_limit_bytes: config.commands.body_limit(),
+                request_timeout: config.commands.request_timeout(),
+            },
+        });
+
+        let listener = TcpListener::bind(&config.listen_addr)
+            .await
+            .with_context(|| format!("cannot listen on {} (LISTEN_ADDR)", config.listen_addr))?;
+        let port = listener
+            .local_addr()
+            .context("cannot read the listening address")?
+            .port();
+        Ok(Self {
+            listener,
+            port,
+            router,
+            pool,
+            config,
+        })
+    }
+
+    /// The port the service listens on (useful with `LISTEN_ADDR=…:0`).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The service's database pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Serves until `shutdown` resolves (or the relay fails), then shuts down in order; see the
+    /// module docs. Returns the relay's error if it failed.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            port,
+            router,
+            pool,
+            config,
+        } = self;
+        // Background work stops on `workers`; the server also stops when the relay fails, so an
+        // orchestrator restarts a process that no longer publishes.
+        let workers = CancellationToken::new();
+        let relay_failed = CancellationToken::new();
+
+        let relay = config.relay.relay_enabled.then(|| {
+            let run = relay::run(
+                pool.clone(),
+                config.common.redis_url.clone(),
+                config.common.event_stream.clone(),
+                config.relay.clone(),
+                workers.child_token(),
+            );
+            let relay_failed = relay_failed.clone();
+            tokio::spawn(async move {
+                let result = run.await;
+                if let Err(err) = &result {
+                    tracing::error!(error = %format!("{err:#}"), "the relay stopped with an error");
+                    relay_failed.cancel();
+                }
+                result
+            })
+        });
+        let expiry = tokio::spawn(expire_idempotency_keys(
+            pool.clone(),
+            config.commands.idempotency_ttl_secs(),
+            workers.child_token(),
+        ));
+
+        tracing::info!(addr = %config.listen_addr, port, relay = config.relay.relay_enabled, "listening");
+        let stop = async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = relay_failed.cancelled() => {}
+            }
+            tracing::info!("shutting down: draining in-flight requests");
+        };
+        let served =
+            shutdown::serve_with_grace(listener, router, stop, config.common.shutdown_grace())
+                .await;
+
+        workers.cancel();
+        let relay_result = match relay {
+            Some(task) => match tokio::time::timeout(config.common.shutdown_grace(), task).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(join)) => Err(anyhow::anyhow!("the relay task panicked: {join}")),
+                Err(_) => {
+                    tracing::warn!("the relay did not stop within the grace period");
+                    Ok(())
+                }
+            },
+            None => Ok(()),
+        };
+        let _ = expiry.await;
+        pool.close().await;
+        tracing::info!("stopped");
+        served?;
+        relay_result
+    }
+}
+
+/// `command-service migrate`: creates the database if needed and runs the migrations.
+pub async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let pool = db::connect(
+        &config.common.database_url,
+        config.common.db_max_connections,
+        Some(&store::MIGRATOR),
+    )
+    .await?;
+    pool.close().await;
+    Ok(())
+}
+
+/// Deletes idempotency keys older than `ttl_secs`, now and every
+/// [`IDEMPOTENCY_EXPIRY_INTERVAL`], until `stop` is cancelled.
+async fn expire_idempotency_keys(pool: PgPool, ttl_secs: i64, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(IDEMPOTENCY_EXPIRY_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        match store::idempotency::expire(&pool, ttl_secs).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "expired idempotency keys"),
+            Err(err) => tracing::warn!(error = %err, "cannot expire idempotency keys"),
+        }
+    }
+}

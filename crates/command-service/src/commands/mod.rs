@@ -1,0 +1,435 @@
+//! Command handling: load an order, `decide`, append through the group committer.
+//!
+//! # Per-order pipelining
+//! Each order has a slot ([`cache::OrderSlots`]) holding its cached state behind an async mutex.
+//! Under the slot's lock a command loads the state if needed, decides, *submits* its append
+//! (which only enqueues it, in order) and advances the cached state optimistically; it then
+//! releases the lock and only afterwards awaits the commit. So consecutive commands on a hot
+//! order are decided back to back and share one group commit, and none of them loses a race to
+//! another writer of this instance. When an append fails the cached state is cleared; a command
+//! already chained on the failed one fails its version check in the store and is retried.
+//!
+//! # Staleness
+//! A cached state may lag another instance's writes, or run ahead of commits still pending. An
+//! answer that depends only on the state (a rule rejection, 404, 409 `order_exists`, 412) is
+//! therefore given from a cached state only after checking that the store is at that same
+//! version; otherwise the state is reloaded and the command retried.
+//!
+//! This module never speaks HTTP; [`crate::http`] maps [`CommandError`] to problems.
+
+pub mod cache;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use events::{
+    DomainError, EventMetadata, OrderCommand, OrderState, Rule, STATE_SCHEMA_VERSION, decide,
+    evolve, order_stream_id,
+};
+use sqlx::PgPool;
+use store::idempotency::StoredResponse;
+use store::{AppendError, AppendRequest, ExpectedVersion, GroupCommitter, IdempotencyRecord};
+use uuid::Uuid;
+
+use cache::{CachedOrder, OrderSlots};
+
+/// Longest pause between two internal retries; a retry usually only needs the commits queued
+/// ahead of it to finish, which takes a few milliseconds.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Settings of the handler.
+#[derive(Debug, Clone, Copy)]
+pub struct HandlerConfig {
+    /// Write a snapshot each time an order's version crosses a multiple of this (at least 1).
+    pub snapshot_every: i64,
+    /// Internal retries after a concurrent append when the client sent no `If-Match`.
+    pub retries: u32,
+    /// Most orders whose state is cached.
+    pub cache_capacity: usize,
+}
+
+/// An `Idempotency-Key` and the hash of the request carrying it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyRequest {
+    pub key: String,
+    /// SHA-256 of method, path and body: the same key with another request is refused.
+    pub request_hash: Vec<u8>,
+}
+
+/// Everything about a command that is not the command itself.
+#[derive(Debug, Clone, Default)]
+pub struct CommandContext {
+    /// Metadata stored with every event of the command.
+    pub metadata: EventMetadata,
+    /// The version the client requires the order to be at (`If-Match`).
+    pub if_match: Option<i64>,
+    pub idempotency: Option<IdempotencyRequest>,
+}
+
+/// A command's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandOutcome {
+    pub order_id: Uuid,
+    /// The order's version after the command.
+    pub version: i64,
+    /// Global position of the command's last event.
+    pub position: i64,
+    /// Set when this was a repeat of an `Idempotency-Key`: the first response, to send again.
+    pub replayed: Option<StoredResponse>,
+}
+
+/// Why a command was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("order not found")]
+    NotFound,
+    #[error("an order with this id already exists")]
+    AlreadyExists,
+    #[error("{message}")]
+    Rejected { rule: Rule, message: String },
+    #[error("the order is at version {actual}, not {expected}")]
+    VersionMismatch { expected: i64, actual: i64 },
+    #[error("the order kept changing concurrently; gave up after {attempts} attempts")]
+    ConcurrencyConflict { attempts: u32 },
+    #[error("this idempotency key was used with another request")]
+    IdempotencyKeyReused,
+    #[error("event store unavailable: {0}")]
+    StoreUnavailable(String),
+}
+
+impl CommandError {
+    /// Label of the `outcome` metric.
+    fn outcome(&self) -> &'static str {
+        match self {
+            CommandError::NotFound => "not_found",
+            CommandError::AlreadyExists => "exists",
+            CommandError::Rejected { .. } => "rejected",
+            CommandError::VersionMismatch { .. } => "version_mismatch",
+            CommandError::ConcurrencyConflict { .. } => "conflict",
+            CommandError::IdempotencyKeyReused => "idempotency_key_reused",
+            CommandError::StoreUnavailable(_) => "store_unavailable",
+        }
+    }
+}
+
+impl From<DomainError> for CommandError {
+    fn from(err: DomainError) -> Self {
+        match err {
+            DomainError::NotFound => CommandError::NotFound,
+            DomainError::AlreadyExists => CommandError::AlreadyExists,
+            DomainError::Rejected { rule, message } => CommandError::Rejected { rule, message },
+        }
+    }
+}
+
+/// How one attempt ended when it did not succeed.
+enum AttemptError {
+    /// The store refused the expected version.
+    Conflict { actual: Option<i64> },
+    /// An answer decided from a cached state that turned out not to be the store's: reload.
+    Stale(CommandError),
+    /// The idempotency key was stored by a concurrent request.
+    KeyTaken,
+    /// Final.
+    Failed(CommandError),
+}
+
+/// Executes commands; cheap to clone.
+#[derive(Clone)]
+pub struct CommandHandler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    committer: GroupCommitter,
+    slots: OrderSlots,
+    config: HandlerConfig,
+}
+
+impl std::fmt::Debug for CommandHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommandHandler")
+            .field("config", &self.inner.config)
+            .field("cached_orders", &self.inner.slots.len())
+            .finish()
+    }
+}
+
+impl CommandHandler {
+    /// A handler appending through `committer` and reading from `pool`.
+    pub fn new(pool: PgPool, committer: GroupCommitter, config: HandlerConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                pool,
+                committer,
+                slots: OrderSlots::new(config.cache_capacity),
+                config: HandlerConfig {
+                    snapshot_every: config.snapshot_every.max(1),
+                    ..config
+                },
+            }),
+        }
+    }
+
+    /// Executes `command` on order `order_id`; see the module docs.
+    pub async fn execute(
+        &self,
+        order_id: Uuid,
+        command: OrderCommand,
+        context: CommandContext,
+    ) -> Result<CommandOutcome, CommandError> {
+        let name = command.name();
+        let started = Instant::now();
+        let result = self.execute_inner(order_id, &command, &context).await;
+        let outcome = match &result {
+            Ok(outcome) if outcome.replayed.is_some() => "replayed",
+            Ok(_) => "ok",
+            Err(err) => err.outcome(),
+        };
+        metrics::counter!("commands_total", "command" => name, "outcome" => outcome).increment(1);
+        metrics::histogram!("command_duration_seconds", "command" => name)
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn execute_inner(
+        &self,
+        order_id: Uuid,
+        command: &OrderCommand,
+        context: &CommandContext,
+    ) -> Result<CommandOutcome, CommandError> {
+        if let Some(idempotency) = &context.idempotency
+            && let Some(replay) = self.stored_response(order_id, idempotency).await?
+        {
+            return Ok(replay);
+        }
+        let mut retries = 0u32;
+        let mut reload = false;
+        loop {
+            let error = match self.attempt(order_id, command, context, reload).await {
+                Ok(outcome) => return Ok(outcome),
+                Err(AttemptError::Failed(err)) => return Err(err),
+                Err(AttemptError::KeyTaken) => {
+                    // A concurrent request with the same key committed first: answer as a repeat.
+                    let idempotency = context.idempotency.as_ref();
+                    return match idempotency {
+                        Some(idempotency) => {
+                            match self.stored_response(order_id, idempotency).await? {
+                                Some(replay) => Ok(replay),
+                                // Stored, then expired in between: vanishingly rare; let the client retry.
+                                None => Err(CommandError::ConcurrencyConflict {
+                                    attempts: retries + 1,
+                                }),
+                            }
+                        }
+                        None => Err(CommandError::ConcurrencyConflict {
+                            attempts: retries + 1,
+                        }),
+                    };
+                }
+                Err(AttemptError::Conflict { actual }) => match context.if_match {
+                    Some(expected) => {
+                        return Err(CommandError::VersionMismatch {
+                            expected,
+                            actual: actual.unwrap_or(expected),
+                        });
+                    }
+                    None => CommandError::ConcurrencyConflict {
+                        attempts: retries + 1,
+                    },
+                },
+                Err(AttemptError::Stale(err)) => err,
+            };
+            if retries >= self.inner.config.retries {
+                return Err(error);
+            }
+            retries += 1;
+            reload = true;
+            metrics::counter!("command_retries_total").increment(1);
+            tokio::time::sleep(backoff(retries)).await;
+        }
+    }
+
+    /// One load-decide-append pass; see the module docs.
+    async fn attempt(
+        &self,
+        order_id: Uuid,
+        command: &OrderCommand,
+        context: &CommandContext,
+        reload: bool,
+    ) -> Result<CommandOutcome, AttemptError> {
+        let stream_id = order_stream_id(order_id);
+        let slot = self.inner.slots.slot(order_id);
+        let (pending, before, after) = {
+            let mut cached = slot.lock().await;
+            if reload {
+                *cached = None;
+            }
+            let from_cache = cached.is_some();
+            let state = match cached.take() {
+                Some(order) => order.state,
+                None => self.load(order_id).await.map_err(AttemptError::Failed)?,
+            };
+            // Put the state back at once: every early return below leaves the cache as it was.
+            let state = &cached.insert(CachedOrder { state }).state;
+
+            let decided = match context.if_match {
+                Some(expected) if expected != state.version => Err(CommandError::VersionMismatch {
+                    expected,
+                    actual: state.version,
+                }),
+                _ => decide(state, command).map_err(CommandError::from),
+            };
+            let events = match decided {
+                Ok(events) => events,
+                Err(err) => {
+                    if from_cache && !self.store_is_at(&stream_id, state.version).await {
+                        *cached = None;
+                        return Err(AttemptError::Stale(err));
+                    }
+                    return Err(AttemptError::Failed(err));
+                }
+            };
+
+            let before = state.version;
+            let after = events.iter().fold(state.clone(), evolve);
+            let request = AppendRequest {
+                stream_id: stream_id.clone(),
+                expected: ExpectedVersion::Exact(before),
+                events: events
+                    .iter()
+                    .map(|event| event.to_new_event(context.metadata.clone()))
+                    .collect(),
+                idempotency: context
+                    .idempotency
+                    .as_ref()
+                    .map(|idempotency| IdempotencyRecord {
+                        key: idempotency.key.clone(),
+                        request_hash: idempotency.request_hash.clone(),
+                        response_status: success_status(command),
+                        response_body: serde_json::json!({ "order_id": order_id }),
+                    }),
+            };
+            let pending = self.inner.committer.submit(request).await;
+            *cached = Some(CachedOrder {
+                state: after.clone(),
+            });
+            (pending, before, after)
+        };
+
+        let result = pending.await.unwrap_or(Err(AppendError::CommitterStopped));
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(err) => {
+                // The cached state includes this failed append: forget it. Commands already
+                // chained on it fail their own version check and retry from a fresh load.
+                *slot.lock().await = None;
+                return Err(match err {
+                    AppendError::Conflict { actual, .. } => AttemptError::Conflict {
+                        actual: Some(actual),
+                    },
+                    AppendError::IdempotencyKeyTaken(_) => AttemptError::KeyTaken,
+                    other => {
+                        tracing::error!(error = %other, %order_id, "append failed");
+                        AttemptError::Failed(CommandError::StoreUnavailable(other.to_string()))
+                    }
+                });
+            }
+        };
+        if outcome.stream_version == after.version {
+            self.maybe_snapshot(stream_id, before, after);
+        }
+        Ok(CommandOutcome {
+            order_id,
+            version: outcome.stream_version,
+            position: outcome.last_position,
+            replayed: None,
+        })
+    }
+
+    async fn load(&self, order_id: Uuid) -> Result<OrderState, CommandError> {
+        match store::load_order(&self.inner.pool, order_id).await {
+            Ok(loaded) => Ok(loaded.state),
+            Err(err) => {
+                tracing::error!(error = %err, %order_id, "cannot load order");
+                Err(CommandError::StoreUnavailable(err.to_string()))
+            }
+        }
+    }
+
+    /// Whether the stream is at `version` in the store; `false` when the store cannot tell.
+    async fn store_is_at(&self, stream_id: &str, version: i64) -> bool {
+        match store::stream_version(&self.inner.pool, stream_id).await {
+            Ok(current) => current == version,
+            Err(err) => {
+                tracing::warn!(error = %err, stream_id, "cannot read the stream version");
+                false
+            }
+        }
+    }
+
+    /// The replay of a stored `Idempotency-Key` response, or `None` when the key is new.
+    async fn stored_response(
+        &self,
+        order_id: Uuid,
+        idempotency: &IdempotencyRequest,
+    ) -> Result<Option<CommandOutcome>, CommandError> {
+        let stored = store::idempotency::find(&self.inner.pool, &idempotency.key)
+            .await
+            .map_err(|err| {
+                tracing::error!(error = %err, "cannot look up an idempotency key");
+                CommandError::StoreUnavailable(err.to_string())
+            })?;
+        let Some(stored) = stored else {
+            return Ok(None);
+        };
+        if stored.request_hash != idempotency.request_hash {
+            return Err(CommandError::IdempotencyKeyReused);
+        }
+        let number = |name: &str| stored.body.get(name).and_then(|v| v.as_i64()).unwrap_or(0);
+        Ok(Some(CommandOutcome {
+            order_id,
+            version: number("version"),
+            position: number("position"),
+            replayed: Some(stored),
+        }))
+    }
+
+    /// Saves a snapshot in the background when the append took the order across a multiple of
+    /// the snapshot interval. A lost snapshot only costs a longer load later.
+    fn maybe_snapshot(&self, stream_id: String, before: i64, after: OrderState) {
+        let every = self.inner.config.snapshot_every;
+        if before / every == after.version / every {
+            return;
+        }
+        let pool = self.inner.pool.clone();
+        tokio::spawn(async move {
+            let version = after.version;
+            match store::save_snapshot(&pool, &stream_id, version, STATE_SCHEMA_VERSION, &after)
+                .await
+            {
+                Ok(()) => metrics::counter!("snapshots_written_total").increment(1),
+                Err(err) => {
+                    tracing::warn!(error = %err, stream_id, version, "cannot save a snapshot")
+                }
+            }
+        });
+    }
+}
+
+/// The HTTP status of a command's success: 201 for a created order, 200 otherwise.
+pub fn success_status(command: &OrderCommand) -> i16 {
+    match command {
+        OrderCommand::CreateOrder { .. } => 201,
+        _ => 200,
+    }
+}
+
+/// Pause before retry `n` (1-based): short, growing, with jitter so retries of competing
+/// instances do not stay in lockstep.
+fn backoff(retry: u32) -> Duration {
+    let base_ms = 2u64.saturating_pow(retry.min(6));
+    let jitter_ms = rand::random_range(0..=base_ms);
+    Duration::from_millis(base_ms + jitter_ms).min(MAX_RETRY_BACKOFF)
+}

@@ -1,0 +1,127 @@
+//! Request and response bodies of the write API, as the contract spells them.
+//!
+//! Values are taken raw (a SKU is a string, money an integer of minor units): `decide` enforces
+//! every domain rule, so a bad value is a 422 naming its rule, while a wrong JSON type is a 400.
+
+use events::OrderCommand;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// `POST /orders`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct CreateOrderRequest {
+    pub customer_id: Uuid,
+    /// ISO 4217 code, upper case (`EUR`).
+    #[schema(example = "EUR")]
+    pub currency: String,
+    /// Chosen by the client to make creation retry-safe; generated when absent.
+    #[serde(default)]
+    pub order_id: Option<Uuid>,
+}
+
+/// `POST /orders/{id}/items`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct AddItemRequest {
+    /// 1-64 of `A-Z a-z 0-9 - _ .`
+    #[schema(example = "BOOK-42")]
+    pub sku: String,
+    /// 1 to 10000 units; adding a SKU already in the order adds to its quantity.
+    #[schema(example = 2)]
+    pub quantity: i64,
+    /// Price of one unit in minor units (cents).
+    #[schema(example = 1250)]
+    pub unit_price: i64,
+}
+
+/// `POST /orders/{id}/pay`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct PayOrderRequest {
+    /// Must equal the order total, in minor units.
+    #[schema(example = 2500)]
+    pub amount: i64,
+    #[schema(example = "psp-8f2c")]
+    pub payment_reference: String,
+}
+
+/// `POST /orders/{id}/ship`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ShipOrderRequest {
+    #[schema(example = "DHL")]
+    pub carrier: String,
+    #[schema(example = "JJD000390007")]
+    pub tracking_number: String,
+}
+
+/// `POST /orders/{id}/cancel`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct CancelOrderRequest {
+    #[schema(example = "customer changed their mind")]
+    pub reason: String,
+}
+
+/// `POST /orders/{id}/place`: no body is needed; an empty JSON object is accepted.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct PlaceOrderRequest {}
+
+/// Every successful command's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CommandResponse {
+    pub order_id: Uuid,
+    /// The order's version after the command (also in `ETag`).
+    pub version: i64,
+    /// Global position of the command's last event; pass it as `min_position` to the read API
+    /// to read your own write.
+    pub position: i64,
+}
+
+impl CreateOrderRequest {
+    /// The command, with the order id it will create.
+    pub fn into_command(self) -> (Uuid, OrderCommand) {
+        let order_id = self.order_id.unwrap_or_else(Uuid::now_v7);
+        (
+            order_id,
+            OrderCommand::CreateOrder {
+                order_id,
+                customer_id: self.customer_id,
+                currency: self.currency,
+            },
+        )
+    }
+}
+
+impl From<AddItemRequest> for OrderCommand {
+    fn from(body: AddItemRequest) -> Self {
+        OrderCommand::AddItem {
+            sku: body.sku,
+            quantity: body.quantity,
+            unit_price: body.unit_price,
+        }
+    }
+}
+
+impl From<PayOrderRequest> for OrderCommand {
+    fn from(body: PayOrderRequest) -> Self {
+        OrderCommand::PayOrder {
+            amount: body.amount,
+            payment_reference: body.payment_reference,
+        }
+    }
+}
+
+impl From<ShipOrderRequest> for OrderCommand {
+    fn from(body: ShipOrderRequest) -> Self {
+        OrderCommand::ShipOrder {
+            carrier: body.carrier,
+            tracking_number: body.tracking_number,
+        }
+    }
+}
+
+impl From<CancelOrderRequest> for OrderCommand {
+    fn from(body: CancelOrderRequest) -> Self {
+        OrderCommand::CancelOrder {
+            reason: body.reason,
+        }
+    }
+}

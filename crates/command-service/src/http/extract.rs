@@ -1,0 +1,202 @@
+//! Extractors of the write API: the command's JSON body together with its raw bytes (hashed
+//! for `Idempotency-Key`), and the command headers (`If-Match`, `Idempotency-Key`) with the
+//! request context.
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use platform::Problem;
+use platform::extract::{Json, payload_too_large};
+use platform::http::RequestContext;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use super::MAX_IDEMPOTENCY_KEY_LEN;
+use super::error::ApiError;
+
+/// A JSON body (with our problem rejections: 400, 413, 415) and the bytes it was read from.
+#[derive(Debug)]
+pub struct CommandBody<T> {
+    pub value: T,
+    pub bytes: Bytes,
+}
+
+impl<T, S> FromRequest<S> for CommandBody<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let headers = req.headers().clone();
+        let bytes = read_bytes(req, state).await?;
+        let value = parse_json(headers, bytes.clone(), state).await?;
+        Ok(Self { value, bytes })
+    }
+}
+
+/// A body that may be absent: an empty body means `T::default()`; anything else must be JSON
+/// of type `T` (`POST /orders/{id}/place` takes no body, or `{}`).
+#[derive(Debug)]
+pub struct OptionalBody<T> {
+    pub value: T,
+    pub bytes: Bytes,
+}
+
+impl<T, S> FromRequest<S> for OptionalBody<T>
+where
+    T: DeserializeOwned + Default,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let headers = req.headers().clone();
+        let bytes = read_bytes(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self {
+                value: T::default(),
+                bytes,
+            });
+        }
+        let value = parse_json(headers, bytes.clone(), state).await?;
+        Ok(Self { value, bytes })
+    }
+}
+
+/// Reads the body within the configured limit (`DefaultBodyLimit`, set by the standard layers).
+async fn read_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Problem> {
+    Bytes::from_request(req, state)
+        .await
+        .map_err(bytes_rejection)
+}
+
+fn bytes_rejection(rejection: BytesRejection) -> Problem {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        payload_too_large()
+    } else {
+        Problem::bad_request("invalid_body", "the request body could not be read")
+    }
+}
+
+/// Parses with platform's `Json`, so content-type and JSON errors get the shared problem codes.
+async fn parse_json<T: DeserializeOwned, S: Send + Sync>(
+    headers: HeaderMap,
+    bytes: Bytes,
+    state: &S,
+) -> Result<T, Problem> {
+    let mut rebuilt = Request::new(Body::from(bytes));
+    *rebuilt.headers_mut() = headers;
+    let Json(value) = Json::<T>::from_request(rebuilt, state).await?;
+    Ok(value)
+}
+
+/// The request's command headers and context.
+#[derive(Debug, Clone)]
+pub struct CommandHeaders {
+    pub context: RequestContext,
+    /// The version in `If-Match: "<version>"`.
+    pub if_match: Option<i64>,
+    pub idempotency_key: Option<String>,
+    /// `METHOD path`, hashed with the body for `Idempotency-Key`.
+    pub method_and_path: String,
+}
+
+/// Name of the header carrying the client's idempotency key.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+
+impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Ok(context) = RequestContext::from_request_parts(parts, state).await;
+        let if_match = match parts.headers.get(header::IF_MATCH) {
+            None => None,
+            Some(value) => Some(
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(parse_if_match)
+                    .ok_or(ApiError::InvalidIfMatch)?,
+            ),
+        };
+        let idempotency_key = match parts.headers.get(IDEMPOTENCY_KEY_HEADER) {
+            None => None,
+            Some(value) => Some(
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(parse_idempotency_key)
+                    .ok_or(ApiError::InvalidIdempotencyKey)?,
+            ),
+        };
+        Ok(Self {
+            context,
+            if_match,
+            idempotency_key,
+            method_and_path: format!("{} {}", parts.method, parts.uri.path()),
+        })
+    }
+}
+
+impl CommandHeaders {
+    /// SHA-256 of method, path and body: what makes two requests "the same" for a key.
+    pub fn request_hash(&self, body: &[u8]) -> Vec<u8> {
+        let mut hasher = Sha256::new();
+        hasher.update(self.method_and_path.as_bytes());
+        hasher.update(b"\n");
+        hasher.update(body);
+        hasher.finalize().to_vec()
+    }
+}
+
+/// `"<non-negative integer>"` → the integer.
+pub fn parse_if_match(value: &str) -> Option<i64> {
+    let inner = value.trim().strip_prefix('"')?.strip_suffix('"')?;
+    if inner.is_empty() || !inner.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    inner.parse().ok()
+}
+
+/// A key of 1 to [`MAX_IDEMPOTENCY_KEY_LEN`] printable ASCII characters.
+pub fn parse_idempotency_key(value: &str) -> Option<String> {
+    let key = value.trim();
+    let valid = !key.is_empty()
+        && key.len() <= MAX_IDEMPOTENCY_KEY_LEN
+        && key.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+    valid.then(|| key.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_match_must_be_a_quoted_integer() {
+        assert_eq!(parse_if_match("\"3\""), Some(3));
+        assert_eq!(parse_if_match(" \"0\" "), Some(0));
+        for bad in [
+            "3",
+            "\"\"",
+            "\"-1\"",
+            "W/\"3\"",
+            "*",
+            "\"3a\"",
+            "\"99999999999999999999\"",
+        ] {
+            assert_eq!(parse_if_match(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn idempotency_keys_are_bounded() {
+        assert!(parse_idempotency_key("abc-123").is_some());
+        assert!(parse_idempotency_key("").is_none());
+        assert!(parse_idempotency_key(&"k".repeat(MAX_IDEMPOTENCY_KEY_LEN)).is_some());
+        assert!(parse_idempotency_key(&"k".repeat(MAX_IDEMPOTENCY_KEY_LEN + 1)).is_none());
+    }
+}

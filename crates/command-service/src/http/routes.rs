@@ -1,0 +1,339 @@
+//! The write API's handlers: extract, turn the body into an [`OrderCommand`], one call to the
+//! [`CommandHandler`], map the outcome. No SQL here.
+
+use axum::extract::State;
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use events::{EventMetadata, OrderCommand};
+use platform::extract::Path;
+use uuid::Uuid;
+
+use super::AppState;
+use super::dto::{
+    AddItemRequest, CancelOrderRequest, CommandResponse, CreateOrderRequest, PayOrderRequest,
+    PlaceOrderRequest, ShipOrderRequest,
+};
+use super::error::ApiError;
+use super::extract::{CommandBody, CommandHeaders, OptionalBody};
+use crate::commands::{CommandContext, CommandOutcome, IdempotencyRequest};
+
+/// Header set on a response replayed for a repeated `Idempotency-Key`.
+pub const IDEMPOTENT_REPLAYED_HEADER: &str = "idempotent-replayed";
+
+type ApiResult = Result<Response, ApiError>;
+
+/// Create an order
+#[utoipa::path(
+    post, path = "/orders", tag = "orders",
+    request_body = CreateOrderRequest,
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe: a repeat with the same key and body returns the first response"),
+        ("X-Correlation-Id" = Option<String>, Header, description = "Correlation id recorded in the event metadata (echoed)"),
+        ("X-Actor" = Option<String>, Header, description = "Who issues the command, recorded in the event metadata"),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context recorded in the event metadata"),
+    ),
+    responses(
+        (status = 201, description = "Created; `Location: /orders/{id}`, `ETag: \"<version>\"`", body = CommandResponse),
+        (status = 400, description = "Malformed JSON, wrong types, bad header", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Token configured and missing or wrong", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`order_exists`: an order with this order_id exists", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`rule_violated` (with `rule`) or `idempotency_key_reused`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable` or `timeout`", body = platform::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn create_order(
+    State(app): State<AppState>,
+    headers: CommandHeaders,
+    body: CommandBody<CreateOrderRequest>,
+) -> ApiResult {
+    let (order_id, command) = body.value.into_command();
+    run(&app, headers, &body.bytes, order_id, command).await
+}
+
+/// Add an item (or more units of a SKU already in the order)
+#[utoipa::path(
+    post, path = "/orders/{id}/items", tag = "orders",
+    request_body = AddItemRequest,
+    params(
+        ("id" = Uuid, Path, description = "Order id"),
+        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: apply only at this version, else 412"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe"),
+    ),
+    responses(
+        (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
+        (status = 400, description = "Malformed JSON, wrong types, bad path or header", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Token configured and missing or wrong", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`order_not_found`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`concurrency_conflict`: retries ran out", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`version_mismatch`: If-Match is stale", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`rule_violated` (with `rule`) or `idempotency_key_reused`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable` or `timeout`", body = platform::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn add_item(
+    State(app): State<AppState>,
+    Path(order_id): Path<Uuid>,
+    headers: CommandHeaders,
+    body: CommandBody<AddItemRequest>,
+) -> ApiResult {
+    run(&app, headers, &body.bytes, order_id, body.value.into()).await
+}
+
+/// Remove a line
+#[utoipa::path(
+    delete, path = "/orders/{id}/items/{sku}", tag = "orders",
+    params(
+        ("id" = Uuid, Path, description = "Order id"),
+        ("sku" = String, Path, description = "SKU of the line to remove"),
+        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: apply only at this version, else 412"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe"),
+    ),
+    responses(
+        (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
+        (status = 400, description = "Bad path or header", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Token configured and missing or wrong", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`order_not_found`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`concurrency_conflict`: retries ran out", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`version_mismatch`: If-Match is stale", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`rule_violated` (with `rule`) or `idempotency_key_reused`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable` or `timeout`", body = platform::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn remove_item(
+    State(app): State<AppState>,
+    Path((order_id, sku)): Path<(Uuid, String)>,
+    headers: CommandHeaders,
+) -> ApiResult {
+    run(
+        &app,
+        headers,
+        &[],
+        order_id,
+        OrderCommand::RemoveItem { sku },
+    )
+    .await
+}
+
+/// Place a draft order (no body, or `{}`)
+#[utoipa::path(
+    post, path = "/orders/{id}/place", tag = "orders",
+    request_body(content = Option<PlaceOrderRequest>, description = "Optional; empty or `{}`"),
+    params(
+        ("id" = Uuid, Path, description = "Order id"),
+        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: apply only at this version, else 412"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe"),
+    ),
+    responses(
+        (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
+        (status = 400, description = "Malformed JSON, bad path or header", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Token configured and missing or wrong", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`order_not_found`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`concurrency_conflict`: retries ran out", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`version_mismatch`: If-Match is stale", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "A body that is not JSON", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`rule_violated` (with `rule`) or `idempotency_key_reused`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable` or `timeout`", body = platform::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn place_order(
+    State(app): State<AppState>,
+    Path(order_id): Path<Uuid>,
+    headers: CommandHeaders,
+    body: OptionalBody<PlaceOrderRequest>,
+) -> ApiResult {
+    let PlaceOrderRequest {} = body.value;
+    run(
+        &app,
+        headers,
+        &body.bytes,
+        order_id,
+        OrderCommand::PlaceOrder,
+    )
+    .await
+}
+
+/// Pay a placed order (the amount must equal the total)
+#[utoipa::path(
+    post, path = "/orders/{id}/pay", tag = "orders",
+    request_body = PayOrderRequest,
+    params(
+        ("id" = Uuid, Path, description = "Order id"),
+        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: apply only at this version, else 412"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe"),
+    ),
+    responses(
+        (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
+        (status = 400, description = "Malformed JSON, wrong types, bad path or header", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Token configured and missing or wrong", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`order_not_found`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`concurrency_conflict`: retries ran out", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`version_mismatch`: If-Match is stale", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`rule_violated` (with `rule`) or `idempotency_key_reused`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable` or `timeout`", body = platform::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn pay_order(
+    State(app): State<AppState>,
+    Path(order_id): Path<Uuid>,
+    headers: CommandHeaders,
+    body: CommandBody<PayOrderRequest>,
+) -> ApiResult {
+    run(&app, headers, &body.bytes, order_id, body.value.into()).await
+}
+
+/// Ship a paid order
+#[utoipa::path(
+    post, path = "/orders/{id}/ship", tag = "orders",
+    request_body = ShipOrderRequest,
+    params(
+        ("id" = Uuid, Path, description = "Order id"),
+        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: apply only at this version, else 412"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe"),
+    ),
+    responses(
+        (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
+        (status = 400, description = "Malformed JSON, wrong types, bad path or header", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Token configured and missing or wrong", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`order_not_found`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`concurrency_conflict`: retries ran out", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`version_mismatch`: If-Match is stale", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`rule_violated` (with `rule`) or `idempotency_key_reused`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable` or `timeout`", body = platform::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn ship_order(
+    State(app): State<AppState>,
+    Path(order_id): Path<Uuid>,
+    headers: CommandHeaders,
+    body: CommandBody<ShipOrderRequest>,
+) -> ApiResult {
+    run(&app, headers, &body.bytes, order_id, body.value.into()).await
+}
+
+/// Cancel an order that has not shipped
+#[utoipa::path(
+    post, path = "/orders/{id}/cancel", tag = "orders",
+    request_body = CancelOrderRequest,
+    params(
+        ("id" = Uuid, Path, description = "Order id"),
+        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: apply only at this version, else 412"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe"),
+    ),
+    responses(
+        (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
+        (status = 400, description = "Malformed JSON, wrong types, bad path or header", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Token configured and missing or wrong", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`order_not_found`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`concurrency_conflict`: retries ran out", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`version_mismatch`: If-Match is stale", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`rule_violated` (with `rule`) or `idempotency_key_reused`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable` or `timeout`", body = platform::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn cancel_order(
+    State(app): State<AppState>,
+    Path(order_id): Path<Uuid>,
+    headers: CommandHeaders,
+    body: CommandBody<CancelOrderRequest>,
+) -> ApiResult {
+    run(&app, headers, &body.bytes, order_id, body.value.into()).await
+}
+
+/// The shared tail of every handler: build the context, execute, answer.
+async fn run(
+    app: &AppState,
+    headers: CommandHeaders,
+    body: &[u8],
+    order_id: Uuid,
+    command: OrderCommand,
+) -> ApiResult {
+    let created = matches!(command, OrderCommand::CreateOrder { .. });
+    let idempotency = headers
+        .idempotency_key
+        .clone()
+        .map(|key| IdempotencyRequest {
+            key,
+            request_hash: headers.request_hash(body),
+        });
+    let context = CommandContext {
+        metadata: command_metadata(&headers.context),
+        if_match: headers.if_match,
+        idempotency,
+    };
+    let outcome = app.handler.execute(order_id, command, context).await?;
+    Ok(respond(created, outcome))
+}
+
+/// Event metadata of a new command: a fresh command id, which is also the events' causation.
+fn command_metadata(context: &platform::http::RequestContext) -> EventMetadata {
+    let command_id = Uuid::now_v7().to_string();
+    EventMetadata {
+        correlation_id: Some(context.correlation_id.clone()),
+        causation_id: Some(command_id.clone()),
+        command_id: Some(command_id),
+        actor: context.actor.clone(),
+        traceparent: Some(context.traceparent.clone()),
+    }
+}
+
+fn respond(created: bool, outcome: CommandOutcome) -> Response {
+    let (status, body, replayed) = match outcome.replayed {
+        Some(stored) => (
+            StatusCode::from_u16(stored.status as u16).unwrap_or(StatusCode::OK),
+            stored.body,
+            true,
+        ),
+        None => (
+            if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            },
+            serde_json::to_value(CommandResponse {
+                order_id: outcome.order_id,
+                version: outcome.version,
+                position: outcome.position,
+            })
+            .unwrap_or_default(),
+            false,
+        ),
+    };
+    let mut response = (status, axum::Json(&body)).into_response();
+    let headers = response.headers_mut();
+    if let Some(version) = body.get("version").and_then(|v| v.as_i64())
+        && let Ok(etag) = HeaderValue::from_str(&format!("\"{version}\""))
+    {
+        headers.insert(header::ETAG, etag);
+    }
+    if status == StatusCode::CREATED
+        && let Some(order_id) = body.get("order_id").and_then(|v| v.as_str())
+        && let Ok(location) = HeaderValue::from_str(&format!("/orders/{order_id}"))
+    {
+        headers.insert(header::LOCATION, location);
+    }
+    if replayed {
+        headers.insert(
+            HeaderName::from_static(IDEMPOTENT_REPLAYED_HEADER),
+            HeaderValue::from_static("true"),
+        );
+    }
+    response
+}

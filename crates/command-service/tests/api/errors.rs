@@ -1,0 +1,300 @@
+//! Every error status of the contract, each as a problem with its stable code.
+
+#![allow(clippy::unwrap_used)]
+
+use events::{EventMetadata, OrderEvent, order_stream_id};
+use serde_json::json;
+use store::{AppendRequest, ExpectedVersion};
+use uuid::Uuid;
+
+use crate::helpers::{assert_problem, spawn_app, spawn_app_with};
+
+#[tokio::test]
+async fn malformed_json_is_a_400() {
+    let app = spawn_app().await;
+    let response = app
+        .post("/orders")
+        .header("content-type", "application/json")
+        .body("{\"customer_id\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 400, "malformed_json").await;
+}
+
+#[tokio::test]
+async fn wrong_types_are_a_400() {
+    let app = spawn_app().await;
+    let order_id = app.create_order().await;
+    let response = app
+        .post(&format!("/orders/{order_id}/items"))
+        .json(&json!({ "sku": "A", "quantity": "two", "unit_price": 10 }))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 400, "invalid_body").await;
+    let response = app
+        .post(&format!("/orders/{order_id}/pay"))
+        .json(&json!({ "amount": 10.5, "payment_reference": "x" }))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 400, "invalid_body").await;
+}
+
+#[tokio::test]
+async fn a_malformed_order_id_in_the_path_is_a_400() {
+    let app = spawn_app().await;
+    let response = app
+        .post("/orders/not-a-uuid/cancel")
+        .json(&json!({ "reason": "x" }))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 400, "invalid_path").await;
+}
+
+#[tokio::test]
+async fn an_if_match_that_is_not_a_quoted_integer_is_a_400() {
+    let app = spawn_app().await;
+    let order_id = app.create_order().await;
+    for bad in ["1", "\"one\"", "*"] {
+        let response = app
+            .post(&format!("/orders/{order_id}/items"))
+            .header("if-match", bad)
+            .json(&json!({ "sku": "A", "quantity": 1, "unit_price": 10 }))
+            .send()
+            .await
+            .unwrap();
+        assert_problem(response, 400, "invalid_if_match").await;
+    }
+}
+
+#[tokio::test]
+async fn an_idempotency_key_over_255_characters_is_a_400() {
+    let app = spawn_app().await;
+    let response = app
+        .post("/orders")
+        .header("idempotency-key", "k".repeat(256))
+        .json(&json!({ "customer_id": Uuid::new_v4(), "currency": "EUR" }))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 400, "invalid_idempotency_key").await;
+}
+
+#[tokio::test]
+async fn with_a_token_configured_writes_need_it_but_health_stays_open() {
+    let app = spawn_app_with(&[("api-token", "s3cret")]).await;
+    let body = json!({ "customer_id": Uuid::new_v4(), "currency": "EUR" });
+
+    let response = app.post("/orders").json(&body).send().await.unwrap();
+    let response_headers = response.headers().clone();
+    assert_problem(response, 401, "unauthorized").await;
+    assert_eq!(response_headers["www-authenticate"], "Bearer");
+
+    let response = app
+        .post("/orders")
+        .bearer_auth("wrong")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 401, "unauthorized").await;
+
+    let response = app
+        .post("/orders")
+        .bearer_auth("s3cret")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+
+    for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+        let response = app.get(path).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn a_command_on_an_unknown_order_is_a_404() {
+    let app = spawn_app().await;
+    let response = app.add_item(Uuid::new_v4(), "A", 1, 10).await;
+    assert_problem(response, 404, "order_not_found").await;
+}
+
+#[tokio::test]
+async fn an_unknown_route_is_a_404_problem() {
+    let app = spawn_app().await;
+    let response = app.get("/nothing/here").send().await.unwrap();
+    assert_problem(response, 404, "not_found").await;
+}
+
+#[tokio::test]
+async fn creating_an_order_with_an_existing_order_id_is_a_409() {
+    let app = spawn_app().await;
+    let body =
+        json!({ "customer_id": Uuid::new_v4(), "currency": "EUR", "order_id": Uuid::new_v4() });
+    let response = app.post("/orders").json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 201);
+    let response = app.post("/orders").json(&body).send().await.unwrap();
+    assert_problem(response, 409, "order_exists").await;
+}
+
+/// Appends an `ItemAdded` to the order behind the application's back, making its cache stale.
+async fn append_behind_the_apps_back(app: &crate::helpers::TestApp, order_id: Uuid, at: i64) {
+    let event: OrderEvent = serde_json::from_value::<events::order::ItemAdded>(
+        json!({ "sku": "SIDE", "quantity": 1, "unit_price": 5 }),
+    )
+    .map(OrderEvent::ItemAdded)
+    .unwrap();
+    let results = store::append_batch(
+        &app.db.pool,
+        &[AppendRequest {
+            stream_id: order_stream_id(order_id),
+            expected: ExpectedVersion::Exact(at),
+            events: vec![event.to_new_event(EventMetadata::default())],
+            idempotency: None,
+        }],
+    )
+    .await
+    .unwrap();
+    results.into_iter().next().unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_conflict_that_outlasts_the_retries_is_a_409() {
+    let app = spawn_app_with(&[("command-retries", "0")]).await;
+    let order_id = app.create_order().await;
+    append_behind_the_apps_back(&app, order_id, 1).await;
+    let response = app.add_item(order_id, "A", 1, 10).await;
+    assert_problem(response, 409, "concurrency_conflict").await;
+    assert_eq!(app.event_count(order_id).await, 2);
+}
+
+#[tokio::test]
+async fn a_concurrent_append_is_retried_transparently() {
+    let app = spawn_app().await;
+    let order_id = app.create_order().await;
+    append_behind_the_apps_back(&app, order_id, 1).await;
+    let response = app.add_item(order_id, "A", 1, 10).await;
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["version"], 3);
+}
+
+#[tokio::test]
+async fn a_stale_if_match_is_a_412_and_a_current_one_applies() {
+    let app = spawn_app().await;
+    let order_id = app.create_order().await;
+    let send = |version: &str| {
+        app.post(&format!("/orders/{order_id}/items"))
+            .header("if-match", format!("\"{version}\""))
+            .json(&json!({ "sku": "A", "quantity": 1, "unit_price": 10 }))
+            .send()
+    };
+    let body = assert_problem(send("0").await.unwrap(), 412, "version_mismatch").await;
+    assert_eq!(body["actual_version"], 1);
+    let response = send("1").await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["etag"].to_str().unwrap(), "\"2\"");
+    assert_problem(send("1").await.unwrap(), 412, "version_mismatch").await;
+    assert_eq!(app.event_count(order_id).await, 2);
+}
+
+#[tokio::test]
+async fn an_if_match_made_stale_by_another_writer_is_a_412() {
+    let app = spawn_app().await;
+    let order_id = app.create_order().await;
+    append_behind_the_apps_back(&app, order_id, 1).await;
+    let response = app
+        .post(&format!("/orders/{order_id}/items"))
+        .header("if-match", "\"1\"")
+        .json(&json!({ "sku": "A", "quantity": 1, "unit_price": 10 }))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 412, "version_mismatch").await;
+    // The version another writer produced is accepted once the cache caught up.
+    let response = app
+        .post(&format!("/orders/{order_id}/items"))
+        .header("if-match", "\"2\"")
+        .json(&json!({ "sku": "A", "quantity": 1, "unit_price": 10 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_a_413() {
+    let app = spawn_app_with(&[("body-limit-bytes", "1024")]).await;
+    let order_id = app.create_order().await;
+    let response = app
+        .post(&format!("/orders/{order_id}/cancel"))
+        .json(&json!({ "reason": "x".repeat(4096) }))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 413, "payload_too_large").await;
+}
+
+#[tokio::test]
+async fn a_text_plain_body_is_a_415() {
+    let app = spawn_app().await;
+    let response = app
+        .post("/orders")
+        .header("content-type", "text/plain")
+        .body(json!({ "customer_id": Uuid::new_v4(), "currency": "EUR" }).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 415, "unsupported_media_type").await;
+}
+
+#[tokio::test]
+async fn a_broken_rule_is_a_422_naming_the_rule() {
+    let app = spawn_app().await;
+    let order_id = app.create_order().await;
+    let response = app
+        .post(&format!("/orders/{order_id}/place"))
+        .send()
+        .await
+        .unwrap();
+    let body = assert_problem(response, 422, "rule_violated").await;
+    assert_eq!(body["rule"], "place_needs_items");
+    assert!(body["detail"].as_str().unwrap().contains("item"));
+
+    let response = app
+        .post("/orders")
+        .json(&json!({ "customer_id": Uuid::new_v4(), "currency": "XYZ" }))
+        .send()
+        .await
+        .unwrap();
+    let body = assert_problem(response, 422, "rule_violated").await;
+    assert_eq!(body["rule"], "invalid_currency");
+}
+
+#[tokio::test]
+async fn a_store_failure_is_a_503_that_leaks_nothing() {
+    let app = spawn_app().await;
+    let order_id = app.create_order().await;
+    // Take the database away under the running service.
+    let mut admin =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&store::testing::server_url())
+            .await
+            .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE \"{}\" WITH (FORCE)",
+        app.db.name
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let response = app.add_item(order_id, "A", 1, 10).await;
+    let body = assert_problem(response, 503, "store_unavailable").await;
+    let text = body.to_string();
+    assert!(!text.contains("database"), "{text}");
+    assert!(!text.contains(&app.db.name), "{text}");
+}

@@ -1,0 +1,134 @@
+//! The real `command-service` binary as a process: graceful exit on SIGTERM, and a one-line
+//! non-zero exit on a bad setting.
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use store::testing::TestDatabase;
+use uuid::Uuid;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_command-service");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The binary with a clean environment apart from what the test sets.
+fn command() -> Command {
+    let mut command = Command::new(BINARY);
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RELAY_ENABLED", "false")
+        .env("LOG_FORMAT", "json")
+        .env("DB_MAX_CONNECTIONS", "3")
+        .env(
+            "EVENT_STREAM",
+            format!("test-{}:es:events", Uuid::new_v4().simple()),
+        )
+        .stdout(Stdio::null());
+    command
+}
+
+async fn wait_healthy(client: &reqwest::Client, base: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(response) = client.get(format!("{base}/healthz")).send().await
+            && response.status() == 200
+        {
+            return;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the service exited before becoming healthy"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the service never became healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the service did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_zero() {
+    let db = TestDatabase::new().await;
+    let port = free_port();
+    let mut child = command()
+        .env("DATABASE_URL", &db.url)
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    wait_healthy(&client, &base, &mut child).await;
+
+    let response = client
+        .post(format!("{base}/orders"))
+        .json(&json!({ "customer_id": Uuid::new_v4(), "currency": "EUR" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+
+    let killed = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = wait_exit(&mut child).await;
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+/// Runs the binary with one bad setting and returns its exit status and stderr lines.
+fn run_with_bad_setting(name: &str, value: &str) -> (std::process::ExitStatus, Vec<String>) {
+    let output = command()
+        .env(name, value)
+        .env("LISTEN_ADDR", format!("127.0.0.1:{}", free_port()))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines = stderr
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    (output.status, lines)
+}
+
+#[test]
+fn a_bad_db_max_connections_exits_non_zero_with_one_line_naming_it() {
+    let (status, lines) = run_with_bad_setting("DB_MAX_CONNECTIONS", "abc");
+    assert!(!status.success());
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("DB_MAX_CONNECTIONS"), "{lines:?}");
+}
+
+#[test]
+fn a_bad_redis_url_exits_non_zero_with_one_line_naming_it() {
+    let (status, lines) = run_with_bad_setting("REDIS_URL", "notaurl");
+    assert!(!status.success());
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("REDIS_URL"), "{lines:?}");
+}

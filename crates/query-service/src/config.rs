@@ -1,0 +1,146 @@
+//! The query service's settings: every one a clap flag and an environment variable.
+//!
+//! [`Config::validate`] checks what clap cannot (URLs, relations between settings) and names the
+//! setting in its one-line error. This module never connects to anything.
+
+use std::time::Duration;
+
+use anyhow::anyhow;
+use clap::{Parser, Subcommand};
+use platform::config::{AuthArgs, CommonArgs};
+
+/// Default `LISTEN_ADDR` of the query service (see CONTRACT.md).
+pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:8081";
+
+/// How long the request timeout outlasts the longest consistency wait, so a wait that runs out
+/// answers 503 `consistency_timeout` rather than the generic 503 `timeout`.
+pub const REQUEST_TIMEOUT_MARGIN: Duration = Duration::from_secs(5);
+
+/// The read API: read models over HTTP, read-your-writes, history and time travel.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "query-service", version, about)]
+pub struct Config {
+    /// Address the HTTP server listens on
+    #[arg(long, env = "LISTEN_ADDR", default_value = DEFAULT_LISTEN_ADDR, global = true)]
+    pub listen_addr: String,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    #[command(flatten)]
+    pub auth: AuthArgs,
+
+    #[command(flatten)]
+    pub reads: ReadArgs,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What the binary does; `serve` when no subcommand is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Serve the read API (the default)
+    Serve,
+    /// Create the database if missing, run the migrations and exit
+    Migrate,
+    /// Probe GET /healthz on the listen port and exit 0 when healthy (Docker HEALTHCHECK)
+    Healthcheck,
+}
+
+/// Settings of read-your-writes and paging.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReadArgs {
+    /// Milliseconds a request with `min_position` waits when it gives no `wait_ms`
+    #[arg(long, env = "WAIT_MS_DEFAULT", default_value_t = 2000)]
+    pub wait_ms_default: u64,
+
+    /// Largest `wait_ms` a request may ask for; larger ones are refused with 400 `invalid_wait`
+    #[arg(long, env = "WAIT_MS_MAX", default_value_t = 10_000)]
+    pub wait_ms_max: u64,
+
+    /// Milliseconds between two reads of `projection_checkpoints` by the watcher, the fallback
+    /// for notifications lost while its LISTEN connection reconnects (at least 10)
+    #[arg(long, env = "CHECKPOINT_POLL_MS", default_value_t = 250)]
+    pub checkpoint_poll_ms: u64,
+}
+
+impl Default for ReadArgs {
+    fn default() -> Self {
+        Self {
+            wait_ms_default: 2000,
+            wait_ms_max: 10_000,
+            checkpoint_poll_ms: 250,
+        }
+    }
+}
+
+impl Config {
+    /// Checks what clap cannot; the error is one line naming the setting.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.common.validate()?;
+        if self.reads.wait_ms_max == 0 {
+            return Err(anyhow!("invalid WAIT_MS_MAX: must be at least 1"));
+        }
+        if self.reads.wait_ms_default > self.reads.wait_ms_max {
+            return Err(anyhow!(
+                "invalid WAIT_MS_DEFAULT: {} exceeds WAIT_MS_MAX ({})",
+                self.reads.wait_ms_default,
+                self.reads.wait_ms_max
+            ));
+        }
+        if self.reads.checkpoint_poll_ms < 10 {
+            return Err(anyhow!("invalid CHECKPOINT_POLL_MS: must be at least 10"));
+        }
+        Ok(())
+    }
+
+    /// What to run: `serve` unless a subcommand says otherwise.
+    pub fn command(&self) -> Command {
+        self.command.unwrap_or(Command::Serve)
+    }
+}
+
+impl ReadArgs {
+    /// The request timeout: the longest wait plus [`REQUEST_TIMEOUT_MARGIN`].
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.wait_ms_max) + REQUEST_TIMEOUT_MARGIN
+    }
+
+    /// Interval of the watcher's fallback poll.
+    pub fn checkpoint_poll(&self) -> Duration {
+        Duration::from_millis(self.checkpoint_poll_ms)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let config = Config::try_parse_from(["query-service"]).unwrap();
+        assert_eq!(config.listen_addr, "0.0.0.0:8081");
+        assert_eq!(config.reads.wait_ms_default, 2000);
+        assert_eq!(config.reads.wait_ms_max, 10_000);
+        assert_eq!(config.command(), Command::Serve);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_default_wait_above_the_maximum_names_the_setting() {
+        let config =
+            Config::try_parse_from(["query-service", "--wait-ms-default", "20000"]).unwrap();
+        let msg = config.validate().unwrap_err().to_string();
+        assert!(msg.starts_with("invalid WAIT_MS_DEFAULT"), "{msg}");
+    }
+
+    #[test]
+    fn the_subcommands_parse() {
+        let config = Config::try_parse_from(["query-service", "migrate"]).unwrap();
+        assert_eq!(config.command(), Command::Migrate);
+        let config = Config::try_parse_from(["query-service", "healthcheck"]).unwrap();
+        assert_eq!(config.command(), Command::Healthcheck);
+    }
+}

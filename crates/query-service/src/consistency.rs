@@ -1,0 +1,383 @@
+//! Read-your-writes: what each projection has applied, and waiting for it without polling the
+//! database per request.
+//!
+//! One [`CheckpointWatcher`] per service instance owns two background tasks:
+//! - the *listener* holds its own connection and `LISTEN`s on [`POSITION_CHANNEL`], where the
+//!   projector's sweeper announces `<projection>:<position>` after advancing a checkpoint;
+//! - the *poller* reads every row of [`CHECKPOINTS_TABLE`] every `CHECKPOINT_POLL_MS` (one query
+//!   for all projections), because notifications are lost while the listener reconnects.
+//!
+//! Both publish into one `tokio::sync::watch` per known projection; a waiting request only awaits
+//! its watch with a deadline, so 200 waiting clients cost the database nothing more than one.
+//! A notification only ever raises a position (it is a hint that may arrive late); the poll is the
+//! truth and may lower it (e.g. after `projector rebuild` reset a checkpoint).
+//!
+//! This module never reads a read-model row: callers re-read the checkpoint in the same query as
+//! their rows (see `read_models`), which is what `X-Projection-Position` reports.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use sqlx::PgPool;
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// NOTIFY channel the projector's sweeper signals after advancing a checkpoint; payload
+/// `<projection>:<position>`.
+pub const POSITION_CHANNEL: &str = "projection_position";
+/// Table holding each projection's low-water mark.
+pub const CHECKPOINTS_TABLE: &str = "projection_checkpoints";
+/// The `order_summaries` projection, behind `GET /orders` and `GET /orders/{id}`.
+pub const ORDER_SUMMARIES: &str = "order_summaries";
+/// The `customer_stats` projection, behind `GET /customers/{id}`.
+pub const CUSTOMER_STATS: &str = "customer_stats";
+/// The projections this service serves; notifications about others are ignored, which keeps
+/// the set of watches (and memory) fixed.
+pub const PROJECTIONS: [&str; 2] = [ORDER_SUMMARIES, CUSTOMER_STATS];
+/// Delay before the listener reconnects after an error it could not recover from itself.
+pub const LISTENER_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// The poller's query: every checkpoint at once, so its cost does not grow with the projections.
+const POLL_SQL: &str = "SELECT projection, position FROM projection_checkpoints";
+
+/// Counters of the database work done for consistency, for tests and `/metrics`.
+#[derive(Debug, Default)]
+pub struct WatcherStats {
+    /// Executions of the checkpoint poll query.
+    pub checkpoint_polls: AtomicU64,
+    /// Notifications received on [`POSITION_CHANNEL`] for a known projection.
+    pub notifications: AtomicU64,
+    /// Successful `LISTEN`s (1 after start, more after reconnects).
+    pub listens: AtomicU64,
+    /// Requests waiting on a watch right now.
+    pub waiting: AtomicU64,
+}
+
+/// Keeps [`WatcherStats::waiting`] right even when a waiting request is dropped mid-wait.
+struct WaitingGuard<'a>(&'a AtomicU64);
+
+impl<'a> WaitingGuard<'a> {
+    fn enter(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How a consistency wait ended, for the `outcome` label of `query_consistency_waits_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitOutcome {
+    /// The projection was already at the position: no wait.
+    Immediate,
+    /// The projection reached the position within the deadline.
+    Satisfied,
+    /// The deadline passed first.
+    Timeout,
+}
+
+impl WaitOutcome {
+    fn label(self) -> &'static str {
+        match self {
+            WaitOutcome::Immediate => "immediate",
+            WaitOutcome::Satisfied => "satisfied",
+            WaitOutcome::Timeout => "timeout",
+        }
+    }
+}
+
+/// The positions of every served projection, kept current by two background tasks.
+#[derive(Clone)]
+pub struct CheckpointWatcher {
+    senders: Arc<HashMap<&'static str, watch::Sender<i64>>>,
+    stats: Arc<WatcherStats>,
+}
+
+impl std::fmt::Debug for CheckpointWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let positions: HashMap<_, _> = self
+            .senders
+            .iter()
+            .map(|(name, tx)| (*name, *tx.borrow()))
+            .collect();
+        f.debug_struct("CheckpointWatcher")
+            .field("positions", &positions)
+            .finish()
+    }
+}
+
+impl Default for CheckpointWatcher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CheckpointWatcher {
+    /// A watcher with every known projection at position 0 and no tasks running yet.
+    pub fn new() -> Self {
+        let senders = PROJECTIONS
+            .into_iter()
+            .map(|name| (name, watch::Sender::new(0)))
+            .collect();
+        Self {
+            senders: Arc::new(senders),
+            stats: Arc::new(WatcherStats::default()),
+        }
+    }
+
+    /// The counters of database work done by this watcher.
+    pub fn stats(&self) -> Arc<WatcherStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// The last published position of `projection` (0 when unknown).
+    pub fn position(&self, projection: &str) -> i64 {
+        self.senders.get(projection).map_or(0, |tx| *tx.borrow())
+    }
+
+    /// Raises `projection` to `position` (a notification: never lowers).
+    pub fn raise(&self, projection: &str, position: i64) {
+        if let Some(tx) = self.senders.get(projection) {
+            tx.send_if_modified(|current| {
+                let raise = position > *current;
+                if raise {
+                    *current = position;
+                }
+                raise
+            });
+        }
+    }
+
+    /// Sets `projection` to `position` as read from the table (the truth; may lower it).
+    pub fn set(&self, projection: &str, position: i64) {
+        if let Some(tx) = self.senders.get(projection) {
+            tx.send_if_modified(|current| {
+                let changed = *current != position;
+                *current = position;
+                changed
+            });
+        }
+    }
+
+    /// Waits until `projection` has published a position of at least `min_position`, or the
+    /// deadline passes. Returns the position seen and how the wait ended. Touches no database.
+    ///
+    /// With `require_change`, the current value is not trusted and the wait lasts at least until
+    /// the next publication: a caller whose fresh read of the table contradicted the watch uses
+    /// it, so it never spins on a stale value.
+    pub async fn wait_for(
+        &self,
+        projection: &'static str,
+        min_position: i64,
+        deadline: Instant,
+        require_change: bool,
+    ) -> (i64, WaitOutcome) {
+        let Some(tx) = self.senders.get(projection) else {
+            return (0, WaitOutcome::Timeout);
+        };
+        let mut rx = tx.subscribe();
+        let current = *rx.borrow_and_update();
+        if !require_change && current >= min_position {
+            return (current, WaitOutcome::Immediate);
+        }
+        let _waiting = WaitingGuard::enter(&self.stats.waiting);
+        let started = Instant::now();
+        let remaining = deadline.saturating_duration_since(started);
+        let wait = async {
+            if require_change && rx.changed().await.is_err() {
+                return None;
+            }
+            rx.wait_for(|p| *p >= min_position).await.ok().map(|p| *p)
+        };
+        let outcome = match tokio::time::timeout(remaining, wait).await {
+            Ok(Some(position)) => (position, WaitOutcome::Satisfied),
+            // A closed channel cannot happen while `self` holds the sender; treat it as a timeout.
+            Ok(None) | Err(_) => (*tx.borrow(), WaitOutcome::Timeout),
+        };
+        metrics::histogram!("query_consistency_wait_seconds", "projection" => projection)
+            .record(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    /// Counts one finished consistency wait in `query_consistency_waits_total`.
+    pub fn record_outcome(projection: &'static str, outcome: WaitOutcome) {
+        metrics::counter!(
+            "query_consistency_waits_total",
+            "projection" => projection,
+            "outcome" => outcome.label()
+        )
+        .increment(1);
+    }
+
+    /// Reads every checkpoint once and publishes them (one step of the poller).
+    pub async fn poll_once(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        self.stats.checkpoint_polls.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("query_checkpoint_polls_total").increment(1);
+        let rows: Vec<(String, i64)> = sqlx::query_as(POLL_SQL).fetch_all(pool).await?;
+        let mut seen = Vec::with_capacity(PROJECTIONS.len());
+        for (projection, position) in rows {
+            self.set(&projection, position);
+            seen.push(projection);
+        }
+        // A projection without a row has applied nothing yet (or was reset by a rebuild).
+        for projection in PROJECTIONS {
+            if !seen.iter().any(|p| p == projection) {
+                self.set(projection, 0);
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one `<projection>:<position>` notification payload; malformed ones are ignored.
+    pub fn apply_notification(&self, payload: &str) {
+        let Some((projection, position)) = payload.rsplit_once(':') else {
+            tracing::debug!(%payload, "ignored a malformed projection_position notification");
+            return;
+        };
+        let Ok(position) = position.trim().parse::<i64>() else {
+            tracing::debug!(%payload, "ignored a malformed projection_position notification");
+            return;
+        };
+        if self.senders.contains_key(projection) {
+            self.stats.notifications.fetch_add(1, Ordering::Relaxed);
+            self.raise(projection, position);
+        }
+    }
+
+    /// Starts the listener and the poller; both stop when `cancel` is cancelled.
+    ///
+    /// The listener gets a one-connection pool of its own (built from `database_url`), so it
+    /// never takes a connection from the request pool.
+    pub fn spawn(
+        &self,
+        pool: PgPool,
+        database_url: String,
+        poll_interval: Duration,
+        cancel: CancellationToken,
+    ) -> Vec<JoinHandle<()>> {
+        let poller = {
+            let watcher = self.clone();
+            let cancel = cancel.clone();
+            tokio::spawn(async move { watcher.run_poller(pool, poll_interval, cancel).await })
+        };
+        let listener = {
+            let watcher = self.clone();
+            tokio::spawn(async move { watcher.run_listener(database_url, cancel).await })
+        };
+        vec![poller, listener]
+    }
+
+    async fn run_poller(self, pool: PgPool, interval: Duration, cancel: CancellationToken) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            if let Err(e) = self.poll_once(&pool).await {
+                tracing::warn!(error = %e, "cannot read projection checkpoints");
+            }
+        }
+    }
+
+    async fn run_listener(self, database_url: String, cancel: CancellationToken) {
+        loop {
+            let result = tokio::select! {
+                () = cancel.cancelled() => return,
+                result = self.listen(&database_url) => result,
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %format!("{e:#}"), "projection_position listener failed; reconnecting");
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(LISTENER_RETRY_DELAY) => {}
+            }
+        }
+    }
+
+    /// Listens until an unrecoverable error. `PgListener::recv` reconnects by itself after an
+    /// I/O error; notifications sent meanwhile are lost, which the poller makes up for.
+    async fn listen(&self, database_url: &str) -> anyhow::Result<()> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .connect(database_url)
+            .await
+            .context("connect the projection_position listener")?;
+        let mut listener = PgListener::connect_with(&pool)
+            .await
+            .context("open the projection_position listener")?;
+        listener
+            .listen(POSITION_CHANNEL)
+            .await
+            .context("LISTEN projection_position")?;
+        self.stats.listens.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!("listening for projection positions");
+        loop {
+            let notification = listener
+                .recv()
+                .await
+                .context("receive a projection_position notification")?;
+            self.apply_notification(notification.payload());
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notifications_only_raise_and_polls_set() {
+        let w = CheckpointWatcher::new();
+        w.apply_notification("order_summaries:7");
+        w.apply_notification("order_summaries:5");
+        assert_eq!(w.position(ORDER_SUMMARIES), 7);
+        w.set(ORDER_SUMMARIES, 3);
+        assert_eq!(w.position(ORDER_SUMMARIES), 3);
+        w.apply_notification("unknown:9");
+        w.apply_notification("garbage");
+        w.apply_notification("customer_stats:x");
+        assert_eq!(w.position(CUSTOMER_STATS), 0);
+    }
+
+    #[tokio::test]
+    async fn a_wait_returns_as_soon_as_the_position_is_published() {
+        let w = CheckpointWatcher::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let waiter = {
+            let w = w.clone();
+            tokio::spawn(async move { w.wait_for(ORDER_SUMMARIES, 5, deadline, false).await })
+        };
+        // Publish only once the waiter is subscribed, so it really waits.
+        while w.senders[ORDER_SUMMARIES].receiver_count() == 0 {
+            tokio::task::yield_now().await;
+        }
+        w.raise(ORDER_SUMMARIES, 4);
+        w.raise(ORDER_SUMMARIES, 6);
+        let (position, outcome) = waiter.await.unwrap();
+        assert_eq!(outcome, WaitOutcome::Satisfied);
+        assert!(position >= 5);
+    }
+
+    #[tokio::test]
+    async fn a_wait_past_its_deadline_times_out() {
+        let w = CheckpointWatcher::new();
+        let deadline = Instant::now() + Duration::from_millis(20);
+        let (position, outcome) = w.wait_for(CUSTOMER_STATS, 1, deadline, false).await;
+        assert_eq!((position, outcome), (0, WaitOutcome::Timeout));
+    }
+}

@@ -1,0 +1,128 @@
+//! `ApiError`: every way a read request fails, and its RFC 9457 problem response.
+//!
+//! Stable codes (also listed in API.md and the OpenAPI descriptions):
+//!
+//! | status | code | when |
+//! |---|---|---|
+//! | 400 | `invalid_path` | a malformed id in the path (from `platform::extract::Path`) |
+//! | 400 | `invalid_query` | a malformed `customer_id`, or `version` together with `at` |
+//! | 400 | `invalid_limit` | `limit` not an integer in 1..=max |
+//! | 400 | `invalid_cursor` | a cursor this service did not hand out for these filters |
+//! | 400 | `invalid_status` | `status` not one of the five |
+//! | 400 | `invalid_min_position` | `min_position` / `X-Min-Position` not an integer ≥ 0 |
+//! | 400 | `invalid_wait` | `wait_ms` not an integer in 0..=WAIT_MS_MAX |
+//! | 400 | `invalid_after_version` | `after_version` not an integer ≥ 0 |
+//! | 400 | `invalid_version` | `version` not an integer ≥ 1 |
+//! | 400 | `invalid_at` | `at` not an RFC 3339 timestamp |
+//! | 401 | `unauthorized` | a token is configured and missing or wrong (platform auth) |
+//! | 404 | `order_not_found`, `customer_not_found` | nothing to show |
+//! | 503 | `consistency_timeout` | the read model did not reach `min_position` within `wait_ms` |
+//! | 500 | `internal` | anything else; logged, never detailed |
+//!
+//! Internal errors are logged with their cause and answered without it.
+
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use platform::Problem;
+use uuid::Uuid;
+
+/// Response header carrying the checkpoint a read-model answer reflects.
+pub const PROJECTION_POSITION_HEADER: HeaderName = HeaderName::from_static("x-projection-position");
+/// Seconds a client is told to wait after a consistency timeout (`Retry-After`).
+pub const CONSISTENCY_RETRY_AFTER_SECS: u64 = 1;
+
+/// Every failure of a read request.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A malformed parameter: 400 with `code`.
+    #[error("{code}: {detail}")]
+    BadRequest { code: &'static str, detail: String },
+    /// No such order (as of `position` for a read-model route).
+    #[error("order {order_id} not found")]
+    OrderNotFound {
+        order_id: Uuid,
+        position: Option<i64>,
+    },
+    /// No such customer in `customer_stats` (as of `position`).
+    #[error("customer {customer_id} not found")]
+    CustomerNotFound { customer_id: Uuid, position: i64 },
+    /// The read model did not reach `min_position` in time.
+    #[error("{projection} did not reach position {min_position} within {wait_ms} ms")]
+    ConsistencyTimeout {
+        projection: &'static str,
+        min_position: i64,
+        observed: i64,
+        wait_ms: u64,
+    },
+    /// Database or decoding failure; never shown to the client.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    /// A 400 with `code` and a human detail.
+    pub fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            code,
+            detail: detail.into(),
+        }
+    }
+
+    /// The problem this error answers with.
+    pub fn to_problem(&self) -> Problem {
+        match self {
+            ApiError::BadRequest { code, detail } => Problem::bad_request(*code, detail.clone()),
+            ApiError::OrderNotFound { order_id, position } => {
+                let p = Problem::new(StatusCode::NOT_FOUND, "order_not_found")
+                    .with_detail(format!("order {order_id} does not exist"))
+                    .with_extension("order_id", order_id);
+                with_position(p, *position)
+            }
+            ApiError::CustomerNotFound {
+                customer_id,
+                position,
+            } => {
+                let p = Problem::new(StatusCode::NOT_FOUND, "customer_not_found")
+                    .with_detail(format!("customer {customer_id} has no orders"))
+                    .with_extension("customer_id", customer_id);
+                with_position(p, Some(*position))
+            }
+            ApiError::ConsistencyTimeout {
+                projection,
+                min_position,
+                observed,
+                wait_ms,
+            } => {
+                let p = Problem::unavailable("consistency_timeout", CONSISTENCY_RETRY_AFTER_SECS)
+                    .with_detail(format!(
+                        "the {projection} read model has applied up to position {observed}, \
+                         not yet {min_position}, after waiting {wait_ms} ms; retry later"
+                    ))
+                    .with_extension("projection", projection)
+                    .with_extension("min_position", min_position)
+                    .with_extension("projection_position", observed);
+                with_position(p, Some(*observed))
+            }
+            ApiError::Internal(e) => Problem::internal_error(e),
+        }
+    }
+}
+
+fn with_position(problem: Problem, position: Option<i64>) -> Problem {
+    match position {
+        Some(p) => problem.with_header(PROJECTION_POSITION_HEADER, HeaderValue::from(p)),
+        None => problem,
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        ApiError::Internal(anyhow::Error::new(e).context("database query"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.to_problem().into_response()
+    }
+}

@@ -1,0 +1,41 @@
+//! `query-service [serve|migrate|healthcheck]`: see the crate docs.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use platform::config::exit_on_config_error;
+use query_service::{Application, Command, Config};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    if config.command() == Command::Healthcheck {
+        return platform::healthcheck::probe(&config.listen_addr, "/healthz").await;
+    }
+    config
+        .validate()
+        .unwrap_or_else(|e| exit_on_config_error(e));
+    platform::telemetry::init(config.common.log_format);
+    match run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    if config.command() == Command::Migrate {
+        platform::db::connect(
+            &config.common.database_url,
+            config.common.db_max_connections,
+            Some(&store::MIGRATOR),
+        )
+        .await?;
+        tracing::info!("migrations applied");
+        return Ok(());
+    }
+    let app = Application::build(config).await?;
+    app.run_until_stopped(platform::shutdown::signal()).await
+}

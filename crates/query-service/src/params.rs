@@ -1,0 +1,366 @@
+//! Parsing query strings and headers into typed requests at the edge, each failure naming its
+//! own `code` (see `error`). Raw query structs hold strings so that a bad number is reported as
+//! `invalid_limit` rather than serde's generic `invalid_query`.
+
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, HeaderName};
+use chrono::{DateTime, Utc};
+use events::OrderStatus;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::config::ReadArgs;
+use crate::cursor::{self, CursorScope};
+use crate::error::ApiError;
+
+/// Request header asking for read-your-writes (same meaning as `?min_position=`).
+pub const MIN_POSITION_HEADER: HeaderName = HeaderName::from_static("x-min-position");
+/// Default page size of `GET /orders`.
+pub const DEFAULT_ORDERS_LIMIT: i64 = 50;
+/// Largest page size of `GET /orders`: bounds the memory and time of one request.
+pub const MAX_ORDERS_LIMIT: i64 = 200;
+/// Default page size of `GET /orders/{id}/events`.
+pub const DEFAULT_EVENTS_LIMIT: i64 = 100;
+/// Largest page size of `GET /orders/{id}/events`.
+pub const MAX_EVENTS_LIMIT: i64 = 1000;
+
+/// The read-your-writes parameters every read-model route accepts.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawConsistency {
+    pub min_position: Option<String>,
+    pub wait_ms: Option<String>,
+}
+
+/// `GET /orders` query string, unparsed.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawListOrders {
+    pub customer_id: Option<String>,
+    pub status: Option<String>,
+    pub limit: Option<String>,
+    pub cursor: Option<String>,
+    #[serde(flatten)]
+    pub consistency: RawConsistency,
+}
+
+/// `GET /orders/{id}/events` query string, unparsed.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawHistory {
+    pub after_version: Option<String>,
+    pub limit: Option<String>,
+}
+
+/// `GET /orders/{id}/state` query string, unparsed.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawStateAt {
+    pub version: Option<String>,
+    pub at: Option<String>,
+}
+
+/// A read-your-writes requirement: the read model must have applied `min_position` before the
+/// answer, waiting until `deadline` at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Consistency {
+    pub min_position: i64,
+    pub wait: Duration,
+    pub deadline: Instant,
+}
+
+impl Consistency {
+    /// `None` when the request asks for no particular position.
+    pub fn parse(
+        raw: &RawConsistency,
+        headers: &HeaderMap,
+        args: &ReadArgs,
+    ) -> Result<Option<Self>, ApiError> {
+        let wait_ms = match raw.wait_ms.as_deref() {
+            None => args.wait_ms_default,
+            Some(s) => match s.trim().parse::<u64>() {
+                Ok(ms) if ms <= args.wait_ms_max => ms,
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "invalid_wait",
+                        format!(
+                            "wait_ms must be an integer from 0 to {} (milliseconds)",
+                            args.wait_ms_max
+                        ),
+                    ));
+                }
+            },
+        };
+        let from_query = raw
+            .min_position
+            .as_deref()
+            .map(parse_min_position)
+            .transpose()?;
+        let from_header = match headers.get(&MIN_POSITION_HEADER) {
+            None => None,
+            Some(value) => Some(parse_min_position(value.to_str().map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_min_position",
+                    "X-Min-Position must be an integer ≥ 0",
+                )
+            })?)?),
+        };
+        // Both given: honour the stricter one.
+        let Some(min_position) = from_query.max(from_header) else {
+            return Ok(None);
+        };
+        let wait = Duration::from_millis(wait_ms);
+        Ok(Some(Self {
+            min_position,
+            wait,
+            deadline: Instant::now() + wait,
+        }))
+    }
+}
+
+fn parse_min_position(s: &str) -> Result<i64, ApiError> {
+    match s.trim().parse::<i64>() {
+        Ok(p) if p >= 0 => Ok(p),
+        _ => Err(ApiError::bad_request(
+            "invalid_min_position",
+            "min_position (or X-Min-Position) must be an integer ≥ 0",
+        )),
+    }
+}
+
+fn parse_limit(raw: Option<&str>, default: i64, max: i64) -> Result<i64, ApiError> {
+    match raw {
+        None => Ok(default),
+        Some(s) => match s.trim().parse::<i64>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_request(
+                "invalid_limit",
+                format!("limit must be an integer from 1 to {max}"),
+            )),
+        },
+    }
+}
+
+/// A parsed `GET /orders` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListOrders {
+    pub customer_id: Option<Uuid>,
+    pub status: Option<OrderStatus>,
+    pub limit: i64,
+    /// Only orders created before this position (the cursor); `None` for the first page.
+    pub before_position: Option<i64>,
+}
+
+impl ListOrders {
+    /// The scope a cursor of this listing is bound to.
+    pub fn scope(&self) -> CursorScope<'static> {
+        CursorScope {
+            customer_id: self.customer_id,
+            status: self.status.map(OrderStatus::as_str),
+        }
+    }
+}
+
+impl TryFrom<&RawListOrders> for ListOrders {
+    type Error = ApiError;
+
+    fn try_from(raw: &RawListOrders) -> Result<Self, ApiError> {
+        let customer_id = raw
+            .customer_id
+            .as_deref()
+            .map(|s| {
+                Uuid::parse_str(s.trim()).map_err(|_| {
+                    ApiError::bad_request("invalid_query", "customer_id must be a UUID")
+                })
+            })
+            .transpose()?;
+        let status = raw
+            .status
+            .as_deref()
+            .map(|s| {
+                OrderStatus::parse(s.trim()).ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_status",
+                        "status must be one of draft, placed, paid, shipped, cancelled",
+                    )
+                })
+            })
+            .transpose()?;
+        let limit = parse_limit(raw.limit.as_deref(), DEFAULT_ORDERS_LIMIT, MAX_ORDERS_LIMIT)?;
+        let mut parsed = Self {
+            customer_id,
+            status,
+            limit,
+            before_position: None,
+        };
+        if let Some(c) = raw.cursor.as_deref() {
+            let position = cursor::decode(c.trim(), parsed.scope()).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_cursor",
+                    "cursor is not one this service handed out for these filters; \
+                     start again without it",
+                )
+            })?;
+            parsed.before_position = Some(position);
+        }
+        Ok(parsed)
+    }
+}
+
+/// A parsed `GET /orders/{id}/events` request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryPage {
+    pub after_version: i64,
+    pub limit: i64,
+}
+
+impl TryFrom<&RawHistory> for HistoryPage {
+    type Error = ApiError;
+
+    fn try_from(raw: &RawHistory) -> Result<Self, ApiError> {
+        let after_version = match raw.after_version.as_deref() {
+            None => 0,
+            Some(s) => match s.trim().parse::<i64>() {
+                Ok(v) if v >= 0 => v,
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "invalid_after_version",
+                        "after_version must be an integer ≥ 0",
+                    ));
+                }
+            },
+        };
+        let limit = parse_limit(raw.limit.as_deref(), DEFAULT_EVENTS_LIMIT, MAX_EVENTS_LIMIT)?;
+        Ok(Self {
+            after_version,
+            limit,
+        })
+    }
+}
+
+/// When to fold an order's state as of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateAt {
+    /// Everything recorded so far.
+    Now,
+    /// Up to and including this stream version.
+    Version(i64),
+    /// Everything recorded at or before this instant.
+    Time(DateTime<Utc>),
+}
+
+impl TryFrom<&RawStateAt> for StateAt {
+    type Error = ApiError;
+
+    fn try_from(raw: &RawStateAt) -> Result<Self, ApiError> {
+        match (raw.version.as_deref(), raw.at.as_deref()) {
+            (Some(_), Some(_)) => Err(ApiError::bad_request(
+                "invalid_query",
+                "give either version or at, not both",
+            )),
+            (None, None) => Ok(StateAt::Now),
+            (Some(v), None) => match v.trim().parse::<i64>() {
+                Ok(v) if v >= 1 => Ok(StateAt::Version(v)),
+                _ => Err(ApiError::bad_request(
+                    "invalid_version",
+                    "version must be an integer ≥ 1",
+                )),
+            },
+            (None, Some(at)) => parse_at(at).map(StateAt::Time).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_at",
+                    "at must be an RFC 3339 timestamp, e.g. 2026-11-02T10:15:00Z \
+                     (write a + offset as %2B)",
+                )
+            }),
+        }
+    }
+}
+
+/// Parses RFC 3339; a `+` offset that form decoding turned into a space is put back.
+fn parse_at(s: &str) -> Option<DateTime<Utc>> {
+    let s = s.trim();
+    DateTime::parse_from_rfc3339(s)
+        .or_else(|_| DateTime::parse_from_rfc3339(&s.replace(' ', "+")))
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn code(e: ApiError) -> &'static str {
+        match e {
+            ApiError::BadRequest { code, .. } => code,
+            other => panic!("not a bad request: {other}"),
+        }
+    }
+
+    #[test]
+    fn limits_outside_the_range_are_refused() {
+        for bad in ["0", "-1", "201", "ten", "1.5", ""] {
+            let raw = RawListOrders {
+                limit: Some(bad.into()),
+                ..Default::default()
+            };
+            assert_eq!(
+                code(ListOrders::try_from(&raw).unwrap_err()),
+                "invalid_limit"
+            );
+        }
+        let raw = RawListOrders {
+            limit: Some("200".into()),
+            ..Default::default()
+        };
+        assert_eq!(ListOrders::try_from(&raw).unwrap().limit, 200);
+    }
+
+    #[test]
+    fn the_state_parameters_are_exclusive_and_checked() {
+        let both = RawStateAt {
+            version: Some("1".into()),
+            at: Some("2026-01-01T00:00:00Z".into()),
+        };
+        assert_eq!(code(StateAt::try_from(&both).unwrap_err()), "invalid_query");
+        let zero = RawStateAt {
+            version: Some("0".into()),
+            at: None,
+        };
+        assert_eq!(
+            code(StateAt::try_from(&zero).unwrap_err()),
+            "invalid_version"
+        );
+        let spaced = RawStateAt {
+            version: None,
+            at: Some("2026-01-01T00:00:00 01:00".into()),
+        };
+        assert!(matches!(
+            StateAt::try_from(&spaced).unwrap(),
+            StateAt::Time(_)
+        ));
+        let bad = RawStateAt {
+            version: None,
+            at: Some("yesterday".into()),
+        };
+        assert_eq!(code(StateAt::try_from(&bad).unwrap_err()), "invalid_at");
+    }
+
+    #[test]
+    fn the_stricter_of_query_and_header_positions_wins() {
+        let mut headers = HeaderMap::new();
+        headers.insert(MIN_POSITION_HEADER, "9".parse().unwrap());
+        let raw = RawConsistency {
+            min_position: Some("4".into()),
+            wait_ms: Some("0".into()),
+        };
+        let c = Consistency::parse(&raw, &headers, &ReadArgs::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.min_position, 9);
+        let too_long = RawConsistency {
+            min_position: Some("4".into()),
+            wait_ms: Some("10001".into()),
+        };
+        let e = Consistency::parse(&too_long, &HeaderMap::new(), &ReadArgs::default());
+        assert_eq!(code(e.unwrap_err()), "invalid_wait");
+    }
+}

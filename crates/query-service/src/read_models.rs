@@ -1,0 +1,423 @@
+//! Reading the `order_summaries` and `customer_stats` read models, each row together with its
+//! projection's checkpoint in the same statement (one snapshot), so `X-Projection-Position`
+//! never claims more than the rows show.
+//!
+//! Every query is static SQL (prepared and cached per connection by sqlx) and matches an index
+//! of `migrations/0003_read_models.sql`; `GET /orders` picks one of four queries by its filters
+//! instead of `($1 IS NULL OR …)`, which a generic plan could not serve from an index. A page is
+//! one query: no N+1. This module only reads; the projector owns these tables.
+//!
+//! [`ReadModels::read_consistent`] joins this with `consistency`: wait on the watch (no
+//! database), then read once; only if the fresh checkpoint contradicts the watch (a reset
+//! checkpoint) does it wait for the next publication and read again.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chrono::{DateTime, Utc};
+use events::{LineItem, OrderStatus, OrderSummary};
+use serde::Serialize;
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use crate::consistency::{CUSTOMER_STATS, CheckpointWatcher, ORDER_SUMMARIES, WaitOutcome};
+use crate::cursor;
+use crate::error::ApiError;
+use crate::params::{Consistency, ListOrders};
+
+/// The columns of a summary row, after the checkpoint column `cp_position`.
+macro_rules! summary_columns {
+    () => {
+        "s.order_id, s.customer_id, s.status, s.currency, s.items, s.total, s.item_count, \
+         s.version, s.created_at, s.updated_at, s.created_position"
+    };
+}
+
+/// One row, one checkpoint: `cp` always yields exactly one row, so the checkpoint is read even
+/// when the order is absent.
+macro_rules! checkpoint_of {
+    ($projection:literal) => {
+        concat!(
+            "(SELECT COALESCE((SELECT position FROM projection_checkpoints \
+             WHERE projection = '",
+            $projection,
+            "'), 0) AS position) cp"
+        )
+    };
+}
+
+const ORDER_SQL: &str = concat!(
+    "SELECT cp.position AS cp_position, ",
+    summary_columns!(),
+    " FROM ",
+    checkpoint_of!("order_summaries"),
+    " LEFT JOIN order_summaries s ON s.order_id = $1"
+);
+
+/// A page: the newest `$n` orders created before a position. The LATERAL subquery is what walks
+/// the index; the outer ORDER BY keeps the order it produced.
+macro_rules! page_sql {
+    ($filter:literal, $limit:literal) => {
+        concat!(
+            "SELECT cp.position AS cp_position, ",
+            summary_columns!(),
+            " FROM ",
+            checkpoint_of!("order_summaries"),
+            " LEFT JOIN LATERAL (SELECT * FROM order_summaries WHERE ",
+            $filter,
+            " ORDER BY created_position DESC LIMIT ",
+            $limit,
+            ") s ON true ORDER BY s.created_position DESC"
+        )
+    };
+}
+
+/// No filter: the unique index on `created_position`.
+const PAGE_SQL: &str = page_sql!("created_position < $1", "$2");
+/// By customer: `order_summaries_customer (customer_id, created_position DESC)`.
+const PAGE_BY_CUSTOMER_SQL: &str = page_sql!("customer_id = $3 AND created_position < $1", "$2");
+/// By status: one statement per status with the status as a literal, so the planner weighs
+/// each status by its own statistics: `order_summaries_status (status, created_position DESC)`
+/// for a rare status, the `created_position` index for a common one. A `$n` parameter would get
+/// one generic plan for all five after a few executions.
+macro_rules! page_by_status_sql {
+    ($status:literal) => {
+        concat!(
+            "SELECT cp.position AS cp_position, ",
+            summary_columns!(),
+            " FROM ",
+            checkpoint_of!("order_summaries"),
+            " LEFT JOIN LATERAL (SELECT * FROM order_summaries WHERE status = '",
+            $status,
+            "' AND created_position < $1 ORDER BY created_position DESC LIMIT $2) s ON true \
+             ORDER BY s.created_position DESC"
+        )
+    };
+}
+
+fn page_by_status_sql(status: OrderStatus) -> &'static str {
+    match status {
+        OrderStatus::Draft => page_by_status_sql!("draft"),
+        OrderStatus::Placed => page_by_status_sql!("placed"),
+        OrderStatus::Paid => page_by_status_sql!("paid"),
+        OrderStatus::Shipped => page_by_status_sql!("shipped"),
+        OrderStatus::Cancelled => page_by_status_sql!("cancelled"),
+    }
+}
+/// By customer and status: the customer index (a customer's orders are few), status filtered.
+const PAGE_BY_CUSTOMER_AND_STATUS_SQL: &str = page_sql!(
+    "customer_id = $3 AND status = $4 AND created_position < $1",
+    "$2"
+);
+
+const CUSTOMER_SQL: &str = concat!(
+    "SELECT cp.position AS cp_position, c.customer_id, c.order_count, c.total_spent, \
+     c.draft_count, c.placed_count, c.paid_count, c.shipped_count, c.cancelled_count FROM ",
+    checkpoint_of!("customer_stats"),
+    " LEFT JOIN customer_stats c ON c.customer_id = $1"
+);
+
+/// Counts of read-model queries, for tests and `/metrics`.
+#[derive(Debug, Default)]
+pub struct ReadStats {
+    /// Statements run against `order_summaries` / `customer_stats`.
+    pub queries: AtomicU64,
+}
+
+/// A read-model answer and the checkpoint it reflects (`X-Projection-Position`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Positioned<T> {
+    pub value: T,
+    pub position: i64,
+}
+
+/// Counts of a customer's orders per status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct ByStatus {
+    pub draft: i64,
+    pub placed: i64,
+    pub paid: i64,
+    pub shipped: i64,
+    pub cancelled: i64,
+}
+
+/// The body of `GET /customers/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct CustomerStats {
+    pub customer_id: Uuid,
+    /// Number of orders the customer created.
+    pub order_count: i64,
+    /// Sum of the totals of paid and shipped orders, in minor units.
+    pub total_spent: i64,
+    pub by_status: ByStatus,
+}
+
+/// The body of `GET /orders`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct OrderPage {
+    /// Newest first.
+    pub items: Vec<OrderSummary>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// The read models, with the watcher that tells when they are recent enough.
+#[derive(Debug, Clone)]
+pub struct ReadModels {
+    pool: PgPool,
+    watcher: CheckpointWatcher,
+    stats: Arc<ReadStats>,
+}
+
+impl ReadModels {
+    pub fn new(pool: PgPool, watcher: CheckpointWatcher) -> Self {
+        Self {
+            pool,
+            watcher,
+            stats: Arc::new(ReadStats::default()),
+        }
+    }
+
+    /// The query counters.
+    pub fn stats(&self) -> Arc<ReadStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// `GET /orders/{id}`.
+    pub async fn order(
+        &self,
+        order_id: Uuid,
+        consistency: Option<Consistency>,
+    ) -> Result<Positioned<OrderSummary>, ApiError> {
+        let read = self
+            .read_consistent(ORDER_SUMMARIES, consistency, || async move {
+                let row = sqlx::query(ORDER_SQL)
+                    .bind(order_id)
+                    .fetch_one(&self.pool)
+                    .await?;
+                let position: i64 = row.try_get("cp_position")?;
+                let summary = summary_of(&row)?;
+                Ok((summary, position))
+            })
+            .await?;
+        match read.value {
+            Some(summary) => Ok(Positioned {
+                value: summary,
+                position: read.position,
+            }),
+            None => Err(ApiError::OrderNotFound {
+                order_id,
+                position: Some(read.position),
+            }),
+        }
+    }
+
+    /// `GET /orders`: one page, newest first.
+    pub async fn orders(
+        &self,
+        list: &ListOrders,
+        consistency: Option<Consistency>,
+    ) -> Result<Positioned<OrderPage>, ApiError> {
+        let read = self
+            .read_consistent(ORDER_SUMMARIES, consistency, || async move {
+                let before = list.before_position.unwrap_or(i64::MAX);
+                // One more than asked: tells whether a next page exists without another query.
+                let fetch = list.limit + 1;
+                let query = match (list.customer_id, list.status) {
+                    (None, None) => sqlx::query(PAGE_SQL).bind(before).bind(fetch),
+                    (Some(c), None) => sqlx::query(PAGE_BY_CUSTOMER_SQL)
+                        .bind(before)
+                        .bind(fetch)
+                        .bind(c),
+                    (None, Some(s)) => sqlx::query(page_by_status_sql(s)).bind(before).bind(fetch),
+                    (Some(c), Some(s)) => sqlx::query(PAGE_BY_CUSTOMER_AND_STATUS_SQL)
+                        .bind(before)
+                        .bind(fetch)
+                        .bind(c)
+                        .bind(s.as_str()),
+                };
+                let rows = query.fetch_all(&self.pool).await?;
+                // The checkpoint row is always there (LEFT JOIN), so `rows` is never empty.
+                let position: i64 = match rows.first() {
+                    Some(row) => row.try_get("cp_position")?,
+                    None => 0,
+                };
+                let mut items = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    if let Some(summary) = summary_of(row)? {
+                        let created: i64 = row.try_get("created_position")?;
+                        items.push((summary, created));
+                    }
+                }
+                Ok((items, position))
+            })
+            .await?;
+        let mut rows = read.value;
+        let limit = usize::try_from(list.limit).unwrap_or(usize::MAX);
+        let next_cursor = if rows.len() > limit {
+            rows.truncate(limit);
+            rows.last()
+                .map(|(_, created)| cursor::encode(*created, list.scope()))
+        } else {
+            None
+        };
+        Ok(Positioned {
+            value: OrderPage {
+                items: rows.into_iter().map(|(summary, _)| summary).collect(),
+                next_cursor,
+            },
+            position: read.position,
+        })
+    }
+
+    /// `GET /customers/{id}`.
+    pub async fn customer(
+        &self,
+        customer_id: Uuid,
+        consistency: Option<Consistency>,
+    ) -> Result<Positioned<CustomerStats>, ApiError> {
+        let read = self
+            .read_consistent(CUSTOMER_STATS, consistency, || async move {
+                let row = sqlx::query(CUSTOMER_SQL)
+                    .bind(customer_id)
+                    .fetch_one(&self.pool)
+                    .await?;
+                let position: i64 = row.try_get("cp_position")?;
+                Ok((customer_of(&row)?, position))
+            })
+            .await?;
+        match read.value {
+            Some(stats) => Ok(Positioned {
+                value: stats,
+                position: read.position,
+            }),
+            None => Err(ApiError::CustomerNotFound {
+                customer_id,
+                position: read.position,
+            }),
+        }
+    }
+
+    /// Reads once the projection has reached the requested position: waits on the watch (no
+    /// database), then runs `read`, whose second value is the checkpoint read in the same
+    /// statement. That fresh checkpoint is the answer's position; if it is below the request
+    /// (the watch ran ahead of a reset checkpoint), waits for the next publication and reads
+    /// again, so the number of reads is bounded by publications, not by time.
+    async fn read_consistent<T, F, Fut>(
+        &self,
+        projection: &'static str,
+        consistency: Option<Consistency>,
+        read: F,
+    ) -> Result<Positioned<T>, ApiError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(T, i64), ApiError>>,
+    {
+        let Some(wanted) = consistency else {
+            let (value, position) = self.counted(&read).await?;
+            return Ok(Positioned { value, position });
+        };
+        let mut require_change = false;
+        let mut waited = false;
+        loop {
+            let (seen, outcome) = self
+                .watcher
+                .wait_for(
+                    projection,
+                    wanted.min_position,
+                    wanted.deadline,
+                    require_change,
+                )
+                .await;
+            match outcome {
+                WaitOutcome::Timeout => {
+                    CheckpointWatcher::record_outcome(projection, WaitOutcome::Timeout);
+                    return Err(ApiError::ConsistencyTimeout {
+                        projection,
+                        min_position: wanted.min_position,
+                        observed: seen,
+                        wait_ms: u64::try_from(wanted.wait.as_millis()).unwrap_or(u64::MAX),
+                    });
+                }
+                WaitOutcome::Satisfied => waited = true,
+                WaitOutcome::Immediate => {}
+            }
+            let (value, position) = self.counted(&read).await?;
+            if position >= wanted.min_position {
+                let outcome = if waited {
+                    WaitOutcome::Satisfied
+                } else {
+                    WaitOutcome::Immediate
+                };
+                CheckpointWatcher::record_outcome(projection, outcome);
+                return Ok(Positioned { value, position });
+            }
+            tracing::debug!(
+                projection,
+                seen,
+                position,
+                "the checkpoint is behind its published position; waiting for the next one"
+            );
+            require_change = true;
+        }
+    }
+
+    async fn counted<T, F, Fut>(&self, read: &F) -> Result<(T, i64), ApiError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(T, i64), ApiError>>,
+    {
+        self.stats.queries.fetch_add(1, Ordering::Relaxed);
+        read().await
+    }
+}
+
+/// The summary in a row, or `None` when the LEFT JOIN found no order.
+fn summary_of(row: &PgRow) -> Result<Option<OrderSummary>, ApiError> {
+    let Some(order_id) = row.try_get::<Option<Uuid>, _>("order_id")? else {
+        return Ok(None);
+    };
+    let status: String = row.try_get("status")?;
+    let status = OrderStatus::parse(&status)
+        .ok_or_else(|| anyhow::anyhow!("order {order_id} has an unknown status {status:?}"))?;
+    let items: serde_json::Value = row.try_get("items")?;
+    let items: Vec<LineItem> = serde_json::from_value(items)
+        .map_err(|e| anyhow::anyhow!("order {order_id} has unreadable items: {e}"))?;
+    let currency: String = row.try_get("currency")?;
+    let item_count: i32 = row.try_get("item_count")?;
+    let created_at: DateTime<Utc> = row.try_get("created_at")?;
+    let updated_at: DateTime<Utc> = row.try_get("updated_at")?;
+    Ok(Some(OrderSummary {
+        order_id,
+        customer_id: row.try_get("customer_id")?,
+        status,
+        currency: currency.trim_end().to_owned(),
+        items,
+        total: row.try_get("total")?,
+        item_count: i64::from(item_count),
+        version: row.try_get("version")?,
+        created_at,
+        updated_at,
+    }))
+}
+
+/// The stats in a row, or `None` when the LEFT JOIN found no customer.
+fn customer_of(row: &PgRow) -> Result<Option<CustomerStats>, ApiError> {
+    let Some(customer_id) = row.try_get::<Option<Uuid>, _>("customer_id")? else {
+        return Ok(None);
+    };
+    Ok(Some(CustomerStats {
+        customer_id,
+        order_count: row.try_get("order_count")?,
+        total_spent: row.try_get("total_spent")?,
+        by_status: ByStatus {
+            draft: row.try_get("draft_count")?,
+            placed: row.try_get("placed_count")?,
+            paid: row.try_get("paid_count")?,
+            shipped: row.try_get("shipped_count")?,
+            cancelled: row.try_get("cancelled_count")?,
+        },
+    }))
+}

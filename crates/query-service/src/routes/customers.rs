@@ -1,0 +1,41 @@
+//! `GET /customers/{id}`: the `customer_stats` read model.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use platform::extract::{Path, Query};
+use uuid::Uuid;
+
+use super::{AppState, positioned};
+use crate::error::ApiError;
+use crate::params::{Consistency, RawConsistency};
+
+/// A customer's order counts by status and money spent.
+#[utoipa::path(
+    get,
+    path = "/customers/{id}",
+    tag = "read models",
+    params(
+        ("id" = Uuid, Path, description = "Customer id"),
+        crate::openapi::ConsistencyParams,
+    ),
+    responses(
+        (status = 200, description = "The customer's stats", body = crate::read_models::CustomerStats,
+            headers(("X-Projection-Position" = i64, description = "Every event with a position up to this one is reflected"))),
+        (status = 400, description = "`invalid_path`, `invalid_min_position`, `invalid_wait`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`customer_not_found` (carries X-Projection-Position)", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`consistency_timeout` with Retry-After", body = platform::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn get_customer(
+    State(app): State<AppState>,
+    Path(id): Path<Uuid>,
+    Query(raw): Query<RawConsistency>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let consistency = Consistency::parse(&raw, &headers, &app.reads)?;
+    let read = app.read_models.customer(id, consistency).await?;
+    Ok(positioned(read))
+}

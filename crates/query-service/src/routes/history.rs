@@ -1,0 +1,76 @@
+//! `GET /orders/{id}/events` and `GET /orders/{id}/state`: straight from the event store.
+
+use axum::extract::State;
+use axum::http::HeaderValue;
+use axum::response::{IntoResponse, Response};
+use platform::extract::{Json, Path, Query};
+use uuid::Uuid;
+
+use super::AppState;
+use crate::error::ApiError;
+use crate::history::EventPage;
+use crate::params::{HistoryPage, RawHistory, RawStateAt, StateAt};
+
+/// Response header of `GET /orders/{id}/state`: the stream version the state was folded to.
+pub const ORDER_VERSION_HEADER: &str = "x-order-version";
+
+/// The audit history of one order, in version order.
+#[utoipa::path(
+    get,
+    path = "/orders/{id}/events",
+    tag = "history",
+    params(
+        ("id" = Uuid, Path, description = "Order id"),
+        ("after_version" = Option<i64>, Query, description = "Only events after this stream version (default 0); pass the previous page's next_cursor", minimum = 0),
+        ("limit" = Option<i64>, Query, description = "Page size, 1 to 1000 (default 100)", minimum = 1, maximum = 1000),
+    ),
+    responses(
+        (status = 200, description = "A page of events", body = EventPage),
+        (status = 400, description = "`invalid_path`, `invalid_after_version`, `invalid_limit`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`order_not_found`: the order has no events", body = platform::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn get_order_events(
+    State(app): State<AppState>,
+    Path(id): Path<Uuid>,
+    Query(raw): Query<RawHistory>,
+) -> Result<Json<EventPage>, ApiError> {
+    let page = HistoryPage::try_from(&raw)?;
+    Ok(Json(app.history.events(id, page).await?))
+}
+
+/// The order's summary folded from the event store as of a version or an instant (now by default).
+#[utoipa::path(
+    get,
+    path = "/orders/{id}/state",
+    tag = "history",
+    params(
+        ("id" = Uuid, Path, description = "Order id"),
+        ("version" = Option<i64>, Query, description = "Fold up to and including this stream version", minimum = 1),
+        ("at" = Option<String>, Query, description = "Fold the events recorded at or before this RFC 3339 instant (write a `+` offset as `%2B`)", format = DateTime),
+    ),
+    responses(
+        (status = 200, description = "The summary as of then", body = events::OrderSummary,
+            headers(("X-Order-Version" = i64, description = "Stream version the state was folded to"))),
+        (status = 400, description = "`invalid_path`, `invalid_query` (both version and at), `invalid_version`, `invalid_at`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`order_not_found`: the order had no events at that point", body = platform::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn get_order_state(
+    State(app): State<AppState>,
+    Path(id): Path<Uuid>,
+    Query(raw): Query<RawStateAt>,
+) -> Result<Response, ApiError> {
+    let at = StateAt::try_from(&raw)?;
+    let summary = app.history.state(id, at).await?;
+    let version = summary.version;
+    let mut response = axum::Json(summary).into_response();
+    response
+        .headers_mut()
+        .insert(ORDER_VERSION_HEADER, HeaderValue::from(version));
+    Ok(response)
+}

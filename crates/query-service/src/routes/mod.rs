@@ -1,0 +1,62 @@
+//! The HTTP surface: the router, its shared state and the thin handlers.
+//!
+//! Handlers extract, parse into typed requests (`params`), make one call into `read_models` or
+//! `history`, and map the outcome; they hold no SQL. API routes sit behind the optional bearer
+//! token; `/healthz`, `/readyz`, `/metrics` and `/openapi.json` do not.
+
+mod customers;
+mod history;
+mod orders;
+
+use axum::Router;
+use axum::http::HeaderValue;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use platform::health::{Readiness, health_router};
+use serde::Serialize;
+
+use crate::config::ReadArgs;
+use crate::error::PROJECTION_POSITION_HEADER;
+use crate::history::History;
+use crate::read_models::{Positioned, ReadModels};
+
+pub use customers::__path_get_customer;
+pub use history::{__path_get_order_events, __path_get_order_state};
+pub use orders::{__path_get_order, __path_list_orders};
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub read_models: ReadModels,
+    pub history: History,
+    pub reads: ReadArgs,
+}
+
+/// The complete router (API, health, metrics, OpenAPI), without the standard layers.
+pub fn router(
+    state: AppState,
+    token: Option<std::sync::Arc<str>>,
+    readiness: Readiness,
+    metrics: PrometheusHandle,
+) -> Router {
+    let api = Router::new()
+        .route("/orders", get(orders::list_orders))
+        .route("/orders/{id}", get(orders::get_order))
+        .route("/orders/{id}/events", get(history::get_order_events))
+        .route("/orders/{id}/state", get(history::get_order_state))
+        .route("/customers/{id}", get(customers::get_customer))
+        .route_layer(platform::auth::require_bearer_token(token))
+        .with_state(state);
+    let docs = Router::new().route("/openapi.json", get(crate::openapi::openapi_json));
+    platform::extract::with_fallbacks(api.merge(docs).merge(health_router(readiness, metrics)))
+}
+
+/// A JSON answer carrying `X-Projection-Position`.
+fn positioned<T: Serialize>(read: Positioned<T>) -> Response {
+    let mut response = axum::Json(read.value).into_response();
+    response
+        .headers_mut()
+        .insert(PROJECTION_POSITION_HEADER, HeaderValue::from(read.position));
+    response
+}

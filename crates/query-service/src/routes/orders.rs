@@ -1,0 +1,73 @@
+//! `GET /orders/{id}` and `GET /orders`: the `order_summaries` read model.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use platform::extract::{Path, Query};
+use uuid::Uuid;
+
+use super::{AppState, positioned};
+use crate::error::ApiError;
+use crate::params::{Consistency, ListOrders, RawConsistency, RawListOrders};
+
+/// The summary of one order from the read model.
+#[utoipa::path(
+    get,
+    path = "/orders/{id}",
+    tag = "read models",
+    params(
+        ("id" = Uuid, Path, description = "Order id"),
+        crate::openapi::ConsistencyParams,
+    ),
+    responses(
+        (status = 200, description = "The order summary", body = events::OrderSummary,
+            headers(("X-Projection-Position" = i64, description = "Every event with a position up to this one is reflected"))),
+        (status = 400, description = "`invalid_path`, `invalid_min_position`, `invalid_wait`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: API_TOKEN is set and the bearer token is missing or wrong", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`order_not_found` (carries X-Projection-Position)", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`consistency_timeout` with Retry-After: the read model did not reach min_position within wait_ms", body = platform::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn get_order(
+    State(app): State<AppState>,
+    Path(id): Path<Uuid>,
+    Query(raw): Query<RawConsistency>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let consistency = Consistency::parse(&raw, &headers, &app.reads)?;
+    let read = app.read_models.order(id, consistency).await?;
+    Ok(positioned(read))
+}
+
+/// A page of orders, newest first, optionally filtered by customer and status.
+#[utoipa::path(
+    get,
+    path = "/orders",
+    tag = "read models",
+    params(
+        ("customer_id" = Option<Uuid>, Query, description = "Only this customer's orders"),
+        ("status" = Option<events::OrderStatus>, Query, description = "Only orders in this status"),
+        ("limit" = Option<i64>, Query, description = "Page size, 1 to 200 (default 50)", minimum = 1, maximum = 200),
+        ("cursor" = Option<String>, Query, description = "The `next_cursor` of the previous page (opaque; bound to the same filters)"),
+        crate::openapi::ConsistencyParams,
+    ),
+    responses(
+        (status = 200, description = "One page", body = crate::read_models::OrderPage,
+            headers(("X-Projection-Position" = i64, description = "Every event with a position up to this one is reflected"))),
+        (status = 400, description = "`invalid_query` (malformed customer_id), `invalid_status`, `invalid_limit`, `invalid_cursor`, `invalid_min_position`, `invalid_wait`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`consistency_timeout` with Retry-After", body = platform::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn list_orders(
+    State(app): State<AppState>,
+    Query(raw): Query<RawListOrders>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let list = ListOrders::try_from(&raw)?;
+    let consistency = Consistency::parse(&raw.consistency, &headers, &app.reads)?;
+    let read = app.read_models.orders(&list, consistency).await?;
+    Ok(positioned(read))
+}

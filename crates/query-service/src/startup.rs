@@ -1,0 +1,152 @@
+//! `Application`: connect, start the checkpoint watcher, bind, and serve until shutdown.
+//!
+//! `build` does everything that can fail at start (database, migrations, listen address), so a
+//! misconfigured service exits before it reports healthy; `run_until_stopped` serves until the
+//! shutdown future resolves, drains in-flight requests (bounded by `SHUTDOWN_GRACE_SECS`), then
+//! stops the watcher's tasks.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use axum::Router;
+use platform::health::Readiness;
+use platform::http::{HttpLimits, standard_layers};
+use platform::shutdown::CancellationToken;
+use platform::{db, redis_conn};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::consistency::{CheckpointWatcher, WatcherStats};
+use crate::history::History;
+use crate::read_models::{ReadModels, ReadStats};
+use crate::routes::{self, AppState};
+
+/// Service name, the `service` label of every metric.
+pub const SERVICE_NAME: &str = "query-service";
+
+/// A built, bound, not yet serving query service.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    port: u16,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    grace: std::time::Duration,
+    watcher_stats: Arc<WatcherStats>,
+    read_stats: Arc<ReadStats>,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    /// Connects to PostgreSQL (creating the database and running migrations unless
+    /// `SKIP_MIGRATIONS`), starts the checkpoint watcher and binds `LISTEN_ADDR`.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let metrics = platform::metrics::install(SERVICE_NAME);
+        let migrator = (!config.common.skip_migrations).then_some(&store::MIGRATOR);
+        let pool = db::connect(
+            &config.common.database_url,
+            config.common.db_max_connections,
+            migrator,
+        )
+        .await?;
+        // The query service does not use Redis itself, but the contract's /readyz reports it;
+        // a lazy manager lets the service start (and say not-ready) while Redis is down.
+        let redis = redis_conn::lazy_manager(
+            &config.common.redis_url,
+            redis_conn::DEFAULT_RESPONSE_TIMEOUT,
+        )?;
+
+        let cancel = CancellationToken::new();
+        let watcher = CheckpointWatcher::new();
+        // One poll before serving, so the first requests see real positions.
+        watcher
+            .poll_once(&pool)
+            .await
+            .context("read projection_checkpoints")?;
+        let tasks = watcher.spawn(
+            pool.clone(),
+            config.common.database_url.clone(),
+            config.reads.checkpoint_poll(),
+            cancel.clone(),
+        );
+
+        let read_models = ReadModels::new(pool.clone(), watcher.clone());
+        let state = AppState {
+            read_models: read_models.clone(),
+            history: History::new(pool.clone()),
+            reads: config.reads.clone(),
+        };
+        let router = routes::router(
+            state,
+            config.auth.token(),
+            Readiness::new(pool, redis),
+            metrics,
+        );
+        let router = standard_layers(
+            router,
+            HttpLimits {
+                request_timeout: config.reads.request_timeout(),
+                ..HttpLimits::default()
+            },
+        );
+
+        let listener = TcpListener::bind(&config.listen_addr)
+            .await
+            .with_context(|| format!("cannot listen on {} (LISTEN_ADDR)", config.listen_addr))?;
+        let port = listener
+            .local_addr()
+            .context("read the bound address")?
+            .port();
+        Ok(Self {
+            listener,
+            router,
+            port,
+            cancel,
+            tasks,
+            grace: config.common.shutdown_grace(),
+            watcher_stats: watcher.stats(),
+            read_stats: read_models.stats(),
+        })
+    }
+
+    /// The bound port (useful with `LISTEN_ADDR=127.0.0.1:0`).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Counters of the watcher's database work (checkpoint polls, notifications).
+    pub fn watcher_stats(&self) -> Arc<WatcherStats> {
+        Arc::clone(&self.watcher_stats)
+    }
+
+    /// Counters of read-model queries.
+    pub fn read_stats(&self) -> Arc<ReadStats> {
+        Arc::clone(&self.read_stats)
+    }
+
+    /// Serves until `shutdown` resolves, drains in-flight requests, then stops the watcher.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        tracing::info!(port = self.port, "query service listening");
+        let result =
+            platform::shutdown::serve_with_grace(self.listener, self.router, shutdown, self.grace)
+                .await;
+        self.cancel.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        tracing::info!("query service stopped");
+        result
+    }
+}

@@ -1,0 +1,881 @@
+//! The query service over HTTP, on a fresh database per test. Read models are written directly
+//! with SQL (the projector is not part of these tests); history and time travel use real events
+//! appended with `events::decide` + `store::append_batch`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use clap::Parser;
+use events::{EventMetadata, OrderCommand, OrderState, decide, evolve, order_stream_id};
+use query_service::consistency::WatcherStats;
+use query_service::read_models::ReadStats;
+use query_service::{Application, Config};
+use reqwest::StatusCode;
+use serde_json::Value;
+use sqlx::PgPool;
+use store::testing::TestDatabase;
+use store::{AppendRequest, ExpectedVersion};
+use uuid::Uuid;
+
+/// How long a wait-until helper polls before failing the test.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+struct TestApp {
+    base: String,
+    client: reqwest::Client,
+    db: TestDatabase,
+    watcher: Arc<WatcherStats>,
+    reads: Arc<ReadStats>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+#[derive(Default)]
+struct Options {
+    token: Option<&'static str>,
+    poll_ms: Option<u64>,
+}
+
+async fn spawn_app() -> TestApp {
+    spawn_app_with(Options::default()).await
+}
+
+async fn spawn_app_with(options: Options) -> TestApp {
+    let db = TestDatabase::new().await;
+    let poll_ms = options.poll_ms.unwrap_or(250).to_string();
+    let mut config = Config::try_parse_from([
+        "query-service",
+        "--database-url",
+        &db.url,
+        "--listen-addr",
+        "127.0.0.1:0",
+        "--db-max-connections",
+        "4",
+        "--skip-migrations",
+        "--shutdown-grace-secs",
+        "1",
+        "--checkpoint-poll-ms",
+        &poll_ms,
+    ])
+    .unwrap();
+    config.auth.api_token = options.token.map(str::to_owned);
+    let app = Application::build(config).await.unwrap();
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let watcher = app.watcher_stats();
+    let reads = app.read_stats();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    let test = TestApp {
+        base,
+        client: reqwest::Client::new(),
+        db,
+        watcher,
+        reads,
+        stop: Some(stop),
+    };
+    // The listener connects in the background; a NOTIFY before its LISTEN would be lost.
+    let listens = Arc::clone(&test.watcher);
+    wait_until("the listener is listening", || {
+        let listens = Arc::clone(&listens);
+        async move { listens.listens.load(Ordering::Relaxed) > 0 }
+    })
+    .await;
+    test
+}
+
+impl TestApp {
+    fn pool(&self) -> &PgPool {
+        &self.db.pool
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn get_json(&self, path: &str) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let response = self.get(path).await;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.json::<Value>().await.unwrap_or(Value::Null);
+        (status, headers, body)
+    }
+
+    /// Writes an `order_summaries` row as the projector would.
+    async fn put_summary(&self, order: &TestOrder) {
+        sqlx::query(
+            "INSERT INTO order_summaries (order_id, customer_id, status, currency, items, total, \
+             item_count, version, created_at, updated_at, created_position) \
+             VALUES ($1, $2, $3, 'EUR', $4, $5, $6, $7, $8, $8, $9)",
+        )
+        .bind(order.order_id)
+        .bind(order.customer_id)
+        .bind(order.status)
+        .bind(serde_json::json!([{"sku": "SKU-1", "quantity": 2, "unit_price": 1250}]))
+        .bind(2500_i64)
+        .bind(1_i32)
+        .bind(2_i64)
+        .bind(order.created_at())
+        .bind(order.created_position)
+        .execute(self.pool())
+        .await
+        .unwrap();
+    }
+
+    /// Advances a checkpoint, optionally announcing it like the projector's sweeper.
+    async fn set_checkpoint(&self, projection: &str, position: i64, notify: bool) {
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (projection, position) VALUES ($1, $2) \
+             ON CONFLICT (projection) DO UPDATE SET position = EXCLUDED.position, updated_at = now()",
+        )
+        .bind(projection)
+        .bind(position)
+        .execute(self.pool())
+        .await
+        .unwrap();
+        if notify {
+            sqlx::query("SELECT pg_notify('projection_position', $1)")
+                .bind(format!("{projection}:{position}"))
+                .execute(self.pool())
+                .await
+                .unwrap();
+        }
+    }
+
+    /// Appends one event batch per command to a new order; returns the versions' positions.
+    async fn append_order(&self, order_id: Uuid, commands: Vec<OrderCommand>) -> Vec<i64> {
+        let mut state = OrderState::default();
+        let mut positions = Vec::new();
+        for command in commands {
+            let produced = decide(&state, &command).unwrap();
+            let request = AppendRequest {
+                stream_id: order_stream_id(order_id),
+                expected: ExpectedVersion::Exact(state.version),
+                events: produced
+                    .iter()
+                    .map(|e| e.to_new_event(EventMetadata::default()))
+                    .collect(),
+                idempotency: None,
+            };
+            let outcome = store::append_batch(self.pool(), &[request])
+                .await
+                .unwrap()
+                .remove(0)
+                .unwrap();
+            positions.push(outcome.last_position);
+            for event in &produced {
+                state = evolve(state, event);
+            }
+        }
+        positions
+    }
+}
+
+struct TestOrder {
+    order_id: Uuid,
+    customer_id: Uuid,
+    status: &'static str,
+    created_position: i64,
+}
+
+impl TestOrder {
+    fn new(customer_id: Uuid, status: &'static str, created_position: i64) -> Self {
+        Self {
+            order_id: Uuid::new_v4(),
+            customer_id,
+            status,
+            created_position,
+        }
+    }
+
+    /// Creation times follow positions, so "newest first" can be checked on the body.
+    fn created_at(&self) -> DateTime<Utc> {
+        DateTime::<Utc>::from_timestamp(1_700_000_000 + self.created_position, 0).unwrap()
+    }
+}
+
+async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn projection_position(headers: &reqwest::header::HeaderMap) -> i64 {
+    headers
+        .get("x-projection-position")
+        .expect("X-Projection-Position is present")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn create(order_id: Uuid, customer_id: Uuid) -> OrderCommand {
+    OrderCommand::CreateOrder {
+        order_id,
+        customer_id,
+        currency: "EUR".into(),
+    }
+}
+
+fn add(sku: &str, quantity: i64, unit_price: i64) -> OrderCommand {
+    OrderCommand::AddItem {
+        sku: sku.into(),
+        quantity,
+        unit_price,
+    }
+}
+
+#[tokio::test]
+async fn an_order_and_a_customer_are_read_from_their_read_models_with_their_position() {
+    let app = spawn_app().await;
+    let customer = Uuid::new_v4();
+    let order = TestOrder::new(customer, "placed", 3);
+    app.put_summary(&order).await;
+    app.set_checkpoint("order_summaries", 7, true).await;
+    sqlx::query(
+        "INSERT INTO customer_stats (customer_id, order_count, total_spent, draft_count, \
+         placed_count, paid_count, shipped_count, cancelled_count) VALUES ($1, 4, 9900, 1, 1, 1, 1, 0)",
+    )
+    .bind(customer)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    app.set_checkpoint("customer_stats", 5, true).await;
+
+    let (status, headers, body) = app.get_json(&format!("/orders/{}", order.order_id)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(projection_position(&headers), 7);
+    assert_eq!(body["order_id"], order.order_id.to_string());
+    assert_eq!(body["customer_id"], customer.to_string());
+    assert_eq!(body["status"], "placed");
+    assert_eq!(body["currency"], "EUR");
+    assert_eq!(
+        body["items"],
+        serde_json::json!([{"sku": "SKU-1", "quantity": 2, "unit_price": 1250}])
+    );
+    assert_eq!(body["total"], 2500);
+    assert_eq!(body["item_count"], 1);
+    assert_eq!(body["version"], 2);
+    assert!(body["created_at"].is_string() && body["updated_at"].is_string());
+
+    let (status, headers, body) = app.get_json(&format!("/customers/{customer}")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(projection_position(&headers), 5);
+    assert_eq!(
+        body,
+        serde_json::json!({
+            "customer_id": customer.to_string(),
+            "order_count": 4,
+            "total_spent": 9900,
+            "by_status": {"draft": 1, "placed": 1, "paid": 1, "shipped": 1, "cancelled": 0}
+        })
+    );
+
+    let (status, headers, body) = app.get_json(&format!("/orders/{}", Uuid::new_v4())).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], "order_not_found");
+    assert_eq!(projection_position(&headers), 7);
+    let (status, _, body) = app
+        .get_json(&format!("/customers/{}", Uuid::new_v4()))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], "customer_not_found");
+}
+
+#[tokio::test]
+async fn a_read_with_min_position_waits_until_a_notified_checkpoint_reaches_it() {
+    // A poll interval far beyond the test: only the NOTIFY can wake the waiter.
+    let app = spawn_app_with(Options {
+        poll_ms: Some(600_000),
+        ..Options::default()
+    })
+    .await;
+    let order = TestOrder::new(Uuid::new_v4(), "draft", 1);
+    app.put_summary(&order).await;
+    app.set_checkpoint("order_summaries", 1, true).await;
+
+    let (status, _, body) = app
+        .get_json(&format!(
+            "/orders/{}?min_position=5&wait_ms=0",
+            order.order_id
+        ))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+
+    let waiter = {
+        let client = app.client.clone();
+        let url = format!("{}/orders/{}?wait_ms=10000", app.base, order.order_id);
+        tokio::spawn(async move {
+            client
+                .get(url)
+                .header("X-Min-Position", "5")
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    let stats = Arc::clone(&app.watcher);
+    wait_until("the request waits", || {
+        let stats = Arc::clone(&stats);
+        async move { stats.waiting.load(Ordering::Relaxed) == 1 }
+    })
+    .await;
+    app.set_checkpoint("order_summaries", 6, true).await;
+
+    let response = waiter.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(projection_position(response.headers()) >= 5);
+}
+
+#[tokio::test]
+async fn a_checkpoint_advanced_without_a_notification_is_found_by_the_poll() {
+    let app = spawn_app().await;
+    sqlx::query("INSERT INTO customer_stats (customer_id, order_count) VALUES ($1, 1)")
+        .bind(Uuid::nil())
+        .execute(app.pool())
+        .await
+        .unwrap();
+    let waiter = {
+        let client = app.client.clone();
+        let url = format!("{}/customers/{}?min_position=3", app.base, Uuid::nil());
+        tokio::spawn(async move { client.get(url).send().await.unwrap() })
+    };
+    let stats = Arc::clone(&app.watcher);
+    wait_until("the request waits", || {
+        let stats = Arc::clone(&stats);
+        async move { stats.waiting.load(Ordering::Relaxed) == 1 }
+    })
+    .await;
+    app.set_checkpoint("customer_stats", 3, false).await;
+    let response = waiter.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(projection_position(response.headers()), 3);
+}
+
+#[tokio::test]
+async fn a_wait_past_wait_ms_answers_503_with_retry_after() {
+    let app = spawn_app().await;
+    app.set_checkpoint("order_summaries", 2, true).await;
+    let response = app.get("/orders?min_position=100&wait_ms=150").await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(projection_position(response.headers()), 2);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "consistency_timeout");
+    assert_eq!(body["min_position"], 100);
+}
+
+#[tokio::test]
+async fn two_hundred_waiting_clients_do_not_multiply_database_load() {
+    const CLIENTS: usize = 200;
+    let app = spawn_app().await;
+    let order = TestOrder::new(Uuid::new_v4(), "draft", 1);
+    app.put_summary(&order).await;
+    app.set_checkpoint("order_summaries", 1, true).await;
+
+    let polls_before = app.watcher.checkpoint_polls.load(Ordering::Relaxed);
+    let reads_before = app.reads.queries.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let mut waiters = Vec::with_capacity(CLIENTS);
+    for _ in 0..CLIENTS {
+        let client = app.client.clone();
+        let url = format!(
+            "{}/orders/{}?min_position=50&wait_ms=10000",
+            app.base, order.order_id
+        );
+        waiters.push(tokio::spawn(async move {
+            client.get(url).send().await.unwrap()
+        }));
+    }
+    let stats = Arc::clone(&app.watcher);
+    wait_until("every client waits", || {
+        let stats = Arc::clone(&stats);
+        async move { stats.waiting.load(Ordering::Relaxed) == CLIENTS as u64 }
+    })
+    .await;
+    // While they all wait, nobody has read the read model.
+    assert_eq!(app.reads.queries.load(Ordering::Relaxed), reads_before);
+
+    app.set_checkpoint("order_summaries", 50, true).await;
+    for waiter in waiters {
+        let response = waiter.await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(projection_position(response.headers()) >= 50);
+    }
+    let elapsed = started.elapsed();
+
+    // Each client read the row exactly once, after the checkpoint advanced.
+    assert_eq!(
+        app.reads.queries.load(Ordering::Relaxed) - reads_before,
+        CLIENTS as u64
+    );
+    // The checkpoint table was read at the watcher's fixed rate, whatever the number of
+    // waiting clients: one poll per interval (plus the one in flight at each end).
+    let polls = app.watcher.checkpoint_polls.load(Ordering::Relaxed) - polls_before;
+    let allowed = (elapsed.as_millis() / 250) as u64 + 2;
+    assert!(
+        polls <= allowed,
+        "{polls} checkpoint polls in {elapsed:?} for {CLIENTS} waiting clients"
+    );
+}
+
+#[tokio::test]
+async fn paging_visits_every_order_exactly_once_while_new_orders_are_inserted() {
+    let app = spawn_app().await;
+    let customer = Uuid::new_v4();
+    let mut initial = HashSet::new();
+    for position in 1..=60 {
+        let order = TestOrder::new(customer, "draft", position * 2);
+        initial.insert(order.order_id.to_string());
+        app.put_summary(&order).await;
+    }
+    // Orders keep arriving (newer positions) while the client pages.
+    let writer = {
+        let pool = app.pool().clone();
+        tokio::spawn(async move {
+            for position in 1000..1040 {
+                let order = TestOrder::new(customer, "draft", position);
+                sqlx::query(
+                    "INSERT INTO order_summaries (order_id, customer_id, status, currency, \
+                     total, item_count, version, created_at, updated_at, created_position) \
+                     VALUES ($1, $2, 'draft', 'EUR', 0, 0, 1, $3, $3, $4)",
+                )
+                .bind(order.order_id)
+                .bind(order.customer_id)
+                .bind(order.created_at())
+                .bind(order.created_position)
+                .execute(&pool)
+                .await
+                .unwrap();
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+
+    let mut seen = Vec::new();
+    let mut created = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/orders?limit=7&cursor={c}"),
+            None => "/orders?limit=7".to_owned(),
+        };
+        let (status, _, body) = app.get_json(&path).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let items = body["items"].as_array().unwrap();
+        assert!(items.len() <= 7);
+        for item in items {
+            seen.push(item["order_id"].as_str().unwrap().to_owned());
+            created.push(item["created_at"].as_str().unwrap().to_owned());
+        }
+        match body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    writer.await.unwrap();
+
+    let unique: HashSet<_> = seen.iter().cloned().collect();
+    assert_eq!(unique.len(), seen.len(), "an order was visited twice");
+    assert!(initial.is_subset(&unique), "an order was skipped");
+    let times: Vec<DateTime<Utc>> = created.iter().map(|t| t.parse().unwrap()).collect();
+    assert!(times.windows(2).all(|w| w[0] > w[1]), "not newest first");
+}
+
+#[tokio::test]
+async fn orders_are_filtered_by_customer_and_status() {
+    let app = spawn_app().await;
+    let alice = Uuid::new_v4();
+    let bob = Uuid::new_v4();
+    let orders = [
+        TestOrder::new(alice, "draft", 1),
+        TestOrder::new(alice, "paid", 2),
+        TestOrder::new(bob, "paid", 3),
+        TestOrder::new(bob, "shipped", 4),
+        TestOrder::new(alice, "paid", 5),
+    ];
+    for order in &orders {
+        app.put_summary(order).await;
+    }
+    let ids = |body: &Value| -> Vec<String> {
+        body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["order_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let id = |i: usize| orders[i].order_id.to_string();
+
+    let (_, _, body) = app.get_json(&format!("/orders?customer_id={alice}")).await;
+    assert_eq!(ids(&body), vec![id(4), id(1), id(0)]);
+    let (_, _, body) = app.get_json("/orders?status=paid").await;
+    assert_eq!(ids(&body), vec![id(4), id(2), id(1)]);
+    let (_, _, body) = app
+        .get_json(&format!("/orders?customer_id={bob}&status=paid"))
+        .await;
+    assert_eq!(ids(&body), vec![id(2)]);
+    assert!(body["next_cursor"].is_null());
+
+    // Paging with a filter, then a cursor reused under another filter.
+    let (_, _, body) = app.get_json("/orders?status=paid&limit=2").await;
+    assert_eq!(ids(&body), vec![id(4), id(2)]);
+    let cursor = body["next_cursor"].as_str().unwrap().to_owned();
+    let (_, _, body) = app
+        .get_json(&format!("/orders?status=paid&limit=2&cursor={cursor}"))
+        .await;
+    assert_eq!(ids(&body), vec![id(1)]);
+    assert!(body["next_cursor"].is_null());
+    let (status, _, body) = app
+        .get_json(&format!("/orders?status=draft&limit=2&cursor={cursor}"))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["code"], "invalid_cursor");
+}
+
+#[tokio::test]
+async fn time_travel_by_version_and_by_time_shows_the_states_in_between() {
+    let app = spawn_app().await;
+    let order_id = Uuid::new_v4();
+    let customer = Uuid::new_v4();
+    app.append_order(
+        order_id,
+        vec![
+            create(order_id, customer),
+            add("SKU-1", 2, 500),
+            OrderCommand::PlaceOrder,
+        ],
+    )
+    .await;
+
+    let response = app
+        .get(&format!("/orders/{order_id}/state?version=2"))
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-order-version"], "2");
+    let at_two: Value = response.json().await.unwrap();
+    assert_eq!(at_two["status"], "draft");
+    assert_eq!(at_two["items"].as_array().unwrap().len(), 1);
+    assert_eq!(at_two["total"], 1000);
+    assert_eq!(at_two["version"], 2);
+
+    let (_, _, history) = app.get_json(&format!("/orders/{order_id}/events")).await;
+    let recorded_at = history["events"][1]["recorded_at"].as_str().unwrap();
+    // A `+00:00` offset must be escaped in a query string; `Z` needs nothing.
+    let at = recorded_at.parse::<DateTime<Utc>>().unwrap().to_rfc3339();
+    let (status, headers, by_time) = app
+        .get_json(&format!(
+            "/orders/{order_id}/state?at={}",
+            at.replace('+', "%2B")
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{by_time}");
+    assert_eq!(headers["x-order-version"], "2");
+    assert_eq!(by_time, at_two);
+
+    let (status, headers, now) = app.get_json(&format!("/orders/{order_id}/state")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["x-order-version"], "3");
+    assert_eq!(now["status"], "placed");
+    let (_, _, beyond) = app
+        .get_json(&format!("/orders/{order_id}/state?version=99"))
+        .await;
+    assert_eq!(beyond, now);
+
+    let (status, _, body) = app
+        .get_json(&format!("/orders/{order_id}/state?at=2000-01-01T00:00:00Z"))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], "order_not_found");
+}
+
+#[tokio::test]
+async fn the_history_of_an_order_pages_by_version() {
+    let app = spawn_app().await;
+    let order_id = Uuid::new_v4();
+    let positions = app
+        .append_order(
+            order_id,
+            vec![
+                create(order_id, Uuid::new_v4()),
+                add("A", 1, 100),
+                add("B", 1, 100),
+                add("C", 1, 100),
+                add("D", 1, 100),
+            ],
+        )
+        .await;
+
+    let (status, _, page) = app
+        .get_json(&format!("/orders/{order_id}/events?limit=2"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let events = page["events"].as_array().unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0]["version"], 1);
+    assert_eq!(events[0]["event_type"], "OrderCreated");
+    assert_eq!(events[0]["position"], positions[0]);
+    assert_eq!(events[1]["event_type"], "ItemAdded");
+    assert_eq!(events[1]["data"]["sku"], "A");
+    assert!(events[1]["metadata"].is_object());
+    assert!(events[1]["recorded_at"].is_string());
+    assert_eq!(page["next_cursor"], "2");
+
+    let (_, _, page) = app
+        .get_json(&format!(
+            "/orders/{order_id}/events?limit=2&after_version=2"
+        ))
+        .await;
+    assert_eq!(page["next_cursor"], "4");
+    let (_, _, page) = app
+        .get_json(&format!(
+            "/orders/{order_id}/events?limit=2&after_version=4"
+        ))
+        .await;
+    let events = page["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["version"], 5);
+    assert!(page["next_cursor"].is_null());
+    let (status, _, page) = app
+        .get_json(&format!("/orders/{order_id}/events?after_version=5"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["events"], serde_json::json!([]));
+
+    let (status, _, body) = app
+        .get_json(&format!("/orders/{}/events", Uuid::new_v4()))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], "order_not_found");
+}
+
+#[tokio::test]
+async fn each_bad_input_gets_its_status_and_a_problem_with_its_code() {
+    let app = spawn_app().await;
+    let id = Uuid::new_v4();
+    let cases: Vec<(String, u16, &str)> = vec![
+        ("/orders/not-a-uuid".into(), 400, "invalid_path"),
+        ("/customers/42".into(), 400, "invalid_path"),
+        ("/orders/nope/events".into(), 400, "invalid_path"),
+        ("/orders?customer_id=bob".into(), 400, "invalid_query"),
+        ("/orders?status=lost".into(), 400, "invalid_status"),
+        ("/orders?limit=0".into(), 400, "invalid_limit"),
+        ("/orders?limit=-3".into(), 400, "invalid_limit"),
+        ("/orders?limit=201".into(), 400, "invalid_limit"),
+        ("/orders?limit=many".into(), 400, "invalid_limit"),
+        ("/orders?cursor=garbage".into(), 400, "invalid_cursor"),
+        (
+            "/orders?cursor=djE6OTk6MDAwMDAwMDA".into(),
+            400,
+            "invalid_cursor",
+        ),
+        (
+            "/orders?min_position=soon".into(),
+            400,
+            "invalid_min_position",
+        ),
+        (
+            "/orders?min_position=-1".into(),
+            400,
+            "invalid_min_position",
+        ),
+        (
+            format!("/orders/{id}?min_position=1&wait_ms=10001"),
+            400,
+            "invalid_wait",
+        ),
+        (
+            format!("/customers/{id}?wait_ms=later"),
+            400,
+            "invalid_wait",
+        ),
+        (
+            format!("/orders/{id}/events?limit=1001"),
+            400,
+            "invalid_limit",
+        ),
+        (
+            format!("/orders/{id}/events?after_version=-1"),
+            400,
+            "invalid_after_version",
+        ),
+        (
+            format!("/orders/{id}/state?version=0"),
+            400,
+            "invalid_version",
+        ),
+        (
+            format!("/orders/{id}/state?version=two"),
+            400,
+            "invalid_version",
+        ),
+        (
+            format!("/orders/{id}/state?at=yesterday"),
+            400,
+            "invalid_at",
+        ),
+        (
+            format!("/orders/{id}/state?version=1&at=2026-01-01T00:00:00Z"),
+            400,
+            "invalid_query",
+        ),
+        (format!("/orders/{id}"), 404, "order_not_found"),
+        (format!("/orders/{id}/state"), 404, "order_not_found"),
+        (format!("/customers/{id}"), 404, "customer_not_found"),
+        ("/nowhere".into(), 404, "not_found"),
+    ];
+    for (path, status, code) in cases {
+        let response = app.get(&path).await;
+        assert_eq!(response.status().as_u16(), status, "{path}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json",
+            "{path}"
+        );
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], code, "{path}: {body}");
+        assert_eq!(body["status"], status, "{path}");
+    }
+    let response = app
+        .client
+        .get(format!("{}/orders", app.base))
+        .header("X-Min-Position", "x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "invalid_min_position");
+}
+
+#[tokio::test]
+async fn a_configured_token_is_required_on_api_routes_only() {
+    let app = spawn_app_with(Options {
+        token: Some("s3cret"),
+        ..Options::default()
+    })
+    .await;
+    let response = app.get("/orders").await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "unauthorized");
+    let response = app
+        .client
+        .get(format!("{}/orders", app.base))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let response = app
+        .client
+        .get(format!("{}/orders", app.base))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    for open in ["/healthz", "/metrics", "/openapi.json"] {
+        assert_eq!(app.get(open).await.status(), StatusCode::OK, "{open}");
+    }
+}
+
+#[tokio::test]
+async fn openapi_json_lists_every_route_and_error() {
+    let app = spawn_app().await;
+    let (status, _, doc) = app.get_json("/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    let paths = doc["paths"].as_object().unwrap();
+    for route in [
+        "/orders",
+        "/orders/{id}",
+        "/orders/{id}/events",
+        "/orders/{id}/state",
+        "/customers/{id}",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+    ] {
+        assert!(paths.contains_key(route), "{route} missing");
+    }
+    let text = doc.to_string();
+    for code in [
+        "invalid_path",
+        "invalid_query",
+        "invalid_limit",
+        "invalid_cursor",
+        "invalid_status",
+        "invalid_min_position",
+        "invalid_wait",
+        "invalid_after_version",
+        "invalid_version",
+        "invalid_at",
+        "unauthorized",
+        "order_not_found",
+        "customer_not_found",
+        "consistency_timeout",
+    ] {
+        assert!(text.contains(code), "{code} not documented");
+    }
+    let list = &doc["paths"]["/orders"]["get"]["parameters"];
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    for name in [
+        "customer_id",
+        "status",
+        "limit",
+        "cursor",
+        "min_position",
+        "X-Min-Position",
+        "wait_ms",
+    ] {
+        assert!(names.contains(&name), "{name} missing from GET /orders");
+    }
+}
+
+#[tokio::test]
+async fn health_and_metrics_answer() {
+    let app = spawn_app().await;
+    assert_eq!(app.get("/healthz").await.status(), StatusCode::OK);
+    assert_eq!(app.get("/readyz").await.status(), StatusCode::OK);
+    let _ = app.get("/orders?min_position=0").await;
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("query_consistency_waits_total"),
+        "{metrics}"
+    );
+}
