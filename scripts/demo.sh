@@ -166,9 +166,16 @@ rcli() { redis-cli --no-auth-warning -u "$REDIS_URL" "$@"; }
 dlq="$EVENT_STREAM:dlq:$DLQ_GROUP"
 dlq_len() { rcli XLEN "$dlq" 2>/dev/null || echo 0; }
 before="$(dlq_len)"
-entry_id="$(rcli XADD "$EVENT_STREAM" '*' position not-a-number event_id demo-poison \
+# Entry ids on this stream are `<global position>-0`. An injected entry must take the id right
+# after the newest one (`<position>-1`): a `*` (time-based) id would sort above every future
+# position and the relay could no longer publish (projectors would then heal from PostgreSQL,
+# but only after their grace period).
+newest_id="$(rcli XREVRANGE "$EVENT_STREAM" + - COUNT 1 | head -n 1)"
+[[ -n "$newest_id" ]] || die "$EVENT_STREAM is empty: run the demo's orders first"
+poison_id="${newest_id%-*}-$((${newest_id#*-} + 1))"
+entry_id="$(rcli XADD "$EVENT_STREAM" "$poison_id" position not-a-number event_id demo-poison \
     stream_id order-demo-poison event_type Garbage data '{not json' metadata '{}')"
-echo "  XADD $EVENT_STREAM * position not-a-number ... -> entry $entry_id"
+echo "  XADD $EVENT_STREAM $poison_id position not-a-number ... -> entry $entry_id"
 echo "  waiting up to ${DLQ_WAIT_SECS}s for the projector to retry it and dead-letter it into $dlq"
 # shellcheck disable=SC2317 # called through wait_until
 dlq_grew() { (($(dlq_len) > before)); }

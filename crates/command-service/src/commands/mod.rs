@@ -40,7 +40,7 @@ const MAX_RETRY_BACKOFF: Duration = Duration::from_millis(50);
 /// Settings of the handler.
 #[derive(Debug, Clone, Copy)]
 pub struct HandlerConfig {
-    /// Write a snapshot each time an order's version crosses a multiple of this (at least 1).
+    /// Write a snapshot each time an order's version crosses a multiple of this; 0: never.
     pub snapshot_every: i64,
     /// Internal retries after a concurrent append when the client sent no `If-Match`.
     pub retries: u32,
@@ -164,10 +164,7 @@ impl CommandHandler {
                 pool,
                 committer,
                 slots: OrderSlots::new(config.cache_capacity),
-                config: HandlerConfig {
-                    snapshot_every: config.snapshot_every.max(1),
-                    ..config
-                },
+                config,
             }),
         }
     }
@@ -318,13 +315,21 @@ impl CommandHandler {
             (pending, before, after)
         };
 
-        let result = pending.await.unwrap_or(Err(AppendError::CommitterStopped));
+        // The wait and the cache repair run in a task of their own: if the client goes away and
+        // this future is dropped, a failed append must still clear the cached state, which
+        // includes it. Commands already chained on it fail their own version check and retry
+        // from a fresh load.
+        let settle = tokio::spawn(async move {
+            let result = pending.await.unwrap_or(Err(AppendError::CommitterStopped));
+            if result.is_err() {
+                *slot.lock().await = None;
+            }
+            result
+        });
+        let result = settle.await.unwrap_or(Err(AppendError::CommitterStopped));
         let outcome = match result {
             Ok(outcome) => outcome,
             Err(err) => {
-                // The cached state includes this failed append: forget it. Commands already
-                // chained on it fail their own version check and retry from a fresh load.
-                *slot.lock().await = None;
                 return Err(match err {
                     AppendError::Conflict { actual, .. } => AttemptError::Conflict {
                         actual: Some(actual),
@@ -400,7 +405,7 @@ impl CommandHandler {
     /// the snapshot interval. A lost snapshot only costs a longer load later.
     fn maybe_snapshot(&self, stream_id: String, before: i64, after: OrderState) {
         let every = self.inner.config.snapshot_every;
-        if before / every == after.version / every {
+        if every <= 0 || before / every == after.version / every {
             return;
         }
         let pool = self.inner.pool.clone();

@@ -188,8 +188,16 @@ pub async fn publish_step(ctx: &mut RelayContext) -> Result<StepOutcome, StepErr
             .map(|event| event.recorded_at),
     );
     if outcome.already_present > 0 {
-        tracing::debug!(stream = %ctx.stream_key, already_present = outcome.already_present,
-            "part of the batch was already on the stream (republished after a restart)");
+        // Resuming starts after the stream's newest `<position>-0` entry, so Redis refusing part
+        // of a later batch means its newest id is above these positions: something wrote to the
+        // stream with a time-based id (`XADD … *`), or another relay published them. Projections
+        // still converge (their sweeper applies from PostgreSQL), but say it loudly.
+        metrics::counter!("relay_refused_entries_total").increment(outcome.already_present as u64);
+        tracing::error!(stream = %ctx.stream_key, refused = outcome.already_present,
+            first_position = batch.first().map(|e| e.global_position),
+            "Redis refused entries as already present: the stream's newest id is above their \
+             positions; entries on this stream must only be written by the relay (ids \
+             `<position>-0`); remove the foreign entry with XDEL");
     }
 
     checkpoint::save(&mut ctx.conn, &ctx.stream_key, last_position)
