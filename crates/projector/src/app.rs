@@ -1,0 +1,137 @@
+//! The `serve` subcommand: per configured projection a consumer task and a sweeper task, plus
+//! the HTTP server for `/healthz`, `/readyz` (Postgres and Redis) and `/metrics`.
+//!
+//! Shutdown (SIGTERM): the token stops the loops between steps, so the batch in hand is
+//! finished and acknowledged; the HTTP server drains; then the process exits 0.
+
+use anyhow::Context as _;
+use axum::Router;
+use bus::{Consumer, DeadLetterQueue, StreamKeys};
+use platform::health::{Readiness, health_router};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Cli;
+use crate::consumer::ProjectionConsumer;
+use crate::sweeper::{DeadLetters, Sweeper};
+
+/// Connects Postgres (creating the database and running migrations unless `SKIP_MIGRATIONS`).
+pub async fn connect_db(cli: &Cli) -> anyhow::Result<PgPool> {
+    let migrator = (!cli.common.skip_migrations).then_some(&store::MIGRATOR);
+    platform::db::connect(
+        &cli.common.database_url,
+        cli.common.db_max_connections,
+        migrator,
+    )
+    .await
+}
+
+/// The Redis client, a lazily connecting shared connection, and the stream keys.
+pub fn connect_redis(
+    cli: &Cli,
+) -> anyhow::Result<(redis::Client, bus::ConnectionManager, StreamKeys)> {
+    let client = bus::client(&cli.common.redis_url).context("invalid REDIS_URL")?;
+    let conn = bus::connect_lazy(&client).context("connect to Redis (REDIS_URL)")?;
+    Ok((
+        client,
+        conn,
+        StreamKeys::new(cli.common.event_stream.clone()),
+    ))
+}
+
+/// A built, not yet running, projector service.
+pub struct Application {
+    cli: Cli,
+    listener: TcpListener,
+    router: Router,
+    pool: PgPool,
+    client: redis::Client,
+    redis: bus::ConnectionManager,
+    keys: StreamKeys,
+}
+
+impl Application {
+    /// Connects, migrates and binds `LISTEN_ADDR`.
+    pub async fn build(cli: Cli) -> anyhow::Result<Self> {
+        let pool = connect_db(&cli).await?;
+        let (client, redis, keys) = connect_redis(&cli)?;
+        let handle = platform::metrics::install("projector");
+        let router = health_router(Readiness::new(pool.clone(), redis.clone()), handle);
+        let listener = TcpListener::bind(&cli.settings.listen_addr)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} (LISTEN_ADDR)",
+                    cli.settings.listen_addr
+                )
+            })?;
+        Ok(Self {
+            cli,
+            listener,
+            router,
+            pool,
+            client,
+            redis,
+            keys,
+        })
+    }
+
+    /// The bound port (useful with `LISTEN_ADDR=127.0.0.1:0`).
+    pub fn port(&self) -> u16 {
+        self.listener
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or_default()
+    }
+
+    /// Runs until `shutdown` is cancelled, then drains and returns.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let settings = &self.cli.settings;
+        let name = settings.consumer_name();
+        let mut tasks = tokio::task::JoinSet::new();
+        for projection in settings.projections.iter().copied() {
+            let consumer = Consumer::new(
+                &self.client,
+                self.redis.clone(),
+                self.keys.clone(),
+                projection.name(),
+                name.clone(),
+                settings.consumer().block,
+            )
+            .context("create the Redis consumer")?;
+            if let Err(e) = consumer.ensure_group(bus::FROM_BEGINNING).await {
+                // Redis may be down at start; the loop recreates the group once it is back.
+                tracing::warn!(projection = %projection, error = %e, "cannot create the consumer group yet");
+            }
+            let worker = ProjectionConsumer::new(
+                projection,
+                self.pool.clone(),
+                consumer,
+                settings.consumer(),
+            );
+            tasks.spawn(worker.run(shutdown.clone()));
+            let sweeper = Sweeper::new(
+                projection,
+                self.pool.clone(),
+                Some(DeadLetters {
+                    queue: DeadLetterQueue::new(self.redis.clone(), self.keys.clone()),
+                    consumer: format!("{name}/sweeper"),
+                }),
+                settings.sweeper(),
+            );
+            tasks.spawn(sweeper.run(shutdown.clone()));
+        }
+        tracing::info!(consumer = %name, projections = ?settings.projections, port = self.port(), "projector running");
+        let served = platform::shutdown::serve_with_grace(
+            self.listener,
+            self.router,
+            shutdown.clone().cancelled_owned(),
+            self.cli.common.shutdown_grace(),
+        )
+        .await;
+        shutdown.cancel();
+        while tasks.join_next().await.is_some() {}
+        served
+    }
+}

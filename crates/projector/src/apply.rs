@@ -1,0 +1,412 @@
+//! The apply engine: exactly-once, in-order application of events to a projection, whatever
+//! their source (Redis entries, the event store during catch-up, sweeping or rebuilding) and
+//! however many projector instances run at once.
+//!
+//! One call of [`apply_batch`] is one transaction:
+//! 1. `pg_advisory_xact_lock_shared(<projection key>)`, so a rebuild (which holds the exclusive
+//!    lock) pauses every live writer of the projection;
+//! 2. the `projection_streams` rows of the batch's streams are created if missing and locked
+//!    `FOR UPDATE` in `stream_id` order (one global lock order: instances never deadlock);
+//! 3. per stream, events at or below the stored version are duplicates (skipped); a parked
+//!    stream holds every newer event back (skipped and counted, applied at replay); a batch
+//!    that does not continue exactly at `version + 1` is completed from the event store
+//!    (*version guard with catch-up*);
+//! 4. the projection folds the events, the stored versions move forward,
+//!    `pg_notify('projection_applied', <projection>)` wakes the sweepers, and it commits.
+//!
+//! Only after the commit may a consumer acknowledge the entries. The engine never talks to
+//! Redis and never decides retries: it reports a [`Failure`] and the caller decides.
+
+use std::collections::BTreeMap;
+
+use events::RecordedEvent;
+use sqlx::{Acquire, PgConnection, Row};
+
+use crate::failure::{Failure, classify_sql};
+use crate::metrics;
+use crate::projections::ProjectionKind;
+
+/// NOTIFY channel signalled by every apply transaction that changed a projection; the payload
+/// is the projection name. A wake-up hint for the sweepers only.
+pub const APPLIED_CHANNEL: &str = "projection_applied";
+
+/// How many events of one stream a replay or catch-up reads from the store per round trip.
+pub const STREAM_READ_CHUNK: i64 = 1_000;
+
+/// What one apply did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    /// Events applied (including those read from the store to fill gaps).
+    pub applied: usize,
+    /// Events already applied before (redeliveries, replays).
+    pub duplicates: usize,
+    /// Events held back because their stream is parked.
+    pub held: usize,
+    /// Events read from the event store because the batch skipped versions.
+    pub caught_up: usize,
+}
+
+impl std::ops::AddAssign for ApplyOutcome {
+    fn add_assign(&mut self, o: Self) {
+        self.applied += o.applied;
+        self.duplicates += o.duplicates;
+        self.held += o.held;
+        self.caught_up += o.caught_up;
+    }
+}
+
+/// The first event of a stream that could not be applied, found by [`apply_isolating`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Poisoned {
+    /// The stream.
+    pub stream_id: String,
+    /// The version that failed; events of the stream at this version and above were not applied.
+    pub version: i64,
+    /// The error.
+    pub error: String,
+}
+
+fn sql(e: sqlx::Error) -> Failure {
+    classify_sql(&e)
+}
+
+/// Applies `events` (any order, any streams, duplicates allowed) in one transaction on `conn`.
+/// When `conn` is already inside a transaction this runs in a savepoint (rebuild does that).
+pub async fn apply_batch(
+    conn: &mut PgConnection,
+    projection: ProjectionKind,
+    events: &[RecordedEvent],
+) -> Result<ApplyOutcome, Failure> {
+    if events.is_empty() {
+        return Ok(ApplyOutcome::default());
+    }
+    let mut tx = conn.begin().await.map_err(sql)?;
+    let outcome = apply_in_tx(&mut tx, projection, events).await?;
+    tx.commit().await.map_err(sql)?;
+    metrics::record_apply(projection, &outcome);
+    Ok(outcome)
+}
+
+async fn lock_shared(conn: &mut PgConnection, projection: ProjectionKind) -> Result<(), Failure> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+        .bind(projection.lock_key())
+        .execute(&mut *conn)
+        .await
+        .map_err(sql)?;
+    Ok(())
+}
+
+/// Creates the missing bookkeeping rows of `streams` (sorted) and locks them in order.
+/// Returns `(stream_id, version, parked_version)` per stream.
+async fn lock_streams(
+    conn: &mut PgConnection,
+    projection: ProjectionKind,
+    streams: &[String],
+) -> Result<Vec<(String, i64, Option<i64>)>, Failure> {
+    sqlx::query(
+        "INSERT INTO projection_streams (projection, stream_id) \
+         SELECT $1, s FROM UNNEST($2::text[]) AS s ORDER BY s ON CONFLICT DO NOTHING",
+    )
+    .bind(projection.name())
+    .bind(streams)
+    .execute(&mut *conn)
+    .await
+    .map_err(sql)?;
+    let rows = sqlx::query(
+        "SELECT stream_id, version, parked_version FROM projection_streams \
+         WHERE projection = $1 AND stream_id = ANY($2) ORDER BY stream_id FOR UPDATE",
+    )
+    .bind(projection.name())
+    .bind(streams)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(sql)?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get("stream_id")?,
+                r.try_get("version")?,
+                r.try_get("parked_version")?,
+            ))
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(sql)
+}
+
+async fn apply_in_tx(
+    conn: &mut PgConnection,
+    projection: ProjectionKind,
+    events: &[RecordedEvent],
+) -> Result<ApplyOutcome, Failure> {
+    lock_shared(conn, projection).await?;
+    let mut outcome = ApplyOutcome::default();
+    let mut by_stream: BTreeMap<&str, BTreeMap<i64, &RecordedEvent>> = BTreeMap::new();
+    for event in events {
+        let versions = by_stream.entry(event.stream_id.as_str()).or_default();
+        if versions.insert(event.stream_version, event).is_some() {
+            outcome.duplicates += 1;
+        }
+    }
+    let streams: Vec<String> = by_stream.keys().map(|s| (*s).to_owned()).collect();
+    let locked = lock_streams(conn, projection, &streams).await?;
+
+    let mut to_apply: Vec<RecordedEvent> = Vec::with_capacity(events.len());
+    let (mut moved_streams, mut moved_versions) = (Vec::new(), Vec::new());
+    for (stream, stored, parked) in locked {
+        let Some(versions) = by_stream.get(stream.as_str()) else {
+            continue;
+        };
+        let fresh: Vec<&RecordedEvent> = versions.range(stored + 1..).map(|(_, e)| *e).collect();
+        outcome.duplicates += versions.len() - fresh.len();
+        let Some(last) = fresh.last() else { continue };
+        if parked.is_some() {
+            outcome.held += fresh.len();
+            continue;
+        }
+        let max = last.stream_version;
+        let contiguous = usize::try_from(max - stored).is_ok_and(|n| n == fresh.len());
+        let list: Vec<RecordedEvent> = if contiguous {
+            fresh.into_iter().cloned().collect()
+        } else {
+            // A gap: another instance holds the missing entries, or Redis lost them. The event
+            // store is the truth, so read the whole range from it and apply it in order now;
+            // whoever holds the other entries will find them to be duplicates.
+            let from_store = store::read_stream(&mut *conn, &stream, stored, max - stored)
+                .await
+                .map_err(sql)?;
+            outcome.caught_up += from_store.len().saturating_sub(fresh.len());
+            from_store
+        };
+        let Some(new_version) = list.last().map(|e| e.stream_version) else {
+            continue;
+        };
+        outcome.applied += list.len();
+        moved_streams.push(stream);
+        moved_versions.push(new_version);
+        to_apply.extend(list);
+    }
+    if moved_streams.is_empty() {
+        return Ok(outcome);
+    }
+    to_apply.retain(|e| projection.handles(&e.event_type));
+    projection
+        .apply(conn, &to_apply)
+        .await
+        .map_err(|e| e.failure())?;
+    sqlx::query(
+        "UPDATE projection_streams p SET version = u.version \
+         FROM UNNEST($2::text[], $3::int8[]) AS u(stream_id, version) \
+         WHERE p.projection = $1 AND p.stream_id = u.stream_id",
+    )
+    .bind(projection.name())
+    .bind(&moved_streams)
+    .bind(&moved_versions)
+    .execute(&mut *conn)
+    .await
+    .map_err(sql)?;
+    notify_applied(conn, projection).await?;
+    Ok(outcome)
+}
+
+async fn notify_applied(
+    conn: &mut PgConnection,
+    projection: ProjectionKind,
+) -> Result<(), Failure> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(APPLIED_CHANNEL)
+        .bind(projection.name())
+        .execute(&mut *conn)
+        .await
+        .map_err(sql)?;
+    Ok(())
+}
+
+/// Applies `events`, isolating poison: the whole batch first; if that fails with poison, each
+/// stream on its own; within a failing stream, one event at a time up to the first failure.
+/// Transient failures abort the whole call (what was committed stays committed and is
+/// recognised as duplicates on the retry).
+pub async fn apply_isolating(
+    conn: &mut PgConnection,
+    projection: ProjectionKind,
+    events: &[RecordedEvent],
+) -> Result<(ApplyOutcome, Vec<Poisoned>), Failure> {
+    match apply_batch(conn, projection, events).await {
+        Ok(outcome) => return Ok((outcome, Vec::new())),
+        Err(f) if f.is_transient() => return Err(f),
+        Err(f) => tracing::debug!(projection = %projection, error = %f, "batch failed; isolating"),
+    }
+    let mut by_stream: BTreeMap<&str, Vec<RecordedEvent>> = BTreeMap::new();
+    for event in events {
+        by_stream
+            .entry(event.stream_id.as_str())
+            .or_default()
+            .push(event.clone());
+    }
+    let mut total = ApplyOutcome::default();
+    let mut poisoned = Vec::new();
+    for (stream, mut list) in by_stream {
+        match apply_batch(conn, projection, &list).await {
+            Ok(outcome) => {
+                total += outcome;
+                continue;
+            }
+            Err(f) if f.is_transient() => return Err(f),
+            Err(_) => {}
+        }
+        list.sort_by_key(|e| e.stream_version);
+        for event in &list {
+            match apply_batch(conn, projection, std::slice::from_ref(event)).await {
+                Ok(outcome) => total += outcome,
+                Err(Failure::Poison(error)) => {
+                    poisoned.push(Poisoned {
+                        stream_id: stream.to_owned(),
+                        version: event.stream_version,
+                        error,
+                    });
+                    break;
+                }
+                Err(transient) => return Err(transient),
+            }
+        }
+    }
+    Ok((total, poisoned))
+}
+
+/// Parks `stream_id`: its next unapplied version (`version + 1`) failed for good, so every
+/// later event of the stream is held back until `dlq replay` or `dlq purge`. An already parked
+/// stream keeps its first parked version and error. Returns the parked version.
+pub async fn park_stream(
+    conn: &mut PgConnection,
+    projection: ProjectionKind,
+    stream_id: &str,
+    error: &str,
+) -> Result<i64, Failure> {
+    let mut tx = conn.begin().await.map_err(sql)?;
+    lock_shared(&mut tx, projection).await?;
+    let parked: i64 = sqlx::query_scalar(
+        "INSERT INTO projection_streams AS p (projection, stream_id, version, parked_version, \
+             parked_error) VALUES ($1, $2, 0, 1, $3) \
+         ON CONFLICT (projection, stream_id) DO UPDATE SET \
+             parked_version = COALESCE(p.parked_version, p.version + 1), \
+             parked_error = COALESCE(p.parked_error, EXCLUDED.parked_error) \
+         RETURNING parked_version",
+    )
+    .bind(projection.name())
+    .bind(stream_id)
+    .bind(error)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(sql)?;
+    notify_applied(&mut tx, projection).await?;
+    tx.commit().await.map_err(sql)?;
+    tracing::warn!(projection = %projection, stream_id, parked_version = parked, error, "parked stream");
+    Ok(parked)
+}
+
+/// How [`resume_stream`] treats the parked event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// `dlq replay`: apply everything from the stored version to the head; on failure nothing
+    /// changes (the stream stays parked).
+    Replay,
+    /// `dlq purge`: first mark every version up to and including this one as applied without
+    /// applying it (the event is skipped for good), then catch up; if a later event fails too,
+    /// the skip is kept and the stream is parked again at that event.
+    SkipThrough(i64),
+}
+
+/// What [`resume_stream`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResumeOutcome {
+    /// Events applied from the event store.
+    pub applied: usize,
+    /// The stream's version afterwards.
+    pub version: i64,
+    /// Set when a purge's catch-up failed and the stream was parked again: the error.
+    pub parked_again: Option<String>,
+}
+
+/// Un-parks `stream_id` and applies its events from the event store up to the head, in one
+/// transaction (see [`Resume`]).
+pub async fn resume_stream(
+    conn: &mut PgConnection,
+    projection: ProjectionKind,
+    stream_id: &str,
+    mode: Resume,
+) -> Result<ResumeOutcome, Failure> {
+    let mut tx = conn.begin().await.map_err(sql)?;
+    lock_shared(&mut tx, projection).await?;
+    let locked = lock_streams(&mut tx, projection, &[stream_id.to_owned()]).await?;
+    let mut version = locked.first().map(|(_, v, _)| *v).unwrap_or_default();
+    if let Resume::SkipThrough(skip) = mode {
+        version = version.max(skip);
+    }
+    let mut outcome = ResumeOutcome::default();
+    let caught_up = {
+        let mut savepoint = tx.begin().await.map_err(sql)?;
+        let result = catch_up(&mut savepoint, projection, stream_id, version).await;
+        match result {
+            Ok((applied, v)) => {
+                savepoint.commit().await.map_err(sql)?;
+                Ok((applied, v))
+            }
+            Err(e) => {
+                savepoint.rollback().await.map_err(sql)?;
+                Err(e)
+            }
+        }
+    };
+    let parked = match caught_up {
+        Ok((applied, v)) => {
+            outcome.applied = applied;
+            version = v.max(version);
+            None
+        }
+        Err(Failure::Poison(error)) if matches!(mode, Resume::SkipThrough(_)) => Some(error),
+        Err(other) => return Err(other),
+    };
+    sqlx::query(
+        "UPDATE projection_streams SET version = $3, \
+             parked_version = CASE WHEN $4::text IS NULL THEN NULL ELSE $3 + 1 END, \
+             parked_error = $4 \
+         WHERE projection = $1 AND stream_id = $2",
+    )
+    .bind(projection.name())
+    .bind(stream_id)
+    .bind(version)
+    .bind(parked.as_deref())
+    .execute(&mut *tx)
+    .await
+    .map_err(sql)?;
+    notify_applied(&mut tx, projection).await?;
+    tx.commit().await.map_err(sql)?;
+    outcome.version = version;
+    outcome.parked_again = parked;
+    Ok(outcome)
+}
+
+/// Applies the stream's events after `version` from the store; returns (applied, new version).
+async fn catch_up(
+    conn: &mut PgConnection,
+    projection: ProjectionKind,
+    stream_id: &str,
+    mut version: i64,
+) -> Result<(usize, i64), Failure> {
+    let mut applied = 0;
+    loop {
+        let mut events = store::read_stream(&mut *conn, stream_id, version, STREAM_READ_CHUNK)
+            .await
+            .map_err(sql)?;
+        let Some(last) = events.last().map(|e| e.stream_version) else {
+            break;
+        };
+        applied += events.len();
+        events.retain(|e| projection.handles(&e.event_type));
+        projection
+            .apply(conn, &events)
+            .await
+            .map_err(|e| e.failure())?;
+        version = last;
+    }
+    Ok((applied, version))
+}

@@ -1,0 +1,122 @@
+//! Runs a parsed command line: the service or one admin command. Output for people goes to
+//! stdout; logs go to stderr.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use bus::DeadLetterQueue;
+use platform::shutdown::cancel_on_signal;
+
+use crate::admin;
+use crate::app::{Application, connect_db, connect_redis};
+use crate::config::{Cli, Command, DlqAction};
+use crate::sweeper::DeadLetters;
+
+/// Runs `cli` and returns the process exit code.
+pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command.clone().unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let app = Application::build(cli).await?;
+            app.run_until_stopped(cancel_on_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            let mut cli = cli;
+            cli.common.skip_migrations = false;
+            connect_db(&cli).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Healthcheck => {
+            Ok(platform::healthcheck::probe(&cli.settings.listen_addr, "/healthz").await)
+        }
+        Command::Verify { projection } => {
+            let pool = connect_db(&cli).await?;
+            let report = crate::verify::verify(&pool, projection).await?;
+            print!("{}", report.render(projection));
+            Ok(if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Rebuild { projection } => {
+            let pool = connect_db(&cli).await?;
+            let (_, redis, keys) = connect_redis(&cli)?;
+            let dead_letters = DeadLetters {
+                queue: DeadLetterQueue::new(redis, keys),
+                consumer: format!("{}/rebuild", cli.settings.consumer_name()),
+            };
+            let outcome = admin::rebuild(
+                &pool,
+                projection,
+                cli.settings.rebuild_batch_size,
+                Some(&dead_letters),
+            )
+            .await?;
+            println!(
+                "rebuilt {projection}: {} events in {:.1} s, checkpoint {}{}",
+                outcome.events,
+                outcome.elapsed.as_secs_f64(),
+                outcome.position,
+                if outcome.parked > 0 {
+                    format!(
+                        ", {} stream(s) parked (see `projector dlq list {projection}`)",
+                        outcome.parked
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq {
+            action,
+            group,
+            id,
+            all,
+        } => {
+            let projection = admin::projection_of_group(&group)?;
+            let (_, redis, keys) = connect_redis(&cli)?;
+            let dlq = DeadLetterQueue::new(redis, keys);
+            match action {
+                DlqAction::List => {
+                    let letters = admin::select(&dlq, &group, id.as_deref()).await?;
+                    print!("{}", admin::render_list(&letters));
+                    Ok(ExitCode::SUCCESS)
+                }
+                DlqAction::Show => {
+                    let id = id.context("`dlq show` needs --id <entry id>")?;
+                    let letters = admin::select(&dlq, &group, Some(&id)).await?;
+                    for letter in &letters {
+                        print!("{}", admin::render_show(letter));
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                DlqAction::Replay | DlqAction::Purge => {
+                    if action == DlqAction::Purge && id.is_none() && !all {
+                        anyhow::bail!("`dlq purge` needs --id <entry id> or --all");
+                    }
+                    let pool = connect_db(&cli).await?;
+                    let letters = admin::select(&dlq, &group, id.as_deref()).await?;
+                    let (verb, resolutions) = if action == DlqAction::Replay {
+                        (
+                            "replay",
+                            admin::replay(&pool, &dlq, projection, &letters).await?,
+                        )
+                    } else {
+                        (
+                            "purge",
+                            admin::purge(&pool, &dlq, projection, &letters).await?,
+                        )
+                    };
+                    print!("{}", admin::render_resolutions(verb, &resolutions));
+                    Ok(if resolutions.iter().all(|r| r.ok) {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    })
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,496 @@
+//! Consuming the event stream for one projection: one consumer group per projection (named
+//! after it), one consumer per instance (`PROJECTOR_CONSUMER_NAME`).
+//!
+//! [`ProjectionConsumer::process_batch`] is one testable step; [`ProjectionConsumer::run`]
+//! repeats it until shutdown. A step: retry the poison entries that are due, then take new
+//! work (first this consumer's own pending entries after a restart, periodically entries of
+//! dead consumers via XAUTOCLAIM, otherwise `XREADGROUP >`), apply it through the engine
+//! ([`crate::apply`]) and acknowledge only what was committed.
+//!
+//! Failures (classified in [`crate::failure`]):
+//! - transient (Postgres or Redis down): the step returns [`Outcome::Transient`], the loop
+//!   backs off (100 ms → 10 s, jittered) and retries the *same* entries, counting no attempt;
+//! - poison: the entry stays unacknowledged in an in-memory retry queue keyed by its stream,
+//!   retried after `RETRY_BASE_MS · 2^(n-1)`; later entries of that stream wait behind it in
+//!   order, other streams flow. After `MAX_ATTEMPTS` it is dead-lettered (`bus` XADD to
+//!   `<stream>:dlq:<group>` + XACK) and its stream parked in Postgres, so later events of the
+//!   order are held back until `projector dlq replay`. An entry without a stream id is
+//!   dead-lettered without parking anything.
+//! - `NOGROUP` (Redis lost its data): the group is recreated and the sweeper fills the gap.
+//!
+//! Memory is bounded: the retry queues hold at most `max_queued` entries; while they are full
+//! no new entries are read.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use bus::{BusError, Consumer, StreamEntry, decode_entry};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::{Poisoned, apply_isolating, park_stream};
+use crate::failure::{Backoff, Failure, classify_bus, classify_sql, poison_retry_delay};
+use crate::metrics;
+use crate::projections::ProjectionKind;
+
+/// Consumers idle for longer than this with nothing pending are removed from the group.
+pub const STALE_CONSUMER_IDLE: Duration = Duration::from_secs(3600);
+/// How often a failed park (after a dead letter) is retried before giving up on it (the
+/// sweeper then finds the event unapplied and dead-letters it again).
+const PARK_ATTEMPTS: usize = 8;
+
+/// Tuning of one consumer (from the service configuration).
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    /// Entries read per `XREADGROUP`.
+    pub batch_size: usize,
+    /// Attempts (deliveries) before an entry is dead-lettered.
+    pub max_attempts: u32,
+    /// First poison retry delay; doubles per attempt.
+    pub retry_base: Duration,
+    /// Idle time after which a pending entry of another consumer is claimed.
+    pub claim_idle: Duration,
+    /// How often to look for such entries.
+    pub reclaim_interval: Duration,
+    /// Longest block of one `XREADGROUP`.
+    pub block: Duration,
+    /// Bound on entries held in the retry queues.
+    pub max_queued: usize,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            max_attempts: 5,
+            retry_base: Duration::from_millis(200),
+            claim_idle: Duration::from_secs(30),
+            reclaim_interval: Duration::from_secs(5),
+            block: Duration::from_secs(1),
+            max_queued: 10_000,
+        }
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Entries were processed (applied, acknowledged, queued for retry or dead-lettered).
+    Worked(usize),
+    /// Nothing to do.
+    Idle,
+    /// Postgres or Redis failed; the same entries will be retried after a pause.
+    Transient(Failure),
+}
+
+/// An entry to process and how often it was attempted before.
+#[derive(Debug, Clone)]
+struct Work {
+    entry: StreamEntry,
+    prior_attempts: u32,
+}
+
+/// A stream whose front entry failed: it and the stream's later entries, in order.
+#[derive(Debug)]
+struct RetryQueue {
+    entries: VecDeque<StreamEntry>,
+    attempts: u32,
+    due: Instant,
+}
+
+/// The consumer of one projection in this instance.
+pub struct ProjectionConsumer {
+    projection: ProjectionKind,
+    pool: PgPool,
+    consumer: Consumer,
+    settings: ConsumerSettings,
+    in_hand: Vec<Work>,
+    retry: HashMap<String, RetryQueue>,
+    queued_ids: HashSet<String>,
+    finalized: HashSet<String>,
+    /// Streams dead-lettered and parked during the current step: their later entries go back
+    /// to the engine (which holds them back) instead of starting a retry queue of their own.
+    parked_now: HashSet<String>,
+    pending_drained: bool,
+    next_reclaim: Instant,
+}
+
+impl std::fmt::Debug for ProjectionConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProjectionConsumer")
+            .field("projection", &self.projection)
+            .field("consumer", &self.consumer)
+            .field("queued", &self.queued_ids.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The key a failing entry's retry queue is filed under: its stream, or the entry itself when
+/// it names no stream (nothing else can be ordered behind it).
+fn queue_key(entry: &StreamEntry, stream: Option<&str>) -> String {
+    match stream {
+        Some(stream) => stream.to_owned(),
+        None => format!("entry:{}", entry.id),
+    }
+}
+
+impl ProjectionConsumer {
+    /// A consumer of `projection` through `consumer` (whose group must be the projection's
+    /// name).
+    pub fn new(
+        projection: ProjectionKind,
+        pool: PgPool,
+        consumer: Consumer,
+        settings: ConsumerSettings,
+    ) -> Self {
+        Self {
+            projection,
+            pool,
+            consumer,
+            settings,
+            in_hand: Vec::new(),
+            retry: HashMap::new(),
+            queued_ids: HashSet::new(),
+            finalized: HashSet::new(),
+            parked_now: HashSet::new(),
+            pending_drained: false,
+            next_reclaim: Instant::now(),
+        }
+    }
+
+    /// Entries waiting in the retry queues.
+    pub fn queued(&self) -> usize {
+        self.queued_ids.len()
+    }
+
+    /// Repeats [`Self::process_batch`] until `shutdown` is cancelled; the batch in hand is
+    /// finished and acknowledged first.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::default();
+        while !shutdown.is_cancelled() {
+            match self.process_batch().await {
+                Outcome::Transient(failure) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(projection = %self.projection, error = %failure,
+                        delay_ms = delay.as_millis() as u64, "transient failure; pausing");
+                    tokio::select! {
+                        () = shutdown.cancelled() => {}
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Outcome::Worked(_) | Outcome::Idle => backoff.reset(),
+            }
+        }
+        tracing::info!(projection = %self.projection, "consumer stopped");
+    }
+
+    /// One step: due retries, then new work. Never panics; failures come back as an
+    /// [`Outcome`].
+    pub async fn process_batch(&mut self) -> Outcome {
+        match self.step().await {
+            Ok(0) => Outcome::Idle,
+            Ok(n) => Outcome::Worked(n),
+            Err(failure) => Outcome::Transient(failure),
+        }
+    }
+
+    async fn step(&mut self) -> Result<usize, Failure> {
+        self.parked_now.clear();
+        let mut handled = self.run_due_retries().await?;
+        if self.in_hand.is_empty() {
+            self.in_hand = self.fetch().await?;
+        }
+        if !self.in_hand.is_empty() {
+            let work = std::mem::take(&mut self.in_hand);
+            if let Err(failure) = self.process(&work).await {
+                self.in_hand.splice(0..0, work);
+                return Err(failure);
+            }
+            handled += work.len();
+            self.finalized.clear();
+        }
+        Ok(handled)
+    }
+
+    async fn run_due_retries(&mut self) -> Result<usize, Failure> {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .retry
+            .iter()
+            .filter(|(_, q)| q.due <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut handled = 0;
+        for key in due {
+            let Some(queue) = self.retry.remove(&key) else {
+                continue;
+            };
+            let attempts = queue.attempts;
+            let work: Vec<Work> = queue
+                .entries
+                .into_iter()
+                .enumerate()
+                .map(|(i, entry)| Work {
+                    prior_attempts: if i == 0 { attempts } else { 0 },
+                    entry,
+                })
+                .collect();
+            for w in &work {
+                self.queued_ids.remove(&w.entry.id);
+            }
+            handled += work.len();
+            if let Err(failure) = self.process(&work).await {
+                // Retried as ordinary work after the pause; attempts are kept on the front.
+                self.in_hand.splice(0..0, work);
+                return Err(failure);
+            }
+        }
+        Ok(handled)
+    }
+
+    async fn handle_bus<T>(&mut self, result: Result<T, BusError>) -> Result<Option<T>, Failure> {
+        match result {
+            Ok(value) => Ok(Some(value)),
+            Err(e) if e.is_no_group() => {
+                tracing::warn!(projection = %self.projection, "consumer group is gone (Redis lost its data); recreating it");
+                self.consumer
+                    .ensure_group(bus::FROM_BEGINNING)
+                    .await
+                    .map_err(|e| classify_bus(&e))?;
+                // Our pending entries went with the group; the sweeper fills in what was lost.
+                self.pending_drained = true;
+                Ok(None)
+            }
+            Err(e) => Err(classify_bus(&e)),
+        }
+    }
+
+    async fn fetch(&mut self) -> Result<Vec<Work>, Failure> {
+        let now = Instant::now();
+        if now >= self.next_reclaim {
+            self.next_reclaim = now + self.settings.reclaim_interval;
+            let claimed = self
+                .consumer
+                .autoclaim(self.settings.claim_idle, self.settings.batch_size)
+                .await;
+            let claimed = self.handle_bus(claimed).await?.unwrap_or_default();
+            if let Err(e) = self
+                .consumer
+                .remove_stale_consumers(STALE_CONSUMER_IDLE)
+                .await
+            {
+                tracing::debug!(error = %e, "cannot remove stale consumers");
+            }
+            let work: Vec<Work> = claimed
+                .into_iter()
+                .filter(|(entry, _)| !self.queued_ids.contains(&entry.id))
+                .map(|(entry, deliveries)| Work {
+                    entry,
+                    prior_attempts: deliveries.saturating_sub(1),
+                })
+                .collect();
+            if !work.is_empty() {
+                tracing::info!(projection = %self.projection, count = work.len(), "claimed entries of a stopped consumer");
+                return Ok(work);
+            }
+        }
+        if !self.pending_drained {
+            let own = self
+                .consumer
+                .read_own_pending(self.settings.batch_size)
+                .await;
+            let own = self.handle_bus(own).await?.unwrap_or_default();
+            let work: Vec<Work> = own
+                .into_iter()
+                .filter(|e| !self.queued_ids.contains(&e.id))
+                .map(|entry| Work {
+                    entry,
+                    prior_attempts: 0,
+                })
+                .collect();
+            if !work.is_empty() {
+                return Ok(work);
+            }
+            self.pending_drained = true;
+        }
+        let next_due = self.retry.values().map(|q| q.due).min();
+        let until_due = next_due.map(|d| d.saturating_duration_since(Instant::now()));
+        if self.queued_ids.len() >= self.settings.max_queued {
+            // Full: read nothing new until a retry frees room.
+            let pause = until_due
+                .unwrap_or(self.settings.block)
+                .min(self.settings.block);
+            tokio::time::sleep(pause).await;
+            return Ok(Vec::new());
+        }
+        let block = until_due.map_or(self.settings.block, |d| d.min(self.settings.block));
+        let fresh = self
+            .consumer
+            .read_new(self.settings.batch_size, block)
+            .await;
+        Ok(self
+            .handle_bus(fresh)
+            .await?
+            .unwrap_or_default()
+            .into_iter()
+            .map(|entry| Work {
+                entry,
+                prior_attempts: 0,
+            })
+            .collect())
+    }
+
+    /// Applies `work` (in stream order), acknowledging what was committed and queueing or
+    /// dead-lettering what failed.
+    async fn process(&mut self, work: &[Work]) -> Result<(), Failure> {
+        let mut events = Vec::with_capacity(work.len());
+        let mut applied_work: Vec<&Work> = Vec::with_capacity(work.len());
+        for w in work {
+            if self.queued_ids.contains(&w.entry.id) || self.finalized.contains(&w.entry.id) {
+                continue;
+            }
+            match decode_entry(&w.entry) {
+                Ok(event) => {
+                    if self.retry.contains_key(&event.stream_id) {
+                        self.hold_behind(&event.stream_id, &w.entry);
+                    } else if w.prior_attempts >= self.settings.max_attempts {
+                        let error = format!(
+                            "delivered {} times without being acknowledged",
+                            w.prior_attempts + 1
+                        );
+                        self.give_up(
+                            &w.entry,
+                            Some(&event.stream_id),
+                            &error,
+                            w.prior_attempts + 1,
+                        )
+                        .await?;
+                    } else {
+                        events.push(event);
+                        applied_work.push(w);
+                    }
+                }
+                Err(e) => {
+                    let stream = w
+                        .entry
+                        .field(bus::codec::field::STREAM_ID)
+                        .map(str::to_owned);
+                    self.failed(w, stream.as_deref(), &e.to_string()).await?;
+                }
+            }
+        }
+        if events.is_empty() {
+            return Ok(());
+        }
+        let (_, poisoned) = {
+            let mut conn = self.pool.acquire().await.map_err(|e| classify_sql(&e))?;
+            apply_isolating(&mut conn, self.projection, &events).await?
+        };
+        let poisoned: HashMap<&str, &Poisoned> =
+            poisoned.iter().map(|p| (p.stream_id.as_str(), p)).collect();
+        let mut ack = Vec::with_capacity(events.len());
+        for (event, w) in events.iter().zip(applied_work) {
+            match poisoned.get(event.stream_id.as_str()) {
+                Some(p) if event.stream_version >= p.version => {
+                    self.failed(w, Some(&event.stream_id), &p.error).await?;
+                }
+                _ => ack.push(w.entry.id.clone()),
+            }
+        }
+        if !ack.is_empty() {
+            let acked = self.consumer.ack(&ack).await;
+            self.handle_bus(acked).await?;
+        }
+        Ok(())
+    }
+
+    fn hold_behind(&mut self, key: &str, entry: &StreamEntry) {
+        if let Some(queue) = self.retry.get_mut(key) {
+            queue.entries.push_back(entry.clone());
+            self.queued_ids.insert(entry.id.clone());
+        }
+    }
+
+    /// One more failed attempt of `w`: queue it for a retry, or give up on it.
+    async fn failed(&mut self, w: &Work, stream: Option<&str>, error: &str) -> Result<(), Failure> {
+        let key = queue_key(&w.entry, stream);
+        if self.parked_now.contains(&key) {
+            self.in_hand.push(Work {
+                entry: w.entry.clone(),
+                prior_attempts: 0,
+            });
+            return Ok(());
+        }
+        if self.retry.contains_key(&key) {
+            self.hold_behind(&key, &w.entry);
+            return Ok(());
+        }
+        let attempts = w.prior_attempts + 1;
+        if attempts >= self.settings.max_attempts {
+            return self.give_up(&w.entry, stream, error, attempts).await;
+        }
+        metrics::record_retry(self.projection);
+        let delay = poison_retry_delay(self.settings.retry_base, attempts);
+        tracing::warn!(projection = %self.projection, id = %w.entry.id, attempts, error,
+            retry_in_ms = delay.as_millis() as u64, "entry failed; will retry");
+        self.retry.insert(
+            key,
+            RetryQueue {
+                entries: VecDeque::from([w.entry.clone()]),
+                attempts,
+                due: Instant::now() + delay,
+            },
+        );
+        self.queued_ids.insert(w.entry.id.clone());
+        Ok(())
+    }
+
+    /// Dead-letters `entry` and parks its stream (when it names one).
+    async fn give_up(
+        &mut self,
+        entry: &StreamEntry,
+        stream: Option<&str>,
+        error: &str,
+        attempts: u32,
+    ) -> Result<(), Failure> {
+        let dead = self.consumer.dead_letter(entry, error, attempts).await;
+        self.handle_bus(dead).await?;
+        metrics::record_dead_letter(self.projection);
+        self.finalized.insert(entry.id.clone());
+        let Some(stream) = stream else {
+            return Ok(());
+        };
+        park_with_retries(&self.pool, self.projection, stream, error).await;
+        self.parked_now.insert(stream.to_owned());
+        // Later entries of the stream queued behind it are now held back by the park: hand
+        // them to the engine, which counts and acknowledges them.
+        Ok(())
+    }
+}
+
+/// Parks `stream`, retrying transient failures a few times. If it still fails the stream is
+/// not parked: the sweeper later finds its next event unapplied, retries it and dead-letters
+/// it again, so nothing is applied out of order either way.
+pub async fn park_with_retries(
+    pool: &PgPool,
+    projection: ProjectionKind,
+    stream: &str,
+    error: &str,
+) {
+    let mut backoff = Backoff::default();
+    for _ in 0..PARK_ATTEMPTS {
+        let result = match pool.acquire().await {
+            Ok(mut conn) => park_stream(&mut conn, projection, stream, error).await,
+            Err(e) => Err(classify_sql(&e)),
+        };
+        match result {
+            Ok(_) => return,
+            Err(f) if f.is_transient() => tokio::time::sleep(backoff.next_delay()).await,
+            Err(f) => {
+                tracing::error!(projection = %projection, stream, error = %f, "cannot park stream");
+                return;
+            }
+        }
+    }
+    tracing::error!(projection = %projection, stream, "cannot park stream: Postgres unavailable");
+}

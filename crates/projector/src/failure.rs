@@ -1,0 +1,153 @@
+//! The one place that decides whether a failure is *transient* (the world is broken: retry the
+//! same work later without counting it against the entry) or *poison* (this entry is broken:
+//! count an attempt, back off, and eventually dead-letter it).
+//!
+//! Everything that can fail while projecting funnels into [`Failure`] through [`classify_sql`],
+//! [`classify_bus`] or [`Failure::poison`]; no other module inspects SQLSTATEs or Redis error
+//! kinds.
+
+use std::time::Duration;
+
+/// What a failure means for the entries being processed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// Postgres or Redis is unreachable, overloaded, restarting, or the transaction lost a
+    /// deadlock/serialisation race: pause and retry the very same work.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// The data itself cannot be projected (undecodable, a constraint or trigger refuses it):
+    /// retrying the same entry immediately will fail the same way.
+    #[error("{0}")]
+    Poison(String),
+}
+
+impl Failure {
+    /// A poison failure with `message`.
+    pub fn poison(message: impl Into<String>) -> Self {
+        Failure::Poison(message.into())
+    }
+
+    /// Whether retrying the same work later may succeed without anyone fixing anything.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Failure::Transient(_))
+    }
+}
+
+/// SQLSTATE classes and codes that mean "try again": connection exceptions (08), serialization
+/// failure and deadlock (40001, 40P01), insufficient resources (53), operator intervention such as
+/// an admin shutdown or a server still starting (57P01..57P05), lock timeouts (55P03) and system
+/// errors (58).
+fn transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("58")
+        || matches!(
+            code,
+            "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "57P04" | "57P05" | "57014"
+        )
+}
+
+/// Classifies a database error.
+pub fn classify_sql(err: &sqlx::Error) -> Failure {
+    let message = one_line(err);
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => Failure::Transient(message),
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) if transient_sqlstate(&code) => Failure::Transient(message),
+            _ => Failure::Poison(message),
+        },
+        _ => Failure::Poison(message),
+    }
+}
+
+/// Classifies a Redis error. Only connection problems are transient; `NOGROUP` is handled by
+/// the consumer before it gets here (it recreates the group), so it too counts as transient.
+pub fn classify_bus(err: &bus::BusError) -> Failure {
+    if err.is_retryable() || err.is_no_group() {
+        Failure::Transient(one_line(err))
+    } else {
+        Failure::Poison(one_line(err))
+    }
+}
+
+/// Exponential backoff for transient failures: 100 ms doubling to 10 s, with ±50 % jitter so
+/// many instances do not hammer a recovering server in lockstep.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    current: Duration,
+}
+
+/// First pause after a transient failure.
+pub const TRANSIENT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest pause between two attempts while a dependency is down.
+pub const TRANSIENT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            current: TRANSIENT_BACKOFF_MIN,
+        }
+    }
+}
+
+impl Backoff {
+    /// The next pause (jittered), doubling the base for the time after.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.current;
+        self.current = (self.current * 2).min(TRANSIENT_BACKOFF_MAX);
+        let factor = 0.5 + rand::random::<f64>();
+        base.mul_f64(factor).min(TRANSIENT_BACKOFF_MAX)
+    }
+
+    /// Back to the smallest pause after a success.
+    pub fn reset(&mut self) {
+        self.current = TRANSIENT_BACKOFF_MIN;
+    }
+}
+
+/// The delay before poison retry number `attempt` (1-based): `base`, `2·base`, `4·base`, …,
+/// capped at one minute.
+pub fn poison_retry_delay(base: Duration, attempt: u32) -> Duration {
+    let shift = attempt.saturating_sub(1).min(16);
+    base.saturating_mul(1u32 << shift)
+        .min(Duration::from_secs(60))
+}
+
+/// Collapses an error onto one line (errors end up in Redis fields and log lines).
+pub fn one_line(err: &dyn std::fmt::Display) -> String {
+    err.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_timeouts_are_transient_and_other_errors_are_poison() {
+        assert!(classify_sql(&sqlx::Error::PoolTimedOut).is_transient());
+        assert!(!classify_sql(&sqlx::Error::RowNotFound).is_transient());
+    }
+
+    #[test]
+    fn poison_retry_delays_double_from_the_base() {
+        let base = Duration::from_millis(200);
+        assert_eq!(poison_retry_delay(base, 1), base);
+        assert_eq!(poison_retry_delay(base, 3), Duration::from_millis(800));
+    }
+
+    #[test]
+    fn transient_backoff_never_exceeds_its_cap() {
+        let mut backoff = Backoff::default();
+        for _ in 0..50 {
+            assert!(backoff.next_delay() <= TRANSIENT_BACKOFF_MAX);
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! # projector
+//!
+//! Folds the event stream into read models (`order_summaries`, `customer_stats`) exactly once
+//! and in order, with any number of instances, across crashes, redeliveries, poison events and
+//! Redis losing its data; plus the admin commands `dlq`, `rebuild` and `verify`.
+//!
+//! # Layout
+//! - [`config`]: the command line (every setting a flag and an env var) and subcommands.
+//! - [`app`]: `serve`: consumer and sweeper tasks per projection, health and metrics.
+//! - [`commands`]: runs a parsed command line (what `main` calls).
+//! - [`projections`]: the [`projections::Projection`] trait and one module per read model.
+//! - [`apply`]: the apply engine: the version guard with catch-up, parking, replay.
+//! - [`consumer`]: the Redis consumer group loop: retries, dead letters, reclaim.
+//! - [`sweeper`]: the low-water mark (`projection_checkpoints`) and self-healing.
+//! - [`admin`]: `dlq list|show|replay|purge` and `rebuild`.
+//! - [`verify`]: `verify`: the read model against a fresh fold of the event store.
+//! - [`failure`]: the one place deciding transient vs poison.
+//! - [`metrics`]: metric names and recording helpers.
+//!
+//! # Exactly once and in order: the version guard with catch-up
+//!
+//! Redis delivers at least once, in any interleaving across instances. Postgres decides. For
+//! each projection and stream, `projection_streams.version` is the last applied stream version,
+//! and it is updated in the same transaction as the read model. An apply transaction locks the
+//! rows of its streams (`FOR UPDATE`, in `stream_id` order, so instances never deadlock), then
+//! per stream: versions ≤ the stored one are duplicates and skipped; if the first new version
+//! is above `stored + 1` (another instance holds the earlier entry, or Redis lost it) the
+//! missing versions are read from the event store and applied first, in order. So every event
+//! is applied exactly once, in version order, whoever delivers it and however late; an entry
+//! is acknowledged in Redis only after the transaction committed, and a redelivery after a
+//! crash between the two is a harmless duplicate.
+//!
+//! # Failures
+//!
+//! Transient failures (a dependency down) pause the loop and retry the same entries without
+//! counting attempts; poison (the entry itself fails) is retried with backoff per stream, then
+//! dead-lettered to `<stream>:dlq:<group>` and the stream *parked*: its later events are held
+//! back (acknowledged, not applied) until `projector dlq replay` re-applies the stream from the
+//! event store, or `dlq purge` skips the event. Other orders never wait.
+//!
+//! # Low-water mark and healing
+//!
+//! One sweeper per projection (an advisory-lock leader) advances
+//! `projection_checkpoints.position` over the prefix of the log that is applied or parked, and
+//! announces it on `projection_position`. An event left unapplied beyond a grace period
+//! (Redis flushed, restarted empty, trimmed) is applied by the sweeper from the event store.
+//!
+//! # Must never
+//! - write any table but its read models and their bookkeeping (`projection_streams`,
+//!   `projection_checkpoints`, `order_summaries`, `customer_stats`, `customer_stats_orders`);
+//! - acknowledge an entry before its transaction committed;
+//! - apply an event of a stream before all its earlier versions.
+
+pub mod admin;
+pub mod app;
+pub mod apply;
+pub mod commands;
+pub mod config;
+pub mod consumer;
+pub mod failure;
+pub mod metrics;
+pub mod projections;
+pub mod sweeper;
+pub mod verify;
+
+pub use app::Application;
+pub use config::Cli;
+pub use projections::ProjectionKind;

@@ -1,0 +1,22 @@
+//! The `projector` binary: parse the command line, set up logging, run.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use projector::Cli;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = cli.common.validate() {
+        platform::config::exit_on_config_error(e);
+    }
+    platform::telemetry::init(cli.common.log_format);
+    match projector::commands::execute(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

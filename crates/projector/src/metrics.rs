@@ -1,0 +1,55 @@
+//! The projector's Prometheus metrics: names (constants, so dashboards and alerts can grep
+//! for them) and the small helpers that record them. Every metric carries a `projection` label
+//! except the rebuild ones, which carry it too when it is known.
+
+use crate::apply::ApplyOutcome;
+use crate::projections::ProjectionKind;
+
+/// Events applied to a read model (counter).
+pub const EVENTS_APPLIED: &str = "projector_events_applied_total";
+/// Events recognised as already applied (counter).
+pub const DUPLICATES: &str = "projector_duplicates_total";
+/// Events held back behind a parked stream (counter).
+pub const HELD_EVENTS: &str = "projector_held_events_total";
+/// Poison retries scheduled (counter).
+pub const RETRIES: &str = "projector_retries_total";
+/// Entries moved to the dead-letter stream (counter).
+pub const DEAD_LETTERS: &str = "projector_dead_letters_total";
+/// Head position minus the projection's low-water mark (gauge).
+pub const LAG_EVENTS: &str = "projector_lag_events";
+/// Age of the oldest event not yet covered by the low-water mark, in seconds (gauge).
+pub const LAG_SECONDS: &str = "projector_lag_seconds";
+/// Events folded by `projector rebuild` (counter).
+pub const REBUILD_EVENTS: &str = "projector_rebuild_events_total";
+/// Progress of a running rebuild, 0 to 1 (gauge).
+pub const REBUILD_PROGRESS: &str = "projector_rebuild_progress";
+
+/// Records what one apply transaction did.
+pub fn record_apply(projection: ProjectionKind, outcome: &ApplyOutcome) {
+    let label = ("projection", projection.name());
+    if outcome.applied > 0 {
+        metrics::counter!(EVENTS_APPLIED, &[label]).increment(outcome.applied as u64);
+    }
+    if outcome.duplicates > 0 {
+        metrics::counter!(DUPLICATES, &[label]).increment(outcome.duplicates as u64);
+    }
+    if outcome.held > 0 {
+        metrics::counter!(HELD_EVENTS, &[label]).increment(outcome.held as u64);
+    }
+}
+
+/// Counts one scheduled poison retry.
+pub fn record_retry(projection: ProjectionKind) {
+    metrics::counter!(RETRIES, "projection" => projection.name()).increment(1);
+}
+
+/// Counts one dead letter.
+pub fn record_dead_letter(projection: ProjectionKind) {
+    metrics::counter!(DEAD_LETTERS, "projection" => projection.name()).increment(1);
+}
+
+/// Sets the lag gauges.
+pub fn record_lag(projection: ProjectionKind, events: i64, seconds: f64) {
+    metrics::gauge!(LAG_EVENTS, "projection" => projection.name()).set(events as f64);
+    metrics::gauge!(LAG_SECONDS, "projection" => projection.name()).set(seconds);
+}

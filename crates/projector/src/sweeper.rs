@@ -1,0 +1,418 @@
+//! The sweeper: one per projection across all instances. It owns the projection's low-water
+//! mark (`projection_checkpoints.position`) and heals what Redis lost.
+//!
+//! Leadership: whoever holds the session advisory lock
+//! [`ProjectionKind::sweeper_lock_key`] on a dedicated connection; the others retry every
+//! [`LEADER_RETRY`]. If the leader dies its connection closes, the lock is released, and
+//! another instance takes over.
+//!
+//! The low-water mark P means: every event with position ≤ P has been applied, or is held back
+//! by a parked stream. Each sweep reads the events after P in position order joined with the
+//! projection's `projection_streams` rows and advances P over the prefix that is applied
+//! (`version ≥ stream_version`) or parked (`parked_version ≤ stream_version`). Positions are
+//! dense and in commit order (see the `store` crate), so nothing behind P can appear later.
+//! After moving P it sends `pg_notify('projection_position', '<projection>:<P>')`, which the
+//! query service's read-your-writes waits listen for.
+//!
+//! Self-healing: the first event that is neither applied nor parked is the *blocker*. If it is
+//! still the blocker [`SweeperSettings::grace`] after the sweeper first saw it (measured from
+//! then, not from `recorded_at`, so clock skew and old events do not matter), the sweeper
+//! applies it and the events after it, in batches from the event store, through the same
+//! engine the consumers use. That is how the read model converges after Redis was flushed,
+//! restarted without persistence, or trimmed entries, with no operator action. A blocker that
+//! keeps failing is retried with backoff and finally dead-lettered and parked like a consumer
+//! would.
+//!
+//! Wake-ups: `LISTEN projection_applied` and the event store's `event_store_appended`, plus a
+//! fallback tick ([`SweeperSettings::tick`]), since notifications are only hints.
+
+use std::time::{Duration, Instant};
+
+use bus::{DeadLetterQueue, StreamEntry, encode_fields};
+use events::RecordedEvent;
+use sqlx::postgres::PgListener;
+use sqlx::{Connection, PgConnection, PgPool, Row};
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::{APPLIED_CHANNEL, Poisoned, apply_isolating};
+use crate::consumer::park_with_retries;
+use crate::failure::{Backoff, Failure, classify_bus, classify_sql, poison_retry_delay};
+use crate::metrics;
+use crate::projections::ProjectionKind;
+
+/// NOTIFY channel announcing a new low-water mark; payload `<projection>:<position>`. The query
+/// service waits on it for `?min_position=`.
+pub const POSITION_CHANNEL: &str = "projection_position";
+/// Events examined per sweep query.
+pub const SWEEP_PAGE: i64 = 1_000;
+/// Events the sweeper applies itself per transaction when healing.
+pub const HEAL_BATCH: i64 = 1_000;
+/// How often a non-leader tries to become the sweeper.
+pub const LEADER_RETRY: Duration = Duration::from_secs(2);
+/// Shortest pause between two sweeps, so a flood of notifications coalesces.
+const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(20);
+
+/// The `pg_notify` payload of [`POSITION_CHANNEL`].
+pub fn position_payload(projection: ProjectionKind, position: i64) -> String {
+    format!("{}:{position}", projection.name())
+}
+
+/// Tuning of a sweeper.
+#[derive(Debug, Clone)]
+pub struct SweeperSettings {
+    /// How long the blocker must stay unapplied before the sweeper applies it itself.
+    pub grace: Duration,
+    /// Fallback wake-up period.
+    pub tick: Duration,
+    /// Attempts before a blocker that keeps failing is dead-lettered.
+    pub max_attempts: u32,
+    /// First retry delay of a failing blocker; doubles per attempt.
+    pub retry_base: Duration,
+}
+
+impl Default for SweeperSettings {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_millis(3000),
+            tick: Duration::from_millis(200),
+            max_attempts: 5,
+            retry_base: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Where dead letters of events the sweeper gives up on go.
+#[derive(Debug, Clone)]
+pub struct DeadLetters {
+    /// The dead-letter streams.
+    pub queue: DeadLetterQueue,
+    /// Recorded as the `consumer` field.
+    pub consumer: String,
+}
+
+/// What one sweep found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepOutcome {
+    /// The low-water mark afterwards.
+    pub position: i64,
+    /// The first event neither applied nor parked, if any.
+    pub blocker: Option<i64>,
+    /// Events the sweeper applied itself.
+    pub healed: usize,
+}
+
+/// The sweeper of one projection (the loop runs only while it is the leader).
+#[derive(Debug)]
+pub struct Sweeper {
+    projection: ProjectionKind,
+    pool: PgPool,
+    dead_letters: Option<DeadLetters>,
+    settings: SweeperSettings,
+    blocking: Option<(i64, Instant)>,
+    healing: bool,
+    attempts: u32,
+    next_try: Instant,
+}
+
+impl Sweeper {
+    /// A sweeper of `projection`. Without `dead_letters` a blocker that keeps failing is only
+    /// parked.
+    pub fn new(
+        projection: ProjectionKind,
+        pool: PgPool,
+        dead_letters: Option<DeadLetters>,
+        settings: SweeperSettings,
+    ) -> Self {
+        Self {
+            projection,
+            pool,
+            dead_letters,
+            settings,
+            blocking: None,
+            healing: false,
+            attempts: 0,
+            next_try: Instant::now(),
+        }
+    }
+
+    /// Advances the low-water mark as far as it goes, then heals the blocker if its grace is
+    /// over. One testable step.
+    pub async fn sweep_once(&mut self) -> Result<SweepOutcome, Failure> {
+        let (position, blocker) = self.advance().await?;
+        let mut outcome = SweepOutcome {
+            position,
+            blocker,
+            healed: 0,
+        };
+        self.record_lag(position).await;
+        let Some(blocker) = blocker else {
+            self.blocking = None;
+            self.healing = false;
+            self.attempts = 0;
+            return Ok(outcome);
+        };
+        let now = Instant::now();
+        let since = match self.blocking {
+            Some((pos, since)) if pos == blocker => since,
+            _ => {
+                self.blocking = Some((blocker, now));
+                now
+            }
+        };
+        let overdue = self.healing || now.duration_since(since) >= self.settings.grace;
+        if overdue && now >= self.next_try {
+            outcome.healed = self.heal(position).await?;
+            let (position, blocker) = self.advance().await?;
+            outcome.position = position;
+            outcome.blocker = blocker;
+        }
+        Ok(outcome)
+    }
+
+    /// One transaction: read the events after P with their bookkeeping and move P.
+    async fn advance(&mut self) -> Result<(i64, Option<i64>), Failure> {
+        let sql = |e: sqlx::Error| classify_sql(&e);
+        let mut conn = self.pool.acquire().await.map_err(sql)?;
+        let mut tx = conn.begin().await.map_err(sql)?;
+        // Shared with apply transactions, exclusive for a rebuild: a rebuild resetting the
+        // bookkeeping never interleaves with a sweep computing P from it.
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+            .bind(self.projection.lock_key())
+            .execute(&mut *tx)
+            .await
+            .map_err(sql)?;
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (projection) VALUES ($1) ON CONFLICT DO NOTHING",
+        )
+        .bind(self.projection.name())
+        .execute(&mut *tx)
+        .await
+        .map_err(sql)?;
+        let start: i64 = sqlx::query_scalar(
+            "SELECT position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
+        )
+        .bind(self.projection.name())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(sql)?;
+        let mut position = start;
+        let mut blocker = None;
+        loop {
+            let rows = sqlx::query(
+                "SELECT e.global_position, e.stream_id, e.stream_version, ps.version, \
+                        ps.parked_version \
+                 FROM events e LEFT JOIN projection_streams ps \
+                   ON ps.projection = $1 AND ps.stream_id = e.stream_id \
+                 WHERE e.global_position > $2 ORDER BY e.global_position LIMIT $3",
+            )
+            .bind(self.projection.name())
+            .bind(position)
+            .bind(SWEEP_PAGE)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(sql)?;
+            let full = rows.len() as i64 == SWEEP_PAGE;
+            for row in &rows {
+                let pos: i64 = row.try_get(0).map_err(sql)?;
+                let stream_version: i64 = row.try_get(2).map_err(sql)?;
+                let version: Option<i64> = row.try_get(3).map_err(sql)?;
+                let parked: Option<i64> = row.try_get(4).map_err(sql)?;
+                let applied = version.is_some_and(|v| v >= stream_version);
+                let held = parked.is_some_and(|p| p <= stream_version);
+                if !(applied || held) {
+                    blocker = Some(pos);
+                    break;
+                }
+                position = pos;
+            }
+            if blocker.is_some() || !full {
+                break;
+            }
+        }
+        if position > start {
+            sqlx::query(
+                "UPDATE projection_checkpoints SET position = $2, updated_at = now() \
+                 WHERE projection = $1",
+            )
+            .bind(self.projection.name())
+            .bind(position)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql)?;
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(POSITION_CHANNEL)
+                .bind(position_payload(self.projection, position))
+                .execute(&mut *tx)
+                .await
+                .map_err(sql)?;
+        }
+        tx.commit().await.map_err(sql)?;
+        Ok((position, blocker))
+    }
+
+    async fn record_lag(&self, position: i64) {
+        let lag = sqlx::query(
+            "SELECT (SELECT COALESCE(max(global_position), 0) FROM events) AS head, \
+                    (SELECT EXTRACT(EPOCH FROM now() - recorded_at)::float8 FROM events \
+                      WHERE global_position = $1 + 1) AS age",
+        )
+        .bind(position)
+        .fetch_one(&self.pool)
+        .await;
+        if let Ok(row) = lag {
+            let head: i64 = row.try_get("head").unwrap_or(position);
+            let age: Option<f64> = row.try_get("age").unwrap_or(None);
+            metrics::record_lag(
+                self.projection,
+                (head - position).max(0),
+                age.unwrap_or(0.0).max(0.0),
+            );
+        }
+    }
+
+    /// Applies events after `position` from the event store; returns how many were applied.
+    async fn heal(&mut self, position: i64) -> Result<usize, Failure> {
+        let sql = |e: sqlx::Error| classify_sql(&e);
+        let mut conn = self.pool.acquire().await.map_err(sql)?;
+        let events = store::read_all(&mut *conn, position, HEAL_BATCH)
+            .await
+            .map_err(sql)?;
+        let (outcome, poisoned) = apply_isolating(&mut conn, self.projection, &events).await?;
+        drop(conn);
+        if outcome.applied > 0 {
+            tracing::info!(projection = %self.projection, applied = outcome.applied, after = position,
+                "sweeper applied events the consumers had not (Redis lost or trimmed them)");
+        }
+        if poisoned.is_empty() {
+            self.healing = true;
+            self.attempts = 0;
+            return Ok(outcome.applied);
+        }
+        self.healing = false;
+        self.attempts += 1;
+        if self.attempts < self.settings.max_attempts {
+            metrics::record_retry(self.projection);
+            self.next_try =
+                Instant::now() + poison_retry_delay(self.settings.retry_base, self.attempts);
+            return Ok(outcome.applied);
+        }
+        for p in &poisoned {
+            self.give_up(p, &events).await?;
+        }
+        self.attempts = 0;
+        Ok(outcome.applied)
+    }
+
+    async fn give_up(&self, p: &Poisoned, batch: &[RecordedEvent]) -> Result<(), Failure> {
+        let event = match batch
+            .iter()
+            .find(|e| e.stream_id == p.stream_id && e.stream_version == p.version)
+        {
+            Some(e) => Some(e.clone()),
+            None => store::read_stream(&self.pool, &p.stream_id, p.version - 1, 1)
+                .await
+                .map_err(|e| classify_sql(&e))?
+                .into_iter()
+                .next(),
+        };
+        if let (Some(dl), Some(event)) = (&self.dead_letters, event) {
+            dl.queue
+                .dead_letter(
+                    self.projection.name(),
+                    &entry_of(&event),
+                    &p.error,
+                    self.settings.max_attempts,
+                    &dl.consumer,
+                )
+                .await
+                .map_err(|e| classify_bus(&e))?;
+            metrics::record_dead_letter(self.projection);
+        }
+        park_with_retries(&self.pool, self.projection, &p.stream_id, &p.error).await;
+        Ok(())
+    }
+
+    /// Competes for leadership and sweeps while leader, until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        while !shutdown.is_cancelled() {
+            match self.lead(&shutdown).await {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(projection = %self.projection, error = %e, "sweeper lost its connection")
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep(LEADER_RETRY) => {}
+            }
+        }
+    }
+
+    /// Returns when not (or no longer) the leader, or on shutdown.
+    async fn lead(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let options = self.pool.connect_options();
+        let mut lock_conn = PgConnection::connect_with(&options).await?;
+        let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(self.projection.sweeper_lock_key())
+            .fetch_one(&mut lock_conn)
+            .await?;
+        if !leader {
+            let _ = lock_conn.close().await;
+            return Ok(());
+        }
+        tracing::info!(projection = %self.projection, "this instance is the sweeper");
+        let mut listener: Option<PgListener> = None;
+        let mut backoff = Backoff::default();
+        let mut last_alive_check = Instant::now();
+        while !shutdown.is_cancelled() {
+            if listener.is_none()
+                && let Ok(mut l) = PgListener::connect_with(&self.pool).await
+                && l.listen_all([APPLIED_CHANNEL, store::APPENDED_CHANNEL])
+                    .await
+                    .is_ok()
+            {
+                listener = Some(l);
+            }
+            match self.sweep_once().await {
+                Ok(_) => backoff.reset(),
+                Err(f) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(projection = %self.projection, error = %f, "sweep failed");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+            if last_alive_check.elapsed() > Duration::from_secs(5) {
+                last_alive_check = Instant::now();
+                // Losing this connection loses the lock: stop leading.
+                sqlx::query("SELECT 1").execute(&mut lock_conn).await?;
+            }
+            tokio::time::sleep(MIN_SWEEP_INTERVAL).await;
+            let tick = self.settings.tick;
+            let woke = async {
+                match listener.as_mut() {
+                    Some(l) => l.recv().await.map(|_| ()),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep(tick) => {}
+                result = woke => if result.is_err() { listener = None },
+            }
+        }
+        let _ = lock_conn.close().await;
+        Ok(())
+    }
+}
+
+/// The stream entry the relay would have published for `event` (id `<position>-0`), for
+/// dead-lettering an event that came from the store.
+pub fn entry_of(event: &RecordedEvent) -> StreamEntry {
+    StreamEntry {
+        id: format!("{}-0", event.global_position),
+        fields: encode_fields(event)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+    }
+}

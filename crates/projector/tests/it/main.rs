@@ -1,0 +1,442 @@
+//! The projector against real PostgreSQL and Redis: one fresh database and one private key
+//! prefix (or a private Redis) per test.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use bus::testing::{PrivateRedis, wait_until};
+use bus::{DeadLetterQueue, Publisher};
+use events::{OrderState, order_stream_id};
+use projector::ProjectionKind;
+use projector::apply::apply_batch;
+use projector::sweeper::{Sweeper, SweeperSettings};
+use rand::seq::SliceRandom as _;
+use support::{DEADLINE, World, append_orders, commands, run_commands};
+use uuid::Uuid;
+
+/// Fast retries and reclaims, so failure tests finish quickly.
+const FAST: &[&str] = &[
+    "--retry-base-ms",
+    "20",
+    "--max-attempts",
+    "3",
+    "--reclaim-interval-ms",
+    "200",
+];
+
+#[tokio::test]
+async fn duplicated_and_out_of_order_deliveries_leave_the_read_model_exact() {
+    let w = World::new().await;
+    append_orders(w.pool(), 25).await;
+    let all = store::read_all(w.pool(), 0, 10_000).await.unwrap();
+    let mut rng = rand::rng();
+    for projection in ProjectionKind::ALL {
+        // Deliver everything three times, shuffled, in small random batches: later versions
+        // often arrive before earlier ones, and every event arrives again after it was applied.
+        let mut deliveries: Vec<_> = all.iter().chain(&all).chain(&all).cloned().collect();
+        deliveries.shuffle(&mut rng);
+        let mut conn = w.pool().acquire().await.unwrap();
+        for batch in deliveries.chunks(7) {
+            apply_batch(&mut conn, projection, batch).await.unwrap();
+        }
+    }
+    w.assert_exact().await;
+    let duplicates: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM projection_streams WHERE version <> \
+         (SELECT max(stream_version) FROM events e WHERE e.stream_id = projection_streams.stream_id)",
+    )
+    .fetch_one(w.pool())
+    .await
+    .unwrap();
+    assert_eq!(duplicates, 0);
+}
+
+#[tokio::test]
+async fn two_projector_instances_over_one_stream_give_exactly_the_result_of_one() {
+    let mut w = World::new().await;
+    let (a, a_task) = w
+        .spawn_projector("instance-a", &["--batch-size", "7"])
+        .await;
+    let (b, b_task) = w
+        .spawn_projector("instance-b", &["--batch-size", "5"])
+        .await;
+    for _ in 0..4 {
+        append_orders(w.pool(), 10).await;
+        w.publish().await;
+    }
+    w.wait_caught_up().await;
+    w.assert_exact().await;
+    a.cancel();
+    b.cancel();
+    a_task.await.unwrap().unwrap();
+    b_task.await.unwrap().unwrap();
+}
+
+async fn pending_count(w: &World, group: &str) -> i64 {
+    let mut conn = w.redis.clone();
+    let reply: redis::Value = redis::cmd("XPENDING")
+        .arg(w.keys.stream())
+        .arg(group)
+        .query_async(&mut conn)
+        .await
+        .unwrap_or(redis::Value::Nil);
+    match reply {
+        redis::Value::Array(parts) => match parts.first() {
+            Some(redis::Value::Int(n)) => *n,
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
+
+#[tokio::test]
+async fn a_projector_killed_with_sigkill_mid_batch_loses_nothing_after_another_instance_reclaims() {
+    let mut w = World::new().await;
+    append_orders(w.pool(), 120).await;
+    // No healing by the sweeper: only reclaiming can deliver what the dead instance held.
+    let no_heal = ["--sweep-grace-ms", "600000"];
+    let mut args = w.args("doomed", &no_heal);
+    args.extend(["--batch-size", "20"].map(String::from));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_projector"))
+        .args(&args[1..])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Give it something to chew on, and kill it as soon as it holds unacknowledged entries.
+    w.publish().await;
+    wait_until(
+        DEADLINE,
+        "the doomed instance holds pending entries",
+        || async { (pending_count(&w, "order_summaries").await > 0).then_some(()) },
+    )
+    .await;
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+
+    let mut extra = vec!["--claim-idle-ms", "300"];
+    extra.extend(FAST);
+    extra.extend(no_heal);
+    let (token, task) = w.spawn_projector("survivor", &extra).await;
+    w.wait_caught_up().await;
+    w.assert_exact().await;
+    assert_eq!(pending_count(&w, "order_summaries").await, 0);
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn an_undecodable_entry_lands_in_the_dead_letter_stream_with_every_contract_field_while_the_rest_flows()
+ {
+    let mut w = World::new().await;
+    append_orders(w.pool(), 5).await;
+    w.publish().await;
+    // Garbage right after the last published entry (`<n>-1` keeps later `<n+1>-0` ids valid).
+    let head = store::head_position(w.pool()).await.unwrap();
+    let garbage_id = format!("{head}-1");
+    let mut conn = w.redis.clone();
+    let _: String = redis::cmd("XADD")
+        .arg(w.keys.stream())
+        .arg(&garbage_id)
+        .arg("hello")
+        .arg("world")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    append_orders(w.pool(), 5).await;
+    w.publish().await;
+
+    let (token, task) = w.spawn_projector("solo", FAST).await;
+    w.wait_caught_up().await;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    let letters = wait_until(DEADLINE, "the garbage is dead-lettered", || async {
+        let letters = dlq.list("order_summaries", 10).await.unwrap();
+        (!letters.is_empty()).then_some(letters)
+    })
+    .await;
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(letter.original_id, garbage_id);
+    assert_eq!(
+        letter.original.get("hello").map(String::as_str),
+        Some("world")
+    );
+    assert!(letter.error.contains("missing field"), "{}", letter.error);
+    assert_eq!(letter.attempts, 3);
+    assert!(!letter.failed_at.is_empty());
+    assert_eq!(letter.consumer, "solo");
+    // Raw fields, as an operator's XRANGE shows them.
+    let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(w.keys.dlq("order_summaries"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let names: Vec<&str> = raw[0].1.iter().map(|(k, _)| k.as_str()).collect();
+    for field in ["error", "attempts", "failed_at", "original_id", "consumer"] {
+        assert!(names.contains(&field), "{field} missing from {names:?}");
+    }
+    w.assert_exact().await;
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn an_apply_that_keeps_failing_is_dead_lettered_its_order_held_back_others_flow_and_replay_makes_it_exact()
+ {
+    let mut w = World::new().await;
+    let victim = Uuid::new_v4();
+    let customer = Uuid::new_v4();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE FUNCTION refuse_victim() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           RAISE EXCEPTION 'refusing order {victim}'; END $$; \
+         CREATE TRIGGER refuse_victim BEFORE INSERT OR UPDATE ON order_summaries FOR EACH ROW \
+           WHEN (NEW.order_id = '{victim}' AND NEW.version >= 4) EXECUTE FUNCTION refuse_victim();"
+    )))
+    .execute(w.pool())
+    .await
+    .unwrap();
+    let (token, task) = w.spawn_projector("solo", FAST).await;
+
+    // The victim is created and placed (the placing fails), then paid (must be held back).
+    let cmds = commands(victim, customer, support::Fate::Paid);
+    let mut state = OrderState::default();
+    run_commands(w.pool(), victim, &cmds[..4], &mut state).await;
+    append_orders(w.pool(), 5).await;
+    w.publish().await;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    wait_until(DEADLINE, "the placing is dead-lettered", || async {
+        (dlq.len("order_summaries").await.unwrap() == 1).then_some(())
+    })
+    .await;
+    run_commands(w.pool(), victim, &cmds[4..], &mut state).await;
+    append_orders(w.pool(), 5).await;
+    w.publish().await;
+    w.wait_caught_up().await;
+
+    let stream = order_stream_id(victim);
+    let (version, parked): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT version, parked_version FROM projection_streams \
+         WHERE projection = 'order_summaries' AND stream_id = $1",
+    )
+    .bind(&stream)
+    .fetch_one(w.pool())
+    .await
+    .unwrap();
+    assert_eq!((version, parked), (3, Some(4)), "held back at the placing");
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM order_summaries WHERE order_id = $1")
+            .bind(victim)
+            .fetch_one(w.pool())
+            .await
+            .unwrap();
+    assert_eq!(status, "draft");
+    let letter = &dlq.list("order_summaries", 10).await.unwrap()[0];
+    assert_eq!(
+        letter.original.get("event_type").map(String::as_str),
+        Some("OrderPlaced")
+    );
+    assert!(letter.error.contains("refusing order"), "{}", letter.error);
+    // Only the victim differs; customer_stats never failed.
+    let report = projector::verify::verify(w.pool(), ProjectionKind::OrderSummaries)
+        .await
+        .unwrap();
+    assert!(
+        report.shown.iter().all(|d| d.id == victim.to_string()),
+        "{}",
+        report.render(ProjectionKind::OrderSummaries)
+    );
+    assert!(!report.is_clean());
+
+    // A replay while the trigger is still there fails and leaves the dead letter.
+    let letters = dlq.list("order_summaries", 10).await.unwrap();
+    let failed = projector::admin::replay(w.pool(), &dlq, ProjectionKind::OrderSummaries, &letters)
+        .await
+        .unwrap();
+    assert!(!failed[0].ok);
+    assert_eq!(dlq.len("order_summaries").await.unwrap(), 1);
+
+    sqlx::raw_sql("DROP TRIGGER refuse_victim ON order_summaries")
+        .execute(w.pool())
+        .await
+        .unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_projector"))
+        .args(["dlq", "replay", "order_summaries"])
+        .env("DATABASE_URL", &w.db.url)
+        .env("REDIS_URL", &w.redis_url)
+        .env("EVENT_STREAM", w.keys.stream())
+        .env("SKIP_MIGRATIONS", "true")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("replay") && stdout.contains("ok"),
+        "{stdout}"
+    );
+    assert_eq!(dlq.len("order_summaries").await.unwrap(), 0);
+    w.wait_caught_up().await;
+    w.assert_exact().await;
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_redis_flush_in_the_middle_of_a_load_ends_with_exact_read_models_and_no_manual_step() {
+    let redis = PrivateRedis::start().await.unwrap();
+    let mut w = World::with_redis(redis.url()).await;
+    let mut extra = vec!["--sweep-grace-ms", "300"];
+    extra.extend(FAST);
+    let (token, task) = w.spawn_projector("solo", &extra).await;
+    append_orders(w.pool(), 15).await;
+    w.publish().await;
+    // Events appended but not yet published are lost with the flush too: the relay resumes
+    // after its own checkpoint, not before.
+    append_orders(w.pool(), 15).await;
+    let mut conn = w.redis.clone();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    w.skip_publishing_up_to_head().await;
+    w.publisher = Publisher::new(w.redis.clone(), w.keys.clone(), bus::DEFAULT_HARD_CAP);
+    append_orders(w.pool(), 15).await;
+    w.publish().await;
+    w.wait_caught_up().await;
+    w.assert_exact().await;
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn rebuild_restores_a_truncated_read_model() {
+    let w = World::new().await;
+    append_orders(w.pool(), 30).await;
+    let all = store::read_all(w.pool(), 0, 10_000).await.unwrap();
+    let mut conn = w.pool().acquire().await.unwrap();
+    for projection in ProjectionKind::ALL {
+        apply_batch(&mut conn, projection, &all).await.unwrap();
+    }
+    drop(conn);
+    sqlx::raw_sql("DELETE FROM order_summaries; DELETE FROM customer_stats WHERE random() < 0.5")
+        .execute(w.pool())
+        .await
+        .unwrap();
+    for projection in ProjectionKind::ALL {
+        let broken = projector::verify::verify(w.pool(), projection)
+            .await
+            .unwrap();
+        assert!(!broken.is_clean());
+        let outcome = projector::admin::rebuild(w.pool(), projection, 7, None)
+            .await
+            .unwrap();
+        assert_eq!(outcome.events, all.len() as u64);
+        assert_eq!(
+            w.checkpoint(projection).await,
+            all.last().unwrap().global_position
+        );
+    }
+    w.assert_exact().await;
+}
+
+async fn run_verify(w: &World) -> (bool, String) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_projector"))
+        .args(["verify", "order_summaries"])
+        .env("DATABASE_URL", &w.db.url)
+        .env("SKIP_MIGRATIONS", "true")
+        .output()
+        .await
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn verify_finds_a_deliberately_corrupted_row_and_passes_on_a_clean_one() {
+    let w = World::new().await;
+    let ids = append_orders(w.pool(), 8).await;
+    let all = store::read_all(w.pool(), 0, 10_000).await.unwrap();
+    let mut conn = w.pool().acquire().await.unwrap();
+    apply_batch(&mut conn, ProjectionKind::OrderSummaries, &all)
+        .await
+        .unwrap();
+    drop(conn);
+    let (ok, out) = run_verify(&w).await;
+    assert!(ok, "{out}");
+    sqlx::query("UPDATE order_summaries SET total = total + 1 WHERE order_id = $1")
+        .bind(ids[3])
+        .execute(w.pool())
+        .await
+        .unwrap();
+    let (ok, out) = run_verify(&w).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&ids[3].to_string()) && out.contains("total"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn the_checkpoint_never_exceeds_a_position_that_is_not_applied() {
+    let w = World::new().await;
+    append_orders(w.pool(), 10).await;
+    let all = store::read_all(w.pool(), 0, 10_000).await.unwrap();
+    let projection = ProjectionKind::OrderSummaries;
+    // Everything applied except one stream's events.
+    let skipped = all[all.len() / 2].stream_id.clone();
+    let first_unapplied = all
+        .iter()
+        .find(|e| e.stream_id == skipped)
+        .unwrap()
+        .global_position;
+    let applied: Vec<_> = all
+        .iter()
+        .filter(|e| e.stream_id != skipped)
+        .cloned()
+        .collect();
+    let mut conn = w.pool().acquire().await.unwrap();
+    apply_batch(&mut conn, projection, &applied).await.unwrap();
+    drop(conn);
+    let mut sweeper = Sweeper::new(
+        projection,
+        w.pool().clone(),
+        None,
+        SweeperSettings {
+            grace: Duration::from_secs(3600),
+            ..SweeperSettings::default()
+        },
+    );
+    for _ in 0..3 {
+        let outcome = sweeper.sweep_once().await.unwrap();
+        assert_eq!(outcome.position, first_unapplied - 1);
+        assert_eq!(outcome.blocker, Some(first_unapplied));
+        assert_eq!(w.checkpoint(projection).await, first_unapplied - 1);
+    }
+    // Once healing is allowed, the sweeper applies the rest from the event store.
+    let mut healer = Sweeper::new(
+        projection,
+        w.pool().clone(),
+        None,
+        SweeperSettings {
+            grace: Duration::ZERO,
+            ..SweeperSettings::default()
+        },
+    );
+    let outcome = healer.sweep_once().await.unwrap();
+    assert_eq!(outcome.position, all.last().unwrap().global_position);
+    let report = projector::verify::verify(w.pool(), projection)
+        .await
+        .unwrap();
+    assert!(report.is_clean(), "{}", report.render(projection));
+}

@@ -1,0 +1,257 @@
+//! Test helpers: a fresh database and a private key prefix per test, orders appended the way
+//! the command service does (`decide` + `store::append_batch`), published the way the relay
+//! does (`bus::Publisher`, in position order), and projector instances started in-process.
+
+use std::time::Duration;
+
+use bus::testing::{shared_redis_url, unique_keys, wait_until};
+use bus::{Publisher, StreamKeys};
+use clap::Parser as _;
+use events::{EventMetadata, OrderCommand, OrderState, decide, evolve, order_stream_id};
+use projector::{Application, Cli, ProjectionKind};
+use sqlx::PgPool;
+use store::testing::TestDatabase;
+use store::{AppendRequest, ExpectedVersion};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// How long a test waits for the projector to converge.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// One test's world.
+pub struct World {
+    pub db: TestDatabase,
+    pub keys: StreamKeys,
+    pub redis_url: String,
+    pub redis: bus::ConnectionManager,
+    pub publisher: Publisher,
+    published: i64,
+}
+
+impl World {
+    pub async fn new() -> Self {
+        Self::with_redis(shared_redis_url()).await
+    }
+
+    pub async fn with_redis(redis_url: String) -> Self {
+        let db = TestDatabase::new().await;
+        let keys = unique_keys();
+        let client = bus::client(&redis_url).expect("redis url");
+        let redis = bus::connect(&client).await.expect("redis connects");
+        let publisher = Publisher::new(redis.clone(), keys.clone(), bus::DEFAULT_HARD_CAP);
+        Self {
+            db,
+            keys,
+            redis_url,
+            redis,
+            publisher,
+            published: 0,
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.db.pool
+    }
+
+    /// Publishes every event appended since the last call, in position order (like the relay).
+    pub async fn publish(&mut self) {
+        loop {
+            let events = store::read_all(self.pool(), self.published, 500)
+                .await
+                .expect("read events");
+            let Some(last) = events.last() else { break };
+            let last = last.global_position;
+            self.publisher.publish(&events).await.expect("publish");
+            self.published = last;
+        }
+    }
+
+    /// Forgets what was published (after Redis lost it, the relay resumes from its checkpoint:
+    /// nothing earlier is published again).
+    pub async fn skip_publishing_up_to_head(&mut self) {
+        self.published = store::head_position(self.pool()).await.expect("head");
+    }
+
+    /// The args of an in-process projector on this world.
+    pub fn args(&self, consumer: &str, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "projector",
+            "--database-url",
+            &self.db.url,
+            "--redis-url",
+            &self.redis_url,
+            "--event-stream",
+            self.keys.stream(),
+            "--listen-addr",
+            "127.0.0.1:0",
+            "--db-max-connections",
+            "4",
+            "--consumer-name",
+            consumer,
+            "--skip-migrations",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
+    }
+
+    /// Starts a projector in-process; stop it by cancelling the token.
+    pub async fn spawn_projector(
+        &self,
+        consumer: &str,
+        extra: &[&str],
+    ) -> (CancellationToken, JoinHandle<anyhow::Result<()>>) {
+        let cli = Cli::try_parse_from(self.args(consumer, extra)).expect("args parse");
+        let app = Application::build(cli).await.expect("projector builds");
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(app.run_until_stopped(token.clone()));
+        (token, handle)
+    }
+
+    pub async fn checkpoint(&self, projection: ProjectionKind) -> i64 {
+        sqlx::query_scalar("SELECT position FROM projection_checkpoints WHERE projection = $1")
+            .bind(projection.name())
+            .fetch_optional(self.pool())
+            .await
+            .expect("read checkpoint")
+            .unwrap_or(0)
+    }
+
+    /// Waits until both projections' low-water marks reach the head.
+    pub async fn wait_caught_up(&self) {
+        let head = store::head_position(self.pool()).await.expect("head");
+        for projection in ProjectionKind::ALL {
+            wait_until(
+                DEADLINE,
+                &format!("{projection} reaches position {head}"),
+                || async move { (self.checkpoint(projection).await >= head).then_some(()) },
+            )
+            .await;
+        }
+    }
+
+    /// Asserts both read models equal a fresh fold of the event store.
+    pub async fn assert_exact(&self) {
+        for projection in ProjectionKind::ALL {
+            let report = projector::verify::verify(self.pool(), projection)
+                .await
+                .expect("verify runs");
+            assert!(report.is_clean(), "{}", report.render(projection));
+        }
+    }
+}
+
+/// How far an order goes through its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    Draft,
+    Placed,
+    Paid,
+    Shipped,
+    Cancelled,
+}
+
+impl Fate {
+    pub fn of(i: usize) -> Self {
+        [
+            Fate::Draft,
+            Fate::Placed,
+            Fate::Paid,
+            Fate::Shipped,
+            Fate::Cancelled,
+        ][i % 5]
+    }
+}
+
+/// The commands that take an order to `fate`.
+pub fn commands(order_id: Uuid, customer_id: Uuid, fate: Fate) -> Vec<OrderCommand> {
+    let mut cmds = vec![
+        OrderCommand::CreateOrder {
+            order_id,
+            customer_id,
+            currency: "EUR".into(),
+        },
+        OrderCommand::AddItem {
+            sku: "SKU-1".into(),
+            quantity: 2,
+            unit_price: 150,
+        },
+        OrderCommand::AddItem {
+            sku: "SKU-2".into(),
+            quantity: 1,
+            unit_price: 999,
+        },
+    ];
+    if fate == Fate::Draft {
+        return cmds;
+    }
+    cmds.push(OrderCommand::PlaceOrder);
+    match fate {
+        Fate::Paid | Fate::Shipped => cmds.push(OrderCommand::PayOrder {
+            amount: 1299,
+            payment_reference: "pay-1".into(),
+        }),
+        Fate::Cancelled => cmds.push(OrderCommand::CancelOrder {
+            reason: "changed my mind".into(),
+        }),
+        _ => {}
+    }
+    if fate == Fate::Shipped {
+        cmds.push(OrderCommand::ShipOrder {
+            carrier: "DHL".into(),
+            tracking_number: "T1".into(),
+        });
+    }
+    cmds
+}
+
+/// Runs `commands` against the order one append at a time (like one HTTP request each).
+pub async fn run_commands(
+    pool: &PgPool,
+    order_id: Uuid,
+    commands: &[OrderCommand],
+    from: &mut OrderState,
+) {
+    let stream = order_stream_id(order_id);
+    for cmd in commands {
+        let events = decide(from, cmd).expect("command is valid");
+        let request = AppendRequest {
+            stream_id: stream.clone(),
+            expected: ExpectedVersion::Exact(from.version),
+            events: events
+                .iter()
+                .map(|e| e.to_new_event(EventMetadata::default()))
+                .collect(),
+            idempotency: None,
+        };
+        let mut results = store::append_batch(pool, &[request])
+            .await
+            .expect("append commits");
+        results.remove(0).expect("append succeeds");
+        for e in &events {
+            *from = evolve(std::mem::take(from), e);
+        }
+    }
+}
+
+/// Appends `count` orders spread over a few customers; returns their ids.
+pub async fn append_orders(pool: &PgPool, count: usize) -> Vec<Uuid> {
+    let customers: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    let mut ids = Vec::with_capacity(count);
+    for i in 0..count {
+        let id = Uuid::new_v4();
+        let mut state = OrderState::default();
+        run_commands(
+            pool,
+            id,
+            &commands(id, customers[i % 3], Fate::of(i)),
+            &mut state,
+        )
+        .await;
+        ids.push(id);
+    }
+    ids
+}
