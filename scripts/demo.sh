@@ -192,13 +192,15 @@ fi
 
 projector_bin="$(cargo_target_dir)/debug/projector"
 [[ -x "$projector_bin" ]] || projector_bin="projector"
+dlq_id="$(rcli XREVRANGE "$dlq" + - COUNT 1 | head -n 1)"
 cat <<EOF
 
 Inspect and handle dead letters:
   redis-cli XRANGE $dlq - +
   redis-cli XLEN $dlq
   $projector_bin dlq list $DLQ_GROUP
-  $projector_bin dlq show $DLQ_GROUP        # details of each entry
-  $projector_bin dlq purge $DLQ_GROUP       # drop them (this one can never succeed)
+  $projector_bin dlq show $DLQ_GROUP --id $dlq_id     # one entry as JSON
+  $projector_bin dlq replay $DLQ_GROUP               # re-apply from the event store (after a fix)
+  $projector_bin dlq purge $DLQ_GROUP --id $dlq_id    # drop it for good (this one can never succeed)
 EOF
 exit "$dlq_status"

@@ -1,6 +1,6 @@
 //! `ApiError`: every way a read request fails, and its RFC 9457 problem response.
 //!
-//! Stable codes (also listed in API.md and the OpenAPI descriptions):
+//! Stable codes (also listed in the README and the OpenAPI descriptions):
 //!
 //! | status | code | when |
 //! |---|---|---|
