@@ -133,7 +133,8 @@ async fn an_append_chained_on_a_failed_one_fails_instead_of_landing_out_of_order
         .submit(request("order-c", ExpectedVersion::Exact(0), 1))
         .await;
     let second = committer
-        .submit(request("order-c", ExpectedVersion::Exact(1 + 0 + 1), 1))
+        // Chained on the first, which would have taken the stream from 1 to 2.
+        .submit(request("order-c", ExpectedVersion::Exact(2), 1))
         .await;
     assert!(matches!(
         first.await.expect("answer"),
