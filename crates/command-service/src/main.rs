@@ -15,7 +15,8 @@ async fn main() -> ExitCode {
     config
         .validate()
         .unwrap_or_else(|e| exit_on_config_error(e));
-    platform::telemetry::init(config.common.log_format);
+    // Held to the end of main: dropping it flushes the spans still queued for export.
+    let _telemetry = platform::telemetry::init(config.common.log_format);
     let result = match config.command() {
         Command::Migrate => command_service::app::migrate(&config).await,
         _ => match Application::build(config).await {

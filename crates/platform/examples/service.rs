@@ -68,7 +68,7 @@ async fn main() -> ExitCode {
         .common
         .validate()
         .unwrap_or_else(|e| exit_on_config_error(e));
-    telemetry::init(config.common.log_format);
+    let _telemetry = telemetry::init(config.common.log_format);
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

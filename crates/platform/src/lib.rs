@@ -10,7 +10,10 @@
 //!
 //! - [`config`]: `CommonArgs` and `AuthArgs`, the flags and env vars every binary flattens into its
 //!   own clap config, their validation, and the one-line exit on a bad setting.
-//! - [`telemetry`]: the tracing subscriber (`RUST_LOG`, JSON or pretty), safe to call twice.
+//! - [`telemetry`]: the tracing subscriber (`RUST_LOG`, JSON or pretty), safe to call twice, plus
+//!   OTel export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set; returns the guard that flushes spans.
+//! - [`otel`]: OpenTelemetry trace export (OTLP over HTTP/protobuf, batch processor) and the
+//!   bridge from W3C `traceparent` values to OTel span parents.
 //! - [`metrics`]: the process-wide Prometheus recorder and the `/metrics` handler.
 //! - [`problem`]: `Problem`, the RFC 9457 `application/problem+json` error response.
 //! - [`extract`]: `Json`, `Path` and `Query` extractors whose rejections are `Problem`s, plus the
@@ -35,6 +38,7 @@ pub mod health;
 pub mod healthcheck;
 pub mod http;
 pub mod metrics;
+pub mod otel;
 pub mod problem;
 pub mod redis_conn;
 pub mod shutdown;

@@ -14,6 +14,9 @@
 //! 4. the projection folds the events, the stored versions move forward,
 //!    `pg_notify('projection_applied', <projection>)` wakes the sweepers, and it commits.
 //!
+//! Every event applied through [`apply_isolating`] (consumer, sweeper, admin) gets an
+//! `apply_event` span parented on its recorded `traceparent` when OTel export is on.
+//!
 //! Only after the commit may a consumer acknowledge the entries. The engine never talks to
 //! Redis and never decides retries: it reports a [`Failure`] and the caller decides.
 
@@ -221,11 +224,84 @@ async fn notify_applied(
     Ok(())
 }
 
+/// Most `apply_event` spans made for one call of [`apply_isolating`]: a rebuild passes large
+/// slices, and the exporter's queue (2048 spans by default) would drop the excess anyway.
+pub const MAX_EVENT_SPANS: usize = 1_000;
+
+/// One `apply_event` span per event (up to [`MAX_EVENT_SPANS`]), each continuing the trace of
+/// the command that recorded the event (`metadata.traceparent`), so one trace runs from the HTTP
+/// request to the projector. The spans are not entered: they are held while the batch applies
+/// and end with it, so each one's duration is its batch's. Empty when OTel export is off, which
+/// keeps the hot path free of per-event spans.
+pub fn event_spans(projection: ProjectionKind, events: &[RecordedEvent]) -> Vec<tracing::Span> {
+    if !platform::otel::export_enabled() {
+        return Vec::new();
+    }
+    events
+        .iter()
+        .take(MAX_EVENT_SPANS)
+        .map(|event| {
+            // No local parent: the remote one below is the meaningful one.
+            let span = tracing::info_span!(
+                parent: None,
+                "apply_event",
+                projection = %projection,
+                stream_id = %event.stream_id,
+                stream_version = event.stream_version,
+                position = event.global_position,
+                event_type = %event.event_type,
+                batch_size = events.len(),
+                outcome = tracing::field::Empty,
+            );
+            if let Some(traceparent) = &event.metadata.traceparent {
+                platform::otel::set_remote_parent(&span, traceparent);
+            }
+            span
+        })
+        .collect()
+}
+
 /// Applies `events`, isolating poison: the whole batch first; if that fails with poison, each
 /// stream on its own; within a failing stream, one event at a time up to the first failure.
 /// Transient failures abort the whole call (what was committed stays committed and is
 /// recognised as duplicates on the retry).
+///
+/// With OTel export on, each event gets an `apply_event` span ([`event_spans`]) lasting the call.
 pub async fn apply_isolating(
+    conn: &mut PgConnection,
+    projection: ProjectionKind,
+    events: &[RecordedEvent],
+) -> Result<(ApplyOutcome, Vec<Poisoned>), Failure> {
+    let spans = event_spans(projection, events);
+    let result = apply_isolating_inner(conn, projection, events).await;
+    if !spans.is_empty() {
+        record_outcomes(&spans, events, &result);
+    }
+    result
+}
+
+/// Sets each span's `outcome`: `poisoned`, `transient_failure`, or `ok` (applied, duplicate or
+/// held back behind a parked stream).
+fn record_outcomes(
+    spans: &[tracing::Span],
+    events: &[RecordedEvent],
+    result: &Result<(ApplyOutcome, Vec<Poisoned>), Failure>,
+) {
+    for (span, event) in spans.iter().zip(events) {
+        let outcome = match result {
+            Err(_) => "transient_failure",
+            Ok((_, poisoned)) => {
+                let hit = poisoned
+                    .iter()
+                    .any(|p| p.stream_id == event.stream_id && event.stream_version >= p.version);
+                if hit { "poisoned" } else { "ok" }
+            }
+        };
+        span.record("outcome", outcome);
+    }
+}
+
+async fn apply_isolating_inner(
     conn: &mut PgConnection,
     projection: ProjectionKind,
     events: &[RecordedEvent],

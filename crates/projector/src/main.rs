@@ -11,7 +11,8 @@ async fn main() -> ExitCode {
     if let Err(e) = cli.common.validate() {
         platform::config::exit_on_config_error(e);
     }
-    platform::telemetry::init(cli.common.log_format);
+    // Held to the end of main: dropping it flushes the spans still queued for export.
+    let _telemetry = platform::telemetry::init(cli.common.log_format);
     match projector::commands::execute(cli).await {
         Ok(code) => code,
         Err(e) => {

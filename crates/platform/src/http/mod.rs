@@ -5,6 +5,10 @@
 //! carrying `method`, `route`, `request_id`, `correlation_id` and `trace_id`, the HTTP metrics,
 //! the panic catcher (500 `internal`), the request timeout (503 `timeout`) and the body limit
 //! (413 `payload_too_large`). Every error it produces is a [`Problem`].
+//!
+//! With OpenTelemetry export on ([`crate::otel`]), the request span's OTel parent is the client's
+//! valid `traceparent`, and the [`RequestContext`]'s `traceparent` is rewritten to name the request
+//! span, so work carried on from the request (event metadata, the projector) joins its trace.
 
 mod context;
 mod traceparent;
@@ -75,6 +79,7 @@ pub fn standard_layers(router: Router, limits: HttpLimits) -> Router {
         ))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn(record_metrics))
+        .layer(middleware::from_fn(adopt_otel_context))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(make_span)
@@ -96,15 +101,56 @@ fn make_span(req: &Request) -> Span {
         ),
         None => ("", "", ""),
     };
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "request",
         method = %req.method(),
         route = %route,
         path = %req.uri().path(),
         request_id = %request_id,
         correlation_id = %correlation_id,
-        trace_id = %trace_id,
-    )
+        // Recorded below, once it is known whether OpenTelemetry picks the trace id.
+        trace_id = tracing::field::Empty,
+    );
+    // A valid incoming `traceparent` is the OTel parent, so an upstream trace continues here.
+    // Only the client's own header counts: a generated context names no real span. Without the
+    // OTel layer this is a parse and a failed downcast.
+    let incoming = req
+        .headers()
+        .get(TRACEPARENT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_traceparent);
+    match incoming {
+        Some(parent) => {
+            crate::otel::set_remote_parent_of(&span, &parent);
+            span.record("trace_id", parent.trace_id());
+        }
+        // A root span: with OTel its trace id is the one exported, so logs show that one
+        // (`adopt_otel_context` puts it in the request context too).
+        None => {
+            match crate::otel::traceparent_of(&span) {
+                Some(own) => span.record("trace_id", own.trace_id()),
+                None => span.record("trace_id", trace_id),
+            };
+        }
+    }
+    span
+}
+
+/// With OTel export on, points the [`RequestContext`] at the request span itself: its
+/// `traceparent` (recorded in event metadata, continued by the projector) becomes
+/// `<trace id>-<request span id>`, and when the client sent no valid `traceparent` the OTel
+/// trace id replaces the generated one (as it did in the span's `trace_id` field, see
+/// `make_span`), so logs, event metadata and exported traces agree. Without OTel the context is
+/// left as it is.
+async fn adopt_otel_context(mut req: Request, next: Next) -> Response {
+    let span = Span::current();
+    if let Some(own) = crate::otel::traceparent_of(&span)
+        && let Some(ctx) = req.extensions_mut().get_mut::<RequestContext>()
+    {
+        ctx.trace_id = own.trace_id().to_owned();
+        ctx.traceparent = own.to_string();
+    }
+    next.run(req).await
 }
 
 fn route_of(req: &Request) -> String {
