@@ -327,10 +327,15 @@ async fn rebuild_restores_a_truncated_read_model() {
         apply_batch(&mut conn, projection, &all).await.unwrap();
     }
     drop(conn);
-    sqlx::raw_sql("DELETE FROM order_summaries; DELETE FROM customer_stats WHERE random() < 0.5")
-        .execute(w.pool())
-        .await
-        .unwrap();
+    // Every summary gone and one customer's stats gone: both read models are broken for sure.
+    sqlx::raw_sql(
+        "DELETE FROM order_summaries; \
+         DELETE FROM customer_stats WHERE customer_id = \
+           (SELECT customer_id FROM customer_stats ORDER BY customer_id LIMIT 1)",
+    )
+    .execute(w.pool())
+    .await
+    .unwrap();
     for projection in ProjectionKind::ALL {
         let broken = projector::verify::verify(w.pool(), projection)
             .await
