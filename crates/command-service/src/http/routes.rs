@@ -22,6 +22,46 @@ pub const IDEMPOTENT_REPLAYED_HEADER: &str = "idempotent-replayed";
 
 type ApiResult = Result<Response, ApiError>;
 
+/// The problems every command on an existing order can answer, listed once for the OpenAPI
+/// document of each such route.
+pub struct OrderCommandProblems;
+
+impl utoipa::IntoResponses for OrderCommandProblems {
+    fn responses() -> std::collections::BTreeMap<
+        String,
+        utoipa::openapi::RefOr<utoipa::openapi::response::Response>,
+    > {
+        use utoipa::openapi::content::ContentBuilder;
+        use utoipa::openapi::response::ResponseBuilder;
+        [
+            ("400", "Malformed JSON, wrong types, bad path or header"),
+            ("401", "Token configured and missing or wrong"),
+            ("404", "`order_not_found`"),
+            ("409", "`concurrency_conflict`: retries ran out"),
+            ("412", "`version_mismatch`: If-Match is stale"),
+            ("413", "Body too large"),
+            ("415", "Not JSON"),
+            (
+                "422",
+                "`rule_violated` (with `rule`) or `idempotency_key_reused`",
+            ),
+            ("503", "`store_unavailable` or `timeout`"),
+        ]
+        .into_iter()
+        .map(|(status, description)| {
+            let problem = ContentBuilder::new()
+                .schema(Some(utoipa::openapi::Ref::from_schema_name("Problem")))
+                .build();
+            let response = ResponseBuilder::new()
+                .description(description)
+                .content(platform::problem::CONTENT_TYPE, problem)
+                .build();
+            (status.to_owned(), response.into())
+        })
+        .collect()
+    }
+}
+
 /// Create an order
 #[utoipa::path(
     post, path = "/orders", tag = "orders",
@@ -64,15 +104,7 @@ pub async fn create_order(
     ),
     responses(
         (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
-        (status = 400, description = "Malformed JSON, wrong types, bad path or header", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Token configured and missing or wrong", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`order_not_found`", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`concurrency_conflict`: retries ran out", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 412, description = "`version_mismatch`: If-Match is stale", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`rule_violated` (with `rule`) or `idempotency_key_reused`", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`store_unavailable` or `timeout`", body = platform::Problem, content_type = "application/problem+json"),
+        OrderCommandProblems,
     ),
     security((), ("bearer" = []))
 )]
@@ -132,15 +164,7 @@ pub async fn remove_item(
     ),
     responses(
         (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
-        (status = 400, description = "Malformed JSON, bad path or header", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Token configured and missing or wrong", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`order_not_found`", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`concurrency_conflict`: retries ran out", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 412, description = "`version_mismatch`: If-Match is stale", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "A body that is not JSON", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`rule_violated` (with `rule`) or `idempotency_key_reused`", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`store_unavailable` or `timeout`", body = platform::Problem, content_type = "application/problem+json"),
+        OrderCommandProblems,
     ),
     security((), ("bearer" = []))
 )]
@@ -172,15 +196,7 @@ pub async fn place_order(
     ),
     responses(
         (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
-        (status = 400, description = "Malformed JSON, wrong types, bad path or header", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Token configured and missing or wrong", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`order_not_found`", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`concurrency_conflict`: retries ran out", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 412, description = "`version_mismatch`: If-Match is stale", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`rule_violated` (with `rule`) or `idempotency_key_reused`", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`store_unavailable` or `timeout`", body = platform::Problem, content_type = "application/problem+json"),
+        OrderCommandProblems,
     ),
     security((), ("bearer" = []))
 )]
@@ -204,15 +220,7 @@ pub async fn pay_order(
     ),
     responses(
         (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
-        (status = 400, description = "Malformed JSON, wrong types, bad path or header", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Token configured and missing or wrong", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`order_not_found`", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`concurrency_conflict`: retries ran out", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 412, description = "`version_mismatch`: If-Match is stale", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`rule_violated` (with `rule`) or `idempotency_key_reused`", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`store_unavailable` or `timeout`", body = platform::Problem, content_type = "application/problem+json"),
+        OrderCommandProblems,
     ),
     security((), ("bearer" = []))
 )]
@@ -236,15 +244,7 @@ pub async fn ship_order(
     ),
     responses(
         (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
-        (status = 400, description = "Malformed JSON, wrong types, bad path or header", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Token configured and missing or wrong", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`order_not_found`", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`concurrency_conflict`: retries ran out", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 412, description = "`version_mismatch`: If-Match is stale", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`rule_violated` (with `rule`) or `idempotency_key_reused`", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`store_unavailable` or `timeout`", body = platform::Problem, content_type = "application/problem+json"),
+        OrderCommandProblems,
     ),
     security((), ("bearer" = []))
 )]

@@ -68,6 +68,11 @@ async fn the_openapi_document_lists_every_route_and_error_status() {
                 .is_some()
         );
     }
+    assert_eq!(
+        paths["/orders/{id}/pay"]["post"]["responses"]["412"]["content"]["application/problem+json"]
+            ["schema"]["$ref"],
+        "#/components/schemas/Problem"
+    );
     for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
         assert!(paths.contains_key(path), "{path}");
     }
