@@ -36,7 +36,7 @@ pub async fn connect(
     max_connections: u32,
     migrator: Option<&'static sqlx::migrate::Migrator>,
 ) -> anyhow::Result<PgPool> {
-    let options = validate_database_url(database_url)?;
+    let options = without_loopback_tls(database_url, validate_database_url(database_url)?);
     ensure_database(&options).await?;
     let pool = PgPoolOptions::new()
         .max_connections(max_connections.max(1))
@@ -59,6 +59,28 @@ pub async fn connect(
 }
 
 /// Creates the database named in `options` when a connection says it does not exist.
+/// Turns TLS off for a loopback server unless the URL (or `PGSSLMODE`) asks for a mode.
+///
+/// TLS on loopback protects nothing, and it is costly here: sqlx 0.9.0 does not set
+/// `TCP_NODELAY`, so a message longer than one TLS record (a batched append, a rebuild page)
+/// waits for the server's delayed ACK, about 40 ms each time (measured in BENCHMARKS.md; sqlx
+/// issue 4335). Remote servers keep sqlx's default (`prefer`).
+pub fn without_loopback_tls(database_url: &str, options: PgConnectOptions) -> PgConnectOptions {
+    let mode_requested =
+        database_url.contains("sslmode=") || std::env::var_os("PGSSLMODE").is_some();
+    let host = options.get_host().trim_matches(|c| c == '[' || c == ']');
+    let loopback = options.get_socket().is_some()
+        || host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback && !mode_requested {
+        options.ssl_mode(sqlx::postgres::PgSslMode::Disable)
+    } else {
+        options
+    }
+}
+
 async fn ensure_database(options: &PgConnectOptions) -> anyhow::Result<()> {
     match connect_once(options).await {
         Ok(conn) => {
@@ -193,5 +215,44 @@ pub(crate) fn describe_io(e: &io::Error) -> String {
                 None => "unknown i/o error".to_owned(),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::postgres::PgSslMode;
+    use std::str::FromStr;
+
+    fn mode(url: &str) -> PgSslMode {
+        let options = PgConnectOptions::from_str(url).expect("url parses");
+        without_loopback_tls(url, options).get_ssl_mode()
+    }
+
+    #[test]
+    fn loopback_servers_skip_tls_unless_a_mode_is_asked_for() {
+        if std::env::var_os("PGSSLMODE").is_some() {
+            return; // The environment decides; nothing to check here.
+        }
+        assert!(matches!(
+            mode("postgres://postgres@127.0.0.1:5432/orders"),
+            PgSslMode::Disable
+        ));
+        assert!(matches!(
+            mode("postgres://postgres@localhost/orders"),
+            PgSslMode::Disable
+        ));
+        assert!(matches!(
+            mode("postgres://postgres@[::1]:5432/orders"),
+            PgSslMode::Disable
+        ));
+        assert!(matches!(
+            mode("postgres://postgres@127.0.0.1/orders?sslmode=require"),
+            PgSslMode::Require
+        ));
+        assert!(matches!(
+            mode("postgres://postgres@db.internal/orders"),
+            PgSslMode::Prefer
+        ));
     }
 }

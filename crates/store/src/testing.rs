@@ -24,7 +24,12 @@ impl TestDatabase {
     /// Creates `test_<uuid>`, runs the migrations and connects a small pool.
     pub async fn new() -> Self {
         let name = format!("test_{}", uuid::Uuid::new_v4().simple());
-        let server = PgConnectOptions::from_str(&server_url()).expect("TEST_DATABASE_URL parses");
+        let url = server_url();
+        let mut server = PgConnectOptions::from_str(&url).expect("TEST_DATABASE_URL parses");
+        // The test server is local: TLS would only add sqlx's Nagle delays (see platform::db).
+        if !url.contains("sslmode=") {
+            server = server.ssl_mode(sqlx::postgres::PgSslMode::Disable);
+        }
         let mut admin = server
             .connect()
             .await

@@ -1,0 +1,525 @@
+//! The results of a run: one serialisable [`Report`] (written as JSON), its Markdown rendering
+//! (printed on stdout, pasted into BENCHMARKS.md) and the comparison against the project's
+//! performance targets.
+
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use crate::machine::Machine;
+use crate::scenarios::catchup::CatchupResult;
+use crate::scenarios::ceiling::CeilingResult;
+use crate::scenarios::commands::{HotResult, SweepResult};
+use crate::scenarios::freshness::FreshnessResult;
+use crate::scenarios::long_stream::LongStreamResult;
+use crate::scenarios::rebuild::RebuildResult;
+use crate::services::MemoryLog;
+
+/// Everything one run measured. Absent scenarios were not run (or failed: see `failures`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub started_at: String,
+    pub finished_at: String,
+    /// The command line that produced it.
+    pub command: String,
+    pub machine: Option<Machine>,
+    pub commands: Option<SweepResult>,
+    pub hot: Option<HotResult>,
+    pub ceiling: Option<CeilingResult>,
+    pub freshness: Option<FreshnessResult>,
+    pub catchup: Option<CatchupResult>,
+    pub rebuild: Option<RebuildResult>,
+    pub long_stream: Option<LongStreamResult>,
+    pub memory: Option<MemoryLog>,
+    pub targets: Vec<TargetCheck>,
+    /// Scenarios that failed, with the error.
+    pub failures: Vec<String>,
+}
+
+/// One performance target and how the run did against it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetCheck {
+    pub target: String,
+    pub measured: String,
+    /// `None` when the run has no figure for it.
+    pub met: Option<bool>,
+}
+
+impl Report {
+    /// An empty report started now.
+    pub fn new(command: String) -> Self {
+        let now = chrono::Utc::now().to_rfc3339();
+        Self {
+            started_at: now.clone(),
+            finished_at: now,
+            command,
+            machine: None,
+            commands: None,
+            hot: None,
+            ceiling: None,
+            freshness: None,
+            catchup: None,
+            rebuild: None,
+            long_stream: None,
+            memory: None,
+            targets: Vec::new(),
+            failures: Vec::new(),
+        }
+    }
+
+    /// The 64-client (else highest-concurrency) level of the sweep.
+    pub fn saturation_level(&self) -> Option<&crate::scenarios::closed_loop::LoadResult> {
+        let levels = &self.commands.as_ref()?.levels;
+        levels
+            .iter()
+            .find(|l| l.clients == 64)
+            .or_else(|| levels.iter().max_by_key(|l| l.clients))
+    }
+
+    /// Fills [`Report::targets`] from the figures present.
+    pub fn check_targets(&mut self) {
+        let mut checks = Vec::new();
+        let saturation = self.saturation_level().cloned();
+        let ceiling = saturation.as_ref().and_then(|level| {
+            self.ceiling
+                .as_ref()
+                .and_then(|c| c.best_at(level.clients.min(64)))
+                .cloned()
+        });
+        checks.push(match (&saturation, &ceiling) {
+            (Some(level), Some(ceiling)) => {
+                let share = level.commands_per_sec / ceiling.events_per_sec.max(f64::MIN_POSITIVE);
+                TargetCheck {
+                    target:
+                        "commands at 64 clients ≥ 40% of the batched-INSERT ceiling, p99 < 50 ms"
+                            .into(),
+                    measured: format!(
+                        "{:.0} events/s = {:.1}% of {:.0} events/s ({} rows/tx); p99 {:.1} ms",
+                        level.commands_per_sec,
+                        share * 100.0,
+                        ceiling.events_per_sec,
+                        ceiling.rows_per_transaction,
+                        level.latency.p99_ms
+                    ),
+                    met: Some(share >= 0.40 && level.latency.p99_ms < 50.0),
+                }
+            }
+            _ => missing("commands at 64 clients ≥ 40% of the batched-INSERT ceiling, p99 < 50 ms"),
+        });
+        checks.push(match &self.hot {
+            Some(hot) => TargetCheck {
+                target: "one hot order, 8 writers: ≥ 1,000 commands/s, p99 < 50 ms".into(),
+                measured: format!(
+                    "{:.0} commands/s, p99 {:.1} ms, {} errors",
+                    hot.load.commands_per_sec,
+                    hot.load.latency.p99_ms,
+                    hot.load.errors.values().sum::<u64>()
+                ),
+                met: Some(hot.load.commands_per_sec >= 1000.0 && hot.load.latency.p99_ms < 50.0),
+            },
+            None => missing("one hot order, 8 writers: ≥ 1,000 commands/s, p99 < 50 ms"),
+        });
+        checks.push(match &self.freshness {
+            Some(f) => TargetCheck {
+                target: "response → visible in read model p99 < 100 ms at half saturation".into(),
+                measured: format!(
+                    "p99 {:.1} ms at {:.0} commands/s ({} not visible)",
+                    f.response_to_visible.p99_ms, f.achieved_rate, f.not_visible
+                ),
+                met: Some(f.response_to_visible.p99_ms < 100.0 && f.not_visible == 0),
+            },
+            None => missing("response → visible in read model p99 < 100 ms at half saturation"),
+        });
+        checks.push(match &self.catchup {
+            Some(c) if !c.runs.is_empty() => {
+                let best = c
+                    .runs
+                    .iter()
+                    .filter(|r| r.completed)
+                    .map(|r| r.events_per_sec)
+                    .fold(0.0, f64::max);
+                let single = c.runs.iter().find(|r| r.instances == 1);
+                TargetCheck {
+                    target: "projector catch-up ≥ 10,000 events/s".into(),
+                    measured: format!(
+                        "{} (best {best:.0} events/s)",
+                        c.runs
+                            .iter()
+                            .map(|r| format!(
+                                "{} instance(s): {:.0} events/s",
+                                r.instances, r.events_per_sec
+                            ))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                    met: Some(single.is_some_and(|r| r.completed && r.events_per_sec >= 10_000.0)),
+                }
+            }
+            _ => missing("projector catch-up ≥ 10,000 events/s"),
+        });
+        checks.push(match &self.rebuild {
+            Some(r) => TargetCheck {
+                target: "rebuild ≥ 25,000 events/s".into(),
+                measured: format!("{:.0} events/s over {} events", r.events_per_sec, r.events),
+                met: Some(r.events_per_sec >= 25_000.0),
+            },
+            None => missing("rebuild ≥ 25,000 events/s"),
+        });
+        checks.push(match &self.long_stream {
+            Some(l) => {
+                // Snapshots on, and the cache limited so every command loads its order.
+                let on = l
+                    .variants
+                    .iter()
+                    .find(|v| v.snapshots && v.cache_capacity == Some(1))
+                    .or_else(|| l.variants.iter().find(|v| v.snapshots));
+                match on {
+                    Some(v) => {
+                        let cold = v.cold_long.p50_ms / v.cold_fresh.p50_ms.max(f64::MIN_POSITIVE);
+                        let warm = v.warm_long.p50_ms / v.warm_fresh.p50_ms.max(f64::MIN_POSITIVE);
+                        TargetCheck {
+                            target: format!("an order with {} events within 2x of a fresh order's latency", l.long_events),
+                            measured: format!(
+                                "snapshots on, cache {:?}: first command p50 {:.1} vs {:.1} ms ({cold:.2}x), later p50 {:.1} vs {:.1} ms ({warm:.2}x)",
+                                v.cache_capacity,
+                                v.cold_long.p50_ms, v.cold_fresh.p50_ms, v.warm_long.p50_ms, v.warm_fresh.p50_ms
+                            ),
+                            met: Some(cold <= 2.0 && warm <= 2.0 && v.errors == 0),
+                        }
+                    }
+                    None => missing("an order with 10,000 events within 2x of a fresh order's latency"),
+                }
+            }
+            None => missing("an order with 10,000 events within 2x of a fresh order's latency"),
+        });
+        checks.push(match &self.memory {
+            Some(m) if !m.peaks.is_empty() => {
+                let worst = m.peaks.values().map(|p| p.peak_rss_mb).fold(0.0, f64::max);
+                TargetCheck {
+                    target: "each service < 100 MB RSS at full load".into(),
+                    measured: m
+                        .peaks
+                        .iter()
+                        .map(|(name, p)| format!("{name} {:.1} MB", p.peak_rss_mb))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    met: Some(worst < 100.0),
+                }
+            }
+            _ => missing("each service < 100 MB RSS at full load"),
+        });
+        self.targets = checks;
+    }
+
+    /// The report as Markdown tables.
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let _ = writeln!(md, "Run {} → {}\n", self.started_at, self.finished_at);
+        let _ = writeln!(md, "`{}`\n", self.command);
+        if let Some(m) = &self.machine {
+            let _ = writeln!(md, "| machine | |\n|---|---|");
+            let _ = writeln!(md, "| CPU | {} × {} |", m.cpus, m.cpu_model);
+            let _ = writeln!(md, "| memory | {:.1} GiB |", m.memory_gib);
+            let _ = writeln!(md, "| kernel | {} |", m.kernel);
+            let _ = writeln!(
+                md,
+                "| load average at start (1/5/15 min) | {} |",
+                m.load_average_at_start
+            );
+            let _ = writeln!(
+                md,
+                "| PostgreSQL | {} (synchronous_commit={}, fsync={}, shared_buffers={}, max_connections={}) |",
+                m.postgres_version,
+                m.synchronous_commit,
+                m.fsync,
+                m.shared_buffers,
+                m.postgres_max_connections
+            );
+            let _ = writeln!(
+                md,
+                "| Redis | {} ({}) |\n",
+                m.redis_version, m.redis_persistence
+            );
+        }
+        if let Some(sweep) = &self.commands {
+            let _ = writeln!(
+                md,
+                "### Commands (mixed lifecycle, closed loop, {} s per level)\n",
+                sweep.levels.first().map_or(0.0, |l| l.measured_secs)
+            );
+            let _ = writeln!(
+                md,
+                "| clients | commands/s (= events/s) | p50 ms | p95 ms | p99 ms | max ms | errors |"
+            );
+            let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---|");
+            for l in &sweep.levels {
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+                    l.clients,
+                    l.commands_per_sec,
+                    l.latency.p50_ms,
+                    l.latency.p95_ms,
+                    l.latency.p99_ms,
+                    l.latency.max_ms,
+                    errors(&l.errors)
+                );
+            }
+            md.push('\n');
+            let _ = writeln!(
+                md,
+                "Service-side breakdown per level (command-service `/metrics`, measured interval only):\n"
+            );
+            let _ = writeln!(
+                md,
+                "| clients | commit mean ms | requests per group commit | command handling mean ms | internal retries |\n|---:|---:|---:|---:|---:|"
+            );
+            for l in &sweep.levels {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {} |",
+                    l.clients,
+                    figure(&l.breakdown, "event_store_commit mean ms"),
+                    figure(&l.breakdown, "event_store_batch_requests mean"),
+                    figure(&l.breakdown, "command_duration mean ms"),
+                    figure(&l.breakdown, "command_retries_total")
+                );
+            }
+            md.push('\n');
+        }
+        if let Some(hot) = &self.hot {
+            let l = &hot.load;
+            let _ = writeln!(
+                md,
+                "### Hot order ({} writers, AddItem, no If-Match)\n",
+                l.clients
+            );
+            let _ = writeln!(
+                md,
+                "| commands/s | p50 ms | p95 ms | p99 ms | max ms | errors |\n|---:|---:|---:|---:|---:|---|"
+            );
+            let _ = writeln!(
+                md,
+                "| {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {} |\n",
+                l.commands_per_sec,
+                l.latency.p50_ms,
+                l.latency.p95_ms,
+                l.latency.p99_ms,
+                l.latency.max_ms,
+                errors(&l.errors)
+            );
+            let _ = writeln!(
+                md,
+                "Service-side: commit mean {} ms, {} requests per group commit, command handling mean {} ms, {} internal retries.\n",
+                figure(&l.breakdown, "event_store_commit mean ms"),
+                figure(&l.breakdown, "event_store_batch_requests mean"),
+                figure(&l.breakdown, "command_duration mean ms"),
+                figure(&l.breakdown, "command_retries_total")
+            );
+        }
+        if let Some(ceiling) = &self.ceiling {
+            let _ = writeln!(
+                md,
+                "### Ceiling: multi-row INSERT transactions into the events table\n"
+            );
+            let _ = writeln!(
+                md,
+                "| clients | rows/tx | events/s | tx p50 ms | tx p99 ms |\n|---:|---:|---:|---:|---:|"
+            );
+            for p in &ceiling.points {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.0} | {:.1} | {:.1} |",
+                    p.clients,
+                    p.rows_per_transaction,
+                    p.events_per_sec,
+                    p.transaction_latency.p50_ms,
+                    p.transaction_latency.p99_ms
+                );
+            }
+            md.push('\n');
+        }
+        if let Some(f) = &self.freshness {
+            let _ = writeln!(
+                md,
+                "### Freshness at {:.0} commands/s (target {:.0}/s, {:.0} s)\n",
+                f.achieved_rate, f.target_rate, f.measured_secs
+            );
+            let _ = writeln!(
+                md,
+                "| measure | p50 ms | p95 ms | p99 ms | max ms | samples |\n|---|---:|---:|---:|---:|---:|"
+            );
+            for (name, s) in [
+                ("command latency", &f.command_latency),
+                (
+                    "response → visible (`?min_position=`)",
+                    &f.response_to_visible,
+                ),
+                (
+                    "recorded_at → seen on the Redis stream",
+                    &f.commit_to_stream,
+                ),
+                (
+                    "sampled: response → applied to `order_summaries` row (DB poll)",
+                    &f.response_to_applied,
+                ),
+                (
+                    "sampled: response → `order_summaries` checkpoint ≥ position (DB poll)",
+                    &f.response_to_checkpoint,
+                ),
+            ] {
+                let _ = writeln!(
+                    md,
+                    "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+                    s.p50_ms, s.p95_ms, s.p99_ms, s.max_ms, s.count
+                );
+            }
+            let _ = writeln!(
+                md,
+                "\nnot visible within 10 s: {}; command errors: {}; missed ticks: {}; query-service consistency wait mean {} ms over {} waits\n",
+                f.not_visible,
+                f.command_errors,
+                f.missed_ticks,
+                figure(&f.query_breakdown, "query_consistency_wait mean ms"),
+                figure(&f.query_breakdown, "query_consistency_wait_seconds count")
+            );
+        }
+        if let Some(c) = &self.catchup {
+            let _ = writeln!(
+                md,
+                "### Projector catch-up ({} events backlog)\n",
+                c.backlog_events
+            );
+            let _ = writeln!(
+                md,
+                "| instances | seconds | events/s | completed |\n|---:|---:|---:|---|"
+            );
+            for r in &c.runs {
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.1} | {:.0} | {} |",
+                    r.instances, r.elapsed_secs, r.events_per_sec, r.completed
+                );
+            }
+            md.push('\n');
+        }
+        if let Some(r) = &self.rebuild {
+            let _ = writeln!(md, "### Rebuild of `{}`\n", r.projection);
+            let _ = writeln!(md, "| events | seconds | events/s |\n|---:|---:|---:|");
+            let _ = writeln!(
+                md,
+                "| {} | {:.1} | {:.0} |\n",
+                r.events, r.elapsed_secs, r.events_per_sec
+            );
+        }
+        if let Some(l) = &self.long_stream {
+            let _ = writeln!(
+                md,
+                "### Long stream ({} events) vs fresh order, {} orders each\n",
+                l.long_events, l.orders
+            );
+            let _ = writeln!(
+                md,
+                "| snapshots | SNAPSHOT_EVERY | ORDER_CACHE_CAPACITY | first cmd long p50/p99 ms | first cmd fresh p50/p99 ms | later long p50/p99 ms | later fresh p50/p99 ms | errors |"
+            );
+            let _ = writeln!(md, "|---|---:|---|---:|---:|---:|---:|---:|");
+            for v in &l.variants {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {} |",
+                    if v.snapshots { "on" } else { "off" },
+                    v.snapshot_every,
+                    v.cache_capacity
+                        .map_or("default".to_owned(), |c| c.to_string()),
+                    v.cold_long.p50_ms,
+                    v.cold_long.p99_ms,
+                    v.cold_fresh.p50_ms,
+                    v.cold_fresh.p99_ms,
+                    v.warm_long.p50_ms,
+                    v.warm_long.p99_ms,
+                    v.warm_fresh.p50_ms,
+                    v.warm_fresh.p99_ms,
+                    v.errors
+                );
+            }
+            md.push('\n');
+        }
+        if let Some(m) = &self.memory {
+            let _ = writeln!(md, "### Peak RSS (VmHWM) of the spawned services\n");
+            let _ = writeln!(
+                md,
+                "| service | peak MB | during | processes measured |\n|---|---:|---|---:|"
+            );
+            for (name, p) in &m.peaks {
+                let _ = writeln!(
+                    md,
+                    "| {name} | {:.1} | {} | {} |",
+                    p.peak_rss_mb, p.scenario, p.processes
+                );
+            }
+            md.push('\n');
+        }
+        if !self.targets.is_empty() {
+            let _ = writeln!(
+                md,
+                "### Targets\n\n| target | measured | met |\n|---|---|---|"
+            );
+            for t in &self.targets {
+                let met = match t.met {
+                    Some(true) => "yes",
+                    Some(false) => "**no**",
+                    None => "not measured",
+                };
+                let _ = writeln!(md, "| {} | {} | {met} |", t.target, t.measured);
+            }
+            md.push('\n');
+        }
+        if !self.failures.is_empty() {
+            let _ = writeln!(md, "### Failures\n");
+            for f in &self.failures {
+                let _ = writeln!(md, "- {f}");
+            }
+        }
+        md
+    }
+}
+
+fn figure(figures: &std::collections::BTreeMap<String, f64>, key: &str) -> String {
+    figures
+        .get(key)
+        .map_or_else(|| "–".to_owned(), |v| format!("{v:.1}"))
+}
+
+fn missing(target: &str) -> TargetCheck {
+    TargetCheck {
+        target: target.to_owned(),
+        measured: "not measured in this run".into(),
+        met: None,
+    }
+}
+
+fn errors(errors: &std::collections::BTreeMap<String, u64>) -> String {
+    if errors.is_empty() {
+        return "0".into();
+    }
+    errors
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_report_lists_every_target_as_not_measured() {
+        let mut report = Report::new("bench all".into());
+        report.check_targets();
+        assert_eq!(report.targets.len(), 7);
+        assert!(report.targets.iter().all(|t| t.met.is_none()));
+        let md = report.markdown();
+        assert!(md.contains("not measured"), "{md}");
+    }
+}

@@ -1,0 +1,59 @@
+//! The store-level parts of the tool against a real (per-test) database: generated histories
+//! are accepted by the store and have the promised shape, and the ceiling measures something.
+//! Nothing here asserts a duration.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use bench::generate;
+use bench::scenarios::ceiling;
+use store::testing::TestDatabase;
+
+#[tokio::test]
+async fn generated_lifecycles_fill_the_store_to_at_least_the_target_with_dense_positions() {
+    let db = TestDatabase::new().await;
+    let generated = generate::fill_lifecycles(&db.pool, 7_000).await.unwrap();
+    let head = store::head_position(&db.pool).await.unwrap();
+    assert!(head >= 7_000, "head {head}");
+    assert_eq!(head as u64, generated.events);
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(count, head);
+}
+
+#[tokio::test]
+async fn a_seeded_long_order_has_exactly_the_asked_events_and_loads_from_its_snapshot() {
+    let db = TestDatabase::new().await;
+    let order = generate::seed_long_order(&db.pool, 1_234, 100)
+        .await
+        .unwrap();
+    assert_eq!(order.state.version, 1_234);
+    assert_eq!(order.snapshot.as_ref().map(|s| s.version), Some(1_200));
+    generate::save_seed_snapshot(&db.pool, &order)
+        .await
+        .unwrap();
+    let loaded = store::load_order(&db.pool, order.order_id).await.unwrap();
+    assert_eq!(loaded.state, order.state);
+    assert_eq!(loaded.snapshot_version, Some(1_200));
+    assert_eq!(loaded.events_replayed, 34);
+}
+
+#[tokio::test]
+async fn the_ceiling_reports_one_point_per_client_count_and_batch_size() {
+    let db = TestDatabase::new().await;
+    let result = ceiling::run(
+        &db.pool,
+        &[1, 2],
+        &[1, 4],
+        Duration::from_millis(50),
+        Duration::from_millis(300),
+    )
+    .await
+    .unwrap();
+    assert_eq!(result.points.len(), 4);
+    assert!(result.points.iter().all(|p| p.transactions > 0));
+    assert!(result.best_at(2).is_some());
+}
