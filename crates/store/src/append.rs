@@ -131,13 +131,14 @@ pub async fn append_within(
         .execute(&mut *conn)
         .await?;
 
-    let stored_ids = stored_event_ids(conn, requests).await?;
-    let taken_keys = taken_idempotency_keys(conn, requests).await?;
-    let mut versions = current_versions(conn, requests).await?;
-    let mut head: i64 = sqlx::query_scalar("SELECT COALESCE(max(global_position), 0) FROM events")
-        .fetch_one(&mut *conn)
-        .await?;
-
+    // Everything the checks need, read in one round trip after the lock, so that the snapshot
+    // of this statement sees every append committed before ours.
+    let BatchState {
+        stored_ids,
+        taken_keys,
+        mut versions,
+        mut head,
+    } = batch_state(conn, requests).await?;
     let mut results = Vec::with_capacity(requests.len());
     let mut columns = Columns::default();
     let mut keys_in_batch: Vec<(&IdempotencyRecord, AppendOutcome)> = Vec::new();
@@ -159,16 +160,8 @@ pub async fn append_within(
         results.push(outcome);
     }
 
-    if !columns.positions.is_empty() {
-        insert_events(conn, &columns).await?;
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(crate::APPENDED_CHANNEL)
-            .bind(head.to_string())
-            .execute(&mut *conn)
-            .await?;
-    }
-    if !keys_in_batch.is_empty() {
-        insert_idempotency_records(conn, &keys_in_batch).await?;
+    if !columns.positions.is_empty() || !keys_in_batch.is_empty() {
+        write_batch(conn, &columns, &keys_in_batch, head).await?;
     }
     Ok(results)
 }
@@ -261,103 +254,99 @@ fn metadata_json(metadata: &EventMetadata) -> serde_json::Value {
     serde_json::to_value(metadata).unwrap_or_else(|_| serde_json::json!({}))
 }
 
-async fn stored_event_ids(
+/// What the store holds for a batch's streams, event ids and idempotency keys.
+struct BatchState {
+    /// Event ids of the batch that are already stored: `(stream, version, position)`.
+    stored_ids: HashMap<Uuid, (String, i64, i64)>,
+    /// Idempotency keys of the batch that are already taken.
+    taken_keys: Vec<String>,
+    /// Current version of each target stream (absent: 0).
+    versions: HashMap<String, i64>,
+    /// The highest position in the log.
+    head: i64,
+}
+
+/// Reads the [`BatchState`] with one statement: one row per fact, tagged by `kind`.
+async fn batch_state(
     conn: &mut PgConnection,
     requests: &[AppendRequest],
-) -> Result<HashMap<Uuid, (String, i64, i64)>, sqlx::Error> {
-    let ids: Vec<Uuid> = requests
+) -> Result<BatchState, sqlx::Error> {
+    let mut streams: Vec<&str> = requests.iter().map(|r| r.stream_id.as_str()).collect();
+    streams.sort_unstable();
+    streams.dedup();
+    let event_ids: Vec<Uuid> = requests
         .iter()
         .flat_map(|request| request.events.iter().map(|event| event.event_id))
         .collect();
-    let rows = sqlx::query(
-        "SELECT event_id, stream_id, stream_version, global_position FROM events WHERE event_id = ANY($1)",
-    )
-    .bind(&ids)
-    .fetch_all(&mut *conn)
-    .await?;
-    rows.iter()
-        .map(|row| {
-            Ok((
-                row.try_get("event_id")?,
-                (
-                    row.try_get("stream_id")?,
-                    row.try_get("stream_version")?,
-                    row.try_get("global_position")?,
-                ),
-            ))
-        })
-        .collect()
-}
-
-async fn taken_idempotency_keys(
-    conn: &mut PgConnection,
-    requests: &[AppendRequest],
-) -> Result<Vec<String>, sqlx::Error> {
-    let keys: Vec<String> = requests
+    let keys: Vec<&str> = requests
         .iter()
         .filter_map(|request| {
             request
                 .idempotency
                 .as_ref()
-                .map(|record| record.key.clone())
+                .map(|record| record.key.as_str())
         })
         .collect();
-    if keys.is_empty() {
-        return Ok(Vec::new());
-    }
-    sqlx::query_scalar(
-        "SELECT idempotency_key FROM idempotency_keys WHERE idempotency_key = ANY($1)",
-    )
-    .bind(&keys)
-    .fetch_all(&mut *conn)
-    .await
-}
-
-async fn current_versions(
-    conn: &mut PgConnection,
-    requests: &[AppendRequest],
-) -> Result<HashMap<String, i64>, sqlx::Error> {
-    let mut streams: Vec<String> = requests.iter().map(|r| r.stream_id.clone()).collect();
-    streams.sort();
-    streams.dedup();
-    // One backward index probe per stream on (stream_id, stream_version).
+    // Each part is an index probe: the primary key for the head, (stream_id, stream_version)
+    // backwards per stream, the unique event_id index, the idempotency key.
     let rows = sqlx::query(
-        "SELECT s.stream_id, \
+        "SELECT 'head' AS kind, NULL::text AS name, \
+                (SELECT COALESCE(max(global_position), 0) FROM events) AS number, \
+                NULL::bigint AS version, NULL::uuid AS event_id \
+         UNION ALL \
+         SELECT 'stream', s.stream_id, \
                 COALESCE((SELECT e.stream_version FROM events e WHERE e.stream_id = s.stream_id \
-                          ORDER BY e.stream_version DESC LIMIT 1), 0) AS version \
-         FROM unnest($1::text[]) AS s(stream_id)",
+                          ORDER BY e.stream_version DESC LIMIT 1), 0), NULL, NULL \
+         FROM unnest($1::text[]) AS s(stream_id) \
+         UNION ALL \
+         SELECT 'event', e.stream_id, e.global_position, e.stream_version, e.event_id \
+         FROM events e WHERE e.event_id = ANY($2) \
+         UNION ALL \
+         SELECT 'key', k.idempotency_key, NULL, NULL, NULL \
+         FROM idempotency_keys k WHERE k.idempotency_key = ANY($3)",
     )
     .bind(&streams)
+    .bind(&event_ids)
+    .bind(&keys)
     .fetch_all(&mut *conn)
     .await?;
-    rows.iter()
-        .map(|row| Ok((row.try_get("stream_id")?, row.try_get("version")?)))
-        .collect()
+    let mut state = BatchState {
+        stored_ids: HashMap::new(),
+        taken_keys: Vec::new(),
+        versions: HashMap::new(),
+        head: 0,
+    };
+    for row in &rows {
+        let kind: &str = row.try_get("kind")?;
+        let name: Option<String> = row.try_get("name")?;
+        let number: Option<i64> = row.try_get("number")?;
+        match (kind, name) {
+            ("head", _) => state.head = number.unwrap_or(0),
+            ("stream", Some(stream)) => {
+                state.versions.insert(stream, number.unwrap_or(0));
+            }
+            ("event", Some(stream)) => {
+                let event_id: Uuid = row.try_get("event_id")?;
+                let version: Option<i64> = row.try_get("version")?;
+                state.stored_ids.insert(
+                    event_id,
+                    (stream, version.unwrap_or(0), number.unwrap_or(0)),
+                );
+            }
+            ("key", Some(key)) => state.taken_keys.push(key),
+            _ => {}
+        }
+    }
+    Ok(state)
 }
 
-async fn insert_events(conn: &mut PgConnection, columns: &Columns) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO events (global_position, event_id, stream_id, stream_version, event_type, \
-                             schema_version, data, metadata) \
-         SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], \
-                              $6::int[], $7::jsonb[], $8::jsonb[])",
-    )
-    .bind(&columns.positions)
-    .bind(&columns.event_ids)
-    .bind(&columns.stream_ids)
-    .bind(&columns.versions)
-    .bind(&columns.types)
-    .bind(&columns.schema_versions)
-    .bind(&columns.data)
-    .bind(&columns.metadata)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-async fn insert_idempotency_records(
+/// Writes the accepted events and idempotency records and signals the new head, in one
+/// statement (data-modifying CTEs run whether or not the outer query reads them).
+async fn write_batch(
     conn: &mut PgConnection,
+    columns: &Columns,
     records: &[(&IdempotencyRecord, AppendOutcome)],
+    head: i64,
 ) -> Result<(), sqlx::Error> {
     let keys: Vec<&str> = records.iter().map(|(r, _)| r.key.as_str()).collect();
     let hashes: Vec<&[u8]> = records
@@ -370,13 +359,32 @@ async fn insert_idempotency_records(
         .map(|(record, outcome)| response_with_outcome(&record.response_body, outcome))
         .collect();
     sqlx::query(
-        "INSERT INTO idempotency_keys (idempotency_key, request_hash, response_status, response_body) \
-         SELECT * FROM unnest($1::text[], $2::bytea[], $3::smallint[], $4::jsonb[])",
+        "WITH appended AS ( \
+             INSERT INTO events (global_position, event_id, stream_id, stream_version, \
+                                 event_type, schema_version, data, metadata) \
+             SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], \
+                                  $5::text[], $6::int[], $7::jsonb[], $8::jsonb[]) \
+         ), remembered AS ( \
+             INSERT INTO idempotency_keys (idempotency_key, request_hash, response_status, \
+                                           response_body) \
+             SELECT * FROM unnest($9::text[], $10::bytea[], $11::smallint[], $12::jsonb[]) \
+         ) \
+         SELECT pg_notify($13, $14) WHERE cardinality($1::bigint[]) > 0",
     )
+    .bind(&columns.positions)
+    .bind(&columns.event_ids)
+    .bind(&columns.stream_ids)
+    .bind(&columns.versions)
+    .bind(&columns.types)
+    .bind(&columns.schema_versions)
+    .bind(&columns.data)
+    .bind(&columns.metadata)
     .bind(&keys)
     .bind(&hashes)
     .bind(&statuses)
     .bind(&bodies)
+    .bind(crate::APPENDED_CHANNEL)
+    .bind(head.to_string())
     .execute(&mut *conn)
     .await?;
     Ok(())
