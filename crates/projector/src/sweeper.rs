@@ -49,8 +49,11 @@ pub const SWEEP_PAGE: i64 = 1_000;
 pub const HEAL_BATCH: i64 = 1_000;
 /// How often a non-leader tries to become the sweeper.
 pub const LEADER_RETRY: Duration = Duration::from_secs(2);
-/// Shortest pause between two sweeps, so a flood of notifications coalesces.
-const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(20);
+/// Shortest pause between two sweeps, so a flood of notifications coalesces into one sweep;
+/// short, because read-your-writes waits on the mark.
+const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(2);
+/// How often the lag gauges are refreshed.
+const LAG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The `pg_notify` payload of [`POSITION_CHANNEL`].
 pub fn position_payload(projection: ProjectionKind, position: i64) -> String {
@@ -112,6 +115,9 @@ pub struct Sweeper {
     healing: bool,
     attempts: u32,
     next_try: Instant,
+    /// When the lag gauges were last refreshed (they cost a query, so at most every
+    /// [`LAG_INTERVAL`]).
+    lag_recorded: Instant,
 }
 
 impl Sweeper {
@@ -132,6 +138,9 @@ impl Sweeper {
             healing: false,
             attempts: 0,
             next_try: Instant::now(),
+            lag_recorded: Instant::now()
+                .checked_sub(LAG_INTERVAL)
+                .unwrap_or_else(Instant::now),
         }
     }
 
@@ -144,7 +153,10 @@ impl Sweeper {
             blocker,
             healed: 0,
         };
-        self.record_lag(position).await;
+        if self.lag_recorded.elapsed() >= LAG_INTERVAL {
+            self.lag_recorded = Instant::now();
+            self.record_lag(position).await;
+        }
         let Some(blocker) = blocker else {
             self.blocking = None;
             self.healing = false;
@@ -175,21 +187,23 @@ impl Sweeper {
         let mut conn = self.pool.acquire().await.map_err(sql)?;
         let mut tx = conn.begin().await.map_err(sql)?;
         // Shared with apply transactions, exclusive for a rebuild: a rebuild resetting the
-        // bookkeeping never interleaves with a sweep computing P from it.
-        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
-            .bind(self.projection.lock_key())
-            .execute(&mut *tx)
-            .await
-            .map_err(sql)?;
+        // bookkeeping never interleaves with a sweep computing P from it. The commit need not
+        // wait for its WAL flush: the mark is derived from durable bookkeeping, so a mark lost in
+        // a server crash is only recomputed by the next sweep, and the sweep (which read-your-
+        // writes waits on) saves a disk flush.
         sqlx::query(
-            "INSERT INTO projection_checkpoints (projection) VALUES ($1) ON CONFLICT DO NOTHING",
+            "SELECT pg_advisory_xact_lock_shared($1), \
+                    set_config('synchronous_commit', 'off', true)",
         )
-        .bind(self.projection.name())
+        .bind(self.projection.lock_key())
         .execute(&mut *tx)
         .await
         .map_err(sql)?;
+        // Creates the row on first use and locks it, in one round trip.
         let start: i64 = sqlx::query_scalar(
-            "SELECT position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
+            "INSERT INTO projection_checkpoints (projection) VALUES ($1) \
+             ON CONFLICT (projection) DO UPDATE SET projection = EXCLUDED.projection \
+             RETURNING position",
         )
         .bind(self.projection.name())
         .fetch_one(&mut *tx)
@@ -231,20 +245,18 @@ impl Sweeper {
         }
         if position > start {
             sqlx::query(
-                "UPDATE projection_checkpoints SET position = $2, updated_at = now() \
-                 WHERE projection = $1",
+                "WITH moved AS ( \
+                     UPDATE projection_checkpoints SET position = $2, updated_at = now() \
+                     WHERE projection = $1 RETURNING position) \
+                 SELECT pg_notify($3, $4) FROM moved",
             )
             .bind(self.projection.name())
             .bind(position)
+            .bind(POSITION_CHANNEL)
+            .bind(position_payload(self.projection, position))
             .execute(&mut *tx)
             .await
             .map_err(sql)?;
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(POSITION_CHANNEL)
-                .bind(position_payload(self.projection, position))
-                .execute(&mut *tx)
-                .await
-                .map_err(sql)?;
         }
         tx.commit().await.map_err(sql)?;
         Ok((position, blocker))
@@ -398,6 +410,11 @@ impl Sweeper {
                 () = shutdown.cancelled() => {}
                 () = tokio::time::sleep(tick) => {}
                 result = woke => if result.is_err() { listener = None },
+            }
+            // Everything already received is covered by the next sweep: drop it instead of
+            // sweeping once per notification.
+            if let Some(l) = listener.as_mut() {
+                while l.next_buffered().is_some() {}
             }
         }
         let _ = lock_conn.close().await;
