@@ -176,6 +176,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
                     Err(err) => report.failures.push(format!("commands: {err:#}")),
                 }
             }
+            if stack.is_some() {
+                settle(&scratch).await;
+            }
             if wants(selected, Scenario::Hot) || selected == Scenario::Memory {
                 match commands::hot(
                     api,
@@ -188,6 +191,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
                     Ok(hot) => report.hot = Some(hot),
                     Err(err) => report.failures.push(format!("hot: {err:#}")),
                 }
+            }
+            if stack.is_some() {
+                settle(&scratch).await;
             }
             if wants(selected, Scenario::Freshness) {
                 let rate = sizing.rate.unwrap_or_else(|| {
@@ -354,4 +360,43 @@ fn write_outputs(cli: &Cli, report: &Report) -> anyhow::Result<()> {
             .with_context(|| format!("write {}", cli.output.svg.display()))?;
     }
     Ok(())
+}
+
+/// Longest wait for the read side to catch up between scenarios.
+const SETTLE_LIMIT: Duration = Duration::from_secs(180);
+
+/// Waits until both projections' checkpoints reach the head of the log, so a scenario does not
+/// measure the previous scenario's backlog being worked off on the same two cores.
+async fn settle(scratch: &Scratch) {
+    let Ok(pool) = scratch.pool("main", 1).await else {
+        return;
+    };
+    let started = std::time::Instant::now();
+    loop {
+        let behind: Result<i64, sqlx::Error> = sqlx::query_scalar(
+            "SELECT (SELECT COALESCE(max(global_position), 0) FROM events) \
+                  - COALESCE((SELECT min(position) FROM projection_checkpoints), 0)",
+        )
+        .fetch_one(&pool)
+        .await;
+        match behind {
+            Ok(behind) if behind <= 0 => break,
+            Ok(_) if started.elapsed() < SETTLE_LIMIT => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(behind) => {
+                eprintln!("settle: still {behind} events behind after {SETTLE_LIMIT:?}; going on");
+                break;
+            }
+            Err(err) => {
+                eprintln!("settle: cannot read the checkpoints: {err}");
+                break;
+            }
+        }
+    }
+    eprintln!(
+        "settle: read side caught up in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    pool.close().await;
 }

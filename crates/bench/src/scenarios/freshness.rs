@@ -32,10 +32,10 @@ const TICK_BACKLOG: usize = 1_024;
 const VISIBLE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// One accepted command in this many is followed stage by stage in the database.
-pub const PROBE_EVERY: u64 = 10;
+pub const PROBE_EVERY: u64 = 50;
 
 /// Poll interval of a stage probe (it adds a little database load; 1 in [`PROBE_EVERY`]).
-const PROBE_POLL: Duration = Duration::from_millis(2);
+const PROBE_POLL: Duration = Duration::from_millis(5);
 
 /// The projection whose row and checkpoint the probes follow (the one `GET /orders/{id}` reads).
 const PROBED_PROJECTION: &str = "order_summaries";
