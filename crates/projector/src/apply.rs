@@ -83,10 +83,11 @@ pub async fn apply_batch(
     if events.is_empty() {
         return Ok(ApplyOutcome::default());
     }
+    let started = std::time::Instant::now();
     let mut tx = conn.begin().await.map_err(sql)?;
     let outcome = apply_in_tx(&mut tx, projection, events).await?;
     tx.commit().await.map_err(sql)?;
-    metrics::record_apply(projection, &outcome);
+    metrics::record_apply(projection, &outcome, started.elapsed().as_secs_f64());
     Ok(outcome)
 }
 

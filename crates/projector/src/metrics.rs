@@ -24,9 +24,20 @@ pub const REBUILD_EVENTS: &str = "projector_rebuild_events_total";
 /// Progress of a running rebuild, 0 to 1 (gauge).
 pub const REBUILD_PROGRESS: &str = "projector_rebuild_progress";
 
-/// Records what one apply transaction did.
-pub fn record_apply(projection: ProjectionKind, outcome: &ApplyOutcome) {
+/// Duration of one apply transaction, commit included (histogram).
+pub const APPLY_SECONDS: &str = "projector_apply_seconds";
+/// Duration of one sweep of the low-water mark, commit included (histogram).
+pub const SWEEP_SECONDS: &str = "projector_sweep_seconds";
+
+/// Records how long one sweep took.
+pub fn record_sweep(projection: ProjectionKind, seconds: f64) {
+    metrics::histogram!(SWEEP_SECONDS, "projection" => projection.name()).record(seconds);
+}
+
+/// Records what one apply transaction did and how long it took.
+pub fn record_apply(projection: ProjectionKind, outcome: &ApplyOutcome, seconds: f64) {
     let label = ("projection", projection.name());
+    metrics::histogram!(APPLY_SECONDS, &[label]).record(seconds);
     if outcome.applied > 0 {
         metrics::counter!(EVENTS_APPLIED, &[label]).increment(outcome.applied as u64);
     }

@@ -93,6 +93,16 @@ pub struct DeadLetters {
     pub consumer: String,
 }
 
+/// What one page of a sweep found.
+struct Page {
+    /// The mark after this page.
+    position: i64,
+    /// The first event neither applied nor parked, if the page holds one.
+    blocker: Option<i64>,
+    /// The page was full and wholly covered: the mark may go further.
+    more: bool,
+}
+
 /// What one sweep found.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SweepOutcome {
@@ -147,7 +157,9 @@ impl Sweeper {
     /// Advances the low-water mark as far as it goes, then heals the blocker if its grace is
     /// over. One testable step.
     pub async fn sweep_once(&mut self) -> Result<SweepOutcome, Failure> {
-        let (position, blocker) = self.advance().await?;
+        let started = Instant::now();
+        let (position, blocker) = self.advance_all().await?;
+        metrics::record_sweep(self.projection, started.elapsed().as_secs_f64());
         let mut outcome = SweepOutcome {
             position,
             blocker,
@@ -174,15 +186,16 @@ impl Sweeper {
         let overdue = self.healing || now.duration_since(since) >= self.settings.grace;
         if overdue && now >= self.next_try {
             outcome.healed = self.heal(position).await?;
-            let (position, blocker) = self.advance().await?;
+            let (position, blocker) = self.advance_all().await?;
             outcome.position = position;
             outcome.blocker = blocker;
         }
         Ok(outcome)
     }
 
-    /// One transaction: read the events after P with their bookkeeping and move P.
-    async fn advance(&mut self) -> Result<(i64, Option<i64>), Failure> {
+    /// One short transaction: read one page of events after P with their bookkeeping and move
+    /// P over its applied prefix.
+    async fn advance(&mut self) -> Result<Page, Failure> {
         let sql = |e: sqlx::Error| classify_sql(&e);
         let mut conn = self.pool.acquire().await.map_err(sql)?;
         let mut tx = conn.begin().await.map_err(sql)?;
@@ -211,38 +224,34 @@ impl Sweeper {
         .map_err(sql)?;
         let mut position = start;
         let mut blocker = None;
-        loop {
-            let rows = sqlx::query(
-                "SELECT e.global_position, e.stream_id, e.stream_version, ps.version, \
-                        ps.parked_version \
-                 FROM events e LEFT JOIN projection_streams ps \
-                   ON ps.projection = $1 AND ps.stream_id = e.stream_id \
-                 WHERE e.global_position > $2 ORDER BY e.global_position LIMIT $3",
-            )
-            .bind(self.projection.name())
-            .bind(position)
-            .bind(SWEEP_PAGE)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(sql)?;
-            let full = rows.len() as i64 == SWEEP_PAGE;
-            for row in &rows {
-                let pos: i64 = row.try_get(0).map_err(sql)?;
-                let stream_version: i64 = row.try_get(2).map_err(sql)?;
-                let version: Option<i64> = row.try_get(3).map_err(sql)?;
-                let parked: Option<i64> = row.try_get(4).map_err(sql)?;
-                let applied = version.is_some_and(|v| v >= stream_version);
-                let held = parked.is_some_and(|p| p <= stream_version);
-                if !(applied || held) {
-                    blocker = Some(pos);
-                    break;
-                }
-                position = pos;
-            }
-            if blocker.is_some() || !full {
+        let rows = sqlx::query(
+            "SELECT e.global_position, e.stream_id, e.stream_version, ps.version, \
+                    ps.parked_version \
+             FROM events e LEFT JOIN projection_streams ps \
+               ON ps.projection = $1 AND ps.stream_id = e.stream_id \
+             WHERE e.global_position > $2 ORDER BY e.global_position LIMIT $3",
+        )
+        .bind(self.projection.name())
+        .bind(position)
+        .bind(SWEEP_PAGE)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(sql)?;
+        let full = rows.len() as i64 == SWEEP_PAGE;
+        for row in &rows {
+            let pos: i64 = row.try_get(0).map_err(sql)?;
+            let stream_version: i64 = row.try_get(2).map_err(sql)?;
+            let version: Option<i64> = row.try_get(3).map_err(sql)?;
+            let parked: Option<i64> = row.try_get(4).map_err(sql)?;
+            let applied = version.is_some_and(|v| v >= stream_version);
+            let held = parked.is_some_and(|p| p <= stream_version);
+            if !(applied || held) {
+                blocker = Some(pos);
                 break;
             }
+            position = pos;
         }
+        let more = full && blocker.is_none();
         if position > start {
             sqlx::query(
                 "WITH moved AS ( \
@@ -259,7 +268,23 @@ impl Sweeper {
             .map_err(sql)?;
         }
         tx.commit().await.map_err(sql)?;
-        Ok((position, blocker))
+        Ok(Page {
+            position,
+            blocker,
+            more,
+        })
+    }
+
+    /// Advances the mark page by page, each page its own short transaction: a long sweep
+    /// transaction would hold back PostgreSQL's cleanup horizon and let every updated row of the
+    /// database (read models, bookkeeping, checkpoints) bloat while the projector catches up.
+    async fn advance_all(&mut self) -> Result<(i64, Option<i64>), Failure> {
+        loop {
+            let page = self.advance().await?;
+            if !page.more {
+                return Ok((page.position, page.blocker));
+            }
+        }
     }
 
     async fn record_lag(&self, position: i64) {
