@@ -23,8 +23,9 @@
 //! keeps failing is retried with backoff and finally dead-lettered and parked like a consumer
 //! would.
 //!
-//! Wake-ups: `LISTEN projection_applied` and the event store's `event_store_appended`, plus a
-//! fallback tick ([`SweeperSettings::tick`]), since notifications are only hints.
+//! Wake-ups: `LISTEN projection_applied` (only this projection's applies, the only thing that
+//! moves its mark), plus a fallback tick ([`SweeperSettings::tick`]) that also covers healing
+//! and events held behind parked streams, since notifications are only hints.
 
 use std::time::{Duration, Instant};
 
@@ -404,9 +405,7 @@ impl Sweeper {
         while !shutdown.is_cancelled() {
             if listener.is_none()
                 && let Ok(mut l) = PgListener::connect_with(&self.pool).await
-                && l.listen_all([APPLIED_CHANNEL, store::APPENDED_CHANNEL])
-                    .await
-                    .is_ok()
+                && l.listen(APPLIED_CHANNEL).await.is_ok()
             {
                 listener = Some(l);
             }
@@ -425,9 +424,19 @@ impl Sweeper {
             }
             tokio::time::sleep(MIN_SWEEP_INTERVAL).await;
             let tick = self.settings.tick;
+            // Only an apply of this projection can move its mark (the tick covers the rest:
+            // healing after the grace period, events held behind a parked stream), so other
+            // projections' applies and new appends do not cost a sweep.
+            let own = self.projection.name();
             let woke = async {
                 match listener.as_mut() {
-                    Some(l) => l.recv().await.map(|_| ()),
+                    Some(l) => loop {
+                        match l.recv().await {
+                            Ok(n) if n.payload() == own => return Ok(()),
+                            Ok(_) => {}
+                            Err(e) => return Err(e),
+                        }
+                    },
                     None => std::future::pending().await,
                 }
             };
