@@ -133,110 +133,118 @@ pub async fn append_within(
 
     // Everything the checks need, read in one round trip after the lock, so that the snapshot
     // of this statement sees every append committed before ours.
-    let BatchState {
-        stored_ids,
-        taken_keys,
-        mut versions,
-        mut head,
-    } = batch_state(conn, requests).await?;
-    let mut results = Vec::with_capacity(requests.len());
-    let mut columns = Columns::default();
-    let mut keys_in_batch: Vec<(&IdempotencyRecord, AppendOutcome)> = Vec::new();
-    for request in requests {
-        let outcome = plan_one(
-            request,
-            &stored_ids,
-            &taken_keys,
-            &keys_in_batch,
-            &mut versions,
-            &mut head,
-            &mut columns,
-        );
-        if let (Ok(outcome), Some(record)) = (&outcome, &request.idempotency)
-            && !outcome.duplicate
-        {
-            keys_in_batch.push((record, *outcome));
-        }
-        results.push(outcome);
-    }
-
-    if !columns.positions.is_empty() || !keys_in_batch.is_empty() {
-        write_batch(conn, &columns, &keys_in_batch, head).await?;
+    let mut plan = Plan {
+        state: batch_state(conn, requests).await?,
+        columns: Columns::default(),
+        keys: Vec::new(),
+    };
+    let results = requests
+        .iter()
+        .map(|request| plan.accept(request))
+        .collect();
+    if !plan.columns.positions.is_empty() || !plan.keys.is_empty() {
+        write_batch(conn, &plan.columns, &plan.keys, plan.state.head).await?;
     }
     Ok(results)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn plan_one(
-    request: &AppendRequest,
-    stored_ids: &HashMap<Uuid, (String, i64, i64)>,
-    taken_keys: &[String],
-    keys_in_batch: &[(&IdempotencyRecord, AppendOutcome)],
-    versions: &mut HashMap<String, i64>,
-    head: &mut i64,
-    columns: &mut Columns,
-) -> Result<AppendOutcome, AppendError> {
-    if request.events.is_empty() {
-        return Err(AppendError::Empty);
-    }
-    // Idempotent event ids: the same events appended again are answered with where they landed.
-    let found: Vec<&(String, i64, i64)> = request
-        .events
-        .iter()
-        .filter_map(|event| stored_ids.get(&event.event_id))
-        .collect();
-    if !found.is_empty() {
-        let same_append = found.len() == request.events.len()
-            && found
-                .iter()
-                .all(|(stream, _, _)| *stream == request.stream_id);
-        if !same_append {
-            return Err(AppendError::EventIdReused);
+/// The batch being planned: what the store holds, what the requests checked so far add to it.
+struct Plan<'a> {
+    state: BatchState,
+    /// Rows of the accepted events.
+    columns: Columns,
+    /// Idempotency records of the accepted requests, with where each landed.
+    keys: Vec<(&'a IdempotencyRecord, AppendOutcome)>,
+}
+
+impl<'a> Plan<'a> {
+    /// Checks one request against the store and the requests before it in the batch, and
+    /// takes it into the batch when it passes.
+    fn accept(&mut self, request: &'a AppendRequest) -> Result<AppendOutcome, AppendError> {
+        let outcome = self.check_and_place(request)?;
+        if let Some(record) = &request.idempotency
+            && !outcome.duplicate
+        {
+            self.keys.push((record, outcome));
         }
-        return Ok(AppendOutcome {
-            stream_version: found
-                .iter()
-                .map(|(_, version, _)| *version)
-                .max()
-                .unwrap_or(0),
-            first_position: found.iter().map(|(_, _, pos)| *pos).min().unwrap_or(0),
-            last_position: found.iter().map(|(_, _, pos)| *pos).max().unwrap_or(0),
-            duplicate: true,
-        });
+        Ok(outcome)
     }
-    if let Some(record) = &request.idempotency {
-        let taken = taken_keys.contains(&record.key)
-            || keys_in_batch
-                .iter()
-                .any(|(other, _)| other.key == record.key);
-        if taken {
-            return Err(AppendError::IdempotencyKeyTaken(record.key.clone()));
+
+    fn check_and_place(&mut self, request: &AppendRequest) -> Result<AppendOutcome, AppendError> {
+        if request.events.is_empty() {
+            return Err(AppendError::Empty);
         }
+        // Idempotent event ids: the same events appended again are answered with where they
+        // landed.
+        let found: Vec<&(String, i64, i64)> = request
+            .events
+            .iter()
+            .filter_map(|event| self.state.stored_ids.get(&event.event_id))
+            .collect();
+        if !found.is_empty() {
+            let same_append = found.len() == request.events.len()
+                && found
+                    .iter()
+                    .all(|(stream, _, _)| *stream == request.stream_id);
+            if !same_append {
+                return Err(AppendError::EventIdReused);
+            }
+            return Ok(AppendOutcome {
+                stream_version: found
+                    .iter()
+                    .map(|(_, version, _)| *version)
+                    .max()
+                    .unwrap_or(0),
+                first_position: found.iter().map(|(_, _, pos)| *pos).min().unwrap_or(0),
+                last_position: found.iter().map(|(_, _, pos)| *pos).max().unwrap_or(0),
+                duplicate: true,
+            });
+        }
+        if let Some(record) = &request.idempotency {
+            let taken = self.state.taken_keys.contains(&record.key)
+                || self.keys.iter().any(|(other, _)| other.key == record.key);
+            if taken {
+                return Err(AppendError::IdempotencyKeyTaken(record.key.clone()));
+            }
+        }
+        let current = self
+            .state
+            .versions
+            .get(&request.stream_id)
+            .copied()
+            .unwrap_or(0);
+        if let ExpectedVersion::Exact(expected) = request.expected
+            && expected != current
+        {
+            return Err(AppendError::Conflict {
+                stream_id: request.stream_id.clone(),
+                expected,
+                actual: current,
+            });
+        }
+        let first_position = self.state.head + 1;
+        let mut version = current;
+        for event in &request.events {
+            version += 1;
+            self.state.head += 1;
+            push_row(
+                &mut self.columns,
+                self.state.head,
+                &request.stream_id,
+                version,
+                event,
+            );
+        }
+        self.state
+            .versions
+            .insert(request.stream_id.clone(), version);
+        Ok(AppendOutcome {
+            stream_version: version,
+            first_position,
+            last_position: self.state.head,
+            duplicate: false,
+        })
     }
-    let current = versions.get(&request.stream_id).copied().unwrap_or(0);
-    if let ExpectedVersion::Exact(expected) = request.expected
-        && expected != current
-    {
-        return Err(AppendError::Conflict {
-            stream_id: request.stream_id.clone(),
-            expected,
-            actual: current,
-        });
-    }
-    let first_position = *head + 1;
-    let mut version = current;
-    for event in &request.events {
-        version += 1;
-        *head += 1;
-        push_row(columns, *head, &request.stream_id, version, event);
-    }
-    versions.insert(request.stream_id.clone(), version);
-    Ok(AppendOutcome {
-        stream_version: version,
-        first_position,
-        last_position: *head,
-        duplicate: false,
-    })
 }
 
 fn push_row(columns: &mut Columns, position: i64, stream_id: &str, version: i64, event: &NewEvent) {
@@ -262,7 +270,7 @@ struct BatchState {
     taken_keys: Vec<String>,
     /// Current version of each target stream (absent: 0).
     versions: HashMap<String, i64>,
-    /// The highest position in the log.
+    /// The highest position in the log (advanced as the plan accepts events).
     head: i64,
 }
 
