@@ -192,14 +192,7 @@ impl Application {
 
 /// `command-service migrate`: creates the database if needed and runs the migrations.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
-    let pool = db::connect(
-        &config.common.database_url,
-        config.common.db_max_connections,
-        Some(&store::MIGRATOR),
-    )
-    .await?;
-    pool.close().await;
-    Ok(())
+    db::migrate(&config.common.database_url, &store::MIGRATOR).await
 }
 
 /// Deletes idempotency keys older than `ttl_secs`, now and every

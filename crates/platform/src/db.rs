@@ -59,6 +59,18 @@ pub async fn connect(
 }
 
 /// Creates the database named in `options` when a connection says it does not exist.
+/// The `migrate` subcommand of every binary: creates the database if missing, runs `migrator`
+/// on one connection, and closes it.
+pub async fn migrate(
+    database_url: &str,
+    migrator: &'static sqlx::migrate::Migrator,
+) -> anyhow::Result<()> {
+    let pool = connect(database_url, 1, Some(migrator)).await?;
+    pool.close().await;
+    tracing::info!("migrations applied");
+    Ok(())
+}
+
 /// Turns TLS off for a loopback server unless the URL (or `PGSSLMODE`) asks for a mode.
 ///
 /// TLS on loopback protects nothing, and it is costly here: sqlx 0.9.0 does not set

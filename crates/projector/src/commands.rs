@@ -21,9 +21,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
-            let mut cli = cli;
-            cli.common.skip_migrations = false;
-            connect_db(&cli).await?;
+            platform::db::migrate(&cli.common.database_url, &store::MIGRATOR).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Healthcheck => {

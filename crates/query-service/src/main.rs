@@ -28,14 +28,7 @@ async fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     if config.command() == Command::Migrate {
-        platform::db::connect(
-            &config.common.database_url,
-            config.common.db_max_connections,
-            Some(&store::MIGRATOR),
-        )
-        .await?;
-        tracing::info!("migrations applied");
-        return Ok(());
+        return platform::db::migrate(&config.common.database_url, &store::MIGRATOR).await;
     }
     let app = Application::build(config).await?;
     app.run_until_stopped(platform::shutdown::signal()).await
