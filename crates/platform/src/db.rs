@@ -36,7 +36,10 @@ pub async fn connect(
     max_connections: u32,
     migrator: Option<&'static sqlx::migrate::Migrator>,
 ) -> anyhow::Result<PgPool> {
-    let options = without_loopback_tls(database_url, validate_database_url(database_url)?);
+    let options = with_custom_plans(without_loopback_tls(
+        database_url,
+        validate_database_url(database_url)?,
+    ));
     ensure_database(&options).await?;
     let pool = PgPoolOptions::new()
         .max_connections(max_connections.max(1))
@@ -91,6 +94,22 @@ pub fn without_loopback_tls(database_url: &str, options: PgConnectOptions) -> Pg
     } else {
         options
     }
+}
+
+/// Makes the server plan every execution of a prepared statement for its actual parameters and
+/// the tables' current size (`plan_cache_mode=force_custom_plan`).
+///
+/// sqlx prepares each statement once per pooled connection, and PostgreSQL switches a prepared
+/// statement to one cached generic plan after five executions. Planned while the tables were
+/// small, that plan stays: a bitmap scan of every `projection_streams` row of a projection
+/// filtered for the batch's streams, a sequential scan of `customer_stats_orders`, a hash join
+/// over all bookkeeping rows — each costing more as the tables grow, until an `ANALYZE`
+/// invalidates it (measured in BENCHMARKS.md: the projector's statements went from well under a
+/// millisecond to 5-26 ms, and the sweep query to over a second, within a minute of load on a
+/// server without autovacuum). The services' statements are few and cheap to plan; a plan that
+/// fits the data is worth far more than the planning it saves.
+pub fn with_custom_plans(options: PgConnectOptions) -> PgConnectOptions {
+    options.options([("plan_cache_mode", "force_custom_plan")])
 }
 
 async fn ensure_database(options: &PgConnectOptions) -> anyhow::Result<()> {

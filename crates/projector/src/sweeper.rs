@@ -7,10 +7,10 @@
 //! another instance takes over.
 //!
 //! The low-water mark P means: every event with position ≤ P has been applied, or is held back
-//! by a parked stream. Each sweep reads the events after P in position order joined with the
-//! projection's `projection_streams` rows and advances P over the prefix that is applied
-//! (`version ≥ stream_version`) or parked (`parked_version ≤ stream_version`). Positions are
-//! dense and in commit order (see the `store` crate), so nothing behind P can appear later.
+//! by a parked stream. Each sweep looks up, in position order, the first event after P whose
+//! `projection_streams` row shows it neither applied (`version ≥ stream_version`) nor parked
+//! (`parked_version ≤ stream_version`), and moves P to just before it. Positions are dense and
+//! in commit order (see the `store` crate), so nothing behind P can appear later.
 //! After moving P it sends `pg_notify('projection_position', '<projection>:<P>')`, which the
 //! query service's read-your-writes waits listen for.
 //!
@@ -44,7 +44,7 @@ use crate::projections::ProjectionKind;
 /// NOTIFY channel announcing a new low-water mark; payload `<projection>:<position>`. The query
 /// service waits on it for `?min_position=`.
 pub const POSITION_CHANNEL: &str = "projection_position";
-/// Events examined per sweep query.
+/// Most events the mark moves over in one sweep transaction.
 pub const SWEEP_PAGE: i64 = 1_000;
 /// Events the sweeper applies itself per transaction when healing.
 pub const HEAL_BATCH: i64 = 1_000;
@@ -194,8 +194,11 @@ impl Sweeper {
         Ok(outcome)
     }
 
-    /// One short transaction: read one page of events after P with their bookkeeping and move
-    /// P over its applied prefix.
+    /// One short transaction: find the first event after P (within one page) that is neither
+    /// applied nor parked, and move P to just before it, or over the whole page if there is
+    /// none. The query stops at that first event, so a sweep costs what it advances, not a page:
+    /// under load the mark trails the consumers by a few events, and sweeps run hundreds of
+    /// times a second.
     async fn advance(&mut self) -> Result<Page, Failure> {
         let sql = |e: sqlx::Error| classify_sql(&e);
         let mut conn = self.pool.acquire().await.map_err(sql)?;
@@ -213,46 +216,56 @@ impl Sweeper {
         .execute(&mut *tx)
         .await
         .map_err(sql)?;
-        // Creates the row on first use and locks it, in one round trip.
-        let start: i64 = sqlx::query_scalar(
-            "INSERT INTO projection_checkpoints (projection) VALUES ($1) \
-             ON CONFLICT (projection) DO UPDATE SET projection = EXCLUDED.projection \
-             RETURNING position",
-        )
-        .bind(self.projection.name())
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(sql)?;
-        let mut position = start;
-        let mut blocker = None;
-        let rows = sqlx::query(
-            "SELECT e.global_position, e.stream_id, e.stream_version, ps.version, \
-                    ps.parked_version \
-             FROM events e LEFT JOIN projection_streams ps \
-               ON ps.projection = $1 AND ps.stream_id = e.stream_id \
-             WHERE e.global_position > $2 ORDER BY e.global_position LIMIT $3",
-        )
-        .bind(self.projection.name())
-        .bind(position)
-        .bind(SWEEP_PAGE)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(sql)?;
-        let full = rows.len() as i64 == SWEEP_PAGE;
-        for row in &rows {
-            let pos: i64 = row.try_get(0).map_err(sql)?;
-            let stream_version: i64 = row.try_get(2).map_err(sql)?;
-            let version: Option<i64> = row.try_get(3).map_err(sql)?;
-            let parked: Option<i64> = row.try_get(4).map_err(sql)?;
-            let applied = version.is_some_and(|v| v >= stream_version);
-            let held = parked.is_some_and(|p| p <= stream_version);
-            if !(applied || held) {
-                blocker = Some(pos);
-                break;
+        // Positions are dense and in commit order, so every position between P and the first
+        // unfinished event exists and is finished, and `head` bounds the page when there is
+        // none. A sweep that moves nothing writes nothing. The bookkeeping is looked up per
+        // event (a correlated subquery, never turned into a join): one primary-key probe each,
+        // whatever the planner believes about the table's size.
+        let scan = loop {
+            let row: Option<(i64, Option<i64>, Option<i64>)> = sqlx::query_as(
+                "SELECT cp.position, \
+                    (SELECT e.global_position FROM events e \
+                     WHERE e.global_position > cp.position \
+                       AND e.global_position <= cp.position + $2 \
+                       AND NOT COALESCE( \
+                           (SELECT ps.version >= e.stream_version \
+                                   OR COALESCE(ps.parked_version <= e.stream_version, false) \
+                            FROM projection_streams ps \
+                            WHERE ps.projection = $1 AND ps.stream_id = e.stream_id), \
+                           false) \
+                     ORDER BY e.global_position LIMIT 1), \
+                    (SELECT max(global_position) FROM events) \
+                 FROM projection_checkpoints cp WHERE cp.projection = $1",
+            )
+            .bind(self.projection.name())
+            .bind(SWEEP_PAGE)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(sql)?;
+            match row {
+                Some(scan) => break scan,
+                // First use: create the row, then read again.
+                None => {
+                    sqlx::query(
+                        "INSERT INTO projection_checkpoints (projection) VALUES ($1) \
+                         ON CONFLICT (projection) DO NOTHING",
+                    )
+                    .bind(self.projection.name())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(sql)?;
+                }
             }
-            position = pos;
-        }
-        let more = full && blocker.is_none();
+        };
+        let (start, blocker, head) = scan;
+        let (position, more) = match blocker {
+            Some(blocker) => (blocker - 1, false),
+            None => {
+                let page_end = start.saturating_add(SWEEP_PAGE);
+                let head = head.unwrap_or(0);
+                (head.min(page_end).max(start), head > page_end)
+            }
+        };
         if position > start {
             sqlx::query(
                 "WITH moved AS ( \

@@ -453,3 +453,62 @@ async fn the_checkpoint_never_exceeds_a_position_that_is_not_applied() {
         .unwrap();
     assert!(report.is_clean(), "{}", report.render(projection));
 }
+
+#[tokio::test]
+async fn the_mark_walks_across_pages_and_over_parked_streams_and_stops_at_the_first_unapplied() {
+    let w = World::new().await;
+    append_orders(w.pool(), 480).await;
+    let all = store::read_all(w.pool(), 0, 100_000).await.unwrap();
+    let head = all.last().unwrap().global_position;
+    assert!(
+        head > 2 * projector::sweeper::SWEEP_PAGE,
+        "needs more than two pages, has {head} events"
+    );
+    let projection = ProjectionKind::OrderSummaries;
+    // The first order is parked at its first event (its events are held back, not missing);
+    // the last order is not applied yet.
+    let parked = all.first().unwrap().stream_id.clone();
+    let late = all.last().unwrap().stream_id.clone();
+    let first_late = all
+        .iter()
+        .find(|e| e.stream_id == late)
+        .unwrap()
+        .global_position;
+    let (late_events, applied): (Vec<_>, Vec<_>) = all
+        .iter()
+        .filter(|e| e.stream_id != parked)
+        .cloned()
+        .partition(|e| e.stream_id == late);
+    let mut conn = w.pool().acquire().await.unwrap();
+    apply_batch(&mut conn, projection, &applied).await.unwrap();
+    sqlx::query(
+        "INSERT INTO projection_streams (projection, stream_id, version, parked_version, \
+                                         parked_error) VALUES ($1, $2, 0, 1, 'test')",
+    )
+    .bind(projection.name())
+    .bind(&parked)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let mut sweeper = Sweeper::new(
+        projection,
+        w.pool().clone(),
+        None,
+        SweeperSettings {
+            grace: Duration::from_secs(3600),
+            ..SweeperSettings::default()
+        },
+    );
+    let outcome = sweeper.sweep_once().await.unwrap();
+    assert_eq!(outcome.position, first_late - 1);
+    assert_eq!(outcome.blocker, Some(first_late));
+    assert_eq!(w.checkpoint(projection).await, first_late - 1);
+
+    apply_batch(&mut conn, projection, &late_events)
+        .await
+        .unwrap();
+    let outcome = sweeper.sweep_once().await.unwrap();
+    assert_eq!(outcome.position, head);
+    assert_eq!(outcome.blocker, None);
+    assert_eq!(w.checkpoint(projection).await, head);
+}
