@@ -6,11 +6,6 @@ use command_service::Application;
 use command_service::config::{Command, Config};
 use platform::config::exit_on_config_error;
 
-/// mimalloc instead of glibc malloc: the request path allocates and frees many small buffers from
-/// many threads, where glibc spent a fifth of the CPU (BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse_or_exit();

@@ -5,11 +5,6 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use projector::Cli;
 
-/// mimalloc instead of glibc malloc: the request path allocates and frees many small buffers from
-/// many threads, where glibc spent a fifth of the CPU (BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

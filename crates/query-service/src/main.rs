@@ -6,11 +6,6 @@ use clap::Parser;
 use platform::config::exit_on_config_error;
 use query_service::{Application, Command, Config};
 
-/// mimalloc instead of glibc malloc: the request path allocates and frees many small buffers from
-/// many threads, where glibc spent a fifth of the CPU (BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
