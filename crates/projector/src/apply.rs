@@ -23,7 +23,7 @@
 use std::collections::BTreeMap;
 
 use events::RecordedEvent;
-use sqlx::{Acquire, PgConnection, Row};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
 
 use crate::failure::{Failure, classify_sql};
 use crate::metrics;
@@ -84,11 +84,30 @@ pub async fn apply_batch(
         return Ok(ApplyOutcome::default());
     }
     let started = std::time::Instant::now();
-    let mut tx = conn.begin().await.map_err(sql)?;
-    let outcome = apply_in_tx(&mut tx, projection, events).await?;
+    let mut tx = begin_locked(conn, projection).await?;
+    let outcome = apply_locked(&mut tx, projection, events).await?;
     tx.commit().await.map_err(sql)?;
     metrics::record_apply(projection, &outcome, started.elapsed().as_secs_f64());
     Ok(outcome)
+}
+
+/// Begins a transaction holding the projection's shared lock, in one round trip; inside a
+/// transaction already (a rebuild), a savepoint that takes the lock.
+async fn begin_locked(
+    conn: &mut PgConnection,
+    projection: ProjectionKind,
+) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, Failure> {
+    if conn.is_in_transaction() {
+        let mut tx = conn.begin().await.map_err(sql)?;
+        lock_shared(&mut tx, projection).await?;
+        return Ok(tx);
+    }
+    conn.begin_with(AssertSqlSafe(format!(
+        "BEGIN; SELECT pg_advisory_xact_lock_shared({})",
+        projection.lock_key()
+    )))
+    .await
+    .map_err(sql)
 }
 
 async fn lock_shared(conn: &mut PgConnection, projection: ProjectionKind) -> Result<(), Failure> {
@@ -137,12 +156,12 @@ async fn lock_streams(
         .map_err(sql)
 }
 
-async fn apply_in_tx(
+/// The body of [`apply_batch`], in a transaction that holds the projection's shared lock.
+async fn apply_locked(
     conn: &mut PgConnection,
     projection: ProjectionKind,
     events: &[RecordedEvent],
 ) -> Result<ApplyOutcome, Failure> {
-    lock_shared(conn, projection).await?;
     let mut outcome = ApplyOutcome::default();
     let mut by_stream: BTreeMap<&str, BTreeMap<i64, &RecordedEvent>> = BTreeMap::new();
     for event in events {

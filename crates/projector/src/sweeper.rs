@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use bus::{DeadLetterQueue, StreamEntry, encode_fields};
 use events::RecordedEvent;
 use sqlx::postgres::PgListener;
-use sqlx::{Connection, PgConnection, PgPool, Row};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row};
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::{APPLIED_CHANNEL, Poisoned, apply_isolating};
@@ -52,7 +52,7 @@ pub const HEAL_BATCH: i64 = 1_000;
 pub const LEADER_RETRY: Duration = Duration::from_secs(2);
 /// Shortest pause between two sweeps, so a flood of notifications coalesces into one sweep;
 /// short, because read-your-writes waits on the mark.
-const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(2);
+const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(5);
 /// How often the lag gauges are refreshed.
 const LAG_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -202,20 +202,19 @@ impl Sweeper {
     async fn advance(&mut self) -> Result<Page, Failure> {
         let sql = |e: sqlx::Error| classify_sql(&e);
         let mut conn = self.pool.acquire().await.map_err(sql)?;
-        let mut tx = conn.begin().await.map_err(sql)?;
         // Shared with apply transactions, exclusive for a rebuild: a rebuild resetting the
         // bookkeeping never interleaves with a sweep computing P from it. The commit need not
         // wait for its WAL flush: the mark is derived from durable bookkeeping, so a mark lost in
         // a server crash is only recomputed by the next sweep, and the sweep (which read-your-
-        // writes waits on) saves a disk flush.
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock_shared($1), \
-                    set_config('synchronous_commit', 'off', true)",
-        )
-        .bind(self.projection.lock_key())
-        .execute(&mut *tx)
-        .await
-        .map_err(sql)?;
+        // writes waits on) saves a disk flush. All three in the round trip that begins.
+        let mut tx = conn
+            .begin_with(AssertSqlSafe(format!(
+                "BEGIN; SELECT pg_advisory_xact_lock_shared({}); \
+                 SET LOCAL synchronous_commit = off",
+                self.projection.lock_key()
+            )))
+            .await
+            .map_err(sql)?;
         // Positions are dense and in commit order, so every position between P and the first
         // unfinished event exists and is finished, and `head` bounds the page when there is
         // none. A sweep that moves nothing writes nothing. The bookkeeping is looked up per
