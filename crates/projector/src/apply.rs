@@ -11,7 +11,8 @@
 //!    stream holds every newer event back (skipped and counted, applied at replay); a batch
 //!    that does not continue exactly at `version + 1` is completed from the event store
 //!    (*version guard with catch-up*);
-//! 4. the projection folds the events, the stored versions move forward,
+//! 4. the projection folds the events, the stored versions move forward, the low-water mark
+//!    moves over what is now finished ([`advance_mark`]),
 //!    `pg_notify('projection_applied', <projection>)` wakes the sweepers, and it commits.
 //!
 //! Every event applied through [`apply_isolating`] (consumer, sweeper, admin) gets an
@@ -84,11 +85,44 @@ pub async fn apply_batch(
         return Ok(ApplyOutcome::default());
     }
     let started = std::time::Instant::now();
+    // A rebuild (the caller's transaction) sets the mark itself when it is done.
+    let rebuilding = conn.is_in_transaction();
     let mut tx = begin_locked(conn, projection).await?;
     let outcome = apply_locked(&mut tx, projection, events).await?;
+    if outcome.applied > 0 && !rebuilding {
+        advance_mark(&mut tx, projection).await?;
+    }
     tx.commit().await.map_err(sql)?;
     metrics::record_apply(projection, &outcome, started.elapsed().as_secs_f64());
     Ok(outcome)
+}
+
+/// Moves the projection's low-water mark over what this transaction finished, in the same
+/// transaction, so that a write is visible to read-your-writes the moment its apply commits,
+/// without waiting for the sweeper. The same computation as the sweep
+/// ([`crate::sweeper`]); when another transaction holds the checkpoint row, this one leaves the
+/// mark to it (`SKIP LOCKED`: applies of several instances never queue on the row).
+async fn advance_mark(conn: &mut PgConnection, projection: ProjectionKind) -> Result<(), Failure> {
+    sqlx::query(concat!(
+        "WITH cp AS (SELECT position FROM projection_checkpoints \
+                     WHERE projection = $1 FOR UPDATE SKIP LOCKED), \
+              target AS (SELECT cp.position AS start, COALESCE((",
+        crate::sweeper::first_unfinished_sql!(),
+        ") - 1, GREATEST(cp.position, LEAST((SELECT max(global_position) FROM events), \
+                                            cp.position + $2))) AS position FROM cp), \
+              moved AS (UPDATE projection_checkpoints c \
+                        SET position = t.position, updated_at = now() FROM target t \
+                        WHERE c.projection = $1 AND t.position > t.start \
+                        RETURNING c.position) \
+         SELECT pg_notify($3, $1 || ':' || position) FROM moved"
+    ))
+    .bind(projection.name())
+    .bind(crate::sweeper::SWEEP_PAGE)
+    .bind(crate::sweeper::POSITION_CHANNEL)
+    .execute(&mut *conn)
+    .await
+    .map_err(sql)?;
+    Ok(())
 }
 
 /// Begins a transaction holding the projection's shared lock, in one round trip; inside a

@@ -40,9 +40,9 @@
 //!
 //! # Low-water mark and healing
 //!
-//! One sweeper per projection (an advisory-lock leader) advances
+//! Each apply transaction, and one sweeper per projection (an advisory-lock leader), advance
 //! `projection_checkpoints.position` over the prefix of the log that is applied or parked, and
-//! announces it on `projection_position`. An event left unapplied beyond a grace period
+//! announce it on `projection_position`. An event left unapplied beyond a grace period
 //! (Redis flushed, restarted empty, trimmed) is applied by the sweeper from the event store.
 //!
 //! # Must never

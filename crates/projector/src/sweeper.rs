@@ -1,5 +1,9 @@
-//! The sweeper: one per projection across all instances. It owns the projection's low-water
-//! mark (`projection_checkpoints.position`) and heals what Redis lost.
+//! The sweeper: one per projection across all instances. It keeps the projection's low-water
+//! mark (`projection_checkpoints.position`) moving and heals what Redis lost. Apply
+//! transactions move the mark too, in the transaction that applies (`apply::advance_mark`), so
+//! a write is visible to read-your-writes the moment it is applied; the sweeper covers what they
+//! leave behind (several instances finishing a prefix together, a parked stream, a row another
+//! apply held) and never moves the mark backwards.
 //!
 //! Leadership: whoever holds the session advisory lock
 //! [`ProjectionKind::sweeper_lock_key`] on a dedicated connection; the others retry every
@@ -55,6 +59,27 @@ pub const LEADER_RETRY: Duration = Duration::from_secs(2);
 const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(5);
 /// How often the lag gauges are refreshed.
 const LAG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// SQL of the position of the first event after the mark `cp.position`, within
+/// [`SWEEP_PAGE`] (`$2`), that projection `$1` has neither applied nor parked; NULL when there
+/// is none. The bookkeeping is looked up per event (a correlated subquery, never turned into a
+/// join): one primary-key probe each, whatever the planner believes about the table's size. A
+/// macro so that the sweep and [`crate::apply`] share one text with `concat!`.
+macro_rules! first_unfinished_sql {
+    () => {
+        "SELECT e.global_position FROM events e \
+         WHERE e.global_position > cp.position \
+           AND e.global_position <= cp.position + $2 \
+           AND NOT COALESCE( \
+               (SELECT ps.version >= e.stream_version \
+                       OR COALESCE(ps.parked_version <= e.stream_version, false) \
+                FROM projection_streams ps \
+                WHERE ps.projection = $1 AND ps.stream_id = e.stream_id), \
+               false) \
+         ORDER BY e.global_position LIMIT 1"
+    };
+}
+pub(crate) use first_unfinished_sql;
 
 /// The `pg_notify` payload of [`POSITION_CHANNEL`].
 pub fn position_payload(projection: ProjectionKind, position: i64) -> String {
@@ -217,24 +242,15 @@ impl Sweeper {
             .map_err(sql)?;
         // Positions are dense and in commit order, so every position between P and the first
         // unfinished event exists and is finished, and `head` bounds the page when there is
-        // none. A sweep that moves nothing writes nothing. The bookkeeping is looked up per
-        // event (a correlated subquery, never turned into a join): one primary-key probe each,
-        // whatever the planner believes about the table's size.
+        // none. A sweep that moves nothing writes nothing.
         let scan = loop {
             let row: Option<(i64, Option<i64>, Option<i64>)> = sqlx::query_as(
-                "SELECT cp.position, \
-                    (SELECT e.global_position FROM events e \
-                     WHERE e.global_position > cp.position \
-                       AND e.global_position <= cp.position + $2 \
-                       AND NOT COALESCE( \
-                           (SELECT ps.version >= e.stream_version \
-                                   OR COALESCE(ps.parked_version <= e.stream_version, false) \
-                            FROM projection_streams ps \
-                            WHERE ps.projection = $1 AND ps.stream_id = e.stream_id), \
-                           false) \
-                     ORDER BY e.global_position LIMIT 1), \
-                    (SELECT max(global_position) FROM events) \
-                 FROM projection_checkpoints cp WHERE cp.projection = $1",
+                concat!(
+                    "SELECT cp.position, (",
+                    first_unfinished_sql!(),
+                    "), (SELECT max(global_position) FROM events) \
+                     FROM projection_checkpoints cp WHERE cp.projection = $1"
+                ),
             )
             .bind(self.projection.name())
             .bind(SWEEP_PAGE)
@@ -267,9 +283,11 @@ impl Sweeper {
         };
         if position > start {
             sqlx::query(
+                // Never backwards: an apply transaction may have moved the mark further
+                // meanwhile (`apply::advance_mark`).
                 "WITH moved AS ( \
                      UPDATE projection_checkpoints SET position = $2, updated_at = now() \
-                     WHERE projection = $1 RETURNING position) \
+                     WHERE projection = $1 AND position < $2 RETURNING position) \
                  SELECT pg_notify($3, $4) FROM moved",
             )
             .bind(self.projection.name())

@@ -421,6 +421,8 @@ async fn the_checkpoint_never_exceeds_a_position_that_is_not_applied() {
     let mut conn = w.pool().acquire().await.unwrap();
     apply_batch(&mut conn, projection, &applied).await.unwrap();
     drop(conn);
+    // The apply moved the mark itself, up to the unapplied stream and no further.
+    assert_eq!(w.checkpoint(projection).await, first_unapplied - 1);
     let mut sweeper = Sweeper::new(
         projection,
         w.pool().clone(),
@@ -511,4 +513,29 @@ async fn the_mark_walks_across_pages_and_over_parked_streams_and_stops_at_the_fi
     assert_eq!(outcome.position, head);
     assert_eq!(outcome.blocker, None);
     assert_eq!(w.checkpoint(projection).await, head);
+}
+
+#[tokio::test]
+async fn an_apply_moves_the_mark_in_its_own_transaction_without_a_sweeper() {
+    let w = World::new().await;
+    append_orders(w.pool(), 12).await;
+    let all = store::read_all(w.pool(), 0, 10_000).await.unwrap();
+    let (first_half, second_half) = all.split_at(all.len() / 2);
+    let mut conn = w.pool().acquire().await.unwrap();
+    for projection in ProjectionKind::ALL {
+        // Out of order: the later half first cannot move the mark (the earlier events are not
+        // applied, though the version guard pulls the missing versions of each stream it
+        // touches); the earlier half then completes the prefix.
+        apply_batch(&mut conn, projection, second_half).await.unwrap();
+        assert!(
+            w.checkpoint(projection).await < all.last().unwrap().global_position,
+            "{projection}: the mark passed events that are not applied"
+        );
+        apply_batch(&mut conn, projection, first_half).await.unwrap();
+        assert_eq!(
+            w.checkpoint(projection).await,
+            all.last().unwrap().global_position,
+            "{projection}"
+        );
+    }
 }
