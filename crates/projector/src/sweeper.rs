@@ -244,14 +244,12 @@ impl Sweeper {
         // unfinished event exists and is finished, and `head` bounds the page when there is
         // none. A sweep that moves nothing writes nothing.
         let scan = loop {
-            let row: Option<(i64, Option<i64>, Option<i64>)> = sqlx::query_as(
-                concat!(
-                    "SELECT cp.position, (",
-                    first_unfinished_sql!(),
-                    "), (SELECT max(global_position) FROM events) \
+            let row: Option<(i64, Option<i64>, Option<i64>)> = sqlx::query_as(concat!(
+                "SELECT cp.position, (",
+                first_unfinished_sql!(),
+                "), (SELECT max(global_position) FROM events) \
                      FROM projection_checkpoints cp WHERE cp.projection = $1"
-                ),
-            )
+            ))
             .bind(self.projection.name())
             .bind(SWEEP_PAGE)
             .fetch_optional(&mut *tx)

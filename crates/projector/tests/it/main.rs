@@ -526,12 +526,16 @@ async fn an_apply_moves_the_mark_in_its_own_transaction_without_a_sweeper() {
         // Out of order: the later half first cannot move the mark (the earlier events are not
         // applied, though the version guard pulls the missing versions of each stream it
         // touches); the earlier half then completes the prefix.
-        apply_batch(&mut conn, projection, second_half).await.unwrap();
+        apply_batch(&mut conn, projection, second_half)
+            .await
+            .unwrap();
         assert!(
             w.checkpoint(projection).await < all.last().unwrap().global_position,
             "{projection}: the mark passed events that are not applied"
         );
-        apply_batch(&mut conn, projection, first_half).await.unwrap();
+        apply_batch(&mut conn, projection, first_half)
+            .await
+            .unwrap();
         assert_eq!(
             w.checkpoint(projection).await,
             all.last().unwrap().global_position,
