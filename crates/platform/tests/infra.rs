@@ -69,6 +69,36 @@ async fn connect_creates_a_missing_database_and_runs_migrations() {
 }
 
 #[tokio::test]
+async fn service_connections_never_reuse_a_generic_plan_made_for_other_table_sizes() {
+    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    // One connection, so every execution and the look at its statements share one session.
+    let pool = db::connect(&url, 1, Some(&TEST_MIGRATOR)).await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    for n in 0..12_i64 {
+        // Past the five executions after which PostgreSQL would otherwise switch a prepared
+        // statement to its cached generic plan.
+        sqlx::query("SELECT count(*) FROM platform_probe WHERE $1::int8 >= 0")
+            .bind(n)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+    let (generic, custom): (i64, i64) = sqlx::query_as(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements \
+         WHERE statement LIKE 'SELECT count(*) FROM platform_probe%'",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(generic, 0, "a generic plan was reused");
+    assert_eq!(custom, 12);
+    drop(conn);
+    pool.close().await;
+    drop_database(&name).await;
+}
+
+#[tokio::test]
 async fn concurrent_starts_on_a_missing_database_all_succeed() {
     let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
     let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
