@@ -543,3 +543,92 @@ async fn an_apply_moves_the_mark_in_its_own_transaction_without_a_sweeper() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_sweep_never_moves_the_mark_below_what_an_apply_committed_meanwhile() {
+    use projector::sweeper::{POSITION_CHANNEL, SWEEP_PAGE};
+    let w = World::new().await;
+    append_orders(w.pool(), 480).await;
+    let all = store::read_all(w.pool(), 0, 100_000).await.unwrap();
+    let head = all.last().unwrap().global_position;
+    assert!(
+        head > SWEEP_PAGE,
+        "needs more than one page, has {head} events"
+    );
+    let projection = ProjectionKind::OrderSummaries;
+    let mut conn = w.pool().acquire().await.unwrap();
+    apply_batch(&mut conn, projection, &all).await.unwrap();
+    // The sweeper starts from 0 and will compute one page (SWEEP_PAGE) first ...
+    sqlx::query("UPDATE projection_checkpoints SET position = 0 WHERE projection = $1")
+        .bind(projection.name())
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    drop(conn);
+    // ... while another transaction, standing in for an apply, moves the mark to the head and
+    // holds the row until the sweep waits for it.
+    let mut apply = w.pool().begin().await.unwrap();
+    sqlx::query("UPDATE projection_checkpoints SET position = $2 WHERE projection = $1")
+        .bind(projection.name())
+        .bind(head)
+        .execute(&mut *apply)
+        .await
+        .unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect_with(w.pool())
+        .await
+        .unwrap();
+    listener.listen(POSITION_CHANNEL).await.unwrap();
+    let mut sweeper = Sweeper::new(
+        projection,
+        w.pool().clone(),
+        None,
+        SweeperSettings::default(),
+    );
+    let sweep = tokio::spawn(async move { sweeper.sweep_once().await });
+    wait_until(
+        DEADLINE,
+        "the sweep waits for the checkpoint row",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock' \
+               AND query LIKE '%UPDATE projection_checkpoints%'",
+            )
+            .fetch_one(w.pool())
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    apply.commit().await.unwrap();
+    let outcome = sweep.await.unwrap().unwrap();
+    assert_eq!(outcome.position, head);
+    assert_eq!(w.checkpoint(projection).await, head);
+
+    // Notifications arrive in commit order: everything the sweep announced comes before this.
+    sqlx::query("SELECT pg_notify($1, 'end')")
+        .bind(POSITION_CHANNEL)
+        .execute(w.pool())
+        .await
+        .unwrap();
+    let mut announced = Vec::new();
+    loop {
+        let notification = tokio::time::timeout(DEADLINE, listener.recv())
+            .await
+            .expect("the end marker arrives")
+            .unwrap();
+        if notification.payload() == "end" {
+            break;
+        }
+        announced.push(notification.payload().to_owned());
+    }
+    let below: Vec<_> = announced
+        .iter()
+        .filter(|p| p.rsplit(':').next().and_then(|n| n.parse::<i64>().ok()) < Some(head))
+        .collect();
+    assert!(
+        below.is_empty(),
+        "the mark went back below {head}: announced {announced:?}"
+    );
+}
