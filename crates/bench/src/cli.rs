@@ -1,6 +1,6 @@
 //! The command line: which scenarios to run, against what, and how big. Every setting is a flag
-//! and a `BENCH_*` environment variable; defaults size `bench all` to finish in about a quarter
-//! of an hour on a 2-core machine.
+//! and a `BENCH_*` environment variable; defaults size `bench all` to finish in about five
+//! minutes on a 2-core machine.
 
 use std::path::PathBuf;
 
