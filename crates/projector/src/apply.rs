@@ -411,8 +411,7 @@ pub async fn park_stream(
     stream_id: &str,
     error: &str,
 ) -> Result<i64, Failure> {
-    let mut tx = conn.begin().await.map_err(sql)?;
-    lock_shared(&mut tx, projection).await?;
+    let mut tx = begin_locked(conn, projection).await?;
     let parked: i64 = sqlx::query_scalar(
         "INSERT INTO projection_streams AS p (projection, stream_id, version, parked_version, \
              parked_error) VALUES ($1, $2, 0, 1, $3) \
@@ -464,8 +463,7 @@ pub async fn resume_stream(
     stream_id: &str,
     mode: Resume,
 ) -> Result<ResumeOutcome, Failure> {
-    let mut tx = conn.begin().await.map_err(sql)?;
-    lock_shared(&mut tx, projection).await?;
+    let mut tx = begin_locked(conn, projection).await?;
     let locked = lock_streams(&mut tx, projection, &[stream_id.to_owned()]).await?;
     let mut version = locked.first().map(|(_, v, _)| *v).unwrap_or_default();
     if let Resume::SkipThrough(skip) = mode {

@@ -423,15 +423,7 @@ async fn the_checkpoint_never_exceeds_a_position_that_is_not_applied() {
     drop(conn);
     // The apply moved the mark itself, up to the unapplied stream and no further.
     assert_eq!(w.checkpoint(projection).await, first_unapplied - 1);
-    let mut sweeper = Sweeper::new(
-        projection,
-        w.pool().clone(),
-        None,
-        SweeperSettings {
-            grace: Duration::from_secs(3600),
-            ..SweeperSettings::default()
-        },
-    );
+    let mut sweeper = test_sweeper(&w, projection, Duration::from_secs(3600));
     for _ in 0..3 {
         let outcome = sweeper.sweep_once().await.unwrap();
         assert_eq!(outcome.position, first_unapplied - 1);
@@ -439,15 +431,7 @@ async fn the_checkpoint_never_exceeds_a_position_that_is_not_applied() {
         assert_eq!(w.checkpoint(projection).await, first_unapplied - 1);
     }
     // Once healing is allowed, the sweeper applies the rest from the event store.
-    let mut healer = Sweeper::new(
-        projection,
-        w.pool().clone(),
-        None,
-        SweeperSettings {
-            grace: Duration::ZERO,
-            ..SweeperSettings::default()
-        },
-    );
+    let mut healer = test_sweeper(&w, projection, Duration::ZERO);
     let outcome = healer.sweep_once().await.unwrap();
     assert_eq!(outcome.position, all.last().unwrap().global_position);
     let report = projector::verify::verify(w.pool(), projection)
@@ -492,15 +476,7 @@ async fn the_mark_walks_across_pages_and_over_parked_streams_and_stops_at_the_fi
     .execute(&mut *conn)
     .await
     .unwrap();
-    let mut sweeper = Sweeper::new(
-        projection,
-        w.pool().clone(),
-        None,
-        SweeperSettings {
-            grace: Duration::from_secs(3600),
-            ..SweeperSettings::default()
-        },
-    );
+    let mut sweeper = test_sweeper(&w, projection, Duration::from_secs(3600));
     let outcome = sweeper.sweep_once().await.unwrap();
     assert_eq!(outcome.position, first_late - 1);
     assert_eq!(outcome.blocker, Some(first_late));
@@ -578,12 +554,7 @@ async fn a_sweep_never_moves_the_mark_below_what_an_apply_committed_meanwhile() 
         .await
         .unwrap();
     listener.listen(POSITION_CHANNEL).await.unwrap();
-    let mut sweeper = Sweeper::new(
-        projection,
-        w.pool().clone(),
-        None,
-        SweeperSettings::default(),
-    );
+    let mut sweeper = test_sweeper(&w, projection, SweeperSettings::default().grace);
     let sweep = tokio::spawn(async move { sweeper.sweep_once().await });
     wait_until(
         DEADLINE,
@@ -631,4 +602,18 @@ async fn a_sweep_never_moves_the_mark_below_what_an_apply_committed_meanwhile() 
         below.is_empty(),
         "the mark went back below {head}: announced {announced:?}"
     );
+}
+
+/// A sweeper of `projection` on the test's database, without dead letters, that heals a blocker
+/// only after `grace`.
+fn test_sweeper(w: &World, projection: ProjectionKind, grace: Duration) -> Sweeper {
+    Sweeper::new(
+        projection,
+        w.pool().clone(),
+        None,
+        SweeperSettings {
+            grace,
+            ..SweeperSettings::default()
+        },
+    )
 }
