@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::http::{self, AppState, RouterParts};
 use crate::relay;
 
-/// Name of the service: the `service` label on every metric.
+/// Name of the service: the `service` label on every metric and its PostgreSQL `application_name`.
 pub const SERVICE_NAME: &str = "command-service";
 
 /// How often expired idempotency keys are deleted. Keys live for hours, so a coarse sweep is
@@ -59,6 +59,7 @@ impl Application {
         let migrator = (!config.common.skip_migrations).then_some(&store::MIGRATOR);
         let pool = db::connect(
             &config.common.database_url,
+            SERVICE_NAME,
             config.common.db_max_connections,
             migrator,
         )
@@ -192,7 +193,7 @@ impl Application {
 
 /// `command-service migrate`: creates the database if needed and runs the migrations.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
-    db::migrate(&config.common.database_url, &store::MIGRATOR).await
+    db::migrate(&config.common.database_url, SERVICE_NAME, &store::MIGRATOR).await
 }
 
 /// Deletes idempotency keys older than `ttl_secs`, now and every

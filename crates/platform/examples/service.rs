@@ -83,6 +83,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = platform::metrics::install("example-service");
     let pool = db::connect(
         &config.common.database_url,
+        "example-service",
         config.common.db_max_connections,
         None,
     )

@@ -30,16 +30,21 @@ const DUPLICATE_DATABASE: &str = "42P04";
 const UNIQUE_VIOLATION: &str = "23505";
 
 /// Connects a pool to `database_url`, creating the database if it does not exist, then runs
-/// `migrator` when given.
+/// `migrator` when given. The connections name themselves `service` in `pg_stat_activity`
+/// and the server log unless the URL or `PGAPPNAME` names them otherwise.
 pub async fn connect(
     database_url: &str,
+    service: &str,
     max_connections: u32,
     migrator: Option<&'static sqlx::migrate::Migrator>,
 ) -> anyhow::Result<PgPool> {
-    let options = with_custom_plans(without_loopback_tls(
-        database_url,
-        validate_database_url(database_url)?,
-    ));
+    let options = with_application_name(
+        with_custom_plans(without_loopback_tls(
+            database_url,
+            validate_database_url(database_url)?,
+        )),
+        service,
+    );
     ensure_database(&options).await?;
     let pool = PgPoolOptions::new()
         .max_connections(max_connections.max(1))
@@ -66,9 +71,10 @@ pub async fn connect(
 /// on one connection, and closes it.
 pub async fn migrate(
     database_url: &str,
+    service: &str,
     migrator: &'static sqlx::migrate::Migrator,
 ) -> anyhow::Result<()> {
-    let pool = connect(database_url, 1, Some(migrator)).await?;
+    let pool = connect(database_url, service, 1, Some(migrator)).await?;
     pool.close().await;
     tracing::info!("migrations applied");
     Ok(())
@@ -110,6 +116,17 @@ pub fn without_loopback_tls(database_url: &str, options: PgConnectOptions) -> Pg
 /// fits the data is worth far more than the planning it saves.
 pub fn with_custom_plans(options: PgConnectOptions) -> PgConnectOptions {
     options.options([("plan_cache_mode", "force_custom_plan")])
+}
+
+/// Names the connections `service` (`application_name`) unless the URL or `PGAPPNAME` already
+/// does, so an operator looking at `pg_stat_activity`, a lock wait or a slow-query log line can
+/// tell which service holds the connection.
+pub fn with_application_name(options: PgConnectOptions, service: &str) -> PgConnectOptions {
+    if options.get_application_name().is_some() {
+        options
+    } else {
+        options.application_name(service)
+    }
 }
 
 async fn ensure_database(options: &PgConnectOptions) -> anyhow::Result<()> {

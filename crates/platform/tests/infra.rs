@@ -52,7 +52,9 @@ async fn connect_creates_a_missing_database_and_runs_migrations() {
     let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
     assert!(!database_exists(&name).await);
 
-    let pool = db::connect(&url, 2, Some(&TEST_MIGRATOR)).await.unwrap();
+    let pool = db::connect(&url, "infra-test", 2, Some(&TEST_MIGRATOR))
+        .await
+        .unwrap();
     let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM platform_probe")
         .fetch_one(&pool)
         .await
@@ -61,7 +63,9 @@ async fn connect_creates_a_missing_database_and_runs_migrations() {
     pool.close().await;
 
     // A second start finds the database and the migrations already there.
-    let pool = db::connect(&url, 1, Some(&TEST_MIGRATOR)).await.unwrap();
+    let pool = db::connect(&url, "infra-test", 1, Some(&TEST_MIGRATOR))
+        .await
+        .unwrap();
     pool.close().await;
 
     assert!(database_exists(&name).await);
@@ -73,7 +77,9 @@ async fn service_connections_never_reuse_a_generic_plan_made_for_other_table_siz
     let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
     let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
     // One connection, so every execution and the look at its statements share one session.
-    let pool = db::connect(&url, 1, Some(&TEST_MIGRATOR)).await.unwrap();
+    let pool = db::connect(&url, "infra-test", 1, Some(&TEST_MIGRATOR))
+        .await
+        .unwrap();
     let mut conn = pool.acquire().await.unwrap();
     for n in 0..12_i64 {
         // Past the five executions after which PostgreSQL would otherwise switch a prepared
@@ -99,10 +105,35 @@ async fn service_connections_never_reuse_a_generic_plan_made_for_other_table_siz
 }
 
 #[tokio::test]
+async fn connections_carry_the_service_name_unless_the_url_names_them() {
+    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    let app_name = |pool: sqlx::PgPool| async move {
+        let shown: String = sqlx::query_scalar("SELECT current_setting('application_name')")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        shown
+    };
+
+    let pool = db::connect(&url, "order-writer", 1, Some(&TEST_MIGRATOR))
+        .await
+        .unwrap();
+    assert_eq!(app_name(pool).await, "order-writer");
+
+    let named = format!("{url}?application_name=blue-deploy");
+    let pool = db::connect(&named, "order-writer", 1, None).await.unwrap();
+    assert_eq!(app_name(pool).await, "blue-deploy");
+
+    drop_database(&name).await;
+}
+
+#[tokio::test]
 async fn concurrent_starts_on_a_missing_database_all_succeed() {
     let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
     let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
-    let starts = (0..4).map(|_| db::connect(&url, 1, Some(&TEST_MIGRATOR)));
+    let starts = (0..4).map(|_| db::connect(&url, "infra-test", 1, Some(&TEST_MIGRATOR)));
     let pools = futures::future::join_all(starts).await;
     for pool in pools {
         pool.unwrap().close().await;
@@ -114,7 +145,7 @@ async fn concurrent_starts_on_a_missing_database_all_succeed() {
 async fn an_unreachable_postgres_is_one_clear_line_without_the_password() {
     let port = closed_port();
     let url = format!("postgres://postgres:hunter2@127.0.0.1:{port}/orders");
-    let err = db::connect(&url, 1, None).await.unwrap_err();
+    let err = db::connect(&url, "infra-test", 1, None).await.unwrap_err();
     let msg = format!("{err:#}");
     assert_eq!(
         msg,

@@ -16,11 +16,15 @@ use crate::config::Cli;
 use crate::consumer::ProjectionConsumer;
 use crate::sweeper::{DeadLetters, Sweeper};
 
+/// The service's name in metrics and in PostgreSQL's `application_name`.
+pub const SERVICE_NAME: &str = "projector";
+
 /// Connects Postgres (creating the database and running migrations unless `SKIP_MIGRATIONS`).
 pub async fn connect_db(cli: &Cli) -> anyhow::Result<PgPool> {
     let migrator = (!cli.common.skip_migrations).then_some(&store::MIGRATOR);
     platform::db::connect(
         &cli.common.database_url,
+        SERVICE_NAME,
         cli.common.db_max_connections,
         migrator,
     )
@@ -56,7 +60,7 @@ impl Application {
     pub async fn build(cli: Cli) -> anyhow::Result<Self> {
         let pool = connect_db(&cli).await?;
         let (client, redis, keys) = connect_redis(&cli)?;
-        let handle = platform::metrics::install("projector");
+        let handle = platform::metrics::install(SERVICE_NAME);
         let router = health_router(Readiness::new(pool.clone(), redis.clone()), handle);
         let listener = TcpListener::bind(&cli.settings.listen_addr)
             .await

@@ -12,8 +12,10 @@
 //!    that does not continue exactly at `version + 1` is completed from the event store
 //!    (*version guard with catch-up*);
 //! 4. the projection folds the events, the stored versions move forward, the low-water mark
-//!    moves over what is now finished ([`advance_mark`]),
-//!    `pg_notify('projection_applied', <projection>)` wakes the sweepers, and it commits.
+//!    moves over what is now finished ([`advance_mark`]), and it commits. Only when the mark
+//!    could not be moved over every event of the batch (an earlier event is still in another
+//!    transaction, or another transaction held the checkpoint row) does
+//!    `pg_notify('projection_applied', <projection>)` wake the sweeper to finish the job.
 //!
 //! Every event applied through [`apply_isolating`] (consumer, sweeper, admin) gets an
 //! `apply_event` span parented on its recorded `traceparent` when OTel export is on.
@@ -30,8 +32,9 @@ use crate::failure::{Failure, classify_sql};
 use crate::metrics;
 use crate::projections::ProjectionKind;
 
-/// NOTIFY channel signalled by every apply transaction that changed a projection; the payload
-/// is the projection name. A wake-up hint for the sweepers only.
+/// NOTIFY channel signalled by an apply transaction that changed a projection but left its
+/// low-water mark short of the events it applied (and by parking and replays); the payload is
+/// the projection name. A wake-up hint for the sweepers only.
 pub const APPLIED_CHANNEL: &str = "projection_applied";
 
 /// How many events of one stream a replay or catch-up reads from the store per round trip.
@@ -88,9 +91,17 @@ pub async fn apply_batch(
     // A rebuild (the caller's transaction) sets the mark itself when it is done.
     let rebuilding = conn.is_in_transaction();
     let mut tx = begin_locked(conn, projection).await?;
-    let outcome = apply_locked(&mut tx, projection, events).await?;
-    if outcome.applied > 0 && !rebuilding {
-        advance_mark(&mut tx, projection).await?;
+    let (outcome, last_applied) = apply_locked(&mut tx, projection, events).await?;
+    if let Some(last_applied) = last_applied
+        && !rebuilding
+    {
+        let mark = advance_mark(&mut tx, projection).await?;
+        // The sweeper is needed only for what this transaction could not cover itself; it
+        // runs after this commit and waits for whoever holds the checkpoint row, so it sees
+        // this batch and the transaction that kept the mark short.
+        if mark.is_none_or(|mark| mark < last_applied) {
+            notify_applied(&mut tx, projection).await?;
+        }
     }
     tx.commit().await.map_err(sql)?;
     metrics::record_apply(projection, &outcome, started.elapsed().as_secs_f64());
@@ -102,8 +113,12 @@ pub async fn apply_batch(
 /// without waiting for the sweeper. The same computation as the sweep
 /// ([`crate::sweeper`]); when another transaction holds the checkpoint row, this one leaves the
 /// mark to it (`SKIP LOCKED`: applies of several instances never queue on the row).
-async fn advance_mark(conn: &mut PgConnection, projection: ProjectionKind) -> Result<(), Failure> {
-    sqlx::query(concat!(
+/// Returns the new mark, or `None` when this transaction did not move it.
+async fn advance_mark(
+    conn: &mut PgConnection,
+    projection: ProjectionKind,
+) -> Result<Option<i64>, Failure> {
+    sqlx::query_scalar(concat!(
         "WITH cp AS (SELECT position FROM projection_checkpoints \
                      WHERE projection = $1 FOR UPDATE SKIP LOCKED), \
               target AS (SELECT cp.position AS start, COALESCE((",
@@ -114,15 +129,14 @@ async fn advance_mark(conn: &mut PgConnection, projection: ProjectionKind) -> Re
                         SET position = t.position, updated_at = now() FROM target t \
                         WHERE c.projection = $1 AND t.position > t.start \
                         RETURNING c.position) \
-         SELECT pg_notify($3, $1 || ':' || position) FROM moved"
+         SELECT position, pg_notify($3, $1 || ':' || position) FROM moved"
     ))
     .bind(projection.name())
     .bind(crate::sweeper::SWEEP_PAGE)
     .bind(crate::sweeper::POSITION_CHANNEL)
-    .execute(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await
-    .map_err(sql)?;
-    Ok(())
+    .map_err(sql)
 }
 
 /// Begins a transaction holding the projection's shared lock, in one round trip; inside a
@@ -191,11 +205,12 @@ async fn lock_streams(
 }
 
 /// The body of [`apply_batch`], in a transaction that holds the projection's shared lock.
+/// Returns what it did and the global position of the last event it applied, if any.
 async fn apply_locked(
     conn: &mut PgConnection,
     projection: ProjectionKind,
     events: &[RecordedEvent],
-) -> Result<ApplyOutcome, Failure> {
+) -> Result<(ApplyOutcome, Option<i64>), Failure> {
     let mut outcome = ApplyOutcome::default();
     let mut by_stream: BTreeMap<&str, BTreeMap<i64, &RecordedEvent>> = BTreeMap::new();
     for event in events {
@@ -243,8 +258,9 @@ async fn apply_locked(
         to_apply.extend(list);
     }
     if moved_streams.is_empty() {
-        return Ok(outcome);
+        return Ok((outcome, None));
     }
+    let last_applied = to_apply.iter().map(|event| event.global_position).max();
     to_apply.retain(|e| projection.handles(&e.event_type));
     projection
         .apply(conn, &to_apply)
@@ -261,8 +277,7 @@ async fn apply_locked(
     .execute(&mut *conn)
     .await
     .map_err(sql)?;
-    notify_applied(conn, projection).await?;
-    Ok(outcome)
+    Ok((outcome, last_applied))
 }
 
 async fn notify_applied(

@@ -21,7 +21,12 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
-            platform::db::migrate(&cli.common.database_url, &store::MIGRATOR).await?;
+            platform::db::migrate(
+                &cli.common.database_url,
+                crate::app::SERVICE_NAME,
+                &store::MIGRATOR,
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Healthcheck => {

@@ -27,8 +27,9 @@
 //! keeps failing is retried with backoff and finally dead-lettered and parked like a consumer
 //! would.
 //!
-//! Wake-ups: `LISTEN projection_applied` (only this projection's applies, the only thing that
-//! moves its mark), plus a fallback tick ([`SweeperSettings::tick`]) that also covers healing
+//! Wake-ups: `LISTEN projection_applied`, sent by an apply of this projection that could not
+//! move the mark over all of its own events (see [`crate::apply`]); an apply that could wakes
+//! nobody. Plus a fallback tick ([`SweeperSettings::tick`]) that also covers healing
 //! and events held behind parked streams, since notifications are only hints.
 
 use std::time::{Duration, Instant};
@@ -231,12 +232,19 @@ impl Sweeper {
         // bookkeeping never interleaves with a sweep computing P from it. The commit need not
         // wait for its WAL flush: the mark is derived from durable bookkeeping, so a mark lost in
         // a server crash is only recomputed by the next sweep, and the sweep (which read-your-
-        // writes waits on) saves a disk flush. All three in the round trip that begins.
+        // writes waits on) saves a disk flush. Then the checkpoint row is locked, waiting for an
+        // apply transaction that holds it, so that the scan below, a statement of its own with
+        // a snapshot taken after that wait, sees that apply: an apply that covered its own
+        // events wakes no sweeper, and the one whose wake-up brought this sweep may have been
+        // kept short by exactly that transaction. All in the round trip that begins.
         let mut tx = conn
             .begin_with(AssertSqlSafe(format!(
                 "BEGIN; SELECT pg_advisory_xact_lock_shared({}); \
-                 SET LOCAL synchronous_commit = off",
-                self.projection.lock_key()
+                 SET LOCAL synchronous_commit = off; \
+                 SELECT 1 FROM projection_checkpoints WHERE projection = '{}' FOR UPDATE",
+                // Both are the projection's fixed identifiers, never input.
+                self.projection.lock_key(),
+                self.projection.name()
             )))
             .await
             .map_err(sql)?;

@@ -28,7 +28,12 @@ async fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     if config.command() == Command::Migrate {
-        return platform::db::migrate(&config.common.database_url, &store::MIGRATOR).await;
+        return platform::db::migrate(
+            &config.common.database_url,
+            query_service::startup::SERVICE_NAME,
+            &store::MIGRATOR,
+        )
+        .await;
     }
     let app = Application::build(config).await?;
     app.run_until_stopped(platform::shutdown::signal()).await

@@ -23,7 +23,7 @@ use crate::history::History;
 use crate::read_models::{ReadModels, ReadStats};
 use crate::routes::{self, AppState};
 
-/// Service name, the `service` label of every metric.
+/// Service name, the `service` label of every metric and its PostgreSQL `application_name`.
 pub const SERVICE_NAME: &str = "query-service";
 
 /// A built, bound, not yet serving query service.
@@ -54,6 +54,7 @@ impl Application {
         let migrator = (!config.common.skip_migrations).then_some(&store::MIGRATOR);
         let pool = db::connect(
             &config.common.database_url,
+            SERVICE_NAME,
             config.common.db_max_connections,
             migrator,
         )

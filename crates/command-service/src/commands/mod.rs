@@ -15,6 +15,14 @@
 //! therefore given from a cached state only after checking that the store is at that same
 //! version; otherwise the state is reloaded and the command retried.
 //!
+//! # Creating without a load
+//! A `CreateOrder` for an order this instance has not cached is decided on the empty state
+//! without reading the store, and appended expecting the stream not to exist. Almost every
+//! create names a new order, so the load would find nothing; when the order does exist, the
+//! store refuses the append and the command is decided again on the loaded state (409
+//! `order_exists`, 412), without counting as a retry. The empty state is treated like a cached
+//! one: an answer decided from it is checked against the store first.
+//!
 //! This module never speaks HTTP; [`crate::http`] maps [`CommandError`] to problems.
 
 pub mod cache;
@@ -128,6 +136,9 @@ enum AttemptError {
     Conflict { actual: Option<i64> },
     /// An answer decided from a cached state that turned out not to be the store's: reload.
     Stale(CommandError),
+    /// A create decided without a load found the order already there: decide again on the
+    /// loaded state, at once and without counting a retry.
+    NotNew,
     /// The idempotency key was stored by a concurrent request.
     KeyTaken,
     /// Final.
@@ -237,6 +248,10 @@ impl CommandHandler {
                     },
                 },
                 Err(AttemptError::Stale(err)) => err,
+                Err(AttemptError::NotNew) => {
+                    reload = true;
+                    continue;
+                }
             };
             if retries >= self.inner.config.retries {
                 return Err(error);
@@ -258,14 +273,18 @@ impl CommandHandler {
     ) -> Result<CommandOutcome, AttemptError> {
         let stream_id = order_stream_id(order_id);
         let slot = self.inner.slots.slot(order_id);
-        let (pending, before, after) = {
+        let (pending, before, after, assumed_new) = {
             let mut cached = slot.lock().await;
             if reload {
                 *cached = None;
             }
-            let from_cache = cached.is_some();
+            // Set only on a first attempt: after a reload the store's word is final.
+            let assumed_new =
+                cached.is_none() && !reload && matches!(command, OrderCommand::CreateOrder { .. });
+            let from_cache = cached.is_some() || assumed_new;
             let state = match cached.take() {
                 Some(order) => order.state,
+                None if assumed_new => OrderState::default(),
                 None => self.load(order_id).await.map_err(AttemptError::Failed)?,
             };
             // Put the state back at once: every early return below leaves the cache as it was.
@@ -284,6 +303,10 @@ impl CommandHandler {
                     if from_cache && !self.store_is_at(&stream_id, state.version).await {
                         *cached = None;
                         return Err(AttemptError::Stale(err));
+                    }
+                    if assumed_new {
+                        // Rejected before anything was known of the order: cache nothing.
+                        *cached = None;
                     }
                     return Err(AttemptError::Failed(err));
                 }
@@ -312,7 +335,7 @@ impl CommandHandler {
             *cached = Some(CachedOrder {
                 state: after.clone(),
             });
-            (pending, before, after)
+            (pending, before, after, assumed_new)
         };
 
         // The wait and the cache repair run in a task of their own: if the client goes away and
@@ -331,6 +354,7 @@ impl CommandHandler {
             Ok(outcome) => outcome,
             Err(err) => {
                 return Err(match err {
+                    AppendError::Conflict { .. } if assumed_new => AttemptError::NotNew,
                     AppendError::Conflict { actual, .. } => AttemptError::Conflict {
                         actual: Some(actual),
                     },

@@ -7,7 +7,9 @@ use serde_json::json;
 use store::{AppendRequest, ExpectedVersion};
 use uuid::Uuid;
 
-use crate::helpers::{assert_problem, spawn_app, spawn_app_with};
+use std::sync::Arc;
+
+use crate::helpers::{assert_problem, spawn_app, spawn_app_on, spawn_app_with};
 
 #[tokio::test]
 async fn malformed_json_is_a_400() {
@@ -140,6 +142,48 @@ async fn creating_an_order_with_an_existing_order_id_is_a_409() {
     assert_eq!(response.status(), 201);
     let response = app.post("/orders").json(&body).send().await.unwrap();
     assert_problem(response, 409, "order_exists").await;
+}
+
+#[tokio::test]
+async fn creating_an_order_another_instance_created_is_a_409_even_with_no_retries_left() {
+    let first = spawn_app().await;
+    // The second instance has never seen the order: it decides the create without a load,
+    // and the store's refusal must still come out as `order_exists`, not as a conflict.
+    let second = spawn_app_on(Arc::clone(&first.db), &[("command-retries", "0")]).await;
+    let order_id = Uuid::new_v4();
+    let body = json!({ "customer_id": Uuid::new_v4(), "currency": "EUR", "order_id": order_id });
+    let response = first.post("/orders").json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 201);
+
+    let response = second.post("/orders").json(&body).send().await.unwrap();
+    assert_problem(response, 409, "order_exists").await;
+    assert_eq!(second.event_count(order_id).await, 1);
+
+    // What the second instance learnt from the store is the order as it is.
+    let response = second.add_item(order_id, "A", 1, 10).await;
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["version"], 2);
+}
+
+#[tokio::test]
+async fn a_create_with_if_match_on_an_order_another_instance_created_is_a_412() {
+    let first = spawn_app().await;
+    let second = spawn_app_on(Arc::clone(&first.db), &[]).await;
+    let order_id = Uuid::new_v4();
+    let body = json!({ "customer_id": Uuid::new_v4(), "currency": "EUR", "order_id": order_id });
+    let response = first.post("/orders").json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 201);
+
+    let response = second
+        .post("/orders")
+        .header("if-match", "\"0\"")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 412, "version_mismatch").await;
+    assert_eq!(second.event_count(order_id).await, 1);
 }
 
 /// Appends an `ItemAdded` to the order behind the application's back, making its cache stale.

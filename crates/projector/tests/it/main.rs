@@ -563,7 +563,7 @@ async fn a_sweep_never_moves_the_mark_below_what_an_apply_committed_meanwhile() 
             let waiting: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_stat_activity \
              WHERE datname = current_database() AND wait_event_type = 'Lock' \
-               AND query LIKE '%UPDATE projection_checkpoints%'",
+               AND query LIKE '%projection_checkpoints%'",
             )
             .fetch_one(w.pool())
             .await
@@ -602,6 +602,100 @@ async fn a_sweep_never_moves_the_mark_below_what_an_apply_committed_meanwhile() 
         below.is_empty(),
         "the mark went back below {head}: announced {announced:?}"
     );
+}
+
+#[tokio::test]
+async fn only_an_apply_that_leaves_the_mark_short_of_its_events_wakes_the_sweeper() {
+    use projector::apply::APPLIED_CHANNEL;
+    let w = World::new().await;
+    append_orders(w.pool(), 12).await;
+    let all = store::read_all(w.pool(), 0, 10_000).await.unwrap();
+    let (first_half, second_half) = all.split_at(all.len() / 2);
+    let projection = ProjectionKind::OrderSummaries;
+    let mut listener = sqlx::postgres::PgListener::connect_with(w.pool())
+        .await
+        .unwrap();
+    listener.listen(APPLIED_CHANNEL).await.unwrap();
+    let mut conn = w.pool().acquire().await.unwrap();
+    // Notifications arrive in commit order: what an apply sent comes before the marker sent
+    // after it.
+    let mut wake_ups = async |marker: &str| {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(APPLIED_CHANNEL)
+            .bind(marker)
+            .execute(w.pool())
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        loop {
+            let notification = tokio::time::timeout(DEADLINE, listener.recv())
+                .await
+                .expect("the marker arrives")
+                .unwrap();
+            if notification.payload() == marker {
+                return seen;
+            }
+            seen.push(notification.payload().to_owned());
+        }
+    };
+
+    // The later half first: the earlier events are not applied, the mark cannot pass them.
+    apply_batch(&mut conn, projection, second_half)
+        .await
+        .unwrap();
+    assert_eq!(wake_ups("after-second-half").await, [projection.name()]);
+
+    // The earlier half completes the prefix and moves the mark over everything itself.
+    apply_batch(&mut conn, projection, first_half)
+        .await
+        .unwrap();
+    assert_eq!(
+        w.checkpoint(projection).await,
+        all.last().unwrap().global_position
+    );
+    assert_eq!(wake_ups("after-first-half").await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_sweep_waits_for_the_apply_holding_the_checkpoint_row_and_counts_its_events() {
+    let w = World::new().await;
+    append_orders(w.pool(), 12).await;
+    let all = store::read_all(w.pool(), 0, 10_000).await.unwrap();
+    let head = all.last().unwrap().global_position;
+    let projection = ProjectionKind::OrderSummaries;
+    // A transaction standing in for an apply that holds the checkpoint row (so it wakes the
+    // sweeper instead of moving the mark) and has applied everything, not yet committed.
+    let mut apply = w.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM projection_checkpoints WHERE projection = $1 FOR UPDATE")
+        .bind(projection.name())
+        .execute(&mut *apply)
+        .await
+        .unwrap();
+    apply_batch(&mut apply, projection, &all).await.unwrap();
+
+    let mut sweeper = test_sweeper(&w, projection, SweeperSettings::default().grace);
+    let sweep = tokio::spawn(async move { sweeper.sweep_once().await });
+    wait_until(
+        DEADLINE,
+        "the sweep waits for the checkpoint row",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                   AND query LIKE '%projection_checkpoints%'",
+            )
+            .fetch_one(w.pool())
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    apply.commit().await.unwrap();
+    // Scanned after the wait, the sweep sees what that transaction applied.
+    let outcome = sweep.await.unwrap().unwrap();
+    assert_eq!(outcome.position, head);
+    assert_eq!(w.checkpoint(projection).await, head);
 }
 
 /// A sweeper of `projection` on the test's database, without dead letters, that heals a blocker
