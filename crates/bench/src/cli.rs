@@ -186,14 +186,10 @@ pub struct Sizing {
     pub rate: Option<f64>,
 
     /// Clients sharing the freshness run's ticks (each sends a command, then waits for it to be
-    /// visible); raise it when the run reports missed ticks
-    #[arg(
-        long,
-        env = "BENCH_FRESHNESS_CLIENTS",
-        default_value_t = 64,
-        global = true
-    )]
-    pub freshness_clients: usize,
+    /// visible; default: one per 10 commands/s of the rate, at least 64, so a cycle of up to
+    /// 100 ms keeps up); raise it when the run reports missed ticks
+    #[arg(long, env = "BENCH_FRESHNESS_CLIENTS", global = true)]
+    pub freshness_clients: Option<usize>,
 
     /// Seconds of the freshness run
     #[arg(

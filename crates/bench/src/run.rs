@@ -214,7 +214,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
                     &stream,
                     rate,
                     Duration::from_secs(sizing.freshness_secs),
-                    sizing.freshness_clients,
+                    sizing
+                        .freshness_clients
+                        .unwrap_or_else(|| default_freshness_clients(rate)),
                     probe_pool.clone(),
                 )
                 .await
@@ -399,4 +401,10 @@ async fn settle(scratch: &Scratch) {
         started.elapsed().as_secs_f64()
     );
     pool.close().await;
+}
+
+/// Freshness clients for `rate`: each client's cycle is a command plus the wait until it is
+/// visible, so one per 10 commands/s lets cycles take up to 100 ms without missing ticks.
+fn default_freshness_clients(rate: f64) -> usize {
+    ((rate / 10.0).ceil() as usize).max(64)
 }
