@@ -185,11 +185,22 @@ pub struct Sizing {
     #[arg(long, env = "BENCH_RATE", global = true)]
     pub rate: Option<f64>,
 
-    /// Clients sharing the freshness run's ticks (each sends a command, then waits for it to be
-    /// visible; default: one per 10 commands/s of the rate, at least 64, so a cycle of up to
+    /// Clients sharing the freshness run's ticks (each sends a command, then may wait for it to
+    /// be visible; default: one per 10 commands/s of the rate, at least 64, so a cycle of up to
     /// 100 ms keeps up); raise it when the run reports missed ticks
     #[arg(long, env = "BENCH_FRESHNESS_CLIENTS", global = true)]
     pub freshness_clients: Option<usize>,
+
+    /// Each freshness client reads back one accepted command in this many through the query
+    /// service (`?min_position=`); 1 reads back every command, which adds a read per command
+    #[arg(
+        long,
+        env = "BENCH_FRESHNESS_READ_EVERY",
+        default_value_t = 4,
+        value_parser = clap::value_parser!(u64).range(1..),
+        global = true
+    )]
+    pub freshness_read_every: u64,
 
     /// Seconds of the freshness run
     #[arg(

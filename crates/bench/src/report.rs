@@ -349,10 +349,15 @@ impl Report {
                 md,
                 "| measure | p50 ms | p95 ms | p99 ms | max ms | samples |\n|---|---:|---:|---:|---:|---:|"
             );
+            let read_back = if f.read_every <= 1 {
+                "every command".to_owned()
+            } else {
+                format!("1 command in {}", f.read_every)
+            };
             for (name, s) in [
                 ("command latency", &f.command_latency),
                 (
-                    "response → visible (`?min_position=`)",
+                    &*format!("response → visible (`?min_position=`, {read_back})"),
                     &f.response_to_visible,
                 ),
                 (

@@ -212,11 +212,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
                     api,
                     &cli.target.redis_url,
                     &stream,
-                    rate,
-                    Duration::from_secs(sizing.freshness_secs),
-                    sizing
-                        .freshness_clients
-                        .unwrap_or_else(|| default_freshness_clients(rate)),
+                    freshness::FreshnessPlan {
+                        rate,
+                        measure: Duration::from_secs(sizing.freshness_secs),
+                        clients: sizing
+                            .freshness_clients
+                            .unwrap_or_else(|| default_freshness_clients(rate)),
+                        read_every: sizing.freshness_read_every,
+                    },
                     probe_pool.clone(),
                 )
                 .await

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Poisoned, apply_isolating, park_stream};
 use crate::failure::{Backoff, Failure, classify_bus, classify_sql, poison_retry_delay};
+use crate::linger::Linger;
 use crate::metrics;
 use crate::projections::ProjectionKind;
 
@@ -44,6 +45,10 @@ const PARK_ATTEMPTS: usize = 8;
 pub struct ConsumerSettings {
     /// Entries read per `XREADGROUP`.
     pub batch_size: usize,
+    /// After a read of fewer than `batch_size` new entries, how long to wait for more to join
+    /// the same apply transaction when the arrival rate brings at least one within it
+    /// ([`crate::linger`]); zero applies at once.
+    pub linger: Duration,
     /// Attempts (deliveries) before an entry is dead-lettered.
     pub max_attempts: u32,
     /// First poison retry delay; doubles per attempt.
@@ -62,6 +67,7 @@ impl Default for ConsumerSettings {
     fn default() -> Self {
         Self {
             batch_size: 500,
+            linger: Duration::from_millis(5),
             max_attempts: 5,
             retry_base: Duration::from_millis(200),
             claim_idle: Duration::from_secs(30),
@@ -113,6 +119,7 @@ pub struct ProjectionConsumer {
     parked_now: HashSet<String>,
     pending_drained: bool,
     next_reclaim: Instant,
+    linger: Linger,
 }
 
 impl std::fmt::Debug for ProjectionConsumer {
@@ -147,6 +154,7 @@ impl ProjectionConsumer {
             projection,
             pool,
             consumer,
+            linger: Linger::new(settings.linger),
             settings,
             in_hand: Vec::new(),
             retry: HashMap::new(),
@@ -328,10 +336,22 @@ impl ProjectionConsumer {
             .consumer
             .read_new(self.settings.batch_size, block)
             .await;
-        Ok(self
-            .handle_bus(fresh)
-            .await?
-            .unwrap_or_default()
+        let mut fresh = self.handle_bus(fresh).await?.unwrap_or_default();
+        self.linger.record(fresh.len(), Instant::now());
+        let room = self.settings.batch_size.saturating_sub(fresh.len());
+        if let Some(wait) = self.linger.wait()
+            && !fresh.is_empty()
+            && room > 0
+        {
+            tokio::time::sleep(wait).await;
+            // A failure here is left to the next read, which meets and handles it: what was
+            // read already is applied now rather than dropped from this step.
+            if let Ok(more) = self.consumer.read_new(room, Duration::ZERO).await {
+                self.linger.record(more.len(), Instant::now());
+                fresh.extend(more);
+            }
+        }
+        Ok(fresh
             .into_iter()
             .map(|entry| Work {
                 entry,

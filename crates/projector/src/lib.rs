@@ -58,6 +58,7 @@ pub mod commands;
 pub mod config;
 pub mod consumer;
 pub mod failure;
+pub mod linger;
 pub mod metrics;
 pub mod projections;
 pub mod sweeper;

@@ -2,9 +2,12 @@
 //! commit-to-stream time.
 //!
 //! - An open-loop ticker releases commands at a fixed rate to a pool of lifecycle clients.
-//!   Right after each accepted command, its client asks the query service for the order with
-//!   `?min_position=<position>` (which waits server-side, so no polling) and measures from the
-//!   command's response to the 200.
+//!   Right after every `read_every`-th accepted command of each client, the client asks the
+//!   query service for the order with `?min_position=<position>` (which waits server-side, so
+//!   no polling) and measures from the command's response to the 200. Reading back only a
+//!   sample keeps the run what it claims to be, a command rate: reading back every command
+//!   adds a read-your-writes request per command, as much work again on the same machine
+//!   (`--freshness-read-every 1` measures that mixed load).
 //! - Meanwhile a reader follows the Redis stream with `XREAD BLOCK` and, for every entry it
 //!   sees, measures the time since the event's `recorded_at` (the insert time in PostgreSQL):
 //!   commit plus relay plus XADD, as seen by a consumer.
@@ -43,6 +46,19 @@ const PROBED_PROJECTION: &str = "order_summaries";
 /// Block time of each `XREAD` on the stream.
 const XREAD_BLOCK_MS: u64 = 1_000;
 
+/// How a freshness run is driven.
+#[derive(Debug, Clone, Copy)]
+pub struct FreshnessPlan {
+    /// Commands per second.
+    pub rate: f64,
+    /// Length of the run.
+    pub measure: Duration,
+    /// Clients sharing the ticks.
+    pub clients: usize,
+    /// Each client reads back one accepted command in this many.
+    pub read_every: u64,
+}
+
 /// The freshness run's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct FreshnessResult {
@@ -51,6 +67,8 @@ pub struct FreshnessResult {
     pub measured_secs: f64,
     /// Clients sharing the ticks.
     pub clients: usize,
+    /// One accepted command in this many was read back through the query service.
+    pub read_every: u64,
     /// Ticks that found every client busy and the backlog full.
     pub missed_ticks: u64,
     pub command_latency: LatencySummary,
@@ -78,16 +96,21 @@ struct Tally {
     errors: u64,
 }
 
-/// Runs commands at `target_rate` per second for `measure`, following `stream` on Redis.
+/// Runs commands as `plan` says, following `stream` on Redis.
 pub async fn run(
     api: &Api,
     redis_url: &str,
     stream: &str,
-    target_rate: f64,
-    measure: Duration,
-    clients_count: usize,
+    plan: FreshnessPlan,
     probe_pool: Option<sqlx::PgPool>,
 ) -> anyhow::Result<FreshnessResult> {
+    let FreshnessPlan {
+        rate: target_rate,
+        measure,
+        clients: clients_count,
+        read_every,
+    } = plan;
+    let read_every = read_every.max(1);
     let probes = Arc::new(std::sync::Mutex::new((
         Latencies::new()?,
         Latencies::new()?,
@@ -142,6 +165,9 @@ pub async fn run(
                 }
                 if let Some(series) = tally.commands.as_mut() {
                     series.record(answered - sent);
+                }
+                if !tally.accepted.is_multiple_of(read_every) {
+                    continue;
                 }
                 if visible(&api, command.order_id, accepted.position).await {
                     if let Some(series) = tally.visible.as_mut() {
@@ -225,6 +251,7 @@ pub async fn run(
     let result = FreshnessResult {
         target_rate,
         clients: clients_count.max(1),
+        read_every,
         achieved_rate: rate(accepted, elapsed),
         measured_secs: elapsed.as_secs_f64(),
         missed_ticks: missed,
