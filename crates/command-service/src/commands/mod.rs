@@ -346,6 +346,7 @@ impl CommandHandler {
             let result = pending.await.unwrap_or(Err(AppendError::CommitterStopped));
             if result.is_err() {
                 *slot.lock().await = None;
+                metrics::counter!("command_cache_discarded_total").increment(1);
             }
             result
         });

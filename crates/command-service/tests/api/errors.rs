@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use std::sync::Arc;
 
-use crate::helpers::{assert_problem, spawn_app, spawn_app_on, spawn_app_with};
+use crate::helpers::{assert_problem, spawn_app, spawn_app_on, spawn_app_with, wait_until};
 
 #[tokio::test]
 async fn malformed_json_is_a_400() {
@@ -184,6 +184,54 @@ async fn a_create_with_if_match_on_an_order_another_instance_created_is_a_412() 
         .unwrap();
     assert_problem(response, 412, "version_mismatch").await;
     assert_eq!(second.event_count(order_id).await, 1);
+}
+
+#[tokio::test]
+async fn a_failed_append_whose_client_gave_up_does_not_leave_its_state_in_the_cache() {
+    // No internal retries: a command decided on a stale cached state would be a 409.
+    let app = spawn_app_with(&[("command-retries", "0")]).await;
+    let order_id = app.create_order().await;
+    // The store fails the append of one SKU, slowly enough for the client to leave first.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             PERFORM pg_sleep(0.5); RAISE EXCEPTION 'refused by the test'; END $$; \
+         CREATE TRIGGER refuse_boom BEFORE INSERT ON events FOR EACH ROW \
+             WHEN (NEW.data->>'sku' = 'BOOM') EXECUTE FUNCTION refuse_boom();",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let abandoned = app
+        .post(&format!("/orders/{order_id}/items"))
+        .json(&json!({ "sku": "BOOM", "quantity": 1, "unit_price": 10 }))
+        .timeout(std::time::Duration::from_millis(100))
+        .send()
+        .await;
+    assert!(abandoned.is_err(), "the client should have given up first");
+
+    wait_until(
+        "the failed append's state is dropped from the cache",
+        || async {
+            let text = app
+                .get("/metrics")
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            text.lines().any(|line| {
+                line.starts_with("command_cache_discarded_total") && !line.ends_with(" 0")
+            })
+        },
+    )
+    .await;
+    // Decided on the order as stored (version 1), not on the optimistic version 2.
+    let response = app.add_item(order_id, "A", 1, 10).await;
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["version"], 2);
+    assert_eq!(app.event_count(order_id).await, 2);
 }
 
 /// Appends an `ItemAdded` to the order behind the application's back, making its cache stale.
