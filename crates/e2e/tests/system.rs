@@ -302,6 +302,7 @@ async fn orders_driven_through_the_three_services_show_up_exactly_in_the_read_mo
     .await;
     assert_eq!(stats["order_count"], 6);
     assert_eq!(stats["total_spent"], expected_spent);
+    assert_eq!(stats["spent_by_currency"], json!({ "EUR": expected_spent }));
     assert_eq!(stats["by_status"]["shipped"], 2);
     assert_eq!(stats["by_status"]["cancelled"], 2);
     assert_eq!(stats["by_status"]["paid"], 2);

@@ -47,7 +47,8 @@
 //!
 //! # Must never
 //! - write any table but its read models and their bookkeeping (`projection_streams`,
-//!   `projection_checkpoints`, `order_summaries`, `customer_stats`, `customer_stats_orders`);
+//!   `projection_checkpoints`, `order_summaries`, `customer_stats`, `customer_stats_orders`,
+//!   `customer_stats_spent`);
 //! - acknowledge an entry before its transaction committed;
 //! - apply an event of a stream before all its earlier versions.
 

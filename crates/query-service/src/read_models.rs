@@ -11,6 +11,7 @@
 //! database), then read once; only if the fresh checkpoint contradicts the watch (a reset
 //! checkpoint) does it wait for the next publication and read again.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -114,7 +115,10 @@ const PAGE_BY_CUSTOMER_AND_STATUS_SQL: &str = page_sql!(
 
 const CUSTOMER_SQL: &str = concat!(
     "SELECT cp.position AS cp_position, c.customer_id, c.order_count, c.total_spent, \
-     c.draft_count, c.placed_count, c.paid_count, c.shipped_count, c.cancelled_count FROM ",
+     c.draft_count, c.placed_count, c.paid_count, c.shipped_count, c.cancelled_count, \
+     (SELECT COALESCE(jsonb_object_agg(sp.currency, sp.total_spent), '{}'::jsonb) \
+      FROM customer_stats_spent sp \
+      WHERE sp.customer_id = c.customer_id AND sp.total_spent <> 0) AS spent_by_currency FROM ",
     checkpoint_of!("customer_stats"),
     " LEFT JOIN customer_stats c ON c.customer_id = $1"
 );
@@ -149,9 +153,13 @@ pub struct CustomerStats {
     pub customer_id: Uuid,
     /// Number of orders the customer created.
     pub order_count: i64,
-    /// Sum of the totals of paid and shipped orders, in minor units.
+    /// Sum of the totals of paid and shipped orders, in minor units, whatever their currency.
     pub total_spent: i64,
     pub by_status: ByStatus,
+    /// `total_spent` per currency (ISO 4217 code → minor units); currencies with nothing spent
+    /// are left out.
+    #[schema(example = json!({"EUR": 9900, "USD": 1250}))]
+    pub spent_by_currency: BTreeMap<String, i64>,
 }
 
 /// The body of `GET /orders`.
@@ -419,5 +427,8 @@ fn customer_of(row: &PgRow) -> Result<Option<CustomerStats>, ApiError> {
             shipped: row.try_get("shipped_count")?,
             cancelled: row.try_get("cancelled_count")?,
         },
+        spent_by_currency: row
+            .try_get::<sqlx::types::Json<BTreeMap<String, i64>>, _>("spent_by_currency")?
+            .0,
     }))
 }

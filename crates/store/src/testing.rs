@@ -23,6 +23,12 @@ pub struct TestDatabase {
 impl TestDatabase {
     /// Creates `test_<uuid>`, runs the migrations and connects a small pool.
     pub async fn new() -> Self {
+        Self::migrated_to(i64::MAX).await
+    }
+
+    /// Like [`Self::new`], with only the migrations up to `version`: the schema an older
+    /// release left, to test an upgrade by running [`crate::MIGRATOR`] on it afterwards.
+    pub async fn migrated_to(version: i64) -> Self {
         let name = format!("test_{}", uuid::Uuid::new_v4().simple());
         let url = server_url();
         let mut server = PgConnectOptions::from_str(&url).expect("TEST_DATABASE_URL parses");
@@ -45,7 +51,16 @@ impl TestDatabase {
             .connect_with(options.clone())
             .await
             .expect("connect to test database");
-        crate::MIGRATOR.run(&pool).await.expect("migrations run");
+        let migrator = sqlx::migrate::Migrator {
+            migrations: crate::MIGRATOR
+                .migrations
+                .iter()
+                .filter(|migration| migration.version <= version)
+                .cloned()
+                .collect(),
+            ..sqlx::migrate::Migrator::DEFAULT
+        };
+        migrator.run(&pool).await.expect("migrations run");
         let url = options.to_url_lossy().to_string();
         Self { name, url, pool }
     }

@@ -1,15 +1,18 @@
 //! The `customer_stats` projection: per customer, the number of orders, the number in each
-//! status, and `total_spent` (the sum of the totals of paid and shipped orders).
+//! status, and `total_spent` (the sum of the totals of paid and shipped orders), also kept per
+//! currency in `customer_stats_spent`, since totals in different currencies do not add up.
 //!
-//! It keeps its own memory of each order in `customer_stats_orders` (customer, status, total),
-//! so moving an order from one status count to another never reads another projection's table.
+//! It keeps its own memory of each order in `customer_stats_orders` (customer, status, total,
+//! currency), so moving an order from one status count to another never reads another
+//! projection's table.
 //! The remembered total is the one `OrderPlaced` froze (0 while the order is a draft): items
 //! cannot change after placing, and only paid and shipped orders count towards `total_spent`.
 //!
 //! Batched: one `= ANY($1)` read of the touched orders' memory, the fold in memory, one `UNNEST`
-//! upsert of the memory and one `UNNEST` upsert that *adds* the per-customer deltas (so two
-//! instances touching one customer through different orders never overwrite each other).
-//! Owns `customer_stats` and `customer_stats_orders`.
+//! upsert of the memory and one statement of two `UNNEST` upserts that *add* the per-customer
+//! and per-currency deltas (so two instances touching one customer through different orders
+//! never overwrite each other). Owns `customer_stats`, `customer_stats_orders` and
+//! `customer_stats_spent`.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -26,20 +29,23 @@ use crate::verify::Report;
 pub struct CustomerStats;
 
 /// One order as this projection remembers it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Remembered {
     customer_id: Uuid,
     status: OrderStatus,
     total: i64,
+    currency: String,
 }
 
 /// The per-customer figures (or a change to them).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     pub order_count: i64,
     pub total_spent: i64,
     /// Counts per status, in [`OrderStatus::ALL`] order.
     pub by_status: [i64; 5],
+    /// `total_spent` per currency; a currency whose sum is 0 has no entry.
+    pub spent_by_currency: BTreeMap<String, i64>,
 }
 
 fn status_index(status: OrderStatus) -> usize {
@@ -54,16 +60,31 @@ fn spent(status: OrderStatus, total: i64) -> i64 {
 }
 
 impl Stats {
-    fn add_order(&mut self, order: Remembered) {
+    fn add_order(&mut self, order: &Remembered) {
         self.order_count += 1;
         self.by_status[status_index(order.status)] += 1;
-        self.total_spent += spent(order.status, order.total);
+        self.add_spent(&order.currency, spent(order.status, order.total));
     }
 
-    fn remove_order(&mut self, order: Remembered) {
+    fn remove_order(&mut self, order: &Remembered) {
         self.order_count -= 1;
         self.by_status[status_index(order.status)] -= 1;
-        self.total_spent -= spent(order.status, order.total);
+        self.add_spent(&order.currency, -spent(order.status, order.total));
+    }
+
+    fn add_spent(&mut self, currency: &str, amount: i64) {
+        self.total_spent += amount;
+        if amount == 0 {
+            return;
+        }
+        let sum = self
+            .spent_by_currency
+            .entry(currency.to_owned())
+            .or_default();
+        *sum += amount;
+        if *sum == 0 {
+            self.spent_by_currency.remove(currency);
+        }
     }
 }
 
@@ -94,6 +115,7 @@ fn evolve(
                 customer_id: created.customer_id,
                 status: OrderStatus::Draft,
                 total: 0,
+                currency: created.currency.to_string(),
             }
         }
         OrderEvent::OrderPlaced(placed) => Remembered {
@@ -126,12 +148,20 @@ type DeltaColumns = (
     Vec<DateTime<Utc>>,
 );
 
-const UPSERT_ORDERS: &str = "INSERT INTO customer_stats_orders (order_id, customer_id, status, total) \
-     SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::int8[]) ORDER BY 1 \
+const UPSERT_ORDERS: &str = "INSERT INTO customer_stats_orders \
+         (order_id, customer_id, status, total, currency) \
+     SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::int8[], $5::text[]) ORDER BY 1 \
      ON CONFLICT (order_id) DO UPDATE SET customer_id = EXCLUDED.customer_id, \
-         status = EXCLUDED.status, total = EXCLUDED.total";
+         status = EXCLUDED.status, total = EXCLUDED.total, currency = EXCLUDED.currency";
 
-const ADD_DELTAS: &str = "INSERT INTO customer_stats AS c (customer_id, order_count, total_spent, \
+/// Both delta upserts in one round trip: per customer and currency (`$10`-`$12`), then per
+/// customer. Each in key order, so concurrent applies lock rows in one order.
+const ADD_DELTAS: &str = "WITH spent AS ( \
+         INSERT INTO customer_stats_spent AS s (customer_id, currency, total_spent) \
+         SELECT * FROM UNNEST($10::uuid[], $11::text[], $12::int8[]) ORDER BY 1, 2 \
+         ON CONFLICT (customer_id, currency) DO UPDATE SET \
+             total_spent = s.total_spent + EXCLUDED.total_spent) \
+     INSERT INTO customer_stats AS c (customer_id, order_count, total_spent, \
          draft_count, placed_count, paid_count, shipped_count, cancelled_count, updated_at) \
      SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], \
                           $6::int8[], $7::int8[], $8::int8[], $9::timestamptz[]) ORDER BY 1 \
@@ -168,7 +198,7 @@ impl Projection for CustomerStats {
         unique.sort_unstable();
         unique.dedup();
         let rows = sqlx::query(
-            "SELECT order_id, customer_id, status, total FROM customer_stats_orders \
+            "SELECT order_id, customer_id, status, total, currency FROM customer_stats_orders \
              WHERE order_id = ANY($1)",
         )
         .bind(&unique)
@@ -187,6 +217,7 @@ impl Projection for CustomerStats {
                     customer_id: row.try_get("customer_id")?,
                     status,
                     total: row.try_get("total")?,
+                    currency: row.try_get("currency")?,
                 },
             );
         }
@@ -194,11 +225,11 @@ impl Projection for CustomerStats {
         let mut touched_at: HashMap<Uuid, DateTime<Utc>> = HashMap::new();
         for (event, id) in events.iter().zip(&ids) {
             let current = match after.get(id) {
-                Some(state) => *state,
-                None => before.get(id).copied(),
+                Some(state) => state.clone(),
+                None => before.get(id).cloned(),
             };
             let next = evolve(*id, current, event)?;
-            if let Some(order) = next {
+            if let Some(order) = &next {
                 let at = touched_at
                     .entry(order.customer_id)
                     .or_insert(event.recorded_at);
@@ -208,24 +239,22 @@ impl Projection for CustomerStats {
         }
         // Per customer: remove each touched order as it was, add it as it is now.
         let mut deltas: BTreeMap<Uuid, Stats> = BTreeMap::new();
-        let (mut o_id, mut o_customer, mut o_status, mut o_total) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut o_id, mut o_customer, mut o_status, mut o_total, mut o_currency) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (id, now) in &after {
             let Some(now) = now else { continue };
             if let Some(was) = before.get(id) {
                 if was == now {
                     continue;
                 }
-                deltas
-                    .entry(was.customer_id)
-                    .or_default()
-                    .remove_order(*was);
+                deltas.entry(was.customer_id).or_default().remove_order(was);
             }
-            deltas.entry(now.customer_id).or_default().add_order(*now);
+            deltas.entry(now.customer_id).or_default().add_order(now);
             o_id.push(*id);
             o_customer.push(now.customer_id);
             o_status.push(now.status.as_str().to_owned());
             o_total.push(now.total);
+            o_currency.push(now.currency.as_str());
         }
         if o_id.is_empty() {
             return Ok(());
@@ -235,9 +264,11 @@ impl Projection for CustomerStats {
             .bind(&o_customer)
             .bind(&o_status)
             .bind(&o_total)
+            .bind(&o_currency)
             .execute(&mut *conn)
             .await?;
         let mut cols = DeltaColumns::default();
+        let (mut s_customer, mut s_currency, mut s_amount) = (Vec::new(), Vec::new(), Vec::new());
         for (customer, d) in &deltas {
             cols.0.push(*customer);
             cols.1.push(d.order_count);
@@ -247,6 +278,11 @@ impl Projection for CustomerStats {
             }
             cols.4
                 .push(touched_at.get(customer).copied().unwrap_or_else(Utc::now));
+            for (currency, amount) in &d.spent_by_currency {
+                s_customer.push(*customer);
+                s_currency.push(currency.as_str());
+                s_amount.push(*amount);
+            }
         }
         let [draft, placed, paid, shipped, cancelled] = &cols.3;
         sqlx::query(ADD_DELTAS)
@@ -259,6 +295,9 @@ impl Projection for CustomerStats {
             .bind(shipped)
             .bind(cancelled)
             .bind(&cols.4)
+            .bind(&s_customer)
+            .bind(&s_currency)
+            .bind(&s_amount)
             .execute(&mut *conn)
             .await?;
         Ok(())
@@ -269,6 +308,9 @@ impl Projection for CustomerStats {
             .execute(&mut *conn)
             .await?;
         sqlx::query("DELETE FROM customer_stats_orders")
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("DELETE FROM customer_stats_spent")
             .execute(&mut *conn)
             .await?;
         Ok(())
@@ -296,7 +338,7 @@ impl Projection for CustomerStats {
                     Ok(Some(order)) => expected
                         .entry(order.customer_id)
                         .or_default()
-                        .add_order(order),
+                        .add_order(&order),
                     Ok(None) => {}
                     Err(e) => report.push(id, "fold", "a foldable stream", e),
                 }
@@ -328,8 +370,31 @@ impl Projection for CustomerStats {
                             row.try_get("shipped_count")?,
                             row.try_get("cancelled_count")?,
                         ],
+                        spent_by_currency: BTreeMap::new(),
                     },
                 );
+            }
+        }
+        let mut last = (Uuid::nil(), String::new());
+        loop {
+            let rows = sqlx::query(
+                "SELECT customer_id, currency, total_spent FROM customer_stats_spent \
+                 WHERE (customer_id, currency) > ($1, $2) AND total_spent <> 0 \
+                 ORDER BY customer_id, currency LIMIT 10000",
+            )
+            .bind(last.0)
+            .bind(&last.1)
+            .fetch_all(&mut *conn)
+            .await?;
+            let Some(row) = rows.last() else { break };
+            last = (row.try_get("customer_id")?, row.try_get("currency")?);
+            for row in &rows {
+                let customer: Uuid = row.try_get("customer_id")?;
+                actual
+                    .entry(customer)
+                    .or_default()
+                    .spent_by_currency
+                    .insert(row.try_get("currency")?, row.try_get("total_spent")?);
             }
         }
         for (customer, e) in &expected {
@@ -340,6 +405,12 @@ impl Projection for CustomerStats {
             };
             report.compare(customer, "order_count", &e.order_count, &a.order_count);
             report.compare(customer, "total_spent", &e.total_spent, &a.total_spent);
+            report.compare(
+                customer,
+                "spent_by_currency",
+                &e.spent_by_currency,
+                &a.spent_by_currency,
+            );
             for (i, status) in OrderStatus::ALL.iter().enumerate() {
                 let field = format!("{}_count", status.as_str());
                 report.compare(customer, &field, &e.by_status[i], &a.by_status[i]);

@@ -698,6 +698,136 @@ async fn a_sweep_waits_for_the_apply_holding_the_checkpoint_row_and_counts_its_e
     assert_eq!(w.checkpoint(projection).await, head);
 }
 
+#[tokio::test]
+async fn customer_stats_keep_what_was_spent_in_each_currency_apart() {
+    use support::{Fate, commands};
+    let w = World::new().await;
+    let customer = Uuid::new_v4();
+    // Paid in EUR, shipped in USD, paid in USD and then cancelled, placed in GBP (not spent).
+    for (currency, fate, cancel_after_paying) in [
+        ("EUR", Fate::Paid, false),
+        ("USD", Fate::Shipped, false),
+        ("USD", Fate::Paid, true),
+        ("GBP", Fate::Placed, false),
+    ] {
+        let id = Uuid::new_v4();
+        let mut cmds = commands(id, customer, fate);
+        if let Some(events::OrderCommand::CreateOrder { currency: c, .. }) = cmds.first_mut() {
+            *c = currency.into();
+        }
+        if cancel_after_paying {
+            cmds.push(events::OrderCommand::CancelOrder {
+                reason: "refunded".into(),
+            });
+        }
+        run_commands(w.pool(), id, &cmds, &mut OrderState::default()).await;
+    }
+    let all = store::read_all(w.pool(), 0, 10_000).await.unwrap();
+    let mut conn = w.pool().acquire().await.unwrap();
+    // In two batches, so the second moves an order that the first left paid.
+    let (first, second) = all.split_at(all.len() - 1);
+    for batch in [first, second] {
+        apply_batch(&mut conn, ProjectionKind::CustomerStats, batch)
+            .await
+            .unwrap();
+    }
+    let spent: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT currency, total_spent FROM customer_stats_spent \
+         WHERE customer_id = $1 AND total_spent <> 0 ORDER BY currency",
+    )
+    .bind(customer)
+    .fetch_all(w.pool())
+    .await
+    .unwrap();
+    assert_eq!(spent, [("EUR".to_owned(), 1299), ("USD".to_owned(), 1299)]);
+    let total: i64 =
+        sqlx::query_scalar("SELECT total_spent FROM customer_stats WHERE customer_id = $1")
+            .bind(customer)
+            .fetch_one(w.pool())
+            .await
+            .unwrap();
+    assert_eq!(total, 2598);
+    let report = projector::verify::verify(w.pool(), ProjectionKind::CustomerStats)
+        .await
+        .unwrap();
+    assert!(
+        report.is_clean(),
+        "{}",
+        report.render(ProjectionKind::CustomerStats)
+    );
+}
+
+#[tokio::test]
+async fn upgrading_to_spend_per_currency_fills_it_from_what_was_projected() {
+    // The schema before migration 0007, with an order remembered by customer_stats in each
+    // state that matters: paid in EUR and shipped in USD (spent), placed in EUR (not spent),
+    // and one paid order that order_summaries has not projected yet (currency unknown).
+    let db = store::testing::TestDatabase::migrated_to(6).await;
+    let customer = Uuid::new_v4();
+    let orders = [
+        (Uuid::new_v4(), "paid", 1000, Some("EUR")),
+        (Uuid::new_v4(), "shipped", 250, Some("USD")),
+        (Uuid::new_v4(), "placed", 400, Some("EUR")),
+        (Uuid::new_v4(), "paid", 70, None),
+    ];
+    for (i, (order_id, status, total, currency)) in orders.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO customer_stats_orders (order_id, customer_id, status, total) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(order_id)
+        .bind(customer)
+        .bind(status)
+        .bind(total)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        if let Some(currency) = currency {
+            sqlx::query(
+                "INSERT INTO order_summaries (order_id, customer_id, status, currency, total, \
+                 item_count, version, created_at, updated_at, created_position) \
+                 VALUES ($1, $2, $3, $4, $5, 1, 4, now(), now(), $6)",
+            )
+            .bind(order_id)
+            .bind(customer)
+            .bind(status)
+            .bind(currency)
+            .bind(total)
+            .bind(i as i64 + 1)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        }
+    }
+
+    store::MIGRATOR.run(&db.pool).await.unwrap();
+
+    let spent: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT currency, total_spent FROM customer_stats_spent \
+         WHERE customer_id = $1 ORDER BY currency",
+    )
+    .bind(customer)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        spent,
+        [
+            (String::new(), 70),
+            ("EUR".to_owned(), 1000),
+            ("USD".to_owned(), 250)
+        ]
+    );
+    let remembered: Vec<String> = sqlx::query_scalar(
+        "SELECT currency FROM customer_stats_orders WHERE customer_id = $1 ORDER BY total DESC",
+    )
+    .bind(customer)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(remembered, ["EUR", "EUR", "USD", ""]);
+}
+
 /// A sweeper of `projection` on the test's database, without dead letters, that heals a blocker
 /// only after `grace`.
 fn test_sweeper(w: &World, projection: ProjectionKind, grace: Duration) -> Sweeper {

@@ -237,20 +237,19 @@ pub async fn run_commands(
     }
 }
 
-/// Appends `count` orders spread over a few customers; returns their ids.
+/// Appends `count` orders spread over a few customers, each customer's in two currencies;
+/// returns their ids.
 pub async fn append_orders(pool: &PgPool, count: usize) -> Vec<Uuid> {
     let customers: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
     let mut ids = Vec::with_capacity(count);
     for i in 0..count {
         let id = Uuid::new_v4();
         let mut state = OrderState::default();
-        run_commands(
-            pool,
-            id,
-            &commands(id, customers[i % 3], Fate::of(i)),
-            &mut state,
-        )
-        .await;
+        let mut cmds = commands(id, customers[i % 3], Fate::of(i));
+        if let Some(OrderCommand::CreateOrder { currency, .. }) = cmds.first_mut() {
+            *currency = ["EUR", "USD"][i % 2].into();
+        }
+        run_commands(pool, id, &cmds, &mut state).await;
         ids.push(id);
     }
     ids

@@ -265,6 +265,15 @@ async fn an_order_and_a_customer_are_read_from_their_read_models_with_their_posi
     .execute(app.pool())
     .await
     .unwrap();
+    // Per currency; a currency whose sum fell back to 0 is left out of the answer.
+    sqlx::query(
+        "INSERT INTO customer_stats_spent (customer_id, currency, total_spent) \
+         VALUES ($1, 'EUR', 8650), ($1, 'USD', 1250), ($1, 'GBP', 0)",
+    )
+    .bind(customer)
+    .execute(app.pool())
+    .await
+    .unwrap();
     app.set_checkpoint("customer_stats", 5, true).await;
 
     let (status, headers, body) = app.get_json(&format!("/orders/{}", order.order_id)).await;
@@ -292,7 +301,8 @@ async fn an_order_and_a_customer_are_read_from_their_read_models_with_their_posi
             "customer_id": customer.to_string(),
             "order_count": 4,
             "total_spent": 9900,
-            "by_status": {"draft": 1, "placed": 1, "paid": 1, "shipped": 1, "cancelled": 0}
+            "by_status": {"draft": 1, "placed": 1, "paid": 1, "shipped": 1, "cancelled": 0},
+            "spent_by_currency": {"EUR": 8650, "USD": 1250}
         })
     );
 
