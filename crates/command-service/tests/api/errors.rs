@@ -212,14 +212,7 @@ async fn a_failed_append_whose_client_gave_up_does_not_leave_its_state_in_the_ca
     wait_until(
         "the failed append's state is dropped from the cache",
         || async {
-            let text = app
-                .get("/metrics")
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = app.metrics().await;
             text.lines().any(|line| {
                 line.starts_with("command_cache_discarded_total") && !line.ends_with(" 0")
             })

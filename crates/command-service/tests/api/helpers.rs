@@ -117,6 +117,17 @@ impl TestApp {
             .unwrap()
     }
 
+    /// The `/metrics` page.
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Number of events stored for an order.
     pub async fn event_count(&self, order_id: Uuid) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM events WHERE stream_id = $1")

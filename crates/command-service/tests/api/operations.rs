@@ -21,14 +21,7 @@ async fn healthz_and_readyz_answer_200() {
 async fn metrics_count_commands() {
     let app = spawn_app().await;
     app.create_order().await;
-    let text = app
-        .get("/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     assert!(text.contains("commands_total"), "{text}");
     assert!(text.contains("command_duration_seconds"));
 }

@@ -554,24 +554,7 @@ async fn a_sweep_never_moves_the_mark_below_what_an_apply_committed_meanwhile() 
         .await
         .unwrap();
     listener.listen(POSITION_CHANNEL).await.unwrap();
-    let mut sweeper = test_sweeper(&w, projection, SweeperSettings::default().grace);
-    let sweep = tokio::spawn(async move { sweeper.sweep_once().await });
-    wait_until(
-        DEADLINE,
-        "the sweep waits for the checkpoint row",
-        || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock' \
-               AND query LIKE '%projection_checkpoints%'",
-            )
-            .fetch_one(w.pool())
-            .await
-            .unwrap();
-            (waiting > 0).then_some(())
-        },
-    )
-    .await;
+    let sweep = sweep_waiting_for_the_checkpoint_row(&w, projection).await;
     apply.commit().await.unwrap();
     let outcome = sweep.await.unwrap().unwrap();
     assert_eq!(outcome.position, head);
@@ -673,24 +656,7 @@ async fn a_sweep_waits_for_the_apply_holding_the_checkpoint_row_and_counts_its_e
         .unwrap();
     apply_batch(&mut apply, projection, &all).await.unwrap();
 
-    let mut sweeper = test_sweeper(&w, projection, SweeperSettings::default().grace);
-    let sweep = tokio::spawn(async move { sweeper.sweep_once().await });
-    wait_until(
-        DEADLINE,
-        "the sweep waits for the checkpoint row",
-        || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock' \
-                   AND query LIKE '%projection_checkpoints%'",
-            )
-            .fetch_one(w.pool())
-            .await
-            .unwrap();
-            (waiting > 0).then_some(())
-        },
-    )
-    .await;
+    let sweep = sweep_waiting_for_the_checkpoint_row(&w, projection).await;
     apply.commit().await.unwrap();
     // Scanned after the wait, the sweep sees what that transaction applied.
     let outcome = sweep.await.unwrap().unwrap();
@@ -826,6 +792,34 @@ async fn upgrading_to_spend_per_currency_fills_it_from_what_was_projected() {
     .await
     .unwrap();
     assert_eq!(remembered, ["EUR", "EUR", "USD", ""]);
+}
+
+/// Starts one sweep of `projection` and returns once it waits for the checkpoint row, which
+/// the caller's transaction holds.
+async fn sweep_waiting_for_the_checkpoint_row(
+    w: &World,
+    projection: ProjectionKind,
+) -> tokio::task::JoinHandle<Result<projector::sweeper::SweepOutcome, projector::failure::Failure>>
+{
+    let mut sweeper = test_sweeper(w, projection, SweeperSettings::default().grace);
+    let sweep = tokio::spawn(async move { sweeper.sweep_once().await });
+    wait_until(
+        DEADLINE,
+        "the sweep waits for the checkpoint row",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                   AND query LIKE '%projection_checkpoints%'",
+            )
+            .fetch_one(w.pool())
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    sweep
 }
 
 /// A sweeper of `projection` on the test's database, without dead letters, that heals a blocker
