@@ -34,7 +34,7 @@ out="${BENCH_OUT:-docs/bench/results.json}"
 svg="${BENCH_SVG:-docs/bench/latency-throughput.svg}"
 mkdir -p "$(dirname "$out")" "$(dirname "$svg")"
 
-log "running bench all (about five minutes on 2 cores)"
+log "running bench all (five to six minutes on 2 cores)"
 "$target_dir/release/bench" all --spawn \
     --bin-dir "$target_dir/release" \
     --out "$out" --svg "$svg" "$@" | tee "${out%.json}.md"

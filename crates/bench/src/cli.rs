@@ -1,5 +1,5 @@
 //! The command line: which scenarios to run, against what, and how big. Every setting is a flag
-//! and a `BENCH_*` environment variable; defaults size `bench all` to finish in about five
+//! and a `BENCH_*` environment variable; defaults size `bench all` to finish in five to six
 //! minutes on a 2-core machine.
 
 use std::path::PathBuf;
@@ -267,8 +267,9 @@ pub struct Sizing {
     )]
     pub long_events: i64,
 
-    /// Long orders (and as many fresh ones); each gives one cold first-command latency
-    #[arg(long, env = "BENCH_LONG_ORDERS", default_value_t = 10, global = true)]
+    /// Long orders (and as many fresh ones); each gives one cold first-command latency (with
+    /// 10, the median of the cold latencies moved by 2x from run to run)
+    #[arg(long, env = "BENCH_LONG_ORDERS", default_value_t = 30, global = true)]
     pub long_orders: usize,
 
     /// Warm commands per order after the first

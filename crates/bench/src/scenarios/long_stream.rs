@@ -202,25 +202,30 @@ async fn measure(
     let (mut cold_long, mut cold_fresh) = (Latencies::new()?, Latencies::new()?);
     let (mut warm_long, mut warm_fresh) = (Latencies::new()?, Latencies::new()?);
     let mut errors = 0;
-    for (l, f) in long.iter_mut().zip(fresh.iter_mut()) {
-        match l.toggle(api).await {
-            Some(latency) => cold_long.record(latency),
-            None => errors += 1,
+    // Pairs alternate which order goes first, so neither kind always follows the other.
+    for (i, (l, f)) in long.iter_mut().zip(fresh.iter_mut()).enumerate() {
+        let mut pair = [(l, &mut cold_long), (f, &mut cold_fresh)];
+        if i % 2 == 1 {
+            pair.reverse();
         }
-        match f.toggle(api).await {
-            Some(latency) => cold_fresh.record(latency),
-            None => errors += 1,
-        }
-    }
-    for _ in 0..warm_commands {
-        for (l, f) in long.iter_mut().zip(fresh.iter_mut()) {
-            match l.toggle(api).await {
-                Some(latency) => warm_long.record(latency),
+        for (target, series) in pair {
+            match target.toggle(api).await {
+                Some(latency) => series.record(latency),
                 None => errors += 1,
             }
-            match f.toggle(api).await {
-                Some(latency) => warm_fresh.record(latency),
-                None => errors += 1,
+        }
+    }
+    for round in 0..warm_commands {
+        for (i, (l, f)) in long.iter_mut().zip(fresh.iter_mut()).enumerate() {
+            let mut pair = [(&mut *l, &mut warm_long), (&mut *f, &mut warm_fresh)];
+            if (i + round) % 2 == 1 {
+                pair.reverse();
+            }
+            for (target, series) in pair {
+                match target.toggle(api).await {
+                    Some(latency) => series.record(latency),
+                    None => errors += 1,
+                }
             }
         }
     }
