@@ -186,8 +186,8 @@ pub struct Sizing {
     pub rate: Option<f64>,
 
     /// Clients sharing the freshness run's ticks (each sends a command, then may wait for it to
-    /// be visible; default: one per 10 commands/s of the rate, at least 64, so a cycle of up to
-    /// 100 ms keeps up); raise it when the run reports missed ticks
+    /// be visible; default: one per 10 read-backs a second, at least 64, so a read-back cycle
+    /// of up to 100 ms keeps up); raise it when the run reports missed ticks
     #[arg(long, env = "BENCH_FRESHNESS_CLIENTS", global = true)]
     pub freshness_clients: Option<usize>,
 

@@ -215,9 +215,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
                     freshness::FreshnessPlan {
                         rate,
                         measure: Duration::from_secs(sizing.freshness_secs),
-                        clients: sizing
-                            .freshness_clients
-                            .unwrap_or_else(|| default_freshness_clients(rate)),
+                        clients: sizing.freshness_clients.unwrap_or_else(|| {
+                            default_freshness_clients(rate, sizing.freshness_read_every)
+                        }),
                         read_every: sizing.freshness_read_every,
                     },
                     probe_pool.clone(),
@@ -406,8 +406,10 @@ async fn settle(scratch: &Scratch) {
     pool.close().await;
 }
 
-/// Freshness clients for `rate`: each client's cycle is a command plus the wait until it is
-/// visible, so one per 10 commands/s lets cycles take up to 100 ms without missing ticks.
-fn default_freshness_clients(rate: f64) -> usize {
-    ((rate / 10.0).ceil() as usize).max(64)
+/// Freshness clients for `rate` when each reads back one command in `read_every`: a client's
+/// cycle is a command plus, one time in `read_every`, the wait until it is visible, so one
+/// client per 10 read-backs a second lets a read-back cycle take up to 100 ms without missing
+/// ticks. No more than that: idle clients turn every stall into a burst of concurrent commands.
+fn default_freshness_clients(rate: f64, read_every: u64) -> usize {
+    ((rate / 10.0 / read_every.max(1) as f64).ceil() as usize).max(64)
 }
