@@ -112,8 +112,9 @@ pub fn without_loopback_tls(database_url: &str, options: PgConnectOptions) -> Pg
 /// over all bookkeeping rows — each costing more as the tables grow, until an `ANALYZE`
 /// invalidates it (measured in BENCHMARKS.md: the projector's statements went from well under a
 /// millisecond to 5-26 ms, and the sweep query to over a second, within a minute of load on a
-/// server without autovacuum). The services' statements are few and cheap to plan; a plan that
-/// fits the data is worth far more than the planning it saves.
+/// server without autovacuum). Planning is not free (the apply's mark statement takes ~0.2 ms
+/// to plan and ~0.05 ms to run, BENCHMARKS.md), but a plan that fits the data is worth far more
+/// than the planning it saves.
 pub fn with_custom_plans(options: PgConnectOptions) -> PgConnectOptions {
     options.options([("plan_cache_mode", "force_custom_plan")])
 }

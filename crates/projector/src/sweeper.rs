@@ -289,8 +289,9 @@ impl Sweeper {
         };
         if position > start {
             sqlx::query(
-                // Never backwards: an apply transaction may have moved the mark further
-                // meanwhile (`apply::advance_mark`).
+                // Never backwards. The row lock taken at BEGIN already keeps applies
+                // (`apply::advance_mark`, which skip a locked row) from moving it meanwhile;
+                // the guard keeps that true should the locking ever change.
                 "WITH moved AS ( \
                      UPDATE projection_checkpoints SET position = $2, updated_at = now() \
                      WHERE projection = $1 AND position < $2 RETURNING position) \
