@@ -44,12 +44,16 @@ struct RunningRelay {
 
 impl RunningRelay {
     fn start(db: &TestDatabase, redis_url: &str, stream_key: &str) -> Self {
+        Self::start_with(db, redis_url, stream_key, test_args())
+    }
+
+    fn start_with(db: &TestDatabase, redis_url: &str, stream_key: &str, args: RelayArgs) -> Self {
         let shutdown = CancellationToken::new();
         let (handle, status) = relay::spawn(
             db.pool.clone(),
             redis_url.to_owned(),
             stream_key.to_owned(),
-            test_args(),
+            args,
             shutdown.clone(),
         );
         Self {
@@ -559,6 +563,122 @@ async fn a_restart_resumes_from_the_checkpoint() {
     .await;
 
     relay.stop().await;
+    delete_key(&conn, &keys.stream).await;
+}
+
+/// A relay that only a commit or a pending checkpoint can wake (the fallback tick is far
+/// beyond the deadline), storing its checkpoint at most every `interval_ms`.
+fn checkpoint_interval_args(interval_ms: u64) -> RelayArgs {
+    RelayArgs {
+        relay_poll_ms: 60_000,
+        relay_checkpoint_interval_ms: interval_ms,
+        ..test_args()
+    }
+}
+
+#[tokio::test]
+async fn a_pending_checkpoint_is_stored_when_due_without_another_commit() {
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let url = shared_redis_url();
+    let conn = redis(&url).await;
+    let relay = RunningRelay::start_with(&db, &url, &keys.stream, checkpoint_interval_args(1000));
+
+    // The first batch of a leadership is stored at once.
+    append(&db, 5).await;
+    wait_for_entries(&conn, &keys.stream, 5).await;
+    wait_until(
+        DEADLINE,
+        "the first batch's checkpoint is stored",
+        || async { (stored_checkpoint(&db, &keys.stream).await == Some(5)).then_some(()) },
+    )
+    .await;
+    // The next one, within the interval, is published at once and stored when it falls due,
+    // although nothing more is committed.
+    append(&db, 3).await;
+    wait_for_entries(&conn, &keys.stream, 8).await;
+    assert_eq!(
+        relay.status.checkpoint(),
+        8,
+        "published: checkpoint in memory"
+    );
+    wait_until(DEADLINE, "the pending checkpoint is stored", || async {
+        (stored_checkpoint(&db, &keys.stream).await == Some(8)).then_some(())
+    })
+    .await;
+
+    relay.stop().await;
+    delete_key(&conn, &keys.stream).await;
+}
+
+#[tokio::test]
+async fn a_graceful_stop_stores_the_pending_checkpoint() {
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let url = shared_redis_url();
+    let conn = redis(&url).await;
+    // Nothing would be stored for a minute after the first batch but for the stop.
+    let relay = RunningRelay::start_with(&db, &url, &keys.stream, checkpoint_interval_args(60_000));
+    append(&db, 5).await;
+    wait_until(
+        DEADLINE,
+        "the first batch's checkpoint is stored",
+        || async { (stored_checkpoint(&db, &keys.stream).await == Some(5)).then_some(()) },
+    )
+    .await;
+    append(&db, 3).await;
+    wait_for_entries(&conn, &keys.stream, 8).await;
+    wait_until(DEADLINE, "the relay has published position 8", || async {
+        (relay.status.checkpoint() == 8).then_some(())
+    })
+    .await;
+    assert_eq!(
+        stored_checkpoint(&db, &keys.stream).await,
+        Some(5),
+        "within the interval the stored checkpoint lags"
+    );
+
+    relay.stop().await;
+    assert_eq!(
+        stored_checkpoint(&db, &keys.stream).await,
+        Some(8),
+        "stopping stores what was published"
+    );
+    delete_key(&conn, &keys.stream).await;
+}
+
+#[tokio::test]
+async fn steps_store_the_checkpoint_at_most_once_per_interval() {
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let conn = redis(&shared_redis_url()).await;
+    let mut ctx = step_context(&db, &conn, &keys.stream, 25)
+        .await
+        .with_checkpoint_interval(Duration::from_secs(60));
+
+    append(&db, 10).await;
+    relay::publish_step(&mut ctx).await.expect("step");
+    assert_eq!(stored_checkpoint(&db, &keys.stream).await, Some(10));
+    for _ in 0..3 {
+        append(&db, 10).await;
+        relay::publish_step(&mut ctx).await.expect("step");
+    }
+    assert_eq!(ctx.checkpoint(), 40);
+    assert_eq!(
+        stored_checkpoint(&db, &keys.stream).await,
+        Some(10),
+        "not due again for a minute"
+    );
+    assert!(
+        ctx.checkpoint_due_in()
+            .is_some_and(|due| due > Duration::ZERO)
+    );
+
+    ctx.flush_checkpoint().await.expect("flush");
+    assert_eq!(stored_checkpoint(&db, &keys.stream).await, Some(40));
+    assert_eq!(ctx.checkpoint_due_in(), None, "nothing pending");
+
+    ctx.close().await;
     delete_key(&conn, &keys.stream).await;
 }
 

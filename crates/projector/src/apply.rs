@@ -12,7 +12,8 @@
 //!    that does not continue exactly at `version + 1` is completed from the event store
 //!    (*version guard with catch-up*);
 //! 4. the projection folds the events, the stored versions move forward, the low-water mark
-//!    moves over what is now finished ([`advance_mark`]), and it commits. Only when the mark
+//!    moves over what is now finished ([`advance_mark`]), and it commits, without waiting for
+//!    the WAL flush (see [`Commit::WithoutFlushWait`] for why that keeps exactly-once). Only when the mark
 //!    could not be moved over every event of the batch (an earlier event is still in another
 //!    transaction, or another transaction held the checkpoint row) does
 //!    `pg_notify('projection_applied', <projection>)` wake the sweeper to finish the job.
@@ -90,7 +91,7 @@ pub async fn apply_batch(
     let started = std::time::Instant::now();
     // A rebuild (the caller's transaction) sets the mark itself when it is done.
     let rebuilding = conn.is_in_transaction();
-    let mut tx = begin_locked(conn, projection).await?;
+    let mut tx = begin_locked(conn, projection, Commit::WithoutFlushWait).await?;
     let (outcome, last_applied) = apply_locked(&mut tx, projection, events).await?;
     if let Some(last_applied) = last_applied
         && !rebuilding
@@ -139,19 +140,37 @@ async fn advance_mark(
     .map_err(sql)
 }
 
+/// Whether a transaction's commit waits for its WAL flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    /// The server's setting (`synchronous_commit`): parking and replays, which operators act on.
+    Durable,
+    /// `synchronous_commit = off` for this transaction: applies. Everything an apply writes is
+    /// derived from the durable event store, and a server crash loses the last applies whole
+    /// (read model, bookkeeping and mark alike, one transaction each), so the sweeper finds
+    /// those events unapplied and applies them again from the store; exactly once still holds.
+    /// Meanwhile no apply pays a disk flush, once per batch and projection.
+    WithoutFlushWait,
+}
+
 /// Begins a transaction holding the projection's shared lock, in one round trip; inside a
 /// transaction already (a rebuild), a savepoint that takes the lock.
 async fn begin_locked(
     conn: &mut PgConnection,
     projection: ProjectionKind,
+    commit: Commit,
 ) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, Failure> {
     if conn.is_in_transaction() {
         let mut tx = conn.begin().await.map_err(sql)?;
         lock_shared(&mut tx, projection).await?;
         return Ok(tx);
     }
+    let commit_setting = match commit {
+        Commit::Durable => "",
+        Commit::WithoutFlushWait => "; SET LOCAL synchronous_commit = off",
+    };
     conn.begin_with(AssertSqlSafe(format!(
-        "BEGIN; SELECT pg_advisory_xact_lock_shared({})",
+        "BEGIN; SELECT pg_advisory_xact_lock_shared({}){commit_setting}",
         projection.lock_key()
     )))
     .await
@@ -426,7 +445,7 @@ pub async fn park_stream(
     stream_id: &str,
     error: &str,
 ) -> Result<i64, Failure> {
-    let mut tx = begin_locked(conn, projection).await?;
+    let mut tx = begin_locked(conn, projection, Commit::Durable).await?;
     let parked: i64 = sqlx::query_scalar(
         "INSERT INTO projection_streams AS p (projection, stream_id, version, parked_version, \
              parked_error) VALUES ($1, $2, 0, 1, $3) \
@@ -478,7 +497,7 @@ pub async fn resume_stream(
     stream_id: &str,
     mode: Resume,
 ) -> Result<ResumeOutcome, Failure> {
-    let mut tx = begin_locked(conn, projection).await?;
+    let mut tx = begin_locked(conn, projection, Commit::Durable).await?;
     let locked = lock_streams(&mut tx, projection, &[stream_id.to_owned()]).await?;
     let mut version = locked.first().map(|(_, v, _)| *v).unwrap_or_default();
     if let Resume::SkipThrough(skip) = mode {

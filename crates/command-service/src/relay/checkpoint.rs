@@ -1,8 +1,8 @@
-//! The durable publish checkpoint: table `relay_checkpoints` (migrations/0002_relay.sql), one
-//! row per stream key, holding the highest position known to be on that stream.
+//! The stored publish checkpoint: table `relay_checkpoints` (migrations/0002_relay.sql), one
+//! row per stream key, holding a position up to which every event is known to be on that stream.
 //!
-//! Written by the leader on its lock connection after every published batch, so the write also
-//! proves the connection (and the lock) is still alive. The write never moves the checkpoint
+//! Written by the leader on its lock connection, at most once per checkpoint interval (see
+//! [`super::step`] for why it may lag what was published). The write never moves the checkpoint
 //! backwards: a deposed leader finishing a stale batch cannot undo its successor's progress.
 
 use sqlx::PgConnection;

@@ -7,7 +7,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`leader`] | leadership: the session advisory lock on a dedicated Postgres connection |
-//! | [`checkpoint`] | the durable publish checkpoint (`relay_checkpoints`, one row per stream key) |
+//! | [`checkpoint`] | the stored publish checkpoint (`relay_checkpoints`, one row per stream key) |
 //! | [`step`] | [`publish_step`]: one read → publish → checkpoint round, testable on its own |
 //! | [`wake`] | wake-ups: `LISTEN` on [`store::APPENDED_CHANNEL`], turned into a [`tokio::sync::Notify`] |
 //! | [`backoff`] | exponential backoff with jitter for Redis and Postgres outages |
@@ -31,7 +31,9 @@
 //! - **Redis outages** never block commands (only the relay talks to Redis on the write side).
 //!   The relay retries with exponential backoff and jitter (100 ms → 5 s) and publishes the
 //!   backlog when Redis is back. If Redis lost the stream, publishing continues from the
-//!   checkpoint; the projector heals the lost entries from the event store.
+//!   stored checkpoint (written at most every `RELAY_CHECKPOINT_INTERVAL_MS`, so up to that much
+//!   is published again, and projectors skip it as duplicates); the projector heals the lost
+//!   entries from the event store.
 //! - **Bounded stream**: every XADD carries `MAXLEN ~ STREAM_MAX_LEN_HARD`, and every
 //!   `RELAY_TRIM_INTERVAL_MS` the leader trims to `STREAM_RETAIN` entries without dropping
 //!   anything a consumer group has not read or acknowledged ([`bus::Publisher::trim`]).
@@ -78,8 +80,8 @@ pub struct RelayArgs {
     #[arg(long, env = "RELAY_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub relay_enabled: bool,
 
-    /// Most events the relay reads and publishes in one round trip (one read, one pipelined
-    /// publish, one checkpoint write). Bounds the relay's memory.
+    /// Most events the relay reads and publishes in one cycle (one read, one pipelined publish,
+    /// the checkpoint write when due). Bounds the relay's memory.
     #[arg(long, env = "RELAY_BATCH", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub relay_batch: u64,
@@ -112,6 +114,13 @@ pub struct RelayArgs {
     #[arg(long, env = "RELAY_TRIM_INTERVAL_MS", default_value_t = 5000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub relay_trim_interval_ms: u64,
+
+    /// Least time between two writes of the stored publish checkpoint, in milliseconds; 0
+    /// writes it after every batch. Each write is a WAL flush, and the stored checkpoint only
+    /// matters when Redis has lost the stream (a lagging one republishes a few duplicates).
+    #[arg(long, env = "RELAY_CHECKPOINT_INTERVAL_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub relay_checkpoint_interval_ms: u64,
 }
 
 impl Default for RelayArgs {
@@ -124,6 +133,7 @@ impl Default for RelayArgs {
             stream_max_len_hard: bus::DEFAULT_HARD_CAP as u64,
             stream_retain: 100_000,
             relay_trim_interval_ms: 5000,
+            relay_checkpoint_interval_ms: 1000,
         }
     }
 }
@@ -154,6 +164,10 @@ impl RelayArgs {
 
     fn trim_interval(&self) -> Duration {
         Duration::from_millis(self.relay_trim_interval_ms.max(1))
+    }
+
+    fn checkpoint_interval(&self) -> Duration {
+        Duration::from_millis(self.relay_checkpoint_interval_ms)
     }
 }
 
@@ -308,8 +322,16 @@ impl Relay {
             i64::try_from(self.args.relay_batch).unwrap_or(i64::MAX),
             self.status.clone(),
         )
-        .await?;
+        .await?
+        .with_checkpoint_interval(self.args.checkpoint_interval());
         let result = self.publish_loop(&mut ctx, &wake).await;
+        if result.is_ok()
+            && let Err(err) = ctx.flush_checkpoint().await
+        {
+            // Only costs a successor some duplicates it will recognise, if Redis lost the stream.
+            tracing::warn!(stream = %self.stream_key, error = %err,
+                "could not store the relay checkpoint at shutdown");
+        }
         ctx.close().await;
         result
     }
@@ -339,7 +361,7 @@ impl Relay {
                             found = gap.found, "gap in the event log: relay stops before it and retries");
                         self.pause(self.args.poll()).await;
                     } else if outcome.caught_up {
-                        self.wait_for_commit(wake).await;
+                        self.wait_for_commit(wake, ctx.checkpoint_due_in()).await;
                     }
                 }
                 Err(StepError::Leadership(err)) => {
@@ -366,12 +388,14 @@ impl Relay {
         }
     }
 
-    /// Waits for a commit notification, the fallback tick, or shutdown.
-    async fn wait_for_commit(&self, wake: &Notify) {
+    /// Waits for a commit notification, the fallback tick, the pending checkpoint falling due,
+    /// or shutdown.
+    async fn wait_for_commit(&self, wake: &Notify, checkpoint_due_in: Option<Duration>) {
+        let tick = checkpoint_due_in.map_or(self.args.poll(), |due| due.min(self.args.poll()));
         tokio::select! {
             () = self.shutdown.cancelled() => {}
             () = wake.notified() => {}
-            () = tokio::time::sleep(self.args.poll()) => {}
+            () = tokio::time::sleep(tick) => {}
         }
     }
 

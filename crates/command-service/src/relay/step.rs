@@ -1,10 +1,23 @@
 //! One relay step, split from the loop so it can be tested on its own: read up to `RELAY_BATCH`
 //! events after the checkpoint, check they are contiguous, publish them in one round trip, and
-//! move the checkpoint.
+//! move the checkpoint: at once in memory, in `relay_checkpoints` when it is due.
 //!
 //! Every step runs at least one query on the leader connection (the read), so a dead connection,
 //! and with it a lost lock, is noticed within one cycle. The step never publishes past a gap and
 //! never publishes out of position order.
+//!
+//! # Why the stored checkpoint may lag
+//! Each write of the stored checkpoint is a transaction of its own and, with
+//! `synchronous_commit` on, a WAL flush: one per relay cycle, so at low load one more disk flush
+//! per command than the append itself. The stored checkpoint only matters when Redis has lost
+//! the stream (otherwise a new leader resumes after the stream's last entry, which is never
+//! behind it), and then a lagging one only republishes events that a projector recognises as
+//! duplicates. So the leader writes it at most once per checkpoint interval
+//! (`RELAY_CHECKPOINT_INTERVAL_MS`; the first batch of a leadership at once), writes a pending
+//! one when it falls due even if nothing more is committed ([`RelayContext::checkpoint_due_in`]),
+//! and flushes it when it stops leading gracefully ([`RelayContext::flush_checkpoint`]).
+
+use std::time::{Duration, Instant};
 
 use bus::{BusError, Publisher};
 use events::RecordedEvent;
@@ -53,7 +66,14 @@ pub struct RelayContext {
     publisher: Publisher,
     stream_key: String,
     batch: i64,
+    /// The highest position known to be on the stream.
     checkpoint: i64,
+    /// What `relay_checkpoints` holds for this stream, as far as this leader knows.
+    stored: i64,
+    /// Least time between two writes of the stored checkpoint; zero writes after every batch.
+    checkpoint_interval: Duration,
+    /// When this leader last wrote the stored checkpoint; `None` before its first write.
+    last_stored_at: Option<Instant>,
     head: i64,
     status: RelayStatus,
 }
@@ -64,6 +84,8 @@ impl std::fmt::Debug for RelayContext {
             .field("stream_key", &self.stream_key)
             .field("batch", &self.batch)
             .field("checkpoint", &self.checkpoint)
+            .field("stored", &self.stored)
+            .field("checkpoint_interval", &self.checkpoint_interval)
             .field("head", &self.head)
             .finish_non_exhaustive()
     }
@@ -106,9 +128,55 @@ impl RelayContext {
             stream_key,
             batch: batch.max(1),
             checkpoint: resume_at,
+            stored,
+            checkpoint_interval: Duration::ZERO,
+            last_stored_at: None,
             head,
             status,
         })
+    }
+
+    /// Writes the stored checkpoint at most once per `interval` (see the module docs); a
+    /// context starts with zero, writing it after every batch.
+    pub fn with_checkpoint_interval(mut self, interval: Duration) -> Self {
+        self.checkpoint_interval = interval;
+        self
+    }
+
+    /// How long until the pending stored checkpoint falls due (zero: it is due now), or `None`
+    /// when nothing is pending. The loop wakes by then, so the write happens without a commit.
+    pub fn checkpoint_due_in(&self) -> Option<Duration> {
+        if self.stored >= self.checkpoint {
+            return None;
+        }
+        Some(match self.last_stored_at {
+            None => Duration::ZERO,
+            Some(at) => self.checkpoint_interval.saturating_sub(at.elapsed()),
+        })
+    }
+
+    /// Writes the pending checkpoint now, whether due or not: when the leadership ends
+    /// gracefully, so a successor never republishes what this leader published.
+    pub async fn flush_checkpoint(&mut self) -> Result<(), sqlx::Error> {
+        if self.stored < self.checkpoint {
+            self.store_checkpoint().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the pending checkpoint if it is due.
+    async fn store_checkpoint_if_due(&mut self) -> Result<(), sqlx::Error> {
+        if self.checkpoint_due_in() == Some(Duration::ZERO) {
+            self.store_checkpoint().await?;
+        }
+        Ok(())
+    }
+
+    async fn store_checkpoint(&mut self) -> Result<(), sqlx::Error> {
+        checkpoint::save(&mut self.conn, &self.stream_key, self.checkpoint).await?;
+        self.stored = self.checkpoint;
+        self.last_stored_at = Some(Instant::now());
+        Ok(())
     }
 
     /// The highest position known to be on the stream.
@@ -158,6 +226,9 @@ pub async fn publish_step(ctx: &mut RelayContext) -> Result<StepOutcome, StepErr
     }
     let batch = &events[..contiguous];
     let Some(last) = batch.last() else {
+        ctx.store_checkpoint_if_due()
+            .await
+            .map_err(StepError::Leadership)?;
         telemetry::lag_seconds(None);
         telemetry::checkpoint(ctx.checkpoint, ctx.head);
         return Ok(StepOutcome {
@@ -200,10 +271,10 @@ pub async fn publish_step(ctx: &mut RelayContext) -> Result<StepOutcome, StepErr
              `<position>-0`); remove the foreign entry with XDEL");
     }
 
-    checkpoint::save(&mut ctx.conn, &ctx.stream_key, last_position)
+    ctx.checkpoint = last_position;
+    ctx.store_checkpoint_if_due()
         .await
         .map_err(StepError::Leadership)?;
-    ctx.checkpoint = last_position;
     ctx.status.set_checkpoint(last_position);
     telemetry::checkpoint(last_position, ctx.head);
     let caught_up = !full && gap.is_none();

@@ -325,6 +325,65 @@ async fn a_redis_flush_in_the_middle_of_a_load_ends_with_exact_read_models_and_n
     task.await.unwrap().unwrap();
 }
 
+/// Applies commit without waiting for their WAL flush, so a server crash can lose the last of
+/// them after the consumer acknowledged their entries. A crash loses such a transaction whole:
+/// read-model rows, bookkeeping and mark. Simulated here by undoing exactly that for the orders
+/// appended last, once nothing is pending on Redis: only the sweeper, applying from the event
+/// store, can bring them back.
+#[tokio::test]
+async fn applies_lost_in_a_server_crash_after_their_entries_were_acknowledged_are_made_again() {
+    let mut w = World::new().await;
+    let mut extra = vec!["--sweep-grace-ms", "300"];
+    extra.extend(FAST);
+    let (token, task) = w.spawn_projector("solo", &extra).await;
+    append_orders(w.pool(), 6).await;
+    let before_loss = store::head_position(w.pool()).await.unwrap();
+    let lost = append_orders(w.pool(), 6).await;
+    w.publish().await;
+    w.wait_caught_up().await;
+    wait_until(DEADLINE, "every entry is acknowledged", || async {
+        (pending_count(&w, "order_summaries").await == 0).then_some(())
+    })
+    .await;
+
+    let streams: Vec<String> = lost.iter().map(|id| order_stream_id(*id)).collect();
+    let mut tx = w.pool().begin().await.unwrap();
+    sqlx::query("DELETE FROM order_summaries WHERE order_id = ANY($1)")
+        .bind(&lost)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "DELETE FROM projection_streams WHERE projection = 'order_summaries' \
+         AND stream_id = ANY($1)",
+    )
+    .bind(&streams)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE projection_checkpoints SET position = $1 WHERE projection = 'order_summaries'",
+    )
+    .bind(before_loss)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert!(
+        !projector::verify::verify(w.pool(), ProjectionKind::OrderSummaries)
+            .await
+            .unwrap()
+            .is_clean(),
+        "the loss shows"
+    );
+
+    w.wait_caught_up().await;
+    w.assert_exact().await;
+    assert_eq!(pending_count(&w, "order_summaries").await, 0);
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn rebuild_restores_a_truncated_read_model() {
     let w = World::new().await;
