@@ -114,7 +114,9 @@ pub fn without_loopback_tls(database_url: &str, options: PgConnectOptions) -> Pg
 /// millisecond to 5-26 ms, and the sweep query to over a second, within a minute of load on a
 /// server without autovacuum). Planning is not free (the apply's mark statement takes ~0.2 ms
 /// to plan and ~0.05 ms to run, BENCHMARKS.md), but a plan that fits the data is worth far more
-/// than the planning it saves.
+/// than the planning it saves. The one exception is the append transaction
+/// (`store::append_batch`), whose statements have one right plan at any table size and ask
+/// for the cached one themselves (`SET LOCAL`).
 pub fn with_custom_plans(options: PgConnectOptions) -> PgConnectOptions {
     options.options([("plan_cache_mode", "force_custom_plan")])
 }

@@ -6,6 +6,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use std::str::FromStr;
 
+/// The statement an append reads the store's state with, to check its plan.
+pub const BATCH_STATE_SQL: &str = crate::append::BATCH_STATE_SQL;
+
 /// Server the test databases are created on; `TEST_DATABASE_URL` overrides it.
 pub fn server_url() -> String {
     std::env::var("TEST_DATABASE_URL")

@@ -1,7 +1,11 @@
 //! The event store against a real PostgreSQL, one fresh database per test.
 
+use std::str::FromStr;
+
 use events::{EventMetadata, NewEvent, OrderState, STATE_SCHEMA_VERSION};
-use store::testing::TestDatabase;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, Row};
+use store::testing::{BATCH_STATE_SQL, TestDatabase};
 use store::{
     AppendError, AppendRequest, CommitterConfig, ExpectedVersion, GroupCommitter, IdempotencyRecord,
 };
@@ -80,6 +84,66 @@ async fn of_many_concurrent_appends_at_one_expected_version_exactly_one_wins() {
             .expect("version"),
         3
     );
+}
+
+/// An append reads the store's state with a plan cached on its connection, although the
+/// connection plans every other statement per execution (as the services' do): the plan made
+/// for the read on an empty store must probe indexes only, or it would scan the tables once
+/// they hold millions of events.
+#[tokio::test]
+async fn the_append_read_is_planned_once_per_connection_and_only_probes_indexes() {
+    let db = TestDatabase::new().await;
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "PREPARE batch_state(text[], uuid[], text[]) AS {BATCH_STATE_SQL}; \
+         SET plan_cache_mode = force_generic_plan"
+    )))
+    .execute(&mut conn)
+    .await
+    .expect("prepare the read");
+    let plan: Vec<String> = sqlx::raw_sql("EXPLAIN EXECUTE batch_state('{}', '{}', '{}')")
+        .fetch_all(&mut conn)
+        .await
+        .expect("explain")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        plan.iter().all(|line| !line.contains("Seq Scan")),
+        "the cached plan scans a table: {plan:#?}"
+    );
+    assert!(
+        plan.iter()
+            .any(|line| line.contains("events_stream_version_key")),
+        "expected the per-stream probe in {plan:#?}"
+    );
+    conn.close().await.expect("close");
+
+    let options = PgConnectOptions::from_str(&db.url)
+        .expect("url parses")
+        .options([("plan_cache_mode", "force_custom_plan")]);
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .expect("connect a pool");
+    for n in 0..8 {
+        let stream = format!("order-{n}");
+        let mut results =
+            store::append_batch(&pool, &[request(&stream, ExpectedVersion::Exact(0), 2)])
+                .await
+                .expect("transaction commits");
+        results.remove(0).expect("append accepted");
+    }
+    let plans: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements \
+         WHERE statement LIKE '%''head'' AS kind%'",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("read pg_prepared_statements");
+    let counts: Vec<(i64, i64)> = plans.iter().map(|(_, g, c)| (*g, *c)).collect();
+    assert_eq!(counts, vec![(8, 0)], "(generic, custom) plans of the read");
 }
 
 #[tokio::test]
