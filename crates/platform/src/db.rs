@@ -116,7 +116,7 @@ pub fn without_loopback_tls(database_url: &str, options: PgConnectOptions) -> Pg
 /// to plan and ~0.05 ms to run, BENCHMARKS.md), but a plan that fits the data is worth far more
 /// than the planning it saves. The one exception is the append transaction
 /// (`store::append_batch`), whose statements have one right plan at any table size and ask
-/// for the cached one themselves (`SET LOCAL`).
+/// for the cached one themselves, with sequential scans ruled out (`SET LOCAL`).
 pub fn with_custom_plans(options: PgConnectOptions) -> PgConnectOptions {
     options.options([("plan_cache_mode", "force_custom_plan")])
 }

@@ -95,23 +95,28 @@ impl From<sqlx::Error> for AppendError {
     }
 }
 
+/// How an append transaction has its two statements planned: once per connection, where the
+/// services otherwise plan every execution (`platform::db::with_custom_plans`). Planning the
+/// read took four times as long as running it, inside the append lock. The read is index
+/// probes only and the write inserts what it is given, so one plan is right at any table size,
+/// provided it is not made while the store is small enough for a sequential scan of `events`
+/// to look cheaper than its `event_id` index (at a few hundred events it does, and that plan
+/// would then scan millions): hence `enable_seqscan = off`, for this transaction only. A test
+/// checks the read's cached plan made at several store sizes.
+pub(crate) const CACHED_PLAN_SETTINGS: &str =
+    "SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off";
+
 /// Appends a batch in one transaction on a pooled connection. Returns one result per request,
 /// in order; `Err` only when the transaction itself failed (then nothing was written).
 pub async fn append_batch(
     pool: &PgPool,
     requests: &[AppendRequest],
 ) -> Result<Vec<Result<AppendOutcome, AppendError>>, sqlx::Error> {
-    // BEGIN and the lock travel together, saving a round trip on the serialised path. The
-    // transaction's two statements use the plan cached on their connection
-    // (`force_generic_plan`, where the services otherwise plan every execution, see
-    // `platform::db::with_custom_plans`): the read is index probes only and the write inserts
-    // what it is given, so no table size can make another plan better (a test checks the read's
-    // plan made on an empty store), and planning the read took four times as long as running
-    // it, inside the append lock.
+    // BEGIN, the lock and the plan settings travel together, saving round trips on the
+    // serialised path.
     let mut tx = pool
         .begin_with(AssertSqlSafe(format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY}); \
-             SET LOCAL plan_cache_mode = force_generic_plan"
+            "BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY}); {CACHED_PLAN_SETTINGS}"
         )))
         .await?;
     let results = append_holding_lock(&mut tx, requests).await?;

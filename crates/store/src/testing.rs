@@ -8,6 +8,8 @@ use std::str::FromStr;
 
 /// The statement an append reads the store's state with, to check its plan.
 pub const BATCH_STATE_SQL: &str = crate::append::BATCH_STATE_SQL;
+/// The settings an append transaction plans its statements under.
+pub const CACHED_PLAN_SETTINGS: &str = crate::append::CACHED_PLAN_SETTINGS;
 
 /// Server the test databases are created on; `TEST_DATABASE_URL` overrides it.
 pub fn server_url() -> String {

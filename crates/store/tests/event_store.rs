@@ -5,7 +5,7 @@ use std::str::FromStr;
 use events::{EventMetadata, NewEvent, OrderState, STATE_SCHEMA_VERSION};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, Row};
-use store::testing::{BATCH_STATE_SQL, TestDatabase};
+use store::testing::{BATCH_STATE_SQL, CACHED_PLAN_SETTINGS, TestDatabase};
 use store::{
     AppendError, AppendRequest, CommitterConfig, ExpectedVersion, GroupCommitter, IdempotencyRecord,
 };
@@ -87,37 +87,31 @@ async fn of_many_concurrent_appends_at_one_expected_version_exactly_one_wins() {
 }
 
 /// An append reads the store's state with a plan cached on its connection, although the
-/// connection plans every other statement per execution (as the services' do): the plan made
-/// for the read on an empty store must probe indexes only, or it would scan the tables once
-/// they hold millions of events.
+/// connection plans every other statement per execution (as the services' do). A cached plan
+/// stays whatever the store grows to, so the one made at any size, empty, a few events or a few
+/// hundred (where a sequential scan of `events` looks cheapest), must probe indexes only.
 #[tokio::test]
 async fn the_append_read_is_planned_once_per_connection_and_only_probes_indexes() {
     let db = TestDatabase::new().await;
-    let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "PREPARE batch_state(text[], uuid[], text[]) AS {BATCH_STATE_SQL}; \
-         SET plan_cache_mode = force_generic_plan"
-    )))
-    .execute(&mut conn)
-    .await
-    .expect("prepare the read");
-    let plan: Vec<String> = sqlx::raw_sql("EXPLAIN EXECUTE batch_state('{}', '{}', '{}')")
-        .fetch_all(&mut conn)
-        .await
-        .expect("explain")
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    assert!(
-        plan.iter().all(|line| !line.contains("Seq Scan")),
-        "the cached plan scans a table: {plan:#?}"
-    );
-    assert!(
-        plan.iter()
-            .any(|line| line.contains("events_stream_version_key")),
-        "expected the per-stream probe in {plan:#?}"
-    );
-    conn.close().await.expect("close");
+    let mut appended = 0;
+    for size in [0, 20, 300] {
+        while appended < size {
+            let stream = format!("order-{appended}");
+            append_one(&db, request(&stream, ExpectedVersion::Exact(0), 5))
+                .await
+                .expect("append accepted");
+            appended += 5;
+        }
+        let plan = cached_read_plan(&db).await;
+        assert!(
+            plan.iter().all(|line| !line.contains("Seq Scan")),
+            "the plan cached at {size} events scans a table: {plan:#?}"
+        );
+        assert!(
+            plan.iter().any(|line| line.contains("events_event_id_key")),
+            "expected the event id probe in {plan:#?}"
+        );
+    }
 
     let options = PgConnectOptions::from_str(&db.url)
         .expect("url parses")
@@ -128,7 +122,7 @@ async fn the_append_read_is_planned_once_per_connection_and_only_probes_indexes(
         .await
         .expect("connect a pool");
     for n in 0..8 {
-        let stream = format!("order-{n}");
+        let stream = format!("order-new-{n}");
         let mut results =
             store::append_batch(&pool, &[request(&stream, ExpectedVersion::Exact(0), 2)])
                 .await
@@ -144,6 +138,26 @@ async fn the_append_read_is_planned_once_per_connection_and_only_probes_indexes(
     .expect("read pg_prepared_statements");
     let counts: Vec<(i64, i64)> = plans.iter().map(|(_, g, c)| (*g, *c)).collect();
     assert_eq!(counts, vec![(8, 0)], "(generic, custom) plans of the read");
+}
+
+/// The plan an append transaction would cache for its read on a new connection, now.
+async fn cached_read_plan(db: &TestDatabase) -> Vec<String> {
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    let plan = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "BEGIN; {CACHED_PLAN_SETTINGS}; \
+         PREPARE batch_state(text[], uuid[], text[]) AS {BATCH_STATE_SQL}; \
+         EXPLAIN EXECUTE batch_state('{{order-1}}', \
+                                     '{{11111111-1111-1111-1111-111111111111}}', '{{}}'); \
+         ROLLBACK"
+    )))
+    .fetch_all(&mut conn)
+    .await
+    .expect("explain the read")
+    .iter()
+    .map(|row| row.get(0))
+    .collect();
+    conn.close().await.expect("close");
+    plan
 }
 
 #[tokio::test]
