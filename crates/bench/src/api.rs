@@ -128,6 +128,8 @@ pub struct Api {
     command_url: String,
     query_url: String,
     token: Option<String>,
+    /// Whose CPU time the closed-loop runs report (spawned services only).
+    cpu: Option<std::sync::Arc<crate::cpu::CpuProbe>>,
 }
 
 impl Api {
@@ -144,7 +146,19 @@ impl Api {
             command_url: command_url.trim_end_matches('/').to_owned(),
             query_url: query_url.trim_end_matches('/').to_owned(),
             token,
+            cpu: None,
         })
+    }
+
+    /// Makes closed-loop runs report the CPU time of what `probe` reads.
+    pub fn observe_cpu(mut self, probe: crate::cpu::CpuProbe) -> Self {
+        self.cpu = Some(std::sync::Arc::new(probe));
+        self
+    }
+
+    /// What closed-loop runs read CPU time from, if anything.
+    pub fn cpu_probe(&self) -> Option<std::sync::Arc<crate::cpu::CpuProbe>> {
+        self.cpu.clone()
     }
 
     /// Base URL of the command service.

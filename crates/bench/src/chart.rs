@@ -198,6 +198,7 @@ mod tests {
             },
             errors: Default::default(),
             breakdown: Default::default(),
+            cpu_seconds: Default::default(),
         }
     }
 

@@ -17,6 +17,8 @@
 //! - [`services`]: spawning the service binaries on free ports, stopping them, peak RSS.
 //! - [`scratch`]: the run's scratch databases and Redis keys, and their clean-up.
 //! - [`metrics`]: interval breakdowns from the services' `/metrics` (commit time, batch size).
+//! - [`cpu`]: CPU time per process (services, their PostgreSQL backends, Redis, the load
+//!   generator) over a measured interval, from `/proc`.
 //! - [`machine`]: CPU, memory, PostgreSQL and Redis versions and commit settings.
 //! - [`stats`]: HdrHistogram latency series and their percentiles.
 //! - [`report`]: the result document, its Markdown, and the targets check.
@@ -31,6 +33,7 @@
 pub mod api;
 pub mod chart;
 pub mod cli;
+pub mod cpu;
 pub mod generate;
 pub mod machine;
 pub mod metrics;

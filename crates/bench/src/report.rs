@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::machine::Machine;
 use crate::scenarios::catchup::CatchupResult;
 use crate::scenarios::ceiling::CeilingResult;
+use crate::scenarios::closed_loop::LoadResult;
 use crate::scenarios::commands::{HotResult, SweepResult};
 use crate::scenarios::freshness::FreshnessResult;
 use crate::scenarios::long_stream::LongStreamResult;
@@ -286,6 +287,11 @@ impl Report {
                 );
             }
             md.push('\n');
+            cpu_table(
+                &mut md,
+                &sweep.levels,
+                self.machine.as_ref().map(|m| m.cpus),
+            );
         }
         if let Some(hot) = &self.hot {
             let l = &hot.load;
@@ -315,6 +321,11 @@ impl Report {
                 figure(&l.breakdown, "event_store_batch_requests mean"),
                 figure(&l.breakdown, "command_duration mean ms"),
                 figure(&l.breakdown, "command_retries_total")
+            );
+            cpu_table(
+                &mut md,
+                std::slice::from_ref(l),
+                self.machine.as_ref().map(|m| m.cpus),
             );
         }
         if let Some(ceiling) = &self.ceiling {
@@ -489,6 +500,69 @@ impl Report {
     }
 }
 
+/// CPU microseconds per accepted command, by process, one column per level; the busiest
+/// process first. Nothing when no level read any CPU time (services not spawned by the tool).
+fn cpu_table(md: &mut String, levels: &[LoadResult], cpus: Option<usize>) {
+    if levels.iter().all(|l| l.cpu_seconds.is_empty()) {
+        return;
+    }
+    let mut totals: std::collections::BTreeMap<&str, f64> = std::collections::BTreeMap::new();
+    for level in levels {
+        for (group, seconds) in &level.cpu_seconds {
+            *totals.entry(group.as_str()).or_default() += seconds;
+        }
+    }
+    let mut groups: Vec<(&str, f64)> = totals
+        .into_iter()
+        .filter(|(_, seconds)| *seconds > 0.0)
+        .collect();
+    groups.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let per_command = |level: &LoadResult, seconds: f64| {
+        if level.accepted == 0 {
+            "–".to_owned()
+        } else {
+            format!("{:.0}", seconds * 1e6 / level.accepted as f64)
+        }
+    };
+    let _ = writeln!(
+        md,
+        "CPU per command by process (µs of CPU time per accepted command over the measured \
+         interval, from `/proc`; PostgreSQL backends by the service that opened them):\n"
+    );
+    let header: Vec<String> = levels
+        .iter()
+        .map(|l| format!("{} clients", l.clients))
+        .collect();
+    let _ = writeln!(md, "| process | {} |", header.join(" | "));
+    let _ = writeln!(md, "|---|{}", "---:|".repeat(levels.len()));
+    for (group, _) in &groups {
+        let cells: Vec<String> = levels
+            .iter()
+            .map(|l| per_command(l, l.cpu_seconds.get(*group).copied().unwrap_or(0.0)))
+            .collect();
+        let _ = writeln!(md, "| {group} | {} |", cells.join(" | "));
+    }
+    let totals: Vec<String> = levels
+        .iter()
+        .map(|l| per_command(l, l.cpu_seconds.values().sum()))
+        .collect();
+    let _ = writeln!(md, "| **all of the above** | {} |", totals.join(" | "));
+    if let Some(cpus) = cpus.filter(|&c| c > 0) {
+        let busy: Vec<String> = levels
+            .iter()
+            .map(|l| {
+                let available = l.measured_secs * cpus as f64;
+                format!(
+                    "{:.0}%",
+                    100.0 * l.cpu_seconds.values().sum::<f64>() / available
+                )
+            })
+            .collect();
+        let _ = writeln!(md, "| share of the {cpus} CPUs | {} |", busy.join(" | "));
+    }
+    md.push('\n');
+}
+
 fn figure(figures: &std::collections::BTreeMap<String, f64>, key: &str) -> String {
     figures
         .get(key)
@@ -517,6 +591,43 @@ fn errors(errors: &std::collections::BTreeMap<String, u64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn level_with_cpu(clients: usize, accepted: u64, cpu: &[(&str, f64)]) -> LoadResult {
+        LoadResult {
+            clients,
+            measured_secs: 10.0,
+            accepted,
+            commands_per_sec: accepted as f64 / 10.0,
+            latency: Default::default(),
+            errors: Default::default(),
+            breakdown: Default::default(),
+            cpu_seconds: cpu.iter().map(|(g, s)| ((*g).to_owned(), *s)).collect(),
+        }
+    }
+
+    #[test]
+    fn the_cpu_table_gives_microseconds_per_command_busiest_process_first() {
+        let levels = [
+            level_with_cpu(1, 1_000, &[("projector", 0.5), ("command-service", 1.0)]),
+            level_with_cpu(64, 40_000, &[("projector", 4.0), ("command-service", 8.0)]),
+        ];
+        let mut md = String::new();
+        cpu_table(&mut md, &levels, Some(2));
+        let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
+        assert_eq!(
+            rows,
+            [
+                "| process | 1 clients | 64 clients |",
+                "| command-service | 1000 | 200 |",
+                "| projector | 500 | 100 |",
+                "| **all of the above** | 1500 | 300 |",
+                "| share of the 2 CPUs | 8% | 60% |",
+            ]
+        );
+        let mut none = String::new();
+        cpu_table(&mut none, &[level_with_cpu(1, 10, &[])], Some(2));
+        assert!(none.is_empty(), "no table without CPU figures");
+    }
 
     #[test]
     fn an_empty_report_lists_every_target_as_not_measured() {

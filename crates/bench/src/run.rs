@@ -10,6 +10,7 @@ use anyhow::Context;
 use crate::api::Api;
 use crate::chart;
 use crate::cli::{Cli, Scenario};
+use crate::cpu::CpuProbe;
 use crate::machine;
 use crate::report::Report;
 use crate::scenarios::{catchup, ceiling, commands, freshness, long_stream, rebuild};
@@ -63,6 +64,25 @@ impl Stack {
             projector,
             stream,
         })
+    }
+
+    /// Reads the CPU time of the three services, their backends, Redis (when local) and the
+    /// load generator; without a pool for the backends, of the processes only.
+    async fn cpu_probe(&self, scratch: &Scratch, redis_url: &str) -> CpuProbe {
+        let probe = CpuProbe::new(vec![
+            ("command-service".into(), self.command.pid()),
+            ("projector".into(), self.projector.pid()),
+            ("query-service".into(), self.query.pid()),
+        ])
+        .with_local_redis(redis_url)
+        .await;
+        match scratch.pool("main", 1).await {
+            Ok(pool) => probe.with_backends(pool),
+            Err(err) => {
+                eprintln!("cpu: cannot list the services' backends: {err:#}");
+                probe
+            }
+        }
     }
 
     async fn stop(self, launcher: &Launcher, scratch: &Scratch, keep: bool) -> anyhow::Result<()> {
@@ -151,11 +171,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
             None => None,
         };
         let api = match &stack {
-            Some(stack) => Some(Api::new(
-                &stack.command.url,
-                &stack.query.url,
-                token.clone(),
-            )?),
+            Some(stack) => Some(
+                Api::new(&stack.command.url, &stack.query.url, token.clone())?
+                    .observe_cpu(stack.cpu_probe(&scratch, &cli.target.redis_url).await),
+            ),
             None if launcher.is_none() => Some(Api::new(
                 &cli.target.command_url,
                 &cli.target.query_url,

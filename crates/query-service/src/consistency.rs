@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use sqlx::PgPool;
-use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +41,8 @@ pub const CUSTOMER_STATS: &str = "customer_stats";
 pub const PROJECTIONS: [&str; 2] = [ORDER_SUMMARIES, CUSTOMER_STATS];
 /// Delay before the listener reconnects after an error it could not recover from itself.
 pub const LISTENER_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// `application_name` of the listener's connection.
+pub const LISTENER_APPLICATION_NAME: &str = "query-service listener";
 
 /// The poller's query: every checkpoint at once, so its cost does not grow with the projections.
 const POLL_SQL: &str = "SELECT projection, position FROM projection_checkpoints";
@@ -255,15 +257,18 @@ impl CheckpointWatcher {
 
     /// Starts the listener and the poller; both stop when `cancel` is cancelled.
     ///
-    /// The listener gets a one-connection pool of its own (built from `database_url`), so it
-    /// never takes a connection from the request pool.
+    /// The listener gets a one-connection pool of its own, with the request pool's connection
+    /// settings and named `query-service listener`, so it never takes a connection from the
+    /// request pool and an operator can tell it apart.
     pub fn spawn(
         &self,
         pool: PgPool,
-        database_url: String,
         poll_interval: Duration,
         cancel: CancellationToken,
     ) -> Vec<JoinHandle<()>> {
+        let listener_options = (*pool.connect_options())
+            .clone()
+            .application_name(LISTENER_APPLICATION_NAME);
         let poller = {
             let watcher = self.clone();
             let cancel = cancel.clone();
@@ -271,7 +276,7 @@ impl CheckpointWatcher {
         };
         let listener = {
             let watcher = self.clone();
-            tokio::spawn(async move { watcher.run_listener(database_url, cancel).await })
+            tokio::spawn(async move { watcher.run_listener(listener_options, cancel).await })
         };
         vec![poller, listener]
     }
@@ -290,11 +295,11 @@ impl CheckpointWatcher {
         }
     }
 
-    async fn run_listener(self, database_url: String, cancel: CancellationToken) {
+    async fn run_listener(self, options: PgConnectOptions, cancel: CancellationToken) {
         loop {
             let result = tokio::select! {
                 () = cancel.cancelled() => return,
-                result = self.listen(&database_url) => result,
+                result = self.listen(options.clone()) => result,
             };
             if let Err(e) = result {
                 tracing::warn!(error = %format!("{e:#}"), "projection_position listener failed; reconnecting");
@@ -308,12 +313,12 @@ impl CheckpointWatcher {
 
     /// Listens until an unrecoverable error. `PgListener::recv` reconnects by itself after an
     /// I/O error; notifications sent meanwhile are lost, which the poller makes up for.
-    async fn listen(&self, database_url: &str) -> anyhow::Result<()> {
+    async fn listen(&self, options: PgConnectOptions) -> anyhow::Result<()> {
         let pool = PgPoolOptions::new()
             .max_connections(1)
             .max_lifetime(None)
             .idle_timeout(None)
-            .connect(database_url)
+            .connect_with(options)
             .await
             .context("connect the projection_position listener")?;
         let mut listener = PgListener::connect_with(&pool)

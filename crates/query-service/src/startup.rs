@@ -73,12 +73,7 @@ impl Application {
             .poll_once(&pool)
             .await
             .context("read projection_checkpoints")?;
-        let tasks = watcher.spawn(
-            pool.clone(),
-            config.common.database_url.clone(),
-            config.reads.checkpoint_poll(),
-            cancel.clone(),
-        );
+        let tasks = watcher.spawn(pool.clone(), config.reads.checkpoint_poll(), cancel.clone());
 
         let read_models = ReadModels::new(pool.clone(), watcher.clone());
         let state = AppState {

@@ -35,6 +35,10 @@ pub struct LoadResult {
     /// The service's own timing breakdown over the interval (see [`crate::metrics`]); empty
     /// when its `/metrics` could not be read.
     pub breakdown: BTreeMap<String, f64>,
+    /// CPU seconds over the interval by process (see [`crate::cpu`]); empty unless the
+    /// services were spawned by the tool.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub cpu_seconds: BTreeMap<String, f64>,
 }
 
 struct ClientTally {
@@ -71,6 +75,16 @@ pub async fn run<D: Driver>(
             ))
         })
     };
+    // Where the CPU went over the same interval.
+    let cpu_reader = api.cpu_probe().map(|probe| {
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            let before = probe.snapshot().await;
+            tokio::time::sleep_until(measure_until.into()).await;
+            let after = probe.snapshot().await;
+            crate::cpu::usage(&before, &after)
+        })
+    });
     let mut tasks = Vec::with_capacity(clients);
     for mut driver in drivers {
         let api = api.clone();
@@ -135,6 +149,10 @@ pub async fn run<D: Driver>(
         latency: latencies.summary(),
         errors,
         breakdown: scraper.await.ok().flatten().unwrap_or_default(),
+        cpu_seconds: match cpu_reader {
+            Some(reader) => reader.await.unwrap_or_default(),
+            None => BTreeMap::new(),
+        },
     })
 }
 

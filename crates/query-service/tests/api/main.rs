@@ -363,6 +363,30 @@ async fn a_read_with_min_position_waits_until_a_notified_checkpoint_reaches_it()
 }
 
 #[tokio::test]
+async fn every_connection_of_the_service_carries_its_name() {
+    let app = spawn_app().await;
+    // spawn_app returns once the listener listens: its connection exists by now.
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT application_name FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid() ORDER BY 1",
+    )
+    .fetch_all(app.pool())
+    .await
+    .unwrap();
+    assert!(
+        names.contains(&query_service::consistency::LISTENER_APPLICATION_NAME.to_owned()),
+        "{names:?}"
+    );
+    assert!(names.contains(&"query-service".to_owned()), "{names:?}");
+    // The test's own pool is unnamed; nothing of the service is.
+    let ours: Vec<&String> = names.iter().filter(|n| !n.is_empty()).collect();
+    assert!(
+        ours.iter().all(|n| n.starts_with("query-service")),
+        "{names:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_checkpoint_advanced_without_a_notification_is_found_by_the_poll() {
     let app = spawn_app().await;
     sqlx::query("INSERT INTO customer_stats (customer_id, order_count) VALUES ($1, 1)")
