@@ -333,7 +333,8 @@ async fn a_redis_flush_in_the_middle_of_a_load_ends_with_exact_read_models_and_n
 #[tokio::test]
 async fn applies_lost_in_a_server_crash_after_their_entries_were_acknowledged_are_made_again() {
     let mut w = World::new().await;
-    let mut extra = vec!["--sweep-grace-ms", "300"];
+    // A grace long enough that the loss is seen before the sweeper repairs it.
+    let mut extra = vec!["--sweep-grace-ms", "2000"];
     extra.extend(FAST);
     let (token, task) = w.spawn_projector("solo", &extra).await;
     append_orders(w.pool(), 6).await;
