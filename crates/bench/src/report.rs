@@ -287,11 +287,8 @@ impl Report {
                 );
             }
             md.push('\n');
-            cpu_table(
-                &mut md,
-                &sweep.levels,
-                self.machine.as_ref().map(|m| m.cpus),
-            );
+            let columns: Vec<CpuColumn> = sweep.levels.iter().map(CpuColumn::from).collect();
+            cpu_table(&mut md, &columns, self.machine.as_ref().map(|m| m.cpus));
         }
         if let Some(hot) = &self.hot {
             let l = &hot.load;
@@ -324,7 +321,7 @@ impl Report {
             );
             cpu_table(
                 &mut md,
-                std::slice::from_ref(l),
+                &[CpuColumn::from(l)],
                 self.machine.as_ref().map(|m| m.cpus),
             );
         }
@@ -398,6 +395,16 @@ impl Report {
                 f.missed_ticks,
                 figure(&f.query_breakdown, "query_consistency_wait mean ms"),
                 figure(&f.query_breakdown, "query_consistency_wait_seconds count")
+            );
+            cpu_table(
+                &mut md,
+                &[CpuColumn {
+                    label: format!("{:.0}/s, 1 read-back in {}", f.achieved_rate, f.read_every),
+                    accepted: f.accepted,
+                    measured_secs: f.measured_secs,
+                    cpu_seconds: &f.cpu_seconds,
+                }],
+                self.machine.as_ref().map(|m| m.cpus),
             );
         }
         if let Some(c) = &self.catchup {
@@ -500,15 +507,35 @@ impl Report {
     }
 }
 
-/// CPU microseconds per accepted command, by process, one column per level; the busiest
-/// process first. Nothing when no level read any CPU time (services not spawned by the tool).
-fn cpu_table(md: &mut String, levels: &[LoadResult], cpus: Option<usize>) {
-    if levels.iter().all(|l| l.cpu_seconds.is_empty()) {
+/// One column of a CPU table: a measured interval and what it cost.
+struct CpuColumn<'a> {
+    label: String,
+    accepted: u64,
+    measured_secs: f64,
+    cpu_seconds: &'a std::collections::BTreeMap<String, f64>,
+}
+
+impl<'a> From<&'a LoadResult> for CpuColumn<'a> {
+    fn from(level: &'a LoadResult) -> Self {
+        Self {
+            label: format!("{} clients", level.clients),
+            accepted: level.accepted,
+            measured_secs: level.measured_secs,
+            cpu_seconds: &level.cpu_seconds,
+        }
+    }
+}
+
+/// CPU microseconds per accepted command, by process, one column per interval; the busiest
+/// process first. Nothing when no interval read any CPU time (services not spawned by the
+/// tool).
+fn cpu_table(md: &mut String, columns: &[CpuColumn], cpus: Option<usize>) {
+    if columns.iter().all(|c| c.cpu_seconds.is_empty()) {
         return;
     }
     let mut totals: std::collections::BTreeMap<&str, f64> = std::collections::BTreeMap::new();
-    for level in levels {
-        for (group, seconds) in &level.cpu_seconds {
+    for column in columns {
+        for (group, seconds) in column.cpu_seconds {
             *totals.entry(group.as_str()).or_default() += seconds;
         }
     }
@@ -517,11 +544,11 @@ fn cpu_table(md: &mut String, levels: &[LoadResult], cpus: Option<usize>) {
         .filter(|(_, seconds)| *seconds > 0.0)
         .collect();
     groups.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let per_command = |level: &LoadResult, seconds: f64| {
-        if level.accepted == 0 {
+    let per_command = |column: &CpuColumn, seconds: f64| {
+        if column.accepted == 0 {
             "–".to_owned()
         } else {
-            format!("{:.0}", seconds * 1e6 / level.accepted as f64)
+            format!("{:.0}", seconds * 1e6 / column.accepted as f64)
         }
     };
     let _ = writeln!(
@@ -529,32 +556,29 @@ fn cpu_table(md: &mut String, levels: &[LoadResult], cpus: Option<usize>) {
         "CPU per command by process (µs of CPU time per accepted command over the measured \
          interval, from `/proc`; PostgreSQL backends by the service that opened them):\n"
     );
-    let header: Vec<String> = levels
-        .iter()
-        .map(|l| format!("{} clients", l.clients))
-        .collect();
+    let header: Vec<&str> = columns.iter().map(|c| c.label.as_str()).collect();
     let _ = writeln!(md, "| process | {} |", header.join(" | "));
-    let _ = writeln!(md, "|---|{}", "---:|".repeat(levels.len()));
+    let _ = writeln!(md, "|---|{}", "---:|".repeat(columns.len()));
     for (group, _) in &groups {
-        let cells: Vec<String> = levels
+        let cells: Vec<String> = columns
             .iter()
-            .map(|l| per_command(l, l.cpu_seconds.get(*group).copied().unwrap_or(0.0)))
+            .map(|c| per_command(c, c.cpu_seconds.get(*group).copied().unwrap_or(0.0)))
             .collect();
         let _ = writeln!(md, "| {group} | {} |", cells.join(" | "));
     }
-    let totals: Vec<String> = levels
+    let totals: Vec<String> = columns
         .iter()
-        .map(|l| per_command(l, l.cpu_seconds.values().sum()))
+        .map(|c| per_command(c, c.cpu_seconds.values().sum()))
         .collect();
     let _ = writeln!(md, "| **all of the above** | {} |", totals.join(" | "));
     if let Some(cpus) = cpus.filter(|&c| c > 0) {
-        let busy: Vec<String> = levels
+        let busy: Vec<String> = columns
             .iter()
-            .map(|l| {
-                let available = l.measured_secs * cpus as f64;
+            .map(|c| {
+                let available = c.measured_secs * cpus as f64;
                 format!(
                     "{:.0}%",
-                    100.0 * l.cpu_seconds.values().sum::<f64>() / available
+                    100.0 * c.cpu_seconds.values().sum::<f64>() / available
                 )
             })
             .collect();
@@ -612,7 +636,8 @@ mod tests {
             level_with_cpu(64, 40_000, &[("projector", 4.0), ("command-service", 8.0)]),
         ];
         let mut md = String::new();
-        cpu_table(&mut md, &levels, Some(2));
+        let columns: Vec<CpuColumn> = levels.iter().map(CpuColumn::from).collect();
+        cpu_table(&mut md, &columns, Some(2));
         let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
         assert_eq!(
             rows,
@@ -625,7 +650,8 @@ mod tests {
             ]
         );
         let mut none = String::new();
-        cpu_table(&mut none, &[level_with_cpu(1, 10, &[])], Some(2));
+        let idle = level_with_cpu(1, 10, &[]);
+        cpu_table(&mut none, &[CpuColumn::from(&idle)], Some(2));
         assert!(none.is_empty(), "no table without CPU figures");
     }
 

@@ -85,6 +85,12 @@ pub struct FreshnessResult {
     pub response_to_checkpoint: LatencySummary,
     /// The query service's own breakdown over the run (consistency waits).
     pub query_breakdown: std::collections::BTreeMap<String, f64>,
+    /// Commands accepted over the run.
+    pub accepted: u64,
+    /// CPU seconds by process from the first tick until every client finished (see
+    /// [`crate::cpu`]); empty unless the services were spawned by the tool.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub cpu_seconds: std::collections::BTreeMap<String, f64>,
 }
 
 #[derive(Default)]
@@ -205,6 +211,11 @@ pub async fn run(
             while running.join_next().await.is_some() {}
         });
     }
+    let cpu_probe = api.cpu_probe();
+    let cpu_before = match &cpu_probe {
+        Some(probe) => Some(probe.snapshot().await),
+        None => None,
+    };
     let started = Instant::now();
     let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / target_rate.max(0.1)));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -235,6 +246,10 @@ pub async fn run(
     }
     let commit_to_stream = relay.await??;
     while probe_tasks.join_next().await.is_some() {}
+    let cpu_seconds = match (&cpu_probe, cpu_before) {
+        (Some(probe), Some(before)) => crate::cpu::usage(&before, &probe.snapshot().await),
+        _ => Default::default(),
+    };
     let (response_to_applied, response_to_checkpoint) = probes
         .lock()
         .map(|series| (series.0.summary(), series.1.summary()))
@@ -263,6 +278,8 @@ pub async fn run(
         response_to_applied,
         response_to_checkpoint,
         query_breakdown,
+        accepted,
+        cpu_seconds,
     };
     eprintln!(
         "freshness: {:.0}/s: visible p50 {:.1} ms p99 {:.1} ms; commit-to-stream p50 {:.1} ms p99 {:.1} ms",
