@@ -18,7 +18,6 @@ use sqlx::PgPool;
 const TICKS_PER_SECOND: f64 = 100.0;
 
 /// What to read: named processes, and the backends of one database.
-#[derive(Clone, Default)]
 pub struct CpuProbe {
     /// `(name, pid)`: the spawned services, Redis when local, the load generator.
     processes: Vec<(String, u32)>,

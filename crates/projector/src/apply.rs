@@ -13,9 +13,9 @@
 //!    (*version guard with catch-up*);
 //! 4. the projection folds the events, the stored versions move forward, the low-water mark
 //!    moves over what is now finished ([`advance_mark`]), and it commits, without waiting for
-//!    the WAL flush (see [`Commit::WithoutFlushWait`] for why that keeps exactly-once). Only when the mark
-//!    could not be moved over every event of the batch (an earlier event is still in another
-//!    transaction, or another transaction held the checkpoint row) does
+//!    the WAL flush (`Commit::WithoutFlushWait` says why that keeps exactly-once). Only when
+//!    the mark could not be moved over every event of the batch (an earlier event is still in
+//!    another transaction, or another transaction held the checkpoint row) does
 //!    `pg_notify('projection_applied', <projection>)` wake the sweeper to finish the job.
 //!
 //! Every event applied through [`apply_isolating`] (consumer, sweeper, admin) gets an
