@@ -21,14 +21,15 @@
 #   CARGO_CHEF_VERSION         cargo-chef version installed in the builder
 #   VERSION, REVISION, CREATED OCI labels (e.g. --build-arg REVISION="$(git rev-parse HEAD)")
 
-ARG RUST_IMAGE=rust:1.95-slim-bookworm
+ARG RUST_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 
 # ---------------------------------------------------------------------------
 FROM ${RUST_IMAGE} AS chef
 ARG CARGO_CHEF_VERSION=0.1.78
-# The toolchain image already carries gcc and libc6-dev (needed by ring); TLS is
-# rustls everywhere, so no OpenSSL or pkg-config is required.
+# The full (not -slim) toolchain image: it carries gcc and libc6-dev (needed by ring)
+# and make (tikv-jemalloc-sys builds the bundled jemalloc with configure and make),
+# so nothing is installed here; TLS is rustls everywhere, so no OpenSSL is required.
 RUN cargo install cargo-chef --locked --version "${CARGO_CHEF_VERSION}" \
     && rm -rf "${CARGO_HOME}/registry"
 WORKDIR /src

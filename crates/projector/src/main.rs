@@ -5,6 +5,12 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use projector::Cli;
 
+/// jemalloc, not glibc's malloc: the services allocate and free short-lived buffers of many
+/// sizes (HTTP reads, rows, JSON), and glibc's malloc spent a quarter of the command-service's
+/// CPU on them (BENCHMARKS.md, "The allocator").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

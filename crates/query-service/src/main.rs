@@ -6,6 +6,12 @@ use clap::Parser;
 use platform::config::exit_on_config_error;
 use query_service::{Application, Command, Config};
 
+/// jemalloc, not glibc's malloc: the services allocate and free short-lived buffers of many
+/// sizes (HTTP reads, rows, JSON), and glibc's malloc spent a quarter of the command-service's
+/// CPU on them (BENCHMARKS.md, "The allocator").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
