@@ -12,6 +12,9 @@ use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 /// Connections of a pool the tool itself uses (generation, ceiling clients add their own).
 pub const TOOL_POOL_SIZE: u32 = 8;
 
+/// `application_name` of the tool's own PostgreSQL connections.
+pub const BENCH_APPLICATION_NAME: &str = "bench";
+
 /// The scratch namespace of one run.
 #[derive(Debug, Clone)]
 pub struct Scratch {
@@ -59,8 +62,15 @@ impl Scratch {
             .to_string()
     }
 
+    /// The tool's own connection options: named `bench`, so the CPU tables tell its backends
+    /// (the freshness run's database polls) from the services'. The URLs handed to the services
+    /// ([`Self::database_url`]) carry no name, so each service names its own.
+    fn own_connection(&self) -> PgConnectOptions {
+        platform::db::with_application_name(self.server.clone(), BENCH_APPLICATION_NAME)
+    }
+
     async fn admin(&self) -> anyhow::Result<PgConnection> {
-        self.server
+        self.own_connection()
             .connect()
             .await
             .context("connect to the PostgreSQL server (BENCH_POSTGRES_URL)")
@@ -112,7 +122,7 @@ impl Scratch {
         PgPoolOptions::new()
             .max_connections(size)
             .acquire_timeout(Duration::from_secs(30))
-            .connect_with(self.server.clone().database(&self.database_name(purpose)))
+            .connect_with(self.own_connection().database(&self.database_name(purpose)))
             .await
             .with_context(|| {
                 format!(
