@@ -112,16 +112,25 @@ pub async fn append_batch(
     pool: &PgPool,
     requests: &[AppendRequest],
 ) -> Result<Vec<Result<AppendOutcome, AppendError>>, sqlx::Error> {
-    // BEGIN, the lock and the plan settings travel together, saving round trips on the
-    // serialised path.
-    let mut tx = pool
-        .begin_with(AssertSqlSafe(format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY}); {CACHED_PLAN_SETTINGS}"
-        )))
-        .await?;
+    let mut tx = begin_append(pool).await?;
     let results = append_holding_lock(&mut tx, requests).await?;
     tx.commit().await?;
     Ok(results)
+}
+
+/// Begins an append transaction: holding the append lock, under [`CACHED_PLAN_SETTINGS`], and
+/// with nothing else changed. In particular its commit waits for the WAL flush as the server's
+/// `synchronous_commit` says, which is what makes an acknowledged append durable (guarantee 1):
+/// unlike the projector's applies, nothing here may be rebuilt from anywhere else.
+pub(crate) async fn begin_append(
+    pool: &PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    // BEGIN, the lock and the plan settings travel together, saving round trips on the
+    // serialised path.
+    pool.begin_with(AssertSqlSafe(format!(
+        "BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY}); {CACHED_PLAN_SETTINGS}"
+    )))
+    .await
 }
 
 /// Row data of the accepted events, column by column for `UNNEST`.

@@ -11,6 +11,13 @@ pub const BATCH_STATE_SQL: &str = crate::append::BATCH_STATE_SQL;
 /// The settings an append transaction plans its statements under.
 pub const CACHED_PLAN_SETTINGS: &str = crate::append::CACHED_PLAN_SETTINGS;
 
+/// Begins a transaction exactly as an append does (lock and settings), to inspect it.
+pub async fn begin_append_transaction(
+    pool: &PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    crate::append::begin_append(pool).await
+}
+
 /// Server the test databases are created on; `TEST_DATABASE_URL` overrides it.
 pub fn server_url() -> String {
     std::env::var("TEST_DATABASE_URL")

@@ -5,7 +5,9 @@ use std::str::FromStr;
 use events::{EventMetadata, NewEvent, OrderState, STATE_SCHEMA_VERSION};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, Row};
-use store::testing::{BATCH_STATE_SQL, CACHED_PLAN_SETTINGS, TestDatabase};
+use store::testing::{
+    BATCH_STATE_SQL, CACHED_PLAN_SETTINGS, TestDatabase, begin_append_transaction,
+};
 use store::{
     AppendError, AppendRequest, CommitterConfig, ExpectedVersion, GroupCommitter, IdempotencyRecord,
 };
@@ -138,6 +140,38 @@ async fn the_append_read_is_planned_once_per_connection_and_only_probes_indexes(
     .expect("read pg_prepared_statements");
     let counts: Vec<(i64, i64)> = plans.iter().map(|(_, g, c)| (*g, *c)).collect();
     assert_eq!(counts, vec![(8, 0)], "(generic, custom) plans of the read");
+}
+
+#[tokio::test]
+async fn an_append_commits_only_after_its_wal_is_flushed_as_the_server_says() {
+    // Guarantee 1 (an acknowledged command is durable) rests on the append's commit waiting for
+    // the WAL flush. The append transaction changes planner settings for itself; it must never
+    // lower `synchronous_commit` below the server's setting (`off` would acknowledge commits
+    // that a server crash then loses).
+    let db = TestDatabase::new().await;
+    let mut tx = begin_append_transaction(&db.pool)
+        .await
+        .expect("begin an append transaction");
+    let (in_append, server, plan_cache_mode, holds_lock): (String, String, String, bool) =
+        sqlx::query_as(
+            "SELECT current_setting('synchronous_commit'), \
+                    (SELECT reset_val FROM pg_settings WHERE name = 'synchronous_commit'), \
+                    current_setting('plan_cache_mode'), \
+                    EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() \
+                            AND locktype = 'advisory' AND mode = 'ExclusiveLock')",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .expect("read the transaction's settings");
+    tx.rollback().await.expect("roll back");
+    // The transaction inspected is the appends' own: it holds the lock and the plan setting.
+    assert!(holds_lock, "the append transaction holds the append lock");
+    assert_eq!(plan_cache_mode, "force_generic_plan");
+    assert_eq!(in_append, server, "synchronous_commit inside an append");
+    assert_ne!(
+        in_append, "off",
+        "the server itself must flush commits for guarantee 1"
+    );
 }
 
 /// The plan an append transaction would cache for its read on a new connection, now.
