@@ -35,8 +35,12 @@ impl Currency {
     /// Parses an upper-case ISO 4217 code; `eur`, `EURO` and `XYZ` are rejected.
     pub fn parse(code: &str) -> Option<Self> {
         let is_code = code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase());
-        (is_code && ISO_4217.split_ascii_whitespace().any(|known| known == code))
-            .then(|| Self(code.to_owned()))
+        (is_code && Self::codes().any(|known| known == code)).then(|| Self(code.to_owned()))
+    }
+
+    /// Every code [`Self::parse`] accepts, in alphabetical order (for API descriptions).
+    pub fn codes() -> impl Iterator<Item = &'static str> {
+        ISO_4217.split_ascii_whitespace()
     }
 
     /// A code read back from our own storage, validated when it was first written. Not for
@@ -121,6 +125,17 @@ mod tests {
         assert!(Currency::parse("XYZ").is_none());
         assert!(Currency::parse("EURO").is_none());
         assert!(Currency::parse("").is_none());
+    }
+
+    #[test]
+    fn every_listed_code_parses_and_the_list_is_sorted() {
+        let codes: Vec<&str> = Currency::codes().collect();
+        assert!(codes.len() > 150, "{} codes", codes.len());
+        assert!(
+            codes.windows(2).all(|pair| pair[0] < pair[1]),
+            "sorted, no duplicates"
+        );
+        assert!(codes.iter().all(|code| Currency::parse(code).is_some()));
     }
 
     #[test]

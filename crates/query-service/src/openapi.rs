@@ -157,7 +157,31 @@ impl utoipa::IntoParams for ConsistencyParams {
     }
 }
 
-/// Serves the document.
-pub async fn openapi_json() -> Response {
-    axum::Json(ApiDoc::openapi()).into_response()
+/// Serves [`document`] for this instance's `WAIT_MS_MAX`.
+pub async fn openapi_json(wait_ms_max: u64) -> Response {
+    axum::Json(document(wait_ms_max)).into_response()
+}
+
+/// The read API's document for an instance that allows `wait_ms` up to `wait_ms_max`: the bound
+/// is configuration (`WAIT_MS_MAX`), so it is filled in at run time rather than annotated.
+pub fn document(wait_ms_max: u64) -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::{RefOr, Schema};
+    let mut doc = ApiDoc::openapi();
+    let maximum = usize::try_from(wait_ms_max).unwrap_or(usize::MAX);
+    let parameters = doc
+        .paths
+        .paths
+        .values_mut()
+        .filter_map(|item| item.get.as_mut())
+        .filter_map(|operation| operation.parameters.as_mut())
+        .flatten();
+    for parameter in parameters {
+        if let RefOr::T(parameter) = parameter
+            && parameter.name == "wait_ms"
+            && let Some(RefOr::T(Schema::Object(schema))) = parameter.schema.as_mut()
+        {
+            schema.maximum = Some(maximum.into());
+        }
+    }
+    doc
 }

@@ -2,8 +2,13 @@
 //!
 //! Values are taken raw (a SKU is a string, money an integer of minor units): `decide` enforces
 //! every domain rule, so a bad value is a 422 naming its rule, while a wrong JSON type is a 400.
+//! The schemas declare the same bounds (patterns, lengths, ranges, the currency codes), so a
+//! client can check a request before sending it. utoipa takes only literals for bounds: the API
+//! tests check each declared bound against the domain's constant and against what the service
+//! accepts and refuses.
 
 use events::OrderCommand;
+use events::money::Currency;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -12,8 +17,8 @@ use uuid::Uuid;
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CreateOrderRequest {
     pub customer_id: Uuid,
-    /// ISO 4217 code, upper case (`EUR`).
-    #[schema(example = "EUR")]
+    /// An active ISO 4217 code, upper case (`EUR`).
+    #[schema(schema_with = currency_schema)]
     pub currency: String,
     /// Chosen by the client to make creation retry-safe; generated when absent.
     #[serde(default)]
@@ -24,13 +29,18 @@ pub struct CreateOrderRequest {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct AddItemRequest {
     /// 1-64 of `A-Z a-z 0-9 - _ .`
-    #[schema(example = "BOOK-42")]
+    #[schema(
+        example = "BOOK-42",
+        pattern = "^[A-Za-z0-9._-]+$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub sku: String,
     /// 1 to 10000 units; adding a SKU already in the order adds to its quantity.
-    #[schema(example = 2)]
+    #[schema(example = 2, minimum = 1, maximum = 10000)]
     pub quantity: i64,
     /// Price of one unit in minor units (cents).
-    #[schema(example = 1250)]
+    #[schema(example = 1250, minimum = 0)]
     pub unit_price: i64,
 }
 
@@ -38,25 +48,33 @@ pub struct AddItemRequest {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct PayOrderRequest {
     /// Must equal the order total, in minor units.
-    #[schema(example = 2500)]
+    #[schema(example = 2500, minimum = 0)]
     pub amount: i64,
-    #[schema(example = "psp-8f2c")]
+    /// Free text: not blank, at most 500 bytes once trimmed.
+    #[schema(example = "psp-8f2c", pattern = r"\S", max_length = 500)]
     pub payment_reference: String,
 }
 
 /// `POST /orders/{id}/ship`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ShipOrderRequest {
-    #[schema(example = "DHL")]
+    /// Free text: not blank, at most 500 bytes once trimmed.
+    #[schema(example = "DHL", pattern = r"\S", max_length = 500)]
     pub carrier: String,
-    #[schema(example = "JJD000390007")]
+    /// Free text: not blank, at most 500 bytes once trimmed.
+    #[schema(example = "JJD000390007", pattern = r"\S", max_length = 500)]
     pub tracking_number: String,
 }
 
 /// `POST /orders/{id}/cancel`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CancelOrderRequest {
-    #[schema(example = "customer changed their mind")]
+    /// Free text: not blank, at most 500 bytes once trimmed.
+    #[schema(
+        example = "customer changed their mind",
+        pattern = r"\S",
+        max_length = 500
+    )]
     pub reason: String,
 }
 
@@ -73,6 +91,16 @@ pub struct CommandResponse {
     /// Global position of the command's last event; pass it as `min_position` to the read API
     /// to read your own write.
     pub position: i64,
+}
+
+/// `currency`: a string from the codes [`Currency::parse`] accepts, listed as an `enum`.
+fn currency_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .description(Some("An active ISO 4217 code, upper case (`EUR`)."))
+        .enum_values(Some(Currency::codes()))
+        .examples(["EUR"])
+        .build()
 }
 
 impl CreateOrderRequest {

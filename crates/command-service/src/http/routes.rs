@@ -67,10 +67,10 @@ impl utoipa::IntoResponses for OrderCommandProblems {
     post, path = "/orders", tag = "orders",
     request_body = CreateOrderRequest,
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe: a repeat with the same key and body returns the first response"),
-        ("X-Correlation-Id" = Option<String>, Header, description = "Correlation id recorded in the event metadata (echoed)"),
-        ("X-Actor" = Option<String>, Header, description = "Who issues the command, recorded in the event metadata"),
-        ("traceparent" = Option<String>, Header, description = "W3C trace context recorded in the event metadata"),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Makes a retry safe: a repeat with the same key and body returns the first response", min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]*[\x21-\x7E][\x20-\x7E]*$"),
+        ("X-Correlation-Id" = Option<String>, Header, nullable = false, description = "Correlation id recorded in the event metadata (echoed)"),
+        ("X-Actor" = Option<String>, Header, nullable = false, description = "Who issues the command, recorded in the event metadata"),
+        ("traceparent" = Option<String>, Header, nullable = false, description = "W3C trace context recorded in the event metadata"),
     ),
     responses(
         (status = 201, description = "Created; `Location: /orders/{id}`, `ETag: \"<version>\"`", body = CommandResponse),
@@ -99,8 +99,8 @@ pub async fn create_order(
     request_body = AddItemRequest,
     params(
         ("id" = Uuid, Path, description = "Order id"),
-        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: apply only at this version, else 412"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe"),
+        ("If-Match" = Option<String>, Header, nullable = false, description = "`\"<version>\"`: apply only at this version, else 412", pattern = r#"^"[0-9]+"$"#),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Makes a retry safe", min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]*[\x21-\x7E][\x20-\x7E]*$"),
     ),
     responses(
         (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
@@ -123,8 +123,8 @@ pub async fn add_item(
     params(
         ("id" = Uuid, Path, description = "Order id"),
         ("sku" = String, Path, description = "SKU of the line to remove"),
-        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: apply only at this version, else 412"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe"),
+        ("If-Match" = Option<String>, Header, nullable = false, description = "`\"<version>\"`: apply only at this version, else 412", pattern = r#"^"[0-9]+"$"#),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Makes a retry safe", min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]*[\x21-\x7E][\x20-\x7E]*$"),
     ),
     responses(
         (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
@@ -159,8 +159,8 @@ pub async fn remove_item(
     request_body(content = Option<PlaceOrderRequest>, description = "Optional; empty or `{}`"),
     params(
         ("id" = Uuid, Path, description = "Order id"),
-        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: apply only at this version, else 412"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe"),
+        ("If-Match" = Option<String>, Header, nullable = false, description = "`\"<version>\"`: apply only at this version, else 412", pattern = r#"^"[0-9]+"$"#),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Makes a retry safe", min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]*[\x21-\x7E][\x20-\x7E]*$"),
     ),
     responses(
         (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
@@ -191,8 +191,8 @@ pub async fn place_order(
     request_body = PayOrderRequest,
     params(
         ("id" = Uuid, Path, description = "Order id"),
-        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: apply only at this version, else 412"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe"),
+        ("If-Match" = Option<String>, Header, nullable = false, description = "`\"<version>\"`: apply only at this version, else 412", pattern = r#"^"[0-9]+"$"#),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Makes a retry safe", min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]*[\x21-\x7E][\x20-\x7E]*$"),
     ),
     responses(
         (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
@@ -215,8 +215,8 @@ pub async fn pay_order(
     request_body = ShipOrderRequest,
     params(
         ("id" = Uuid, Path, description = "Order id"),
-        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: apply only at this version, else 412"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe"),
+        ("If-Match" = Option<String>, Header, nullable = false, description = "`\"<version>\"`: apply only at this version, else 412", pattern = r#"^"[0-9]+"$"#),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Makes a retry safe", min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]*[\x21-\x7E][\x20-\x7E]*$"),
     ),
     responses(
         (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
@@ -239,8 +239,8 @@ pub async fn ship_order(
     request_body = CancelOrderRequest,
     params(
         ("id" = Uuid, Path, description = "Order id"),
-        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: apply only at this version, else 412"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe"),
+        ("If-Match" = Option<String>, Header, nullable = false, description = "`\"<version>\"`: apply only at this version, else 412", pattern = r#"^"[0-9]+"$"#),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Makes a retry safe", min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]*[\x21-\x7E][\x20-\x7E]*$"),
     ),
     responses(
         (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),

@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use crate::helpers::spawn_app;
+use crate::helpers::{assert_problem, spawn_app};
 
 #[tokio::test]
 async fn healthz_and_readyz_answer_200() {
@@ -75,4 +75,101 @@ async fn the_openapi_document_lists_every_route_and_error_status() {
             .get("CreateOrderRequest")
             .is_some()
     );
+}
+
+/// The schema of one request body's property in the document.
+fn property<'a>(doc: &'a Value, body: &str, name: &str) -> &'a Value {
+    &doc["components"]["schemas"][body]["properties"][name]
+}
+
+#[tokio::test]
+async fn every_bound_the_openapi_document_declares_is_the_one_the_service_enforces() {
+    use command_service::http::MAX_IDEMPOTENCY_KEY_LEN;
+    use events::money::{Currency, MAX_QUANTITY, MAX_SKU_LEN, MAX_TEXT_LEN};
+
+    let app = spawn_app().await;
+    let doc: Value = app
+        .get("/openapi.json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+
+    // The bounds are the domain's constants.
+    let quantity = property(&doc, "AddItemRequest", "quantity");
+    assert_eq!(quantity["minimum"], 1);
+    assert_eq!(quantity["maximum"], MAX_QUANTITY);
+    assert_eq!(property(&doc, "AddItemRequest", "unit_price")["minimum"], 0);
+    assert_eq!(
+        property(&doc, "AddItemRequest", "sku")["maxLength"],
+        MAX_SKU_LEN
+    );
+    for (body, field) in [
+        ("PayOrderRequest", "payment_reference"),
+        ("ShipOrderRequest", "carrier"),
+        ("ShipOrderRequest", "tracking_number"),
+        ("CancelOrderRequest", "reason"),
+    ] {
+        assert_eq!(
+            property(&doc, body, field)["maxLength"],
+            MAX_TEXT_LEN,
+            "{body}.{field}"
+        );
+    }
+    let codes: Vec<&str> = property(&doc, "CreateOrderRequest", "currency")["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|code| code.as_str().unwrap())
+        .collect();
+    assert_eq!(codes, Currency::codes().collect::<Vec<_>>());
+    for parameter in doc["paths"]["/orders/{id}/pay"]["post"]["parameters"]
+        .as_array()
+        .unwrap()
+    {
+        if parameter["name"] == "Idempotency-Key" {
+            assert_eq!(parameter["schema"]["maxLength"], MAX_IDEMPOTENCY_KEY_LEN);
+        }
+    }
+
+    // And the service accepts each bound and refuses one step past it.
+    let create = |currency: &str| {
+        app.post("/orders")
+            .json(&serde_json::json!({ "customer_id": uuid::Uuid::new_v4(), "currency": currency }))
+            .send()
+    };
+    for code in [codes[0], codes[codes.len() - 1]] {
+        assert_eq!(create(code).await.unwrap().status(), 201, "{code}");
+    }
+    assert_problem(create("XYZ").await.unwrap(), 422, "rule_violated").await;
+    let order = app.create_order().await;
+    let longest_sku = "S".repeat(MAX_SKU_LEN);
+    let max = MAX_QUANTITY;
+    assert_eq!(
+        app.add_item(order, &longest_sku, max, 0).await.status(),
+        200
+    );
+    for (sku, quantity, unit_price) in [
+        (format!("{longest_sku}S"), 1, 1),
+        ("A-1".to_owned(), max + 1, 1),
+        ("A-1".to_owned(), 0, 1),
+        ("A-1".to_owned(), 1, -1),
+    ] {
+        let response = app.add_item(order, &sku, quantity, unit_price).await;
+        assert_problem(response, 422, "rule_violated").await;
+    }
+    let cancel = |reason: String| {
+        app.post(&format!("/orders/{order}/cancel"))
+            .json(&serde_json::json!({ "reason": reason }))
+            .send()
+    };
+    let too_long = cancel("r".repeat(MAX_TEXT_LEN + 1)).await.unwrap();
+    assert_problem(too_long, 422, "rule_violated").await;
+    assert_eq!(
+        cancel("r".repeat(MAX_TEXT_LEN)).await.unwrap().status(),
+        200
+    );
+    app.stop().await;
 }

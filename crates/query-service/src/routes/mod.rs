@@ -40,6 +40,7 @@ pub fn router(
     readiness: Readiness,
     metrics: PrometheusHandle,
 ) -> Router {
+    let wait_ms_max = state.reads.wait_ms_max;
     let api = Router::new()
         .route("/orders", get(orders::list_orders))
         .route("/orders/{id}", get(orders::get_order))
@@ -48,7 +49,10 @@ pub fn router(
         .route("/customers/{id}", get(customers::get_customer))
         .route_layer(platform::auth::require_bearer_token(token))
         .with_state(state);
-    let docs = Router::new().route("/openapi.json", get(crate::openapi::openapi_json));
+    let docs = Router::new().route(
+        "/openapi.json",
+        get(move || crate::openapi::openapi_json(wait_ms_max)),
+    );
     platform::extract::with_fallbacks(api.merge(docs).merge(health_router(readiness, metrics)))
 }
 

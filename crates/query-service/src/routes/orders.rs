@@ -49,7 +49,7 @@ pub async fn get_order(
         ("customer_id" = Option<Uuid>, Query, description = "Only this customer's orders"),
         ("status" = Option<events::OrderStatus>, Query, description = "Only orders in this status"),
         ("limit" = Option<i64>, Query, description = "Page size, 1 to 200 (default 50)", minimum = 1, maximum = 200),
-        ("cursor" = Option<String>, Query, description = "The `next_cursor` of the previous page (opaque; bound to the same filters)"),
+        ("cursor" = Option<String>, Query, description = "The `next_cursor` of the previous page (opaque; bound to the same filters)", min_length = 1),
         crate::openapi::ConsistencyParams,
     ),
     responses(

@@ -47,6 +47,8 @@ impl Drop for TestApp {
 struct Options {
     token: Option<&'static str>,
     poll_ms: Option<u64>,
+    /// `WAIT_MS_MAX` (and a `WAIT_MS_DEFAULT` within it).
+    wait_ms_max: Option<u64>,
 }
 
 async fn spawn_app() -> TestApp {
@@ -72,6 +74,10 @@ async fn spawn_app_with(options: Options) -> TestApp {
     ])
     .unwrap();
     config.auth.api_token = options.token.map(str::to_owned);
+    if let Some(max) = options.wait_ms_max {
+        config.reads.wait_ms_max = max;
+        config.reads.wait_ms_default = config.reads.wait_ms_default.min(max);
+    }
     let app = Application::build(config).await.unwrap();
     let base = format!("http://127.0.0.1:{}", app.port());
     let watcher = app.watcher_stats();
@@ -841,6 +847,31 @@ async fn a_configured_token_is_required_on_api_routes_only() {
     for open in ["/healthz", "/metrics", "/openapi.json"] {
         assert_eq!(app.get(open).await.status(), StatusCode::OK, "{open}");
     }
+}
+
+#[tokio::test]
+async fn the_documented_wait_ms_maximum_is_the_configured_one_and_enforced() {
+    let app = spawn_app_with(Options {
+        wait_ms_max: Some(1500),
+        ..Options::default()
+    })
+    .await;
+    let (_, _, doc) = app.get_json("/openapi.json").await;
+    for route in ["/orders", "/orders/{id}", "/customers/{id}"] {
+        let wait_ms = doc["paths"][route]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|parameter| parameter["name"] == "wait_ms")
+            .unwrap_or_else(|| panic!("{route} documents wait_ms"));
+        assert_eq!(wait_ms["schema"]["maximum"], 1500, "{route}");
+    }
+    // Position 0 is always reached, so the wait's length is all that is judged.
+    let (status, _, _) = app.get_json("/orders?min_position=0&wait_ms=1500").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, body) = app.get_json("/orders?min_position=0&wait_ms=1501").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["code"], "invalid_wait");
 }
 
 #[tokio::test]
