@@ -88,6 +88,7 @@ impl Application {
             limits: HttpLimits {
                 body_limit_bytes: config.commands.body_limit(),
                 request_timeout: config.commands.request_timeout(),
+                max_in_flight: config.http.max_in_flight(),
             },
         });
 

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use platform::config::{AuthArgs, CommonArgs};
+use platform::config::{AuthArgs, CommonArgs, HttpArgs};
 
 use crate::relay::RelayArgs;
 
@@ -26,6 +26,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub auth: AuthArgs,
+
+    #[command(flatten)]
+    pub http: HttpArgs,
 
     #[command(flatten)]
     pub commands: CommandArgs,
@@ -181,6 +184,7 @@ mod tests {
         assert_eq!(config.command(), Command::Serve);
         assert_eq!(config.commands.command_retries, 5);
         assert_eq!(config.commands.body_limit_bytes, 65_536);
+        assert_eq!(config.http.max_in_flight(), 1024);
         assert_eq!(config.commands.request_timeout_ms, 10_000);
         assert_eq!(config.commands.order_cache_capacity, 10_000);
         assert_eq!(config.commands.idempotency_ttl_hours, 24);

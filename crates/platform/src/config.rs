@@ -123,6 +123,27 @@ impl AuthArgs {
     }
 }
 
+/// HTTP settings of binaries that serve an API.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HttpArgs {
+    /// Most API requests one instance serves at once; more get 503 `overloaded` with
+    /// Retry-After at once (health, readiness and metrics are never refused)
+    #[arg(
+        long,
+        env = "MAX_IN_FLIGHT_REQUESTS",
+        default_value_t = crate::http::DEFAULT_MAX_IN_FLIGHT as u64,
+        value_parser = clap::value_parser!(u64).range(1..=1_000_000)
+    )]
+    pub max_in_flight_requests: u64,
+}
+
+impl HttpArgs {
+    /// The bound as a `usize`.
+    pub fn max_in_flight(&self) -> usize {
+        usize::try_from(self.max_in_flight_requests).unwrap_or(usize::MAX)
+    }
+}
+
 /// Prints `error: <err>` (the whole context chain on one line) to stderr and exits with code 2.
 ///
 /// Use it for configuration errors at start: `args.common.validate().unwrap_or_else(|e|

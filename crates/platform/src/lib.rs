@@ -19,8 +19,8 @@
 //! - [`extract`]: `Json`, `Path` and `Query` extractors whose rejections are `Problem`s, plus the
 //!   404/405 fallbacks.
 //! - [`auth`]: the optional bearer-token layer with a constant-time compare.
-//! - [`http`]: `standard_layers` (request id, trace span, timeout, body limit, panic catcher, HTTP
-//!   metrics), W3C `traceparent` parsing and the `RequestContext` extractor.
+//! - [`http`]: `standard_layers` (request id, trace span, load shedding, timeout, body limit,
+//!   panic catcher, HTTP metrics), W3C `traceparent` parsing and the `RequestContext` extractor.
 //! - [`health`]: `/healthz`, `/readyz` (per-dependency checks) and the router serving them with
 //!   `/metrics`.
 //! - [`db`]: connect to Postgres, creating the database when missing, and run migrations.

@@ -85,6 +85,7 @@ fn app() -> Router {
         HttpLimits {
             body_limit_bytes: 64,
             request_timeout: Duration::from_millis(200),
+            ..HttpLimits::default()
         },
     )
 }
@@ -397,5 +398,67 @@ async fn without_a_configured_token_everything_passes() {
 async fn routes_outside_the_auth_layer_need_no_token() {
     let req = Request::get("/healthz").body(Body::empty()).unwrap();
     let (response, _) = send(protected(Some("s3cret")), req).await;
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn requests_beyond_the_in_flight_limit_are_shed_at_once_while_probes_still_answer() {
+    // `/held` requests stay in the handler until the gate lets them through.
+    let entered = Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let held = {
+        let (entered, gate) = (Arc::clone(&entered), Arc::clone(&gate));
+        move || {
+            let (entered, gate) = (Arc::clone(&entered), Arc::clone(&gate));
+            async move {
+                entered.add_permits(1);
+                gate.acquire().await.unwrap().forget();
+                "done"
+            }
+        }
+    };
+    let router = standard_layers(
+        with_fallbacks(
+            Router::new()
+                .route("/held", get(held))
+                .route("/healthz", get(|| async { "ok" })),
+        ),
+        HttpLimits {
+            max_in_flight: 2,
+            request_timeout: Duration::from_secs(30),
+            ..HttpLimits::default()
+        },
+    );
+    let in_flight: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(router.clone().oneshot(get_req("/held"))))
+        .collect();
+    tokio::time::timeout(Duration::from_secs(10), entered.acquire_many(2))
+        .await
+        .expect("both requests reach the handler within 10 s")
+        .unwrap()
+        .forget();
+
+    let (response, body) = send(router.clone(), get_req("/held")).await;
+    assert_problem(
+        &response,
+        &body,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+    );
+    assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+    assert!(
+        body["detail"].as_str().unwrap().contains("limit of 2"),
+        "{body}"
+    );
+    let (response, _) = send(router.clone(), get_req("/healthz")).await;
+    assert_eq!(response.status(), StatusCode::OK, "probes are never shed");
+
+    gate.add_permits(3);
+    for request in in_flight {
+        let response = request.await.unwrap().unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    // The finished requests gave their places back.
+    let (response, _) = send(router, get_req("/held")).await;
     assert_eq!(response.status(), StatusCode::OK);
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use clap::{Parser, Subcommand};
-use platform::config::{AuthArgs, CommonArgs};
+use platform::config::{AuthArgs, CommonArgs, HttpArgs};
 
 /// Default `LISTEN_ADDR` of the query service (see CONTRACT.md).
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:8081";
@@ -29,6 +29,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub auth: AuthArgs,
+
+    #[command(flatten)]
+    pub http: HttpArgs,
 
     #[command(flatten)]
     pub reads: ReadArgs,
@@ -124,6 +127,7 @@ mod tests {
         assert_eq!(config.listen_addr, "0.0.0.0:8081");
         assert_eq!(config.reads.wait_ms_default, 2000);
         assert_eq!(config.reads.wait_ms_max, 10_000);
+        assert_eq!(config.http.max_in_flight(), 1024);
         assert_eq!(config.command(), Command::Serve);
         config.validate().unwrap();
     }

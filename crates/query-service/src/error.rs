@@ -17,6 +17,7 @@
 //! | 401 | `unauthorized` | a token is configured and missing or wrong (platform auth) |
 //! | 404 | `order_not_found`, `customer_not_found` | nothing to show |
 //! | 503 | `consistency_timeout` | the read model did not reach `min_position` within `wait_ms` |
+//! | 503 | `overloaded` | more requests at once than `MAX_IN_FLIGHT_REQUESTS` (platform layers) |
 //! | 500 | `internal` | anything else; logged, never detailed |
 //!
 //! Internal errors are logged with their cause and answered without it.

@@ -91,6 +91,7 @@ impl Application {
             router,
             HttpLimits {
                 request_timeout: config.reads.request_timeout(),
+                max_in_flight: config.http.max_in_flight(),
                 ..HttpLimits::default()
             },
         );

@@ -11,7 +11,7 @@
 //! | 413 | `payload_too_large` |
 //! | 415 | `unsupported_media_type` |
 //! | 422 | `rule_violated` (with `rule`), `idempotency_key_reused` |
-//! | 503 | `store_unavailable`, `timeout` |
+//! | 503 | `store_unavailable`, `timeout`, `overloaded` (the last two from the platform layers) |
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};

@@ -45,7 +45,7 @@ impl utoipa::IntoResponses for OrderCommandProblems {
                 "422",
                 "`rule_violated` (with `rule`) or `idempotency_key_reused`",
             ),
-            ("503", "`store_unavailable` or `timeout`"),
+            ("503", "`store_unavailable`, `timeout`, or `overloaded` (with Retry-After: too many requests at once)"),
         ]
         .into_iter()
         .map(|(status, description)| {
@@ -80,7 +80,7 @@ impl utoipa::IntoResponses for OrderCommandProblems {
         (status = 413, description = "Body too large", body = platform::Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = platform::Problem, content_type = "application/problem+json"),
         (status = 422, description = "`rule_violated` (with `rule`) or `idempotency_key_reused`", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`store_unavailable` or `timeout`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`, `timeout`, or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]
@@ -134,7 +134,7 @@ pub async fn add_item(
         (status = 409, description = "`concurrency_conflict`: retries ran out", body = platform::Problem, content_type = "application/problem+json"),
         (status = 412, description = "`version_mismatch`: If-Match is stale", body = platform::Problem, content_type = "application/problem+json"),
         (status = 422, description = "`rule_violated` (with `rule`) or `idempotency_key_reused`", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`store_unavailable` or `timeout`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`, `timeout`, or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]

@@ -3,7 +3,8 @@
 //! [`standard_layers`] adds, from the outside in: the `x-request-id` (made when absent, echoed on
 //! the response), the [`RequestContext`] (correlation id, trace context, actor), a trace span
 //! carrying `method`, `route`, `request_id`, `correlation_id` and `trace_id`, the HTTP metrics,
-//! the panic catcher (500 `internal`), the request timeout (503 `timeout`) and the body limit
+//! the load shedder (503 `overloaded` beyond [`HttpLimits::max_in_flight`] requests at once), the
+//! panic catcher (500 `internal`), the request timeout (503 `timeout`) and the body limit
 //! (413 `payload_too_large`). Every error it produces is a [`Problem`].
 //!
 //! With OpenTelemetry export on ([`crate::otel`]), the request span's OTel parent is the client's
@@ -14,6 +15,7 @@ mod context;
 mod traceparent;
 
 use std::any::Any;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -21,6 +23,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use tokio::sync::Semaphore;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
@@ -39,6 +42,15 @@ use crate::problem::Problem;
 pub const DEFAULT_BODY_LIMIT_BYTES: usize = 64 * 1024;
 /// Default request timeout: well above a normal command (retries included), below a proxy's.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bound on requests served at once by one instance. Each holds at most a body
+/// ([`DEFAULT_BODY_LIMIT_BYTES`]) and a task, so this bounds the memory a flood can take (about
+/// 64 MiB of bodies) while sitting far above what an instance completes in a request's time.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+/// `Retry-After` seconds of a shed request.
+pub const OVERLOADED_RETRY_AFTER_SECS: u64 = 1;
+/// Routes never shed: probes and scrapes must answer while an instance is saturated, or the
+/// orchestrator would restart (or the monitoring lose sight of) the instances under load.
+pub const UNSHED_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 /// `route` label and span field for requests that matched no route, so scans of random paths
 /// cannot blow up the metric's cardinality.
 pub const UNMATCHED_ROUTE: &str = "unmatched";
@@ -50,6 +62,9 @@ pub struct HttpLimits {
     pub body_limit_bytes: usize,
     /// Longest a request may take; slower ones get 503 `timeout`.
     pub request_timeout: Duration,
+    /// Most requests served at once (outside [`UNSHED_PATHS`]); more get 503 `overloaded` with
+    /// `Retry-After` at once, rather than queueing until they time out.
+    pub max_in_flight: usize,
 }
 
 impl Default for HttpLimits {
@@ -57,6 +72,7 @@ impl Default for HttpLimits {
         Self {
             body_limit_bytes: DEFAULT_BODY_LIMIT_BYTES,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
     }
 }
@@ -78,6 +94,10 @@ pub fn standard_layers(router: Router, limits: HttpLimits) -> Router {
             enforce_timeout,
         ))
         .layer(CatchPanicLayer::custom(panic_response))
+        .layer(middleware::from_fn_with_state(
+            InFlight::new(limits.max_in_flight),
+            shed_load,
+        ))
         .layer(middleware::from_fn(record_metrics))
         .layer(middleware::from_fn(adopt_otel_context))
         .layer(
@@ -196,6 +216,44 @@ async fn record_metrics(req: Request, next: Next) -> Response {
     )
     .record(start.elapsed().as_secs_f64());
     response
+}
+
+/// The requests being served, against their bound.
+#[derive(Clone)]
+struct InFlight {
+    permits: Arc<Semaphore>,
+    limit: usize,
+}
+
+impl InFlight {
+    fn new(limit: usize) -> Self {
+        let limit = limit.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            permits: Arc::new(Semaphore::new(limit)),
+            limit,
+        }
+    }
+}
+
+/// Serves a request while fewer than the limit are being served; otherwise answers 503
+/// `overloaded` with `Retry-After` at once (counted in `http_requests_shed_total`), so a burst
+/// beyond capacity is refused quickly instead of holding memory until it times out.
+async fn shed_load(State(in_flight): State<InFlight>, req: Request, next: Next) -> Response {
+    if UNSHED_PATHS.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
+    let Ok(_permit) = in_flight.permits.clone().try_acquire_owned() else {
+        ::metrics::counter!("http_requests_shed_total").increment(1);
+        tracing::warn!(limit = in_flight.limit, "request shed: too many in flight");
+        return Problem::unavailable("overloaded", OVERLOADED_RETRY_AFTER_SECS)
+            .with_detail(format!(
+                "this instance is serving its limit of {} requests at once \
+                 (MAX_IN_FLIGHT_REQUESTS); retry shortly",
+                in_flight.limit
+            ))
+            .into_response();
+    };
+    next.run(req).await
 }
 
 /// Answers 503 `timeout` when the inner service takes longer than the limit.
