@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use crate::helpers::{assert_problem, spawn_app};
+use crate::helpers::{TestApp, assert_problem, spawn_app};
 
 #[tokio::test]
 async fn healthz_and_readyz_answer_200() {
@@ -29,14 +29,7 @@ async fn metrics_count_commands() {
 #[tokio::test]
 async fn the_openapi_document_lists_every_route_and_error_status() {
     let app = spawn_app().await;
-    let doc: Value = app
-        .get("/openapi.json")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = openapi_document(&app).await;
     let paths = doc["paths"].as_object().unwrap();
     let expected = [
         ("/orders", "post", "201"),
@@ -77,6 +70,17 @@ async fn the_openapi_document_lists_every_route_and_error_status() {
     );
 }
 
+/// The service's `/openapi.json`.
+async fn openapi_document(app: &TestApp) -> Value {
+    app.get("/openapi.json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// The schema of one request body's property in the document.
 fn property<'a>(doc: &'a Value, body: &str, name: &str) -> &'a Value {
     &doc["components"]["schemas"][body]["properties"][name]
@@ -88,14 +92,7 @@ async fn every_bound_the_openapi_document_declares_is_the_one_the_service_enforc
     use events::money::{Currency, MAX_QUANTITY, MAX_SKU_LEN, MAX_TEXT_LEN};
 
     let app = spawn_app().await;
-    let doc: Value = app
-        .get("/openapi.json")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = openapi_document(&app).await;
 
     // The bounds are the domain's constants.
     let quantity = property(&doc, "AddItemRequest", "quantity");
