@@ -16,6 +16,7 @@ mod traceparent;
 
 use std::any::Any;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -218,11 +219,18 @@ async fn record_metrics(req: Request, next: Next) -> Response {
     response
 }
 
+/// Shortest time between two warnings about shed requests: a flood is one log line a second,
+/// and `http_requests_shed_total` counts every request.
+const SHED_WARNING_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The requests being served, against their bound.
 #[derive(Clone)]
 struct InFlight {
     permits: Arc<Semaphore>,
     limit: usize,
+    /// When the next warning may be logged, in ms since `since`.
+    next_warning_ms: Arc<AtomicU64>,
+    since: Instant,
 }
 
 impl InFlight {
@@ -231,6 +239,32 @@ impl InFlight {
         Self {
             permits: Arc::new(Semaphore::new(limit)),
             limit,
+            next_warning_ms: Arc::new(AtomicU64::new(0)),
+            since: Instant::now(),
+        }
+    }
+
+    /// Counts a shed request and warns, at most once per [`SHED_WARNING_INTERVAL`].
+    fn record_shed(&self) {
+        ::metrics::counter!("http_requests_shed_total").increment(1);
+        let now = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let next = self.next_warning_ms.load(Ordering::Relaxed);
+        let interval = u64::try_from(SHED_WARNING_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+        if now >= next
+            && self
+                .next_warning_ms
+                .compare_exchange(
+                    next,
+                    now.saturating_add(interval),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            tracing::warn!(
+                limit = self.limit,
+                "shedding requests: MAX_IN_FLIGHT_REQUESTS are in flight (http_requests_shed_total counts them)"
+            );
         }
     }
 }
@@ -243,8 +277,7 @@ async fn shed_load(State(in_flight): State<InFlight>, req: Request, next: Next) 
         return next.run(req).await;
     }
     let Ok(_permit) = in_flight.permits.clone().try_acquire_owned() else {
-        ::metrics::counter!("http_requests_shed_total").increment(1);
-        tracing::warn!(limit = in_flight.limit, "request shed: too many in flight");
+        in_flight.record_shed();
         return Problem::unavailable("overloaded", OVERLOADED_RETRY_AFTER_SECS)
             .with_detail(format!(
                 "this instance is serving its limit of {} requests at once \
