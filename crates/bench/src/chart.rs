@@ -199,6 +199,7 @@ mod tests {
             errors: Default::default(),
             breakdown: Default::default(),
             cpu_seconds: Default::default(),
+            resident_mb: Default::default(),
         }
     }
 

@@ -5,6 +5,10 @@
 //! of the system, which throughput alone cannot: on a shared machine throughput moves with the
 //! neighbours, while the split shows where an improvement has to come from.
 //!
+//! The same snapshots read the resident memory (`VmRSS`) of the named processes, so a run also
+//! shows whether a service's memory grows under load ([`resident_mb`]): the peak alone cannot
+//! tell a full cache from a leak.
+//!
 //! Only processes on this machine can be read: a remote PostgreSQL or Redis is left out (and
 //! the report says so by their absence). A backend that ends during the interval is lost with
 //! its CPU time; the services keep their pooled connections, so that is rare.
@@ -34,10 +38,11 @@ impl std::fmt::Debug for CpuProbe {
     }
 }
 
-/// CPU ticks per pid, with the group each pid counts towards.
+/// CPU ticks per pid, with the group each pid counts towards; resident KiB per named process.
 #[derive(Debug, Default)]
 pub struct CpuSnapshot {
     ticks: HashMap<u32, (String, u64)>,
+    resident_kb: BTreeMap<String, u64>,
 }
 
 impl CpuProbe {
@@ -68,9 +73,13 @@ impl CpuProbe {
     /// CPU ticks of everything probed, now.
     pub async fn snapshot(&self) -> CpuSnapshot {
         let mut ticks = HashMap::new();
+        let mut resident_kb = BTreeMap::new();
         for (name, pid) in &self.processes {
             if let Some(t) = process_ticks(*pid) {
                 ticks.insert(*pid, (name.clone(), t));
+            }
+            if let Some(kb) = crate::services::read_resident_kb(*pid) {
+                resident_kb.insert(name.clone(), kb);
             }
         }
         if let Some(pool) = &self.backends_of {
@@ -90,7 +99,7 @@ impl CpuProbe {
                 }
             }
         }
-        CpuSnapshot { ticks }
+        CpuSnapshot { ticks, resident_kb }
     }
 }
 
@@ -117,6 +126,19 @@ pub fn usage(before: &CpuSnapshot, after: &CpuSnapshot) -> BTreeMap<String, f64>
             end.saturating_sub(start) as f64 / TICKS_PER_SECOND;
     }
     seconds
+}
+
+/// Resident memory of each named process at `before` and at `after`, in MB (10^6 bytes).
+pub fn resident_mb(before: &CpuSnapshot, after: &CpuSnapshot) -> BTreeMap<String, [f64; 2]> {
+    let mb = |kb: u64| kb as f64 * 1024.0 / 1e6;
+    after
+        .resident_kb
+        .iter()
+        .filter_map(|(name, end)| {
+            let start = before.resident_kb.get(name)?;
+            Some((name.clone(), [mb(*start), mb(*end)]))
+        })
+        .collect()
 }
 
 /// User plus system CPU ticks of a process (all its threads), from `/proc/<pid>/stat`.
@@ -178,6 +200,7 @@ mod tests {
     fn usage_counts_the_difference_and_new_processes_whole() {
         let before = CpuSnapshot {
             ticks: HashMap::from([(1, ("a".into(), 100)), (2, ("gone".into(), 50))]),
+            ..CpuSnapshot::default()
         };
         let after = CpuSnapshot {
             ticks: HashMap::from([
@@ -185,11 +208,27 @@ mod tests {
                 (3, ("PostgreSQL (projector)".into(), 40)),
                 (4, ("PostgreSQL (projector)".into(), 10)),
             ]),
+            ..CpuSnapshot::default()
         };
         let seconds = usage(&before, &after);
         assert_eq!(seconds.get("a"), Some(&2.5));
         assert_eq!(seconds.get("PostgreSQL (projector)"), Some(&0.5));
         assert_eq!(seconds.get("gone"), None);
+    }
+
+    #[test]
+    fn resident_memory_is_given_at_both_ends_for_processes_read_at_both() {
+        let before = CpuSnapshot {
+            resident_kb: BTreeMap::from([("a".into(), 1000), ("gone".into(), 10)]),
+            ..CpuSnapshot::default()
+        };
+        let after = CpuSnapshot {
+            resident_kb: BTreeMap::from([("a".into(), 3000), ("new".into(), 10)]),
+            ..CpuSnapshot::default()
+        };
+        let resident = resident_mb(&before, &after);
+        assert_eq!(resident.get("a"), Some(&[1.024, 3.072]));
+        assert_eq!(resident.len(), 1, "{resident:?}");
     }
 
     #[test]

@@ -289,6 +289,7 @@ impl Report {
             md.push('\n');
             let columns: Vec<CpuColumn> = sweep.levels.iter().map(CpuColumn::from).collect();
             cpu_table(&mut md, &columns, self.machine.as_ref().map(|m| m.cpus));
+            resident_table(&mut md, &sweep.levels);
         }
         if let Some(hot) = &self.hot {
             let l = &hot.load;
@@ -587,6 +588,41 @@ fn cpu_table(md: &mut String, columns: &[CpuColumn], cpus: Option<usize>) {
     md.push('\n');
 }
 
+/// Resident MB of each process at the start and the end of each level (`start → end`), so that
+/// growth under load shows beside the peak. Nothing when no level read any.
+fn resident_table(md: &mut String, levels: &[LoadResult]) {
+    if levels.iter().all(|l| l.resident_mb.is_empty()) {
+        return;
+    }
+    let names: std::collections::BTreeSet<&str> = levels
+        .iter()
+        .flat_map(|l| l.resident_mb.keys().map(String::as_str))
+        .collect();
+    let _ = writeln!(
+        md,
+        "Resident memory (`VmRSS`, MB) at the start → the end of each measured interval:\n"
+    );
+    let header: Vec<String> = levels
+        .iter()
+        .map(|l| format!("{} clients", l.clients))
+        .collect();
+    let _ = writeln!(md, "| process | {} |", header.join(" | "));
+    let _ = writeln!(md, "|---|{}", "---:|".repeat(levels.len()));
+    for name in names {
+        let cells: Vec<String> = levels
+            .iter()
+            .map(|l| {
+                l.resident_mb.get(name).map_or_else(
+                    || "–".to_owned(),
+                    |[start, end]| format!("{start:.1} → {end:.1}"),
+                )
+            })
+            .collect();
+        let _ = writeln!(md, "| {name} | {} |", cells.join(" | "));
+    }
+    md.push('\n');
+}
+
 fn figure(figures: &std::collections::BTreeMap<String, f64>, key: &str) -> String {
     figures
         .get(key)
@@ -626,6 +662,7 @@ mod tests {
             errors: Default::default(),
             breakdown: Default::default(),
             cpu_seconds: cpu.iter().map(|(g, s)| ((*g).to_owned(), *s)).collect(),
+            resident_mb: Default::default(),
         }
     }
 
@@ -653,6 +690,32 @@ mod tests {
         let idle = level_with_cpu(1, 10, &[]);
         cpu_table(&mut none, &[CpuColumn::from(&idle)], Some(2));
         assert!(none.is_empty(), "no table without CPU figures");
+    }
+
+    #[test]
+    fn the_resident_table_shows_each_process_at_both_ends_of_each_level() {
+        let mut one = level_with_cpu(1, 10, &[]);
+        one.resident_mb = [("command-service".to_owned(), [27.25, 27.5])].into();
+        let mut many = level_with_cpu(64, 10, &[]);
+        many.resident_mb = [
+            ("command-service".to_owned(), [28.0, 34.0]),
+            ("projector".to_owned(), [17.0, 17.25]),
+        ]
+        .into();
+        let mut md = String::new();
+        resident_table(&mut md, &[one, many]);
+        let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
+        assert_eq!(
+            rows,
+            [
+                "| process | 1 clients | 64 clients |",
+                "| command-service | 27.2 → 27.5 | 28.0 → 34.0 |",
+                "| projector | – | 17.0 → 17.2 |",
+            ]
+        );
+        let mut none = String::new();
+        resident_table(&mut none, &[level_with_cpu(1, 10, &[])]);
+        assert!(none.is_empty(), "no table without memory figures");
     }
 
     #[test]

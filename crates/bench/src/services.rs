@@ -316,11 +316,23 @@ pub fn read_peak_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// `VmRSS` (resident set now) of a process in KiB, `None` when it cannot be read.
+pub fn read_resident_kb(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| parse_status_kb(&status, "VmRSS:"))
+}
+
 /// The `VmHWM:` line of /proc/<pid>/status, in KiB.
 pub fn parse_vm_hwm(status: &str) -> Option<u64> {
+    parse_status_kb(status, "VmHWM:")
+}
+
+/// The KiB figure of one line (`VmHWM:`, `VmRSS:`, …) of /proc/<pid>/status.
+fn parse_status_kb(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|kb| kb.parse().ok())
 }
@@ -342,6 +354,7 @@ mod tests {
         let status = "Name:\tx\nVmPeak:\t  9000 kB\nVmHWM:\t   12345 kB\nVmRSS:\t 100 kB\n";
         assert_eq!(parse_vm_hwm(status), Some(12345));
         assert_eq!(parse_vm_hwm("Name:\tx\n"), None);
+        assert_eq!(parse_status_kb(status, "VmRSS:"), Some(100));
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub struct LoadResult {
     /// services were spawned by the tool.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub cpu_seconds: BTreeMap<String, f64>,
+    /// Resident MB of each spawned service (and Redis, and the tool) at the start and the end of
+    /// the interval (see [`crate::cpu::resident_mb`]); empty like `cpu_seconds`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub resident_mb: BTreeMap<String, [f64; 2]>,
 }
 
 struct ClientTally {
@@ -82,7 +86,10 @@ pub async fn run<D: Driver>(
             let before = probe.snapshot().await;
             tokio::time::sleep_until(measure_until.into()).await;
             let after = probe.snapshot().await;
-            crate::cpu::usage(&before, &after)
+            (
+                crate::cpu::usage(&before, &after),
+                crate::cpu::resident_mb(&before, &after),
+            )
         })
     });
     let mut tasks = Vec::with_capacity(clients);
@@ -141,6 +148,10 @@ pub async fn run<D: Driver>(
             *errors.entry(key).or_default() += count;
         }
     }
+    let (cpu_seconds, resident_mb) = match cpu_reader {
+        Some(reader) => reader.await.unwrap_or_default(),
+        None => Default::default(),
+    };
     Ok(LoadResult {
         clients,
         measured_secs: measure.as_secs_f64(),
@@ -149,10 +160,8 @@ pub async fn run<D: Driver>(
         latency: latencies.summary(),
         errors,
         breakdown: scraper.await.ok().flatten().unwrap_or_default(),
-        cpu_seconds: match cpu_reader {
-            Some(reader) => reader.await.unwrap_or_default(),
-            None => BTreeMap::new(),
-        },
+        cpu_seconds,
+        resident_mb,
     })
 }
 
