@@ -119,13 +119,10 @@ impl CommandArgs {
 }
 
 impl Config {
-    /// Parses flags and environment. `--help` and `--version` print and exit 0; a bad setting
-    /// prints one line naming it and exits 2 (clap's own message spans several lines).
+    /// Parses flags and environment ([`platform::config::parse_or_exit`]: a bad setting prints
+    /// one line naming it and exits 2).
     pub fn parse_or_exit() -> Self {
-        match Self::try_parse() {
-            Ok(config) => config,
-            Err(err) => exit_on_clap_error(err),
-        }
+        platform::config::parse_or_exit()
     }
 
     /// Parses the given arguments (and the environment), for tests.
@@ -151,26 +148,6 @@ impl Config {
         }
         Ok(())
     }
-}
-
-fn exit_on_clap_error(err: clap::Error) -> ! {
-    use clap::error::ErrorKind;
-    if matches!(
-        err.kind(),
-        ErrorKind::DisplayHelp
-            | ErrorKind::DisplayVersion
-            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-    ) {
-        err.exit()
-    }
-    let rendered = err.render().to_string();
-    let line = rendered
-        .lines()
-        .map(str::trim)
-        .find(|line| !line.is_empty())
-        .unwrap_or("error: invalid arguments");
-    eprintln!("{line}");
-    std::process::exit(platform::config::CONFIG_ERROR_EXIT_CODE)
 }
 
 #[cfg(test)]

@@ -144,6 +144,33 @@ impl HttpArgs {
     }
 }
 
+/// Parses a binary's flags and environment. A setting whose value does not parse or is out of
+/// range prints one line naming it and exits 2 (the contract for misconfiguration; clap's own
+/// message spans several lines). Help and version print and exit 0, and usage errors (an
+/// unknown flag, a missing argument of an admin command) keep clap's text with its usage line.
+pub fn parse_or_exit<T: clap::Parser>() -> T {
+    T::try_parse().unwrap_or_else(|err| exit_on_clap_error(err))
+}
+
+/// What [`parse_or_exit`] does with a parse error.
+fn exit_on_clap_error(err: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if !matches!(
+        err.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation | ErrorKind::InvalidUtf8
+    ) {
+        err.exit()
+    }
+    let rendered = err.render().to_string();
+    let line = rendered
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty())
+        .unwrap_or("error: invalid arguments");
+    eprintln!("{line}");
+    std::process::exit(CONFIG_ERROR_EXIT_CODE)
+}
+
 /// Prints `error: <err>` (the whole context chain on one line) to stderr and exits with code 2.
 ///
 /// Use it for configuration errors at start: `args.common.validate().unwrap_or_else(|e|

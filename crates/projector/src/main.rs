@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
 use projector::Cli;
 
 /// jemalloc, not glibc's malloc: the services allocate and free short-lived buffers of many
@@ -13,7 +12,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = platform::config::parse_or_exit();
     if let Err(e) = cli.common.validate() {
         platform::config::exit_on_config_error(e);
     }

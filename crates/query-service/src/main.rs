@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use platform::config::exit_on_config_error;
 use query_service::{Application, Command, Config};
 
@@ -14,7 +13,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    let config: Config = platform::config::parse_or_exit();
     if config.command() == Command::Healthcheck {
         return platform::healthcheck::probe(&config.listen_addr, "/healthz").await;
     }

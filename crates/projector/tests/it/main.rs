@@ -895,3 +895,16 @@ fn test_sweeper(w: &World, projection: ProjectionKind, grace: Duration) -> Sweep
         },
     )
 }
+
+#[test]
+fn a_bad_number_setting_exits_2_with_one_line_naming_it() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_projector"))
+        .env("DB_MAX_CONNECTIONS", "many")
+        .output()
+        .expect("run the projector");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("DB_MAX_CONNECTIONS"), "{lines:?}");
+}

@@ -944,3 +944,16 @@ async fn health_and_metrics_answer() {
         "{metrics}"
     );
 }
+
+#[test]
+fn a_bad_number_setting_exits_2_with_one_line_naming_it() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_query-service"))
+        .env("WAIT_MS_MAX", "soon")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("WAIT_MS_MAX"), "{lines:?}");
+}
