@@ -142,6 +142,15 @@ pub async fn readyz(State(readiness): State<Readiness>) -> Response {
     (status, axum::Json(report)).into_response()
 }
 
+/// Liveness: the process answers.
+pub const HEALTHZ_PATH: &str = "/healthz";
+/// Readiness: PostgreSQL and Redis answer.
+pub const READYZ_PATH: &str = "/readyz";
+/// The Prometheus page.
+pub const METRICS_PATH: &str = "/metrics";
+/// Every route [`health_router`] serves.
+pub const PATHS: [&str; 3] = [HEALTHZ_PATH, READYZ_PATH, METRICS_PATH];
+
 /// `/healthz`, `/readyz` and `/metrics`, to merge into a service's router outside its auth
 /// layer. Generic over the router state so it merges before or after the service's `with_state`.
 pub fn health_router<S>(readiness: Readiness, metrics_handle: PrometheusHandle) -> Router<S>
@@ -149,11 +158,11 @@ where
     S: Clone + Send + Sync + 'static,
 {
     let probes = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route(HEALTHZ_PATH, get(healthz))
+        .route(READYZ_PATH, get(readyz))
         .with_state(readiness);
     let metrics = Router::new()
-        .route("/metrics", get(crate::metrics::metrics_handler))
+        .route(METRICS_PATH, get(crate::metrics::metrics_handler))
         .with_state(metrics_handle);
     probes.merge(metrics)
 }

@@ -49,9 +49,10 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 /// `Retry-After` seconds of a shed request.
 pub const OVERLOADED_RETRY_AFTER_SECS: u64 = 1;
-/// Routes never shed: probes and scrapes must answer while an instance is saturated, or the
-/// orchestrator would restart (or the monitoring lose sight of) the instances under load.
-pub const UNSHED_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+/// Routes never shed, the ones `health::health_router` serves: probes and scrapes must answer
+/// while an instance is saturated, or the orchestrator would restart (or the monitoring lose
+/// sight of) the instances under load.
+pub const UNSHED_PATHS: [&str; 3] = crate::health::PATHS;
 /// `route` label and span field for requests that matched no route, so scans of random paths
 /// cannot blow up the metric's cardinality.
 pub const UNMATCHED_ROUTE: &str = "unmatched";
