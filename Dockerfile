@@ -48,7 +48,10 @@ FROM chef AS builder
 # the committed `.sqlx/` cache instead (copied below with the sources).
 ENV SQLX_OFFLINE=true
 COPY --from=planner /src/recipe.json recipe.json
-# Dependency layer: rebuilt only when a manifest or Cargo.lock changes.
+# Patched dependencies (`[patch.crates-io]`, vendor/README.md) are dependencies, not workspace
+# members: the recipe does not carry them, so their real sources go in before the cook.
+COPY vendor vendor
+# Dependency layer: rebuilt only when a manifest, Cargo.lock or vendor/ changes.
 RUN cargo chef cook --release --locked --recipe-path recipe.json \
     -p command-service -p query-service -p projector
 COPY . .

@@ -82,10 +82,10 @@ pub async fn migrate(
 
 /// Turns TLS off for a loopback server unless the URL (or `PGSSLMODE`) asks for a mode.
 ///
-/// TLS on loopback protects nothing, and it is costly here: sqlx 0.9.0 does not set
-/// `TCP_NODELAY`, so a message longer than one TLS record (a batched append, a rebuild page)
-/// waits for the server's delayed ACK, about 40 ms each time (measured in BENCHMARKS.md; sqlx
-/// issue 4335). Remote servers keep sqlx's default (`prefer`).
+/// TLS on loopback protects nothing and costs CPU on both ends of every message (BENCHMARKS.md,
+/// "PostgreSQL over TLS"). Remote servers keep sqlx's default (`prefer`). Over TLS a message
+/// longer than one TLS record would also wait ~40 ms for the server's delayed ACK, were
+/// `TCP_NODELAY` not set on every connection (sqlx 0.9.0 does not; `vendor/README.md`).
 pub fn without_loopback_tls(database_url: &str, options: PgConnectOptions) -> PgConnectOptions {
     let mode_requested =
         database_url.contains("sslmode=") || std::env::var_os("PGSSLMODE").is_some();

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
+use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 pub use tokio_util::sync::CancellationToken;
 
@@ -55,11 +56,20 @@ pub fn cancel_on_signal() -> CancellationToken {
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then waits for in-flight requests.
+///
+/// Every accepted connection sends at once (`TCP_NODELAY`, which axum leaves off): a response
+/// written in more than one piece (a long history page) must not wait for the client's delayed
+/// acknowledgement before its last segment leaves.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let listener = listener.tap_io(|connection| {
+        if let Err(e) = connection.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
+        }
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await

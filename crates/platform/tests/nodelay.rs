@@ -1,0 +1,200 @@
+//! Every PostgreSQL and Redis connection the services open, and every HTTP connection they
+//! accept, sends each message at once (`TCP_NODELAY`), over TLS and without. Without it, a
+//! message written in more than one piece (a batched append, a projector batch or a rebuild page
+//! longer than one TLS record, a pipeline of XADDs, a long response) waits up to 40 ms for the
+//! peer's delayed acknowledgement before its last segment leaves (BENCHMARKS.md, "PostgreSQL
+//! over TLS"; `vendor/README.md`).
+//!
+//! The socket options are read from this process's own sockets: each open descriptor is
+//! duplicated with `pidfd_getfd`, which needs no `unsafe` and shares the socket it duplicates.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+
+use platform::{db, redis_conn};
+use redis::AsyncCommands;
+use rustix::process::{PidfdFlags, PidfdGetfdFlags, getpid, pidfd_getfd, pidfd_open};
+use sqlx::{Connection, PgConnection};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SERVER: &str = "127.0.0.1:5432";
+const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// `(peer, TCP_NODELAY)` of every TCP socket of this process connected to `port`.
+fn sockets_connected_to(port: u16) -> Vec<(SocketAddr, bool)> {
+    sockets_where(|_, peer| peer.port() == port)
+}
+
+/// `(peer, TCP_NODELAY)` of every connected TCP socket of this process whose local address and
+/// peer address satisfy `wanted`.
+fn sockets_where(wanted: impl Fn(SocketAddr, SocketAddr) -> bool) -> Vec<(SocketAddr, bool)> {
+    let me = pidfd_open(getpid(), PidfdFlags::empty()).unwrap();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
+        let entry = entry.unwrap();
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue; // the directory's own descriptor, closed by now
+        };
+        if !target.to_string_lossy().starts_with("socket:") {
+            continue;
+        }
+        let Ok(number) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(socket): Result<OwnedFd, _> = pidfd_getfd(&me, number, PidfdGetfdFlags::empty())
+        else {
+            continue; // closed since the listing
+        };
+        let Ok(Some(peer)) = rustix::net::getpeername(&socket) else {
+            continue; // listening or unconnected
+        };
+        let Ok(peer) = SocketAddr::try_from(peer) else {
+            continue; // not an IP socket
+        };
+        let Ok(local) = rustix::net::getsockname(&socket).map(SocketAddr::try_from) else {
+            continue;
+        };
+        if let Ok(local) = local
+            && wanted(local, peer)
+        {
+            found.push((peer, rustix::net::sockopt::tcp_nodelay(&socket).unwrap()));
+        }
+    }
+    found
+}
+
+async fn server_offers_tls() -> bool {
+    let mut conn = PgConnection::connect(&format!("postgres://postgres@{SERVER}/postgres"))
+        .await
+        .unwrap();
+    let ssl: String = sqlx::query_scalar("SHOW ssl")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    ssl == "on"
+}
+
+async fn drop_database(name: &str) {
+    let mut admin = PgConnection::connect(&format!("postgres://postgres@{SERVER}/postgres"))
+        .await
+        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn every_database_connection_sends_without_waiting_for_acknowledgements() {
+    let name = format!("platform_nodelay_{}", uuid::Uuid::new_v4().simple());
+    let mut modes = vec!["disable"];
+    if server_offers_tls().await {
+        modes.push("require");
+    } else {
+        eprintln!("the server has ssl = off: only connections without TLS are checked");
+    }
+    for mode in modes {
+        let url = format!("postgres://postgres@{SERVER}/{name}?sslmode={mode}");
+        let pool = db::connect(&url, "nodelay-test", 3, None).await.unwrap();
+        // Hold three pooled connections and one dedicated connection (as the relay's leader
+        // lock and the listeners use) open at once.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(pool.acquire().await.unwrap());
+        }
+        let mut dedicated = PgConnection::connect(&url).await.unwrap();
+        let encrypted: bool =
+            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(&mut dedicated)
+                .await
+                .unwrap();
+        assert_eq!(encrypted, mode == "require", "sslmode={mode}");
+
+        let sockets = sockets_connected_to(5432);
+        assert!(
+            sockets.len() >= 4,
+            "sslmode={mode}: expected the 4 open connections among this process's sockets, found {sockets:?}"
+        );
+        let waiting: Vec<_> = sockets.iter().filter(|(_, nodelay)| !nodelay).collect();
+        assert!(
+            waiting.is_empty(),
+            "sslmode={mode}: connections without TCP_NODELAY: {waiting:?}"
+        );
+
+        dedicated.close().await.unwrap();
+        drop(held);
+        pool.close().await;
+    }
+    drop_database(&name).await;
+}
+
+#[tokio::test]
+async fn every_redis_connection_sends_without_waiting_for_acknowledgements() {
+    let timeout = std::time::Duration::from_secs(5);
+    // The services' own connections (readiness, the command-service's and query-service's
+    // manager) and the event bus's (relay, projector consumers).
+    let mut manager = redis_conn::connect_manager(REDIS_URL, timeout)
+        .await
+        .unwrap();
+    let mut dedicated = redis_conn::dedicated_connection(REDIS_URL, timeout)
+        .await
+        .unwrap();
+    let bus_client = bus::client(REDIS_URL).unwrap();
+    let mut bus_conn = bus::connect(&bus_client).await.unwrap();
+    for conn in [&mut manager, &mut bus_conn] {
+        let _: String = redis::cmd("PING").query_async(conn).await.unwrap();
+    }
+    let _: Option<String> = dedicated.get("nodelay-test-missing-key").await.unwrap();
+
+    let sockets = sockets_connected_to(6379);
+    assert!(
+        sockets.len() >= 3,
+        "expected the 3 open connections among this process's sockets, found {sockets:?}"
+    );
+    let waiting: Vec<_> = sockets.iter().filter(|(_, nodelay)| !nodelay).collect();
+    assert!(
+        waiting.is_empty(),
+        "connections without TCP_NODELAY: {waiting:?}"
+    );
+}
+
+#[tokio::test]
+async fn every_accepted_http_connection_sends_without_waiting_for_acknowledgements() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+    let stop = platform::shutdown::CancellationToken::new();
+    let server = tokio::spawn(platform::shutdown::serve(
+        listener,
+        router,
+        stop.clone().cancelled_owned(),
+    ));
+    // A client connection kept open, so the server's side of it can be inspected.
+    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = [0u8; 12];
+    client.read_exact(&mut response).await.unwrap();
+    assert_eq!(&response, b"HTTP/1.1 200");
+
+    // The server's end of the connection: local port `port`, peer the client.
+    let accepted = sockets_where(|local, _| local.port() == port);
+    assert_eq!(
+        accepted.len(),
+        1,
+        "expected the one accepted connection, found {accepted:?}"
+    );
+    assert!(accepted[0].1, "the accepted connection has TCP_NODELAY off");
+
+    drop(client);
+    stop.cancel();
+    server.await.unwrap().unwrap();
+}
