@@ -65,6 +65,20 @@ fn sockets_where(wanted: impl Fn(SocketAddr, SocketAddr) -> bool) -> Vec<(Socket
     found
 }
 
+/// Asserts that `sockets` holds at least the `open` connections the test holds, and that every
+/// one of them has `TCP_NODELAY` on.
+fn assert_all_send_at_once(sockets: &[(SocketAddr, bool)], open: usize, what: &str) {
+    assert!(
+        sockets.len() >= open,
+        "{what}: expected the {open} open connections among this process's sockets, found {sockets:?}"
+    );
+    let waiting: Vec<_> = sockets.iter().filter(|(_, nodelay)| !nodelay).collect();
+    assert!(
+        waiting.is_empty(),
+        "{what}: connections without TCP_NODELAY: {waiting:?}"
+    );
+}
+
 async fn server_offers_tls() -> bool {
     let mut conn = PgConnection::connect(&format!("postgres://postgres@{SERVER}/postgres"))
         .await
@@ -114,16 +128,7 @@ async fn every_database_connection_sends_without_waiting_for_acknowledgements() 
                 .unwrap();
         assert_eq!(encrypted, mode == "require", "sslmode={mode}");
 
-        let sockets = sockets_connected_to(5432);
-        assert!(
-            sockets.len() >= 4,
-            "sslmode={mode}: expected the 4 open connections among this process's sockets, found {sockets:?}"
-        );
-        let waiting: Vec<_> = sockets.iter().filter(|(_, nodelay)| !nodelay).collect();
-        assert!(
-            waiting.is_empty(),
-            "sslmode={mode}: connections without TCP_NODELAY: {waiting:?}"
-        );
+        assert_all_send_at_once(&sockets_connected_to(5432), 4, &format!("sslmode={mode}"));
 
         dedicated.close().await.unwrap();
         drop(held);
@@ -150,16 +155,7 @@ async fn every_redis_connection_sends_without_waiting_for_acknowledgements() {
     }
     let _: Option<String> = dedicated.get("nodelay-test-missing-key").await.unwrap();
 
-    let sockets = sockets_connected_to(6379);
-    assert!(
-        sockets.len() >= 3,
-        "expected the 3 open connections among this process's sockets, found {sockets:?}"
-    );
-    let waiting: Vec<_> = sockets.iter().filter(|(_, nodelay)| !nodelay).collect();
-    assert!(
-        waiting.is_empty(),
-        "connections without TCP_NODELAY: {waiting:?}"
-    );
+    assert_all_send_at_once(&sockets_connected_to(6379), 3, "redis");
 }
 
 #[tokio::test]
@@ -186,13 +182,7 @@ async fn every_accepted_http_connection_sends_without_waiting_for_acknowledgemen
     assert_eq!(&response, b"HTTP/1.1 200");
 
     // The server's end of the connection: local port `port`, peer the client.
-    let accepted = sockets_where(|local, _| local.port() == port);
-    assert_eq!(
-        accepted.len(),
-        1,
-        "expected the one accepted connection, found {accepted:?}"
-    );
-    assert!(accepted[0].1, "the accepted connection has TCP_NODELAY off");
+    assert_all_send_at_once(&sockets_where(|local, _| local.port() == port), 1, "http");
 
     drop(client);
     stop.cancel();
