@@ -39,10 +39,10 @@ pub async fn connect(
     migrator: Option<&'static sqlx::migrate::Migrator>,
 ) -> anyhow::Result<PgPool> {
     let options = with_application_name(
-        with_custom_plans(without_loopback_tls(
+        with_dead_client_limits(with_custom_plans(without_loopback_tls(
             database_url,
             validate_database_url(database_url)?,
-        )),
+        ))),
         service,
     );
     ensure_database(&options).await?;
@@ -119,6 +119,57 @@ pub fn without_loopback_tls(database_url: &str, options: PgConnectOptions) -> Pg
 /// for the cached one themselves, with sequential scans ruled out (`SET LOCAL`).
 pub fn with_custom_plans(options: PgConnectOptions) -> PgConnectOptions {
     options.options([("plan_cache_mode", "force_custom_plan")])
+}
+
+/// How long the server lets a session sit idle inside a transaction before ending it
+/// (`idle_in_transaction_session_timeout`). No service transaction waits on anything but its
+/// own next statement, so an idle one belongs to a process that froze (paused, starved,
+/// stuck); ending it releases what it holds, above all the store's append lock, which every
+/// command-service instance waits on.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle time before the server probes a client (`tcp_keepalives_idle`).
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+/// Time between two unanswered probes (`tcp_keepalives_interval`).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Unanswered probes after which the server ends the session (`tcp_keepalives_count`).
+pub const KEEPALIVE_COUNT: u32 = 3;
+/// How long data the server sent may stay unacknowledged before it ends the session
+/// (`tcp_user_timeout`): the case keepalives do not cover, a client that died while the server
+/// was answering it.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Makes the server end a session whose client is gone or frozen within seconds rather than
+/// hours, unless the URL's `options` set the same parameter (the URL wins).
+///
+/// A client host that dies or is cut off sends nothing more, and PostgreSQL, left to the
+/// operating system's defaults, notices after about two hours of TCP keepalive. Until then its
+/// session keeps its locks: an append in flight keeps the store's append lock and stops every
+/// command-service instance, and a relay leader keeps the leadership lock, so no standby
+/// publishes. With these limits the server ends such a session after
+/// `KEEPALIVE_IDLE + KEEPALIVE_COUNT × KEEPALIVE_INTERVAL` (25 s) of silence, after
+/// `TCP_USER_TIMEOUT` when its last answer was never acknowledged, and after
+/// `IDLE_IN_TRANSACTION_TIMEOUT` when the process is alive but its transaction stopped moving.
+/// The TCP settings do nothing over a Unix socket, where a dead client closes the socket.
+pub fn with_dead_client_limits(options: PgConnectOptions) -> PgConnectOptions {
+    let limits = [
+        (
+            "idle_in_transaction_session_timeout",
+            IDLE_IN_TRANSACTION_TIMEOUT.as_millis().to_string(),
+        ),
+        ("tcp_keepalives_idle", KEEPALIVE_IDLE.as_secs().to_string()),
+        (
+            "tcp_keepalives_interval",
+            KEEPALIVE_INTERVAL.as_secs().to_string(),
+        ),
+        ("tcp_keepalives_count", KEEPALIVE_COUNT.to_string()),
+        ("tcp_user_timeout", TCP_USER_TIMEOUT.as_millis().to_string()),
+    ];
+    let from_url = options.get_options().unwrap_or_default().to_owned();
+    let missing: Vec<_> = limits
+        .into_iter()
+        .filter(|(name, _)| !from_url.contains(&format!("{name}=")))
+        .collect();
+    options.options(missing)
 }
 
 /// Names the connections `service` (`application_name`) unless the URL or `PGAPPNAME` already

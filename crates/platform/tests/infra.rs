@@ -130,6 +130,72 @@ async fn connections_carry_the_service_name_unless_the_url_names_them() {
 }
 
 #[tokio::test]
+async fn a_transaction_left_open_by_a_frozen_process_gives_up_its_locks() {
+    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    let pool = db::connect(&url, "infra-test", 2, None).await.unwrap();
+    // The store's append lock is such a transaction-scoped advisory lock.
+    let lock_key: i64 = 0x0E5E_7E57;
+    let mut frozen = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(lock_key)
+        .execute(&mut *frozen)
+        .await
+        .unwrap();
+
+    // `frozen` is never used again until the end, as by a process that stopped mid-append; the
+    // other writer gets the lock once the server ends the idle transaction.
+    let mut writer = pool.begin().await.unwrap();
+    let deadline = db::IDLE_IN_TRANSACTION_TIMEOUT * 6;
+    tokio::time::timeout(
+        deadline,
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(lock_key)
+            .execute(&mut *writer),
+    )
+    .await
+    .expect("the lock is still held by the idle transaction")
+    .unwrap();
+    writer.commit().await.unwrap();
+
+    let ended = sqlx::query("SELECT 1").execute(&mut *frozen).await;
+    assert!(
+        ended.is_err(),
+        "the frozen session was not ended: {ended:?}"
+    );
+    drop(frozen);
+    pool.close().await;
+    drop_database(&name).await;
+}
+
+#[tokio::test]
+async fn the_server_ends_silent_clients_within_seconds_unless_the_url_says_otherwise() {
+    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    let settings = |pool: sqlx::PgPool| async move {
+        let shown: Vec<String> = sqlx::query_scalar(
+            "SELECT current_setting(name) FROM unnest(ARRAY['idle_in_transaction_session_timeout', \
+             'tcp_keepalives_idle', 'tcp_keepalives_interval', 'tcp_keepalives_count', \
+             'tcp_user_timeout']) AS name",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        shown
+    };
+
+    let pool = db::connect(&url, "infra-test", 1, None).await.unwrap();
+    assert_eq!(settings(pool).await, ["10s", "10", "5", "3", "30000"]);
+
+    let tuned = format!("{url}?options=-c%20idle_in_transaction_session_timeout%3D2500");
+    let pool = db::connect(&tuned, "infra-test", 1, None).await.unwrap();
+    assert_eq!(settings(pool).await, ["2500ms", "10", "5", "3", "30000"]);
+
+    drop_database(&name).await;
+}
+
+#[tokio::test]
 async fn concurrent_starts_on_a_missing_database_all_succeed() {
     let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
     let url = format!("postgres://postgres@127.0.0.1:5432/{name}");

@@ -295,6 +295,13 @@ pub async fn rebuild(
     let started = Instant::now();
     let mut conn = pool.acquire().await.context("connect to Postgres")?;
     let mut tx = conn.begin().await.context("begin the rebuild")?;
+    // The services' limit on an idle transaction (`platform::db::IDLE_IN_TRANSACTION_TIMEOUT`)
+    // is for processes that froze; this one may wait on Redis while it dead-letters, and an
+    // operator watches it. A host that dies is still found by the keepalives.
+    sqlx::query("SET LOCAL idle_in_transaction_session_timeout = 0")
+        .execute(&mut *tx)
+        .await
+        .context("lift the idle-transaction limit for the rebuild")?;
     tracing::info!(projection = %projection, "waiting for the projection's exclusive lock");
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(projection.lock_key())

@@ -117,6 +117,13 @@ pub async fn verify(pool: &PgPool, projection: ProjectionKind) -> anyhow::Result
         .execute(&mut *tx)
         .await
         .context("set the snapshot isolation of verify")?;
+    // Folding a large store between two reads can outlast the services' limit on an idle
+    // transaction (`platform::db::IDLE_IN_TRANSACTION_TIMEOUT`); this read-only one holds no
+    // lock anyone waits on.
+    sqlx::query("SET LOCAL idle_in_transaction_session_timeout = 0")
+        .execute(&mut *tx)
+        .await
+        .context("lift the idle-transaction limit for verify")?;
     let report = projection
         .verify(&mut tx)
         .await

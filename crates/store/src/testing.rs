@@ -44,7 +44,7 @@ impl TestDatabase {
         let name = format!("test_{}", uuid::Uuid::new_v4().simple());
         let url = server_url();
         let mut server = PgConnectOptions::from_str(&url).expect("TEST_DATABASE_URL parses");
-        // The test server is local: TLS would only add sqlx's Nagle delays (see platform::db).
+        // The test server is local: TLS would only cost CPU (see platform::db).
         if !url.contains("sslmode=") {
             server = server.ssl_mode(sqlx::postgres::PgSslMode::Disable);
         }

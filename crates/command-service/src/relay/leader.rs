@@ -2,8 +2,10 @@
 //!
 //! The leader holds a *session* advisory lock on a dedicated connection (never a pooled one: a
 //! pool would hand the session, and the lock, to someone else). Postgres releases the lock when
-//! that connection ends, however it ends (clean close, crash, `kill -9`, `pg_terminate_backend`),
-//! so a standby polling `pg_try_advisory_lock` takes over. This module never publishes.
+//! that connection ends, however it ends (clean close, crash, `kill -9`, `pg_terminate_backend`,
+//! or, when the leader's host dies or is cut off, the server's keepalives within about 25 s:
+//! `platform::db::with_dead_client_limits`), so a standby polling `pg_try_advisory_lock` takes
+//! over. This module never publishes.
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgConnection};
