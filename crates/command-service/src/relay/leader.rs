@@ -7,8 +7,34 @@
 //! `platform::db::with_dead_client_limits`), so a standby polling `pg_try_advisory_lock` takes
 //! over. This module never publishes.
 
+use std::future::Future;
+use std::time::Duration;
+
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgConnection};
+
+/// How long one query (or connect) of the relay's leader or standby may wait for PostgreSQL
+/// when `RELAY_QUERY_TIMEOUT_MS` is not given. A server that stops answering without closing
+/// the connection (its host died, a network path dropped it, a fail-over moved the address)
+/// would otherwise hold the relay for as long as TCP retransmits, about 15 minutes on Linux:
+/// no leader would publish, and no standby would take over, since its own try waits as long.
+pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `query`'s result, or a timed-out I/O error when PostgreSQL has not answered within `limit`;
+/// the caller then treats the connection as dead, as after any other I/O error.
+pub async fn answered_within<T>(
+    limit: Duration,
+    query: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    tokio::time::timeout(limit, query)
+        .await
+        .unwrap_or_else(|_| {
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("PostgreSQL did not answer within {limit:?}"),
+            )))
+        })
+}
 
 /// Upper 32 bits of every relay lock key: a namespace that keeps the relay's locks apart from
 /// the store's append lock (`store::append::APPEND_LOCK_KEY`, whose upper bits are zero) and from
@@ -41,15 +67,18 @@ pub struct Candidate {
     options: PgConnectOptions,
     lock_key: i64,
     conn: Option<PgConnection>,
+    query_timeout: Duration,
 }
 
 impl Candidate {
-    /// A candidate for `lock_key` on the database of `options`.
-    pub fn new(options: PgConnectOptions, lock_key: i64) -> Self {
+    /// A candidate for `lock_key` on the database of `options`, whose connect and lock query
+    /// each give up after `query_timeout`.
+    pub fn new(options: PgConnectOptions, lock_key: i64, query_timeout: Duration) -> Self {
         Self {
             options: options.application_name(LOCK_CONNECTION_NAME),
             lock_key,
             conn: None,
+            query_timeout,
         }
     }
 
@@ -58,17 +87,21 @@ impl Candidate {
     pub async fn try_acquire(&mut self) -> Result<Option<PgConnection>, sqlx::Error> {
         let mut conn = match self.conn.take() {
             Some(conn) => conn,
-            None => self.options.connect().await?,
+            None => answered_within(self.query_timeout, self.options.connect()).await?,
         };
-        let acquired: bool = match sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(self.lock_key)
-            .fetch_one(&mut conn)
-            .await
+        let acquired: bool = match answered_within(
+            self.query_timeout,
+            sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(self.lock_key)
+                .fetch_one(&mut conn),
+        )
+        .await
         {
             Ok(acquired) => acquired,
             Err(err) => {
-                // The connection is suspect; a fresh one is opened next time.
-                conn.close_hard().await.ok();
+                // The connection is suspect; a fresh one is opened next time. Dropped, not
+                // closed: a server that stopped answering would not take the goodbye either.
+                drop(conn);
                 return Err(err);
             }
         };
@@ -83,7 +116,7 @@ impl Candidate {
     /// Closes the standby connection, if any.
     pub async fn close(&mut self) {
         if let Some(conn) = self.conn.take() {
-            conn.close().await.ok();
+            answered_within(self.query_timeout, conn.close()).await.ok();
         }
     }
 }

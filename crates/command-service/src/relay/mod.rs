@@ -20,7 +20,9 @@
 //!   lock [`leader::relay_lock_key`] on its own connection (not from the pool). Standbys retry
 //!   every `RELAY_STANDBY_POLL_MS`. When the leader's connection dies, Postgres releases the lock
 //!   and a standby takes over. Every leader cycle runs a query on that connection (the read, the
-//!   checkpoint write, or a ping), and any error there drops the connection and the leadership.
+//!   checkpoint write, or a ping), and any error there drops the connection and the leadership;
+//!   so does a query left unanswered for `RELAY_QUERY_TIMEOUT_MS`, since a server that went
+//!   silent (dead host, fail-over) would otherwise hold every relay for as long as TCP retries.
 //! - **Never skips a position**: positions are dense and in commit order (the store's global
 //!   append lock), so tailing by position is gap-free. The relay still checks every batch is
 //!   contiguous with what it published; at a gap it publishes only the prefix before it, logs,
@@ -121,6 +123,14 @@ pub struct RelayArgs {
     #[arg(long, env = "RELAY_CHECKPOINT_INTERVAL_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub relay_checkpoint_interval_ms: u64,
+
+    /// How long each PostgreSQL query (and connect) of the relay's leader or standby may wait
+    /// for an answer, in milliseconds; past it the connection counts as dead and the leadership
+    /// as lost. Bounds how long a server that stopped answering without closing the connection
+    /// (a dead host, a fail-over) can stall publishing.
+    #[arg(long, env = "RELAY_QUERY_TIMEOUT_MS", default_value_t = leader::DEFAULT_QUERY_TIMEOUT.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub relay_query_timeout_ms: u64,
 }
 
 impl Default for RelayArgs {
@@ -134,6 +144,7 @@ impl Default for RelayArgs {
             stream_retain: 100_000,
             relay_trim_interval_ms: 5000,
             relay_checkpoint_interval_ms: 1000,
+            relay_query_timeout_ms: leader::DEFAULT_QUERY_TIMEOUT.as_millis() as u64,
         }
     }
 }
@@ -168,6 +179,10 @@ impl RelayArgs {
 
     fn checkpoint_interval(&self) -> Duration {
         Duration::from_millis(self.relay_checkpoint_interval_ms)
+    }
+
+    fn query_timeout(&self) -> Duration {
+        Duration::from_millis(self.relay_query_timeout_ms.max(1))
     }
 }
 
@@ -262,7 +277,8 @@ impl Relay {
     /// The outer loop: try to become leader; lead until the leadership is lost or shutdown.
     async fn stand_by_and_lead(self) {
         let lock_key = relay_lock_key(&self.stream_key);
-        let mut candidate = Candidate::new(self.options.clone(), lock_key);
+        let mut candidate =
+            Candidate::new(self.options.clone(), lock_key, self.args.query_timeout());
         let mut standby_logged = false;
         telemetry::set_leader(false);
         while !self.shutdown.is_cancelled() {
@@ -315,15 +331,19 @@ impl Relay {
         let wake = Arc::new(Notify::new());
         // The listener lives exactly as long as this leadership.
         let _listener = wake::spawn_listener(self.options.clone(), wake.clone());
-        let mut ctx = RelayContext::resume(
-            conn,
-            self.publisher.clone(),
-            self.stream_key.clone(),
-            i64::try_from(self.args.relay_batch).unwrap_or(i64::MAX),
-            self.status.clone(),
+        let mut ctx = leader::answered_within(
+            self.args.query_timeout(),
+            RelayContext::resume(
+                conn,
+                self.publisher.clone(),
+                self.stream_key.clone(),
+                i64::try_from(self.args.relay_batch).unwrap_or(i64::MAX),
+                self.status.clone(),
+            ),
         )
         .await?
-        .with_checkpoint_interval(self.args.checkpoint_interval());
+        .with_checkpoint_interval(self.args.checkpoint_interval())
+        .with_query_timeout(self.args.query_timeout());
         let result = self.publish_loop(&mut ctx, &wake).await;
         if result.is_ok()
             && let Err(err) = ctx.flush_checkpoint().await

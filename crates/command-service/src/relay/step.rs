@@ -24,6 +24,7 @@ use events::RecordedEvent;
 use sqlx::{Connection, PgConnection};
 
 use super::checkpoint;
+use super::leader::{DEFAULT_QUERY_TIMEOUT, answered_within};
 use super::status::RelayStatus;
 use super::telemetry;
 
@@ -76,6 +77,9 @@ pub struct RelayContext {
     last_stored_at: Option<Instant>,
     head: i64,
     status: RelayStatus,
+    /// How long each query on the leader connection may wait for an answer before the
+    /// connection, and with it the leadership, counts as lost.
+    query_timeout: Duration,
 }
 
 impl std::fmt::Debug for RelayContext {
@@ -133,7 +137,16 @@ impl RelayContext {
             last_stored_at: None,
             head,
             status,
+            query_timeout: DEFAULT_QUERY_TIMEOUT,
         })
+    }
+
+    /// Gives each query on the leader connection at most `limit` to answer (the context starts
+    /// with [`DEFAULT_QUERY_TIMEOUT`]); past it the step fails with
+    /// [`StepError::Leadership`], as on any other connection failure.
+    pub fn with_query_timeout(mut self, limit: Duration) -> Self {
+        self.query_timeout = limit;
+        self
     }
 
     /// Writes the stored checkpoint at most once per `interval` (see the module docs); a
@@ -173,7 +186,11 @@ impl RelayContext {
     }
 
     async fn store_checkpoint(&mut self) -> Result<(), sqlx::Error> {
-        checkpoint::save(&mut self.conn, &self.stream_key, self.checkpoint).await?;
+        answered_within(
+            self.query_timeout,
+            checkpoint::save(&mut self.conn, &self.stream_key, self.checkpoint),
+        )
+        .await?;
         self.stored = self.checkpoint;
         self.last_stored_at = Some(Instant::now());
         Ok(())
@@ -191,12 +208,15 @@ impl RelayContext {
 
     /// Checks the leader connection (and so the lock) is still alive.
     pub async fn ping(&mut self) -> Result<(), sqlx::Error> {
-        self.conn.ping().await
+        answered_within(self.query_timeout, self.conn.ping()).await
     }
 
     /// Closes the leader connection, releasing the lock.
     pub async fn close(self) {
-        if self.conn.close().await.is_err() {
+        if answered_within(self.query_timeout, self.conn.close())
+            .await
+            .is_err()
+        {
             tracing::debug!("relay leader connection was already gone at close");
         }
     }
@@ -204,12 +224,15 @@ impl RelayContext {
 
 /// Reads, publishes and checkpoints one batch. See the module docs.
 pub async fn publish_step(ctx: &mut RelayContext) -> Result<StepOutcome, StepError> {
-    let events = store::read_all(&mut ctx.conn, ctx.checkpoint, ctx.batch)
-        .await
-        .map_err(StepError::Leadership)?;
+    let events = answered_within(
+        ctx.query_timeout,
+        store::read_all(&mut ctx.conn, ctx.checkpoint, ctx.batch),
+    )
+    .await
+    .map_err(StepError::Leadership)?;
     let full = events.len() as i64 >= ctx.batch;
     if full {
-        ctx.head = store::head_position(&mut ctx.conn)
+        ctx.head = answered_within(ctx.query_timeout, store::head_position(&mut ctx.conn))
             .await
             .map_err(StepError::Leadership)?;
     } else if let Some(last) = events.last() {
