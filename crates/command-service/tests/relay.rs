@@ -48,9 +48,14 @@ impl RunningRelay {
     }
 
     fn start_with(db: &TestDatabase, redis_url: &str, stream_key: &str, args: RelayArgs) -> Self {
+        Self::start_on(db.pool.clone(), redis_url, stream_key, args)
+    }
+
+    /// Starts a relay whose database connections come from `pool`'s options.
+    fn start_on(pool: sqlx::PgPool, redis_url: &str, stream_key: &str, args: RelayArgs) -> Self {
         let shutdown = CancellationToken::new();
         let (handle, status) = relay::spawn(
-            db.pool.clone(),
+            pool,
             redis_url.to_owned(),
             stream_key.to_owned(),
             args,
@@ -623,17 +628,16 @@ async fn a_leader_whose_database_stops_answering_steps_down_and_resumes_when_it_
         .connect_with(through_proxy)
         .await
         .expect("connect through the proxy");
-    let shutdown = CancellationToken::new();
-    let (handle, status) = relay::spawn(
+    let relay = RunningRelay::start_on(
         pool,
-        url.clone(),
-        keys.stream.clone(),
+        &url,
+        &keys.stream,
         RelayArgs {
             relay_query_timeout_ms: 1_000,
             ..test_args()
         },
-        shutdown.clone(),
     );
+    let status = &relay.status;
     wait_until(DEADLINE, "the relay leads", || async {
         status.is_leader().then_some(())
     })
@@ -661,11 +665,7 @@ async fn a_leader_whose_database_stops_answering_steps_down_and_resumes_when_it_
     })
     .await;
 
-    shutdown.cancel();
-    handle
-        .await
-        .expect("relay task does not panic")
-        .expect("relay stops cleanly");
+    relay.stop().await;
     delete_key(&conn, &keys.stream).await;
 }
 
