@@ -11,7 +11,7 @@ use bus::testing::{PrivateRedis, shared_redis_url, unique_keys, wait_until};
 use bus::{ConnectionManager, StreamEntry};
 use command_service::relay::{self, RelayArgs, RelayStatus};
 use events::{EventMetadata, NewEvent, order_stream_id};
-use store::testing::TestDatabase;
+use store::testing::{SilencingProxy, TestDatabase};
 use store::{AppendOutcome, AppendRequest, CommitterConfig, ExpectedVersion, GroupCommitter};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -542,92 +542,14 @@ async fn a_leader_whose_connection_is_terminated_steps_down_and_publishing_conti
     delete_key(&conn, &keys.stream).await;
 }
 
-/// A TCP proxy to PostgreSQL that can stop passing bytes while keeping every connection open:
-/// what a client sees when the server's host dies or a network path silently drops its packets
-/// (nothing answers, nothing closes).
-struct SilencingProxy {
-    port: u16,
-    silent: tokio::sync::watch::Sender<bool>,
-    accept: JoinHandle<()>,
-}
-
-impl SilencingProxy {
-    async fn start(upstream: std::net::SocketAddr) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the proxy");
-        let port = listener.local_addr().expect("proxy address").port();
-        let (silent, watch) = tokio::sync::watch::channel(false);
-        let accept = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
-                    continue;
-                };
-                let (client_read, client_write) = client.into_split();
-                let (server_read, server_write) = server.into_split();
-                tokio::spawn(Self::pump(client_read, server_write, watch.clone()));
-                tokio::spawn(Self::pump(server_read, client_write, watch.clone()));
-            }
-        });
-        Self {
-            port,
-            silent,
-            accept,
-        }
-    }
-
-    /// Copies `from` to `to`, holding every byte while the proxy is silent.
-    async fn pump(
-        mut from: tokio::net::tcp::OwnedReadHalf,
-        mut to: tokio::net::tcp::OwnedWriteHalf,
-        mut silent: tokio::sync::watch::Receiver<bool>,
-    ) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut buffer = vec![0u8; 16 * 1024];
-        loop {
-            let read = from.read(&mut buffer).await;
-            // A silent path passes nothing, not even the end of a connection.
-            if silent.wait_for(|silent| !silent).await.is_err() {
-                return;
-            }
-            match read {
-                Ok(0) | Err(_) => {
-                    let _ = to.shutdown().await;
-                    return;
-                }
-                Ok(read) => {
-                    if to.write_all(&buffer[..read]).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    fn set_silent(&self, silent: bool) {
-        self.silent.send_replace(silent);
-    }
-}
-
-impl Drop for SilencingProxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-    }
-}
-
 #[tokio::test]
 async fn a_leader_whose_database_stops_answering_steps_down_and_resumes_when_it_answers() {
     let db = TestDatabase::new().await;
     let keys = unique_keys();
     let url = shared_redis_url();
     let conn = redis(&url).await;
-    let proxy = SilencingProxy::start(([127, 0, 0, 1], 5432).into()).await;
-    let through_proxy = db.pool.connect_options().as_ref().clone().port(proxy.port);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect_with(through_proxy)
-        .await
-        .expect("connect through the proxy");
+    let proxy = SilencingProxy::start(&db).await;
+    let pool = proxy.pool(2).await;
     let relay = RunningRelay::start_on(
         pool,
         &url,

@@ -118,6 +118,47 @@ pub async fn append_batch(
     Ok(results)
 }
 
+/// [`append_batch`], given at most `deadline` from asking the pool for a connection to the
+/// commit's answer.
+///
+/// Past it the append fails with a timed-out I/O error: a server that went silent (its host
+/// died, a fail-over moved its address) would otherwise hold the append, and everything queued
+/// behind it, for as long as TCP retries (about 15 minutes). Its connection is closed, not
+/// handed back: its state is unknown, and the pool would test it with a round trip the silent
+/// server never answers. As after any connection lost during a commit, the caller cannot tell
+/// whether the transaction committed; a retry with the same idempotency key settles it.
+pub async fn append_batch_within(
+    pool: &PgPool,
+    requests: &[AppendRequest],
+    deadline: std::time::Duration,
+) -> Result<Vec<Result<AppendOutcome, AppendError>>, sqlx::Error> {
+    let give_up = tokio::time::Instant::now() + deadline;
+    let timed_out = || {
+        sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the append transaction did not finish within {deadline:?}"),
+        ))
+    };
+    // The pool tests a connection before handing it out, which waits on a silent server too.
+    let mut conn = tokio::time::timeout_at(give_up, pool.acquire())
+        .await
+        .map_err(|_| timed_out())??;
+    let append = async {
+        let mut tx =
+            sqlx::Connection::begin_with(&mut *conn, AssertSqlSafe(begin_statement())).await?;
+        let results = append_holding_lock(&mut tx, requests).await?;
+        tx.commit().await?;
+        Ok(results)
+    };
+    match tokio::time::timeout_at(give_up, append).await {
+        Ok(result) => result,
+        Err(_) => {
+            conn.close_on_drop();
+            Err(timed_out())
+        }
+    }
+}
+
 /// Begins an append transaction: holding the append lock, under [`CACHED_PLAN_SETTINGS`], and
 /// with nothing else changed. In particular its commit waits for the WAL flush as the server's
 /// `synchronous_commit` says, which is what makes an acknowledged append durable (guarantee 1):
@@ -125,12 +166,13 @@ pub async fn append_batch(
 pub(crate) async fn begin_append(
     pool: &PgPool,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-    // BEGIN, the lock and the plan settings travel together, saving round trips on the
-    // serialised path.
-    pool.begin_with(AssertSqlSafe(format!(
-        "BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY}); {CACHED_PLAN_SETTINGS}"
-    )))
-    .await
+    pool.begin_with(AssertSqlSafe(begin_statement())).await
+}
+
+/// What [`begin_append`] sends: BEGIN, the lock and the plan settings travel together, saving
+/// round trips on the serialised path.
+fn begin_statement() -> String {
+    format!("BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY}); {CACHED_PLAN_SETTINGS}")
 }
 
 /// Row data of the accepted events, column by column for `UNNEST`.

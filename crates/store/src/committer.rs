@@ -9,9 +9,9 @@
 //! append to a stream, chained on the version the first one will produce, before the first has
 //! committed: if the first fails, the second fails its version check and nothing is out of order.
 
-use crate::append::{AppendError, AppendOutcome, AppendRequest, append_batch};
+use crate::append::{AppendError, AppendOutcome, AppendRequest, append_batch_within};
 use sqlx::PgPool;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// Bounds of one group commit.
@@ -22,13 +22,21 @@ pub struct CommitterConfig {
     /// Requests waiting beyond this make submitters wait (back-pressure instead of unbounded
     /// memory).
     pub queue_capacity: usize,
+    /// Longest one group commit may take, the append lock's wait included; past it the batch
+    /// fails and the committer moves on (`append_batch_within` says why).
+    pub transaction_timeout: Duration,
 }
+
+/// [`CommitterConfig::transaction_timeout`] by default: a commit takes milliseconds, and even
+/// a long queue on the append lock clears in well under a second.
+pub const DEFAULT_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for CommitterConfig {
     fn default() -> Self {
         Self {
             max_batch_requests: 256,
             queue_capacity: 4096,
+            transaction_timeout: DEFAULT_TRANSACTION_TIMEOUT,
         }
     }
 }
@@ -49,7 +57,7 @@ impl GroupCommitter {
     /// Starts the commit task on the current runtime.
     pub fn spawn(pool: PgPool, config: CommitterConfig) -> Self {
         let (queue, receiver) = mpsc::channel(config.queue_capacity.max(1));
-        tokio::spawn(run(pool, receiver, config.max_batch_requests.max(1)));
+        tokio::spawn(run(pool, receiver, config));
         Self { queue }
     }
 
@@ -71,12 +79,17 @@ impl GroupCommitter {
     }
 }
 
-async fn run(pool: PgPool, mut receiver: mpsc::Receiver<(AppendRequest, Reply)>, max_batch: usize) {
+async fn run(
+    pool: PgPool,
+    mut receiver: mpsc::Receiver<(AppendRequest, Reply)>,
+    config: CommitterConfig,
+) {
+    let max_batch = config.max_batch_requests.max(1);
     let mut batch = Vec::with_capacity(max_batch);
     while receiver.recv_many(&mut batch, max_batch).await > 0 {
         let (requests, replies): (Vec<AppendRequest>, Vec<Reply>) = batch.drain(..).unzip();
         let started = Instant::now();
-        let result = append_batch(&pool, &requests).await;
+        let result = append_batch_within(&pool, &requests, config.transaction_timeout).await;
         metrics::histogram!("event_store_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("event_store_batch_requests").record(requests.len() as f64);
         match result {

@@ -30,8 +30,9 @@ pub mod snapshot;
 pub use aggregate::{LoadError, LoadedOrder, load_order};
 pub use append::{
     AppendError, AppendOutcome, AppendRequest, ExpectedVersion, IdempotencyRecord, append_batch,
+    append_batch_within,
 };
-pub use committer::{CommitterConfig, GroupCommitter};
+pub use committer::{CommitterConfig, DEFAULT_TRANSACTION_TIMEOUT, GroupCommitter};
 pub use read::{
     head_position, read_all, read_stream, read_stream_until_time, read_stream_until_version,
     stream_version,

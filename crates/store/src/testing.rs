@@ -1,10 +1,12 @@
 //! Test support: a fresh, migrated database per test on the local PostgreSQL, dropped when the
-//! test ends, so tests run in parallel without seeing each other's data.
+//! test ends, so tests run in parallel without seeing each other's data; and a proxy in front of
+//! it that can go silent ([`SilencingProxy`]), for the failures where the server stops answering.
 //! Enabled by the `test-util` feature; never used by the services.
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use std::str::FromStr;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The statement an append reads the store's state with, to check its plan.
 pub const BATCH_STATE_SQL: &str = crate::append::BATCH_STATE_SQL;
@@ -101,5 +103,90 @@ impl Drop for TestDatabase {
             });
         });
         let _ = dropper.join();
+    }
+}
+
+/// A TCP proxy to PostgreSQL that can stop passing bytes while keeping every connection open:
+/// what a client sees when the server's host dies or a network path silently drops its packets
+/// (nothing answers, nothing closes).
+pub struct SilencingProxy {
+    options: PgConnectOptions,
+    silent: tokio::sync::watch::Sender<bool>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl SilencingProxy {
+    /// Starts a proxy in front of the server of `db`.
+    pub async fn start(db: &TestDatabase) -> Self {
+        let direct = db.pool.connect_options();
+        let upstream = (direct.get_host().to_owned(), direct.get_port());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let (silent, watch) = tokio::sync::watch::channel(false);
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream.clone()).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(Self::pump(client_read, server_write, watch.clone()));
+                tokio::spawn(Self::pump(server_read, client_write, watch.clone()));
+            }
+        });
+        Self {
+            options: direct.as_ref().clone().port(port),
+            silent,
+            accept,
+        }
+    }
+
+    /// A pool of at most `size` connections to `db` through the proxy.
+    pub async fn pool(&self, size: u32) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(size)
+            .connect_with(self.options.clone())
+            .await
+            .expect("connect through the proxy")
+    }
+
+    /// Copies `from` to `to`, holding every byte while the proxy is silent.
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut silent: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut buffer = vec![0u8; 16 * 1024];
+        loop {
+            let read = from.read(&mut buffer).await;
+            // A silent path passes nothing, not even the end of a connection.
+            if silent.wait_for(|silent| !silent).await.is_err() {
+                return;
+            }
+            match read {
+                Ok(0) | Err(_) => {
+                    let _ = to.shutdown().await;
+                    return;
+                }
+                Ok(read) => {
+                    if to.write_all(&buffer[..read]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Holds (`true`) or passes again (`false`) every byte, in both directions.
+    pub fn set_silent(&self, silent: bool) {
+        self.silent.send_replace(silent);
+    }
+}
+
+impl Drop for SilencingProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
     }
 }

@@ -6,7 +6,7 @@ use events::{EventMetadata, NewEvent, OrderState, STATE_SCHEMA_VERSION};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, Row};
 use store::testing::{
-    BATCH_STATE_SQL, CACHED_PLAN_SETTINGS, TestDatabase, begin_append_transaction,
+    BATCH_STATE_SQL, CACHED_PLAN_SETTINGS, SilencingProxy, TestDatabase, begin_append_transaction,
 };
 use store::{
     AppendError, AppendRequest, CommitterConfig, ExpectedVersion, GroupCommitter, IdempotencyRecord,
@@ -555,4 +555,44 @@ mod snapshots {
         let loaded = store::load_order(&db.pool, order_id).await.expect("load");
         assert_eq!((loaded.snapshot_version, loaded.events_replayed), (None, 4));
     }
+}
+
+#[tokio::test]
+async fn a_commit_the_database_never_answers_fails_in_time_and_the_committer_carries_on() {
+    let db = TestDatabase::new().await;
+    let proxy = SilencingProxy::start(&db).await;
+    let committer = GroupCommitter::spawn(
+        proxy.pool(1).await,
+        CommitterConfig {
+            transaction_timeout: std::time::Duration::from_secs(1),
+            ..CommitterConfig::default()
+        },
+    );
+    let deadline = std::time::Duration::from_secs(30);
+    committer
+        .append(request("order-a", ExpectedVersion::Exact(0), 1))
+        .await
+        .expect("an append through the proxy");
+
+    // The server goes silent, as when its host dies: the commit in flight must give up, not
+    // hold the committer (and every command queued behind it) for as long as TCP retries.
+    proxy.set_silent(true);
+    let stalled = tokio::time::timeout(
+        deadline,
+        committer.append(request("order-b", ExpectedVersion::Exact(0), 1)),
+    )
+    .await
+    .expect("the commit waited on the silent server past its deadline");
+    assert!(
+        matches!(stalled, Err(AppendError::Database(_))),
+        "expected a database failure, got {stalled:?}"
+    );
+    proxy.set_silent(false);
+    tokio::time::timeout(
+        deadline,
+        committer.append(request("order-c", ExpectedVersion::Exact(0), 1)),
+    )
+    .await
+    .expect("the committer still waits")
+    .expect("an append once the server answers again");
 }
