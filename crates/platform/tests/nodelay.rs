@@ -3,7 +3,8 @@
 //! message written in more than one piece (a batched append, a projector batch or a rebuild page
 //! longer than one TLS record, a pipeline of XADDs, a long response) waits up to 40 ms for the
 //! peer's delayed acknowledgement before its last segment leaves (BENCHMARKS.md, "PostgreSQL
-//! over TLS"; `vendor/README.md`).
+//! over TLS"; `vendor/README.md`). PostgreSQL connections also probe a silent server, so one
+//! that vanished without closing them is noticed within about 30 s.
 //!
 //! The socket options are read from this process's own sockets: each open descriptor is
 //! duplicated with `pidfd_getfd`, which needs no `unsafe` and shares the socket it duplicates.
@@ -12,6 +13,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
+use std::time::Duration;
 
 use platform::{db, redis_conn};
 use redis::AsyncCommands;
@@ -24,12 +26,19 @@ const REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 /// `(peer, TCP_NODELAY)` of every TCP socket of this process connected to `port`.
 fn sockets_connected_to(port: u16) -> Vec<(SocketAddr, bool)> {
-    sockets_where(|_, peer| peer.port() == port)
+    sockets_where(|_, peer| peer.port() == port, nodelay)
 }
 
-/// `(peer, TCP_NODELAY)` of every connected TCP socket of this process whose local address and
-/// peer address satisfy `wanted`.
-fn sockets_where(wanted: impl Fn(SocketAddr, SocketAddr) -> bool) -> Vec<(SocketAddr, bool)> {
+fn nodelay(socket: &OwnedFd) -> bool {
+    rustix::net::sockopt::tcp_nodelay(socket).unwrap()
+}
+
+/// `(peer, read(socket))` of every connected TCP socket of this process whose local address
+/// and peer address satisfy `wanted`.
+fn sockets_where<T>(
+    wanted: impl Fn(SocketAddr, SocketAddr) -> bool,
+    read: impl Fn(&OwnedFd) -> T,
+) -> Vec<(SocketAddr, T)> {
     let me = pidfd_open(getpid(), PidfdFlags::empty()).unwrap();
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
@@ -59,7 +68,7 @@ fn sockets_where(wanted: impl Fn(SocketAddr, SocketAddr) -> bool) -> Vec<(Socket
         if let Ok(local) = local
             && wanted(local, peer)
         {
-            found.push((peer, rustix::net::sockopt::tcp_nodelay(&socket).unwrap()));
+            found.push((peer, read(&socket)));
         }
     }
     found
@@ -182,9 +191,59 @@ async fn every_accepted_http_connection_sends_without_waiting_for_acknowledgemen
     assert_eq!(&response, b"HTTP/1.1 200");
 
     // The server's end of the connection: local port `port`, peer the client.
-    assert_all_send_at_once(&sockets_where(|local, _| local.port() == port), 1, "http");
+    assert_all_send_at_once(
+        &sockets_where(|local, _| local.port() == port, nodelay),
+        1,
+        "http",
+    );
 
     drop(client);
     stop.cancel();
     server.await.unwrap().unwrap();
+}
+
+/// How a socket notices a dead peer: keepalive on, its idle time, probe interval and count, and
+/// `TCP_USER_TIMEOUT` in milliseconds.
+fn dead_peer_detection(socket: &OwnedFd) -> (bool, Duration, Duration, u32, u32) {
+    use rustix::net::sockopt;
+    (
+        sockopt::socket_keepalive(socket).unwrap(),
+        sockopt::tcp_keepidle(socket).unwrap(),
+        sockopt::tcp_keepintvl(socket).unwrap(),
+        sockopt::tcp_keepcnt(socket).unwrap(),
+        sockopt::tcp_user_timeout(socket).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn every_database_connection_notices_a_vanished_server_within_half_a_minute() {
+    let name = format!("platform_nodelay_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("postgres://postgres@{SERVER}/{name}");
+    let pool = db::connect(&url, "nodelay-test", 2, None).await.unwrap();
+    let held = (pool.acquire().await.unwrap(), pool.acquire().await.unwrap());
+    let dedicated = PgConnection::connect(&url).await.unwrap();
+
+    let sockets = sockets_where(|_, peer| peer.port() == 5432, dead_peer_detection);
+    assert!(
+        sockets.len() >= 3,
+        "expected the 3 open connections, found {sockets:?}"
+    );
+    for (peer, detection) in &sockets {
+        assert_eq!(
+            *detection,
+            (
+                true,
+                Duration::from_secs(10),
+                Duration::from_secs(5),
+                3,
+                30_000
+            ),
+            "connection to {peer}: (keepalive, idle, interval, probes, TCP_USER_TIMEOUT ms)"
+        );
+    }
+
+    dedicated.close().await.unwrap();
+    drop(held);
+    pool.close().await;
+    drop_database(&name).await;
 }

@@ -192,6 +192,7 @@ pub async fn connect_tcp<Ws: WithSocket>(
         // Patched (see vendor/README.md): without TCP_NODELAY, a message written in more than
         // one `write` (each TLS record is one) waits for the server's delayed ACK, ~40 ms.
         socket.set_nodelay(true)?;
+        detect_dead_server(&socket)?;
         return Ok(with_socket.with_socket(socket).await);
     }
 
@@ -202,6 +203,29 @@ pub async fn connect_tcp<Ws: WithSocket>(
             crate::rt::missing_rt((host, port, with_socket))
         }
     }
+}
+
+/// Patched (see vendor/README.md): a server that vanishes without closing the connection (its
+/// host died, a fail-over moved its address, a network path drops packets) is noticed within
+/// about 30 s instead of never (a read waiting for an answer) or after TCP's retransmissions,
+/// about 15 minutes (a request never acknowledged): keepalive probes after 10 s of silence,
+/// 3 of them 5 s apart, and `TCP_USER_TIMEOUT` 30 s for data sent and not acknowledged.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn detect_dead_server(socket: &impl std::os::fd::AsFd) -> io::Result<()> {
+    use std::time::Duration;
+    let socket = socket2::SockRef::from(socket);
+    socket.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(10))
+            .with_interval(Duration::from_secs(5))
+            .with_retries(3),
+    )?;
+    socket.set_tcp_user_timeout(Some(Duration::from_secs(30)))
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn detect_dead_server<S>(_socket: &S) -> io::Result<()> {
+    Ok(())
 }
 
 /// Open a TCP socket to `host` and `port`.
@@ -221,6 +245,7 @@ async fn connect_tcp_async_io(host: &str, port: u16) -> crate::Result<impl Socke
         let stream = Async::<TcpStream>::connect((addr, port)).await?;
         // Patched (see vendor/README.md), as in `connect_tcp`.
         stream.get_ref().set_nodelay(true)?;
+        detect_dead_server(stream.get_ref())?;
         return Ok(stream);
     }
 
@@ -240,6 +265,7 @@ async fn connect_tcp_async_io(host: &str, port: u16) -> crate::Result<impl Socke
             Ok(stream) => {
                 // Patched (see vendor/README.md), as in `connect_tcp`.
                 stream.get_ref().set_nodelay(true)?;
+                detect_dead_server(stream.get_ref())?;
                 return Ok(stream);
             }
             Err(e) => last_err = Some(e),
