@@ -1,4 +1,6 @@
-//! PostgreSQL bootstrap: create the database when missing, connect a pool, run migrations.
+//! PostgreSQL bootstrap: create the database when missing, connect a pool, run migrations; and
+//! the options every service connection carries (TLS choice, plan caching, its name, and the
+//! server-side limits on a client that went silent or froze).
 //!
 //! Several instances may start at once: a concurrent `CREATE DATABASE` is tolerated, and sqlx's
 //! migrator takes an advisory lock. Every failure is one clear line naming the server and the

@@ -37,6 +37,20 @@ async fn drop_database(name: &str) {
     .unwrap();
 }
 
+/// What `pool`'s session shows for each setting in `names`, in order; closes the pool.
+async fn settings(pool: sqlx::PgPool, names: &[&str]) -> Vec<String> {
+    let shown = sqlx::query_scalar(
+        "SELECT current_setting(name) FROM unnest($1::text[]) WITH ORDINALITY AS s(name, n) \
+         ORDER BY n",
+    )
+    .bind(names)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    shown
+}
+
 async fn database_exists(name: &str) -> bool {
     let mut admin = PgConnection::connect(ADMIN_URL).await.unwrap();
     sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
@@ -108,23 +122,17 @@ async fn service_connections_never_reuse_a_generic_plan_made_for_other_table_siz
 async fn connections_carry_the_service_name_unless_the_url_names_them() {
     let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
     let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
-    let app_name = |pool: sqlx::PgPool| async move {
-        let shown: String = sqlx::query_scalar("SELECT current_setting('application_name')")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        pool.close().await;
-        shown
-    };
-
     let pool = db::connect(&url, "order-writer", 1, Some(&TEST_MIGRATOR))
         .await
         .unwrap();
-    assert_eq!(app_name(pool).await, "order-writer");
+    assert_eq!(
+        settings(pool, &["application_name"]).await,
+        ["order-writer"]
+    );
 
     let named = format!("{url}?application_name=blue-deploy");
     let pool = db::connect(&named, "order-writer", 1, None).await.unwrap();
-    assert_eq!(app_name(pool).await, "blue-deploy");
+    assert_eq!(settings(pool, &["application_name"]).await, ["blue-deploy"]);
 
     drop_database(&name).await;
 }
@@ -172,25 +180,26 @@ async fn a_transaction_left_open_by_a_frozen_process_gives_up_its_locks() {
 async fn the_server_ends_silent_clients_within_seconds_unless_the_url_says_otherwise() {
     let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
     let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
-    let settings = |pool: sqlx::PgPool| async move {
-        let shown: Vec<String> = sqlx::query_scalar(
-            "SELECT current_setting(name) FROM unnest(ARRAY['idle_in_transaction_session_timeout', \
-             'tcp_keepalives_idle', 'tcp_keepalives_interval', 'tcp_keepalives_count', \
-             'tcp_user_timeout']) AS name",
-        )
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-        pool.close().await;
-        shown
-    };
+    let limits = [
+        "idle_in_transaction_session_timeout",
+        "tcp_keepalives_idle",
+        "tcp_keepalives_interval",
+        "tcp_keepalives_count",
+        "tcp_user_timeout",
+    ];
 
     let pool = db::connect(&url, "infra-test", 1, None).await.unwrap();
-    assert_eq!(settings(pool).await, ["10s", "10", "5", "3", "30000"]);
+    assert_eq!(
+        settings(pool, &limits).await,
+        ["10s", "10", "5", "3", "30000"]
+    );
 
     let tuned = format!("{url}?options=-c%20idle_in_transaction_session_timeout%3D2500");
     let pool = db::connect(&tuned, "infra-test", 1, None).await.unwrap();
-    assert_eq!(settings(pool).await, ["2500ms", "10", "5", "3", "30000"]);
+    assert_eq!(
+        settings(pool, &limits).await,
+        ["2500ms", "10", "5", "3", "30000"]
+    );
 
     drop_database(&name).await;
 }
