@@ -1,11 +1,13 @@
 //! Test helpers (feature `test-util`): unique keys on the shared Redis, a wait-until loop, and
-//! a private `redis-server` that a test may stop and restart without disturbing anyone else.
+//! a private `redis-server` that a test may stop and restart without disturbing anyone else,
+//! optionally speaking only TLS with certificates made for the test ([`TestCertificates`]).
 //!
 //! Never flush or stop the shared server at `127.0.0.1:6379`; isolate with [`unique_keys`].
 
 use std::future::Future;
 use std::io;
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -59,20 +61,54 @@ pub struct PrivateRedis {
     /// The TCP port it listens on (kept across [`PrivateRedis::start_again`]).
     pub port: u16,
     child: Option<Child>,
+    tls: Option<ServerTls>,
+}
+
+/// How a TLS-only server authenticates itself and its clients.
+#[derive(Debug, Clone)]
+struct ServerTls {
+    certificates: PathBuf,
+    require_client_certificates: bool,
 }
 
 impl PrivateRedis {
     /// Starts a server on a free port and waits until it answers PING.
     pub async fn start() -> io::Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// Starts a server that speaks only TLS, with the server certificate of `certificates`
+    /// (for `localhost` and `127.0.0.1`), and waits until it answers PING over TLS. With
+    /// `require_client_certificates` it refuses clients without a certificate of that CA
+    /// (`tls-auth-clients yes`).
+    pub async fn start_tls(
+        certificates: &TestCertificates,
+        require_client_certificates: bool,
+    ) -> io::Result<Self> {
+        Self::start_with(Some(ServerTls {
+            certificates: certificates.dir.clone(),
+            require_client_certificates,
+        }))
+        .await
+    }
+
+    async fn start_with(tls: Option<ServerTls>) -> io::Result<Self> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let mut redis = Self { port, child: None };
+        let mut redis = Self {
+            port,
+            child: None,
+            tls,
+        };
         redis.start_again().await?;
         Ok(redis)
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>`, or `rediss://localhost:<port>` for a TLS server.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.tls {
+            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(_) => format!("rediss://localhost:{}", self.port),
+        }
     }
 
     /// Whether the process is running (as far as this handle knows).
@@ -93,8 +129,30 @@ impl PrivateRedis {
     pub async fn start_again(&mut self) -> io::Result<()> {
         self.stop();
         let bin = std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".to_owned());
-        let child = Command::new(bin)
-            .args(["--port", &self.port.to_string()])
+        let mut command = Command::new(bin);
+        match &self.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some(tls) => {
+                let file = |name: &str| tls.certificates.join(name);
+                command
+                    .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                    .arg("--tls-cert-file")
+                    .arg(file(SERVER_CERT))
+                    .arg("--tls-key-file")
+                    .arg(file(SERVER_KEY))
+                    .arg("--tls-ca-cert-file")
+                    .arg(file(CA_CERT))
+                    .args([
+                        "--tls-auth-clients",
+                        if tls.require_client_certificates {
+                            "yes"
+                        } else {
+                            "no"
+                        },
+                    ])
+            }
+        };
+        let child = command
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
             .args(["--appendonly", "no"])
@@ -108,7 +166,11 @@ impl PrivateRedis {
         self.child = Some(child);
         let started = Instant::now();
         while started.elapsed() < STARTUP_DEADLINE {
-            if ping(self.port).await {
+            let answered = match &self.tls {
+                None => ping(self.port).await,
+                Some(tls) => ping_tls(self.port, &tls.certificates).await,
+            };
+            if answered {
                 return Ok(());
             }
             let exited = match self.child.as_mut() {
@@ -138,6 +200,30 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// PING over TLS, trusting the test CA and presenting its client certificate.
+async fn ping_tls(port: u16, certificates: &Path) -> bool {
+    let Ok(tls) = TestCertificates::in_dir(certificates).client_tls() else {
+        return false;
+    };
+    let Ok(client) = redis::Client::build_with_tls(format!("rediss://localhost:{port}"), tls)
+    else {
+        return false;
+    };
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(Some(Duration::from_secs(1)));
+    let Ok(mut conn) = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+    else {
+        return false;
+    };
+    redis::cmd("PING")
+        .query_async::<String>(&mut conn)
+        .await
+        .is_ok_and(|pong| pong == "PONG")
+}
+
 async fn ping(port: u16) -> bool {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await else {
         return false;
@@ -150,4 +236,115 @@ async fn ping(port: u16) -> bool {
         tokio::time::timeout(Duration::from_secs(1), stream.read_exact(&mut buf)).await,
         Ok(Ok(_)) if &buf == b"+PONG\r\n"
     )
+}
+
+/// The files [`TestCertificates::generate`] writes.
+const CA_CERT: &str = "ca.crt";
+const SERVER_CERT: &str = "server.crt";
+const SERVER_KEY: &str = "server.key";
+const CLIENT_CERT: &str = "client.crt";
+const CLIENT_KEY: &str = "client.key";
+
+/// A certificate authority made for one test, with a server certificate for `localhost` and
+/// `127.0.0.1` and a client certificate it signed, as PEM files in a directory of their own
+/// (removed on drop). Made with the `openssl` command (`OPENSSL_BIN`), P-256 keys, valid 2 days.
+#[derive(Debug)]
+pub struct TestCertificates {
+    dir: PathBuf,
+    owned: bool,
+}
+
+impl TestCertificates {
+    /// Makes the authority and both certificates.
+    pub fn generate() -> io::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("test-tls-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir)?;
+        let certificates = Self { dir, owned: true };
+        const NEW_KEY: &str = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+        certificates.openssl(&format!(
+            "req -x509 {NEW_KEY} -days 2 -subj /CN=test-CA -keyout ca.key -out {CA_CERT}"
+        ))?;
+        // The extensions make them X.509 v3 certificates, the only version rustls accepts.
+        for (name, extensions) in [
+            (
+                "server",
+                "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+            ),
+            ("client", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            std::fs::write(certificates.dir.join(format!("{name}.ext")), extensions)?;
+            certificates.openssl(&format!(
+                "req {NEW_KEY} -subj /CN=test-{name} -keyout {name}.key -out {name}.csr"
+            ))?;
+            certificates.openssl(&format!(
+                "x509 -req -in {name}.csr -CA {CA_CERT} -CAkey ca.key -CAcreateserial -days 2 \
+                 -extfile {name}.ext -out {name}.crt"
+            ))?;
+        }
+        Ok(certificates)
+    }
+
+    /// The files an earlier [`TestCertificates::generate`] made in `dir`, left in place on drop.
+    fn in_dir(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            owned: false,
+        }
+    }
+
+    /// Runs `openssl` with `args` (split at whitespace) in the certificates' directory.
+    fn openssl(&self, args: &str) -> io::Result<()> {
+        let bin = std::env::var("OPENSSL_BIN").unwrap_or_else(|_| "openssl".to_owned());
+        let output = Command::new(bin)
+            .args(args.split_whitespace())
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .output()?;
+        if output.status.success() {
+            return Ok(());
+        }
+        Err(io::Error::other(format!(
+            "openssl {args} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )))
+    }
+
+    /// The CA certificate (PEM): what a client trusts.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join(CA_CERT)
+    }
+
+    /// The client certificate (PEM), signed by the CA.
+    pub fn client_cert(&self) -> PathBuf {
+        self.dir.join(CLIENT_CERT)
+    }
+
+    /// The client certificate's private key (PEM).
+    pub fn client_key(&self) -> PathBuf {
+        self.dir.join(CLIENT_KEY)
+    }
+
+    /// The server certificate (PEM), signed by the CA: a certificate that is not an authority.
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.join(SERVER_CERT)
+    }
+
+    /// What a redis-rs client needs to trust the CA and present the client certificate.
+    pub fn client_tls(&self) -> io::Result<redis::TlsCertificates> {
+        Ok(redis::TlsCertificates {
+            client_tls: Some(redis::ClientTlsConfig {
+                client_cert: std::fs::read(self.client_cert())?,
+                client_key: std::fs::read(self.client_key())?,
+            }),
+            root_cert: Some(std::fs::read(self.ca_cert())?),
+        })
+    }
+}
+
+impl Drop for TestCertificates {
+    fn drop(&mut self) {
+        if self.owned {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }

@@ -38,6 +38,8 @@ pub struct Application {
     port: u16,
     router: Router,
     pool: PgPool,
+    /// Opens the relay's Redis connections (`REDIS_URL` with its TLS files).
+    redis_client: redis::Client,
     config: Config,
 }
 
@@ -64,10 +66,8 @@ impl Application {
             migrator,
         )
         .await?;
-        let redis = redis_conn::lazy_manager(
-            &config.common.redis_url,
-            redis_conn::DEFAULT_RESPONSE_TIMEOUT,
-        )?;
+        let redis_client = config.common.redis_client()?;
+        let redis = redis_conn::lazy_manager(&redis_client, redis_conn::DEFAULT_RESPONSE_TIMEOUT)?;
 
         let committer = GroupCommitter::spawn(pool.clone(), CommitterConfig::default());
         let handler = CommandHandler::new(
@@ -104,6 +104,7 @@ impl Application {
             port,
             router,
             pool,
+            redis_client,
             config,
         })
     }
@@ -129,6 +130,7 @@ impl Application {
             port,
             router,
             pool,
+            redis_client,
             config,
         } = self;
         // Background work stops on `workers`; the server also stops when the relay fails, so an
@@ -139,7 +141,7 @@ impl Application {
         let relay = config.relay.relay_enabled.then(|| {
             let run = relay::run(
                 pool.clone(),
-                config.common.redis_url.clone(),
+                redis_client,
                 config.common.event_stream.clone(),
                 config.relay.clone(),
                 workers.child_token(),

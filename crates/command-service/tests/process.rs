@@ -102,8 +102,16 @@ async fn sigterm_drains_and_exits_zero() {
 
 /// Runs the binary with one bad setting and returns its exit status and stderr lines.
 fn run_with_bad_setting(name: &str, value: &str) -> (std::process::ExitStatus, Vec<String>) {
-    let output = command()
-        .env(name, value)
+    run_with_settings(&[(name, value)])
+}
+
+/// Runs the binary with `settings` and returns its exit status and stderr lines.
+fn run_with_settings(settings: &[(&str, &str)]) -> (std::process::ExitStatus, Vec<String>) {
+    let mut command = command();
+    for (name, value) in settings {
+        command.env(name, value);
+    }
+    let output = command
         .env("LISTEN_ADDR", format!("127.0.0.1:{}", free_port()))
         .stderr(Stdio::piped())
         .output()
@@ -131,4 +139,68 @@ fn a_bad_redis_url_exits_non_zero_with_one_line_naming_it() {
     assert!(!status.success());
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("REDIS_URL"), "{lines:?}");
+}
+
+#[test]
+fn a_wrong_redis_tls_file_exits_non_zero_with_one_line_naming_the_setting() {
+    let certificates = bus::testing::TestCertificates::generate().unwrap();
+    let [ca, cert, key] = [
+        certificates.ca_cert(),
+        certificates.client_cert(),
+        certificates.client_key(),
+    ]
+    .map(|path| path.to_str().unwrap().to_owned());
+    let tls = "rediss://localhost:6380";
+    let cases: [(&[(&str, &str)], String); 6] = [
+        (
+            &[("REDIS_URL", tls), ("REDIS_CA_CERT", "/nonexistent/ca.pem")],
+            "invalid REDIS_CA_CERT: /nonexistent/ca.pem: No such file".to_owned(),
+        ),
+        (
+            &[("REDIS_URL", tls), ("REDIS_CA_CERT", &key)],
+            format!("invalid REDIS_CA_CERT: no PEM certificate in {key}"),
+        ),
+        (
+            &[
+                ("REDIS_URL", "redis://localhost:6379"),
+                ("REDIS_CA_CERT", &ca),
+            ],
+            "invalid REDIS_CA_CERT: only used with a rediss:// REDIS_URL".to_owned(),
+        ),
+        (
+            &[("REDIS_URL", tls), ("REDIS_CLIENT_CERT", &cert)],
+            "invalid REDIS_CLIENT_CERT: needs REDIS_CLIENT_KEY".to_owned(),
+        ),
+        (
+            &[("REDIS_URL", tls), ("REDIS_CLIENT_KEY", &key)],
+            "invalid REDIS_CLIENT_KEY: needs REDIS_CLIENT_CERT".to_owned(),
+        ),
+        (
+            &[
+                ("REDIS_URL", tls),
+                ("REDIS_CLIENT_CERT", &cert),
+                ("REDIS_CLIENT_KEY", &cert),
+            ],
+            format!("invalid REDIS_CLIENT_KEY: no PEM private key in {cert}"),
+        ),
+    ];
+    for (settings, expected) in cases {
+        let (status, lines) = run_with_settings(settings);
+        assert!(!status.success(), "{settings:?}");
+        assert_eq!(lines.len(), 1, "{settings:?}: {lines:?}");
+        assert!(lines[0].contains(&expected), "{settings:?}: {lines:?}");
+    }
+    // The same files, right, start the service (it then waits for Redis to answer).
+    let (status, lines) = run_with_settings(&[
+        ("REDIS_URL", tls),
+        ("REDIS_CA_CERT", &ca),
+        ("REDIS_CLIENT_CERT", &cert),
+        ("REDIS_CLIENT_KEY", &key),
+        ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none"),
+    ]);
+    assert!(!status.success());
+    assert!(
+        lines.iter().all(|line| !line.contains("REDIS")),
+        "{lines:?}"
+    );
 }

@@ -56,7 +56,7 @@ impl RunningRelay {
         let shutdown = CancellationToken::new();
         let (handle, status) = relay::spawn(
             pool,
-            redis_url.to_owned(),
+            bus::client(redis_url).expect("redis url"),
             stream_key.to_owned(),
             args,
             shutdown.clone(),
@@ -732,7 +732,7 @@ async fn a_commit_wakes_the_relay_without_waiting_for_the_fallback_tick() {
     let shutdown = CancellationToken::new();
     let (handle, status) = relay::spawn(
         db.pool.clone(),
-        url.clone(),
+        bus::client(&url).expect("redis url"),
         keys.stream.clone(),
         RelayArgs {
             relay_poll_ms: 60_000,

@@ -89,7 +89,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     let redis =
-        redis_conn::connect_manager(&config.common.redis_url, Duration::from_secs(2)).await?;
+        redis_conn::connect_manager(&config.common.redis_client()?, Duration::from_secs(2)).await?;
 
     let api = Router::new()
         .route("/echo", post(echo))

@@ -12,6 +12,8 @@ use std::time::Duration;
 use anyhow::anyhow;
 use sqlx::postgres::PgConnectOptions;
 
+pub use crate::redis_tls::RedisTlsArgs;
+
 /// Default `DATABASE_URL`: the local trust-auth server used in development and tests.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/orders";
 /// Default `REDIS_URL`: the local server used in development and tests.
@@ -38,9 +40,13 @@ pub struct CommonArgs {
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
 
-    /// Redis connection URL
+    /// Redis connection URL (`rediss://` for TLS)
     #[arg(long, env = "REDIS_URL", default_value = DEFAULT_REDIS_URL, hide_env_values = true)]
     pub redis_url: String,
+
+    /// TLS files for a `rediss://` REDIS_URL.
+    #[command(flatten)]
+    pub redis_tls: RedisTlsArgs,
 
     /// Log line format
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
@@ -74,12 +80,12 @@ pub struct CommonArgs {
 }
 
 impl CommonArgs {
-    /// Checks what clap cannot: that both URLs parse. The error is one line naming the setting,
-    /// e.g. `invalid DATABASE_URL: relative URL without a base`; it never repeats the URL, which
-    /// may hold a password.
+    /// Checks what clap cannot: that both URLs parse and the Redis TLS files hold what they
+    /// should. The error is one line naming the setting, e.g. `invalid DATABASE_URL: relative
+    /// URL without a base`; it never repeats the URL, which may hold a password.
     pub fn validate(&self) -> anyhow::Result<()> {
         validate_database_url(&self.database_url)?;
-        validate_redis_url(&self.redis_url)?;
+        self.redis_client()?;
         if self.db_max_connections == 0 {
             return Err(anyhow!("invalid DB_MAX_CONNECTIONS: must be at least 1"));
         }
@@ -87,6 +93,12 @@ impl CommonArgs {
             return Err(anyhow!("invalid EVENT_STREAM: must not be empty"));
         }
         Ok(())
+    }
+
+    /// The client every Redis connection of the binary is opened from: `REDIS_URL` with the
+    /// certificates of [`RedisTlsArgs`]. Reads their files; errors name the setting.
+    pub fn redis_client(&self) -> anyhow::Result<redis::Client> {
+        redis_client(&self.redis_url, &self.redis_tls)
     }
 
     /// The shutdown grace period as a `Duration`.
@@ -100,16 +112,21 @@ pub fn validate_database_url(url: &str) -> anyhow::Result<PgConnectOptions> {
     PgConnectOptions::from_str(url).map_err(|e| anyhow!("invalid DATABASE_URL: {}", one_line(&e)))
 }
 
-/// Parses a `REDIS_URL` the way `redis_conn` will, naming the setting on failure.
+/// The client of a `REDIS_URL` with its TLS files, naming the setting on failure.
 ///
-/// The client's connections send each command at once (`TCP_NODELAY`; redis-rs leaves Nagle's
-/// algorithm on by default): over TLS (`rediss://`) a pipeline longer than one TLS record, such
-/// as the relay's batch of XADDs, would otherwise wait up to 40 ms for the server's delayed ACK.
-pub fn validate_redis_url(url: &str) -> anyhow::Result<redis::Client> {
+/// Its connections send each command at once (`TCP_NODELAY`; redis-rs leaves Nagle's algorithm
+/// on by default): over TLS a pipeline longer than one TLS record, such as the relay's batch of
+/// XADDs, would otherwise wait up to 40 ms for the server's delayed ACK.
+pub fn redis_client(url: &str, tls: &RedisTlsArgs) -> anyhow::Result<redis::Client> {
     let invalid = |e: redis::RedisError| anyhow!("invalid REDIS_URL: {}", one_line(&e));
+    let certificates = tls.certificates(url)?;
     let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(invalid)?;
-    let nodelay = redis::io::tcp::TcpSettings::default().set_nodelay(true);
-    redis::Client::open(info.set_tcp_settings(nodelay)).map_err(invalid)
+    let info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    match certificates {
+        None => redis::Client::open(info),
+        Some(certificates) => redis::Client::build_with_tls(info, certificates),
+    }
+    .map_err(invalid)
 }
 
 /// Settings of binaries that serve an API.

@@ -26,6 +26,8 @@
 //! - [`db`]: connect to Postgres, creating the database when missing, and run migrations.
 //! - [`redis_conn`]: a `ConnectionManager` with explicit timeouts, and dedicated connections for
 //!   blocking reads.
+//! - [`redis_tls`]: the TLS files of a `rediss://` `REDIS_URL` (trusted authorities, client
+//!   certificate), read and checked at start.
 //! - [`shutdown`]: SIGTERM/Ctrl-C as a future and a cancellation token, and `serve` with graceful
 //!   shutdown.
 //! - [`healthcheck`]: a tiny HTTP probe for Docker `HEALTHCHECK` (containers have no curl).
@@ -41,6 +43,7 @@ pub mod metrics;
 pub mod otel;
 pub mod problem;
 pub mod redis_conn;
+pub mod redis_tls;
 pub mod shutdown;
 pub mod telemetry;
 

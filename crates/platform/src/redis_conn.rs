@@ -4,8 +4,10 @@
 //! (`XREADGROUP … BLOCK 2000`), and a blocking read stalls every other request multiplexed on
 //! the same connection. So: one shared [`ConnectionManager`] (reconnects by itself) for ordinary
 //! commands, and a [`dedicated_connection`] per blocking reader, with a response timeout above
-//! its BLOCK time. Failures read `cannot reach Redis at 127.0.0.1:6379 (REDIS_URL): connection
-//! refused`; the URL, which may carry a password, is never printed.
+//! its BLOCK time. All are opened from the binary's one client
+//! ([`crate::config::CommonArgs::redis_client`]: the URL with its TLS files). Failures read
+//! `cannot reach Redis at 127.0.0.1:6379 (REDIS_URL): connection refused`; the URL, which may
+//! carry a password, is never printed.
 
 use std::time::Duration;
 
@@ -13,15 +15,17 @@ use anyhow::anyhow;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, RedisError};
 
-use crate::config::{one_line, validate_redis_url};
+use crate::config::one_line;
 
 /// Default response timeout for ordinary commands (XADD, XACK, PING): generous next to their
 /// sub-millisecond latency, short enough that a hung server fails requests quickly.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one TCP connect (plus handshake) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Reconnect attempts the manager makes per failure, with exponential backoff.
-pub const RECONNECT_RETRIES: usize = 4;
+/// Reconnect attempts the manager makes per failure, with exponential backoff. Few enough that
+/// a connect that fails at once (refused, a certificate not trusted) reports its own error to
+/// `/readyz` within the check's 2 s, not only "timed out"; the next command tries again.
+pub const RECONNECT_RETRIES: usize = 2;
 /// First reconnect delay; doubles per attempt.
 pub const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
 /// Longest delay between two reconnect attempts.
@@ -39,10 +43,9 @@ fn manager_config(response_timeout: Duration) -> ConnectionManagerConfig {
 /// Connects a [`ConnectionManager`] now (fails when Redis is unreachable). After a lost
 /// connection the manager fails the in-flight command and reconnects in the background.
 pub async fn connect_manager(
-    redis_url: &str,
+    client: &redis::Client,
     response_timeout: Duration,
 ) -> anyhow::Result<ConnectionManager> {
-    let client = validate_redis_url(redis_url)?;
     let addr = client.get_connection_info().addr().to_string();
     client
         .get_connection_manager_with_config(manager_config(response_timeout))
@@ -53,10 +56,9 @@ pub async fn connect_manager(
 /// A [`ConnectionManager`] that connects on first use, for services that must start (and report
 /// not-ready) while Redis is down. Only fails on a malformed URL.
 pub fn lazy_manager(
-    redis_url: &str,
+    client: &redis::Client,
     response_timeout: Duration,
 ) -> anyhow::Result<ConnectionManager> {
-    let client = validate_redis_url(redis_url)?;
     let addr = client.get_connection_info().addr().to_string();
     client
         .get_connection_manager_lazy(manager_config(response_timeout))
@@ -66,10 +68,9 @@ pub fn lazy_manager(
 /// A connection of its own for blocking reads (`XREADGROUP … BLOCK n`). `response_timeout` must
 /// exceed the BLOCK time; it does not reconnect, so a reader recreates it after an I/O error.
 pub async fn dedicated_connection(
-    redis_url: &str,
+    client: &redis::Client,
     response_timeout: Duration,
 ) -> anyhow::Result<MultiplexedConnection> {
-    let client = validate_redis_url(redis_url)?;
     let addr = client.get_connection_info().addr().to_string();
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
+use platform::config::RedisTlsArgs;
 use platform::{db, redis_conn};
 use redis::AsyncCommands;
 use rustix::process::{PidfdFlags, PidfdGetfdFlags, getpid, pidfd_getfd, pidfd_open};
@@ -149,12 +150,14 @@ async fn every_database_connection_sends_without_waiting_for_acknowledgements() 
 #[tokio::test]
 async fn every_redis_connection_sends_without_waiting_for_acknowledgements() {
     let timeout = std::time::Duration::from_secs(5);
-    // The services' own connections (readiness, the command-service's and query-service's
-    // manager) and the event bus's (relay, projector consumers).
-    let mut manager = redis_conn::connect_manager(REDIS_URL, timeout)
+    // The services' connections (readiness, relay, projector consumers), all opened from the
+    // client `CommonArgs::redis_client` builds, and those of the event bus's own `bus::client`.
+    let services_client =
+        platform::config::redis_client(REDIS_URL, &RedisTlsArgs::default()).unwrap();
+    let mut manager = redis_conn::connect_manager(&services_client, timeout)
         .await
         .unwrap();
-    let mut dedicated = redis_conn::dedicated_connection(REDIS_URL, timeout)
+    let mut dedicated = redis_conn::dedicated_connection(&services_client, timeout)
         .await
         .unwrap();
     let bus_client = bus::client(REDIS_URL).unwrap();

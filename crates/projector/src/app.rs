@@ -35,7 +35,7 @@ pub async fn connect_db(cli: &Cli) -> anyhow::Result<PgPool> {
 pub fn connect_redis(
     cli: &Cli,
 ) -> anyhow::Result<(redis::Client, bus::ConnectionManager, StreamKeys)> {
-    let client = bus::client(&cli.common.redis_url).context("invalid REDIS_URL")?;
+    let client = cli.common.redis_client()?;
     let conn = bus::connect_lazy(&client).context("connect to Redis (REDIS_URL)")?;
     Ok((
         client,

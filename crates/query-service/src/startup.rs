@@ -62,7 +62,7 @@ impl Application {
         // The query service does not use Redis itself, but the contract's /readyz reports it;
         // a lazy manager lets the service start (and say not-ready) while Redis is down.
         let redis = redis_conn::lazy_manager(
-            &config.common.redis_url,
+            &config.common.redis_client()?,
             redis_conn::DEFAULT_RESPONSE_TIMEOUT,
         )?;
 

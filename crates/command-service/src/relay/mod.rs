@@ -190,14 +190,14 @@ impl RelayArgs {
 /// back to standby when it loses it. Returns `Err` only on a misconfiguration.
 pub async fn run(
     pool: PgPool,
-    redis_url: String,
+    redis: redis::Client,
     stream_key: String,
     args: RelayArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     run_with_status(
         pool,
-        redis_url,
+        redis,
         stream_key,
         args,
         shutdown,
@@ -210,7 +210,7 @@ pub async fn run(
 /// reports to (for `/readyz`-style reporting and tests).
 pub fn spawn(
     pool: PgPool,
-    redis_url: String,
+    redis: redis::Client,
     stream_key: String,
     args: RelayArgs,
     shutdown: CancellationToken,
@@ -218,7 +218,7 @@ pub fn spawn(
     let status = RelayStatus::default();
     let handle = tokio::spawn(run_with_status(
         pool,
-        redis_url,
+        redis,
         stream_key,
         args,
         shutdown,
@@ -230,7 +230,7 @@ pub fn spawn(
 /// [`run`], reporting to a status the caller keeps.
 pub async fn run_with_status(
     pool: PgPool,
-    redis_url: String,
+    redis: redis::Client,
     stream_key: String,
     args: RelayArgs,
     shutdown: CancellationToken,
@@ -242,9 +242,8 @@ pub async fn run_with_status(
         return Ok(());
     }
     args.validate()?;
-    let client = bus::client(&redis_url).context("invalid REDIS_URL for the outbox relay")?;
     // Lazy: the relay (and the service) must start while Redis is down.
-    let conn = bus::connect_lazy(&client).context("invalid REDIS_URL for the outbox relay")?;
+    let conn = bus::connect_lazy(&redis).context("invalid REDIS_URL for the outbox relay")?;
     let publisher = bus::Publisher::new(
         conn,
         bus::StreamKeys::new(stream_key.clone()),
