@@ -161,7 +161,7 @@ pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
 /// The pid of the Redis server behind `url` (`INFO server`), when that process is on this
 /// machine: its `/proc/<pid>/comm` names `redis-server`.
 async fn local_redis_pid(url: &str) -> Option<u32> {
-    let client = redis::Client::open(url).ok()?;
+    let client = crate::redis_client::redis_client(url).ok()?;
     let mut conn = client.get_multiplexed_async_connection().await.ok()?;
     let info: String = redis::cmd("INFO")
         .arg("server")

@@ -19,6 +19,7 @@
 //! - [`metrics`]: interval breakdowns from the services' `/metrics` (commit time, batch size).
 //! - [`cpu`]: CPU time per process (services, their PostgreSQL backends, Redis, the load
 //!   generator) over a measured interval, from `/proc`.
+//! - [`redis_client`]: the tool's Redis clients, with the services' TLS settings.
 //! - [`machine`]: CPU, memory, PostgreSQL and Redis versions and commit settings.
 //! - [`stats`]: HdrHistogram latency series and their percentiles.
 //! - [`report`]: the result document, its Markdown, and the targets check.
@@ -37,6 +38,7 @@ pub mod cpu;
 pub mod generate;
 pub mod machine;
 pub mod metrics;
+pub mod redis_client;
 pub mod report;
 pub mod run;
 pub mod scenarios;

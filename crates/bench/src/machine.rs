@@ -61,7 +61,7 @@ pub async fn describe(postgres_url: &str, redis_url: &str) -> anyhow::Result<Mac
     let postgres_max_connections = setting("max_connections").await?;
     let _ = pg.close().await;
 
-    let client = redis::Client::open(redis_url).context("invalid BENCH_REDIS_URL")?;
+    let client = crate::redis_client::redis_client(redis_url)?;
     let mut conn = client
         .get_multiplexed_async_connection()
         .await

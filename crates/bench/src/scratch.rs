@@ -154,8 +154,7 @@ impl Scratch {
         if !key.starts_with(&format!("bench-{}-", self.run)) {
             anyhow::bail!("refusing to delete {key}: not a key of this run");
         }
-        let client =
-            redis::Client::open(self.redis_url.as_str()).context("invalid BENCH_REDIS_URL")?;
+        let client = crate::redis_client::redis_client(&self.redis_url)?;
         let mut conn = client
             .get_multiplexed_async_connection()
             .await

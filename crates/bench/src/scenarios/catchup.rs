@@ -130,7 +130,7 @@ pub async fn publish_all(
     stream: &str,
     head: i64,
 ) -> anyhow::Result<()> {
-    let client = bus::connection::client(redis_url).context("invalid BENCH_REDIS_URL")?;
+    let client = crate::redis_client::redis_client(redis_url)?;
     let conn = bus::connection::connect(&client)
         .await
         .context("connect to Redis")?;

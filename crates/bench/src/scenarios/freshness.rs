@@ -347,7 +347,7 @@ async fn follow_stream(
     stream: String,
     stop: Instant,
 ) -> anyhow::Result<Latencies> {
-    let client = redis::Client::open(redis_url.as_str()).context("invalid BENCH_REDIS_URL")?;
+    let client = crate::redis_client::redis_client(&redis_url)?;
     let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(
         Duration::from_millis(XREAD_BLOCK_MS) + Duration::from_secs(5),
     ));
