@@ -119,8 +119,8 @@ pub fn validate_database_url(url: &str) -> anyhow::Result<PgConnectOptions> {
 /// XADDs, would otherwise wait up to 40 ms for the server's delayed ACK.
 pub fn redis_client(url: &str, tls: &RedisTlsArgs) -> anyhow::Result<redis::Client> {
     let invalid = |e: redis::RedisError| anyhow!("invalid REDIS_URL: {}", one_line(&e));
-    let certificates = tls.certificates(url)?;
     let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(invalid)?;
+    let certificates = tls.certificates(url)?;
     let info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
     match certificates {
         None => redis::Client::open(info),
