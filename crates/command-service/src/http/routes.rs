@@ -62,16 +62,86 @@ impl utoipa::IntoResponses for OrderCommandProblems {
     }
 }
 
+/// The request headers of a command on an existing order, listed once for the OpenAPI document
+/// of each such route: `If-Match`, `Idempotency-Key` and the metadata headers.
+pub struct OrderCommandHeaders;
+
+impl utoipa::IntoParams for OrderCommandHeaders {
+    fn into_params(
+        _: impl Fn() -> Option<utoipa::openapi::path::ParameterIn>,
+    ) -> Vec<utoipa::openapi::path::Parameter> {
+        command_header_params(true)
+    }
+}
+
+/// The request headers of `POST /orders`: those of [`OrderCommandHeaders`] but `If-Match` (a
+/// new order has no version to match).
+pub struct CreateOrderHeaders;
+
+impl utoipa::IntoParams for CreateOrderHeaders {
+    fn into_params(
+        _: impl Fn() -> Option<utoipa::openapi::path::ParameterIn>,
+    ) -> Vec<utoipa::openapi::path::Parameter> {
+        command_header_params(false)
+    }
+}
+
+/// The optional headers `CommandHeaders` reads, with the bounds it enforces.
+fn command_header_params(with_if_match: bool) -> Vec<utoipa::openapi::path::Parameter> {
+    use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+    use utoipa::openapi::{ObjectBuilder, Required, Type};
+
+    let header = |name: &str, description: &str, schema: ObjectBuilder| {
+        ParameterBuilder::new()
+            .name(name)
+            .parameter_in(ParameterIn::Header)
+            .required(Required::False)
+            .description(Some(description))
+            .schema(Some(schema.schema_type(Type::String).build()))
+            .build()
+    };
+    let if_match = header(
+        "If-Match",
+        "`\"<version>\"`: apply only at this version, else 412",
+        ObjectBuilder::new().pattern(Some(r#"^"[0-9]+"$"#)),
+    );
+    let rest = [
+        header(
+            "Idempotency-Key",
+            "Makes a retry safe: a repeat with the same key and body returns the first response",
+            ObjectBuilder::new()
+                .min_length(Some(1))
+                .max_length(Some(super::MAX_IDEMPOTENCY_KEY_LEN))
+                .pattern(Some(r"^[\x20-\x7E]*[\x21-\x7E][\x20-\x7E]*$")),
+        ),
+        header(
+            "X-Correlation-Id",
+            "Correlation id recorded in the event metadata (echoed)",
+            ObjectBuilder::new(),
+        ),
+        header(
+            "X-Actor",
+            "Who issues the command, recorded in the event metadata",
+            ObjectBuilder::new(),
+        ),
+        header(
+            "traceparent",
+            "W3C trace context recorded in the event metadata",
+            ObjectBuilder::new(),
+        ),
+    ];
+    with_if_match
+        .then_some(if_match)
+        .into_iter()
+        .chain(rest)
+        .collect()
+}
+
 /// Create an order
 #[utoipa::path(
     post, path = "/orders", tag = "orders",
     request_body = CreateOrderRequest,
-    params(
-        ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Makes a retry safe: a repeat with the same key and body returns the first response", min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]*[\x21-\x7E][\x20-\x7E]*$"),
-        ("X-Correlation-Id" = Option<String>, Header, nullable = false, description = "Correlation id recorded in the event metadata (echoed)"),
-        ("X-Actor" = Option<String>, Header, nullable = false, description = "Who issues the command, recorded in the event metadata"),
-        ("traceparent" = Option<String>, Header, nullable = false, description = "W3C trace context recorded in the event metadata"),
-    ),
+    params(CreateOrderHeaders),
     responses(
         (status = 201, description = "Created; `Location: /orders/{id}`, `ETag: \"<version>\"`", body = CommandResponse),
         (status = 400, description = "Malformed JSON, wrong types, bad header", body = platform::Problem, content_type = "application/problem+json"),
@@ -99,8 +169,7 @@ pub async fn create_order(
     request_body = AddItemRequest,
     params(
         ("id" = Uuid, Path, description = "Order id"),
-        ("If-Match" = Option<String>, Header, nullable = false, description = "`\"<version>\"`: apply only at this version, else 412", pattern = r#"^"[0-9]+"$"#),
-        ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Makes a retry safe", min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]*[\x21-\x7E][\x20-\x7E]*$"),
+        OrderCommandHeaders,
     ),
     responses(
         (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
@@ -123,8 +192,7 @@ pub async fn add_item(
     params(
         ("id" = Uuid, Path, description = "Order id"),
         ("sku" = String, Path, description = "SKU of the line to remove"),
-        ("If-Match" = Option<String>, Header, nullable = false, description = "`\"<version>\"`: apply only at this version, else 412", pattern = r#"^"[0-9]+"$"#),
-        ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Makes a retry safe", min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]*[\x21-\x7E][\x20-\x7E]*$"),
+        OrderCommandHeaders,
     ),
     responses(
         (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
@@ -159,8 +227,7 @@ pub async fn remove_item(
     request_body(content = Option<PlaceOrderRequest>, description = "Optional; empty or `{}`"),
     params(
         ("id" = Uuid, Path, description = "Order id"),
-        ("If-Match" = Option<String>, Header, nullable = false, description = "`\"<version>\"`: apply only at this version, else 412", pattern = r#"^"[0-9]+"$"#),
-        ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Makes a retry safe", min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]*[\x21-\x7E][\x20-\x7E]*$"),
+        OrderCommandHeaders,
     ),
     responses(
         (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
@@ -191,8 +258,7 @@ pub async fn place_order(
     request_body = PayOrderRequest,
     params(
         ("id" = Uuid, Path, description = "Order id"),
-        ("If-Match" = Option<String>, Header, nullable = false, description = "`\"<version>\"`: apply only at this version, else 412", pattern = r#"^"[0-9]+"$"#),
-        ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Makes a retry safe", min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]*[\x21-\x7E][\x20-\x7E]*$"),
+        OrderCommandHeaders,
     ),
     responses(
         (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
@@ -215,8 +281,7 @@ pub async fn pay_order(
     request_body = ShipOrderRequest,
     params(
         ("id" = Uuid, Path, description = "Order id"),
-        ("If-Match" = Option<String>, Header, nullable = false, description = "`\"<version>\"`: apply only at this version, else 412", pattern = r#"^"[0-9]+"$"#),
-        ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Makes a retry safe", min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]*[\x21-\x7E][\x20-\x7E]*$"),
+        OrderCommandHeaders,
     ),
     responses(
         (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),
@@ -239,8 +304,7 @@ pub async fn ship_order(
     request_body = CancelOrderRequest,
     params(
         ("id" = Uuid, Path, description = "Order id"),
-        ("If-Match" = Option<String>, Header, nullable = false, description = "`\"<version>\"`: apply only at this version, else 412", pattern = r#"^"[0-9]+"$"#),
-        ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Makes a retry safe", min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]*[\x21-\x7E][\x20-\x7E]*$"),
+        OrderCommandHeaders,
     ),
     responses(
         (status = 200, description = "Applied; `ETag: \"<version>\"`", body = CommandResponse),

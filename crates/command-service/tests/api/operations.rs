@@ -122,13 +122,35 @@ async fn every_bound_the_openapi_document_declares_is_the_one_the_service_enforc
         .map(|code| code.as_str().unwrap())
         .collect();
     assert_eq!(codes, Currency::codes().collect::<Vec<_>>());
-    for parameter in doc["paths"]["/orders/{id}/pay"]["post"]["parameters"]
-        .as_array()
-        .unwrap()
-    {
-        if parameter["name"] == "Idempotency-Key" {
-            assert_eq!(parameter["schema"]["maxLength"], MAX_IDEMPOTENCY_KEY_LEN);
+    // Every command lists the headers it reads, `If-Match` on an existing order only.
+    for (path, method) in [
+        ("/orders", "post"),
+        ("/orders/{id}/items", "post"),
+        ("/orders/{id}/items/{sku}", "delete"),
+        ("/orders/{id}/place", "post"),
+        ("/orders/{id}/pay", "post"),
+        ("/orders/{id}/ship", "post"),
+        ("/orders/{id}/cancel", "post"),
+    ] {
+        let parameters = doc["paths"][path][method]["parameters"].as_array().unwrap();
+        let header = |name: &str| {
+            parameters
+                .iter()
+                .find(|p| p["name"] == name && p["in"] == "header")
+        };
+        let key = header("Idempotency-Key").unwrap_or_else(|| panic!("{path}: Idempotency-Key"));
+        assert_eq!(
+            key["schema"]["maxLength"], MAX_IDEMPOTENCY_KEY_LEN,
+            "{path}"
+        );
+        for name in ["X-Correlation-Id", "X-Actor", "traceparent"] {
+            assert!(header(name).is_some(), "{path}: {name}");
         }
+        assert_eq!(
+            header("If-Match").is_some(),
+            path != "/orders",
+            "{path}: If-Match"
+        );
     }
 
     // And the service accepts each bound and refuses one step past it.
