@@ -82,7 +82,7 @@ impl Application {
         );
         let router = http::router(RouterParts {
             state: AppState { handler },
-            token: config.auth.token(),
+            token: config.auth.tokens(),
             readiness: Readiness::new(pool.clone(), redis),
             metrics,
             limits: HttpLimits {

@@ -142,6 +142,7 @@ impl Config {
     /// Checks what clap cannot (URL syntax), naming the setting on failure.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.common.validate()?;
+        self.auth.validate()?;
         self.relay.validate()?;
         if self.listen_addr.trim().is_empty() {
             anyhow::bail!("invalid LISTEN_ADDR: must not be empty");

@@ -134,6 +134,14 @@ fn a_bad_db_max_connections_exits_non_zero_with_one_line_naming_it() {
 }
 
 #[test]
+fn a_token_list_without_a_token_exits_non_zero_rather_than_running_unprotected() {
+    let (status, lines) = run_with_bad_setting("API_TOKEN", " , ");
+    assert!(!status.success());
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("invalid API_TOKEN"), "{lines:?}");
+}
+
+#[test]
 fn a_bad_redis_url_exits_non_zero_with_one_line_naming_it() {
     let (status, lines) = run_with_bad_setting("REDIS_URL", "notaurl");
     assert!(!status.success());

@@ -93,7 +93,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let api = Router::new()
         .route("/echo", post(echo))
-        .route_layer(auth::require_bearer_token(config.auth.token()));
+        .route_layer(auth::require_bearer_token(config.auth.tokens()));
     let app = with_fallbacks(api.merge(health_router(Readiness::new(pool, redis), metrics)));
     let app = standard_layers(app, HttpLimits::default());
 

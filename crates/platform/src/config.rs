@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use sqlx::postgres::PgConnectOptions;
 
+use crate::auth::BearerTokens;
 pub use crate::redis_tls::RedisTlsArgs;
 
 /// Default `DATABASE_URL`: the local trust-auth server used in development and tests.
@@ -132,18 +133,28 @@ pub fn redis_client(url: &str, tls: &RedisTlsArgs) -> anyhow::Result<redis::Clie
 /// Settings of binaries that serve an API.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuthArgs {
-    /// Bearer token required on API routes; unset means no authentication
+    /// Bearer token required on API routes, or a comma-separated list of tokens any of which is
+    /// accepted (to rotate one: `new,old`, then `new`); unset or empty means no authentication
     #[arg(long, env = "API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
 }
 
 impl AuthArgs {
-    /// The token in the shape `auth::require_bearer_token` takes; an empty value means unset.
-    pub fn token(&self) -> Option<std::sync::Arc<str>> {
-        self.api_token
-            .as_deref()
-            .filter(|t| !t.is_empty())
-            .map(std::sync::Arc::from)
+    /// Refuses a value that is a list of nothing (`","`): meant to set tokens, it would
+    /// otherwise turn authentication off.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        match self.api_token.as_deref() {
+            Some(list) if !list.trim().is_empty() && BearerTokens::parse(list).is_none() => Err(
+                anyhow!("invalid API_TOKEN: a list of tokens with no token in it"),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// The tokens in the shape `auth::require_bearer_token` takes; `None` (no authentication)
+    /// when unset or empty.
+    pub fn tokens(&self) -> Option<BearerTokens> {
+        self.api_token.as_deref().and_then(BearerTokens::parse)
     }
 }
 
@@ -266,10 +277,14 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_token_means_no_auth() {
-        let auth = AuthArgs {
-            api_token: Some(String::new()),
+    fn an_empty_token_means_no_auth_and_an_empty_list_is_refused() {
+        let auth = |value: &str| AuthArgs {
+            api_token: Some(value.to_owned()),
         };
-        assert!(auth.token().is_none());
+        assert!(auth("").tokens().is_none());
+        assert!(auth("").validate().is_ok());
+        let err = auth(" , ").validate().unwrap_err().to_string();
+        assert!(err.starts_with("invalid API_TOKEN: "), "{err}");
+        assert!(auth("a,b").validate().is_ok());
     }
 }

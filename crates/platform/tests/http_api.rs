@@ -347,7 +347,9 @@ async fn http_metrics_are_recorded_per_route() {
 fn protected(token: Option<&str>) -> Router {
     Router::new()
         .route("/orders", post(|| async { "created" }))
-        .route_layer(auth::require_bearer_token(token.map(Arc::from)))
+        .route_layer(auth::require_bearer_token(
+            token.and_then(auth::BearerTokens::parse),
+        ))
         .route("/healthz", get(|| async { "ok" }))
 }
 

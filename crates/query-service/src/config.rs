@@ -82,6 +82,7 @@ impl Config {
     /// Checks what clap cannot; the error is one line naming the setting.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.common.validate()?;
+        self.auth.validate()?;
         if self.reads.wait_ms_max == 0 {
             return Err(anyhow!("invalid WAIT_MS_MAX: must be at least 1"));
         }

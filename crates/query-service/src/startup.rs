@@ -83,7 +83,7 @@ impl Application {
         };
         let router = routes::router(
             state,
-            config.auth.token(),
+            config.auth.tokens(),
             Readiness::new(pool, redis),
             metrics,
         );

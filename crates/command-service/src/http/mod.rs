@@ -39,7 +39,7 @@ pub struct AppState {
 /// Everything the router needs.
 pub struct RouterParts {
     pub state: AppState,
-    pub token: Option<Arc<str>>,
+    pub token: Option<platform::auth::BearerTokens>,
     pub readiness: Readiness,
     pub metrics: PrometheusHandle,
     pub limits: HttpLimits,

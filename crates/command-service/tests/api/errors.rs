@@ -85,6 +85,24 @@ async fn an_idempotency_key_over_255_characters_is_a_400() {
     assert_problem(response, 400, "invalid_idempotency_key").await;
 }
 
+/// A token rotation: while `API_TOKEN` lists the new token and the old one, clients with either
+/// are served, and nobody else.
+#[tokio::test]
+async fn while_a_token_is_rotated_both_the_new_and_the_old_one_are_accepted() {
+    let app = spawn_app_with(&[("api-token", "new-token,old-token")]).await;
+    let create = |token: &str| {
+        app.post("/orders")
+            .bearer_auth(token)
+            .json(&json!({ "customer_id": Uuid::new_v4(), "currency": "EUR" }))
+            .send()
+    };
+    assert_eq!(create("new-token").await.unwrap().status(), 201);
+    assert_eq!(create("old-token").await.unwrap().status(), 201);
+    for wrong in ["new-token,old-token", "older-token", "new"] {
+        assert_problem(create(wrong).await.unwrap(), 401, "unauthorized").await;
+    }
+}
+
 #[tokio::test]
 async fn with_a_token_configured_writes_need_it_but_health_stays_open() {
     let app = spawn_app_with(&[("api-token", "s3cret")]).await;

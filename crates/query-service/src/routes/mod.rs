@@ -36,7 +36,7 @@ pub struct AppState {
 /// The complete router (API, health, metrics, OpenAPI), without the standard layers.
 pub fn router(
     state: AppState,
-    token: Option<std::sync::Arc<str>>,
+    token: Option<platform::auth::BearerTokens>,
     readiness: Readiness,
     metrics: PrometheusHandle,
 ) -> Router {
