@@ -95,6 +95,7 @@ impl Application {
         let name = settings.consumer_name();
         let mut tasks = tokio::task::JoinSet::new();
         for projection in settings.projections.iter().copied() {
+            crate::metrics::register(projection);
             let consumer = Consumer::new(
                 &self.client,
                 self.redis.clone(),

@@ -29,6 +29,21 @@ pub const APPLY_SECONDS: &str = "projector_apply_seconds";
 /// Duration of one sweep of the low-water mark, commit included (histogram).
 pub const SWEEP_SECONDS: &str = "projector_sweep_seconds";
 
+/// Creates the projection's counters at zero. `rate()` and `increase()` only see an increment
+/// between two samples, so a counter that first appears at 1 looks unchanged to them: without
+/// this, the alert on dead letters would miss the first one of every projector process.
+pub fn register(projection: ProjectionKind) {
+    for counter in [
+        EVENTS_APPLIED,
+        DUPLICATES,
+        HELD_EVENTS,
+        RETRIES,
+        DEAD_LETTERS,
+    ] {
+        metrics::counter!(counter, "projection" => projection.name()).increment(0);
+    }
+}
+
 /// Records how long one sweep took.
 pub fn record_sweep(projection: ProjectionKind, seconds: f64) {
     metrics::histogram!(SWEEP_SECONDS, "projection" => projection.name()).record(seconds);

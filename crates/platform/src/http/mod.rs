@@ -220,6 +220,9 @@ async fn record_metrics(req: Request, next: Next) -> Response {
     response
 }
 
+/// Requests refused at the in-flight limit (counter).
+pub const SHED_TOTAL: &str = "http_requests_shed_total";
+
 /// Shortest time between two warnings about shed requests: a flood is one log line a second,
 /// and `http_requests_shed_total` counts every request.
 const SHED_WARNING_INTERVAL: Duration = Duration::from_secs(1);
@@ -237,6 +240,8 @@ struct InFlight {
 impl InFlight {
     fn new(limit: usize) -> Self {
         let limit = limit.clamp(1, Semaphore::MAX_PERMITS);
+        // At zero from the start, so that `rate()` sees the first shed request too.
+        ::metrics::counter!(SHED_TOTAL).increment(0);
         Self {
             permits: Arc::new(Semaphore::new(limit)),
             limit,
@@ -247,7 +252,7 @@ impl InFlight {
 
     /// Counts a shed request and warns, at most once per [`SHED_WARNING_INTERVAL`].
     fn record_shed(&self) {
-        ::metrics::counter!("http_requests_shed_total").increment(1);
+        ::metrics::counter!(SHED_TOTAL).increment(1);
         let now = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
         let next = self.next_warning_ms.load(Ordering::Relaxed);
         let interval = u64::try_from(SHED_WARNING_INTERVAL.as_millis()).unwrap_or(u64::MAX);
