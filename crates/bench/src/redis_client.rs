@@ -3,18 +3,19 @@
 //! `REDIS_CLIENT_KEY` in the environment, which spawned services inherit. So a run against a
 //! `rediss://` server needs those set once, for both.
 
-use std::path::PathBuf;
-
 use anyhow::Context;
+use clap::Parser;
 use platform::config::RedisTlsArgs;
+
+/// The services' TLS settings, read from the environment alone.
+#[derive(Parser)]
+struct FromEnvironment {
+    #[command(flatten)]
+    tls: RedisTlsArgs,
+}
 
 /// A client of `redis_url` with the environment's TLS files.
 pub fn redis_client(redis_url: &str) -> anyhow::Result<redis::Client> {
-    let file = |name: &str| std::env::var_os(name).map(PathBuf::from);
-    let tls = RedisTlsArgs {
-        redis_ca_cert: file("REDIS_CA_CERT"),
-        redis_client_cert: file("REDIS_CLIENT_CERT"),
-        redis_client_key: file("REDIS_CLIENT_KEY"),
-    };
-    platform::config::redis_client(redis_url, &tls).context("BENCH_REDIS_URL")
+    let settings = FromEnvironment::try_parse_from(["bench"]).context("the Redis TLS settings")?;
+    platform::config::redis_client(redis_url, &settings.tls).context("BENCH_REDIS_URL")
 }
