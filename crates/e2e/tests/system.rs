@@ -460,8 +460,9 @@ async fn orders_driven_through_the_three_services_show_up_exactly_in_the_read_mo
 /// The system against a Redis that speaks only TLS and asks every client for a certificate, as
 /// a self-hosted `rediss://` server does by default: each service trusts the test's authority
 /// (`REDIS_CA_CERT`) and presents the client certificate (`REDIS_CLIENT_CERT`/`_KEY`); the relay
-/// publishes and the projections' groups consume and acknowledge over it. A service that is not
-/// told to trust that authority checks the server against the bundled roots and is not ready.
+/// publishes and the projections' groups consume and acknowledge over it. Each binary, not
+/// told to trust that authority, checks the server against the bundled roots and is not ready,
+/// naming the certificate error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_services_publish_and_consume_through_a_redis_that_speaks_only_tls() {
     let certificates = TestCertificates::generate().expect("openssl makes the test certificates");
@@ -553,28 +554,26 @@ async fn the_services_publish_and_consume_through_a_redis_that_speaks_only_tls()
     .await;
     assert_eq!(summary["total"], 1250, "{summary}");
 
-    let mut untrusting = Service::start(
-        "query-service",
-        "query-service-without-ca",
-        &db,
-        &stream,
-        &tls[..1],
-    );
-    let reason = bus::testing::wait_until(DEADLINE, "/readyz reports Redis failing", || {
-        let request = http.get(untrusting.url("/readyz"));
-        async move {
-            let response = request.send().await.ok()?;
-            let status = response.status().as_u16();
-            let body: Value = response.json().await.ok()?;
-            (status == 503).then(|| body["checks"]["redis"].to_string())
-        }
-    })
-    .await;
-    assert!(
-        reason.contains("certificate") && reason.contains("UnknownIssuer"),
-        "{reason}"
-    );
-    assert!(untrusting.terminate().await.success());
+    // Each binary, told nothing of the test's authority, says why Redis is not usable.
+    for bin in ["command-service", "projector", "query-service"] {
+        let name = format!("{bin}-without-ca");
+        let mut untrusting = Service::start(bin, &name, &db, &stream, &tls[..1]);
+        let reason = bus::testing::wait_until(DEADLINE, "/readyz reports Redis failing", || {
+            let request = http.get(untrusting.url("/readyz"));
+            async move {
+                let response = request.send().await.ok()?;
+                let status = response.status().as_u16();
+                let body: Value = response.json().await.ok()?;
+                (status == 503).then(|| body["checks"]["redis"].to_string())
+            }
+        })
+        .await;
+        assert!(
+            reason.contains("certificate") && reason.contains("UnknownIssuer"),
+            "{bin}: {reason}"
+        );
+        assert!(untrusting.terminate().await.success(), "{bin}");
+    }
     for service in [&mut command, &mut projector, &mut query] {
         assert!(
             service.terminate().await.success(),
