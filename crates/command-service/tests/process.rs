@@ -159,7 +159,11 @@ fn a_wrong_redis_tls_file_exits_non_zero_with_one_line_naming_the_setting() {
     ]
     .map(|path| path.to_str().unwrap().to_owned());
     let tls = "rediss://localhost:6380";
-    let cases: [(&[(&str, &str)], String); 6] = [
+    let cases: [(&[(&str, &str)], String); 7] = [
+        (
+            &[("REDIS_URL", "rediss://localhost:6380/#insecure")],
+            "invalid REDIS_URL: #insecure (TLS without checking".to_owned(),
+        ),
         (
             &[("REDIS_URL", tls), ("REDIS_CA_CERT", "/nonexistent/ca.pem")],
             "invalid REDIS_CA_CERT: /nonexistent/ca.pem: No such file".to_owned(),

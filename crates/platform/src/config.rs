@@ -121,6 +121,13 @@ pub fn validate_database_url(url: &str) -> anyhow::Result<PgConnectOptions> {
 pub fn redis_client(url: &str, tls: &RedisTlsArgs) -> anyhow::Result<redis::Client> {
     let invalid = |e: redis::RedisError| anyhow!("invalid REDIS_URL: {}", one_line(&e));
     let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(invalid)?;
+    if let redis::ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
+        // redis-rs would accept it here and fail every connect later.
+        return Err(anyhow!(
+            "invalid REDIS_URL: #insecure (TLS without checking the server's certificate) is not \
+             supported; give the server's authority in REDIS_CA_CERT"
+        ));
+    }
     let certificates = tls.certificates(url)?;
     let info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
     match certificates {
