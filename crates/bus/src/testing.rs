@@ -67,6 +67,7 @@ pub struct PrivateRedis {
 /// How a TLS-only server authenticates itself and its clients.
 #[derive(Debug, Clone)]
 struct ServerTls {
+    /// The directory of a [`TestCertificates`].
     certificates: PathBuf,
     require_client_certificates: bool,
 }
@@ -80,7 +81,8 @@ impl PrivateRedis {
     /// Starts a server that speaks only TLS, with the server certificate of `certificates`
     /// (for `localhost` and `127.0.0.1`), and waits until it answers PING over TLS. With
     /// `require_client_certificates` it refuses clients without a certificate of that CA
-    /// (`tls-auth-clients yes`).
+    /// (`tls-auth-clients yes`). Keep `certificates` for as long as the server: it reads their
+    /// files, again on [`PrivateRedis::start_again`].
     pub async fn start_tls(
         certificates: &TestCertificates,
         require_client_certificates: bool,
