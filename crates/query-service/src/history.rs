@@ -1,6 +1,6 @@
 //! Audit history and time travel, read straight from the event store (never from a read model):
-//! a page of one order's events by version, and the order's summary folded with the shared
-//! `events::fold_summary` as of a version or an instant.
+//! a page of one order's events by version, a page of the whole log by position, and the
+//! order's summary folded with the shared `events::fold_summary` as of a version or an instant.
 //!
 //! Only `store`'s read functions touch the `events` table; this module never writes.
 
@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::error::ApiError;
-use crate::params::{HistoryPage, StateAt};
+use crate::params::{HistoryPage, LogPage, StateAt};
 
 /// One recorded event as `GET /orders/{id}/events` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
@@ -53,6 +53,48 @@ pub struct EventPage {
     pub next_cursor: Option<String>,
 }
 
+/// One recorded event as `GET /events` shows it: [`HistoryEvent`] with the stream it belongs to.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct LogEvent {
+    /// Global position in the event log: dense (1, 2, 3, …) and in commit order.
+    pub position: i64,
+    /// The stream: `order-<uuid>`.
+    pub stream_id: String,
+    /// Version within the stream (1, 2, 3, …).
+    pub version: i64,
+    /// The event type, as in [`HistoryEvent`].
+    pub event_type: String,
+    /// The event's payload as stored.
+    #[schema(value_type = Object)]
+    pub data: serde_json::Value,
+    pub metadata: EventMetadata,
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl From<RecordedEvent> for LogEvent {
+    fn from(e: RecordedEvent) -> Self {
+        Self {
+            position: e.global_position,
+            stream_id: e.stream_id,
+            version: e.stream_version,
+            event_type: e.event_type,
+            data: e.data,
+            metadata: e.metadata,
+            recorded_at: e.recorded_at,
+        }
+    }
+}
+
+/// The body of `GET /events`.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct LogEventPage {
+    /// In position order, with no position missing between them.
+    pub events: Vec<LogEvent>,
+    /// The last position of this page, to pass as `after_position`, when the page is full;
+    /// `null` otherwise (to follow the log, ask again after the last position seen).
+    pub next_cursor: Option<String>,
+}
+
 /// The event store, read for history and time travel.
 #[derive(Debug, Clone)]
 pub struct History {
@@ -87,6 +129,22 @@ impl History {
         };
         Ok(EventPage {
             events: events.into_iter().map(HistoryEvent::from).collect(),
+            next_cursor,
+        })
+    }
+
+    /// `GET /events`: the committed events after a position. Positions are dense and become
+    /// visible in order (the store's append lock, ARCHITECTURE.md invariant 1), so a reader that
+    /// resumes after the last position it saw never misses an event, however appends interleave.
+    pub async fn log(&self, page: LogPage) -> Result<LogEventPage, ApiError> {
+        let events = store::read_all(&self.pool, page.after_position, page.limit).await?;
+        let full = i64::try_from(events.len()).unwrap_or(i64::MAX) >= page.limit;
+        let next_cursor = match events.last() {
+            Some(last) if full => Some(last.global_position.to_string()),
+            _ => None,
+        };
+        Ok(LogEventPage {
+            events: events.into_iter().map(LogEvent::from).collect(),
             next_cursor,
         })
     }

@@ -22,6 +22,7 @@ use utoipa::{Modify, OpenApi};
         crate::routes::get_customer,
         crate::routes::get_order_events,
         crate::routes::get_order_state,
+        crate::routes::get_events,
     ),
     components(schemas(
         events::OrderSummary,
@@ -33,6 +34,8 @@ use utoipa::{Modify, OpenApi};
         crate::read_models::ByStatus,
         crate::history::EventPage,
         crate::history::HistoryEvent,
+        crate::history::LogEventPage,
+        crate::history::LogEvent,
         platform::Problem,
     )),
     modifiers(&BearerAuth, &OperationalRoutes)

@@ -50,6 +50,13 @@ pub struct RawHistory {
     pub limit: Option<String>,
 }
 
+/// `GET /events` query string, unparsed.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawLogPage {
+    pub after_position: Option<String>,
+    pub limit: Option<String>,
+}
+
 /// `GET /orders/{id}/state` query string, unparsed.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct RawStateAt {
@@ -230,6 +237,37 @@ impl TryFrom<&RawHistory> for HistoryPage {
         let limit = parse_limit(raw.limit.as_deref(), DEFAULT_EVENTS_LIMIT, MAX_EVENTS_LIMIT)?;
         Ok(Self {
             after_version,
+            limit,
+        })
+    }
+}
+
+/// A parsed `GET /events` request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogPage {
+    pub after_position: i64,
+    pub limit: i64,
+}
+
+impl TryFrom<&RawLogPage> for LogPage {
+    type Error = ApiError;
+
+    fn try_from(raw: &RawLogPage) -> Result<Self, ApiError> {
+        let after_position = match raw.after_position.as_deref() {
+            None => 0,
+            Some(s) => match s.trim().parse::<i64>() {
+                Ok(p) if p >= 0 => p,
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "invalid_after_position",
+                        "after_position must be an integer ≥ 0",
+                    ));
+                }
+            },
+        };
+        let limit = parse_limit(raw.limit.as_deref(), DEFAULT_EVENTS_LIMIT, MAX_EVENTS_LIMIT)?;
+        Ok(Self {
+            after_position,
             limit,
         })
     }

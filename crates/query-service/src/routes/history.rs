@@ -1,4 +1,5 @@
-//! `GET /orders/{id}/events` and `GET /orders/{id}/state`: straight from the event store.
+//! `GET /events`, `GET /orders/{id}/events` and `GET /orders/{id}/state`: straight from the event
+//! store.
 
 use axum::extract::State;
 use axum::http::HeaderValue;
@@ -8,11 +9,38 @@ use uuid::Uuid;
 
 use super::AppState;
 use crate::error::ApiError;
-use crate::history::EventPage;
-use crate::params::{HistoryPage, RawHistory, RawStateAt, StateAt};
+use crate::history::{EventPage, LogEventPage};
+use crate::params::{HistoryPage, LogPage, RawHistory, RawLogPage, RawStateAt, StateAt};
 
 /// Response header of `GET /orders/{id}/state`: the stream version the state was folded to.
 pub const ORDER_VERSION_HEADER: &str = "x-order-version";
+
+/// The whole event log, in position order: every committed event of every order, with no
+/// position ever skipped, for consumers that follow the log over HTTP (or catch up from it when
+/// the Redis stream has been trimmed).
+#[utoipa::path(
+    get,
+    path = "/events",
+    tag = "history",
+    params(
+        ("after_position" = Option<i64>, Query, description = "Only events after this global position (default 0); pass the previous page's next_cursor, or the last position seen", minimum = 0),
+        ("limit" = Option<i64>, Query, description = "Page size, 1 to 1000 (default 100)", minimum = 1, maximum = 1000),
+    ),
+    responses(
+        (status = 200, description = "A page of events; empty past the head", body = LogEventPage),
+        (status = 400, description = "`invalid_after_position`, `invalid_limit`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn get_events(
+    State(app): State<AppState>,
+    Query(raw): Query<RawLogPage>,
+) -> Result<Json<LogEventPage>, ApiError> {
+    let page = LogPage::try_from(&raw)?;
+    Ok(Json(app.history.log(page).await?))
+}
 
 /// The audit history of one order, in version order.
 #[utoipa::path(

@@ -22,7 +22,7 @@ use crate::history::History;
 use crate::read_models::{Positioned, ReadModels};
 
 pub use customers::__path_get_customer;
-pub use history::{__path_get_order_events, __path_get_order_state};
+pub use history::{__path_get_events, __path_get_order_events, __path_get_order_state};
 pub use orders::{__path_get_order, __path_list_orders};
 
 /// What every handler shares.
@@ -46,6 +46,7 @@ pub fn router(
         .route("/orders/{id}", get(orders::get_order))
         .route("/orders/{id}/events", get(history::get_order_events))
         .route("/orders/{id}/state", get(history::get_order_state))
+        .route("/events", get(history::get_events))
         .route("/customers/{id}", get(customers::get_customer))
         .route_layer(platform::auth::require_bearer_token(token))
         .with_state(state);

@@ -719,6 +719,119 @@ async fn the_history_of_an_order_pages_by_version() {
 }
 
 #[tokio::test]
+async fn the_event_log_pages_every_order_by_position() {
+    let app = spawn_app().await;
+    let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+    // (position, stream, version) of every event appended.
+    let mut expected = Vec::new();
+    for (order_id, commands) in [
+        (first, vec![create(first, Uuid::new_v4()), add("A", 1, 100)]),
+        (
+            second,
+            vec![
+                create(second, Uuid::new_v4()),
+                add("B", 2, 50),
+                add("C", 1, 10),
+            ],
+        ),
+    ] {
+        let positions = app.append_order(order_id, commands).await;
+        for (version, position) in (1..).zip(positions) {
+            expected.push((position, format!("order-{order_id}"), version));
+        }
+    }
+
+    // Pages of two, by next_cursor, until a page is not full.
+    let mut seen = Vec::new();
+    let mut path = "/events?limit=2".to_owned();
+    loop {
+        let (status, _, page) = app.get_json(&path).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        for event in page["events"].as_array().unwrap() {
+            assert!(
+                event["data"].is_object()
+                    && event["metadata"].is_object()
+                    && event["recorded_at"].is_string()
+                    && event["event_type"].is_string(),
+                "{event}"
+            );
+            seen.push((
+                event["position"].as_i64().unwrap(),
+                event["stream_id"].as_str().unwrap().to_owned(),
+                event["version"].as_i64().unwrap(),
+            ));
+        }
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/events?limit=2&after_position={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, expected);
+
+    // From a position in the middle, and from the head.
+    let (_, _, page) = app
+        .get_json(&format!("/events?after_position={}", expected[1].0))
+        .await;
+    assert_eq!(page["events"].as_array().unwrap().len(), 3);
+    assert!(page["next_cursor"].is_null());
+    let head = expected[expected.len() - 1].0;
+    let (status, _, page) = app
+        .get_json(&format!("/events?after_position={head}"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["events"], serde_json::json!([]));
+}
+
+/// Guarantee 3 over HTTP: a client that follows `/events` from the last position it saw gets
+/// every committed event once and in order, while many writers append at the same time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_following_the_log_sees_every_event_once_while_writers_race() {
+    const WRITERS: usize = 8;
+    const ORDERS_EACH: usize = 5;
+    const EVENTS_PER_ORDER: usize = 3;
+    let app = Arc::new(spawn_app().await);
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|_| {
+            let app = Arc::clone(&app);
+            tokio::spawn(async move {
+                for _ in 0..ORDERS_EACH {
+                    let id = Uuid::new_v4();
+                    let commands = vec![create(id, Uuid::new_v4()), add("A", 1, 1), add("B", 1, 1)];
+                    app.append_order(id, commands).await;
+                }
+            })
+        })
+        .collect();
+    let total = i64::try_from(WRITERS * ORDERS_EACH * EVENTS_PER_ORDER).unwrap();
+    let mut seen = Vec::new();
+    let mut after = 0;
+    let started = Instant::now();
+    while i64::try_from(seen.len()).unwrap() < total {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "saw {} of {total} events",
+            seen.len()
+        );
+        let (status, _, page) = app
+            .get_json(&format!("/events?after_position={after}&limit=7"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let events = page["events"].as_array().unwrap();
+        if events.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for event in events {
+            after = event["position"].as_i64().unwrap();
+            seen.push(after);
+        }
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    assert_eq!(seen, (1..=total).collect::<Vec<_>>());
+}
+
+#[tokio::test]
 async fn each_bad_input_gets_its_status_and_a_problem_with_its_code() {
     let app = spawn_app().await;
     let id = Uuid::new_v4();
@@ -768,6 +881,18 @@ async fn each_bad_input_gets_its_status_and_a_problem_with_its_code() {
             400,
             "invalid_after_version",
         ),
+        (
+            "/events?after_position=-1".into(),
+            400,
+            "invalid_after_position",
+        ),
+        (
+            "/events?after_position=x".into(),
+            400,
+            "invalid_after_position",
+        ),
+        ("/events?limit=0".into(), 400, "invalid_limit"),
+        ("/events?limit=1001".into(), 400, "invalid_limit"),
         (
             format!("/orders/{id}/state?version=0"),
             400,
@@ -824,10 +949,12 @@ async fn a_configured_token_is_required_on_api_routes_only() {
         ..Options::default()
     })
     .await;
-    let response = app.get("/orders").await;
-    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["code"], "unauthorized");
+    for api in ["/orders", "/events"] {
+        let response = app.get(api).await;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{api}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "unauthorized");
+    }
     let response = app
         .client
         .get(format!("{}/orders", app.base))
@@ -885,6 +1012,7 @@ async fn openapi_json_lists_every_route_and_error() {
         "/orders/{id}",
         "/orders/{id}/events",
         "/orders/{id}/state",
+        "/events",
         "/customers/{id}",
         "/healthz",
         "/readyz",
@@ -903,6 +1031,7 @@ async fn openapi_json_lists_every_route_and_error() {
         "invalid_min_position",
         "invalid_wait",
         "invalid_after_version",
+        "invalid_after_position",
         "invalid_version",
         "invalid_at",
         "unauthorized",
