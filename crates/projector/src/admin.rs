@@ -1,19 +1,16 @@
-//! The admin subcommands' logic: `dlq list|show|replay|purge` and `rebuild`. (`verify` lives in
-//! [`crate::verify`].) Each returns data and a rendering; `main` only prints and picks the exit
+//! The admin subcommands' logic: `dlq list|show|replay|purge`, and `rebuild` from
+//! [`crate::rebuild`]. (`verify` lives in [`crate::verify`].) Each returns data and a rendering; `main` only prints and picks the exit
 //! code, so tests call the same functions the binary runs.
-
-use std::io::IsTerminal as _;
-use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 use bus::{DeadLetter, DeadLetterQueue};
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
-use sqlx::{Connection, PgPool};
+use sqlx::PgPool;
 
-use crate::apply::{Resume, apply_isolating, park_stream, resume_stream};
-use crate::metrics;
+use crate::apply::{Resume, resume_stream};
 use crate::projections::ProjectionKind;
-use crate::sweeper::{DeadLetters, POSITION_CHANNEL, entry_of, position_payload};
+
+pub use crate::rebuild::{RebuildOutcome, rebuild};
 
 /// Most dead letters one `dlq` command looks at; run it again for more.
 pub const DLQ_PAGE: usize = 1_000;
@@ -265,191 +262,6 @@ pub fn render_resolutions(verb: &str, resolutions: &[Resolution]) -> String {
         out.push_str("no dead letters\n");
     }
     out
-}
-
-/// What a rebuild did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RebuildOutcome {
-    /// Events folded.
-    pub events: u64,
-    /// The checkpoint afterwards (the head when the rebuild started).
-    pub position: i64,
-    /// Streams parked because an event failed.
-    pub parked: usize,
-    /// Wall time.
-    pub elapsed: Duration,
-}
-
-/// `rebuild`: in ONE transaction holding the projection's exclusive advisory lock (live
-/// consumers and the sweeper wait), reset the projection's tables, its `projection_streams`
-/// rows and its checkpoint, fold the whole event store up to the head through the batched
-/// engine, and set the checkpoint to the head. Readers keep seeing the old read model until the
-/// commit; a failed rebuild changes nothing. Events appended meanwhile are applied by the
-/// consumers once the lock is released.
-pub async fn rebuild(
-    pool: &PgPool,
-    projection: ProjectionKind,
-    batch_size: i64,
-    dead_letters: Option<&DeadLetters>,
-) -> anyhow::Result<RebuildOutcome> {
-    let started = Instant::now();
-    let mut conn = pool.acquire().await.context("connect to Postgres")?;
-    let mut tx = conn.begin().await.context("begin the rebuild")?;
-    // The services' limit on an idle transaction (`platform::db::IDLE_IN_TRANSACTION_TIMEOUT`)
-    // is for processes that froze; this one may wait on Redis while it dead-letters, and an
-    // operator watches it. A host that dies is still found by the keepalives.
-    sqlx::query("SET LOCAL idle_in_transaction_session_timeout = 0")
-        .execute(&mut *tx)
-        .await
-        .context("lift the idle-transaction limit for the rebuild")?;
-    tracing::info!(projection = %projection, "waiting for the projection's exclusive lock");
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(projection.lock_key())
-        .execute(&mut *tx)
-        .await
-        .context("take the projection's exclusive lock")?;
-    projection
-        .reset(&mut tx)
-        .await
-        .context("reset the read model")?;
-    sqlx::query("DELETE FROM projection_streams WHERE projection = $1")
-        .bind(projection.name())
-        .execute(&mut *tx)
-        .await
-        .context("reset the stream versions")?;
-    let head = store::head_position(&mut *tx)
-        .await
-        .context("read the head")?;
-    let progress = Progress::new(head);
-    let mut outcome = RebuildOutcome::default();
-    let mut after = 0;
-    while after < head {
-        let mut events = store::read_all(&mut *tx, after, batch_size)
-            .await
-            .context("read the event store")?;
-        events.retain(|e| e.global_position <= head);
-        let Some(last) = events.last().map(|e| e.global_position) else {
-            break;
-        };
-        let (_, poisoned) = apply_isolating(&mut tx, projection, &events)
-            .await
-            .map_err(|f| anyhow!("apply events after position {after}: {f}"))?;
-        for p in &poisoned {
-            if let (Some(dl), Some(event)) = (
-                dead_letters,
-                events
-                    .iter()
-                    .find(|e| e.stream_id == p.stream_id && e.stream_version == p.version),
-            ) {
-                dl.queue
-                    .dead_letter(
-                        projection.name(),
-                        &entry_of(event),
-                        &p.error,
-                        1,
-                        &dl.consumer,
-                    )
-                    .await
-                    .context("dead-letter a failing event")?;
-                metrics::record_dead_letter(projection);
-            }
-            park_stream(&mut tx, projection, &p.stream_id, &p.error)
-                .await
-                .map_err(|f| anyhow!("park {}: {f}", p.stream_id))?;
-            outcome.parked += 1;
-        }
-        outcome.events += events.len() as u64;
-        ::metrics::counter!(metrics::REBUILD_EVENTS, "projection" => projection.name())
-            .increment(events.len() as u64);
-        after = last;
-        progress.update(after, outcome.events);
-    }
-    sqlx::query(
-        "INSERT INTO projection_checkpoints (projection, position) VALUES ($1, $2) \
-         ON CONFLICT (projection) DO UPDATE SET position = $2, updated_at = now()",
-    )
-    .bind(projection.name())
-    .bind(head)
-    .execute(&mut *tx)
-    .await
-    .context("set the checkpoint")?;
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(POSITION_CHANNEL)
-        .bind(position_payload(projection, head))
-        .execute(&mut *tx)
-        .await
-        .context("announce the checkpoint")?;
-    tx.commit().await.context("commit the rebuild")?;
-    progress.finish();
-    outcome.position = head;
-    outcome.elapsed = started.elapsed();
-    if outcome.parked > 0 {
-        tracing::warn!(
-            parked = outcome.parked,
-            "some streams failed during the rebuild and are parked; see `projector dlq list`"
-        );
-    }
-    Ok(outcome)
-}
-
-/// A progress bar on a terminal, periodic log lines otherwise.
-struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-    head: i64,
-    started: Instant,
-    last_log: std::cell::Cell<Instant>,
-}
-
-/// How often the non-terminal progress is logged.
-const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(5);
-
-impl Progress {
-    fn new(head: i64) -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = indicatif::ProgressBar::new(head.max(0) as u64);
-            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:40}] {pos}/{len} events {per_sec} ETA {eta}",
-            ) {
-                bar.set_style(style);
-            }
-            bar
-        });
-        Self {
-            bar,
-            head,
-            started: Instant::now(),
-            last_log: std::cell::Cell::new(Instant::now()),
-        }
-    }
-
-    fn update(&self, position: i64, events: u64) {
-        let fraction = if self.head > 0 {
-            position as f64 / self.head as f64
-        } else {
-            1.0
-        };
-        ::metrics::gauge!(metrics::REBUILD_PROGRESS).set(fraction);
-        if let Some(bar) = &self.bar {
-            bar.set_position(position.max(0) as u64);
-        } else if self.last_log.get().elapsed() >= PROGRESS_LOG_EVERY {
-            self.last_log.set(Instant::now());
-            let rate = events as f64 / self.started.elapsed().as_secs_f64().max(0.001);
-            tracing::info!(
-                position,
-                head = self.head,
-                events_per_sec = rate as u64,
-                percent = (fraction * 100.0) as u64,
-                "rebuilding"
-            );
-        }
-    }
-
-    fn finish(&self) {
-        ::metrics::gauge!(metrics::REBUILD_PROGRESS).set(1.0);
-        if let Some(bar) = &self.bar {
-            bar.finish();
-        }
-    }
 }
 
 /// Checks that `group` names a projection.

@@ -57,10 +57,13 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             )
             .await?;
             println!(
-                "rebuilt {projection}: {} events in {:.1} s, checkpoint {}{}",
+                "rebuilt {projection}: {} events in {:.1} s, checkpoint {}; live writers \
+                 paused {:.2} s for the swap ({} events folded then){}",
                 outcome.events,
                 outcome.elapsed.as_secs_f64(),
                 outcome.position,
+                outcome.locked.as_secs_f64(),
+                outcome.events_under_lock,
                 if outcome.parked > 0 {
                     format!(
                         ", {} stream(s) parked (see `projector dlq list {projection}`)",

@@ -62,6 +62,7 @@ pub mod failure;
 pub mod linger;
 pub mod metrics;
 pub mod projections;
+pub mod rebuild;
 pub mod sweeper;
 pub mod verify;
 

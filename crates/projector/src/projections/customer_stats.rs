@@ -177,6 +177,11 @@ const ADD_DELTAS: &str = "WITH spent AS ( \
 
 impl Projection for CustomerStats {
     const NAME: &'static str = "customer_stats";
+    const TABLES: &'static [&'static str] = &[
+        "customer_stats",
+        "customer_stats_orders",
+        "customer_stats_spent",
+    ];
 
     fn handles(event_type: &str) -> bool {
         // Item changes do not move an order between counts: the total that matters is the one
@@ -298,19 +303,6 @@ impl Projection for CustomerStats {
             .bind(&s_customer)
             .bind(&s_currency)
             .bind(&s_amount)
-            .execute(&mut *conn)
-            .await?;
-        Ok(())
-    }
-
-    async fn reset(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM customer_stats")
-            .execute(&mut *conn)
-            .await?;
-        sqlx::query("DELETE FROM customer_stats_orders")
-            .execute(&mut *conn)
-            .await?;
-        sqlx::query("DELETE FROM customer_stats_spent")
             .execute(&mut *conn)
             .await?;
         Ok(())

@@ -69,8 +69,8 @@ pub trait Projection {
         events: &[RecordedEvent],
     ) -> impl Future<Output = Result<(), ApplyError>> + Send;
 
-    /// Deletes every row of the projection's own tables (for a rebuild, in its transaction).
-    fn reset(conn: &mut PgConnection) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+    /// The projection's own tables, all of whose rows it owns (a rebuild replaces them).
+    const TABLES: &'static [&'static str];
 
     /// Compares the read model with a fresh fold of the event store and reports differences.
     fn verify(conn: &mut PgConnection) -> impl Future<Output = Result<Report, sqlx::Error>> + Send;
@@ -86,11 +86,13 @@ pub enum ProjectionKind {
     CustomerStats,
 }
 
-/// Advisory lock key of a projection's apply transactions (shared) and of its rebuild
+/// Advisory lock key of a projection's apply transactions (shared) and of a rebuild's swap
 /// (exclusive): `PROJECTION_LOCK_BASE + index`.
 pub const PROJECTION_LOCK_BASE: i64 = 0x0E5E_3000;
 /// Advisory lock key of a projection's sweeper leadership: `SWEEPER_LOCK_BASE + index`.
 pub const SWEEPER_LOCK_BASE: i64 = 0x0E5E_4000;
+/// Advisory lock key held by a running rebuild of a projection: `REBUILD_LOCK_BASE + index`.
+pub const REBUILD_LOCK_BASE: i64 = 0x0E5E_5000;
 
 impl ProjectionKind {
     /// Every projection, in a fixed order.
@@ -124,6 +126,11 @@ impl ProjectionKind {
         PROJECTION_LOCK_BASE + self.index()
     }
 
+    /// Key of the session advisory lock a rebuild of this projection holds while it runs.
+    pub fn rebuild_lock_key(self) -> i64 {
+        REBUILD_LOCK_BASE + self.index()
+    }
+
     /// Key of the session advisory lock whose holder is this projection's sweeper.
     pub fn sweeper_lock_key(self) -> i64 {
         SWEEPER_LOCK_BASE + self.index()
@@ -149,11 +156,11 @@ impl ProjectionKind {
         }
     }
 
-    /// See [`Projection::reset`].
-    pub async fn reset(self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    /// See [`Projection::TABLES`].
+    pub fn tables(self) -> &'static [&'static str] {
         match self {
-            ProjectionKind::OrderSummaries => OrderSummaries::reset(conn).await,
-            ProjectionKind::CustomerStats => CustomerStats::reset(conn).await,
+            ProjectionKind::OrderSummaries => OrderSummaries::TABLES,
+            ProjectionKind::CustomerStats => CustomerStats::TABLES,
         }
     }
 

@@ -137,6 +137,7 @@ const UPSERT: &str = "INSERT INTO order_summaries (order_id, customer_id, status
 
 impl Projection for OrderSummaries {
     const NAME: &'static str = "order_summaries";
+    const TABLES: &'static [&'static str] = &[TABLE];
 
     fn handles(event_type: &str) -> bool {
         // Every order event changes at least the version and `updated_at`; unknown types are
@@ -203,13 +204,6 @@ impl Projection for OrderSummaries {
             .bind(&cols.created_at)
             .bind(&cols.updated_at)
             .bind(&cols.created_position)
-            .execute(&mut *conn)
-            .await?;
-        Ok(())
-    }
-
-    async fn reset(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM order_summaries")
             .execute(&mut *conn)
             .await?;
         Ok(())

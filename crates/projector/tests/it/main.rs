@@ -421,6 +421,159 @@ async fn rebuild_restores_a_truncated_read_model() {
     w.assert_exact().await;
 }
 
+/// While a rebuild folds, the live read model keeps being applied (the fold works on shadow
+/// copies and takes the projection's lock only for its swap), and the rebuilt model that is
+/// swapped in holds the events applied live meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_applies_carry_on_during_a_rebuild_and_its_result_includes_them() {
+    let w = World::new().await;
+    append_orders(w.pool(), 300).await;
+    let all = store::read_all(w.pool(), 0, 100_000).await.unwrap();
+    let mut conn = w.pool().acquire().await.unwrap();
+    apply_batch(&mut conn, ProjectionKind::OrderSummaries, &all)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM order_summaries")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+
+    // Three events per transaction: hundreds of transactions, long enough to overlap.
+    let pool = w.pool().clone();
+    let rebuild = tokio::spawn(async move {
+        projector::admin::rebuild(&pool, ProjectionKind::OrderSummaries, 3, None).await
+    });
+    wait_until(
+        DEADLINE,
+        "the rebuild folds into its shadow tables",
+        || async {
+            let rows: Option<i64> = sqlx::query_scalar(
+                "SELECT count(*) FROM projector_rebuild_order_summaries.order_summaries",
+            )
+            .fetch_one(w.pool())
+            .await
+            .ok();
+            rows.is_some_and(|rows| rows > 0).then_some(())
+        },
+    )
+    .await;
+    let late = Uuid::new_v4();
+    let mut state = OrderState::default();
+    run_commands(
+        w.pool(),
+        late,
+        &commands(late, Uuid::new_v4(), support::Fate::Placed),
+        &mut state,
+    )
+    .await;
+    let head = store::head_position(w.pool()).await.unwrap();
+    let tail = store::read_all(w.pool(), all.len() as i64, 100)
+        .await
+        .unwrap();
+    apply_batch(&mut conn, ProjectionKind::OrderSummaries, &tail)
+        .await
+        .unwrap();
+    assert!(
+        !rebuild.is_finished(),
+        "the live apply waited for the rebuild to finish"
+    );
+    let live: i64 = sqlx::query_scalar("SELECT count(*) FROM order_summaries")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        live, 1,
+        "the live read model took the new order during the rebuild"
+    );
+    drop(conn);
+
+    let outcome = rebuild.await.unwrap().unwrap();
+    assert_eq!(outcome.position, head);
+    assert_eq!(w.checkpoint(ProjectionKind::OrderSummaries).await, head);
+    assert!(outcome.events_under_lock < outcome.events);
+    let report = projector::verify::verify(w.pool(), ProjectionKind::OrderSummaries)
+        .await
+        .unwrap();
+    assert!(
+        report.is_clean(),
+        "{}",
+        report.render(ProjectionKind::OrderSummaries)
+    );
+    let shadow: Option<String> = sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'projector_rebuild_%'",
+    )
+    .fetch_optional(w.pool())
+    .await
+    .unwrap();
+    assert_eq!(shadow, None, "the shadow schema is dropped");
+}
+
+/// A rebuild tells the listeners of the live read model nothing until its swap: its folds'
+/// marks are the shadow's, and a read-your-writes wait that heard one would answer before the
+/// live read model had the event. The swap announces the head once.
+#[tokio::test]
+async fn a_rebuild_announces_only_the_position_it_swapped_in() {
+    let w = World::new().await;
+    append_orders(w.pool(), 40).await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(w.pool())
+        .await
+        .unwrap();
+    listener
+        .listen_all([
+            projector::sweeper::POSITION_CHANNEL,
+            projector::apply::APPLIED_CHANNEL,
+        ])
+        .await
+        .unwrap();
+
+    let outcome = projector::admin::rebuild(w.pool(), ProjectionKind::CustomerStats, 5, None)
+        .await
+        .unwrap();
+    let last = format!("customer_stats:{}", outcome.position);
+    let mut heard = Vec::new();
+    while heard.last() != Some(&last) {
+        let notification = tokio::time::timeout(DEADLINE, listener.recv())
+            .await
+            .expect("the swap's announcement arrives")
+            .unwrap();
+        heard.push(notification.payload().to_owned());
+    }
+    assert_eq!(heard, [last]);
+    let report = projector::verify::verify(w.pool(), ProjectionKind::CustomerStats)
+        .await
+        .unwrap();
+    assert!(
+        report.is_clean(),
+        "{}",
+        report.render(ProjectionKind::CustomerStats)
+    );
+}
+
+/// Two rebuilds of one projection never run at once; the second is refused at once.
+#[tokio::test]
+async fn a_second_rebuild_of_the_same_projection_is_refused_while_one_runs() {
+    let w = World::new().await;
+    let mut holder = w.pool().acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(ProjectionKind::OrderSummaries.rebuild_lock_key())
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let refused = projector::admin::rebuild(w.pool(), ProjectionKind::OrderSummaries, 100, None)
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("another rebuild of order_summaries is running"),
+        "{refused:#}"
+    );
+    // The other projection is not concerned.
+    projector::admin::rebuild(w.pool(), ProjectionKind::CustomerStats, 100, None)
+        .await
+        .unwrap();
+}
+
 async fn run_verify(w: &World) -> (bool, String) {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_projector"))
         .args(["verify", "order_summaries"])
