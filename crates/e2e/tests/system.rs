@@ -163,6 +163,14 @@ async fn send(http: &reqwest::Client, request: reqwest::RequestBuilder, expected
     body
 }
 
+/// The tests' HTTP client: a request that hangs fails the test instead of stalling it.
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .expect("client")
+}
+
 fn position(body: &Value) -> i64 {
     body["position"].as_i64().expect("position in the answer")
 }
@@ -171,10 +179,7 @@ fn position(body: &Value) -> i64 {
 async fn orders_driven_through_the_three_services_show_up_exactly_in_the_read_models() {
     let db = TestDatabase::new().await;
     let stream = format!("e2e-{}:es:events", Uuid::new_v4().simple());
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(15))
-        .build()
-        .expect("client");
+    let http = http_client();
 
     let mut command = Service::start("command-service", "command-service", &db, &stream, &[]);
     let mut projector_1 = Service::start(
@@ -471,10 +476,7 @@ async fn the_services_publish_and_consume_through_a_redis_that_speaks_only_tls()
         .expect("a TLS redis-server");
     let db = TestDatabase::new().await;
     let stream = format!("e2e-{}:es:events", Uuid::new_v4().simple());
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(15))
-        .build()
-        .expect("client");
+    let http = http_client();
     let url = redis.url();
     let path = |p: PathBuf| p.to_str().expect("utf-8 temp path").to_owned();
     let (ca, cert, key) = (
@@ -695,10 +697,7 @@ async fn every_metric_the_alerts_read_is_exposed_from_the_start() {
 
     let db = TestDatabase::new().await;
     let stream = format!("e2e-{}:es:events", Uuid::new_v4().simple());
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(15))
-        .build()
-        .expect("client");
+    let http = http_client();
     let mut services = [
         Service::start("command-service", "command-service", &db, &stream, &[]),
         Service::start("projector", "projector", &db, &stream, &[]),

@@ -53,34 +53,21 @@ pub struct EventPage {
     pub next_cursor: Option<String>,
 }
 
-/// One recorded event as `GET /events` shows it: [`HistoryEvent`] with the stream it belongs to.
+/// One recorded event as `GET /events` shows it: the fields of an order's history event, plus
+/// the stream it belongs to.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct LogEvent {
-    /// Global position in the event log: dense (1, 2, 3, …) and in commit order.
-    pub position: i64,
     /// The stream: `order-<uuid>`.
     pub stream_id: String,
-    /// Version within the stream (1, 2, 3, …).
-    pub version: i64,
-    /// The event type, as in [`HistoryEvent`].
-    pub event_type: String,
-    /// The event's payload as stored.
-    #[schema(value_type = Object)]
-    pub data: serde_json::Value,
-    pub metadata: EventMetadata,
-    pub recorded_at: DateTime<Utc>,
+    #[serde(flatten)]
+    pub event: HistoryEvent,
 }
 
 impl From<RecordedEvent> for LogEvent {
     fn from(e: RecordedEvent) -> Self {
         Self {
-            position: e.global_position,
-            stream_id: e.stream_id,
-            version: e.stream_version,
-            event_type: e.event_type,
-            data: e.data,
-            metadata: e.metadata,
-            recorded_at: e.recorded_at,
+            stream_id: e.stream_id.clone(),
+            event: HistoryEvent::from(e),
         }
     }
 }
@@ -88,7 +75,8 @@ impl From<RecordedEvent> for LogEvent {
 /// The body of `GET /events`.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct LogEventPage {
-    /// In position order, with no position missing between them.
+    /// In position order, with no position missing between them (`position` is dense and in
+    /// commit order).
     pub events: Vec<LogEvent>,
     /// The last position of this page, to pass as `after_position`, when the page is full;
     /// `null` otherwise (to follow the log, ask again after the last position seen).
@@ -122,11 +110,7 @@ impl History {
                 position: None,
             });
         }
-        let full = i64::try_from(events.len()).unwrap_or(i64::MAX) >= page.limit;
-        let next_cursor = match events.last() {
-            Some(last) if full => Some(last.stream_version.to_string()),
-            _ => None,
-        };
+        let next_cursor = next_cursor(&events, page.limit, |last| last.stream_version);
         Ok(EventPage {
             events: events.into_iter().map(HistoryEvent::from).collect(),
             next_cursor,
@@ -138,11 +122,7 @@ impl History {
     /// resumes after the last position it saw never misses an event, however appends interleave.
     pub async fn log(&self, page: LogPage) -> Result<LogEventPage, ApiError> {
         let events = store::read_all(&self.pool, page.after_position, page.limit).await?;
-        let full = i64::try_from(events.len()).unwrap_or(i64::MAX) >= page.limit;
-        let next_cursor = match events.last() {
-            Some(last) if full => Some(last.global_position.to_string()),
-            _ => None,
-        };
+        let next_cursor = next_cursor(&events, page.limit, |last| last.global_position);
         Ok(LogEventPage {
             events: events.into_iter().map(LogEvent::from).collect(),
             next_cursor,
@@ -172,4 +152,18 @@ impl History {
             position: None,
         })
     }
+}
+
+/// The cursor of the page after `events`: `key` of the last event when the page is full (there
+/// may be more), `None` otherwise.
+fn next_cursor(
+    events: &[RecordedEvent],
+    limit: i64,
+    key: impl Fn(&RecordedEvent) -> i64,
+) -> Option<String> {
+    let full = i64::try_from(events.len()).unwrap_or(i64::MAX) >= limit;
+    events
+        .last()
+        .filter(|_| full)
+        .map(|last| key(last).to_string())
 }
