@@ -1,13 +1,14 @@
-//! `GET /orders/{id}` and `GET /orders`: the `order_summaries` read model.
+//! `GET /orders/{id}` and `GET /orders`: the `order_summaries` read model. One order answers
+//! with `ETag: "<version>"` and honours `If-None-Match` (304 when the client's copy is current).
 
 use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use platform::extract::{Path, Query};
 use uuid::Uuid;
 
 use super::{AppState, positioned};
-use crate::error::ApiError;
+use crate::error::{ApiError, PROJECTION_POSITION_HEADER};
 use crate::params::{Consistency, ListOrders, RawConsistency, RawListOrders};
 
 /// The summary of one order from the read model.
@@ -17,11 +18,20 @@ use crate::params::{Consistency, ListOrders, RawConsistency, RawListOrders};
     tag = "read models",
     params(
         ("id" = Uuid, Path, description = "Order id"),
+        ("If-None-Match" = Option<String>, Header, nullable = false, description = "ETags of copies the client holds (`\"<version>\"`, `W/` allowed, or `*`): 304 if the order is still at one of them"),
         crate::openapi::ConsistencyParams,
     ),
     responses(
         (status = 200, description = "The order summary", body = events::OrderSummary,
-            headers(("X-Projection-Position" = i64, description = "Every event with a position up to this one is reflected"))),
+            headers(
+                ("ETag" = String, description = "`\"<version>\"`: the order's stream version"),
+                ("X-Projection-Position" = i64, description = "Every event with a position up to this one is reflected"),
+            )),
+        (status = 304, description = "Not modified: the order is still at the version If-None-Match named (no body)",
+            headers(
+                ("ETag" = String, description = "`\"<version>\"`"),
+                ("X-Projection-Position" = i64, description = "As for 200"),
+            )),
         (status = 400, description = "`invalid_path`, `invalid_min_position`, `invalid_wait`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`: API_TOKEN is set and the bearer token is missing or wrong", body = platform::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`order_not_found` (carries X-Projection-Position)", body = platform::Problem, content_type = "application/problem+json"),
@@ -37,7 +47,34 @@ pub async fn get_order(
 ) -> Result<Response, ApiError> {
     let consistency = Consistency::parse(&raw, &headers, &app.reads)?;
     let read = app.read_models.order(id, consistency).await?;
-    Ok(positioned(read))
+    // `"<version>"`, the tag the write API's answers carry. (Quotes and digits: always valid.)
+    let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", read.value.version)) else {
+        return Ok(positioned(read));
+    };
+    if client_has(&headers, &etag) {
+        let position = HeaderValue::from(read.position);
+        return Ok((
+            StatusCode::NOT_MODIFIED,
+            [(header::ETAG, etag), (PROJECTION_POSITION_HEADER, position)],
+        )
+            .into_response());
+    }
+    let mut response = positioned(read);
+    response.headers_mut().insert(header::ETAG, etag);
+    Ok(response)
+}
+
+/// Whether `If-None-Match` names `etag` (weak comparison, RFC 9110 section 13.1.2) or is `*`.
+fn client_has(headers: &HeaderMap, etag: &HeaderValue) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|list| list.split(','))
+        .map(str::trim)
+        .any(|tag| {
+            tag == "*" || tag.strip_prefix("W/").unwrap_or(tag).as_bytes() == etag.as_bytes()
+        })
 }
 
 /// A page of orders, newest first, optionally filtered by customer and status.

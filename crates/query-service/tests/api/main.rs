@@ -718,6 +718,48 @@ async fn the_history_of_an_order_pages_by_version() {
     assert_eq!(body["code"], "order_not_found");
 }
 
+/// A client polling one order gets 304 and no body while its copy is current, and the new
+/// summary once the order has moved on.
+#[tokio::test]
+async fn an_order_read_with_its_current_etag_is_not_modified() {
+    let app = spawn_app().await;
+    let order = TestOrder::new(Uuid::new_v4(), "placed", 3);
+    app.put_summary(&order).await;
+    app.set_checkpoint("order_summaries", 7, true).await;
+    let path = format!("{}/orders/{}", app.base, order.order_id);
+    let read = |if_none_match: Option<&'static str>| {
+        let mut request = app.client.get(&path);
+        if let Some(tags) = if_none_match {
+            request = request.header("If-None-Match", tags);
+        }
+        request.send()
+    };
+
+    let first = read(None).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(first.headers()["etag"], "\"2\"");
+    for tags in ["\"2\"", "W/\"2\"", "\"1\", \"2\"", "*"] {
+        let again = read(Some(tags)).await.unwrap();
+        assert_eq!(again.status(), StatusCode::NOT_MODIFIED, "{tags}");
+        assert_eq!(again.headers()["etag"], "\"2\"", "{tags}");
+        assert_eq!(projection_position(again.headers()), 7, "{tags}");
+        assert!(again.bytes().await.unwrap().is_empty(), "{tags}");
+    }
+    assert_eq!(read(Some("\"1\"")).await.unwrap().status(), StatusCode::OK);
+
+    // The projector applies another event: the held copy is stale now.
+    sqlx::query("UPDATE order_summaries SET version = 3, status = 'paid' WHERE order_id = $1")
+        .bind(order.order_id)
+        .execute(app.pool())
+        .await
+        .unwrap();
+    let moved = read(Some("\"2\"")).await.unwrap();
+    assert_eq!(moved.status(), StatusCode::OK);
+    assert_eq!(moved.headers()["etag"], "\"3\"");
+    let body: Value = moved.json().await.unwrap();
+    assert_eq!(body["status"], "paid");
+}
+
 #[tokio::test]
 async fn the_event_log_pages_every_order_by_position() {
     let app = spawn_app().await;
@@ -1041,6 +1083,19 @@ async fn openapi_json_lists_every_route_and_error() {
     ] {
         assert!(text.contains(code), "{code} not documented");
     }
+    let one = &doc["paths"]["/orders/{id}"]["get"];
+    assert!(
+        one["responses"]["304"].is_object(),
+        "304 missing from GET /orders/{{id}}"
+    );
+    assert!(
+        one["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "If-None-Match"),
+        "If-None-Match missing from GET /orders/{{id}}"
+    );
     let list = &doc["paths"]["/orders"]["get"]["parameters"];
     let names: Vec<&str> = list
         .as_array()
