@@ -1,11 +1,12 @@
 //! Read-your-writes: what each projection has applied, and waiting for it without polling the
-//! database per request.
+//! database per request; likewise the head of the event log, for `GET /events?wait_ms=`.
 //!
 //! One [`CheckpointWatcher`] per service instance owns two background tasks:
 //! - the *listener* holds its own connection and `LISTEN`s on [`POSITION_CHANNEL`], where the
-//!   projector's sweeper announces `<projection>:<position>` after advancing a checkpoint;
-//! - the *poller* reads every row of [`CHECKPOINTS_TABLE`] every `CHECKPOINT_POLL_MS` (one query
-//!   for all projections), because notifications are lost while the listener reconnects.
+//!   projector's sweeper announces `<projection>:<position>` after advancing a checkpoint, and
+//!   on [`store::APPENDED_CHANNEL`], where every append announces the new head;
+//! - the *poller* reads every row of [`CHECKPOINTS_TABLE`] and the head every
+//!   `CHECKPOINT_POLL_MS`, because notifications are lost while the listener reconnects.
 //!
 //! Both publish into one `tokio::sync::watch` per known projection; a waiting request only awaits
 //! its watch with a deadline, so 200 waiting clients cost the database nothing more than one.
@@ -101,6 +102,8 @@ impl WaitOutcome {
 #[derive(Clone)]
 pub struct CheckpointWatcher {
     senders: Arc<HashMap<&'static str, watch::Sender<i64>>>,
+    /// The highest committed position of the event log.
+    head: Arc<watch::Sender<i64>>,
     stats: Arc<WatcherStats>,
 }
 
@@ -132,8 +135,35 @@ impl CheckpointWatcher {
             .collect();
         Self {
             senders: Arc::new(senders),
+            head: Arc::new(watch::Sender::new(0)),
             stats: Arc::new(WatcherStats::default()),
         }
+    }
+
+    /// Waits until the log's head is above `after` (a commit after it was announced or polled),
+    /// or the deadline passes; returns whether it is. Touches no database.
+    pub async fn wait_for_head_above(&self, after: i64, deadline: Instant) -> bool {
+        let mut rx = self.head.subscribe();
+        if *rx.borrow_and_update() > after {
+            return true;
+        }
+        let _waiting = WaitingGuard::enter(&self.stats.waiting);
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        matches!(
+            tokio::time::timeout(remaining, rx.wait_for(|head| *head > after)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// Raises the head to `position` (an append's announcement: never lowers).
+    fn raise_head(&self, position: i64) {
+        self.head.send_if_modified(|head| {
+            let raise = position > *head;
+            if raise {
+                *head = position;
+            }
+            raise
+        });
     }
 
     /// The counters of database work done by this watcher.
@@ -236,6 +266,7 @@ impl CheckpointWatcher {
                 self.set(projection, 0);
             }
         }
+        self.raise_head(store::head_position(pool).await?);
         Ok(())
     }
 
@@ -325,9 +356,9 @@ impl CheckpointWatcher {
             .await
             .context("open the projection_position listener")?;
         listener
-            .listen(POSITION_CHANNEL)
+            .listen_all([POSITION_CHANNEL, store::APPENDED_CHANNEL])
             .await
-            .context("LISTEN projection_position")?;
+            .context("LISTEN projection_position, event_store_appended")?;
         self.stats.listens.fetch_add(1, Ordering::Relaxed);
         tracing::debug!("listening for projection positions");
         loop {
@@ -335,7 +366,13 @@ impl CheckpointWatcher {
                 .recv()
                 .await
                 .context("receive a projection_position notification")?;
-            self.apply_notification(notification.payload());
+            if notification.channel() == store::APPENDED_CHANNEL {
+                if let Ok(head) = notification.payload().trim().parse::<i64>() {
+                    self.raise_head(head);
+                }
+            } else {
+                self.apply_notification(notification.payload());
+            }
         }
     }
 }

@@ -10,6 +10,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::consistency::CheckpointWatcher;
 use crate::error::ApiError;
 use crate::params::{HistoryPage, LogPage, StateAt};
 
@@ -87,11 +88,13 @@ pub struct LogEventPage {
 #[derive(Debug, Clone)]
 pub struct History {
     pool: PgPool,
+    /// Knows the log's head, for `GET /events` waits.
+    watcher: CheckpointWatcher,
 }
 
 impl History {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(pool: PgPool, watcher: CheckpointWatcher) -> Self {
+        Self { pool, watcher }
     }
 
     /// `GET /orders/{id}/events`: 404 when the order has no events at all.
@@ -120,8 +123,22 @@ impl History {
     /// `GET /events`: the committed events after a position. Positions are dense and become
     /// visible in order (the store's append lock, ARCHITECTURE.md invariant 1), so a reader that
     /// resumes after the last position it saw never misses an event, however appends interleave.
+    ///
+    /// With nothing after the position yet and a `wait`, it waits (on the watcher, not the
+    /// database) for a commit after it, then reads once more; an empty page after the wait is a
+    /// normal answer: the follower asks again.
     pub async fn log(&self, page: LogPage) -> Result<LogEventPage, ApiError> {
-        let events = store::read_all(&self.pool, page.after_position, page.limit).await?;
+        let deadline = std::time::Instant::now() + page.wait;
+        let mut events = store::read_all(&self.pool, page.after_position, page.limit).await?;
+        if events.is_empty()
+            && !page.wait.is_zero()
+            && self
+                .watcher
+                .wait_for_head_above(page.after_position, deadline)
+                .await
+        {
+            events = store::read_all(&self.pool, page.after_position, page.limit).await?;
+        }
         let next_cursor = next_cursor(&events, page.limit, |last| last.global_position);
         Ok(LogEventPage {
             events: events.into_iter().map(LogEvent::from).collect(),

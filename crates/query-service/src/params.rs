@@ -55,6 +55,7 @@ pub struct RawHistory {
 pub struct RawLogPage {
     pub after_position: Option<String>,
     pub limit: Option<String>,
+    pub wait_ms: Option<String>,
 }
 
 /// `GET /orders/{id}/state` query string, unparsed.
@@ -80,21 +81,7 @@ impl Consistency {
         headers: &HeaderMap,
         args: &ReadArgs,
     ) -> Result<Option<Self>, ApiError> {
-        let wait_ms = match raw.wait_ms.as_deref() {
-            None => args.wait_ms_default,
-            Some(s) => match s.trim().parse::<u64>() {
-                Ok(ms) if ms <= args.wait_ms_max => ms,
-                _ => {
-                    return Err(ApiError::bad_request(
-                        "invalid_wait",
-                        format!(
-                            "wait_ms must be an integer from 0 to {} (milliseconds)",
-                            args.wait_ms_max
-                        ),
-                    ));
-                }
-            },
-        };
+        let wait_ms = parse_wait_ms(raw.wait_ms.as_deref(), args.wait_ms_default, args)?;
         let from_query = raw
             .min_position
             .as_deref()
@@ -119,6 +106,23 @@ impl Consistency {
             wait,
             deadline: Instant::now() + wait,
         }))
+    }
+}
+
+/// `wait_ms`: `default` when absent, else 0 to `WAIT_MS_MAX`.
+fn parse_wait_ms(raw: Option<&str>, default: u64, args: &ReadArgs) -> Result<u64, ApiError> {
+    match raw {
+        None => Ok(default),
+        Some(s) => match s.trim().parse::<u64>() {
+            Ok(ms) if ms <= args.wait_ms_max => Ok(ms),
+            _ => Err(ApiError::bad_request(
+                "invalid_wait",
+                format!(
+                    "wait_ms must be an integer from 0 to {} (milliseconds)",
+                    args.wait_ms_max
+                ),
+            )),
+        },
     }
 }
 
@@ -247,12 +251,13 @@ impl TryFrom<&RawHistory> for HistoryPage {
 pub struct LogPage {
     pub after_position: i64,
     pub limit: i64,
+    /// When nothing follows `after_position` yet: how long to wait for a commit (none by
+    /// default).
+    pub wait: Duration,
 }
 
-impl TryFrom<&RawLogPage> for LogPage {
-    type Error = ApiError;
-
-    fn try_from(raw: &RawLogPage) -> Result<Self, ApiError> {
+impl LogPage {
+    pub fn parse(raw: &RawLogPage, args: &ReadArgs) -> Result<Self, ApiError> {
         let after_position = match raw.after_position.as_deref() {
             None => 0,
             Some(s) => match s.trim().parse::<i64>() {
@@ -266,9 +271,11 @@ impl TryFrom<&RawLogPage> for LogPage {
             },
         };
         let limit = parse_limit(raw.limit.as_deref(), DEFAULT_EVENTS_LIMIT, MAX_EVENTS_LIMIT)?;
+        let wait = Duration::from_millis(parse_wait_ms(raw.wait_ms.as_deref(), 0, args)?);
         Ok(Self {
             after_position,
             limit,
+            wait,
         })
     }
 }

@@ -78,7 +78,7 @@ impl Application {
         let read_models = ReadModels::new(pool.clone(), watcher.clone());
         let state = AppState {
             read_models: read_models.clone(),
-            history: History::new(pool.clone()),
+            history: History::new(pool.clone(), watcher.clone()),
             reads: config.reads.clone(),
         };
         let router = routes::router(

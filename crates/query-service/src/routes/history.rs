@@ -25,10 +25,11 @@ pub const ORDER_VERSION_HEADER: &str = "x-order-version";
     params(
         ("after_position" = Option<i64>, Query, description = "Only events after this global position (default 0); pass the previous page's next_cursor, or the last position seen", minimum = 0),
         ("limit" = Option<i64>, Query, description = "Page size, 1 to 1000 (default 100)", minimum = 1, maximum = 1000),
+        ("wait_ms" = Option<u64>, Query, description = "When nothing follows after_position yet, wait up to this long for a commit (default 0; at most WAIT_MS_MAX)", minimum = 0),
     ),
     responses(
-        (status = 200, description = "A page of events; empty past the head", body = LogEventPage),
-        (status = 400, description = "`invalid_after_position`, `invalid_limit`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 200, description = "A page of events; empty past the head (after wait_ms, if given)", body = LogEventPage),
+        (status = 400, description = "`invalid_after_position`, `invalid_limit`, `invalid_wait`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 503, description = "`overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
     ),
@@ -38,7 +39,7 @@ pub async fn get_events(
     State(app): State<AppState>,
     Query(raw): Query<RawLogPage>,
 ) -> Result<Json<LogEventPage>, ApiError> {
-    let page = LogPage::try_from(&raw)?;
+    let page = LogPage::parse(&raw, &app.reads)?;
     Ok(Json(app.history.log(page).await?))
 }
 

@@ -824,6 +824,49 @@ async fn the_event_log_pages_every_order_by_position() {
     assert_eq!(page["events"], serde_json::json!([]));
 }
 
+/// A follower that asks with `wait_ms` at the head is answered by the next commit (the wait is
+/// on the watcher, woken by the append's notification), and with an empty page when none
+/// comes in time.
+#[tokio::test]
+async fn a_follower_waiting_at_the_head_of_the_log_is_answered_by_the_next_commit() {
+    // Polled once a minute: only the append's notification can wake the follower in time.
+    let app = spawn_app_with(Options {
+        poll_ms: Some(60_000),
+        ..Options::default()
+    })
+    .await;
+    let first = Uuid::new_v4();
+    let head = app
+        .append_order(first, vec![create(first, Uuid::new_v4())])
+        .await[0];
+    let (status, _, page) = app
+        .get_json(&format!("/events?after_position={head}&wait_ms=50"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["events"], serde_json::json!([]));
+
+    let follower = {
+        let request = app.client.get(format!(
+            "{}/events?after_position={head}&wait_ms=10000",
+            app.base
+        ));
+        tokio::spawn(async move { request.send().await.unwrap().json::<Value>().await.unwrap() })
+    };
+    let stats = Arc::clone(&app.watcher);
+    wait_until("the follower waits", || {
+        let stats = Arc::clone(&stats);
+        async move { stats.waiting.load(Ordering::Relaxed) > 0 }
+    })
+    .await;
+    let second = Uuid::new_v4();
+    let appended = app
+        .append_order(second, vec![create(second, Uuid::new_v4())])
+        .await[0];
+    let page = follower.await.unwrap();
+    assert_eq!(page["events"][0]["position"], appended, "{page}");
+    assert_eq!(page["events"][0]["stream_id"], format!("order-{second}"));
+}
+
 /// Guarantee 3 over HTTP: a client that follows `/events` from the last position it saw gets
 /// every committed event once and in order, while many writers append at the same time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -935,6 +978,8 @@ async fn each_bad_input_gets_its_status_and_a_problem_with_its_code() {
         ),
         ("/events?limit=0".into(), 400, "invalid_limit"),
         ("/events?limit=1001".into(), 400, "invalid_limit"),
+        ("/events?wait_ms=soon".into(), 400, "invalid_wait"),
+        ("/events?wait_ms=10001".into(), 400, "invalid_wait"),
         (
             format!("/orders/{id}/state?version=0"),
             400,
