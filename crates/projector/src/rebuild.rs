@@ -83,7 +83,13 @@ pub async fn rebuild(
     if !running {
         bail!("another rebuild of {projection} is running");
     }
-    let shadow = Shadow::create(pool, projection).await?;
+    let shadow = match Shadow::create(pool, projection).await {
+        Ok(shadow) => shadow,
+        Err(e) => {
+            release(guard, projection).await;
+            return Err(e);
+        }
+    };
     let result = run(pool, &shadow, batch_size, dead_letters, started).await;
     // Whatever happened, the shadow copies go; the live read model was not touched unless the
     // swap committed.
@@ -115,8 +121,7 @@ async fn run(
     let projection = shadow.projection;
     let mut outcome = RebuildOutcome::default();
     let mut folded = 0;
-    let head = store::head_position(pool).await.context("read the head")?;
-    let progress = Progress::new(head);
+    let progress = Progress::new(store::head_position(pool).await.context("read the head")?);
     for pass in 0..CATCH_UP_PASSES {
         let head = store::head_position(pool).await.context("read the head")?;
         if pass > 0 && head - folded <= SWAP_TAIL {
