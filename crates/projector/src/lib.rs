@@ -12,7 +12,8 @@
 //! - [`apply`]: the apply engine: the version guard with catch-up, parking, replay.
 //! - [`consumer`]: the Redis consumer group loop: retries, dead letters, reclaim.
 //! - [`sweeper`]: the low-water mark (`projection_checkpoints`) and self-healing.
-//! - [`admin`]: `dlq list|show|replay|purge` and `rebuild`.
+//! - [`admin`]: `dlq list|show|replay|purge`.
+//! - [`rebuild`]: `rebuild`: a fresh fold into shadow tables, swapped in under the lock.
 //! - [`verify`]: `verify`: the read model against a fresh fold of the event store.
 //! - [`failure`]: the one place deciding transient vs poison.
 //! - [`metrics`]: metric names and recording helpers.

@@ -244,11 +244,15 @@ async fn dead_letter(
 /// The shadow schema of one rebuild.
 struct Shadow {
     projection: ProjectionKind,
-    /// `projector_rebuild_<projection>`.
+    /// [`SHADOW_SCHEMA_PREFIX`] and the projection's name.
     schema: String,
     /// The schema of the live tables (the connections' `current_schema()`).
     live: String,
 }
+
+/// The shadow schema of a projection's rebuild is this prefix and the projection's name; a
+/// leftover one (a rebuild that died) is dropped by the next rebuild of that projection.
+pub const SHADOW_SCHEMA_PREFIX: &str = "projector_rebuild_";
 
 /// The bookkeeping copied next to the projection's own tables. The checkpoints' copy stays
 /// empty: the engine leaves the mark alone inside a caller's transaction, and were that to
@@ -264,7 +268,7 @@ impl Shadow {
             .context("read the live schema")?;
         let shadow = Self {
             projection,
-            schema: format!("projector_rebuild_{}", projection.name()),
+            schema: format!("{SHADOW_SCHEMA_PREFIX}{}", projection.name()),
             live,
         };
         let (schema, live) = (quoted(&shadow.schema), quoted(&shadow.live));
