@@ -1071,7 +1071,7 @@ async fn the_documented_wait_ms_maximum_is_the_configured_one_and_enforced() {
     })
     .await;
     let (_, _, doc) = app.get_json("/openapi.json").await;
-    for route in ["/orders", "/orders/{id}", "/customers/{id}"] {
+    for route in ["/orders", "/orders/{id}", "/customers/{id}", "/events"] {
         let wait_ms = doc["paths"][route]["get"]["parameters"]
             .as_array()
             .unwrap()
