@@ -429,10 +429,17 @@ impl Report {
         }
         if let Some(r) = &self.rebuild {
             let _ = writeln!(md, "### Rebuild of `{}`\n", r.projection);
-            let _ = writeln!(md, "| events | seconds | events/s |\n|---:|---:|---:|");
             let _ = writeln!(
                 md,
-                "| {} | {:.1} | {:.0} |\n",
+                "| events | seconds | events/s | live writers paused for the swap |\n\
+                 |---:|---:|---:|---:|"
+            );
+            let pause = r
+                .swap_pause_secs
+                .map_or_else(|| "—".to_owned(), |s| format!("{s:.2} s"));
+            let _ = writeln!(
+                md,
+                "| {} | {:.1} | {:.0} | {pause} |\n",
                 r.events, r.elapsed_secs, r.events_per_sec
             );
         }

@@ -155,7 +155,8 @@ impl Launcher {
     }
 
     /// Runs a one-shot subcommand of a binary (e.g. `projector rebuild order_summaries`) to
-    /// completion, recording its peak RSS; returns how long it ran.
+    /// completion, recording its peak RSS; returns how long it ran and the file holding what it
+    /// printed.
     pub async fn run_to_completion(
         &self,
         service: Service,
@@ -164,7 +165,7 @@ impl Launcher {
         database_url: &str,
         stream: &str,
         extra_env: &[(&str, String)],
-    ) -> anyhow::Result<Duration> {
+    ) -> anyhow::Result<(Duration, PathBuf)> {
         let mut command = self.command(service, database_url, stream, extra_env);
         command.args(args);
         let log_name = format!("{scenario}-{}-{}.log", service.binary(), args.join("-"));
@@ -191,7 +192,7 @@ impl Launcher {
                 log_path.display()
             );
         }
-        Ok(elapsed)
+        Ok((elapsed, log_path))
     }
 
     fn command(
