@@ -25,6 +25,9 @@ use crate::config::one_line;
 
 /// Longest a single readiness check may take; a probe must answer well within its own timeout.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the Postgres check waits for a pooled connection before it tries a connection of
+/// its own to learn why none came; well within [`CHECK_TIMEOUT`].
+pub const POOL_PROBE: Duration = Duration::from_millis(1000);
 /// Name of the Postgres check in the `/readyz` body.
 pub const POSTGRES_CHECK: &str = "postgres";
 /// Name of the Redis check in the `/readyz` body.
@@ -53,12 +56,28 @@ impl Readiness {
         Self::default().with_postgres(pg).with_redis(redis)
     }
 
-    /// Adds the `postgres` check: `SELECT 1` on the pool.
+    /// Adds the `postgres` check: `SELECT 1` on the pool. When the pool hands out no connection
+    /// within [`POOL_PROBE`] (sqlx keeps retrying a refused connect until its own, longer,
+    /// timeout), one connect of its own learns why: its error is the answer (`Connection
+    /// refused`) rather than only that the check ran out of time; if the server accepts it, the
+    /// check goes on waiting for the pool as before.
     pub fn with_postgres(self, pg: PgPool) -> Self {
         self.with_check(POSTGRES_CHECK, move || {
             let pg = pg.clone();
             async move {
-                sqlx::query("SELECT 1").execute(&pg).await?;
+                let query = sqlx::query("SELECT 1").execute(&pg);
+                tokio::pin!(query);
+                if let Ok(result) = tokio::time::timeout(POOL_PROBE, &mut query).await {
+                    result?;
+                    return Ok(());
+                }
+                use sqlx::Connection as _;
+                let options = (*pg.connect_options()).clone();
+                sqlx::PgConnection::connect_with(&options)
+                    .await?
+                    .close()
+                    .await?;
+                query.await?;
                 Ok(())
             }
         })

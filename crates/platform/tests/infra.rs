@@ -300,6 +300,26 @@ async fn readyz_is_200_when_postgres_and_redis_answer() {
 }
 
 #[tokio::test]
+async fn readyz_is_503_naming_the_cause_when_postgres_refuses_connections() {
+    let options = sqlx::postgres::PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(closed_port())
+        .username("postgres");
+    // As the services' pools: a connect refused is retried until the acquire timeout.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(db::ACQUIRE_TIMEOUT)
+        .connect_lazy_with(options);
+    let redis = redis_conn::connect_manager(&plain_client(REDIS_URL), Duration::from_secs(1))
+        .await
+        .unwrap();
+    let (status, body) = readyz(Readiness::new(pool, redis)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["checks"]["redis"], "ok");
+    let postgres = body["checks"]["postgres"].as_str().unwrap();
+    assert!(postgres.contains("Connection refused"), "{body}");
+}
+
+#[tokio::test]
 async fn readyz_is_503_naming_redis_when_redis_is_down() {
     let url = format!("redis://127.0.0.1:{}", closed_port());
     let redis = redis_conn::lazy_manager(&plain_client(&url), Duration::from_secs(1)).unwrap();
