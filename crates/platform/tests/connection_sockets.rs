@@ -170,6 +170,28 @@ async fn every_redis_connection_sends_without_waiting_for_acknowledgements() {
     assert_all_send_at_once(&sockets_connected_to(6379), 3, "redis");
 }
 
+/// Over TLS it matters most: each TLS record is its own write, so a pipeline longer than one
+/// record would otherwise wait for the server's delayed ACK.
+#[tokio::test]
+async fn a_redis_connection_over_tls_sends_without_waiting_for_acknowledgements() {
+    let certificates = bus::testing::TestCertificates::generate().unwrap();
+    let server = bus::testing::PrivateRedis::start_tls(&certificates, true)
+        .await
+        .unwrap();
+    let tls = RedisTlsArgs {
+        redis_ca_cert: Some(certificates.ca_cert()),
+        redis_client_cert: Some(certificates.client_cert()),
+        redis_client_key: Some(certificates.client_key()),
+    };
+    let client = platform::config::redis_client(&server.url(), &tls).unwrap();
+    let mut manager = redis_conn::connect_manager(&client, std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    let _: String = redis::cmd("PING").query_async(&mut manager).await.unwrap();
+
+    assert_all_send_at_once(&sockets_connected_to(server.port), 1, "redis over TLS");
+}
+
 #[tokio::test]
 async fn every_accepted_http_connection_sends_without_waiting_for_acknowledgements() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
