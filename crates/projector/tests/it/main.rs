@@ -549,6 +549,44 @@ async fn a_rebuild_announces_only_the_position_it_swapped_in() {
     );
 }
 
+/// A rebuild that died (killed mid-fold) leaves its shadow schema behind; the next rebuild of
+/// that projection starts by dropping it and ends exact.
+#[tokio::test]
+async fn a_rebuild_after_one_that_died_clears_its_leftovers_and_ends_exact() {
+    let w = World::new().await;
+    append_orders(w.pool(), 20).await;
+    sqlx::raw_sql(
+        "CREATE SCHEMA projector_rebuild_order_summaries; \
+         CREATE TABLE projector_rebuild_order_summaries.order_summaries (half_done int); \
+         INSERT INTO projector_rebuild_order_summaries.order_summaries VALUES (1)",
+    )
+    .execute(w.pool())
+    .await
+    .unwrap();
+    let outcome = projector::admin::rebuild(w.pool(), ProjectionKind::OrderSummaries, 50, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome.position,
+        store::head_position(w.pool()).await.unwrap()
+    );
+    let report = projector::verify::verify(w.pool(), ProjectionKind::OrderSummaries)
+        .await
+        .unwrap();
+    assert!(
+        report.is_clean(),
+        "{}",
+        report.render(ProjectionKind::OrderSummaries)
+    );
+    let leftovers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'projector_rebuild_%'",
+    )
+    .fetch_one(w.pool())
+    .await
+    .unwrap();
+    assert_eq!(leftovers, 0);
+}
+
 /// Two rebuilds of one projection never run at once; the second is refused at once.
 #[tokio::test]
 async fn a_second_rebuild_of_the_same_projection_is_refused_while_one_runs() {
