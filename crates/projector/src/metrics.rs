@@ -19,10 +19,6 @@ pub const DEAD_LETTERS: &str = "projector_dead_letters_total";
 pub const LAG_EVENTS: &str = "projector_lag_events";
 /// Age of the oldest event not yet covered by the low-water mark, in seconds (gauge).
 pub const LAG_SECONDS: &str = "projector_lag_seconds";
-/// Events folded by `projector rebuild` (counter).
-pub const REBUILD_EVENTS: &str = "projector_rebuild_events_total";
-/// Progress of a running rebuild, 0 to 1 (gauge).
-pub const REBUILD_PROGRESS: &str = "projector_rebuild_progress";
 
 /// Duration of one apply transaction, commit included (histogram).
 pub const APPLY_SECONDS: &str = "projector_apply_seconds";

@@ -222,8 +222,6 @@ async fn fold_page(
         outcome.parked += 1;
     }
     outcome.events += events.len() as u64;
-    ::metrics::counter!(metrics::REBUILD_EVENTS, "projection" => projection.name())
-        .increment(events.len() as u64);
     Ok(last)
 }
 
@@ -349,7 +347,8 @@ fn quoted(identifier: &str) -> String {
     format!("\"{}\"", identifier.replace('"', "\"\""))
 }
 
-/// A progress bar on a terminal, periodic log lines otherwise.
+/// A progress bar on a terminal, periodic log lines otherwise. (A rebuild is a process of its
+/// own with no `/metrics` to scrape, so it reports here and in its summary line.)
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
     head: i64,
@@ -385,7 +384,6 @@ impl Progress {
         } else {
             1.0
         };
-        ::metrics::gauge!(metrics::REBUILD_PROGRESS).set(fraction);
         if let Some(bar) = &self.bar {
             bar.set_position(position.max(0) as u64);
         } else if self.last_log.get().elapsed() >= PROGRESS_LOG_EVERY {
@@ -402,7 +400,6 @@ impl Progress {
     }
 
     fn finish(&self) {
-        ::metrics::gauge!(metrics::REBUILD_PROGRESS).set(1.0);
         if let Some(bar) = &self.bar {
             bar.finish();
         }
