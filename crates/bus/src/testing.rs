@@ -204,7 +204,7 @@ impl Drop for PrivateRedis {
 
 /// PING over TLS, trusting the test CA and presenting its client certificate.
 async fn ping_tls(port: u16, certificates: &Path) -> bool {
-    let Ok(tls) = TestCertificates::in_dir(certificates).client_tls() else {
+    let Ok(tls) = client_tls_in(certificates) else {
         return false;
     };
     let Ok(client) = redis::Client::build_with_tls(format!("rediss://localhost:{port}"), tls)
@@ -253,7 +253,6 @@ const CLIENT_KEY: &str = "client.key";
 #[derive(Debug)]
 pub struct TestCertificates {
     dir: PathBuf,
-    owned: bool,
 }
 
 impl TestCertificates {
@@ -261,7 +260,7 @@ impl TestCertificates {
     pub fn generate() -> io::Result<Self> {
         let dir = std::env::temp_dir().join(format!("test-tls-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir)?;
-        let certificates = Self { dir, owned: true };
+        let certificates = Self { dir };
         const NEW_KEY: &str = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
         certificates.openssl(&format!(
             "req -x509 {NEW_KEY} -days 2 -subj /CN=test-CA -keyout ca.key -out {CA_CERT}"
@@ -284,14 +283,6 @@ impl TestCertificates {
             ))?;
         }
         Ok(certificates)
-    }
-
-    /// The files an earlier [`TestCertificates::generate`] made in `dir`, left in place on drop.
-    fn in_dir(dir: &Path) -> Self {
-        Self {
-            dir: dir.to_path_buf(),
-            owned: false,
-        }
     }
 
     /// Runs `openssl` with `args` (split at whitespace) in the certificates' directory.
@@ -333,20 +324,24 @@ impl TestCertificates {
 
     /// What a redis-rs client needs to trust the CA and present the client certificate.
     pub fn client_tls(&self) -> io::Result<redis::TlsCertificates> {
-        Ok(redis::TlsCertificates {
-            client_tls: Some(redis::ClientTlsConfig {
-                client_cert: std::fs::read(self.client_cert())?,
-                client_key: std::fs::read(self.client_key())?,
-            }),
-            root_cert: Some(std::fs::read(self.ca_cert())?),
-        })
+        client_tls_in(&self.dir)
     }
+}
+
+/// What a redis-rs client needs to trust the CA of the certificates in `dir` and present their
+/// client certificate.
+fn client_tls_in(dir: &Path) -> io::Result<redis::TlsCertificates> {
+    Ok(redis::TlsCertificates {
+        client_tls: Some(redis::ClientTlsConfig {
+            client_cert: std::fs::read(dir.join(CLIENT_CERT))?,
+            client_key: std::fs::read(dir.join(CLIENT_KEY))?,
+        }),
+        root_cert: Some(std::fs::read(dir.join(CA_CERT))?),
+    })
 }
 
 impl Drop for TestCertificates {
     fn drop(&mut self) {
-        if self.owned {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -121,14 +121,18 @@ pub fn validate_database_url(url: &str) -> anyhow::Result<PgConnectOptions> {
 pub fn redis_client(url: &str, tls: &RedisTlsArgs) -> anyhow::Result<redis::Client> {
     let invalid = |e: redis::RedisError| anyhow!("invalid REDIS_URL: {}", one_line(&e));
     let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(invalid)?;
-    if let redis::ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
+    let asks_for_tls = match info.addr() {
         // redis-rs would accept it here and fail every connect later.
-        return Err(anyhow!(
-            "invalid REDIS_URL: #insecure (TLS without checking the server's certificate) is not \
-             supported; give the server's authority in REDIS_CA_CERT"
-        ));
-    }
-    let certificates = tls.certificates(url)?;
+        redis::ConnectionAddr::TcpTls { insecure: true, .. } => {
+            return Err(anyhow!(
+                "invalid REDIS_URL: #insecure (TLS without checking the server's certificate) \
+                 is not supported; give the server's authority in REDIS_CA_CERT"
+            ));
+        }
+        redis::ConnectionAddr::TcpTls { .. } => true,
+        _ => false,
+    };
+    let certificates = tls.certificates(asks_for_tls)?;
     let info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
     match certificates {
         None => redis::Client::open(info),
@@ -267,6 +271,31 @@ mod tests {
         let msg = cli.common.validate().unwrap_err().to_string();
         assert!(msg.starts_with("invalid REDIS_URL: "), "{msg}");
         assert!(!msg.contains('\n'));
+    }
+
+    #[test]
+    fn only_a_rediss_url_takes_tls_files() {
+        let tls = RedisTlsArgs {
+            redis_ca_cert: Some("/nonexistent/ca.pem".into()),
+            ..RedisTlsArgs::default()
+        };
+        let error = |url: &str| redis_client(url, &tls).unwrap_err().to_string();
+        // A TLS URL goes on to read the file.
+        for url in ["rediss://cache.example:6380", "REDISS://cache.example"] {
+            assert!(
+                error(url).contains("/nonexistent/ca.pem"),
+                "{url}: {}",
+                error(url)
+            );
+        }
+        for url in ["redis://cache.example", "unix:///run/redis.sock"] {
+            assert!(
+                error(url).contains("only used with a rediss://"),
+                "{url}: {}",
+                error(url)
+            );
+        }
+        assert!(error("redis").starts_with("invalid REDIS_URL: "));
     }
 
     #[test]

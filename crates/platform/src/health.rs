@@ -19,7 +19,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use redis::aio::ConnectionManager;
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{Connection as _, PgPool};
 
 use crate::config::one_line;
 
@@ -71,7 +71,6 @@ impl Readiness {
                     result?;
                     return Ok(());
                 }
-                use sqlx::Connection as _;
                 let options = (*pg.connect_options()).clone();
                 sqlx::PgConnection::connect_with(&options)
                     .await?

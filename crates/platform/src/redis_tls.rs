@@ -37,10 +37,11 @@ pub struct RedisTlsArgs {
 }
 
 impl RedisTlsArgs {
-    /// The certificates for a client of `redis_url`: `None` when no file is set, which leaves a
-    /// `rediss://` server verified against the bundled roots. Fails naming the setting when a
-    /// file is set for a `redis://` URL, cannot be read, or holds no certificate (or key).
-    pub fn certificates(&self, redis_url: &str) -> anyhow::Result<Option<TlsCertificates>> {
+    /// The certificates for a client of a `REDIS_URL` that asks for TLS (`rediss://`) or not:
+    /// `None` when no file is set, which leaves a TLS server verified against the bundled
+    /// roots. Fails naming the setting when a file is set for a URL without TLS, cannot be
+    /// read, or holds no certificate (or key).
+    pub fn certificates(&self, url_asks_for_tls: bool) -> anyhow::Result<Option<TlsCertificates>> {
         let set = [
             ("REDIS_CA_CERT", &self.redis_ca_cert),
             ("REDIS_CLIENT_CERT", &self.redis_client_cert),
@@ -49,7 +50,7 @@ impl RedisTlsArgs {
         let Some((first_set, _)) = set.iter().find(|(_, path)| path.is_some()) else {
             return Ok(None);
         };
-        if !is_tls_url(redis_url) {
+        if !url_asks_for_tls {
             return Err(anyhow!(
                 "invalid {first_set}: only used with a rediss:// REDIS_URL (this one is not TLS)"
             ));
@@ -80,13 +81,6 @@ impl RedisTlsArgs {
             root_cert,
         }))
     }
-}
-
-/// Whether the URL asks for TLS. Its syntax is checked separately, by the client's parser.
-fn is_tls_url(redis_url: &str) -> bool {
-    redis_url
-        .get(..9)
-        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss://"))
 }
 
 fn read(setting: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
@@ -126,26 +120,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_rediss_url_counts_as_tls() {
-        assert!(is_tls_url("rediss://cache.example:6380"));
-        assert!(is_tls_url("REDISS://cache.example"));
-        assert!(!is_tls_url("redis://cache.example"));
-        assert!(!is_tls_url("unix:///run/redis.sock"));
-        assert!(!is_tls_url("redis"));
-    }
-
-    #[test]
     fn no_file_means_the_bundled_roots() {
         let none = RedisTlsArgs::default();
-        assert!(
-            none.certificates("rediss://cache.example")
-                .expect("no file")
-                .is_none()
-        );
-        assert!(
-            none.certificates("redis://cache.example")
-                .expect("no file")
-                .is_none()
-        );
+        assert!(none.certificates(true).expect("no file").is_none());
+        assert!(none.certificates(false).expect("no file").is_none());
     }
 }

@@ -119,6 +119,11 @@ async fn run(
     started: Instant,
 ) -> anyhow::Result<RebuildOutcome> {
     let projection = shadow.projection;
+    let fold = Fold {
+        projection,
+        batch_size,
+        dead_letters,
+    };
     let mut outcome = RebuildOutcome::default();
     let mut folded = 0;
     let progress = Progress::new(store::head_position(pool).await.context("read the head")?);
@@ -130,16 +135,7 @@ async fn run(
         while folded < head {
             let mut conn = pool.acquire().await.context("connect to Postgres")?;
             let mut tx = shadow.begin(&mut conn).await?;
-            folded = fold_page(
-                &mut tx,
-                projection,
-                folded,
-                head,
-                batch_size,
-                dead_letters,
-                &mut outcome,
-            )
-            .await?;
+            folded = fold.page(&mut tx, folded, head, &mut outcome).await?;
             tx.commit().await.context("commit a page of the rebuild")?;
             progress.update(folded, outcome.events);
         }
@@ -159,16 +155,7 @@ async fn run(
         .context("read the head")?;
     let before_tail = outcome.events;
     while folded < head {
-        folded = fold_page(
-            &mut tx,
-            projection,
-            folded,
-            head,
-            batch_size,
-            dead_letters,
-            &mut outcome,
-        )
-        .await?;
+        folded = fold.page(&mut tx, folded, head, &mut outcome).await?;
         progress.update(folded, outcome.events);
     }
     outcome.events_under_lock = outcome.events - before_tail;
@@ -187,42 +174,50 @@ async fn run(
     Ok(outcome)
 }
 
-/// Folds the events after `after` (up to `head`, at most `batch_size`) into the shadow tables
-/// of the transaction; returns the position reached.
-async fn fold_page(
-    tx: &mut PgConnection,
+/// What every page of one rebuild folds with.
+struct Fold<'a> {
     projection: ProjectionKind,
-    after: i64,
-    head: i64,
     batch_size: i64,
-    dead_letters: Option<&DeadLetters>,
-    outcome: &mut RebuildOutcome,
-) -> anyhow::Result<i64> {
-    let mut events = store::read_all(&mut *tx, after, batch_size)
-        .await
-        .context("read the event store")?;
-    events.retain(|e| e.global_position <= head);
-    let Some(last) = events.last().map(|e| e.global_position) else {
-        // Positions are dense up to the head; nothing above `after` means nothing to fold.
-        return Ok(head);
-    };
-    let (_, poisoned) = apply_isolating(&mut *tx, projection, &events)
-        .await
-        .map_err(|f| anyhow!("apply events after position {after}: {f}"))?;
-    for p in &poisoned {
-        let event = events
-            .iter()
-            .find(|e| e.stream_id == p.stream_id && e.stream_version == p.version);
-        if let (Some(dl), Some(event)) = (dead_letters, event) {
-            dead_letter(dl, projection, event, &p.error).await?;
-        }
-        park_stream(&mut *tx, projection, &p.stream_id, &p.error)
+    dead_letters: Option<&'a DeadLetters>,
+}
+
+impl Fold<'_> {
+    /// Folds the events after `after` (up to `head`, at most a batch) into the shadow tables of
+    /// the transaction; returns the position reached.
+    async fn page(
+        &self,
+        tx: &mut PgConnection,
+        after: i64,
+        head: i64,
+        outcome: &mut RebuildOutcome,
+    ) -> anyhow::Result<i64> {
+        let projection = self.projection;
+        let mut events = store::read_all(&mut *tx, after, self.batch_size)
             .await
-            .map_err(|f| anyhow!("park {}: {f}", p.stream_id))?;
-        outcome.parked += 1;
+            .context("read the event store")?;
+        events.retain(|e| e.global_position <= head);
+        let Some(last) = events.last().map(|e| e.global_position) else {
+            // Positions are dense up to the head; nothing above `after` means nothing to fold.
+            return Ok(head);
+        };
+        let (_, poisoned) = apply_isolating(&mut *tx, projection, &events)
+            .await
+            .map_err(|f| anyhow!("apply events after position {after}: {f}"))?;
+        for p in &poisoned {
+            let event = events
+                .iter()
+                .find(|e| e.stream_id == p.stream_id && e.stream_version == p.version);
+            if let (Some(dl), Some(event)) = (self.dead_letters, event) {
+                dead_letter(dl, projection, event, &p.error).await?;
+            }
+            park_stream(&mut *tx, projection, &p.stream_id, &p.error)
+                .await
+                .map_err(|f| anyhow!("park {}: {f}", p.stream_id))?;
+            outcome.parked += 1;
+        }
+        outcome.events += events.len() as u64;
+        Ok(last)
     }
-    outcome.events += events.len() as u64;
-    Ok(last)
 }
 
 async fn dead_letter(

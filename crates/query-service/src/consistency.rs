@@ -155,15 +155,9 @@ impl CheckpointWatcher {
         )
     }
 
-    /// Raises the head to `position` (an append's announcement: never lowers).
+    /// Raises the head to `position` (an append's announcement, or a poll: never lowers).
     fn raise_head(&self, position: i64) {
-        self.head.send_if_modified(|head| {
-            let raise = position > *head;
-            if raise {
-                *head = position;
-            }
-            raise
-        });
+        raise_to(&self.head, position);
     }
 
     /// The counters of database work done by this watcher.
@@ -179,13 +173,7 @@ impl CheckpointWatcher {
     /// Raises `projection` to `position` (a notification: never lowers).
     pub fn raise(&self, projection: &str, position: i64) {
         if let Some(tx) = self.senders.get(projection) {
-            tx.send_if_modified(|current| {
-                let raise = position > *current;
-                if raise {
-                    *current = position;
-                }
-                raise
-            });
+            raise_to(tx, position);
         }
     }
 
@@ -375,6 +363,17 @@ impl CheckpointWatcher {
             }
         }
     }
+}
+
+/// Publishes `position` if it is above the current value; waiters wake only then.
+fn raise_to(tx: &watch::Sender<i64>, position: i64) {
+    tx.send_if_modified(|current| {
+        let raise = position > *current;
+        if raise {
+            *current = position;
+        }
+        raise
+    });
 }
 
 #[cfg(test)]

@@ -136,6 +136,16 @@ fn parse_min_position(s: &str) -> Result<i64, ApiError> {
     }
 }
 
+/// A page's starting point (`after_version`, `after_position`): 0 when absent, else an integer
+/// ≥ 0, refused with `code` and `detail`.
+fn parse_after(raw: Option<&str>, code: &'static str, detail: &str) -> Result<i64, ApiError> {
+    match raw.map(|s| s.trim().parse::<i64>()) {
+        None => Ok(0),
+        Some(Ok(after)) if after >= 0 => Ok(after),
+        Some(_) => Err(ApiError::bad_request(code, detail)),
+    }
+}
+
 fn parse_limit(raw: Option<&str>, default: i64, max: i64) -> Result<i64, ApiError> {
     match raw {
         None => Ok(default),
@@ -226,18 +236,11 @@ impl TryFrom<&RawHistory> for HistoryPage {
     type Error = ApiError;
 
     fn try_from(raw: &RawHistory) -> Result<Self, ApiError> {
-        let after_version = match raw.after_version.as_deref() {
-            None => 0,
-            Some(s) => match s.trim().parse::<i64>() {
-                Ok(v) if v >= 0 => v,
-                _ => {
-                    return Err(ApiError::bad_request(
-                        "invalid_after_version",
-                        "after_version must be an integer ≥ 0",
-                    ));
-                }
-            },
-        };
+        let after_version = parse_after(
+            raw.after_version.as_deref(),
+            "invalid_after_version",
+            "after_version must be an integer ≥ 0",
+        )?;
         let limit = parse_limit(raw.limit.as_deref(), DEFAULT_EVENTS_LIMIT, MAX_EVENTS_LIMIT)?;
         Ok(Self {
             after_version,
@@ -258,18 +261,11 @@ pub struct LogPage {
 
 impl LogPage {
     pub fn parse(raw: &RawLogPage, args: &ReadArgs) -> Result<Self, ApiError> {
-        let after_position = match raw.after_position.as_deref() {
-            None => 0,
-            Some(s) => match s.trim().parse::<i64>() {
-                Ok(p) if p >= 0 => p,
-                _ => {
-                    return Err(ApiError::bad_request(
-                        "invalid_after_position",
-                        "after_position must be an integer ≥ 0",
-                    ));
-                }
-            },
-        };
+        let after_position = parse_after(
+            raw.after_position.as_deref(),
+            "invalid_after_position",
+            "after_position must be an integer ≥ 0",
+        )?;
         let limit = parse_limit(raw.limit.as_deref(), DEFAULT_EVENTS_LIMIT, MAX_EVENTS_LIMIT)?;
         let wait = Duration::from_millis(parse_wait_ms(raw.wait_ms.as_deref(), 0, args)?);
         Ok(Self {
