@@ -32,7 +32,8 @@ pub enum DecodeError {
     },
 }
 
-/// Every event type name, for projections declaring what they handle.
+/// Every event type name, for projections declaring what they handle and for filters that
+/// must name real types.
 pub const EVENT_TYPES: [&str; 7] = [
     "OrderCreated",
     "ItemAdded",

@@ -66,6 +66,12 @@ pub struct ReadArgs {
     /// for notifications lost while its LISTEN connection reconnects (at least 10)
     #[arg(long, env = "CHECKPOINT_POLL_MS", default_value_t = 250)]
     pub checkpoint_poll_ms: u64,
+
+    /// Positions one page of `GET /events?event_type=` reads at most: a filter that matches
+    /// rarely answers after this much work with `read_to` advanced, instead of reading the
+    /// whole log in one request
+    #[arg(long, env = "EVENTS_SCAN_SPAN", default_value_t = 10_000)]
+    pub events_scan_span: i64,
 }
 
 impl Default for ReadArgs {
@@ -74,6 +80,7 @@ impl Default for ReadArgs {
             wait_ms_default: 2000,
             wait_ms_max: 10_000,
             checkpoint_poll_ms: 250,
+            events_scan_span: 10_000,
         }
     }
 }
@@ -95,6 +102,9 @@ impl Config {
         }
         if self.reads.checkpoint_poll_ms < 10 {
             return Err(anyhow!("invalid CHECKPOINT_POLL_MS: must be at least 10"));
+        }
+        if self.reads.events_scan_span < 1 {
+            return Err(anyhow!("invalid EVENTS_SCAN_SPAN: must be at least 1"));
         }
         Ok(())
     }
@@ -128,6 +138,7 @@ mod tests {
         assert_eq!(config.listen_addr, "0.0.0.0:8081");
         assert_eq!(config.reads.wait_ms_default, 2000);
         assert_eq!(config.reads.wait_ms_max, 10_000);
+        assert_eq!(config.reads.events_scan_span, 10_000);
         assert_eq!(config.http.max_in_flight(), 1024);
         assert_eq!(config.command(), Command::Serve);
         config.validate().unwrap();
@@ -139,6 +150,13 @@ mod tests {
             Config::try_parse_from(["query-service", "--wait-ms-default", "20000"]).unwrap();
         let msg = config.validate().unwrap_err().to_string();
         assert!(msg.starts_with("invalid WAIT_MS_DEFAULT"), "{msg}");
+    }
+
+    #[test]
+    fn a_scan_span_below_one_names_the_setting() {
+        let config = Config::try_parse_from(["query-service", "--events-scan-span", "0"]).unwrap();
+        let msg = config.validate().unwrap_err().to_string();
+        assert!(msg.starts_with("invalid EVENTS_SCAN_SPAN"), "{msg}");
     }
 
     #[test]

@@ -59,15 +59,18 @@ pub struct WatcherStats {
     pub listens: AtomicU64,
     /// Requests waiting on a watch right now.
     pub waiting: AtomicU64,
+    /// Waits begun since start (a request that waits again after a wake counts twice).
+    pub waits_begun: AtomicU64,
 }
 
 /// Keeps [`WatcherStats::waiting`] right even when a waiting request is dropped mid-wait.
 struct WaitingGuard<'a>(&'a AtomicU64);
 
 impl<'a> WaitingGuard<'a> {
-    fn enter(counter: &'a AtomicU64) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        Self(counter)
+    fn enter(stats: &'a WatcherStats) -> Self {
+        stats.waits_begun.fetch_add(1, Ordering::Relaxed);
+        stats.waiting.fetch_add(1, Ordering::Relaxed);
+        Self(&stats.waiting)
     }
 }
 
@@ -147,7 +150,7 @@ impl CheckpointWatcher {
         if *rx.borrow_and_update() > after {
             return true;
         }
-        let _waiting = WaitingGuard::enter(&self.stats.waiting);
+        let _waiting = WaitingGuard::enter(&self.stats);
         let remaining = deadline.saturating_duration_since(Instant::now());
         matches!(
             tokio::time::timeout(remaining, rx.wait_for(|head| *head > after)).await,
@@ -209,7 +212,7 @@ impl CheckpointWatcher {
         if !require_change && current >= min_position {
             return (current, WaitOutcome::Immediate);
         }
-        let _waiting = WaitingGuard::enter(&self.stats.waiting);
+        let _waiting = WaitingGuard::enter(&self.stats);
         let started = Instant::now();
         let remaining = deadline.saturating_duration_since(started);
         let wait = async {

@@ -76,11 +76,15 @@ impl From<RecordedEvent> for LogEvent {
 /// The body of `GET /events`.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct LogEventPage {
-    /// In position order, with no position missing between them (`position` is dense and in
-    /// commit order).
+    /// In position order. Unfiltered, no position is missing between them (`position` is
+    /// dense and in commit order); with `event_type`, the events of those types among them.
     pub events: Vec<LogEvent>,
-    /// The last position of this page, to pass as `after_position`, when the page is full;
-    /// `null` otherwise (to follow the log, ask again after the last position seen).
+    /// Every event up to this position has been read: those that match are in this page or an
+    /// earlier one. To follow the log, pass it as the next `after_position` (with a filter, it
+    /// can be past the last event shown). Never below the request's `after_position`.
+    pub read_to: i64,
+    /// `read_to` when there is more to read now (a full page, or a filtered page that stopped
+    /// at `EVENTS_SCAN_SPAN` positions); `null` when the page reached the head of the log.
     pub next_cursor: Option<String>,
 }
 
@@ -90,11 +94,17 @@ pub struct History {
     pool: PgPool,
     /// Knows the log's head, for `GET /events` waits.
     watcher: CheckpointWatcher,
+    /// Positions one filtered page of `GET /events` reads at most (`EVENTS_SCAN_SPAN`).
+    scan_span: i64,
 }
 
 impl History {
-    pub fn new(pool: PgPool, watcher: CheckpointWatcher) -> Self {
-        Self { pool, watcher }
+    pub fn new(pool: PgPool, watcher: CheckpointWatcher, scan_span: i64) -> Self {
+        Self {
+            pool,
+            watcher,
+            scan_span,
+        }
     }
 
     /// `GET /orders/{id}/events`: 404 when the order has no events at all.
@@ -122,27 +132,65 @@ impl History {
 
     /// `GET /events`: the committed events after a position. Positions are dense and become
     /// visible in order (the store's append lock, ARCHITECTURE.md invariant 1), so a reader that
-    /// resumes after the last position it saw never misses an event, however appends interleave.
+    /// resumes after `read_to` never misses an event, however appends interleave.
     ///
-    /// With nothing after the position yet and a `wait`, it waits (on the watcher, not the
-    /// database) for a commit after it, then reads once more; an empty page after the wait is a
-    /// normal answer: the follower asks again.
+    /// With nothing to show at the head and a `wait`, it waits (on the watcher, not the
+    /// database) for a commit after what it has read, then reads again; with a filter, commits
+    /// of other types only move `read_to` and the wait goes on. An empty page after the wait is
+    /// a normal answer: the follower asks again from `read_to`.
     pub async fn log(&self, page: LogPage) -> Result<LogEventPage, ApiError> {
         let deadline = std::time::Instant::now() + page.wait;
-        let mut events = store::read_all(&self.pool, page.after_position, page.limit).await?;
-        if events.is_empty()
-            && !page.wait.is_zero()
-            && self
-                .watcher
-                .wait_for_head_above(page.after_position, deadline)
-                .await
-        {
-            events = store::read_all(&self.pool, page.after_position, page.limit).await?;
+        let mut after = page.after_position;
+        loop {
+            let read = self.read_log(&page, after).await?;
+            if !read.events.is_empty()
+                || read.next_cursor.is_some()
+                || page.wait.is_zero()
+                || !self
+                    .watcher
+                    .wait_for_head_above(read.read_to, deadline)
+                    .await
+            {
+                return Ok(read);
+            }
+            after = read.read_to;
         }
-        let next_cursor = next_cursor(&events, page.limit, |last| last.global_position);
+    }
+
+    /// One page of the log after `after`: up to `limit` events, or with a filter, the matching
+    /// events among at most `scan_span` positions.
+    async fn read_log(&self, page: &LogPage, after: i64) -> Result<LogEventPage, ApiError> {
+        let Some(event_types) = &page.event_types else {
+            let events = store::read_all(&self.pool, after, page.limit).await?;
+            let next_cursor = next_cursor(&events, page.limit, |last| last.global_position);
+            return Ok(LogEventPage {
+                read_to: events.last().map_or(after, |last| last.global_position),
+                events: events.into_iter().map(LogEvent::from).collect(),
+                next_cursor,
+            });
+        };
+        // The end of the range first, then the range: see `store::last_position_within`.
+        let Some(scan_end) = store::last_position_within(&self.pool, after, self.scan_span).await?
+        else {
+            return Ok(LogEventPage {
+                events: Vec::new(),
+                read_to: after,
+                next_cursor: None,
+            });
+        };
+        let events =
+            store::read_all_of_types(&self.pool, after, scan_end, event_types, page.limit).await?;
+        let full = next_cursor(&events, page.limit, |last| last.global_position);
+        let (read_to, more) = match full {
+            // A full page ends at its last event; what follows it is still to read.
+            Some(_) => (events.last().map_or(scan_end, |e| e.global_position), true),
+            // The whole span was committed: there may be more after it.
+            None => (scan_end, scan_end == after.saturating_add(self.scan_span)),
+        };
         Ok(LogEventPage {
             events: events.into_iter().map(LogEvent::from).collect(),
-            next_cursor,
+            read_to,
+            next_cursor: more.then(|| read_to.to_string()),
         })
     }
 

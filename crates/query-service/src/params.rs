@@ -56,6 +56,7 @@ pub struct RawLogPage {
     pub after_position: Option<String>,
     pub limit: Option<String>,
     pub wait_ms: Option<String>,
+    pub event_type: Option<String>,
 }
 
 /// `GET /orders/{id}/state` query string, unparsed.
@@ -250,13 +251,16 @@ impl TryFrom<&RawHistory> for HistoryPage {
 }
 
 /// A parsed `GET /events` request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogPage {
     pub after_position: i64,
     pub limit: i64,
     /// When nothing follows `after_position` yet: how long to wait for a commit (none by
     /// default).
     pub wait: Duration,
+    /// Only events of these types (every event when `None`); each a name of
+    /// `events::codec::EVENT_TYPES`, without repeats.
+    pub event_types: Option<Vec<String>>,
 }
 
 impl LogPage {
@@ -268,12 +272,43 @@ impl LogPage {
         )?;
         let limit = parse_limit(raw.limit.as_deref(), DEFAULT_EVENTS_LIMIT, MAX_EVENTS_LIMIT)?;
         let wait = Duration::from_millis(parse_wait_ms(raw.wait_ms.as_deref(), 0, args)?);
+        let event_types = raw
+            .event_type
+            .as_deref()
+            .map(parse_event_types)
+            .transpose()?;
         Ok(Self {
             after_position,
             limit,
             wait,
+            event_types,
         })
     }
+}
+
+/// `event_type=OrderPaid,OrderShipped`: a comma-separated list of known event types. An unknown
+/// name is refused rather than matching nothing, so a misspelt filter fails loudly instead of
+/// following an empty log forever.
+fn parse_event_types(raw: &str) -> Result<Vec<String>, ApiError> {
+    let invalid = || {
+        ApiError::bad_request(
+            "invalid_event_type",
+            format!(
+                "event_type must be a comma-separated list of {}",
+                events::codec::EVENT_TYPES.join(", ")
+            ),
+        )
+    };
+    let mut types: Vec<String> = Vec::new();
+    for name in raw.split(',').map(str::trim) {
+        if !events::codec::EVENT_TYPES.contains(&name) {
+            return Err(invalid());
+        }
+        if !types.iter().any(|t| t == name) {
+            types.push(name.to_owned());
+        }
+    }
+    Ok(types)
 }
 
 /// When to fold an order's state as of.

@@ -78,7 +78,7 @@ impl Application {
         let read_models = ReadModels::new(pool.clone(), watcher.clone());
         let state = AppState {
             read_models: read_models.clone(),
-            history: History::new(pool.clone(), watcher.clone()),
+            history: History::new(pool.clone(), watcher.clone(), config.reads.events_scan_span),
             reads: config.reads.clone(),
         };
         let router = routes::router(

@@ -104,6 +104,52 @@ pub async fn read_all(
     decode_rows(rows)
 }
 
+/// The highest committed position in `(after_position, after_position + span]`, `None` when
+/// nothing is committed after `after_position` yet.
+///
+/// A filtered reader asks this *before* it reads the range: positions become visible in order
+/// and rows are never deleted, so every event up to the answer is then visible to the read,
+/// and the reader may resume after the answer without missing an event that matched. (Asked
+/// after the read, it could count an event the read did not see.)
+pub async fn last_position_within(
+    executor: impl PgExecutor<'_>,
+    after_position: i64,
+    span: i64,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT max(global_position) FROM events \
+         WHERE global_position > $1 AND global_position <= $1 + $2",
+    )
+    .bind(after_position)
+    .bind(span)
+    .fetch_one(executor)
+    .await
+}
+
+/// Events of the given types with position in `(after_position, up_to]`, in position order, at
+/// most `limit`. `up_to` must come from [`last_position_within`] (or another read of committed
+/// positions) for the range to be complete.
+pub async fn read_all_of_types(
+    executor: impl PgExecutor<'_>,
+    after_position: i64,
+    up_to: i64,
+    event_types: &[String],
+    limit: i64,
+) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM events \
+         WHERE global_position > $1 AND global_position <= $2 AND event_type = ANY($3) \
+         ORDER BY global_position LIMIT $4"
+    )))
+    .bind(after_position)
+    .bind(up_to)
+    .bind(event_types)
+    .bind(limit)
+    .fetch_all(executor)
+    .await?;
+    decode_rows(rows)
+}
+
 /// The highest committed position (0 for an empty store).
 pub async fn head_position(executor: impl PgExecutor<'_>) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT COALESCE(max(global_position), 0) FROM events")

@@ -15,21 +15,22 @@ use crate::params::{HistoryPage, LogPage, RawHistory, RawLogPage, RawStateAt, St
 /// Response header of `GET /orders/{id}/state`: the stream version the state was folded to.
 pub const ORDER_VERSION_HEADER: &str = "x-order-version";
 
-/// The whole event log, in position order: every committed event of every order, with no
-/// position ever skipped, for consumers that follow the log over HTTP (or catch up from it when
-/// the Redis stream has been trimmed).
+/// The whole event log, in position order: every committed event of every order (or of the
+/// types asked for), with no position ever skipped, for consumers that follow the log over
+/// HTTP (or catch up from it when the Redis stream has been trimmed).
 #[utoipa::path(
     get,
     path = "/events",
     tag = "history",
     params(
-        ("after_position" = Option<i64>, Query, description = "Only events after this global position (default 0); pass the previous page's next_cursor, or the last position seen", minimum = 0),
+        ("after_position" = Option<i64>, Query, description = "Only events after this global position (default 0); pass the previous page's read_to", minimum = 0),
         ("limit" = Option<i64>, Query, description = "Page size, 1 to 1000 (default 100)", minimum = 1, maximum = 1000),
-        ("wait_ms" = Option<u64>, Query, description = "When nothing follows after_position yet, wait up to this long for a commit (default 0; at most WAIT_MS_MAX)", minimum = 0),
+        ("wait_ms" = Option<u64>, Query, description = "When nothing (of the filter's types) follows after_position yet, wait up to this long for a commit (default 0; at most WAIT_MS_MAX)", minimum = 0),
+        ("event_type" = Option<String>, Query, description = "Only events of these types, comma-separated (OrderCreated, ItemAdded, ItemRemoved, OrderPlaced, OrderPaid, OrderShipped, OrderCancelled); one page reads at most EVENTS_SCAN_SPAN positions", example = "OrderPaid,OrderShipped"),
     ),
     responses(
         (status = 200, description = "A page of events; empty past the head (after wait_ms, if given)", body = LogEventPage),
-        (status = 400, description = "`invalid_after_position`, `invalid_limit`, `invalid_wait`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`invalid_after_position`, `invalid_limit`, `invalid_wait`, `invalid_event_type`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 503, description = "`overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
     ),

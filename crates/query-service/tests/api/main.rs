@@ -49,6 +49,8 @@ struct Options {
     poll_ms: Option<u64>,
     /// `WAIT_MS_MAX` (and a `WAIT_MS_DEFAULT` within it).
     wait_ms_max: Option<u64>,
+    /// `EVENTS_SCAN_SPAN`.
+    events_scan_span: Option<i64>,
 }
 
 async fn spawn_app() -> TestApp {
@@ -77,6 +79,9 @@ async fn spawn_app_with(options: Options) -> TestApp {
     if let Some(max) = options.wait_ms_max {
         config.reads.wait_ms_max = max;
         config.reads.wait_ms_default = config.reads.wait_ms_default.min(max);
+    }
+    if let Some(span) = options.events_scan_span {
+        config.reads.events_scan_span = span;
     }
     let app = Application::build(config).await.unwrap();
     let base = format!("http://127.0.0.1:{}", app.port());
@@ -171,27 +176,38 @@ impl TestApp {
         let mut state = OrderState::default();
         let mut positions = Vec::new();
         for command in commands {
-            let produced = decide(&state, &command).unwrap();
-            let request = AppendRequest {
-                stream_id: order_stream_id(order_id),
-                expected: ExpectedVersion::Exact(state.version),
-                events: produced
-                    .iter()
-                    .map(|e| e.to_new_event(EventMetadata::default()))
-                    .collect(),
-                idempotency: None,
-            };
-            let outcome = store::append_batch(self.pool(), &[request])
-                .await
-                .unwrap()
-                .remove(0)
-                .unwrap();
-            positions.push(outcome.last_position);
-            for event in &produced {
-                state = evolve(state, event);
-            }
+            positions.push(self.append_command(order_id, &mut state, command).await);
         }
         positions
+    }
+
+    /// Appends the events of one command to the order at `state`, which it moves on; returns
+    /// the position of the last of them.
+    async fn append_command(
+        &self,
+        order_id: Uuid,
+        state: &mut OrderState,
+        command: OrderCommand,
+    ) -> i64 {
+        let produced = decide(state, &command).unwrap();
+        let request = AppendRequest {
+            stream_id: order_stream_id(order_id),
+            expected: ExpectedVersion::Exact(state.version),
+            events: produced
+                .iter()
+                .map(|e| e.to_new_event(EventMetadata::default()))
+                .collect(),
+            idempotency: None,
+        };
+        let outcome = store::append_batch(self.pool(), &[request])
+            .await
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        for event in &produced {
+            *state = evolve(std::mem::take(state), event);
+        }
+        outcome.last_position
     }
 }
 
@@ -867,6 +883,136 @@ async fn a_follower_waiting_at_the_head_of_the_log_is_answered_by_the_next_commi
     assert_eq!(page["events"][0]["stream_id"], format!("order-{second}"));
 }
 
+/// A filter shows only the types asked for; a page reads at most `EVENTS_SCAN_SPAN` positions,
+/// so a stretch of other types answers an empty page whose `read_to` moves on, and following
+/// `read_to` reaches every matching event exactly once and ends at the head.
+#[tokio::test]
+async fn a_filtered_log_shows_only_its_types_and_reads_a_bounded_span_per_page() {
+    const SPAN: i64 = 4;
+    let app = spawn_app_with(Options {
+        events_scan_span: Some(SPAN),
+        ..Options::default()
+    })
+    .await;
+    let (busy, paid) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut wanted = Vec::new();
+    // Nine items in a row: two whole spans with nothing that matches.
+    let mut busy_commands = vec![create(busy, Uuid::new_v4())];
+    busy_commands.extend((0..9).map(|i| add(&format!("SKU-{i}"), 1, 10)));
+    let positions = app.append_order(busy, busy_commands).await;
+    wanted.push((positions[0], "OrderCreated"));
+    let positions = app
+        .append_order(
+            paid,
+            vec![
+                create(paid, Uuid::new_v4()),
+                add("A", 2, 50),
+                OrderCommand::PlaceOrder,
+                OrderCommand::PayOrder {
+                    amount: 100,
+                    payment_reference: "ref-1".into(),
+                },
+            ],
+        )
+        .await;
+    wanted.push((positions[0], "OrderCreated"));
+    wanted.push((positions[3], "OrderPaid"));
+    let head = positions[3];
+
+    let mut seen = Vec::new();
+    let mut after = 0;
+    let mut empty_pages_with_more = 0;
+    loop {
+        let (status, _, page) = app
+            .get_json(&format!(
+                "/events?event_type=OrderPaid,%20OrderCreated&limit=1&after_position={after}"
+            ))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let read_to = page["read_to"].as_i64().unwrap();
+        assert!(
+            (after..=after + SPAN).contains(&read_to),
+            "read_to {read_to} after {after}: {page}"
+        );
+        let events = page["events"].as_array().unwrap();
+        for event in events {
+            let position = event["position"].as_i64().unwrap();
+            assert!(position > after && position <= read_to, "{page}");
+            seen.push((position, event["event_type"].as_str().unwrap().to_owned()));
+        }
+        after = read_to;
+        match page["next_cursor"].as_str() {
+            Some(cursor) => {
+                assert_eq!(cursor, read_to.to_string(), "{page}");
+                if events.is_empty() {
+                    empty_pages_with_more += 1;
+                }
+            }
+            None => break,
+        }
+    }
+    let wanted: Vec<(i64, String)> = wanted
+        .into_iter()
+        .map(|(position, kind)| (position, kind.to_owned()))
+        .collect();
+    assert_eq!(seen, wanted);
+    assert_eq!(after, head, "the last page reads to the head");
+    assert!(
+        empty_pages_with_more >= 2,
+        "the nine items make empty pages with more to read"
+    );
+}
+
+/// A filtered follower at the head is not answered by commits of other types: it reads them,
+/// waits again, and is answered by the first commit that matches.
+#[tokio::test]
+async fn a_filtered_follower_waits_through_commits_of_other_types() {
+    // Polled once a minute: the appends' notifications wake the follower.
+    let app = spawn_app_with(Options {
+        poll_ms: Some(60_000),
+        ..Options::default()
+    })
+    .await;
+    let order = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let created = app
+        .append_command(order, &mut state, create(order, Uuid::new_v4()))
+        .await;
+    let follower = {
+        let request = app.client.get(format!(
+            "{}/events?event_type=OrderPlaced&after_position={created}&wait_ms=10000",
+            app.base
+        ));
+        tokio::spawn(async move { request.send().await.unwrap().json::<Value>().await.unwrap() })
+    };
+    let stats = Arc::clone(&app.watcher);
+    wait_until("the follower waits", || {
+        let stats = Arc::clone(&stats);
+        async move { stats.waiting.load(Ordering::Relaxed) > 0 }
+    })
+    .await;
+    let item = app.append_command(order, &mut state, add("A", 1, 10)).await;
+    // Woken by the item, the follower reads it, finds no match and waits a second time.
+    wait_until("the follower waits again after the item", || {
+        let stats = Arc::clone(&stats);
+        async move {
+            stats.waits_begun.load(Ordering::Relaxed) >= 2
+                && stats.waiting.load(Ordering::Relaxed) > 0
+        }
+    })
+    .await;
+    assert!(!follower.is_finished(), "answered by an ItemAdded");
+    let placed = app
+        .append_command(order, &mut state, OrderCommand::PlaceOrder)
+        .await;
+    assert!(placed > item);
+    let page = follower.await.unwrap();
+    assert_eq!(page["events"].as_array().unwrap().len(), 1, "{page}");
+    assert_eq!(page["events"][0]["position"], placed, "{page}");
+    assert_eq!(page["events"][0]["event_type"], "OrderPlaced");
+    assert_eq!(page["read_to"], placed);
+}
+
 /// Guarantee 3 over HTTP: a client that follows `/events` from the last position it saw gets
 /// every committed event once and in order, while many writers append at the same time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -980,6 +1126,17 @@ async fn each_bad_input_gets_its_status_and_a_problem_with_its_code() {
         ("/events?limit=1001".into(), 400, "invalid_limit"),
         ("/events?wait_ms=soon".into(), 400, "invalid_wait"),
         ("/events?wait_ms=10001".into(), 400, "invalid_wait"),
+        (
+            "/events?event_type=OrderPayed".into(),
+            400,
+            "invalid_event_type",
+        ),
+        ("/events?event_type=".into(), 400, "invalid_event_type"),
+        (
+            "/events?event_type=OrderPaid,,OrderShipped".into(),
+            400,
+            "invalid_event_type",
+        ),
         (
             format!("/orders/{id}/state?version=0"),
             400,
@@ -1119,6 +1276,7 @@ async fn openapi_json_lists_every_route_and_error() {
         "invalid_wait",
         "invalid_after_version",
         "invalid_after_position",
+        "invalid_event_type",
         "invalid_version",
         "invalid_at",
         "unauthorized",
