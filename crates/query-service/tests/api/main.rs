@@ -171,6 +171,27 @@ impl TestApp {
         }
     }
 
+    /// Sends `GET {path}` in the background and returns once the service holds it in a wait;
+    /// the task answers the response's body.
+    async fn follow(&self, path: &str) -> tokio::task::JoinHandle<Value> {
+        let begun = self.watcher.waits_begun.load(Ordering::Relaxed);
+        let request = self.client.get(format!("{}{path}", self.base));
+        let follower =
+            tokio::spawn(
+                async move { request.send().await.unwrap().json::<Value>().await.unwrap() },
+            );
+        let stats = Arc::clone(&self.watcher);
+        wait_until("the follower waits", || {
+            let stats = Arc::clone(&stats);
+            async move {
+                stats.waits_begun.load(Ordering::Relaxed) > begun
+                    && stats.waiting.load(Ordering::Relaxed) > 0
+            }
+        })
+        .await;
+        follower
+    }
+
     /// Appends one event batch per command to a new order; returns the versions' positions.
     async fn append_order(&self, order_id: Uuid, commands: Vec<OrderCommand>) -> Vec<i64> {
         let mut state = OrderState::default();
@@ -861,19 +882,9 @@ async fn a_follower_waiting_at_the_head_of_the_log_is_answered_by_the_next_commi
     assert_eq!(status, StatusCode::OK, "{page}");
     assert_eq!(page["events"], serde_json::json!([]));
 
-    let follower = {
-        let request = app.client.get(format!(
-            "{}/events?after_position={head}&wait_ms=10000",
-            app.base
-        ));
-        tokio::spawn(async move { request.send().await.unwrap().json::<Value>().await.unwrap() })
-    };
-    let stats = Arc::clone(&app.watcher);
-    wait_until("the follower waits", || {
-        let stats = Arc::clone(&stats);
-        async move { stats.waiting.load(Ordering::Relaxed) > 0 }
-    })
-    .await;
+    let follower = app
+        .follow(&format!("/events?after_position={head}&wait_ms=10000"))
+        .await;
     let second = Uuid::new_v4();
     let appended = app
         .append_order(second, vec![create(second, Uuid::new_v4())])
@@ -978,19 +989,12 @@ async fn a_filtered_follower_waits_through_commits_of_other_types() {
     let created = app
         .append_command(order, &mut state, create(order, Uuid::new_v4()))
         .await;
-    let follower = {
-        let request = app.client.get(format!(
-            "{}/events?event_type=OrderPlaced&after_position={created}&wait_ms=10000",
-            app.base
-        ));
-        tokio::spawn(async move { request.send().await.unwrap().json::<Value>().await.unwrap() })
-    };
+    let follower = app
+        .follow(&format!(
+            "/events?event_type=OrderPlaced&after_position={created}&wait_ms=10000"
+        ))
+        .await;
     let stats = Arc::clone(&app.watcher);
-    wait_until("the follower waits", || {
-        let stats = Arc::clone(&stats);
-        async move { stats.waiting.load(Ordering::Relaxed) > 0 }
-    })
-    .await;
     let item = app.append_command(order, &mut state, add("A", 1, 10)).await;
     // Woken by the item, the follower reads it, finds no match and waits a second time.
     wait_until("the follower waits again after the item", || {
