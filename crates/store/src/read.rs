@@ -118,10 +118,11 @@ pub async fn last_position_within(
 ) -> Result<Option<i64>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT max(global_position) FROM events \
-         WHERE global_position > $1 AND global_position <= $1 + $2",
+         WHERE global_position > $1 AND global_position <= $2",
     )
     .bind(after_position)
-    .bind(span)
+    // Summed here, saturating: in SQL, a position near i64::MAX would overflow into an error.
+    .bind(after_position.saturating_add(span))
     .fetch_one(executor)
     .await
 }

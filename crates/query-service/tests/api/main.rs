@@ -972,6 +972,17 @@ async fn a_filtered_log_shows_only_its_types_and_reads_a_bounded_span_per_page()
         empty_pages_with_more >= 2,
         "the nine items make empty pages with more to read"
     );
+
+    // The span's end saturates instead of overflowing past the largest position.
+    let (status, _, page) = app
+        .get_json(&format!(
+            "/events?event_type=OrderPaid&after_position={}",
+            i64::MAX
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["read_to"], i64::MAX);
+    assert_eq!(page["events"], serde_json::json!([]));
 }
 
 /// A filtered follower at the head is not answered by commits of other types: it reads them,
