@@ -8,6 +8,12 @@ use std::fmt;
 /// in realistic orders and a typo (`100000000`) is rejected instead of billed.
 pub const MAX_QUANTITY: i64 = 10_000;
 
+/// Largest order total (and so unit price and payment) accepted, in minor units: 2^53 - 1, the
+/// largest integer a JSON number carries exactly in every client (JavaScript's
+/// `Number.MAX_SAFE_INTEGER`, any reader that parses numbers as IEEE 754 doubles). Above it a
+/// browser would show, and could pay, a rounded amount.
+pub const MAX_AMOUNT: i64 = 9_007_199_254_740_991;
+
 /// Largest number of distinct lines in one order; bounds the size of the state and of snapshots.
 pub const MAX_LINES: usize = 200;
 

@@ -7,7 +7,7 @@
 //! Lifecycle: draft → placed (needs an item) → paid (amount equals the total) → shipped.
 //! Items change only in draft; cancel is allowed before shipping; nothing follows cancel.
 
-use crate::money::{Currency, MAX_LINES, MAX_QUANTITY, MAX_TEXT_LEN, Sku};
+use crate::money::{Currency, MAX_AMOUNT, MAX_LINES, MAX_QUANTITY, MAX_TEXT_LEN, Sku};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -390,8 +390,13 @@ pub fn decide(state: &OrderState, command: &OrderCommand) -> Result<Vec<OrderEve
                 unit_price: *unit_price,
             };
             let after = evolve_order(order.clone(), &OrderEvent::ItemAdded(event.clone()));
-            if after.total().is_none() {
-                return reject(Rule::TotalOverflow, "the order total would overflow");
+            if after.total().is_none_or(|total| total > MAX_AMOUNT) {
+                return reject(
+                    Rule::TotalOverflow,
+                    format!(
+                        "the order total would exceed {MAX_AMOUNT}, the largest amount accepted"
+                    ),
+                );
             }
             OrderEvent::ItemAdded(event)
         }

@@ -1,6 +1,6 @@
 //! Given/when/then tests of every rule of the Order aggregate, including each rejection.
 
-use events::money::{MAX_LINES, MAX_QUANTITY, MAX_TEXT_LEN};
+use events::money::{MAX_AMOUNT, MAX_LINES, MAX_QUANTITY, MAX_TEXT_LEN};
 use events::order::{
     ItemAdded, ItemRemoved, OrderCancelled, OrderCreated, OrderPaid, OrderPlaced, OrderShipped,
 };
@@ -212,6 +212,23 @@ fn skus_must_be_well_formed() {
         &[created()],
         OrderCommand::RemoveItem { sku: "a/b".into() },
         Rule::InvalidSku,
+    );
+}
+
+/// Amounts stay within what a JSON number carries exactly in every client (2^53 - 1).
+#[test]
+fn a_total_up_to_the_largest_exact_json_integer_is_accepted_and_one_more_is_not() {
+    then_events(&[created()], add("A", 1, MAX_AMOUNT));
+    then_events(&[created(), added("A", 1, MAX_AMOUNT - 10)], add("B", 2, 5));
+    then_rule(
+        &[created()],
+        add("A", 1, MAX_AMOUNT + 1),
+        Rule::TotalOverflow,
+    );
+    then_rule(
+        &[created(), added("A", 1, MAX_AMOUNT - 10)],
+        add("B", 1, 11),
+        Rule::TotalOverflow,
     );
 }
 

@@ -39,8 +39,9 @@ pub struct AddItemRequest {
     /// 1 to 10000 units; adding a SKU already in the order adds to its quantity.
     #[schema(example = 2, minimum = 1, maximum = 10000)]
     pub quantity: i64,
-    /// Price of one unit in minor units (cents).
-    #[schema(example = 1250, minimum = 0)]
+    /// Price of one unit in minor units (cents). The order total may not exceed
+    /// 9007199254740991 (2^53 - 1, the largest integer every JSON reader holds exactly).
+    #[schema(example = 1250, minimum = 0, maximum = 9_007_199_254_740_991_i64)]
     pub unit_price: i64,
 }
 
@@ -48,7 +49,7 @@ pub struct AddItemRequest {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct PayOrderRequest {
     /// Must equal the order total, in minor units.
-    #[schema(example = 2500, minimum = 0)]
+    #[schema(example = 2500, minimum = 0, maximum = 9_007_199_254_740_991_i64)]
     pub amount: i64,
     /// Free text: not blank, at most 500 bytes once trimmed.
     #[schema(example = "psp-8f2c", pattern = r"\S", max_length = 500)]

@@ -89,7 +89,7 @@ fn property<'a>(doc: &'a Value, body: &str, name: &str) -> &'a Value {
 #[tokio::test]
 async fn every_bound_the_openapi_document_declares_is_the_one_the_service_enforces() {
     use command_service::http::MAX_IDEMPOTENCY_KEY_LEN;
-    use events::money::{Currency, MAX_QUANTITY, MAX_SKU_LEN, MAX_TEXT_LEN};
+    use events::money::{Currency, MAX_AMOUNT, MAX_QUANTITY, MAX_SKU_LEN, MAX_TEXT_LEN};
 
     let app = spawn_app().await;
     let doc = openapi_document(&app).await;
@@ -99,6 +99,14 @@ async fn every_bound_the_openapi_document_declares_is_the_one_the_service_enforc
     assert_eq!(quantity["minimum"], 1);
     assert_eq!(quantity["maximum"], MAX_QUANTITY);
     assert_eq!(property(&doc, "AddItemRequest", "unit_price")["minimum"], 0);
+    assert_eq!(
+        property(&doc, "AddItemRequest", "unit_price")["maximum"],
+        MAX_AMOUNT
+    );
+    assert_eq!(
+        property(&doc, "PayOrderRequest", "amount")["maximum"],
+        MAX_AMOUNT
+    );
     assert_eq!(
         property(&doc, "AddItemRequest", "sku")["maxLength"],
         MAX_SKU_LEN
@@ -170,7 +178,12 @@ async fn every_bound_the_openapi_document_declares_is_the_one_the_service_enforc
         app.add_item(order, &longest_sku, max, 0).await.status(),
         200
     );
+    assert_eq!(
+        app.add_item(order, "B-1", 1, MAX_AMOUNT).await.status(),
+        200
+    );
     for (sku, quantity, unit_price) in [
+        ("C-1".to_owned(), 1, 1),
         (format!("{longest_sku}S"), 1, 1),
         ("A-1".to_owned(), max + 1, 1),
         ("A-1".to_owned(), 0, 1),
