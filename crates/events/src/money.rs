@@ -32,6 +32,23 @@ MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF 
 SGD SHP SLE SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD UYU UZS VES \
 VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG";
 
+/// Longest part of a refused value quoted back in an error message: enough to recognise it,
+/// while a megabyte of garbage in a path or body does not come back in the answer and the log.
+pub const MAX_QUOTED_LEN: usize = 80;
+
+/// `value` in backticks for an error message, cut to [`MAX_QUOTED_LEN`] bytes (at a character
+/// boundary) with `…` when longer.
+pub fn quoted(value: &str) -> String {
+    if value.len() <= MAX_QUOTED_LEN {
+        return format!("`{value}`");
+    }
+    let mut end = MAX_QUOTED_LEN;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("`{}…`", &value[..end])
+}
+
 /// An ISO 4217 currency code such as `EUR`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -63,7 +80,8 @@ impl Currency {
 impl TryFrom<String> for Currency {
     type Error = String;
     fn try_from(value: String) -> Result<Self, Self::Error> {
-        Currency::parse(&value).ok_or_else(|| format!("`{value}` is not an ISO 4217 currency code"))
+        Currency::parse(&value)
+            .ok_or_else(|| format!("{} is not an ISO 4217 currency code", quoted(&value)))
     }
 }
 
@@ -103,7 +121,7 @@ impl Sku {
 impl TryFrom<String> for Sku {
     type Error = String;
     fn try_from(value: String) -> Result<Self, Self::Error> {
-        Sku::parse(&value).ok_or_else(|| format!("`{value}` is not a valid SKU"))
+        Sku::parse(&value).ok_or_else(|| format!("{} is not a valid SKU", quoted(&value)))
     }
 }
 

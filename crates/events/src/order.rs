@@ -7,7 +7,7 @@
 //! Lifecycle: draft → placed (needs an item) → paid (amount equals the total) → shipped.
 //! Items change only in draft; cancel is allowed before shipping; nothing follows cancel.
 
-use crate::money::{Currency, MAX_AMOUNT, MAX_LINES, MAX_QUANTITY, MAX_TEXT_LEN, Sku};
+use crate::money::{Currency, MAX_AMOUNT, MAX_LINES, MAX_QUANTITY, MAX_TEXT_LEN, Sku, quoted};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -287,7 +287,10 @@ fn parse_sku(sku: &str) -> Result<Sku, DomainError> {
         || {
             reject(
                 Rule::InvalidSku,
-                format!("`{sku}` is not a valid SKU (1-64 of A-Z a-z 0-9 - _ .)"),
+                format!(
+                    "{} is not a valid SKU (1-64 of A-Z a-z 0-9 - _ .)",
+                    quoted(sku)
+                ),
             )
         },
         Ok,
@@ -329,7 +332,7 @@ pub fn decide(state: &OrderState, command: &OrderCommand) -> Result<Vec<OrderEve
             let Some(currency) = Currency::parse(currency) else {
                 return reject(
                     Rule::InvalidCurrency,
-                    format!("`{currency}` is not an ISO 4217 currency code"),
+                    format!("{} is not an ISO 4217 currency code", quoted(currency)),
                 );
             };
             return Ok(vec![OrderEvent::OrderCreated(OrderCreated {

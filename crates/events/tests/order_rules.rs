@@ -205,6 +205,31 @@ fn prices_must_not_be_negative_but_may_be_zero() {
 }
 
 #[test]
+fn a_refused_value_is_quoted_back_cut_short() {
+    let long = "é".repeat(1000);
+    let Err(DomainError::Rejected { message, .. }) = decide(
+        &given(&[created()]),
+        &OrderCommand::RemoveItem { sku: long.clone() },
+    ) else {
+        panic!("a 2000-byte SKU is refused");
+    };
+    assert!(message.len() < 200, "{message}");
+    assert!(
+        message.starts_with("`éé") && message.contains("…`"),
+        "{message}"
+    );
+    let Err(DomainError::Rejected { message, .. }) =
+        decide(&given(&[created()]), &add("bad sku", 1, 1))
+    else {
+        panic!("a SKU with a space is refused");
+    };
+    assert!(
+        message.starts_with("`bad sku` is not a valid SKU"),
+        "{message}"
+    );
+}
+
+#[test]
 fn skus_must_be_well_formed() {
     then_rule(&[created()], add("", 1, 1), Rule::InvalidSku);
     then_rule(&[created()], add("has space", 1, 1), Rule::InvalidSku);

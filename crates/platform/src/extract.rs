@@ -61,7 +61,7 @@ pub fn json_rejection(rejection: JsonRejection) -> Problem {
         ),
         JsonRejection::JsonDataError(e) => Problem::bad_request("invalid_body", source_text(e)),
         _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => payload_too_large(),
-        _ => Problem::bad_request("invalid_body", one_line(&rejection.body_text())),
+        _ => Problem::bad_request("invalid_body", rejection_detail(&rejection.body_text())),
     }
 }
 
@@ -71,13 +71,32 @@ pub fn payload_too_large() -> Problem {
         .with_detail("the request body exceeds the size limit")
 }
 
+/// Longest `detail` made of a rejected request's own text, in bytes. serde and axum quote the
+/// bad value back; a megabyte of it should not return in the answer, nor fill the access log.
+pub const MAX_REJECTION_DETAIL_LEN: usize = 300;
+
 /// The innermost useful message (serde's), without axum's generic prefix.
 fn source_text(e: &dyn std::error::Error) -> String {
     let msg = match e.source() {
         Some(inner) => inner.to_string(),
         None => e.to_string(),
     };
-    one_line(&msg)
+    rejection_detail(&msg)
+}
+
+/// `msg` on one line, cut to [`MAX_REJECTION_DETAIL_LEN`] bytes (at a character boundary) with
+/// `…` when longer.
+fn rejection_detail(msg: &dyn std::fmt::Display) -> String {
+    let mut text = one_line(msg);
+    if text.len() > MAX_REJECTION_DETAIL_LEN {
+        let mut end = MAX_REJECTION_DETAIL_LEN;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 /// Path parameters whose rejection is a 400 `invalid_path` [`Problem`].
@@ -103,7 +122,7 @@ where
 pub fn path_rejection(rejection: PathRejection) -> Problem {
     match rejection {
         PathRejection::FailedToDeserializePathParams(e) => {
-            Problem::bad_request("invalid_path", one_line(&e.body_text()))
+            Problem::bad_request("invalid_path", rejection_detail(&e.body_text()))
         }
         other => Problem::internal_error(&format_args!("path extraction: {}", other.body_text())),
     }
@@ -134,7 +153,7 @@ pub fn query_rejection(rejection: QueryRejection) -> Problem {
         QueryRejection::FailedToDeserializeQueryString(e) => source_text(e),
         other => other.body_text(),
     };
-    Problem::bad_request("invalid_query", one_line(&detail))
+    Problem::bad_request("invalid_query", rejection_detail(&detail))
 }
 
 /// Router fallback: 404 `not_found`. Use with `Router::fallback(extract::not_found)`.

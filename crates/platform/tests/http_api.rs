@@ -249,6 +249,21 @@ async fn a_malformed_uuid_in_the_path_is_400_invalid_path() {
 }
 
 #[tokio::test]
+async fn a_rejected_value_is_quoted_back_cut_short() {
+    // 5,000 × `é`, percent-encoded: the quoted value is cut at a character boundary.
+    let long = "%C3%A9".repeat(5_000);
+    let (response, body) = send(app(), get_req(&format!("/orders/{long}"))).await;
+    assert_problem(&response, &body, StatusCode::BAD_REQUEST, "invalid_path");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.len() <= platform::extract::MAX_REJECTION_DETAIL_LEN + '…'.len_utf8()
+            && detail.ends_with('…')
+            && detail.contains("éé"),
+        "{detail}"
+    );
+}
+
+#[tokio::test]
 async fn a_bad_query_is_400_invalid_query() {
     let (response, body) = send(app(), get_req("/orders?limit=many")).await;
     assert_problem(&response, &body, StatusCode::BAD_REQUEST, "invalid_query");
