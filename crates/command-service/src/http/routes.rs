@@ -100,6 +100,13 @@ fn command_header_params(with_if_match: bool) -> Vec<utoipa::openapi::path::Para
             .schema(Some(schema.schema_type(Type::String).build()))
             .build()
     };
+    // What `platform::http::RequestContext` keeps of an id or actor header.
+    let printable_id = || {
+        ObjectBuilder::new()
+            .min_length(Some(1))
+            .max_length(Some(platform::http::MAX_ID_LEN))
+            .pattern(Some(r"^[\x20-\x7E]*[\x21-\x7E][\x20-\x7E]*$"))
+    };
     let if_match = header(
         "If-Match",
         "`\"<version>\"`: apply only at this version, else 412",
@@ -116,13 +123,15 @@ fn command_header_params(with_if_match: bool) -> Vec<utoipa::openapi::path::Para
         ),
         header(
             "X-Correlation-Id",
-            "Correlation id recorded in the event metadata (echoed)",
-            ObjectBuilder::new(),
+            "Correlation id recorded in the event metadata (echoed); another value than 1-128 \
+             printable ASCII characters is not recorded: the request id is used instead",
+            printable_id(),
         ),
         header(
             "X-Actor",
-            "Who issues the command, recorded in the event metadata",
-            ObjectBuilder::new(),
+            "Who issues the command, recorded in the event metadata; another value than 1-128 \
+             printable ASCII characters is not recorded",
+            printable_id(),
         ),
         header(
             "traceparent",

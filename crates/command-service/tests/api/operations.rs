@@ -154,6 +154,14 @@ async fn every_bound_the_openapi_document_declares_is_the_one_the_service_enforc
         for name in ["X-Correlation-Id", "X-Actor", "traceparent"] {
             assert!(header(name).is_some(), "{path}: {name}");
         }
+        for name in ["X-Correlation-Id", "X-Actor"] {
+            let schema = &header(name).unwrap()["schema"];
+            assert_eq!(
+                schema["maxLength"],
+                platform::http::MAX_ID_LEN,
+                "{path}: {name}"
+            );
+        }
         assert_eq!(
             header("If-Match").is_some(),
             path != "/orders",
