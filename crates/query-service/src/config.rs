@@ -72,6 +72,16 @@ pub struct ReadArgs {
     /// whole log in one request
     #[arg(long, env = "EVENTS_SCAN_SPAN", default_value_t = 10_000)]
     pub events_scan_span: i64,
+
+    /// Most `GET /events/stream` followers one instance serves at once; more get 503
+    /// `overloaded` (a stream holds no request slot of `MAX_IN_FLIGHT_REQUESTS`)
+    #[arg(
+        long,
+        env = "EVENT_STREAMS_MAX",
+        default_value_t = 256,
+        value_parser = clap::value_parser!(u64).range(1..=100_000)
+    )]
+    pub event_streams_max: u64,
 }
 
 impl Default for ReadArgs {
@@ -81,6 +91,7 @@ impl Default for ReadArgs {
             wait_ms_max: 10_000,
             checkpoint_poll_ms: 250,
             events_scan_span: 10_000,
+            event_streams_max: 256,
         }
     }
 }
@@ -119,6 +130,11 @@ impl ReadArgs {
     /// The request timeout: the longest wait plus [`REQUEST_TIMEOUT_MARGIN`].
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.wait_ms_max) + REQUEST_TIMEOUT_MARGIN
+    }
+
+    /// The bound on open event streams as a `usize`.
+    pub fn event_streams_max(&self) -> usize {
+        usize::try_from(self.event_streams_max).unwrap_or(usize::MAX)
     }
 
     /// Interval of the watcher's fallback poll.

@@ -12,12 +12,15 @@
 //! | 400 | `invalid_min_position` | `min_position` / `X-Min-Position` not an integer ≥ 0 |
 //! | 400 | `invalid_wait` | `wait_ms` not an integer in 0..=WAIT_MS_MAX |
 //! | 400 | `invalid_after_version` | `after_version` not an integer ≥ 0 |
+//! | 400 | `invalid_after_position` | `after_position` not an integer ≥ 0 |
+//! | 400 | `invalid_event_type` | `event_type` not a comma-separated list of known types |
+//! | 400 | `invalid_last_event_id` | `Last-Event-ID` not an integer ≥ 0 |
 //! | 400 | `invalid_version` | `version` not an integer ≥ 1 |
 //! | 400 | `invalid_at` | `at` not an RFC 3339 timestamp |
 //! | 401 | `unauthorized` | a token is configured and missing or wrong (platform auth) |
 //! | 404 | `order_not_found`, `customer_not_found` | nothing to show |
 //! | 503 | `consistency_timeout` | the read model did not reach `min_position` within `wait_ms` |
-//! | 503 | `overloaded` | more requests at once than `MAX_IN_FLIGHT_REQUESTS` (platform layers) |
+//! | 503 | `overloaded` | more requests at once than `MAX_IN_FLIGHT_REQUESTS` (platform layers), or more event streams than `EVENT_STREAMS_MAX` |
 //! | 500 | `internal` | anything else; logged, never detailed |
 //!
 //! Internal errors are logged with their cause and answered without it.
@@ -55,6 +58,9 @@ pub enum ApiError {
         observed: i64,
         wait_ms: u64,
     },
+    /// `EVENT_STREAMS_MAX` event streams are open already.
+    #[error("{limit} event streams are open")]
+    StreamsFull { limit: usize },
     /// Database or decoding failure; never shown to the client.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -104,6 +110,14 @@ impl ApiError {
                     .with_extension("projection_position", observed);
                 with_position(p, Some(*observed))
             }
+            ApiError::StreamsFull { limit } => Problem::unavailable(
+                "overloaded",
+                crate::log_stream::STREAMS_FULL_RETRY_AFTER_SECS,
+            )
+            .with_detail(format!(
+                "this instance is serving its limit of {limit} event streams \
+                 (EVENT_STREAMS_MAX); retry shortly or page with GET /events"
+            )),
             ApiError::Internal(e) => Problem::internal_error(e),
         }
     }

@@ -17,6 +17,7 @@
 //! - [`read_models`]: the `order_summaries` / `customer_stats` queries, each reading the
 //!   checkpoint in the same statement.
 //! - [`history`]: event pages and time travel from the event store with `events::fold_summary`.
+//! - [`log_stream`]: `GET /events/stream`, the log as Server-Sent Events over `history`'s pages.
 //! - [`error`]: `ApiError` and its problem responses (the list of codes).
 //! - [`openapi`]: `GET /openapi.json`.
 //!
@@ -31,6 +32,7 @@ pub mod consistency;
 pub mod cursor;
 pub mod error;
 pub mod history;
+pub mod log_stream;
 pub mod openapi;
 pub mod params;
 pub mod read_models;

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::config::ReadArgs;
 use crate::cursor::{self, CursorScope};
 use crate::error::ApiError;
+use crate::log_stream::StreamStart;
 
 /// Request header asking for read-your-writes (same meaning as `?min_position=`).
 pub const MIN_POSITION_HEADER: HeaderName = HeaderName::from_static("x-min-position");
@@ -58,6 +59,16 @@ pub struct RawLogPage {
     pub wait_ms: Option<String>,
     pub event_type: Option<String>,
 }
+
+/// `GET /events/stream` query string, unparsed.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawLogStream {
+    pub after_position: Option<String>,
+    pub event_type: Option<String>,
+}
+
+/// Request header of an SSE client that resumes: the `id` of the last frame it received.
+pub const LAST_EVENT_ID_HEADER: HeaderName = HeaderName::from_static("last-event-id");
 
 /// `GET /orders/{id}/state` query string, unparsed.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -281,6 +292,34 @@ impl LogPage {
             after_position,
             limit,
             wait,
+            event_types,
+        })
+    }
+}
+
+impl StreamStart {
+    /// `Last-Event-ID` (a resuming client) wins over `after_position` (where a new client
+    /// starts): a browser reconnects with the same URL and the header.
+    pub fn parse(raw: &RawLogStream, headers: &HeaderMap) -> Result<Self, ApiError> {
+        let after_position = match headers.get(&LAST_EVENT_ID_HEADER) {
+            Some(value) => parse_after(
+                Some(value.to_str().unwrap_or("-")),
+                "invalid_last_event_id",
+                "Last-Event-ID must be an id this stream sent (an integer ≥ 0)",
+            )?,
+            None => parse_after(
+                raw.after_position.as_deref(),
+                "invalid_after_position",
+                "after_position must be an integer ≥ 0",
+            )?,
+        };
+        let event_types = raw
+            .event_type
+            .as_deref()
+            .map(parse_event_types)
+            .transpose()?;
+        Ok(Self {
+            after_position,
             event_types,
         })
     }

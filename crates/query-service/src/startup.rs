@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::consistency::{CheckpointWatcher, WatcherStats};
 use crate::history::History;
+use crate::log_stream::LogStreams;
 use crate::read_models::{ReadModels, ReadStats};
 use crate::routes::{self, AppState};
 
@@ -32,6 +33,8 @@ pub struct Application {
     router: Router,
     port: u16,
     cancel: CancellationToken,
+    /// Ends the event streams when shutdown begins.
+    streams_stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     grace: std::time::Duration,
     watcher_stats: Arc<WatcherStats>,
@@ -76,9 +79,18 @@ impl Application {
         let tasks = watcher.spawn(pool.clone(), config.reads.checkpoint_poll(), cancel.clone());
 
         let read_models = ReadModels::new(pool.clone(), watcher.clone());
+        let history = History::new(pool.clone(), watcher.clone(), config.reads.events_scan_span);
+        // Ended as soon as shutdown begins (not after the drain, like `cancel`): the drain
+        // waits for open responses, and a follower's stream never ends by itself.
+        let streams_stop = CancellationToken::new();
         let state = AppState {
             read_models: read_models.clone(),
-            history: History::new(pool.clone(), watcher.clone(), config.reads.events_scan_span),
+            streams: LogStreams::new(
+                history.clone(),
+                config.reads.event_streams_max(),
+                streams_stop.clone(),
+            ),
+            history,
             reads: config.reads.clone(),
         };
         let router = routes::router(
@@ -108,6 +120,7 @@ impl Application {
             router,
             port,
             cancel,
+            streams_stop,
             tasks,
             grace: config.common.shutdown_grace(),
             watcher_stats: watcher.stats(),
@@ -136,6 +149,11 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(port = self.port, "query service listening");
+        let streams_stop = self.streams_stop.clone();
+        let shutdown = async move {
+            shutdown.await;
+            streams_stop.cancel();
+        };
         let result =
             platform::shutdown::serve_with_grace(self.listener, self.router, shutdown, self.grace)
                 .await;

@@ -2,7 +2,7 @@
 //! store.
 
 use axum::extract::State;
-use axum::http::HeaderValue;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use platform::extract::{Json, Path, Query};
 use uuid::Uuid;
@@ -10,7 +10,10 @@ use uuid::Uuid;
 use super::AppState;
 use crate::error::ApiError;
 use crate::history::{EventPage, LogEventPage};
-use crate::params::{HistoryPage, LogPage, RawHistory, RawLogPage, RawStateAt, StateAt};
+use crate::log_stream::StreamStart;
+use crate::params::{
+    HistoryPage, LogPage, RawHistory, RawLogPage, RawLogStream, RawStateAt, StateAt,
+};
 
 /// Response header of `GET /orders/{id}/state`: the stream version the state was folded to.
 pub const ORDER_VERSION_HEADER: &str = "x-order-version";
@@ -42,6 +45,40 @@ pub async fn get_events(
 ) -> Result<Json<LogEventPage>, ApiError> {
     let page = LogPage::parse(&raw, &app.reads)?;
     Ok(Json(app.history.log(page).await?))
+}
+
+/// The event log as Server-Sent Events: every committed event after a position (or of the
+/// types asked for), then each new commit as it lands, on one response that stays open. Each
+/// frame is `id: <position>`, `event: <event_type>`, `data: <an event of GET /events>`; a frame
+/// with only an `id` moves the resume point past events a filter skipped. A client that
+/// reconnects with `Last-Event-ID` (a browser's `EventSource` does) continues right after it.
+#[utoipa::path(
+    get,
+    path = "/events/stream",
+    tag = "history",
+    params(
+        ("after_position" = Option<i64>, Query, description = "Start after this global position (default 0: the whole log); Last-Event-ID wins when present", minimum = 0),
+        ("event_type" = Option<String>, Query, description = "Only events of these types, comma-separated, as for GET /events", example = "OrderPaid,OrderShipped"),
+        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this id (the last `id` received)", minimum = 0),
+    ),
+    responses(
+        (status = 200, description = "`text/event-stream`: frames until the client hangs up or the service shuts down; a comment every 15 s keeps it open", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`invalid_after_position`, `invalid_event_type`, `invalid_last_event_id`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`overloaded` (with Retry-After: EVENT_STREAMS_MAX streams are open, or too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn get_event_stream(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Query(raw): Query<RawLogStream>,
+) -> Result<Response, ApiError> {
+    let start = StreamStart::parse(&raw, &headers)?;
+    let stream = app.streams.follow(start).ok_or(ApiError::StreamsFull {
+        limit: app.streams.limit(),
+    })?;
+    Ok(stream.into_response())
 }
 
 /// The audit history of one order, in version order.

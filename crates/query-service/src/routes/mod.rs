@@ -19,10 +19,13 @@ use serde::Serialize;
 use crate::config::ReadArgs;
 use crate::error::PROJECTION_POSITION_HEADER;
 use crate::history::History;
+use crate::log_stream::LogStreams;
 use crate::read_models::{Positioned, ReadModels};
 
 pub use customers::__path_get_customer;
-pub use history::{__path_get_events, __path_get_order_events, __path_get_order_state};
+pub use history::{
+    __path_get_event_stream, __path_get_events, __path_get_order_events, __path_get_order_state,
+};
 pub use orders::{__path_get_order, __path_list_orders};
 
 /// What every handler shares.
@@ -30,6 +33,8 @@ pub use orders::{__path_get_order, __path_list_orders};
 pub struct AppState {
     pub read_models: ReadModels,
     pub history: History,
+    /// The open `GET /events/stream` followers.
+    pub streams: LogStreams,
     pub reads: ReadArgs,
 }
 
@@ -47,6 +52,7 @@ pub fn router(
         .route("/orders/{id}/events", get(history::get_order_events))
         .route("/orders/{id}/state", get(history::get_order_state))
         .route("/events", get(history::get_events))
+        .route("/events/stream", get(history::get_event_stream))
         .route("/customers/{id}", get(customers::get_customer))
         .route_layer(platform::auth::require_bearer_token(token))
         .with_state(state);

@@ -51,6 +51,8 @@ struct Options {
     wait_ms_max: Option<u64>,
     /// `EVENTS_SCAN_SPAN`.
     events_scan_span: Option<i64>,
+    /// `EVENT_STREAMS_MAX`.
+    event_streams_max: Option<u64>,
 }
 
 async fn spawn_app() -> TestApp {
@@ -82,6 +84,9 @@ async fn spawn_app_with(options: Options) -> TestApp {
     }
     if let Some(span) = options.events_scan_span {
         config.reads.events_scan_span = span;
+    }
+    if let Some(max) = options.event_streams_max {
+        config.reads.event_streams_max = max;
     }
     let app = Application::build(config).await.unwrap();
     let base = format!("http://127.0.0.1:{}", app.port());
@@ -255,6 +260,22 @@ impl TestOrder {
     }
 }
 
+/// Retries `attempt` until it gives a value, failing after [`DEADLINE`].
+async fn wait_until_value<T, F, Fut>(what: &str, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = attempt().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn wait_until<F, Fut>(what: &str, mut condition: F)
 where
     F: FnMut() -> Fut,
@@ -264,6 +285,92 @@ where
     while !condition().await {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// One Server-Sent Events frame (comment-only frames are skipped by the reader).
+#[derive(Debug, Default)]
+struct Frame {
+    id: Option<String>,
+    event: Option<String>,
+    data: Option<Value>,
+    retry: Option<String>,
+}
+
+/// Reads the frames of a `text/event-stream` response as they arrive.
+struct SseReader {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl SseReader {
+    /// `GET path` with `Last-Event-ID` when given: the reader, or the refusal's status and body.
+    async fn open(
+        app: &TestApp,
+        path: &str,
+        last_event_id: Option<i64>,
+    ) -> Result<Self, (StatusCode, reqwest::header::HeaderMap, Value)> {
+        let mut request = app.client.get(format!("{}{path}", app.base));
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        let response = request.send().await.unwrap();
+        if response.status() != StatusCode::OK {
+            let (status, headers) = (response.status(), response.headers().clone());
+            return Err((status, headers, response.json().await.unwrap()));
+        }
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        Ok(Self {
+            response,
+            buffer: String::new(),
+        })
+    }
+
+    /// The next frame; `None` when the service ended the stream cleanly. Panics on a broken
+    /// connection or after [`DEADLINE`].
+    async fn next_frame(&mut self) -> Option<Frame> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            while let Some(end) = self.buffer.find("\n\n") {
+                let text: String = self.buffer.drain(..end + 2).collect();
+                let mut frame = Frame::default();
+                let mut any = false;
+                for line in text.lines() {
+                    let Some((field, value)) = line.split_once(':') else {
+                        continue;
+                    };
+                    let value = value.strip_prefix(' ').unwrap_or(value).to_owned();
+                    any |= !field.is_empty();
+                    match field {
+                        "id" => frame.id = Some(value),
+                        "event" => frame.event = Some(value),
+                        "data" => frame.data = Some(serde_json::from_str(&value).unwrap()),
+                        "retry" => frame.retry = Some(value),
+                        _ => {}
+                    }
+                }
+                if any {
+                    return Some(frame);
+                }
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let chunk = tokio::time::timeout(remaining, self.response.chunk())
+                .await
+                .expect("a frame within the deadline")
+                .expect("the stream is not cut off");
+            self.buffer
+                .push_str(std::str::from_utf8(&chunk?).expect("UTF-8 frames"));
+        }
+    }
+
+    /// The next frame that carries an event.
+    async fn next_event(&mut self) -> Frame {
+        loop {
+            let frame = self.next_frame().await.expect("the stream goes on");
+            if frame.data.is_some() {
+                return frame;
+            }
+        }
     }
 }
 
@@ -1028,6 +1135,125 @@ async fn a_filtered_follower_waits_through_commits_of_other_types() {
     assert_eq!(page["read_to"], placed);
 }
 
+/// The log as Server-Sent Events: what is there, then each commit as it lands; a client that
+/// reconnects with `Last-Event-ID` continues right after it, whatever `after_position` says.
+#[tokio::test]
+async fn the_log_streams_as_server_sent_events_and_resumes_after_the_last_event_id() {
+    let app = spawn_app().await;
+    let order = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let mut positions = Vec::new();
+    for command in [
+        create(order, Uuid::new_v4()),
+        add("A", 1, 10),
+        add("B", 2, 5),
+    ] {
+        positions.push(app.append_command(order, &mut state, command).await);
+    }
+    let mut stream = SseReader::open(&app, "/events/stream", None).await.unwrap();
+    let first = stream.next_frame().await.unwrap();
+    assert!(first.retry.is_some() && first.data.is_none(), "{first:?}");
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let frame = stream.next_event().await;
+        let data = frame.data.unwrap();
+        assert_eq!(frame.id, Some(data["position"].to_string()));
+        assert_eq!(frame.event.as_deref(), data["event_type"].as_str());
+        assert_eq!(data["stream_id"], format!("order-{order}"));
+        seen.push(data["position"].as_i64().unwrap());
+    }
+    assert_eq!(seen, positions);
+
+    // Live: commits made while the stream is open arrive on it.
+    for command in [add("C", 1, 1), OrderCommand::PlaceOrder] {
+        positions.push(app.append_command(order, &mut state, command).await);
+    }
+    let live = stream.next_event().await;
+    assert_eq!(live.id, Some(positions[3].to_string()));
+    assert_eq!(live.event.as_deref(), Some("ItemAdded"));
+    drop(stream);
+
+    // Reconnecting: Last-Event-ID wins over the URL's after_position.
+    let mut resumed = SseReader::open(&app, "/events/stream?after_position=0", Some(positions[3]))
+        .await
+        .unwrap();
+    let next = resumed.next_event().await;
+    assert_eq!(next.id, Some(positions[4].to_string()));
+    assert_eq!(next.event.as_deref(), Some("OrderPlaced"));
+}
+
+/// A filtered stream sends an id-only frame for what it read without a match, so a client that
+/// reconnects does not read it again, then the next event of its types.
+#[tokio::test]
+async fn a_filtered_stream_moves_the_resume_point_past_what_it_skips() {
+    let app = spawn_app().await;
+    let order = Uuid::new_v4();
+    let mut state = OrderState::default();
+    app.append_command(order, &mut state, create(order, Uuid::new_v4()))
+        .await;
+    let added = app.append_command(order, &mut state, add("A", 1, 10)).await;
+    let mut stream = SseReader::open(&app, "/events/stream?event_type=OrderPlaced", None)
+        .await
+        .unwrap();
+    let mut progress = stream.next_frame().await.unwrap();
+    if progress.retry.is_some() {
+        progress = stream.next_frame().await.unwrap();
+    }
+    assert_eq!(progress.id, Some(added.to_string()), "{progress:?}");
+    assert!(progress.data.is_none(), "{progress:?}");
+    let placed = app
+        .append_command(order, &mut state, OrderCommand::PlaceOrder)
+        .await;
+    let frame = stream.next_event().await;
+    assert_eq!(frame.id, Some(placed.to_string()));
+    assert_eq!(frame.event.as_deref(), Some("OrderPlaced"));
+}
+
+/// At most `EVENT_STREAMS_MAX` streams are open; one more is 503 `overloaded` with
+/// `Retry-After`. A closed stream frees its place, and shutdown ends the open ones cleanly
+/// instead of cutting them off after the grace period.
+#[tokio::test]
+async fn event_streams_are_bounded_and_end_cleanly_at_shutdown() {
+    let mut app = spawn_app_with(Options {
+        event_streams_max: Some(1),
+        ..Options::default()
+    })
+    .await;
+    let mut first = SseReader::open(&app, "/events/stream", None).await.unwrap();
+    first.next_frame().await.unwrap();
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("query_event_streams_open") && line.ends_with(" 1")),
+        "{metrics}"
+    );
+    let Err((status, headers, body)) = SseReader::open(&app, "/events/stream", None).await else {
+        panic!("a second stream is refused");
+    };
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["code"], "overloaded", "{body}");
+    assert!(headers.contains_key("retry-after"));
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("http_requests_shed_total") && line.ends_with(" 1")),
+        "the refusal counts as shed: {metrics}"
+    );
+
+    drop(first);
+    let app_ref = &app;
+    let mut open = wait_until_value("the closed stream's place is free", || async move {
+        SseReader::open(app_ref, "/events/stream", None).await.ok()
+    })
+    .await;
+    open.next_frame().await.unwrap();
+
+    let _ = app.stop.take().unwrap().send(());
+    while open.next_frame().await.is_some() {}
+}
+
 /// Guarantee 3 over HTTP: a client that follows `/events` from the last position it saw gets
 /// every committed event once and in order, while many writers append at the same time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1142,6 +1368,16 @@ async fn each_bad_input_gets_its_status_and_a_problem_with_its_code() {
         ("/events?wait_ms=soon".into(), 400, "invalid_wait"),
         ("/events?wait_ms=10001".into(), 400, "invalid_wait"),
         (
+            "/events/stream?after_position=x".into(),
+            400,
+            "invalid_after_position",
+        ),
+        (
+            "/events/stream?event_type=Paid".into(),
+            400,
+            "invalid_event_type",
+        ),
+        (
             "/events?event_type=OrderPayed".into(),
             400,
             "invalid_event_type",
@@ -1199,6 +1435,11 @@ async fn each_bad_input_gets_its_status_and_a_problem_with_its_code() {
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["code"], "invalid_min_position");
+    let Err((status, _, body)) = SseReader::open(&app, "/events/stream", Some(-1)).await else {
+        panic!("a negative Last-Event-ID is refused");
+    };
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["code"], "invalid_last_event_id");
 }
 
 #[tokio::test]
@@ -1272,6 +1513,7 @@ async fn openapi_json_lists_every_route_and_error() {
         "/orders/{id}/events",
         "/orders/{id}/state",
         "/events",
+        "/events/stream",
         "/customers/{id}",
         "/healthz",
         "/readyz",
@@ -1292,6 +1534,7 @@ async fn openapi_json_lists_every_route_and_error() {
         "invalid_after_version",
         "invalid_after_position",
         "invalid_event_type",
+        "invalid_last_event_id",
         "invalid_version",
         "invalid_at",
         "unauthorized",
