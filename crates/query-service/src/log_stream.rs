@@ -28,8 +28,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::history::History;
 use crate::params::LogPage;
 
-/// Events read per page of a stream: the page size limit of `GET /events`.
-pub const STREAM_PAGE_EVENTS: i64 = crate::params::MAX_EVENTS_LIMIT;
+/// Events read per page of a stream. A page is what one stream holds in memory (with its
+/// frames, about 1 kB per event), so `EVENT_STREAMS_MAX` streams at 100 hold a few tens of MB at
+/// most; a catching-up follower still gets 100 events per query.
+pub const STREAM_PAGE_EVENTS: i64 = 100;
 
 /// How long one read at the head waits for a commit before it reads again (the keep-alive
 /// below keeps the connection busy meanwhile).

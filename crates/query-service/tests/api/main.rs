@@ -1163,11 +1163,30 @@ async fn the_log_streams_as_server_sent_events_and_resumes_after_the_last_event_
         seen.push(data["position"].as_i64().unwrap());
     }
     assert_eq!(seen, positions);
+    drop(stream);
+
+    // More than a page of the stream (100 events): every position once, in order.
+    for _ in 0..40 {
+        let id = Uuid::new_v4();
+        app.append_order(
+            id,
+            vec![create(id, Uuid::new_v4()), add("A", 1, 1), add("B", 1, 1)],
+        )
+        .await;
+    }
+    let mut stream = SseReader::open(&app, "/events/stream", None).await.unwrap();
+    let mut all = Vec::new();
+    for _ in 0..123 {
+        let frame = stream.next_event().await;
+        all.push(frame.id.unwrap().parse::<i64>().unwrap());
+    }
+    assert_eq!(all, (1..=123).collect::<Vec<_>>());
 
     // Live: commits made while the stream is open arrive on it.
     for command in [add("C", 1, 1), OrderCommand::PlaceOrder] {
         positions.push(app.append_command(order, &mut state, command).await);
     }
+    assert_eq!(positions[3], 124);
     let live = stream.next_event().await;
     assert_eq!(live.id, Some(positions[3].to_string()));
     assert_eq!(live.event.as_deref(), Some("ItemAdded"));
