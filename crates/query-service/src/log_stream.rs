@@ -26,7 +26,7 @@ use platform::shutdown::CancellationToken;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::history::History;
-use crate::params::LogPage;
+use crate::params::{LogPage, StreamStart};
 
 /// Events read per page of a stream. A page is what one stream holds in memory (with its
 /// frames, about 1 kB per event), so `EVENT_STREAMS_MAX` streams at 100 hold a few tens of MB at
@@ -58,15 +58,6 @@ pub struct LogStreams {
     open: Arc<Semaphore>,
     limit: usize,
     stop: CancellationToken,
-}
-
-/// Where a stream starts and what it shows.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StreamStart {
-    /// Events after this position (from `Last-Event-ID`, else `after_position`).
-    pub after_position: i64,
-    /// Only these types (all when `None`).
-    pub event_types: Option<Vec<String>>,
 }
 
 impl LogStreams {

@@ -13,7 +13,6 @@ use uuid::Uuid;
 use crate::config::ReadArgs;
 use crate::cursor::{self, CursorScope};
 use crate::error::ApiError;
-use crate::log_stream::StreamStart;
 
 /// Request header asking for read-your-writes (same meaning as `?min_position=`).
 pub const MIN_POSITION_HEADER: HeaderName = HeaderName::from_static("x-min-position");
@@ -276,11 +275,7 @@ pub struct LogPage {
 
 impl LogPage {
     pub fn parse(raw: &RawLogPage, args: &ReadArgs) -> Result<Self, ApiError> {
-        let after_position = parse_after(
-            raw.after_position.as_deref(),
-            "invalid_after_position",
-            "after_position must be an integer ≥ 0",
-        )?;
+        let after_position = parse_after_position(raw.after_position.as_deref())?;
         let limit = parse_limit(raw.limit.as_deref(), DEFAULT_EVENTS_LIMIT, MAX_EVENTS_LIMIT)?;
         let wait = Duration::from_millis(parse_wait_ms(raw.wait_ms.as_deref(), 0, args)?);
         let event_types = raw
@@ -297,6 +292,15 @@ impl LogPage {
     }
 }
 
+/// A parsed `GET /events/stream` request: where the stream starts and what it shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamStart {
+    /// Events after this position (from `Last-Event-ID`, else `after_position`).
+    pub after_position: i64,
+    /// Only these types (all when `None`), as in [`LogPage::event_types`].
+    pub event_types: Option<Vec<String>>,
+}
+
 impl StreamStart {
     /// `Last-Event-ID` (a resuming client) wins over `after_position` (where a new client
     /// starts): a browser reconnects with the same URL and the header.
@@ -307,11 +311,7 @@ impl StreamStart {
                 "invalid_last_event_id",
                 "Last-Event-ID must be an id this stream sent (an integer ≥ 0)",
             )?,
-            None => parse_after(
-                raw.after_position.as_deref(),
-                "invalid_after_position",
-                "after_position must be an integer ≥ 0",
-            )?,
+            None => parse_after_position(raw.after_position.as_deref())?,
         };
         let event_types = raw
             .event_type
@@ -323,6 +323,15 @@ impl StreamStart {
             event_types,
         })
     }
+}
+
+/// `after_position` of `GET /events` and `GET /events/stream`.
+fn parse_after_position(raw: Option<&str>) -> Result<i64, ApiError> {
+    parse_after(
+        raw,
+        "invalid_after_position",
+        "after_position must be an integer ≥ 0",
+    )
 }
 
 /// `event_type=OrderPaid,OrderShipped`: a comma-separated list of known event types. An unknown

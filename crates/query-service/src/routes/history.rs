@@ -10,9 +10,8 @@ use uuid::Uuid;
 use super::AppState;
 use crate::error::ApiError;
 use crate::history::{EventPage, LogEventPage};
-use crate::log_stream::StreamStart;
 use crate::params::{
-    HistoryPage, LogPage, RawHistory, RawLogPage, RawLogStream, RawStateAt, StateAt,
+    HistoryPage, LogPage, RawHistory, RawLogPage, RawLogStream, RawStateAt, StateAt, StreamStart,
 };
 
 /// Response header of `GET /orders/{id}/state`: the stream version the state was folded to.
