@@ -278,11 +278,7 @@ impl LogPage {
         let after_position = parse_after_position(raw.after_position.as_deref())?;
         let limit = parse_limit(raw.limit.as_deref(), DEFAULT_EVENTS_LIMIT, MAX_EVENTS_LIMIT)?;
         let wait = Duration::from_millis(parse_wait_ms(raw.wait_ms.as_deref(), 0, args)?);
-        let event_types = raw
-            .event_type
-            .as_deref()
-            .map(parse_event_types)
-            .transpose()?;
+        let event_types = parse_event_types(raw.event_type.as_deref())?;
         Ok(Self {
             after_position,
             limit,
@@ -313,11 +309,7 @@ impl StreamStart {
             )?,
             None => parse_after_position(raw.after_position.as_deref())?,
         };
-        let event_types = raw
-            .event_type
-            .as_deref()
-            .map(parse_event_types)
-            .transpose()?;
+        let event_types = parse_event_types(raw.event_type.as_deref())?;
         Ok(Self {
             after_position,
             event_types,
@@ -334,10 +326,13 @@ fn parse_after_position(raw: Option<&str>) -> Result<i64, ApiError> {
     )
 }
 
-/// `event_type=OrderPaid,OrderShipped`: a comma-separated list of known event types. An unknown
-/// name is refused rather than matching nothing, so a misspelt filter fails loudly instead of
-/// following an empty log forever.
-fn parse_event_types(raw: &str) -> Result<Vec<String>, ApiError> {
+/// `event_type=OrderPaid,OrderShipped` (all types when absent): a comma-separated list of known
+/// event types. An unknown name is refused rather than matching nothing, so a misspelt filter
+/// fails loudly instead of following an empty log forever.
+fn parse_event_types(raw: Option<&str>) -> Result<Option<Vec<String>>, ApiError> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
     let invalid = || {
         ApiError::bad_request(
             "invalid_event_type",
@@ -356,7 +351,7 @@ fn parse_event_types(raw: &str) -> Result<Vec<String>, ApiError> {
             types.push(name.to_owned());
         }
     }
-    Ok(types)
+    Ok(Some(types))
 }
 
 /// When to fold an order's state as of.
