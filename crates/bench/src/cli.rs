@@ -49,6 +49,9 @@ pub enum Scenario {
     Catchup,
     /// `projector rebuild` over a large event store (needs --spawn)
     Rebuild,
+    /// Reading the whole log over HTTP: paging GET /events (all, and filtered) and one
+    /// GET /events/stream (needs --spawn)
+    Follow,
     /// Command latency on a 10,000-event order vs a fresh one, snapshots on and off (needs --spawn)
     LongStream,
     /// Peak RSS of each service under full command load (needs --spawn)
@@ -210,6 +213,15 @@ pub struct Sizing {
         global = true
     )]
     pub freshness_secs: u64,
+
+    /// Events in the log the `follow` readers read
+    #[arg(
+        long,
+        env = "BENCH_FOLLOW_EVENTS",
+        default_value_t = 200_000,
+        global = true
+    )]
+    pub follow_events: u64,
 
     /// Events in the catch-up backlog
     #[arg(

@@ -13,6 +13,7 @@ use crate::scenarios::closed_loop::LoadResult;
 use crate::scenarios::commands::{HotResult, SweepResult};
 use crate::scenarios::freshness::FreshnessResult;
 use crate::scenarios::long_stream::LongStreamResult;
+use crate::scenarios::follow::FollowResult;
 use crate::scenarios::rebuild::RebuildResult;
 use crate::services::MemoryLog;
 
@@ -30,6 +31,7 @@ pub struct Report {
     pub freshness: Option<FreshnessResult>,
     pub catchup: Option<CatchupResult>,
     pub rebuild: Option<RebuildResult>,
+    pub follow: Option<FollowResult>,
     pub long_stream: Option<LongStreamResult>,
     pub memory: Option<MemoryLog>,
     pub targets: Vec<TargetCheck>,
@@ -61,6 +63,7 @@ impl Report {
             freshness: None,
             catchup: None,
             rebuild: None,
+            follow: None,
             long_stream: None,
             memory: None,
             targets: Vec::new(),
@@ -423,6 +426,26 @@ impl Report {
                     md,
                     "| {} | {:.1} | {:.0} | {} |",
                     r.instances, r.elapsed_secs, r.events_per_sec, r.completed
+                );
+            }
+            md.push('\n');
+        }
+        if let Some(f) = &self.follow {
+            let _ = writeln!(
+                md,
+                "### Reading the log over HTTP ({} events, one client)\n",
+                f.log_events
+            );
+            let _ = writeln!(
+                md,
+                "| reader | events received | requests | seconds | positions/s |\n\
+                 |---|---:|---:|---:|---:|"
+            );
+            for r in &f.runs {
+                let _ = writeln!(
+                    md,
+                    "| `{}` | {} | {} | {:.1} | {:.0} |",
+                    r.reader, r.events, r.requests, r.elapsed_secs, r.positions_per_sec
                 );
             }
             md.push('\n');

@@ -13,7 +13,7 @@ use crate::cli::{Cli, Scenario};
 use crate::cpu::CpuProbe;
 use crate::machine;
 use crate::report::Report;
-use crate::scenarios::{catchup, ceiling, commands, freshness, long_stream, rebuild};
+use crate::scenarios::{catchup, ceiling, commands, follow, freshness, long_stream, rebuild};
 use crate::scratch::Scratch;
 use crate::services::{Launcher, Running, Service};
 
@@ -284,7 +284,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
     }
 
     // 3. The scenarios that start and restart services themselves.
-    let spawned_only = [Scenario::LongStream, Scenario::Catchup, Scenario::Rebuild];
+    let spawned_only = [
+        Scenario::LongStream,
+        Scenario::Catchup,
+        Scenario::Rebuild,
+        Scenario::Follow,
+    ];
     for scenario in spawned_only {
         if !wants(selected, scenario) {
             continue;
@@ -320,6 +325,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
             )
             .await
             .map(|r| report.catchup = Some(r)),
+            Scenario::Follow => {
+                follow::run(&scratch, launcher, token.clone(), sizing.follow_events)
+                    .await
+                    .map(|r| report.follow = Some(r))
+            }
             _ => rebuild::run(
                 &scratch,
                 launcher,

@@ -5,6 +5,7 @@ pub mod catchup;
 pub mod ceiling;
 pub mod closed_loop;
 pub mod commands;
+pub mod follow;
 pub mod freshness;
 pub mod long_stream;
 pub mod rebuild;
