@@ -11,9 +11,9 @@ use crate::scenarios::catchup::CatchupResult;
 use crate::scenarios::ceiling::CeilingResult;
 use crate::scenarios::closed_loop::LoadResult;
 use crate::scenarios::commands::{HotResult, SweepResult};
+use crate::scenarios::follow::FollowResult;
 use crate::scenarios::freshness::FreshnessResult;
 use crate::scenarios::long_stream::LongStreamResult;
-use crate::scenarios::follow::FollowResult;
 use crate::scenarios::rebuild::RebuildResult;
 use crate::services::MemoryLog;
 

@@ -134,7 +134,9 @@ impl Reader {
                 "paging did not reach the head"
             );
             let page: serde_json::Value = self
-                .get(&format!("/events?limit={PAGE}&after_position={after}{filter}"))
+                .get(&format!(
+                    "/events?limit={PAGE}&after_position={after}{filter}"
+                ))
                 .send()
                 .await
                 .context("GET /events")?
@@ -151,7 +153,10 @@ impl Reader {
             }
         }
         let elapsed = started.elapsed();
-        ensure!(after == head, "paging ended at {after}, not at the head {head}");
+        ensure!(
+            after == head,
+            "paging ended at {after}, not at the head {head}"
+        );
         ensure!(
             events == expected as u64,
             "paging received {events} events, not {expected}"
