@@ -101,6 +101,7 @@ customer="$(new_uuid)"
 section "Order A: create, add items, place, pay, ship (customer $customer)"
 order_a="$(new_uuid)"
 cmd "create" POST /orders "{\"customer_id\":\"$customer\",\"currency\":\"EUR\",\"order_id\":\"$order_a\"}"
+position_a_created="$LAST_POSITION"
 cmd "add 2 x SKU-KEYBOARD @ 49.99" POST "/orders/$order_a/items" '{"sku":"SKU-KEYBOARD","quantity":2,"unit_price":4999}'
 cmd "add 1 x SKU-MOUSE @ 19.50" POST "/orders/$order_a/items" '{"sku":"SKU-MOUSE","quantity":1,"unit_price":1950}'
 cmd "place" POST "/orders/$order_a/place"
@@ -155,6 +156,17 @@ import json, sys
 for o in json.load(sys.stdin)["items"]:
     print("  %s  %-9s total %s" % (o["order_id"], o["status"], o["total"]))
 '
+
+section "The whole log, only the payments and shipments, from order A's creation on"
+echo "  GET $QUERY_URL/events?event_type=OrderPaid,OrderShipped&after_position=$((position_a_created - 1))"
+call GET "$QUERY_URL/events?event_type=OrderPaid,OrderShipped&after_position=$((position_a_created - 1))" | python3 -c '
+import json, sys
+page = json.load(sys.stdin)
+for e in page["events"]:
+    print("  pos %-6s %-13s %s" % (e["position"], e["event_type"], e["stream_id"]))
+print("  read_to %s (resume with after_position=%s)" % (page["read_to"], page["read_to"]))
+'
+echo "  The same as a live stream: curl -N '$QUERY_URL/events/stream?event_type=OrderPaid,OrderShipped'"
 
 if [[ "$SKIP_DLQ" == 1 ]]; then
     exit 0
