@@ -951,8 +951,8 @@ async fn an_event_stream_follower_misses_nothing_when_its_query_service_is_kille
         .await
         .expect("the follower reaches the head")
         .expect("the follower does not panic");
-    let seen = seen.lock().expect("lock");
-    assert_eq!(seen.events, (1..=head).collect::<Vec<_>>());
+    let events = std::mem::take(&mut seen.lock().expect("lock").events);
+    assert_eq!(events, (1..=head).collect::<Vec<_>>());
     assert!(
         command.terminate().await.success(),
         "{}",
