@@ -90,6 +90,7 @@ impl Application {
                 request_timeout: config.commands.request_timeout(),
                 max_in_flight: config.http.max_in_flight(),
             },
+            allowed_origins: config.http.allowed_origins()?,
         });
 
         let listener = TcpListener::bind(&config.listen_addr)

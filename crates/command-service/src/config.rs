@@ -144,6 +144,7 @@ impl Config {
         self.common.validate()?;
         self.auth.validate()?;
         self.relay.validate()?;
+        self.http.allowed_origins()?;
         if self.listen_addr.trim().is_empty() {
             anyhow::bail!("invalid LISTEN_ADDR: must not be empty");
         }

@@ -142,6 +142,18 @@ fn a_token_list_without_a_token_exits_non_zero_rather_than_running_unprotected()
 }
 
 #[test]
+fn an_origin_with_a_path_exits_non_zero_with_one_line_naming_the_setting() {
+    let (status, lines) =
+        run_with_bad_setting("CORS_ALLOWED_ORIGINS", "https://ops.example.com/app");
+    assert!(!status.success());
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("invalid CORS_ALLOWED_ORIGINS"),
+        "{lines:?}"
+    );
+}
+
+#[test]
 fn a_bad_redis_url_exits_non_zero_with_one_line_naming_it() {
     let (status, lines) = run_with_bad_setting("REDIS_URL", "notaurl");
     assert!(!status.success());

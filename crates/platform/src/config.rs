@@ -181,12 +181,28 @@ pub struct HttpArgs {
         value_parser = clap::value_parser!(u64).range(1..=1_000_000)
     )]
     pub max_in_flight_requests: u64,
+
+    /// Web origins whose pages may call the API from a browser: comma-separated
+    /// `https://host[:port]`, or `*` for any; unset, no CORS headers are sent
+    #[arg(long, env = "CORS_ALLOWED_ORIGINS")]
+    pub cors_allowed_origins: Option<String>,
 }
 
 impl HttpArgs {
     /// The bound as a `usize`.
     pub fn max_in_flight(&self) -> usize {
         usize::try_from(self.max_in_flight_requests).unwrap_or(usize::MAX)
+    }
+
+    /// The parsed `CORS_ALLOWED_ORIGINS` (`None` when unset); the error names the setting.
+    pub fn allowed_origins(&self) -> anyhow::Result<Option<crate::http::cors::AllowedOrigins>> {
+        self.cors_allowed_origins
+            .as_deref()
+            .map(|raw| {
+                crate::http::cors::AllowedOrigins::parse(raw)
+                    .map_err(|e| anyhow!("invalid CORS_ALLOWED_ORIGINS: {e}"))
+            })
+            .transpose()
     }
 }
 

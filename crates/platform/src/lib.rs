@@ -20,7 +20,8 @@
 //!   404/405 fallbacks.
 //! - [`auth`]: the optional bearer-token layer with a constant-time compare.
 //! - [`http`]: `standard_layers` (request id, trace span, load shedding, timeout, body limit,
-//!   panic catcher, HTTP metrics), W3C `traceparent` parsing and the `RequestContext` extractor.
+//!   panic catcher, HTTP metrics), W3C `traceparent` parsing, the `RequestContext` extractor,
+//!   and `http::cors` (which browser origins may call an API, off unless configured).
 //! - [`health`]: `/healthz`, `/readyz` (per-dependency checks) and the router serving them with
 //!   `/metrics`.
 //! - [`db`]: connect to Postgres, creating the database when missing, and run migrations.

@@ -479,3 +479,106 @@ async fn requests_beyond_the_in_flight_limit_are_shed_at_once_while_probes_still
     let (response, _) = send(router, get_req("/held")).await;
     assert_eq!(response.status(), StatusCode::OK);
 }
+
+fn with_origin(method: &str, uri: &str, origin: &str) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::ORIGIN, origin)
+        .body(Body::empty())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_allowed_origin_may_preflight_without_a_token_and_read_the_answers() {
+    use platform::http::cors::{AllowedOrigins, with_cors};
+    let origins = AllowedOrigins::parse("https://ops.example.com").unwrap();
+    let router = || with_cors(protected(Some("s3cret")), Some(&origins));
+
+    // The preflight a browser sends before a POST with a token and an idempotency key.
+    let mut preflight = with_origin("OPTIONS", "/orders", "https://ops.example.com");
+    preflight.headers_mut().insert(
+        header::ACCESS_CONTROL_REQUEST_METHOD,
+        "POST".parse().unwrap(),
+    );
+    preflight.headers_mut().insert(
+        header::ACCESS_CONTROL_REQUEST_HEADERS,
+        "authorization,content-type,idempotency-key"
+            .parse()
+            .unwrap(),
+    );
+    let response = router().oneshot(preflight).await.unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    let headers = response.headers();
+    assert_eq!(
+        headers[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+        "https://ops.example.com"
+    );
+    let allowed = headers[header::ACCESS_CONTROL_ALLOW_HEADERS]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    for name in [
+        "authorization",
+        "idempotency-key",
+        "if-match",
+        "x-min-position",
+        "last-event-id",
+    ] {
+        assert!(allowed.contains(name), "{name} not in {allowed}");
+    }
+
+    // The request itself still needs its token; the 401 is readable by the page.
+    let response = router()
+        .oneshot(with_origin("POST", "/orders", "https://ops.example.com"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        response.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+        "https://ops.example.com"
+    );
+    let mut authorized = with_origin("POST", "/orders", "https://ops.example.com");
+    authorized
+        .headers_mut()
+        .insert(header::AUTHORIZATION, "Bearer s3cret".parse().unwrap());
+    let response = router().oneshot(authorized).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let exposed = response.headers()[header::ACCESS_CONTROL_EXPOSE_HEADERS]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    for name in ["etag", "location", "x-projection-position", "retry-after"] {
+        assert!(exposed.contains(name), "{name} not in {exposed}");
+    }
+
+    // Another origin gets no CORS header, so its page cannot read the answer.
+    let response = router()
+        .oneshot(with_origin("POST", "/orders", "https://evil.example.net"))
+        .await
+        .unwrap();
+    assert!(
+        !response
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+    );
+}
+
+#[tokio::test]
+async fn without_allowed_origins_no_cors_header_is_sent() {
+    let router = platform::http::cors::with_cors(app(), None);
+    let response = router
+        .oneshot(with_origin(
+            "GET",
+            "/orders?limit=1",
+            "https://ops.example.com",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        !response
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+    );
+}

@@ -101,6 +101,7 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         self.common.validate()?;
         self.auth.validate()?;
+        self.http.allowed_origins()?;
         if self.reads.wait_ms_max == 0 {
             return Err(anyhow!("invalid WAIT_MS_MAX: must be at least 1"));
         }

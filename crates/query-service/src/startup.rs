@@ -11,6 +11,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use axum::Router;
 use platform::health::Readiness;
+use platform::http::cors::with_cors;
 use platform::http::{HttpLimits, standard_layers};
 use platform::shutdown::CancellationToken;
 use platform::{db, redis_conn};
@@ -107,6 +108,7 @@ impl Application {
                 ..HttpLimits::default()
             },
         );
+        let router = with_cors(router, config.http.allowed_origins()?.as_ref());
 
         let listener = TcpListener::bind(&config.listen_addr)
             .await

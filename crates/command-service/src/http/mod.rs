@@ -43,6 +43,8 @@ pub struct RouterParts {
     pub readiness: Readiness,
     pub metrics: PrometheusHandle,
     pub limits: HttpLimits,
+    /// Web origins allowed to call the API from a browser (`CORS_ALLOWED_ORIGINS`).
+    pub allowed_origins: Option<platform::http::cors::AllowedOrigins>,
 }
 
 /// The complete router with every layer.
@@ -74,5 +76,8 @@ pub fn router(parts: RouterParts) -> Router {
         api.merge(docs)
             .merge(health_router(parts.readiness, parts.metrics)),
     );
-    standard_layers(app, parts.limits)
+    platform::http::cors::with_cors(
+        standard_layers(app, parts.limits),
+        parts.allowed_origins.as_ref(),
+    )
 }

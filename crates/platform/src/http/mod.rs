@@ -12,6 +12,7 @@
 //! span, so work carried on from the request (event metadata, the projector) joins its trace.
 
 mod context;
+pub mod cors;
 mod traceparent;
 
 use std::any::Any;

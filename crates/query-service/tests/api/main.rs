@@ -53,6 +53,8 @@ struct Options {
     events_scan_span: Option<i64>,
     /// `EVENT_STREAMS_MAX`.
     event_streams_max: Option<u64>,
+    /// `CORS_ALLOWED_ORIGINS`.
+    cors_allowed_origins: Option<&'static str>,
 }
 
 async fn spawn_app() -> TestApp {
@@ -88,6 +90,7 @@ async fn spawn_app_with(options: Options) -> TestApp {
     if let Some(max) = options.event_streams_max {
         config.reads.event_streams_max = max;
     }
+    config.http.cors_allowed_origins = options.cors_allowed_origins.map(str::to_owned);
     let app = Application::build(config).await.unwrap();
     let base = format!("http://127.0.0.1:{}", app.port());
     let watcher = app.watcher_stats();
@@ -1606,6 +1609,63 @@ async fn health_and_metrics_answer() {
     assert!(
         metrics.contains("query_consistency_waits_total"),
         "{metrics}"
+    );
+}
+
+/// With `CORS_ALLOWED_ORIGINS`, a page of that origin may follow the event stream from a
+/// browser: the preflight for `Last-Event-ID` passes and the stream's answer is readable.
+#[tokio::test]
+async fn a_page_of_an_allowed_origin_may_follow_the_event_stream() {
+    let app = spawn_app_with(Options {
+        cors_allowed_origins: Some("https://ops.example.com"),
+        ..Options::default()
+    })
+    .await;
+    let preflight = app
+        .client
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/events/stream", app.base),
+        )
+        .header("origin", "https://ops.example.com")
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", "last-event-id")
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    assert_eq!(
+        preflight.headers()["access-control-allow-origin"],
+        "https://ops.example.com"
+    );
+    let stream = app
+        .client
+        .get(format!("{}/events/stream", app.base))
+        .header("origin", "https://ops.example.com")
+        .header("last-event-id", "0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    assert_eq!(
+        stream.headers()["access-control-allow-origin"],
+        "https://ops.example.com"
+    );
+}
+
+#[test]
+fn a_bad_cors_origin_exits_non_zero_with_one_line_naming_it() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_query-service"))
+        .env("CORS_ALLOWED_ORIGINS", "ops.example.com")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!output.status.success(), "{stderr}");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("invalid CORS_ALLOWED_ORIGINS"),
+        "{lines:?}"
     );
 }
 
