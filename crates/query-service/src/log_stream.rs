@@ -78,11 +78,6 @@ impl LogStreams {
         self.limit
     }
 
-    /// Streams open right now.
-    pub fn open(&self) -> usize {
-        self.limit - self.open.available_permits()
-    }
-
     /// A new stream from `start`, or `None` when `EVENT_STREAMS_MAX` are already open.
     pub fn follow(
         &self,
