@@ -175,6 +175,27 @@ fn position(body: &Value) -> i64 {
     body["position"].as_i64().expect("position in the answer")
 }
 
+/// Creates an order and adds one book to it through the command service; returns the order id
+/// and the position of the item's event.
+async fn create_order_with_a_book(http: &reqwest::Client, command: &Service) -> (String, i64) {
+    let created = send(
+        http,
+        http.post(command.url("/orders"))
+            .json(&json!({ "customer_id": Uuid::new_v4(), "currency": "EUR" })),
+        201,
+    )
+    .await;
+    let order_id = created["order_id"].as_str().expect("order id").to_owned();
+    let added = send(
+        http,
+        http.post(command.url(&format!("/orders/{order_id}/items")))
+            .json(&json!({ "sku": "BOOK", "quantity": 1, "unit_price": 1250 })),
+        200,
+    )
+    .await;
+    (order_id, position(&added))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_driven_through_the_three_services_show_up_exactly_in_the_read_models() {
     let db = TestDatabase::new().await;
@@ -498,22 +519,7 @@ async fn the_services_publish_and_consume_through_a_redis_that_speaks_only_tls()
         service.wait_ready(&http).await;
     }
 
-    let created = send(
-        &http,
-        http.post(command.url("/orders"))
-            .json(&json!({ "customer_id": Uuid::new_v4(), "currency": "EUR" })),
-        201,
-    )
-    .await;
-    let order_id = created["order_id"].as_str().expect("order id").to_owned();
-    let added = send(
-        &http,
-        http.post(command.url(&format!("/orders/{order_id}/items")))
-            .json(&json!({ "sku": "BOOK", "quantity": 1, "unit_price": 1250 })),
-        200,
-    )
-    .await;
-    let last = position(&added);
+    let (order_id, last) = create_order_with_a_book(&http, &command).await;
 
     // The read model alone would not show it: the sweeper heals from the event store when
     // Redis fails. The groups' positions on the TLS server do.
@@ -911,22 +917,7 @@ async fn an_event_stream_follower_misses_nothing_when_its_query_service_is_kille
 
     let mut head = 0;
     for round in 0..30 {
-        let created = send(
-            &http,
-            http.post(command.url("/orders"))
-                .json(&json!({ "customer_id": Uuid::new_v4(), "currency": "EUR" })),
-            201,
-        )
-        .await;
-        let order_id = created["order_id"].as_str().expect("order id").to_owned();
-        let added = send(
-            &http,
-            http.post(command.url(&format!("/orders/{order_id}/items")))
-                .json(&json!({ "sku": "BOOK", "quantity": 1, "unit_price": 100 })),
-            200,
-        )
-        .await;
-        head = position(&added);
+        head = create_order_with_a_book(&http, &command).await.1;
         if round == 10 {
             // Once the follower is well under way, the query service dies without a word and
             // a new one starts elsewhere while the commands go on.
