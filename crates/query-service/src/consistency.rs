@@ -158,6 +158,12 @@ impl CheckpointWatcher {
         )
     }
 
+    /// A receiver of the log's head as it rises (for the log's tail reader; a request waits
+    /// with [`Self::wait_for_head_above`], which counts it as waiting).
+    pub fn head_receiver(&self) -> watch::Receiver<i64> {
+        self.head.subscribe()
+    }
+
     /// Raises the head to `position` (an append's announcement, or a poll: never lowers).
     fn raise_head(&self, position: i64) {
         raise_to(&self.head, position);

@@ -18,6 +18,7 @@
 //!   checkpoint in the same statement.
 //! - [`history`]: event pages and time travel from the event store with `events::fold_summary`.
 //! - [`log_stream`]: `GET /events/stream`, the log as Server-Sent Events over `history`'s pages.
+//! - [`log_tail`]: the log's newest events, read once per instance for every stream at the head.
 //! - [`error`]: `ApiError` and its problem responses (the list of codes).
 //! - [`openapi`]: `GET /openapi.json`.
 //!
@@ -33,6 +34,7 @@ pub mod cursor;
 pub mod error;
 pub mod history;
 pub mod log_stream;
+pub mod log_tail;
 pub mod openapi;
 pub mod params;
 pub mod read_models;

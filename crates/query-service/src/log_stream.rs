@@ -7,35 +7,35 @@
 //! `id: <read_to>` moves the client's resume point on without an event (the SSE rules set the
 //! last event id even for a frame without data). A client that reconnects sends that id back
 //! as `Last-Event-ID` (a browser does so by itself) and continues right after it, with nothing
-//! missed or repeated: the pages come from [`History::log`], whose `read_to` rule this module
-//! only forwards.
+//! missed or repeated: a stream that is behind reads pages with [`History::log`], whose
+//! `read_to` rule this module only forwards; one at the head takes the batches of the shared
+//! [`LogTail`] (read once per instance, whatever the number of streams), and goes back to the
+//! store if it was too slow to see one.
 //!
-//! Bounds: one page (at most [`STREAM_PAGE_EVENTS`] events) is held per stream, read only when
-//! the client has taken the previous one; at most `EVENT_STREAMS_MAX` streams are open at once
+//! Bounds: one page (at most [`STREAM_PAGE_EVENTS`] events, or the frames of one tail batch) is
+//! held per stream, read only when the client has taken the previous one; at most `EVENT_STREAMS_MAX` streams are open at once
 //! (more get 503 `overloaded`); every stream ends when the service begins to shut down, so the
 //! drain does not wait on followers that never hang up. It never writes.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use platform::shutdown::CancellationToken;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::history::History;
+use crate::history::{History, LogEvent};
+use crate::log_tail::{LogTail, TailBatch};
 use crate::params::{LogPage, StreamStart};
 
 /// Events read per page of a stream. A page is what one stream holds in memory (with its
 /// frames, about 1 kB per event), so `EVENT_STREAMS_MAX` streams at 100 hold a few tens of MB at
 /// most; a catching-up follower still gets 100 events per query.
 pub const STREAM_PAGE_EVENTS: i64 = 100;
-
-/// How long one read at the head waits for a commit before it reads again (the keep-alive
-/// below keeps the connection busy meanwhile).
-const HEAD_WAIT: Duration = Duration::from_secs(30);
 
 /// Interval of the keep-alive comment, so proxies and load balancers do not close a quiet
 /// stream as idle (many do after 60 s).
@@ -51,26 +51,43 @@ pub const OPEN_STREAMS_GAUGE: &str = "query_event_streams_open";
 /// Seconds a refused stream is told to wait (`Retry-After`).
 pub const STREAMS_FULL_RETRY_AFTER_SECS: u64 = 5;
 
+/// Counters of the streams' own work, for tests.
+#[derive(Debug, Default)]
+pub struct StreamStats {
+    /// Reads of the event store by streams (catching up, or after a gap in the tail).
+    pub store_reads: AtomicU64,
+}
+
 /// The open streams of this instance: their bound and the signal that ends them.
 #[derive(Debug, Clone)]
 pub struct LogStreams {
     history: History,
+    tail: LogTail,
+    stats: Arc<StreamStats>,
     open: Arc<Semaphore>,
     limit: usize,
     stop: CancellationToken,
 }
 
 impl LogStreams {
-    /// At most `limit` streams at once; all of them end when `stop` is cancelled.
-    pub fn new(history: History, limit: usize, stop: CancellationToken) -> Self {
+    /// At most `limit` streams at once, taking new events from `tail` at the head; all of them
+    /// end when `stop` is cancelled.
+    pub fn new(history: History, tail: LogTail, limit: usize, stop: CancellationToken) -> Self {
         // Exported from the start, so a dashboard shows 0 rather than nothing.
         metrics::gauge!(OPEN_STREAMS_GAUGE).set(0.0);
         Self {
             history,
+            tail,
+            stats: Arc::default(),
             open: Arc::new(Semaphore::new(limit)),
             limit,
             stop,
         }
+    }
+
+    /// The streams' counters.
+    pub fn stats(&self) -> Arc<StreamStats> {
+        Arc::clone(&self.stats)
     }
 
     /// The bound on open streams (`EVENT_STREAMS_MAX`).
@@ -95,6 +112,8 @@ impl LogStreams {
             after: start.after_position,
             event_types: start.event_types,
             at_head: false,
+            tail: self.tail.subscribe(),
+            stats: Arc::clone(&self.stats),
             pending: VecDeque::from([Event::default().retry(RECONNECT_AFTER)]),
             stop: self.stop.clone(),
             _permit: permit,
@@ -112,10 +131,12 @@ struct Follow {
     history: History,
     after: i64,
     event_types: Option<Vec<String>>,
-    /// The last page reached the head of the log: the next read waits for a commit. (A read
-    /// that has more to give does not wait, so the progress of a filtered stream goes out
-    /// before it waits.)
+    /// The last read reached the head of the log: what follows comes from the shared tail.
     at_head: bool,
+    /// The shared tail's batches (subscribed for the stream's life, so the tail reads while
+    /// this stream is open).
+    tail: watch::Receiver<Arc<TailBatch>>,
+    stats: Arc<StreamStats>,
     pending: VecDeque<Event>,
     stop: CancellationToken,
     /// Held for the stream's life: its place under `EVENT_STREAMS_MAX`.
@@ -130,21 +151,22 @@ impl Drop for Follow {
 }
 
 impl Follow {
-    /// The next frame, reading (and waiting at the head) as needed; `None` ends the stream: at
-    /// shutdown, or on a failed read (logged; the client reconnects and resumes).
+    /// The next frame, reading the store while behind and taking the shared tail at the head;
+    /// `None` ends the stream: at shutdown, or on a failed read (logged; the client reconnects
+    /// and resumes).
     async fn next_event(&mut self) -> Option<Event> {
         loop {
             if let Some(event) = self.pending.pop_front() {
                 return Some(event);
             }
+            if self.at_head {
+                self.take_from_tail().await?;
+                continue;
+            }
             let page = LogPage {
                 after_position: self.after,
                 limit: STREAM_PAGE_EVENTS,
-                wait: if self.at_head {
-                    HEAD_WAIT
-                } else {
-                    Duration::ZERO
-                },
+                wait: Duration::ZERO,
                 event_types: self.event_types.clone(),
             };
             let read = tokio::select! {
@@ -159,29 +181,68 @@ impl Follow {
                     return None;
                 }
             };
-            let mut last_sent = self.after;
-            for event in page.events {
-                let position = event.event.position;
-                let frame = Event::default()
-                    .id(position.to_string())
-                    .event(event.event.event_type.as_str())
-                    .json_data(&event);
-                match frame {
-                    Ok(frame) => self.pending.push_back(frame),
-                    Err(err) => {
-                        tracing::error!(error = %err, position, "event stream ended: an event did not serialise");
-                        return None;
-                    }
-                }
-                last_sent = position;
-            }
-            if page.read_to > last_sent {
-                // Positions read without a match: move the client's resume point past them.
-                self.pending
-                    .push_back(Event::default().id(page.read_to.to_string()));
-            }
-            self.after = page.read_to;
+            self.stats.store_reads.fetch_add(1, Ordering::Relaxed);
+            self.queue(page.events.iter(), page.read_to)?;
             self.at_head = page.next_cursor.is_none();
         }
+    }
+
+    /// Waits for a tail batch that continues from `after` and queues its frames; at a gap (a
+    /// batch this stream was too slow to see) it goes back to reading the store. `None` at
+    /// shutdown or when an event does not serialise.
+    async fn take_from_tail(&mut self) -> Option<()> {
+        loop {
+            let batch = Arc::clone(&self.tail.borrow_and_update());
+            if batch.read_to > self.after {
+                if batch.after > self.after {
+                    self.at_head = false;
+                    return Some(());
+                }
+                let after = self.after;
+                let newer = batch.events.iter().filter(|e| e.event.position > after);
+                return self.queue(newer, batch.read_to);
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => return None,
+                changed = self.tail.changed() => changed.ok()?,
+            }
+        }
+    }
+
+    /// Queues a frame per event of the stream's types, then an id-only frame when `read_to` is
+    /// past the last of them, and moves `after` to `read_to`.
+    fn queue<'a>(
+        &mut self,
+        events: impl Iterator<Item = &'a LogEvent>,
+        read_to: i64,
+    ) -> Option<()> {
+        let mut last_sent = self.after;
+        for event in events {
+            if let Some(types) = &self.event_types
+                && !types.contains(&event.event.event_type)
+            {
+                continue;
+            }
+            let position = event.event.position;
+            let frame = Event::default()
+                .id(position.to_string())
+                .event(event.event.event_type.as_str())
+                .json_data(event);
+            match frame {
+                Ok(frame) => self.pending.push_back(frame),
+                Err(err) => {
+                    tracing::error!(error = %err, position, "event stream ended: an event did not serialise");
+                    return None;
+                }
+            }
+            last_sent = position;
+        }
+        if read_to > last_sent {
+            // Positions read without a match: move the client's resume point past them.
+            self.pending
+                .push_back(Event::default().id(read_to.to_string()));
+        }
+        self.after = read_to;
+        Some(())
     }
 }

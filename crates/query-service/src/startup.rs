@@ -21,7 +21,8 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::consistency::{CheckpointWatcher, WatcherStats};
 use crate::history::History;
-use crate::log_stream::LogStreams;
+use crate::log_stream::{LogStreams, StreamStats};
+use crate::log_tail::{LogTail, TailStats};
 use crate::read_models::{ReadModels, ReadStats};
 use crate::routes::{self, AppState};
 
@@ -40,6 +41,8 @@ pub struct Application {
     grace: std::time::Duration,
     watcher_stats: Arc<WatcherStats>,
     read_stats: Arc<ReadStats>,
+    stream_stats: Arc<StreamStats>,
+    tail_stats: Arc<TailStats>,
 }
 
 impl std::fmt::Debug for Application {
@@ -77,20 +80,25 @@ impl Application {
             .poll_once(&pool)
             .await
             .context("read projection_checkpoints")?;
-        let tasks = watcher.spawn(pool.clone(), config.reads.checkpoint_poll(), cancel.clone());
+        let mut tasks = watcher.spawn(pool.clone(), config.reads.checkpoint_poll(), cancel.clone());
+        let (tail, tail_task) = LogTail::spawn(pool.clone(), watcher.clone(), cancel.clone());
+        tasks.push(tail_task);
 
         let read_models = ReadModels::new(pool.clone(), watcher.clone());
         let history = History::new(pool.clone(), watcher.clone(), config.reads.events_scan_span);
         // Ended as soon as shutdown begins (not after the drain, like `cancel`): the drain
         // waits for open responses, and a follower's stream never ends by itself.
         let streams_stop = CancellationToken::new();
+        let streams = LogStreams::new(
+            history.clone(),
+            tail.clone(),
+            config.reads.event_streams_max(),
+            streams_stop.clone(),
+        );
+        let stream_stats = streams.stats();
         let state = AppState {
             read_models: read_models.clone(),
-            streams: LogStreams::new(
-                history.clone(),
-                config.reads.event_streams_max(),
-                streams_stop.clone(),
-            ),
+            streams,
             history,
             reads: config.reads.clone(),
         };
@@ -127,6 +135,8 @@ impl Application {
             grace: config.common.shutdown_grace(),
             watcher_stats: watcher.stats(),
             read_stats: read_models.stats(),
+            stream_stats,
+            tail_stats: tail.stats(),
         })
     }
 
@@ -138,6 +148,16 @@ impl Application {
     /// Counters of the watcher's database work (checkpoint polls, notifications).
     pub fn watcher_stats(&self) -> Arc<WatcherStats> {
         Arc::clone(&self.watcher_stats)
+    }
+
+    /// Counters of the event streams' reads of the store.
+    pub fn stream_stats(&self) -> Arc<StreamStats> {
+        Arc::clone(&self.stream_stats)
+    }
+
+    /// Counters of the log tail's reads.
+    pub fn tail_stats(&self) -> Arc<TailStats> {
+        Arc::clone(&self.tail_stats)
     }
 
     /// Counters of read-model queries.

@@ -14,6 +14,8 @@ use chrono::{DateTime, Utc};
 use clap::Parser;
 use events::{EventMetadata, OrderCommand, OrderState, decide, evolve, order_stream_id};
 use query_service::consistency::WatcherStats;
+use query_service::log_stream::StreamStats;
+use query_service::log_tail::TailStats;
 use query_service::read_models::ReadStats;
 use query_service::{Application, Config};
 use reqwest::StatusCode;
@@ -32,6 +34,8 @@ struct TestApp {
     db: TestDatabase,
     watcher: Arc<WatcherStats>,
     reads: Arc<ReadStats>,
+    streams: Arc<StreamStats>,
+    tail: Arc<TailStats>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -95,6 +99,7 @@ async fn spawn_app_with(options: Options) -> TestApp {
     let base = format!("http://127.0.0.1:{}", app.port());
     let watcher = app.watcher_stats();
     let reads = app.read_stats();
+    let (streams, tail) = (app.stream_stats(), app.tail_stats());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
@@ -105,6 +110,8 @@ async fn spawn_app_with(options: Options) -> TestApp {
         db,
         watcher,
         reads,
+        streams,
+        tail,
         stop: Some(stop),
     };
     // The listener connects in the background; a NOTIFY before its LISTEN would be lost.
@@ -1202,6 +1209,62 @@ async fn the_log_streams_as_server_sent_events_and_resumes_after_the_last_event_
     let next = resumed.next_event().await;
     assert_eq!(next.id, Some(positions[4].to_string()));
     assert_eq!(next.event.as_deref(), Some("OrderPlaced"));
+}
+
+/// Streams at the head do not each read the store per commit: one read of the log's tail per
+/// commit serves them all, filtered or not.
+#[tokio::test]
+async fn streams_at_the_head_share_one_read_of_each_commit() {
+    const STREAMS: usize = 20;
+    const COMMITS: usize = 5;
+    let app = spawn_app().await;
+    let order = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let first = app
+        .append_command(order, &mut state, create(order, Uuid::new_v4()))
+        .await;
+    let mut streams = Vec::new();
+    for i in 0..STREAMS {
+        // Every other one filtered to items: they share the tail too.
+        let path = if i % 2 == 0 {
+            "/events/stream"
+        } else {
+            "/events/stream?event_type=ItemAdded"
+        };
+        let mut stream = SseReader::open(&app, path, None).await.unwrap();
+        // The catch-up read: the creation (or, filtered, the progress past it).
+        loop {
+            let frame = stream.next_frame().await.unwrap();
+            if frame.id == Some(first.to_string()) {
+                break;
+            }
+        }
+        streams.push(stream);
+    }
+    let catch_up_reads = app.streams.store_reads.load(Ordering::Relaxed);
+    assert!(catch_up_reads >= STREAMS as u64, "{catch_up_reads}");
+
+    for n in 0..COMMITS {
+        let position = app
+            .append_command(order, &mut state, add(&format!("SKU-{n}"), 1, 1))
+            .await;
+        // Every stream gets it before the next commit, so none misses a batch.
+        for stream in &mut streams {
+            let frame = stream.next_event().await;
+            assert_eq!(frame.id, Some(position.to_string()));
+            assert_eq!(frame.event.as_deref(), Some("ItemAdded"));
+        }
+    }
+    assert_eq!(
+        app.streams.store_reads.load(Ordering::Relaxed),
+        catch_up_reads,
+        "a stream at the head read the store"
+    );
+    let tail_reads = app.tail.reads.load(Ordering::Relaxed);
+    assert!(
+        (1..=COMMITS as u64).contains(&tail_reads),
+        "{tail_reads} tail reads for {COMMITS} commits"
+    );
 }
 
 /// A filtered stream sends an id-only frame for what it read without a match, so a client that
