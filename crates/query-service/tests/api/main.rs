@@ -1260,10 +1260,13 @@ async fn streams_at_the_head_share_one_read_of_each_commit() {
         catch_up_reads,
         "a stream at the head read the store"
     );
+    // At most one read per commit: the five, and the creation if the tail only learnt of it
+    // once the first stream was open.
     let tail_reads = app.tail.reads.load(Ordering::Relaxed);
     assert!(
-        (1..=COMMITS as u64).contains(&tail_reads),
-        "{tail_reads} tail reads for {COMMITS} commits"
+        (1..=COMMITS as u64 + 1).contains(&tail_reads),
+        "{tail_reads} tail reads for {} commits",
+        COMMITS + 1
     );
 }
 
