@@ -491,14 +491,8 @@ async fn live_applies_carry_on_during_a_rebuild_and_its_result_includes_them() {
     assert_eq!(outcome.position, head);
     assert_eq!(w.checkpoint(ProjectionKind::OrderSummaries).await, head);
     assert!(outcome.events_under_lock < outcome.events);
-    let report = projector::verify::verify(w.pool(), ProjectionKind::OrderSummaries)
-        .await
-        .unwrap();
-    assert!(
-        report.is_clean(),
-        "{}",
-        report.render(ProjectionKind::OrderSummaries)
-    );
+    w.assert_projection_exact(ProjectionKind::OrderSummaries)
+        .await;
     let shadow: Option<String> = sqlx::query_scalar(
         "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'projector_rebuild_%'",
     )
@@ -539,14 +533,8 @@ async fn a_rebuild_announces_only_the_position_it_swapped_in() {
         heard.push(notification.payload().to_owned());
     }
     assert_eq!(heard, [last]);
-    let report = projector::verify::verify(w.pool(), ProjectionKind::CustomerStats)
-        .await
-        .unwrap();
-    assert!(
-        report.is_clean(),
-        "{}",
-        report.render(ProjectionKind::CustomerStats)
-    );
+    w.assert_projection_exact(ProjectionKind::CustomerStats)
+        .await;
 }
 
 /// A rebuild that died (killed mid-fold) leaves its shadow schema behind; the next rebuild of
@@ -570,14 +558,8 @@ async fn a_rebuild_after_one_that_died_clears_its_leftovers_and_ends_exact() {
         outcome.position,
         store::head_position(w.pool()).await.unwrap()
     );
-    let report = projector::verify::verify(w.pool(), ProjectionKind::OrderSummaries)
-        .await
-        .unwrap();
-    assert!(
-        report.is_clean(),
-        "{}",
-        report.render(ProjectionKind::OrderSummaries)
-    );
+    w.assert_projection_exact(ProjectionKind::OrderSummaries)
+        .await;
     let leftovers: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'projector_rebuild_%'",
     )
@@ -964,14 +946,8 @@ async fn customer_stats_keep_what_was_spent_in_each_currency_apart() {
             .await
             .unwrap();
     assert_eq!(total, 2598);
-    let report = projector::verify::verify(w.pool(), ProjectionKind::CustomerStats)
-        .await
-        .unwrap();
-    assert!(
-        report.is_clean(),
-        "{}",
-        report.render(ProjectionKind::CustomerStats)
-    );
+    w.assert_projection_exact(ProjectionKind::CustomerStats)
+        .await;
 }
 
 #[tokio::test]

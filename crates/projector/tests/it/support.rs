@@ -136,11 +136,16 @@ impl World {
     /// Asserts both read models equal a fresh fold of the event store.
     pub async fn assert_exact(&self) {
         for projection in ProjectionKind::ALL {
-            let report = projector::verify::verify(self.pool(), projection)
-                .await
-                .expect("verify runs");
-            assert!(report.is_clean(), "{}", report.render(projection));
+            self.assert_projection_exact(projection).await;
         }
+    }
+
+    /// Asserts `projection`'s read model equals a fresh fold of the event store.
+    pub async fn assert_projection_exact(&self, projection: ProjectionKind) {
+        let report = projector::verify::verify(self.pool(), projection)
+            .await
+            .expect("verify runs");
+        assert!(report.is_clean(), "{}", report.render(projection));
     }
 }
 
