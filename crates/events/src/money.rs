@@ -42,11 +42,7 @@ pub fn quoted(value: &str) -> String {
     if value.len() <= MAX_QUOTED_LEN {
         return format!("`{value}`");
     }
-    let mut end = MAX_QUOTED_LEN;
-    while !value.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("`{}…`", &value[..end])
+    format!("`{}…`", &value[..value.floor_char_boundary(MAX_QUOTED_LEN)])
 }
 
 /// An ISO 4217 currency code such as `EUR`.

@@ -89,11 +89,7 @@ fn source_text(e: &dyn std::error::Error) -> String {
 fn rejection_detail(msg: &dyn std::fmt::Display) -> String {
     let mut text = one_line(msg);
     if text.len() > MAX_REJECTION_DETAIL_LEN {
-        let mut end = MAX_REJECTION_DETAIL_LEN;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
+        text.truncate(text.floor_char_boundary(MAX_REJECTION_DETAIL_LEN));
         text.push('…');
     }
     text

@@ -180,12 +180,12 @@ impl History {
         };
         let events =
             store::read_all_of_types(&self.pool, after, scan_end, event_types, page.limit).await?;
-        let full = next_cursor(&events, page.limit, |last| last.global_position);
-        let (read_to, more) = match full {
+        let (read_to, more) = match events.last() {
             // A full page ends at its last event; what follows it is still to read.
-            Some(_) => (events.last().map_or(scan_end, |e| e.global_position), true),
-            // The whole span was committed: there may be more after it.
-            None => (scan_end, scan_end == after.saturating_add(self.scan_span)),
+            Some(last) if is_full(&events, page.limit) => (last.global_position, true),
+            // The page read the span to its end; when the whole span was committed, there may
+            // be more after it.
+            _ => (scan_end, scan_end == after.saturating_add(self.scan_span)),
         };
         Ok(LogEventPage {
             events: events.into_iter().map(LogEvent::from).collect(),
@@ -226,9 +226,13 @@ fn next_cursor(
     limit: i64,
     key: impl Fn(&RecordedEvent) -> i64,
 ) -> Option<String> {
-    let full = i64::try_from(events.len()).unwrap_or(i64::MAX) >= limit;
     events
         .last()
-        .filter(|_| full)
+        .filter(|_| is_full(events, limit))
         .map(|last| key(last).to_string())
+}
+
+/// Whether a page holds `limit` events (so there may be more after it).
+fn is_full(events: &[RecordedEvent], limit: i64) -> bool {
+    i64::try_from(events.len()).unwrap_or(i64::MAX) >= limit
 }
