@@ -1349,7 +1349,14 @@ async fn a_client_following_the_log_sees_every_event_once_while_writers_race() {
     const WRITERS: usize = 8;
     const ORDERS_EACH: usize = 5;
     const EVENTS_PER_ORDER: usize = 3;
-    let app = Arc::new(spawn_app().await);
+    // A short span, so the filtered follower reads many spans while the writers race.
+    let app = Arc::new(
+        spawn_app_with(Options {
+            events_scan_span: Some(5),
+            ..Options::default()
+        })
+        .await,
+    );
     let writers: Vec<_> = (0..WRITERS)
         .map(|_| {
             let app = Arc::clone(&app);
@@ -1362,33 +1369,53 @@ async fn a_client_following_the_log_sees_every_event_once_while_writers_race() {
             })
         })
         .collect();
-    let total = i64::try_from(WRITERS * ORDERS_EACH * EVENTS_PER_ORDER).unwrap();
-    let mut seen = Vec::new();
-    let mut after = 0;
-    let started = Instant::now();
-    while i64::try_from(seen.len()).unwrap() < total {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "saw {} of {total} events",
-            seen.len()
-        );
-        let (status, _, page) = app
-            .get_json(&format!("/events?after_position={after}&limit=7"))
-            .await;
-        assert_eq!(status, StatusCode::OK, "{page}");
-        let events = page["events"].as_array().unwrap();
-        if events.is_empty() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        for event in events {
-            after = event["position"].as_i64().unwrap();
-            seen.push(after);
-        }
-    }
+    let total = WRITERS * ORDERS_EACH * EVENTS_PER_ORDER;
+    let (seen, created) = tokio::join!(
+        follow_log(&app, "", total),
+        follow_log(&app, "&event_type=OrderCreated", WRITERS * ORDERS_EACH),
+    );
     for writer in writers {
         writer.await.unwrap();
     }
-    assert_eq!(seen, (1..=total).collect::<Vec<_>>());
+    let positions: Vec<i64> = seen.iter().map(|(position, _)| *position).collect();
+    assert_eq!(positions, (1..=total as i64).collect::<Vec<_>>());
+    // The filtered follower saw exactly the creations, once each and in order.
+    let creations: Vec<(i64, String)> = seen
+        .into_iter()
+        .filter(|(_, event_type)| event_type == "OrderCreated")
+        .collect();
+    assert_eq!(created, creations);
+}
+
+/// Follows `GET /events` (with `filter` appended to the query) from position 0 by `read_to`
+/// until it has received `count` events; returns their positions and types.
+async fn follow_log(app: &TestApp, filter: &str, count: usize) -> Vec<(i64, String)> {
+    let mut seen = Vec::new();
+    let mut after = 0;
+    let started = Instant::now();
+    while seen.len() < count {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "saw {} of {count} events{filter}",
+            seen.len()
+        );
+        let (status, _, page) = app
+            .get_json(&format!("/events?after_position={after}&limit=7{filter}"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let events = page["events"].as_array().unwrap();
+        if page["next_cursor"].is_null() && events.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for event in events {
+            seen.push((
+                event["position"].as_i64().unwrap(),
+                event["event_type"].as_str().unwrap().to_owned(),
+            ));
+        }
+        after = page["read_to"].as_i64().unwrap();
+    }
+    seen
 }
 
 #[tokio::test]
