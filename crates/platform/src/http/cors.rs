@@ -14,19 +14,23 @@ use axum::Router;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use super::context::{ACTOR_HEADER, CORRELATION_ID_HEADER, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
+
 /// How long a browser may cache a preflight's answer.
 pub const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(600);
 
-/// The request headers of the APIs a page may send (beyond the CORS-safelisted ones).
+/// The request headers of the APIs a page may send (beyond the CORS-safelisted ones). The
+/// services' own headers are named here by value: `platform` depends on no service, and
+/// allowing a header a service does not read is harmless.
 pub const ALLOWED_REQUEST_HEADERS: [HeaderName; 10] = [
     header::AUTHORIZATION,
     header::CONTENT_TYPE,
     header::IF_MATCH,
     header::IF_NONE_MATCH,
     HeaderName::from_static("idempotency-key"),
-    HeaderName::from_static("x-correlation-id"),
-    HeaderName::from_static("x-actor"),
-    HeaderName::from_static("traceparent"),
+    HeaderName::from_static(CORRELATION_ID_HEADER),
+    HeaderName::from_static(ACTOR_HEADER),
+    HeaderName::from_static(TRACEPARENT_HEADER),
     HeaderName::from_static("x-min-position"),
     HeaderName::from_static("last-event-id"),
 ];
@@ -38,8 +42,8 @@ pub const EXPOSED_RESPONSE_HEADERS: [HeaderName; 8] = [
     header::RETRY_AFTER,
     HeaderName::from_static("x-projection-position"),
     HeaderName::from_static("x-order-version"),
-    HeaderName::from_static("x-correlation-id"),
-    HeaderName::from_static("x-request-id"),
+    HeaderName::from_static(CORRELATION_ID_HEADER),
+    HeaderName::from_static(REQUEST_ID_HEADER),
     HeaderName::from_static("idempotent-replayed"),
 ];
 
