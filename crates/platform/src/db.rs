@@ -237,6 +237,35 @@ async fn create_database(options: &PgConnectOptions) -> anyhow::Result<()> {
     }
 }
 
+/// Whether `e` says the database cannot be used right now (unreachable, restarting, shutting
+/// down, out of connections or resources, or the connection broke), rather than that the
+/// statement or its data are wrong: the first is worth a retry (a 503, a paused projection), the
+/// second is a bug or a poison event (a 500, a dead letter).
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        // A connection cut mid-message leaves the protocol out of step.
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(_) => sqlstate(e).is_some_and(|code| unavailable_sqlstate(&code)),
+        _ => false,
+    }
+}
+
+/// SQLSTATEs of a server that cannot serve now: connection exceptions (class 08), insufficient
+/// resources such as too many connections or a full disk (53), operator intervention such as
+/// an admin shutdown, a crash of another backend or a server still starting (57P01..57P05),
+/// and system errors such as an I/O error (58).
+fn unavailable_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("58")
+        || matches!(code, "57P01" | "57P02" | "57P03" | "57P04" | "57P05")
+}
+
 fn sqlstate(e: &sqlx::Error) -> Option<String> {
     e.as_database_error()
         .and_then(|db| db.code())
@@ -331,6 +360,26 @@ mod tests {
     fn mode(url: &str) -> PgSslMode {
         let options = PgConnectOptions::from_str(url).expect("url parses");
         without_loopback_tls(url, options).get_ssl_mode()
+    }
+
+    #[test]
+    fn a_broken_connection_is_unavailability_and_a_wrong_statement_is_not() {
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert!(is_unavailable(&sqlx::Error::Io(refused)));
+        assert!(is_unavailable(&sqlx::Error::PoolTimedOut));
+        assert!(is_unavailable(&sqlx::Error::Protocol(
+            "unexpected EOF".into()
+        )));
+        assert!(!is_unavailable(&sqlx::Error::RowNotFound));
+        assert!(!is_unavailable(&sqlx::Error::ColumnNotFound(
+            "total".into()
+        )));
+        for code in ["08006", "53300", "57P01", "57P03", "58030"] {
+            assert!(unavailable_sqlstate(code), "{code}");
+        }
+        for code in ["23505", "42P01", "22P02", "40001", "57014"] {
+            assert!(!unavailable_sqlstate(code), "{code}");
+        }
     }
 
     #[test]

@@ -33,35 +33,25 @@ impl Failure {
     }
 }
 
-/// SQLSTATE classes and codes that mean "try again": connection exceptions (08), serialization
-/// failure and deadlock (40001, 40P01), insufficient resources (53), operator intervention such as
-/// an admin shutdown or a server still starting (57P01..57P05), lock timeouts (55P03) and system
-/// errors (58).
-fn transient_sqlstate(code: &str) -> bool {
-    code.starts_with("08")
-        || code.starts_with("53")
-        || code.starts_with("58")
-        || matches!(
-            code,
-            "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "57P04" | "57P05" | "57014"
-        )
+/// SQLSTATEs of work that lost a race with other work and will likely pass when retried:
+/// serialization failure and deadlock (40001, 40P01), a lock timeout (55P03) and a statement
+/// cancelled by its timeout (57014).
+fn contention_sqlstate(code: &str) -> bool {
+    matches!(code, "40001" | "40P01" | "55P03" | "57014")
 }
 
-/// Classifies a database error.
+/// Classifies a database error: the database unavailable (`platform::db::is_unavailable`) or
+/// contention is transient, anything else poison.
 pub fn classify_sql(err: &sqlx::Error) -> Failure {
     let message = one_line(err);
-    match err {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Protocol(_) => Failure::Transient(message),
-        sqlx::Error::Database(db) => match db.code() {
-            Some(code) if transient_sqlstate(&code) => Failure::Transient(message),
-            _ => Failure::Poison(message),
-        },
-        _ => Failure::Poison(message),
+    let contention = err
+        .as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|code| contention_sqlstate(&code));
+    if platform::db::is_unavailable(err) || contention {
+        Failure::Transient(message)
+    } else {
+        Failure::Poison(message)
     }
 }
 

@@ -20,10 +20,11 @@
 //! | 401 | `unauthorized` | a token is configured and missing or wrong (platform auth) |
 //! | 404 | `order_not_found`, `customer_not_found` | nothing to show |
 //! | 503 | `consistency_timeout` | the read model did not reach `min_position` within `wait_ms` |
+//! | 503 | `store_unavailable` | PostgreSQL cannot be reached, is restarting, or has no connection free (`platform::db::is_unavailable`) |
 //! | 503 | `overloaded` | more requests at once than `MAX_IN_FLIGHT_REQUESTS` (platform layers), or more event streams than `EVENT_STREAMS_MAX` |
 //! | 500 | `internal` | anything else; logged, never detailed |
 //!
-//! Internal errors are logged with their cause and answered without it.
+//! Internal errors and store outages are logged with their cause and answered without it.
 
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -34,6 +35,9 @@ use uuid::Uuid;
 pub const PROJECTION_POSITION_HEADER: HeaderName = HeaderName::from_static("x-projection-position");
 /// Seconds a client is told to wait after a consistency timeout (`Retry-After`).
 pub const CONSISTENCY_RETRY_AFTER_SECS: u64 = 1;
+/// Seconds a client is told to wait when the database is unavailable (`Retry-After`), as the
+/// command service tells it.
+pub const STORE_RETRY_AFTER_SECS: u64 = 1;
 
 /// Every failure of a read request.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +65,10 @@ pub enum ApiError {
     /// `EVENT_STREAMS_MAX` event streams are open already.
     #[error("{limit} event streams are open")]
     StreamsFull { limit: usize },
-    /// Database or decoding failure; never shown to the client.
+    /// The database cannot be used right now; retryable, never detailed to the client.
+    #[error("store unavailable: {0:#}")]
+    StoreUnavailable(anyhow::Error),
+    /// Any other database or decoding failure: a bug; never shown to the client.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -118,6 +125,11 @@ impl ApiError {
                 "this instance is serving its limit of {limit} event streams \
                  (EVENT_STREAMS_MAX); retry shortly or page with GET /events"
             )),
+            ApiError::StoreUnavailable(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "the database is unavailable");
+                Problem::unavailable("store_unavailable", STORE_RETRY_AFTER_SECS)
+                    .with_detail("the database is unavailable; retry later")
+            }
             ApiError::Internal(e) => Problem::internal_error(e),
         }
     }
@@ -132,7 +144,13 @@ fn with_position(problem: Problem, position: Option<i64>) -> Problem {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        ApiError::Internal(anyhow::Error::new(e).context("database query"))
+        let unavailable = platform::db::is_unavailable(&e);
+        let e = anyhow::Error::new(e).context("database query");
+        if unavailable {
+            ApiError::StoreUnavailable(e)
+        } else {
+            ApiError::Internal(e)
+        }
     }
 }
 

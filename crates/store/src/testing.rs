@@ -1,12 +1,17 @@
 //! Test support: a fresh, migrated database per test on the local PostgreSQL, dropped when the
 //! test ends, so tests run in parallel without seeing each other's data; and a proxy in front of
-//! it that can go silent ([`SilencingProxy`]), for the failures where the server stops answering.
+//! it that can go silent ([`SilencingProxy`]), for the failures where the server stops answering;
+//! and a server of one test alone that it can crash and start again ([`PrivatePostgres`]).
 //! Enabled by the `test-util` feature; never used by the services.
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use std::str::FromStr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+mod private_postgres;
+
+pub use private_postgres::PrivatePostgres;
 
 /// The statement an append reads the store's state with, to check its plan.
 pub const BATCH_STATE_SQL: &str = crate::append::BATCH_STATE_SQL;

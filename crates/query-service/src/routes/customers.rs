@@ -25,7 +25,7 @@ use crate::params::{Consistency, RawConsistency};
         (status = 400, description = "`invalid_path`, `invalid_min_position`, `invalid_wait`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`customer_not_found` (carries X-Projection-Position)", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`consistency_timeout` with Retry-After, or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`consistency_timeout` or `store_unavailable` with Retry-After, or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]

@@ -34,7 +34,7 @@ pub const ORDER_VERSION_HEADER: &str = "x-order-version";
         (status = 200, description = "A page of events; empty past the head (after wait_ms, if given)", body = LogEventPage),
         (status = 400, description = "`invalid_after_position`, `invalid_limit`, `invalid_wait`, `invalid_event_type`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]
@@ -64,7 +64,7 @@ pub async fn get_events(
         (status = 200, description = "`text/event-stream`: frames until the client hangs up or the service shuts down; a comment every 15 s keeps it open", content_type = "text/event-stream", body = String),
         (status = 400, description = "`invalid_after_position`, `invalid_event_type`, `invalid_last_event_id`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`overloaded` (with Retry-After: EVENT_STREAMS_MAX streams are open, or too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: EVENT_STREAMS_MAX streams are open, or too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]
@@ -95,7 +95,7 @@ pub async fn get_event_stream(
         (status = 400, description = "`invalid_path`, `invalid_after_version`, `invalid_limit`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`order_not_found`: the order has no events", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]
@@ -124,7 +124,7 @@ pub async fn get_order_events(
         (status = 400, description = "`invalid_path`, `invalid_query` (both version and at), `invalid_version`, `invalid_at`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`order_not_found`: the order had no events at that point", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]
