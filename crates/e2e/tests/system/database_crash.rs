@@ -1,0 +1,303 @@
+//! PostgreSQL crashing under load and coming back, with nobody restarting a service.
+
+use crate::support::*;
+use serde_json::{Value, json};
+use store::testing::PrivatePostgres;
+use uuid::Uuid;
+
+/// What the writers of [`write_until_stopped`] were told.
+#[derive(Debug, Default)]
+struct WriteOutcomes {
+    /// Every acknowledged command: its order id, the order's version after it and the position
+    /// of its (single) event.
+    acknowledged: Vec<(String, i64, i64)>,
+    /// Every refusal: its status and problem `code`.
+    refused: Vec<(u16, String)>,
+}
+
+/// Creates orders for `customer` and adds items to them through the command service, one
+/// command at a time, until `stop` turns true; records every answer in `outcomes`. A refused
+/// creation is tried again with a new order; a refused item is followed by the next item.
+async fn write_until_stopped(
+    http: reqwest::Client,
+    command_url: String,
+    customer: Uuid,
+    outcomes: std::sync::Arc<std::sync::Mutex<WriteOutcomes>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    const ITEMS_PER_ORDER: usize = 10;
+    let mut order: Option<String> = None;
+    let mut items = 0;
+    while !*stop.borrow() {
+        let request = match &order {
+            None => http
+                .post(format!("{command_url}/orders"))
+                .json(&json!({ "customer_id": customer, "currency": "EUR" })),
+            Some(order_id) => http
+                .post(format!("{command_url}/orders/{order_id}/items"))
+                .json(&json!({ "sku": format!("SKU-{items}"), "quantity": 1, "unit_price": 100 })),
+        };
+        let response = request
+            .send()
+            .await
+            .expect("the command service answers, database or not");
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let mut outcomes = outcomes.lock().expect("lock");
+        if status == 200 || status == 201 {
+            let order_id = body["order_id"].as_str().expect("order id").to_owned();
+            let version = body["version"].as_i64().expect("version");
+            outcomes
+                .acknowledged
+                .push((order_id.clone(), version, position(&body)));
+            order = Some(order_id);
+            items += 1;
+            if items > ITEMS_PER_ORDER {
+                (order, items) = (None, 0);
+            }
+        } else {
+            let code = body["code"]
+                .as_str()
+                .unwrap_or("(no problem body)")
+                .to_owned();
+            outcomes.refused.push((status, code));
+            if order.is_some() {
+                items += 1;
+            }
+        }
+    }
+}
+
+/// PostgreSQL crashes (every backend killed at once) under a steady flow of commands and comes
+/// back a little later on the same address, as in a fail-over or a restart: nobody restarts a
+/// service. While it is down, each service says it is not ready and every request is answered
+/// 503 `store_unavailable` (never a 500, never a hang); afterwards the services take up their
+/// work by themselves, every acknowledged command is in the event store, every event reaches
+/// Redis in order, the read models are exact, and a read-your-writes wait is answered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_system_heals_by_itself_when_postgresql_crashes_under_load() {
+    let mut postgres = PrivatePostgres::start()
+        .await
+        .expect("a private PostgreSQL server");
+    let database_url = postgres.url("orders");
+    let stream = format!("e2e-{}:es:events", Uuid::new_v4().simple());
+    let http = http_client();
+    // The command service creates the database and its schema, as on a first deployment.
+    let mut command = Service::start(
+        "command-service",
+        "command-service",
+        &database_url,
+        &stream,
+        &[("SKIP_MIGRATIONS", "false")],
+    );
+    command.wait_ready(&http).await;
+    let mut projector = Service::start("projector", "projector", &database_url, &stream, &[]);
+    let mut query = Service::start(
+        "query-service",
+        "query-service",
+        &database_url,
+        &stream,
+        &[],
+    );
+    projector.wait_ready(&http).await;
+    query.wait_ready(&http).await;
+
+    let customer = Uuid::new_v4();
+    let outcomes = std::sync::Arc::new(std::sync::Mutex::new(WriteOutcomes::default()));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let writers: Vec<_> = (0..3)
+        .map(|_| {
+            tokio::spawn(write_until_stopped(
+                http.clone(),
+                command.url(""),
+                customer,
+                std::sync::Arc::clone(&outcomes),
+                stopped.clone(),
+            ))
+        })
+        .collect();
+    let acknowledged_at_least = |count: usize| {
+        let outcomes = std::sync::Arc::clone(&outcomes);
+        async move { (outcomes.lock().expect("lock").acknowledged.len() >= count).then_some(()) }
+    };
+    bus::testing::wait_until(DEADLINE, "40 commands are acknowledged", || {
+        acknowledged_at_least(40)
+    })
+    .await;
+
+    postgres.crash().await.expect("PostgreSQL crashes");
+    for service in [&command, &projector, &query] {
+        wait_readiness(&http, service, 503).await;
+    }
+    bus::testing::wait_until(
+        DEADLINE,
+        "a writer is told the store is unavailable",
+        || {
+            let outcomes = std::sync::Arc::clone(&outcomes);
+            async move {
+                let outcomes = outcomes.lock().expect("lock");
+                outcomes
+                    .refused
+                    .iter()
+                    .any(|(status, code)| *status == 503 && code == "store_unavailable")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let first_order = outcomes.lock().expect("lock").acknowledged[0].0.clone();
+    let response = http
+        .get(query.url(&format!("/orders/{first_order}")))
+        .send()
+        .await
+        .expect("the query service answers without its database");
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let problem: Value = response.json().await.expect("a problem body");
+    assert_eq!(problem["code"], "store_unavailable", "{problem}");
+    assert!(!problem.to_string().contains("5432"), "{problem}");
+
+    postgres
+        .start_again()
+        .await
+        .expect("PostgreSQL starts again");
+    for service in [&command, &projector, &query] {
+        wait_readiness(&http, service, 200).await;
+    }
+    let before_restart_done = outcomes.lock().expect("lock").acknowledged.len();
+    bus::testing::wait_until(
+        DEADLINE,
+        "40 more commands are acknowledged after the restart",
+        || acknowledged_at_least(before_restart_done + 40),
+    )
+    .await;
+    stop.send(true).expect("the writers listen");
+    for writer in writers {
+        writer.await.expect("a writer does not panic");
+    }
+    let outcomes = std::mem::take(&mut *outcomes.lock().expect("lock"));
+
+    // Every refusal told the client to retry; none was a 500.
+    for (status, code) in &outcomes.refused {
+        assert!(
+            *status == 503 && (code == "store_unavailable" || code == "timeout"),
+            "refused with {status} {code}:\n{}",
+            command.log_tail()
+        );
+    }
+    // Every acknowledged command is in the event store as acknowledged (guarantee 1), and the
+    // positions stay dense across the crash.
+    let pool = sqlx::PgPool::connect(&database_url)
+        .await
+        .expect("connect to the restarted server");
+    let stored: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT stream_id, stream_version, global_position FROM events ORDER BY global_position",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("read the events");
+    let positions: Vec<i64> = stored.iter().map(|(_, _, position)| *position).collect();
+    let head = i64::try_from(stored.len()).expect("a count fits");
+    assert_eq!(positions, (1..=head).collect::<Vec<_>>());
+    let stored: std::collections::HashSet<(String, i64, i64)> = stored.into_iter().collect();
+    for (order_id, version, position) in &outcomes.acknowledged {
+        assert!(
+            stored.contains(&(format!("order-{order_id}"), *version, *position)),
+            "acknowledged but not stored: order {order_id} version {version} at {position}"
+        );
+    }
+
+    // Every event reaches Redis, in order (guarantee 2), those committed just before the crash
+    // included.
+    let redis = redis::Client::open(REDIS_URL).expect("redis url");
+    let mut conn = redis
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    bus::testing::wait_until(DEADLINE, "every event is on the stream", || {
+        let (mut conn, stream) = (conn.clone(), stream.clone());
+        async move {
+            let len: i64 = redis::AsyncCommands::xlen(&mut conn, &stream).await.ok()?;
+            (len == head).then_some(())
+        }
+    })
+    .await;
+    let published: redis::streams::StreamRangeReply =
+        redis::AsyncCommands::xrange_all(&mut conn, &stream)
+            .await
+            .expect("xrange");
+    let published: Vec<i64> = published
+        .ids
+        .iter()
+        .map(|entry| {
+            entry
+                .get::<String>("position")
+                .and_then(|p| p.parse().ok())
+                .expect("a position field")
+        })
+        .collect();
+    assert_eq!(published, (1..=head).collect::<Vec<_>>());
+
+    // Both read models reach the head and agree with the event store (guarantee 4).
+    let orders: i64 = sqlx::query_scalar("SELECT count(DISTINCT stream_id) FROM events")
+        .fetch_one(&pool)
+        .await
+        .expect("count the orders");
+    let stats = send(
+        &http,
+        http.get(query.url(&format!(
+            "/customers/{customer}?min_position={head}&wait_ms=10000"
+        ))),
+        200,
+    )
+    .await;
+    assert_eq!(stats["order_count"], orders, "{stats}");
+    send(
+        &http,
+        http.get(query.url(&format!(
+            "/orders?limit=1&min_position={head}&wait_ms=10000"
+        ))),
+        200,
+    )
+    .await;
+    for projection in ["order_summaries", "customer_stats"] {
+        let (exact, report) =
+            projector_admin(&database_url, &stream, &["verify", projection]).await;
+        assert!(exact, "{projection}: {report}");
+    }
+
+    // A reader waiting for a write not made yet is answered when it is made: the query service
+    // follows the projections' progress again.
+    let waiting = tokio::spawn({
+        let request = http.get(query.url(&format!(
+            "/orders/{first_order}?min_position={}&wait_ms=10000",
+            head + 1
+        )));
+        async move { request.send().await.expect("the wait is answered") }
+    });
+    let added = send(
+        &http,
+        http.post(command.url(&format!("/orders/{first_order}/items")))
+            .json(&json!({ "sku": "AFTER-THE-CRASH", "quantity": 1, "unit_price": 100 })),
+        200,
+    )
+    .await;
+    let answered = waiting.await.expect("the waiting reader");
+    assert_eq!(answered.status().as_u16(), 200);
+    let summary: Value = answered.json().await.expect("a summary");
+    assert_eq!(summary["version"], added["version"], "{summary}");
+
+    for service in [&mut query, &mut projector, &mut command] {
+        assert!(
+            service.terminate().await.success(),
+            "{}",
+            service.log_tail()
+        );
+    }
+    let _: () = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await
+        .expect("cleanup");
+    drop(postgres);
+}

@@ -1,0 +1,19 @@
+//! The whole system as a user runs it: command-service, two projectors and query-service as
+//! separate processes over one fresh database and a private Redis stream key.
+//!
+//! # Layout
+//! - `support`: starting the binaries, readiness, shutdown, the HTTP client, admin subcommands.
+//! - `lifecycle`: orders through the three services into exact read models; a poison entry.
+//! - `redis_tls`: everything over a Redis that speaks only TLS.
+//! - `alerts`: every metric an alert reads is exposed from the start.
+//! - `rebuild`: `projector rebuild` under live traffic.
+//! - `event_stream`: a browser-style follower of the live log across a killed query service.
+//! - `database_crash`: PostgreSQL crashing under load and coming back.
+
+mod alerts;
+mod database_crash;
+mod event_stream;
+mod lifecycle;
+mod rebuild;
+mod redis_tls;
+mod support;

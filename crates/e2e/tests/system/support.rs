@@ -1,0 +1,241 @@
+//! What every end-to-end test uses: the service binaries started as processes on free ports,
+//! their readiness and shutdown, the HTTP client, and the projector's admin subcommands.
+
+use serde_json::{Value, json};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+pub(crate) const REDIS_URL: &str = "redis://127.0.0.1:6379";
+pub(crate) const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The directory holding the workspace's binaries: the test executable lives in `<dir>/deps/`.
+pub(crate) fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .to_path_buf();
+    for bin in ["command-service", "projector", "query-service"] {
+        assert!(
+            dir.join(bin).exists(),
+            "{bin} is not built in {}: run `cargo build --bins` (nextest --workspace builds it)",
+            dir.display()
+        );
+    }
+    dir
+}
+
+pub(crate) fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A service process, killed if the test ends early.
+pub(crate) struct Service {
+    pub(crate) name: String,
+    pub(crate) child: Option<Child>,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Service {
+    pub(crate) fn start(
+        bin: &str,
+        name: &str,
+        database_url: &str,
+        stream: &str,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        let port = free_port();
+        let log = std::env::temp_dir().join(format!("e2e-{name}-{}.log", Uuid::new_v4().simple()));
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let mut command = Command::new(bin_dir().join(bin));
+        command
+            .env("DATABASE_URL", database_url)
+            .env("REDIS_URL", REDIS_URL)
+            .env("EVENT_STREAM", stream)
+            .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .env("SKIP_MIGRATIONS", "true")
+            .env("DB_MAX_CONNECTIONS", "4")
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        for (key, value) in extra {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("start service");
+        Self {
+            name: name.to_owned(),
+            child: Some(child),
+            port,
+            log,
+        }
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub(crate) fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    pub(crate) async fn wait_ready(&mut self, http: &reqwest::Client) {
+        let started = Instant::now();
+        loop {
+            if let Ok(response) = http.get(self.url("/readyz")).send().await
+                && response.status().is_success()
+            {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "{} exited with {status} before it was ready:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "{} not ready in time:\n{}",
+                self.name,
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub(crate) async fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "{} did not stop on SIGTERM",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+pub(crate) async fn send(
+    http: &reqwest::Client,
+    request: reqwest::RequestBuilder,
+    expected: u16,
+) -> Value {
+    let _ = http;
+    let response = request.send().await.expect("request is answered");
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    assert_eq!(status, expected, "unexpected answer: {body}");
+    body
+}
+
+/// The tests' HTTP client: a request that hangs fails the test instead of stalling it.
+pub(crate) fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .expect("client")
+}
+
+pub(crate) fn position(body: &Value) -> i64 {
+    body["position"].as_i64().expect("position in the answer")
+}
+
+/// Creates an order and adds one book to it through the command service; returns the order id
+/// and the position of the item's event.
+pub(crate) async fn create_order_with_a_book(
+    http: &reqwest::Client,
+    command: &Service,
+) -> (String, i64) {
+    let created = send(
+        http,
+        http.post(command.url("/orders"))
+            .json(&json!({ "customer_id": Uuid::new_v4(), "currency": "EUR" })),
+        201,
+    )
+    .await;
+    let order_id = created["order_id"].as_str().expect("order id").to_owned();
+    let added = send(
+        http,
+        http.post(command.url(&format!("/orders/{order_id}/items")))
+            .json(&json!({ "sku": "BOOK", "quantity": 1, "unit_price": 1250 })),
+        200,
+    )
+    .await;
+    (order_id, position(&added))
+}
+
+/// Runs a `projector` admin subcommand against the test's database and stream; returns whether
+/// it succeeded and what it printed.
+pub(crate) async fn projector_admin(
+    database_url: &str,
+    stream: &str,
+    args: &[&str],
+) -> (bool, String) {
+    let output = tokio::process::Command::new(bin_dir().join("projector"))
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env("REDIS_URL", REDIS_URL)
+        .env("EVENT_STREAM", stream)
+        .env("SKIP_MIGRATIONS", "true")
+        .env("REBUILD_BATCH_SIZE", "1")
+        .env("LOG_FORMAT", "json")
+        .output()
+        .await
+        .expect("run the projector");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), printed)
+}
+
+/// Waits until `GET /readyz` of `service` answers `status`.
+pub(crate) async fn wait_readiness(http: &reqwest::Client, service: &Service, status: u16) {
+    let what = format!("{} answers /readyz with {status}", service.name);
+    bus::testing::wait_until(DEADLINE, &what, || {
+        let request = http.get(service.url("/readyz"));
+        async move {
+            let response = request.send().await.ok()?;
+            (response.status().as_u16() == status).then_some(())
+        }
+    })
+    .await;
+}
