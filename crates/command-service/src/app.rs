@@ -151,7 +151,7 @@ impl Application {
             tokio::spawn(async move {
                 let result = run.await;
                 if let Err(err) = &result {
-                    tracing::error!(error = %format!("{err:#}"), "the relay stopped with an error");
+                    tracing::error!(error = %platform::config::error_chain(err.as_ref()), "the relay stopped with an error");
                     relay_failed.cancel();
                 }
                 result

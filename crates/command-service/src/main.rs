@@ -34,7 +34,7 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, as the contract promises for a failed start.
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", platform::config::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -238,7 +238,7 @@ fn exit_on_clap_error(err: clap::Error) -> ! {
 /// Use it for configuration errors at start: `args.common.validate().unwrap_or_else(|e|
 /// platform::config::exit_on_config_error(e))`.
 pub fn exit_on_config_error(err: anyhow::Error) -> ! {
-    eprintln!("error: {}", one_line(&format!("{err:#}")));
+    eprintln!("error: {}", error_chain(err.as_ref()));
     std::process::exit(CONFIG_ERROR_EXIT_CODE)
 }
 
@@ -250,10 +250,46 @@ pub(crate) fn one_line(msg: &dyn std::fmt::Display) -> String {
         .join(" ")
 }
 
+/// `err` and every cause under it on one line, `outer: inner: root`, for logs and for the one
+/// line a failed start prints. A cause whose text the line already ends with is left out:
+/// sqlx's I/O error, for one, prints its cause in its own message and hands it out again as its
+/// source, which `{:#}` would show twice (`Connection refused (os error 111): Connection
+/// refused (os error 111)`).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = one_line(err);
+    let mut cause = err.source();
+    while let Some(inner) = cause {
+        let text = one_line(inner);
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = inner.source();
+    }
+    line
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_chain_names_each_cause_once() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let err = anyhow::Error::new(sqlx::Error::Io(refused)).context("receive a notification");
+        assert_eq!(
+            error_chain(err.as_ref()),
+            "receive a notification: error communicating with database: connection refused"
+        );
+        let nested = anyhow::anyhow!("root cause")
+            .context("middle\nstep")
+            .context("outer");
+        assert_eq!(
+            error_chain(nested.as_ref()),
+            "outer: middle step: root cause"
+        );
+    }
     use clap::Parser;
 
     #[derive(Debug, Parser)]

@@ -21,7 +21,7 @@ use redis::aio::ConnectionManager;
 use serde::Serialize;
 use sqlx::{Connection as _, PgPool};
 
-use crate::config::one_line;
+use crate::config::error_chain;
 
 /// Longest a single readiness check may take; a probe must answer well within its own timeout.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -111,7 +111,7 @@ impl Readiness {
             async move {
                 let outcome = match tokio::time::timeout(CHECK_TIMEOUT, fut).await {
                     Ok(Ok(())) => "ok".to_owned(),
-                    Ok(Err(e)) => format!("error: {}", one_line(&format!("{e:#}"))),
+                    Ok(Err(e)) => format!("error: {}", error_chain(e.as_ref())),
                     Err(_) => format!("error: timed out after {} ms", CHECK_TIMEOUT.as_millis()),
                 };
                 (name.clone(), outcome)

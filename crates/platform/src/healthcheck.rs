@@ -27,7 +27,7 @@ pub async fn probe(listen_addr: &str, path: &str) -> ExitCode {
             ExitCode::FAILURE
         }
         Ok(Err(e)) => {
-            eprintln!("unhealthy: {e:#}");
+            eprintln!("unhealthy: {}", crate::config::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
         Err(_) => {

@@ -21,7 +21,7 @@ async fn main() -> ExitCode {
     match projector::commands::execute(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", platform::config::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -94,7 +94,7 @@ pub async fn rebuild(
     // Whatever happened, the shadow copies go; the live read model was not touched unless the
     // swap committed.
     if let Err(e) = shadow.drop(pool).await {
-        tracing::warn!(projection = %projection, error = %format!("{e:#}"), "could not drop the rebuild's shadow schema; the next rebuild drops it");
+        tracing::warn!(projection = %projection, error = %platform::config::error_chain(e.as_ref()), "could not drop the rebuild's shadow schema; the next rebuild drops it");
     }
     release(guard, projection).await;
     result

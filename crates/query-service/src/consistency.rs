@@ -330,7 +330,7 @@ impl CheckpointWatcher {
                 result = self.listen(options.clone()) => result,
             };
             if let Err(e) = result {
-                tracing::warn!(error = %format!("{e:#}"), "projection_position listener failed; reconnecting");
+                tracing::warn!(error = %platform::config::error_chain(e.as_ref()), "projection_position listener failed; reconnecting");
             }
             tokio::select! {
                 () = cancel.cancelled() => return,

@@ -126,7 +126,7 @@ impl ApiError {
                  (EVENT_STREAMS_MAX); retry shortly or page with GET /events"
             )),
             ApiError::StoreUnavailable(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "the database is unavailable");
+                tracing::warn!(error = %platform::config::error_chain(e.as_ref()), "the database is unavailable");
                 Problem::unavailable("store_unavailable", STORE_RETRY_AFTER_SECS)
                     .with_detail("the database is unavailable; retry later")
             }

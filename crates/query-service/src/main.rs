@@ -25,7 +25,7 @@ async fn main() -> ExitCode {
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", platform::config::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -295,7 +295,7 @@ impl Relay {
                             tracing::info!(stream = %self.stream_key, "relay leadership released at shutdown");
                         }
                         Err(err) => {
-                            tracing::warn!(stream = %self.stream_key, error = %format!("{err:#}"),
+                            tracing::warn!(stream = %self.stream_key, error = %platform::config::error_chain(err.as_ref()),
                                 "relay leadership lost; back to standby");
                         }
                     }
@@ -307,7 +307,7 @@ impl Relay {
                     }
                 }
                 Err(err) => {
-                    tracing::warn!(stream = %self.stream_key, error = %format!("{err:#}"),
+                    tracing::warn!(stream = %self.stream_key, error = %platform::config::error_chain(&err),
                         "relay standby cannot reach Postgres; retrying");
                 }
             }
