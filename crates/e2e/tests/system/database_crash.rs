@@ -73,7 +73,9 @@ async fn write_until_stopped(
 /// service. While it is down, each service says it is not ready and every request is answered
 /// 503 `store_unavailable` (never a 500, never a hang); afterwards the services take up their
 /// work by themselves, every acknowledged command is in the event store, every event reaches
-/// Redis in order, the read models are exact, and a read-your-writes wait is answered again.
+/// Redis in order, the read models are exact, a read-your-writes wait is answered again, and a
+/// client following the live log (`GET /events/stream`, reconnecting like a browser) has every
+/// event once and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_system_heals_by_itself_when_postgresql_crashes_under_load() {
     let mut postgres = PrivatePostgres::start()
@@ -101,6 +103,15 @@ async fn the_system_heals_by_itself_when_postgresql_crashes_under_load() {
     );
     projector.wait_ready(&http).await;
     query.wait_ready(&http).await;
+
+    let (_, follower_base) = tokio::sync::watch::channel(query.url(""));
+    let (follow_until, until) = tokio::sync::watch::channel(0_i64);
+    let followed = std::sync::Arc::new(std::sync::Mutex::new(Followed::default()));
+    let follower = tokio::spawn(follow_like_a_browser(
+        follower_base,
+        std::sync::Arc::clone(&followed),
+        until,
+    ));
 
     let customer = Uuid::new_v4();
     let outcomes = std::sync::Arc::new(std::sync::Mutex::new(WriteOutcomes::default()));
@@ -286,6 +297,16 @@ async fn the_system_heals_by_itself_when_postgresql_crashes_under_load() {
     assert_eq!(answered.status().as_u16(), 200);
     let summary: Value = answered.json().await.expect("a summary");
     assert_eq!(summary["version"], added["version"], "{summary}");
+
+    // The log's follower, whose stream ended when the database went away, resumed from its
+    // last id and missed nothing.
+    follow_until.send(head + 1).expect("the follower listens");
+    tokio::time::timeout(DEADLINE, follower)
+        .await
+        .expect("the follower reaches the head")
+        .expect("the follower does not panic");
+    let events = std::mem::take(&mut followed.lock().expect("lock").events);
+    assert_eq!(events, (1..=head + 1).collect::<Vec<_>>());
 
     for service in [&mut query, &mut projector, &mut command] {
         assert!(

@@ -5,66 +5,6 @@ use std::time::{Duration, Instant};
 use store::testing::TestDatabase;
 use uuid::Uuid;
 
-/// What a follower of `GET /events/stream` has received: the ids of the frames with an event,
-/// and the last id of any frame (where it resumes).
-#[derive(Debug, Default)]
-struct Followed {
-    events: Vec<i64>,
-    last_id: i64,
-}
-
-/// Follows `GET /events/stream` as a browser's `EventSource` does: on any end of the response
-/// (the service killed, restarted elsewhere) it reconnects to the current address from `base`
-/// with `Last-Event-ID`, until it has seen an id at or past `until` (0: never, run until
-/// aborted). Progress is published through `seen`.
-async fn follow_like_a_browser(
-    base: tokio::sync::watch::Receiver<String>,
-    seen: std::sync::Arc<std::sync::Mutex<Followed>>,
-    until: tokio::sync::watch::Receiver<i64>,
-) {
-    let http = reqwest::Client::new();
-    loop {
-        let last_id = seen.lock().expect("lock").last_id;
-        let target = *until.borrow();
-        if target > 0 && last_id >= target {
-            return;
-        }
-        let url = format!("{}/events/stream", base.borrow().clone());
-        let Ok(mut response) = http
-            .get(url)
-            .header("last-event-id", last_id.to_string())
-            .send()
-            .await
-        else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let mut pending = String::new();
-        while let Ok(Some(chunk)) = response.chunk().await {
-            pending.push_str(std::str::from_utf8(&chunk).expect("UTF-8 frames"));
-            while let Some(end) = pending.find("\n\n") {
-                let frame: String = pending.drain(..end + 2).collect();
-                let id = frame
-                    .lines()
-                    .find_map(|line| line.strip_prefix("id: "))
-                    .map(|id| id.parse::<i64>().expect("an id is a position"));
-                let has_data = frame.lines().any(|line| line.starts_with("data: "));
-                if let Some(id) = id {
-                    let mut seen = seen.lock().expect("lock");
-                    if has_data {
-                        seen.events.push(id);
-                    }
-                    seen.last_id = id;
-                }
-            }
-            let target = *until.borrow();
-            if target > 0 && seen.lock().expect("lock").last_id >= target {
-                return;
-            }
-        }
-    }
-}
-
 /// A client following the event stream the way a browser does gets every committed event once
 /// and in order while commands flow, though the query service it reads is killed with SIGKILL
 /// and comes back on another address: it resumes from `Last-Event-ID`.

@@ -239,3 +239,80 @@ pub(crate) async fn wait_readiness(http: &reqwest::Client, service: &Service, st
     })
     .await;
 }
+
+/// What a follower of `GET /events/stream` has received: the ids of the frames with an event,
+/// and the last id of any frame (where it resumes).
+#[derive(Debug, Default)]
+pub(crate) struct Followed {
+    pub(crate) events: Vec<i64>,
+    pub(crate) last_id: i64,
+}
+
+/// Follows `GET /events/stream` as a browser's `EventSource` does: on any end of the response
+/// (the service killed, restarted elsewhere) it reconnects to the current address from `base`
+/// with `Last-Event-ID`, until it has seen an id at or past `until` (0: never, run until
+/// aborted). Progress is published through `seen`.
+pub(crate) async fn follow_like_a_browser(
+    base: tokio::sync::watch::Receiver<String>,
+    seen: std::sync::Arc<std::sync::Mutex<Followed>>,
+    mut until: tokio::sync::watch::Receiver<i64>,
+) {
+    let http = reqwest::Client::new();
+    let reached = |seen: &std::sync::Mutex<Followed>, until: &tokio::sync::watch::Receiver<i64>| {
+        let target = *until.borrow();
+        target > 0 && seen.lock().expect("lock").last_id >= target
+    };
+    loop {
+        if reached(&seen, &until) {
+            return;
+        }
+        let url = format!("{}/events/stream", base.borrow().clone());
+        let last_id = seen.lock().expect("lock").last_id;
+        let response = http
+            .get(url)
+            .header("last-event-id", last_id.to_string())
+            .send()
+            .await;
+        let mut response = match response {
+            Ok(response) if response.status().is_success() => response,
+            // Not there, or not serving now: try again shortly, as a page would.
+            _ => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let mut pending = String::new();
+        loop {
+            let chunk = tokio::select! {
+                chunk = response.chunk() => chunk,
+                // The target may be set when everything up to it has arrived already.
+                _ = until.changed() => {
+                    if reached(&seen, &until) {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let Ok(Some(chunk)) = chunk else { break };
+            pending.push_str(std::str::from_utf8(&chunk).expect("UTF-8 frames"));
+            while let Some(end) = pending.find("\n\n") {
+                let frame: String = pending.drain(..end + 2).collect();
+                let id = frame
+                    .lines()
+                    .find_map(|line| line.strip_prefix("id: "))
+                    .map(|id| id.parse::<i64>().expect("an id is a position"));
+                let has_data = frame.lines().any(|line| line.starts_with("data: "));
+                if let Some(id) = id {
+                    let mut seen = seen.lock().expect("lock");
+                    if has_data {
+                        seen.events.push(id);
+                    }
+                    seen.last_id = id;
+                }
+            }
+            if reached(&seen, &until) {
+                return;
+            }
+        }
+    }
+}
