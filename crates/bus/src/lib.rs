@@ -15,6 +15,7 @@
 //! | [`publish`] | [`Publisher`]: exactly-once publication, [`Publisher::trim`] |
 //! | [`consume`] | [`ensure_group`], [`Consumer`]: read, ack, autoclaim, stale consumers |
 //! | [`dlq`] | [`DeadLetterQueue`]: dead-lettering and the admin helpers |
+//! | [`inspect`] | [`inspect()`]: the stream's length, newest position and consumer groups, read-only |
 //! | [`connection`] | connections with the right timeouts |
 //! | [`testing`] | (feature `test-util`) [`testing::PrivateRedis`], unique keys, `wait_until` |
 //!
@@ -100,6 +101,7 @@ pub mod consume;
 pub mod dlq;
 pub mod entry;
 pub mod error;
+pub mod inspect;
 pub mod keys;
 pub mod publish;
 #[cfg(any(test, feature = "test-util"))]
@@ -111,6 +113,7 @@ pub use consume::{Consumer, FROM_BEGINNING, FROM_NOW, ensure_group};
 pub use dlq::{DeadLetter, DeadLetterQueue};
 pub use entry::StreamEntry;
 pub use error::BusError;
+pub use inspect::{GroupInfo, StreamInfo, inspect};
 pub use keys::{DEFAULT_EVENT_STREAM, StreamKeys};
 pub use publish::{DEFAULT_HARD_CAP, PublishOutcome, Publisher, TrimOutcome};
 

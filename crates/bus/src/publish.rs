@@ -10,9 +10,7 @@ use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
 use crate::codec::{encode_fields, field};
-use crate::entry::{
-    EntryId, parse_entry_list, value_to_i64, value_to_map, value_to_string, value_to_vec,
-};
+use crate::entry::{EntryId, parse_entry_list, value_to_string, value_to_vec};
 use crate::error::BusError;
 use crate::keys::StreamKeys;
 use events::envelope::RecordedEvent;
@@ -232,33 +230,17 @@ impl Publisher {
     /// The smallest id any consumer group still needs: its oldest pending entry, or the entry
     /// after its last delivered one. `None` when the stream has no groups.
     async fn group_floor(&self) -> Result<Option<EntryId>, BusError> {
-        const OP: &str = "trim: read consumer groups";
-        let mut conn = self.conn.clone();
-        let reply: Value = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(&self.keys.stream)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| BusError::from_redis(OP, e))?;
         let mut floor: Option<EntryId> = None;
-        for group in value_to_vec(OP, reply)? {
-            let info = value_to_map(OP, group)?;
-            let field = |name: &str| {
-                info.get(name)
-                    .ok_or_else(|| BusError::unexpected(OP, format!("XINFO GROUPS lacks {name}")))
-            };
-            let name = value_to_string(OP, field("name")?)?;
-            let pending = value_to_i64(OP, field("pending")?)?;
-            let last = value_to_string(OP, field("last-delivered-id")?)?;
-            let after_last_delivered = EntryId::parse(&last)
-                .ok_or_else(|| BusError::unexpected(OP, format!("bad id {last:?}")))?
-                .next();
-            let oldest_pending = if pending > 0 {
-                self.oldest_pending(&name).await?
+        for group in crate::inspect::groups(&self.conn, &self.keys.stream).await? {
+            let oldest_pending = if group.pending > 0 {
+                self.oldest_pending(&group.name).await?
             } else {
                 None
             };
-            let needed = oldest_pending.unwrap_or(after_last_delivered);
+            let needed = match oldest_pending {
+                Some(id) => id,
+                None => group.after_last_delivered()?,
+            };
             floor = Some(floor.map_or(needed, |f| f.min(needed)));
         }
         Ok(floor)

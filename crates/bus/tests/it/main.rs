@@ -4,6 +4,7 @@
 
 mod consume;
 mod dlq;
+mod inspect;
 mod publish;
 mod restart;
 

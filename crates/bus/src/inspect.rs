@@ -1,0 +1,138 @@
+//! A read-only look at the event stream, for operators (`projector status`) and for trimming:
+//! its length, the position of its newest entry, and each consumer group's consumers, pending
+//! entries and lag. Nothing here writes to Redis.
+
+use redis::Value;
+use redis::aio::ConnectionManager;
+use serde::Serialize;
+
+use crate::entry::{EntryId, value_to_i64, value_to_map, value_to_string, value_to_vec};
+use crate::error::BusError;
+use crate::keys::StreamKeys;
+
+/// The event stream as Redis holds it now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StreamInfo {
+    /// Entries in the stream (after trimming).
+    pub length: u64,
+    /// Position of the newest entry (its id is `<position>-0`): how far the relay has published,
+    /// live. `None` when the stream is empty or missing.
+    pub last_position: Option<i64>,
+    /// The consumer groups, one per projection that has ever consumed.
+    pub groups: Vec<GroupInfo>,
+}
+
+/// One consumer group, as `XINFO GROUPS` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GroupInfo {
+    /// The group's name: the projection's.
+    pub name: String,
+    /// Consumers the group knows (projector instances, and ones not yet cleaned up).
+    pub consumers: u64,
+    /// Entries delivered to a consumer and not yet acknowledged.
+    pub pending: u64,
+    /// Id of the last entry delivered to any consumer (`0-0` before the first).
+    pub last_delivered_id: String,
+    /// Entries not yet delivered to the group; `None` when Redis cannot tell (an entry was
+    /// deleted from the range, or a server older than 7.0).
+    pub lag: Option<u64>,
+}
+
+/// Reads the stream's length, newest entry and consumer groups. A missing stream (nothing
+/// published yet, or Redis restarted empty) is an empty one without groups.
+pub async fn inspect(conn: &ConnectionManager, keys: &StreamKeys) -> Result<StreamInfo, BusError> {
+    const OP: &str = "inspect the stream";
+    let mut conn = conn.clone();
+    let (exists, length, newest): (bool, u64, Value) = redis::pipe()
+        .cmd("EXISTS")
+        .arg(keys.stream())
+        .cmd("XLEN")
+        .arg(keys.stream())
+        .cmd("XREVRANGE")
+        .arg(keys.stream())
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| BusError::from_redis(OP, e))?;
+    let last_position = match value_to_vec(OP, newest)?.into_iter().next() {
+        None => None,
+        Some(entry) => {
+            let id = value_to_vec(OP, entry)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| BusError::unexpected(OP, "an entry without an id"))?;
+            let id = value_to_string(OP, &id)?;
+            let id = EntryId::parse(&id)
+                .ok_or_else(|| BusError::unexpected(OP, format!("bad id {id:?}")))?;
+            i64::try_from(id.ms).ok()
+        }
+    };
+    // XINFO GROUPS fails on a missing key (an empty stream that exists may have groups).
+    let groups = if exists {
+        groups(&conn, keys.stream()).await?
+    } else {
+        Vec::new()
+    };
+    Ok(StreamInfo {
+        length,
+        last_position,
+        groups,
+    })
+}
+
+impl GroupInfo {
+    /// The id after the last delivered one: where the group's undelivered entries begin.
+    pub(crate) fn after_last_delivered(&self) -> Result<EntryId, BusError> {
+        EntryId::parse(&self.last_delivered_id)
+            .map(EntryId::next)
+            .ok_or_else(|| {
+                BusError::unexpected(
+                    "read consumer groups",
+                    format!("bad id {:?}", self.last_delivered_id),
+                )
+            })
+    }
+}
+
+/// The consumer groups of `stream` (`XINFO GROUPS`); the stream must exist.
+pub(crate) async fn groups(
+    conn: &ConnectionManager,
+    stream: &str,
+) -> Result<Vec<GroupInfo>, BusError> {
+    const OP: &str = "read consumer groups";
+    let mut conn = conn.clone();
+    let reply: Value = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| BusError::from_redis(OP, e))?;
+    value_to_vec(OP, reply)?
+        .into_iter()
+        .map(|group| {
+            let info = value_to_map(OP, group)?;
+            let field = |name: &str| {
+                info.get(name)
+                    .ok_or_else(|| BusError::unexpected(OP, format!("XINFO GROUPS lacks {name}")))
+            };
+            let count = |name: &str| -> Result<u64, BusError> {
+                u64::try_from(value_to_i64(OP, field(name)?)?)
+                    .map_err(|_| BusError::unexpected(OP, format!("negative {name}")))
+            };
+            let lag = match info.get("lag") {
+                None | Some(Value::Nil) => None,
+                Some(lag) => u64::try_from(value_to_i64(OP, lag)?).ok(),
+            };
+            Ok(GroupInfo {
+                name: value_to_string(OP, field("name")?)?,
+                consumers: count("consumers")?,
+                pending: count("pending")?,
+                last_delivered_id: value_to_string(OP, field("last-delivered-id")?)?,
+                lag,
+            })
+        })
+        .collect()
+}
