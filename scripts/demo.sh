@@ -207,6 +207,9 @@ projector_bin="$(cargo_target_dir)/debug/projector"
 dlq_id="$(rcli XREVRANGE "$dlq" + - COUNT 1 | head -n 1)"
 cat <<EOF
 
+Where every projection stands (head, relay, lag, parked orders, dead letters, groups):
+  $projector_bin status
+
 Inspect and handle dead letters:
   redis-cli XRANGE $dlq - +
   redis-cli XLEN $dlq

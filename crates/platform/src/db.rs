@@ -48,12 +48,7 @@ pub async fn connect(
         service,
     );
     ensure_database(&options).await?;
-    let pool = PgPoolOptions::new()
-        .max_connections(max_connections.max(1))
-        .acquire_timeout(ACQUIRE_TIMEOUT)
-        .connect_with(options.clone())
-        .await
-        .map_err(|e| describe(&e, &options))?;
+    let pool = pool_of(&options, max_connections).await?;
     if let Some(migrator) = migrator {
         migrator.run(&pool).await.map_err(|e| {
             anyhow!(
@@ -68,7 +63,33 @@ pub async fn connect(
     Ok(pool)
 }
 
-/// Creates the database named in `options` when a connection says it does not exist.
+/// Connects a pool to `database_url` as it is: no database is created and no migration runs.
+/// For commands that only read (`projector status`), where a mistyped URL must say so instead
+/// of leaving an empty database behind.
+pub async fn connect_existing(
+    database_url: &str,
+    service: &str,
+    max_connections: u32,
+) -> anyhow::Result<PgPool> {
+    let options = with_application_name(
+        with_dead_client_limits(with_custom_plans(without_loopback_tls(
+            database_url,
+            validate_database_url(database_url)?,
+        ))),
+        service,
+    );
+    pool_of(&options, max_connections).await
+}
+
+async fn pool_of(options: &PgConnectOptions, max_connections: u32) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(max_connections.max(1))
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(options.clone())
+        .await
+        .map_err(|e| describe(&e, options))
+}
+
 /// The `migrate` subcommand of every binary: creates the database if missing, runs `migrator`
 /// on one connection, and closes it.
 pub async fn migrate(
@@ -185,6 +206,7 @@ pub fn with_application_name(options: PgConnectOptions, service: &str) -> PgConn
     }
 }
 
+/// Creates the database named in `options` when a connection says it does not exist.
 async fn ensure_database(options: &PgConnectOptions) -> anyhow::Result<()> {
     match connect_once(options).await {
         Ok(conn) => {

@@ -42,6 +42,28 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Status { json } => {
+            let pool = platform::db::connect_existing(
+                &cli.common.database_url,
+                crate::app::SERVICE_NAME,
+                2,
+            )
+            .await
+            .map_err(|e| platform::config::error_chain(e.as_ref()));
+            let (_, redis, keys) = connect_redis(&cli)?;
+            let status =
+                crate::status::gather(pool.as_ref().map_err(Clone::clone), &redis, &keys).await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", crate::status::render(&status));
+            }
+            Ok(if status.is_complete() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Rebuild { projection } => {
             let pool = connect_db(&cli).await?;
             let (_, redis, keys) = connect_redis(&cli)?;

@@ -127,6 +127,13 @@ pub enum Command {
         #[arg(value_enum)]
         projection: ProjectionKind,
     },
+    /// Where each projection stands: head, relay, applied position, lag, parked streams, dead
+    /// letters and consumer groups (exit 1 when PostgreSQL or Redis could not be read)
+    Status {
+        /// Print JSON instead of a table, for scripts
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `projector dlq <action>`.

@@ -2,7 +2,7 @@
 //!
 //! Folds the event stream into read models (`order_summaries`, `customer_stats`) exactly once
 //! and in order, with any number of instances, across crashes, redeliveries, poison events and
-//! Redis losing its data; plus the admin commands `dlq`, `rebuild` and `verify`.
+//! Redis losing its data; plus the admin commands `dlq`, `rebuild`, `verify` and `status`.
 //!
 //! # Layout
 //! - [`config`]: the command line (every setting a flag and an env var) and subcommands.
@@ -15,6 +15,8 @@
 //! - [`admin`]: `dlq list|show|replay|purge`.
 //! - [`rebuild`]: `rebuild`: a fresh fold into shadow tables, swapped in under the lock.
 //! - [`verify`]: `verify`: the read model against a fresh fold of the event store.
+//! - [`status`]: `status`: head, relay, and each projection's mark, lag, parked streams, dead
+//!   letters and consumer group, from whichever store is reachable.
 //! - [`failure`]: the one place deciding transient vs poison.
 //! - [`metrics`]: metric names and recording helpers.
 //!
@@ -64,6 +66,7 @@ pub mod linger;
 pub mod metrics;
 pub mod projections;
 pub mod rebuild;
+pub mod status;
 pub mod sweeper;
 pub mod verify;
 

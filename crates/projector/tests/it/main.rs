@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod status;
 mod support;
 
 use std::process::Stdio;
@@ -19,7 +20,7 @@ use support::{DEADLINE, World, append_orders, commands, run_commands};
 use uuid::Uuid;
 
 /// Fast retries and reclaims, so failure tests finish quickly.
-const FAST: &[&str] = &[
+pub(crate) const FAST: &[&str] = &[
     "--retry-base-ms",
     "20",
     "--max-attempts",

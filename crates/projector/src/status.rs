@@ -1,0 +1,218 @@
+//! `projector status`: where the system stands, in one command instead of five queries across
+//! psql and redis-cli: the event store's head, how far the relay has published, and for each
+//! projection its low-water mark, how far behind it is and since when, its parked streams, its
+//! dead letters and its consumer group.
+//!
+//! PostgreSQL and Redis are read independently: with one of them down, the other half still
+//! shows and the report names what it could not read (the binary then exits 1). Nothing here
+//! writes to either.
+
+use bus::{ConnectionManager, GroupInfo, StreamKeys};
+use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::projections::ProjectionKind;
+
+/// Reads a projection's place in the event store: its low-water mark, the age of the first
+/// event after it, and its parked streams (the same partial index the sweeper reads).
+const PROJECTION_SQL: &str = "\
+    SELECT c.position, \
+           (SELECT EXTRACT(EPOCH FROM now() - e.recorded_at)::float8 FROM events e \
+             WHERE e.global_position = c.position + 1) AS oldest_unapplied_age, \
+           (SELECT count(*) FROM projection_streams s \
+             WHERE s.projection = c.projection AND s.parked_version IS NOT NULL) AS parked \
+    FROM projection_checkpoints c WHERE c.projection = $1";
+
+/// Everything `projector status` reports; `None` where its source could not be read.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Position of the newest event in the event store (0 when it is empty).
+    pub head: Option<i64>,
+    /// The Redis stream the relay publishes to.
+    pub stream: String,
+    /// Position of the stream's newest entry: how far the relay has published.
+    pub published_to: Option<i64>,
+    /// Entries the stream holds (the rest were trimmed once every group had them).
+    pub stream_length: Option<u64>,
+    /// One per projection this binary knows.
+    pub projections: Vec<ProjectionStatus>,
+    /// What could not be read, one line per store (`postgres: …`, `redis: …`).
+    pub unreadable: Vec<String>,
+}
+
+/// One projection's state.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProjectionStatus {
+    pub projection: &'static str,
+    /// Low-water mark: every event at or below it is applied (`X-Projection-Position`).
+    pub applied_to: Option<i64>,
+    /// Events in the store above the mark.
+    pub behind: Option<i64>,
+    /// Seconds since the first event above the mark was committed; `None` when caught up.
+    pub oldest_unapplied_secs: Option<f64>,
+    /// Orders held back behind a dead-lettered event (`projector dlq list`).
+    pub parked_streams: Option<i64>,
+    /// Entries in the projection's dead-letter stream.
+    pub dead_letters: Option<u64>,
+    /// Its consumer group; `None` when unreadable or not created yet.
+    pub group: Option<GroupInfo>,
+}
+
+impl Status {
+    /// Whether both stores were read.
+    pub fn is_complete(&self) -> bool {
+        self.unreadable.is_empty()
+    }
+}
+
+/// Reads the status from whatever is reachable: `pool` is `Err` with the reason when
+/// PostgreSQL could not be connected.
+pub async fn gather(
+    pool: Result<&PgPool, String>,
+    redis: &ConnectionManager,
+    keys: &StreamKeys,
+) -> Status {
+    let mut unreadable = Vec::new();
+    let mut projections: Vec<ProjectionStatus> = ProjectionKind::ALL
+        .iter()
+        .map(|projection| ProjectionStatus {
+            projection: projection.name(),
+            applied_to: None,
+            behind: None,
+            oldest_unapplied_secs: None,
+            parked_streams: None,
+            dead_letters: None,
+            group: None,
+        })
+        .collect();
+
+    let mut head = None;
+    match pool {
+        Ok(pool) => match read_store(pool, &mut projections).await {
+            Ok(read_head) => head = Some(read_head),
+            Err(e) => unreadable.push(format!("postgres: {}", platform::config::error_chain(&e))),
+        },
+        Err(reason) => unreadable.push(format!("postgres: {reason}")),
+    }
+
+    let (mut published_to, mut stream_length) = (None, None);
+    match read_redis(redis, keys, &mut projections).await {
+        Ok(info) => {
+            published_to = Some(info.last_position.unwrap_or(0));
+            stream_length = Some(info.length);
+        }
+        Err(e) => unreadable.push(format!("redis: {}", platform::config::error_chain(&e))),
+    }
+
+    Status {
+        head,
+        stream: keys.stream().to_owned(),
+        published_to,
+        stream_length,
+        projections,
+        unreadable,
+    }
+}
+
+/// Fills in each projection's PostgreSQL half; returns the head.
+async fn read_store(
+    pool: &PgPool,
+    projections: &mut [ProjectionStatus],
+) -> Result<i64, sqlx::Error> {
+    let head = store::head_position(pool).await?;
+    for status in projections.iter_mut() {
+        let row: Option<(i64, Option<f64>, i64)> = sqlx::query_as(PROJECTION_SQL)
+            .bind(status.projection)
+            .fetch_optional(pool)
+            .await?;
+        // The migrations create every projection's row; a missing one reads as nothing applied.
+        let (applied_to, age, parked) = row.unwrap_or((0, None, 0));
+        status.applied_to = Some(applied_to);
+        status.behind = Some((head - applied_to).max(0));
+        status.oldest_unapplied_secs = age.map(|age| age.max(0.0));
+        status.parked_streams = Some(parked);
+    }
+    Ok(head)
+}
+
+/// Fills in each projection's Redis half; returns the stream's state.
+async fn read_redis(
+    redis: &ConnectionManager,
+    keys: &StreamKeys,
+    projections: &mut [ProjectionStatus],
+) -> Result<bus::StreamInfo, bus::BusError> {
+    let info = bus::inspect(redis, keys).await?;
+    let dlq = bus::DeadLetterQueue::new(redis.clone(), keys.clone());
+    for status in projections.iter_mut() {
+        status.dead_letters = Some(dlq.len(status.projection).await?);
+        status.group = info
+            .groups
+            .iter()
+            .find(|group| group.name == status.projection)
+            .cloned();
+    }
+    Ok(info)
+}
+
+/// The status as people read it: the log's head and the relay, a table of the projections,
+/// and what could not be read.
+pub fn render(status: &Status) -> String {
+    let known = |value: Option<i64>| value.map_or("?".to_owned(), |v| v.to_string());
+    let mut out = format!("event store  head {}\n", known(status.head));
+    let relay_behind = match (status.head, status.published_to) {
+        (Some(head), Some(published)) => format!(", {} behind", (head - published).max(0)),
+        _ => String::new(),
+    };
+    out.push_str(&format!(
+        "relay        published to {} on {} ({} entries held){relay_behind}\n",
+        known(status.published_to),
+        status.stream,
+        status
+            .stream_length
+            .map_or("?".to_owned(), |l| l.to_string()),
+    ));
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header([
+            "projection",
+            "applied to",
+            "behind",
+            "oldest unapplied",
+            "parked",
+            "dead letters",
+            "consumers",
+            "pending",
+            "undelivered",
+        ]);
+    for p in &status.projections {
+        let group = |value: fn(&GroupInfo) -> Option<u64>| match &p.group {
+            Some(group) => value(group).map_or("?".to_owned(), |v| v.to_string()),
+            None if status.published_to.is_some() => "no group".to_owned(),
+            None => "?".to_owned(),
+        };
+        let oldest = match (p.behind, p.oldest_unapplied_secs) {
+            (Some(0), _) => "-".to_owned(),
+            (_, Some(secs)) => format!("{secs:.1} s ago"),
+            _ => "?".to_owned(),
+        };
+        table.add_row([
+            p.projection.to_owned(),
+            known(p.applied_to),
+            known(p.behind),
+            oldest,
+            known(p.parked_streams),
+            p.dead_letters.map_or("?".to_owned(), |d| d.to_string()),
+            group(|g| Some(g.consumers)),
+            group(|g| Some(g.pending)),
+            group(|g| g.lag),
+        ]);
+    }
+    out.push_str(&format!("{table}\n"));
+    for line in &status.unreadable {
+        out.push_str(&format!("could not read {line}\n"));
+    }
+    out
+}
