@@ -6,7 +6,9 @@ use redis::Value;
 use redis::aio::ConnectionManager;
 use serde::Serialize;
 
-use crate::entry::{EntryId, value_to_i64, value_to_map, value_to_string, value_to_vec};
+use crate::entry::{
+    EntryId, parse_entry_list, value_to_i64, value_to_map, value_to_string, value_to_vec,
+};
 use crate::error::BusError;
 use crate::keys::StreamKeys;
 
@@ -43,33 +45,17 @@ pub struct GroupInfo {
 pub async fn inspect(conn: &ConnectionManager, keys: &StreamKeys) -> Result<StreamInfo, BusError> {
     const OP: &str = "inspect the stream";
     let mut conn = conn.clone();
-    let (exists, length, newest): (bool, u64, Value) = redis::pipe()
+    let (exists, length): (bool, u64) = redis::pipe()
         .cmd("EXISTS")
         .arg(keys.stream())
         .cmd("XLEN")
         .arg(keys.stream())
-        .cmd("XREVRANGE")
-        .arg(keys.stream())
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
         .query_async(&mut conn)
         .await
         .map_err(|e| BusError::from_redis(OP, e))?;
-    let last_position = match value_to_vec(OP, newest)?.into_iter().next() {
-        None => None,
-        Some(entry) => {
-            let id = value_to_vec(OP, entry)?
-                .into_iter()
-                .next()
-                .ok_or_else(|| BusError::unexpected(OP, "an entry without an id"))?;
-            let id = value_to_string(OP, &id)?;
-            let id = EntryId::parse(&id)
-                .ok_or_else(|| BusError::unexpected(OP, format!("bad id {id:?}")))?;
-            i64::try_from(id.ms).ok()
-        }
-    };
+    let last_position = last_entry_id(&conn, keys.stream())
+        .await?
+        .and_then(|id| i64::try_from(id.ms).ok());
     // XINFO GROUPS fails on a missing key (an empty stream that exists may have groups).
     let groups = if exists {
         groups(&conn, keys.stream()).await?
@@ -95,6 +81,31 @@ impl GroupInfo {
                 )
             })
     }
+}
+
+/// The id of the newest entry of `stream`; `None` when it is empty or missing.
+pub(crate) async fn last_entry_id(
+    conn: &ConnectionManager,
+    stream: &str,
+) -> Result<Option<EntryId>, BusError> {
+    const OP: &str = "read last entry";
+    let mut conn = conn.clone();
+    let reply: Value = redis::cmd("XREVRANGE")
+        .arg(stream)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| BusError::from_redis(OP, e))?;
+    let parsed = parse_entry_list(OP, reply)?;
+    let Some(entry) = parsed.entries.first() else {
+        return Ok(None);
+    };
+    EntryId::parse(&entry.id)
+        .map(Some)
+        .ok_or_else(|| BusError::unexpected(OP, format!("bad entry id {:?}", entry.id)))
 }
 
 /// The consumer groups of `stream` (`XINFO GROUPS`); the stream must exist.

@@ -10,7 +10,7 @@ use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
 use crate::codec::{encode_fields, field};
-use crate::entry::{EntryId, parse_entry_list, value_to_string, value_to_vec};
+use crate::entry::{EntryId, value_to_string, value_to_vec};
 use crate::error::BusError;
 use crate::keys::StreamKeys;
 use events::envelope::RecordedEvent;
@@ -161,24 +161,7 @@ impl Publisher {
     }
 
     async fn last_id(&self) -> Result<Option<EntryId>, BusError> {
-        const OP: &str = "read last entry";
-        let mut conn = self.conn.clone();
-        let reply: Value = redis::cmd("XREVRANGE")
-            .arg(&self.keys.stream)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| BusError::from_redis(OP, e))?;
-        let parsed = parse_entry_list(OP, reply)?;
-        let Some(entry) = parsed.entries.first() else {
-            return Ok(None);
-        };
-        EntryId::parse(&entry.id)
-            .map(Some)
-            .ok_or_else(|| BusError::unexpected(OP, format!("bad entry id {:?}", entry.id)))
+        crate::inspect::last_entry_id(&self.conn, &self.keys.stream).await
     }
 
     /// Trims the stream approximately (`XTRIM MINID ~`), keeping at least the `retain` newest

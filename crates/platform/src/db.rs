@@ -40,13 +40,7 @@ pub async fn connect(
     max_connections: u32,
     migrator: Option<&'static sqlx::migrate::Migrator>,
 ) -> anyhow::Result<PgPool> {
-    let options = with_application_name(
-        with_dead_client_limits(with_custom_plans(without_loopback_tls(
-            database_url,
-            validate_database_url(database_url)?,
-        ))),
-        service,
-    );
+    let options = service_options(database_url, service)?;
     ensure_database(&options).await?;
     let pool = pool_of(&options, max_connections).await?;
     if let Some(migrator) = migrator {
@@ -71,14 +65,19 @@ pub async fn connect_existing(
     service: &str,
     max_connections: u32,
 ) -> anyhow::Result<PgPool> {
-    let options = with_application_name(
+    let options = service_options(database_url, service)?;
+    pool_of(&options, max_connections).await
+}
+
+/// The options every service connection carries (see the module documentation).
+fn service_options(database_url: &str, service: &str) -> anyhow::Result<PgConnectOptions> {
+    Ok(with_application_name(
         with_dead_client_limits(with_custom_plans(without_loopback_tls(
             database_url,
             validate_database_url(database_url)?,
         ))),
         service,
-    );
-    pool_of(&options, max_connections).await
+    ))
 }
 
 async fn pool_of(options: &PgConnectOptions, max_connections: u32) -> anyhow::Result<PgPool> {
