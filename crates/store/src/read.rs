@@ -69,14 +69,19 @@ pub async fn read_stream_until_version(
     decode_rows(rows)
 }
 
-/// Events of a stream recorded at or before `at`, in version order.
+/// The events of a stream up to `at`, in version order: every version before the first one
+/// recorded after `at`. Always a prefix of the stream, so it folds, even when the database's
+/// clock stepped back between two appends (`recorded_at` is its `clock_timestamp()`): a later
+/// version recorded "earlier" never comes without the versions before it.
 pub async fn read_stream_until_time(
     executor: impl PgExecutor<'_>,
     stream_id: &str,
     at: DateTime<Utc>,
 ) -> Result<Vec<RecordedEvent>, sqlx::Error> {
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM events WHERE stream_id = $1 AND recorded_at <= $2 \
+        "SELECT {COLUMNS} FROM events WHERE stream_id = $1 AND stream_version < COALESCE( \
+           (SELECT min(stream_version) FROM events WHERE stream_id = $1 AND recorded_at > $2), \
+           9223372036854775807) \
          ORDER BY stream_version"
     )))
     .bind(stream_id)
