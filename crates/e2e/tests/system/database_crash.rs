@@ -15,9 +15,15 @@ struct WriteOutcomes {
     refused: Vec<(u16, String)>,
 }
 
+/// How long a writer waits before sending a refused command again, as a client honouring a
+/// short `Retry-After` would.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Creates orders for `customer` and adds items to them through the command service, one
-/// command at a time, until `stop` turns true; records every answer in `outcomes`. A refused
-/// creation is tried again with a new order; a refused item is followed by the next item.
+/// command at a time, until `stop` turns true; records every answer in `outcomes`. Each command
+/// carries its own `Idempotency-Key` and is sent again, unchanged, until it is acknowledged:
+/// what a client does when it cannot know whether a refused or unanswered command was
+/// committed. A writer stops only between commands, so every command it began is acknowledged.
 async fn write_until_stopped(
     http: reqwest::Client,
     command_url: String,
@@ -26,44 +32,54 @@ async fn write_until_stopped(
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
     const ITEMS_PER_ORDER: usize = 10;
-    let mut order: Option<String> = None;
+    let mut order: Option<Uuid> = None;
     let mut items = 0;
     while !*stop.borrow() {
-        let request = match &order {
-            None => http
-                .post(format!("{command_url}/orders"))
-                .json(&json!({ "customer_id": customer, "currency": "EUR" })),
-            Some(order_id) => http
-                .post(format!("{command_url}/orders/{order_id}/items"))
-                .json(&json!({ "sku": format!("SKU-{items}"), "quantity": 1, "unit_price": 100 })),
+        let (url, body) = match order {
+            None => (
+                format!("{command_url}/orders"),
+                json!({ "customer_id": customer, "currency": "EUR", "order_id": Uuid::new_v4() }),
+            ),
+            Some(order_id) => (
+                format!("{command_url}/orders/{order_id}/items"),
+                json!({ "sku": format!("SKU-{items}"), "quantity": 1, "unit_price": 100 }),
+            ),
         };
-        let response = request
-            .send()
-            .await
-            .expect("the command service answers, database or not");
-        let status = response.status().as_u16();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        let mut outcomes = outcomes.lock().expect("lock");
-        if status == 200 || status == 201 {
-            let order_id = body["order_id"].as_str().expect("order id").to_owned();
-            let version = body["version"].as_i64().expect("version");
-            outcomes
-                .acknowledged
-                .push((order_id.clone(), version, position(&body)));
-            order = Some(order_id);
-            items += 1;
-            if items > ITEMS_PER_ORDER {
-                (order, items) = (None, 0);
+        let key = Uuid::new_v4().to_string();
+        loop {
+            let response = http
+                .post(&url)
+                .header("idempotency-key", &key)
+                .json(&body)
+                .send()
+                .await
+                .expect("the command service answers, database or not");
+            let status = response.status().as_u16();
+            let answer: Value = response.json().await.unwrap_or(Value::Null);
+            if status == 200 || status == 201 {
+                let order_id: Uuid = answer["order_id"]
+                    .as_str()
+                    .and_then(|id| id.parse().ok())
+                    .expect("order id");
+                let version = answer["version"].as_i64().expect("version");
+                outcomes.lock().expect("lock").acknowledged.push((
+                    order_id.to_string(),
+                    version,
+                    position(&answer),
+                ));
+                order = Some(order_id);
+                items += 1;
+                if items > ITEMS_PER_ORDER {
+                    (order, items) = (None, 0);
+                }
+                break;
             }
-        } else {
-            let code = body["code"]
+            let code = answer["code"]
                 .as_str()
                 .unwrap_or("(no problem body)")
                 .to_owned();
-            outcomes.refused.push((status, code));
-            if order.is_some() {
-                items += 1;
-            }
+            outcomes.lock().expect("lock").refused.push((status, code));
+            tokio::time::sleep(RETRY_PAUSE).await;
         }
     }
 }
@@ -72,7 +88,8 @@ async fn write_until_stopped(
 /// back a little later on the same address, as in a fail-over or a restart: nobody restarts a
 /// service. While it is down, each service says it is not ready and every request is answered
 /// 503 `store_unavailable` (never a 500, never a hang); afterwards the services take up their
-/// work by themselves, every acknowledged command is in the event store, every event reaches
+/// work by themselves, every command (sent again with its `Idempotency-Key` until acknowledged)
+/// is in the event store exactly once, every event reaches
 /// Redis in order, the read models are exact, a read-your-writes wait is answered again, and a
 /// client following the live log (`GET /events/stream`, reconnecting like a browser) has every
 /// event once and in order.
@@ -196,8 +213,7 @@ async fn the_system_heals_by_itself_when_postgresql_crashes_under_load() {
             command.log_tail()
         );
     }
-    // Every acknowledged command is in the event store as acknowledged (guarantee 1), and the
-    // positions stay dense across the crash.
+    // The positions stay dense across the crash.
     let pool = sqlx::PgPool::connect(&database_url)
         .await
         .expect("connect to the restarted server");
@@ -210,13 +226,26 @@ async fn the_system_heals_by_itself_when_postgresql_crashes_under_load() {
     let positions: Vec<i64> = stored.iter().map(|(_, _, position)| *position).collect();
     let head = i64::try_from(stored.len()).expect("a count fits");
     assert_eq!(positions, (1..=head).collect::<Vec<_>>());
-    let stored: std::collections::HashSet<(String, i64, i64)> = stored.into_iter().collect();
-    for (order_id, version, position) in &outcomes.acknowledged {
-        assert!(
-            stored.contains(&(format!("order-{order_id}"), *version, *position)),
-            "acknowledged but not stored: order {order_id} version {version} at {position}"
-        );
-    }
+    // Retried with their keys, the commands whose answers the crash cut off were appended
+    // once: the store holds exactly the acknowledged commands, nothing twice, nothing more.
+    let stored: std::collections::BTreeSet<(String, i64, i64)> = stored.into_iter().collect();
+    let acknowledged: std::collections::BTreeSet<(String, i64, i64)> = outcomes
+        .acknowledged
+        .iter()
+        .map(|(order_id, version, position)| (format!("order-{order_id}"), *version, *position))
+        .collect();
+    assert_eq!(
+        acknowledged.len(),
+        outcomes.acknowledged.len(),
+        "an answer came twice"
+    );
+    let only_stored: Vec<_> = stored.difference(&acknowledged).collect();
+    let only_acknowledged: Vec<_> = acknowledged.difference(&stored).collect();
+    assert!(
+        only_stored.is_empty() && only_acknowledged.is_empty(),
+        "stored but never acknowledged: {only_stored:?}; acknowledged but not stored: \
+         {only_acknowledged:?}"
+    );
 
     // Every event reaches Redis, in order (guarantee 2), those committed just before the crash
     // included.
