@@ -24,6 +24,13 @@ const PROJECTION_SQL: &str = "\
              WHERE s.projection = c.projection AND s.parked_version IS NOT NULL) AS parked \
     FROM projection_checkpoints c WHERE c.projection = $1";
 
+/// Reads how far the relay had published when it last recorded it (`relay_checkpoints`, written
+/// every `RELAY_CHECKPOINT_INTERVAL_MS` or so), and how long ago: what there is to go by when
+/// Redis cannot be read.
+const RELAY_CHECKPOINT_SQL: &str = "\
+    SELECT position, EXTRACT(EPOCH FROM now() - updated_at)::float8 \
+    FROM relay_checkpoints WHERE stream_key = $1";
+
 /// Everything `projector status` reports; `None` where its source could not be read.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -35,6 +42,11 @@ pub struct Status {
     pub published_to: Option<i64>,
     /// Entries the stream holds (the rest were trimmed once every group had them).
     pub stream_length: Option<u64>,
+    /// The relay's recorded checkpoint for the stream, from PostgreSQL (behind the live
+    /// `published_to` by up to its write interval).
+    pub relay_checkpoint: Option<i64>,
+    /// Seconds since the relay last recorded its checkpoint.
+    pub relay_checkpoint_age_secs: Option<f64>,
     /// One per projection this binary knows.
     pub projections: Vec<ProjectionStatus>,
     /// What could not be read, one line per store (`postgres: …`, `redis: …`).
@@ -87,10 +99,16 @@ pub async fn gather(
         })
         .collect();
 
-    let mut head = None;
+    let (mut head, mut relay_checkpoint, mut relay_checkpoint_age_secs) = (None, None, None);
     match pool {
-        Ok(pool) => match read_store(pool, &mut projections).await {
-            Ok(read_head) => head = Some(read_head),
+        Ok(pool) => match read_store(pool, keys, &mut projections).await {
+            Ok((read_head, checkpoint)) => {
+                head = Some(read_head);
+                if let Some((position, age)) = checkpoint {
+                    relay_checkpoint = Some(position);
+                    relay_checkpoint_age_secs = Some(age.max(0.0));
+                }
+            }
             Err(e) => unreadable.push(format!("postgres: {}", platform::config::error_chain(&e))),
         },
         Err(reason) => unreadable.push(format!("postgres: {reason}")),
@@ -110,17 +128,25 @@ pub async fn gather(
         stream: keys.stream().to_owned(),
         published_to,
         stream_length,
+        relay_checkpoint,
+        relay_checkpoint_age_secs,
         projections,
         unreadable,
     }
 }
 
-/// Fills in each projection's PostgreSQL half; returns the head.
+/// Fills in each projection's PostgreSQL half; returns the head and the relay's checkpoint
+/// with its age (none before the relay first recorded one).
 async fn read_store(
     pool: &PgPool,
+    keys: &StreamKeys,
     projections: &mut [ProjectionStatus],
-) -> Result<i64, sqlx::Error> {
+) -> Result<(i64, Option<(i64, f64)>), sqlx::Error> {
     let head = store::head_position(pool).await?;
+    let checkpoint: Option<(i64, f64)> = sqlx::query_as(RELAY_CHECKPOINT_SQL)
+        .bind(keys.stream())
+        .fetch_optional(pool)
+        .await?;
     for status in projections.iter_mut() {
         let row: Option<(i64, Option<f64>, i64)> = sqlx::query_as(PROJECTION_SQL)
             .bind(status.projection)
@@ -133,7 +159,7 @@ async fn read_store(
         status.oldest_unapplied_secs = age.map(|age| age.max(0.0));
         status.parked_streams = Some(parked);
     }
-    Ok(head)
+    Ok((head, checkpoint))
 }
 
 /// Fills in each projection's Redis half; returns the stream's state.
@@ -164,8 +190,12 @@ pub fn render(status: &Status) -> String {
         (Some(head), Some(published)) => format!(", {} behind", (head - published).max(0)),
         _ => String::new(),
     };
+    let checkpoint = match (status.relay_checkpoint, status.relay_checkpoint_age_secs) {
+        (Some(position), Some(age)) => format!("; checkpoint {position}, recorded {age:.0} s ago"),
+        _ => String::new(),
+    };
     out.push_str(&format!(
-        "relay        published to {} on {} ({} entries held){relay_behind}\n",
+        "relay        published to {} on {} ({} entries held){relay_behind}{checkpoint}\n",
         known(status.published_to),
         status.stream,
         status

@@ -60,6 +60,7 @@ async fn status_shows_the_lag_then_the_dead_lettered_order_then_a_clean_system()
     assert!(complete, "{report}");
     assert_eq!(report["head"], head);
     assert_eq!(report["published_to"], head);
+    assert_eq!(report["relay_checkpoint"], Value::Null, "no relay ran");
     assert_eq!(report["unreadable"], serde_json::json!([]));
     for name in ["order_summaries", "customer_stats"] {
         let p = projection(&report, name);
@@ -145,19 +146,28 @@ async fn status_shows_the_lag_then_the_dead_lettered_order_then_a_clean_system()
     task.await.unwrap().unwrap();
 }
 
-/// With Redis down, the status still shows the event store's half, names Redis as unreadable
-/// and exits 1, so a script cannot take a partial report for a healthy one.
+/// With Redis down, the status still shows the event store's half (the relay's last recorded
+/// checkpoint included), names Redis as unreadable and exits 1, so a script cannot take a
+/// partial report for a healthy one.
 #[tokio::test]
 async fn with_redis_down_status_shows_the_event_store_and_exits_1() {
     let mut redis = PrivateRedis::start().await.expect("a private redis");
     let w = World::with_redis(redis.url()).await;
     append_orders(w.pool(), 2).await;
     let head = store::head_position(w.pool()).await.unwrap();
+    // The relay had recorded publishing the first event before Redis went away.
+    sqlx::query("INSERT INTO relay_checkpoints (stream_key, position) VALUES ($1, 1)")
+        .bind(w.keys.stream())
+        .execute(w.pool())
+        .await
+        .unwrap();
     redis.stop();
     let (complete, report, table) = status(&w).await;
     assert!(!complete, "{report}");
     assert_eq!(report["head"], head);
     assert_eq!(report["published_to"], Value::Null);
+    assert_eq!(report["relay_checkpoint"], 1, "{report}");
+    assert!(table.contains("checkpoint 1, recorded"), "{table}");
     let p = projection(&report, "order_summaries");
     assert_eq!(
         (&p["applied_to"], &p["behind"]),
