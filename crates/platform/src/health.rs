@@ -4,6 +4,15 @@
 //! each bounded by [`CHECK_TIMEOUT`], and answers 200 `{"status":"ready","checks":{…}}` or 503
 //! `{"status":"not_ready","checks":{"redis":"error: …"}}`. Services add their own checks with
 //! [`Readiness::with_check`]. These routes carry no auth and never touch the domain.
+//!
+//! `/readyz?exclude=redis` (the parameter repeated or comma-separated, as Kubernetes' own
+//! API server takes it) leaves the named checks out: they are not run, are reported as
+//! `excluded`, and do not make the answer 503. A readiness probe uses it to ask "can this
+//! instance serve its requests?" where a dependency is not needed for that: the command service
+//! accepts commands with Redis down (the event store is the outbox) and the query service never
+//! reads Redis, so taking either out of rotation for a Redis outage would turn a delay of the
+//! read models into an outage of the API. A name that is not a check is 400, so a mistyped
+//! probe fails loudly instead of checking more than it meant to leave out.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -12,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -32,6 +41,12 @@ pub const POOL_PROBE: Duration = Duration::from_millis(1000);
 pub const POSTGRES_CHECK: &str = "postgres";
 /// Name of the Redis check in the `/readyz` body.
 pub const REDIS_CHECK: &str = "redis";
+
+/// Longest part of an unknown `exclude` name a 400 quotes back.
+const MAX_SHOWN_NAME_LEN: usize = 40;
+
+/// How `/readyz?exclude=<name>` reports a check it did not run.
+pub const EXCLUDED: &str = "excluded";
 
 /// What a readiness check returns.
 pub type CheckFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
@@ -106,9 +121,24 @@ impl Readiness {
 
     /// Runs every check concurrently, each bounded by [`CHECK_TIMEOUT`].
     pub async fn check(&self) -> ReadinessReport {
+        self.check_all_but(&[]).await
+    }
+
+    /// The names of the checks, in the order they were added.
+    pub fn check_names(&self) -> Vec<&str> {
+        self.checks.iter().map(|(name, _)| name.as_str()).collect()
+    }
+
+    /// Runs every check but those named in `excluded` concurrently, each bounded by
+    /// [`CHECK_TIMEOUT`]; the excluded ones are reported as `excluded`.
+    pub async fn check_all_but(&self, excluded: &[String]) -> ReadinessReport {
         let runs = self.checks.iter().map(|(name, check)| {
-            let fut = check();
+            let skip = excluded.iter().any(|e| e == name);
+            let fut = (!skip).then(|| check());
             async move {
+                let Some(fut) = fut else {
+                    return (name.clone(), EXCLUDED.to_owned());
+                };
                 let outcome = match tokio::time::timeout(CHECK_TIMEOUT, fut).await {
                     Ok(Ok(())) => "ok".to_owned(),
                     Ok(Err(e)) => format!("error: {}", error_chain(e.as_ref())),
@@ -119,7 +149,7 @@ impl Readiness {
         });
         let checks: BTreeMap<String, String> =
             futures::future::join_all(runs).await.into_iter().collect();
-        let ready = checks.values().all(|v| v == "ok");
+        let ready = checks.values().all(|v| v == "ok" || v == EXCLUDED);
         ReadinessReport {
             status: if ready { "ready" } else { "not_ready" },
             checks,
@@ -148,9 +178,23 @@ pub async fn healthz() -> Response {
     axum::Json(serde_json::json!({ "status": "ok" })).into_response()
 }
 
-/// `GET /readyz`: 200 when every check passes, else 503 naming the failing ones.
-pub async fn readyz(State(readiness): State<Readiness>) -> Response {
-    let report = readiness.check().await;
+/// `GET /readyz[?exclude=<check>[,<check>…]]`: 200 when every check not excluded passes, else
+/// 503 naming the failing ones; 400 when `exclude` names no check of this service.
+pub async fn readyz(State(readiness): State<Readiness>, RawQuery(query): RawQuery) -> Response {
+    let excluded = excluded_checks(query.as_deref());
+    let names = readiness.check_names();
+    if let Some(unknown) = excluded.iter().find(|e| !names.contains(&e.as_str())) {
+        return crate::Problem::bad_request(
+            "invalid_exclude",
+            format!(
+                "exclude={} is not a readiness check of this service (checks: {})",
+                &unknown[..unknown.floor_char_boundary(MAX_SHOWN_NAME_LEN)],
+                names.join(", ")
+            ),
+        )
+        .into_response();
+    }
+    let report = readiness.check_all_but(&excluded).await;
     let status = if report.is_ready() {
         StatusCode::OK
     } else {
@@ -158,6 +202,26 @@ pub async fn readyz(State(readiness): State<Readiness>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, axum::Json(report)).into_response()
+}
+
+/// The check names of every `exclude` parameter of `query`, comma-separated (`,` or `%2C`) or
+/// repeated.
+fn excluded_checks(query: Option<&str>) -> Vec<String> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("exclude="))
+        .flat_map(|names| {
+            names
+                .replace("%2C", ",")
+                .replace("%2c", ",")
+                .split(',')
+                .map(str::trim)
+                .filter(|name| !name.is_empty())
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// Liveness: the process answers.

@@ -266,9 +266,13 @@ async fn a_dedicated_connection_survives_a_block_longer_than_the_default_timeout
 }
 
 async fn readyz(readiness: Readiness) -> (StatusCode, Value) {
+    readyz_at(readiness, "/readyz").await
+}
+
+async fn readyz_at(readiness: Readiness, path: &str) -> (StatusCode, Value) {
     let handle = platform::metrics::install("platform-test");
     let response = health_router(readiness, handle)
-        .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
+        .oneshot(Request::get(path).body(Body::empty()).unwrap())
         .await
         .unwrap();
     let status = response.status();
@@ -333,6 +337,54 @@ async fn readyz_is_503_naming_redis_when_redis_is_down() {
             .as_str()
             .unwrap()
             .starts_with("error: Connection refused"),
+        "{body}"
+    );
+}
+
+/// A probe that leaves Redis out (`/readyz?exclude=redis`, how the command and query services'
+/// readiness probes ask) is 200 while Redis is down and PostgreSQL answers, and still 503 when
+/// PostgreSQL is the one down; a name that is no check is 400.
+#[tokio::test]
+async fn readyz_can_leave_out_a_check_by_name_and_refuses_an_unknown_one() {
+    let url = format!("redis://127.0.0.1:{}", closed_port());
+    let down = redis_conn::lazy_manager(&plain_client(&url), Duration::from_secs(1)).unwrap();
+    let readiness = Readiness::new(orders_pool().await, down.clone());
+    for path in [
+        "/readyz?exclude=redis",
+        "/readyz?exclude=redis&exclude=redis",
+        "/readyz?exclude=redis%2Credis",
+    ] {
+        let (status, body) = readyz_at(readiness.clone(), path).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        assert_eq!(
+            body,
+            serde_json::json!({"status": "ready", "checks": {"postgres": "ok", "redis": "excluded"}}),
+            "{path}"
+        );
+    }
+    let (status, _) = readyz(readiness.clone()).await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "without exclude Redis counts"
+    );
+
+    let options = sqlx::postgres::PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(closed_port())
+        .username("postgres");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(db::ACQUIRE_TIMEOUT)
+        .connect_lazy_with(options);
+    let (status, body) = readyz_at(Readiness::new(pool, down), "/readyz?exclude=redis").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["checks"]["redis"], "excluded");
+
+    let (status, body) = readyz_at(readiness, "/readyz?exclude=reddis").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["code"], "invalid_exclude");
+    assert!(
+        body["detail"].as_str().unwrap().contains("postgres, redis"),
         "{body}"
     );
 }

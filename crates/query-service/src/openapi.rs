@@ -104,6 +104,29 @@ impl Modify for OperationalRoutes {
                 op("This document", "OpenAPI 3.1 JSON", None),
             ),
         ];
+        let mut routes = routes;
+        if let Some((_, readyz)) = routes.iter_mut().find(|(path, _)| *path == "/readyz") {
+            readyz.parameters = Some(vec![utoipa::openapi::RefOr::T(
+                ParameterBuilder::new()
+                    .name("exclude")
+                    .parameter_in(ParameterIn::Query)
+                    .required(Required::False)
+                    .description(Some(
+                        "Checks to leave out, comma-separated or repeated (`redis`: what the \
+                         Kubernetes readiness probe asks, since reads never touch Redis); \
+                         reported as `excluded`; 400 `invalid_exclude` when one is no check",
+                    ))
+                    .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                    .build(),
+            )]);
+            readyz.responses.responses.insert(
+                "400".to_owned(),
+                ResponseBuilder::new()
+                    .description("`invalid_exclude`: `exclude` names no check of this service")
+                    .build()
+                    .into(),
+            );
+        }
         for (path, operation) in routes {
             openapi
                 .paths

@@ -76,8 +76,11 @@ fn healthz() {}
 
 /// Readiness: Postgres and Redis reachable
 #[utoipa::path(get, path = "/readyz", tag = "operations",
+    params(("exclude" = Option<String>, Query,
+        description = "Checks to leave out, comma-separated or repeated (`redis`: what the Kubernetes readiness probe asks, since commands succeed with Redis down); reported as `excluded`")),
     responses(
         (status = 200, description = "`{\"status\":\"ready\",\"checks\":{…}}`"),
+        (status = 400, description = "`invalid_exclude`: `exclude` names no check of this service", body = platform::Problem, content_type = "application/problem+json"),
         (status = 503, description = "`{\"status\":\"not_ready\",\"checks\":{…}}`")))]
 #[allow(dead_code)]
 fn readyz() {}
