@@ -9,11 +9,13 @@
 //! - `rebuild`: `projector rebuild` under live traffic.
 //! - `event_stream`: a browser-style follower of the live log across a killed query service.
 //! - `database_crash`: PostgreSQL crashing under load and coming back.
+//! - `redis_outage`: Redis dying under load and coming back empty.
 
 mod alerts;
 mod database_crash;
 mod event_stream;
 mod lifecycle;
 mod rebuild;
+mod redis_outage;
 mod redis_tls;
 mod support;

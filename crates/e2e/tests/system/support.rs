@@ -316,3 +316,82 @@ pub(crate) async fn follow_like_a_browser(
         }
     }
 }
+
+/// What the writers of [`write_until_stopped`] were told.
+#[derive(Debug, Default)]
+pub(crate) struct WriteOutcomes {
+    /// Every acknowledged command: its order id, the order's version after it and the position
+    /// of its (single) event.
+    pub(crate) acknowledged: Vec<(String, i64, i64)>,
+    /// Every refusal: its status and problem `code`.
+    pub(crate) refused: Vec<(u16, String)>,
+}
+
+/// How long a writer waits before sending a refused command again, as a client honouring a
+/// short `Retry-After` would.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Creates orders for `customer` and adds items to them through the command service, one
+/// command at a time, until `stop` turns true; records every answer in `outcomes`. Each command
+/// carries its own `Idempotency-Key` and is sent again, unchanged, until it is acknowledged:
+/// what a client does when it cannot know whether a refused or unanswered command was
+/// committed. A writer stops only between commands, so every command it began is acknowledged.
+pub(crate) async fn write_until_stopped(
+    http: reqwest::Client,
+    command_url: String,
+    customer: Uuid,
+    outcomes: std::sync::Arc<std::sync::Mutex<WriteOutcomes>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    const ITEMS_PER_ORDER: usize = 10;
+    let mut order: Option<Uuid> = None;
+    let mut items = 0;
+    while !*stop.borrow() {
+        let (url, body) = match order {
+            None => (
+                format!("{command_url}/orders"),
+                json!({ "customer_id": customer, "currency": "EUR", "order_id": Uuid::new_v4() }),
+            ),
+            Some(order_id) => (
+                format!("{command_url}/orders/{order_id}/items"),
+                json!({ "sku": format!("SKU-{items}"), "quantity": 1, "unit_price": 100 }),
+            ),
+        };
+        let key = Uuid::new_v4().to_string();
+        loop {
+            let response = http
+                .post(&url)
+                .header("idempotency-key", &key)
+                .json(&body)
+                .send()
+                .await
+                .expect("the command service answers, database or not");
+            let status = response.status().as_u16();
+            let answer: Value = response.json().await.unwrap_or(Value::Null);
+            if status == 200 || status == 201 {
+                let order_id: Uuid = answer["order_id"]
+                    .as_str()
+                    .and_then(|id| id.parse().ok())
+                    .expect("order id");
+                let version = answer["version"].as_i64().expect("version");
+                outcomes.lock().expect("lock").acknowledged.push((
+                    order_id.to_string(),
+                    version,
+                    position(&answer),
+                ));
+                order = Some(order_id);
+                items += 1;
+                if items > ITEMS_PER_ORDER {
+                    (order, items) = (None, 0);
+                }
+                break;
+            }
+            let code = answer["code"]
+                .as_str()
+                .unwrap_or("(no problem body)")
+                .to_owned();
+            outcomes.lock().expect("lock").refused.push((status, code));
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Redis dying under load and coming back empty, with nobody restarting a service.
+
+use crate::support::*;
+use bus::testing::PrivateRedis;
+use serde_json::Value;
+use store::testing::TestDatabase;
+use uuid::Uuid;
+
+/// Redis is killed (everything in it lost) under a steady flow of commands and comes back
+/// empty a little later. Meanwhile every command is acknowledged, none refused (the event store
+/// is the outbox); `/readyz` names Redis, while `/readyz?exclude=redis`, what the Kubernetes
+/// probes of the command and query services ask, stays 200 so neither API leaves rotation.
+/// Afterwards the events committed during the outage are on the new stream in order up to
+/// the head, and both read models are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_keep_succeeding_while_redis_is_down_and_the_read_models_catch_up() {
+    let mut redis = PrivateRedis::start().await.expect("a private redis-server");
+    let redis_url = redis.url();
+    let db = TestDatabase::new().await;
+    let stream = format!("e2e-{}:es:events", Uuid::new_v4().simple());
+    let http = http_client();
+    let env = [("REDIS_URL", redis_url.as_str())];
+    let mut command = Service::start("command-service", "command-service", &db.url, &stream, &env);
+    let mut projector = Service::start("projector", "projector", &db.url, &stream, &env);
+    let mut query = Service::start("query-service", "query-service", &db.url, &stream, &env);
+    for service in [&mut command, &mut projector, &mut query] {
+        service.wait_ready(&http).await;
+    }
+
+    let customer = Uuid::new_v4();
+    let outcomes = std::sync::Arc::new(std::sync::Mutex::new(WriteOutcomes::default()));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let writers: Vec<_> = (0..3)
+        .map(|_| {
+            tokio::spawn(write_until_stopped(
+                http.clone(),
+                command.url(""),
+                customer,
+                std::sync::Arc::clone(&outcomes),
+                stopped.clone(),
+            ))
+        })
+        .collect();
+    let acknowledged = || outcomes.lock().expect("lock").acknowledged.len();
+    let acknowledged_at_least = |count: usize| {
+        let outcomes = std::sync::Arc::clone(&outcomes);
+        async move { (outcomes.lock().expect("lock").acknowledged.len() >= count).then_some(()) }
+    };
+    bus::testing::wait_until(DEADLINE, "30 commands are acknowledged", || {
+        acknowledged_at_least(30)
+    })
+    .await;
+
+    redis.stop();
+    let at_kill = acknowledged();
+    for service in [&command, &projector, &query] {
+        wait_readiness(&http, service, 503).await;
+    }
+    for service in [&command, &query] {
+        let response = http
+            .get(service.url("/readyz?exclude=redis"))
+            .send()
+            .await
+            .expect("readyz answers");
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.expect("a report");
+        assert_eq!(status, 200, "{}: {body}", service.name);
+        assert_eq!(body["checks"]["redis"], "excluded", "{}", service.name);
+    }
+    bus::testing::wait_until(
+        DEADLINE,
+        "30 more commands are acknowledged while Redis is down",
+        || acknowledged_at_least(at_kill + 30),
+    )
+    .await;
+    let first_during_outage = outcomes.lock().expect("lock").acknowledged[at_kill].2;
+
+    redis
+        .start_again()
+        .await
+        .expect("redis starts again, empty");
+    for service in [&command, &projector, &query] {
+        wait_readiness(&http, service, 200).await;
+    }
+    let at_restart = acknowledged();
+    bus::testing::wait_until(
+        DEADLINE,
+        "30 more commands are acknowledged after Redis is back",
+        || acknowledged_at_least(at_restart + 30),
+    )
+    .await;
+    stop.send(true).expect("the writers listen");
+    for writer in writers {
+        writer.await.expect("a writer does not panic");
+    }
+    let outcomes = std::mem::take(&mut *outcomes.lock().expect("lock"));
+    assert!(
+        outcomes.refused.is_empty(),
+        "commands were refused: {:?}\n{}",
+        outcomes.refused,
+        command.log_tail()
+    );
+
+    // The relay publishes what was committed while Redis was away, in order, up to the head.
+    let head = store::head_position(&db.pool).await.expect("head");
+    let client = redis::Client::open(redis_url.as_str()).expect("redis url");
+    let conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let published = bus::testing::wait_until(DEADLINE, "the head is on the new stream", || {
+        let (mut conn, stream) = (conn.clone(), stream.clone());
+        async move {
+            let entries: redis::streams::StreamRangeReply =
+                redis::AsyncCommands::xrange_all(&mut conn, &stream)
+                    .await
+                    .ok()?;
+            let positions: Vec<i64> = entries
+                .ids
+                .iter()
+                .map(|entry| {
+                    entry
+                        .get::<String>("position")
+                        .and_then(|p| p.parse().ok())
+                        .expect("a position field")
+                })
+                .collect();
+            (positions.last() == Some(&head)).then_some(positions)
+        }
+    })
+    .await;
+    let first = published[0];
+    assert!(
+        first <= first_during_outage,
+        "the stream starts at {first}, after {first_during_outage} committed during the outage"
+    );
+    assert_eq!(published, (first..=head).collect::<Vec<_>>());
+
+    // Both read models reach the head and agree with the event store: what Redis lost was
+    // applied from the event store.
+    let orders: i64 = sqlx::query_scalar("SELECT count(DISTINCT stream_id) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count the orders");
+    let stats = send(
+        &http,
+        http.get(query.url(&format!(
+            "/customers/{customer}?min_position={head}&wait_ms=10000"
+        ))),
+        200,
+    )
+    .await;
+    assert_eq!(stats["order_count"], orders, "{stats}");
+    send(
+        &http,
+        http.get(query.url(&format!(
+            "/orders?limit=1&min_position={head}&wait_ms=10000"
+        ))),
+        200,
+    )
+    .await;
+    for projection in ["order_summaries", "customer_stats"] {
+        let (exact, report) = projector_admin(&db.url, &stream, &["verify", projection]).await;
+        assert!(exact, "{projection}: {report}");
+    }
+
+    for service in [&mut query, &mut projector, &mut command] {
+        assert!(
+            service.terminate().await.success(),
+            "{}",
+            service.log_tail()
+        );
+    }
+}
