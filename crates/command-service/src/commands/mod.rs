@@ -361,7 +361,12 @@ impl CommandHandler {
                     },
                     AppendError::IdempotencyKeyTaken(_) => AttemptError::KeyTaken,
                     other => {
-                        tracing::error!(error = %other, %order_id, "append failed");
+                        let unavailable = match &other {
+                            AppendError::Database(e) => platform::db::is_unavailable(e),
+                            AppendError::CommitterStopped => true,
+                            _ => false,
+                        };
+                        log_store_failure(unavailable, &other, order_id, "append failed");
                         AttemptError::Failed(CommandError::StoreUnavailable(other.to_string()))
                     }
                 });
@@ -382,7 +387,11 @@ impl CommandHandler {
         match store::load_order(&self.inner.pool, order_id).await {
             Ok(loaded) => Ok(loaded.state),
             Err(err) => {
-                tracing::error!(error = %err, %order_id, "cannot load order");
+                let unavailable = match &err {
+                    store::LoadError::Database(e) => platform::db::is_unavailable(e),
+                    store::LoadError::Corrupt { .. } => false,
+                };
+                log_store_failure(unavailable, &err, order_id, "cannot load order");
                 Err(CommandError::StoreUnavailable(err.to_string()))
             }
         }
@@ -408,7 +417,13 @@ impl CommandHandler {
         let stored = store::idempotency::find(&self.inner.pool, &idempotency.key)
             .await
             .map_err(|err| {
-                tracing::error!(error = %err, "cannot look up an idempotency key");
+                let unavailable = platform::db::is_unavailable(&err);
+                log_store_failure(
+                    unavailable,
+                    &err,
+                    order_id,
+                    "cannot look up an idempotency key",
+                );
                 CommandError::StoreUnavailable(err.to_string())
             })?;
         let Some(stored) = stored else {
@@ -462,4 +477,21 @@ fn backoff(retry: u32) -> Duration {
     let base_ms = 2u64.saturating_pow(retry.min(6));
     let jitter_ms = rand::random_range(0..=base_ms);
     Duration::from_millis(base_ms + jitter_ms).min(MAX_RETRY_BACKOFF)
+}
+
+/// Logs a store failure of a command on `order_id`: a warning when the
+/// database is unavailable (an outage, which `/readyz` and the alerts already show, so a flood
+/// of errors would only bury what else happens), an error otherwise (a corrupt event, a failing
+/// statement: something a person must look at).
+fn log_store_failure(
+    unavailable: bool,
+    error: &dyn std::fmt::Display,
+    order_id: Uuid,
+    what: &'static str,
+) {
+    if unavailable {
+        tracing::warn!(error = %error, %order_id, "{what}: the database is unavailable");
+    } else {
+        tracing::error!(error = %error, %order_id, "{what}");
+    }
 }
