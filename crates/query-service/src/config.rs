@@ -82,6 +82,17 @@ pub struct ReadArgs {
         value_parser = clap::value_parser!(u64).range(1..=100_000)
     )]
     pub event_streams_max: u64,
+
+    /// Milliseconds a filtered `GET /events/stream` at the head may hold back the id-only
+    /// frame that moves its client's resume point past events of other types: at most one
+    /// such frame per stream per interval instead of one per commit (0: one per commit)
+    #[arg(
+        long,
+        env = "EVENT_STREAM_PROGRESS_MS",
+        default_value_t = 1_000,
+        value_parser = clap::value_parser!(u64).range(0..=60_000)
+    )]
+    pub event_stream_progress_ms: u64,
 }
 
 impl Default for ReadArgs {
@@ -92,6 +103,7 @@ impl Default for ReadArgs {
             checkpoint_poll_ms: 250,
             events_scan_span: 10_000,
             event_streams_max: 256,
+            event_stream_progress_ms: 1_000,
         }
     }
 }

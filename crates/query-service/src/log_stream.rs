@@ -10,7 +10,11 @@
 //! missed or repeated: a stream that is behind reads pages with [`History::log`], whose
 //! `read_to` rule this module only forwards; one at the head takes the batches of the shared
 //! [`LogTail`] (read once per instance, whatever the number of streams), and goes back to the
-//! store if it was too slow to see one.
+//! store if it was too slow to see one. At the head, a filtered stream holds its id-only frame
+//! back for up to `EVENT_STREAM_PROGRESS_MS` (1 s) and sends only the latest, or none when an
+//! event of its types comes first (its id says as much): one small frame per second at most,
+//! not one per commit of other types to every follower. A client that reconnects meanwhile
+//! reads those positions again and finds nothing of its types in them.
 //!
 //! Bounds: one page (at most [`STREAM_PAGE_EVENTS`] events, or the frames of one tail batch) is
 //! held per stream, read only when the client has taken the previous one; at most `EVENT_STREAMS_MAX` streams are open at once
@@ -22,6 +26,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
@@ -56,6 +62,8 @@ pub const STREAMS_FULL_RETRY_AFTER_SECS: u64 = 5;
 pub struct StreamStats {
     /// Reads of the event store by streams (catching up, or after a gap in the tail).
     pub store_reads: AtomicU64,
+    /// Batches of the shared tail taken by streams at the head.
+    pub tail_batches: AtomicU64,
 }
 
 /// The open streams of this instance: their bound and the signal that ends them.
@@ -66,13 +74,21 @@ pub struct LogStreams {
     stats: Arc<StreamStats>,
     open: Arc<Semaphore>,
     limit: usize,
+    progress_interval: Duration,
     stop: CancellationToken,
 }
 
 impl LogStreams {
-    /// At most `limit` streams at once, taking new events from `tail` at the head; all of them
-    /// end when `stop` is cancelled.
-    pub fn new(history: History, tail: LogTail, limit: usize, stop: CancellationToken) -> Self {
+    /// At most `limit` streams at once, taking new events from `tail` at the head and sending
+    /// a filtered stream's progress there at most once per `progress_interval` (every batch
+    /// when zero); all of them end when `stop` is cancelled.
+    pub fn new(
+        history: History,
+        tail: LogTail,
+        limit: usize,
+        progress_interval: Duration,
+        stop: CancellationToken,
+    ) -> Self {
         // Exported from the start, so a dashboard shows 0 rather than nothing.
         metrics::gauge!(OPEN_STREAMS_GAUGE).set(0.0);
         Self {
@@ -81,6 +97,7 @@ impl LogStreams {
             stats: Arc::default(),
             open: Arc::new(Semaphore::new(limit)),
             limit,
+            progress_interval,
             stop,
         }
     }
@@ -115,6 +132,8 @@ impl LogStreams {
             tail: self.tail.subscribe(),
             stats: Arc::clone(&self.stats),
             pending: VecDeque::from([Event::default().retry(RECONNECT_AFTER)]),
+            progress_interval: self.progress_interval,
+            held_progress: None,
             stop: self.stop.clone(),
             _permit: permit,
         };
@@ -138,6 +157,10 @@ struct Follow {
     tail: watch::Receiver<Arc<TailBatch>>,
     stats: Arc<StreamStats>,
     pending: VecDeque<Event>,
+    /// Longest an id-only frame is held back at the head (zero: never).
+    progress_interval: Duration,
+    /// The position an id-only frame held back at the head would carry, and when it is due.
+    held_progress: Option<(i64, Instant)>,
     stop: CancellationToken,
     /// Held for the stream's life: its place under `EVENT_STREAMS_MAX`.
     _permit: OwnedSemaphorePermit,
@@ -182,7 +205,7 @@ impl Follow {
                 }
             };
             self.stats.store_reads.fetch_add(1, Ordering::Relaxed);
-            self.queue(page.events.iter(), page.read_to)?;
+            self.queue(page.events.iter(), page.read_to, false)?;
             self.at_head = page.next_cursor.is_none();
         }
     }
@@ -200,21 +223,32 @@ impl Follow {
                 }
                 let after = self.after;
                 let newer = batch.events.iter().filter(|e| e.event.position > after);
-                return self.queue(newer, batch.read_to);
+                let queued = self.queue(newer, batch.read_to, true);
+                self.stats.tail_batches.fetch_add(1, Ordering::Relaxed);
+                return queued;
             }
+            let due = self.held_progress.map(|(_, due)| due);
             tokio::select! {
                 () = self.stop.cancelled() => return None,
                 changed = self.tail.changed() => changed.ok()?,
+                () = sleep_until_some(due) => {
+                    if let Some((position, _)) = self.held_progress.take() {
+                        self.pending.push_back(Event::default().id(position.to_string()));
+                    }
+                    return Some(());
+                }
             }
         }
     }
 
     /// Queues a frame per event of the stream's types, then an id-only frame when `read_to` is
-    /// past the last of them, and moves `after` to `read_to`.
+    /// past the last of them (held back at the head, `hold_progress`, for up to the progress
+    /// interval), and moves `after` to `read_to`.
     fn queue<'a>(
         &mut self,
         events: impl Iterator<Item = &'a LogEvent>,
         read_to: i64,
+        hold_progress: bool,
     ) -> Option<()> {
         let mut last_sent = self.after;
         for event in events {
@@ -238,11 +272,32 @@ impl Follow {
             last_sent = position;
         }
         if read_to > last_sent {
-            // Positions read without a match: move the client's resume point past them.
-            self.pending
-                .push_back(Event::default().id(read_to.to_string()));
+            // Positions read without a match: move the client's resume point past them, now or,
+            // at the head, once the interval is over (unless an event's id does it first).
+            if hold_progress && !self.progress_interval.is_zero() {
+                let due = match self.held_progress {
+                    Some((_, due)) if last_sent == self.after => due,
+                    _ => Instant::now() + self.progress_interval,
+                };
+                self.held_progress = Some((read_to, due));
+            } else {
+                self.held_progress = None;
+                self.pending
+                    .push_back(Event::default().id(read_to.to_string()));
+            }
+        } else {
+            // The last frame's id is `read_to`: nothing is held back any more.
+            self.held_progress = None;
         }
         self.after = read_to;
         Some(())
+    }
+}
+
+/// Sleeps until `due`, or forever when there is nothing due.
+async fn sleep_until_some(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
     }
 }

@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
@@ -93,6 +94,7 @@ impl Application {
             history.clone(),
             tail.clone(),
             config.reads.event_streams_max(),
+            Duration::from_millis(config.reads.event_stream_progress_ms),
             streams_stop.clone(),
         );
         let stream_stats = streams.stats();

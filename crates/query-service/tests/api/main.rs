@@ -59,6 +59,8 @@ struct Options {
     event_streams_max: Option<u64>,
     /// `CORS_ALLOWED_ORIGINS`.
     cors_allowed_origins: Option<&'static str>,
+    /// `EVENT_STREAM_PROGRESS_MS`.
+    event_stream_progress_ms: Option<u64>,
 }
 
 async fn spawn_app() -> TestApp {
@@ -95,6 +97,9 @@ async fn spawn_app_with(options: Options) -> TestApp {
         config.reads.event_streams_max = max;
     }
     config.http.cors_allowed_origins = options.cors_allowed_origins.map(str::to_owned);
+    if let Some(ms) = options.event_stream_progress_ms {
+        config.reads.event_stream_progress_ms = ms;
+    }
     let app = Application::build(config).await.unwrap();
     let base = format!("http://127.0.0.1:{}", app.port());
     let watcher = app.watcher_stats();
@@ -1295,6 +1300,99 @@ async fn a_filtered_stream_moves_the_resume_point_past_what_it_skips() {
     let frame = stream.next_event().await;
     assert_eq!(frame.id, Some(placed.to_string()));
     assert_eq!(frame.event.as_deref(), Some("OrderPlaced"));
+}
+
+/// Opens a stream filtered to `OrderPlaced` and an unfiltered one on an order that exists, and
+/// reads both up to the head.
+async fn streams_at_the_head(
+    app: &TestApp,
+    order: Uuid,
+    state: &mut OrderState,
+) -> (SseReader, SseReader) {
+    let created = app
+        .append_command(order, state, create(order, Uuid::new_v4()))
+        .await;
+    let mut filtered = SseReader::open(app, "/events/stream?event_type=OrderPlaced", None)
+        .await
+        .unwrap();
+    let mut all = SseReader::open(app, "/events/stream", None).await.unwrap();
+    for stream in [&mut filtered, &mut all] {
+        loop {
+            let frame = stream.next_frame().await.unwrap();
+            if frame.id == Some(created.to_string()) {
+                break;
+            }
+        }
+    }
+    (filtered, all)
+}
+
+/// Waits until the streams have taken `count` batches of the shared tail in all.
+async fn wait_for_tail_batches(app: &TestApp, count: u64) {
+    let stats = &app.streams;
+    wait_until_value("the streams take the tail's batches", || async move {
+        (stats.tail_batches.load(Ordering::Relaxed) >= count).then_some(())
+    })
+    .await;
+}
+
+/// At the head, a filtered stream does not send an id-only frame for every commit of other
+/// types: it holds its progress back for `EVENT_STREAM_PROGRESS_MS`, and an event of its types
+/// arriving first makes it needless (the event's id moves the resume point further).
+#[tokio::test]
+async fn a_filtered_stream_at_the_head_holds_its_progress_back_until_an_event_supersedes_it() {
+    let app = spawn_app_with(Options {
+        event_stream_progress_ms: Some(60_000),
+        ..Options::default()
+    })
+    .await;
+    let order = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let (mut filtered, _all) = streams_at_the_head(&app, order, &mut state).await;
+    let taken = app.streams.tail_batches.load(Ordering::Relaxed);
+    for (n, sku) in ["A", "B", "C"].into_iter().enumerate() {
+        app.append_command(order, &mut state, add(sku, 1, 1)).await;
+        // Both streams have taken this commit's batch before the next one is made.
+        wait_for_tail_batches(&app, taken + 2 * (n as u64 + 1)).await;
+    }
+    let placed = app
+        .append_command(order, &mut state, OrderCommand::PlaceOrder)
+        .await;
+    let frame = filtered.next_frame().await.unwrap();
+    assert_eq!(frame.id, Some(placed.to_string()), "{frame:?}");
+    assert_eq!(frame.event.as_deref(), Some("OrderPlaced"));
+}
+
+/// Held progress is not lost: once the interval is over, one id-only frame carries the
+/// furthest position read, so a client that reconnects skips what did not match.
+#[tokio::test]
+async fn a_filtered_stream_at_the_head_sends_its_held_progress_when_the_interval_is_over() {
+    let app = spawn_app_with(Options {
+        event_stream_progress_ms: Some(100),
+        ..Options::default()
+    })
+    .await;
+    let order = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let (mut filtered, _all) = streams_at_the_head(&app, order, &mut state).await;
+    let mut last = 0;
+    for sku in ["A", "B", "C"] {
+        last = app.append_command(order, &mut state, add(sku, 1, 1)).await;
+    }
+    let mut previous = 0;
+    loop {
+        let frame = filtered.next_frame().await.unwrap();
+        assert!(frame.data.is_none(), "only progress: {frame:?}");
+        let id: i64 = frame.id.as_deref().unwrap().parse().unwrap();
+        assert!(
+            id > previous && id <= last,
+            "{id} after {previous}, last {last}"
+        );
+        if id == last {
+            break;
+        }
+        previous = id;
+    }
 }
 
 /// At most `EVENT_STREAMS_MAX` streams are open; one more is 503 `overloaded` with
