@@ -59,11 +59,12 @@ impl Application {
         config.validate()?;
         let metrics = platform::metrics::install(SERVICE_NAME);
         let migrator = (!config.common.skip_migrations).then_some(&store::MIGRATOR);
-        let pool = db::connect(
+        let pool = db::connect_when_reachable(
             &config.common.database_url,
             SERVICE_NAME,
             config.common.db_max_connections,
             migrator,
+            config.common.db_connect_wait(),
         )
         .await?;
         let redis_client = config.common.redis_client()?;

@@ -221,6 +221,7 @@ fn a_wrong_redis_tls_file_exits_non_zero_with_one_line_naming_the_setting() {
         ("REDIS_CLIENT_CERT", &cert),
         ("REDIS_CLIENT_KEY", &key),
         ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none"),
+        ("DB_CONNECT_WAIT_SECS", "0"),
     ]);
     assert!(!status.success());
     assert!(

@@ -78,6 +78,17 @@ pub struct CommonArgs {
     /// Seconds to let in-flight requests and work finish after SIGTERM before exiting
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
+
+    /// Seconds a service starting while PostgreSQL cannot be reached yet (refused, not
+    /// resolvable, still starting) waits for it, trying again, before it exits (0: exit at
+    /// once). Admin commands never wait
+    #[arg(
+        long,
+        env = "DB_CONNECT_WAIT_SECS",
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(0..=3600)
+    )]
+    pub db_connect_wait_secs: u64,
 }
 
 impl CommonArgs {
@@ -94,6 +105,11 @@ impl CommonArgs {
             return Err(anyhow!("invalid EVENT_STREAM: must not be empty"));
         }
         Ok(())
+    }
+
+    /// How long a starting service waits for PostgreSQL to become reachable.
+    pub fn db_connect_wait(&self) -> Duration {
+        Duration::from_secs(self.db_connect_wait_secs)
     }
 
     /// The client every Redis connection of the binary is opened from: `REDIS_URL` with the

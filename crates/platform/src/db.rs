@@ -21,6 +21,10 @@ use crate::config::{one_line, validate_database_url};
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the first connection at start may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// First pause between two tries to reach a server that is not up yet; it doubles per try.
+const REACH_RETRY_FIRST: Duration = Duration::from_millis(100);
+/// Longest pause between two such tries.
+const REACH_RETRY_MAX: Duration = Duration::from_secs(2);
 /// Maintenance database used to create the service's database.
 pub const MAINTENANCE_DATABASE: &str = "postgres";
 
@@ -40,7 +44,31 @@ pub async fn connect(
     max_connections: u32,
     migrator: Option<&'static sqlx::migrate::Migrator>,
 ) -> anyhow::Result<PgPool> {
+    connect_when_reachable(
+        database_url,
+        service,
+        max_connections,
+        migrator,
+        Duration::ZERO,
+    )
+    .await
+}
+
+/// Like [`connect`], but first waits up to `wait` for a server that cannot be reached yet
+/// (refused, unresolvable, still starting up), trying again with a growing pause and logging
+/// each try: how a service started together with its database, or before it after a power cut,
+/// comes up as soon as the database does instead of exiting and being restarted with a
+/// growing back-off. Anything else (a rejected password, a bad URL) fails at once, and so does
+/// a server still unreachable at the end of `wait`, with the same one line as [`connect`].
+pub async fn connect_when_reachable(
+    database_url: &str,
+    service: &str,
+    max_connections: u32,
+    migrator: Option<&'static sqlx::migrate::Migrator>,
+    wait: Duration,
+) -> anyhow::Result<PgPool> {
     let options = service_options(database_url, service)?;
+    wait_until_reachable(&options, wait).await;
     ensure_database(&options).await?;
     let pool = pool_of(&options, max_connections).await?;
     if let Some(migrator) = migrator {
@@ -55,6 +83,34 @@ pub async fn connect(
         tracing::info!(database = %database_name(&options), "database migrations are up to date");
     }
     Ok(pool)
+}
+
+/// Returns once a connection to the server of `options` gets an answer (a missing database is
+/// an answer: [`ensure_database`] creates it), once an error says waiting will not help, or at
+/// the end of `wait`.
+async fn wait_until_reachable(options: &PgConnectOptions, wait: Duration) {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut pause = REACH_RETRY_FIRST;
+    loop {
+        match connect_once(options).await {
+            Ok(conn) => {
+                let _ = conn.close().await;
+                return;
+            }
+            Err(e) if is_unavailable(&e) && tokio::time::Instant::now() + pause < deadline => {
+                tracing::warn!(
+                    server = %server(options),
+                    error = %describe_cause(&e),
+                    retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+                    "PostgreSQL cannot be reached yet (DATABASE_URL); waiting for it \
+                     (DB_CONNECT_WAIT_SECS)"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(REACH_RETRY_MAX);
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 /// Connects a pool to `database_url` as it is: no database is created and no migration runs.

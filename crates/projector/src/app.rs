@@ -19,14 +19,22 @@ use crate::sweeper::{DeadLetters, Sweeper};
 /// The service's name in metrics and in PostgreSQL's `application_name`.
 pub const SERVICE_NAME: &str = "projector";
 
-/// Connects Postgres (creating the database and running migrations unless `SKIP_MIGRATIONS`).
+/// Connects Postgres (creating the database and running migrations unless `SKIP_MIGRATIONS`)
+/// for an admin command, which reports an unreachable server at once.
 pub async fn connect_db(cli: &Cli) -> anyhow::Result<PgPool> {
+    connect_db_waiting(cli, std::time::Duration::ZERO).await
+}
+
+/// [`connect_db`] for the service, which first waits up to `wait` for a server that cannot be
+/// reached yet (`DB_CONNECT_WAIT_SECS`).
+async fn connect_db_waiting(cli: &Cli, wait: std::time::Duration) -> anyhow::Result<PgPool> {
     let migrator = (!cli.common.skip_migrations).then_some(&store::MIGRATOR);
-    platform::db::connect(
+    platform::db::connect_when_reachable(
         &cli.common.database_url,
         SERVICE_NAME,
         cli.common.db_max_connections,
         migrator,
+        wait,
     )
     .await
 }
@@ -58,7 +66,7 @@ pub struct Application {
 impl Application {
     /// Connects, migrates and binds `LISTEN_ADDR`.
     pub async fn build(cli: Cli) -> anyhow::Result<Self> {
-        let pool = connect_db(&cli).await?;
+        let pool = connect_db_waiting(&cli, cli.common.db_connect_wait()).await?;
         let (client, redis, keys) = connect_redis(&cli)?;
         let handle = platform::metrics::install(SERVICE_NAME);
         let router = health_router(Readiness::new(pool.clone(), redis.clone()), handle);

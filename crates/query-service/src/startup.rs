@@ -60,11 +60,12 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let metrics = platform::metrics::install(SERVICE_NAME);
         let migrator = (!config.common.skip_migrations).then_some(&store::MIGRATOR);
-        let pool = db::connect(
+        let pool = db::connect_when_reachable(
             &config.common.database_url,
             SERVICE_NAME,
             config.common.db_max_connections,
             migrator,
+            config.common.db_connect_wait(),
         )
         .await?;
         // The query service does not use Redis itself, but the contract's /readyz reports it;

@@ -272,3 +272,56 @@ async fn the_system_heals_by_itself_when_postgresql_crashes_under_load() {
         .expect("cleanup");
     drop(postgres);
 }
+
+/// A service started while PostgreSQL is down (every pod after a power cut, say) waits for it,
+/// saying so in its log, and is ready as soon as the database is up, instead of exiting and
+/// being restarted with a growing back-off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_started_before_postgresql_waits_for_it_and_becomes_ready() {
+    let mut postgres = PrivatePostgres::start()
+        .await
+        .expect("a private PostgreSQL server");
+    postgres.crash().await.expect("PostgreSQL stops");
+    let database_url = postgres.url("orders");
+    let stream = format!("e2e-{}:es:events", Uuid::new_v4().simple());
+    let http = http_client();
+    let mut command = Service::start(
+        "command-service",
+        "command-service",
+        &database_url,
+        &stream,
+        &[("SKIP_MIGRATIONS", "false")],
+    );
+    bus::testing::wait_until(DEADLINE, "the service says it waits for PostgreSQL", || {
+        let exited = command
+            .child
+            .as_mut()
+            .and_then(|child| child.try_wait().ok().flatten());
+        assert!(
+            exited.is_none(),
+            "exited: {exited:?}\n{}",
+            command.log_tail()
+        );
+        let log = command.log_tail();
+        async move {
+            log.contains("PostgreSQL cannot be reached yet")
+                .then_some(())
+        }
+    })
+    .await;
+
+    postgres.start_again().await.expect("PostgreSQL starts");
+    command.wait_ready(&http).await;
+    send(
+        &http,
+        http.post(command.url("/orders"))
+            .json(&json!({ "customer_id": Uuid::new_v4(), "currency": "EUR" })),
+        201,
+    )
+    .await;
+    assert!(
+        command.terminate().await.success(),
+        "{}",
+        command.log_tail()
+    );
+}
