@@ -52,27 +52,8 @@ async fn the_system_heals_by_itself_when_postgresql_crashes_under_load() {
     ));
 
     let customer = Uuid::new_v4();
-    let outcomes = std::sync::Arc::new(std::sync::Mutex::new(WriteOutcomes::default()));
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let writers: Vec<_> = (0..3)
-        .map(|_| {
-            tokio::spawn(write_until_stopped(
-                http.clone(),
-                command.url(""),
-                customer,
-                std::sync::Arc::clone(&outcomes),
-                stopped.clone(),
-            ))
-        })
-        .collect();
-    let acknowledged_at_least = |count: usize| {
-        let outcomes = std::sync::Arc::clone(&outcomes);
-        async move { (outcomes.lock().expect("lock").acknowledged.len() >= count).then_some(()) }
-    };
-    bus::testing::wait_until(DEADLINE, "40 commands are acknowledged", || {
-        acknowledged_at_least(40)
-    })
-    .await;
+    let writers = Writers::start(&http, &command, customer, 3);
+    writers.wait_for_more(40, "before the crash").await;
 
     postgres.crash().await.expect("PostgreSQL crashes");
     for service in [&command, &projector, &query] {
@@ -82,19 +63,13 @@ async fn the_system_heals_by_itself_when_postgresql_crashes_under_load() {
         DEADLINE,
         "a writer is told the store is unavailable",
         || {
-            let outcomes = std::sync::Arc::clone(&outcomes);
-            async move {
-                let outcomes = outcomes.lock().expect("lock");
-                outcomes
-                    .refused
-                    .iter()
-                    .any(|(status, code)| *status == 503 && code == "store_unavailable")
-                    .then_some(())
-            }
+            let told =
+                writers.was_refused(|status, code| status == 503 && code == "store_unavailable");
+            async move { told.then_some(()) }
         },
     )
     .await;
-    let first_order = outcomes.lock().expect("lock").acknowledged[0].0.clone();
+    let first_order = writers.acknowledgement(0).0;
     let response = http
         .get(query.url(&format!("/orders/{first_order}")))
         .send()
@@ -113,18 +88,8 @@ async fn the_system_heals_by_itself_when_postgresql_crashes_under_load() {
     for service in [&command, &projector, &query] {
         wait_readiness(&http, service, 200).await;
     }
-    let before_restart_done = outcomes.lock().expect("lock").acknowledged.len();
-    bus::testing::wait_until(
-        DEADLINE,
-        "40 more commands are acknowledged after the restart",
-        || acknowledged_at_least(before_restart_done + 40),
-    )
-    .await;
-    stop.send(true).expect("the writers listen");
-    for writer in writers {
-        writer.await.expect("a writer does not panic");
-    }
-    let outcomes = std::mem::take(&mut *outcomes.lock().expect("lock"));
+    writers.wait_for_more(40, "after the restart").await;
+    let outcomes = writers.stop().await;
 
     // Every refusal told the client to retry; none was a 500.
     for (status, code) in &outcomes.refused {
@@ -183,49 +148,13 @@ async fn the_system_heals_by_itself_when_postgresql_crashes_under_load() {
         }
     })
     .await;
-    let published: redis::streams::StreamRangeReply =
-        redis::AsyncCommands::xrange_all(&mut conn, &stream)
-            .await
-            .expect("xrange");
-    let published: Vec<i64> = published
-        .ids
-        .iter()
-        .map(|entry| {
-            entry
-                .get::<String>("position")
-                .and_then(|p| p.parse().ok())
-                .expect("a position field")
-        })
-        .collect();
-    assert_eq!(published, (1..=head).collect::<Vec<_>>());
+    assert_eq!(
+        published_positions(&mut conn, &stream).await,
+        (1..=head).collect::<Vec<_>>()
+    );
 
     // Both read models reach the head and agree with the event store (guarantee 4).
-    let orders: i64 = sqlx::query_scalar("SELECT count(DISTINCT stream_id) FROM events")
-        .fetch_one(&pool)
-        .await
-        .expect("count the orders");
-    let stats = send(
-        &http,
-        http.get(query.url(&format!(
-            "/customers/{customer}?min_position={head}&wait_ms=10000"
-        ))),
-        200,
-    )
-    .await;
-    assert_eq!(stats["order_count"], orders, "{stats}");
-    send(
-        &http,
-        http.get(query.url(&format!(
-            "/orders?limit=1&min_position={head}&wait_ms=10000"
-        ))),
-        200,
-    )
-    .await;
-    for projection in ["order_summaries", "customer_stats"] {
-        let (exact, report) =
-            projector_admin(&database_url, &stream, &["verify", projection]).await;
-        assert!(exact, "{projection}: {report}");
-    }
+    assert_read_models_exact_at(&http, &query, &database_url, &stream, customer, head).await;
 
     // A reader waiting for a write not made yet is answered when it is made: the query service
     // follows the projections' progress again.

@@ -28,31 +28,11 @@ async fn commands_keep_succeeding_while_redis_is_down_and_the_read_models_catch_
     }
 
     let customer = Uuid::new_v4();
-    let outcomes = std::sync::Arc::new(std::sync::Mutex::new(WriteOutcomes::default()));
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let writers: Vec<_> = (0..3)
-        .map(|_| {
-            tokio::spawn(write_until_stopped(
-                http.clone(),
-                command.url(""),
-                customer,
-                std::sync::Arc::clone(&outcomes),
-                stopped.clone(),
-            ))
-        })
-        .collect();
-    let acknowledged = || outcomes.lock().expect("lock").acknowledged.len();
-    let acknowledged_at_least = |count: usize| {
-        let outcomes = std::sync::Arc::clone(&outcomes);
-        async move { (outcomes.lock().expect("lock").acknowledged.len() >= count).then_some(()) }
-    };
-    bus::testing::wait_until(DEADLINE, "30 commands are acknowledged", || {
-        acknowledged_at_least(30)
-    })
-    .await;
+    let writers = Writers::start(&http, &command, customer, 3);
+    writers.wait_for_more(30, "before Redis dies").await;
 
     redis.stop();
-    let at_kill = acknowledged();
+    let at_kill = writers.acknowledged();
     for service in [&command, &projector, &query] {
         wait_readiness(&http, service, 503).await;
     }
@@ -67,13 +47,8 @@ async fn commands_keep_succeeding_while_redis_is_down_and_the_read_models_catch_
         assert_eq!(status, 200, "{}: {body}", service.name);
         assert_eq!(body["checks"]["redis"], "excluded", "{}", service.name);
     }
-    bus::testing::wait_until(
-        DEADLINE,
-        "30 more commands are acknowledged while Redis is down",
-        || acknowledged_at_least(at_kill + 30),
-    )
-    .await;
-    let first_during_outage = outcomes.lock().expect("lock").acknowledged[at_kill].2;
+    writers.wait_for_more(30, "while Redis is down").await;
+    let first_during_outage = writers.acknowledgement(at_kill).2;
 
     redis
         .start_again()
@@ -82,18 +57,8 @@ async fn commands_keep_succeeding_while_redis_is_down_and_the_read_models_catch_
     for service in [&command, &projector, &query] {
         wait_readiness(&http, service, 200).await;
     }
-    let at_restart = acknowledged();
-    bus::testing::wait_until(
-        DEADLINE,
-        "30 more commands are acknowledged after Redis is back",
-        || acknowledged_at_least(at_restart + 30),
-    )
-    .await;
-    stop.send(true).expect("the writers listen");
-    for writer in writers {
-        writer.await.expect("a writer does not panic");
-    }
-    let outcomes = std::mem::take(&mut *outcomes.lock().expect("lock"));
+    writers.wait_for_more(30, "after Redis is back").await;
+    let outcomes = writers.stop().await;
     assert!(
         outcomes.refused.is_empty(),
         "commands were refused: {:?}\n{}",
@@ -111,20 +76,7 @@ async fn commands_keep_succeeding_while_redis_is_down_and_the_read_models_catch_
     let published = bus::testing::wait_until(DEADLINE, "the head is on the new stream", || {
         let (mut conn, stream) = (conn.clone(), stream.clone());
         async move {
-            let entries: redis::streams::StreamRangeReply =
-                redis::AsyncCommands::xrange_all(&mut conn, &stream)
-                    .await
-                    .ok()?;
-            let positions: Vec<i64> = entries
-                .ids
-                .iter()
-                .map(|entry| {
-                    entry
-                        .get::<String>("position")
-                        .and_then(|p| p.parse().ok())
-                        .expect("a position field")
-                })
-                .collect();
+            let positions = published_positions(&mut conn, &stream).await;
             (positions.last() == Some(&head)).then_some(positions)
         }
     })
@@ -138,31 +90,7 @@ async fn commands_keep_succeeding_while_redis_is_down_and_the_read_models_catch_
 
     // Both read models reach the head and agree with the event store: what Redis lost was
     // applied from the event store.
-    let orders: i64 = sqlx::query_scalar("SELECT count(DISTINCT stream_id) FROM events")
-        .fetch_one(&db.pool)
-        .await
-        .expect("count the orders");
-    let stats = send(
-        &http,
-        http.get(query.url(&format!(
-            "/customers/{customer}?min_position={head}&wait_ms=10000"
-        ))),
-        200,
-    )
-    .await;
-    assert_eq!(stats["order_count"], orders, "{stats}");
-    send(
-        &http,
-        http.get(query.url(&format!(
-            "/orders?limit=1&min_position={head}&wait_ms=10000"
-        ))),
-        200,
-    )
-    .await;
-    for projection in ["order_summaries", "customer_stats"] {
-        let (exact, report) = projector_admin(&db.url, &stream, &["verify", projection]).await;
-        assert!(exact, "{projection}: {report}");
-    }
+    assert_read_models_exact_at(&http, &query, &db.url, &stream, customer, head).await;
 
     for service in [&mut query, &mut projector, &mut command] {
         assert!(

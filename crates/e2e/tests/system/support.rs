@@ -337,7 +337,7 @@ const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 /// what a client does when it cannot know whether a refused or unanswered command was
 /// committed. A writer stops only between commands, so every command it began is acknowledged
 /// or refused with another status (which the tests' assertions on `refused` report).
-pub(crate) async fn write_until_stopped(
+async fn write_until_stopped(
     http: reqwest::Client,
     command_url: String,
     customer: Uuid,
@@ -398,5 +398,142 @@ pub(crate) async fn write_until_stopped(
             }
             tokio::time::sleep(RETRY_PAUSE).await;
         }
+    }
+}
+
+/// Writers running [`write_until_stopped`] against one command service, for one customer.
+pub(crate) struct Writers {
+    outcomes: std::sync::Arc<std::sync::Mutex<WriteOutcomes>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    /// Starts `count` writers creating orders for `customer` through `command`.
+    pub(crate) fn start(
+        http: &reqwest::Client,
+        command: &Service,
+        customer: Uuid,
+        count: usize,
+    ) -> Self {
+        let outcomes = std::sync::Arc::new(std::sync::Mutex::new(WriteOutcomes::default()));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let tasks = (0..count)
+            .map(|_| {
+                tokio::spawn(write_until_stopped(
+                    http.clone(),
+                    command.url(""),
+                    customer,
+                    std::sync::Arc::clone(&outcomes),
+                    stopped.clone(),
+                ))
+            })
+            .collect();
+        Self {
+            outcomes,
+            stop,
+            tasks,
+        }
+    }
+
+    /// How many commands have been acknowledged so far.
+    pub(crate) fn acknowledged(&self) -> usize {
+        self.outcomes.lock().expect("lock").acknowledged.len()
+    }
+
+    /// The `index`th acknowledged command: order id, version, position.
+    pub(crate) fn acknowledgement(&self, index: usize) -> (String, i64, i64) {
+        self.outcomes.lock().expect("lock").acknowledged[index].clone()
+    }
+
+    /// Whether a refusal so far satisfies `wanted`.
+    pub(crate) fn was_refused(&self, wanted: impl Fn(u16, &str) -> bool) -> bool {
+        let outcomes = self.outcomes.lock().expect("lock");
+        outcomes
+            .refused
+            .iter()
+            .any(|(status, code)| wanted(*status, code))
+    }
+
+    /// Waits until `more` commands beyond those acknowledged now are acknowledged.
+    pub(crate) async fn wait_for_more(&self, more: usize, when: &str) {
+        let target = self.acknowledged() + more;
+        let what = format!("{more} more commands are acknowledged {when}");
+        bus::testing::wait_until(DEADLINE, &what, || {
+            let reached = self.acknowledged() >= target;
+            async move { reached.then_some(()) }
+        })
+        .await;
+    }
+
+    /// Stops the writers between commands and returns what they were told.
+    pub(crate) async fn stop(self) -> WriteOutcomes {
+        self.stop.send(true).expect("the writers listen");
+        for task in self.tasks {
+            task.await.expect("a writer does not panic");
+        }
+        std::mem::take(&mut *self.outcomes.lock().expect("lock"))
+    }
+}
+
+/// The `position` fields of `stream` on the Redis at `conn`, in stream order.
+pub(crate) async fn published_positions(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+) -> Vec<i64> {
+    let entries: redis::streams::StreamRangeReply = redis::AsyncCommands::xrange_all(conn, stream)
+        .await
+        .expect("xrange");
+    entries
+        .ids
+        .iter()
+        .map(|entry| {
+            entry
+                .get::<String>("position")
+                .and_then(|p| p.parse().ok())
+                .expect("a position field")
+        })
+        .collect()
+}
+
+/// Waits until both read models have applied `head` (through `query`'s read-your-writes) and
+/// requires them to agree with a fresh fold of the event store: `customer`'s order count is
+/// every order stored, and `projector verify` finds no difference in either.
+pub(crate) async fn assert_read_models_exact_at(
+    http: &reqwest::Client,
+    query: &Service,
+    database_url: &str,
+    stream: &str,
+    customer: Uuid,
+    head: i64,
+) {
+    let pool = sqlx::PgPool::connect(database_url)
+        .await
+        .expect("connect to the database");
+    let orders: i64 = sqlx::query_scalar("SELECT count(DISTINCT stream_id) FROM events")
+        .fetch_one(&pool)
+        .await
+        .expect("count the orders");
+    pool.close().await;
+    let stats = send(
+        http,
+        http.get(query.url(&format!(
+            "/customers/{customer}?min_position={head}&wait_ms=10000"
+        ))),
+        200,
+    )
+    .await;
+    assert_eq!(stats["order_count"], orders, "{stats}");
+    send(
+        http,
+        http.get(query.url(&format!(
+            "/orders?limit=1&min_position={head}&wait_ms=10000"
+        ))),
+        200,
+    )
+    .await;
+    for projection in ["order_summaries", "customer_stats"] {
+        let (exact, report) = projector_admin(database_url, stream, &["verify", projection]).await;
+        assert!(exact, "{projection}: {report}");
     }
 }
