@@ -203,15 +203,7 @@ async fn an_apply_that_keeps_failing_is_dead_lettered_its_order_held_back_others
     let mut w = World::new().await;
     let victim = Uuid::new_v4();
     let customer = Uuid::new_v4();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE FUNCTION refuse_victim() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-           RAISE EXCEPTION 'refusing order {victim}'; END $$; \
-         CREATE TRIGGER refuse_victim BEFORE INSERT OR UPDATE ON order_summaries FOR EACH ROW \
-           WHEN (NEW.order_id = '{victim}' AND NEW.version >= 4) EXECUTE FUNCTION refuse_victim();"
-    )))
-    .execute(w.pool())
-    .await
-    .unwrap();
+    support::refuse_placing(w.pool(), victim).await;
     let (token, task) = w.spawn_projector("solo", FAST).await;
 
     // The victim is created and placed (the placing fails), then paid (must be held back).
@@ -272,10 +264,7 @@ async fn an_apply_that_keeps_failing_is_dead_lettered_its_order_held_back_others
     assert!(!failed[0].ok);
     assert_eq!(dlq.len("order_summaries").await.unwrap(), 1);
 
-    sqlx::raw_sql("DROP TRIGGER refuse_victim ON order_summaries")
-        .execute(w.pool())
-        .await
-        .unwrap();
+    support::stop_refusing(w.pool()).await;
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_projector"))
         .args(["dlq", "replay", "order_summaries"])
         .env("DATABASE_URL", &w.db.url)

@@ -75,15 +75,7 @@ async fn status_shows_the_lag_then_the_dead_lettered_order_then_a_clean_system()
     assert!(table.contains("no group"), "{table}");
 
     let victim = Uuid::new_v4();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE FUNCTION refuse_victim() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-           RAISE EXCEPTION 'refusing order {victim}'; END $$; \
-         CREATE TRIGGER refuse_victim BEFORE INSERT OR UPDATE ON order_summaries FOR EACH ROW \
-           WHEN (NEW.order_id = '{victim}' AND NEW.version >= 4) EXECUTE FUNCTION refuse_victim();"
-    )))
-    .execute(w.pool())
-    .await
-    .unwrap();
+    support::refuse_placing(w.pool(), victim).await;
     let (token, task) = w.spawn_projector("solo", FAST).await;
     let cmds = commands(victim, Uuid::new_v4(), support::Fate::Paid);
     run_commands(w.pool(), victim, &cmds[..4], &mut OrderState::default()).await;
@@ -122,10 +114,7 @@ async fn status_shows_the_lag_then_the_dead_lettered_order_then_a_clean_system()
         "{table}"
     );
 
-    sqlx::raw_sql("DROP TRIGGER refuse_victim ON order_summaries")
-        .execute(w.pool())
-        .await
-        .unwrap();
+    support::stop_refusing(w.pool()).await;
     let letters = dlq.list("order_summaries", 10).await.unwrap();
     projector::admin::replay(
         w.pool(),

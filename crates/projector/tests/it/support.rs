@@ -259,3 +259,25 @@ pub async fn append_orders(pool: &PgPool, count: usize) -> Vec<Uuid> {
     }
     ids
 }
+
+/// Makes `order_summaries` refuse every write of `order` from version 4 (its placing) on, with
+/// a trigger: a projection bug or a constraint the event breaks, as the projector meets it.
+pub async fn refuse_placing(pool: &PgPool, order: Uuid) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE FUNCTION refuse_victim() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           RAISE EXCEPTION 'refusing order {order}'; END $$; \
+         CREATE TRIGGER refuse_victim BEFORE INSERT OR UPDATE ON order_summaries FOR EACH ROW \
+           WHEN (NEW.order_id = '{order}' AND NEW.version >= 4) EXECUTE FUNCTION refuse_victim();"
+    )))
+    .execute(pool)
+    .await
+    .expect("create the refusing trigger");
+}
+
+/// Removes the trigger of [`refuse_placing`]: the fix is deployed.
+pub async fn stop_refusing(pool: &PgPool) {
+    sqlx::raw_sql("DROP TRIGGER refuse_victim ON order_summaries")
+        .execute(pool)
+        .await
+        .expect("drop the refusing trigger");
+}
