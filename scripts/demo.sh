@@ -167,6 +167,7 @@ for e in page["events"]:
 print("  read_to %s (resume with after_position=%s)" % (page["read_to"], page["read_to"]))
 '
 echo "  The same as a live stream: curl -N '$QUERY_URL/events/stream?event_type=OrderPaid,OrderShipped'"
+echo "  Order A alone, its history then each new event: curl -N '$QUERY_URL/orders/$order_a/events/stream'"
 
 if [[ "$SKIP_DLQ" == 1 ]]; then
     exit 0

@@ -130,6 +130,28 @@ impl History {
         })
     }
 
+    /// The events of `order_id` after `after_version` (at most `limit`), and the head of the
+    /// log read *before* them: every event of the order at or below that position is among
+    /// those read or earlier (positions become visible in order, ARCHITECTURE.md invariant 1),
+    /// which is what lets a follower of the order go on from the log's tail after it.
+    pub async fn order_events_with_head(
+        &self,
+        order_id: Uuid,
+        after_version: i64,
+        limit: i64,
+    ) -> Result<(i64, Vec<HistoryEvent>), ApiError> {
+        let head = store::head_position(&self.pool).await?;
+        let events =
+            store::read_stream(&self.pool, &order_stream_id(order_id), after_version, limit)
+                .await?;
+        Ok((head, events.into_iter().map(HistoryEvent::from).collect()))
+    }
+
+    /// Whether `order_id` has any event.
+    pub async fn order_exists(&self, order_id: Uuid) -> Result<bool, ApiError> {
+        Ok(store::stream_version(&self.pool, &order_stream_id(order_id)).await? > 0)
+    }
+
     /// `GET /events`: the committed events after a position. Positions are dense and become
     /// visible in order (the store's append lock, ARCHITECTURE.md invariant 1), so a reader that
     /// resumes after `read_to` never misses an event, however appends interleave.

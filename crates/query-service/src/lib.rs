@@ -19,6 +19,8 @@
 //! - [`history`]: event pages and time travel from the event store with `events::fold_summary`.
 //! - [`log_stream`]: `GET /events/stream`, the log as Server-Sent Events over `history`'s pages.
 //! - [`log_tail`]: the log's newest events, read once per instance for every stream at the head.
+//! - [`order_stream`]: `GET /orders/{id}/events/stream`, one order's events as Server-Sent
+//!   Events: its own stream while catching up, the shared tail at the head.
 //! - [`error`]: `ApiError` and its problem responses (the list of codes).
 //! - [`openapi`]: `GET /openapi.json`.
 //!
@@ -36,6 +38,7 @@ pub mod history;
 pub mod log_stream;
 pub mod log_tail;
 pub mod openapi;
+pub mod order_stream;
 pub mod params;
 pub mod read_models;
 pub mod routes;

@@ -112,11 +112,8 @@ impl LogStreams {
         self.limit
     }
 
-    /// A new stream from `start`, or `None` when `EVENT_STREAMS_MAX` are already open.
-    pub fn follow(
-        &self,
-        start: StreamStart,
-    ) -> Option<Sse<impl Stream<Item = Result<Event, Infallible>> + use<>>> {
+    /// A place under `EVENT_STREAMS_MAX` for a new stream, or `None` when all are taken.
+    pub(crate) fn open_slot(&self) -> Option<StreamSlot> {
         let Ok(permit) = Arc::clone(&self.open).try_acquire_owned() else {
             // Counted with the requests shed at the in-flight limit: the same alert, the same
             // remedy (more instances, or a higher bound).
@@ -124,6 +121,38 @@ impl LogStreams {
             return None;
         };
         metrics::gauge!(OPEN_STREAMS_GAUGE).increment(1.0);
+        Some(StreamSlot { _permit: permit })
+    }
+
+    /// The events of one order as a stream (`GET /orders/{id}/events/stream`), or `None` when
+    /// `EVENT_STREAMS_MAX` streams are already open.
+    pub fn follow_order(
+        &self,
+        order_id: uuid::Uuid,
+        start: crate::params::OrderStreamStart,
+    ) -> Option<Sse<impl Stream<Item = Result<Event, Infallible>> + use<>>> {
+        let slot = self.open_slot()?;
+        let follow = crate::order_stream::OrderFollow::new(
+            self.history.clone(),
+            order_id,
+            start.after_version,
+            self.tail.subscribe(),
+            Arc::clone(&self.stats),
+            self.stop.clone(),
+            slot,
+        );
+        Some(
+            Sse::new(follow.into_frames())
+                .keep_alive(KeepAlive::new().interval(KEEP_ALIVE_INTERVAL)),
+        )
+    }
+
+    /// A new stream from `start`, or `None` when `EVENT_STREAMS_MAX` are already open.
+    pub fn follow(
+        &self,
+        start: StreamStart,
+    ) -> Option<Sse<impl Stream<Item = Result<Event, Infallible>> + use<>>> {
+        let slot = self.open_slot()?;
         let follow = Follow {
             history: self.history.clone(),
             after: start.after_position,
@@ -135,7 +164,7 @@ impl LogStreams {
             progress_interval: self.progress_interval,
             held_progress: None,
             stop: self.stop.clone(),
-            _permit: permit,
+            _slot: slot,
         };
         let events = futures::stream::unfold(follow, |mut follow| async move {
             let event = follow.next_event().await?;
@@ -163,10 +192,15 @@ struct Follow {
     held_progress: Option<(i64, Instant)>,
     stop: CancellationToken,
     /// Held for the stream's life: its place under `EVENT_STREAMS_MAX`.
+    _slot: StreamSlot,
+}
+
+/// A stream's place under `EVENT_STREAMS_MAX`, held for the stream's life.
+pub(crate) struct StreamSlot {
     _permit: OwnedSemaphorePermit,
 }
 
-impl Drop for Follow {
+impl Drop for StreamSlot {
     /// The stream is over (the client hung up, a read failed, or shutdown): its place is free.
     fn drop(&mut self) {
         metrics::gauge!(OPEN_STREAMS_GAUGE).decrement(1.0);

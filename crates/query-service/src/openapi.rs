@@ -24,6 +24,7 @@ use utoipa::{Modify, OpenApi};
         crate::routes::get_order_state,
         crate::routes::get_events,
         crate::routes::get_event_stream,
+        crate::routes::get_order_event_stream,
     ),
     components(schemas(
         events::OrderSummary,

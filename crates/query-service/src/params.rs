@@ -66,6 +66,12 @@ pub struct RawLogStream {
     pub event_type: Option<String>,
 }
 
+/// `GET /orders/{id}/events/stream` query string, unparsed.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawOrderStream {
+    pub after_version: Option<String>,
+}
+
 /// Request header of an SSE client that resumes: the `id` of the last frame it received.
 pub const LAST_EVENT_ID_HEADER: HeaderName = HeaderName::from_static("last-event-id");
 
@@ -314,6 +320,33 @@ impl StreamStart {
             after_position,
             event_types,
         })
+    }
+}
+
+/// Where a `GET /orders/{id}/events/stream` follower starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrderStreamStart {
+    /// Events of the order after this version (from `Last-Event-ID`, else `after_version`).
+    pub after_version: i64,
+}
+
+impl OrderStreamStart {
+    /// `Last-Event-ID` (a resuming client: the version it received last) wins over
+    /// `after_version`, as for the log's stream.
+    pub fn parse(raw: &RawOrderStream, headers: &HeaderMap) -> Result<Self, ApiError> {
+        let after_version = match headers.get(&LAST_EVENT_ID_HEADER) {
+            Some(value) => parse_after(
+                Some(value.to_str().unwrap_or("-")),
+                "invalid_last_event_id",
+                "Last-Event-ID must be an id this stream sent (an order version, an integer ≥ 0)",
+            )?,
+            None => parse_after(
+                raw.after_version.as_deref(),
+                "invalid_after_version",
+                "after_version must be an integer ≥ 0",
+            )?,
+        };
+        Ok(Self { after_version })
     }
 }
 

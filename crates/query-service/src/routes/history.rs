@@ -1,5 +1,5 @@
-//! `GET /events`, `GET /orders/{id}/events` and `GET /orders/{id}/state`: straight from the event
-//! store.
+//! `GET /events`, `GET /events/stream`, `GET /orders/{id}/events`,
+//! `GET /orders/{id}/events/stream` and `GET /orders/{id}/state`: straight from the event store.
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
@@ -11,7 +11,8 @@ use super::AppState;
 use crate::error::ApiError;
 use crate::history::{EventPage, LogEventPage};
 use crate::params::{
-    HistoryPage, LogPage, RawHistory, RawLogPage, RawLogStream, RawStateAt, StateAt, StreamStart,
+    HistoryPage, LogPage, OrderStreamStart, RawHistory, RawLogPage, RawLogStream, RawOrderStream,
+    RawStateAt, StateAt, StreamStart,
 };
 
 /// Response header of `GET /orders/{id}/state`: the stream version the state was folded to.
@@ -106,6 +107,52 @@ pub async fn get_order_events(
 ) -> Result<Json<EventPage>, ApiError> {
     let page = HistoryPage::try_from(&raw)?;
     Ok(Json(app.history.events(id, page).await?))
+}
+
+/// One order's events as Server-Sent Events: its history, then each new event as it is
+/// committed, on one response that stays open. Each frame is `id: <version>`,
+/// `event: <event_type>`, `data: <an event of GET /orders/{id}/events>`. A client that
+/// reconnects with `Last-Event-ID` (a browser's `EventSource` does) continues after that
+/// version. Counted with the log's streams under EVENT_STREAMS_MAX.
+#[utoipa::path(
+    get,
+    path = "/orders/{id}/events/stream",
+    tag = "history",
+    params(
+        ("id" = Uuid, Path, description = "Order id"),
+        ("after_version" = Option<i64>, Query, description = "Start after this version of the order (default 0: its whole history); Last-Event-ID wins when present", minimum = 0),
+        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this id (the last version received)", minimum = 0),
+    ),
+    responses(
+        (status = 200, description = "`text/event-stream`: frames until the client hangs up or the service shuts down; a comment every 15 s keeps it open", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`invalid_path`, `invalid_after_version`, `invalid_last_event_id`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`order_not_found`: the order has no events", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: EVENT_STREAMS_MAX streams are open, or too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn get_order_event_stream(
+    State(app): State<AppState>,
+    Path(id): Path<Uuid>,
+    headers: HeaderMap,
+    Query(raw): Query<RawOrderStream>,
+) -> Result<Response, ApiError> {
+    let start = OrderStreamStart::parse(&raw, &headers)?;
+    // A mistyped id would otherwise be followed, silently, forever.
+    if !app.history.order_exists(id).await? {
+        return Err(ApiError::OrderNotFound {
+            order_id: id,
+            position: None,
+        });
+    }
+    let stream = app
+        .streams
+        .follow_order(id, start)
+        .ok_or(ApiError::StreamsFull {
+            limit: app.streams.limit(),
+        })?;
+    Ok(stream.into_response())
 }
 
 /// The order's summary folded from the event store as of a version or an instant (now by default).

@@ -24,7 +24,8 @@ use crate::read_models::{Positioned, ReadModels};
 
 pub use customers::__path_get_customer;
 pub use history::{
-    __path_get_event_stream, __path_get_events, __path_get_order_events, __path_get_order_state,
+    __path_get_event_stream, __path_get_events, __path_get_order_event_stream,
+    __path_get_order_events, __path_get_order_state,
 };
 pub use orders::{__path_get_order, __path_list_orders};
 
@@ -50,6 +51,10 @@ pub fn router(
         .route("/orders", get(orders::list_orders))
         .route("/orders/{id}", get(orders::get_order))
         .route("/orders/{id}/events", get(history::get_order_events))
+        .route(
+            "/orders/{id}/events/stream",
+            get(history::get_order_event_stream),
+        )
         .route("/orders/{id}/state", get(history::get_order_state))
         .route("/events", get(history::get_events))
         .route("/events/stream", get(history::get_event_stream))

@@ -1395,6 +1395,130 @@ async fn a_filtered_stream_at_the_head_sends_its_held_progress_when_the_interval
     }
 }
 
+/// One order's stream: its history by version, then its new events as they are committed
+/// (none of another order's), each once; a client that reconnects with `Last-Event-ID`
+/// continues after that version. The history is read from the order's own stream: an order
+/// whose events sit far apart in a long log costs one read, not a scan of the log.
+#[tokio::test]
+async fn an_orders_stream_shows_its_history_then_its_new_events_and_resumes_after_a_version() {
+    let app = spawn_app().await;
+    let (order, other) = (Uuid::new_v4(), Uuid::new_v4());
+    let (mut state, mut other_state) = (OrderState::default(), OrderState::default());
+    app.append_command(order, &mut state, create(order, Uuid::new_v4()))
+        .await;
+    app.append_command(other, &mut other_state, create(other, Uuid::new_v4()))
+        .await;
+    for sku in ["A", "B"] {
+        app.append_command(order, &mut state, add(sku, 1, 10)).await;
+        app.append_command(other, &mut other_state, add(sku, 1, 10))
+            .await;
+    }
+    let path = format!("/orders/{order}/events/stream");
+    let mut stream = SseReader::open(&app, &path, None).await.unwrap();
+    let reads_before = app.streams.store_reads.load(Ordering::Relaxed);
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let frame = stream.next_event().await;
+        let data = frame.data.clone().unwrap();
+        assert_eq!(data["version"].to_string(), *frame.id.as_ref().unwrap());
+        seen.push((frame.id.unwrap(), frame.event.unwrap()));
+    }
+    assert_eq!(
+        seen,
+        [
+            ("1".to_owned(), "OrderCreated".to_owned()),
+            ("2".to_owned(), "ItemAdded".to_owned()),
+            ("3".to_owned(), "ItemAdded".to_owned()),
+        ]
+    );
+
+    // Live: the other order's commit shows nothing here; this order's next ones arrive in turn.
+    app.append_command(other, &mut other_state, add("C", 1, 10))
+        .await;
+    let placed = app
+        .append_command(order, &mut state, OrderCommand::PlaceOrder)
+        .await;
+    let frame = stream.next_event().await;
+    assert_eq!(frame.id.as_deref(), Some("4"));
+    assert_eq!(frame.event.as_deref(), Some("OrderPlaced"));
+    assert_eq!(frame.data.unwrap()["position"], placed);
+    assert!(
+        app.streams.store_reads.load(Ordering::Relaxed) <= reads_before + 1,
+        "at the head the stream takes the shared tail"
+    );
+    drop(stream);
+
+    // Reconnecting: Last-Event-ID (a version) wins over after_version.
+    let mut resumed = SseReader::open(&app, &format!("{path}?after_version=0"), Some(3))
+        .await
+        .unwrap();
+    let next = resumed.next_event().await;
+    assert_eq!(
+        (next.id.as_deref(), next.event.as_deref()),
+        (Some("4"), Some("OrderPlaced"))
+    );
+    let mut later = SseReader::open(&app, &format!("{path}?after_version=2"), None)
+        .await
+        .unwrap();
+    assert_eq!(later.next_event().await.id.as_deref(), Some("3"));
+}
+
+/// An order with no events is 404 (a mistyped id is not followed forever); a malformed start is
+/// 400 with its code.
+#[tokio::test]
+async fn an_orders_stream_refuses_an_unknown_order_and_a_malformed_start() {
+    let app = spawn_app().await;
+    let Err((status, _, body)) = SseReader::open(
+        &app,
+        &format!("/orders/{}/events/stream", Uuid::new_v4()),
+        None,
+    )
+    .await
+    else {
+        panic!("an unknown order is refused");
+    };
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("order_not_found"))
+    );
+    let order = Uuid::new_v4();
+    app.append_order(order, vec![create(order, Uuid::new_v4())])
+        .await;
+    let path = format!("/orders/{order}/events/stream");
+    for (query, code) in [
+        ("?after_version=-1", "invalid_after_version"),
+        ("?after_version=x", "invalid_after_version"),
+    ] {
+        let Err((status, _, body)) = SseReader::open(&app, &format!("{path}{query}"), None).await
+        else {
+            panic!("{query} is refused");
+        };
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(code))
+        );
+    }
+    let response = app
+        .client
+        .get(format!("{}{path}", app.base))
+        .header("last-event-id", "abc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "invalid_last_event_id");
+    let Err((status, _, body)) =
+        SseReader::open(&app, "/orders/not-a-uuid/events/stream", None).await
+    else {
+        panic!("a malformed id is refused");
+    };
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_path"))
+    );
+}
+
 /// At most `EVENT_STREAMS_MAX` streams are open; one more is 503 `overloaded` with
 /// `Retry-After`. A closed stream frees its place, and shutdown ends the open ones cleanly
 /// instead of cutting them off after the grace period.
