@@ -13,7 +13,8 @@ use uuid::Uuid;
 /// is in the event store exactly once, every event reaches
 /// Redis in order, the read models are exact, a read-your-writes wait is answered again, and a
 /// client following the live log (`GET /events/stream`, reconnecting like a browser) has every
-/// event once and in order.
+/// event once and in order, as one following an order (`GET /orders/{id}/events/stream`) has
+/// every version of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_system_heals_by_itself_when_postgresql_crashes_under_load() {
     let mut postgres = PrivatePostgres::start()
@@ -47,6 +48,7 @@ async fn the_system_heals_by_itself_when_postgresql_crashes_under_load() {
     let followed = std::sync::Arc::new(std::sync::Mutex::new(Followed::default()));
     let follower = tokio::spawn(follow_like_a_browser(
         follower_base,
+        "/events/stream".to_owned(),
         std::sync::Arc::clone(&followed),
         until,
     ));
@@ -54,6 +56,17 @@ async fn the_system_heals_by_itself_when_postgresql_crashes_under_load() {
     let customer = Uuid::new_v4();
     let writers = Writers::start(&http, &command, customer, 3);
     writers.wait_for_more(40, "before the crash").await;
+    // A page following the order being written as the database goes away.
+    let followed_order = writers.acknowledgement(writers.acknowledged() - 1).0;
+    let (_, order_base) = tokio::sync::watch::channel(query.url(""));
+    let (follow_order_until, order_until) = tokio::sync::watch::channel(0_i64);
+    let followed_versions = std::sync::Arc::new(std::sync::Mutex::new(Followed::default()));
+    let order_follower = tokio::spawn(follow_like_a_browser(
+        order_base,
+        format!("/orders/{followed_order}/events/stream"),
+        std::sync::Arc::clone(&followed_versions),
+        order_until,
+    ));
 
     postgres.crash().await.expect("PostgreSQL crashes");
     for service in [&command, &projector, &query] {
@@ -186,6 +199,23 @@ async fn the_system_heals_by_itself_when_postgresql_crashes_under_load() {
         .expect("the follower does not panic");
     let events = std::mem::take(&mut followed.lock().expect("lock").events);
     assert_eq!(events, (1..=head + 1).collect::<Vec<_>>());
+
+    // So did the order's follower: every version of the order, once, in order.
+    let last_version: i64 =
+        sqlx::query_scalar("SELECT max(stream_version) FROM events WHERE stream_id = $1")
+            .bind(format!("order-{followed_order}"))
+            .fetch_one(&pool)
+            .await
+            .expect("the followed order's version");
+    follow_order_until
+        .send(last_version)
+        .expect("the follower listens");
+    tokio::time::timeout(DEADLINE, order_follower)
+        .await
+        .expect("the order's follower reaches its last version")
+        .expect("the follower does not panic");
+    let versions = std::mem::take(&mut followed_versions.lock().expect("lock").events);
+    assert_eq!(versions, (1..=last_version).collect::<Vec<_>>());
 
     for service in [&mut query, &mut projector, &mut command] {
         assert!(

@@ -23,6 +23,7 @@ async fn an_event_stream_follower_misses_nothing_when_its_query_service_is_kille
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Followed::default()));
     let follower = tokio::spawn(follow_like_a_browser(
         base_rx,
+        "/events/stream".to_owned(),
         std::sync::Arc::clone(&seen),
         until_rx,
     ));

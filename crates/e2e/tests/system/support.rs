@@ -240,20 +240,22 @@ pub(crate) async fn wait_readiness(http: &reqwest::Client, service: &Service, st
     .await;
 }
 
-/// What a follower of `GET /events/stream` has received: the ids of the frames with an event,
-/// and the last id of any frame (where it resumes).
+/// What a follower of an event stream has received: the ids of the frames with an event, and
+/// the last id of any frame (where it resumes).
 #[derive(Debug, Default)]
 pub(crate) struct Followed {
     pub(crate) events: Vec<i64>,
     pub(crate) last_id: i64,
 }
 
-/// Follows `GET /events/stream` as a browser's `EventSource` does: on any end of the response
+/// Follows the event stream at `path` (`/events/stream`, `/orders/{id}/events/stream`) as a
+/// browser's `EventSource` does: on any end of the response
 /// (the service killed, restarted elsewhere) it reconnects to the current address from `base`
 /// with `Last-Event-ID`, until it has seen an id at or past `until` (0: never, run until
 /// aborted). Progress is published through `seen`.
 pub(crate) async fn follow_like_a_browser(
     base: tokio::sync::watch::Receiver<String>,
+    path: String,
     seen: std::sync::Arc<std::sync::Mutex<Followed>>,
     mut until: tokio::sync::watch::Receiver<i64>,
 ) {
@@ -266,7 +268,7 @@ pub(crate) async fn follow_like_a_browser(
         if reached(&seen, &until) {
             return;
         }
-        let url = format!("{}/events/stream", base.borrow().clone());
+        let url = format!("{}{path}", base.borrow().clone());
         let last_id = seen.lock().expect("lock").last_id;
         let response = http
             .get(url)
