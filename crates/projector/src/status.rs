@@ -31,6 +31,13 @@ const RELAY_CHECKPOINT_SQL: &str = "\
     SELECT position, EXTRACT(EPOCH FROM now() - updated_at)::float8 \
     FROM relay_checkpoints WHERE stream_key = $1";
 
+/// Events a projection or the relay may be behind before the status calls for attention: the
+/// threshold of the `ProjectionLagHigh` and `RelayLagHigh` alerts.
+pub const ATTENTION_LAG_EVENTS: i64 = 1_000;
+/// Seconds the oldest unapplied event may wait before the status calls for attention: the
+/// threshold of the `ProjectionLagSecondsHigh` alert.
+pub const ATTENTION_LAG_SECS: f64 = 60.0;
+
 /// Everything `projector status` reports; `None` where its source could not be read.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -51,6 +58,10 @@ pub struct Status {
     pub projections: Vec<ProjectionStatus>,
     /// What could not be read, one line per store (`postgres: …`, `redis: …`).
     pub unreadable: Vec<String>,
+    /// What needs a person, one line each (empty when nothing does): dead letters, parked
+    /// orders, a lag past the alerts' thresholds, a projection no consumer reads, what could
+    /// not be read.
+    pub attention: Vec<String>,
 }
 
 /// One projection's state.
@@ -123,7 +134,7 @@ pub async fn gather(
         Err(e) => unreadable.push(format!("redis: {}", platform::config::error_chain(&e))),
     }
 
-    Status {
+    let mut status = Status {
         head,
         stream: keys.stream().to_owned(),
         published_to,
@@ -132,7 +143,54 @@ pub async fn gather(
         relay_checkpoint_age_secs,
         projections,
         unreadable,
+        attention: Vec::new(),
+    };
+    status.attention = attention(&status);
+    status
+}
+
+/// The lines of [`Status::attention`].
+fn attention(status: &Status) -> Vec<String> {
+    let mut lines = Vec::new();
+    if let (Some(head), Some(published)) = (status.head, status.published_to)
+        && head - published > ATTENTION_LAG_EVENTS
+    {
+        lines.push(format!(
+            "the relay is {} events behind the event store (RUNBOOK: RelayLagHigh)",
+            head - published
+        ));
     }
+    for p in &status.projections {
+        let name = p.projection;
+        if let Some(letters) = p.dead_letters.filter(|&n| n > 0) {
+            lines.push(format!(
+                "{name}: {letters} dead letter(s) (projector dlq list {name})"
+            ));
+        }
+        if let Some(parked) = p.parked_streams.filter(|&n| n > 0) {
+            lines.push(format!(
+                "{name}: {parked} order(s) held back behind a dead letter (projector dlq list {name})"
+            ));
+        }
+        let behind = p.behind.unwrap_or(0);
+        let waiting = p.oldest_unapplied_secs.unwrap_or(0.0);
+        if behind > ATTENTION_LAG_EVENTS || waiting > ATTENTION_LAG_SECS {
+            lines.push(format!(
+                "{name}: {behind} events behind, the oldest waiting {waiting:.0} s \
+                 (RUNBOOK: ProjectionLagHigh)"
+            ));
+        }
+        if status.published_to.is_some() && p.group.as_ref().is_none_or(|g| g.consumers == 0) {
+            lines.push(format!("{name}: no projector consumes it"));
+        }
+    }
+    lines.extend(
+        status
+            .unreadable
+            .iter()
+            .map(|line| format!("could not read {line}")),
+    );
+    lines
 }
 
 /// Fills in each projection's PostgreSQL half; returns the head and the relay's checkpoint
@@ -241,8 +299,77 @@ pub fn render(status: &Status) -> String {
         ]);
     }
     out.push_str(&format!("{table}\n"));
-    for line in &status.unreadable {
-        out.push_str(&format!("could not read {line}\n"));
+    if status.attention.is_empty() {
+        out.push_str("nothing needs attention\n");
+    }
+    for line in &status.attention {
+        out.push_str(&format!("attention: {line}\n"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn projection(name: &'static str, behind: i64, oldest_secs: Option<f64>) -> ProjectionStatus {
+        ProjectionStatus {
+            projection: name,
+            applied_to: Some(0),
+            behind: Some(behind),
+            oldest_unapplied_secs: oldest_secs,
+            parked_streams: Some(0),
+            dead_letters: Some(0),
+            group: Some(GroupInfo {
+                name: name.to_owned(),
+                consumers: 2,
+                pending: 0,
+                last_delivered_id: "0-0".to_owned(),
+                lag: Some(0),
+            }),
+        }
+    }
+
+    fn status(published_to: i64, projections: Vec<ProjectionStatus>) -> Status {
+        Status {
+            head: Some(5_000),
+            stream: "es:events".to_owned(),
+            published_to: Some(published_to),
+            stream_length: Some(100),
+            relay_checkpoint: None,
+            relay_checkpoint_age_secs: None,
+            projections,
+            unreadable: Vec::new(),
+            attention: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_lag_past_the_alerts_thresholds_needs_attention_and_one_below_does_not() {
+        let calm = status(
+            5_000 - ATTENTION_LAG_EVENTS,
+            vec![projection(
+                "order_summaries",
+                ATTENTION_LAG_EVENTS,
+                Some(59.0),
+            )],
+        );
+        assert_eq!(attention(&calm), Vec::<String>::new());
+
+        let behind = status(
+            5_000 - ATTENTION_LAG_EVENTS - 1,
+            vec![
+                projection("order_summaries", ATTENTION_LAG_EVENTS + 1, Some(1.0)),
+                projection("customer_stats", 3, Some(61.0)),
+            ],
+        );
+        assert_eq!(
+            attention(&behind),
+            [
+                "the relay is 1001 events behind the event store (RUNBOOK: RelayLagHigh)",
+                "order_summaries: 1001 events behind, the oldest waiting 1 s (RUNBOOK: ProjectionLagHigh)",
+                "customer_stats: 3 events behind, the oldest waiting 61 s (RUNBOOK: ProjectionLagHigh)",
+            ]
+        );
+    }
 }

@@ -73,6 +73,13 @@ async fn status_shows_the_lag_then_the_dead_lettered_order_then_a_clean_system()
         assert_eq!(p["group"], Value::Null, "{p}");
     }
     assert!(table.contains("no group"), "{table}");
+    assert_eq!(
+        report["attention"],
+        serde_json::json!([
+            "order_summaries: no projector consumes it",
+            "customer_stats: no projector consumes it"
+        ])
+    );
 
     let victim = Uuid::new_v4();
     support::refuse_placing(w.pool(), victim).await;
@@ -113,6 +120,14 @@ async fn status_shows_the_lag_then_the_dead_lettered_order_then_a_clean_system()
         table.contains("order_summaries") && !table.contains("could not read"),
         "{table}"
     );
+    assert_eq!(
+        report["attention"],
+        serde_json::json!([
+            "order_summaries: 1 dead letter(s) (projector dlq list order_summaries)",
+            "order_summaries: 1 order(s) held back behind a dead letter \
+             (projector dlq list order_summaries)"
+        ])
+    );
 
     support::stop_refusing(w.pool()).await;
     let letters = dlq.list("order_summaries", 10).await.unwrap();
@@ -124,7 +139,8 @@ async fn status_shows_the_lag_then_the_dead_lettered_order_then_a_clean_system()
     )
     .await
     .unwrap();
-    let (_, report, _) = status(&w).await;
+    let (_, report, table) = status(&w).await;
+    assert!(table.contains("nothing needs attention"), "{table}");
     let summaries = projection(&report, "order_summaries");
     assert_eq!(
         (&summaries["parked_streams"], &summaries["dead_letters"]),
@@ -170,5 +186,5 @@ async fn with_redis_down_status_shows_the_event_store_and_exits_1() {
         unreadable[0].as_str().unwrap().starts_with("redis: "),
         "{report}"
     );
-    assert!(table.contains("could not read redis"), "{table}");
+    assert!(table.contains("attention: could not read redis"), "{table}");
 }
