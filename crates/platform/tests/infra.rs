@@ -282,6 +282,18 @@ async fn readyz_at(readiness: Readiness, path: &str) -> (StatusCode, Value) {
     (status, serde_json::from_slice(&bytes).unwrap())
 }
 
+/// A pool to a port where nothing listens, built as the services' pools are: a connect
+/// refused is retried until the acquire timeout.
+fn refused_postgres_pool() -> sqlx::PgPool {
+    let options = sqlx::postgres::PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(closed_port())
+        .username("postgres");
+    sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(db::ACQUIRE_TIMEOUT)
+        .connect_lazy_with(options)
+}
+
 async fn orders_pool() -> sqlx::PgPool {
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
@@ -305,14 +317,7 @@ async fn readyz_is_200_when_postgres_and_redis_answer() {
 
 #[tokio::test]
 async fn readyz_is_503_naming_the_cause_when_postgres_refuses_connections() {
-    let options = sqlx::postgres::PgConnectOptions::new()
-        .host("127.0.0.1")
-        .port(closed_port())
-        .username("postgres");
-    // As the services' pools: a connect refused is retried until the acquire timeout.
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .acquire_timeout(db::ACQUIRE_TIMEOUT)
-        .connect_lazy_with(options);
+    let pool = refused_postgres_pool();
     let redis = redis_conn::connect_manager(&plain_client(REDIS_URL), Duration::from_secs(1))
         .await
         .unwrap();
@@ -369,13 +374,7 @@ async fn readyz_can_leave_out_a_check_by_name_and_refuses_an_unknown_one() {
         "without exclude Redis counts"
     );
 
-    let options = sqlx::postgres::PgConnectOptions::new()
-        .host("127.0.0.1")
-        .port(closed_port())
-        .username("postgres");
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .acquire_timeout(db::ACQUIRE_TIMEOUT)
-        .connect_lazy_with(options);
+    let pool = refused_postgres_pool();
     let (status, body) = readyz_at(Readiness::new(pool, down), "/readyz?exclude=redis").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["checks"]["redis"], "excluded");

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{Event, KeepAlive, KeepAliveStream, Sse};
 use futures::Stream;
 use platform::shutdown::CancellationToken;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -141,10 +141,7 @@ impl LogStreams {
             self.stop.clone(),
             slot,
         );
-        Some(
-            Sse::new(follow.into_frames())
-                .keep_alive(KeepAlive::new().interval(KEEP_ALIVE_INTERVAL)),
-        )
+        Some(sse(follow.into_frames()))
     }
 
     /// A new stream from `start`, or `None` when `EVENT_STREAMS_MAX` are already open.
@@ -170,8 +167,16 @@ impl LogStreams {
             let event = follow.next_event().await?;
             Some((Ok(event), follow))
         });
-        Some(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE_INTERVAL)))
+        Some(sse(events))
     }
+}
+
+/// `frames` as a Server-Sent Events response with the keep-alive comment every stream sends.
+fn sse<S>(frames: S) -> Sse<KeepAliveStream<S>>
+where
+    S: Stream<Item = Result<Event, Infallible>> + Send + 'static,
+{
+    Sse::new(frames).keep_alive(KeepAlive::new().interval(KEEP_ALIVE_INTERVAL))
 }
 
 /// One stream's state: where it has read to and the frames not yet sent.
