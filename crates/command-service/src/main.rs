@@ -25,10 +25,14 @@ async fn main() -> ExitCode {
     let _telemetry = platform::telemetry::init(config.common.log_format);
     let result = match config.command() {
         Command::Migrate => command_service::app::migrate(&config).await,
-        _ => match Application::build(config).await {
-            Ok(app) => app.run_until_stopped(platform::shutdown::signal()).await,
-            Err(e) => Err(e),
-        },
+        _ => {
+            let stop = platform::shutdown::cancel_on_signal();
+            match platform::shutdown::unless_stopped(&stop, Application::build(config)).await {
+                Some(Ok(app)) => app.run_until_stopped(stop.cancelled_owned()).await,
+                Some(Err(e)) => Err(e),
+                None => Ok(()),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

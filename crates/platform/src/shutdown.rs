@@ -55,6 +55,23 @@ pub fn cancel_on_signal() -> CancellationToken {
     token
 }
 
+/// Runs `start` (a service connecting, migrating, binding) unless `stop` is cancelled first:
+/// `None` then, and the caller exits 0 at once, since nothing has started that needs draining.
+/// A service waiting for its database at start (`DB_CONNECT_WAIT_SECS`) thus stops on SIGTERM
+/// like a running one.
+pub async fn unless_stopped<T>(
+    stop: &CancellationToken,
+    start: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        out = start => Some(out),
+        () = stop.cancelled() => {
+            tracing::info!("stopped before the service had started");
+            None
+        }
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, then waits for in-flight requests.
 ///
 /// Every accepted connection sends at once (`TCP_NODELAY`, which axum leaves off): a response

@@ -16,8 +16,12 @@ use crate::sweeper::DeadLetters;
 pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command.clone().unwrap_or(Command::Serve) {
         Command::Serve => {
-            let app = Application::build(cli).await?;
-            app.run_until_stopped(cancel_on_signal()).await?;
+            let stop = cancel_on_signal();
+            if let Some(app) =
+                platform::shutdown::unless_stopped(&stop, Application::build(cli)).await
+            {
+                app?.run_until_stopped(stop).await?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {

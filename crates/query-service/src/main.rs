@@ -40,6 +40,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         )
         .await;
     }
-    let app = Application::build(config).await?;
-    app.run_until_stopped(platform::shutdown::signal()).await
+    let stop = platform::shutdown::cancel_on_signal();
+    match platform::shutdown::unless_stopped(&stop, Application::build(config)).await {
+        Some(app) => app?.run_until_stopped(stop.cancelled_owned()).await,
+        None => Ok(()),
+    }
 }

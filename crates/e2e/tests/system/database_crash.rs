@@ -234,7 +234,7 @@ async fn the_system_heals_by_itself_when_postgresql_crashes_under_load() {
 
 /// A service started while PostgreSQL is down (every pod after a power cut, say) waits for it,
 /// saying so in its log, and is ready as soon as the database is up, instead of exiting and
-/// being restarted with a growing back-off.
+/// being restarted with a growing back-off; one told to stop meanwhile exits 0 at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_started_before_postgresql_waits_for_it_and_becomes_ready() {
     let mut postgres = PrivatePostgres::start()
@@ -268,6 +268,25 @@ async fn a_service_started_before_postgresql_waits_for_it_and_becomes_ready() {
         }
     })
     .await;
+
+    // A service waiting for its database stops on SIGTERM like a running one: at once, exit 0.
+    let mut waiting_query = Service::start(
+        "query-service",
+        "query-service",
+        &database_url,
+        &stream,
+        &[],
+    );
+    bus::testing::wait_until(DEADLINE, "the query service waits for PostgreSQL", || {
+        let log = waiting_query.log_tail();
+        async move {
+            log.contains("PostgreSQL cannot be reached yet")
+                .then_some(())
+        }
+    })
+    .await;
+    let status = waiting_query.terminate().await;
+    assert!(status.success(), "{status}\n{}", waiting_query.log_tail());
 
     postgres.start_again().await.expect("PostgreSQL starts");
     command.wait_ready(&http).await;
