@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
+use platform::db_gate::DbGate;
 use platform::health::Readiness;
 use platform::http::HttpLimits;
 use platform::{db, redis_conn, shutdown};
@@ -85,6 +86,7 @@ impl Application {
             state: AppState { handler },
             token: config.auth.tokens(),
             readiness: Readiness::new(pool.clone(), redis),
+            db_gate: DbGate::new(&pool),
             metrics,
             limits: HttpLimits {
                 body_limit_bytes: config.commands.body_limit(),
@@ -198,7 +200,13 @@ impl Application {
 
 /// `command-service migrate`: creates the database if needed and runs the migrations.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
-    db::migrate(&config.common.database_url, SERVICE_NAME, &store::MIGRATOR).await
+    db::migrate(
+        &config.common.database_url,
+        SERVICE_NAME,
+        &store::MIGRATOR,
+        config.common.db_connect_wait(),
+    )
+    .await
 }
 
 /// Deletes idempotency keys older than `ttl_secs`, now and every

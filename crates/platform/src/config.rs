@@ -79,9 +79,9 @@ pub struct CommonArgs {
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
 
-    /// Seconds a service starting while PostgreSQL cannot be reached yet (refused, not
-    /// resolvable, still starting) waits for it, trying again, before it exits (0: exit at
-    /// once). Admin commands never wait
+    /// Seconds a service (or `migrate`) starting while PostgreSQL cannot be reached yet
+    /// (refused, not resolvable, still starting) waits for it, trying again, before it exits
+    /// (0: exit at once). The other admin commands never wait
     #[arg(
         long,
         env = "DB_CONNECT_WAIT_SECS",
@@ -107,7 +107,7 @@ impl CommonArgs {
         Ok(())
     }
 
-    /// How long a starting service waits for PostgreSQL to become reachable.
+    /// How long a starting service, or `migrate`, waits for PostgreSQL to become reachable.
     pub fn db_connect_wait(&self) -> Duration {
         Duration::from_secs(self.db_connect_wait_secs)
     }

@@ -145,13 +145,26 @@ async fn pool_of(options: &PgConnectOptions, max_connections: u32) -> anyhow::Re
         .map_err(|e| describe(&e, options))
 }
 
-/// The `migrate` subcommand of every binary: creates the database if missing, runs `migrator`
-/// on one connection, and closes it.
+/// The `migrate` subcommand of every binary: waits up to `wait` for a server that cannot be
+/// reached yet (a migration job started with its database), creates the database if missing,
+/// runs `migrator` on one connection, and closes it. SIGTERM or Ctrl-C before the migrations
+/// run ends it at once, successfully, as it ends a service; once they run, they finish (each
+/// migration is a transaction of its own, so a kill would lose at most the one under way).
 pub async fn migrate(
     database_url: &str,
     service: &str,
     migrator: &'static sqlx::migrate::Migrator,
+    wait: Duration,
 ) -> anyhow::Result<()> {
+    let stop = crate::shutdown::cancel_on_signal();
+    let options = service_options(database_url, service)?;
+    if crate::shutdown::unless_stopped(&stop, wait_until_reachable(&options, wait))
+        .await
+        .is_none()
+    {
+        tracing::info!("stopped before migrating");
+        return Ok(());
+    }
     let pool = connect(database_url, service, 1, Some(migrator)).await?;
     pool.close().await;
     tracing::info!("migrations applied");
@@ -358,7 +371,7 @@ fn database_name(options: &PgConnectOptions) -> String {
 }
 
 /// `host:port` or the socket path, for messages.
-fn server(options: &PgConnectOptions) -> String {
+pub(crate) fn server(options: &PgConnectOptions) -> String {
     match options.get_socket() {
         Some(path) => path.display().to_string(),
         None => format!("{}:{}", options.get_host(), options.get_port()),
@@ -390,7 +403,7 @@ fn describe(e: &sqlx::Error, options: &PgConnectOptions) -> anyhow::Error {
 }
 
 /// A short lower-case cause: `connection refused`, `timed out`, or the server's message.
-fn describe_cause(e: &sqlx::Error) -> String {
+pub(crate) fn describe_cause(e: &sqlx::Error) -> String {
     match e {
         sqlx::Error::Io(io) => describe_io(io),
         sqlx::Error::PoolTimedOut => "timed out".to_owned(),

@@ -25,6 +25,8 @@
 //! - [`health`]: `/healthz`, `/readyz` (per-dependency checks) and the router serving them with
 //!   `/metrics`.
 //! - [`db`]: connect to Postgres, creating the database when missing, and run migrations.
+//! - [`db_gate`]: while Postgres cannot be reached, API requests are refused at once (503) rather
+//!   than each waiting for a connection; a probe lets them through when it is back.
 //! - [`redis_conn`]: a `ConnectionManager` with explicit timeouts, and dedicated connections for
 //!   blocking reads.
 //! - [`redis_tls`]: the TLS files of a `rediss://` `REDIS_URL` (trusted authorities, client
@@ -36,6 +38,7 @@
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod db_gate;
 pub mod extract;
 pub mod health;
 pub mod healthcheck;

@@ -197,7 +197,20 @@ impl IntoResponse for Problem {
         )
             .into_response();
         response.headers_mut().extend(self.headers);
+        response.extensions_mut().insert(ProblemCode(self.code));
         response
+    }
+}
+
+/// The `code` of a problem response, kept in the response's extensions so that middleware can
+/// tell what a route answered without parsing its body (`db_gate` reacts to `store_unavailable`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProblemCode(String);
+
+impl ProblemCode {
+    /// The stable code (`store_unavailable`, `not_found`, …).
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 

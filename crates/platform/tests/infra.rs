@@ -21,12 +21,12 @@ const REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 static TEST_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("tests/migrations");
 
-/// A port nothing listens on: bind an ephemeral port, then free it.
 /// A client of `url` as the services build one, without TLS files.
 fn plain_client(url: &str) -> redis::Client {
     platform::config::redis_client(url, &RedisTlsArgs::default()).unwrap()
 }
 
+/// A port nothing listens on: bind an ephemeral port, then free it.
 fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()

@@ -29,6 +29,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 &cli.common.database_url,
                 crate::app::SERVICE_NAME,
                 &store::MIGRATOR,
+                cli.common.db_connect_wait(),
             )
             .await?;
             Ok(ExitCode::SUCCESS)

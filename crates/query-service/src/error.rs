@@ -127,7 +127,7 @@ impl ApiError {
             )),
             ApiError::StoreUnavailable(e) => {
                 tracing::warn!(error = %platform::config::error_chain(e.as_ref()), "the database is unavailable");
-                Problem::unavailable("store_unavailable", STORE_RETRY_AFTER_SECS)
+                Problem::unavailable(platform::db_gate::STORE_UNAVAILABLE, STORE_RETRY_AFTER_SECS)
                     .with_detail("the database is unavailable; retry later")
             }
             ApiError::Internal(e) => Problem::internal_error(e),

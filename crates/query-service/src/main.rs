@@ -37,6 +37,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             &config.common.database_url,
             query_service::startup::SERVICE_NAME,
             &store::MIGRATOR,
+            config.common.db_connect_wait(),
         )
         .await;
     }

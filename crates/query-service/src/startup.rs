@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
+use platform::db_gate::DbGate;
 use platform::health::Readiness;
 use platform::http::cors::with_cors;
 use platform::http::{HttpLimits, standard_layers};
@@ -108,7 +109,8 @@ impl Application {
         let router = routes::router(
             state,
             config.auth.tokens(),
-            Readiness::new(pool, redis),
+            Readiness::new(pool.clone(), redis),
+            DbGate::new(&pool),
             metrics,
         );
         let router = standard_layers(

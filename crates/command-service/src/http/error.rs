@@ -98,7 +98,7 @@ fn command_problem(err: &CommandError) -> Problem {
         }
         // Already logged with its cause where it happened; the client gets no internals.
         CommandError::StoreUnavailable(_) => {
-            Problem::unavailable("store_unavailable", STORE_RETRY_AFTER_SECS)
+            Problem::unavailable(platform::db_gate::STORE_UNAVAILABLE, STORE_RETRY_AFTER_SECS)
                 .with_detail("the event store is unavailable; retry later")
         }
     }

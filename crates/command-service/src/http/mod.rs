@@ -18,9 +18,11 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::http::header;
+use axum::middleware;
 use axum::routing::{delete, get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use platform::auth::require_bearer_token;
+use platform::db_gate::{DbGate, refuse_while_unreachable};
 use platform::extract::with_fallbacks;
 use platform::health::{Readiness, health_router};
 use platform::http::{HttpLimits, standard_layers};
@@ -41,6 +43,8 @@ pub struct RouterParts {
     pub state: AppState,
     pub token: Option<platform::auth::BearerTokens>,
     pub readiness: Readiness,
+    /// Refuses the write routes at once while PostgreSQL cannot be reached.
+    pub db_gate: DbGate,
     pub metrics: PrometheusHandle,
     pub limits: HttpLimits,
     /// Web origins allowed to call the API from a browser (`CORS_ALLOWED_ORIGINS`).
@@ -57,6 +61,12 @@ pub fn router(parts: RouterParts) -> Router {
         .route("/orders/{id}/pay", post(routes::pay_order))
         .route("/orders/{id}/ship", post(routes::ship_order))
         .route("/orders/{id}/cancel", post(routes::cancel_order))
+        // Added before the token check, so the check runs first: a request without a valid
+        // token is 401 whether or not the database is there.
+        .route_layer(middleware::from_fn_with_state(
+            parts.db_gate,
+            refuse_while_unreachable,
+        ))
         .route_layer(require_bearer_token(parts.token))
         .with_state(parts.state);
     let document: Arc<str> = Arc::from(openapi::render());

@@ -8,7 +8,8 @@ use uuid::Uuid;
 /// PostgreSQL crashes (every backend killed at once) under a steady flow of commands and comes
 /// back a little later on the same address, as in a fail-over or a restart: nobody restarts a
 /// service. While it is down, each service says it is not ready and every request is answered
-/// 503 `store_unavailable` (never a 500, never a hang); afterwards the services take up their
+/// 503 `store_unavailable` (never a 500, never a hang), at once once the API has found the
+/// server gone (`database_unreachable`); afterwards the services take up their
 /// work by themselves, every command (sent again with its `Idempotency-Key` until acknowledged)
 /// is in the event store exactly once, every event reaches
 /// Redis in order, the read models are exact, a read-your-writes wait is answered again, and a
@@ -93,6 +94,18 @@ async fn the_system_heals_by_itself_when_postgresql_crashes_under_load() {
     let problem: Value = response.json().await.expect("a problem body");
     assert_eq!(problem["code"], "store_unavailable", "{problem}");
     assert!(!problem.to_string().contains("5432"), "{problem}");
+    // Both APIs have found the server gone and refuse at once rather than each request waiting
+    // for a connection; the writers, retrying, are among those refused.
+    for service in [&command, &query] {
+        wait_metric(&http, service, "database_unreachable", |v| v == 1.0).await;
+    }
+    wait_metric(
+        &http,
+        &command,
+        "database_unreachable_refusals_total",
+        |v| v > 0.0,
+    )
+    .await;
 
     postgres
         .start_again()
@@ -100,6 +113,9 @@ async fn the_system_heals_by_itself_when_postgresql_crashes_under_load() {
         .expect("PostgreSQL starts again");
     for service in [&command, &projector, &query] {
         wait_readiness(&http, service, 200).await;
+    }
+    for service in [&command, &query] {
+        wait_metric(&http, service, "database_unreachable", |v| v == 0.0).await;
     }
     writers.wait_for_more(40, "after the restart").await;
     let outcomes = writers.stop().await;
@@ -302,4 +318,56 @@ async fn a_service_started_before_postgresql_waits_for_it_and_becomes_ready() {
         "{}",
         command.log_tail()
     );
+}
+
+/// `migrate` started while PostgreSQL is down (a migration job deployed with its database)
+/// waits for it like a service, then creates the database, migrates it and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_started_before_postgresql_waits_for_it_and_migrates() {
+    let mut postgres = PrivatePostgres::start()
+        .await
+        .expect("a private PostgreSQL server");
+    postgres.crash().await.expect("PostgreSQL stops");
+    let database_url = postgres.url("orders");
+    let log = std::env::temp_dir().join(format!("e2e-migrate-{}.log", Uuid::new_v4().simple()));
+    let mut migrate = tokio::process::Command::new(bin_dir().join("command-service"))
+        .arg("migrate")
+        .env("DATABASE_URL", &database_url)
+        .env("LOG_FORMAT", "json")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start migrate");
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    bus::testing::wait_until(DEADLINE, "migrate says it waits for PostgreSQL", || {
+        let text = log_text();
+        async move {
+            text.contains("PostgreSQL cannot be reached yet")
+                .then_some(())
+        }
+    })
+    .await;
+    assert!(
+        migrate.try_wait().expect("wait").is_none(),
+        "migrate gave up at once:\n{}",
+        log_text()
+    );
+
+    postgres.start_again().await.expect("PostgreSQL starts");
+    let status = tokio::time::timeout(DEADLINE, migrate.wait())
+        .await
+        .expect("migrate ends")
+        .expect("wait");
+    assert!(status.success(), "{status}\n{}", log_text());
+    let pool = sqlx::PgPool::connect(&database_url)
+        .await
+        .expect("the database exists");
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .expect("the events table exists");
+    assert_eq!(events, 0);
+    pool.close().await;
+    let _ = std::fs::remove_file(&log);
 }

@@ -240,6 +240,42 @@ pub(crate) async fn wait_readiness(http: &reqwest::Client, service: &Service, st
     .await;
 }
 
+/// Waits until the sum of the samples of metric `name` on `service`'s `/metrics` satisfies
+/// `wanted` (a metric not exposed yet counts as absent, not as 0).
+pub(crate) async fn wait_metric(
+    http: &reqwest::Client,
+    service: &Service,
+    name: &str,
+    wanted: impl Fn(f64) -> bool,
+) {
+    let what = format!("{}'s {name} reaches the wanted value", service.name);
+    bus::testing::wait_until(DEADLINE, &what, || {
+        let request = http.get(service.url("/metrics"));
+        let wanted = &wanted;
+        async move {
+            let text = request.send().await.ok()?.text().await.ok()?;
+            let value = metric_sum(&text, name)?;
+            wanted(value).then_some(())
+        }
+    })
+    .await;
+}
+
+/// The sum of the samples of `name` (any labels) in a Prometheus text exposition.
+fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let samples: Vec<f64> = text
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            if !(rest.starts_with(' ') || rest.starts_with('{')) {
+                return None;
+            }
+            line.rsplit(' ').next()?.parse().ok()
+        })
+        .collect();
+    (!samples.is_empty()).then(|| samples.iter().sum())
+}
+
 /// What a follower of an event stream has received: the ids of the frames with an event, and
 /// the last id of any frame (where it resumes).
 #[derive(Debug, Default)]

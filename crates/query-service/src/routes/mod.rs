@@ -13,6 +13,7 @@ use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
+use platform::db_gate::DbGate;
 use platform::health::{Readiness, health_router};
 use serde::Serialize;
 
@@ -39,11 +40,13 @@ pub struct AppState {
     pub reads: ReadArgs,
 }
 
-/// The complete router (API, health, metrics, OpenAPI), without the standard layers.
+/// The complete router (API, health, metrics, OpenAPI), without the standard layers. The API
+/// routes are refused at once while `db_gate` finds PostgreSQL unreachable.
 pub fn router(
     state: AppState,
     token: Option<platform::auth::BearerTokens>,
     readiness: Readiness,
+    db_gate: DbGate,
     metrics: PrometheusHandle,
 ) -> Router {
     let wait_ms_max = state.reads.wait_ms_max;
@@ -59,6 +62,12 @@ pub fn router(
         .route("/events", get(history::get_events))
         .route("/events/stream", get(history::get_event_stream))
         .route("/customers/{id}", get(customers::get_customer))
+        // Added before the token check, so the check runs first: a request without a valid
+        // token is 401 whether or not the database is there.
+        .route_layer(axum::middleware::from_fn_with_state(
+            db_gate,
+            platform::db_gate::refuse_while_unreachable,
+        ))
         .route_layer(platform::auth::require_bearer_token(token))
         .with_state(state);
     let docs = Router::new().route(

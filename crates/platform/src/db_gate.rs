@@ -1,0 +1,201 @@
+//! The database gate: while PostgreSQL is known to be unreachable, API requests are answered
+//! 503 `store_unavailable` at once, instead of each waiting [`crate::db::ACQUIRE_TIMEOUT`] for a
+//! pooled connection that cannot be made; a probe lets them through again as soon as a
+//! connection succeeds.
+//!
+//! How it learns: every `store_unavailable` answer of the routes behind
+//! [`refuse_while_unreachable`] starts one probe (one at a time): a connection made directly,
+//! not through the pool, whose connections may merely all be busy. When the server cannot be
+//! reached (refused, reset, timed out, shutting down or starting up), the gate shuts, and the
+//! probe tries again every [`PROBE_INTERVAL`] until a connection succeeds, when it opens again.
+//! A request is therefore refused only while the server was unreachable at the last probe, at
+//! most [`PROBE_INTERVAL`] (plus a connect) ago; requests already waiting in the pool when the
+//! outage began still wait for their own connection, as before.
+//!
+//! What it never does: refuse requests while the server answers connections (a saturated pool,
+//! a server at its connection limit or a rejected statement leave it open), hold a request
+//! back, or touch the pool. The gauge `database_unreachable` (1 while shut) and the counter
+//! `database_unreachable_refusals_total` tell monitoring what it does.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+
+use crate::problem::{Problem, ProblemCode};
+
+/// The problem code of a store that cannot be used now, shared by every service.
+pub const STORE_UNAVAILABLE: &str = "store_unavailable";
+/// Pause between two probes while the server is unreachable: how late, at most, requests are
+/// let through again after the server is back.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// Longest a probe's connection may take before the server counts as unreachable: a server
+/// whose packets are dropped does not refuse, it never answers.
+pub const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// `Retry-After` seconds of a refused request.
+pub const REFUSED_RETRY_AFTER_SECS: u64 = 1;
+
+/// Whether the database can be reached, shared by every request of a service (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct DbGate {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// How the probe connects: the pool's own options (server, TLS, credentials).
+    options: Arc<PgConnectOptions>,
+    /// Set while the last probe could not reach the server.
+    shut: AtomicBool,
+    /// Set while a probe runs, so a burst of failures starts one.
+    probing: AtomicBool,
+}
+
+impl DbGate {
+    /// A gate for the server `pool` connects to; open until a probe finds the server unreachable.
+    pub fn new(pool: &PgPool) -> Self {
+        metrics::gauge!("database_unreachable").set(0.0);
+        Self {
+            inner: Arc::new(Inner {
+                options: pool.connect_options(),
+                shut: AtomicBool::new(false),
+                probing: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Whether requests are being refused because the server could not be reached.
+    pub fn is_shut(&self) -> bool {
+        self.inner.shut.load(Ordering::Acquire)
+    }
+
+    /// Whether a probe is under way: started by a `store_unavailable` answer, not yet ended.
+    pub fn is_probing(&self) -> bool {
+        self.inner.probing.load(Ordering::Acquire)
+    }
+
+    /// Reports that a request found the store unavailable: starts a probe unless one runs.
+    pub fn suspect(&self) {
+        if self.inner.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            probe_until_reachable(&inner).await;
+            inner.probing.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// Connects until a connection succeeds or fails for a reason other than an unreachable
+/// server, shutting the gate in between and opening it at the end.
+async fn probe_until_reachable(inner: &Inner) {
+    let mut shut_since: Option<Instant> = None;
+    loop {
+        match connect(&inner.options).await {
+            Err(e) if is_unreachable(&e) => {
+                if shut_since.is_none() {
+                    shut_since = Some(Instant::now());
+                    inner.shut.store(true, Ordering::Release);
+                    metrics::gauge!("database_unreachable").set(1.0);
+                    tracing::warn!(
+                        server = %crate::db::server(&inner.options),
+                        error = %crate::db::describe_cause(&e),
+                        "PostgreSQL cannot be reached: API requests are answered 503 \
+                         store_unavailable at once until a connection succeeds"
+                    );
+                }
+                tokio::time::sleep(PROBE_INTERVAL).await;
+            }
+            // Reachable: a connection, or an answer that says the server is there (a rejected
+            // password, a missing database, too many connections) and is the requests' to report.
+            other => {
+                if let Ok(conn) = other {
+                    let _ = conn.close().await;
+                }
+                if let Some(since) = shut_since {
+                    inner.shut.store(false, Ordering::Release);
+                    metrics::gauge!("database_unreachable").set(0.0);
+                    tracing::info!(
+                        server = %crate::db::server(&inner.options),
+                        unreachable_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        "PostgreSQL is reachable again: serving API requests"
+                    );
+                } else {
+                    // The failure that started this probe was not the server's absence; wait a
+                    // little before the next probe so a burst of such failures makes one connection
+                    // per interval, not one per request.
+                    tokio::time::sleep(PROBE_INTERVAL).await;
+                }
+                return;
+            }
+        }
+    }
+}
+
+async fn connect(options: &PgConnectOptions) -> Result<PgConnection, sqlx::Error> {
+    match tokio::time::timeout(PROBE_CONNECT_TIMEOUT, PgConnection::connect_with(options)).await {
+        Ok(result) => result,
+        Err(_) => Err(sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::TimedOut,
+        ))),
+    }
+}
+
+/// Whether a failed connection says the server cannot be reached at all (as opposed to a
+/// server that answered and refused: credentials, a missing database, its connection limit).
+fn is_unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // Connection exceptions, and a server shutting down, crashed or still starting.
+            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
+    }
+}
+
+/// Middleware for the routes that need the database: answers 503 `store_unavailable` at once
+/// while the gate is shut, and reports every `store_unavailable` answer to it.
+pub async fn refuse_while_unreachable(
+    State(gate): State<DbGate>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if gate.is_shut() {
+        metrics::counter!("database_unreachable_refusals_total").increment(1);
+        return Problem::unavailable(STORE_UNAVAILABLE, REFUSED_RETRY_AFTER_SECS)
+            .with_detail("the store cannot be reached; retry later")
+            .into_response();
+    }
+    let response = next.run(request).await;
+    if response
+        .extensions()
+        .get::<ProblemCode>()
+        .is_some_and(|code| code.as_str() == STORE_UNAVAILABLE)
+    {
+        gate.suspect();
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_absent_server_is_unreachable() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(is_unreachable(&sqlx::Error::Io(refused)));
+        assert!(is_unreachable(&sqlx::Error::Protocol(
+            "unexpected EOF".into()
+        )));
+        assert!(!is_unreachable(&sqlx::Error::PoolTimedOut));
+        assert!(!is_unreachable(&sqlx::Error::RowNotFound));
+    }
+}

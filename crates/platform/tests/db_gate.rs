@@ -1,0 +1,226 @@
+//! The database gate against a real PostgreSQL (127.0.0.1:5432), reached through a TCP switch
+//! the test turns off and on: requests refused at once while the server cannot be reached,
+//! served again when it is back, and never refused while the server answers.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{Request, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use platform::Problem;
+use platform::db_gate::{DbGate, STORE_UNAVAILABLE, refuse_while_unreachable};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{JoinHandle, JoinSet};
+use tower::ServiceExt;
+
+const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const POSTGRES: &str = "127.0.0.1:5432";
+/// How long a test waits for the gate to change before it fails.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A TCP forwarder to the shared PostgreSQL on a port of its own: switched off, the port refuses
+/// connections and every forwarded one is cut, as when the server crashes; switched on again,
+/// the same port forwards again.
+struct Switch {
+    port: u16,
+    forwarding: Option<JoinHandle<()>>,
+}
+
+impl Switch {
+    async fn on() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        Self {
+            port,
+            forwarding: Some(tokio::spawn(forward(listener))),
+        }
+    }
+
+    async fn turn_off(&mut self) {
+        if let Some(task) = self.forwarding.take() {
+            // Dropping the task drops the listener and the forwarded connections with it.
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    async fn turn_on(&mut self) {
+        let address: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
+        let listener = TcpListener::bind(address).await.unwrap();
+        self.forwarding = Some(tokio::spawn(forward(listener)));
+    }
+}
+
+async fn forward(listener: TcpListener) {
+    let mut connections = JoinSet::new();
+    loop {
+        let Ok((mut client, _)) = listener.accept().await else {
+            return;
+        };
+        connections.spawn(async move {
+            if let Ok(mut server) = TcpStream::connect(POSTGRES).await {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            }
+        });
+    }
+}
+
+/// A pool built as the services build theirs (a refused connect is retried until the acquire
+/// timeout), shortened so a failing request does not take the service's five seconds.
+fn pool_to(options: PgConnectOptions, max_connections: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy_with(options)
+}
+
+#[derive(Clone)]
+struct Route {
+    pool: PgPool,
+    calls: Arc<AtomicUsize>,
+}
+
+/// A route that needs the database, answering as the services do: 503 `store_unavailable` when
+/// the database cannot be used.
+async fn query(State(route): State<Route>) -> Response {
+    route.calls.fetch_add(1, Ordering::SeqCst);
+    match sqlx::query_scalar::<_, i32>("SELECT 1")
+        .fetch_one(&route.pool)
+        .await
+    {
+        Ok(_) => StatusCode::OK.into_response(),
+        Err(e) if platform::db::is_unavailable(&e) => {
+            Problem::unavailable(STORE_UNAVAILABLE, 1).into_response()
+        }
+        Err(e) => Problem::internal_error(&e).into_response(),
+    }
+}
+
+fn app(route: Route, gate: DbGate) -> Router {
+    Router::new()
+        .route("/query", get(query))
+        .route_layer(axum::middleware::from_fn_with_state(
+            gate,
+            refuse_while_unreachable,
+        ))
+        .with_state(route)
+}
+
+async fn get_query(app: &Router) -> Response {
+    app.clone()
+        .oneshot(Request::get("/query").body(Body::empty()).unwrap())
+        .await
+        .unwrap()
+}
+
+async fn code_of(response: Response) -> String {
+    let bytes = axum::body::to_bytes(response.into_body(), 64 * 1024)
+        .await
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    body["code"].as_str().unwrap().to_owned()
+}
+
+async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn while_the_server_cannot_be_reached_requests_are_refused_without_running_the_route() {
+    let mut switch = Switch::on().await;
+    let options = PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(switch.port)
+        .username("postgres")
+        .database("postgres");
+    let route = Route {
+        pool: pool_to(options, 2),
+        calls: Arc::default(),
+    };
+    let gate = DbGate::new(&route.pool);
+    let app = app(route.clone(), gate.clone());
+    assert_eq!(get_query(&app).await.status(), StatusCode::OK);
+
+    switch.turn_off().await;
+    // The route finds out first: its pooled connection is cut, or a new one refused.
+    let response = get_query(&app).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(code_of(response).await, STORE_UNAVAILABLE);
+    wait_until("the gate shuts", || gate.is_shut()).await;
+
+    let calls = route.calls.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        let response = get_query(&app).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(code_of(response).await, STORE_UNAVAILABLE);
+    }
+    assert_eq!(
+        route.calls.load(Ordering::SeqCst),
+        calls,
+        "a refused request never reaches the route, so it never waits for a connection"
+    );
+
+    switch.turn_on().await;
+    wait_until("the gate opens once the server is back", || !gate.is_shut()).await;
+    assert_eq!(get_query(&app).await.status(), StatusCode::OK);
+    assert_eq!(route.calls.load(Ordering::SeqCst), calls + 1);
+}
+
+#[tokio::test]
+async fn a_server_that_answers_never_shuts_the_gate_even_when_no_connection_can_be_had() {
+    // A role limited to one connection: the pool's one connection is held, so a request times
+    // out waiting for it, and the gate's probe is turned away by the server's limit — both
+    // failures of a server that is there, which requests must keep reaching.
+    let role = format!("gate_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = PgConnection::connect(ADMIN_URL).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE \"{role}\" LOGIN CONNECTION LIMIT 1"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let options = PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(5432)
+        .username(&role)
+        .database("postgres");
+    let route = Route {
+        pool: pool_to(options, 1),
+        calls: Arc::default(),
+    };
+    let gate = DbGate::new(&route.pool);
+    let app = app(route.clone(), gate.clone());
+
+    let held = route.pool.acquire().await.unwrap();
+    let response = get_query(&app).await;
+    assert_eq!(code_of(response).await, STORE_UNAVAILABLE);
+    assert!(
+        gate.is_probing(),
+        "a store_unavailable answer starts a probe"
+    );
+    wait_until("the probe ends", || !gate.is_probing()).await;
+    assert!(!gate.is_shut(), "the server answered the probe");
+
+    drop(held);
+    assert_eq!(get_query(&app).await.status(), StatusCode::OK);
+    route.pool.close().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP ROLE \"{role}\"")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}
