@@ -27,7 +27,7 @@ const STORE_RETRY_AFTER_SECS: u64 = 1;
 pub enum ApiError {
     /// The command was refused or failed.
     Command(CommandError),
-    /// `If-Match` is not a quoted integer.
+    /// `If-Match` is neither one quoted integer nor `*`.
     InvalidIfMatch,
     /// `Idempotency-Key` is empty, too long or not printable ASCII.
     InvalidIdempotencyKey,
@@ -54,7 +54,7 @@ impl ApiError {
             ApiError::Problem(problem) => (**problem).clone(),
             ApiError::InvalidIfMatch => Problem::bad_request(
                 "invalid_if_match",
-                "If-Match must be a quoted order version, e.g. If-Match: \"3\"",
+                "If-Match must be one quoted order version, e.g. If-Match: \"3\", or *",
             ),
             ApiError::InvalidIdempotencyKey => Problem::bad_request(
                 "invalid_idempotency_key",

@@ -98,7 +98,7 @@ async fn parse_json<T: DeserializeOwned, S: Send + Sync>(
 #[derive(Debug, Clone)]
 pub struct CommandHeaders {
     pub context: RequestContext,
-    /// The version in `If-Match: "<version>"`.
+    /// The version in `If-Match: "<version>"` (none for `If-Match: *`, any version).
     pub if_match: Option<i64>,
     pub idempotency_key: Option<String>,
     /// `METHOD path`, hashed with the body for `Idempotency-Key`.
@@ -115,6 +115,9 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
         let Ok(context) = RequestContext::from_request_parts(parts, state).await;
         let if_match = match parts.headers.get(header::IF_MATCH) {
             None => None,
+            // "Any current version" (RFC 9110): the order must exist, which every command on an
+            // order requires anyway (404 otherwise), so it adds no condition.
+            Some(value) if value.as_bytes().trim_ascii() == b"*" => None,
             Some(value) => Some(
                 value
                     .to_str()

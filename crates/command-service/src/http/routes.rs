@@ -109,8 +109,8 @@ fn command_header_params(with_if_match: bool) -> Vec<utoipa::openapi::path::Para
     };
     let if_match = header(
         "If-Match",
-        "`\"<version>\"`: apply only at this version, else 412",
-        ObjectBuilder::new().pattern(Some(r#"^"[0-9]+"$"#)),
+        "`\"<version>\"`: apply only at this version, else 412; `*`: at any version (the order must exist)",
+        ObjectBuilder::new().pattern(Some(r#"^("[0-9]+"|\*)$"#)),
     );
     let rest = [
         header(

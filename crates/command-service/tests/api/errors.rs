@@ -57,10 +57,10 @@ async fn a_malformed_order_id_in_the_path_is_a_400() {
 }
 
 #[tokio::test]
-async fn an_if_match_that_is_not_a_quoted_integer_is_a_400() {
+async fn an_if_match_that_is_not_one_quoted_integer_or_a_star_is_a_400() {
     let app = spawn_app().await;
     let order_id = app.create_order().await;
-    for bad in ["1", "\"one\"", "*"] {
+    for bad in ["1", "\"one\"", "W/\"1\"", "\"1\", \"2\""] {
         let response = app
             .post(&format!("/orders/{order_id}/items"))
             .header("if-match", bad)
@@ -70,6 +70,26 @@ async fn an_if_match_that_is_not_a_quoted_integer_is_a_400() {
             .unwrap();
         assert_problem(response, 400, "invalid_if_match").await;
     }
+}
+
+#[tokio::test]
+async fn if_match_star_applies_at_any_version_of_an_existing_order_only() {
+    let app = spawn_app().await;
+    let order_id = app.create_order().await;
+    let add = |order: Uuid, sku: &'static str| {
+        app.post(&format!("/orders/{order}/items"))
+            .header("if-match", "*")
+            .json(&json!({ "sku": sku, "quantity": 1, "unit_price": 10 }))
+            .send()
+    };
+    for (sku, version) in [("A", 2), ("B", 3)] {
+        let response = add(order_id, sku).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["version"], version);
+    }
+    let response = add(Uuid::new_v4(), "A").await.unwrap();
+    assert_problem(response, 404, "order_not_found").await;
 }
 
 #[tokio::test]
