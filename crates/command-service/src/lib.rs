@@ -16,7 +16,9 @@
 //! # Invariants
 //! - An acknowledged command's events are committed in Postgres before the response.
 //! - Handlers never touch SQL: they call [`commands::CommandHandler::execute`].
-//! - A store failure is logged and answered 503 `store_unavailable`, never with its cause.
+//! - A store failure is logged and answered 503 `store_unavailable`, never with its cause;
+//!   while PostgreSQL cannot be reached at all, commands get that answer at once
+//!   (`platform::db_gate`).
 
 pub mod app;
 pub mod commands;

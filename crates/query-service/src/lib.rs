@@ -29,6 +29,8 @@
 //!   P is read in the same statement (snapshot) as the rows.
 //! - A waiting request costs no database work while it waits; the watcher's work is constant
 //!   per instance.
+//! - A database that cannot be used is a 503 `store_unavailable`, never a 500; while PostgreSQL
+//!   cannot be reached at all, every API route answers it at once (`platform::db_gate`).
 
 pub mod config;
 pub mod consistency;
