@@ -168,9 +168,15 @@ async fn echo_traceparent(ctx: RequestContext) -> String {
 
 fn app() -> Router {
     standard_layers(
-        Router::new().route("/echo", get(echo_traceparent)),
+        Router::new()
+            .route("/echo", get(echo_traceparent))
+            .route("/refuse", get(refuse)),
         HttpLimits::default(),
     )
+}
+
+async fn refuse() -> platform::Problem {
+    platform::Problem::unavailable("store_unavailable", 1)
 }
 
 async fn call(app: Router, traceparent: Option<&str>) -> (String, String) {
@@ -342,7 +348,11 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
     }
 }
 
-async fn logged_trace_ids(traceparent: Option<&str>) -> (String, Vec<String>) {
+/// Runs `work` with JSON logs collected in memory; returns its output and, for every line
+/// logged inside a request span, that span's fields and the line's message.
+async fn with_request_logs<T>(
+    work: impl std::future::Future<Output = T>,
+) -> (T, Vec<(serde_json::Value, String)>) {
     let logs = LogBuffer::default();
     let fmt = tracing_subscriber::fmt::layer()
         .json()
@@ -350,22 +360,57 @@ async fn logged_trace_ids(traceparent: Option<&str>) -> (String, Vec<String>) {
         .with_writer(logs.clone());
     let subscriber = tracing_subscriber::registry().with(fmt);
     let scope = tracing::subscriber::set_default(subscriber);
-    let (_, trace_id) = call(app(), traceparent).await;
+    let output = work.await;
     drop(scope);
     let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     let logged = text
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter_map(|v| {
-            v["spans"]
+            let span = v["spans"]
                 .as_array()?
                 .iter()
-                .find(|s| s["name"] == "request")?["trace_id"]
-                .as_str()
-                .map(str::to_owned)
+                .find(|s| s["name"] == "request")?
+                .clone();
+            let message = v["fields"]["message"].as_str().unwrap_or("").to_owned();
+            Some((span, message))
         })
         .collect();
+    (output, logged)
+}
+
+async fn logged_trace_ids(traceparent: Option<&str>) -> (String, Vec<String>) {
+    let ((_, trace_id), logged) = with_request_logs(call(app(), traceparent)).await;
+    let logged = logged
+        .iter()
+        .filter_map(|(span, _)| span["trace_id"].as_str().map(str::to_owned))
+        .collect();
     (trace_id, logged)
+}
+
+#[tokio::test]
+async fn the_closing_log_line_of_a_failed_request_names_its_problem_code() {
+    let (status, logged) = with_request_logs(async {
+        let request = axum::http::Request::builder()
+            .uri("/refuse")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        app().oneshot(request).await.unwrap().status()
+    })
+    .await;
+    assert_eq!(status.as_u16(), 503);
+    let closing = logged
+        .iter()
+        .find(|(_, message)| message == "finished processing request")
+        .unwrap_or_else(|| panic!("no closing line: {logged:?}"));
+    assert_eq!(closing.0["problem"], "store_unavailable", "{logged:?}");
+
+    let (_, logged) = with_request_logs(call(app(), None)).await;
+    assert!(!logged.is_empty());
+    assert!(
+        logged.iter().all(|(span, _)| span.get("problem").is_none()),
+        "an answered request names no problem: {logged:?}"
+    );
 }
 
 #[tokio::test]

@@ -2,7 +2,8 @@
 //!
 //! [`standard_layers`] adds, from the outside in: the `x-request-id` (made when absent, echoed on
 //! the response), the [`RequestContext`] (correlation id, trace context, actor), a trace span
-//! carrying `method`, `route`, `request_id`, `correlation_id` and `trace_id`, the HTTP metrics,
+//! carrying `method`, `route`, `request_id`, `correlation_id`, `trace_id` and, on an error
+//! answer, its `problem` code, the HTTP metrics,
 //! the load shedder (503 `overloaded` beyond [`HttpLimits::max_in_flight`] requests at once), the
 //! panic catcher (500 `internal`), the request timeout (503 `timeout`) and the body limit
 //! (413 `payload_too_large`). Every error it produces is a [`Problem`].
@@ -38,7 +39,7 @@ pub use context::{
 pub use traceparent::{TraceParent, parse_traceparent};
 
 use crate::extract::payload_too_large;
-use crate::problem::Problem;
+use crate::problem::{Problem, ProblemCode};
 
 /// Default body limit: commands are small JSON documents; 64 KiB leaves ample room.
 pub const DEFAULT_BODY_LIMIT_BYTES: usize = 64 * 1024;
@@ -133,6 +134,9 @@ fn make_span(req: &Request) -> Span {
         correlation_id = %correlation_id,
         // Recorded below, once it is known whether OpenTelemetry picks the trace id.
         trace_id = tracing::field::Empty,
+        // The problem code of an error answer (`record_metrics`), so the request's closing log
+        // line says which failure it was, not only its status.
+        problem = tracing::field::Empty,
     );
     // A valid incoming `traceparent` is the OTel parent, so an upstream trace continues here.
     // Only the client's own header counts: a generated context names no real span. Without the
@@ -198,12 +202,16 @@ fn method_label(method: &Method) -> &'static str {
 }
 
 /// Records `http_requests_total{method,route,status}` and
-/// `http_request_duration_seconds{method,route}`.
+/// `http_request_duration_seconds{method,route}`, and the problem code of an error answer in
+/// the request span.
 async fn record_metrics(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = method_label(req.method());
     let route = route_of(&req);
     let response = next.run(req).await;
+    if let Some(code) = response.extensions().get::<ProblemCode>() {
+        Span::current().record("problem", code.as_str());
+    }
     let status = response.status().as_u16().to_string();
     ::metrics::counter!(
         "http_requests_total",
