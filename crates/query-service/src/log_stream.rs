@@ -251,7 +251,7 @@ impl Follow {
 
     /// Waits for a tail batch that continues from `after` and queues its frames; at a gap (a
     /// batch this stream was too slow to see) it goes back to reading the store. `None` at
-    /// shutdown or when an event does not serialise.
+    /// shutdown (once a held progress frame is queued) or when an event does not serialise.
     async fn take_from_tail(&mut self) -> Option<()> {
         loop {
             let batch = Arc::clone(&self.tail.borrow_and_update());
@@ -268,7 +268,13 @@ impl Follow {
             }
             let due = self.held_progress.map(|(_, due)| due);
             tokio::select! {
-                () = self.stop.cancelled() => return None,
+                () = self.stop.cancelled() => {
+                    // Ending at shutdown: hand on the progress held back first, so the client
+                    // resumes (elsewhere) past what it has read, as it would have at its due time.
+                    let (position, _) = self.held_progress.take()?;
+                    self.pending.push_back(Event::default().id(position.to_string()));
+                    return Some(());
+                }
                 changed = self.tail.changed() => changed.ok()?,
                 () = sleep_until_some(due) => {
                     if let Some((position, _)) = self.held_progress.take() {

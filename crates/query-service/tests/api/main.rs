@@ -1395,6 +1395,38 @@ async fn a_filtered_stream_at_the_head_sends_its_held_progress_when_the_interval
     }
 }
 
+/// Held progress is not lost at shutdown either: the stream's last frame carries the furthest
+/// position read, so the client resumes on another instance past what did not match.
+#[tokio::test]
+async fn a_filtered_stream_ended_by_shutdown_sends_its_held_progress_first() {
+    let mut app = spawn_app_with(Options {
+        event_stream_progress_ms: Some(60_000),
+        ..Options::default()
+    })
+    .await;
+    let order = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let (mut filtered, _all) = streams_at_the_head(&app, order, &mut state).await;
+    let taken = app.streams.tail_batches.load(Ordering::Relaxed);
+    let mut last = 0;
+    for (n, sku) in ["A", "B"].into_iter().enumerate() {
+        last = app.append_command(order, &mut state, add(sku, 1, 1)).await;
+        wait_for_tail_batches(&app, taken + 2 * (n as u64 + 1)).await;
+    }
+
+    let _ = app.stop.take().unwrap().send(());
+    let mut frames = Vec::new();
+    while let Some(frame) = filtered.next_frame().await {
+        frames.push(frame);
+    }
+    let ended_with = frames.iter().rev().find_map(|frame| frame.id.clone());
+    assert_eq!(ended_with, Some(last.to_string()), "{frames:?}");
+    assert!(
+        frames.iter().all(|frame| frame.data.is_none()),
+        "{frames:?}"
+    );
+}
+
 /// One order's stream: its history by version, then its new events as they are committed
 /// (none of another order's), each once; a client that reconnects with `Last-Event-ID`
 /// continues after that version. The history is read from the order's own stream: an order
