@@ -108,6 +108,35 @@ pub(crate) async fn last_entry_id(
         .ok_or_else(|| BusError::unexpected(OP, format!("bad entry id {:?}", entry.id)))
 }
 
+/// How many of the newest entries [`newest_relayed_entry`] looks through for one the relay
+/// wrote: entries added by hand (a test entry, the demo's poison message) sit above it.
+const RELAYED_ENTRY_LOOKBACK: usize = 16;
+
+/// The newest entry among the last [`RELAYED_ENTRY_LOOKBACK`] whose id is `<position>-0`, as the
+/// relay writes them, with its `event_id` field; `None` when the stream is empty, missing, or
+/// holds none of those near its top.
+pub async fn newest_relayed_entry(
+    conn: &ConnectionManager,
+    keys: &StreamKeys,
+) -> Result<Option<(i64, String)>, BusError> {
+    const OP: &str = "read the newest entries";
+    let mut conn = conn.clone();
+    let reply: Value = redis::cmd("XREVRANGE")
+        .arg(&keys.stream)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(RELAYED_ENTRY_LOOKBACK)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| BusError::from_redis(OP, e))?;
+    let parsed = parse_entry_list(OP, reply)?;
+    Ok(parsed.entries.iter().find_map(|entry| {
+        let event_id = entry.field(crate::codec::field::EVENT_ID)?;
+        Some((entry.position()?, event_id.to_owned()))
+    }))
+}
+
 /// The consumer groups of `stream` (`XINFO GROUPS`); the stream must exist.
 pub(crate) async fn groups(
     conn: &ConnectionManager,

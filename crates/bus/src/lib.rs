@@ -113,7 +113,7 @@ pub use consume::{Consumer, FROM_BEGINNING, FROM_NOW, ensure_group};
 pub use dlq::{DeadLetter, DeadLetterQueue};
 pub use entry::StreamEntry;
 pub use error::BusError;
-pub use inspect::{GroupInfo, StreamInfo, inspect};
+pub use inspect::{GroupInfo, StreamInfo, inspect, newest_relayed_entry};
 pub use keys::{DEFAULT_EVENT_STREAM, StreamKeys};
 pub use publish::{DEFAULT_HARD_CAP, PublishOutcome, Publisher, TrimOutcome};
 

@@ -160,6 +160,12 @@ impl Publisher {
         Ok(self.last_id().await?.map(|id| id.ms as i64))
     }
 
+    /// The newest entry the relay wrote (`<position>-0`), as `(position, event_id)`; see
+    /// [`crate::inspect::newest_relayed_entry`].
+    pub async fn newest_relayed_entry(&self) -> Result<Option<(i64, String)>, BusError> {
+        crate::inspect::newest_relayed_entry(&self.conn, &self.keys).await
+    }
+
     async fn last_id(&self) -> Result<Option<EntryId>, BusError> {
         crate::inspect::last_entry_id(&self.conn, &self.keys.stream).await
     }

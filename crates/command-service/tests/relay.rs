@@ -883,3 +883,121 @@ async fn the_relay_stops_at_a_gap_and_never_passes_it() {
     ctx.close().await;
     delete_key(&conn, &keys.stream).await;
 }
+
+/// The event ids of the store's events, in position order.
+async fn stored_event_ids(db: &TestDatabase) -> Vec<String> {
+    sqlx::query_scalar::<_, Uuid>("SELECT event_id FROM events ORDER BY global_position")
+        .fetch_all(&db.pool)
+        .await
+        .expect("read event ids")
+        .into_iter()
+        .map(|id| id.to_string())
+        .collect()
+}
+
+fn event_ids(entries: &[StreamEntry]) -> Vec<String> {
+    entries
+        .iter()
+        .map(|entry| entry.field("event_id").unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// The database is restored from a backup taken before the stream's newest events: the stream
+/// holds entries for positions the store then gives to other events. Publishing on would leave
+/// those events off the stream for good (Redis refuses their ids as already present) and the
+/// stream contradicting the store, so the relay holds, also once the store has passed the
+/// stream's newest position, and leaves the stream as it is; renamed away (kept for the
+/// operator), the stream is rebuilt from the store.
+#[tokio::test]
+async fn a_stream_from_another_history_gets_nothing_until_it_is_renamed_away() {
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let conn = redis(&shared_redis_url()).await;
+    append(&db, 3).await;
+    // The history the backup lost: five events the store does not have.
+    let mut redis_conn = conn.clone();
+    let lost: Vec<String> = (0..5).map(|_| Uuid::new_v4().to_string()).collect();
+    for (position, event_id) in (1..).zip(&lost) {
+        let _: String = redis::cmd("XADD")
+            .arg(&keys.stream)
+            .arg(format!("{position}-0"))
+            .arg("position")
+            .arg(position)
+            .arg("event_id")
+            .arg(event_id)
+            .query_async(&mut redis_conn)
+            .await
+            .expect("XADD");
+    }
+    let mut ctx = step_context(&db, &conn, &keys.stream, 25).await;
+
+    let held = relay::publish_step(&mut ctx).await.expect("step");
+    assert_eq!((held.published, held.diverged), (0, Some(5)));
+    append(&db, 3).await;
+    let still = relay::publish_step(&mut ctx).await.expect("step");
+    assert_eq!(
+        (still.published, still.diverged),
+        (0, Some(5)),
+        "the store passing the stream's newest position does not make it the same history"
+    );
+    assert_eq!(event_ids(&entries(&conn, &keys.stream).await), lost);
+
+    let kept = format!("{}:before-restore", keys.stream);
+    let _: () = redis::cmd("RENAME")
+        .arg(&keys.stream)
+        .arg(&kept)
+        .query_async(&mut redis_conn)
+        .await
+        .expect("RENAME");
+    let resumed = relay::publish_step(&mut ctx).await.expect("step");
+    assert_eq!((resumed.published, resumed.diverged), (6, None));
+    let published = entries(&conn, &keys.stream).await;
+    assert_eq!(ids(&published), expected_ids(1..=6));
+    assert_eq!(event_ids(&published), stored_event_ids(&db).await);
+    assert_eq!(event_ids(&entries(&conn, &kept).await), lost);
+
+    ctx.close().await;
+    delete_key(&conn, &keys.stream).await;
+    delete_key(&conn, &kept).await;
+}
+
+/// A stream whose newest entry is the store's event at that position is the same history, and
+/// the relay carries on after it (a restart, a new leader); an entry added by hand above it
+/// (`<position>-1`) does not count as the relay's.
+#[tokio::test]
+async fn a_stream_of_the_same_history_is_published_on_after_a_restart() {
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let conn = redis(&shared_redis_url()).await;
+    append(&db, 3).await;
+    let mut ctx = step_context(&db, &conn, &keys.stream, 25).await;
+    assert_eq!(
+        relay::publish_step(&mut ctx).await.expect("step").published,
+        3
+    );
+    ctx.close().await;
+    let mut redis_conn = conn.clone();
+    let _: String = redis::cmd("XADD")
+        .arg(&keys.stream)
+        .arg("3-1")
+        .arg("position")
+        .arg("not-a-number")
+        .arg("event_id")
+        .arg("hand-made")
+        .query_async(&mut redis_conn)
+        .await
+        .expect("XADD");
+
+    append(&db, 2).await;
+    let mut ctx = step_context(&db, &conn, &keys.stream, 25).await;
+    let step = relay::publish_step(&mut ctx).await.expect("step");
+    assert_eq!((step.published, step.diverged), (2, None));
+    let on_stream = entries(&conn, &keys.stream).await;
+    assert_eq!(
+        ids(&on_stream),
+        ["1-0", "2-0", "3-0", "3-1", "4-0", "5-0"].map(str::to_owned)
+    );
+
+    ctx.close().await;
+    delete_key(&conn, &keys.stream).await;
+}

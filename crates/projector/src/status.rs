@@ -54,6 +54,10 @@ pub struct Status {
     pub relay_checkpoint: Option<i64>,
     /// Seconds since the relay last recorded its checkpoint.
     pub relay_checkpoint_age_secs: Option<f64>,
+    /// The position of the stream's newest relayed entry when the event store holds another
+    /// event there, or none: the stream records a history the store does not have, and the
+    /// relay publishes nothing to it (RUNBOOK: RelayStreamDiverged).
+    pub stream_diverged_at: Option<i64>,
     /// One per projection this binary knows.
     pub projections: Vec<ProjectionStatus>,
     /// What could not be read, one line per store (`postgres: …`, `redis: …`).
@@ -111,6 +115,7 @@ pub async fn gather(
         .collect();
 
     let (mut head, mut relay_checkpoint, mut relay_checkpoint_age_secs) = (None, None, None);
+    let store_pool = pool.as_ref().ok().copied();
     match pool {
         Ok(pool) => match read_store(pool, keys, &mut projections).await {
             Ok((read_head, checkpoint)) => {
@@ -133,6 +138,13 @@ pub async fn gather(
         }
         Err(e) => unreadable.push(format!("redis: {}", platform::config::error_chain(&e))),
     }
+    let mut stream_diverged_at = None;
+    if let (Some(pool), Some(_), Some(_)) = (store_pool, head, published_to) {
+        match diverged_at(pool, redis, keys).await {
+            Ok(position) => stream_diverged_at = position,
+            Err(line) => unreadable.push(line),
+        }
+    }
 
     let mut status = Status {
         head,
@@ -141,6 +153,7 @@ pub async fn gather(
         stream_length,
         relay_checkpoint,
         relay_checkpoint_age_secs,
+        stream_diverged_at,
         projections,
         unreadable,
         attention: Vec::new(),
@@ -149,9 +162,37 @@ pub async fn gather(
     status
 }
 
+/// The position of the stream's newest relayed entry when the store holds another event there
+/// (the relay's own check, `command_service::relay`, made from outside it); `Err` is the line
+/// for [`Status::unreadable`].
+async fn diverged_at(
+    pool: &PgPool,
+    redis: &ConnectionManager,
+    keys: &StreamKeys,
+) -> Result<Option<i64>, String> {
+    let newest = bus::newest_relayed_entry(redis, keys)
+        .await
+        .map_err(|e| format!("redis: {}", platform::config::error_chain(&e)))?;
+    let Some((position, event_id)) = newest else {
+        return Ok(None);
+    };
+    let stored = store::event_id_at(pool, position)
+        .await
+        .map_err(|e| format!("postgres: {}", platform::config::error_chain(&e)))?;
+    let same = stored.is_some_and(|id| id.to_string() == event_id);
+    Ok((!same).then_some(position))
+}
+
 /// The lines of [`Status::attention`].
 fn attention(status: &Status) -> Vec<String> {
     let mut lines = Vec::new();
+    if let Some(position) = status.stream_diverged_at {
+        lines.push(format!(
+            "the stream's entry at position {position} is not the event store's event there: \
+             the stream records another history and the relay publishes nothing to it \
+             (RUNBOOK: RelayStreamDiverged)"
+        ));
+    }
     if let (Some(head), Some(published)) = (status.head, status.published_to)
         && head - published > ATTENTION_LAG_EVENTS
     {
@@ -338,6 +379,7 @@ mod tests {
             stream_length: Some(100),
             relay_checkpoint: None,
             relay_checkpoint_age_secs: None,
+            stream_diverged_at: None,
             projections,
             unreadable: Vec::new(),
             attention: Vec::new(),

@@ -163,6 +163,17 @@ pub async fn head_position(executor: impl PgExecutor<'_>) -> Result<i64, sqlx::E
         .await
 }
 
+/// The id of the event at `position`; `None` when no event has it (yet).
+pub async fn event_id_at(
+    executor: impl PgExecutor<'_>,
+    position: i64,
+) -> Result<Option<uuid::Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT event_id FROM events WHERE global_position = $1")
+        .bind(position)
+        .fetch_optional(executor)
+        .await
+}
+
 /// The current version of a stream (0 if it has no events).
 pub async fn stream_version(
     executor: impl PgExecutor<'_>,

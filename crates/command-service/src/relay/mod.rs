@@ -30,6 +30,11 @@
 //! - **Never publishes twice** while Redis keeps its data: entry ids are positions and Redis
 //!   refuses ids at or below the top, so republishing after a crash is a no-op. A new leader
 //!   resumes after `max(checkpoint, last entry on the stream)`.
+//! - **Never publishes onto another history**: each leadership first compares the stream's
+//!   newest entry with the store's event at its position. A stream the store contradicts
+//!   (the database restored from a backup, another deployment on the same key) gets nothing
+//!   more (`relay_stream_diverged` = 1, logged) until it is renamed or deleted; then the relay
+//!   publishes from the stored checkpoint ([`step`]).
 //! - **Redis outages** never block commands (only the relay talks to Redis on the write side).
 //!   The relay retries with exponential backoff and jitter (100 ms → 5 s) and publishes the
 //!   backlog when Redis is back. If Redis lost the stream, publishing continues from the
@@ -280,6 +285,7 @@ impl Relay {
             Candidate::new(self.options.clone(), lock_key, self.args.query_timeout());
         let mut standby_logged = false;
         telemetry::set_leader(false);
+        telemetry::stream_diverged(false);
         while !self.shutdown.is_cancelled() {
             match candidate.try_acquire().await {
                 Ok(Some(conn)) => {
@@ -371,6 +377,12 @@ impl Relay {
                             "redis is reachable again; publishing the backlog");
                     }
                     backoff.reset();
+                    if outcome.diverged.is_some() {
+                        // Logged by the step when it began; the stream is left as it is (no
+                        // trim either) for the operator to keep or remove.
+                        self.pause(self.args.poll()).await;
+                        continue;
+                    }
                     if last_trim.elapsed() >= self.args.trim_interval() {
                         last_trim = Instant::now();
                         self.trim().await;

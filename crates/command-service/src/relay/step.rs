@@ -38,6 +38,12 @@ pub struct StepOutcome {
     /// The read showed a gap (never expected, see the store's invariants): the step published
     /// only the events before it, and the caller should log and retry later.
     pub gap: Option<Gap>,
+    /// The position of the stream's newest entry when the event store holds another event
+    /// there, or none at all: the stream records a history this store does not have (the
+    /// database was restored from a backup, or another deployment writes the same key). The
+    /// step published nothing; the caller retries later, and publishing resumes once the stream
+    /// no longer contradicts the store (the operator renamed or deleted it).
+    pub diverged: Option<i64>,
 }
 
 /// A missing position in the log: `expected` was next, but the read returned `found` instead.
@@ -80,6 +86,10 @@ pub struct RelayContext {
     /// How long each query on the leader connection may wait for an answer before the
     /// connection, and with it the leadership, counts as lost.
     query_timeout: Duration,
+    /// Whether this leadership has compared the stream's newest entry with the store yet.
+    history_checked: bool,
+    /// The stream's newest position, while it contradicts the store (see [`StepOutcome`]).
+    diverged: Option<i64>,
 }
 
 impl std::fmt::Debug for RelayContext {
@@ -116,11 +126,8 @@ impl RelayContext {
                 0
             }
         };
-        if on_stream > head {
-            tracing::warn!(stream = %stream_key, on_stream, head,
-                "the stream is ahead of the event store (was the database reset without Redis?); \
-                 nothing is published until the store passes it");
-        }
+        // A stream ahead of the store is caught by the first step's history check, which then
+        // moves the checkpoint back to the stored one.
         let resume_at = stored.max(on_stream);
         tracing::info!(stream = %stream_key, checkpoint = stored, on_stream, head,
             backlog = head.saturating_sub(resume_at).max(0), "relay resuming");
@@ -138,6 +145,8 @@ impl RelayContext {
             head,
             status,
             query_timeout: DEFAULT_QUERY_TIMEOUT,
+            history_checked: false,
+            diverged: None,
         })
     }
 
@@ -224,6 +233,14 @@ impl RelayContext {
 
 /// Reads, publishes and checkpoints one batch. See the module docs.
 pub async fn publish_step(ctx: &mut RelayContext) -> Result<StepOutcome, StepError> {
+    if (!ctx.history_checked || ctx.diverged.is_some())
+        && let Some(position) = check_history(ctx).await?
+    {
+        return Ok(StepOutcome {
+            diverged: Some(position),
+            ..StepOutcome::default()
+        });
+    }
     let events = answered_within(
         ctx.query_timeout,
         store::read_all(&mut ctx.conn, ctx.checkpoint, ctx.batch),
@@ -258,6 +275,7 @@ pub async fn publish_step(ctx: &mut RelayContext) -> Result<StepOutcome, StepErr
             published: 0,
             caught_up: gap.is_none(),
             gap,
+            diverged: None,
         });
     };
     let last_position = last.global_position;
@@ -308,7 +326,69 @@ pub async fn publish_step(ctx: &mut RelayContext) -> Result<StepOutcome, StepErr
         published: batch.len(),
         caught_up,
         gap,
+        diverged: None,
     })
+}
+
+/// Compares the stream's newest relayed entry with the store's event at its position (once
+/// per leadership, then at every step while they differ) and returns that position while they
+/// differ. Publishing on would leave the stream contradicting the store: positions the store
+/// has given to other events would be refused by Redis as already present, so those events
+/// would never reach it, and consumers would read events the store does not have. Held
+/// instead, nothing is lost: the events wait in the store, and the projector's sweeper keeps
+/// the read models current from it.
+async fn check_history(ctx: &mut RelayContext) -> Result<Option<i64>, StepError> {
+    let newest = match ctx.publisher.newest_relayed_entry().await {
+        Ok(newest) => newest,
+        Err(err) => {
+            ctx.status.set_redis_unavailable(true);
+            return Err(StepError::Publish(err));
+        }
+    };
+    let diverged = match newest {
+        None => None,
+        Some((position, event_id)) => {
+            let stored = answered_within(
+                ctx.query_timeout,
+                store::event_id_at(&mut ctx.conn, position),
+            )
+            .await
+            .map_err(StepError::Leadership)?;
+            let same = stored.is_some_and(|id| id.to_string() == event_id);
+            (!same).then_some(position)
+        }
+    };
+    let was = ctx.diverged;
+    ctx.history_checked = true;
+    ctx.diverged = diverged;
+    telemetry::stream_diverged(diverged.is_some());
+    match (was, diverged) {
+        (None, Some(on_stream)) => {
+            // Back to what this store says was published, for when the stream is cleared.
+            ctx.checkpoint = ctx.stored;
+            ctx.status.set_checkpoint(ctx.stored);
+            tracing::error!(stream = %ctx.stream_key, on_stream, stored_checkpoint = ctx.stored,
+                "the event stream records events this event store does not have at their \
+                 positions (was the database restored from a backup, or does another \
+                 deployment write this stream?): nothing is published to it until it is \
+                 renamed or deleted (RUNBOOK: RelayStreamDiverged); commands are still \
+                 accepted and the read models kept current from the event store");
+        }
+        (Some(_), None) => {
+            let on_stream = ctx
+                .publisher
+                .last_published_position()
+                .await
+                .map_err(StepError::Publish)?
+                .unwrap_or(0);
+            ctx.checkpoint = ctx.stored.max(on_stream);
+            ctx.status.set_checkpoint(ctx.checkpoint);
+            tracing::info!(stream = %ctx.stream_key, resume_after = ctx.checkpoint,
+                "the event stream no longer contradicts the event store; publishing resumes");
+        }
+        _ => {}
+    }
+    Ok(diverged)
 }
 
 /// How many leading events continue densely from `after` (`after + 1`, `after + 2`, …).

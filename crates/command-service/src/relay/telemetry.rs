@@ -10,6 +10,7 @@
 //! | `relay_checkpoint_position` | gauge | the leader's checkpoint |
 //! | `relay_is_leader` | gauge | 1 while this instance leads |
 //! | `relay_commit_to_stream_seconds` | histogram | publish time − `recorded_at`, per event |
+//! | `relay_stream_diverged` | gauge | 1 while the stream's newest entry is not the store's event at its position (publishing held) |
 
 use chrono::{DateTime, Utc};
 
@@ -29,6 +30,13 @@ pub const CHECKPOINT_POSITION: &str = "relay_checkpoint_position";
 pub const IS_LEADER: &str = "relay_is_leader";
 /// Seconds from commit (`recorded_at`) to publication, per event.
 pub const COMMIT_TO_STREAM_SECONDS: &str = "relay_commit_to_stream_seconds";
+
+/// 1 while the stream records a history the event store does not have, else 0.
+pub const STREAM_DIVERGED: &str = "relay_stream_diverged";
+
+pub(crate) fn stream_diverged(diverged: bool) {
+    metrics::gauge!(STREAM_DIVERGED).set(if diverged { 1.0 } else { 0.0 });
+}
 
 pub(crate) fn set_leader(leader: bool) {
     metrics::gauge!(IS_LEADER).set(if leader { 1.0 } else { 0.0 });

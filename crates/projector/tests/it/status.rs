@@ -188,3 +188,38 @@ async fn with_redis_down_status_shows_the_event_store_and_exits_1() {
     );
     assert!(table.contains("attention: could not read redis"), "{table}");
 }
+
+/// A stream whose newest entry is not the event store's event at its position (the database
+/// restored from a backup) is named among what needs attention, with its position.
+#[tokio::test]
+async fn status_names_a_stream_that_records_another_history() {
+    let mut w = World::new().await;
+    append_orders(w.pool(), 2).await;
+    w.publish().await;
+    let (_, report, _) = status(&w).await;
+    assert_eq!(report["stream_diverged_at"], Value::Null, "{report}");
+
+    // The database lost its newest event to a restore; the stream still has it.
+    let head = store::head_position(w.pool()).await.unwrap();
+    let lost = head + 1;
+    let mut redis = w.redis.clone();
+    let _: String = redis::cmd("XADD")
+        .arg(w.keys.stream())
+        .arg(format!("{lost}-0"))
+        .arg("position")
+        .arg(lost)
+        .arg("event_id")
+        .arg(Uuid::new_v4().to_string())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let (complete, report, table) = status(&w).await;
+    assert!(complete, "{report}");
+    assert_eq!(report["stream_diverged_at"], lost, "{report}");
+    assert!(
+        table.contains(&format!(
+            "attention: the stream's entry at position {lost} is not the event store's event"
+        )) && table.contains("RelayStreamDiverged"),
+        "{table}"
+    );
+}
