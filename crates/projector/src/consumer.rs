@@ -25,6 +25,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bus::{BusError, Consumer, StreamEntry, decode_entry};
+use events::RecordedEvent;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +40,9 @@ pub const STALE_CONSUMER_IDLE: Duration = Duration::from_secs(3600);
 /// How often a failed park (after a dead letter) is retried before giving up on it (the
 /// sweeper then finds the event unapplied and dead-letters it again).
 const PARK_ATTEMPTS: usize = 8;
+/// Least time between two log lines about entries of another history: after a restore there
+/// may be thousands, and the counter counts every one.
+const FOREIGN_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Tuning of one consumer (from the service configuration).
 #[derive(Debug, Clone)]
@@ -120,6 +124,8 @@ pub struct ProjectionConsumer {
     pending_drained: bool,
     next_reclaim: Instant,
     linger: Linger,
+    /// When entries of another history were last logged ([`FOREIGN_LOG_INTERVAL`]).
+    foreign_logged_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for ProjectionConsumer {
@@ -163,6 +169,7 @@ impl ProjectionConsumer {
             parked_now: HashSet::new(),
             pending_drained: false,
             next_reclaim: Instant::now(),
+            foreign_logged_at: None,
         }
     }
 
@@ -404,6 +411,16 @@ impl ProjectionConsumer {
         }
         let (_, poisoned) = {
             let mut conn = self.pool.acquire().await.map_err(|e| classify_sql(&e))?;
+            let foreign = self
+                .drop_foreign(&mut conn, &mut events, &mut applied_work)
+                .await?;
+            if !foreign.is_empty() {
+                let acked = self.consumer.ack(&foreign).await;
+                self.handle_bus(acked).await?;
+            }
+            if events.is_empty() {
+                return Ok(());
+            }
             apply_isolating(&mut conn, self.projection, &events).await?
         };
         let poisoned: HashMap<&str, &Poisoned> =
@@ -422,6 +439,58 @@ impl ProjectionConsumer {
             self.handle_bus(acked).await?;
         }
         Ok(())
+    }
+
+    /// Takes out of `events` (and `work`, its parallel) every entry whose event the event store
+    /// does not hold at its position, and returns their entry ids, to be acknowledged unapplied.
+    /// Such entries come from a history the store does not have (the database was restored
+    /// from a backup while Redis kept the stream): applied, each would put an event into the
+    /// read model that the store never had, and the version guard would then skip the store's
+    /// own event of that version for good. What the store does hold at those positions reaches
+    /// the read model through the sweeper.
+    async fn drop_foreign(
+        &mut self,
+        conn: &mut sqlx::PgConnection,
+        events: &mut Vec<RecordedEvent>,
+        work: &mut Vec<&Work>,
+    ) -> Result<Vec<String>, Failure> {
+        let positions: Vec<i64> = events.iter().map(|e| e.global_position).collect();
+        let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
+        let held: HashSet<i64> = store::positions_holding(&mut *conn, &positions, &ids)
+            .await
+            .map_err(|e| classify_sql(&e))?
+            .into_iter()
+            .collect();
+        if held.len() == events.len() {
+            return Ok(Vec::new());
+        }
+        let mut foreign = Vec::new();
+        let mut kept = 0;
+        for i in 0..events.len() {
+            if held.contains(&events[i].global_position) {
+                events.swap(kept, i);
+                work.swap(kept, i);
+                kept += 1;
+            } else {
+                foreign.push(work[i].entry.id.clone());
+            }
+        }
+        events.truncate(kept);
+        work.truncate(kept);
+        metrics::foreign_entries(self.projection, foreign.len());
+        if self
+            .foreign_logged_at
+            .is_none_or(|at| at.elapsed() >= FOREIGN_LOG_INTERVAL)
+        {
+            self.foreign_logged_at = Some(Instant::now());
+            tracing::error!(projection = %self.projection, skipped = foreign.len(),
+                first_entry = %foreign[0],
+                "entries of the event stream name events the event store does not have at \
+                 their positions (was the database restored from a backup?): acknowledged \
+                 without applying them; the store's own events reach the read model through \
+                 the sweeper (RUNBOOK: RelayStreamDiverged)");
+        }
+        Ok(foreign)
     }
 
     fn hold_behind(&mut self, key: &str, entry: &StreamEntry) {

@@ -53,7 +53,10 @@
 //!   `projection_checkpoints`, `order_summaries`, `customer_stats`, `customer_stats_orders`,
 //!   `customer_stats_spent`);
 //! - acknowledge an entry before its transaction committed;
-//! - apply an event of a stream before all its earlier versions.
+//! - apply an event of a stream before all its earlier versions;
+//! - apply an entry whose event the event store does not hold at its position (a stream of
+//!   another history, after the database was restored from a backup): the consumer checks
+//!   each batch against the store and acknowledges such entries unapplied.
 
 pub mod admin;
 pub mod app;

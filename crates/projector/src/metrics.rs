@@ -15,6 +15,9 @@ pub const HELD_EVENTS: &str = "projector_held_events_total";
 pub const RETRIES: &str = "projector_retries_total";
 /// Entries moved to the dead-letter stream (counter).
 pub const DEAD_LETTERS: &str = "projector_dead_letters_total";
+/// Entries acknowledged unapplied because the event store holds another event, or none, at
+/// their positions: a stream of another history (counter).
+pub const FOREIGN_ENTRIES: &str = "projector_foreign_entries_total";
 /// Head position minus the projection's low-water mark (gauge).
 pub const LAG_EVENTS: &str = "projector_lag_events";
 /// Age of the oldest event not yet covered by the low-water mark, in seconds (gauge).
@@ -35,6 +38,7 @@ pub fn register(projection: ProjectionKind) {
         HELD_EVENTS,
         RETRIES,
         DEAD_LETTERS,
+        FOREIGN_ENTRIES,
     ] {
         metrics::counter!(counter, "projection" => projection.name()).increment(0);
     }
@@ -68,6 +72,11 @@ pub fn record_retry(projection: ProjectionKind) {
 /// Counts one dead letter.
 pub fn record_dead_letter(projection: ProjectionKind) {
     metrics::counter!(DEAD_LETTERS, "projection" => projection.name()).increment(1);
+}
+
+/// Counts entries of another history, acknowledged unapplied.
+pub fn foreign_entries(projection: ProjectionKind, count: usize) {
+    metrics::counter!(FOREIGN_ENTRIES, "projection" => projection.name()).increment(count as u64);
 }
 
 /// Sets the lag gauges.

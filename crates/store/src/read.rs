@@ -174,6 +174,25 @@ pub async fn event_id_at(
         .await
 }
 
+/// Of the `(position, event_id)` pairs given, the positions at which the store holds that very
+/// event: an entry of the event stream whose position is missing here came from a history the
+/// store does not have (see the relay's history check).
+pub async fn positions_holding(
+    executor: impl PgExecutor<'_>,
+    positions: &[i64],
+    event_ids: &[uuid::Uuid],
+) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT e.global_position \
+         FROM UNNEST($1::int8[], $2::uuid[]) AS x(position, event_id) \
+         JOIN events e ON e.global_position = x.position AND e.event_id = x.event_id",
+    )
+    .bind(positions)
+    .bind(event_ids)
+    .fetch_all(executor)
+    .await
+}
+
 /// The current version of a stream (0 if it has no events).
 pub async fn stream_version(
     executor: impl PgExecutor<'_>,

@@ -1065,3 +1065,43 @@ fn a_bad_number_setting_exits_2_with_one_line_naming_it() {
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("DB_MAX_CONNECTIONS"), "{lines:?}");
 }
+
+/// The database was restored from a backup while Redis kept its stream: an entry names an
+/// event the store does not have at its position (another order's creation), and the store's
+/// own event at that position never reached the stream (Redis refused its id). The projector
+/// acknowledges the stranger without applying it and the read models equal the event store.
+#[tokio::test]
+async fn an_entry_of_another_history_is_never_applied() {
+    let mut w = World::new().await;
+    append_orders(w.pool(), 2).await;
+    w.publish().await;
+    let head = store::head_position(w.pool()).await.unwrap();
+    let mut lost = store::read_all(w.pool(), 0, 1).await.unwrap().remove(0);
+    let stranger = Uuid::new_v4();
+    lost.global_position = head + 1;
+    lost.event_id = Uuid::new_v4();
+    lost.stream_id = order_stream_id(stranger);
+    lost.data["order_id"] = stranger.to_string().into();
+    w.publisher.publish(&[lost]).await.unwrap();
+    append_orders(w.pool(), 1).await;
+    w.publish().await;
+
+    let (token, task) = w
+        .spawn_projector("solo", &["--sweep-grace-ms", "300"])
+        .await;
+    w.wait_caught_up().await;
+    wait_until(DEADLINE, "every entry is acknowledged", || async {
+        (pending_count(&w, "order_summaries").await == 0).then_some(())
+    })
+    .await;
+    let stranger_rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM order_summaries WHERE order_id = $1")
+            .bind(stranger)
+            .fetch_one(w.pool())
+            .await
+            .unwrap();
+    assert_eq!(stranger_rows, 0, "the stranger's order was applied");
+    w.assert_exact().await;
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
