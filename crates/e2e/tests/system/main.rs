@@ -10,6 +10,7 @@
 //! - `event_stream`: a browser-style follower of the live log across a killed query service.
 //! - `database_crash`: PostgreSQL crashing under load and coming back.
 //! - `redis_outage`: Redis dying under load and coming back empty.
+//! - `restore`: PostgreSQL restored from a backup while Redis keeps its stream.
 
 mod alerts;
 mod database_crash;
@@ -18,4 +19,5 @@ mod lifecycle;
 mod rebuild;
 mod redis_outage;
 mod redis_tls;
+mod restore;
 mod support;

@@ -1,7 +1,8 @@
 //! A PostgreSQL server of one test alone: its own cluster in a temporary directory, on a free
 //! port, that the test can crash (`pg_ctl stop -m immediate`: every backend killed, nothing
 //! flushed beyond what the WAL already holds) and start again on the same port and data, the way
-//! a database fails over or restarts under running services. The shared server is never touched.
+//! a database fails over or restarts under running services, or back up and restore (a cold
+//! copy of its data directory). The shared server is never touched.
 //!
 //! The binaries come from `PG_BIN_DIR`, else the newest `/usr/lib/postgresql/<version>/bin`
 //! (Debian's layout), else `PATH`. PostgreSQL refuses to run as root, so a test running as root
@@ -116,6 +117,33 @@ impl PrivatePostgres {
         Ok(())
     }
 
+    /// Takes a cold backup: stops the server cleanly, copies its data directory, and starts it
+    /// again; returns the copy, for [`PrivatePostgres::restore`].
+    pub async fn backup(&mut self) -> io::Result<PathBuf> {
+        let data = self.data_dir();
+        self.pg_ctl(&["stop", "-m", "fast"], &data).await?;
+        self.running = false;
+        let copy = self
+            .dir
+            .join(format!("backup-{}", uuid::Uuid::new_v4().simple()));
+        copy_tree(&data, &copy).await?;
+        self.start_again().await?;
+        Ok(copy)
+    }
+
+    /// Restores `backup` (from [`PrivatePostgres::backup`]): the server crashes, its data is
+    /// replaced by the copy, and it starts again on the same port, with everything committed
+    /// after the backup gone, as after a restore from a backup.
+    pub async fn restore(&mut self, backup: &Path) -> io::Result<()> {
+        if self.running {
+            self.crash().await?;
+        }
+        let data = self.data_dir();
+        std::fs::remove_dir_all(&data)?;
+        copy_tree(backup, &data).await?;
+        self.start_again().await
+    }
+
     /// The server's log, for a failing test's message.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
@@ -164,6 +192,26 @@ impl PrivatePostgres {
                 String::from_utf8_lossy(&output.stderr)
             )))
         }
+    }
+}
+
+/// `cp -a`: a copy with owners and modes kept, as the server requires of its data directory.
+async fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    let output = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .output()
+        .await?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "cp -a {} {} failed: {}",
+            from.display(),
+            to.display(),
+            String::from_utf8_lossy(&output.stderr)
+        )))
     }
 }
 
