@@ -477,6 +477,10 @@ impl ProjectionConsumer {
         }
         events.truncate(kept);
         work.truncate(kept);
+        // Fewer positions held than entries can also mean one event delivered twice in a batch.
+        let Some(first) = foreign.first() else {
+            return Ok(foreign);
+        };
         metrics::foreign_entries(self.projection, foreign.len());
         if self
             .foreign_logged_at
@@ -484,7 +488,7 @@ impl ProjectionConsumer {
         {
             self.foreign_logged_at = Some(Instant::now());
             tracing::error!(projection = %self.projection, skipped = foreign.len(),
-                first_entry = %foreign[0],
+                first_entry = %first,
                 "entries of the event stream name events the event store does not have at \
                  their positions (was the database restored from a backup?): acknowledged \
                  without applying them; the store's own events reach the read model through \

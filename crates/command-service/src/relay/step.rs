@@ -358,11 +358,9 @@ async fn check_history(ctx: &mut RelayContext) -> Result<Option<i64>, StepError>
             (!same).then_some(position)
         }
     };
-    let was = ctx.diverged;
-    ctx.history_checked = true;
-    ctx.diverged = diverged;
-    telemetry::stream_diverged(diverged.is_some());
-    match (was, diverged) {
+    // The state changes only once the step below has succeeded: a failed read of the stream
+    // leaves the divergence in place, to be checked again at the next step.
+    match (ctx.diverged, diverged) {
         (None, Some(on_stream)) => {
             // Back to what this store says was published, for when the stream is cleared.
             ctx.checkpoint = ctx.stored;
@@ -388,6 +386,9 @@ async fn check_history(ctx: &mut RelayContext) -> Result<Option<i64>, StepError>
         }
         _ => {}
     }
+    ctx.history_checked = true;
+    ctx.diverged = diverged;
+    telemetry::stream_diverged(diverged.is_some());
     Ok(diverged)
 }
 
