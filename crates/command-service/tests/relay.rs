@@ -301,6 +301,64 @@ async fn events_committed_while_redis_is_down_appear_after_it_restarts() {
     relay.stop().await;
 }
 
+/// Sets `maxmemory` of the Redis at `conn` (bytes; 0 is no limit), with `noeviction`: over it,
+/// Redis refuses every write that adds data (`OOM command not allowed …`), as a full server does.
+async fn set_maxmemory(conn: &ConnectionManager, bytes: u64) {
+    let mut conn = conn.clone();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .arg("maxmemory")
+        .arg(bytes)
+        .query_async(&mut conn)
+        .await
+        .expect("CONFIG SET maxmemory");
+}
+
+/// Redis full: its appends are refused. Commits keep succeeding, the relay keeps its
+/// leadership and says Redis cannot take events, and once there is room again the backlog is
+/// published in order, each event once.
+#[tokio::test]
+async fn events_committed_while_redis_is_full_appear_once_it_has_room() {
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let server = PrivateRedis::start().await.expect("private redis starts");
+    let conn = redis(&server.url()).await;
+    let relay = RunningRelay::start(&db, &server.url(), &keys.stream);
+    append(&db, 3).await;
+    wait_for_entries(&conn, &keys.stream, 3).await;
+
+    set_maxmemory(&conn, 1).await;
+    for _ in 0..4 {
+        append(&db, 3).await;
+    }
+    wait_until(
+        DEADLINE,
+        "the relay finds Redis refusing its appends",
+        || async { relay.status.redis_unavailable().then_some(()) },
+    )
+    .await;
+    assert!(
+        relay.status.is_leader(),
+        "a full Redis does not cost the leadership"
+    );
+    assert_eq!(relay.status.checkpoint(), 3);
+    assert_eq!(
+        ids(&entries(&conn, &keys.stream).await),
+        expected_ids(1..=3)
+    );
+
+    set_maxmemory(&conn, 0).await;
+    let found = wait_for_entries(&conn, &keys.stream, 15).await;
+    assert_eq!(ids(&found), expected_ids(1..=15));
+    wait_until(DEADLINE, "the relay checkpoints the backlog", || async {
+        (relay.status.checkpoint() == 15 && !relay.status.redis_unavailable()).then_some(())
+    })
+    .await;
+    relay.stop().await;
+}
+
 /// The real binary, killed with SIGKILL when dropped.
 fn start_service(db: &TestDatabase, stream_key: &str) -> tokio::process::Child {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

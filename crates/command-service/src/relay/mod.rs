@@ -374,7 +374,7 @@ impl Relay {
                     if let Some(since) = redis_down_since.take() {
                         tracing::info!(stream = %self.stream_key, down_for = ?since.elapsed(),
                             backlog = ctx.backlog_estimate(),
-                            "redis is reachable again; publishing the backlog");
+                            "redis takes events again; publishing the backlog");
                     }
                     backoff.reset();
                     if outcome.diverged.is_some() {
@@ -404,7 +404,8 @@ impl Relay {
                         redis_down_since = Some(Instant::now());
                         tracing::warn!(stream = %self.stream_key, error = %err,
                             backlog = ctx.backlog_estimate(),
-                            "redis unavailable: events stay in the event store until it is back");
+                            "redis cannot take the events (down, unreachable, or refusing writes, e.g. full): \
+                             they stay in the event store and are published once it can");
                     } else {
                         tracing::debug!(error = %err, "publish still failing");
                     }
