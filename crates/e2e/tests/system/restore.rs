@@ -82,7 +82,8 @@ async fn assert_read_models_follow_the_store(
 }
 
 /// A backup is taken; orders are written and published while no projector runs; the backup is
-/// restored (those orders are gone from the event store, not from Redis) and new orders take
+/// restored (those orders are gone from the event store, not from Redis, nor from the command
+/// service's cache, which must not be trusted: a command on one is a 404) and new orders take
 /// their positions. The relay publishes nothing onto the stream that contradicts the store and
 /// says so (`relay_stream_diverged`); the projector, started again, acknowledges the lost
 /// orders' entries without applying them, and the read models follow the store alone. Once the
@@ -163,6 +164,14 @@ async fn a_restore_from_backup_never_mixes_the_lost_history_into_redis_or_the_re
     for service in [&command, &query] {
         wait_readiness(&http, service, 200).await;
     }
+    // The command service still has the lost orders in its cache; it must not trust them.
+    let response = http
+        .post(command.url(&format!("/orders/{}/items", lost_orders[0])))
+        .json(&serde_json::json!({ "sku": "PEN", "quantity": 1, "unit_price": 150 }))
+        .send()
+        .await
+        .expect("the command service answers");
+    assert_eq!(response.status().as_u16(), 404, "a lost order is unknown");
     let mut new_head = head;
     for _ in 0..2 {
         new_head = create_order_with_a_book(&http, &command).await.1;
