@@ -107,6 +107,10 @@ pub struct CheckpointWatcher {
     senders: Arc<HashMap<&'static str, watch::Sender<i64>>>,
     /// The highest committed position of the event log.
     head: Arc<watch::Sender<i64>>,
+    /// Raises of `head` by announcements so far: a poll lowers the head only when none came
+    /// while it read, since then its lower value is the truth and not a read that an
+    /// announcement overtook.
+    head_raises: Arc<AtomicU64>,
     stats: Arc<WatcherStats>,
 }
 
@@ -139,6 +143,7 @@ impl CheckpointWatcher {
         Self {
             senders: Arc::new(senders),
             head: Arc::new(watch::Sender::new(0)),
+            head_raises: Arc::new(AtomicU64::new(0)),
             stats: Arc::new(WatcherStats::default()),
         }
     }
@@ -164,9 +169,49 @@ impl CheckpointWatcher {
         self.head.subscribe()
     }
 
-    /// Raises the head to `position` (an append's announcement, or a poll: never lowers).
+    /// Raises the head to `position` (an append's announcement: never lowers).
     fn raise_head(&self, position: i64) {
-        raise_to(&self.head, position);
+        // Counted under the watch's lock, like the poll's check of the count below.
+        self.head.send_if_modified(|current| {
+            self.head_raises.fetch_add(1, Ordering::AcqRel);
+            let raise = position > *current;
+            if raise {
+                *current = position;
+            }
+            raise
+        });
+    }
+
+    /// Sets the head to `position` as a poll read it, `raises_before` being
+    /// [`Self::head_raises`] when the poll began. A higher value raises it; a lower one is the
+    /// truth when no announcement came meanwhile: the log went back, which only a database
+    /// restored from a backup does. Followed down, a long poll at the restored head waits for
+    /// the next commit instead of finding the head above it and reading again at once, and the
+    /// log's tail reads the positions the store gives out again.
+    fn set_head_from_poll(&self, position: i64, raises_before: u64) {
+        let mut went_back_from = None;
+        self.head.send_if_modified(|current| {
+            if position > *current {
+                *current = position;
+                true
+            } else if position < *current
+                && self.head_raises.load(Ordering::Acquire) == raises_before
+            {
+                went_back_from = Some(*current);
+                *current = position;
+                true
+            } else {
+                false
+            }
+        });
+        if let Some(from) = went_back_from {
+            tracing::warn!(
+                from,
+                to = position,
+                "the event log's head went back (was the database restored from a backup?); \
+                 following it"
+            );
+        }
     }
 
     /// The counters of database work done by this watcher.
@@ -249,6 +294,7 @@ impl CheckpointWatcher {
 
     /// Reads every checkpoint once and publishes them (one step of the poller).
     pub async fn poll_once(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        let raises_before = self.head_raises.load(Ordering::Acquire);
         self.stats.checkpoint_polls.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("query_checkpoint_polls_total").increment(1);
         let rows: Vec<(String, i64)> = sqlx::query_as(POLL_SQL).fetch_all(pool).await?;
@@ -263,7 +309,8 @@ impl CheckpointWatcher {
                 self.set(projection, 0);
             }
         }
-        self.raise_head(store::head_position(pool).await?);
+        let head = store::head_position(pool).await?;
+        self.set_head_from_poll(head, raises_before);
         Ok(())
     }
 

@@ -82,7 +82,13 @@ impl LogTail {
         let mut head = watcher.head_receiver();
         let mut last = *head.borrow_and_update();
         loop {
-            if *head.borrow_and_update() <= last {
+            let now = *head.borrow_and_update();
+            if now < last {
+                // The log went back (a database restored from a backup): the positions above
+                // `now` will be given to other events, which must be read.
+                last = now;
+            }
+            if now <= last {
                 tokio::select! {
                     () = cancel.cancelled() => return,
                     changed = head.changed() => if changed.is_err() { return },

@@ -2028,3 +2028,72 @@ fn a_bad_number_setting_exits_2_with_one_line_naming_it() {
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("WAIT_MS_MAX"), "{lines:?}");
 }
+
+/// A database restored from a backup: the log goes back, and the positions above its new head
+/// go to other events. The service follows it down, so a long poll at the restored head waits
+/// for the next commit (instead of finding the old head above it and reading again and again
+/// until its deadline), and a stream at the head gets the events given those positions.
+#[tokio::test]
+async fn when_the_log_goes_back_long_polls_wait_and_streams_get_the_reused_positions() {
+    let app = spawn_app().await;
+    let order = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let kept = app
+        .append_command(order, &mut state, create(order, Uuid::new_v4()))
+        .await;
+    for sku in ["A", "B", "C"] {
+        app.append_command(order, &mut state, add(sku, 1, 1)).await;
+    }
+    // The "restore": everything after the first event is gone.
+    let mut conn = app.pool().acquire().await.unwrap();
+    sqlx::query("SET session_replication_role = replica")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM events WHERE global_position > $1")
+        .bind(kept)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("SET session_replication_role = DEFAULT")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    drop(conn);
+    let polls = app.watcher.checkpoint_polls.load(Ordering::Relaxed);
+    let watcher = Arc::clone(&app.watcher);
+    wait_until("the watcher polls the restored log", || {
+        let watcher = Arc::clone(&watcher);
+        async move { watcher.checkpoint_polls.load(Ordering::Relaxed) >= polls + 2 }
+    })
+    .await;
+
+    let mut stream = SseReader::open(&app, &format!("/events/stream?after_position={kept}"), None)
+        .await
+        .unwrap();
+    let long_poll = tokio::spawn(
+        app.client
+            .get(format!(
+                "{}/events?after_position={kept}&wait_ms=10000",
+                app.base
+            ))
+            .send(),
+    );
+    wait_until("the long poll waits for the next commit", || {
+        let watcher = Arc::clone(&watcher);
+        async move { watcher.waiting.load(Ordering::Relaxed) == 1 }
+    })
+    .await;
+
+    let other = Uuid::new_v4();
+    let mut other_state = OrderState::default();
+    let reused = app
+        .append_command(other, &mut other_state, create(other, Uuid::new_v4()))
+        .await;
+    assert_eq!(reused, kept + 1);
+    let page: Value = long_poll.await.unwrap().unwrap().json().await.unwrap();
+    assert_eq!(page["events"][0]["position"], reused, "{page}");
+    assert_eq!(page["events"][0]["stream_id"], format!("order-{other}"));
+    let frame = stream.next_event().await;
+    assert_eq!(frame.id, Some(reused.to_string()), "{frame:?}");
+}
