@@ -41,12 +41,21 @@ pub const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const REFUSED_RETRY_AFTER_SECS: u64 = 1;
 
 /// Whether the database can be reached, shared by every request of a service (cheap to clone).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DbGate {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
+impl std::fmt::Debug for DbGate {
+    /// The state only: the connect options hold the database password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbGate")
+            .field("shut", &self.is_shut())
+            .field("probing", &self.is_probing())
+            .finish_non_exhaustive()
+    }
+}
+
 struct Inner {
     /// How the probe connects: the pool's own options (server, TLS, credentials).
     options: Arc<PgConnectOptions>,
@@ -197,5 +206,17 @@ mod tests {
         )));
         assert!(!is_unreachable(&sqlx::Error::PoolTimedOut));
         assert!(!is_unreachable(&sqlx::Error::RowNotFound));
+    }
+
+    #[tokio::test]
+    async fn the_debug_form_never_shows_the_password() {
+        let options = PgConnectOptions::new()
+            .host("127.0.0.1")
+            .username("orders")
+            .password("s3cret-pw");
+        let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy_with(options);
+        let shown = format!("{:?}", DbGate::new(&pool));
+        assert!(!shown.contains("s3cret-pw"), "{shown}");
+        assert!(shown.contains("shut: false"), "{shown}");
     }
 }
