@@ -7,7 +7,9 @@
 //! - [`append`]: one append transaction for a batch of requests: optimistic concurrency per
 //!   stream, idempotent event ids, idempotency keys, all under the global append lock.
 //! - [`committer`]: group commit: many concurrent appends share one transaction.
-//! - [`read`]: reading a stream (by version or time) and the whole log in position order.
+//! - [`read`]: reading a stream (by version or time) and the whole log in position order, and
+//!   which event the log holds at a position (how the relay and the projectors tell the
+//!   store's history from a stream of another one).
 //! - [`snapshot`]: saving and loading snapshots, ignoring those of another state schema.
 //! - [`aggregate`]: loading an order's state from its latest valid snapshot plus later events.
 //! - [`idempotency`]: looking up the stored response of an `Idempotency-Key`.

@@ -1,4 +1,5 @@
-//! Reading the event store: one stream by version or time, and the whole log by position.
+//! Reading the event store: one stream by version or time, the whole log by position, and the
+//! event ids at given positions.
 //!
 //! Because positions are dense and assigned in commit order (see the crate docs), `read_all`
 //! from the last position seen never skips an event that commits late.
