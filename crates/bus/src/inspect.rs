@@ -1,5 +1,6 @@
-//! A read-only look at the event stream, for operators (`projector status`) and for trimming:
-//! its length, the position of its newest entry, and each consumer group's consumers, pending
+//! A read-only look at the event stream, for operators (`projector status`), for trimming and
+//! for the relay's history check: its length, the position of its newest entry, the newest
+//! entry the relay wrote (with its event id), and each consumer group's consumers, pending
 //! entries and lag. Nothing here writes to Redis.
 
 use redis::Value;
