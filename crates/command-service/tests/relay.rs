@@ -1059,3 +1059,62 @@ async fn a_stream_of_the_same_history_is_published_on_after_a_restart() {
     ctx.close().await;
     delete_key(&conn, &keys.stream).await;
 }
+
+/// The stream is replaced under a running leader by one of another history (a Redis restored
+/// or failed over from elsewhere). The relay finds out at its next periodic look, publishes
+/// nothing onto it, and once the stream is renamed away publishes the store's history, from
+/// its stored checkpoint, into a new one.
+#[tokio::test]
+async fn a_stream_replaced_under_a_running_relay_gets_nothing_of_this_history() {
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let url = shared_redis_url();
+    let conn = redis(&url).await;
+    let args = RelayArgs {
+        relay_trim_interval_ms: 100,
+        relay_checkpoint_interval_ms: 0,
+        ..test_args()
+    };
+    let relay = RunningRelay::start_with(&db, &url, &keys.stream, args);
+    append(&db, 3).await;
+    wait_for_entries(&conn, &keys.stream, 3).await;
+    wait_for_stored_checkpoint(&db, &keys.stream, 3).await;
+
+    // Another history takes the key: positions 1..=6, none of them this store's events.
+    delete_key(&conn, &keys.stream).await;
+    let mut redis_conn = conn.clone();
+    let other: Vec<String> = (0..6).map(|_| Uuid::new_v4().to_string()).collect();
+    for (position, event_id) in (1..).zip(&other) {
+        let _: String = redis::cmd("XADD")
+            .arg(&keys.stream)
+            .arg(format!("{position}-0"))
+            .arg("position")
+            .arg(position)
+            .arg("event_id")
+            .arg(event_id)
+            .query_async(&mut redis_conn)
+            .await
+            .expect("XADD");
+    }
+    wait_until(DEADLINE, "the relay finds the stream replaced", || async {
+        relay.status.stream_diverged().then_some(())
+    })
+    .await;
+    append(&db, 2).await;
+    let stored = stored_event_ids(&db).await;
+    let kept = format!("{}:other", keys.stream);
+    let _: () = redis::cmd("RENAME")
+        .arg(&keys.stream)
+        .arg(&kept)
+        .query_async(&mut redis_conn)
+        .await
+        .expect("RENAME");
+    assert_eq!(event_ids(&entries(&conn, &kept).await), other);
+
+    let published = wait_for_entries(&conn, &keys.stream, 2).await;
+    assert_eq!(ids(&published), expected_ids(4..=5));
+    assert_eq!(event_ids(&published), stored[3..].to_vec());
+    relay.stop().await;
+    delete_key(&conn, &keys.stream).await;
+    delete_key(&conn, &kept).await;
+}

@@ -31,7 +31,8 @@
 //!   refuses ids at or below the top, so republishing after a crash is a no-op. A new leader
 //!   resumes after `max(checkpoint, last entry on the stream)`.
 //! - **Never publishes onto another history**: each leadership first compares the stream's
-//!   newest entry with the store's event at its position. A stream the store contradicts
+//!   newest entry with the store's event at its position, and again every
+//!   `RELAY_TRIM_INTERVAL_MS`. A stream the store contradicts
 //!   (the database restored from a backup, another deployment on the same key) gets nothing
 //!   more (`relay_stream_diverged` = 1, logged) until it is renamed or deleted; then the relay
 //!   publishes from the stored checkpoint ([`step`]).
@@ -386,6 +387,9 @@ impl Relay {
                     if last_trim.elapsed() >= self.args.trim_interval() {
                         last_trim = Instant::now();
                         self.trim().await;
+                        // The stream may also have been replaced under a running leader (a
+                        // Redis restored or failed over from elsewhere): look again.
+                        ctx.recheck_history();
                     }
                     if let Some(gap) = outcome.gap {
                         tracing::error!(stream = %self.stream_key, expected = gap.expected,

@@ -15,6 +15,7 @@ struct Inner {
     is_leader: AtomicBool,
     checkpoint: AtomicI64,
     redis_unavailable: AtomicBool,
+    stream_diverged: AtomicBool,
 }
 
 impl RelayStatus {
@@ -33,11 +34,24 @@ impl RelayStatus {
         self.inner.redis_unavailable.load(Ordering::Acquire)
     }
 
+    /// Whether this instance, as leader, holds publishing because the stream records another
+    /// history than the event store (`relay_stream_diverged`).
+    pub fn stream_diverged(&self) -> bool {
+        self.inner.stream_diverged.load(Ordering::Acquire)
+    }
+
     pub(crate) fn set_leader(&self, leader: bool) {
         self.inner.is_leader.store(leader, Ordering::Release);
         if !leader {
             self.set_redis_unavailable(false);
+            self.set_stream_diverged(false);
         }
+    }
+
+    pub(crate) fn set_stream_diverged(&self, diverged: bool) {
+        self.inner
+            .stream_diverged
+            .store(diverged, Ordering::Release);
     }
 
     pub(crate) fn set_checkpoint(&self, position: i64) {

@@ -205,6 +205,11 @@ impl RelayContext {
         Ok(())
     }
 
+    /// Makes the next step compare the stream's newest entry with the store again.
+    pub fn recheck_history(&mut self) {
+        self.history_checked = false;
+    }
+
     /// The highest position known to be on the stream.
     pub fn checkpoint(&self) -> i64 {
         self.checkpoint
@@ -330,8 +335,9 @@ pub async fn publish_step(ctx: &mut RelayContext) -> Result<StepOutcome, StepErr
     })
 }
 
-/// Compares the stream's newest relayed entry with the store's event at its position (once
-/// per leadership, then at every step while they differ) and returns that position while they
+/// Compares the stream's newest relayed entry with the store's event at its position (when a
+/// leadership starts, when asked again by [`RelayContext::recheck_history`], and at every step
+/// while they differ) and returns that position while they
 /// differ. Publishing on would leave the stream contradicting the store: positions the store
 /// has given to other events would be refused by Redis as already present, so those events
 /// would never reach it, and consumers would read events the store does not have. Held
@@ -388,6 +394,7 @@ async fn check_history(ctx: &mut RelayContext) -> Result<Option<i64>, StepError>
     }
     ctx.history_checked = true;
     ctx.diverged = diverged;
+    ctx.status.set_stream_diverged(diverged.is_some());
     telemetry::stream_diverged(diverged.is_some());
     Ok(diverged)
 }
