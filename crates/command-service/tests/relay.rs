@@ -960,6 +960,26 @@ fn event_ids(entries: &[StreamEntry]) -> Vec<String> {
         .collect()
 }
 
+/// Writes entries `1-0` to `<count>-0` onto `key` as the relay would, each naming a fresh event
+/// id that no store has: the stream of another history. Returns those ids.
+async fn write_other_history(conn: &ConnectionManager, key: &str, count: usize) -> Vec<String> {
+    let mut conn = conn.clone();
+    let event_ids: Vec<String> = (0..count).map(|_| Uuid::new_v4().to_string()).collect();
+    for (position, event_id) in (1..).zip(&event_ids) {
+        let _: String = redis::cmd("XADD")
+            .arg(key)
+            .arg(format!("{position}-0"))
+            .arg("position")
+            .arg(position)
+            .arg("event_id")
+            .arg(event_id)
+            .query_async(&mut conn)
+            .await
+            .expect("XADD");
+    }
+    event_ids
+}
+
 /// The database is restored from a backup taken before the stream's newest events: the stream
 /// holds entries for positions the store then gives to other events. Publishing on would leave
 /// those events off the stream for good (Redis refuses their ids as already present) and the
@@ -974,19 +994,7 @@ async fn a_stream_from_another_history_gets_nothing_until_it_is_renamed_away() {
     append(&db, 3).await;
     // The history the backup lost: five events the store does not have.
     let mut redis_conn = conn.clone();
-    let lost: Vec<String> = (0..5).map(|_| Uuid::new_v4().to_string()).collect();
-    for (position, event_id) in (1..).zip(&lost) {
-        let _: String = redis::cmd("XADD")
-            .arg(&keys.stream)
-            .arg(format!("{position}-0"))
-            .arg("position")
-            .arg(position)
-            .arg("event_id")
-            .arg(event_id)
-            .query_async(&mut redis_conn)
-            .await
-            .expect("XADD");
-    }
+    let lost = write_other_history(&conn, &keys.stream, 5).await;
     let mut ctx = step_context(&db, &conn, &keys.stream, 25).await;
 
     let held = relay::publish_step(&mut ctx).await.expect("step");
@@ -1083,19 +1091,7 @@ async fn a_stream_replaced_under_a_running_relay_gets_nothing_of_this_history() 
     // Another history takes the key: positions 1..=6, none of them this store's events.
     delete_key(&conn, &keys.stream).await;
     let mut redis_conn = conn.clone();
-    let other: Vec<String> = (0..6).map(|_| Uuid::new_v4().to_string()).collect();
-    for (position, event_id) in (1..).zip(&other) {
-        let _: String = redis::cmd("XADD")
-            .arg(&keys.stream)
-            .arg(format!("{position}-0"))
-            .arg("position")
-            .arg(position)
-            .arg("event_id")
-            .arg(event_id)
-            .query_async(&mut redis_conn)
-            .await
-            .expect("XADD");
-    }
+    let other = write_other_history(&conn, &keys.stream, 6).await;
     wait_until(DEADLINE, "the relay finds the stream replaced", || async {
         relay.status.stream_diverged().then_some(())
     })

@@ -4,28 +4,6 @@ use crate::support::*;
 use store::testing::PrivatePostgres;
 use uuid::Uuid;
 
-/// The `(position, event_id)` of every entry of `stream`, in stream order.
-async fn stream_events(
-    conn: &mut redis::aio::MultiplexedConnection,
-    stream: &str,
-) -> Vec<(i64, String)> {
-    let entries: redis::streams::StreamRangeReply = redis::AsyncCommands::xrange_all(conn, stream)
-        .await
-        .expect("xrange");
-    entries
-        .ids
-        .iter()
-        .map(|entry| {
-            let position = entry
-                .get::<String>("position")
-                .and_then(|p| p.parse().ok())
-                .expect("a position field");
-            let event_id = entry.get::<String>("event_id").expect("an event_id field");
-            (position, event_id)
-        })
-        .collect()
-}
-
 /// The `(position, event_id)` of the store's events from `after` on, in position order.
 async fn store_events(database_url: &str, after: i64) -> Vec<(i64, String)> {
     let pool = sqlx::PgPool::connect(database_url)

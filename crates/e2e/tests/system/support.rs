@@ -519,6 +519,18 @@ pub(crate) async fn published_positions(
     conn: &mut redis::aio::MultiplexedConnection,
     stream: &str,
 ) -> Vec<i64> {
+    stream_events(conn, stream)
+        .await
+        .into_iter()
+        .map(|(position, _)| position)
+        .collect()
+}
+
+/// The `(position, event_id)` of every entry of `stream`, in stream order.
+pub(crate) async fn stream_events(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+) -> Vec<(i64, String)> {
     let entries: redis::streams::StreamRangeReply = redis::AsyncCommands::xrange_all(conn, stream)
         .await
         .expect("xrange");
@@ -526,10 +538,12 @@ pub(crate) async fn published_positions(
         .ids
         .iter()
         .map(|entry| {
-            entry
+            let position = entry
                 .get::<String>("position")
                 .and_then(|p| p.parse().ok())
-                .expect("a position field")
+                .expect("a position field");
+            let event_id = entry.get::<String>("event_id").expect("an event_id field");
+            (position, event_id)
         })
         .collect()
 }

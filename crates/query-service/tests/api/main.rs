@@ -1336,6 +1336,23 @@ async fn wait_for_tail_batches(app: &TestApp, count: u64) {
     .await;
 }
 
+/// Adds one item per SKU to `order`, each commit only once both streams of
+/// [`streams_at_the_head`] have taken the previous one from the tail; returns the last position.
+async fn add_items_one_batch_at_a_time(
+    app: &TestApp,
+    order: Uuid,
+    state: &mut OrderState,
+    skus: &[&str],
+) -> i64 {
+    let taken = app.streams.tail_batches.load(Ordering::Relaxed);
+    let mut last = 0;
+    for (n, sku) in skus.iter().enumerate() {
+        last = app.append_command(order, state, add(sku, 1, 1)).await;
+        wait_for_tail_batches(app, taken + 2 * (n as u64 + 1)).await;
+    }
+    last
+}
+
 /// At the head, a filtered stream does not send an id-only frame for every commit of other
 /// types: it holds its progress back for `EVENT_STREAM_PROGRESS_MS`, and an event of its types
 /// arriving first makes it needless (the event's id moves the resume point further).
@@ -1349,12 +1366,7 @@ async fn a_filtered_stream_at_the_head_holds_its_progress_back_until_an_event_su
     let order = Uuid::new_v4();
     let mut state = OrderState::default();
     let (mut filtered, _all) = streams_at_the_head(&app, order, &mut state).await;
-    let taken = app.streams.tail_batches.load(Ordering::Relaxed);
-    for (n, sku) in ["A", "B", "C"].into_iter().enumerate() {
-        app.append_command(order, &mut state, add(sku, 1, 1)).await;
-        // Both streams have taken this commit's batch before the next one is made.
-        wait_for_tail_batches(&app, taken + 2 * (n as u64 + 1)).await;
-    }
+    add_items_one_batch_at_a_time(&app, order, &mut state, &["A", "B", "C"]).await;
     let placed = app
         .append_command(order, &mut state, OrderCommand::PlaceOrder)
         .await;
@@ -1407,12 +1419,7 @@ async fn a_filtered_stream_ended_by_shutdown_sends_its_held_progress_first() {
     let order = Uuid::new_v4();
     let mut state = OrderState::default();
     let (mut filtered, _all) = streams_at_the_head(&app, order, &mut state).await;
-    let taken = app.streams.tail_batches.load(Ordering::Relaxed);
-    let mut last = 0;
-    for (n, sku) in ["A", "B"].into_iter().enumerate() {
-        last = app.append_command(order, &mut state, add(sku, 1, 1)).await;
-        wait_for_tail_batches(&app, taken + 2 * (n as u64 + 1)).await;
-    }
+    let last = add_items_one_batch_at_a_time(&app, order, &mut state, &["A", "B"]).await;
 
     let _ = app.stop.take().unwrap().send(());
     let mut frames = Vec::new();

@@ -182,16 +182,21 @@ impl PrivatePostgres {
             .stdin(Stdio::null())
             .output()
             .await?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(io::Error::other(format!(
-                "{binary} failed ({}): {}{}",
-                output.status,
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            )))
-        }
+        succeeded(binary, &output)
+    }
+}
+
+/// `Ok` when the program exited 0; otherwise its status and output, naming `what` ran.
+fn succeeded(what: &str, output: &std::process::Output) -> io::Result<()> {
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "{what} failed ({}): {}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )))
     }
 }
 
@@ -203,16 +208,10 @@ async fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
         .arg(to)
         .output()
         .await?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(io::Error::other(format!(
-            "cp -a {} {} failed: {}",
-            from.display(),
-            to.display(),
-            String::from_utf8_lossy(&output.stderr)
-        )))
-    }
+    succeeded(
+        &format!("cp -a {} {}", from.display(), to.display()),
+        &output,
+    )
 }
 
 impl Drop for PrivatePostgres {
