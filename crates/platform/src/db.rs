@@ -68,35 +68,45 @@ pub async fn connect_when_reachable(
     wait: Duration,
 ) -> anyhow::Result<PgPool> {
     let options = service_options(database_url, service)?;
-    wait_until_reachable(&options, wait).await;
-    ensure_database(&options).await?;
-    let pool = pool_of(&options, max_connections).await?;
+    let first = wait_until_reachable(&options, wait).await;
+    pool_after(&options, first, max_connections, migrator).await
+}
+
+/// The rest of [`connect_when_reachable`] once `first`, the last try to reach the server, has
+/// an answer: creates the database when it was missing, connects the pool, migrates.
+async fn pool_after(
+    options: &PgConnectOptions,
+    first: Result<PgConnection, sqlx::Error>,
+    max_connections: u32,
+    migrator: Option<&'static sqlx::migrate::Migrator>,
+) -> anyhow::Result<PgPool> {
+    ensure_database(options, first).await?;
+    let pool = pool_of(options, max_connections).await?;
     if let Some(migrator) = migrator {
         migrator.run(&pool).await.map_err(|e| {
             anyhow!(
                 "cannot run database migrations on {} at {}: {}",
-                database_name(&options),
-                server(&options),
+                database_name(options),
+                server(options),
                 one_line(&e)
             )
         })?;
-        tracing::info!(database = %database_name(&options), "database migrations are up to date");
+        tracing::info!(database = %database_name(options), "database migrations are up to date");
     }
     Ok(pool)
 }
 
-/// Returns once a connection to the server of `options` gets an answer (a missing database is
-/// an answer: [`ensure_database`] creates it), once an error says waiting will not help, or at
-/// the end of `wait`.
-async fn wait_until_reachable(options: &PgConnectOptions, wait: Duration) {
+/// Connects to the server of `options` until it answers (a missing database is an answer:
+/// [`ensure_database`] creates it), an error says waiting will not help, or `wait` is over;
+/// returns the last try, whose connection the caller goes on with.
+async fn wait_until_reachable(
+    options: &PgConnectOptions,
+    wait: Duration,
+) -> Result<PgConnection, sqlx::Error> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut pause = REACH_RETRY_FIRST;
     loop {
         match connect_once(options).await {
-            Ok(conn) => {
-                let _ = conn.close().await;
-                return;
-            }
             Err(e) if is_unavailable(&e) && tokio::time::Instant::now() + pause < deadline => {
                 tracing::warn!(
                     server = %server(options),
@@ -108,7 +118,7 @@ async fn wait_until_reachable(options: &PgConnectOptions, wait: Duration) {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(REACH_RETRY_MAX);
             }
-            Err(_) => return,
+            answer => return answer,
         }
     }
 }
@@ -158,14 +168,13 @@ pub async fn migrate(
 ) -> anyhow::Result<()> {
     let stop = crate::shutdown::cancel_on_signal();
     let options = service_options(database_url, service)?;
-    if crate::shutdown::unless_stopped(&stop, wait_until_reachable(&options, wait))
-        .await
-        .is_none()
-    {
+    let Some(first) =
+        crate::shutdown::unless_stopped(&stop, wait_until_reachable(&options, wait)).await
+    else {
         tracing::info!("stopped before migrating");
         return Ok(());
-    }
-    let pool = connect(database_url, service, 1, Some(migrator)).await?;
+    };
+    let pool = pool_after(&options, first, 1, Some(migrator)).await?;
     pool.close().await;
     tracing::info!("migrations applied");
     Ok(())
@@ -274,9 +283,13 @@ pub fn with_application_name(options: PgConnectOptions, service: &str) -> PgConn
     }
 }
 
-/// Creates the database named in `options` when a connection says it does not exist.
-async fn ensure_database(options: &PgConnectOptions) -> anyhow::Result<()> {
-    match connect_once(options).await {
+/// Creates the database named in `options` when `first`, a try to connect to it, says it does
+/// not exist.
+async fn ensure_database(
+    options: &PgConnectOptions,
+    first: Result<PgConnection, sqlx::Error>,
+) -> anyhow::Result<()> {
+    match first {
         Ok(conn) => {
             // Closing politely is best effort; the connection is dropped either way.
             let _ = conn.close().await;
