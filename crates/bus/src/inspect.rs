@@ -6,9 +6,11 @@
 use redis::Value;
 use redis::aio::ConnectionManager;
 use serde::Serialize;
+use uuid::Uuid;
 
 use crate::entry::{
-    EntryId, parse_entry_list, value_to_i64, value_to_map, value_to_string, value_to_vec,
+    EntryId, StreamEntry, parse_entry_list, value_to_i64, value_to_map, value_to_string,
+    value_to_vec,
 };
 use crate::error::BusError;
 use crate::keys::StreamKeys;
@@ -84,24 +86,37 @@ impl GroupInfo {
     }
 }
 
-/// The id of the newest entry of `stream`; `None` when it is empty or missing.
-pub(crate) async fn last_entry_id(
+/// The newest `count` entries of `stream`, newest first; none when it is empty or missing.
+async fn newest_entries(
     conn: &ConnectionManager,
     stream: &str,
-) -> Result<Option<EntryId>, BusError> {
-    const OP: &str = "read last entry";
+    count: usize,
+    op: &'static str,
+) -> Result<Vec<StreamEntry>, BusError> {
     let mut conn = conn.clone();
     let reply: Value = redis::cmd("XREVRANGE")
         .arg(stream)
         .arg("+")
         .arg("-")
         .arg("COUNT")
-        .arg(1)
+        .arg(count)
         .query_async(&mut conn)
         .await
-        .map_err(|e| BusError::from_redis(OP, e))?;
-    let parsed = parse_entry_list(OP, reply)?;
-    let Some(entry) = parsed.entries.first() else {
+        .map_err(|e| BusError::from_redis(op, e))?;
+    Ok(parse_entry_list(op, reply)?.entries)
+}
+
+/// The id of the newest entry of `stream`; `None` when it is empty or missing.
+pub(crate) async fn last_entry_id(
+    conn: &ConnectionManager,
+    stream: &str,
+) -> Result<Option<EntryId>, BusError> {
+    const OP: &str = "read last entry";
+    let Some(entry) = newest_entries(conn, stream, 1, OP)
+        .await?
+        .into_iter()
+        .next()
+    else {
         return Ok(None);
     };
     EntryId::parse(&entry.id)
@@ -114,27 +129,17 @@ pub(crate) async fn last_entry_id(
 const RELAYED_ENTRY_LOOKBACK: usize = 16;
 
 /// The newest entry among the last [`RELAYED_ENTRY_LOOKBACK`] whose id is `<position>-0`, as the
-/// relay writes them, with its `event_id` field; `None` when the stream is empty, missing, or
-/// holds none of those near its top.
+/// relay writes them, with its `event_id`; `None` when the stream is empty, missing, or holds
+/// none of those near its top.
 pub async fn newest_relayed_entry(
     conn: &ConnectionManager,
     keys: &StreamKeys,
-) -> Result<Option<(i64, String)>, BusError> {
+) -> Result<Option<(i64, Uuid)>, BusError> {
     const OP: &str = "read the newest entries";
-    let mut conn = conn.clone();
-    let reply: Value = redis::cmd("XREVRANGE")
-        .arg(&keys.stream)
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(RELAYED_ENTRY_LOOKBACK)
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| BusError::from_redis(OP, e))?;
-    let parsed = parse_entry_list(OP, reply)?;
-    Ok(parsed.entries.iter().find_map(|entry| {
+    let entries = newest_entries(conn, &keys.stream, RELAYED_ENTRY_LOOKBACK, OP).await?;
+    Ok(entries.iter().find_map(|entry| {
         let event_id = entry.field(crate::codec::field::EVENT_ID)?;
-        Some((entry.position()?, event_id.to_owned()))
+        Some((entry.position()?, Uuid::parse_str(event_id).ok()?))
     }))
 }
 

@@ -162,7 +162,7 @@ impl Publisher {
 
     /// The newest entry the relay wrote (`<position>-0`), as `(position, event_id)`; see
     /// [`crate::inspect::newest_relayed_entry`].
-    pub async fn newest_relayed_entry(&self) -> Result<Option<(i64, String)>, BusError> {
+    pub async fn newest_relayed_entry(&self) -> Result<Option<(i64, uuid::Uuid)>, BusError> {
         crate::inspect::newest_relayed_entry(&self.conn, &self.keys).await
     }
 

@@ -179,8 +179,7 @@ async fn diverged_at(
     let stored = store::event_id_at(pool, position)
         .await
         .map_err(|e| format!("postgres: {}", platform::config::error_chain(&e)))?;
-    let same = stored.is_some_and(|id| id.to_string() == event_id);
-    Ok((!same).then_some(position))
+    Ok((stored != Some(event_id)).then_some(position))
 }
 
 /// The lines of [`Status::attention`].

@@ -360,8 +360,7 @@ async fn check_history(ctx: &mut RelayContext) -> Result<Option<i64>, StepError>
             )
             .await
             .map_err(StepError::Leadership)?;
-            let same = stored.is_some_and(|id| id.to_string() == event_id);
-            (!same).then_some(position)
+            (stored != Some(event_id)).then_some(position)
         }
     };
     // The state changes only once the step below has succeeded: a failed read of the stream

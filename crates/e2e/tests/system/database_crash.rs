@@ -24,25 +24,8 @@ async fn the_system_heals_by_itself_when_postgresql_crashes_under_load() {
     let database_url = postgres.url("orders");
     let stream = format!("e2e-{}:es:events", Uuid::new_v4().simple());
     let http = http_client();
-    // The command service creates the database and its schema, as on a first deployment.
-    let mut command = Service::start(
-        "command-service",
-        "command-service",
-        &database_url,
-        &stream,
-        &[("SKIP_MIGRATIONS", "false")],
-    );
-    command.wait_ready(&http).await;
-    let mut projector = Service::start("projector", "projector", &database_url, &stream, &[]);
-    let mut query = Service::start(
-        "query-service",
-        "query-service",
-        &database_url,
-        &stream,
-        &[],
-    );
-    projector.wait_ready(&http).await;
-    query.wait_ready(&http).await;
+    let (mut command, mut projector, mut query) =
+        start_on_a_new_database(&http, &database_url, &stream, &[]).await;
 
     let (_, follower_base) = tokio::sync::watch::channel(query.url(""));
     let (follow_until, until) = tokio::sync::watch::channel(0_i64);

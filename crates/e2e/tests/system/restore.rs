@@ -75,30 +75,8 @@ async fn a_restore_from_backup_never_mixes_the_lost_history_into_redis_or_the_re
     let stream = format!("e2e-{}:es:events", Uuid::new_v4().simple());
     let http = http_client();
     let projector_env = [("SWEEP_GRACE_MS", "300")];
-    let mut command = Service::start(
-        "command-service",
-        "command-service",
-        &database_url,
-        &stream,
-        &[("SKIP_MIGRATIONS", "false")],
-    );
-    command.wait_ready(&http).await;
-    let mut projector = Service::start(
-        "projector",
-        "projector",
-        &database_url,
-        &stream,
-        &projector_env,
-    );
-    let mut query = Service::start(
-        "query-service",
-        "query-service",
-        &database_url,
-        &stream,
-        &[],
-    );
-    projector.wait_ready(&http).await;
-    query.wait_ready(&http).await;
+    let (command, mut projector, query) =
+        start_on_a_new_database(&http, &database_url, &stream, &projector_env).await;
     let client = redis::Client::open(REDIS_URL).expect("redis url");
     let mut redis = client
         .get_multiplexed_async_connection()

@@ -227,6 +227,36 @@ pub(crate) async fn projector_admin(
     (output.status.success(), printed)
 }
 
+/// The three services on a database no one has created yet (a private server's): the command
+/// service first, creating the database and its schema as on a first deployment, then a
+/// projector (with `projector_env`) and a query service; returns them ready, in that order.
+pub(crate) async fn start_on_a_new_database(
+    http: &reqwest::Client,
+    database_url: &str,
+    stream: &str,
+    projector_env: &[(&str, &str)],
+) -> (Service, Service, Service) {
+    let mut command = Service::start(
+        "command-service",
+        "command-service",
+        database_url,
+        stream,
+        &[("SKIP_MIGRATIONS", "false")],
+    );
+    command.wait_ready(http).await;
+    let mut projector = Service::start(
+        "projector",
+        "projector",
+        database_url,
+        stream,
+        projector_env,
+    );
+    let mut query = Service::start("query-service", "query-service", database_url, stream, &[]);
+    projector.wait_ready(http).await;
+    query.wait_ready(http).await;
+    (command, projector, query)
+}
+
 /// Waits until `GET /readyz` of `service` answers `status`.
 pub(crate) async fn wait_readiness(http: &reqwest::Client, service: &Service, status: u16) {
     let what = format!("{} answers /readyz with {status}", service.name);
