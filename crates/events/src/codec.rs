@@ -4,6 +4,11 @@
 //! Rule for evolving an event: never change the meaning of a stored version. Add a new schema
 //! version, write new events with it, and teach [`decode`] to upcast the old version's JSON into
 //! the current shape. A version this code does not know is an error, never a guess.
+//!
+//! Releases overlap while one rolls out: an older instance can meet an event a newer one wrote
+//! (a type it does not know, or a schema version above the newest it knows). That event is not
+//! broken, the reader is too old: [`DecodeError::needs_newer_release`] tells the two apart, so
+//! readers hold such an event (or answer 503) instead of dead-lettering it or guessing.
 
 use crate::envelope::{EventMetadata, NewEvent, RecordedEvent};
 use crate::order::{
@@ -30,6 +35,30 @@ pub enum DecodeError {
         schema_version: i32,
         message: String,
     },
+}
+
+impl DecodeError {
+    /// Whether the event was written by a newer release than this build: its type is unknown
+    /// here, or its schema version is above the newest this build knows of its type. Every
+    /// writer of the store is a release of this code, so an unknown name is a newer release's
+    /// type. An invalid payload, or a version below the first, is damage, not novelty.
+    pub fn needs_newer_release(&self) -> bool {
+        match self {
+            DecodeError::UnknownType(_) => true,
+            DecodeError::UnknownSchemaVersion {
+                event_type,
+                schema_version,
+            } => current_schema_version(event_type).is_some_and(|newest| *schema_version > newest),
+            DecodeError::InvalidPayload { .. } => false,
+        }
+    }
+}
+
+/// The schema version this build writes events of `event_type` with (the newest it reads), or
+/// `None` for a type it does not know.
+pub fn current_schema_version(event_type: &str) -> Option<i32> {
+    // Every type is at version 1; a type's entry changes when its version 2 is introduced.
+    EVENT_TYPES.contains(&event_type).then_some(1)
 }
 
 /// Every event type name, for projections declaring what they handle and for filters that
@@ -60,7 +89,7 @@ impl OrderEvent {
 
     /// The schema version new events of this type are written with.
     pub fn schema_version(&self) -> i32 {
-        1
+        current_schema_version(self.event_type()).unwrap_or(1)
     }
 
     /// The JSON payload.
@@ -115,7 +144,7 @@ pub fn decode(
     }
     // Every type is at version 1 today. An upcaster for `(type, 1)` goes here when version 2
     // of that type is introduced: rewrite the old JSON into the new shape, then parse.
-    if schema_version != 1 {
+    if current_schema_version(event_type) != Some(schema_version) {
         return Err(DecodeError::UnknownSchemaVersion {
             event_type: event_type.to_owned(),
             schema_version,

@@ -47,6 +47,14 @@ pub enum FoldError {
     NotCreated { stream_id: String },
 }
 
+impl FoldError {
+    /// Whether an event of the sequence was written by a newer release than this build
+    /// ([`DecodeError::needs_newer_release`]).
+    pub fn needs_newer_release(&self) -> bool {
+        matches!(self, FoldError::Decode(e) if e.needs_newer_release())
+    }
+}
+
 /// A summary under construction: the domain state plus the timestamps only the envelopes carry.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SummaryFold {

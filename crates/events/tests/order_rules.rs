@@ -475,6 +475,24 @@ fn every_event_round_trips_through_its_stored_form() {
 }
 
 #[test]
+fn a_newer_release_s_event_is_told_apart_from_a_damaged_one() {
+    let newer = |event_type: &str, version: i32, data: serde_json::Value| {
+        events::decode(event_type, version, &data)
+            .expect_err("not readable by this build")
+            .needs_newer_release()
+    };
+    // A type this build does not know, or a version above the newest it knows: a newer
+    // release wrote it.
+    assert!(newer("OrderRefunded", 1, serde_json::json!({"amount": 5})));
+    let next = events::current_schema_version("OrderPlaced").expect("known type") + 1;
+    assert!(newer("OrderPlaced", next, serde_json::json!({"total": 1})));
+    // A version below the first, or a payload that does not fit its version: damage.
+    assert!(!newer("OrderPlaced", 0, serde_json::json!({"total": 1})));
+    assert!(!newer("OrderPlaced", 1, serde_json::json!({"total": "x"})));
+    assert_eq!(events::current_schema_version("OrderRefunded"), None);
+}
+
+#[test]
 fn unknown_types_versions_and_payloads_are_decode_errors() {
     assert!(matches!(
         events::decode("OrderTeleported", 1, &serde_json::json!({})),

@@ -15,6 +15,11 @@ use serde_json::{Map, Value};
 pub const CONTENT_TYPE: &str = "application/problem+json";
 /// Prefix of the `type` URI; the code is appended (`https://errors.orders.example/not_found`).
 pub const TYPE_BASE: &str = "https://errors.orders.example/";
+/// Code of [`Problem::event_from_newer_release`].
+pub const EVENT_FROM_NEWER_RELEASE: &str = "event_from_newer_release";
+/// `Retry-After` of [`Problem::event_from_newer_release`]: long enough for a rollout's next
+/// instance to start, short enough for a client's retry budget.
+const NEWER_RELEASE_RETRY_AFTER_SECS: u64 = 2;
 /// Members the RFC and we define; extension members may not use these names.
 const RESERVED: &[&str] = &["type", "title", "status", "detail", "instance", "code"];
 
@@ -82,6 +87,15 @@ impl Problem {
     pub fn unavailable(code: impl Into<String>, retry_after_secs: u64) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, code)
             .with_header(header::RETRY_AFTER, HeaderValue::from(retry_after_secs))
+    }
+
+    /// 503 `event_from_newer_release`: what the request needs holds an event written by a newer
+    /// release than this instance (`cause` says which). A retry is likely to reach an instance
+    /// of that release while a rollout is under way.
+    pub fn event_from_newer_release(cause: &str) -> Self {
+        Self::unavailable(EVENT_FROM_NEWER_RELEASE, NEWER_RELEASE_RETRY_AFTER_SECS).with_detail(
+            format!("{cause}; an instance of the newer release can answer: retry later"),
+        )
     }
 
     /// 500 `internal` with a fixed detail; never carries the cause. Prefer

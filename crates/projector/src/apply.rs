@@ -72,6 +72,9 @@ pub struct Poisoned {
     pub version: i64,
     /// The error.
     pub error: String,
+    /// The event is not poison: it was written by a newer release than this build
+    /// ([`Failure::NewerRelease`]), so it is held, never dead-lettered or parked.
+    pub newer_release: bool,
 }
 
 fn sql(e: sqlx::Error) -> Failure {
@@ -368,7 +371,7 @@ pub async fn apply_isolating(
     result
 }
 
-/// Sets each span's `outcome`: `poisoned`, `transient_failure`, or `ok` (applied, duplicate or
+/// Sets each span's `outcome`: `poisoned`, `needs_newer_release`, `transient_failure`, or `ok` (applied, duplicate or
 /// held back behind a parked stream).
 fn record_outcomes(
     spans: &[tracing::Span],
@@ -381,8 +384,12 @@ fn record_outcomes(
             Ok((_, poisoned)) => {
                 let hit = poisoned
                     .iter()
-                    .any(|p| p.stream_id == event.stream_id && event.stream_version >= p.version);
-                if hit { "poisoned" } else { "ok" }
+                    .find(|p| p.stream_id == event.stream_id && event.stream_version >= p.version);
+                match hit {
+                    Some(p) if p.newer_release => "needs_newer_release",
+                    Some(_) => "poisoned",
+                    None => "ok",
+                }
             }
         };
         span.record("outcome", outcome);
@@ -421,15 +428,16 @@ async fn apply_isolating_inner(
         for event in &list {
             match apply_batch(conn, projection, std::slice::from_ref(event)).await {
                 Ok(outcome) => total += outcome,
-                Err(Failure::Poison(error)) => {
+                Err(Failure::Transient(error)) => return Err(Failure::Transient(error)),
+                Err(failure) => {
                     poisoned.push(Poisoned {
                         stream_id: stream.to_owned(),
                         version: event.stream_version,
-                        error,
+                        newer_release: matches!(failure, Failure::NewerRelease(_)),
+                        error: failure.to_string(),
                     });
                     break;
                 }
-                Err(transient) => return Err(transient),
             }
         }
     }

@@ -16,6 +16,13 @@
 //!   `<stream>:dlq:<group>` + XACK) and its stream parked in Postgres, so later events of the
 //!   order are held back until `projector dlq replay`. An entry without a stream id is
 //!   dead-lettered without parking anything.
+//! - newer release (an event of a type or schema version this build does not know): the entry
+//!   is held like a poison entry, its stream's later entries behind it, but retried at the
+//!   pace of the last poison retry without counting an attempt, and never dead-lettered. An
+//!   instance of the newer release gets it from the store (its sweeper heals the blocked
+//!   mark) or from Redis (this consumer leaves the entry pending, so it is claimed once idle
+//!   for `claim_idle`; while both run, their reclaims race for it), and this one's next retry
+//!   finds it applied;
 //! - `NOGROUP` (Redis lost its data): the group is recreated and the sweeper fills the gap.
 //!
 //! Memory is bounded: the retry queues hold at most `max_queued` entries; while they are full
@@ -30,7 +37,10 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Poisoned, apply_isolating, park_stream};
-use crate::failure::{Backoff, Failure, classify_bus, classify_sql, poison_retry_delay};
+use crate::failure::{
+    Backoff, Failure, NEWER_RELEASE_LOG_INTERVAL, classify_bus, classify_sql,
+    newer_release_retry_delay, poison_retry_delay,
+};
 use crate::linger::Linger;
 use crate::metrics;
 use crate::projections::ProjectionKind;
@@ -126,6 +136,8 @@ pub struct ProjectionConsumer {
     linger: Linger,
     /// When entries of another history were last logged ([`FOREIGN_LOG_INTERVAL`]).
     foreign_logged_at: Option<Instant>,
+    /// When entries held for a newer release were last logged ([`NEWER_RELEASE_LOG_INTERVAL`]).
+    newer_release_logged_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for ProjectionConsumer {
@@ -170,6 +182,7 @@ impl ProjectionConsumer {
             pending_drained: false,
             next_reclaim: Instant::now(),
             foreign_logged_at: None,
+            newer_release_logged_at: None,
         }
     }
 
@@ -380,7 +393,9 @@ impl ProjectionConsumer {
                 Ok(event) => {
                     if self.retry.contains_key(&event.stream_id) {
                         self.hold_behind(&event.stream_id, &w.entry);
-                    } else if w.prior_attempts >= self.settings.max_attempts {
+                    } else if w.prior_attempts >= self.settings.max_attempts
+                        && !self.waits_for_newer_release(&event, &events)
+                    {
                         let error = format!(
                             "delivered {} times without being acknowledged",
                             w.prior_attempts + 1
@@ -428,11 +443,18 @@ impl ProjectionConsumer {
         let mut ack = Vec::with_capacity(events.len());
         for (event, w) in events.iter().zip(applied_work) {
             match poisoned.get(event.stream_id.as_str()) {
+                Some(p) if event.stream_version >= p.version && p.newer_release => {
+                    self.hold_for_newer_release(w, &event.stream_id, &p.error);
+                }
                 Some(p) if event.stream_version >= p.version => {
                     self.failed(w, Some(&event.stream_id), &p.error).await?;
                 }
                 _ => ack.push(w.entry.id.clone()),
             }
+        }
+        let newer_release = poisoned.values().filter(|p| p.newer_release).count();
+        if newer_release > 0 {
+            metrics::newer_release_holds(self.projection, newer_release);
         }
         if !ack.is_empty() {
             let acked = self.consumer.ack(&ack).await;
@@ -495,6 +517,54 @@ impl ProjectionConsumer {
                  the sweeper (RUNBOOK: RelayStreamDiverged)");
         }
         Ok(foreign)
+    }
+
+    /// Whether `event`, or an event of its stream before it in `batch`, is one this projection
+    /// reads but this build cannot: a newer release wrote it. Such an entry, and those held
+    /// behind it, are held however often they were delivered (instances of this build
+    /// claiming them from each other count deliveries too), never dead-lettered.
+    fn waits_for_newer_release(&self, event: &RecordedEvent, batch: &[RecordedEvent]) -> bool {
+        let unreadable = |e: &RecordedEvent| {
+            self.projection.handles(&e.event_type)
+                && events::decode_recorded(e).is_err_and(|err| err.needs_newer_release())
+        };
+        unreadable(event)
+            || batch
+                .iter()
+                .any(|earlier| earlier.stream_id == event.stream_id && unreadable(earlier))
+    }
+
+    /// Holds `w`, whose event a newer release wrote: queued with its attempts unchanged, the
+    /// stream's later entries behind it ([`newer_release_retry_delay`]).
+    fn hold_for_newer_release(&mut self, w: &Work, stream: &str, error: &str) {
+        if self.retry.contains_key(stream) {
+            self.hold_behind(stream, &w.entry);
+            return;
+        }
+        if self
+            .newer_release_logged_at
+            .is_none_or(|at| at.elapsed() >= NEWER_RELEASE_LOG_INTERVAL)
+        {
+            self.newer_release_logged_at = Some(Instant::now());
+            tracing::warn!(projection = %self.projection, id = %w.entry.id, stream, error,
+                "an event was written by a newer release than this projector: holding it \
+                 and its order's later events (never dead-lettered) until an instance of \
+                 that release applies it; upgrade this instance (RUNBOOK: \
+                 ProjectorNeedsNewerRelease)");
+        }
+        self.retry.insert(
+            stream.to_owned(),
+            RetryQueue {
+                entries: VecDeque::from([w.entry.clone()]),
+                attempts: w.prior_attempts,
+                due: Instant::now()
+                    + newer_release_retry_delay(
+                        self.settings.retry_base,
+                        self.settings.max_attempts,
+                    ),
+            },
+        );
+        self.queued_ids.insert(w.entry.id.clone());
     }
 
     fn hold_behind(&mut self, key: &str, entry: &StreamEntry) {

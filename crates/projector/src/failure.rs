@@ -1,6 +1,7 @@
 //! The one place that decides whether a failure is *transient* (the world is broken: retry the
-//! same work later without counting it against the entry) or *poison* (this entry is broken:
-//! count an attempt, back off, and eventually dead-letter it).
+//! same work later without counting it against the entry), *poison* (this entry is broken:
+//! count an attempt, back off, and eventually dead-letter it) or *newer release* (the entry is
+//! fine but this build is too old to read it: hold it, count nothing, never dead-letter it).
 //!
 //! Everything that can fail while projecting funnels into [`Failure`] through [`classify_sql`],
 //! [`classify_bus`] or [`Failure::poison`]; no other module inspects SQLSTATEs or Redis error
@@ -19,6 +20,13 @@ pub enum Failure {
     /// retrying the same entry immediately will fail the same way.
     #[error("{0}")]
     Poison(String),
+    /// The event was written by a newer release than this build (a type or a schema version it
+    /// does not know, `events::DecodeError::needs_newer_release`): nothing is broken, this
+    /// build is too old to read it. It is held (its stream's later events behind it), never
+    /// counted as an attempt nor dead-lettered, until an instance of the newer release, which
+    /// claims it from this one, has applied it.
+    #[error("{0}")]
+    NewerRelease(String),
 }
 
 impl Failure {
@@ -106,6 +114,18 @@ pub fn poison_retry_delay(base: Duration, attempt: u32) -> Duration {
     let shift = attempt.saturating_sub(1).min(16);
     base.saturating_mul(1u32 << shift)
         .min(Duration::from_secs(60))
+}
+
+/// Least time between two log lines about an event held for a newer release: the hold lasts
+/// until the rollout reaches this instance, and its counter counts every try.
+pub const NEWER_RELEASE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How long an entry held for a newer release waits between two tries: the pace of a poison
+/// entry's last retry before its dead letter. It stays unreadable to this build, so only an
+/// instance of the newer release applying it meanwhile ends the hold; trying again only finds
+/// that out.
+pub fn newer_release_retry_delay(base: Duration, max_attempts: u32) -> Duration {
+    poison_retry_delay(base, max_attempts.max(1))
 }
 
 /// Collapses an error onto one line (errors end up in Redis fields and log lines).

@@ -18,6 +18,9 @@ pub const DEAD_LETTERS: &str = "projector_dead_letters_total";
 /// Entries acknowledged unapplied because the event store holds another event, or none, at
 /// their positions: a stream of another history (counter).
 pub const FOREIGN_ENTRIES: &str = "projector_foreign_entries_total";
+/// Attempts to apply an event this build is too old to read, written by a newer release and
+/// held until an instance of that release applies it (counter; it grows while the hold lasts).
+pub const NEWER_RELEASE_HOLDS: &str = "projector_newer_release_holds_total";
 /// Head position minus the projection's low-water mark (gauge).
 pub const LAG_EVENTS: &str = "projector_lag_events";
 /// Age of the oldest event not yet covered by the low-water mark, in seconds (gauge).
@@ -39,6 +42,7 @@ pub fn register(projection: ProjectionKind) {
         RETRIES,
         DEAD_LETTERS,
         FOREIGN_ENTRIES,
+        NEWER_RELEASE_HOLDS,
     ] {
         metrics::counter!(counter, "projection" => projection.name()).increment(0);
     }
@@ -77,6 +81,12 @@ pub fn record_dead_letter(projection: ProjectionKind) {
 /// Counts entries of another history, acknowledged unapplied.
 pub fn foreign_entries(projection: ProjectionKind, count: usize) {
     metrics::counter!(FOREIGN_ENTRIES, "projection" => projection.name()).increment(count as u64);
+}
+
+/// Counts attempts that met events of a newer release (one per held stream).
+pub fn newer_release_holds(projection: ProjectionKind, streams: usize) {
+    metrics::counter!(NEWER_RELEASE_HOLDS, "projection" => projection.name())
+        .increment(streams as u64);
 }
 
 /// Sets the lag gauges.

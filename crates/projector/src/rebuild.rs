@@ -24,7 +24,8 @@
 //!    and the next one starts by dropping it.
 //!
 //! The live read model is untouched until the swap commits, so a failed rebuild changes
-//! nothing. Two rebuilds of one projection never run at once: each holds a session lock for its
+//! nothing; a rebuild meeting an event a newer release wrote fails (the release that wrote it
+//! can rebuild) instead of parking that order in the new model. Two rebuilds of one projection never run at once: each holds a session lock for its
 //! whole run, and a second one fails at once.
 
 use std::io::IsTerminal as _;
@@ -203,6 +204,17 @@ impl Fold<'_> {
         let (_, poisoned) = apply_isolating(&mut *tx, projection, &events)
             .await
             .map_err(|f| anyhow!("apply events after position {after}: {f}"))?;
+        if let Some(p) = poisoned.iter().find(|p| p.newer_release) {
+            // A rebuild by this build would park that order in the new read model for an
+            // event that is not broken; the release that wrote it can rebuild.
+            bail!(
+                "event {} of {} was written by a newer release than this projector ({}): \
+                 run the rebuild with that release",
+                p.version,
+                p.stream_id,
+                p.error
+            );
+        }
         for p in &poisoned {
             let event = events
                 .iter()

@@ -25,7 +25,7 @@
 //! engine the consumers use. That is how the read model converges after Redis was flushed,
 //! restarted without persistence, or trimmed entries, with no operator action. A blocker that
 //! keeps failing is retried with backoff and finally dead-lettered and parked like a consumer
-//! would.
+//! would; one a newer release wrote is only held (see [`crate::failure`]).
 //!
 //! Wake-ups: `LISTEN projection_applied`, sent by an apply of this projection that could not
 //! move the mark over all of its own events (see [`crate::apply`]); an apply that could wakes
@@ -42,7 +42,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::{APPLIED_CHANNEL, Poisoned, apply_isolating};
 use crate::consumer::park_with_retries;
-use crate::failure::{Backoff, Failure, classify_bus, classify_sql, poison_retry_delay};
+use crate::failure::{
+    Backoff, Failure, NEWER_RELEASE_LOG_INTERVAL, classify_bus, classify_sql,
+    newer_release_retry_delay, poison_retry_delay,
+};
 use crate::metrics;
 use crate::projections::ProjectionKind;
 
@@ -155,6 +158,8 @@ pub struct Sweeper {
     /// When the lag gauges were last refreshed (they cost a query, so at most every
     /// [`LAG_INTERVAL`]).
     lag_recorded: Instant,
+    /// When an event held for a newer release was last logged.
+    newer_release_logged_at: Option<Instant>,
 }
 
 impl Sweeper {
@@ -178,6 +183,7 @@ impl Sweeper {
             lag_recorded: Instant::now()
                 .checked_sub(LAG_INTERVAL)
                 .unwrap_or_else(Instant::now),
+            newer_release_logged_at: None,
         }
     }
 
@@ -357,6 +363,32 @@ impl Sweeper {
         if outcome.applied > 0 {
             tracing::info!(projection = %self.projection, applied = outcome.applied, after = position,
                 "sweeper applied events the consumers had not (Redis lost or trimmed them)");
+        }
+        let (newer_release, poisoned): (Vec<Poisoned>, Vec<Poisoned>) =
+            poisoned.into_iter().partition(|p| p.newer_release);
+        if let Some(first) = newer_release.first() {
+            // Not poison: held, never counted towards a dead letter; an instance of the newer
+            // release applies it (its consumers, or its sweeper once it leads).
+            metrics::newer_release_holds(self.projection, newer_release.len());
+            if self
+                .newer_release_logged_at
+                .is_none_or(|at| at.elapsed() >= NEWER_RELEASE_LOG_INTERVAL)
+            {
+                self.newer_release_logged_at = Some(Instant::now());
+                tracing::warn!(projection = %self.projection, stream = %first.stream_id,
+                version = first.version, error = %first.error,
+                "the sweeper cannot apply an event a newer release wrote: holding it \
+                 (RUNBOOK: ProjectorNeedsNewerRelease)");
+            }
+            if poisoned.is_empty() {
+                self.healing = false;
+                self.next_try = Instant::now()
+                    + newer_release_retry_delay(
+                        self.settings.retry_base,
+                        self.settings.max_attempts,
+                    );
+                return Ok(outcome.applied);
+            }
         }
         if poisoned.is_empty() {
             self.healing = true;

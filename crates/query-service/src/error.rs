@@ -21,6 +21,7 @@
 //! | 404 | `order_not_found`, `customer_not_found` | nothing to show |
 //! | 503 | `consistency_timeout` | the read model did not reach `min_position` within `wait_ms` |
 //! | 503 | `store_unavailable` | PostgreSQL cannot be reached, is restarting, or has no connection free (`platform::db::is_unavailable`) |
+//! | 503 | `event_from_newer_release` | time travel over an order holding an event a newer release wrote (during a rollout) |
 //! | 503 | `overloaded` | more requests at once than `MAX_IN_FLIGHT_REQUESTS` (platform layers), or more event streams than `EVENT_STREAMS_MAX` |
 //! | 500 | `internal` | anything else; logged, never detailed |
 //!
@@ -68,6 +69,10 @@ pub enum ApiError {
     /// The database cannot be used right now; retryable, never detailed to the client.
     #[error("store unavailable: {0:#}")]
     StoreUnavailable(anyhow::Error),
+    /// The order's history holds an event a newer release wrote; an instance of that release
+    /// can fold it.
+    #[error("{0}")]
+    NewerRelease(String),
     /// Any other database or decoding failure: a bug; never shown to the client.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -129,6 +134,13 @@ impl ApiError {
                 tracing::warn!(error = %platform::config::error_chain(e.as_ref()), "the database is unavailable");
                 Problem::unavailable(platform::db_gate::STORE_UNAVAILABLE, STORE_RETRY_AFTER_SECS)
                     .with_detail("the database is unavailable; retry later")
+            }
+            ApiError::NewerRelease(cause) => {
+                tracing::warn!(
+                    cause,
+                    "cannot fold an order: this instance is older than the release that wrote one of its events"
+                );
+                Problem::event_from_newer_release(cause)
             }
             ApiError::Internal(e) => Problem::internal_error(e),
         }

@@ -232,7 +232,11 @@ impl History {
             StateAt::Time(t) => store::read_stream_until_time(&self.pool, &stream_id, t).await?,
         };
         let summary = fold_summary(&events).map_err(|e| {
-            ApiError::Internal(anyhow::Error::new(e).context(format!("fold {stream_id}")))
+            if e.needs_newer_release() {
+                ApiError::NewerRelease(format!("the history of {stream_id} holds {e}"))
+            } else {
+                ApiError::Internal(anyhow::Error::new(e).context(format!("fold {stream_id}")))
+            }
         })?;
         summary.ok_or(ApiError::OrderNotFound {
             order_id,

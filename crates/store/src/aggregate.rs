@@ -32,6 +32,18 @@ pub enum LoadError {
         version: i64,
         source: DecodeError,
     },
+    /// The event was written by a newer release than this build
+    /// ([`DecodeError::needs_newer_release`]): not damage, and an instance of that release can
+    /// load the order.
+    #[error(
+        "event at version {version} of order {order_id} was written by a newer release than \
+         this instance ({source})"
+    )]
+    NewerRelease {
+        order_id: Uuid,
+        version: i64,
+        source: DecodeError,
+    },
 }
 
 /// Loads an order (the default state, version 0, when it has no events).
@@ -51,10 +63,21 @@ pub async fn load_order(pool: &PgPool, order_id: Uuid) -> Result<LoadedOrder, Lo
         let page = read_stream(pool, &stream_id, state.version, LOAD_PAGE).await?;
         let page_len = page.len();
         for event in &page {
-            let decoded = decode_recorded(event).map_err(|source| LoadError::Corrupt {
-                order_id,
-                version: event.stream_version,
-                source,
+            let decoded = decode_recorded(event).map_err(|source| {
+                let version = event.stream_version;
+                if source.needs_newer_release() {
+                    LoadError::NewerRelease {
+                        order_id,
+                        version,
+                        source,
+                    }
+                } else {
+                    LoadError::Corrupt {
+                        order_id,
+                        version,
+                        source,
+                    }
+                }
             })?;
             state = evolve(state, &decoded);
         }

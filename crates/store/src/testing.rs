@@ -195,3 +195,35 @@ impl Drop for SilencingProxy {
         self.accept.abort();
     }
 }
+
+/// Appends one event to `order_id`'s stream as a newer release of the service would: of
+/// `event_type` (one this build may not know) at `schema_version` (possibly above the newest
+/// this build knows), with `data` as given. Returns its global position. What an older
+/// instance meets while a rollout is under way.
+pub async fn append_as_newer_release(
+    pool: &PgPool,
+    order_id: uuid::Uuid,
+    event_type: &str,
+    schema_version: i32,
+    data: serde_json::Value,
+) -> i64 {
+    let request = crate::AppendRequest {
+        stream_id: events::order_stream_id(order_id),
+        expected: crate::ExpectedVersion::Any,
+        events: vec![events::NewEvent {
+            event_id: uuid::Uuid::now_v7(),
+            event_type: event_type.to_owned(),
+            schema_version,
+            data,
+            metadata: events::EventMetadata::default(),
+        }],
+        idempotency: None,
+    };
+    let mut results = crate::append_batch(pool, &[request])
+        .await
+        .expect("the append commits");
+    results
+        .remove(0)
+        .expect("the append is accepted")
+        .last_position
+}

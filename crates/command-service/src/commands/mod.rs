@@ -103,6 +103,10 @@ pub enum CommandError {
     IdempotencyKeyReused,
     #[error("event store unavailable: {0}")]
     StoreUnavailable(String),
+    /// The order holds an event a newer release wrote; an instance of that release can serve
+    /// the command (a rollout is under way, or this instance was left behind).
+    #[error("{0}")]
+    NewerRelease(String),
 }
 
 impl CommandError {
@@ -116,6 +120,7 @@ impl CommandError {
             CommandError::ConcurrencyConflict { .. } => "conflict",
             CommandError::IdempotencyKeyReused => "idempotency_key_reused",
             CommandError::StoreUnavailable(_) => "store_unavailable",
+            CommandError::NewerRelease(_) => "newer_release",
         }
     }
 }
@@ -386,10 +391,17 @@ impl CommandHandler {
     async fn load(&self, order_id: Uuid) -> Result<OrderState, CommandError> {
         match store::load_order(&self.inner.pool, order_id).await {
             Ok(loaded) => Ok(loaded.state),
+            Err(err @ store::LoadError::NewerRelease { .. }) => {
+                tracing::warn!(error = %err, %order_id,
+                    "cannot load order: this instance is older than the release that wrote it");
+                Err(CommandError::NewerRelease(err.to_string()))
+            }
             Err(err) => {
                 let unavailable = match &err {
                     store::LoadError::Database(e) => platform::db::is_unavailable(e),
-                    store::LoadError::Corrupt { .. } => false,
+                    store::LoadError::Corrupt { .. } | store::LoadError::NewerRelease { .. } => {
+                        false
+                    }
                 };
                 log_store_failure(unavailable, &err, order_id, "cannot load order");
                 Err(CommandError::StoreUnavailable(err.to_string()))

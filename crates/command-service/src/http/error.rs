@@ -11,7 +11,7 @@
 //! | 413 | `payload_too_large` |
 //! | 415 | `unsupported_media_type` |
 //! | 422 | `rule_violated` (with `rule`), `idempotency_key_reused` |
-//! | 503 | `store_unavailable`, `timeout`, `overloaded` (the last two from the platform layers) |
+//! | 503 | `store_unavailable`, `event_from_newer_release`, `timeout`, `overloaded` (the last two from the platform layers) |
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -101,6 +101,7 @@ fn command_problem(err: &CommandError) -> Problem {
             Problem::unavailable(platform::db_gate::STORE_UNAVAILABLE, STORE_RETRY_AFTER_SECS)
                 .with_detail("the event store is unavailable; retry later")
         }
+        CommandError::NewerRelease(cause) => Problem::event_from_newer_release(cause),
     }
 }
 

@@ -421,3 +421,39 @@ async fn a_store_failure_is_a_503_that_leaks_nothing() {
     assert!(!text.contains("database"), "{text}");
     assert!(!text.contains(&app.db.name), "{text}");
 }
+
+/// A rollout under way: a newer release wrote an event of a type this instance does not know
+/// into the order. A command on it is answered 503 `event_from_newer_release` with
+/// `Retry-After` (an instance of that release can serve it), not 500 or a rule violation, and
+/// nothing is appended; other orders are served as before.
+#[tokio::test]
+async fn a_command_on_an_order_holding_an_event_of_a_newer_release_is_a_503_to_retry() {
+    let app = spawn_app().await;
+    let order_id = app.create_order().await;
+    let other = app.create_order().await;
+    store::testing::append_as_newer_release(
+        &app.db.pool,
+        order_id,
+        "OrderDiscounted",
+        1,
+        json!({ "percent": 10 }),
+    )
+    .await;
+
+    let response = app.add_item(order_id, "A", 1, 10).await;
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("2")
+    );
+    let body = assert_problem(response, 503, "event_from_newer_release").await;
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("OrderDiscounted") && detail.contains("version 2"),
+        "{detail}"
+    );
+    assert_eq!(app.event_count(order_id).await, 2);
+    assert_eq!(app.add_item(other, "A", 1, 10).await.status(), 200);
+}

@@ -41,11 +41,19 @@ pub enum ApplyError {
 }
 
 impl ApplyError {
-    /// Transient or poison: see [`crate::failure`].
+    /// Transient, poison or newer release: see [`crate::failure`].
     pub fn failure(&self) -> Failure {
-        match self {
-            ApplyError::Database(e) => classify_sql(e),
-            other => Failure::poison(crate::failure::one_line(other)),
+        let newer_release = match self {
+            ApplyError::Database(e) => return classify_sql(e),
+            ApplyError::Decode(e) => e.needs_newer_release(),
+            ApplyError::Fold(e) => e.needs_newer_release(),
+            ApplyError::Invalid(_) => false,
+        };
+        let message = crate::failure::one_line(self);
+        if newer_release {
+            Failure::NewerRelease(message)
+        } else {
+            Failure::Poison(message)
         }
     }
 }

@@ -1105,3 +1105,206 @@ async fn an_entry_of_another_history_is_never_applied() {
     token.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// How many of the streams other than `except` `projection` has applied up to their last
+/// event.
+async fn streams_applied_to_the_end(w: &World, projection: ProjectionKind, except: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT stream_id, max(stream_version) AS last FROM events \
+                               WHERE stream_id <> $2 GROUP BY stream_id) e \
+         JOIN projection_streams p ON p.stream_id = e.stream_id AND p.version = e.last \
+         WHERE p.projection = $1",
+    )
+    .bind(projection.name())
+    .bind(except)
+    .fetch_one(w.pool())
+    .await
+    .unwrap()
+}
+
+/// A consumer of `projection`'s group on `w`'s stream, named `name`.
+fn group_consumer(w: &World, projection: ProjectionKind, name: &str) -> bus::Consumer {
+    let client = bus::client(&w.redis_url).unwrap();
+    bus::Consumer::new(
+        &client,
+        w.redis.clone(),
+        w.keys.clone(),
+        projection.name(),
+        name,
+        Duration::from_millis(100),
+    )
+    .unwrap()
+}
+
+/// A rollout under way: a newer release of the command service wrote an event this projector
+/// cannot read (`OrderPlaced` at a schema version above the newest it knows), and an event it
+/// can read behind it; an instance that stopped had taken both and had them delivered ten
+/// times. However often the projector tries (many times `--max-attempts`, by its consumers and
+/// its sweeper) and however often the entries were delivered, it holds both and never
+/// dead-letters or parks them; every other order flows; the mark stops before the held event;
+/// and both entries stay pending in Redis, where an instance of the newer release claims them.
+#[tokio::test]
+async fn an_event_of_a_newer_release_is_held_for_that_release_never_dead_lettered() {
+    let mut w = World::new().await;
+    let victim = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let cmds = commands(victim, Uuid::new_v4(), support::Fate::Draft);
+    run_commands(w.pool(), victim, &cmds, &mut state).await;
+    let newer = events::current_schema_version("OrderPlaced").unwrap() + 1;
+    let placed = store::testing::append_as_newer_release(
+        w.pool(),
+        victim,
+        "OrderPlaced",
+        newer,
+        serde_json::json!({"total": 1299, "channel": "web"}),
+    )
+    .await;
+    store::testing::append_as_newer_release(
+        w.pool(),
+        victim,
+        "OrderCancelled",
+        1,
+        serde_json::json!({"reason": "changed my mind"}),
+    )
+    .await;
+    w.publish().await;
+    let held = [format!("{placed}-0"), format!("{}-0", placed + 1)];
+    for projection in ProjectionKind::ALL {
+        let gone = group_consumer(&w, projection, "gone");
+        gone.ensure_group(bus::FROM_BEGINNING).await.unwrap();
+        assert_eq!(gone.read_new(5, Duration::ZERO).await.unwrap().len(), 5);
+        let mut conn = w.redis.clone();
+        let _: redis::Value = redis::cmd("XCLAIM")
+            .arg(w.keys.stream())
+            .arg(projection.name())
+            .arg("gone")
+            .arg(0)
+            .arg(&held)
+            .arg("RETRYCOUNT")
+            .arg(10)
+            .arg("JUSTID")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    append_orders(w.pool(), 4).await;
+    w.publish().await;
+    let args = [FAST, &["--sweep-grace-ms", "100", "--claim-idle-ms", "100"]].concat();
+    let (token, task, port) = w.spawn_projector_serving("old", &args).await;
+
+    let stream = order_stream_id(victim);
+    for projection in ProjectionKind::ALL {
+        wait_until(
+            DEADLINE,
+            &format!("{projection} applies the other orders"),
+            || {
+                let stream = &stream;
+                let w = &w;
+                async move {
+                    (streams_applied_to_the_end(w, projection, stream).await == 4).then_some(())
+                }
+            },
+        )
+        .await;
+        wait_until(
+            DEADLINE,
+            &format!("{projection} tried often"),
+            || async move {
+                let holds =
+                    support::counter(port, "projector_newer_release_holds_total", projection).await;
+                (holds >= 10.0).then_some(())
+            },
+        )
+        .await;
+    }
+
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    for projection in ProjectionKind::ALL {
+        assert_eq!(dlq.len(projection.name()).await.unwrap(), 0, "{projection}");
+        let (version, parked): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT version, parked_version FROM projection_streams \
+             WHERE projection = $1 AND stream_id = $2",
+        )
+        .bind(projection.name())
+        .bind(&stream)
+        .fetch_one(w.pool())
+        .await
+        .unwrap();
+        assert_eq!(
+            (version, parked),
+            (3, None),
+            "{projection}: held, not parked"
+        );
+        assert_eq!(w.checkpoint(projection).await, placed - 1, "{projection}");
+    }
+    let (status, version): (String, i64) =
+        sqlx::query_as("SELECT status, version FROM order_summaries WHERE order_id = $1")
+            .bind(victim)
+            .fetch_one(w.pool())
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), version), ("draft", 3));
+
+    token.cancel();
+    task.await.unwrap().unwrap();
+    // What an instance of the newer release finds: exactly the two held entries, to claim.
+    for projection in ProjectionKind::ALL {
+        let claimed = group_consumer(&w, projection, "new")
+            .autoclaim(Duration::ZERO, 100)
+            .await
+            .unwrap();
+        let ids: Vec<String> = claimed.into_iter().map(|(entry, _)| entry.id).collect();
+        assert_eq!(ids, held, "{projection}");
+    }
+}
+
+/// A rebuild by a release older than one of the events fails, naming the event, instead of
+/// parking that order in the new read model; the live read model is left as it was.
+#[tokio::test]
+async fn a_rebuild_meeting_an_event_of_a_newer_release_fails_and_changes_nothing() {
+    let w = World::new().await;
+    append_orders(w.pool(), 3).await;
+    projector::rebuild::rebuild(w.pool(), ProjectionKind::OrderSummaries, 2, None)
+        .await
+        .expect("a rebuild of what this release reads");
+    let live = || async {
+        let rows: Vec<(Uuid, i64)> =
+            sqlx::query_as("SELECT order_id, version FROM order_summaries ORDER BY order_id")
+                .fetch_all(w.pool())
+                .await
+                .unwrap();
+        rows
+    };
+    let before = live().await;
+    assert_eq!(before.len(), 3);
+
+    let victim = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let cmds = commands(victim, Uuid::new_v4(), support::Fate::Draft);
+    run_commands(w.pool(), victim, &cmds, &mut state).await;
+    store::testing::append_as_newer_release(
+        w.pool(),
+        victim,
+        "OrderDiscounted",
+        1,
+        serde_json::json!({"percent": 10}),
+    )
+    .await;
+    append_orders(w.pool(), 2).await;
+    let err = projector::rebuild::rebuild(w.pool(), ProjectionKind::OrderSummaries, 2, None)
+        .await
+        .expect_err("the rebuild fails");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("newer release") && message.contains(&order_stream_id(victim)),
+        "{message}"
+    );
+    assert_eq!(live().await, before);
+    let parked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM projection_streams WHERE parked_version IS NOT NULL",
+    )
+    .fetch_one(w.pool())
+    .await
+    .unwrap();
+    assert_eq!(parked, 0);
+}

@@ -104,11 +104,22 @@ impl World {
         consumer: &str,
         extra: &[&str],
     ) -> (CancellationToken, JoinHandle<anyhow::Result<()>>) {
+        let (token, handle, _) = self.spawn_projector_serving(consumer, extra).await;
+        (token, handle)
+    }
+
+    /// [`Self::spawn_projector`], also returning the port its HTTP endpoints listen on.
+    pub async fn spawn_projector_serving(
+        &self,
+        consumer: &str,
+        extra: &[&str],
+    ) -> (CancellationToken, JoinHandle<anyhow::Result<()>>, u16) {
         let cli = Cli::try_parse_from(self.args(consumer, extra)).expect("args parse");
         let app = Application::build(cli).await.expect("projector builds");
+        let port = app.port();
         let token = CancellationToken::new();
         let handle = tokio::spawn(app.run_until_stopped(token.clone()));
-        (token, handle)
+        (token, handle, port)
     }
 
     pub async fn checkpoint(&self, projection: ProjectionKind) -> i64 {
@@ -280,4 +291,20 @@ pub async fn stop_refusing(pool: &PgPool) {
         .execute(pool)
         .await
         .expect("drop the refusing trigger");
+}
+
+/// The value of counter `name` for `projection` on the `/metrics` of a projector listening on
+/// `port` (0 when it has no such sample yet).
+pub async fn counter(port: u16, name: &str, projection: ProjectionKind) -> f64 {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    let label = format!("projection=\"{projection}\"");
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(&label))
+        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
 }

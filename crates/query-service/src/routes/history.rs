@@ -171,7 +171,7 @@ pub async fn get_order_event_stream(
         (status = 400, description = "`invalid_path`, `invalid_query` (both version and at), `invalid_version`, `invalid_at`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`order_not_found`: the order had no events at that point", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable` with Retry-After: the database cannot be used now; `overloaded` (with Retry-After: too many requests at once); or `event_from_newer_release` (with Retry-After: the order holds an event written by a newer release than this instance, while a rollout is under way)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]

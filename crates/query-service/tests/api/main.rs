@@ -817,6 +817,50 @@ async fn time_travel_by_version_and_by_time_shows_the_states_in_between() {
     assert_eq!(body["code"], "order_not_found");
 }
 
+/// A rollout under way: a newer release wrote an event of a schema version this instance does
+/// not know into the order. Its audit history still shows every event as stored, and time
+/// travel before that event works; a fold that needs it is answered 503
+/// `event_from_newer_release` with `Retry-After`, not 500.
+#[tokio::test]
+async fn time_travel_over_an_event_of_a_newer_release_is_a_503_to_retry_and_its_history_shows_it() {
+    let app = spawn_app().await;
+    let order_id = Uuid::new_v4();
+    app.append_order(
+        order_id,
+        vec![create(order_id, Uuid::new_v4()), add("SKU-1", 2, 500)],
+    )
+    .await;
+    let newer = events::current_schema_version("OrderPlaced").unwrap() + 1;
+    store::testing::append_as_newer_release(
+        &app.db.pool,
+        order_id,
+        "OrderPlaced",
+        newer,
+        serde_json::json!({"total": 1000, "channel": "web"}),
+    )
+    .await;
+
+    let response = app.get(&format!("/orders/{order_id}/state")).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "2");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "event_from_newer_release", "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("OrderPlaced"),
+        "{body}"
+    );
+    let (status, _, before) = app
+        .get_json(&format!("/orders/{order_id}/state?version=2"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{before}");
+    assert_eq!(before["total"], 1000);
+    let (status, _, history) = app.get_json(&format!("/orders/{order_id}/events")).await;
+    assert_eq!(status, StatusCode::OK, "{history}");
+    let third = &history["events"][2];
+    assert_eq!(third["event_type"], "OrderPlaced");
+    assert_eq!(third["data"]["channel"], "web");
+}
+
 #[tokio::test]
 async fn the_history_of_an_order_pages_by_version() {
     let app = spawn_app().await;
