@@ -3,7 +3,9 @@
 //!
 //! Rule for evolving an event: never change the meaning of a stored version. Add a new schema
 //! version, write new events with it, and teach [`decode`] to upcast the old version's JSON into
-//! the current shape. A version this code does not know is an error, never a guess.
+//! the current shape. A version this code does not know is an error, never a guess. Every
+//! payload shape ever written is kept in `tests/stored/` and read back by the tests, so a
+//! change that would leave stored events unreadable fails there first.
 //!
 //! Releases overlap while one rolls out: an older instance can meet an event a newer one wrote
 //! (a type it does not know, or a schema version above the newest it knows). That event is not
