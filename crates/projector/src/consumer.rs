@@ -17,12 +17,12 @@
 //!   order are held back until `projector dlq replay`. An entry without a stream id is
 //!   dead-lettered without parking anything.
 //! - newer release (an event of a type or schema version this build does not know): the entry
-//!   is held like a poison entry, its stream's later entries behind it, but retried at the
-//!   pace of the last poison retry without counting an attempt, and never dead-lettered. An
-//!   instance of the newer release gets it from the store (its sweeper heals the blocked
-//!   mark) or from Redis (this consumer leaves the entry pending, so it is claimed once idle
-//!   for `claim_idle`; while both run, their reclaims race for it), and this one's next retry
-//!   finds it applied;
+//!   is held like a poison entry, its stream's later entries behind it, but counts no attempt
+//!   and is never dead-lettered. An instance of the newer release gets it from the store (its
+//!   sweeper heals the blocked mark) or from Redis (this consumer leaves the entry pending, so
+//!   it is claimed once idle for `claim_idle`; while both run, their reclaims race for it).
+//!   At the pace of the last poison retry, one query over all held orders finds those such an
+//!   instance has applied (or parked); only they are processed again, as duplicates;
 //! - `NOGROUP` (Redis lost its data): the group is recreated and the sweeper fills the gap.
 //!
 //! Memory is bounded: the retry queues hold at most `max_queued` entries; while they are full
@@ -116,6 +116,8 @@ struct RetryQueue {
     entries: VecDeque<StreamEntry>,
     attempts: u32,
     due: Instant,
+    /// The front entry's event was written by a newer release (see [`crate::failure`]).
+    newer_release: bool,
 }
 
 /// The consumer of one projection in this instance.
@@ -242,12 +244,31 @@ impl ProjectionConsumer {
 
     async fn run_due_retries(&mut self) -> Result<usize, Failure> {
         let now = Instant::now();
-        let due: Vec<String> = self
+        let (held, mut due): (Vec<String>, Vec<String>) = self
             .retry
             .iter()
             .filter(|(_, q)| q.due <= now)
             .map(|(k, _)| k.clone())
-            .collect();
+            .partition(|k| self.retry.get(k).is_some_and(|q| q.newer_release));
+        if !held.is_empty() {
+            // This build still cannot read them, so trying each would only cost a failing
+            // transaction per order per round (thousands while a new event version rolls
+            // out). One query finds those an instance of the newer release applied, or
+            // parked, meanwhile: only they are processed (their entries are then duplicates,
+            // acknowledged); the others wait another round untouched.
+            let settled = self.settled_elsewhere(&held).await?;
+            let delay = self.newer_release_retry();
+            let mut waiting = 0;
+            for key in held {
+                if settled.contains(&key) {
+                    due.push(key);
+                } else if let Some(queue) = self.retry.get_mut(&key) {
+                    queue.due = now + delay;
+                    waiting += 1;
+                }
+            }
+            metrics::newer_release_holds(self.projection, waiting);
+        }
         let mut handled = 0;
         for key in due {
             let Some(queue) = self.retry.remove(&key) else {
@@ -534,6 +555,37 @@ impl ProjectionConsumer {
                 .any(|earlier| earlier.stream_id == event.stream_id && unreadable(earlier))
     }
 
+    /// How long an entry held for a newer release waits between two looks.
+    fn newer_release_retry(&self) -> Duration {
+        newer_release_retry_delay(self.settings.retry_base, self.settings.max_attempts)
+    }
+
+    /// Which of the retry queues `keys` (held for a newer release) another instance has
+    /// settled meanwhile: the projection has applied or parked their front entry's event.
+    async fn settled_elsewhere(&self, keys: &[String]) -> Result<HashSet<String>, Failure> {
+        let mut streams = Vec::with_capacity(keys.len());
+        let mut versions = Vec::with_capacity(keys.len());
+        for key in keys {
+            let front = self.retry.get(key).and_then(|q| q.entries.front());
+            if let Some(Ok(event)) = front.map(decode_entry) {
+                streams.push(event.stream_id);
+                versions.push(event.stream_version);
+            }
+        }
+        let settled: Vec<String> = sqlx::query_scalar(
+            "SELECT p.stream_id FROM UNNEST($2::text[], $3::int8[]) AS h(stream_id, version) \
+             JOIN projection_streams p ON p.projection = $1 AND p.stream_id = h.stream_id \
+             WHERE p.version >= h.version OR p.parked_version <= h.version",
+        )
+        .bind(self.projection.name())
+        .bind(&streams)
+        .bind(&versions)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| classify_sql(&e))?;
+        Ok(settled.into_iter().collect())
+    }
+
     /// Holds `w`, whose event a newer release wrote: queued with its attempts unchanged, the
     /// stream's later entries behind it ([`newer_release_retry_delay`]).
     fn hold_for_newer_release(&mut self, w: &Work, stream: &str, error: &str) {
@@ -557,11 +609,8 @@ impl ProjectionConsumer {
             RetryQueue {
                 entries: VecDeque::from([w.entry.clone()]),
                 attempts: w.prior_attempts,
-                due: Instant::now()
-                    + newer_release_retry_delay(
-                        self.settings.retry_base,
-                        self.settings.max_attempts,
-                    ),
+                due: Instant::now() + self.newer_release_retry(),
+                newer_release: true,
             },
         );
         self.queued_ids.insert(w.entry.id.clone());
@@ -602,6 +651,7 @@ impl ProjectionConsumer {
                 entries: VecDeque::from([w.entry.clone()]),
                 attempts,
                 due: Instant::now() + delay,
+                newer_release: false,
             },
         );
         self.queued_ids.insert(w.entry.id.clone());

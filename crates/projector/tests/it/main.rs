@@ -1142,7 +1142,8 @@ fn group_consumer(w: &World, projection: ProjectionKind, name: &str) -> bus::Con
 /// times. However often the projector tries (many times `--max-attempts`, by its consumers and
 /// its sweeper) and however often the entries were delivered, it holds both and never
 /// dead-letters or parks them; every other order flows; the mark stops before the held event;
-/// and both entries stay pending in Redis, where an instance of the newer release claims them.
+/// both entries stay pending in Redis, where an instance of the newer release claims them; and
+/// once such an instance has applied them, the old one acknowledges its copies.
 #[tokio::test]
 async fn an_event_of_a_newer_release_is_held_for_that_release_never_dead_lettered() {
     let mut w = World::new().await;
@@ -1245,17 +1246,33 @@ async fn an_event_of_a_newer_release_is_held_for_that_release_never_dead_lettere
             .unwrap();
     assert_eq!((status.as_str(), version), ("draft", 3));
 
+    // An instance of the newer release applies both events to order_summaries (through its
+    // sweeper, say): the old one finds that out and acknowledges its held entries there.
+    sqlx::query(
+        "UPDATE projection_streams SET version = 5 \
+         WHERE projection = 'order_summaries' AND stream_id = $1",
+    )
+    .bind(&stream)
+    .execute(w.pool())
+    .await
+    .unwrap();
+    wait_until(
+        DEADLINE,
+        "the old instance lets go of what was applied",
+        || async { (pending_count(&w, "order_summaries").await == 0).then_some(()) },
+    )
+    .await;
+    assert_eq!(dlq.len("order_summaries").await.unwrap(), 0);
     token.cancel();
     task.await.unwrap().unwrap();
-    // What an instance of the newer release finds: exactly the two held entries, to claim.
-    for projection in ProjectionKind::ALL {
-        let claimed = group_consumer(&w, projection, "new")
-            .autoclaim(Duration::ZERO, 100)
-            .await
-            .unwrap();
-        let ids: Vec<String> = claimed.into_iter().map(|(entry, _)| entry.id).collect();
-        assert_eq!(ids, held, "{projection}");
-    }
+    // What an instance of the newer release finds in customer_stats: exactly the two held
+    // entries, to claim.
+    let claimed = group_consumer(&w, ProjectionKind::CustomerStats, "new")
+        .autoclaim(Duration::ZERO, 100)
+        .await
+        .unwrap();
+    let ids: Vec<String> = claimed.into_iter().map(|(entry, _)| entry.id).collect();
+    assert_eq!(ids, held);
 }
 
 /// A rebuild by a release older than one of the events fails, naming the event, instead of
