@@ -92,8 +92,35 @@ async fn pool_after(
             )
         })?;
         tracing::info!(database = %database_name(options), "database migrations are up to date");
+        warn_if_the_schema_is_newer(&pool, migrator, options).await;
     }
     Ok(pool)
+}
+
+/// Says so when the database holds migrations this release does not have: a newer release
+/// migrated it (a rollout is under way) or this one was rolled back to. The service runs on
+/// that schema, which keeps the release before it working (`migrations/README.md`).
+async fn warn_if_the_schema_is_newer(
+    pool: &PgPool,
+    migrator: &sqlx::migrate::Migrator,
+    options: &PgConnectOptions,
+) {
+    let known = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+    let applied: Result<Option<i64>, sqlx::Error> =
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(pool)
+            .await;
+    if let Ok(Some(applied)) = applied
+        && applied > known
+    {
+        tracing::warn!(
+            database = %database_name(options),
+            newest_applied = applied,
+            newest_of_this_release = known,
+            "the database was migrated by a newer release than this one (a rollout or a \
+             rollback is under way); running on its schema, which keeps this release working"
+        );
+    }
 }
 
 /// Connects to the server of `options` until it answers (a missing database is an answer:

@@ -44,7 +44,17 @@ pub use snapshot::{load_snapshot, save_snapshot};
 
 /// The embedded migrations of the whole system (event store, relay, read models), run by every
 /// service at start unless told not to. sqlx takes an advisory lock, so concurrent starts are safe.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+///
+/// A database may hold migrations of a newer release than this one: while a rollout is under
+/// way (an instance of this release restarts, or is scaled out, after a newer one migrated) or
+/// after a rollback. This release then starts on that schema instead of refusing to, because
+/// every migration keeps the release before it working (`migrations/README.md`: additions
+/// only; a rename or drop waits for the release after the one that stops using it). A
+/// migration already applied that differs from this release's copy is still refused.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate::Migrator {
+    ignore_missing: true,
+    ..sqlx::migrate!("../../migrations")
+};
 
 /// Name of the `NOTIFY` channel signalled by every append; its payload is the new head
 /// position. A wake-up hint only: listeners must still read the log, since notifications are

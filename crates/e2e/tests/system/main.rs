@@ -11,6 +11,7 @@
 //! - `database_crash`: PostgreSQL crashing under load and coming back.
 //! - `redis_outage`: Redis dying under load and coming back empty.
 //! - `restore`: PostgreSQL restored from a backup while Redis keeps its stream.
+//! - `rollout`: a release starting on a database a newer release has migrated.
 
 mod alerts;
 mod database_crash;
@@ -20,4 +21,5 @@ mod rebuild;
 mod redis_outage;
 mod redis_tls;
 mod restore;
+mod rollout;
 mod support;
