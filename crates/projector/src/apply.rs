@@ -371,8 +371,8 @@ pub async fn apply_isolating(
     result
 }
 
-/// Sets each span's `outcome`: `poisoned`, `needs_newer_release`, `transient_failure`, or `ok` (applied, duplicate or
-/// held back behind a parked stream).
+/// Sets each span's `outcome`: `poisoned`, `needs_newer_release`, `transient_failure`, or `ok`
+/// (applied, duplicate or held back behind a parked stream).
 fn record_outcomes(
     spans: &[tracing::Span],
     events: &[RecordedEvent],

@@ -25,8 +25,9 @@
 //!
 //! The live read model is untouched until the swap commits, so a failed rebuild changes
 //! nothing; a rebuild meeting an event a newer release wrote fails (the release that wrote it
-//! can rebuild) instead of parking that order in the new model. Two rebuilds of one projection never run at once: each holds a session lock for its
-//! whole run, and a second one fails at once.
+//! can rebuild) instead of parking that order in the new model. Two rebuilds of one projection
+//! never run at once: each holds a session lock for its whole run, and a second one fails at
+//! once.
 
 use std::io::IsTerminal as _;
 use std::time::{Duration, Instant};

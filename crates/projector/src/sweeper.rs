@@ -376,9 +376,9 @@ impl Sweeper {
             {
                 self.newer_release_logged_at = Some(Instant::now());
                 tracing::warn!(projection = %self.projection, stream = %first.stream_id,
-                version = first.version, error = %first.error,
-                "the sweeper cannot apply an event a newer release wrote: holding it \
-                 (RUNBOOK: ProjectorNeedsNewerRelease)");
+                    version = first.version, error = %first.error,
+                    "the sweeper cannot apply an event a newer release wrote: holding it \
+                     (RUNBOOK: ProjectorNeedsNewerRelease)");
             }
             if poisoned.is_empty() {
                 self.healing = false;
