@@ -19,6 +19,7 @@
 //! | 400 | `invalid_at` | `at` not an RFC 3339 timestamp |
 //! | 401 | `unauthorized` | a token is configured and missing or wrong (platform auth) |
 //! | 404 | `order_not_found`, `customer_not_found` | nothing to show |
+//! | 409 | `position_beyond_head`, `version_beyond_head` | following the log (or an order) from past its end: a restored database, or a made-up position; `head` says where it ends |
 //! | 503 | `consistency_timeout` | the read model did not reach `min_position` within `wait_ms` |
 //! | 503 | `store_unavailable` | PostgreSQL cannot be reached, is restarting, or has no connection free (`platform::db::is_unavailable`) |
 //! | 503 | `event_from_newer_release` | time travel over an order holding an event a newer release wrote (during a rollout) |
@@ -62,6 +63,14 @@ pub enum ApiError {
         min_position: i64,
         observed: i64,
         wait_ms: u64,
+    },
+    /// A resume point past the end of the log (`position_beyond_head`) or of an order's
+    /// stream (`version_beyond_head`): nothing was ever committed there in this store.
+    #[error("{code}: {after} is past {head}")]
+    BeyondHead {
+        code: &'static str,
+        after: i64,
+        head: i64,
     },
     /// `EVENT_STREAMS_MAX` event streams are open already.
     #[error("{limit} event streams are open")]
@@ -122,6 +131,13 @@ impl ApiError {
                     .with_extension("projection_position", observed);
                 with_position(p, Some(*observed))
             }
+            ApiError::BeyondHead { code, after, head } => Problem::new(StatusCode::CONFLICT, *code)
+                .with_detail(format!(
+                    "{after} is past the end ({head}): nothing was ever committed there in this \
+                     event store. If it was restored from an earlier backup, what you read after \
+                     {head} is no longer in it; follow again from a point you trust"
+                ))
+                .with_extension("head", head),
             ApiError::StreamsFull { limit } => Problem::unavailable(
                 "overloaded",
                 crate::log_stream::STREAMS_FULL_RETRY_AFTER_SECS,

@@ -147,9 +147,30 @@ impl History {
         Ok((head, events.into_iter().map(HistoryEvent::from).collect()))
     }
 
-    /// Whether `order_id` has any event.
-    pub async fn order_exists(&self, order_id: Uuid) -> Result<bool, ApiError> {
-        Ok(store::stream_version(&self.pool, &order_stream_id(order_id)).await? > 0)
+    /// The version of `order_id`'s last event (0 when it has none).
+    pub async fn order_version(&self, order_id: Uuid) -> Result<i64, ApiError> {
+        Ok(store::stream_version(&self.pool, &order_stream_id(order_id)).await?)
+    }
+
+    /// Refuses to follow the log from past its end. No position above the head was ever handed
+    /// out by this store, so a client holding one followed a history the store no longer has
+    /// (the database was restored from an earlier backup) or made the position up; waiting for
+    /// the head to pass it would skip, silently, the events committed at the positions in
+    /// between. The watcher's head answers most requests; only a position above it is checked
+    /// against the store (the watcher may not have heard of the newest commit yet).
+    pub async fn refuse_beyond_head(&self, after_position: i64) -> Result<(), ApiError> {
+        if after_position <= *self.watcher.head_receiver().borrow() {
+            return Ok(());
+        }
+        let head = store::head_position(&self.pool).await?;
+        if after_position > head {
+            return Err(ApiError::BeyondHead {
+                code: "position_beyond_head",
+                after: after_position,
+                head,
+            });
+        }
+        Ok(())
     }
 
     /// `GET /events`: the committed events after a position. Positions are dense and become
@@ -162,6 +183,7 @@ impl History {
     /// a normal answer: the follower asks again from `read_to`.
     pub async fn log(&self, page: LogPage) -> Result<LogEventPage, ApiError> {
         let deadline = std::time::Instant::now() + page.wait;
+        self.refuse_beyond_head(page.after_position).await?;
         let mut after = page.after_position;
         loop {
             let read = self.read_log(&page, after).await?;

@@ -35,6 +35,7 @@ pub const ORDER_VERSION_HEADER: &str = "x-order-version";
         (status = 200, description = "A page of events; empty past the head (after wait_ms, if given)", body = LogEventPage),
         (status = 400, description = "`invalid_after_position`, `invalid_limit`, `invalid_wait`, `invalid_event_type`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`position_beyond_head`: after_position (or Last-Event-ID) is past the end of the log, which the `head` member gives: nothing was committed there (a database restored from an earlier backup, or a made-up position)", body = platform::Problem, content_type = "application/problem+json"),
         (status = 503, description = "`store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
@@ -65,6 +66,7 @@ pub async fn get_events(
         (status = 200, description = "`text/event-stream`: frames until the client hangs up or the service shuts down; a comment every 15 s keeps it open", content_type = "text/event-stream", body = String),
         (status = 400, description = "`invalid_after_position`, `invalid_event_type`, `invalid_last_event_id`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`position_beyond_head`: after_position (or Last-Event-ID) is past the end of the log, which the `head` member gives: nothing was committed there (a database restored from an earlier backup, or a made-up position)", body = platform::Problem, content_type = "application/problem+json"),
         (status = 503, description = "`store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: EVENT_STREAMS_MAX streams are open, or too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
@@ -75,6 +77,7 @@ pub async fn get_event_stream(
     Query(raw): Query<RawLogStream>,
 ) -> Result<Response, ApiError> {
     let start = StreamStart::parse(&raw, &headers)?;
+    app.history.refuse_beyond_head(start.after_position).await?;
     let stream = app.streams.follow(start).ok_or(ApiError::StreamsFull {
         limit: app.streams.limit(),
     })?;
@@ -127,6 +130,7 @@ pub async fn get_order_events(
         (status = 200, description = "`text/event-stream`: frames until the client hangs up or the service shuts down; a comment every 15 s keeps it open", content_type = "text/event-stream", body = String),
         (status = 400, description = "`invalid_path`, `invalid_after_version`, `invalid_last_event_id`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`version_beyond_head`: after_version (or Last-Event-ID) is past the order's last version, which the `head` member gives (a database restored from an earlier backup, or a made-up version)", body = platform::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`order_not_found`: the order has no events", body = platform::Problem, content_type = "application/problem+json"),
         (status = 503, description = "`store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: EVENT_STREAMS_MAX streams are open, or too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
     ),
@@ -140,10 +144,19 @@ pub async fn get_order_event_stream(
 ) -> Result<Response, ApiError> {
     let start = OrderStreamStart::parse(&raw, &headers)?;
     // A mistyped id would otherwise be followed, silently, forever.
-    if !app.history.order_exists(id).await? {
+    let version = app.history.order_version(id).await?;
+    if version == 0 {
         return Err(ApiError::OrderNotFound {
             order_id: id,
             position: None,
+        });
+    }
+    // Past the order's last version: see `History::refuse_beyond_head`.
+    if start.after_version > version {
+        return Err(ApiError::BeyondHead {
+            code: "version_beyond_head",
+            after: start.after_version,
+            head: version,
         });
     }
     let stream = app

@@ -1139,16 +1139,15 @@ async fn a_filtered_log_shows_only_its_types_and_reads_a_bounded_span_per_page()
         "the nine items make empty pages with more to read"
     );
 
-    // The span's end saturates instead of overflowing past the largest position.
+    // The largest position is past the head: refused before any span is worked out from it.
     let (status, _, page) = app
         .get_json(&format!(
             "/events?event_type=OrderPaid&after_position={}",
             i64::MAX
         ))
         .await;
-    assert_eq!(status, StatusCode::OK, "{page}");
-    assert_eq!(page["read_to"], i64::MAX);
-    assert_eq!(page["events"], serde_json::json!([]));
+    assert_eq!(status, StatusCode::CONFLICT, "{page}");
+    assert_eq!(page["head"], head);
 }
 
 /// A filtered follower at the head is not answered by commits of other types: it reads them,
@@ -1600,6 +1599,61 @@ async fn an_orders_stream_refuses_an_unknown_order_and_a_malformed_start() {
         (status, body["code"].as_str()),
         (StatusCode::BAD_REQUEST, Some("invalid_path"))
     );
+}
+
+/// A follower resuming past the end of the log (a client that read a history the store no
+/// longer has: the database was restored from an earlier backup) is refused 409 with where the
+/// log ends, instead of waiting for the head to pass its position and skipping, unseen, what
+/// is committed in between; at the head or before it, following goes on as usual. The same for
+/// one order's stream past its last version.
+#[tokio::test]
+async fn following_from_past_the_end_of_the_log_is_refused_with_where_it_ends() {
+    let app = spawn_app().await;
+    let order = Uuid::new_v4();
+    let positions = app
+        .append_order(order, vec![create(order, Uuid::new_v4()), add("A", 1, 10)])
+        .await;
+    let head = *positions.last().unwrap();
+
+    let (status, _, body) = app
+        .get_json(&format!("/events?after_position={}&wait_ms=10", head + 3))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "position_beyond_head");
+    assert_eq!(body["head"], head);
+    let (status, _, body) = app
+        .get_json(&format!("/events?after_position={head}"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["read_to"], head);
+
+    let Err((status, _, body)) = SseReader::open(&app, "/events/stream", Some(head + 1)).await
+    else {
+        panic!("a stream resumed past the head is refused");
+    };
+    assert_eq!(
+        (status, body["code"].as_str(), body["head"].as_i64()),
+        (
+            StatusCode::CONFLICT,
+            Some("position_beyond_head"),
+            Some(head)
+        )
+    );
+    assert!(
+        SseReader::open(&app, "/events/stream", Some(head))
+            .await
+            .is_ok()
+    );
+
+    let path = format!("/orders/{order}/events/stream");
+    let Err((status, _, body)) = SseReader::open(&app, &path, Some(3)).await else {
+        panic!("an order's stream resumed past its last version is refused");
+    };
+    assert_eq!(
+        (status, body["code"].as_str(), body["head"].as_i64()),
+        (StatusCode::CONFLICT, Some("version_beyond_head"), Some(2))
+    );
+    assert!(SseReader::open(&app, &path, Some(2)).await.is_ok());
 }
 
 /// At most `EVENT_STREAMS_MAX` streams are open; one more is 503 `overloaded` with
