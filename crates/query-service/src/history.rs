@@ -156,10 +156,10 @@ impl History {
     /// out by this store, so a client holding one followed a history the store no longer has
     /// (the database was restored from an earlier backup) or made the position up; waiting for
     /// the head to pass it would skip, silently, the events committed at the positions in
-    /// between. The watcher's head answers most requests; only a position above it is checked
-    /// against the store (the watcher may not have heard of the newest commit yet).
+    /// between. Asks the store: the watcher's head is the one that is stale right after a
+    /// restore.
     pub async fn refuse_beyond_head(&self, after_position: i64) -> Result<(), ApiError> {
-        if after_position <= *self.watcher.head_receiver().borrow() {
+        if after_position == 0 {
             return Ok(());
         }
         let head = store::head_position(&self.pool).await?;
@@ -183,10 +183,14 @@ impl History {
     /// a normal answer: the follower asks again from `read_to`.
     pub async fn log(&self, page: LogPage) -> Result<LogEventPage, ApiError> {
         let deadline = std::time::Instant::now() + page.wait;
-        self.refuse_beyond_head(page.after_position).await?;
         let mut after = page.after_position;
         loop {
             let read = self.read_log(&page, after).await?;
+            // Only a read that found nothing can start past the end; one query then tells.
+            if after == page.after_position && read.events.is_empty() && read.next_cursor.is_none()
+            {
+                self.refuse_beyond_head(after).await?;
+            }
             if !read.events.is_empty()
                 || read.next_cursor.is_some()
                 || page.wait.is_zero()

@@ -61,8 +61,9 @@ async fn assert_read_models_follow_the_store(
 
 /// A backup is taken; orders are written and published while no projector runs; the backup is
 /// restored (those orders are gone from the event store, not from Redis, nor from the command
-/// service's cache, which must not be trusted: a command on one is a 404) and new orders take
-/// their positions. The relay publishes nothing onto the stream that contradicts the store and
+/// service's cache, which must not be trusted: a command on one is a 404; a client following
+/// the log from the lost head is told the log now ends before it) and new orders take their
+/// positions. The relay publishes nothing onto the stream that contradicts the store and
 /// says so (`relay_stream_diverged`); the projector, started again, acknowledges the lost
 /// orders' entries without applying them, and the read models follow the store alone. Once the
 /// operator renames the stream away, the relay publishes the store's history into a new one.
@@ -128,6 +129,15 @@ async fn a_restore_from_backup_never_mixes_the_lost_history_into_redis_or_the_re
         .await
         .expect("the command service answers");
     assert_eq!(response.status().as_u16(), 404, "a lost order is unknown");
+    // A client that followed the log up to the lost head is told the log ends before it.
+    let follower = send(
+        &http,
+        http.get(query.url(&format!("/events?after_position={lost_head}"))),
+        409,
+    )
+    .await;
+    assert_eq!(follower["code"], "position_beyond_head", "{follower}");
+    assert_eq!(follower["head"], head, "{follower}");
     let mut new_head = head;
     for _ in 0..2 {
         new_head = create_order_with_a_book(&http, &command).await.1;
