@@ -72,8 +72,10 @@ impl Application {
         let redis = redis_conn::lazy_manager(&redis_client, redis_conn::DEFAULT_RESPONSE_TIMEOUT)?;
 
         let committer = GroupCommitter::spawn(pool.clone(), CommitterConfig::default());
+        let db_gate = DbGate::new(&pool);
         let handler = CommandHandler::new(
             pool.clone(),
+            db_gate.clone(),
             committer,
             HandlerConfig {
                 snapshot_every: i64::try_from(config.commands.snapshot_every).unwrap_or(i64::MAX),
@@ -86,7 +88,7 @@ impl Application {
             state: AppState { handler },
             token: config.auth.tokens(),
             readiness: Readiness::new(pool.clone(), redis),
-            db_gate: DbGate::new(&pool),
+            db_gate,
             metrics,
             limits: HttpLimits {
                 body_limit_bytes: config.commands.body_limit(),

@@ -9,14 +9,21 @@
 //! reached (refused, reset, timed out, shutting down or starting up), the gate shuts, and the
 //! probe tries again every [`PROBE_INTERVAL`] until a connection succeeds, when it opens again.
 //! A request is therefore refused only while the server was unreachable at the last probe, at
-//! most [`PROBE_INTERVAL`] (plus a connect) ago; requests already waiting in the pool when the
-//! outage began still wait for their own connection, as before.
+//! most [`PROBE_INTERVAL`] (plus a connect) ago.
+//!
+//! Requests already under way when the gate shuts would otherwise wait for a pooled connection
+//! until the pool's acquire timeout (the pool retries a refused connect until then). Work that
+//! changes nothing is cut short instead: [`DbGate::unless_shut`] ends it the moment the gate
+//! shuts, and [`refuse_or_cut_while_unreachable`] does so for whole read-only requests (the
+//! query service's). Work that may be committing is left to finish or fail by itself, so its
+//! answer stays the truth (the command service cuts only its reads, before the append).
 //!
 //! What it never does: refuse requests while the server answers connections (a saturated pool,
 //! a server at its connection limit or a rejected statement leave it open), hold a request
 //! back, or touch the pool. The gauge `database_unreachable` (1 while shut) and the counter
 //! `database_unreachable_refusals_total` tell monitoring what it does.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -26,6 +33,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::watch;
 
 use crate::problem::{Problem, ProblemCode};
 
@@ -59,8 +67,9 @@ impl std::fmt::Debug for DbGate {
 struct Inner {
     /// How the probe connects: the pool's own options (server, TLS, credentials).
     options: Arc<PgConnectOptions>,
-    /// Set while the last probe could not reach the server.
-    shut: AtomicBool,
+    /// `true` while the last probe could not reach the server; watched by work that
+    /// [`DbGate::unless_shut`] cuts short.
+    shut: watch::Sender<bool>,
     /// Set while a probe runs, so a burst of failures starts one.
     probing: AtomicBool,
 }
@@ -72,7 +81,7 @@ impl DbGate {
         Self {
             inner: Arc::new(Inner {
                 options: pool.connect_options(),
-                shut: AtomicBool::new(false),
+                shut: watch::Sender::new(false),
                 probing: AtomicBool::new(false),
             }),
         }
@@ -80,7 +89,19 @@ impl DbGate {
 
     /// Whether requests are being refused because the server could not be reached.
     pub fn is_shut(&self) -> bool {
-        self.inner.shut.load(Ordering::Acquire)
+        *self.inner.shut.borrow()
+    }
+
+    /// Runs `work` unless the gate shuts first, which drops it and gives `None`. For work that
+    /// changes nothing (reads): one waiting for a pooled connection when the server went away
+    /// ends when the probe finds it gone, instead of after the pool's acquire timeout.
+    pub async fn unless_shut<T>(&self, work: impl Future<Output = T>) -> Option<T> {
+        let mut shut = self.inner.shut.subscribe();
+        tokio::select! {
+            biased;
+            done = work => Some(done),
+            _ = shut.wait_for(|shut| *shut) => None,
+        }
     }
 
     /// Whether a probe is under way: started by a `store_unavailable` answer, not yet ended.
@@ -110,7 +131,7 @@ async fn probe_until_reachable(inner: &Inner) {
             Err(e) if is_unreachable(&e) => {
                 if shut_since.is_none() {
                     shut_since = Some(Instant::now());
-                    inner.shut.store(true, Ordering::Release);
+                    inner.shut.send_replace(true);
                     metrics::gauge!("database_unreachable").set(1.0);
                     tracing::warn!(
                         server = %crate::db::server(&inner.options),
@@ -128,7 +149,7 @@ async fn probe_until_reachable(inner: &Inner) {
                     let _ = conn.close().await;
                 }
                 if let Some(since) = shut_since {
-                    inner.shut.store(false, Ordering::Release);
+                    inner.shut.send_replace(false);
                     metrics::gauge!("database_unreachable").set(0.0);
                     tracing::info!(
                         server = %crate::db::server(&inner.options),
@@ -177,12 +198,38 @@ pub async fn refuse_while_unreachable(
     next: Next,
 ) -> Response {
     if gate.is_shut() {
-        metrics::counter!("database_unreachable_refusals_total").increment(1);
-        return Problem::unavailable(STORE_UNAVAILABLE, REFUSED_RETRY_AFTER_SECS)
-            .with_detail("the store cannot be reached; retry later")
-            .into_response();
+        return refused();
     }
-    let response = next.run(request).await;
+    reported(&gate, next.run(request).await)
+}
+
+/// [`refuse_while_unreachable`] for routes whose requests change nothing: a request under way
+/// when the gate shuts is also answered 503 `store_unavailable` at once (see the module
+/// documentation).
+pub async fn refuse_or_cut_while_unreachable(
+    State(gate): State<DbGate>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if gate.is_shut() {
+        return refused();
+    }
+    match gate.unless_shut(next.run(request)).await {
+        Some(response) => reported(&gate, response),
+        None => refused(),
+    }
+}
+
+/// The answer to a request refused (or cut short) because the server cannot be reached.
+fn refused() -> Response {
+    metrics::counter!("database_unreachable_refusals_total").increment(1);
+    Problem::unavailable(STORE_UNAVAILABLE, REFUSED_RETRY_AFTER_SECS)
+        .with_detail("the store cannot be reached; retry later")
+        .into_response()
+}
+
+/// Passes `response` on, starting a probe when it says the store was unavailable.
+fn reported(gate: &DbGate, response: Response) -> Response {
     if response
         .extensions()
         .get::<ProblemCode>()

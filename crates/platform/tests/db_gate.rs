@@ -16,7 +16,9 @@ use axum::http::{Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use platform::Problem;
-use platform::db_gate::{DbGate, STORE_UNAVAILABLE, refuse_while_unreachable};
+use platform::db_gate::{
+    DbGate, STORE_UNAVAILABLE, refuse_or_cut_while_unreachable, refuse_while_unreachable,
+};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::net::{TcpListener, TcpStream};
@@ -179,6 +181,65 @@ async fn while_the_server_cannot_be_reached_requests_are_refused_without_running
     wait_until("the gate opens once the server is back", || !gate.is_shut()).await;
     assert_eq!(get_query(&app).await.status(), StatusCode::OK);
     assert_eq!(route.calls.load(Ordering::SeqCst), calls + 1);
+}
+
+/// A read already waiting for a pooled connection when the server goes away (the pool retries
+/// a refused connect until its acquire timeout, a minute here) is answered 503
+/// `store_unavailable` as soon as the gate shuts, on a read-only route; on a route that may
+/// write, the gate leaves the request under way to its own answer.
+#[tokio::test]
+async fn a_read_under_way_when_the_gate_shuts_is_answered_at_once() {
+    let mut switch = Switch::on().await;
+    let options = PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(switch.port)
+        .username("postgres")
+        .database("postgres");
+    let route = Route {
+        pool: PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(60))
+            .connect_lazy_with(options),
+        calls: Arc::default(),
+    };
+    let gate = DbGate::new(&route.pool);
+    let reads = Router::new()
+        .route("/query", get(query))
+        .route_layer(axum::middleware::from_fn_with_state(
+            gate.clone(),
+            refuse_or_cut_while_unreachable,
+        ))
+        .with_state(route.clone());
+    let writes = app(route.clone(), gate.clone());
+    switch.turn_off().await;
+
+    let read = tokio::spawn({
+        let reads = reads.clone();
+        async move { get_query(&reads).await }
+    });
+    let write = tokio::spawn({
+        let writes = writes.clone();
+        async move { get_query(&writes).await }
+    });
+    wait_until("both requests wait for a connection", || {
+        route.calls.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    // What another request's `store_unavailable` answer does.
+    gate.suspect();
+    let response = tokio::time::timeout(DEADLINE, read)
+        .await
+        .expect("the read is answered once the gate shuts")
+        .unwrap();
+    assert!(gate.is_shut());
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+    assert_eq!(code_of(response).await, STORE_UNAVAILABLE);
+    assert!(
+        !write.is_finished(),
+        "a request that may write is left to its own answer"
+    );
+    write.abort();
 }
 
 #[tokio::test]

@@ -34,6 +34,7 @@ use events::{
     DomainError, EventMetadata, OrderCommand, OrderState, Rule, STATE_SCHEMA_VERSION, decide,
     evolve, order_stream_id,
 };
+use platform::db_gate::DbGate;
 use sqlx::PgPool;
 use store::idempotency::StoredResponse;
 use store::{AppendError, AppendRequest, ExpectedVersion, GroupCommitter, IdempotencyRecord};
@@ -158,6 +159,9 @@ pub struct CommandHandler {
 
 struct Inner {
     pool: PgPool,
+    /// Cuts the reads before an append short when the database cannot be reached
+    /// (`platform::db_gate`); the append itself always runs to its own answer.
+    gate: DbGate,
     committer: GroupCommitter,
     slots: OrderSlots,
     config: HandlerConfig,
@@ -174,10 +178,16 @@ impl std::fmt::Debug for CommandHandler {
 
 impl CommandHandler {
     /// A handler appending through `committer` and reading from `pool`.
-    pub fn new(pool: PgPool, committer: GroupCommitter, config: HandlerConfig) -> Self {
+    pub fn new(
+        pool: PgPool,
+        gate: DbGate,
+        committer: GroupCommitter,
+        config: HandlerConfig,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 pool,
+                gate,
                 committer,
                 slots: OrderSlots::new(config.cache_capacity),
                 config,
@@ -389,7 +399,13 @@ impl CommandHandler {
     }
 
     async fn load(&self, order_id: Uuid) -> Result<OrderState, CommandError> {
-        match store::load_order(&self.inner.pool, order_id).await {
+        let loaded = self
+            .inner
+            .gate
+            .unless_shut(store::load_order(&self.inner.pool, order_id))
+            .await
+            .ok_or_else(cut_short)?;
+        match loaded {
             Ok(loaded) => Ok(loaded.state),
             Err(err @ store::LoadError::NewerRelease { .. }) => {
                 tracing::warn!(error = %err, %order_id,
@@ -426,8 +442,12 @@ impl CommandHandler {
         order_id: Uuid,
         idempotency: &IdempotencyRequest,
     ) -> Result<Option<CommandOutcome>, CommandError> {
-        let stored = store::idempotency::find(&self.inner.pool, &idempotency.key)
+        let stored = self
+            .inner
+            .gate
+            .unless_shut(store::idempotency::find(&self.inner.pool, &idempotency.key))
             .await
+            .ok_or_else(cut_short)?
             .map_err(|err| {
                 let unavailable = platform::db::is_unavailable(&err);
                 log_store_failure(
@@ -489,6 +509,11 @@ fn backoff(retry: u32) -> Duration {
     let base_ms = 2u64.saturating_pow(retry.min(6));
     let jitter_ms = rand::random_range(0..=base_ms);
     Duration::from_millis(base_ms + jitter_ms).min(MAX_RETRY_BACKOFF)
+}
+
+/// A read before the append was cut short: the gate found the database unreachable meanwhile.
+fn cut_short() -> CommandError {
+    CommandError::StoreUnavailable("the database cannot be reached".to_owned())
 }
 
 /// Logs a store failure of a command on `order_id`: a warning when the

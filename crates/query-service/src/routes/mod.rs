@@ -66,7 +66,7 @@ pub fn router(
         // token is 401 whether or not the database is there.
         .route_layer(axum::middleware::from_fn_with_state(
             db_gate,
-            platform::db_gate::refuse_while_unreachable,
+            platform::db_gate::refuse_or_cut_while_unreachable,
         ))
         .route_layer(platform::auth::require_bearer_token(token))
         .with_state(state);
