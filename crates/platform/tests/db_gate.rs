@@ -48,6 +48,15 @@ impl Switch {
         }
     }
 
+    /// Connection options to the shared server through this switch.
+    fn options(&self) -> PgConnectOptions {
+        PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .username("postgres")
+            .database("postgres")
+    }
+
     async fn turn_off(&mut self) {
         if let Some(task) = self.forwarding.take() {
             // Dropping the task drops the listener and the forwarded connections with it.
@@ -144,11 +153,7 @@ async fn wait_until(what: &str, condition: impl Fn() -> bool) {
 #[tokio::test]
 async fn while_the_server_cannot_be_reached_requests_are_refused_without_running_the_route() {
     let mut switch = Switch::on().await;
-    let options = PgConnectOptions::new()
-        .host("127.0.0.1")
-        .port(switch.port)
-        .username("postgres")
-        .database("postgres");
+    let options = switch.options();
     let route = Route {
         pool: pool_to(options, 2),
         calls: Arc::default(),
@@ -190,11 +195,7 @@ async fn while_the_server_cannot_be_reached_requests_are_refused_without_running
 #[tokio::test]
 async fn a_read_under_way_when_the_gate_shuts_is_answered_at_once() {
     let mut switch = Switch::on().await;
-    let options = PgConnectOptions::new()
-        .host("127.0.0.1")
-        .port(switch.port)
-        .username("postgres")
-        .database("postgres");
+    let options = switch.options();
     let route = Route {
         pool: PgPoolOptions::new()
             .max_connections(2)
