@@ -59,8 +59,11 @@ impl DecodeError {
 /// The schema version this build writes events of `event_type` with (the newest it reads), or
 /// `None` for a type it does not know.
 pub fn current_schema_version(event_type: &str) -> Option<i32> {
-    // Every type is at version 1; a type's entry changes when its version 2 is introduced.
-    EVENT_TYPES.contains(&event_type).then_some(1)
+    match event_type {
+        // 2: `refund` recorded (version 1 events read with it absent).
+        "OrderCancelled" => Some(2),
+        other => EVENT_TYPES.contains(&other).then_some(1),
+    }
 }
 
 /// Every event type name, for projections declaring what they handle and for filters that
@@ -141,18 +144,29 @@ pub fn decode(
             message: err.to_string(),
         })
     }
-    if !EVENT_TYPES.contains(&event_type) {
+    let Some(current) = current_schema_version(event_type) else {
         return Err(DecodeError::UnknownType(event_type.to_owned()));
-    }
-    // Every type is at version 1 today. An upcaster for `(type, 1)` goes here when version 2
-    // of that type is introduced: rewrite the old JSON into the new shape, then parse.
-    if current_schema_version(event_type) != Some(schema_version) {
-        return Err(DecodeError::UnknownSchemaVersion {
-            event_type: event_type.to_owned(),
-            schema_version,
-        });
-    }
+    };
     let v = schema_version;
+    // Upcasters: an older version read into the current shape. Each names the version it
+    // reads; every other version but the current one is unknown.
+    match (event_type, v) {
+        ("OrderCancelled", 1) => {
+            // Version 1 recorded no refund; the current shape says so with `None`.
+            let v1: OrderCancelledV1 = parse(event_type, v, data)?;
+            return Ok(OrderEvent::OrderCancelled(OrderCancelled {
+                reason: v1.reason,
+                refund: None,
+            }));
+        }
+        _ if v == current => {}
+        _ => {
+            return Err(DecodeError::UnknownSchemaVersion {
+                event_type: event_type.to_owned(),
+                schema_version,
+            });
+        }
+    }
     Ok(match event_type {
         "OrderCreated" => OrderEvent::OrderCreated(parse::<OrderCreated>(event_type, v, data)?),
         "ItemAdded" => OrderEvent::ItemAdded(parse::<ItemAdded>(event_type, v, data)?),
@@ -161,10 +175,24 @@ pub fn decode(
         "OrderPaid" => OrderEvent::OrderPaid(parse::<OrderPaid>(event_type, v, data)?),
         "OrderShipped" => OrderEvent::OrderShipped(parse::<OrderShipped>(event_type, v, data)?),
         "OrderCancelled" => {
-            OrderEvent::OrderCancelled(parse::<OrderCancelled>(event_type, v, data)?)
+            let cancelled: OrderCancelled = parse(event_type, v, data)?;
+            if cancelled.refund.is_none() {
+                return Err(DecodeError::InvalidPayload {
+                    event_type: event_type.to_owned(),
+                    schema_version,
+                    message: "missing field `refund`".to_owned(),
+                });
+            }
+            OrderEvent::OrderCancelled(cancelled)
         }
         other => return Err(DecodeError::UnknownType(other.to_owned())),
     })
+}
+
+/// `OrderCancelled` as schema version 1 wrote it.
+#[derive(serde::Deserialize)]
+struct OrderCancelledV1 {
+    reason: String,
 }
 
 /// Decodes a recorded event.

@@ -161,9 +161,16 @@ pub struct OrderShipped {
     pub tracking_number: String,
 }
 
+/// Schema version 2 added `refund`; a version 1 event (written before) reads with `refund`
+/// absent, see `codec`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderCancelled {
     pub reason: String,
+    /// What the customer paid and is owed back, in minor units: the total of a paid order,
+    /// 0 for one not paid yet. `None` only for events written before schema version 2, which
+    /// did not record it (a reader that needs it folds the order's earlier events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund: Option<i64>,
 }
 
 /// A created order's state.
@@ -486,8 +493,16 @@ pub fn decide(state: &OrderState, command: &OrderCommand) -> Result<Vec<OrderEve
             if order.status == OrderStatus::Shipped {
                 return reject(Rule::AlreadyShipped, "a shipped order cannot be cancelled");
             }
+            // A paid order's total was checked when it was placed and the payment matched
+            // it, so it is there; 0 stands for nothing paid.
+            let refund = if order.status == OrderStatus::Paid {
+                order.total().unwrap_or_default()
+            } else {
+                0
+            };
             OrderEvent::OrderCancelled(OrderCancelled {
                 reason: required_text("reason", reason)?,
+                refund: Some(refund),
             })
         }
     };

@@ -64,10 +64,16 @@ fn shipped() -> OrderEvent {
     })
 }
 
-fn cancelled() -> OrderEvent {
+/// A cancel that owes the customer `refund` back.
+fn cancelled_refunding(refund: i64) -> OrderEvent {
     OrderEvent::OrderCancelled(OrderCancelled {
         reason: "changed mind".into(),
+        refund: Some(refund),
     })
+}
+
+fn cancelled() -> OrderEvent {
+    cancelled_refunding(0)
 }
 
 fn add(sku: &str, quantity: i64, unit_price: i64) -> OrderCommand {
@@ -412,14 +418,35 @@ fn shipping_needs_a_paid_order_and_shipping_details() {
 }
 
 #[test]
-fn cancelling_is_allowed_before_shipping() {
-    for history in [
-        vec![created()],
-        vec![created(), added("A", 1, 5), placed(5)],
-        vec![created(), added("A", 1, 5), placed(5), paid(5)],
+fn cancelling_is_allowed_before_shipping_and_records_what_is_owed_back() {
+    for (history, refund) in [
+        (vec![created()], 0),
+        (vec![created(), added("A", 2, 5), placed(10)], 0),
+        (vec![created(), added("A", 2, 5), placed(10), paid(10)], 10),
     ] {
-        assert_eq!(then_events(&history, cancel()), vec![cancelled()]);
+        assert_eq!(
+            then_events(&history, cancel()),
+            vec![cancelled_refunding(refund)]
+        );
     }
+}
+
+#[test]
+fn a_cancel_stored_before_refunds_were_recorded_reads_without_one() {
+    let v1 = serde_json::json!({"reason": "changed mind"});
+    let decoded = events::decode("OrderCancelled", 1, &v1).expect("version 1 is upcast");
+    assert_eq!(
+        decoded,
+        OrderEvent::OrderCancelled(OrderCancelled {
+            reason: "changed mind".into(),
+            refund: None,
+        })
+    );
+    // Version 2 must carry it.
+    assert!(matches!(
+        events::decode("OrderCancelled", 2, &v1),
+        Err(events::DecodeError::InvalidPayload { .. })
+    ));
 }
 
 #[test]
