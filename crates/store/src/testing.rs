@@ -196,11 +196,11 @@ impl Drop for SilencingProxy {
     }
 }
 
-/// Appends one event to `order_id`'s stream as a newer release of the service would: of
-/// `event_type` (one this build may not know) at `schema_version` (possibly above the newest
-/// this build knows), with `data` as given. Returns its global position. What an older
-/// instance meets while a rollout is under way.
-pub async fn append_as_newer_release(
+/// Appends one event to `order_id`'s stream as another release of the service wrote it: of
+/// `event_type` (one this build may not know) at `schema_version` (an older one, or one above
+/// the newest this build knows), with `data` as given. Returns its global position. What an
+/// instance meets in a store that older releases wrote to, or while a newer one rolls out.
+pub async fn append_as_another_release_wrote_it(
     pool: &PgPool,
     order_id: uuid::Uuid,
     event_type: &str,

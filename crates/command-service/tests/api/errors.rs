@@ -431,7 +431,7 @@ async fn a_command_on_an_order_holding_an_event_of_a_newer_release_is_a_503_to_r
     let app = spawn_app().await;
     let order_id = app.create_order().await;
     let other = app.create_order().await;
-    store::testing::append_as_newer_release(
+    store::testing::append_as_another_release_wrote_it(
         &app.db.pool,
         order_id,
         "OrderDiscounted",

@@ -1152,7 +1152,7 @@ async fn an_event_of_a_newer_release_is_held_for_that_release_never_dead_lettere
     let cmds = commands(victim, Uuid::new_v4(), support::Fate::Draft);
     run_commands(w.pool(), victim, &cmds, &mut state).await;
     let newer = events::current_schema_version("OrderPlaced").unwrap() + 1;
-    let placed = store::testing::append_as_newer_release(
+    let placed = store::testing::append_as_another_release_wrote_it(
         w.pool(),
         victim,
         "OrderPlaced",
@@ -1160,7 +1160,7 @@ async fn an_event_of_a_newer_release_is_held_for_that_release_never_dead_lettere
         serde_json::json!({"total": 1299, "channel": "web"}),
     )
     .await;
-    store::testing::append_as_newer_release(
+    store::testing::append_as_another_release_wrote_it(
         w.pool(),
         victim,
         "OrderCancelled",
@@ -1299,7 +1299,7 @@ async fn a_rebuild_meeting_an_event_of_a_newer_release_fails_and_changes_nothing
     let mut state = OrderState::default();
     let cmds = commands(victim, Uuid::new_v4(), support::Fate::Draft);
     run_commands(w.pool(), victim, &cmds, &mut state).await;
-    store::testing::append_as_newer_release(
+    store::testing::append_as_another_release_wrote_it(
         w.pool(),
         victim,
         "OrderDiscounted",
@@ -1324,4 +1324,46 @@ async fn a_rebuild_meeting_an_event_of_a_newer_release_fails_and_changes_nothing
     .await
     .unwrap();
     assert_eq!(parked, 0);
+}
+
+/// A paid order cancelled by the previous release (`OrderCancelled` at schema version 1, which
+/// recorded no refund) is projected like any other: both read models take the upcast event,
+/// the order is cancelled and its money no longer counts as spent.
+#[tokio::test]
+async fn a_cancel_stored_by_the_previous_release_is_projected_through_its_upcast() {
+    let mut w = World::new().await;
+    let order = Uuid::new_v4();
+    let customer = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let cmds = commands(order, customer, support::Fate::Paid);
+    run_commands(w.pool(), order, &cmds, &mut state).await;
+    store::testing::append_as_another_release_wrote_it(
+        w.pool(),
+        order,
+        "OrderCancelled",
+        1,
+        serde_json::json!({"reason": "changed my mind"}),
+    )
+    .await;
+    append_orders(w.pool(), 3).await;
+    w.publish().await;
+    let (token, task) = w.spawn_projector("solo", &[]).await;
+    w.wait_caught_up().await;
+    w.assert_exact().await;
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM order_summaries WHERE order_id = $1")
+            .bind(order)
+            .fetch_one(w.pool())
+            .await
+            .unwrap();
+    assert_eq!(status, "cancelled");
+    let spent: i64 =
+        sqlx::query_scalar("SELECT total_spent FROM customer_stats WHERE customer_id = $1")
+            .bind(customer)
+            .fetch_one(w.pool())
+            .await
+            .unwrap();
+    assert_eq!(spent, 0);
+    token.cancel();
+    task.await.unwrap().unwrap();
 }

@@ -831,7 +831,7 @@ async fn time_travel_over_an_event_of_a_newer_release_is_a_503_to_retry_and_its_
     )
     .await;
     let newer = events::current_schema_version("OrderPlaced").unwrap() + 1;
-    store::testing::append_as_newer_release(
+    store::testing::append_as_another_release_wrote_it(
         &app.db.pool,
         order_id,
         "OrderPlaced",
