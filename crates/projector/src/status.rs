@@ -14,15 +14,18 @@ use sqlx::PgPool;
 
 use crate::projections::ProjectionKind;
 
-/// Reads a projection's place in the event store: its low-water mark, the age of the first
-/// event after it, and its parked streams (the same partial index the sweeper reads).
+/// Reads a projection's place in the event store: its low-water mark, the first event after
+/// it (its age, type and schema version), and its parked streams (the same partial index the
+/// sweeper reads).
 const PROJECTION_SQL: &str = "\
     SELECT c.position, \
-           (SELECT EXTRACT(EPOCH FROM now() - e.recorded_at)::float8 FROM events e \
-             WHERE e.global_position = c.position + 1) AS oldest_unapplied_age, \
+           EXTRACT(EPOCH FROM now() - e.recorded_at)::float8 AS oldest_unapplied_age, \
+           e.event_type, e.schema_version, \
            (SELECT count(*) FROM projection_streams s \
              WHERE s.projection = c.projection AND s.parked_version IS NOT NULL) AS parked \
-    FROM projection_checkpoints c WHERE c.projection = $1";
+    FROM projection_checkpoints c \
+    LEFT JOIN events e ON e.global_position = c.position + 1 \
+    WHERE c.projection = $1";
 
 /// Reads how far the relay had published when it last recorded it (`relay_checkpoints`, written
 /// every `RELAY_CHECKPOINT_INTERVAL_MS` or so), and how long ago: what there is to go by when
@@ -63,8 +66,8 @@ pub struct Status {
     /// What could not be read, one line per store (`postgres: …`, `redis: …`).
     pub unreadable: Vec<String>,
     /// What needs a person, one line each (empty when nothing does): dead letters, parked
-    /// orders, a lag past the alerts' thresholds, a projection no consumer reads, what could
-    /// not be read.
+    /// orders, an event of a newer release in the way, a lag past the alerts' thresholds, a
+    /// projection no consumer reads, what could not be read.
     pub attention: Vec<String>,
 }
 
@@ -78,6 +81,12 @@ pub struct ProjectionStatus {
     pub behind: Option<i64>,
     /// Seconds since the first event above the mark was committed; `None` when caught up.
     pub oldest_unapplied_secs: Option<f64>,
+    /// That event's type and schema version (`OrderCancelled v2`); `None` when caught up.
+    pub oldest_unapplied_event: Option<String>,
+    /// Set when that event is one this projection reads but this binary cannot: a newer
+    /// release wrote it, and instances of this release hold it (RUNBOOK:
+    /// ProjectorNeedsNewerRelease).
+    pub oldest_unapplied_needs_newer_release: bool,
     /// Orders held back behind a dead-lettered event (`projector dlq list`).
     pub parked_streams: Option<i64>,
     /// Entries in the projection's dead-letter stream.
@@ -108,6 +117,8 @@ pub async fn gather(
             applied_to: None,
             behind: None,
             oldest_unapplied_secs: None,
+            oldest_unapplied_event: None,
+            oldest_unapplied_needs_newer_release: false,
             parked_streams: None,
             dead_letters: None,
             group: None,
@@ -212,6 +223,14 @@ fn attention(status: &Status) -> Vec<String> {
                 "{name}: {parked} order(s) held back behind a dead letter (projector dlq list {name})"
             ));
         }
+        if p.oldest_unapplied_needs_newer_release {
+            lines.push(format!(
+                "{name}: its oldest unapplied event ({}) was written by a newer release than \
+                 this binary; projectors of this release hold it (RUNBOOK: \
+                 ProjectorNeedsNewerRelease)",
+                p.oldest_unapplied_event.as_deref().unwrap_or("?")
+            ));
+        }
         let behind = p.behind.unwrap_or(0);
         let waiting = p.oldest_unapplied_secs.unwrap_or(0.0);
         if behind > ATTENTION_LAG_EVENTS || waiting > ATTENTION_LAG_SECS {
@@ -246,15 +265,24 @@ async fn read_store(
         .fetch_optional(pool)
         .await?;
     for status in projections.iter_mut() {
-        let row: Option<(i64, Option<f64>, i64)> = sqlx::query_as(PROJECTION_SQL)
+        type Row = (i64, Option<f64>, Option<String>, Option<i32>, i64);
+        let row: Option<Row> = sqlx::query_as(PROJECTION_SQL)
             .bind(status.projection)
             .fetch_optional(pool)
             .await?;
         // The migrations create every projection's row; a missing one reads as nothing applied.
-        let (applied_to, age, parked) = row.unwrap_or((0, None, 0));
+        let (applied_to, age, event_type, schema_version, parked) =
+            row.unwrap_or((0, None, None, None, 0));
         status.applied_to = Some(applied_to);
         status.behind = Some((head - applied_to).max(0));
         status.oldest_unapplied_secs = age.map(|age| age.max(0.0));
+        if let (Some(event_type), Some(version)) = (event_type, schema_version) {
+            let reads_it = ProjectionKind::from_name(status.projection)
+                .is_some_and(|kind| kind.handles(&event_type));
+            status.oldest_unapplied_needs_newer_release = reads_it
+                && events::current_schema_version(&event_type).is_none_or(|known| version > known);
+            status.oldest_unapplied_event = Some(format!("{event_type} v{version}"));
+        }
         status.parked_streams = Some(parked);
     }
     Ok((head, checkpoint))
@@ -323,7 +351,10 @@ pub fn render(status: &Status) -> String {
         };
         let oldest = match (p.behind, p.oldest_unapplied_secs) {
             (Some(0), _) => "-".to_owned(),
-            (_, Some(secs)) => format!("{secs:.1} s ago"),
+            (_, Some(secs)) => match &p.oldest_unapplied_event {
+                Some(event) => format!("{secs:.1} s ago ({event})"),
+                None => format!("{secs:.1} s ago"),
+            },
             _ => "?".to_owned(),
         };
         table.add_row([
@@ -358,6 +389,8 @@ mod tests {
             applied_to: Some(0),
             behind: Some(behind),
             oldest_unapplied_secs: oldest_secs,
+            oldest_unapplied_event: oldest_secs.map(|_| "OrderPaid v1".to_owned()),
+            oldest_unapplied_needs_newer_release: false,
             parked_streams: Some(0),
             dead_letters: Some(0),
             group: Some(GroupInfo {
@@ -383,6 +416,21 @@ mod tests {
             unreadable: Vec::new(),
             attention: Vec::new(),
         }
+    }
+
+    #[test]
+    fn an_oldest_unapplied_event_of_a_newer_release_needs_attention() {
+        let mut held = projection("order_summaries", 2, Some(5.0));
+        held.oldest_unapplied_event = Some("OrderCancelled v9".to_owned());
+        held.oldest_unapplied_needs_newer_release = true;
+        assert_eq!(
+            attention(&status(5_000, vec![held])),
+            [
+                "order_summaries: its oldest unapplied event (OrderCancelled v9) was written by \
+                 a newer release than this binary; projectors of this release hold it \
+                 (RUNBOOK: ProjectorNeedsNewerRelease)"
+            ]
+        );
     }
 
     #[test]

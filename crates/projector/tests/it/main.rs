@@ -1245,6 +1245,15 @@ async fn an_event_of_a_newer_release_is_held_for_that_release_never_dead_lettere
             .await
             .unwrap();
     assert_eq!((status.as_str(), version), ("draft", 3));
+    // `projector status` of this release names what is in the way.
+    let (_, report, table) = status::status(&w).await;
+    let summaries = status::projection(&report, "order_summaries");
+    assert_eq!(
+        summaries["oldest_unapplied_event"],
+        format!("OrderPlaced v{newer}")
+    );
+    assert_eq!(summaries["oldest_unapplied_needs_newer_release"], true);
+    assert!(table.contains("written by a newer release"), "{table}");
 
     // An instance of the newer release applies both events to order_summaries (through its
     // sweeper, say): the old one finds that out and acknowledges its held entries there.

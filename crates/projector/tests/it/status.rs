@@ -11,7 +11,7 @@ use crate::support::{self, DEADLINE, World, append_orders, commands, run_command
 
 /// Runs `projector status --json` (and the table) against `w`; returns whether it exited 0,
 /// the JSON report and the table.
-async fn status(w: &World) -> (bool, Value, String) {
+pub(crate) async fn status(w: &World) -> (bool, Value, String) {
     let run = |json: bool| {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_projector"));
         command
@@ -37,7 +37,7 @@ async fn status(w: &World) -> (bool, Value, String) {
 }
 
 /// The report of one projection.
-fn projection<'a>(report: &'a Value, name: &str) -> &'a Value {
+pub(crate) fn projection<'a>(report: &'a Value, name: &str) -> &'a Value {
     report["projections"]
         .as_array()
         .expect("projections")
@@ -70,6 +70,7 @@ async fn status_shows_the_lag_then_the_dead_lettered_order_then_a_clean_system()
             "{p}"
         );
         assert!(p["oldest_unapplied_secs"].as_f64().is_some(), "{p}");
+        assert_eq!(p["oldest_unapplied_event"], "OrderCreated v1", "{p}");
         assert_eq!(p["group"], Value::Null, "{p}");
     }
     assert!(table.contains("no group"), "{table}");
