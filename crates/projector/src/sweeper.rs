@@ -142,6 +142,9 @@ pub struct SweepOutcome {
     pub blocker: Option<i64>,
     /// Events the sweeper applied itself.
     pub healed: usize,
+    /// The blocker is an event a newer release wrote, found so by an earlier sweep: it was
+    /// not tried again (an instance of that release applies it, and the blocker moves on).
+    pub held_for_newer_release: bool,
 }
 
 /// The sweeper of one projection (the loop runs only while it is the leader).
@@ -160,6 +163,10 @@ pub struct Sweeper {
     lag_recorded: Instant,
     /// When an event held for a newer release was last logged.
     newer_release_logged_at: Option<Instant>,
+    /// The blocker's position when a heal found it to be an event of a newer release: while
+    /// it stays the blocker, healing would only fail on it again, at the cost of a failing
+    /// transaction per order of the batch after it (the isolation of a failed batch).
+    newer_release_blocker: Option<i64>,
 }
 
 impl Sweeper {
@@ -184,6 +191,7 @@ impl Sweeper {
                 .checked_sub(LAG_INTERVAL)
                 .unwrap_or_else(Instant::now),
             newer_release_logged_at: None,
+            newer_release_blocker: None,
         }
     }
 
@@ -196,7 +204,7 @@ impl Sweeper {
         let mut outcome = SweepOutcome {
             position,
             blocker,
-            healed: 0,
+            ..SweepOutcome::default()
         };
         if self.lag_recorded.elapsed() >= LAG_INTERVAL {
             self.lag_recorded = Instant::now();
@@ -206,8 +214,16 @@ impl Sweeper {
             self.blocking = None;
             self.healing = false;
             self.attempts = 0;
+            self.newer_release_blocker = None;
             return Ok(outcome);
         };
+        if self.newer_release_blocker == Some(blocker) {
+            // Still held, still counted: the alert sees the hold last.
+            metrics::newer_release_holds(self.projection, 1);
+            outcome.held_for_newer_release = true;
+            return Ok(outcome);
+        }
+        self.newer_release_blocker = None;
         let now = Instant::now();
         let since = match self.blocking {
             Some((pos, since)) if pos == blocker => since,
@@ -366,6 +382,17 @@ impl Sweeper {
         }
         let (newer_release, poisoned): (Vec<Poisoned>, Vec<Poisoned>) =
             poisoned.into_iter().partition(|p| p.newer_release);
+        // The first of them is where the mark stops now; the next sweep need not try again
+        // while it does.
+        self.newer_release_blocker = events
+            .iter()
+            .filter(|e| {
+                newer_release
+                    .iter()
+                    .any(|p| p.stream_id == e.stream_id && p.version == e.stream_version)
+            })
+            .map(|e| e.global_position)
+            .min();
         if let Some(first) = newer_release.first() {
             // Not poison: held, never counted towards a dead letter; an instance of the newer
             // release applies it (its consumers, or its sweeper once it leads).

@@ -1376,3 +1376,59 @@ async fn a_cancel_stored_by_the_previous_release_is_projected_through_its_upcast
     token.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// The sweeper, healing from the event store (Redis lost the entries, say), applies every
+/// order it can and holds at an event a newer release wrote; while that event stays the
+/// blocker it does not try it again (each try would fail a transaction per order of the batch
+/// after it); once an instance of that release has applied it, the mark moves on.
+#[tokio::test]
+async fn the_sweeper_holds_at_an_event_of_a_newer_release_without_trying_it_again() {
+    let w = World::new().await;
+    let victim = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let cmds = commands(victim, Uuid::new_v4(), support::Fate::Draft);
+    run_commands(w.pool(), victim, &cmds, &mut state).await;
+    let held = store::testing::append_as_another_release_wrote_it(
+        w.pool(),
+        victim,
+        "OrderDiscounted",
+        1,
+        serde_json::json!({"percent": 10}),
+    )
+    .await;
+    append_orders(w.pool(), 3).await;
+    let head = store::head_position(w.pool()).await.unwrap();
+    let stream = order_stream_id(victim);
+    let projection = ProjectionKind::OrderSummaries;
+    let mut sweeper = test_sweeper(&w, projection, Duration::ZERO);
+
+    let first = sweeper.sweep_once().await.unwrap();
+    assert!(first.healed > 0);
+    assert_eq!(
+        (first.position, first.blocker, first.held_for_newer_release),
+        (held - 1, Some(held), false)
+    );
+    assert_eq!(streams_applied_to_the_end(&w, projection, &stream).await, 3);
+    for _ in 0..3 {
+        let again = sweeper.sweep_once().await.unwrap();
+        assert_eq!(
+            (again.blocker, again.healed, again.held_for_newer_release),
+            (Some(held), 0, true)
+        );
+    }
+
+    // An instance of the newer release applies it.
+    sqlx::query(
+        "UPDATE projection_streams SET version = 4 WHERE projection = $1 AND stream_id = $2",
+    )
+    .bind(projection.name())
+    .bind(&stream)
+    .execute(w.pool())
+    .await
+    .unwrap();
+    let after = sweeper.sweep_once().await.unwrap();
+    assert_eq!(
+        (after.position, after.blocker, after.held_for_newer_release),
+        (head, None, false)
+    );
+}
