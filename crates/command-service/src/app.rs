@@ -71,8 +71,12 @@ impl Application {
         let redis_client = config.common.redis_client()?;
         let redis = redis_conn::lazy_manager(&redis_client, redis_conn::DEFAULT_RESPONSE_TIMEOUT)?;
 
-        let committer = GroupCommitter::spawn(pool.clone(), CommitterConfig::default());
         let db_gate = DbGate::new(&pool);
+        let committer = GroupCommitter::spawn_with_reachability(
+            pool.clone(),
+            CommitterConfig::default(),
+            db_gate.shut_state(),
+        );
         let handler = CommandHandler::new(
             pool.clone(),
             db_gate.clone(),

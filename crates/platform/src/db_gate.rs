@@ -16,7 +16,9 @@
 //! changes nothing is cut short instead: [`DbGate::unless_shut`] ends it the moment the gate
 //! shuts, and [`refuse_or_cut_while_unreachable`] does so for whole read-only requests (the
 //! query service's). Work that may be committing is left to finish or fail by itself, so its
-//! answer stays the truth (the command service cuts only its reads, before the append).
+//! answer stays the truth: the command service cuts its reads before the append, and its group
+//! commit stops waiting for a connection ([`DbGate::shut_state`]) but never cuts a transaction
+//! that has begun.
 //!
 //! What it never does: refuse requests while the server answers connections (a saturated pool,
 //! a server at its connection limit or a rejected statement leave it open), hold a request
@@ -90,6 +92,13 @@ impl DbGate {
     /// Whether requests are being refused because the server could not be reached.
     pub fn is_shut(&self) -> bool {
         *self.inner.shut.borrow()
+    }
+
+    /// The gate's state as it changes: `true` while it is shut (for work outside a request
+    /// that should stop waiting for the database meanwhile, like the command service's group
+    /// commit waiting for a connection).
+    pub fn shut_state(&self) -> watch::Receiver<bool> {
+        self.inner.shut.subscribe()
     }
 
     /// Runs `work` unless the gate shuts first, which drops it and gives `None`. For work that

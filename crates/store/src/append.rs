@@ -132,6 +132,19 @@ pub async fn append_batch_within(
     requests: &[AppendRequest],
     deadline: std::time::Duration,
 ) -> Result<Vec<Result<AppendOutcome, AppendError>>, sqlx::Error> {
+    append_batch_unless_unreachable(pool, requests, deadline, std::future::pending()).await
+}
+
+/// [`append_batch_within`] that gives up waiting for a connection as soon as `unreachable`
+/// completes (the database is known to be unreachable). Nothing is written then: the
+/// transaction had not begun, so the failure (a refused-connection I/O error) is certain, not
+/// ambiguous. Once the transaction has begun it runs to its own answer.
+pub async fn append_batch_unless_unreachable(
+    pool: &PgPool,
+    requests: &[AppendRequest],
+    deadline: std::time::Duration,
+    unreachable: impl std::future::Future<Output = ()>,
+) -> Result<Vec<Result<AppendOutcome, AppendError>>, sqlx::Error> {
     let give_up = tokio::time::Instant::now() + deadline;
     let timed_out = || {
         sqlx::Error::Io(std::io::Error::new(
@@ -139,10 +152,20 @@ pub async fn append_batch_within(
             format!("the append transaction did not finish within {deadline:?}"),
         ))
     };
-    // The pool tests a connection before handing it out, which waits on a silent server too.
-    let mut conn = tokio::time::timeout_at(give_up, pool.acquire())
-        .await
-        .map_err(|_| timed_out())??;
+    // The pool tests a connection before handing it out, which waits on a silent server too;
+    // a refused connect it retries until its own acquire timeout.
+    let mut conn = tokio::select! {
+        biased;
+        acquired = tokio::time::timeout_at(give_up, pool.acquire()) => {
+            acquired.map_err(|_| timed_out())??
+        }
+        () = unreachable => {
+            return Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "the database cannot be reached; the append did not begin",
+            )));
+        }
+    };
     let append = async {
         let mut tx =
             sqlx::Connection::begin_with(&mut *conn, AssertSqlSafe(begin_statement())).await?;

@@ -9,10 +9,10 @@
 //! append to a stream, chained on the version the first one will produce, before the first has
 //! committed: if the first fails, the second fails its version check and nothing is out of order.
 
-use crate::append::{AppendError, AppendOutcome, AppendRequest, append_batch_within};
+use crate::append::{AppendError, AppendOutcome, AppendRequest, append_batch_unless_unreachable};
 use sqlx::PgPool;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Bounds of one group commit.
 #[derive(Debug, Clone, Copy)]
@@ -23,7 +23,7 @@ pub struct CommitterConfig {
     /// memory).
     pub queue_capacity: usize,
     /// Longest one group commit may take, the append lock's wait included; past it the batch
-    /// fails and the committer moves on (`append_batch_within` says why).
+    /// fails and the committer moves on (`append::append_batch_within` says why).
     pub transaction_timeout: Duration,
 }
 
@@ -57,7 +57,22 @@ impl GroupCommitter {
     /// Starts the commit task on the current runtime.
     pub fn spawn(pool: PgPool, config: CommitterConfig) -> Self {
         let (queue, receiver) = mpsc::channel(config.queue_capacity.max(1));
-        tokio::spawn(run(pool, receiver, config));
+        tokio::spawn(run(pool, receiver, config, None));
+        Self { queue }
+    }
+
+    /// [`Self::spawn`], told by `unreachable` (`true` while the database is known to be
+    /// unreachable: the services' `platform::db_gate`) when waiting for a connection is
+    /// pointless: a batch still waiting for one then fails at once, with nothing written,
+    /// instead of after the pool's acquire timeout. A batch whose transaction has begun runs
+    /// to its own answer.
+    pub fn spawn_with_reachability(
+        pool: PgPool,
+        config: CommitterConfig,
+        unreachable: watch::Receiver<bool>,
+    ) -> Self {
+        let (queue, receiver) = mpsc::channel(config.queue_capacity.max(1));
+        tokio::spawn(run(pool, receiver, config, Some(unreachable)));
         Self { queue }
     }
 
@@ -83,13 +98,29 @@ async fn run(
     pool: PgPool,
     mut receiver: mpsc::Receiver<(AppendRequest, Reply)>,
     config: CommitterConfig,
+    mut unreachable: Option<watch::Receiver<bool>>,
 ) {
     let max_batch = config.max_batch_requests.max(1);
     let mut batch = Vec::with_capacity(max_batch);
     while receiver.recv_many(&mut batch, max_batch).await > 0 {
         let (requests, replies): (Vec<AppendRequest>, Vec<Reply>) = batch.drain(..).unzip();
         let started = Instant::now();
-        let result = append_batch_within(&pool, &requests, config.transaction_timeout).await;
+        let known_unreachable = async {
+            if let Some(state) = unreachable.as_mut()
+                && state.wait_for(|unreachable| *unreachable).await.is_ok()
+            {
+                return;
+            }
+            // No one tells, or no one will again: wait for the connection as usual.
+            std::future::pending().await
+        };
+        let result = append_batch_unless_unreachable(
+            &pool,
+            &requests,
+            config.transaction_timeout,
+            known_unreachable,
+        )
+        .await;
         metrics::histogram!("event_store_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("event_store_batch_requests").record(requests.len() as f64);
         match result {

@@ -32,7 +32,7 @@ pub mod snapshot;
 pub use aggregate::{LoadError, LoadedOrder, load_order};
 pub use append::{
     AppendError, AppendOutcome, AppendRequest, ExpectedVersion, IdempotencyRecord, append_batch,
-    append_batch_within,
+    append_batch_unless_unreachable, append_batch_within,
 };
 pub use committer::{CommitterConfig, DEFAULT_TRANSACTION_TIMEOUT, GroupCommitter};
 pub use read::{

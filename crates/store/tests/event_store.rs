@@ -642,3 +642,62 @@ async fn a_commit_the_database_never_answers_fails_in_time_and_the_committer_car
     .expect("the committer still waits")
     .expect("an append once the server answers again");
 }
+
+/// The database known to be unreachable (the services' gate has shut) while a batch waits for
+/// a connection (the server silent, say): the batch fails at once, with nothing written,
+/// instead of waiting out its minute; the committer carries on once the server is back.
+#[tokio::test]
+async fn a_batch_waiting_for_a_connection_fails_at_once_when_the_database_is_known_unreachable() {
+    let db = TestDatabase::new().await;
+    let proxy = SilencingProxy::start(&db).await;
+    let (unreachable, state) = tokio::sync::watch::channel(false);
+    let committer = GroupCommitter::spawn_with_reachability(
+        proxy.pool(1).await,
+        CommitterConfig {
+            transaction_timeout: std::time::Duration::from_secs(60),
+            ..CommitterConfig::default()
+        },
+        state,
+    );
+    let deadline = std::time::Duration::from_secs(20);
+    committer
+        .append(request("order-a", ExpectedVersion::Exact(0), 1))
+        .await
+        .expect("an append through the proxy");
+
+    proxy.set_silent(true);
+    let waiting = committer
+        .submit(request("order-b", ExpectedVersion::Exact(0), 1))
+        .await;
+    unreachable.send_replace(true);
+    let failed = tokio::time::timeout(deadline, waiting)
+        .await
+        .expect("the batch still waits for a connection")
+        .expect("an answer");
+    match failed {
+        Err(AppendError::Database(e)) => assert!(is_refused_connection(&e), "{e}"),
+        other => panic!("expected the database unreachable, got {other:?}"),
+    }
+
+    proxy.set_silent(false);
+    unreachable.send_replace(false);
+    tokio::time::timeout(
+        deadline,
+        committer.append(request("order-c", ExpectedVersion::Exact(0), 1)),
+    )
+    .await
+    .expect("the committer still waits")
+    .expect("an append once the server answers again");
+    assert_eq!(
+        store::stream_version(&db.pool, "order-b")
+            .await
+            .expect("read the version"),
+        0,
+        "nothing of the failed batch was written"
+    );
+}
+
+/// The error of a batch given up before its transaction began.
+fn is_refused_connection(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused)
+}
