@@ -4,7 +4,8 @@
 //! connection succeeds.
 //!
 //! How it learns: every `store_unavailable` answer of the routes behind
-//! [`refuse_while_unreachable`] starts one probe (one at a time): a connection made directly,
+//! [`refuse_while_unreachable`], and work under [`DbGate::unless_shut`] still waiting after
+//! [`SLOW_WORK_SUSPECTS_AFTER`], starts one probe (one at a time): a connection made directly,
 //! not through the pool, whose connections may merely all be busy. When the server cannot be
 //! reached (refused, reset, timed out, shutting down or starting up), the gate shuts, and the
 //! probe tries again every [`PROBE_INTERVAL`] until a connection succeeds, when it opens again.
@@ -47,6 +48,12 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// Longest a probe's connection may take before the server counts as unreachable: a server
 /// whose packets are dropped does not refuse, it never answers.
 pub const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long work under [`DbGate::unless_shut`] runs before it starts a probe: well above what
+/// a read takes, well below the pool's acquire timeout.
+pub const SLOW_WORK_SUSPECTS_AFTER: Duration = Duration::from_secs(1);
+/// Least time between two probes started by slow work (long polls and read-your-writes waits
+/// are slow by design; they must not keep a probe running).
+pub const SLOW_WORK_PROBE_SPACING: Duration = Duration::from_secs(5);
 /// `Retry-After` seconds of a refused request.
 pub const REFUSED_RETRY_AFTER_SECS: u64 = 1;
 
@@ -74,6 +81,8 @@ struct Inner {
     shut: watch::Sender<bool>,
     /// Set while a probe runs, so a burst of failures starts one.
     probing: AtomicBool,
+    /// When slow work last started a probe ([`SLOW_WORK_PROBE_SPACING`]).
+    slow_work_probed_at: std::sync::Mutex<Option<Instant>>,
 }
 
 impl DbGate {
@@ -85,6 +94,7 @@ impl DbGate {
                 options: pool.connect_options(),
                 shut: watch::Sender::new(false),
                 probing: AtomicBool::new(false),
+                slow_work_probed_at: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -104,13 +114,43 @@ impl DbGate {
     /// Runs `work` unless the gate shuts first, which drops it and gives `None`. For work that
     /// changes nothing (reads): one waiting for a pooled connection when the server went away
     /// ends when the probe finds it gone, instead of after the pool's acquire timeout.
+    ///
+    /// Work still unfinished after [`SLOW_WORK_SUSPECTS_AFTER`] starts a probe (at most one
+    /// per [`SLOW_WORK_PROBE_SPACING`]): on a quiet service no other request may be there to
+    /// find the server gone, and the pool would keep this one waiting for its whole acquire
+    /// timeout. Against a server that answers, that costs one connection now and then.
     pub async fn unless_shut<T>(&self, work: impl Future<Output = T>) -> Option<T> {
         let mut shut = self.inner.shut.subscribe();
-        tokio::select! {
-            biased;
-            done = work => Some(done),
-            _ = shut.wait_for(|shut| *shut) => None,
+        let mut work = std::pin::pin!(work);
+        let slow = tokio::time::sleep(SLOW_WORK_SUSPECTS_AFTER);
+        let mut slow = std::pin::pin!(slow);
+        let mut suspected = false;
+        loop {
+            tokio::select! {
+                biased;
+                done = &mut work => return Some(done),
+                _ = shut.wait_for(|shut| *shut) => return None,
+                () = &mut slow, if !suspected => {
+                    suspected = true;
+                    self.suspect_slow_work();
+                }
+            }
         }
+    }
+
+    /// Starts a probe for work that is taking long, unless slow work started one within
+    /// [`SLOW_WORK_PROBE_SPACING`].
+    fn suspect_slow_work(&self) {
+        {
+            let Ok(mut last) = self.inner.slow_work_probed_at.lock() else {
+                return;
+            };
+            if last.is_some_and(|at| at.elapsed() < SLOW_WORK_PROBE_SPACING) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        self.suspect();
     }
 
     /// Whether a probe is under way: started by a `store_unavailable` answer, not yet ended.

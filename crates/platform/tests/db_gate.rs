@@ -243,6 +243,39 @@ async fn a_read_under_way_when_the_gate_shuts_is_answered_at_once() {
     write.abort();
 }
 
+/// A quiet service: the server went away and nothing else asks the database, so no other
+/// answer starts a probe. A read that has waited `SLOW_WORK_SUSPECTS_AFTER` for its
+/// connection starts one itself, and is answered 503 once it finds the server gone, not after
+/// the pool's acquire timeout (a minute here).
+#[tokio::test]
+async fn on_a_quiet_service_a_read_left_waiting_finds_the_server_gone_by_itself() {
+    let mut switch = Switch::on().await;
+    let route = Route {
+        pool: PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(60))
+            .connect_lazy_with(switch.options()),
+        calls: Arc::default(),
+    };
+    let gate = DbGate::new(&route.pool);
+    let reads = Router::new()
+        .route("/query", get(query))
+        .route_layer(axum::middleware::from_fn_with_state(
+            gate.clone(),
+            refuse_or_cut_while_unreachable,
+        ))
+        .with_state(route.clone());
+    assert_eq!(get_query(&reads).await.status(), StatusCode::OK);
+    switch.turn_off().await;
+
+    let response = tokio::time::timeout(DEADLINE, get_query(&reads))
+        .await
+        .expect("the read finds the server gone before the pool gives up");
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(code_of(response).await, STORE_UNAVAILABLE);
+    assert!(gate.is_shut());
+}
+
 #[tokio::test]
 async fn a_server_that_answers_never_shuts_the_gate_even_when_no_connection_can_be_had() {
     // A role limited to one connection: the pool's one connection is held, so a request times
