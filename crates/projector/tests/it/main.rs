@@ -1285,7 +1285,8 @@ async fn an_event_of_a_newer_release_is_held_for_that_release_never_dead_lettere
 }
 
 /// A rebuild by a release older than one of the events fails, naming the event, instead of
-/// parking that order in the new read model; the live read model is left as it was.
+/// parking that order in the new read model; the live read model is left as it was. A verify
+/// fails too, naming it, instead of reporting the order as a difference.
 #[tokio::test]
 async fn a_rebuild_meeting_an_event_of_a_newer_release_fails_and_changes_nothing() {
     let w = World::new().await;
@@ -1317,6 +1318,10 @@ async fn a_rebuild_meeting_an_event_of_a_newer_release_fails_and_changes_nothing
     )
     .await;
     append_orders(w.pool(), 2).await;
+    let err = projector::verify::verify(w.pool(), ProjectionKind::OrderSummaries)
+        .await
+        .expect_err("verify refuses to call the order a difference");
+    assert!(format!("{err:#}").contains("OrderDiscounted v1"), "{err:#}");
     let err = projector::rebuild::rebuild(w.pool(), ProjectionKind::OrderSummaries, 2, None)
         .await
         .expect_err("the rebuild fails");
