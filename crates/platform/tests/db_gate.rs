@@ -127,6 +127,29 @@ fn app(route: Route, gate: DbGate) -> Router {
         .with_state(route)
 }
 
+/// [`app`] behind the middleware of routes that change nothing.
+fn read_only_app(route: Route, gate: DbGate) -> Router {
+    Router::new()
+        .route("/query", get(query))
+        .route_layer(axum::middleware::from_fn_with_state(
+            gate,
+            refuse_or_cut_while_unreachable,
+        ))
+        .with_state(route)
+}
+
+/// A route whose pool waits a minute for a connection (a refused connect is retried all that
+/// time), so that only the gate can end a request's wait within a test's deadline.
+fn patient_route(options: PgConnectOptions, max_connections: u32) -> Route {
+    Route {
+        pool: PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(60))
+            .connect_lazy_with(options),
+        calls: Arc::default(),
+    }
+}
+
 async fn get_query(app: &Router) -> Response {
     app.clone()
         .oneshot(Request::get("/query").body(Body::empty()).unwrap())
@@ -195,22 +218,9 @@ async fn while_the_server_cannot_be_reached_requests_are_refused_without_running
 #[tokio::test]
 async fn a_read_under_way_when_the_gate_shuts_is_answered_at_once() {
     let mut switch = Switch::on().await;
-    let options = switch.options();
-    let route = Route {
-        pool: PgPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(60))
-            .connect_lazy_with(options),
-        calls: Arc::default(),
-    };
+    let route = patient_route(switch.options(), 2);
     let gate = DbGate::new(&route.pool);
-    let reads = Router::new()
-        .route("/query", get(query))
-        .route_layer(axum::middleware::from_fn_with_state(
-            gate.clone(),
-            refuse_or_cut_while_unreachable,
-        ))
-        .with_state(route.clone());
+    let reads = read_only_app(route.clone(), gate.clone());
     let writes = app(route.clone(), gate.clone());
     switch.turn_off().await;
 
@@ -250,21 +260,9 @@ async fn a_read_under_way_when_the_gate_shuts_is_answered_at_once() {
 #[tokio::test]
 async fn on_a_quiet_service_a_read_left_waiting_finds_the_server_gone_by_itself() {
     let mut switch = Switch::on().await;
-    let route = Route {
-        pool: PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(60))
-            .connect_lazy_with(switch.options()),
-        calls: Arc::default(),
-    };
+    let route = patient_route(switch.options(), 1);
     let gate = DbGate::new(&route.pool);
-    let reads = Router::new()
-        .route("/query", get(query))
-        .route_layer(axum::middleware::from_fn_with_state(
-            gate.clone(),
-            refuse_or_cut_while_unreachable,
-        ))
-        .with_state(route.clone());
+    let reads = read_only_app(route.clone(), gate.clone());
     assert_eq!(get_query(&reads).await.status(), StatusCode::OK);
     switch.turn_off().await;
 

@@ -603,6 +603,17 @@ mod snapshots {
     }
 }
 
+/// Requires `committer` to append to the new stream `stream` within `deadline`: it carries on.
+async fn appends_again(committer: &GroupCommitter, stream: &str, deadline: std::time::Duration) {
+    tokio::time::timeout(
+        deadline,
+        committer.append(request(stream, ExpectedVersion::Exact(0), 1)),
+    )
+    .await
+    .expect("the committer still waits")
+    .expect("an append once the server answers again");
+}
+
 #[tokio::test]
 async fn a_commit_the_database_never_answers_fails_in_time_and_the_committer_carries_on() {
     let db = TestDatabase::new().await;
@@ -634,13 +645,7 @@ async fn a_commit_the_database_never_answers_fails_in_time_and_the_committer_car
         "expected a database failure, got {stalled:?}"
     );
     proxy.set_silent(false);
-    tokio::time::timeout(
-        deadline,
-        committer.append(request("order-c", ExpectedVersion::Exact(0), 1)),
-    )
-    .await
-    .expect("the committer still waits")
-    .expect("an append once the server answers again");
+    appends_again(&committer, "order-c", deadline).await;
 }
 
 /// The database known to be unreachable (the services' gate has shut) while a batch waits for
@@ -681,13 +686,7 @@ async fn a_batch_waiting_for_a_connection_fails_at_once_when_the_database_is_kno
 
     proxy.set_silent(false);
     unreachable.send_replace(false);
-    tokio::time::timeout(
-        deadline,
-        committer.append(request("order-c", ExpectedVersion::Exact(0), 1)),
-    )
-    .await
-    .expect("the committer still waits")
-    .expect("an append once the server answers again");
+    appends_again(&committer, "order-c", deadline).await;
     assert_eq!(
         store::stream_version(&db.pool, "order-b")
             .await
