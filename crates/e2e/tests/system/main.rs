@@ -11,7 +11,8 @@
 //! - `database_crash`: PostgreSQL crashing under load and coming back.
 //! - `redis_outage`: Redis dying under load and coming back empty.
 //! - `restore`: PostgreSQL restored from a backup while Redis keeps its stream.
-//! - `rollout`: a release starting on a database a newer release has migrated.
+//! - `rollout`: a release starting on a database a newer release has migrated, and holding an
+//!   event a newer release wrote.
 
 mod alerts;
 mod database_crash;
