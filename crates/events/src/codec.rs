@@ -46,14 +46,21 @@ impl DecodeError {
     /// type. An invalid payload, or a version below the first, is damage, not novelty.
     pub fn needs_newer_release(&self) -> bool {
         match self {
-            DecodeError::UnknownType(_) => true,
+            DecodeError::UnknownType(event_type) => written_by_newer_release(event_type, 1),
             DecodeError::UnknownSchemaVersion {
                 event_type,
                 schema_version,
-            } => current_schema_version(event_type).is_some_and(|newest| *schema_version > newest),
+            } => written_by_newer_release(event_type, *schema_version),
             DecodeError::InvalidPayload { .. } => false,
         }
     }
+}
+
+/// Whether an event of `event_type` at `schema_version` was written by a newer release than
+/// this build: a type it does not know, or a version above the newest it knows of that type.
+/// What [`DecodeError::needs_newer_release`] says of a decode, without the payload.
+pub fn written_by_newer_release(event_type: &str, schema_version: i32) -> bool {
+    current_schema_version(event_type).is_none_or(|newest| schema_version > newest)
 }
 
 /// The schema version this build writes events of `event_type` with (the newest it reads), or

@@ -18,7 +18,9 @@ pub mod money;
 pub mod order;
 pub mod summary;
 
-pub use codec::{DecodeError, current_schema_version, decode, decode_recorded};
+pub use codec::{
+    DecodeError, current_schema_version, decode, decode_recorded, written_by_newer_release,
+};
 pub use envelope::{EventMetadata, NewEvent, RecordedEvent, order_id_of_stream, order_stream_id};
 pub use order::{
     DomainError, LineItem, Order, OrderCommand, OrderEvent, OrderState, OrderStatus, Rule,

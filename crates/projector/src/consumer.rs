@@ -546,8 +546,8 @@ impl ProjectionConsumer {
     /// claiming them from each other count deliveries too), never dead-lettered.
     fn waits_for_newer_release(&self, event: &RecordedEvent, batch: &[RecordedEvent]) -> bool {
         let unreadable = |e: &RecordedEvent| {
-            self.projection.handles(&e.event_type)
-                && events::decode_recorded(e).is_err_and(|err| err.needs_newer_release())
+            self.projection
+                .needs_newer_release(&e.event_type, e.schema_version)
         };
         unreadable(event)
             || batch

@@ -277,10 +277,9 @@ async fn read_store(
         status.behind = Some((head - applied_to).max(0));
         status.oldest_unapplied_secs = age.map(|age| age.max(0.0));
         if let (Some(event_type), Some(version)) = (event_type, schema_version) {
-            let reads_it = ProjectionKind::from_name(status.projection)
-                .is_some_and(|kind| kind.handles(&event_type));
-            status.oldest_unapplied_needs_newer_release = reads_it
-                && events::current_schema_version(&event_type).is_none_or(|known| version > known);
+            status.oldest_unapplied_needs_newer_release =
+                ProjectionKind::from_name(status.projection)
+                    .is_some_and(|kind| kind.needs_newer_release(&event_type, version));
             status.oldest_unapplied_event = Some(format!("{event_type} v{version}"));
         }
         status.parked_streams = Some(parked);

@@ -120,10 +120,9 @@ async fn refuse_events_of_a_newer_release(
     .fetch_all(&mut *conn)
     .await
     .context("read the event types in the store")?;
-    let unreadable = kinds.iter().find(|(event_type, version, _)| {
-        projection.handles(event_type)
-            && events::current_schema_version(event_type).is_none_or(|known| *version > known)
-    });
+    let unreadable = kinds
+        .iter()
+        .find(|(event_type, version, _)| projection.needs_newer_release(event_type, *version));
     if let Some((event_type, version, position)) = unreadable {
         anyhow::bail!(
             "the event store holds events a newer release than this projector wrote \

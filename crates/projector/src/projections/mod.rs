@@ -152,6 +152,12 @@ impl ProjectionKind {
         }
     }
 
+    /// Whether events of `event_type` at `schema_version` are ones this projection reads but
+    /// this build cannot: a newer release wrote them ([`events::written_by_newer_release`]).
+    pub fn needs_newer_release(self, event_type: &str, schema_version: i32) -> bool {
+        self.handles(event_type) && events::written_by_newer_release(event_type, schema_version)
+    }
+
     /// See [`Projection::apply`].
     pub async fn apply(
         self,
