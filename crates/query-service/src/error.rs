@@ -13,7 +13,7 @@
 //! | 400 | `invalid_wait` | `wait_ms` not an integer in 0..=WAIT_MS_MAX |
 //! | 400 | `invalid_after_version` | `after_version` not an integer ≥ 0 |
 //! | 400 | `invalid_after_position` | `after_position` not an integer ≥ 0 |
-//! | 400 | `invalid_event_type` | `event_type` not a comma-separated list of known types |
+//! | 400 | `invalid_event_type` | `event_type` not a comma-separated list of at most 32 event types |
 //! | 400 | `invalid_last_event_id` | `Last-Event-ID` not an integer ≥ 0 |
 //! | 400 | `invalid_version` | `version` not an integer ≥ 1 |
 //! | 400 | `invalid_at` | `at` not an RFC 3339 timestamp |

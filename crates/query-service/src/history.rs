@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::consistency::CheckpointWatcher;
 use crate::error::ApiError;
-use crate::params::{HistoryPage, LogPage, StateAt};
+use crate::params::{HistoryPage, LogPage, StateAt, invalid_event_type};
 
 /// One recorded event as `GET /orders/{id}/events` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
@@ -173,6 +173,33 @@ impl History {
         Ok(())
     }
 
+    /// Refuses a filter naming a type that no release writes (a misspelling), so a follower
+    /// does not follow an empty log forever. A name this release does not know is looked up in
+    /// the store's registry of types (`event_types`, filled by each release's migrations): while
+    /// a newer release rolls out, its new types are real filters here too, and this instance
+    /// serves their events as stored.
+    pub async fn refuse_unknown_event_types(
+        &self,
+        types: Option<&[String]>,
+    ) -> Result<(), ApiError> {
+        let unknown_here: Vec<String> = types
+            .unwrap_or_default()
+            .iter()
+            .filter(|name| !events::codec::EVENT_TYPES.contains(&name.as_str()))
+            .cloned()
+            .collect();
+        if unknown_here.is_empty() {
+            return Ok(());
+        }
+        let unregistered = store::unregistered_event_types(&self.pool, &unknown_here).await?;
+        match unregistered.first() {
+            Some(name) => Err(invalid_event_type(&format!(
+                "no event type is named {name:?}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// `GET /events`: the committed events after a position. Positions are dense and become
     /// visible in order (the store's append lock, ARCHITECTURE.md invariant 1), so a reader that
     /// resumes after `read_to` never misses an event, however appends interleave.
@@ -182,6 +209,8 @@ impl History {
     /// of other types only move `read_to` and the wait goes on. An empty page after the wait is
     /// a normal answer: the follower asks again from `read_to`.
     pub async fn log(&self, page: LogPage) -> Result<LogEventPage, ApiError> {
+        self.refuse_unknown_event_types(page.event_types.as_deref())
+            .await?;
         let deadline = std::time::Instant::now() + page.wait;
         let mut after = page.after_position;
         loop {

@@ -157,6 +157,24 @@ pub async fn read_all_of_types(
     decode_rows(rows)
 }
 
+/// Of `names`, those that no release has registered as an event type it writes (the
+/// `event_types` table, filled by the migrations that ship each type): names this release does
+/// not know but a newer one does are not among them (in the order asked), so a filter naming them is a real filter
+/// during a rollout rather than a misspelling. One primary-key probe per name.
+pub async fn unregistered_event_types(
+    executor: impl PgExecutor<'_>,
+    names: &[String],
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT name FROM unnest($1::text[]) WITH ORDINALITY AS asked(name, n) \
+         WHERE NOT EXISTS (SELECT 1 FROM event_types WHERE event_type = asked.name) \
+         ORDER BY n",
+    )
+    .bind(names)
+    .fetch_all(executor)
+    .await
+}
+
 /// The highest committed position (0 for an empty store).
 pub async fn head_position(executor: impl PgExecutor<'_>) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT COALESCE(max(global_position), 0) FROM events")

@@ -700,3 +700,36 @@ async fn a_batch_waiting_for_a_connection_fails_at_once_when_the_database_is_kno
 fn is_refused_connection(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused)
 }
+
+#[tokio::test]
+async fn the_migrations_register_every_event_type_this_release_writes_and_nothing_else() {
+    let db = TestDatabase::new().await;
+    let mut registered: Vec<String> =
+        sqlx::query_scalar("SELECT event_type FROM event_types ORDER BY event_type")
+            .fetch_all(&db.pool)
+            .await
+            .expect("read the registry");
+    registered.sort();
+    let mut written: Vec<String> = events::codec::EVENT_TYPES
+        .iter()
+        .map(|t| (*t).to_owned())
+        .collect();
+    written.sort();
+    // A release that adds an event type must add it to `event_types` in a migration, or the
+    // release before it refuses filters naming the new type during the rollout.
+    assert_eq!(registered, written);
+}
+
+#[tokio::test]
+async fn only_names_no_release_registered_are_unregistered_event_types() {
+    let db = TestDatabase::new().await;
+    sqlx::query("INSERT INTO event_types (event_type) VALUES ('OrderRefunded')")
+        .execute(&db.pool)
+        .await
+        .expect("a newer release's migration registers its type");
+    let asked = ["OrderPaid", "OrderRefunded", "OrderPayed", "orderpaid"].map(String::from);
+    let unregistered = store::unregistered_event_types(&db.pool, &asked)
+        .await
+        .expect("look up");
+    assert_eq!(unregistered, ["OrderPayed", "orderpaid"]);
+}

@@ -29,11 +29,11 @@ pub const ORDER_VERSION_HEADER: &str = "x-order-version";
         ("after_position" = Option<i64>, Query, description = "Only events after this global position (default 0); pass the previous page's read_to", minimum = 0),
         ("limit" = Option<i64>, Query, description = "Page size, 1 to 1000 (default 100)", minimum = 1, maximum = 1000),
         ("wait_ms" = Option<u64>, Query, description = "When nothing (of the filter's types) follows after_position yet, wait up to this long for a commit (default 0; at most WAIT_MS_MAX)", minimum = 0),
-        ("event_type" = Option<String>, Query, description = "Only events of these types, comma-separated (OrderCreated, ItemAdded, ItemRemoved, OrderPlaced, OrderPaid, OrderShipped, OrderCancelled); one page reads at most EVENTS_SCAN_SPAN positions", example = "OrderPaid,OrderShipped"),
+        ("event_type" = Option<String>, Query, description = "Only events of these types, comma-separated, at most 32 (OrderCreated, ItemAdded, ItemRemoved, OrderPlaced, OrderPaid, OrderShipped, OrderCancelled, or a type a newer release registered); one page reads at most EVENTS_SCAN_SPAN positions", example = "OrderPaid,OrderShipped"),
     ),
     responses(
         (status = 200, description = "A page of events; empty past the head (after wait_ms, if given)", body = LogEventPage),
-        (status = 400, description = "`invalid_after_position`, `invalid_limit`, `invalid_wait`, `invalid_event_type`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`invalid_after_position`, `invalid_limit`, `invalid_wait`, `invalid_event_type` (a name no release writes)", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 409, description = "`position_beyond_head`: after_position (or Last-Event-ID) is past the end of the log, which the `head` member gives: nothing was committed there (a database restored from an earlier backup, or a made-up position)", body = platform::Problem, content_type = "application/problem+json"),
         (status = 503, description = "`store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
@@ -77,6 +77,9 @@ pub async fn get_event_stream(
     Query(raw): Query<RawLogStream>,
 ) -> Result<Response, ApiError> {
     let start = StreamStart::parse(&raw, &headers)?;
+    app.history
+        .refuse_unknown_event_types(start.event_types.as_deref())
+        .await?;
     app.history.refuse_beyond_head(start.after_position).await?;
     let stream = app.streams.follow(start).ok_or(ApiError::StreamsFull {
         limit: app.streams.limit(),

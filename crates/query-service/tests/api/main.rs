@@ -1150,6 +1150,60 @@ async fn a_filtered_log_shows_only_its_types_and_reads_a_bounded_span_per_page()
     assert_eq!(page["head"], head);
 }
 
+/// During a rollout a newer release writes a type this one does not know. Its migration
+/// registered the name, so a filter naming it is served here (the events as stored), while a
+/// name no release registered is still refused.
+#[tokio::test]
+async fn a_filter_naming_a_type_only_a_newer_release_writes_is_served_and_a_typo_is_not() {
+    let app = spawn_app().await;
+    let order = Uuid::new_v4();
+    let mut state = OrderState::default();
+    app.append_command(order, &mut state, create(order, Uuid::new_v4()))
+        .await;
+    sqlx::query("INSERT INTO event_types (event_type) VALUES ('OrderRefunded')")
+        .execute(app.pool())
+        .await
+        .expect("the newer release's migration registers its type");
+    let refunded = store::testing::append_as_another_release_wrote_it(
+        app.pool(),
+        order,
+        "OrderRefunded",
+        1,
+        serde_json::json!({ "amount": 500 }),
+    )
+    .await;
+
+    let (status, _, page) = app
+        .get_json("/events?event_type=OrderRefunded,OrderPaid")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let events = page["events"].as_array().expect("events");
+    assert_eq!(events.len(), 1, "{page}");
+    assert_eq!(events[0]["position"], refunded);
+    assert_eq!(events[0]["event_type"], "OrderRefunded");
+    assert_eq!(events[0]["data"], serde_json::json!({ "amount": 500 }));
+
+    let mut stream = SseReader::open(&app, "/events/stream?event_type=OrderRefunded", None)
+        .await
+        .expect("the stream opens");
+    let frame = stream.next_event().await;
+    assert_eq!(frame.id, Some(refunded.to_string()));
+    assert_eq!(frame.event.as_deref(), Some("OrderRefunded"));
+
+    for path in [
+        "/events?event_type=OrderRefunded,OrderRefundd",
+        "/events/stream?event_type=OrderRefundd",
+    ] {
+        let (status, _, problem) = app.get_json(path).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {problem}");
+        assert_eq!(problem["code"], "invalid_event_type", "{path}");
+        assert!(
+            problem["detail"].as_str().unwrap().contains("OrderRefundd"),
+            "{problem}"
+        );
+    }
+}
+
 /// A filtered follower at the head is not answered by commits of other types: it reads them,
 /// waits again, and is answered by the first commit that matches.
 #[tokio::test]
@@ -1857,6 +1911,22 @@ async fn each_bad_input_gets_its_status_and_a_problem_with_its_code() {
             "invalid_event_type",
         ),
         ("/events?event_type=".into(), 400, "invalid_event_type"),
+        (
+            "/events?event_type=Order%20Paid".into(),
+            400,
+            "invalid_event_type",
+        ),
+        (
+            format!(
+                "/events?event_type={}",
+                (0..33)
+                    .map(|n| format!("T{n}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            400,
+            "invalid_event_type",
+        ),
         (
             "/events?event_type=OrderPaid,,OrderShipped".into(),
             400,
