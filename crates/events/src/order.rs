@@ -229,6 +229,7 @@ pub enum Rule {
     AlreadyCancelled,
     TextRequired,
     TextTooLong,
+    TextControlCharacter,
 }
 
 impl Rule {
@@ -253,6 +254,7 @@ impl Rule {
             Rule::AlreadyCancelled => "already_cancelled",
             Rule::TextRequired => "text_required",
             Rule::TextTooLong => "text_too_long",
+            Rule::TextControlCharacter => "text_control_character",
         }
     }
 }
@@ -284,6 +286,21 @@ fn required_text(field: &str, value: &str) -> Result<String, DomainError> {
         return reject(
             Rule::TextTooLong,
             format!("`{field}` is longer than {MAX_TEXT_LEN} bytes"),
+        );
+    }
+    // Line breaks and tabs are text; other control characters are not, and NUL (U+0000) cannot
+    // be stored at all: PostgreSQL's jsonb refuses it, which would fail the whole group commit
+    // the event shares with other commands.
+    if let Some(c) = trimmed
+        .chars()
+        .find(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    {
+        return reject(
+            Rule::TextControlCharacter,
+            format!(
+                "`{field}` contains the control character U+{:04X}",
+                u32::from(c)
+            ),
         );
     }
     Ok(trimmed.to_owned())

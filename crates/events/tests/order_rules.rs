@@ -387,6 +387,28 @@ fn a_payment_needs_a_reference() {
 }
 
 #[test]
+fn free_text_may_hold_line_breaks_but_no_other_control_character() {
+    let history = [created(), added("A", 2, 10), placed(20)];
+    for reference in ["ref\u{0}1", "ref\u{1b}[31m", "ref\u{7f}", "ref\u{85}x"] {
+        then_rule(
+            &history,
+            OrderCommand::PayOrder {
+                amount: 20,
+                payment_reference: reference.into(),
+            },
+            Rule::TextControlCharacter,
+        );
+    }
+    let events = then_events(
+        &[created(), added("A", 1, 5), placed(5), paid(5)],
+        OrderCommand::CancelOrder {
+            reason: "damaged\r\n\tbox".into(),
+        },
+    );
+    assert_eq!(events.len(), 1);
+}
+
+#[test]
 fn shipping_a_paid_order_records_carrier_and_tracking() {
     assert_eq!(
         then_events(&[created(), added("A", 1, 5), placed(5), paid(5)], ship()),

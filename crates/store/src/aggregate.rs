@@ -19,6 +19,10 @@ pub struct LoadedOrder {
     pub snapshot_version: Option<i64>,
     /// Events folded after the snapshot.
     pub events_replayed: usize,
+    /// The id of the event at `state.version` (`None` for an order with no events): what an
+    /// append decided on this state names as the stream's last event
+    /// ([`crate::ExpectedVersion::Head`]).
+    pub last_event_id: Option<Uuid>,
 }
 
 /// Why an order could not be loaded.
@@ -59,6 +63,7 @@ pub async fn load_order(pool: &PgPool, order_id: Uuid) -> Result<LoadedOrder, Lo
     let snapshot_version =
         snapshot_version.filter(|version| *version == state.version && *version > 0);
     let mut events_replayed = 0;
+    let mut last_event_id = None;
     loop {
         let page = read_stream(pool, &stream_id, state.version, LOAD_PAGE).await?;
         let page_len = page.len();
@@ -80,15 +85,34 @@ pub async fn load_order(pool: &PgPool, order_id: Uuid) -> Result<LoadedOrder, Lo
                 }
             })?;
             state = evolve(state, &decoded);
+            last_event_id = Some(event.event_id);
         }
         events_replayed += page_len;
         if (page_len as i64) < LOAD_PAGE {
             break;
         }
     }
+    // A snapshot at the stream's head leaves nothing replayed to name its last event.
+    if last_event_id.is_none() && state.version > 0 {
+        last_event_id = event_id_of_version(pool, &stream_id, state.version).await?;
+    }
     Ok(LoadedOrder {
         state,
         snapshot_version,
         events_replayed,
+        last_event_id,
     })
+}
+
+/// The id of the event at `version` of `stream_id`, if the stream has one there.
+async fn event_id_of_version(
+    pool: &PgPool,
+    stream_id: &str,
+    version: i64,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT event_id FROM events WHERE stream_id = $1 AND stream_version = $2")
+        .bind(stream_id)
+        .bind(version)
+        .fetch_optional(pool)
+        .await
 }

@@ -1,8 +1,10 @@
 //! One append transaction for a batch of append requests.
 //!
-//! Each request targets one stream with an expected version. The transaction takes the global
-//! append lock, then checks, in memory and in request order, every request against the streams'
-//! current versions (so several requests for the same stream in one batch chain correctly), and
+//! Each request targets one stream with an expected version (and, chained on an append still in
+//! flight, the id of that append's last event: [`ExpectedVersion::Head`]). The transaction takes
+//! the global append lock, then checks, in memory and in request order, every request against
+//! the streams' current heads (so several requests for the same stream in one batch chain
+//! correctly), and
 //! inserts the accepted events with one multi-row `INSERT`. A rejected request does not fail the
 //! others. The unique `(stream_id, stream_version)` constraint stays as the database's backstop.
 
@@ -23,6 +25,45 @@ pub enum ExpectedVersion {
     Any,
     /// The stream must be at exactly this version (0: it must not exist yet).
     Exact(i64),
+    /// The stream must be at exactly `version`, and its last event must be `last_event_id`.
+    ///
+    /// A version number counts events; it does not say which. An appender that decided on a
+    /// state including an append of its own still in flight, chained on the version that append
+    /// will produce, would otherwise land on whatever brings the stream to that number should
+    /// its own fail (another writer's event, or an append decided on a fresher load), on a
+    /// state it never saw. Naming the last event makes the check identify the state itself.
+    Head { version: i64, last_event_id: Uuid },
+}
+
+impl ExpectedVersion {
+    /// The version the stream must be at, when one is expected.
+    pub fn version(self) -> Option<i64> {
+        match self {
+            ExpectedVersion::Any => None,
+            ExpectedVersion::Exact(version) | ExpectedVersion::Head { version, .. } => {
+                Some(version)
+            }
+        }
+    }
+
+    /// Whether a stream whose head is `head` meets this expectation.
+    fn is_met_by(self, head: StreamHead) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::Exact(version) => version == head.version,
+            ExpectedVersion::Head {
+                version,
+                last_event_id,
+            } => version == head.version && head.last_event_id == Some(last_event_id),
+        }
+    }
+}
+
+/// A stream's current version and the id of its last event (none for an empty stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct StreamHead {
+    version: i64,
+    last_event_id: Option<Uuid>,
 }
 
 /// A stored response for an `Idempotency-Key`, written atomically with the events. The store
@@ -307,21 +348,19 @@ impl<'a> Plan<'a> {
         }
         let current = self
             .state
-            .versions
+            .heads
             .get(&request.stream_id)
             .copied()
-            .unwrap_or(0);
-        if let ExpectedVersion::Exact(expected) = request.expected
-            && expected != current
-        {
+            .unwrap_or_default();
+        if !request.expected.is_met_by(current) {
             return Err(AppendError::Conflict {
                 stream_id: request.stream_id.clone(),
-                expected,
-                actual: current,
+                expected: request.expected.version().unwrap_or(current.version),
+                actual: current.version,
             });
         }
         let first_position = self.state.head + 1;
-        let mut version = current;
+        let mut version = current.version;
         for event in &request.events {
             version += 1;
             self.state.head += 1;
@@ -333,9 +372,17 @@ impl<'a> Plan<'a> {
                 event,
             );
         }
-        self.state
-            .versions
-            .insert(request.stream_id.clone(), version);
+        self.state.heads.insert(
+            request.stream_id.clone(),
+            StreamHead {
+                version,
+                last_event_id: request
+                    .events
+                    .last()
+                    .map(|event| event.event_id)
+                    .or(current.last_event_id),
+            },
+        );
         Ok(AppendOutcome {
             stream_version: version,
             first_position,
@@ -366,8 +413,8 @@ struct BatchState {
     stored_ids: HashMap<Uuid, (String, i64, i64)>,
     /// Idempotency keys of the batch that are already taken.
     taken_keys: Vec<String>,
-    /// Current version of each target stream (absent: 0).
-    versions: HashMap<String, i64>,
+    /// Current head of each target stream (absent: empty).
+    heads: HashMap<String, StreamHead>,
     /// The highest position in the log (advanced as the plan accepts events).
     head: i64,
 }
@@ -380,10 +427,11 @@ pub(crate) const BATCH_STATE_SQL: &str = "SELECT 'head' AS kind, NULL::text AS n
         (SELECT COALESCE(max(global_position), 0) FROM events) AS number, \
         NULL::bigint AS version, NULL::uuid AS event_id \
  UNION ALL \
- SELECT 'stream', s.stream_id, \
-        COALESCE((SELECT e.stream_version FROM events e WHERE e.stream_id = s.stream_id \
-                  ORDER BY e.stream_version DESC LIMIT 1), 0), NULL, NULL \
+ SELECT 'stream', s.stream_id, COALESCE(last.stream_version, 0), NULL, last.event_id \
  FROM unnest($1::text[]) AS s(stream_id) \
+ LEFT JOIN LATERAL (SELECT e.stream_version, e.event_id FROM events e \
+                    WHERE e.stream_id = s.stream_id \
+                    ORDER BY e.stream_version DESC LIMIT 1) AS last ON true \
  UNION ALL \
  SELECT 'event', e.stream_id, e.global_position, e.stream_version, e.event_id \
  FROM events e WHERE e.event_id = ANY($2) \
@@ -421,7 +469,7 @@ async fn batch_state(
     let mut state = BatchState {
         stored_ids: HashMap::new(),
         taken_keys: Vec::new(),
-        versions: HashMap::new(),
+        heads: HashMap::new(),
         head: 0,
     };
     for row in &rows {
@@ -431,7 +479,11 @@ async fn batch_state(
         match (kind, name) {
             ("head", _) => state.head = number.unwrap_or(0),
             ("stream", Some(stream)) => {
-                state.versions.insert(stream, number.unwrap_or(0));
+                let head = StreamHead {
+                    version: number.unwrap_or(0),
+                    last_event_id: row.try_get("event_id")?,
+                };
+                state.heads.insert(stream, head);
             }
             ("event", Some(stream)) => {
                 let event_id: Uuid = row.try_get("event_id")?;

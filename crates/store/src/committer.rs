@@ -6,8 +6,10 @@
 //! many commands, and with no load a request waits for nothing but its own transaction.
 //!
 //! Requests are appended in the order they were submitted, so a caller may submit a second
-//! append to a stream, chained on the version the first one will produce, before the first has
-//! committed: if the first fails, the second fails its version check and nothing is out of order.
+//! append to a stream, chained on the head the first one will produce (its version and last
+//! event id, [`crate::ExpectedVersion::Head`]), before the first has committed: if the first
+//! fails, the second fails its check, even when another writer brought the stream to the same
+//! version meanwhile, and nothing lands on a state its caller never saw.
 
 use crate::append::{AppendError, AppendOutcome, AppendRequest, append_batch_unless_unreachable};
 use sqlx::PgPool;
@@ -43,6 +45,10 @@ impl Default for CommitterConfig {
 
 type Reply = oneshot::Sender<Result<AppendOutcome, AppendError>>;
 
+/// Gauge of the appends submitted and not yet taken into a group commit: the committer's
+/// backlog.
+const QUEUE_GAUGE: &str = "event_store_append_queue";
+
 /// Handle to the group-commit task; cheap to clone. The task stops when every handle is dropped
 /// after answering what is queued.
 #[derive(Clone, Debug)]
@@ -76,10 +82,14 @@ impl GroupCommitter {
         Self { queue }
     }
 
-    /// Queues an append; the order of `submit` calls is the order of appending.
+    /// Queues an append; the order of `submit` calls is the order of appending. When this
+    /// returns the append is queued (`event_store_append_queue` counts it until a group commit
+    /// takes it).
     pub async fn submit(&self, request: AppendRequest) -> PendingAppend {
         let (reply, answer) = oneshot::channel();
+        metrics::gauge!(QUEUE_GAUGE).increment(1.0);
         if let Err(mpsc::error::SendError((_, reply))) = self.queue.send((request, reply)).await {
+            metrics::gauge!(QUEUE_GAUGE).decrement(1.0);
             let _ = reply.send(Err(AppendError::CommitterStopped));
         }
         answer
@@ -103,6 +113,7 @@ async fn run(
     let max_batch = config.max_batch_requests.max(1);
     let mut batch = Vec::with_capacity(max_batch);
     while receiver.recv_many(&mut batch, max_batch).await > 0 {
+        metrics::gauge!(QUEUE_GAUGE).decrement(batch.len() as f64);
         let (requests, replies): (Vec<AppendRequest>, Vec<Reply>) = batch.drain(..).unzip();
         let started = Instant::now();
         let known_unreachable = async {
@@ -126,13 +137,30 @@ async fn run(
         match result {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                    let label = match &outcome {
-                        Ok(_) => "ok",
-                        Err(AppendError::Conflict { .. }) => "conflict",
-                        Err(_) => "rejected",
+                    answer(reply, outcome);
+                }
+            }
+            Err(err) if requests.len() > 1 && is_refused_data(&err) => {
+                // One request's data was refused (a value PostgreSQL cannot store, a constraint)
+                // and took the whole transaction down: append the requests one by one, in
+                // order, so only that one fails (a request chained on it fails its check).
+                tracing::warn!(error = %err, requests = requests.len(),
+                    "append transaction refused a request's data; appending the batch one by one");
+                for (request, reply) in requests.iter().zip(replies) {
+                    let alone = append_batch_unless_unreachable(
+                        &pool,
+                        std::slice::from_ref(request),
+                        config.transaction_timeout,
+                        std::future::pending(),
+                    )
+                    .await;
+                    let outcome = match alone {
+                        Ok(mut outcomes) => {
+                            outcomes.pop().unwrap_or(Err(AppendError::CommitterStopped))
+                        }
+                        Err(err) => Err(AppendError::Database(std::sync::Arc::new(err))),
                     };
-                    metrics::counter!("event_store_appends_total", "outcome" => label).increment(1);
-                    let _ = reply.send(outcome);
+                    answer(reply, outcome);
                 }
             }
             Err(err) => {
@@ -146,4 +174,25 @@ async fn run(
             }
         }
     }
+}
+
+/// Sends one request's outcome, counting it.
+fn answer(reply: Reply, outcome: Result<AppendOutcome, AppendError>) {
+    let label = match &outcome {
+        Ok(_) => "ok",
+        Err(AppendError::Conflict { .. }) => "conflict",
+        Err(AppendError::Database(_)) => "error",
+        Err(_) => "rejected",
+    };
+    metrics::counter!("event_store_appends_total", "outcome" => label).increment(1);
+    let _ = reply.send(outcome);
+}
+
+/// Whether the server refused the data of the statement (SQLSTATE classes 22, data exception,
+/// and 23, integrity constraint violation), rather than failing to run it: the one failure a
+/// single request can cause for everyone in its batch.
+fn is_refused_data(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code.starts_with("22") || code.starts_with("23"))
 }

@@ -264,6 +264,116 @@ async fn an_append_chained_on_a_failed_one_fails_instead_of_landing_out_of_order
     );
 }
 
+/// A version counts events; it does not say which. The first append is decided on version 1
+/// and loses to another writer's event, which also takes the stream to 2; the second, chained
+/// on the first, names the first's event as the stream's last and is refused, instead of
+/// landing on a state it was never decided on.
+#[tokio::test]
+async fn an_append_chained_on_a_failed_one_is_refused_when_another_brought_the_stream_to_its_version()
+ {
+    let db = TestDatabase::new().await;
+    let seed = request("order-h", ExpectedVersion::Exact(0), 1);
+    let seed_id = seed.events[0].event_id;
+    append_one(&db, seed).await.expect("seed");
+    let head_after_seed = ExpectedVersion::Head {
+        version: 1,
+        last_event_id: seed_id,
+    };
+    let other_writer = request("order-h", ExpectedVersion::Exact(1), 1);
+    let first = request("order-h", head_after_seed, 1);
+    let chained = request(
+        "order-h",
+        ExpectedVersion::Head {
+            version: 2,
+            last_event_id: first.events[0].event_id,
+        },
+        1,
+    );
+    let results = store::append_batch(&db.pool, &[other_writer.clone(), first, chained])
+        .await
+        .expect("transaction commits");
+    assert!(results[0].is_ok(), "{results:?}");
+    for refused in &results[1..] {
+        assert!(
+            matches!(refused, Err(AppendError::Conflict { .. })),
+            "{results:?}"
+        );
+    }
+    // Across batches too, and naming the stream's real last event is accepted.
+    let chained_later = request(
+        "order-h",
+        ExpectedVersion::Head {
+            version: 2,
+            last_event_id: Uuid::new_v4(),
+        },
+        1,
+    );
+    assert!(matches!(
+        append_one(&db, chained_later).await,
+        Err(AppendError::Conflict {
+            expected: 2,
+            actual: 2,
+            ..
+        })
+    ));
+    let on_the_real_head = request(
+        "order-h",
+        ExpectedVersion::Head {
+            version: 2,
+            last_event_id: other_writer.events[0].event_id,
+        },
+        1,
+    );
+    let outcome = append_one(&db, on_the_real_head).await.expect("accepted");
+    assert_eq!(outcome.stream_version, 3);
+}
+
+/// PostgreSQL's jsonb cannot hold U+0000. A request carrying it fails its group commit; the
+/// committer then appends the batch's requests one by one, so only that request fails.
+#[tokio::test]
+async fn a_request_whose_data_the_server_refuses_fails_alone_not_its_whole_group_commit() {
+    let db = TestDatabase::new().await;
+    let committer = GroupCommitter::spawn(db.pool.clone(), CommitterConfig::default());
+    // Held, the append lock keeps the first batch waiting while the others queue behind it,
+    // so the refused request shares a group commit with at least one other.
+    let mut holder = db.pool.begin().await.expect("begin");
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(store::append::APPEND_LOCK_KEY)
+        .execute(&mut *holder)
+        .await
+        .expect("take the append lock");
+    let mut refused = request("order-nul", ExpectedVersion::Exact(0), 1);
+    refused.events[0].data = serde_json::json!({ "reason": "x\u{0}y" });
+    let mut pending = Vec::new();
+    for request in [
+        request("order-before", ExpectedVersion::Exact(0), 1),
+        refused,
+        request("order-after", ExpectedVersion::Exact(0), 2),
+    ] {
+        pending.push(committer.submit(request).await);
+    }
+    holder.rollback().await.expect("release the append lock");
+    let mut outcomes = Vec::new();
+    for answer in pending {
+        outcomes.push(answer.await.expect("answered"));
+    }
+    assert!(outcomes[0].is_ok(), "{outcomes:?}");
+    assert!(
+        matches!(&outcomes[1], Err(AppendError::Database(_))),
+        "{outcomes:?}"
+    );
+    assert!(outcomes[2].is_ok(), "{outcomes:?}");
+    for (stream, version) in [("order-before", 1), ("order-nul", 0), ("order-after", 2)] {
+        assert_eq!(
+            store::stream_version(&db.pool, stream)
+                .await
+                .expect("version"),
+            version,
+            "{stream}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn appending_the_same_event_ids_again_is_answered_as_a_duplicate() {
     let db = TestDatabase::new().await;

@@ -16,6 +16,23 @@ use uuid::Uuid;
 #[derive(Debug, Clone)]
 pub struct CachedOrder {
     pub state: OrderState,
+    /// The id of the event at `state.version` (`None` for an order with no events): the next
+    /// append expects the stream to end with it, so it never lands on another state of the same
+    /// version (`store::ExpectedVersion::Head`).
+    pub last_event_id: Option<Uuid>,
+}
+
+impl CachedOrder {
+    /// What an append decided on this state expects of the stream.
+    pub fn expected(&self) -> store::ExpectedVersion {
+        match self.last_event_id {
+            Some(last_event_id) if self.state.version > 0 => store::ExpectedVersion::Head {
+                version: self.state.version,
+                last_event_id,
+            },
+            _ => store::ExpectedVersion::Exact(self.state.version),
+        }
+    }
 }
 
 /// One order's slot: `None` means "load from the store".

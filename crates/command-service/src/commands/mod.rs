@@ -7,7 +7,9 @@
 //! releases the lock and only afterwards awaits the commit. So consecutive commands on a hot
 //! order are decided back to back and share one group commit, and none of them loses a race to
 //! another writer of this instance. When an append fails the cached state is cleared; a command
-//! already chained on the failed one fails its version check in the store and is retried.
+//! already chained on the failed one fails its check in the store and is retried: it expects
+//! the stream to end with the failed append's last event (`store::ExpectedVersion::Head`), so
+//! it cannot land on another state that happens to have the same version.
 //!
 //! # Staleness
 //! A cached state may lag another instance's writes, or run ahead of commits still pending. An
@@ -37,7 +39,7 @@ use events::{
 use platform::db_gate::DbGate;
 use sqlx::PgPool;
 use store::idempotency::StoredResponse;
-use store::{AppendError, AppendRequest, ExpectedVersion, GroupCommitter, IdempotencyRecord};
+use store::{AppendError, AppendRequest, GroupCommitter, IdempotencyRecord};
 use uuid::Uuid;
 
 use cache::{CachedOrder, OrderSlots};
@@ -252,13 +254,15 @@ impl CommandHandler {
                     };
                 }
                 Err(AttemptError::Conflict { actual }) => match context.if_match {
-                    Some(expected) => {
+                    // At the client's version but not on the state this instance decided on
+                    // (its chained append failed): decided again on the stored state.
+                    Some(expected) if actual != Some(expected) => {
                         return Err(CommandError::VersionMismatch {
                             expected,
                             actual: actual.unwrap_or(expected),
                         });
                     }
-                    None => CommandError::ConcurrencyConflict {
+                    _ => CommandError::ConcurrencyConflict {
                         attempts: retries + 1,
                     },
                 },
@@ -297,13 +301,17 @@ impl CommandHandler {
             let assumed_new =
                 cached.is_none() && !reload && matches!(command, OrderCommand::CreateOrder { .. });
             let from_cache = cached.is_some() || assumed_new;
-            let state = match cached.take() {
-                Some(order) => order.state,
-                None if assumed_new => OrderState::default(),
+            let order = match cached.take() {
+                Some(order) => order,
+                None if assumed_new => CachedOrder {
+                    state: OrderState::default(),
+                    last_event_id: None,
+                },
                 None => self.load(order_id).await.map_err(AttemptError::Failed)?,
             };
             // Put the state back at once: every early return below leaves the cache as it was.
-            let state = &cached.insert(CachedOrder { state }).state;
+            let order = &*cached.insert(order);
+            let state = &order.state;
 
             let decided = match context.if_match {
                 Some(expected) if expected != state.version => Err(CommandError::VersionMismatch {
@@ -329,13 +337,18 @@ impl CommandHandler {
 
             let before = state.version;
             let after = events.iter().fold(state.clone(), evolve);
+            let new_events: Vec<_> = events
+                .iter()
+                .map(|event| event.to_new_event(context.metadata.clone()))
+                .collect();
+            let after_last_event_id = new_events
+                .last()
+                .map(|event| event.event_id)
+                .or(order.last_event_id);
             let request = AppendRequest {
                 stream_id: stream_id.clone(),
-                expected: ExpectedVersion::Exact(before),
-                events: events
-                    .iter()
-                    .map(|event| event.to_new_event(context.metadata.clone()))
-                    .collect(),
+                expected: order.expected(),
+                events: new_events,
                 idempotency: context
                     .idempotency
                     .as_ref()
@@ -349,6 +362,7 @@ impl CommandHandler {
             let pending = self.inner.committer.submit(request).await;
             *cached = Some(CachedOrder {
                 state: after.clone(),
+                last_event_id: after_last_event_id,
             });
             (pending, before, after, assumed_new)
         };
@@ -398,7 +412,7 @@ impl CommandHandler {
         })
     }
 
-    async fn load(&self, order_id: Uuid) -> Result<OrderState, CommandError> {
+    async fn load(&self, order_id: Uuid) -> Result<CachedOrder, CommandError> {
         let loaded = self
             .inner
             .gate
@@ -406,7 +420,10 @@ impl CommandHandler {
             .await
             .ok_or_else(cut_short)?;
         match loaded {
-            Ok(loaded) => Ok(loaded.state),
+            Ok(loaded) => Ok(CachedOrder {
+                state: loaded.state,
+                last_event_id: loaded.last_event_id,
+            }),
             Err(err @ store::LoadError::NewerRelease { .. }) => {
                 tracing::warn!(error = %err, %order_id,
                     "cannot load order: this instance is older than the release that wrote it");

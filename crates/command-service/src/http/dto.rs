@@ -45,35 +45,53 @@ pub struct AddItemRequest {
     pub unit_price: i64,
 }
 
+/// What the free-text fields accept, as a JSON Schema pattern: at least one character that is
+/// neither blank nor a control character, and no control character but tab, line feed and
+/// carriage return (`events::Rule::TextControlCharacter` otherwise). The schema attributes
+/// below repeat it (they take only literals); a test holds them to this constant.
+pub const FREE_TEXT_PATTERN: &str = r"^[^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*[^\s\x00-\x1F\x7F-\x9F][^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*$";
+
 /// `POST /orders/{id}/pay`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct PayOrderRequest {
     /// Must equal the order total, in minor units.
     #[schema(example = 2500, minimum = 0, maximum = 9_007_199_254_740_991_i64)]
     pub amount: i64,
-    /// Free text: not blank, at most 500 bytes once trimmed.
-    #[schema(example = "psp-8f2c", pattern = r"\S", max_length = 500)]
+    /// Free text: not blank, at most 500 bytes once trimmed, no control characters but line breaks and tabs.
+    #[schema(
+        example = "psp-8f2c",
+        pattern = r"^[^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*[^\s\x00-\x1F\x7F-\x9F][^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*$",
+        max_length = 500
+    )]
     pub payment_reference: String,
 }
 
 /// `POST /orders/{id}/ship`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ShipOrderRequest {
-    /// Free text: not blank, at most 500 bytes once trimmed.
-    #[schema(example = "DHL", pattern = r"\S", max_length = 500)]
+    /// Free text: not blank, at most 500 bytes once trimmed, no control characters but line breaks and tabs.
+    #[schema(
+        example = "DHL",
+        pattern = r"^[^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*[^\s\x00-\x1F\x7F-\x9F][^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*$",
+        max_length = 500
+    )]
     pub carrier: String,
-    /// Free text: not blank, at most 500 bytes once trimmed.
-    #[schema(example = "JJD000390007", pattern = r"\S", max_length = 500)]
+    /// Free text: not blank, at most 500 bytes once trimmed, no control characters but line breaks and tabs.
+    #[schema(
+        example = "JJD000390007",
+        pattern = r"^[^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*[^\s\x00-\x1F\x7F-\x9F][^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*$",
+        max_length = 500
+    )]
     pub tracking_number: String,
 }
 
 /// `POST /orders/{id}/cancel`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CancelOrderRequest {
-    /// Free text: not blank, at most 500 bytes once trimmed.
+    /// Free text: not blank, at most 500 bytes once trimmed, no control characters but line breaks and tabs.
     #[schema(
         example = "customer changed their mind",
-        pattern = r"\S",
+        pattern = r"^[^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*[^\s\x00-\x1F\x7F-\x9F][^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*$",
         max_length = 500
     )]
     pub reason: String,

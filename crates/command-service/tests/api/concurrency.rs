@@ -2,9 +2,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use serde_json::Value;
+use std::sync::Arc;
 
-use crate::helpers::spawn_app;
+use serde_json::{Value, json};
+
+use crate::helpers::{assert_problem, spawn_app, spawn_app_on, wait_until};
 
 #[tokio::test]
 async fn many_writers_on_one_hot_order_all_succeed_with_contiguous_versions() {
@@ -38,4 +40,74 @@ async fn many_writers_on_one_hot_order_all_succeed_with_contiguous_versions() {
         .map(|(version, _, _)| version)
         .collect();
     assert_eq!(stored, (1..=201).collect::<Vec<i64>>());
+}
+
+/// This instance decides two commands back to back on its cached draft, the second chained on
+/// the first, while another instance has placed the order. The first loses to the placement,
+/// which also took the order to the version the second expects; the second must not land on
+/// the placed order: it names the first's event as the order's last, is refused, and is
+/// decided again on the stored state. Both are answered 422, and no item enters a placed order.
+#[tokio::test]
+async fn a_command_chained_on_one_another_instance_beat_never_lands_on_the_other_state() {
+    let app = spawn_app().await;
+    let other = spawn_app_on(Arc::clone(&app.db), &[]).await;
+    let order_id = app.create_order().await;
+    assert_eq!(app.add_item(order_id, "A", 1, 10).await.status(), 200);
+    let placed = other
+        .post(&format!("/orders/{order_id}/place"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(placed.status(), 200);
+
+    // Held, the append lock keeps this instance's first append waiting in its group commit.
+    let mut holder = app.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(store::append::APPEND_LOCK_KEY)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let first = tokio::spawn(
+        app.post(&format!("/orders/{order_id}/items"))
+            .json(&json!({ "sku": "B", "quantity": 1, "unit_price": 10 }))
+            .send(),
+    );
+    wait_until("the first append waits for the append lock", || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+        )
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+    })
+    .await;
+    let second = tokio::spawn(
+        app.post(&format!("/orders/{order_id}/items"))
+            .json(&json!({ "sku": "C", "quantity": 1, "unit_price": 10 }))
+            .send(),
+    );
+    wait_until("the chained append is queued", || async {
+        app.metrics()
+            .await
+            .lines()
+            .any(|line| line.starts_with("event_store_append_queue{") && line.ends_with("} 1"))
+    })
+    .await;
+    holder.rollback().await.unwrap();
+
+    for response in [
+        first.await.unwrap().unwrap(),
+        second.await.unwrap().unwrap(),
+    ] {
+        let problem = assert_problem(response, 422, "rule_violated").await;
+        assert_eq!(problem["rule"], "items_only_in_draft", "{problem}");
+    }
+    let types: Vec<Value> = app
+        .events_of(order_id)
+        .await
+        .into_iter()
+        .map(|(_, event_type, _)| Value::from(event_type))
+        .collect();
+    assert_eq!(types, ["OrderCreated", "ItemAdded", "OrderPlaced"]);
 }

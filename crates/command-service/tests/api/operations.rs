@@ -122,6 +122,11 @@ async fn every_bound_the_openapi_document_declares_is_the_one_the_service_enforc
             MAX_TEXT_LEN,
             "{body}.{field}"
         );
+        assert_eq!(
+            property(&doc, body, field)["pattern"],
+            command_service::http::dto::FREE_TEXT_PATTERN,
+            "{body}.{field}"
+        );
     }
     let codes: Vec<&str> = property(&doc, "CreateOrderRequest", "currency")["enum"]
         .as_array()
@@ -207,6 +212,11 @@ async fn every_bound_the_openapi_document_declares_is_the_one_the_service_enforc
     };
     let too_long = cancel("r".repeat(MAX_TEXT_LEN + 1)).await.unwrap();
     assert_problem(too_long, 422, "rule_violated").await;
+    // NUL cannot be stored at all; the pattern refuses every control character but line
+    // breaks and tabs, and so does the service.
+    let with_nul =
+        assert_problem(cancel("r\u{0}".into()).await.unwrap(), 422, "rule_violated").await;
+    assert_eq!(with_nul["rule"], "text_control_character");
     assert_eq!(
         cancel("r".repeat(MAX_TEXT_LEN)).await.unwrap().status(),
         200
