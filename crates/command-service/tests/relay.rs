@@ -1225,3 +1225,104 @@ async fn a_stored_checkpoint_beyond_the_head_is_forgotten_and_nothing_committed_
     ctx.close().await;
     delete_key(&conn, &keys.stream).await;
 }
+
+/// The value of the gauge `name` on a Prometheus text page (its one series), if exported.
+fn gauge(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+/// The leader's gauges as this process exports them: lag in events, lag in seconds, leader.
+fn relay_gauges(metrics: &metrics_exporter_prometheus::PrometheusHandle) -> [Option<f64>; 3] {
+    let page = metrics.render();
+    ["relay_lag_events", "relay_lag_seconds", "relay_is_leader"].map(|name| gauge(&page, name))
+}
+
+/// A leader behind (Redis is down) loses its lock to another session and stands by. The lag it
+/// last saw is no longer its to report: alerts take the maximum over all instances, so a
+/// standby still exporting it would keep RelayLagHigh firing after the new leader caught up.
+#[tokio::test]
+async fn an_instance_that_stops_leading_exports_no_lag_of_its_last_leadership() {
+    let metrics = platform::metrics::install("command-service");
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let mut server = PrivateRedis::start().await.expect("private redis starts");
+    let relay = RunningRelay::start(&db, &server.url(), &keys.stream);
+    append(&db, 2).await;
+    wait_for_entries(&redis(&server.url()).await, &keys.stream, 2).await;
+    server.stop();
+    append(&db, 3).await;
+    wait_until(
+        DEADLINE,
+        "the leader reports the backlog it cannot publish",
+        || async {
+            match relay_gauges(&metrics) {
+                [Some(events), Some(seconds), Some(leader)] => {
+                    (events == 3.0 && seconds > 0.0 && leader == 1.0).then_some(())
+                }
+                _ => None,
+            }
+        },
+    )
+    .await;
+
+    // Another session queues for the relay lock, then the leader's session is cut: the queued
+    // session gets the lock, and the relay stands by behind it.
+    let lock_key = relay::relay_lock_key(&keys.stream);
+    let mut holder = {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(&db.url).await.expect("connect")
+    };
+    let queued = tokio::spawn(async move {
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(lock_key)
+            .execute(&mut holder)
+            .await
+            .expect("take the relay lock");
+        holder
+    });
+    wait_until(
+        DEADLINE,
+        "another session waits for the relay lock",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+               AND ((classid::bigint << 32) | objid::bigint) = $1",
+            )
+            .bind(lock_key)
+            .fetch_one(&db.pool)
+            .await
+            .expect("read pg_locks");
+            (waiting == 1).then_some(())
+        },
+    )
+    .await;
+    let _: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks \
+         WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+           AND ((classid::bigint << 32) | objid::bigint) = $1",
+    )
+    .bind(lock_key)
+    .fetch_all(&db.pool)
+    .await
+    .expect("terminate the leader's session");
+    let holder = queued.await.expect("the queued session gets the lock");
+
+    wait_until(DEADLINE, "the former leader exports no lag", || async {
+        (!relay.status.is_leader() && relay_gauges(&metrics) == [Some(0.0), Some(0.0), Some(0.0)])
+            .then_some(())
+    })
+    .await;
+
+    relay.stop().await;
+    {
+        use sqlx::Connection;
+        holder.close().await.expect("release the relay lock");
+    }
+}

@@ -300,7 +300,7 @@ impl Relay {
                     telemetry::set_leader(true);
                     let result = self.lead(conn).await;
                     self.status.set_leader(false);
-                    telemetry::set_leader(false);
+                    telemetry::leadership_ended();
                     match result {
                         Ok(()) => {
                             tracing::info!(stream = %self.stream_key, "relay leadership released at shutdown");
