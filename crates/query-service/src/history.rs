@@ -1,11 +1,15 @@
 //! Audit history and time travel, read straight from the event store (never from a read model):
 //! a page of one order's events by version, a page of the whole log by position, and the
-//! order's summary folded with the shared `events::fold_summary` as of a version or an instant.
+//! order's summary folded with the shared `events::SummaryFold`, page by page, as of a version
+//! or an instant.
 //!
 //! Only `store`'s read functions touch the `events` table; this module never writes.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use chrono::{DateTime, Utc};
-use events::{EventMetadata, OrderSummary, RecordedEvent, fold_summary, order_stream_id};
+use events::{EventMetadata, OrderSummary, RecordedEvent, SummaryFold, order_stream_id};
 use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -88,6 +92,19 @@ pub struct LogEventPage {
     pub next_cursor: Option<String>,
 }
 
+/// Most events one read of a time-travel fold (`GET /orders/{id}/state`) holds: the fold goes
+/// through the order's stream page by page, so a request holds one page whatever the stream's
+/// length (the domain caps an order's lines, not its events: a draft takes any number of
+/// `ItemAdded`/`ItemRemoved`). The largest page `GET /orders/{id}/events` serves, too.
+pub const STATE_PAGE_EVENTS: i64 = 1000;
+
+/// What the event store reads of [`History`] did, for tests.
+#[derive(Debug, Default)]
+pub struct HistoryStats {
+    /// The most events one read of a time-travel fold returned.
+    pub largest_state_page: AtomicU64,
+}
+
 /// The event store, read for history and time travel.
 #[derive(Debug, Clone)]
 pub struct History {
@@ -96,6 +113,7 @@ pub struct History {
     watcher: CheckpointWatcher,
     /// Positions one filtered page of `GET /events` reads at most (`EVENTS_SCAN_SPAN`).
     scan_span: i64,
+    stats: Arc<HistoryStats>,
 }
 
 impl History {
@@ -104,7 +122,13 @@ impl History {
             pool,
             watcher,
             scan_span,
+            stats: Arc::new(HistoryStats::default()),
         }
+    }
+
+    /// The read counters.
+    pub fn stats(&self) -> Arc<HistoryStats> {
+        Arc::clone(&self.stats)
     }
 
     /// `GET /orders/{id}/events`: 404 when the order has no events at all.
@@ -274,26 +298,51 @@ impl History {
     /// `GET /orders/{id}/state`: the summary as of `at`; 404 when the order had no events then.
     ///
     /// A version above the stream's last one answers the current state (its `version` says
-    /// which). Memory is bounded by one order's stream, which the domain keeps short.
+    /// which). The stream is folded page by page ([`STATE_PAGE_EVENTS`]), so memory stays at one
+    /// page however long the order's stream is; time is still proportional to the events
+    /// folded. Each page continues after the versions already folded, and a stream's versions
+    /// become visible in order, so the pages together are always a prefix of the stream: the
+    /// state folded is one the order really had. As of an instant, the fold stops before the
+    /// first version recorded after it (as `store::read_stream_until_time` does), so a database
+    /// clock that stepped back between two appends still gives a prefix.
     pub async fn state(&self, order_id: Uuid, at: StateAt) -> Result<OrderSummary, ApiError> {
         let stream_id = order_stream_id(order_id);
-        let events = match at {
-            StateAt::Now => {
-                store::read_stream_until_version(&self.pool, &stream_id, i64::MAX).await?
-            }
-            StateAt::Version(v) => {
-                store::read_stream_until_version(&self.pool, &stream_id, v).await?
-            }
-            StateAt::Time(t) => store::read_stream_until_time(&self.pool, &stream_id, t).await?,
+        let last_version = match at {
+            StateAt::Version(v) => v,
+            StateAt::Now | StateAt::Time(_) => i64::MAX,
         };
-        let summary = fold_summary(&events).map_err(|e| {
-            if e.needs_newer_release() {
-                ApiError::NewerRelease(format!("the history of {stream_id} holds {e}"))
-            } else {
-                ApiError::Internal(anyhow::Error::new(e).context(format!("fold {stream_id}")))
+        let mut fold = SummaryFold::default();
+        'pages: loop {
+            let after = fold.state.version;
+            let limit = STATE_PAGE_EVENTS.min(last_version.saturating_sub(after));
+            if limit <= 0 {
+                break;
             }
-        })?;
-        summary.ok_or(ApiError::OrderNotFound {
+            let page = store::read_stream(&self.pool, &stream_id, after, limit).await?;
+            self.stats
+                .largest_state_page
+                .fetch_max(page.len() as u64, Ordering::Relaxed);
+            for event in &page {
+                if let StateAt::Time(t) = at
+                    && event.recorded_at > t
+                {
+                    break 'pages;
+                }
+                fold.apply(event).map_err(|e| {
+                    if e.needs_newer_release() {
+                        ApiError::NewerRelease(format!("the history of {stream_id} holds {e}"))
+                    } else {
+                        ApiError::Internal(
+                            anyhow::Error::new(e).context(format!("fold {stream_id}")),
+                        )
+                    }
+                })?;
+            }
+            if !is_full(&page, limit) {
+                break;
+            }
+        }
+        fold.summary().ok_or(ApiError::OrderNotFound {
             order_id,
             position: None,
         })

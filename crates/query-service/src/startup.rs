@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::consistency::{CheckpointWatcher, WatcherStats};
-use crate::history::History;
+use crate::history::{History, HistoryStats};
 use crate::log_stream::{LogStreams, StreamStats};
 use crate::log_tail::{LogTail, TailStats};
 use crate::read_models::{ReadModels, ReadStats};
@@ -45,6 +45,7 @@ pub struct Application {
     read_stats: Arc<ReadStats>,
     stream_stats: Arc<StreamStats>,
     tail_stats: Arc<TailStats>,
+    history_stats: Arc<HistoryStats>,
 }
 
 impl std::fmt::Debug for Application {
@@ -100,6 +101,7 @@ impl Application {
             streams_stop.clone(),
         );
         let stream_stats = streams.stats();
+        let history_stats = history.stats();
         let state = AppState {
             read_models: read_models.clone(),
             streams,
@@ -142,6 +144,7 @@ impl Application {
             read_stats: read_models.stats(),
             stream_stats,
             tail_stats: tail.stats(),
+            history_stats,
         })
     }
 
@@ -163,6 +166,11 @@ impl Application {
     /// Counters of the log tail's reads.
     pub fn tail_stats(&self) -> Arc<TailStats> {
         Arc::clone(&self.tail_stats)
+    }
+
+    /// Counters of the event store reads of history and time travel.
+    pub fn history_stats(&self) -> Arc<HistoryStats> {
+        Arc::clone(&self.history_stats)
     }
 
     /// Counters of read-model queries.
