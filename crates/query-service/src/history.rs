@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use crate::consistency::CheckpointWatcher;
 use crate::error::ApiError;
+use crate::log_tail::{LogTail, TAIL_PAGE_EVENTS, TailBatch};
 use crate::params::{HistoryPage, LogPage, StateAt, invalid_event_type};
 
 /// One recorded event as `GET /orders/{id}/events` shows it.
@@ -103,6 +104,8 @@ pub const STATE_PAGE_EVENTS: i64 = 1000;
 pub struct HistoryStats {
     /// The most events one read of a time-travel fold returned.
     pub largest_state_page: AtomicU64,
+    /// Reads of the event store for `GET /events` pages (each one or two queries).
+    pub log_reads: AtomicU64,
 }
 
 /// The event store, read for history and time travel.
@@ -111,16 +114,20 @@ pub struct History {
     pool: PgPool,
     /// Knows the log's head, for `GET /events` waits.
     watcher: CheckpointWatcher,
+    /// The log's tail, read once per commit for everyone at the head: `GET /events` waits
+    /// take what follows their position from it instead of reading the store again.
+    tail: LogTail,
     /// Positions one filtered page of `GET /events` reads at most (`EVENTS_SCAN_SPAN`).
     scan_span: i64,
     stats: Arc<HistoryStats>,
 }
 
 impl History {
-    pub fn new(pool: PgPool, watcher: CheckpointWatcher, scan_span: i64) -> Self {
+    pub fn new(pool: PgPool, watcher: CheckpointWatcher, tail: LogTail, scan_span: i64) -> Self {
         Self {
             pool,
             watcher,
+            tail,
             scan_span,
             stats: Arc::new(HistoryStats::default()),
         }
@@ -228,39 +235,65 @@ impl History {
     /// visible in order (the store's append lock, ARCHITECTURE.md invariant 1), so a reader that
     /// resumes after `read_to` never misses an event, however appends interleave.
     ///
-    /// With nothing to show at the head and a `wait`, it waits (on the watcher, not the
-    /// database) for a commit after what it has read, then reads again; with a filter, commits
-    /// of other types only move `read_to` and the wait goes on. An empty page after the wait is
-    /// a normal answer: the follower asks again from `read_to`.
+    /// With nothing to show at the head and a `wait`, it reads the store no more: it takes
+    /// what follows `read_to` from the log's tail, which one task reads once per commit for
+    /// every follower at the head ([`LogTail`]), filtering in memory, so commits of other
+    /// types only move `read_to` on at no cost to the database; it reads the store again only
+    /// when a batch does not continue from its position (it was too slow to see one). Once
+    /// `wait` is up it answers the empty page with the `read_to` reached, however many commits
+    /// keep landing: the follower asks again from there.
     pub async fn log(&self, page: LogPage) -> Result<LogEventPage, ApiError> {
         self.refuse_unknown_event_types(page.event_types.as_deref())
             .await?;
-        let deadline = std::time::Instant::now() + page.wait;
-        let mut after = page.after_position;
+        let deadline = tokio::time::Instant::now() + page.wait;
+        // Subscribed before the read, so the tail reads every commit after it while this waits
+        // (and only when it may wait: the tail reads nothing while nobody subscribes).
+        let mut tail = (!page.wait.is_zero()).then(|| self.tail.subscribe());
+        let mut read = self.read_log(&page, page.after_position).await?;
+        // Only a read that found nothing can start past the end; one query then tells.
+        if read.events.is_empty() && read.next_cursor.is_none() {
+            self.refuse_beyond_head(page.after_position).await?;
+        }
         loop {
-            let read = self.read_log(&page, after).await?;
-            // Only a read that found nothing can start past the end; one query then tells.
-            if after == page.after_position && read.events.is_empty() && read.next_cursor.is_none()
-            {
-                self.refuse_beyond_head(after).await?;
-            }
-            if !read.events.is_empty()
-                || read.next_cursor.is_some()
-                || page.wait.is_zero()
-                || !self
-                    .watcher
-                    .wait_for_head_above(read.read_to, deadline)
-                    .await
-            {
+            let Some(tail) = tail.as_mut().filter(|_| {
+                read.events.is_empty()
+                    && read.next_cursor.is_none()
+                    && tokio::time::Instant::now() < deadline
+            }) else {
                 return Ok(read);
-            }
-            after = read.read_to;
+            };
+            let Some(batch) = self.next_tail_batch(tail, read.read_to, deadline).await else {
+                return Ok(read);
+            };
+            read = if batch.after > read.read_to {
+                self.read_log(&page, read.read_to).await?
+            } else {
+                take_from_tail(&batch, read.read_to, &page)
+            };
+        }
+    }
+
+    /// Waits for a tail batch that reaches past `after`, until `deadline`; `None` when the
+    /// deadline passes first.
+    async fn next_tail_batch(
+        &self,
+        tail: &mut tokio::sync::watch::Receiver<Arc<TailBatch>>,
+        after: i64,
+        deadline: tokio::time::Instant,
+    ) -> Option<Arc<TailBatch>> {
+        let _waiting = self.watcher.count_wait();
+        let wait = tail.wait_for(|batch| batch.read_to > after);
+        match tokio::time::timeout_at(deadline, wait).await {
+            Ok(Ok(batch)) => Some(Arc::clone(&batch)),
+            // The tail stops only at shutdown; answer what was read.
+            Ok(Err(_)) | Err(_) => None,
         }
     }
 
     /// One page of the log after `after`: up to `limit` events, or with a filter, the matching
     /// events among at most `scan_span` positions.
     async fn read_log(&self, page: &LogPage, after: i64) -> Result<LogEventPage, ApiError> {
+        self.stats.log_reads.fetch_add(1, Ordering::Relaxed);
         let Some(event_types) = &page.event_types else {
             let events = store::read_all(&self.pool, after, page.limit).await?;
             let next_cursor = next_cursor(&events, page.limit, |last| last.global_position);
@@ -346,6 +379,40 @@ impl History {
             order_id,
             position: None,
         })
+    }
+}
+
+/// The page of `page`'s types after `after` in a tail `batch` that continues from it
+/// (`batch.after <= after`): up to `limit` of them, and `read_to` the last one shown when the
+/// page is full, else the batch's end.
+fn take_from_tail(batch: &TailBatch, after: i64, page: &LogPage) -> LogEventPage {
+    let limit = usize::try_from(page.limit).unwrap_or(usize::MAX);
+    let wanted = |event: &&LogEvent| {
+        event.event.position > after
+            && page
+                .event_types
+                .as_ref()
+                .is_none_or(|types| types.contains(&event.event.event_type))
+    };
+    let events: Vec<LogEvent> = batch
+        .events
+        .iter()
+        .filter(wanted)
+        .take(limit)
+        .cloned()
+        .collect();
+    let (read_to, more) = match events.last() {
+        Some(last) if events.len() >= limit => (last.event.position, true),
+        // A full tail batch may stop short of the head: there may be more to read now.
+        _ => (
+            batch.read_to,
+            batch.events.len() >= usize::try_from(TAIL_PAGE_EVENTS).unwrap_or(usize::MAX),
+        ),
+    };
+    LogEventPage {
+        events,
+        read_to,
+        next_cursor: more.then(|| read_to.to_string()),
     }
 }
 

@@ -1,7 +1,9 @@
-//! The log's tail, read once per instance for every event stream at the head.
+//! The log's tail, read once per instance for every event stream and `GET /events` long poll
+//! at the head.
 //!
-//! Without it, each `GET /events/stream` follower that has caught up would read the event store
-//! on every commit that wakes it: open streams times the commit rate. Here one task reads each
+//! Without it, each `GET /events/stream` follower (or filtered `GET /events?wait_ms=` long poll)
+//! that has caught up would read the event store on every commit that wakes it: open streams
+//! times the commit rate. Here one task reads each
 //! new stretch of the log once (on a commit announced or polled by the watcher) and publishes it
 //! as a [`TailBatch`]; a stream at the head takes what follows its own position from the batch
 //! and filters it in memory. The watch keeps only the latest batch: a stream that was too slow

@@ -89,7 +89,12 @@ impl Application {
         tasks.push(tail_task);
 
         let read_models = ReadModels::new(pool.clone(), watcher.clone());
-        let history = History::new(pool.clone(), watcher.clone(), config.reads.events_scan_span);
+        let history = History::new(
+            pool.clone(),
+            watcher.clone(),
+            tail.clone(),
+            config.reads.events_scan_span,
+        );
         // Ended as soon as shutdown begins (not after the drain, like `cancel`): the drain
         // waits for open responses, and a follower's stream never ends by itself.
         let streams_stop = CancellationToken::new();

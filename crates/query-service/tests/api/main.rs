@@ -1352,6 +1352,92 @@ async fn a_filtered_follower_waits_through_commits_of_other_types() {
     assert_eq!(page["read_to"], placed);
 }
 
+/// A filtered follower at the head does not read the event store again for each commit of
+/// other types while it waits: it reads its page once, then takes the commits from the log's
+/// tail that every follower at the head shares, filtering in memory.
+#[tokio::test]
+async fn a_filtered_follower_reads_the_store_once_however_many_commits_of_other_types_land() {
+    let app = spawn_app_with(Options {
+        poll_ms: Some(60_000),
+        ..Options::default()
+    })
+    .await;
+    let order = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let created = app
+        .append_command(order, &mut state, create(order, Uuid::new_v4()))
+        .await;
+    let reads_before = app.history.log_reads.load(Ordering::Relaxed);
+    let follower = app
+        .follow(&format!(
+            "/events?event_type=OrderPlaced&after_position={created}&wait_ms=10000"
+        ))
+        .await;
+    let stats = Arc::clone(&app.watcher);
+    let begun = stats.waits_begun.load(Ordering::Relaxed);
+    for n in 1..=5 {
+        app.append_command(order, &mut state, add(&format!("SKU-{n}"), 1, 10))
+            .await;
+        // Each commit of another type is dealt with before the next lands: the follower
+        // waits once more after it.
+        wait_until("the follower waits again after the item", || {
+            let stats = Arc::clone(&stats);
+            async move {
+                stats.waits_begun.load(Ordering::Relaxed) >= begun + n
+                    && stats.waiting.load(Ordering::Relaxed) > 0
+            }
+        })
+        .await;
+    }
+    assert!(!follower.is_finished(), "answered by an ItemAdded");
+    let placed = app
+        .append_command(order, &mut state, OrderCommand::PlaceOrder)
+        .await;
+    let page = follower.await.unwrap();
+    assert_eq!(page["events"][0]["position"], placed, "{page}");
+    assert_eq!(page["read_to"], placed);
+    assert_eq!(
+        app.history.log_reads.load(Ordering::Relaxed) - reads_before,
+        1,
+        "the store is read for the page, not for each commit"
+    );
+}
+
+/// A filtered follower whose wait ends while commits of other types keep landing is answered
+/// when `wait_ms` is up, with the empty page and the `read_to` it reached (not left to run
+/// into the request timeout, whose 503 would lose that `read_to`).
+#[tokio::test]
+async fn a_filtered_follower_is_answered_at_wait_ms_while_commits_of_other_types_keep_landing() {
+    let app = spawn_app().await;
+    let order = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let created = app
+        .append_command(order, &mut state, create(order, Uuid::new_v4()))
+        .await;
+    let follower = app
+        .follow(&format!(
+            "/events?event_type=OrderShipped&after_position={created}&wait_ms=300"
+        ))
+        .await;
+    // Commits of other types, back to back, until the follower is answered.
+    let mut last = created;
+    let mut toggles = [
+        add("A", 1, 10),
+        OrderCommand::RemoveItem { sku: "A".into() },
+    ]
+    .into_iter()
+    .cycle();
+    while !follower.is_finished() {
+        let command = toggles.next().unwrap();
+        last = app.append_command(order, &mut state, command).await;
+    }
+    let page = follower.await.unwrap();
+    assert_eq!(page["events"], serde_json::json!([]), "{page}");
+    let read_to = page["read_to"].as_i64().unwrap();
+    assert!(read_to > created && read_to <= last, "{page}");
+    assert_eq!(page["next_cursor"], Value::Null, "{page}");
+}
+
 /// The log as Server-Sent Events: what is there, then each commit as it lands; a client that
 /// reconnects with `Last-Event-ID` continues right after it, whatever `after_position` says.
 #[tokio::test]
