@@ -26,7 +26,10 @@ use tokio::task::JoinHandle;
 use crate::consistency::CheckpointWatcher;
 use crate::history::LogEvent;
 
-/// Most events one read of the tail takes; a longer stretch is read in several batches.
+/// Most events one read of the tail takes; a longer stretch is read in several batches. Every
+/// stream at the head holds the frames of a whole batch, so this (not `STREAM_PAGE_EVENTS`) is
+/// what bounds such a stream's memory (README, "Following the log as a stream"): large enough
+/// that a tail fallen behind catches up in few reads, small enough for about 1 MB per stream.
 pub const TAIL_PAGE_EVENTS: i64 = 1000;
 
 /// Pause after a failed read of the tail before the next attempt.
