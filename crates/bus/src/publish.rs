@@ -155,7 +155,10 @@ impl Publisher {
         })
     }
 
-    /// The position of the newest entry in the stream, `None` if the stream is empty or absent.
+    /// The `ms` part of the stream's top id, `None` if the stream is empty or absent. It is a
+    /// position only while every entry is the relay's: an entry added with a time-based id
+    /// (`XADD … *`) makes it a millisecond timestamp. Resume from
+    /// [`Publisher::newest_relayed_entry`] checked against the store, never from this.
     pub async fn last_published_position(&self) -> Result<Option<i64>, BusError> {
         Ok(self.last_id().await?.map(|id| id.ms as i64))
     }

@@ -1114,3 +1114,215 @@ async fn a_stream_replaced_under_a_running_relay_gets_nothing_of_this_history() 
     delete_key(&conn, &keys.stream).await;
     delete_key(&conn, &kept).await;
 }
+
+/// Adds an entry the way an operator testing the stream would (`XADD <key> * probe 1`): its id
+/// is the current time in milliseconds, far above any position. Returns the id.
+async fn add_time_based_entry(conn: &ConnectionManager, key: &str) -> String {
+    let mut conn = conn.clone();
+    redis::cmd("XADD")
+        .arg(key)
+        .arg("*")
+        .arg("probe")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .expect("XADD *")
+}
+
+/// An entry added by hand with a time-based id sits above the relay's entries. A new
+/// leadership resumes after the newest entry the relay wrote (the store's event at its
+/// position), not after the raw top id, which would be a timestamp beyond the log: so neither
+/// its checkpoint nor the stored one passes the head, and once the entry is removed (RUNBOOK:
+/// RelayLagHigh) the events committed since are published.
+#[tokio::test]
+async fn a_time_based_entry_on_the_stream_never_moves_a_new_leadership_beyond_the_log() {
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let conn = redis(&shared_redis_url()).await;
+    append(&db, 3).await;
+    let mut ctx = step_context(&db, &conn, &keys.stream, 25).await;
+    assert_eq!(
+        relay::publish_step(&mut ctx).await.expect("step").published,
+        3
+    );
+    ctx.close().await;
+    let foreign = add_time_based_entry(&conn, &keys.stream).await;
+
+    let mut ctx = step_context(&db, &conn, &keys.stream, 25).await;
+    let step = relay::publish_step(&mut ctx).await.expect("step");
+    assert_eq!((step.published, step.diverged), (0, None));
+    assert_eq!(
+        ctx.checkpoint(),
+        3,
+        "resumed after the newest relayed entry"
+    );
+    assert_eq!(stored_checkpoint(&db, &keys.stream).await, Some(3));
+
+    // Removed as the RUNBOOK says: XDEL, then the stream's last id back to the newest relayed
+    // entry, since Redis keeps refusing ids up to the deleted one.
+    let mut redis_conn = conn.clone();
+    let removed: i64 = redis::cmd("XDEL")
+        .arg(&keys.stream)
+        .arg(&foreign)
+        .query_async(&mut redis_conn)
+        .await
+        .expect("XDEL");
+    assert_eq!(removed, 1);
+    let _: () = redis::cmd("XSETID")
+        .arg(&keys.stream)
+        .arg("3-0")
+        .query_async(&mut redis_conn)
+        .await
+        .expect("XSETID");
+    append(&db, 2).await;
+    let step = relay::publish_step(&mut ctx).await.expect("step");
+    assert_eq!((step.published, step.caught_up), (2, true));
+    assert_eq!(
+        ids(&entries(&conn, &keys.stream).await),
+        expected_ids(1..=5)
+    );
+    assert_eq!(ctx.checkpoint(), 5);
+    assert_eq!(stored_checkpoint(&db, &keys.stream).await, Some(5));
+
+    ctx.close().await;
+    delete_key(&conn, &keys.stream).await;
+}
+
+/// An older release stored a checkpoint beyond the event store's head (it resumed after a
+/// time-based entry) and published nothing since. A new leadership forgets that checkpoint,
+/// resumes after the stream's newest relayed entry, publishes what was committed meanwhile,
+/// and stores a checkpoint within the log again.
+#[tokio::test]
+async fn a_stored_checkpoint_beyond_the_head_is_forgotten_and_nothing_committed_is_left_off() {
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let conn = redis(&shared_redis_url()).await;
+    append(&db, 3).await;
+    let mut ctx = step_context(&db, &conn, &keys.stream, 25).await;
+    assert_eq!(
+        relay::publish_step(&mut ctx).await.expect("step").published,
+        3
+    );
+    ctx.close().await;
+    sqlx::query("UPDATE relay_checkpoints SET position = 1712345678901 WHERE stream_key = $1")
+        .bind(&keys.stream)
+        .execute(&db.pool)
+        .await
+        .expect("store a checkpoint beyond the head");
+    // Committed while that checkpoint held every leadership beyond the log.
+    append(&db, 2).await;
+
+    let mut ctx = step_context(&db, &conn, &keys.stream, 25).await;
+    let step = relay::publish_step(&mut ctx).await.expect("step");
+    assert_eq!((step.published, step.caught_up), (2, true));
+    assert_eq!(
+        ids(&entries(&conn, &keys.stream).await),
+        expected_ids(1..=5)
+    );
+    assert_eq!(ctx.checkpoint(), 5);
+    assert_eq!(stored_checkpoint(&db, &keys.stream).await, Some(5));
+
+    ctx.close().await;
+    delete_key(&conn, &keys.stream).await;
+}
+
+/// The value of the gauge `name` on a Prometheus text page (its one series), if exported.
+fn gauge(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+/// The leader's gauges as this process exports them: lag in events, lag in seconds, leader.
+fn relay_gauges(metrics: &metrics_exporter_prometheus::PrometheusHandle) -> [Option<f64>; 3] {
+    let page = metrics.render();
+    ["relay_lag_events", "relay_lag_seconds", "relay_is_leader"].map(|name| gauge(&page, name))
+}
+
+/// A leader behind (Redis is down) loses its lock to another session and stands by. The lag it
+/// last saw is no longer its to report: alerts take the maximum over all instances, so a
+/// standby still exporting it would keep RelayLagHigh firing after the new leader caught up.
+#[tokio::test]
+async fn an_instance_that_stops_leading_exports_no_lag_of_its_last_leadership() {
+    let metrics = platform::metrics::install("command-service");
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let mut server = PrivateRedis::start().await.expect("private redis starts");
+    let relay = RunningRelay::start(&db, &server.url(), &keys.stream);
+    append(&db, 2).await;
+    wait_for_entries(&redis(&server.url()).await, &keys.stream, 2).await;
+    server.stop();
+    append(&db, 3).await;
+    wait_until(
+        DEADLINE,
+        "the leader reports the backlog it cannot publish",
+        || async {
+            match relay_gauges(&metrics) {
+                [Some(events), Some(seconds), Some(leader)] => {
+                    (events == 3.0 && seconds > 0.0 && leader == 1.0).then_some(())
+                }
+                _ => None,
+            }
+        },
+    )
+    .await;
+
+    // Another session queues for the relay lock, then the leader's session is cut: the queued
+    // session gets the lock, and the relay stands by behind it.
+    let lock_key = relay::relay_lock_key(&keys.stream);
+    let mut holder = {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(&db.url).await.expect("connect")
+    };
+    let queued = tokio::spawn(async move {
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(lock_key)
+            .execute(&mut holder)
+            .await
+            .expect("take the relay lock");
+        holder
+    });
+    wait_until(
+        DEADLINE,
+        "another session waits for the relay lock",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+               AND ((classid::bigint << 32) | objid::bigint) = $1",
+            )
+            .bind(lock_key)
+            .fetch_one(&db.pool)
+            .await
+            .expect("read pg_locks");
+            (waiting == 1).then_some(())
+        },
+    )
+    .await;
+    let _: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks \
+         WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+           AND ((classid::bigint << 32) | objid::bigint) = $1",
+    )
+    .bind(lock_key)
+    .fetch_all(&db.pool)
+    .await
+    .expect("terminate the leader's session");
+    let holder = queued.await.expect("the queued session gets the lock");
+
+    wait_until(DEADLINE, "the former leader exports no lag", || async {
+        (!relay.status.is_leader() && relay_gauges(&metrics) == [Some(0.0), Some(0.0), Some(0.0)])
+            .then_some(())
+    })
+    .await;
+
+    relay.stop().await;
+    {
+        use sqlx::Connection;
+        holder.close().await.expect("release the relay lock");
+    }
+}

@@ -74,7 +74,8 @@ pub struct ReadArgs {
     pub events_scan_span: i64,
 
     /// Most `GET /events/stream` followers one instance serves at once; more get 503
-    /// `overloaded` (a stream holds no request slot of `MAX_IN_FLIGHT_REQUESTS`)
+    /// `overloaded` (a stream holds no request slot of `MAX_IN_FLIGHT_REQUESTS`); each holds up
+    /// to about 1 MB at the head (one tail batch of frames)
     #[arg(
         long,
         env = "EVENT_STREAMS_MAX",

@@ -148,23 +148,14 @@ impl CheckpointWatcher {
         }
     }
 
-    /// Waits until the log's head is above `after` (a commit after it was announced or polled),
-    /// or the deadline passes; returns whether it is. Touches no database.
-    pub async fn wait_for_head_above(&self, after: i64, deadline: Instant) -> bool {
-        let mut rx = self.head.subscribe();
-        if *rx.borrow_and_update() > after {
-            return true;
-        }
-        let _waiting = WaitingGuard::enter(&self.stats);
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        matches!(
-            tokio::time::timeout(remaining, rx.wait_for(|head| *head > after)).await,
-            Ok(Ok(_))
-        )
+    /// Counts the caller as waiting (in [`WatcherStats`]) until the guard is dropped: for a
+    /// request that waits on another watch fed by the head (the log's tail).
+    pub(crate) fn count_wait(&self) -> impl Drop + '_ {
+        WaitingGuard::enter(&self.stats)
     }
 
-    /// A receiver of the log's head as it rises (for the log's tail reader; a request waits
-    /// with [`Self::wait_for_head_above`], which counts it as waiting).
+    /// A receiver of the log's head as it rises (for the log's tail reader; a request waiting
+    /// on the tail counts itself with [`Self::count_wait`]).
     pub fn head_receiver(&self) -> watch::Receiver<i64> {
         self.head.subscribe()
     }

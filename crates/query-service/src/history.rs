@@ -1,17 +1,22 @@
 //! Audit history and time travel, read straight from the event store (never from a read model):
 //! a page of one order's events by version, a page of the whole log by position, and the
-//! order's summary folded with the shared `events::fold_summary` as of a version or an instant.
+//! order's summary folded with the shared `events::SummaryFold`, page by page, as of a version
+//! or an instant.
 //!
 //! Only `store`'s read functions touch the `events` table; this module never writes.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use chrono::{DateTime, Utc};
-use events::{EventMetadata, OrderSummary, RecordedEvent, fold_summary, order_stream_id};
+use events::{EventMetadata, OrderSummary, RecordedEvent, SummaryFold, order_stream_id};
 use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::consistency::CheckpointWatcher;
 use crate::error::ApiError;
+use crate::log_tail::{LogTail, TAIL_PAGE_EVENTS, TailBatch};
 use crate::params::{HistoryPage, LogPage, StateAt, invalid_event_type};
 
 /// One recorded event as `GET /orders/{id}/events` shows it.
@@ -88,23 +93,49 @@ pub struct LogEventPage {
     pub next_cursor: Option<String>,
 }
 
+/// Most events one read of a time-travel fold (`GET /orders/{id}/state`) holds: the fold goes
+/// through the order's stream page by page, so a request holds one page whatever the stream's
+/// length (the domain caps an order's lines, not its events: a draft takes any number of
+/// `ItemAdded`/`ItemRemoved`). The largest page `GET /orders/{id}/events` serves, too.
+pub const STATE_PAGE_EVENTS: i64 = 1000;
+
+/// What the event store reads of [`History`] did, for tests.
+#[derive(Debug, Default)]
+pub struct HistoryStats {
+    /// The most events one read of a time-travel fold returned.
+    pub largest_state_page: AtomicU64,
+    /// Reads of the event store for `GET /events` pages (each one or two queries).
+    pub log_reads: AtomicU64,
+}
+
 /// The event store, read for history and time travel.
 #[derive(Debug, Clone)]
 pub struct History {
     pool: PgPool,
     /// Knows the log's head, for `GET /events` waits.
     watcher: CheckpointWatcher,
+    /// The log's tail, read once per commit for everyone at the head: `GET /events` waits
+    /// take what follows their position from it instead of reading the store again.
+    tail: LogTail,
     /// Positions one filtered page of `GET /events` reads at most (`EVENTS_SCAN_SPAN`).
     scan_span: i64,
+    stats: Arc<HistoryStats>,
 }
 
 impl History {
-    pub fn new(pool: PgPool, watcher: CheckpointWatcher, scan_span: i64) -> Self {
+    pub fn new(pool: PgPool, watcher: CheckpointWatcher, tail: LogTail, scan_span: i64) -> Self {
         Self {
             pool,
             watcher,
+            tail,
             scan_span,
+            stats: Arc::new(HistoryStats::default()),
         }
+    }
+
+    /// The read counters.
+    pub fn stats(&self) -> Arc<HistoryStats> {
+        Arc::clone(&self.stats)
     }
 
     /// `GET /orders/{id}/events`: 404 when the order has no events at all.
@@ -204,39 +235,65 @@ impl History {
     /// visible in order (the store's append lock, ARCHITECTURE.md invariant 1), so a reader that
     /// resumes after `read_to` never misses an event, however appends interleave.
     ///
-    /// With nothing to show at the head and a `wait`, it waits (on the watcher, not the
-    /// database) for a commit after what it has read, then reads again; with a filter, commits
-    /// of other types only move `read_to` and the wait goes on. An empty page after the wait is
-    /// a normal answer: the follower asks again from `read_to`.
+    /// With nothing to show at the head and a `wait`, it reads the store no more: it takes
+    /// what follows `read_to` from the log's tail, which one task reads once per commit for
+    /// every follower at the head ([`LogTail`]), filtering in memory, so commits of other
+    /// types only move `read_to` on at no cost to the database; it reads the store again only
+    /// when a batch does not continue from its position (it was too slow to see one). Once
+    /// `wait` is up it answers the empty page with the `read_to` reached, however many commits
+    /// keep landing: the follower asks again from there.
     pub async fn log(&self, page: LogPage) -> Result<LogEventPage, ApiError> {
         self.refuse_unknown_event_types(page.event_types.as_deref())
             .await?;
-        let deadline = std::time::Instant::now() + page.wait;
-        let mut after = page.after_position;
+        let deadline = tokio::time::Instant::now() + page.wait;
+        // Subscribed before the read, so the tail reads every commit after it while this waits
+        // (and only when it may wait: the tail reads nothing while nobody subscribes).
+        let mut tail = (!page.wait.is_zero()).then(|| self.tail.subscribe());
+        let mut read = self.read_log(&page, page.after_position).await?;
+        // Only a read that found nothing can start past the end; one query then tells.
+        if read.events.is_empty() && read.next_cursor.is_none() {
+            self.refuse_beyond_head(page.after_position).await?;
+        }
         loop {
-            let read = self.read_log(&page, after).await?;
-            // Only a read that found nothing can start past the end; one query then tells.
-            if after == page.after_position && read.events.is_empty() && read.next_cursor.is_none()
-            {
-                self.refuse_beyond_head(after).await?;
-            }
-            if !read.events.is_empty()
-                || read.next_cursor.is_some()
-                || page.wait.is_zero()
-                || !self
-                    .watcher
-                    .wait_for_head_above(read.read_to, deadline)
-                    .await
-            {
+            let Some(tail) = tail.as_mut().filter(|_| {
+                read.events.is_empty()
+                    && read.next_cursor.is_none()
+                    && tokio::time::Instant::now() < deadline
+            }) else {
                 return Ok(read);
-            }
-            after = read.read_to;
+            };
+            let Some(batch) = self.next_tail_batch(tail, read.read_to, deadline).await else {
+                return Ok(read);
+            };
+            read = if batch.after > read.read_to {
+                self.read_log(&page, read.read_to).await?
+            } else {
+                take_from_tail(&batch, read.read_to, &page)
+            };
+        }
+    }
+
+    /// Waits for a tail batch that reaches past `after`, until `deadline`; `None` when the
+    /// deadline passes first.
+    async fn next_tail_batch(
+        &self,
+        tail: &mut tokio::sync::watch::Receiver<Arc<TailBatch>>,
+        after: i64,
+        deadline: tokio::time::Instant,
+    ) -> Option<Arc<TailBatch>> {
+        let _waiting = self.watcher.count_wait();
+        let wait = tail.wait_for(|batch| batch.read_to > after);
+        match tokio::time::timeout_at(deadline, wait).await {
+            Ok(Ok(batch)) => Some(Arc::clone(&batch)),
+            // The tail stops only at shutdown; answer what was read.
+            Ok(Err(_)) | Err(_) => None,
         }
     }
 
     /// One page of the log after `after`: up to `limit` events, or with a filter, the matching
     /// events among at most `scan_span` positions.
     async fn read_log(&self, page: &LogPage, after: i64) -> Result<LogEventPage, ApiError> {
+        self.stats.log_reads.fetch_add(1, Ordering::Relaxed);
         let Some(event_types) = &page.event_types else {
             let events = store::read_all(&self.pool, after, page.limit).await?;
             let next_cursor = next_cursor(&events, page.limit, |last| last.global_position);
@@ -274,29 +331,88 @@ impl History {
     /// `GET /orders/{id}/state`: the summary as of `at`; 404 when the order had no events then.
     ///
     /// A version above the stream's last one answers the current state (its `version` says
-    /// which). Memory is bounded by one order's stream, which the domain keeps short.
+    /// which). The stream is folded page by page ([`STATE_PAGE_EVENTS`]), so memory stays at one
+    /// page however long the order's stream is; time is still proportional to the events
+    /// folded. Each page continues after the versions already folded, and a stream's versions
+    /// become visible in order, so the pages together are always a prefix of the stream: the
+    /// state folded is one the order really had. As of an instant, the fold stops before the
+    /// first version recorded after it (as `store::read_stream_until_time` does), so a database
+    /// clock that stepped back between two appends still gives a prefix.
     pub async fn state(&self, order_id: Uuid, at: StateAt) -> Result<OrderSummary, ApiError> {
         let stream_id = order_stream_id(order_id);
-        let events = match at {
-            StateAt::Now => {
-                store::read_stream_until_version(&self.pool, &stream_id, i64::MAX).await?
-            }
-            StateAt::Version(v) => {
-                store::read_stream_until_version(&self.pool, &stream_id, v).await?
-            }
-            StateAt::Time(t) => store::read_stream_until_time(&self.pool, &stream_id, t).await?,
+        let last_version = match at {
+            StateAt::Version(v) => v,
+            StateAt::Now | StateAt::Time(_) => i64::MAX,
         };
-        let summary = fold_summary(&events).map_err(|e| {
-            if e.needs_newer_release() {
-                ApiError::NewerRelease(format!("the history of {stream_id} holds {e}"))
-            } else {
-                ApiError::Internal(anyhow::Error::new(e).context(format!("fold {stream_id}")))
+        let mut fold = SummaryFold::default();
+        'pages: loop {
+            let after = fold.state.version;
+            let limit = STATE_PAGE_EVENTS.min(last_version.saturating_sub(after));
+            if limit <= 0 {
+                break;
             }
-        })?;
-        summary.ok_or(ApiError::OrderNotFound {
+            let page = store::read_stream(&self.pool, &stream_id, after, limit).await?;
+            self.stats
+                .largest_state_page
+                .fetch_max(page.len() as u64, Ordering::Relaxed);
+            for event in &page {
+                if let StateAt::Time(t) = at
+                    && event.recorded_at > t
+                {
+                    break 'pages;
+                }
+                fold.apply(event).map_err(|e| {
+                    if e.needs_newer_release() {
+                        ApiError::NewerRelease(format!("the history of {stream_id} holds {e}"))
+                    } else {
+                        ApiError::Internal(
+                            anyhow::Error::new(e).context(format!("fold {stream_id}")),
+                        )
+                    }
+                })?;
+            }
+            if !is_full(&page, limit) {
+                break;
+            }
+        }
+        fold.summary().ok_or(ApiError::OrderNotFound {
             order_id,
             position: None,
         })
+    }
+}
+
+/// The page of `page`'s types after `after` in a tail `batch` that continues from it
+/// (`batch.after <= after`): up to `limit` of them, and `read_to` the last one shown when the
+/// page is full, else the batch's end.
+fn take_from_tail(batch: &TailBatch, after: i64, page: &LogPage) -> LogEventPage {
+    let limit = usize::try_from(page.limit).unwrap_or(usize::MAX);
+    let wanted = |event: &&LogEvent| {
+        event.event.position > after
+            && page
+                .event_types
+                .as_ref()
+                .is_none_or(|types| types.contains(&event.event.event_type))
+    };
+    let events: Vec<LogEvent> = batch
+        .events
+        .iter()
+        .filter(wanted)
+        .take(limit)
+        .cloned()
+        .collect();
+    let (read_to, more) = match events.last() {
+        Some(last) if events.len() >= limit => (last.event.position, true),
+        // A full tail batch may stop short of the head: there may be more to read now.
+        _ => (
+            batch.read_to,
+            batch.events.len() >= usize::try_from(TAIL_PAGE_EVENTS).unwrap_or(usize::MAX),
+        ),
+    };
+    LogEventPage {
+        events,
+        read_to,
+        next_cursor: more.then(|| read_to.to_string()),
     }
 }
 

@@ -16,8 +16,8 @@
 //! not one per commit of other types to every follower. A client that reconnects meanwhile
 //! reads those positions again and finds nothing of its types in them.
 //!
-//! Bounds: one page (at most [`STREAM_PAGE_EVENTS`] events, or the frames of one tail batch) is
-//! held per stream, read only when the client has taken the previous one; at most `EVENT_STREAMS_MAX` streams are open at once
+//! Bounds: one page (at most [`STREAM_PAGE_EVENTS`] events, or the frames of one tail batch: up
+//! to [`crate::log_tail::TAIL_PAGE_EVENTS`] events when the tail fell behind) is held per stream, read only when the client has taken the previous one; at most `EVENT_STREAMS_MAX` streams are open at once
 //! (more get 503 `overloaded`); every stream ends when the service begins to shut down, so the
 //! drain does not wait on followers that never hang up. It never writes.
 
@@ -38,9 +38,11 @@ use crate::history::{History, LogEvent};
 use crate::log_tail::{LogTail, TailBatch};
 use crate::params::{LogPage, StreamStart};
 
-/// Events read per page of a stream. A page is what one stream holds in memory (with its
-/// frames, about 1 kB per event), so `EVENT_STREAMS_MAX` streams at 100 hold a few tens of MB at
-/// most; a catching-up follower still gets 100 events per query.
+/// Events read per page of a stream while it catches up (a catching-up follower gets 100 events
+/// per query). At the head a stream holds the frames of one tail batch instead, usually one
+/// commit's events but up to [`crate::log_tail::TAIL_PAGE_EVENTS`] (1,000) when the tail fell
+/// behind; at about 1 kB of frames per event, that bounds a stream at about 1 MB and
+/// `EVENT_STREAMS_MAX` (256 by default) streams at about 256 MB.
 pub const STREAM_PAGE_EVENTS: i64 = 100;
 
 /// Interval of the keep-alive comment, so proxies and load balancers do not close a quiet

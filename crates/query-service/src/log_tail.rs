@@ -1,7 +1,9 @@
-//! The log's tail, read once per instance for every event stream at the head.
+//! The log's tail, read once per instance for every event stream and `GET /events` long poll
+//! at the head.
 //!
-//! Without it, each `GET /events/stream` follower that has caught up would read the event store
-//! on every commit that wakes it: open streams times the commit rate. Here one task reads each
+//! Without it, each `GET /events/stream` follower (or filtered `GET /events?wait_ms=` long poll)
+//! that has caught up would read the event store on every commit that wakes it: open streams
+//! times the commit rate. Here one task reads each
 //! new stretch of the log once (on a commit announced or polled by the watcher) and publishes it
 //! as a [`TailBatch`]; a stream at the head takes what follows its own position from the batch
 //! and filters it in memory. The watch keeps only the latest batch: a stream that was too slow
@@ -24,7 +26,10 @@ use tokio::task::JoinHandle;
 use crate::consistency::CheckpointWatcher;
 use crate::history::LogEvent;
 
-/// Most events one read of the tail takes; a longer stretch is read in several batches.
+/// Most events one read of the tail takes; a longer stretch is read in several batches. Every
+/// stream at the head holds the frames of a whole batch, so this (not `STREAM_PAGE_EVENTS`) is
+/// what bounds such a stream's memory (README, "Following the log as a stream"): large enough
+/// that a tail fallen behind catches up in few reads, small enough for about 1 MB per stream.
 pub const TAIL_PAGE_EVENTS: i64 = 1000;
 
 /// Pause after a failed read of the tail before the next attempt.

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::consistency::{CheckpointWatcher, WatcherStats};
-use crate::history::History;
+use crate::history::{History, HistoryStats};
 use crate::log_stream::{LogStreams, StreamStats};
 use crate::log_tail::{LogTail, TailStats};
 use crate::read_models::{ReadModels, ReadStats};
@@ -45,6 +45,7 @@ pub struct Application {
     read_stats: Arc<ReadStats>,
     stream_stats: Arc<StreamStats>,
     tail_stats: Arc<TailStats>,
+    history_stats: Arc<HistoryStats>,
 }
 
 impl std::fmt::Debug for Application {
@@ -88,7 +89,12 @@ impl Application {
         tasks.push(tail_task);
 
         let read_models = ReadModels::new(pool.clone(), watcher.clone());
-        let history = History::new(pool.clone(), watcher.clone(), config.reads.events_scan_span);
+        let history = History::new(
+            pool.clone(),
+            watcher.clone(),
+            tail.clone(),
+            config.reads.events_scan_span,
+        );
         // Ended as soon as shutdown begins (not after the drain, like `cancel`): the drain
         // waits for open responses, and a follower's stream never ends by itself.
         let streams_stop = CancellationToken::new();
@@ -100,6 +106,7 @@ impl Application {
             streams_stop.clone(),
         );
         let stream_stats = streams.stats();
+        let history_stats = history.stats();
         let state = AppState {
             read_models: read_models.clone(),
             streams,
@@ -142,6 +149,7 @@ impl Application {
             read_stats: read_models.stats(),
             stream_stats,
             tail_stats: tail.stats(),
+            history_stats,
         })
     }
 
@@ -163,6 +171,11 @@ impl Application {
     /// Counters of the log tail's reads.
     pub fn tail_stats(&self) -> Arc<TailStats> {
         Arc::clone(&self.tail_stats)
+    }
+
+    /// Counters of the event store reads of history and time travel.
+    pub fn history_stats(&self) -> Arc<HistoryStats> {
+        Arc::clone(&self.history_stats)
     }
 
     /// Counters of read-model queries.

@@ -29,7 +29,11 @@
 //!   and retries later (it never moves past a missing position).
 //! - **Never publishes twice** while Redis keeps its data: entry ids are positions and Redis
 //!   refuses ids at or below the top, so republishing after a crash is a no-op. A new leader
-//!   resumes after `max(checkpoint, last entry on the stream)`.
+//!   resumes after `max(checkpoint, newest relayed entry)`, that entry being the newest
+//!   `<position>-0` one whose event the store holds at that position: never after the raw top
+//!   id, which an entry added with a time-based id (`XADD … *`) makes a timestamp far beyond
+//!   the log. The checkpoint never passes the store's head, and a stored one beyond it is
+//!   forgotten ([`checkpoint::forget_beyond_head`]).
 //! - **Never publishes onto another history**: each leadership first compares the stream's
 //!   newest entry with the store's event at its position, and again every
 //!   `RELAY_TRIM_INTERVAL_MS`. A stream the store contradicts
@@ -296,7 +300,7 @@ impl Relay {
                     telemetry::set_leader(true);
                     let result = self.lead(conn).await;
                     self.status.set_leader(false);
-                    telemetry::set_leader(false);
+                    telemetry::leadership_ended();
                     match result {
                         Ok(()) => {
                             tracing::info!(stream = %self.stream_key, "relay leadership released at shutdown");

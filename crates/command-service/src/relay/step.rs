@@ -10,8 +10,8 @@
 //! Each write of the stored checkpoint is a transaction of its own and, with
 //! `synchronous_commit` on, a WAL flush: one per relay cycle, so at low load one more disk flush
 //! per command than the append itself. The stored checkpoint only matters when Redis has lost
-//! the stream (otherwise a new leader resumes after the stream's last entry, which is never
-//! behind it), and then a lagging one only republishes events that a projector recognises as
+//! the stream (otherwise a new leader resumes after the stream's newest relayed entry, which is
+//! never behind it), and then a lagging one only republishes events that a projector recognises as
 //! duplicates. So the leader writes it at most once per checkpoint interval
 //! (`RELAY_CHECKPOINT_INTERVAL_MS`; the first batch of a leadership at once), writes a pending
 //! one when it falls due even if nothing more is committed ([`RelayContext::checkpoint_due_in`]),
@@ -106,9 +106,12 @@ impl std::fmt::Debug for RelayContext {
 }
 
 impl RelayContext {
-    /// Starts leading on `conn` (which holds the relay lock): resumes after
-    /// `max(checkpoint, last entry on the stream)`. Redis being down is fine here: the relay then
-    /// resumes from the checkpoint, and whatever Redis already has counts as already present.
+    /// Starts leading on `conn` (which holds the relay lock): resumes after the stored
+    /// checkpoint, which the first step's history check raises to the stream's newest relayed
+    /// entry when the store holds that very event ([`publish_step`]). Nothing here reads Redis:
+    /// the stream's raw top id is no position to resume from (an entry added with a time-based
+    /// id, `XADD … *`, makes it a timestamp far beyond the log), and Redis being down is fine
+    /// (the step retries until it can compare the stream with the store).
     pub async fn resume(
         mut conn: PgConnection,
         publisher: Publisher,
@@ -116,20 +119,17 @@ impl RelayContext {
         batch: i64,
         status: RelayStatus,
     ) -> Result<Self, sqlx::Error> {
+        if let Some(forgotten) = checkpoint::forget_beyond_head(&mut conn, &stream_key).await? {
+            tracing::warn!(stream = %stream_key, forgotten,
+                "the stored relay checkpoint was beyond the event store's head (stored by an \
+                 older release that resumed after a time-based entry on the stream); forgotten: \
+                 the relay resumes after the stream's newest relayed entry");
+        }
         let stored = checkpoint::load(&mut conn, &stream_key).await?;
         let head = store::head_position(&mut conn).await?;
-        let on_stream = match publisher.last_published_position().await {
-            Ok(last) => last.unwrap_or(0),
-            Err(err) => {
-                tracing::warn!(stream = %stream_key, error = %err,
-                    "cannot read the stream's last entry; resuming from the checkpoint");
-                0
-            }
-        };
-        // A stream ahead of the store is caught by the first step's history check, which then
-        // moves the checkpoint back to the stored one.
-        let resume_at = stored.max(on_stream);
-        tracing::info!(stream = %stream_key, checkpoint = stored, on_stream, head,
+        // The checkpoint never passes the head: no event beyond it exists to have been published.
+        let resume_at = stored.min(head);
+        tracing::info!(stream = %stream_key, checkpoint = stored, head,
             backlog = head.saturating_sub(resume_at).max(0), "relay resuming");
         status.set_checkpoint(resume_at);
         telemetry::checkpoint(resume_at, head);
@@ -305,7 +305,7 @@ pub async fn publish_step(ctx: &mut RelayContext) -> Result<StepOutcome, StepErr
             .map(|event| event.recorded_at),
     );
     if outcome.already_present > 0 {
-        // Resuming starts after the stream's newest `<position>-0` entry, so Redis refusing part
+        // A leadership resumes after the stream's newest relayed entry, so Redis refusing part
         // of a later batch means its newest id is above these positions: something wrote to the
         // stream with a time-based id (`XADD … *`), or another relay published them. Projections
         // still converge (their sweeper applies from PostgreSQL), but say it loudly.
@@ -314,7 +314,8 @@ pub async fn publish_step(ctx: &mut RelayContext) -> Result<StepOutcome, StepErr
             first_position = batch.first().map(|e| e.global_position),
             "Redis refused entries as already present: the stream's newest id is above their \
              positions; entries on this stream must only be written by the relay (ids \
-             `<position>-0`); remove the foreign entry with XDEL");
+             `<position>-0`); remove the foreign entry with XDEL, then XSETID the stream back \
+             to its newest `<position>-0` entry (RUNBOOK: RelayLagHigh)");
     }
 
     ctx.checkpoint = last_position;
@@ -377,19 +378,29 @@ async fn check_history(ctx: &mut RelayContext) -> Result<Option<i64>, StepError>
                  renamed or deleted (RUNBOOK: RelayStreamDiverged); commands are still \
                  accepted and the read models kept current from the event store");
         }
-        (Some(_), None) => {
-            let on_stream = ctx
-                .publisher
-                .last_published_position()
-                .await
-                .map_err(StepError::Publish)?
-                .unwrap_or(0);
-            ctx.checkpoint = ctx.stored.max(on_stream);
+        (was_diverged, None) => {
+            // The newest relayed entry is the store's event at its position, so every position
+            // up to it is on the stream: carry on after it. This, and never the stream's raw top
+            // id, is where a leadership resumes (a time-based id, `XADD … *`, would be taken
+            // for a position beyond the log), and it is never beyond the store's head.
+            let relayed = newest.map_or(0, |(position, _)| position);
+            let from = if was_diverged.is_some() {
+                ctx.stored
+            } else {
+                ctx.checkpoint
+            };
+            ctx.checkpoint = from.max(relayed);
+            ctx.head = ctx.head.max(relayed);
             ctx.status.set_checkpoint(ctx.checkpoint);
-            tracing::info!(stream = %ctx.stream_key, resume_after = ctx.checkpoint,
-                "the event stream no longer contradicts the event store; publishing resumes");
+            if was_diverged.is_some() {
+                tracing::info!(stream = %ctx.stream_key, resume_after = ctx.checkpoint,
+                    "the event stream no longer contradicts the event store; publishing resumes");
+            } else if ctx.checkpoint > from {
+                tracing::info!(stream = %ctx.stream_key, resume_after = ctx.checkpoint,
+                    "resuming after the stream's newest relayed entry");
+            }
         }
-        _ => {}
+        (Some(_), Some(_)) => {}
     }
     ctx.history_checked = true;
     ctx.diverged = diverged;

@@ -11,6 +11,11 @@
 //! | `relay_is_leader` | gauge | 1 while this instance leads |
 //! | `relay_commit_to_stream_seconds` | histogram | publish time − `recorded_at`, per event |
 //! | `relay_stream_diverged` | gauge | 1 while the stream's newest entry is not the store's event at its position (publishing held) |
+//!
+//! The gauges describe the leader's work, so an instance that stops leading sets them back to
+//! 0 ([`leadership_ended`]): alerts take the maximum over all instances, and a standby still
+//! exporting the lag or the divergence it last saw would keep them firing after the new leader
+//! has caught up or the stream was fixed.
 
 use chrono::{DateTime, Utc};
 
@@ -40,6 +45,16 @@ pub(crate) fn stream_diverged(diverged: bool) {
 
 pub(crate) fn set_leader(leader: bool) {
     metrics::gauge!(IS_LEADER).set(if leader { 1.0 } else { 0.0 });
+}
+
+/// Sets every leader-only gauge back to 0 once this instance stops leading (see the module
+/// docs): only the leader knows the lag, the checkpoint and whether the stream diverged.
+pub(crate) fn leadership_ended() {
+    set_leader(false);
+    stream_diverged(false);
+    lag_seconds(None);
+    metrics::gauge!(LAG_EVENTS).set(0.0);
+    metrics::gauge!(CHECKPOINT_POSITION).set(0.0);
 }
 
 pub(crate) fn publish_error() {

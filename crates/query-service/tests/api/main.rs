@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use clap::Parser;
 use events::{EventMetadata, OrderCommand, OrderState, decide, evolve, order_stream_id};
 use query_service::consistency::WatcherStats;
+use query_service::history::{HistoryStats, STATE_PAGE_EVENTS};
 use query_service::log_stream::StreamStats;
 use query_service::log_tail::TailStats;
 use query_service::read_models::ReadStats;
@@ -36,6 +37,7 @@ struct TestApp {
     reads: Arc<ReadStats>,
     streams: Arc<StreamStats>,
     tail: Arc<TailStats>,
+    history: Arc<HistoryStats>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -105,6 +107,7 @@ async fn spawn_app_with(options: Options) -> TestApp {
     let watcher = app.watcher_stats();
     let reads = app.read_stats();
     let (streams, tail) = (app.stream_stats(), app.tail_stats());
+    let history = app.history_stats();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
@@ -117,6 +120,7 @@ async fn spawn_app_with(options: Options) -> TestApp {
         reads,
         streams,
         tail,
+        history,
         stop: Some(stop),
     };
     // The listener connects in the background; a NOTIFY before its LISTEN would be lost.
@@ -817,6 +821,107 @@ async fn time_travel_by_version_and_by_time_shows_the_states_in_between() {
     assert_eq!(body["code"], "order_not_found");
 }
 
+/// Appends the events of `commands`, decided one after the other from `state` (which they move
+/// on), to the order in one transaction: a long stream without a transaction per command.
+async fn append_in_one_transaction(
+    app: &TestApp,
+    order_id: Uuid,
+    state: &mut OrderState,
+    commands: impl IntoIterator<Item = OrderCommand>,
+) {
+    let expected = ExpectedVersion::Exact(state.version);
+    let mut new_events = Vec::new();
+    for command in commands {
+        for event in decide(state, &command).unwrap() {
+            new_events.push(event.to_new_event(EventMetadata::default()));
+            *state = evolve(std::mem::take(state), &event);
+        }
+    }
+    let request = AppendRequest {
+        stream_id: order_stream_id(order_id),
+        expected,
+        events: new_events,
+        idempotency: None,
+    };
+    store::append_batch(app.pool(), &[request])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+}
+
+/// Nothing in the domain keeps an order's stream short (a draft takes any number of added and
+/// removed items), so time travel folds it page by page: no read holds more than one page,
+/// and the states now, at a version and at an instant beyond the first page are still exact.
+#[tokio::test]
+async fn time_travel_over_a_stream_longer_than_a_page_reads_it_one_page_at_a_time() {
+    let app = spawn_app().await;
+    let order_id = Uuid::new_v4();
+    let mut state = OrderState::default();
+    // Version 1 creates; then items go in and out, ending with one in: 1,100 events.
+    let toggles = (0..1099).map(|n| {
+        if n % 2 == 0 {
+            add("SKU-1", 1, 250)
+        } else {
+            OrderCommand::RemoveItem {
+                sku: "SKU-1".into(),
+            }
+        }
+    });
+    append_in_one_transaction(
+        &app,
+        order_id,
+        &mut state,
+        std::iter::once(create(order_id, Uuid::new_v4())).chain(toggles),
+    )
+    .await;
+    assert!(state.version > STATE_PAGE_EVENTS);
+    let (_, _, last_draft) = app
+        .get_json(&format!("/orders/{order_id}/events?after_version=1099"))
+        .await;
+    let draft_until = last_draft["events"][0]["recorded_at"]
+        .as_str()
+        .unwrap()
+        .parse::<DateTime<Utc>>()
+        .unwrap()
+        .to_rfc3339();
+    append_in_one_transaction(&app, order_id, &mut state, [OrderCommand::PlaceOrder]).await;
+
+    let (status, headers, now) = app.get_json(&format!("/orders/{order_id}/state")).await;
+    assert_eq!(status, StatusCode::OK, "{now}");
+    assert_eq!(headers["x-order-version"], "1101");
+    assert_eq!(
+        (now["status"].as_str(), now["total"].as_i64()),
+        (Some("placed"), Some(250))
+    );
+    let (_, _, at_version) = app
+        .get_json(&format!("/orders/{order_id}/state?version=1050"))
+        .await;
+    assert_eq!(
+        (
+            at_version["version"].as_i64(),
+            at_version["status"].as_str(),
+            at_version["total"].as_i64()
+        ),
+        (Some(1050), Some("draft"), Some(250))
+    );
+    let (_, _, at_time) = app
+        .get_json(&format!(
+            "/orders/{order_id}/state?at={}",
+            draft_until.replace('+', "%2B")
+        ))
+        .await;
+    assert_eq!(
+        (at_time["version"].as_i64(), at_time["status"].as_str()),
+        (Some(1100), Some("draft"))
+    );
+    assert!(
+        app.history.largest_state_page.load(Ordering::Relaxed) <= STATE_PAGE_EVENTS as u64,
+        "one read held {} events",
+        app.history.largest_state_page.load(Ordering::Relaxed)
+    );
+}
+
 /// A rollout under way: a newer release wrote an event of a schema version this instance does
 /// not know into the order. Its audit history still shows every event as stored, and time
 /// travel before that event works; a fold that needs it is answered 503
@@ -1245,6 +1350,92 @@ async fn a_filtered_follower_waits_through_commits_of_other_types() {
     assert_eq!(page["events"][0]["position"], placed, "{page}");
     assert_eq!(page["events"][0]["event_type"], "OrderPlaced");
     assert_eq!(page["read_to"], placed);
+}
+
+/// A filtered follower at the head does not read the event store again for each commit of
+/// other types while it waits: it reads its page once, then takes the commits from the log's
+/// tail that every follower at the head shares, filtering in memory.
+#[tokio::test]
+async fn a_filtered_follower_reads_the_store_once_however_many_commits_of_other_types_land() {
+    let app = spawn_app_with(Options {
+        poll_ms: Some(60_000),
+        ..Options::default()
+    })
+    .await;
+    let order = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let created = app
+        .append_command(order, &mut state, create(order, Uuid::new_v4()))
+        .await;
+    let reads_before = app.history.log_reads.load(Ordering::Relaxed);
+    let follower = app
+        .follow(&format!(
+            "/events?event_type=OrderPlaced&after_position={created}&wait_ms=10000"
+        ))
+        .await;
+    let stats = Arc::clone(&app.watcher);
+    let begun = stats.waits_begun.load(Ordering::Relaxed);
+    for n in 1..=5 {
+        app.append_command(order, &mut state, add(&format!("SKU-{n}"), 1, 10))
+            .await;
+        // Each commit of another type is dealt with before the next lands: the follower
+        // waits once more after it.
+        wait_until("the follower waits again after the item", || {
+            let stats = Arc::clone(&stats);
+            async move {
+                stats.waits_begun.load(Ordering::Relaxed) >= begun + n
+                    && stats.waiting.load(Ordering::Relaxed) > 0
+            }
+        })
+        .await;
+    }
+    assert!(!follower.is_finished(), "answered by an ItemAdded");
+    let placed = app
+        .append_command(order, &mut state, OrderCommand::PlaceOrder)
+        .await;
+    let page = follower.await.unwrap();
+    assert_eq!(page["events"][0]["position"], placed, "{page}");
+    assert_eq!(page["read_to"], placed);
+    assert_eq!(
+        app.history.log_reads.load(Ordering::Relaxed) - reads_before,
+        1,
+        "the store is read for the page, not for each commit"
+    );
+}
+
+/// A filtered follower whose wait ends while commits of other types keep landing is answered
+/// when `wait_ms` is up, with the empty page and the `read_to` it reached (not left to run
+/// into the request timeout, whose 503 would lose that `read_to`).
+#[tokio::test]
+async fn a_filtered_follower_is_answered_at_wait_ms_while_commits_of_other_types_keep_landing() {
+    let app = spawn_app().await;
+    let order = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let created = app
+        .append_command(order, &mut state, create(order, Uuid::new_v4()))
+        .await;
+    let follower = app
+        .follow(&format!(
+            "/events?event_type=OrderShipped&after_position={created}&wait_ms=300"
+        ))
+        .await;
+    // Commits of other types, back to back, until the follower is answered.
+    let mut last = created;
+    let mut toggles = [
+        add("A", 1, 10),
+        OrderCommand::RemoveItem { sku: "A".into() },
+    ]
+    .into_iter()
+    .cycle();
+    while !follower.is_finished() {
+        let command = toggles.next().unwrap();
+        last = app.append_command(order, &mut state, command).await;
+    }
+    let page = follower.await.unwrap();
+    assert_eq!(page["events"], serde_json::json!([]), "{page}");
+    let read_to = page["read_to"].as_i64().unwrap();
+    assert!(read_to > created && read_to <= last, "{page}");
+    assert_eq!(page["next_cursor"], Value::Null, "{page}");
 }
 
 /// The log as Server-Sent Events: what is there, then each commit as it lands; a client that
