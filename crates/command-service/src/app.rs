@@ -53,18 +53,19 @@ impl std::fmt::Debug for Application {
 }
 
 impl Application {
-    /// Connects to Postgres (creating the database and migrating unless `SKIP_MIGRATIONS`),
-    /// starts the group committer and binds `LISTEN_ADDR`. Redis is connected lazily: the write
-    /// path does not need it, and `/readyz` reports it.
+    /// Connects to Postgres (creating the database and migrating, or with `SKIP_MIGRATIONS`
+    /// waiting until the migrations are applied), starts the group committer and binds
+    /// `LISTEN_ADDR`. Redis is connected lazily: the write path does not need it, and `/readyz`
+    /// reports it.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
         let metrics = platform::metrics::install(SERVICE_NAME);
-        let migrator = (!config.common.skip_migrations).then_some(&store::MIGRATOR);
+        let migrations = db::Migrations::of(&store::MIGRATOR, config.common.skip_migrations);
         let pool = db::connect_when_reachable(
             &config.common.database_url,
             SERVICE_NAME,
             config.common.db_max_connections,
-            migrator,
+            migrations,
             config.common.db_connect_wait(),
         )
         .await?;

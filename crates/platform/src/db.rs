@@ -1,6 +1,7 @@
-//! PostgreSQL bootstrap: create the database when missing, connect a pool, run migrations; and
-//! the options every service connection carries (TLS choice, plan caching, its name, and the
-//! server-side limits on a client that went silent or froze).
+//! PostgreSQL bootstrap: create the database when missing, connect a pool, run migrations (or,
+//! with `SKIP_MIGRATIONS`, wait until another process has applied them); and the options every
+//! service connection carries (TLS choice, plan caching, its name, and the server-side limits
+//! on a client that went silent or froze).
 //!
 //! Several instances may start at once: a concurrent `CREATE DATABASE` is tolerated, and sqlx's
 //! migrator takes an advisory lock. Every failure is one clear line naming the server and the
@@ -34,6 +35,33 @@ const INVALID_CATALOG_NAME: &str = "3D000";
 const DUPLICATE_DATABASE: &str = "42P04";
 /// SQLSTATE `unique_violation`: the other way a concurrent `CREATE DATABASE` can lose the race.
 const UNIQUE_VIOLATION: &str = "23505";
+/// SQLSTATE `undefined_table`: no migration has ever run on the database.
+const UNDEFINED_TABLE: &str = "42P01";
+
+/// What a starting service does about the schema.
+#[derive(Debug, Clone, Copy)]
+pub enum Migrations {
+    /// Nothing: the schema is someone else's business (tests of this crate, examples).
+    Ignore,
+    /// Runs the migrator: the default of every service, and `<binary> migrate`.
+    Run(&'static sqlx::migrate::Migrator),
+    /// Runs nothing, but starts only once every migration of the migrator is applied
+    /// (`SKIP_MIGRATIONS`: a migrate job applies them, possibly while the service starts). A
+    /// newer release's further migrations are fine, as with [`Migrations::Run`].
+    AwaitApplied(&'static sqlx::migrate::Migrator),
+}
+
+impl Migrations {
+    /// The choice of a service whose release's migrations are `migrator`: run them, or, when
+    /// `skip` (`SKIP_MIGRATIONS`), wait for them.
+    pub fn of(migrator: &'static sqlx::migrate::Migrator, skip: bool) -> Self {
+        if skip {
+            Self::AwaitApplied(migrator)
+        } else {
+            Self::Run(migrator)
+        }
+    }
+}
 
 /// Connects a pool to `database_url`, creating the database if it does not exist, then runs
 /// `migrator` when given. The connections name themselves `service` in `pg_stat_activity`
@@ -48,7 +76,7 @@ pub async fn connect(
         database_url,
         service,
         max_connections,
-        migrator,
+        migrator.map_or(Migrations::Ignore, Migrations::Run),
         Duration::ZERO,
     )
     .await
@@ -60,41 +88,130 @@ pub async fn connect(
 /// comes up as soon as the database does instead of exiting and being restarted with a
 /// growing back-off. Anything else (a rejected password, a bad URL) fails at once, and so does
 /// a server still unreachable at the end of `wait`, with the same one line as [`connect`].
+///
+/// With [`Migrations::AwaitApplied`] the same `wait` (from the start, not once more) also
+/// bounds the wait for the migrations, so that a service rolled out together with its migrate
+/// job never runs on the schema of the release before it; if they are not applied by then, it
+/// fails with one line naming `SKIP_MIGRATIONS`.
 pub async fn connect_when_reachable(
     database_url: &str,
     service: &str,
     max_connections: u32,
-    migrator: Option<&'static sqlx::migrate::Migrator>,
+    migrations: Migrations,
     wait: Duration,
 ) -> anyhow::Result<PgPool> {
     let options = service_options(database_url, service)?;
+    let deadline = tokio::time::Instant::now() + wait;
     let first = wait_until_reachable(&options, wait).await;
-    pool_after(&options, first, max_connections, migrator).await
+    pool_after(&options, first, max_connections, migrations, deadline).await
 }
 
 /// The rest of [`connect_when_reachable`] once `first`, the last try to reach the server, has
-/// an answer: creates the database when it was missing, connects the pool, migrates.
+/// an answer: creates the database when it was missing, connects the pool, migrates (or waits
+/// for the migrations until `deadline`).
 async fn pool_after(
     options: &PgConnectOptions,
     first: Result<PgConnection, sqlx::Error>,
     max_connections: u32,
-    migrator: Option<&'static sqlx::migrate::Migrator>,
+    migrations: Migrations,
+    deadline: tokio::time::Instant,
 ) -> anyhow::Result<PgPool> {
     ensure_database(options, first).await?;
     let pool = pool_of(options, max_connections).await?;
-    if let Some(migrator) = migrator {
-        migrator.run(&pool).await.map_err(|e| {
-            anyhow!(
-                "cannot run database migrations on {} at {}: {}",
-                database_name(options),
-                server(options),
-                one_line(&e)
-            )
-        })?;
-        tracing::info!(database = %database_name(options), "database migrations are up to date");
-        warn_if_the_schema_is_newer(&pool, migrator, options).await;
+    match migrations {
+        Migrations::Ignore => {}
+        Migrations::Run(migrator) => {
+            migrator.run(&pool).await.map_err(|e| {
+                anyhow!(
+                    "cannot run database migrations on {} at {}: {}",
+                    database_name(options),
+                    server(options),
+                    one_line(&e)
+                )
+            })?;
+            tracing::info!(database = %database_name(options), "database migrations are up to date");
+            warn_if_the_schema_is_newer(&pool, migrator, options).await;
+        }
+        Migrations::AwaitApplied(migrator) => {
+            wait_until_migrated(&pool, migrator, options, deadline).await?;
+            warn_if_the_schema_is_newer(&pool, migrator, options).await;
+        }
     }
     Ok(pool)
+}
+
+/// Waits until every migration of `migrator` is applied to the database of `pool`, trying
+/// again with a growing pause and logging each try, until `deadline`; then fails with one line
+/// naming `SKIP_MIGRATIONS`. Versions applied beyond the migrator's (a newer release's) are
+/// fine. Without this a service that skips migrations would start on whatever schema it finds,
+/// and a new release's writes to columns its migrate job has not added yet would fail as if
+/// the events were bad (a projector dead-letters them).
+async fn wait_until_migrated(
+    pool: &PgPool,
+    migrator: &sqlx::migrate::Migrator,
+    options: &PgConnectOptions,
+    deadline: tokio::time::Instant,
+) -> anyhow::Result<()> {
+    let mut pause = REACH_RETRY_FIRST;
+    loop {
+        let missing = missing_migrations(pool, migrator).await.map_err(|e| {
+            anyhow!(
+                "cannot read the applied migrations of {} at {} (SKIP_MIGRATIONS): {}",
+                database_name(options),
+                server(options),
+                describe_cause(&e)
+            )
+        })?;
+        let Some(&first_missing) = missing.first() else {
+            tracing::info!(
+                database = %database_name(options),
+                "this release's database migrations are applied (SKIP_MIGRATIONS)"
+            );
+            return Ok(());
+        };
+        if tokio::time::Instant::now() + pause >= deadline {
+            return Err(anyhow!(
+                "database {} at {} lacks {} of this release's migrations (first missing: {});                  SKIP_MIGRATIONS is set, so they must be applied by `migrate` first",
+                database_name(options),
+                server(options),
+                missing.len(),
+                first_missing
+            ));
+        }
+        tracing::warn!(
+            database = %database_name(options),
+            missing = missing.len(),
+            first_missing,
+            retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+            "the database lacks this release's migrations; waiting for `migrate` to apply them \
+             (SKIP_MIGRATIONS, DB_CONNECT_WAIT_SECS)"
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(REACH_RETRY_MAX);
+    }
+}
+
+/// The versions of `migrator`'s migrations not (successfully) applied to the database of
+/// `pool`, in order; all of them while the migrations table does not exist yet. A server that
+/// cannot be used right now counts as "not yet", like a missing table: the wait goes on.
+async fn missing_migrations(
+    pool: &PgPool,
+    migrator: &sqlx::migrate::Migrator,
+) -> Result<Vec<i64>, sqlx::Error> {
+    let wanted = migrator
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .map(|m| m.version);
+    // The table name is the migrator's own constant, never input.
+    let sql = format!("SELECT version FROM {} WHERE success", migrator.table_name);
+    let applied: Vec<i64> = match sqlx::query_scalar(AssertSqlSafe(sql)).fetch_all(pool).await {
+        Ok(applied) => applied,
+        Err(e) if sqlstate(&e).as_deref() == Some(UNDEFINED_TABLE) || is_unavailable(&e) => {
+            Vec::new()
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(wanted.filter(|v| !applied.contains(v)).collect())
 }
 
 /// Says so when the database holds migrations this release does not have: a newer release
@@ -201,7 +318,14 @@ pub async fn migrate(
         tracing::info!("stopped before migrating");
         return Ok(());
     };
-    let pool = pool_after(&options, first, 1, Some(migrator)).await?;
+    let pool = pool_after(
+        &options,
+        first,
+        1,
+        Migrations::Run(migrator),
+        tokio::time::Instant::now(),
+    )
+    .await?;
     pool.close().await;
     tracing::info!("migrations applied");
     Ok(())

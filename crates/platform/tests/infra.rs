@@ -92,6 +92,119 @@ async fn connect_creates_a_missing_database_and_runs_migrations() {
     drop_database(&name).await;
 }
 
+/// Waits until `condition` holds, checking every 50 ms, or fails the test after 30 s.
+async fn wait_until<F, Fut>(what: &str, condition: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether a session named `application` is connected to database `name`.
+async fn session_connected(name: &str, application: &str) -> bool {
+    let mut admin = PgConnection::connect(ADMIN_URL).await.unwrap();
+    sqlx::query_scalar::<_, bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = $1 \
+         AND application_name = $2)",
+    )
+    .bind(name)
+    .bind(application)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap()
+}
+
+/// Applies `TEST_MIGRATOR` to database `url` as a migrate job would, from a pool of its own.
+async fn migrate_from_elsewhere(url: &str) {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(url)
+        .await
+        .unwrap();
+    TEST_MIGRATOR.run(&pool).await.unwrap();
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn with_skip_migrations_a_service_does_not_start_on_a_database_without_its_migrations() {
+    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    let awaited = db::Migrations::AwaitApplied(&TEST_MIGRATOR);
+
+    let err = db::connect_when_reachable(&url, "infra-test", 1, awaited, Duration::ZERO)
+        .await
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("SKIP_MIGRATIONS"), "{msg}");
+    assert!(msg.contains(&name), "{msg}");
+    assert!(!msg.contains('\n'), "{msg}");
+
+    drop_database(&name).await;
+}
+
+#[tokio::test]
+async fn with_skip_migrations_a_service_waits_for_its_migrations_and_starts_once_they_are_applied()
+{
+    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    let awaited = db::Migrations::AwaitApplied(&TEST_MIGRATOR);
+    let start = tokio::spawn({
+        let url = url.clone();
+        async move {
+            db::connect_when_reachable(&url, "awaiting-test", 1, awaited, Duration::from_secs(60))
+                .await
+        }
+    });
+    // Its pool is connected, so it is checking the migrations, which nobody has applied.
+    wait_until("the starting service connects", || {
+        session_connected(&name, "awaiting-test")
+    })
+    .await;
+    assert!(!start.is_finished(), "it started without its migrations");
+
+    migrate_from_elsewhere(&url).await;
+    let pool = tokio::time::timeout(Duration::from_secs(30), start)
+        .await
+        .expect("it went on waiting after the migrations were applied")
+        .unwrap()
+        .unwrap();
+    pool.close().await;
+    drop_database(&name).await;
+}
+
+#[tokio::test]
+async fn with_skip_migrations_a_newer_release_s_further_migrations_do_not_stop_a_start() {
+    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    db::connect(&url, "infra-test", 1, None)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    migrate_from_elsewhere(&url).await;
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (99999999, 'a newer release', true, '\\x00', 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+
+    let awaited = db::Migrations::AwaitApplied(&TEST_MIGRATOR);
+    let pool = db::connect_when_reachable(&url, "infra-test", 1, awaited, Duration::ZERO)
+        .await
+        .unwrap();
+    pool.close().await;
+    drop_database(&name).await;
+}
+
 #[tokio::test]
 async fn service_connections_never_reuse_a_generic_plan_made_for_other_table_sizes() {
     let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());

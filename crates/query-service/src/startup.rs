@@ -56,16 +56,17 @@ impl std::fmt::Debug for Application {
 }
 
 impl Application {
-    /// Connects to PostgreSQL (creating the database and running migrations unless
-    /// `SKIP_MIGRATIONS`), starts the checkpoint watcher and binds `LISTEN_ADDR`.
+    /// Connects to PostgreSQL (creating the database and running migrations, or with
+    /// `SKIP_MIGRATIONS` waiting until they are applied), starts the checkpoint watcher and
+    /// binds `LISTEN_ADDR`.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let metrics = platform::metrics::install(SERVICE_NAME);
-        let migrator = (!config.common.skip_migrations).then_some(&store::MIGRATOR);
+        let migrations = db::Migrations::of(&store::MIGRATOR, config.common.skip_migrations);
         let pool = db::connect_when_reachable(
             &config.common.database_url,
             SERVICE_NAME,
             config.common.db_max_connections,
-            migrator,
+            migrations,
             config.common.db_connect_wait(),
         )
         .await?;
