@@ -66,6 +66,7 @@ impl Application {
             SERVICE_NAME,
             config.common.db_max_connections,
             migrations,
+            db::Use::Writes,
             config.common.db_connect_wait(),
         )
         .await?;

@@ -1,7 +1,8 @@
 //! PostgreSQL bootstrap: create the database when missing, connect a pool, run migrations (or,
 //! with `SKIP_MIGRATIONS`, wait until another process has applied them); and the options every
 //! service connection carries (TLS choice, plan caching, its name, and the server-side limits
-//! on a client that went silent or froze).
+//! on a client that went silent or froze). A service that writes never reuses a pooled session
+//! the server made read-only ([`Use::Writes`]).
 //!
 //! Several instances may start at once: a concurrent `CREATE DATABASE` is tolerated, and sqlx's
 //! migrator takes an advisory lock. Every failure is one clear line naming the server and the
@@ -63,8 +64,23 @@ impl Migrations {
     }
 }
 
+/// What a service does with its pooled connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// It writes (command-service, projector): a pooled session the server made read-only
+    /// (a fail-over onto a demoted primary or a standby while the address still leads there,
+    /// `default_transaction_read_only`) is closed instead of handed out again, so the pool
+    /// reconnects to wherever the address leads now. Otherwise the pool would keep such a
+    /// session, which refuses every write (SQLSTATE 25006), until it reached its maximum
+    /// lifetime (30 min). The check replaces sqlx's test of an idle connection (a ping), so
+    /// each acquire still costs one round trip.
+    Writes,
+    /// It only reads (query-service, read-only admin commands): a read-only server serves it.
+    ReadsOnly,
+}
+
 /// Connects a pool to `database_url`, creating the database if it does not exist, then runs
-/// `migrator` when given. The connections name themselves `service` in `pg_stat_activity`
+/// `migrator` when given; a pool for reads ([`Use::ReadsOnly`]). The connections name themselves `service` in `pg_stat_activity`
 /// and the server log unless the URL or `PGAPPNAME` names them otherwise.
 pub async fn connect(
     database_url: &str,
@@ -77,6 +93,7 @@ pub async fn connect(
         service,
         max_connections,
         migrator.map_or(Migrations::Ignore, Migrations::Run),
+        Use::ReadsOnly,
         Duration::ZERO,
     )
     .await
@@ -98,12 +115,13 @@ pub async fn connect_when_reachable(
     service: &str,
     max_connections: u32,
     migrations: Migrations,
+    use_: Use,
     wait: Duration,
 ) -> anyhow::Result<PgPool> {
     let options = service_options(database_url, service)?;
     let deadline = tokio::time::Instant::now() + wait;
     let first = wait_until_reachable(&options, wait).await;
-    pool_after(&options, first, max_connections, migrations, deadline).await
+    pool_after(&options, first, max_connections, migrations, use_, deadline).await
 }
 
 /// The rest of [`connect_when_reachable`] once `first`, the last try to reach the server, has
@@ -114,10 +132,11 @@ async fn pool_after(
     first: Result<PgConnection, sqlx::Error>,
     max_connections: u32,
     migrations: Migrations,
+    use_: Use,
     deadline: tokio::time::Instant,
 ) -> anyhow::Result<PgPool> {
     ensure_database(options, first).await?;
-    let pool = pool_of(options, max_connections).await?;
+    let pool = pool_of(options, max_connections, use_).await?;
     match migrations {
         Migrations::Ignore => {}
         Migrations::Run(migrator) => {
@@ -276,7 +295,7 @@ pub async fn connect_existing(
     max_connections: u32,
 ) -> anyhow::Result<PgPool> {
     let options = service_options(database_url, service)?;
-    pool_of(&options, max_connections).await
+    pool_of(&options, max_connections, Use::ReadsOnly).await
 }
 
 /// The options every service connection carries (see the module documentation).
@@ -290,11 +309,36 @@ fn service_options(database_url: &str, service: &str) -> anyhow::Result<PgConnec
     ))
 }
 
-async fn pool_of(options: &PgConnectOptions, max_connections: u32) -> anyhow::Result<PgPool> {
-    PgPoolOptions::new()
+async fn pool_of(
+    options: &PgConnectOptions,
+    max_connections: u32,
+    use_: Use,
+) -> anyhow::Result<PgPool> {
+    let pool = PgPoolOptions::new()
         .max_connections(max_connections.max(1))
-        .acquire_timeout(ACQUIRE_TIMEOUT)
-        .connect_with(options.clone())
+        .acquire_timeout(ACQUIRE_TIMEOUT);
+    let pool = match use_ {
+        Use::ReadsOnly => pool,
+        // The query answers what sqlx's ping would (is the session alive?) and whether the
+        // session can write, in the same one round trip.
+        Use::Writes => pool.test_before_acquire(false).before_acquire(|conn, _| {
+            Box::pin(async move {
+                let read_only: String = sqlx::query_scalar(
+                    "SELECT pg_catalog.current_setting('transaction_read_only')",
+                )
+                .fetch_one(conn)
+                .await?;
+                if read_only == "on" {
+                    tracing::info!(
+                        "closing a pooled PostgreSQL session the server made read-only; the \
+                         pool reconnects to wherever DATABASE_URL leads now"
+                    );
+                }
+                Ok(read_only != "on")
+            })
+        }),
+    };
+    pool.connect_with(options.clone())
         .await
         .map_err(|e| describe(&e, options))
 }
@@ -323,6 +367,7 @@ pub async fn migrate(
         first,
         1,
         Migrations::Run(migrator),
+        Use::ReadsOnly,
         tokio::time::Instant::now(),
     )
     .await?;
@@ -492,9 +537,9 @@ async fn create_database(options: &PgConnectOptions) -> anyhow::Result<()> {
 }
 
 /// Whether `e` says the database cannot be used right now (unreachable, restarting, shutting
-/// down, out of connections or resources, or the connection broke), rather than that the
-/// statement or its data are wrong: the first is worth a retry (a 503, a paused projection), the
-/// second is a bug or a poison event (a 500, a dead letter).
+/// down, out of connections or resources, refusing writes for now, or the connection broke),
+/// rather than that the statement or its data are wrong: the first is worth a retry (a 503, a
+/// paused projection), the second is a bug or a poison event (a 500, a dead letter).
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_)
@@ -512,12 +557,19 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
 /// SQLSTATEs of a server that cannot serve now: connection exceptions (class 08), insufficient
 /// resources such as too many connections or a full disk (53), operator intervention such as
 /// an admin shutdown, a crash of another backend or a server still starting (57P01..57P05),
-/// and system errors such as an I/O error (58).
+/// system errors such as an I/O error (58), a server that refuses writes for now
+/// (`read_only_sql_transaction`, 25006: a fail-over left the address on a standby or a demoted
+/// primary, or writes were frozen) and a session the server ended for sitting idle in a
+/// transaction (`idle_in_transaction_session_timeout`, 25P03, which this module turns on: the
+/// process froze, and the work is worth doing again).
 fn unavailable_sqlstate(code: &str) -> bool {
     code.starts_with("08")
         || code.starts_with("53")
         || code.starts_with("58")
-        || matches!(code, "57P01" | "57P02" | "57P03" | "57P04" | "57P05")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "57P04" | "57P05" | "25006" | "25P03"
+        )
 }
 
 fn sqlstate(e: &sqlx::Error) -> Option<String> {
@@ -628,10 +680,12 @@ mod tests {
         assert!(!is_unavailable(&sqlx::Error::ColumnNotFound(
             "total".into()
         )));
-        for code in ["08006", "53300", "57P01", "57P03", "58030"] {
+        for code in [
+            "08006", "53300", "57P01", "57P03", "58030", "25006", "25P03",
+        ] {
             assert!(unavailable_sqlstate(code), "{code}");
         }
-        for code in ["23505", "42P01", "22P02", "40001", "57014"] {
+        for code in ["23505", "42P01", "22P02", "40001", "57014", "25001"] {
             assert!(!unavailable_sqlstate(code), "{code}");
         }
     }

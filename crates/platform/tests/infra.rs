@@ -136,9 +136,16 @@ async fn with_skip_migrations_a_service_does_not_start_on_a_database_without_its
     let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
     let awaited = db::Migrations::AwaitApplied(&TEST_MIGRATOR);
 
-    let err = db::connect_when_reachable(&url, "infra-test", 1, awaited, Duration::ZERO)
-        .await
-        .unwrap_err();
+    let err = db::connect_when_reachable(
+        &url,
+        "infra-test",
+        1,
+        awaited,
+        db::Use::ReadsOnly,
+        Duration::ZERO,
+    )
+    .await
+    .unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("SKIP_MIGRATIONS"), "{msg}");
     assert!(msg.contains(&name), "{msg}");
@@ -156,8 +163,15 @@ async fn with_skip_migrations_a_service_waits_for_its_migrations_and_starts_once
     let start = tokio::spawn({
         let url = url.clone();
         async move {
-            db::connect_when_reachable(&url, "awaiting-test", 1, awaited, Duration::from_secs(60))
-                .await
+            db::connect_when_reachable(
+                &url,
+                "awaiting-test",
+                1,
+                awaited,
+                db::Use::ReadsOnly,
+                Duration::from_secs(60),
+            )
+            .await
         }
     });
     // Its pool is connected, so it is checking the migrations, which nobody has applied.
@@ -198,9 +212,73 @@ async fn with_skip_migrations_a_newer_release_s_further_migrations_do_not_stop_a
     conn.close().await.unwrap();
 
     let awaited = db::Migrations::AwaitApplied(&TEST_MIGRATOR);
-    let pool = db::connect_when_reachable(&url, "infra-test", 1, awaited, Duration::ZERO)
+    let pool = db::connect_when_reachable(
+        &url,
+        "infra-test",
+        1,
+        awaited,
+        db::Use::ReadsOnly,
+        Duration::ZERO,
+    )
+    .await
+    .unwrap();
+    pool.close().await;
+    drop_database(&name).await;
+}
+
+/// Runs `sql` on the maintenance database.
+async fn admin(sql: String) {
+    let mut admin = PgConnection::connect(ADMIN_URL).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut admin)
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_write_refused_by_a_read_only_server_is_unavailability_and_its_session_is_not_reused() {
+    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    db::connect(&url, "infra-test", 1, Some(&TEST_MIGRATOR))
+        .await
+        .unwrap()
+        .close()
+        .await;
+    // New sessions of the database refuse writes, as those of a demoted primary or a standby
+    // that the address leads to after a fail-over do.
+    admin(format!(
+        "ALTER DATABASE \"{name}\" SET default_transaction_read_only = on"
+    ))
+    .await;
+    let pool = db::connect_when_reachable(
+        &url,
+        "infra-test",
+        1,
+        db::Migrations::Ignore,
+        db::Use::Writes,
+        Duration::ZERO,
+    )
+    .await
+    .unwrap();
+    let insert = "INSERT INTO platform_probe (id) VALUES (1)";
+    let refused = sqlx::query(insert).execute(&pool).await.unwrap_err();
+    assert_eq!(
+        refused
+            .as_database_error()
+            .and_then(|e| e.code())
+            .as_deref(),
+        Some("25006"),
+        "{refused}"
+    );
+    assert!(db::is_unavailable(&refused), "{refused}");
+
+    // The address leads to a writer again: the pool's one session, read-only, is not handed
+    // out again, so the write reaches a new session.
+    admin(format!(
+        "ALTER DATABASE \"{name}\" RESET default_transaction_read_only"
+    ))
+    .await;
+    sqlx::query(insert).execute(&pool).await.unwrap();
     pool.close().await;
     drop_database(&name).await;
 }

@@ -34,6 +34,7 @@ async fn connect_db_waiting(cli: &Cli, wait: std::time::Duration) -> anyhow::Res
         SERVICE_NAME,
         cli.common.db_max_connections,
         migrations,
+        platform::db::Use::Writes,
         wait,
     )
     .await

@@ -67,6 +67,7 @@ impl Application {
             SERVICE_NAME,
             config.common.db_max_connections,
             migrations,
+            db::Use::ReadsOnly,
             config.common.db_connect_wait(),
         )
         .await?;
