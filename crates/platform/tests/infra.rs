@@ -520,6 +520,41 @@ async fn readyz_is_503_naming_the_cause_when_postgres_refuses_connections() {
 }
 
 #[tokio::test]
+async fn readyz_is_200_while_every_pooled_connection_is_busy_and_postgres_answers() {
+    let pool = orders_pool().await;
+    let busy = pool.acquire().await.unwrap();
+    let (status, body) = readyz(Readiness::default().with_postgres(pool.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["checks"]["postgres"], "ok");
+    drop(busy);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn readyz_is_200_while_the_pool_is_busy_and_the_server_is_at_its_connection_limit() {
+    // A role limited to one connection, which the pool holds: the check's own connection is
+    // turned away by a server that is there.
+    let role = format!("readyz_{}", uuid::Uuid::new_v4().simple());
+    admin(format!("CREATE ROLE \"{role}\" LOGIN CONNECTION LIMIT 1")).await;
+    let options = sqlx::postgres::PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(5432)
+        .username(&role)
+        .database("postgres");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let busy = pool.acquire().await.unwrap();
+    let (status, body) = readyz(Readiness::default().with_postgres(pool.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    drop(busy);
+    pool.close().await;
+    admin(format!("DROP ROLE \"{role}\"")).await;
+}
+
+#[tokio::test]
 async fn readyz_is_503_naming_redis_when_redis_is_down() {
     let url = format!("redis://127.0.0.1:{}", closed_port());
     let redis = redis_conn::lazy_manager(&plain_client(&url), Duration::from_secs(1)).unwrap();
