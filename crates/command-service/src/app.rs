@@ -2,7 +2,8 @@
 //! group committer and binds the listener; `run_until_stopped(shutdown)` serves until
 //! `shutdown` resolves, running the relay and the idempotency-key expiry beside the server.
 //!
-//! Shutdown order: stop accepting and drain in-flight requests (bounded by
+//! Shutdown order: serve on for `SHUTDOWN_DELAY_MS` with `/readyz` answering 503 (out of
+//! rotation), stop accepting and drain in-flight requests (bounded by
 //! `SHUTDOWN_GRACE_SECS`), then cancel the relay and the background tasks and wait for them.
 //! The group committer stops by itself once the router (its last handle) is dropped, after
 //! answering everything queued.
@@ -182,6 +183,8 @@ impl Application {
             }
             tracing::info!("shutting down: draining in-flight requests");
         };
+        let (router, stop) =
+            shutdown::leave_rotation_first(router, stop, config.http.shutdown_delay());
         let served =
             shutdown::serve_with_grace(listener, router, stop, config.common.shutdown_grace())
                 .await;

@@ -209,9 +209,25 @@ pub struct HttpArgs {
     /// `https://host[:port]`, or `*` for any; unset, no CORS headers are sent
     #[arg(long, env = "CORS_ALLOWED_ORIGINS")]
     pub cors_allowed_origins: Option<String>,
+
+    /// Milliseconds the service goes on serving after SIGTERM, with /readyz answering 503, before
+    /// it drains: the time load balancers take to stop sending it requests (Kubernetes: a few
+    /// seconds). 0 drains at once
+    #[arg(
+        long,
+        env = "SHUTDOWN_DELAY_MS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(u64).range(0..=60_000)
+    )]
+    pub shutdown_delay_ms: u64,
 }
 
 impl HttpArgs {
+    /// `SHUTDOWN_DELAY_MS` as a `Duration`.
+    pub fn shutdown_delay(&self) -> Duration {
+        Duration::from_millis(self.shutdown_delay_ms)
+    }
+
     /// The bound as a `usize`.
     pub fn max_in_flight(&self) -> usize {
         usize::try_from(self.max_in_flight_requests).unwrap_or(usize::MAX)

@@ -666,6 +666,70 @@ async fn a_served_app_answers_the_probe_and_stops_on_shutdown() {
     );
 }
 
+/// A server of a `/work` route and the health routes, leaving rotation for `delay` after
+/// `token` is cancelled; its address and its task.
+async fn leaving_server(
+    token: &shutdown::CancellationToken,
+    delay: Duration,
+) -> (String, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let handle = platform::metrics::install("platform-test");
+    let app = Router::new()
+        .route("/work", axum::routing::get(|| async { "done" }))
+        .merge(health_router(Readiness::default(), handle));
+    let (app, stop) = shutdown::leave_rotation_first(app, token.clone().cancelled_owned(), delay);
+    let server = tokio::spawn(shutdown::serve_with_grace(
+        listener,
+        app,
+        stop,
+        Duration::from_secs(5),
+    ));
+    (addr, server)
+}
+
+#[tokio::test]
+async fn during_the_shutdown_delay_requests_are_still_served_and_readyz_is_503() {
+    let token = shutdown::CancellationToken::new();
+    // Far longer than the test, so nothing below races its end.
+    let (addr, server) = leaving_server(&token, Duration::from_secs(600)).await;
+    let status = |path: &'static str| {
+        let addr = addr.clone();
+        async move { platform::healthcheck::probe_status(&addr, path).await.ok() }
+    };
+    assert_eq!(status("/readyz").await, Some(200));
+
+    token.cancel();
+    wait_until("/readyz answers 503", || async {
+        status("/readyz").await == Some(503)
+    })
+    .await;
+    assert_eq!(status("/work").await, Some(200), "a request was refused");
+    assert_eq!(status("/healthz").await, Some(200));
+    assert!(!server.is_finished());
+    server.abort();
+}
+
+#[tokio::test]
+async fn after_the_shutdown_delay_the_server_drains_and_stops() {
+    let token = shutdown::CancellationToken::new();
+    let (addr, server) = leaving_server(&token, Duration::from_millis(100)).await;
+    assert_eq!(
+        platform::healthcheck::probe(&addr, "/work").await,
+        ExitCode::SUCCESS
+    );
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .expect("the server did not stop after the delay")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        platform::healthcheck::probe(&addr, "/work").await,
+        ExitCode::FAILURE
+    );
+}
+
 #[tokio::test]
 async fn metrics_are_served_as_prometheus_text() {
     let handle = platform::metrics::install("platform-test");

@@ -41,6 +41,8 @@ pub struct Application {
     streams_stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     grace: std::time::Duration,
+    /// `SHUTDOWN_DELAY_MS`: how long it goes on serving, out of rotation, before it drains.
+    delay: std::time::Duration,
     watcher_stats: Arc<WatcherStats>,
     read_stats: Arc<ReadStats>,
     stream_stats: Arc<StreamStats>,
@@ -140,6 +142,7 @@ impl Application {
             streams_stop,
             tasks,
             grace: config.common.shutdown_grace(),
+            delay: config.http.shutdown_delay(),
             watcher_stats: watcher.stats(),
             read_stats: read_models.stats(),
             stream_stats,
@@ -172,20 +175,23 @@ impl Application {
         Arc::clone(&self.read_stats)
     }
 
-    /// Serves until `shutdown` resolves, drains in-flight requests, then stops the watcher.
+    /// Serves until `shutdown` resolves and `SHUTDOWN_DELAY_MS` later (with `/readyz` answering
+    /// 503 meanwhile), drains in-flight requests, then stops the watcher.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(port = self.port, "query service listening");
         let streams_stop = self.streams_stop.clone();
+        // Streams end when the drain begins, not at the signal: until then the instance serves.
+        let (router, shutdown) =
+            platform::shutdown::leave_rotation_first(self.router, shutdown, self.delay);
         let shutdown = async move {
             shutdown.await;
             streams_stop.cancel();
         };
         let result =
-            platform::shutdown::serve_with_grace(self.listener, self.router, shutdown, self.grace)
-                .await;
+            platform::shutdown::serve_with_grace(self.listener, router, shutdown, self.grace).await;
         self.cancel.cancel();
         for task in self.tasks {
             let _ = task.await;
