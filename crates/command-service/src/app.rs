@@ -2,7 +2,8 @@
 //! group committer and binds the listener; `run_until_stopped(shutdown)` serves until
 //! `shutdown` resolves, running the relay and the idempotency-key expiry beside the server.
 //!
-//! Shutdown order: stop accepting and drain in-flight requests (bounded by
+//! Shutdown order: serve on for `SHUTDOWN_DELAY_MS` with `/readyz` answering 503 (out of
+//! rotation), stop accepting and drain in-flight requests (bounded by
 //! `SHUTDOWN_GRACE_SECS`), then cancel the relay and the background tasks and wait for them.
 //! The group committer stops by itself once the router (its last handle) is dropped, after
 //! answering everything queued.
@@ -53,18 +54,20 @@ impl std::fmt::Debug for Application {
 }
 
 impl Application {
-    /// Connects to Postgres (creating the database and migrating unless `SKIP_MIGRATIONS`),
-    /// starts the group committer and binds `LISTEN_ADDR`. Redis is connected lazily: the write
-    /// path does not need it, and `/readyz` reports it.
+    /// Connects to Postgres (creating the database and migrating, or with `SKIP_MIGRATIONS`
+    /// waiting until the migrations are applied), starts the group committer and binds
+    /// `LISTEN_ADDR`. Redis is connected lazily: the write path does not need it, and `/readyz`
+    /// reports it.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
         let metrics = platform::metrics::install(SERVICE_NAME);
-        let migrator = (!config.common.skip_migrations).then_some(&store::MIGRATOR);
+        let migrations = db::Migrations::of(&store::MIGRATOR, config.common.skip_migrations);
         let pool = db::connect_when_reachable(
             &config.common.database_url,
             SERVICE_NAME,
             config.common.db_max_connections,
-            migrator,
+            migrations,
+            db::Use::Writes,
             config.common.db_connect_wait(),
         )
         .await?;
@@ -180,6 +183,8 @@ impl Application {
             }
             tracing::info!("shutting down: draining in-flight requests");
         };
+        let (router, stop) =
+            shutdown::leave_rotation_first(router, stop, config.http.shutdown_delay());
         let served =
             shutdown::serve_with_grace(listener, router, stop, config.common.shutdown_grace())
                 .await;

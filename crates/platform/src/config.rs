@@ -167,21 +167,28 @@ pub struct AuthArgs {
 }
 
 impl AuthArgs {
-    /// Refuses a value that is a list of nothing (`","`): meant to set tokens, it would
-    /// otherwise turn authentication off.
+    /// Refuses a value that holds no token but is not empty: a list of nothing (`","`) or only
+    /// whitespace (a secret template that rendered blank). Meant to set tokens, it would
+    /// otherwise turn authentication off without a word.
     pub fn validate(&self) -> anyhow::Result<()> {
         match self.api_token.as_deref() {
-            Some(list) if !list.trim().is_empty() && BearerTokens::parse(list).is_none() => Err(
-                anyhow!("invalid API_TOKEN: a list of tokens with no token in it"),
-            ),
+            Some(list) if !list.is_empty() && BearerTokens::parse(list).is_none() => Err(anyhow!(
+                "invalid API_TOKEN: no token in it (only whitespace or commas); leave it empty \
+                 or unset to run without authentication"
+            )),
             _ => Ok(()),
         }
     }
 
     /// The tokens in the shape `auth::require_bearer_token` takes; `None` (no authentication)
-    /// when unset or empty.
+    /// when unset or empty. A service calls it once, at start, so without authentication it
+    /// logs a warning once: an API open to anyone who reaches it should be a choice on record.
     pub fn tokens(&self) -> Option<BearerTokens> {
-        self.api_token.as_deref().and_then(BearerTokens::parse)
+        let tokens = self.api_token.as_deref().and_then(BearerTokens::parse);
+        if tokens.is_none() {
+            tracing::warn!("API_TOKEN is not set: the API runs without authentication");
+        }
+        tokens
     }
 }
 
@@ -202,9 +209,25 @@ pub struct HttpArgs {
     /// `https://host[:port]`, or `*` for any; unset, no CORS headers are sent
     #[arg(long, env = "CORS_ALLOWED_ORIGINS")]
     pub cors_allowed_origins: Option<String>,
+
+    /// Milliseconds the service goes on serving after SIGTERM, with /readyz answering 503, before
+    /// it drains: the time load balancers take to stop sending it requests (Kubernetes: a few
+    /// seconds). 0 drains at once
+    #[arg(
+        long,
+        env = "SHUTDOWN_DELAY_MS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(u64).range(0..=60_000)
+    )]
+    pub shutdown_delay_ms: u64,
 }
 
 impl HttpArgs {
+    /// `SHUTDOWN_DELAY_MS` as a `Duration`.
+    pub fn shutdown_delay(&self) -> Duration {
+        Duration::from_millis(self.shutdown_delay_ms)
+    }
+
     /// The bound as a `usize`.
     pub fn max_in_flight(&self) -> usize {
         usize::try_from(self.max_in_flight_requests).unwrap_or(usize::MAX)
@@ -390,5 +413,17 @@ mod tests {
         let err = auth(" , ").validate().unwrap_err().to_string();
         assert!(err.starts_with("invalid API_TOKEN: "), "{err}");
         assert!(auth("a,b").validate().is_ok());
+    }
+
+    #[test]
+    fn a_token_of_only_whitespace_is_refused_rather_than_turning_authentication_off() {
+        for blank in [" ", "\n", " \t\r\n"] {
+            let auth = AuthArgs {
+                api_token: Some(blank.to_owned()),
+            };
+            let err = auth.validate().unwrap_err().to_string();
+            assert!(err.starts_with("invalid API_TOKEN: "), "{blank:?}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
     }
 }

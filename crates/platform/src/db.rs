@@ -1,6 +1,8 @@
-//! PostgreSQL bootstrap: create the database when missing, connect a pool, run migrations; and
-//! the options every service connection carries (TLS choice, plan caching, its name, and the
-//! server-side limits on a client that went silent or froze).
+//! PostgreSQL bootstrap: create the database when missing, connect a pool, run migrations (or,
+//! with `SKIP_MIGRATIONS`, wait until another process has applied them); and the options every
+//! service connection carries (TLS choice, plan caching, its name, and the server-side limits
+//! on a client that went silent or froze). A service that writes never reuses a pooled session
+//! the server made read-only ([`Use::Writes`]).
 //!
 //! Several instances may start at once: a concurrent `CREATE DATABASE` is tolerated, and sqlx's
 //! migrator takes an advisory lock. Every failure is one clear line naming the server and the
@@ -34,9 +36,51 @@ const INVALID_CATALOG_NAME: &str = "3D000";
 const DUPLICATE_DATABASE: &str = "42P04";
 /// SQLSTATE `unique_violation`: the other way a concurrent `CREATE DATABASE` can lose the race.
 const UNIQUE_VIOLATION: &str = "23505";
+/// SQLSTATE `undefined_table`: no migration has ever run on the database.
+const UNDEFINED_TABLE: &str = "42P01";
+
+/// What a starting service does about the schema.
+#[derive(Debug, Clone, Copy)]
+pub enum Migrations {
+    /// Nothing: the schema is someone else's business (tests of this crate, examples).
+    Ignore,
+    /// Runs the migrator: the default of every service, and `<binary> migrate`.
+    Run(&'static sqlx::migrate::Migrator),
+    /// Runs nothing, but starts only once every migration of the migrator is applied
+    /// (`SKIP_MIGRATIONS`: a migrate job applies them, possibly while the service starts). A
+    /// newer release's further migrations are fine, as with [`Migrations::Run`].
+    AwaitApplied(&'static sqlx::migrate::Migrator),
+}
+
+impl Migrations {
+    /// The choice of a service whose release's migrations are `migrator`: run them, or, when
+    /// `skip` (`SKIP_MIGRATIONS`), wait for them.
+    pub fn of(migrator: &'static sqlx::migrate::Migrator, skip: bool) -> Self {
+        if skip {
+            Self::AwaitApplied(migrator)
+        } else {
+            Self::Run(migrator)
+        }
+    }
+}
+
+/// What a service does with its pooled connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// It writes (command-service, projector): a pooled session the server made read-only
+    /// (a fail-over onto a demoted primary or a standby while the address still leads there,
+    /// `default_transaction_read_only`) is closed instead of handed out again, so the pool
+    /// reconnects to wherever the address leads now. Otherwise the pool would keep such a
+    /// session, which refuses every write (SQLSTATE 25006), until it reached its maximum
+    /// lifetime (30 min). The check replaces sqlx's test of an idle connection (a ping), so
+    /// each acquire still costs one round trip.
+    Writes,
+    /// It only reads (query-service, read-only admin commands): a read-only server serves it.
+    ReadsOnly,
+}
 
 /// Connects a pool to `database_url`, creating the database if it does not exist, then runs
-/// `migrator` when given. The connections name themselves `service` in `pg_stat_activity`
+/// `migrator` when given; a pool for reads ([`Use::ReadsOnly`]). The connections name themselves `service` in `pg_stat_activity`
 /// and the server log unless the URL or `PGAPPNAME` names them otherwise.
 pub async fn connect(
     database_url: &str,
@@ -48,7 +92,8 @@ pub async fn connect(
         database_url,
         service,
         max_connections,
-        migrator,
+        migrator.map_or(Migrations::Ignore, Migrations::Run),
+        Use::ReadsOnly,
         Duration::ZERO,
     )
     .await
@@ -60,41 +105,132 @@ pub async fn connect(
 /// comes up as soon as the database does instead of exiting and being restarted with a
 /// growing back-off. Anything else (a rejected password, a bad URL) fails at once, and so does
 /// a server still unreachable at the end of `wait`, with the same one line as [`connect`].
+///
+/// With [`Migrations::AwaitApplied`] the same `wait` (from the start, not once more) also
+/// bounds the wait for the migrations, so that a service rolled out together with its migrate
+/// job never runs on the schema of the release before it; if they are not applied by then, it
+/// fails with one line naming `SKIP_MIGRATIONS`.
 pub async fn connect_when_reachable(
     database_url: &str,
     service: &str,
     max_connections: u32,
-    migrator: Option<&'static sqlx::migrate::Migrator>,
+    migrations: Migrations,
+    use_: Use,
     wait: Duration,
 ) -> anyhow::Result<PgPool> {
     let options = service_options(database_url, service)?;
+    let deadline = tokio::time::Instant::now() + wait;
     let first = wait_until_reachable(&options, wait).await;
-    pool_after(&options, first, max_connections, migrator).await
+    pool_after(&options, first, max_connections, migrations, use_, deadline).await
 }
 
 /// The rest of [`connect_when_reachable`] once `first`, the last try to reach the server, has
-/// an answer: creates the database when it was missing, connects the pool, migrates.
+/// an answer: creates the database when it was missing, connects the pool, migrates (or waits
+/// for the migrations until `deadline`).
 async fn pool_after(
     options: &PgConnectOptions,
     first: Result<PgConnection, sqlx::Error>,
     max_connections: u32,
-    migrator: Option<&'static sqlx::migrate::Migrator>,
+    migrations: Migrations,
+    use_: Use,
+    deadline: tokio::time::Instant,
 ) -> anyhow::Result<PgPool> {
     ensure_database(options, first).await?;
-    let pool = pool_of(options, max_connections).await?;
-    if let Some(migrator) = migrator {
-        migrator.run(&pool).await.map_err(|e| {
-            anyhow!(
-                "cannot run database migrations on {} at {}: {}",
-                database_name(options),
-                server(options),
-                one_line(&e)
-            )
-        })?;
-        tracing::info!(database = %database_name(options), "database migrations are up to date");
-        warn_if_the_schema_is_newer(&pool, migrator, options).await;
+    let pool = pool_of(options, max_connections, use_).await?;
+    match migrations {
+        Migrations::Ignore => {}
+        Migrations::Run(migrator) => {
+            migrator.run(&pool).await.map_err(|e| {
+                anyhow!(
+                    "cannot run database migrations on {} at {}: {}",
+                    database_name(options),
+                    server(options),
+                    one_line(&e)
+                )
+            })?;
+            tracing::info!(database = %database_name(options), "database migrations are up to date");
+            warn_if_the_schema_is_newer(&pool, migrator, options).await;
+        }
+        Migrations::AwaitApplied(migrator) => {
+            wait_until_migrated(&pool, migrator, options, deadline).await?;
+            warn_if_the_schema_is_newer(&pool, migrator, options).await;
+        }
     }
     Ok(pool)
+}
+
+/// Waits until every migration of `migrator` is applied to the database of `pool`, trying
+/// again with a growing pause and logging each try, until `deadline`; then fails with one line
+/// naming `SKIP_MIGRATIONS`. Versions applied beyond the migrator's (a newer release's) are
+/// fine. Without this a service that skips migrations would start on whatever schema it finds,
+/// and a new release's writes to columns its migrate job has not added yet would fail as if
+/// the events were bad (a projector dead-letters them).
+async fn wait_until_migrated(
+    pool: &PgPool,
+    migrator: &sqlx::migrate::Migrator,
+    options: &PgConnectOptions,
+    deadline: tokio::time::Instant,
+) -> anyhow::Result<()> {
+    let mut pause = REACH_RETRY_FIRST;
+    loop {
+        let missing = missing_migrations(pool, migrator).await.map_err(|e| {
+            anyhow!(
+                "cannot read the applied migrations of {} at {} (SKIP_MIGRATIONS): {}",
+                database_name(options),
+                server(options),
+                describe_cause(&e)
+            )
+        })?;
+        let Some(&first_missing) = missing.first() else {
+            tracing::info!(
+                database = %database_name(options),
+                "this release's database migrations are applied (SKIP_MIGRATIONS)"
+            );
+            return Ok(());
+        };
+        if tokio::time::Instant::now() + pause >= deadline {
+            return Err(anyhow!(
+                "database {} at {} lacks {} of this release's migrations (first missing: {});                  SKIP_MIGRATIONS is set, so they must be applied by `migrate` first",
+                database_name(options),
+                server(options),
+                missing.len(),
+                first_missing
+            ));
+        }
+        tracing::warn!(
+            database = %database_name(options),
+            missing = missing.len(),
+            first_missing,
+            retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+            "the database lacks this release's migrations; waiting for `migrate` to apply them \
+             (SKIP_MIGRATIONS, DB_CONNECT_WAIT_SECS)"
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(REACH_RETRY_MAX);
+    }
+}
+
+/// The versions of `migrator`'s migrations not (successfully) applied to the database of
+/// `pool`, in order; all of them while the migrations table does not exist yet. A server that
+/// cannot be used right now counts as "not yet", like a missing table: the wait goes on.
+async fn missing_migrations(
+    pool: &PgPool,
+    migrator: &sqlx::migrate::Migrator,
+) -> Result<Vec<i64>, sqlx::Error> {
+    let wanted = migrator
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .map(|m| m.version);
+    // The table name is the migrator's own constant, never input.
+    let sql = format!("SELECT version FROM {} WHERE success", migrator.table_name);
+    let applied: Vec<i64> = match sqlx::query_scalar(AssertSqlSafe(sql)).fetch_all(pool).await {
+        Ok(applied) => applied,
+        Err(e) if sqlstate(&e).as_deref() == Some(UNDEFINED_TABLE) || is_unavailable(&e) => {
+            Vec::new()
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(wanted.filter(|v| !applied.contains(v)).collect())
 }
 
 /// Says so when the database holds migrations this release does not have: a newer release
@@ -159,7 +295,7 @@ pub async fn connect_existing(
     max_connections: u32,
 ) -> anyhow::Result<PgPool> {
     let options = service_options(database_url, service)?;
-    pool_of(&options, max_connections).await
+    pool_of(&options, max_connections, Use::ReadsOnly).await
 }
 
 /// The options every service connection carries (see the module documentation).
@@ -173,11 +309,36 @@ fn service_options(database_url: &str, service: &str) -> anyhow::Result<PgConnec
     ))
 }
 
-async fn pool_of(options: &PgConnectOptions, max_connections: u32) -> anyhow::Result<PgPool> {
-    PgPoolOptions::new()
+async fn pool_of(
+    options: &PgConnectOptions,
+    max_connections: u32,
+    use_: Use,
+) -> anyhow::Result<PgPool> {
+    let pool = PgPoolOptions::new()
         .max_connections(max_connections.max(1))
-        .acquire_timeout(ACQUIRE_TIMEOUT)
-        .connect_with(options.clone())
+        .acquire_timeout(ACQUIRE_TIMEOUT);
+    let pool = match use_ {
+        Use::ReadsOnly => pool,
+        // The query answers what sqlx's ping would (is the session alive?) and whether the
+        // session can write, in the same one round trip.
+        Use::Writes => pool.test_before_acquire(false).before_acquire(|conn, _| {
+            Box::pin(async move {
+                let read_only: String = sqlx::query_scalar(
+                    "SELECT pg_catalog.current_setting('transaction_read_only')",
+                )
+                .fetch_one(conn)
+                .await?;
+                if read_only == "on" {
+                    tracing::info!(
+                        "closing a pooled PostgreSQL session the server made read-only; the \
+                         pool reconnects to wherever DATABASE_URL leads now"
+                    );
+                }
+                Ok(read_only != "on")
+            })
+        }),
+    };
+    pool.connect_with(options.clone())
         .await
         .map_err(|e| describe(&e, options))
 }
@@ -201,7 +362,15 @@ pub async fn migrate(
         tracing::info!("stopped before migrating");
         return Ok(());
     };
-    let pool = pool_after(&options, first, 1, Some(migrator)).await?;
+    let pool = pool_after(
+        &options,
+        first,
+        1,
+        Migrations::Run(migrator),
+        Use::ReadsOnly,
+        tokio::time::Instant::now(),
+    )
+    .await?;
     pool.close().await;
     tracing::info!("migrations applied");
     Ok(())
@@ -368,9 +537,9 @@ async fn create_database(options: &PgConnectOptions) -> anyhow::Result<()> {
 }
 
 /// Whether `e` says the database cannot be used right now (unreachable, restarting, shutting
-/// down, out of connections or resources, or the connection broke), rather than that the
-/// statement or its data are wrong: the first is worth a retry (a 503, a paused projection), the
-/// second is a bug or a poison event (a 500, a dead letter).
+/// down, out of connections or resources, refusing writes for now, or the connection broke),
+/// rather than that the statement or its data are wrong: the first is worth a retry (a 503, a
+/// paused projection), the second is a bug or a poison event (a 500, a dead letter).
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_)
@@ -388,12 +557,19 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
 /// SQLSTATEs of a server that cannot serve now: connection exceptions (class 08), insufficient
 /// resources such as too many connections or a full disk (53), operator intervention such as
 /// an admin shutdown, a crash of another backend or a server still starting (57P01..57P05),
-/// and system errors such as an I/O error (58).
+/// system errors such as an I/O error (58), a server that refuses writes for now
+/// (`read_only_sql_transaction`, 25006: a fail-over left the address on a standby or a demoted
+/// primary, or writes were frozen) and a session the server ended for sitting idle in a
+/// transaction (`idle_in_transaction_session_timeout`, 25P03, which this module turns on: the
+/// process froze, and the work is worth doing again).
 fn unavailable_sqlstate(code: &str) -> bool {
     code.starts_with("08")
         || code.starts_with("53")
         || code.starts_with("58")
-        || matches!(code, "57P01" | "57P02" | "57P03" | "57P04" | "57P05")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "57P04" | "57P05" | "25006" | "25P03"
+        )
 }
 
 fn sqlstate(e: &sqlx::Error) -> Option<String> {
@@ -504,10 +680,12 @@ mod tests {
         assert!(!is_unavailable(&sqlx::Error::ColumnNotFound(
             "total".into()
         )));
-        for code in ["08006", "53300", "57P01", "57P03", "58030"] {
+        for code in [
+            "08006", "53300", "57P01", "57P03", "58030", "25006", "25P03",
+        ] {
             assert!(unavailable_sqlstate(code), "{code}");
         }
-        for code in ["23505", "42P01", "22P02", "40001", "57014"] {
+        for code in ["23505", "42P01", "22P02", "40001", "57014", "25001"] {
             assert!(!unavailable_sqlstate(code), "{code}");
         }
     }

@@ -32,11 +32,14 @@ use sqlx::{Connection as _, PgPool};
 
 use crate::config::error_chain;
 
-/// Longest a single readiness check may take; a probe must answer well within its own timeout.
-pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long the Postgres check waits for a pooled connection before it tries a connection of
-/// its own to learn why none came; well within [`CHECK_TIMEOUT`].
-pub const POOL_PROBE: Duration = Duration::from_millis(1000);
+/// Longest a single readiness check may take: the answer must reach the kubelet within its
+/// probes' `timeoutSeconds` (2 s in `deploy/k8s`), or the probe fails whatever it says.
+pub const CHECK_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long the Postgres check gives `SELECT 1` on an idle pooled connection before it asks
+/// the server with a connection of its own; well within [`CHECK_TIMEOUT`].
+pub const POOL_PROBE: Duration = Duration::from_millis(500);
+/// SQLSTATE `too_many_connections`: the server is there, at its connection limit.
+const TOO_MANY_CONNECTIONS: &str = "53300";
 /// Name of the Postgres check in the `/readyz` body.
 pub const POSTGRES_CHECK: &str = "postgres";
 /// Name of the Redis check in the `/readyz` body.
@@ -71,29 +74,14 @@ impl Readiness {
         Self::default().with_postgres(pg).with_redis(redis)
     }
 
-    /// Adds the `postgres` check: `SELECT 1` on the pool. When the pool hands out no connection
-    /// within [`POOL_PROBE`] (sqlx keeps retrying a refused connect until its own, longer,
-    /// timeout), one connect of its own learns why: its error is the answer (`Connection
-    /// refused`) rather than only that the check ran out of time; if the server accepts it, the
-    /// check goes on waiting for the pool as before.
+    /// Adds the `postgres` check: is the server reachable, which is what readiness promises.
+    /// A pool whose connections are all busy is not a failure: the instance is serving with
+    /// them, and taking every busy replica out of rotation at once would turn a slowdown into
+    /// an outage.
     pub fn with_postgres(self, pg: PgPool) -> Self {
         self.with_check(POSTGRES_CHECK, move || {
             let pg = pg.clone();
-            async move {
-                let query = sqlx::query("SELECT 1").execute(&pg);
-                tokio::pin!(query);
-                if let Ok(result) = tokio::time::timeout(POOL_PROBE, &mut query).await {
-                    result?;
-                    return Ok(());
-                }
-                let options = (*pg.connect_options()).clone();
-                sqlx::PgConnection::connect_with(&options)
-                    .await?
-                    .close()
-                    .await?;
-                query.await?;
-                Ok(())
-            }
+            async move { postgres_reachable(&pg).await }
         })
     }
 
@@ -154,6 +142,38 @@ impl Readiness {
             status: if ready { "ready" } else { "not_ready" },
             checks,
         }
+    }
+}
+
+/// `SELECT 1` on an idle pooled connection when there is one (within [`POOL_PROBE`]); when
+/// there is none (all busy, or none opened yet) or it failed, a connection of its own, never
+/// waiting for the pool. That connection succeeding is the answer, and so is the server turning
+/// it away at its connection limit while the pool holds connections (they still serve); its
+/// error otherwise (`Connection refused`), rather than only that the check ran out of time.
+async fn postgres_reachable(pg: &PgPool) -> anyhow::Result<()> {
+    if let Some(mut conn) = pg.try_acquire() {
+        let pinged = tokio::time::timeout(POOL_PROBE, sqlx::query("SELECT 1").execute(&mut *conn));
+        match pinged.await {
+            Ok(Ok(_)) => return Ok(()),
+            // A broken or stuck session says nothing yet of the server; it is not kept.
+            _ => conn.close_on_drop(),
+        }
+    }
+    let options = (*pg.connect_options()).clone();
+    match sqlx::PgConnection::connect_with(&options).await {
+        Ok(conn) => {
+            // Closing politely is best effort; the server answered, which is what counts.
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Err(e)
+            if pg.size() > 0
+                && e.as_database_error().and_then(|db| db.code()).as_deref()
+                    == Some(TOO_MANY_CONNECTIONS) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

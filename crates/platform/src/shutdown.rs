@@ -1,4 +1,5 @@
-//! Graceful shutdown: SIGTERM or Ctrl-C as a future, and serving HTTP until it resolves.
+//! Graceful shutdown: SIGTERM or Ctrl-C as a future, and serving HTTP until it resolves; an API
+//! first leaves its load balancers' rotation ([`leave_rotation_first`]), then drains.
 //!
 //! A binary in a container is PID 1 and receives SIGTERM, not Ctrl-C, so both are handled.
 //! Shutdown is a future passed in (as in mini-redis), which lets tests stop a server without
@@ -9,6 +10,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 pub use tokio_util::sync::CancellationToken;
@@ -70,6 +75,59 @@ pub async fn unless_stopped<T>(
             None
         }
     }
+}
+
+/// Lets a service leave rotation before it stops serving: once `signal` resolves, the returned
+/// router answers `/readyz` 503 while it goes on serving everything else, and only `delay`
+/// later does the returned future resolve (pass it to [`serve_with_grace`], which then
+/// drains). With no delay it resolves with `signal`.
+///
+/// Kubernetes removes a terminating pod from its Service's endpoints while it sends SIGTERM,
+/// and kube-proxy and ingresses learn of it a moment later: a listener closed at the signal
+/// refuses the connections they still send it, and every rolling update fails some requests
+/// without the 503 and `Retry-After` clients are promised. `delay` (`SHUTDOWN_DELAY_MS`) is
+/// how long they may keep sending.
+pub fn leave_rotation_first(
+    router: Router,
+    signal: impl Future<Output = ()> + Send + 'static,
+    delay: Duration,
+) -> (Router, impl Future<Output = ()> + Send + 'static) {
+    let leaving = CancellationToken::new();
+    let router = router.layer(axum::middleware::from_fn_with_state(
+        leaving.clone(),
+        not_ready_while_leaving,
+    ));
+    let stop = async move {
+        signal.await;
+        if delay.is_zero() {
+            return;
+        }
+        leaving.cancel();
+        tracing::info!(
+            delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            "leaving rotation: /readyz answers 503 while requests are still served for \
+             SHUTDOWN_DELAY_MS, then in-flight requests drain"
+        );
+        tokio::time::sleep(delay).await;
+    };
+    (router, stop)
+}
+
+/// The layer of [`leave_rotation_first`]: `/readyz` is 503, in the shape of a failed check,
+/// once the service is leaving; every other request goes on as before.
+async fn not_ready_while_leaving(
+    State(leaving): State<CancellationToken>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if leaving.is_cancelled() && request.uri().path() == crate::health::READYZ_PATH {
+        let body = serde_json::json!({
+            "status": "not_ready",
+            "checks": { "shutdown": "error: the instance is shutting down" },
+        });
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    }
+    next.run(request).await
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then waits for in-flight requests.

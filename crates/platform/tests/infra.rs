@@ -92,6 +92,197 @@ async fn connect_creates_a_missing_database_and_runs_migrations() {
     drop_database(&name).await;
 }
 
+/// Waits until `condition` holds, checking every 50 ms, or fails the test after 30 s.
+async fn wait_until<F, Fut>(what: &str, condition: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether a session named `application` is connected to database `name`.
+async fn session_connected(name: &str, application: &str) -> bool {
+    let mut admin = PgConnection::connect(ADMIN_URL).await.unwrap();
+    sqlx::query_scalar::<_, bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = $1 \
+         AND application_name = $2)",
+    )
+    .bind(name)
+    .bind(application)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap()
+}
+
+/// Applies `TEST_MIGRATOR` to database `url` as a migrate job would, from a pool of its own.
+async fn migrate_from_elsewhere(url: &str) {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(url)
+        .await
+        .unwrap();
+    TEST_MIGRATOR.run(&pool).await.unwrap();
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn with_skip_migrations_a_service_does_not_start_on_a_database_without_its_migrations() {
+    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    let awaited = db::Migrations::AwaitApplied(&TEST_MIGRATOR);
+
+    let err = db::connect_when_reachable(
+        &url,
+        "infra-test",
+        1,
+        awaited,
+        db::Use::ReadsOnly,
+        Duration::ZERO,
+    )
+    .await
+    .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("SKIP_MIGRATIONS"), "{msg}");
+    assert!(msg.contains(&name), "{msg}");
+    assert!(!msg.contains('\n'), "{msg}");
+
+    drop_database(&name).await;
+}
+
+#[tokio::test]
+async fn with_skip_migrations_a_service_waits_for_its_migrations_and_starts_once_they_are_applied()
+{
+    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    let awaited = db::Migrations::AwaitApplied(&TEST_MIGRATOR);
+    let start = tokio::spawn({
+        let url = url.clone();
+        async move {
+            db::connect_when_reachable(
+                &url,
+                "awaiting-test",
+                1,
+                awaited,
+                db::Use::ReadsOnly,
+                Duration::from_secs(60),
+            )
+            .await
+        }
+    });
+    // Its pool is connected, so it is checking the migrations, which nobody has applied.
+    wait_until("the starting service connects", || {
+        session_connected(&name, "awaiting-test")
+    })
+    .await;
+    assert!(!start.is_finished(), "it started without its migrations");
+
+    migrate_from_elsewhere(&url).await;
+    let pool = tokio::time::timeout(Duration::from_secs(30), start)
+        .await
+        .expect("it went on waiting after the migrations were applied")
+        .unwrap()
+        .unwrap();
+    pool.close().await;
+    drop_database(&name).await;
+}
+
+#[tokio::test]
+async fn with_skip_migrations_a_newer_release_s_further_migrations_do_not_stop_a_start() {
+    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    db::connect(&url, "infra-test", 1, None)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    migrate_from_elsewhere(&url).await;
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (99999999, 'a newer release', true, '\\x00', 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+
+    let awaited = db::Migrations::AwaitApplied(&TEST_MIGRATOR);
+    let pool = db::connect_when_reachable(
+        &url,
+        "infra-test",
+        1,
+        awaited,
+        db::Use::ReadsOnly,
+        Duration::ZERO,
+    )
+    .await
+    .unwrap();
+    pool.close().await;
+    drop_database(&name).await;
+}
+
+/// Runs `sql` on the maintenance database.
+async fn admin(sql: String) {
+    let mut admin = PgConnection::connect(ADMIN_URL).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_write_refused_by_a_read_only_server_is_unavailability_and_its_session_is_not_reused() {
+    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    db::connect(&url, "infra-test", 1, Some(&TEST_MIGRATOR))
+        .await
+        .unwrap()
+        .close()
+        .await;
+    // New sessions of the database refuse writes, as those of a demoted primary or a standby
+    // that the address leads to after a fail-over do.
+    admin(format!(
+        "ALTER DATABASE \"{name}\" SET default_transaction_read_only = on"
+    ))
+    .await;
+    let pool = db::connect_when_reachable(
+        &url,
+        "infra-test",
+        1,
+        db::Migrations::Ignore,
+        db::Use::Writes,
+        Duration::ZERO,
+    )
+    .await
+    .unwrap();
+    let insert = "INSERT INTO platform_probe (id) VALUES (1)";
+    let refused = sqlx::query(insert).execute(&pool).await.unwrap_err();
+    assert_eq!(
+        refused
+            .as_database_error()
+            .and_then(|e| e.code())
+            .as_deref(),
+        Some("25006"),
+        "{refused}"
+    );
+    assert!(db::is_unavailable(&refused), "{refused}");
+
+    // The address leads to a writer again: the pool's one session, read-only, is not handed
+    // out again, so the write reaches a new session.
+    admin(format!(
+        "ALTER DATABASE \"{name}\" RESET default_transaction_read_only"
+    ))
+    .await;
+    sqlx::query(insert).execute(&pool).await.unwrap();
+    pool.close().await;
+    drop_database(&name).await;
+}
+
 #[tokio::test]
 async fn service_connections_never_reuse_a_generic_plan_made_for_other_table_sizes() {
     let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
@@ -329,6 +520,41 @@ async fn readyz_is_503_naming_the_cause_when_postgres_refuses_connections() {
 }
 
 #[tokio::test]
+async fn readyz_is_200_while_every_pooled_connection_is_busy_and_postgres_answers() {
+    let pool = orders_pool().await;
+    let busy = pool.acquire().await.unwrap();
+    let (status, body) = readyz(Readiness::default().with_postgres(pool.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["checks"]["postgres"], "ok");
+    drop(busy);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn readyz_is_200_while_the_pool_is_busy_and_the_server_is_at_its_connection_limit() {
+    // A role limited to one connection, which the pool holds: the check's own connection is
+    // turned away by a server that is there.
+    let role = format!("readyz_{}", uuid::Uuid::new_v4().simple());
+    admin(format!("CREATE ROLE \"{role}\" LOGIN CONNECTION LIMIT 1")).await;
+    let options = sqlx::postgres::PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(5432)
+        .username(&role)
+        .database("postgres");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let busy = pool.acquire().await.unwrap();
+    let (status, body) = readyz(Readiness::default().with_postgres(pool.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    drop(busy);
+    pool.close().await;
+    admin(format!("DROP ROLE \"{role}\"")).await;
+}
+
+#[tokio::test]
 async fn readyz_is_503_naming_redis_when_redis_is_down() {
     let url = format!("redis://127.0.0.1:{}", closed_port());
     let redis = redis_conn::lazy_manager(&plain_client(&url), Duration::from_secs(1)).unwrap();
@@ -436,6 +662,70 @@ async fn a_served_app_answers_the_probe_and_stops_on_shutdown() {
         .unwrap();
     assert_eq!(
         platform::healthcheck::probe(&addr, "/healthz").await,
+        ExitCode::FAILURE
+    );
+}
+
+/// A server of a `/work` route and the health routes, leaving rotation for `delay` after
+/// `token` is cancelled; its address and its task.
+async fn leaving_server(
+    token: &shutdown::CancellationToken,
+    delay: Duration,
+) -> (String, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let handle = platform::metrics::install("platform-test");
+    let app = Router::new()
+        .route("/work", axum::routing::get(|| async { "done" }))
+        .merge(health_router(Readiness::default(), handle));
+    let (app, stop) = shutdown::leave_rotation_first(app, token.clone().cancelled_owned(), delay);
+    let server = tokio::spawn(shutdown::serve_with_grace(
+        listener,
+        app,
+        stop,
+        Duration::from_secs(5),
+    ));
+    (addr, server)
+}
+
+#[tokio::test]
+async fn during_the_shutdown_delay_requests_are_still_served_and_readyz_is_503() {
+    let token = shutdown::CancellationToken::new();
+    // Far longer than the test, so nothing below races its end.
+    let (addr, server) = leaving_server(&token, Duration::from_secs(600)).await;
+    let status = |path: &'static str| {
+        let addr = addr.clone();
+        async move { platform::healthcheck::probe_status(&addr, path).await.ok() }
+    };
+    assert_eq!(status("/readyz").await, Some(200));
+
+    token.cancel();
+    wait_until("/readyz answers 503", || async {
+        status("/readyz").await == Some(503)
+    })
+    .await;
+    assert_eq!(status("/work").await, Some(200), "a request was refused");
+    assert_eq!(status("/healthz").await, Some(200));
+    assert!(!server.is_finished());
+    server.abort();
+}
+
+#[tokio::test]
+async fn after_the_shutdown_delay_the_server_drains_and_stops() {
+    let token = shutdown::CancellationToken::new();
+    let (addr, server) = leaving_server(&token, Duration::from_millis(100)).await;
+    assert_eq!(
+        platform::healthcheck::probe(&addr, "/work").await,
+        ExitCode::SUCCESS
+    );
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .expect("the server did not stop after the delay")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        platform::healthcheck::probe(&addr, "/work").await,
         ExitCode::FAILURE
     );
 }

@@ -19,8 +19,8 @@ use crate::sweeper::{DeadLetters, Sweeper};
 /// The service's name in metrics and in PostgreSQL's `application_name`.
 pub const SERVICE_NAME: &str = "projector";
 
-/// Connects Postgres (creating the database and running migrations unless `SKIP_MIGRATIONS`)
-/// for an admin command, which reports an unreachable server at once.
+/// Connects Postgres (creating the database and running migrations; with `SKIP_MIGRATIONS`,
+/// checking that they are applied) for an admin command, which reports an unreachable server at once.
 pub async fn connect_db(cli: &Cli) -> anyhow::Result<PgPool> {
     connect_db_waiting(cli, std::time::Duration::ZERO).await
 }
@@ -28,12 +28,13 @@ pub async fn connect_db(cli: &Cli) -> anyhow::Result<PgPool> {
 /// [`connect_db`] for the service, which first waits up to `wait` for a server that cannot be
 /// reached yet (`DB_CONNECT_WAIT_SECS`).
 async fn connect_db_waiting(cli: &Cli, wait: std::time::Duration) -> anyhow::Result<PgPool> {
-    let migrator = (!cli.common.skip_migrations).then_some(&store::MIGRATOR);
+    let migrations = platform::db::Migrations::of(&store::MIGRATOR, cli.common.skip_migrations);
     platform::db::connect_when_reachable(
         &cli.common.database_url,
         SERVICE_NAME,
         cli.common.db_max_connections,
-        migrator,
+        migrations,
+        platform::db::Use::Writes,
         wait,
     )
     .await

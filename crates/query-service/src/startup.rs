@@ -41,6 +41,8 @@ pub struct Application {
     streams_stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     grace: std::time::Duration,
+    /// `SHUTDOWN_DELAY_MS`: how long it goes on serving, out of rotation, before it drains.
+    delay: std::time::Duration,
     watcher_stats: Arc<WatcherStats>,
     read_stats: Arc<ReadStats>,
     stream_stats: Arc<StreamStats>,
@@ -57,16 +59,18 @@ impl std::fmt::Debug for Application {
 }
 
 impl Application {
-    /// Connects to PostgreSQL (creating the database and running migrations unless
-    /// `SKIP_MIGRATIONS`), starts the checkpoint watcher and binds `LISTEN_ADDR`.
+    /// Connects to PostgreSQL (creating the database and running migrations, or with
+    /// `SKIP_MIGRATIONS` waiting until they are applied), starts the checkpoint watcher and
+    /// binds `LISTEN_ADDR`.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let metrics = platform::metrics::install(SERVICE_NAME);
-        let migrator = (!config.common.skip_migrations).then_some(&store::MIGRATOR);
+        let migrations = db::Migrations::of(&store::MIGRATOR, config.common.skip_migrations);
         let pool = db::connect_when_reachable(
             &config.common.database_url,
             SERVICE_NAME,
             config.common.db_max_connections,
-            migrator,
+            migrations,
+            db::Use::ReadsOnly,
             config.common.db_connect_wait(),
         )
         .await?;
@@ -145,6 +149,7 @@ impl Application {
             streams_stop,
             tasks,
             grace: config.common.shutdown_grace(),
+            delay: config.http.shutdown_delay(),
             watcher_stats: watcher.stats(),
             read_stats: read_models.stats(),
             stream_stats,
@@ -183,20 +188,23 @@ impl Application {
         Arc::clone(&self.read_stats)
     }
 
-    /// Serves until `shutdown` resolves, drains in-flight requests, then stops the watcher.
+    /// Serves until `shutdown` resolves and `SHUTDOWN_DELAY_MS` later (with `/readyz` answering
+    /// 503 meanwhile), drains in-flight requests, then stops the watcher.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(port = self.port, "query service listening");
         let streams_stop = self.streams_stop.clone();
+        // Streams end when the drain begins, not at the signal: until then the instance serves.
+        let (router, shutdown) =
+            platform::shutdown::leave_rotation_first(self.router, shutdown, self.delay);
         let shutdown = async move {
             shutdown.await;
             streams_stop.cancel();
         };
         let result =
-            platform::shutdown::serve_with_grace(self.listener, self.router, shutdown, self.grace)
-                .await;
+            platform::shutdown::serve_with_grace(self.listener, router, shutdown, self.grace).await;
         self.cancel.cancel();
         for task in self.tasks {
             let _ = task.await;
