@@ -8,7 +8,8 @@
 //! Leadership: whoever holds the session advisory lock
 //! [`ProjectionKind::sweeper_lock_key`] on a dedicated connection; the others retry every
 //! [`LEADER_RETRY`]. If the leader dies its connection closes, the lock is released, and
-//! another instance takes over.
+//! another instance takes over. Every instance, leading or not, exports the projection's lag
+//! (`projector_lag_events`, `projector_lag_seconds`), so none exports a stale one.
 //!
 //! The low-water mark P means: every event with position ≤ P has been applied, or is held back
 //! by a parked stream. Each sweep looks up, in position order, the first event after P whose
@@ -61,7 +62,8 @@ pub const LEADER_RETRY: Duration = Duration::from_secs(2);
 /// Shortest pause between two sweeps, so a flood of notifications coalesces into one sweep;
 /// short, because read-your-writes waits on the mark.
 const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(5);
-/// How often the lag gauges are refreshed.
+/// How often the lag gauges are refreshed, by the sweeper from the mark it moves and by every
+/// other instance from the stored mark.
 const LAG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// SQL of the position of the first event after the mark `cp.position`, within
@@ -356,6 +358,39 @@ impl Sweeper {
         .bind(position)
         .fetch_one(&self.pool)
         .await;
+        self.set_lag(lag, position);
+    }
+
+    /// Sets the lag gauges from the stored low-water mark, at most every [`LAG_INTERVAL`]: what
+    /// an instance that is not the sweeper exports. Every instance exports the projection's
+    /// lag, so none keeps exporting the value of a leadership it lost (the alerts and the
+    /// autoscaler take the maximum over all instances). Three primary-key probes and the
+    /// head, one query.
+    pub async fn record_lag_from_mark(&mut self) {
+        if self.lag_recorded.elapsed() < LAG_INTERVAL {
+            return;
+        }
+        self.lag_recorded = Instant::now();
+        let lag = sqlx::query(
+            "WITH cp AS (SELECT COALESCE((SELECT position FROM projection_checkpoints \
+                                           WHERE projection = $1), 0) AS position) \
+             SELECT cp.position, \
+                    (SELECT COALESCE(max(global_position), 0) FROM events) AS head, \
+                    (SELECT EXTRACT(EPOCH FROM now() - recorded_at)::float8 FROM events \
+                      WHERE global_position = cp.position + 1) AS age \
+             FROM cp",
+        )
+        .bind(self.projection.name())
+        .fetch_one(&self.pool)
+        .await;
+        let position = match &lag {
+            Ok(row) => row.try_get("position").unwrap_or(0),
+            Err(_) => 0,
+        };
+        self.set_lag(lag, position);
+    }
+
+    fn set_lag(&self, lag: Result<sqlx::postgres::PgRow, sqlx::Error>, position: i64) {
         if let Ok(row) = lag {
             let head: i64 = row.try_get("head").unwrap_or(position);
             let age: Option<f64> = row.try_get("age").unwrap_or(None);
@@ -475,9 +510,16 @@ impl Sweeper {
                     tracing::warn!(projection = %self.projection, error = %e, "sweeper lost its connection")
                 }
             }
-            tokio::select! {
-                () = shutdown.cancelled() => {}
-                () = tokio::time::sleep(LEADER_RETRY) => {}
+            // Not leading: the lag is still this instance's to export (see
+            // `record_lag_from_mark`), refreshed while it waits to try again.
+            let retry_at = Instant::now() + LEADER_RETRY;
+            while !shutdown.is_cancelled() && Instant::now() < retry_at {
+                self.record_lag_from_mark().await;
+                let pause = LAG_INTERVAL.min(retry_at.saturating_duration_since(Instant::now()));
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = tokio::time::sleep(pause) => {}
+                }
             }
         }
     }

@@ -1613,3 +1613,49 @@ async fn the_sweeper_holds_at_an_event_of_a_newer_release_without_trying_it_agai
         (head, None, false)
     );
 }
+
+/// Another instance is the sweeper (the test holds its lock), so this one never leads: it
+/// still exports the projection's lag, as it grows and as it falls back to zero, instead of
+/// nothing or whatever it saw when it last led.
+#[tokio::test]
+async fn an_instance_that_is_not_the_sweeper_exports_the_current_lag() {
+    let mut w = World::new().await;
+    let mut leader = w.pool().acquire().await.unwrap();
+    for projection in ProjectionKind::ALL {
+        let led: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(projection.sweeper_lock_key())
+            .fetch_one(&mut *leader)
+            .await
+            .unwrap();
+        assert!(led);
+    }
+    let (token, task, port) = w.spawn_projector_serving("follower", &[]).await;
+    append_orders(w.pool(), 3).await;
+    let head = store::head_position(w.pool()).await.unwrap();
+    for projection in ProjectionKind::ALL {
+        wait_until(
+            DEADLINE,
+            &format!("{projection} exports a lag of {head}"),
+            || async move {
+                let lag = support::counter(port, "projector_lag_events", projection).await;
+                (lag == head as f64).then_some(())
+            },
+        )
+        .await;
+    }
+    w.publish().await;
+    for projection in ProjectionKind::ALL {
+        wait_until(
+            DEADLINE,
+            &format!("{projection} exports no lag"),
+            || async move {
+                let lag = support::counter(port, "projector_lag_events", projection).await;
+                let seconds = support::counter(port, "projector_lag_seconds", projection).await;
+                (lag == 0.0 && seconds == 0.0).then_some(())
+            },
+        )
+        .await;
+    }
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
