@@ -247,6 +247,40 @@ impl DeadLetterQueue {
         self.range(group, "-", "+", Some(count)).await
     }
 
+    /// Up to `count` dead letters of `group` after the letter `after` (from the oldest when
+    /// `None`) up to and including the letter `until`, oldest first: one page of a walk over
+    /// the dead letters that holds one page at a time.
+    pub async fn page(
+        &self,
+        group: &str,
+        after: Option<&str>,
+        until: &str,
+        count: usize,
+    ) -> Result<Vec<DeadLetter>, BusError> {
+        let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+        self.range(group, &start, until, Some(count)).await
+    }
+
+    /// The id of the newest dead letter of `group`, if there is one.
+    pub async fn newest_id(&self, group: &str) -> Result<Option<String>, BusError> {
+        const OP: &str = "read dead letters";
+        let mut conn = self.conn.clone();
+        let reply: Value = redis::cmd("XREVRANGE")
+            .arg(self.keys.dlq(group))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| BusError::from_redis(OP, e))?;
+        Ok(parse_entry_list(OP, reply)?
+            .entries
+            .into_iter()
+            .next()
+            .map(|entry| entry.id))
+    }
+
     /// The dead letter `id` of `group`, if it exists.
     pub async fn get(&self, group: &str, id: &str) -> Result<Option<DeadLetter>, BusError> {
         Ok(self.range(group, id, id, Some(1)).await?.into_iter().next())

@@ -1659,3 +1659,76 @@ async fn an_instance_that_is_not_the_sweeper_exports_the_current_lag() {
     token.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// `dlq purge --all` resolves every letter, past the first page of a thousand, and exits 0
+/// only then; `dlq replay` walks the letters page by page the same way.
+#[tokio::test]
+async fn dlq_purge_all_and_replay_resolve_every_letter_beyond_the_first_page() {
+    let w = World::new().await;
+    let mut conn = w.redis.clone();
+    let mut pipe = redis::pipe();
+    for i in 0..(projector::admin::DLQ_PAGE + 1) {
+        pipe.cmd("XADD")
+            .arg(w.keys.dlq("customer_stats"))
+            .arg("*")
+            .arg("hello")
+            .arg(i)
+            .arg("error")
+            .arg("undecodable")
+            .ignore();
+    }
+    let () = pipe.query_async(&mut conn).await.unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_projector"))
+        .args(["dlq", "purge", "customer_stats", "--all"])
+        .env("DATABASE_URL", &w.db.url)
+        .env("REDIS_URL", &w.redis_url)
+        .env("EVENT_STREAM", w.keys.stream())
+        .env("SKIP_MIGRATIONS", "true")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.contains(": ok: ")).count(),
+        1001
+    );
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    assert_eq!(dlq.len("customer_stats").await.unwrap(), 0);
+
+    // Replay, two letters a page: five letters of events never applied.
+    let ids = append_orders(w.pool(), 5).await;
+    for id in &ids {
+        let first = store::read_stream(w.pool(), &order_stream_id(*id), 0, 1)
+            .await
+            .unwrap();
+        dlq.dead_letter(
+            "order_summaries",
+            &projector::sweeper::entry_of(&first[0]),
+            "boom",
+            5,
+            "test",
+        )
+        .await
+        .unwrap();
+    }
+    let mut pages = 0;
+    let done = projector::admin::resolve_all(
+        w.pool(),
+        &dlq,
+        ProjectionKind::OrderSummaries,
+        projector::admin::Resolve::Replay,
+        2,
+        |_| pages += 1,
+    )
+    .await
+    .unwrap();
+    assert_eq!((done.ok, done.failed, pages), (5, 0, 3));
+    assert_eq!(dlq.len("order_summaries").await.unwrap(), 0);
+    w.assert_projection_exact(ProjectionKind::OrderSummaries)
+        .await;
+}
