@@ -59,6 +59,12 @@ pub const SWEEP_PAGE: i64 = 1_000;
 pub const HEAL_BATCH: i64 = 1_000;
 /// How often a non-leader tries to become the sweeper.
 pub const LEADER_RETRY: Duration = Duration::from_secs(2);
+/// Longest wait for the lock connection to open, or for the leader's check that it still
+/// lives: a server that went silent would otherwise hold either until TCP gives up (minutes).
+const LOCK_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a shutdown lets the sweep under way finish (so it does not stop between a dead
+/// letter and its park) before dropping it: a sweep waiting on a silent server never would.
+const STOP_WAIT: Duration = Duration::from_secs(2);
 /// Shortest pause between two sweeps, so a flood of notifications coalesces into one sweep;
 /// short, because read-your-writes waits on the mark.
 const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(5);
@@ -381,8 +387,11 @@ impl Sweeper {
              FROM cp",
         )
         .bind(self.projection.name())
-        .fetch_one(&self.pool)
-        .await;
+        .fetch_one(&self.pool);
+        // A server that went silent must not keep this instance from trying to lead.
+        let Ok(lag) = tokio::time::timeout(LOCK_CONNECTION_TIMEOUT, lag).await else {
+            return;
+        };
         let position = match &lag {
             Ok(row) => row.try_get("position").unwrap_or(0),
             Err(_) => 0,
@@ -504,7 +513,20 @@ impl Sweeper {
     /// Competes for leadership and sweeps while leader, until `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
-            match self.lead(&shutdown).await {
+            let led = {
+                let lead = self.lead(&shutdown);
+                tokio::pin!(lead);
+                tokio::select! {
+                    led = &mut lead => led,
+                    () = shutdown.cancelled() => {
+                        match tokio::time::timeout(STOP_WAIT, &mut lead).await {
+                            Ok(led) => led,
+                            Err(_) => Err(anyhow::anyhow!("stopped while waiting for PostgreSQL")),
+                        }
+                    }
+                }
+            };
+            match led {
                 Ok(()) => {}
                 Err(e) => {
                     tracing::warn!(projection = %self.projection, error = %e, "sweeper lost its connection")
@@ -514,7 +536,10 @@ impl Sweeper {
             // `record_lag_from_mark`), refreshed while it waits to try again.
             let retry_at = Instant::now() + LEADER_RETRY;
             while !shutdown.is_cancelled() && Instant::now() < retry_at {
-                self.record_lag_from_mark().await;
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = self.record_lag_from_mark() => {}
+                }
                 let pause = LAG_INTERVAL.min(retry_at.saturating_duration_since(Instant::now()));
                 tokio::select! {
                     () = shutdown.cancelled() => {}
@@ -527,7 +552,12 @@ impl Sweeper {
     /// Returns when not (or no longer) the leader, or on shutdown.
     async fn lead(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let options = self.pool.connect_options();
-        let mut lock_conn = PgConnection::connect_with(&options).await?;
+        let mut lock_conn = tokio::time::timeout(
+            LOCK_CONNECTION_TIMEOUT,
+            PgConnection::connect_with(&options),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from PostgreSQL to a new connection"))??;
         let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(self.projection.sweeper_lock_key())
             .fetch_one(&mut lock_conn)
@@ -552,13 +582,21 @@ impl Sweeper {
                 Err(f) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(projection = %self.projection, error = %f, "sweep failed");
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        () = shutdown.cancelled() => {}
+                        () = tokio::time::sleep(delay) => {}
+                    }
                 }
             }
             if last_alive_check.elapsed() > Duration::from_secs(5) {
                 last_alive_check = Instant::now();
                 // Losing this connection loses the lock: stop leading.
-                sqlx::query("SELECT 1").execute(&mut lock_conn).await?;
+                tokio::time::timeout(
+                    LOCK_CONNECTION_TIMEOUT,
+                    sqlx::query("SELECT 1").execute(&mut lock_conn),
+                )
+                .await
+                .map_err(|_| anyhow::anyhow!("the lock connection does not answer"))??;
             }
             tokio::time::sleep(MIN_SWEEP_INTERVAL).await;
             let tick = self.settings.tick;

@@ -1732,3 +1732,47 @@ async fn dlq_purge_all_and_replay_resolve_every_letter_beyond_the_first_page() {
     w.assert_projection_exact(ProjectionKind::OrderSummaries)
         .await;
 }
+
+/// PostgreSQL stops answering new connections without refusing them (its host died, a
+/// fail-over moved its address) while another instance is the sweeper, so this one keeps
+/// opening a connection to try to lead: told to stop, it still stops, within its grace period,
+/// with every task let go.
+#[tokio::test]
+async fn a_projector_told_to_stop_while_postgresql_is_silent_stops_within_its_grace_period() {
+    let w = World::new().await;
+    let mut leader = w.pool().acquire().await.unwrap();
+    for projection in ProjectionKind::ALL {
+        let _: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(projection.sweeper_lock_key())
+            .fetch_one(&mut *leader)
+            .await
+            .unwrap();
+    }
+    let proxy = support::HoldingProxy::start(w.pool().connect_options().get_port()).await;
+    let direct_port = w.pool().connect_options().get_port();
+    let url =
+        w.db.url
+            .replace(&format!(":{direct_port}/"), &format!(":{}/", proxy.port()));
+    assert_ne!(url, w.db.url);
+    let mut args = w.args("silenced", &["--shutdown-grace-secs", "1"]);
+    let at = args.iter().position(|a| a == "--database-url").unwrap();
+    args[at + 1] = url;
+    let cli = <projector::Cli as clap::Parser>::try_parse_from(args).unwrap();
+    let app = projector::Application::build(cli).await.unwrap();
+    let token = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(app.run_until_stopped(token.clone()));
+
+    proxy.hold_new_connections();
+    wait_until(
+        DEADLINE,
+        "both sweepers wait for a connection to lead",
+        || async { (proxy.held() >= 2).then_some(()) },
+    )
+    .await;
+    token.cancel();
+    tokio::time::timeout(DEADLINE, task)
+        .await
+        .expect("the projector stops although PostgreSQL does not answer")
+        .unwrap()
+        .unwrap();
+}
