@@ -7,6 +7,7 @@
 //! reading. `NOGROUP` from any call is [`BusError::NoGroup`]: recreate the group with
 //! [`ensure_group`] and go on (Postgres can refill what Redis lost).
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -56,24 +57,6 @@ pub async fn ensure_group(
     }
 }
 
-/// KEYS[1] stream; ARGV: group, consumer, min idle ms, cursor, count.
-/// Claims idle entries, acks the ids Redis reports as deleted, and looks up each claimed entry's
-/// delivery count, all atomically. Returns `{next cursor, entries, deleted ids, counts}`.
-const AUTOCLAIM_SCRIPT: &str = r"
-local reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
-local entries = reply[2]
-local deleted = reply[3] or {}
-if #deleted > 0 then
-  redis.call('XACK', KEYS[1], ARGV[1], unpack(deleted))
-end
-local counts = {}
-for i, entry in ipairs(entries) do
-  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], entry[1], entry[1], 1)
-  if pending[1] then counts[i] = pending[1][4] else counts[i] = 1 end
-end
-return {reply[1], entries, deleted, counts}
-";
-
 /// KEYS[1] stream; ARGV: group, own name, idle threshold ms. Deletes consumers with nothing
 /// pending and idle above the threshold, except the caller, atomically (a consumer that gets an
 /// entry between the check and the delete would lose it from the pending list otherwise).
@@ -101,7 +84,6 @@ pub struct Consumer {
     name: String,
     max_block: Duration,
     claim_cursor: Mutex<String>,
-    autoclaim_script: Script,
     remove_stale_script: Script,
 }
 
@@ -138,7 +120,6 @@ impl Consumer {
             name: name.into(),
             max_block,
             claim_cursor: Mutex::new("0-0".to_owned()),
-            autoclaim_script: Script::new(AUTOCLAIM_SCRIPT),
             remove_stale_script: Script::new(REMOVE_STALE_SCRIPT),
         })
     }
@@ -246,62 +227,100 @@ impl Consumer {
             .map_err(|e| self.classify(OP, e))
     }
 
-    /// Takes over up to `count` entries pending in the group for longer than `min_idle` (their
-    /// consumer died or hangs), via XAUTOCLAIM. Returns each with its delivery count including
-    /// this one, so the caller can dead-letter an entry that keeps failing.
+    /// Takes over entries pending in the group for longer than `min_idle` (their consumer died
+    /// or hangs), except those `skip` names, and returns each with its delivery count including
+    /// this one, so the caller can tell an entry that keeps coming back.
     ///
-    /// Successive calls continue the scan of the pending list where the last one stopped and
-    /// wrap around at its end. Entries Redis reports as deleted (trimmed) are acknowledged.
-    /// Every claim bumps the delivery count, so keep `min_idle` above the time processing takes.
+    /// One call scans up to `count` idle entries of the pending list (`XPENDING … IDLE`),
+    /// continuing where the last call stopped and wrapping around at its end, then claims the
+    /// ones not skipped (`XCLAIM`, which claims only what is still idle that long). The caller
+    /// skips what it holds itself (entries it keeps pending on purpose, e.g. until an instance
+    /// of a newer release takes them): claiming those would add a delivery each time without
+    /// anyone trying them, and would reset the idle time that lets another consumer claim
+    /// them. Every claim counts as a delivery, so keep `min_idle` above the time processing
+    /// takes. Entries trimmed from the stream while pending leave the pending list with the
+    /// claim and are not returned.
     pub async fn autoclaim(
         &self,
         min_idle: Duration,
         count: usize,
+        skip: impl Fn(&str) -> bool,
     ) -> Result<Vec<(StreamEntry, u32)>, BusError> {
         const OP: &str = "autoclaim";
+        let count = count.max(1);
         let cursor = self.cursor();
+        let start = if cursor == "0-0" {
+            "-".to_owned()
+        } else {
+            format!("({cursor}")
+        };
+        let idle_ms = min_idle.as_millis() as u64;
         let mut conn = self.conn.clone();
-        let reply: Value = self
-            .autoclaim_script
-            .key(&self.keys.stream)
+        let reply: Value = redis::cmd("XPENDING")
+            .arg(&self.keys.stream)
             .arg(&self.group)
-            .arg(&self.name)
-            .arg(min_idle.as_millis() as u64)
-            .arg(&cursor)
-            .arg(count.max(1))
-            .invoke_async(&mut conn)
+            .arg("IDLE")
+            .arg(idle_ms)
+            .arg(&start)
+            .arg("+")
+            .arg(count)
+            .query_async(&mut conn)
             .await
             .map_err(|e| self.classify(OP, e))?;
-        let mut parts = value_to_vec(OP, reply)?.into_iter();
-        let (Some(next), Some(entries), Some(deleted), Some(counts)) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(BusError::unexpected(OP, "expected four parts"));
+        let rows = value_to_vec(OP, reply)?;
+        let mut idle: Vec<(String, u32)> = Vec::with_capacity(rows.len());
+        let mut last = None;
+        for row in &rows {
+            let Value::Array(parts) = row else {
+                return Err(BusError::unexpected(OP, "a pending entry is not an array"));
+            };
+            let (Some(id), Some(deliveries)) = (parts.first(), parts.get(3)) else {
+                return Err(BusError::unexpected(OP, "a pending entry has four parts"));
+            };
+            let id = value_to_string(OP, id)?;
+            let deliveries = u32::try_from(value_to_i64(OP, deliveries)?).unwrap_or(u32::MAX);
+            last = Some(id.clone());
+            if !skip(&id) {
+                idle.push((id, deliveries));
+            }
+        }
+        let next = match last {
+            Some(last) if rows.len() >= count => last,
+            _ => "0-0".to_owned(),
         };
-        let next = value_to_string(OP, &next)?;
         if let Ok(mut guard) = self.claim_cursor.lock() {
             *guard = next;
         }
-        let entries = parse_entry_list(OP, entries)?.entries;
-        let deleted = value_to_vec(OP, deleted)?;
-        if !deleted.is_empty() {
-            tracing::warn!(group = %self.group, count = deleted.len(), "claimed entries were trimmed; acknowledged");
+        if idle.is_empty() {
+            return Ok(Vec::new());
         }
-        let counts = value_to_vec(OP, counts)?;
-        if counts.len() != entries.len() {
-            return Err(BusError::unexpected(
-                OP,
-                "one delivery count per entry expected",
-            ));
+        let mut claim = redis::cmd("XCLAIM");
+        claim
+            .arg(&self.keys.stream)
+            .arg(&self.group)
+            .arg(&self.name)
+            .arg(idle_ms);
+        for (id, _) in &idle {
+            claim.arg(id);
         }
-        entries
+        let reply: Value = claim
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.classify(OP, e))?;
+        let parsed = parse_entry_list(OP, reply)?;
+        if !parsed.deleted.is_empty() {
+            // Redis before 7.0 returns trimmed entries as nil and keeps them pending.
+            self.ack(&parsed.deleted).await?;
+        }
+        let deliveries: HashMap<String, u32> = idle.into_iter().collect();
+        Ok(parsed
+            .entries
             .into_iter()
-            .zip(counts)
-            .map(|(entry, n)| {
-                let n = value_to_i64(OP, &n)?;
-                Ok((entry, u32::try_from(n).unwrap_or(u32::MAX)))
+            .map(|entry| {
+                let n = deliveries.get(&entry.id).map_or(1, |n| n.saturating_add(1));
+                (entry, n)
             })
-            .collect()
+            .collect())
     }
 
     fn cursor(&self) -> String {
@@ -342,15 +361,45 @@ impl Consumer {
         Ok(removed)
     }
 
-    /// Dead-letters `entry` for this group (see [`DeadLetterQueue::dead_letter`]).
+    /// Dead-letters `entry` for this group if it is still pending for this consumer (see
+    /// [`DeadLetterQueue::dead_letter_pending`]); `None` when it no longer was.
     pub async fn dead_letter(
         &self,
         entry: &StreamEntry,
         error: &str,
         attempts: u32,
-    ) -> Result<String, BusError> {
+    ) -> Result<Option<String>, BusError> {
         DeadLetterQueue::new(self.conn.clone(), self.keys.clone())
-            .dead_letter(&self.group, entry, error, attempts, &self.name)
+            .dead_letter_pending(&self.group, entry, error, attempts, &self.name)
             .await
+    }
+
+    /// Records that a try of entry `id` begins (`HINCRBY` in [`StreamKeys::trying`]) and
+    /// returns how many tries of it have begun without ending, this one included. A try that
+    /// ends, however it ends, is forgotten with [`Self::end_try`]; one that never ends is one
+    /// that stopped the process making it (a crash, an abort, a kill), which no error counts,
+    /// so this is how a consumer tells an entry that keeps stopping consumers.
+    pub async fn begin_try(&self, id: &str) -> Result<u32, BusError> {
+        let mut conn = self.conn.clone();
+        let n: i64 = redis::cmd("HINCRBY")
+            .arg(self.keys.trying(&self.group))
+            .arg(id)
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.classify("begin a try", e))?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    /// Forgets the unfinished tries of entry `id` (see [`Self::begin_try`]).
+    pub async fn end_try(&self, id: &str) -> Result<(), BusError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::cmd("HDEL")
+            .arg(self.keys.trying(&self.group))
+            .arg(id)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.classify("end a try", e))?;
+        Ok(())
     }
 }

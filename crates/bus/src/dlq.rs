@@ -1,8 +1,12 @@
 //! The dead-letter stream of each consumer group, `<stream>:dlq:<group>`.
 //!
 //! A dead letter is the original entry's fields plus why and when it failed. Moving an entry
-//! there and acknowledging it in the group is one MULTI/EXEC, so an entry is never both lost
-//! and unacknowledged, nor dead-lettered twice by a crash between the two steps. Dead-letter
+//! there and acknowledging it in the group is atomic, so an entry is never both lost and
+//! unacknowledged, nor dead-lettered twice by a crash between the two steps. A consumer
+//! dead-letters an entry only while it is still pending for that consumer
+//! ([`DeadLetterQueue::dead_letter_pending`], one script: XADD only if XACK acknowledged it), so
+//! two consumers holding the same entry (its first holder and one that claimed it) never both
+//! write a letter, and nobody writes one for an entry another consumer has acknowledged. Dead-letter
 //! streams are never trimmed by this crate: an operator lists, replays or purges them with the
 //! projector's `dlq` subcommands, which use the helpers here. `data` and `metadata` stay JSON
 //! text, so `redis-cli XRANGE es:events:dlq:<group> - +` is readable.
@@ -113,6 +117,42 @@ impl DeadLetter {
     }
 }
 
+/// KEYS: stream, dead-letter stream, unfinished tries; ARGV: group, consumer, entry id, then the
+/// letter's field/value pairs. Writes the letter and acknowledges the entry only if it is
+/// pending for `consumer`; returns the letter's id, or nil when it was not.
+const DEAD_LETTER_PENDING_SCRIPT: &str = r"
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
+if pending[1] == nil then return false end
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[3]) ~= 1 then return false end
+redis.call('HDEL', KEYS[3], ARGV[3])
+return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+";
+
+/// The field/value pairs of `entry`'s dead letter.
+fn letter_fields(entry: &StreamEntry, error: &str, attempts: u32, consumer: &str) -> Vec<String> {
+    // A field named like a dead-letter field (an entry dead-lettered before and replayed)
+    // would be duplicated; the fresh values win.
+    let mut fields: Vec<String> = entry
+        .fields
+        .iter()
+        .filter(|(k, _)| !dlq_field::ALL.contains(&k.as_str()))
+        .flat_map(|(k, v)| [k.clone(), v.clone()])
+        .collect();
+    fields.extend([
+        dlq_field::ERROR.to_owned(),
+        error.to_owned(),
+        dlq_field::ATTEMPTS.to_owned(),
+        attempts.to_string(),
+        dlq_field::FAILED_AT.to_owned(),
+        format_timestamp(Utc::now()),
+        dlq_field::ORIGINAL_ID.to_owned(),
+        entry.id.clone(),
+        dlq_field::CONSUMER.to_owned(),
+        consumer.to_owned(),
+    ]);
+    fields
+}
+
 /// Writes and administers the dead-letter streams of one event stream.
 #[derive(Clone)]
 pub struct DeadLetterQueue {
@@ -135,8 +175,10 @@ impl DeadLetterQueue {
     }
 
     /// Atomically appends `entry` to the dead-letter stream of `group` with `error`, `attempts`,
-    /// `failed_at` (now), `original_id` and `consumer`, and acknowledges it in `group`.
-    /// Returns the id of the dead letter.
+    /// `failed_at` (now), `original_id` and `consumer`, and acknowledges it in `group`, whether
+    /// or not it was pending there: for events that come from the event store (the sweeper, a
+    /// rebuild), whose entries Redis may have lost. A consumer giving up on an entry it holds
+    /// uses [`Self::dead_letter_pending`]. Returns the id of the dead letter.
     pub async fn dead_letter(
         &self,
         group: &str,
@@ -146,28 +188,10 @@ impl DeadLetterQueue {
         consumer: &str,
     ) -> Result<String, BusError> {
         const OP: &str = "dead-letter";
-        let dlq = self.keys.dlq(group);
         let mut xadd = redis::cmd("XADD");
-        xadd.arg(&dlq).arg("*");
-        // A field named like a dead-letter field (an entry dead-lettered before and replayed)
-        // would be duplicated; the fresh values win.
-        for (k, v) in entry
-            .fields
-            .iter()
-            .filter(|(k, _)| !dlq_field::ALL.contains(&k.as_str()))
-        {
-            xadd.arg(k).arg(v);
-        }
-        xadd.arg(dlq_field::ERROR)
-            .arg(error)
-            .arg(dlq_field::ATTEMPTS)
-            .arg(attempts)
-            .arg(dlq_field::FAILED_AT)
-            .arg(format_timestamp(Utc::now()))
-            .arg(dlq_field::ORIGINAL_ID)
-            .arg(&entry.id)
-            .arg(dlq_field::CONSUMER)
-            .arg(consumer);
+        xadd.arg(self.keys.dlq(group))
+            .arg("*")
+            .arg(letter_fields(entry, error, attempts, consumer));
         let mut xack = redis::cmd("XACK");
         xack.arg(&self.keys.stream).arg(group).arg(&entry.id);
 
@@ -182,9 +206,79 @@ impl DeadLetterQueue {
         Ok(id)
     }
 
+    /// Like [`Self::dead_letter`], but only if `entry` is still pending in `group` for
+    /// `consumer`, in one script: the letter is written only when its XACK acknowledged the
+    /// entry. Returns the id of the letter, or `None` when the entry was no longer this
+    /// consumer's (another consumer claimed it, or it was acknowledged): whoever holds it now
+    /// decides about it. Also forgets the entry's unfinished tries.
+    pub async fn dead_letter_pending(
+        &self,
+        group: &str,
+        entry: &StreamEntry,
+        error: &str,
+        attempts: u32,
+        consumer: &str,
+    ) -> Result<Option<String>, BusError> {
+        const OP: &str = "dead-letter";
+        let mut conn = self.conn.clone();
+        let id: Option<String> = redis::Script::new(DEAD_LETTER_PENDING_SCRIPT)
+            .key(&self.keys.stream)
+            .key(self.keys.dlq(group))
+            .key(self.keys.trying(group))
+            .arg(group)
+            .arg(consumer)
+            .arg(&entry.id)
+            .arg(letter_fields(entry, error, attempts, consumer))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| BusError::classify(OP, &self.keys.stream, group, e))?;
+        match &id {
+            Some(_) => {
+                tracing::warn!(group, original_id = %entry.id, attempts, error, "dead-lettered entry");
+            }
+            None => tracing::info!(group, original_id = %entry.id, consumer,
+                "not dead-lettering an entry no longer pending for this consumer"),
+        }
+        Ok(id)
+    }
+
     /// The oldest `count` dead letters of `group`.
     pub async fn list(&self, group: &str, count: usize) -> Result<Vec<DeadLetter>, BusError> {
         self.range(group, "-", "+", Some(count)).await
+    }
+
+    /// Up to `count` dead letters of `group` after the letter `after` (from the oldest when
+    /// `None`) up to and including the letter `until`, oldest first: one page of a walk over
+    /// the dead letters that holds one page at a time.
+    pub async fn page(
+        &self,
+        group: &str,
+        after: Option<&str>,
+        until: &str,
+        count: usize,
+    ) -> Result<Vec<DeadLetter>, BusError> {
+        let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+        self.range(group, &start, until, Some(count)).await
+    }
+
+    /// The id of the newest dead letter of `group`, if there is one.
+    pub async fn newest_id(&self, group: &str) -> Result<Option<String>, BusError> {
+        const OP: &str = "read dead letters";
+        let mut conn = self.conn.clone();
+        let reply: Value = redis::cmd("XREVRANGE")
+            .arg(self.keys.dlq(group))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| BusError::from_redis(OP, e))?;
+        Ok(parse_entry_list(OP, reply)?
+            .entries
+            .into_iter()
+            .next()
+            .map(|entry| entry.id))
     }
 
     /// The dead letter `id` of `group`, if it exists.

@@ -1,4 +1,5 @@
-//! Key names: the event stream and the dead-letter stream of each consumer group.
+//! Key names: the event stream, and per consumer group its dead-letter stream and the hash of
+//! its unfinished tries.
 //!
 //! Every Redis key this crate touches is derived here from one setting (`EVENT_STREAM`), so tests
 //! can isolate themselves with a prefix (`test-<uuid>:es:events`) and operators can find every key
@@ -10,6 +11,10 @@ pub const DEFAULT_EVENT_STREAM: &str = "es:events";
 /// Separator between the event stream key and the group name in a dead-letter key
 /// (`es:events` + `:dlq:` + `order_summaries`).
 pub const DLQ_INFIX: &str = ":dlq:";
+
+/// Separator between the event stream key and the group name in the key of a group's
+/// unfinished tries (`es:events` + `:trying:` + `order_summaries`).
+pub const TRYING_INFIX: &str = ":trying:";
 
 /// The keys of one event stream: the stream itself and the dead-letter stream of each group.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -34,6 +39,14 @@ impl StreamKeys {
     /// The dead-letter stream of consumer group `group`: `<stream>:dlq:<group>`.
     pub fn dlq(&self, group: &str) -> String {
         format!("{}{DLQ_INFIX}{group}", self.stream)
+    }
+
+    /// The hash of consumer group `group`'s unfinished tries: `<stream>:trying:<group>`, entry
+    /// id → how many tries of that entry began and never ended
+    /// ([`crate::Consumer::begin_try`]). Empty but for entries whose tries stopped the
+    /// consumer that made them.
+    pub fn trying(&self, group: &str) -> String {
+        format!("{}{TRYING_INFIX}{group}", self.stream)
     }
 }
 

@@ -62,10 +62,14 @@
 //! # Reclaim policy
 //!
 //! An entry pending longer than `min_idle` belongs to a consumer that died or hangs;
-//! [`Consumer::autoclaim`] (XAUTOCLAIM, scanning the pending list across calls) takes it over
-//! and returns its delivery count. Every claim counts as a delivery, so `min_idle` must exceed
-//! the normal processing time. Ids Redis reports as deleted (trimmed while pending) are
-//! acknowledged. Consumers with nothing pending and idle beyond a threshold are deleted by
+//! [`Consumer::autoclaim`] (`XPENDING … IDLE`, scanning the pending list across calls, then
+//! `XCLAIM`) takes it over and returns its delivery count, leaving alone the entries the caller
+//! says it holds itself (claiming those would count deliveries nobody tried and keep them from
+//! ever looking idle to another consumer). Every claim counts as a delivery, so `min_idle` must
+//! exceed the normal processing time. Entries trimmed while pending leave the pending list.
+//! A consumer records a try of an entry it suspects in `<stream>:trying:<group>`
+//! ([`Consumer::begin_try`], [`Consumer::end_try`]), so a try that stopped the process making
+//! it is still counted. Consumers with nothing pending and idle beyond a threshold are deleted by
 //! [`Consumer::remove_stale_consumers`] (checked and deleted in one script, never the caller).
 //!
 //! # Trim policy
@@ -84,7 +88,10 @@
 //! The consumer decides when to give up on an entry (retries with backoff, then a delivery
 //! count limit). [`DeadLetterQueue::dead_letter`] then appends the original fields plus
 //! `error`, `attempts`, `failed_at` (RFC 3339), `original_id` and `consumer` to
-//! `<stream>:dlq:<group>` and acknowledges the original in the group, in one MULTI/EXEC.
+//! `<stream>:dlq:<group>` and acknowledges the original in the group, in one MULTI/EXEC; a
+//! consumer uses [`DeadLetterQueue::dead_letter_pending`], a script that writes the letter only
+//! when its XACK acknowledged an entry pending for that consumer, so two holders of one entry
+//! never both dead-letter it.
 //! Dead-letter streams are never trimmed here; operators list, replay and purge them with
 //! `projector dlq …`, which uses [`DeadLetterQueue::list`], [`DeadLetterQueue::get`],
 //! [`DeadLetterQueue::delete`] and [`DeadLetterQueue::len`].

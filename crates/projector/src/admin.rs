@@ -12,7 +12,8 @@ use crate::projections::ProjectionKind;
 
 pub use crate::rebuild::{RebuildOutcome, rebuild};
 
-/// Most dead letters one `dlq` command looks at; run it again for more.
+/// Most dead letters `dlq list` shows, and the page size of `dlq replay` and `dlq purge --all`,
+/// which walk every letter one page at a time so memory stays bounded however many there are.
 pub const DLQ_PAGE: usize = 1_000;
 /// Longest error text in the `dlq list` table.
 const ERROR_COLUMN_WIDTH: usize = 80;
@@ -249,6 +250,66 @@ pub async fn purge(
         });
     }
     Ok(out)
+}
+
+/// Which of `replay` and `purge` [`resolve_all`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolve {
+    /// [`replay`].
+    Replay,
+    /// [`purge`].
+    Purge,
+}
+
+/// How many letters [`resolve_all`] resolved and how many it left in place.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resolved {
+    /// Resolved and deleted.
+    pub ok: usize,
+    /// Left in place (their resolutions say why).
+    pub failed: usize,
+}
+
+/// `dlq replay` (all) or `dlq purge --all`: every dead letter of `projection`'s group that
+/// exists when it starts, oldest first, `page` at a time, handing each page's resolutions to
+/// `report` as it goes. Letters written meanwhile are left for the next run, so it ends even
+/// while consumers keep dead-lettering.
+pub async fn resolve_all(
+    pool: &PgPool,
+    dlq: &DeadLetterQueue,
+    projection: ProjectionKind,
+    action: Resolve,
+    page: usize,
+    mut report: impl FnMut(&[Resolution]),
+) -> anyhow::Result<Resolved> {
+    let group = projection.name();
+    let mut done = Resolved::default();
+    let Some(until) = dlq
+        .newest_id(group)
+        .await
+        .context("read the dead letters")?
+    else {
+        return Ok(done);
+    };
+    let mut after: Option<String> = None;
+    loop {
+        let letters = dlq
+            .page(group, after.as_deref(), &until, page.max(1))
+            .await
+            .context("read the dead letters")?;
+        let Some(last) = letters.last() else {
+            return Ok(done);
+        };
+        after = Some(last.id.clone());
+        let resolutions = match action {
+            Resolve::Replay => replay(pool, dlq, projection, &letters).await?,
+            Resolve::Purge => purge(pool, dlq, projection, &letters).await?,
+        };
+        let ok = resolutions.iter().filter(|r| r.ok).count();
+        done.ok += ok;
+        done.failed += resolutions.len() - ok;
+        report(&resolutions);
+    }
 }
 
 /// One line per resolution.

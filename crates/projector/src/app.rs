@@ -98,7 +98,9 @@ impl Application {
             .unwrap_or_default()
     }
 
-    /// Runs until `shutdown` is cancelled, then drains and returns.
+    /// Runs until `shutdown` is cancelled, then drains and returns, within `SHUTDOWN_GRACE_SECS`
+    /// of the cancellation: a task still busy then (PostgreSQL not answering its query, say)
+    /// is dropped, which loses nothing (its entries stay pending, its transaction rolls back).
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let settings = &self.cli.settings;
         let name = settings.consumer_name();
@@ -137,15 +139,35 @@ impl Application {
             tasks.spawn(sweeper.run(shutdown.clone()));
         }
         tracing::info!(consumer = %name, projections = ?settings.projections, port = self.port(), "projector running");
-        let served = platform::shutdown::serve_with_grace(
-            self.listener,
-            self.router,
-            shutdown.clone().cancelled_owned(),
-            self.cli.common.shutdown_grace(),
-        )
+        let grace = self.cli.common.shutdown_grace();
+        let serve = async {
+            let served = platform::shutdown::serve_with_grace(
+                self.listener,
+                self.router,
+                shutdown.clone().cancelled_owned(),
+                grace,
+            )
+            .await;
+            shutdown.cancel();
+            served
+        };
+        let stop_began = async {
+            shutdown.cancelled().await;
+            tokio::time::Instant::now()
+        };
+        let (served, stop_began) = tokio::join!(serve, stop_began);
+        let drained = tokio::time::timeout_at(stop_began + grace, async {
+            while tasks.join_next().await.is_some() {}
+        })
         .await;
-        shutdown.cancel();
-        while tasks.join_next().await.is_some() {}
+        if drained.is_err() {
+            tracing::warn!(
+                grace_secs = grace.as_secs(),
+                "projections still busy after the grace period (is PostgreSQL answering?); \
+                 stopping them: their unacknowledged entries stay pending for the next instance"
+            );
+            tasks.abort_all();
+        }
         served
     }
 }

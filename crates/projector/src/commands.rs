@@ -130,6 +130,35 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                         anyhow::bail!("`dlq purge` needs --id <entry id> or --all");
                     }
                     let pool = connect_db(&cli).await?;
+                    let verb = if action == DlqAction::Replay {
+                        "replay"
+                    } else {
+                        "purge"
+                    };
+                    if id.is_none() {
+                        let resolve = if action == DlqAction::Replay {
+                            admin::Resolve::Replay
+                        } else {
+                            admin::Resolve::Purge
+                        };
+                        let done = admin::resolve_all(
+                            &pool,
+                            &dlq,
+                            projection,
+                            resolve,
+                            admin::DLQ_PAGE,
+                            |page| print!("{}", admin::render_resolutions(verb, page)),
+                        )
+                        .await?;
+                        if done.ok + done.failed == 0 {
+                            println!("no dead letters");
+                        }
+                        return Ok(if done.failed == 0 {
+                            ExitCode::SUCCESS
+                        } else {
+                            ExitCode::FAILURE
+                        });
+                    }
                     let letters = admin::select(&dlq, &group, id.as_deref()).await?;
                     let (verb, resolutions) = if action == DlqAction::Replay {
                         (

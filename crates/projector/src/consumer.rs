@@ -4,7 +4,8 @@
 //! [`ProjectionConsumer::process_batch`] is one testable step; [`ProjectionConsumer::run`]
 //! repeats it until shutdown. A step: retry the poison entries that are due, then take new
 //! work (first this consumer's own pending entries after a restart, periodically entries of
-//! dead consumers via XAUTOCLAIM, otherwise `XREADGROUP >`), apply it through the engine
+//! dead consumers via [`bus::Consumer::autoclaim`], never those this consumer holds itself,
+//! otherwise `XREADGROUP >`), apply it through the engine
 //! ([`crate::apply`]) and acknowledge only what was committed.
 //!
 //! Failures (classified in [`crate::failure`]):
@@ -13,9 +14,12 @@
 //! - poison: the entry stays unacknowledged in an in-memory retry queue keyed by its stream,
 //!   retried after `RETRY_BASE_MS · 2^(n-1)`; later entries of that stream wait behind it in
 //!   order, other streams flow. After `MAX_ATTEMPTS` it is dead-lettered (`bus` XADD to
-//!   `<stream>:dlq:<group>` + XACK) and its stream parked in Postgres, so later events of the
-//!   order are held back until `projector dlq replay`. An entry without a stream id is
-//!   dead-lettered without parking anything.
+//!   `<stream>:dlq:<group>` + XACK, only while the entry is still pending for this consumer)
+//!   and its stream parked in Postgres, so later events of the order are held back until
+//!   `projector dlq replay`. An entry without a stream id is dead-lettered without parking
+//!   anything. An entry that arrives already delivered `MAX_ATTEMPTS` times (claimed from
+//!   other consumers) is tried once, on its own, and dead-lettered only if that try fails, or
+//!   if earlier such tries never ended (it stops whoever tries it);
 //! - newer release (an event of a type or schema version this build does not know): the entry
 //!   is held like a poison entry, its stream's later entries behind it, but counts no attempt
 //!   and is never dead-lettered. An instance of the newer release gets it from the store (its
@@ -50,6 +54,11 @@ pub const STALE_CONSUMER_IDLE: Duration = Duration::from_secs(3600);
 /// How often a failed park (after a dead letter) is retried before giving up on it (the
 /// sweeper then finds the event unapplied and dead-letters it again).
 const PARK_ATTEMPTS: usize = 8;
+/// How many tries of an entry delivered `max_attempts` times may have begun and never ended
+/// (each stopped the consumer making it) before the entry is dead-lettered without another
+/// try. Above one, so that one instance killed during such a try (a rolling deploy) does not
+/// cost an entry its try.
+pub const UNFINISHED_TRIES_LIMIT: u32 = 2;
 /// Least time between two log lines about entries of another history: after a restore there
 /// may be thousands, and the counter counts every one.
 const FOREIGN_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -63,7 +72,8 @@ pub struct ConsumerSettings {
     /// the same apply transaction when the arrival rate brings at least one within it
     /// ([`crate::linger`]); zero applies at once.
     pub linger: Duration,
-    /// Attempts (deliveries) before an entry is dead-lettered.
+    /// Attempts before an entry is dead-lettered; an entry delivered this often already gets
+    /// one try ([`ProjectionConsumer`]'s `try_delivered_often`).
     pub max_attempts: u32,
     /// First poison retry delay; doubles per attempt.
     pub retry_base: Duration,
@@ -130,6 +140,9 @@ pub struct ProjectionConsumer {
     retry: HashMap<String, RetryQueue>,
     queued_ids: HashSet<String>,
     finalized: HashSet<String>,
+    /// Entries whose try this consumer recorded in Redis and has not ended yet
+    /// ([`Self::try_delivered_often`]).
+    trying: HashSet<String>,
     /// Streams dead-lettered and parked during the current step: their later entries go back
     /// to the engine (which holds them back) instead of starting a retry queue of their own.
     parked_now: HashSet<String>,
@@ -180,6 +193,7 @@ impl ProjectionConsumer {
             retry: HashMap::new(),
             queued_ids: HashSet::new(),
             finalized: HashSet::new(),
+            trying: HashSet::new(),
             parked_now: HashSet::new(),
             pending_drained: false,
             next_reclaim: Instant::now(),
@@ -315,34 +329,8 @@ impl ProjectionConsumer {
     }
 
     async fn fetch(&mut self) -> Result<Vec<Work>, Failure> {
-        let now = Instant::now();
-        if now >= self.next_reclaim {
-            self.next_reclaim = now + self.settings.reclaim_interval;
-            let claimed = self
-                .consumer
-                .autoclaim(self.settings.claim_idle, self.settings.batch_size)
-                .await;
-            let claimed = self.handle_bus(claimed).await?.unwrap_or_default();
-            if let Err(e) = self
-                .consumer
-                .remove_stale_consumers(STALE_CONSUMER_IDLE)
-                .await
-            {
-                tracing::debug!(error = %e, "cannot remove stale consumers");
-            }
-            let work: Vec<Work> = claimed
-                .into_iter()
-                .filter(|(entry, _)| !self.queued_ids.contains(&entry.id))
-                .map(|(entry, deliveries)| Work {
-                    entry,
-                    prior_attempts: deliveries.saturating_sub(1),
-                })
-                .collect();
-            if !work.is_empty() {
-                tracing::info!(projection = %self.projection, count = work.len(), "claimed entries of a stopped consumer");
-                return Ok(work);
-            }
-        }
+        // Own pending entries first, before any claim: reading them (`XREADGROUP … 0`) counts
+        // a delivery of each, which entries claimed and held meanwhile must not get.
         if !self.pending_drained {
             let own = self
                 .consumer
@@ -361,6 +349,39 @@ impl ProjectionConsumer {
                 return Ok(work);
             }
             self.pending_drained = true;
+        }
+        let now = Instant::now();
+        if now >= self.next_reclaim {
+            self.next_reclaim = now + self.settings.reclaim_interval;
+            // What this consumer holds on purpose (retry queues, holds for a newer release)
+            // is left alone: claiming it would count a delivery nobody tried, and reset the
+            // idle time that lets an instance of a newer release claim it.
+            let queued = &self.queued_ids;
+            let claimed = self
+                .consumer
+                .autoclaim(self.settings.claim_idle, self.settings.batch_size, |id| {
+                    queued.contains(id)
+                })
+                .await;
+            let claimed = self.handle_bus(claimed).await?.unwrap_or_default();
+            if let Err(e) = self
+                .consumer
+                .remove_stale_consumers(STALE_CONSUMER_IDLE)
+                .await
+            {
+                tracing::debug!(error = %e, "cannot remove stale consumers");
+            }
+            let work: Vec<Work> = claimed
+                .into_iter()
+                .map(|(entry, deliveries)| Work {
+                    entry,
+                    prior_attempts: deliveries.saturating_sub(1),
+                })
+                .collect();
+            if !work.is_empty() {
+                tracing::info!(projection = %self.projection, count = work.len(), "claimed entries of a stopped consumer");
+                return Ok(work);
+            }
         }
         let next_due = self.retry.values().map(|q| q.due).min();
         let until_due = next_due.map(|d| d.saturating_duration_since(Instant::now()));
@@ -402,8 +423,70 @@ impl ProjectionConsumer {
     }
 
     /// Applies `work` (in stream order), acknowledging what was committed and queueing or
-    /// dead-lettering what failed.
+    /// dead-lettering what failed. An entry delivered `max_attempts` times or more is tried on
+    /// its own ([`Self::try_delivered_often`]), after the entries before it.
     async fn process(&mut self, work: &[Work]) -> Result<(), Failure> {
+        let mut start = 0;
+        for (i, w) in work.iter().enumerate() {
+            if w.prior_attempts >= self.settings.max_attempts {
+                self.apply_work(&work[start..i]).await?;
+                self.try_delivered_often(w).await?;
+                start = i + 1;
+            }
+        }
+        self.apply_work(&work[start..]).await
+    }
+
+    /// Tries an entry delivered `max_attempts` times or more without being acknowledged, once,
+    /// on its own, through the engine, and dead-letters it only if that try fails. Many
+    /// deliveries alone prove nothing: entries held for a newer release, or behind such an
+    /// event, are delivered again whenever a consumer claims them, and the engine may find the
+    /// event applied (a sweeper healed it) or its stream parked. What they can mean is an
+    /// entry that stops every consumer trying it (a crash, an abort), whose failures no error
+    /// ever counted; so the try is recorded in Redis before it begins
+    /// ([`bus::Consumer::begin_try`]) and forgotten when it ends, and an entry more than
+    /// [`UNFINISHED_TRIES_LIMIT`] of whose tries never ended is dead-lettered without another.
+    async fn try_delivered_often(&mut self, w: &Work) -> Result<(), Failure> {
+        let id = &w.entry.id;
+        if self.queued_ids.contains(id) || self.finalized.contains(id) {
+            return Ok(());
+        }
+        // A try that a transient failure interrupted is still the same try.
+        if !self.trying.contains(id) {
+            let begun = self.consumer.begin_try(id).await;
+            let Some(unfinished) = self.handle_bus(begun).await? else {
+                return Ok(());
+            };
+            self.trying.insert(id.clone());
+            if unfinished > UNFINISHED_TRIES_LIMIT {
+                let stream = w
+                    .entry
+                    .field(bus::codec::field::STREAM_ID)
+                    .map(str::to_owned);
+                let error = format!(
+                    "delivered {} times without being acknowledged; {} tries of it never \
+                     ended (did it stop the consumer trying it?)",
+                    w.prior_attempts + 1,
+                    unfinished - 1
+                );
+                self.give_up(&w.entry, stream.as_deref(), &error, w.prior_attempts + 1)
+                    .await?;
+                self.trying.remove(id);
+                return Ok(());
+            }
+        }
+        self.apply_work(std::slice::from_ref(w)).await?;
+        let ended = self.consumer.end_try(id).await;
+        self.handle_bus(ended).await?;
+        self.trying.remove(id);
+        Ok(())
+    }
+
+    /// [`Self::process`] for entries to apply together.
+    async fn apply_work(&mut self, work: &[Work]) -> Result<(), Failure> {
+        if work.is_empty() {
+            return Ok(());
+        }
         let mut events = Vec::with_capacity(work.len());
         let mut applied_work: Vec<&Work> = Vec::with_capacity(work.len());
         for w in work {
@@ -414,20 +497,6 @@ impl ProjectionConsumer {
                 Ok(event) => {
                     if self.retry.contains_key(&event.stream_id) {
                         self.hold_behind(&event.stream_id, &w.entry);
-                    } else if w.prior_attempts >= self.settings.max_attempts
-                        && !self.waits_for_newer_release(&event, &events)
-                    {
-                        let error = format!(
-                            "delivered {} times without being acknowledged",
-                            w.prior_attempts + 1
-                        );
-                        self.give_up(
-                            &w.entry,
-                            Some(&event.stream_id),
-                            &error,
-                            w.prior_attempts + 1,
-                        )
-                        .await?;
                     } else {
                         events.push(event);
                         applied_work.push(w);
@@ -538,21 +607,6 @@ impl ProjectionConsumer {
                  the sweeper (RUNBOOK: RelayStreamDiverged)");
         }
         Ok(foreign)
-    }
-
-    /// Whether `event`, or an event of its stream before it in `batch`, is one this projection
-    /// reads but this build cannot: a newer release wrote it. Such an entry, and those held
-    /// behind it, are held however often they were delivered (instances of this build
-    /// claiming them from each other count deliveries too), never dead-lettered.
-    fn waits_for_newer_release(&self, event: &RecordedEvent, batch: &[RecordedEvent]) -> bool {
-        let unreadable = |e: &RecordedEvent| {
-            self.projection
-                .needs_newer_release(&e.event_type, e.schema_version)
-        };
-        unreadable(event)
-            || batch
-                .iter()
-                .any(|earlier| earlier.stream_id == event.stream_id && unreadable(earlier))
     }
 
     /// How long an entry held for a newer release waits between two looks.
@@ -667,9 +721,14 @@ impl ProjectionConsumer {
         attempts: u32,
     ) -> Result<(), Failure> {
         let dead = self.consumer.dead_letter(entry, error, attempts).await;
-        self.handle_bus(dead).await?;
-        metrics::record_dead_letter(self.projection);
+        let written = self.handle_bus(dead).await?.flatten();
         self.finalized.insert(entry.id.clone());
+        if written.is_none() {
+            // No longer ours (claimed by another consumer, or acknowledged): whoever holds it
+            // decides; parking here would hold back an order nobody dead-lettered.
+            return Ok(());
+        }
+        metrics::record_dead_letter(self.projection);
         let Some(stream) = stream else {
             return Ok(());
         };

@@ -8,7 +8,8 @@
 //! Leadership: whoever holds the session advisory lock
 //! [`ProjectionKind::sweeper_lock_key`] on a dedicated connection; the others retry every
 //! [`LEADER_RETRY`]. If the leader dies its connection closes, the lock is released, and
-//! another instance takes over.
+//! another instance takes over. Every instance, leading or not, exports the projection's lag
+//! (`projector_lag_events`, `projector_lag_seconds`), so none exports a stale one.
 //!
 //! The low-water mark P means: every event with position ≤ P has been applied, or is held back
 //! by a parked stream. Each sweep looks up, in position order, the first event after P whose
@@ -58,10 +59,17 @@ pub const SWEEP_PAGE: i64 = 1_000;
 pub const HEAL_BATCH: i64 = 1_000;
 /// How often a non-leader tries to become the sweeper.
 pub const LEADER_RETRY: Duration = Duration::from_secs(2);
+/// Longest wait for the lock connection to open, or for the leader's check that it still
+/// lives: a server that went silent would otherwise hold either until TCP gives up (minutes).
+const LOCK_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a shutdown lets the sweep under way finish (so it does not stop between a dead
+/// letter and its park) before dropping it: a sweep waiting on a silent server never would.
+const STOP_WAIT: Duration = Duration::from_secs(2);
 /// Shortest pause between two sweeps, so a flood of notifications coalesces into one sweep;
 /// short, because read-your-writes waits on the mark.
 const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(5);
-/// How often the lag gauges are refreshed.
+/// How often the lag gauges are refreshed, by the sweeper from the mark it moves and by every
+/// other instance from the stored mark.
 const LAG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// SQL of the position of the first event after the mark `cp.position`, within
@@ -356,6 +364,42 @@ impl Sweeper {
         .bind(position)
         .fetch_one(&self.pool)
         .await;
+        self.set_lag(lag, position);
+    }
+
+    /// Sets the lag gauges from the stored low-water mark, at most every [`LAG_INTERVAL`]: what
+    /// an instance that is not the sweeper exports. Every instance exports the projection's
+    /// lag, so none keeps exporting the value of a leadership it lost (the alerts and the
+    /// autoscaler take the maximum over all instances). Three primary-key probes and the
+    /// head, one query.
+    pub async fn record_lag_from_mark(&mut self) {
+        if self.lag_recorded.elapsed() < LAG_INTERVAL {
+            return;
+        }
+        self.lag_recorded = Instant::now();
+        let lag = sqlx::query(
+            "WITH cp AS (SELECT COALESCE((SELECT position FROM projection_checkpoints \
+                                           WHERE projection = $1), 0) AS position) \
+             SELECT cp.position, \
+                    (SELECT COALESCE(max(global_position), 0) FROM events) AS head, \
+                    (SELECT EXTRACT(EPOCH FROM now() - recorded_at)::float8 FROM events \
+                      WHERE global_position = cp.position + 1) AS age \
+             FROM cp",
+        )
+        .bind(self.projection.name())
+        .fetch_one(&self.pool);
+        // A server that went silent must not keep this instance from trying to lead.
+        let Ok(lag) = tokio::time::timeout(LOCK_CONNECTION_TIMEOUT, lag).await else {
+            return;
+        };
+        let position = match &lag {
+            Ok(row) => row.try_get("position").unwrap_or(0),
+            Err(_) => 0,
+        };
+        self.set_lag(lag, position);
+    }
+
+    fn set_lag(&self, lag: Result<sqlx::postgres::PgRow, sqlx::Error>, position: i64) {
         if let Ok(row) = lag {
             let head: i64 = row.try_get("head").unwrap_or(position);
             let age: Option<f64> = row.try_get("age").unwrap_or(None);
@@ -469,15 +513,38 @@ impl Sweeper {
     /// Competes for leadership and sweeps while leader, until `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
-            match self.lead(&shutdown).await {
+            let led = {
+                let lead = self.lead(&shutdown);
+                tokio::pin!(lead);
+                tokio::select! {
+                    led = &mut lead => led,
+                    () = shutdown.cancelled() => {
+                        match tokio::time::timeout(STOP_WAIT, &mut lead).await {
+                            Ok(led) => led,
+                            Err(_) => Err(anyhow::anyhow!("stopped while waiting for PostgreSQL")),
+                        }
+                    }
+                }
+            };
+            match led {
                 Ok(()) => {}
                 Err(e) => {
                     tracing::warn!(projection = %self.projection, error = %e, "sweeper lost its connection")
                 }
             }
-            tokio::select! {
-                () = shutdown.cancelled() => {}
-                () = tokio::time::sleep(LEADER_RETRY) => {}
+            // Not leading: the lag is still this instance's to export (see
+            // `record_lag_from_mark`), refreshed while it waits to try again.
+            let retry_at = Instant::now() + LEADER_RETRY;
+            while !shutdown.is_cancelled() && Instant::now() < retry_at {
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = self.record_lag_from_mark() => {}
+                }
+                let pause = LAG_INTERVAL.min(retry_at.saturating_duration_since(Instant::now()));
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = tokio::time::sleep(pause) => {}
+                }
             }
         }
     }
@@ -485,7 +552,12 @@ impl Sweeper {
     /// Returns when not (or no longer) the leader, or on shutdown.
     async fn lead(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let options = self.pool.connect_options();
-        let mut lock_conn = PgConnection::connect_with(&options).await?;
+        let mut lock_conn = tokio::time::timeout(
+            LOCK_CONNECTION_TIMEOUT,
+            PgConnection::connect_with(&options),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from PostgreSQL to a new connection"))??;
         let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(self.projection.sweeper_lock_key())
             .fetch_one(&mut lock_conn)
@@ -510,13 +582,21 @@ impl Sweeper {
                 Err(f) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(projection = %self.projection, error = %f, "sweep failed");
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        () = shutdown.cancelled() => {}
+                        () = tokio::time::sleep(delay) => {}
+                    }
                 }
             }
             if last_alive_check.elapsed() > Duration::from_secs(5) {
                 last_alive_check = Instant::now();
                 // Losing this connection loses the lock: stop leading.
-                sqlx::query("SELECT 1").execute(&mut lock_conn).await?;
+                tokio::time::timeout(
+                    LOCK_CONNECTION_TIMEOUT,
+                    sqlx::query("SELECT 1").execute(&mut lock_conn),
+                )
+                .await
+                .map_err(|_| anyhow::anyhow!("the lock connection does not answer"))??;
             }
             tokio::time::sleep(MIN_SWEEP_INTERVAL).await;
             let tick = self.settings.tick;

@@ -155,7 +155,7 @@ async fn autoclaim_takes_over_entries_of_a_consumer_that_stopped_acking() {
         "the entries are idle long enough to claim",
         || async {
             let claimed = alive
-                .autoclaim(Duration::from_millis(50), 10)
+                .autoclaim(Duration::from_millis(50), 10, |_| false)
                 .await
                 .expect("autoclaim");
             (!claimed.is_empty()).then_some(claimed)
@@ -181,6 +181,72 @@ async fn autoclaim_takes_over_entries_of_a_consumer_that_stopped_acking() {
     crate::cleanup(&mut conn, &keys).await;
 }
 
+/// Delivery count of `id` in group `g`.
+async fn deliveries(conn: &mut bus::ConnectionManager, keys: &bus::StreamKeys, id: &str) -> i64 {
+    let rows: Vec<(String, String, i64, i64)> = redis::cmd("XPENDING")
+        .arg(keys.stream())
+        .arg("g")
+        .arg(id)
+        .arg(id)
+        .arg(1)
+        .query_async(conn)
+        .await
+        .expect("xpending");
+    rows.first().map_or(0, |row| row.3)
+}
+
+#[tokio::test]
+async fn autoclaim_leaves_what_the_caller_skips_untouched_and_claimable_by_others() {
+    let (client, mut conn, keys) = shared().await;
+    Publisher::new(conn.clone(), keys.clone(), 1000)
+        .publish(&events(1..=2))
+        .await
+        .expect("publish");
+    let holder = Consumer::new(
+        &client,
+        conn.clone(),
+        keys.clone(),
+        "g",
+        "holder",
+        MAX_BLOCK,
+    )
+    .expect("consumer");
+    holder.ensure_group("0").await.expect("group");
+    assert_eq!(
+        holder
+            .read_new(10, Duration::ZERO)
+            .await
+            .expect("read")
+            .len(),
+        2
+    );
+    // The holder keeps 1-0 on purpose; 2-0 it lost track of.
+    for _ in 0..3 {
+        let claimed = holder
+            .autoclaim(Duration::ZERO, 10, |id| id == "1-0")
+            .await
+            .expect("autoclaim");
+        let ids: Vec<_> = claimed.iter().map(|(e, _)| e.id.as_str()).collect();
+        assert_eq!(ids, ["2-0"]);
+    }
+    assert_eq!(
+        deliveries(&mut conn, &keys, "1-0").await,
+        1,
+        "never counted again"
+    );
+    assert_eq!(deliveries(&mut conn, &keys, "2-0").await, 4);
+
+    let other = Consumer::new(&client, conn.clone(), keys.clone(), "g", "other", MAX_BLOCK)
+        .expect("consumer");
+    let claimed = other
+        .autoclaim(Duration::ZERO, 10, |id| id == "2-0")
+        .await
+        .expect("autoclaim");
+    let ids: Vec<_> = claimed.iter().map(|(e, n)| (e.id.as_str(), *n)).collect();
+    assert_eq!(ids, [("1-0", 2)]);
+    crate::cleanup(&mut conn, &keys).await;
+}
+
 #[tokio::test]
 async fn autoclaim_acknowledges_entries_trimmed_while_pending() {
     let (client, mut conn, keys) = shared().await;
@@ -203,7 +269,7 @@ async fn autoclaim_acknowledges_entries_trimmed_while_pending() {
         .expect("consumer");
     let claimed = wait_until(Duration::from_secs(5), "the entry is claimable", || async {
         let claimed = alive
-            .autoclaim(Duration::from_millis(50), 10)
+            .autoclaim(Duration::from_millis(50), 10, |_| false)
             .await
             .expect("autoclaim");
         (!claimed.is_empty()).then_some(claimed)
@@ -304,7 +370,7 @@ async fn a_destroyed_group_is_reported_as_no_group() {
     for err in [
         consumer.read_own_pending(10).await.expect_err("no group"),
         consumer
-            .autoclaim(Duration::from_millis(1), 10)
+            .autoclaim(Duration::from_millis(1), 10, |_| false)
             .await
             .map(|_| ())
             .expect_err("no group"),

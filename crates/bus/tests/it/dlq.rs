@@ -27,7 +27,8 @@ async fn dead_lettering_writes_every_field_and_acknowledges_the_original() {
     let dlq_id = consumer
         .dead_letter(&read[0], "projection failed: boom", 5)
         .await
-        .expect("dead-letter");
+        .expect("dead-letter")
+        .expect("the entry was pending for this consumer");
 
     // Acknowledged in the group: only 2-0 is still pending.
     let own = consumer.read_own_pending(10).await.expect("own");
@@ -105,5 +106,57 @@ async fn dead_lettering_writes_every_field_and_acknowledges_the_original() {
             .expect("list")
             .is_empty()
     );
+    crate::cleanup(&mut conn, &keys).await;
+}
+
+#[tokio::test]
+async fn a_consumer_dead_letters_an_entry_only_while_it_is_pending_for_that_consumer() {
+    let (client, mut conn, keys) = shared().await;
+    Publisher::new(conn.clone(), keys.clone(), 1000)
+        .publish(&events(1..=2))
+        .await
+        .expect("publish");
+    let consumer = |name: &str| {
+        Consumer::new(&client, conn.clone(), keys.clone(), "g", name, MAX_BLOCK).expect("consumer")
+    };
+    let (first, claimer) = (consumer("first"), consumer("claimer"));
+    first.ensure_group("0").await.expect("group");
+    let read = first.read_new(10, Duration::ZERO).await.expect("read");
+    assert_eq!(read.len(), 2);
+    // The claimer takes 1-0 over while the first holder still has it in memory.
+    let claimed = claimer
+        .autoclaim(Duration::ZERO, 10, |id| id != "1-0")
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+
+    assert_eq!(
+        first.dead_letter(&read[0], "boom", 5).await.expect("run"),
+        None,
+        "the first holder no longer holds it"
+    );
+    assert!(
+        claimer
+            .dead_letter(&claimed[0].0, "boom", 6)
+            .await
+            .expect("run")
+            .is_some()
+    );
+    assert_eq!(
+        claimer
+            .dead_letter(&claimed[0].0, "boom", 6)
+            .await
+            .expect("run"),
+        None,
+        "dead-lettered once"
+    );
+    // Acknowledged (applied) by its holder: never dead-lettered afterwards.
+    assert_eq!(first.ack(&["2-0"]).await.expect("ack"), 1);
+    assert_eq!(
+        first.dead_letter(&read[1], "boom", 5).await.expect("run"),
+        None
+    );
+    let letters = xrange(&mut conn, &keys.dlq("g")).await;
+    assert_eq!(letters.len(), 1);
     crate::cleanup(&mut conn, &keys).await;
 }

@@ -1277,11 +1277,187 @@ async fn an_event_of_a_newer_release_is_held_for_that_release_never_dead_lettere
     // What an instance of the newer release finds in customer_stats: exactly the two held
     // entries, to claim.
     let claimed = group_consumer(&w, ProjectionKind::CustomerStats, "new")
-        .autoclaim(Duration::ZERO, 100)
+        .autoclaim(Duration::ZERO, 100, |_| false)
         .await
         .unwrap();
-    let ids: Vec<String> = claimed.into_iter().map(|(entry, _)| entry.id).collect();
-    assert_eq!(ids, held);
+    let ids: Vec<(String, u32)> = claimed.into_iter().map(|(e, n)| (e.id, n)).collect();
+    // Delivered ten times before, once more to `old`, and once to `new`: `old` holding them
+    // never counted another delivery.
+    assert_eq!(
+        ids,
+        held.iter().map(|id| (id.clone(), 12)).collect::<Vec<_>>()
+    );
+}
+
+/// Makes consumer `gone` of every projection's group hold all entries published so far, as an
+/// instance that stopped would, with the entries `often` delivered `deliveries` times.
+async fn held_by_a_stopped_consumer(w: &World, often: &[String], deliveries: u32) {
+    for projection in ProjectionKind::ALL {
+        let gone = group_consumer(w, projection, "gone");
+        gone.ensure_group(bus::FROM_BEGINNING).await.unwrap();
+        while !gone.read_new(100, Duration::ZERO).await.unwrap().is_empty() {}
+        let mut conn = w.redis.clone();
+        let _: redis::Value = redis::cmd("XCLAIM")
+            .arg(w.keys.stream())
+            .arg(projection.name())
+            .arg("gone")
+            .arg(0)
+            .arg(often)
+            .arg("RETRYCOUNT")
+            .arg(deliveries)
+            .arg("JUSTID")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+/// The entry ids of `order`'s events.
+async fn entry_ids(w: &World, order: Uuid) -> Vec<String> {
+    store::read_stream(w.pool(), &order_stream_id(order), 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| format!("{}-0", e.global_position))
+        .collect()
+}
+
+/// How many streams of `projection` are parked.
+async fn parked_streams(w: &World, projection: ProjectionKind) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM projection_streams WHERE projection = $1 \
+         AND parked_version IS NOT NULL",
+    )
+    .bind(projection.name())
+    .fetch_one(w.pool())
+    .await
+    .unwrap()
+}
+
+/// The rollout of a newer projector: the instances it replaces held entries for it (or behind
+/// such an event) and had them delivered many times over. The new instance claims them; one
+/// order's events its sweeper had already applied from the store, the other's nobody had. A
+/// high delivery count is only a reason to try each entry once: both orders end exact, nothing
+/// is dead-lettered and no order is parked.
+#[tokio::test]
+async fn entries_delivered_many_times_while_held_are_applied_by_the_instance_that_claims_them() {
+    let mut w = World::new().await;
+    let ids = append_orders(w.pool(), 2).await;
+    let (healed, fresh) = (ids[0], ids[1]);
+    w.publish().await;
+    let mut often = entry_ids(&w, healed).await;
+    often.extend(entry_ids(&w, fresh).await);
+    held_by_a_stopped_consumer(&w, &often, 10).await;
+    let events = store::read_stream(w.pool(), &order_stream_id(healed), 0, 100)
+        .await
+        .unwrap();
+    let mut conn = w.pool().acquire().await.unwrap();
+    for projection in ProjectionKind::ALL {
+        apply_batch(&mut conn, projection, &events).await.unwrap();
+    }
+    drop(conn);
+
+    let args = [
+        FAST,
+        &["--sweep-grace-ms", "600000", "--claim-idle-ms", "100"],
+    ]
+    .concat();
+    let (token, task) = w.spawn_projector("new", &args).await;
+    for projection in ProjectionKind::ALL {
+        wait_until(
+            DEADLINE,
+            &format!("{projection} acknowledges every entry"),
+            || {
+                let w = &w;
+                async move { (pending_count(w, projection.name()).await == 0).then_some(()) }
+            },
+        )
+        .await;
+    }
+    w.wait_caught_up().await;
+    w.assert_exact().await;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    for projection in ProjectionKind::ALL {
+        assert_eq!(dlq.len(projection.name()).await.unwrap(), 0, "{projection}");
+        assert_eq!(parked_streams(&w, projection).await, 0, "{projection}");
+    }
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Entries delivered many times are dead-lettered only for what their tries show: one whose
+/// single try fails is dead-lettered after that try, with the try's error; one whose earlier
+/// tries never ended (each stopped the consumer making it, which no error counts) is
+/// dead-lettered without another try. Both orders are parked; the others flow.
+#[tokio::test]
+async fn entries_delivered_many_times_are_dead_lettered_only_when_their_tries_fail() {
+    let mut w = World::new().await;
+    let refused = Uuid::new_v4();
+    support::refuse_placing(w.pool(), refused).await;
+    let mut state = OrderState::default();
+    let cmds = commands(refused, Uuid::new_v4(), support::Fate::Placed);
+    run_commands(w.pool(), refused, &cmds, &mut state).await;
+    let crashing = append_orders(w.pool(), 3).await[0];
+    w.publish().await;
+    let refused_ids = entry_ids(&w, refused).await;
+    let crashing_first = entry_ids(&w, crashing).await.remove(0);
+    let often = [refused_ids.clone(), vec![crashing_first.clone()]].concat();
+    held_by_a_stopped_consumer(&w, &often, 10).await;
+    for projection in ProjectionKind::ALL {
+        // Two tries of it began and never ended.
+        let mut conn = w.redis.clone();
+        let _: i64 = redis::cmd("HSET")
+            .arg(w.keys.trying(projection.name()))
+            .arg(&crashing_first)
+            .arg(2)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+
+    let args = [
+        FAST,
+        &["--sweep-grace-ms", "600000", "--claim-idle-ms", "100"],
+    ]
+    .concat();
+    let (token, task) = w.spawn_projector("new", &args).await;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    let letters = wait_until(DEADLINE, "two dead letters", || async {
+        let letters = dlq.list("order_summaries", 10).await.unwrap();
+        (letters.len() == 2).then_some(letters)
+    })
+    .await;
+    let placing = &refused_ids[3];
+    let of = |id: &str| letters.iter().find(|l| l.original_id == id).unwrap();
+    assert!(
+        of(placing).error.contains("refusing order"),
+        "{}",
+        of(placing).error
+    );
+    assert_eq!(of(placing).attempts, 11);
+    assert!(
+        of(&crashing_first).error.contains("never ended"),
+        "{}",
+        of(&crashing_first).error
+    );
+    wait_until(DEADLINE, "both orders are parked", || async {
+        (parked_streams(&w, ProjectionKind::OrderSummaries).await == 2).then_some(())
+    })
+    .await;
+    wait_until(
+        DEADLINE,
+        "customer_stats dead-letters the crashing one",
+        || async { (dlq.len("customer_stats").await.unwrap() == 1).then_some(()) },
+    )
+    .await;
+    let stream = order_stream_id(crashing);
+    wait_until(DEADLINE, "the two other orders are applied", || async {
+        let applied = streams_applied_to_the_end(&w, ProjectionKind::OrderSummaries, &stream).await;
+        (applied == 2).then_some(())
+    })
+    .await;
+    token.cancel();
+    task.await.unwrap().unwrap();
 }
 
 /// A rebuild by a release older than one of the events fails, naming the event, instead of
@@ -1436,4 +1612,167 @@ async fn the_sweeper_holds_at_an_event_of_a_newer_release_without_trying_it_agai
         (after.position, after.blocker, after.held_for_newer_release),
         (head, None, false)
     );
+}
+
+/// Another instance is the sweeper (the test holds its lock), so this one never leads: it
+/// still exports the projection's lag, as it grows and as it falls back to zero, instead of
+/// nothing or whatever it saw when it last led.
+#[tokio::test]
+async fn an_instance_that_is_not_the_sweeper_exports_the_current_lag() {
+    let mut w = World::new().await;
+    let mut leader = w.pool().acquire().await.unwrap();
+    for projection in ProjectionKind::ALL {
+        let led: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(projection.sweeper_lock_key())
+            .fetch_one(&mut *leader)
+            .await
+            .unwrap();
+        assert!(led);
+    }
+    let (token, task, port) = w.spawn_projector_serving("follower", &[]).await;
+    append_orders(w.pool(), 3).await;
+    let head = store::head_position(w.pool()).await.unwrap();
+    for projection in ProjectionKind::ALL {
+        wait_until(
+            DEADLINE,
+            &format!("{projection} exports a lag of {head}"),
+            || async move {
+                let lag = support::counter(port, "projector_lag_events", projection).await;
+                (lag == head as f64).then_some(())
+            },
+        )
+        .await;
+    }
+    w.publish().await;
+    for projection in ProjectionKind::ALL {
+        wait_until(
+            DEADLINE,
+            &format!("{projection} exports no lag"),
+            || async move {
+                let lag = support::counter(port, "projector_lag_events", projection).await;
+                let seconds = support::counter(port, "projector_lag_seconds", projection).await;
+                (lag == 0.0 && seconds == 0.0).then_some(())
+            },
+        )
+        .await;
+    }
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// `dlq purge --all` resolves every letter, past the first page of a thousand, and exits 0
+/// only then; `dlq replay` walks the letters page by page the same way.
+#[tokio::test]
+async fn dlq_purge_all_and_replay_resolve_every_letter_beyond_the_first_page() {
+    let w = World::new().await;
+    let mut conn = w.redis.clone();
+    let mut pipe = redis::pipe();
+    for i in 0..(projector::admin::DLQ_PAGE + 1) {
+        pipe.cmd("XADD")
+            .arg(w.keys.dlq("customer_stats"))
+            .arg("*")
+            .arg("hello")
+            .arg(i)
+            .arg("error")
+            .arg("undecodable")
+            .ignore();
+    }
+    let () = pipe.query_async(&mut conn).await.unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_projector"))
+        .args(["dlq", "purge", "customer_stats", "--all"])
+        .env("DATABASE_URL", &w.db.url)
+        .env("REDIS_URL", &w.redis_url)
+        .env("EVENT_STREAM", w.keys.stream())
+        .env("SKIP_MIGRATIONS", "true")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.contains(": ok: ")).count(),
+        1001
+    );
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    assert_eq!(dlq.len("customer_stats").await.unwrap(), 0);
+
+    // Replay, two letters a page: five letters of events never applied.
+    let ids = append_orders(w.pool(), 5).await;
+    for id in &ids {
+        let first = store::read_stream(w.pool(), &order_stream_id(*id), 0, 1)
+            .await
+            .unwrap();
+        dlq.dead_letter(
+            "order_summaries",
+            &projector::sweeper::entry_of(&first[0]),
+            "boom",
+            5,
+            "test",
+        )
+        .await
+        .unwrap();
+    }
+    let mut pages = 0;
+    let done = projector::admin::resolve_all(
+        w.pool(),
+        &dlq,
+        ProjectionKind::OrderSummaries,
+        projector::admin::Resolve::Replay,
+        2,
+        |_| pages += 1,
+    )
+    .await
+    .unwrap();
+    assert_eq!((done.ok, done.failed, pages), (5, 0, 3));
+    assert_eq!(dlq.len("order_summaries").await.unwrap(), 0);
+    w.assert_projection_exact(ProjectionKind::OrderSummaries)
+        .await;
+}
+
+/// PostgreSQL stops answering new connections without refusing them (its host died, a
+/// fail-over moved its address) while another instance is the sweeper, so this one keeps
+/// opening a connection to try to lead: told to stop, it still stops, within its grace period,
+/// with every task let go.
+#[tokio::test]
+async fn a_projector_told_to_stop_while_postgresql_is_silent_stops_within_its_grace_period() {
+    let w = World::new().await;
+    let mut leader = w.pool().acquire().await.unwrap();
+    for projection in ProjectionKind::ALL {
+        let _: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(projection.sweeper_lock_key())
+            .fetch_one(&mut *leader)
+            .await
+            .unwrap();
+    }
+    let proxy = support::HoldingProxy::start(w.pool().connect_options().get_port()).await;
+    let direct_port = w.pool().connect_options().get_port();
+    let url =
+        w.db.url
+            .replace(&format!(":{direct_port}/"), &format!(":{}/", proxy.port()));
+    assert_ne!(url, w.db.url);
+    let mut args = w.args("silenced", &["--shutdown-grace-secs", "1"]);
+    let at = args.iter().position(|a| a == "--database-url").unwrap();
+    args[at + 1] = url;
+    let cli = <projector::Cli as clap::Parser>::try_parse_from(args).unwrap();
+    let app = projector::Application::build(cli).await.unwrap();
+    let token = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(app.run_until_stopped(token.clone()));
+
+    proxy.hold_new_connections();
+    wait_until(
+        DEADLINE,
+        "both sweepers wait for a connection to lead",
+        || async { (proxy.held() >= 2).then_some(()) },
+    )
+    .await;
+    token.cancel();
+    tokio::time::timeout(DEADLINE, task)
+        .await
+        .expect("the projector stops although PostgreSQL does not answer")
+        .unwrap()
+        .unwrap();
 }

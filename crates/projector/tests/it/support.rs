@@ -308,3 +308,72 @@ pub async fn counter(port: u16, name: &str, projection: ProjectionKind) -> f64 {
         .find_map(|line| line.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// A TCP proxy to the local PostgreSQL that, once told to, accepts new connections and never
+/// passes a byte of them (a server whose host vanished: nothing answers, nothing refuses),
+/// while the connections made before keep working.
+pub struct HoldingProxy {
+    port: u16,
+    holding: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    accept: JoinHandle<()>,
+}
+
+impl HoldingProxy {
+    /// Starts a proxy to PostgreSQL on 127.0.0.1:`upstream`.
+    pub async fn start(upstream: u16) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let holding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let held = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (h, n) = (holding.clone(), held.clone());
+        let accept = tokio::spawn(async move {
+            let mut kept = Vec::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                if h.load(Ordering::SeqCst) {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    kept.push(client);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    if let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            holding,
+            held,
+            accept,
+        }
+    }
+
+    /// The port to connect to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// From now on, new connections are accepted and held without an answer.
+    pub fn hold_new_connections(&self) {
+        self.holding
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many connections are held.
+    pub fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for HoldingProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
