@@ -225,7 +225,7 @@ async fn missing_migrations(
     let sql = format!("SELECT version FROM {} WHERE success", migrator.table_name);
     let applied: Vec<i64> = match sqlx::query_scalar(AssertSqlSafe(sql)).fetch_all(pool).await {
         Ok(applied) => applied,
-        Err(e) if sqlstate(&e).as_deref() == Some(UNDEFINED_TABLE) || is_unavailable(&e) => {
+        Err(e) if sqlstate(&e).as_deref() == Some(UNDEFINED_TABLE) || is_unreachable(&e) => {
             Vec::new()
         }
         Err(e) => return Err(e),
@@ -270,7 +270,7 @@ async fn wait_until_reachable(
     let mut pause = REACH_RETRY_FIRST;
     loop {
         match connect_once(options).await {
-            Err(e) if is_unavailable(&e) && tokio::time::Instant::now() + pause < deadline => {
+            Err(e) if is_unreachable(&e) && tokio::time::Instant::now() + pause < deadline => {
                 tracing::warn!(
                     server = %server(options),
                     error = %describe_cause(&e),
@@ -540,7 +540,21 @@ async fn create_database(options: &PgConnectOptions) -> anyhow::Result<()> {
 /// down, out of connections or resources, refusing writes for now, or the connection broke),
 /// rather than that the statement or its data are wrong: the first is worth a retry (a 503, a
 /// paused projection), the second is a bug or a poison event (a 500, a dead letter).
+///
+/// A service that has been running also waits out a server that answers but turns this client
+/// away for now: its database is gone (`invalid_catalog_name`, 3D000: dropped, or being
+/// restored) or its login is refused (28000, 28P01: credentials rotated or revoked). Nothing is
+/// wrong with the work, and an operator puts it right. At start the same answers are a
+/// configuration mistake to report at once ([`is_unreachable`]).
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    is_unreachable(e)
+        || sqlstate(e).is_some_and(|code| matches!(code.as_str(), "3D000" | "28000" | "28P01"))
+}
+
+/// [`is_unavailable`] but for a server that answers and turns this client away: what a
+/// starting service waits for, since a server still coming up (or out of connections) will
+/// serve it soon, while a missing database is created and a refused login is a mistake.
+pub fn is_unreachable(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)

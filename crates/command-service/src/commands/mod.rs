@@ -106,6 +106,11 @@ pub enum CommandError {
     IdempotencyKeyReused,
     #[error("event store unavailable: {0}")]
     StoreUnavailable(String),
+    /// The store answered, and what it said cannot change by retrying: a stored event this
+    /// release cannot read (not a newer release's), a refused append, an unexpected SQL error.
+    /// A bug or damage, already logged at error level; the client gets 500 and no retry hint.
+    #[error("event store failure: {0}")]
+    StoreFailed(String),
     /// The order holds an event a newer release wrote; an instance of that release can serve
     /// the command (a rollout is under way, or this instance was left behind).
     #[error("{0}")]
@@ -123,6 +128,7 @@ impl CommandError {
             CommandError::ConcurrencyConflict { .. } => "conflict",
             CommandError::IdempotencyKeyReused => "idempotency_key_reused",
             CommandError::StoreUnavailable(_) => "store_unavailable",
+            CommandError::StoreFailed(_) => "store_failed",
             CommandError::NewerRelease(_) => "newer_release",
         }
     }
@@ -396,7 +402,7 @@ impl CommandHandler {
                             _ => false,
                         };
                         log_store_failure(unavailable, &other, order_id, "append failed");
-                        AttemptError::Failed(CommandError::StoreUnavailable(other.to_string()))
+                        AttemptError::Failed(store_failure(unavailable, &other))
                     }
                 });
             }
@@ -437,7 +443,7 @@ impl CommandHandler {
                     }
                 };
                 log_store_failure(unavailable, &err, order_id, "cannot load order");
-                Err(CommandError::StoreUnavailable(err.to_string()))
+                Err(store_failure(unavailable, &err))
             }
         }
     }
@@ -473,7 +479,7 @@ impl CommandHandler {
                     order_id,
                     "cannot look up an idempotency key",
                 );
-                CommandError::StoreUnavailable(err.to_string())
+                store_failure(unavailable, &err)
             })?;
         let Some(stored) = stored else {
             return Ok(None);
@@ -537,6 +543,16 @@ fn cut_short() -> CommandError {
 /// database is unavailable (an outage, which `/readyz` and the alerts already show, so a flood
 /// of errors would only bury what else happens), an error otherwise (a corrupt event, a failing
 /// statement: something a person must look at).
+/// 503 `store_unavailable` (retry) for a database that cannot be used now, 500 for anything
+/// the store answered that a retry cannot change.
+fn store_failure(unavailable: bool, error: &dyn std::fmt::Display) -> CommandError {
+    if unavailable {
+        CommandError::StoreUnavailable(error.to_string())
+    } else {
+        CommandError::StoreFailed(error.to_string())
+    }
+}
+
 fn log_store_failure(
     unavailable: bool,
     error: &dyn std::fmt::Display,

@@ -101,6 +101,8 @@ fn command_problem(err: &CommandError) -> Problem {
             Problem::unavailable(platform::db_gate::STORE_UNAVAILABLE, STORE_RETRY_AFTER_SECS)
                 .with_detail("the event store is unavailable; retry later")
         }
+        // Logged at error level with its cause where it happened.
+        CommandError::StoreFailed(_) => Problem::internal(),
         CommandError::NewerRelease(cause) => Problem::event_from_newer_release(cause),
     }
 }

@@ -45,7 +45,8 @@ impl utoipa::IntoResponses for OrderCommandProblems {
                 "422",
                 "`rule_violated` (with `rule`) or `idempotency_key_reused`",
             ),
-            ("503", "`store_unavailable`, `timeout`, or `overloaded` (with Retry-After: too many requests at once)"),
+            ("500", "`internal`: a bug or damage (an unreadable stored event); logged, never detailed"),
+            ("503", "`store_unavailable`, `timeout`, `overloaded` (with Retry-After: too many requests at once), or `event_from_newer_release` (with Retry-After: the order holds an event written by a newer release than this instance, while a rollout is under way)"),
         ]
         .into_iter()
         .map(|(status, description)| {
@@ -62,32 +63,20 @@ impl utoipa::IntoResponses for OrderCommandProblems {
     }
 }
 
-/// The request headers of a command on an existing order, listed once for the OpenAPI document
-/// of each such route: `If-Match`, `Idempotency-Key` and the metadata headers.
+/// The request headers of every command, listed once for the OpenAPI document of each route:
+/// `If-Match`, `Idempotency-Key` and the metadata headers.
 pub struct OrderCommandHeaders;
 
 impl utoipa::IntoParams for OrderCommandHeaders {
     fn into_params(
         _: impl Fn() -> Option<utoipa::openapi::path::ParameterIn>,
     ) -> Vec<utoipa::openapi::path::Parameter> {
-        command_header_params(true)
-    }
-}
-
-/// The request headers of `POST /orders`: those of [`OrderCommandHeaders`] but `If-Match` (a
-/// new order has no version to match).
-pub struct CreateOrderHeaders;
-
-impl utoipa::IntoParams for CreateOrderHeaders {
-    fn into_params(
-        _: impl Fn() -> Option<utoipa::openapi::path::ParameterIn>,
-    ) -> Vec<utoipa::openapi::path::Parameter> {
-        command_header_params(false)
+        command_header_params()
     }
 }
 
 /// The optional headers `CommandHeaders` reads, with the bounds it enforces.
-fn command_header_params(with_if_match: bool) -> Vec<utoipa::openapi::path::Parameter> {
+fn command_header_params() -> Vec<utoipa::openapi::path::Parameter> {
     use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
     use utoipa::openapi::{ObjectBuilder, Required, Type};
 
@@ -109,7 +98,7 @@ fn command_header_params(with_if_match: bool) -> Vec<utoipa::openapi::path::Para
     };
     let if_match = header(
         "If-Match",
-        "`\"<version>\"`: apply only at this version, else 412; `*`: at any version (the order must exist)",
+        "`\"<version>\"`: apply only at this version, else 412 (`\"0\"` on POST /orders: only if no order has this order_id); `*`: at any version (the order must exist)",
         ObjectBuilder::new().pattern(Some(r#"^("[0-9]+"|\*)$"#)),
     );
     let rest = [
@@ -139,18 +128,14 @@ fn command_header_params(with_if_match: bool) -> Vec<utoipa::openapi::path::Para
             ObjectBuilder::new(),
         ),
     ];
-    with_if_match
-        .then_some(if_match)
-        .into_iter()
-        .chain(rest)
-        .collect()
+    std::iter::once(if_match).chain(rest).collect()
 }
 
 /// Create an order
 #[utoipa::path(
     post, path = "/orders", tag = "orders",
     request_body = CreateOrderRequest,
-    params(CreateOrderHeaders),
+    params(OrderCommandHeaders),
     responses(
         (status = 201, description = "Created; `Location: /orders/{id}`, `ETag: \"<version>\"`", body = CommandResponse),
         (status = 400, description = "Malformed JSON, wrong types, bad header", body = platform::Problem, content_type = "application/problem+json"),
@@ -158,7 +143,9 @@ fn command_header_params(with_if_match: bool) -> Vec<utoipa::openapi::path::Para
         (status = 409, description = "`order_exists`: an order with this order_id exists", body = platform::Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = platform::Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`version_mismatch`: If-Match names another version (`\"0\"`: the order exists)", body = platform::Problem, content_type = "application/problem+json"),
         (status = 422, description = "`rule_violated` (with `rule`) or `idempotency_key_reused`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: a bug or damage; logged, never detailed", body = platform::Problem, content_type = "application/problem+json"),
         (status = 503, description = "`store_unavailable`, `timeout`, `overloaded` (with Retry-After: too many requests at once), or `event_from_newer_release` (with Retry-After: the order holds an event written by a newer release than this instance, while a rollout is under way)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))

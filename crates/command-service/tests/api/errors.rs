@@ -422,6 +422,31 @@ async fn a_store_failure_is_a_503_that_leaks_nothing() {
     assert!(!text.contains(&app.db.name), "{text}");
 }
 
+/// An order holding a stored event this release should read but cannot (damage, or a bug in an
+/// upcaster) is a 500 that leaks nothing, not a 503 telling the client to retry what can never
+/// succeed; other orders are served as before.
+#[tokio::test]
+async fn a_command_on_an_order_with_an_unreadable_event_is_a_500_not_a_retry() {
+    let app = spawn_app().await;
+    let order_id = app.create_order().await;
+    let other = app.create_order().await;
+    store::testing::append_as_another_release_wrote_it(
+        &app.db.pool,
+        order_id,
+        "ItemAdded",
+        1,
+        json!({ "not": "an item" }),
+    )
+    .await;
+    // Another instance, so the order is loaded from the store.
+    let fresh = spawn_app_on(Arc::clone(&app.db), &[]).await;
+    let response = fresh.add_item(order_id, "A", 1, 10).await;
+    assert!(response.headers().get("retry-after").is_none());
+    let body = assert_problem(response, 500, "internal").await;
+    assert!(!body.to_string().contains("an item"), "{body}");
+    assert_eq!(fresh.add_item(other, "A", 1, 10).await.status(), 200);
+}
+
 /// A rollout under way: a newer release wrote an event of a type this instance does not know
 /// into the order. A command on it is answered 503 `event_from_newer_release` with
 /// `Retry-After` (an instance of that release can serve it), not 500 or a rule violation, and
