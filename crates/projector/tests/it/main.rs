@@ -198,6 +198,68 @@ async fn an_undecodable_entry_lands_in_the_dead_letter_stream_with_every_contrac
     task.await.unwrap().unwrap();
 }
 
+/// An entry holding a field that is not UTF-8 (added by hand or by another client), read with
+/// a batch by an instance that stopped before processing it: the instance restarted under the
+/// same name dead-letters it, with its fields as far as they can be read, and acknowledges it
+/// and the entries read with it, in both groups.
+#[tokio::test]
+async fn an_entry_that_is_not_utf8_is_dead_lettered_and_its_batch_flows_after_a_restart() {
+    let mut w = World::new().await;
+    append_orders(w.pool(), 3).await;
+    w.publish().await;
+    let head = store::head_position(w.pool()).await.unwrap();
+    let bad_id = format!("{head}-1");
+    let mut conn = w.redis.clone();
+    let _: String = redis::cmd("XADD")
+        .arg(w.keys.stream())
+        .arg(&bad_id)
+        .arg("event_type")
+        .arg("OrderPlaced")
+        .arg("data")
+        .arg(&b"{\"oops\":\"\xff\"}"[..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    append_orders(w.pool(), 3).await;
+    w.publish().await;
+    for projection in ProjectionKind::ALL {
+        let stopped = group_consumer(&w, projection, "solo");
+        stopped.ensure_group(bus::FROM_BEGINNING).await.unwrap();
+        let read = stopped.read_new(1_000, Duration::ZERO).await.unwrap();
+        assert!(read.iter().any(|e| e.id == bad_id));
+    }
+
+    let (token, task) = w.spawn_projector("solo", FAST).await;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    for projection in ProjectionKind::ALL {
+        let letters = wait_until(DEADLINE, "the entry is dead-lettered", || async {
+            let letters = dlq.list(projection.name(), 10).await.unwrap();
+            (!letters.is_empty()).then_some(letters)
+        })
+        .await;
+        assert_eq!(letters.len(), 1);
+        let letter = &letters[0];
+        assert_eq!(letter.original_id, bad_id);
+        assert!(letter.error.contains("not UTF-8"), "{}", letter.error);
+        assert_eq!(
+            letter.original.get("data").map(String::as_str),
+            Some(r#"{"oops":"\xff"}"#)
+        );
+        assert_eq!(
+            letter.original.get("event_type").map(String::as_str),
+            Some("OrderPlaced")
+        );
+        wait_until(DEADLINE, "nothing is left pending", || async {
+            (pending_count(&w, projection.name()).await == 0).then_some(())
+        })
+        .await;
+    }
+    w.wait_caught_up().await;
+    w.assert_exact().await;
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn an_apply_that_keeps_failing_is_dead_lettered_its_order_held_back_others_flow_and_replay_makes_it_exact()
  {
