@@ -1579,6 +1579,102 @@ async fn a_rebuild_meeting_an_event_of_a_newer_release_fails_and_changes_nothing
     assert_eq!(parked, 0);
 }
 
+/// A draft order (three events) whose fourth event is damaged: an `ItemAdded` of the current
+/// schema version whose payload does not fit it, so every apply of it fails (live or in a
+/// rebuild's shadow tables alike). Returns the order id.
+async fn damaged_order(pool: &sqlx::PgPool) -> Uuid {
+    let order = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let cmds = commands(order, Uuid::new_v4(), support::Fate::Draft);
+    run_commands(pool, order, &cmds, &mut state).await;
+    store::testing::append_as_another_release_wrote_it(
+        pool,
+        order,
+        "ItemAdded",
+        1,
+        serde_json::json!({"nope": 1}),
+    )
+    .await;
+    order
+}
+
+/// A rebuild meets a poison event and, pages later, an event of a newer release, so it fails:
+/// it leaves Redis as it was (no dead letter, no live entry acknowledged). A rebuild that
+/// succeeds dead-letters what failed, after its swap.
+#[tokio::test]
+async fn a_failed_rebuild_writes_no_dead_letter_and_acknowledges_no_live_entry() {
+    let mut w = World::new().await;
+    damaged_order(w.pool()).await;
+    append_orders(w.pool(), 2).await;
+    let newer = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let cmds = commands(newer, Uuid::new_v4(), support::Fate::Draft);
+    run_commands(w.pool(), newer, &cmds, &mut state).await;
+    store::testing::append_as_another_release_wrote_it(
+        w.pool(),
+        newer,
+        "OrderDiscounted",
+        1,
+        serde_json::json!({"percent": 10}),
+    )
+    .await;
+    w.publish().await;
+    let live = group_consumer(&w, ProjectionKind::OrderSummaries, "live");
+    live.ensure_group(bus::FROM_BEGINNING).await.unwrap();
+    live.read_new(1_000, Duration::ZERO).await.unwrap();
+    let pending = pending_count(&w, "order_summaries").await;
+    assert!(pending > 0);
+
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    let dead_letters = projector::sweeper::DeadLetters {
+        queue: dlq.clone(),
+        consumer: "rebuild".into(),
+    };
+    let err = projector::rebuild::rebuild(
+        w.pool(),
+        ProjectionKind::OrderSummaries,
+        2,
+        Some(&dead_letters),
+    )
+    .await
+    .expect_err("the rebuild fails at the newer release's event");
+    assert!(format!("{err:#}").contains("newer release"), "{err:#}");
+    assert_eq!(dlq.len("order_summaries").await.unwrap(), 0);
+    assert_eq!(pending_count(&w, "order_summaries").await, pending);
+
+    // Without the newer release's event, the same rebuild succeeds and writes the letter.
+    let w = World::new().await;
+    let victim = damaged_order(w.pool()).await;
+    append_orders(w.pool(), 2).await;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    let dead_letters = projector::sweeper::DeadLetters {
+        queue: dlq.clone(),
+        consumer: "rebuild".into(),
+    };
+    let outcome = projector::rebuild::rebuild(
+        w.pool(),
+        ProjectionKind::OrderSummaries,
+        2,
+        Some(&dead_letters),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome.parked, 1);
+    let letters = dlq.list("order_summaries", 10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        letters[0].original.get("stream_id"),
+        Some(&order_stream_id(victim))
+    );
+    assert_eq!(
+        letters[0]
+            .original
+            .get("stream_version")
+            .map(String::as_str),
+        Some("4")
+    );
+}
+
 /// A paid order cancelled by the previous release (`OrderCancelled` at schema version 1, which
 /// recorded no refund) is projected like any other: both read models take the upcast event,
 /// the order is cancelled and its money no longer counts as spent.
