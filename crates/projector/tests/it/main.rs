@@ -1102,6 +1102,59 @@ async fn sweep_waiting_for_the_checkpoint_row(
     sweep
 }
 
+/// A faulty release fails one event after another: the sweeper fails twice on order X's
+/// event before a consumer parks X, then order Y's event becomes the blocker. Y is dead-lettered
+/// only once the sweeper has failed on Y itself `max_attempts` times (three), with its own
+/// count as `attempts`, instead of after one try because X's count carried over.
+#[tokio::test]
+async fn the_sweeper_counts_failures_per_event_so_a_new_blocker_never_inherits_the_last_ones() {
+    let w = World::new().await;
+    let projection = ProjectionKind::OrderSummaries;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    let mut sweeper = Sweeper::new(
+        projection,
+        w.pool().clone(),
+        Some(projector::sweeper::DeadLetters {
+            queue: dlq.clone(),
+            consumer: "sweeper".into(),
+        }),
+        SweeperSettings {
+            grace: Duration::ZERO,
+            max_attempts: 3,
+            retry_base: Duration::ZERO,
+            ..SweeperSettings::default()
+        },
+    );
+    let x = damaged_order(w.pool()).await;
+    for _ in 0..2 {
+        sweeper.sweep_once().await.unwrap();
+    }
+    assert_eq!(dlq.len(projection.name()).await.unwrap(), 0);
+    let mut conn = w.pool().acquire().await.unwrap();
+    projector::apply::park_stream(&mut conn, projection, &order_stream_id(x), "boom")
+        .await
+        .unwrap();
+    drop(conn);
+
+    let y = damaged_order(w.pool()).await;
+    for heal in 1..=2 {
+        sweeper.sweep_once().await.unwrap();
+        assert_eq!(
+            dlq.len(projection.name()).await.unwrap(),
+            0,
+            "dead-lettered after {heal} failed heal(s) of its own"
+        );
+    }
+    sweeper.sweep_once().await.unwrap();
+    let letters = dlq.list(projection.name(), 10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        letters[0].original.get("stream_id"),
+        Some(&order_stream_id(y))
+    );
+    assert_eq!(letters[0].attempts, 3);
+}
+
 /// A sweeper of `projection` on the test's database, without dead letters, that heals a blocker
 /// only after `grace`.
 fn test_sweeper(w: &World, projection: ProjectionKind, grace: Duration) -> Sweeper {
