@@ -86,6 +86,15 @@ pub enum DecodeError {
         /// Its text.
         value: String,
     },
+    /// Fields were not UTF-8 in Redis ([`crate::entry::UNREADABLE_FIELD`]): their text has
+    /// each invalid byte written as `\xNN`, so it is not what was written.
+    #[error("entry {id}: field(s) {fields} are not UTF-8 (their invalid bytes are shown as \\xNN)")]
+    NotUtf8 {
+        /// The entry id.
+        id: String,
+        /// The fields, comma-separated.
+        fields: String,
+    },
     /// The id says `<n>-0` but the `position` field says something else.
     #[error("entry {id}: field `position` is {position} but the entry id says {id_position}")]
     PositionMismatch {
@@ -127,7 +136,8 @@ fn metadata_json(metadata: &EventMetadata) -> String {
 
 /// Decodes an event entry written by [`encode_fields`].
 ///
-/// Checks every field, and, when the id has the `<n>-0` form, that `n` equals `position`.
+/// Checks every field, and, when the id has the `<n>-0` form, that `n` equals `position`. An
+/// entry holding fields that were not UTF-8 is refused ([`DecodeError::NotUtf8`]).
 pub fn decode_entry(entry: &StreamEntry) -> Result<RecordedEvent, DecodeError> {
     let id = entry.id.as_str();
     let get = |field: &'static str| {
@@ -155,6 +165,12 @@ pub fn decode_entry(entry: &StreamEntry) -> Result<RecordedEvent, DecodeError> {
         reason: err.to_string(),
     };
 
+    if let Some(fields) = entry.field(crate::entry::UNREADABLE_FIELD) {
+        return Err(DecodeError::NotUtf8 {
+            id: id.to_owned(),
+            fields: fields.to_owned(),
+        });
+    }
     let global_position = number(field::POSITION)?;
     match entry.position() {
         Some(id_position) if id_position != global_position => {

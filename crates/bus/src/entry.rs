@@ -3,6 +3,15 @@
 //! Replies are parsed from `redis::Value` by hand (rather than through `StreamReadReply`) so the
 //! field order is kept and entries deleted by a trim (returned as `[id, nil]`) are told apart
 //! from real ones.
+//!
+//! Fields are read one entry at a time and never fail the reply around them: Redis stores
+//! bytes, and an entry added by hand or by another client may hold a field that is not UTF-8.
+//! Such an entry is kept, its invalid bytes written as `\xNN` (the rest of the text as it is),
+//! and marked with [`UNREADABLE_FIELD`], which [`crate::decode_entry`] refuses; so it goes the
+//! way of any undecodable entry (dead-lettered with its fields as far as they can be read, then
+//! acknowledged) while the entries read with it flow. Failing the whole reply instead left a
+//! batch of entries delivered and never processed, and a restarted consumer reading its own
+//! pending entries failing on the same one for good.
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -39,6 +48,23 @@ impl StreamEntry {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The names of the fields whose name or value was not UTF-8 as Redis held it (see
+    /// [`UNREADABLE_FIELD`]); their text here has each invalid byte written as `\xNN`.
+    pub fn unreadable_fields(&self) -> Vec<&str> {
+        self.field(UNREADABLE_FIELD)
+            .map(|names| names.split(',').filter(|n| !n.is_empty()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The value of the first field named `name`, unless it was not UTF-8 in Redis (then its
+    /// text is not what was written, e.g. a stream id that names no stream).
+    pub fn readable_field(&self, name: &str) -> Option<&str> {
+        if self.unreadable_fields().contains(&name) {
+            return None;
+        }
+        self.field(name)
+    }
+
     /// The fields as a map (a repeated name keeps its first value).
     pub fn field_map(&self) -> HashMap<String, String> {
         let mut map = HashMap::with_capacity(self.fields.len());
@@ -46,6 +72,36 @@ impl StreamEntry {
             map.entry(k.clone()).or_insert_with(|| v.clone());
         }
         map
+    }
+}
+
+/// The field added, when an entry is read, to an entry holding fields that are not UTF-8: the
+/// names of those fields, comma-separated. Never written by the relay, so an event entry with
+/// it cannot be decoded ([`crate::codec::DecodeError::NotUtf8`]), and a dead letter of it
+/// shows which fields have their invalid bytes written as `\xNN`.
+pub const UNREADABLE_FIELD: &str = "unreadable_fields";
+
+/// The text of `bytes`, each byte that is not part of valid UTF-8 written as `\xNN`, and
+/// whether there was any.
+fn escaped_text(bytes: &[u8]) -> (String, bool) {
+    let mut text = String::with_capacity(bytes.len());
+    let mut escaped = false;
+    for chunk in bytes.utf8_chunks() {
+        text.push_str(chunk.valid());
+        for byte in chunk.invalid() {
+            text.push_str(&format!("\\x{byte:02x}"));
+            escaped = true;
+        }
+    }
+    (text, escaped)
+}
+
+/// A field name or value of an entry: like [`value_to_string`], but bytes that are not UTF-8
+/// are escaped instead of failing the reply; the flag says whether any were.
+fn field_text(op: &'static str, v: &Value) -> Result<(String, bool), BusError> {
+    match v {
+        Value::BulkString(b) => Ok(escaped_text(b)),
+        other => value_to_string(op, other).map(|text| (text, false)),
     }
 }
 
@@ -190,12 +246,18 @@ pub(crate) fn parse_entry_list(op: &'static str, v: Value) -> Result<ParsedEntri
                         format!("entry {id} has an odd field list"),
                     ));
                 }
-                let mut fields = Vec::with_capacity(flat.len() / 2);
+                let mut fields = Vec::with_capacity(flat.len() / 2 + 1);
+                let mut unreadable = Vec::new();
                 for pair in flat.chunks(2) {
-                    fields.push((
-                        value_to_string(op, &pair[0])?,
-                        value_to_string(op, &pair[1])?,
-                    ));
+                    let (name, bad_name) = field_text(op, &pair[0])?;
+                    let (value, bad_value) = field_text(op, &pair[1])?;
+                    if bad_name || bad_value {
+                        unreadable.push(name.clone());
+                    }
+                    fields.push((name, value));
+                }
+                if !unreadable.is_empty() {
+                    fields.push((UNREADABLE_FIELD.to_owned(), unreadable.join(",")));
                 }
                 parsed.entries.push(StreamEntry { id, fields });
             }
@@ -245,6 +307,32 @@ mod tests {
         assert_eq!(entry("42-0").position(), Some(42));
         assert_eq!(entry("42-1").position(), None);
         assert_eq!(entry("x").position(), None);
+    }
+
+    #[test]
+    fn a_field_that_is_not_utf8_marks_its_entry_without_failing_the_others() {
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                bulk("1-0"),
+                Value::Array(vec![
+                    bulk("data"),
+                    Value::BulkString(b"{\"a\":\"\xff\xfe\"}".to_vec()),
+                    bulk("stream_id"),
+                    bulk("order-1"),
+                ]),
+            ]),
+            Value::Array(vec![bulk("2-0"), Value::Array(vec![bulk("a"), bulk("é")])]),
+        ]);
+        let parsed = parse_entry_list("test", reply).expect("parse");
+        assert_eq!(parsed.entries.len(), 2);
+        let bad = &parsed.entries[0];
+        assert_eq!(bad.field("data"), Some(r#"{"a":"\xff\xfe"}"#));
+        assert_eq!(bad.unreadable_fields(), ["data"]);
+        assert_eq!(bad.readable_field("data"), None);
+        assert_eq!(bad.readable_field("stream_id"), Some("order-1"));
+        let good = &parsed.entries[1];
+        assert_eq!(good.fields, vec![("a".into(), "é".into())]);
+        assert!(good.unreadable_fields().is_empty());
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! |---|---|
 //! | [`keys`] | key names derived from the `EVENT_STREAM` setting |
 //! | [`codec`] | the entry fields of an event: [`encode_fields`], [`decode_entry`] |
+//! | [`entry`] | [`StreamEntry`] and the parsing of stream replies, one entry at a time (a field that is not UTF-8 marks its entry, never fails the reply) |
 //! | [`publish`] | [`Publisher`]: exactly-once publication, [`Publisher::trim`] |
 //! | [`consume`] | [`ensure_group`], [`Consumer`]: read, ack, autoclaim, stale consumers |
 //! | [`dlq`] | [`DeadLetterQueue`]: dead-lettering and the admin helpers |
@@ -118,7 +119,7 @@ pub use codec::{DecodeError, decode_entry, encode_fields};
 pub use connection::{client, connect, connect_lazy};
 pub use consume::{Consumer, FROM_BEGINNING, FROM_NOW, ensure_group};
 pub use dlq::{DeadLetter, DeadLetterQueue};
-pub use entry::StreamEntry;
+pub use entry::{StreamEntry, UNREADABLE_FIELD};
 pub use error::BusError;
 pub use inspect::{GroupInfo, StreamInfo, inspect, newest_relayed_entry};
 pub use keys::{DEFAULT_EVENT_STREAM, StreamKeys};

@@ -7,7 +7,7 @@ use bus::{DeadLetter, DeadLetterQueue};
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use sqlx::PgPool;
 
-use crate::apply::{Resume, resume_stream};
+use crate::apply::{Skip, resume_stream, skip_parked};
 use crate::projections::ProjectionKind;
 
 pub use crate::rebuild::{RebuildOutcome, rebuild};
@@ -115,21 +115,52 @@ pub struct Resolution {
     pub message: String,
 }
 
-async fn stream_of(pool: &PgPool, letter: &DeadLetter) -> Result<(String, i64), String> {
-    let Some(position) = field(letter, "position").parse::<i64>().ok() else {
-        return Err("its position cannot be parsed, so it cannot be replayed; purge it".into());
+/// Why a dead letter cannot be resolved to an event of the store.
+enum Unresolved {
+    /// The letter names no event: its `position` or `event_id` is missing or unreadable (an
+    /// entry that could not be decoded).
+    NamesNoEvent,
+    /// The letter names an event the store does not hold at that position: it comes from
+    /// another history (the database was restored from a backup after it was written), or
+    /// the store could not be read. The message says which, for the operator.
+    Refused(String),
+}
+
+/// The stream and version of the event `letter` names, found by its position *and* its event
+/// id: after a restore the store hands the positions of lost events to other events, and a
+/// letter resolved by position alone would act on an unrelated order.
+async fn stream_of(pool: &PgPool, letter: &DeadLetter) -> Result<(String, i64), Unresolved> {
+    let position = field(letter, "position").parse::<i64>().ok();
+    let event_id = uuid::Uuid::parse_str(field(letter, "event_id")).ok();
+    let (Some(position), Some(event_id)) = (position, event_id) else {
+        return Err(Unresolved::NamesNoEvent);
     };
-    let row: Option<(String, i64)> =
-        sqlx::query_as("SELECT stream_id, stream_version FROM events WHERE global_position = $1")
-            .bind(position)
-            .fetch_optional(pool)
-            .await
-            .map_err(|e| format!("cannot read the event store: {e}"))?;
-    row.ok_or_else(|| format!("position {position} is not in the event store"))
+    let row: Option<(String, i64, uuid::Uuid)> = sqlx::query_as(
+        "SELECT stream_id, stream_version, event_id FROM events WHERE global_position = $1",
+    )
+    .bind(position)
+    .fetch_optional(pool)
+    .await
+    .map_err(|e| Unresolved::Refused(format!("cannot read the event store: {e}")))?;
+    match row {
+        Some((stream, version, held)) if held == event_id => Ok((stream, version)),
+        Some((stream, version, held)) => Err(Unresolved::Refused(format!(
+            "the event store holds another event at position {position} ({held}, version \
+             {version} of {stream}), not this letter's {event_id}: the letter comes from \
+             another history (was the database restored?), so it is left in place; delete it \
+             by hand (XDEL) once you have checked it"
+        ))),
+        None => Err(Unresolved::Refused(format!(
+            "the event store holds no event at position {position} (this letter's \
+             {event_id}): the letter comes from another history (was the database restored?), \
+             so it is left in place; delete it by hand (XDEL) once you have checked it"
+        ))),
+    }
 }
 
 /// `dlq replay`: for each dead letter, un-park its stream and apply that event and the rest of
-/// the stream up to its head from the *event store*; on success delete the dead letter.
+/// the stream up to its head from the *event store*; on success delete the dead letter. A
+/// letter whose event the store does not hold at its position is left in place.
 pub async fn replay(
     pool: &PgPool,
     dlq: &DeadLetterQueue,
@@ -141,7 +172,15 @@ pub async fn replay(
         let id = letter.id.clone();
         let (stream, _) = match stream_of(pool, letter).await {
             Ok(found) => found,
-            Err(message) => {
+            Err(unresolved) => {
+                let message = match unresolved {
+                    Unresolved::NamesNoEvent => {
+                        "it names no event of the store (its position or event id is missing \
+                         or unreadable), so it cannot be replayed; purge it"
+                            .to_owned()
+                    }
+                    Unresolved::Refused(message) => message,
+                };
                 out.push(Resolution {
                     id,
                     ok: false,
@@ -151,7 +190,7 @@ pub async fn replay(
             }
         };
         let mut conn = pool.acquire().await.context("connect to Postgres")?;
-        match resume_stream(&mut conn, projection, &stream, Resume::Replay).await {
+        match resume_stream(&mut conn, projection, &stream).await {
             Ok(done) => {
                 dlq.delete(projection.name(), &[&id])
                     .await
@@ -175,11 +214,13 @@ pub async fn replay(
     Ok(out)
 }
 
-/// `dlq purge`: delete dead letters and skip their events **for good**: the stream's version is
-/// moved past the event without applying it, the stream is un-parked and the rest of it caught
-/// up from the event store. The read model then differs from a fold of the event store for that
-/// order (`verify` reports it) until a `rebuild`, which applies the event again (and parks the
-/// stream again if it still fails).
+/// `dlq purge`: delete dead letters and skip their events **for good**: exactly the event a
+/// letter names, and only while its stream is parked at it, is marked applied without being
+/// applied; the stream is un-parked and the rest of it caught up from the event store. The
+/// read model then differs from a fold of the event store for that order (`verify` reports
+/// it) until a `rebuild`, which applies the event again (and parks the stream again if it
+/// still fails). A letter whose event the store does not hold at its position, or whose
+/// stream is parked at another event, is left in place and reported as failed.
 pub async fn purge(
     pool: &PgPool,
     dlq: &DeadLetterQueue,
@@ -189,25 +230,30 @@ pub async fn purge(
     let mut out = Vec::with_capacity(letters.len());
     for letter in letters {
         let id = letter.id.clone();
+        let refuse = |message: String| Resolution {
+            id: id.clone(),
+            ok: false,
+            message,
+        };
         let message = match stream_of(pool, letter).await {
-            Err(_) => match letter.original.get("stream_id") {
+            Err(Unresolved::Refused(message)) => {
+                out.push(refuse(message));
+                continue;
+            }
+            Err(Unresolved::NamesNoEvent) => match letter.original.get("stream_id") {
                 // Undecodable, but it parked its stream: un-park it and catch the stream up
                 // from the event store, which holds the real events.
                 Some(stream) => {
                     let mut conn = pool.acquire().await.context("connect to Postgres")?;
-                    match resume_stream(&mut conn, projection, stream, Resume::Replay).await {
+                    match resume_stream(&mut conn, projection, stream).await {
                         Ok(done) => format!(
                             "deleted; un-parked {stream} and applied {} event(s) from the store",
                             done.applied
                         ),
                         Err(failure) => {
-                            out.push(Resolution {
-                                id,
-                                ok: false,
-                                message: format!(
-                                    "un-parking {stream} failed, left in place: {failure}"
-                                ),
-                            });
+                            out.push(refuse(format!(
+                                "un-parking {stream} failed, left in place: {failure}"
+                            )));
                             continue;
                         }
                     }
@@ -216,10 +262,8 @@ pub async fn purge(
             },
             Ok((stream, version)) => {
                 let mut conn = pool.acquire().await.context("connect to Postgres")?;
-                match resume_stream(&mut conn, projection, &stream, Resume::SkipThrough(version))
-                    .await
-                {
-                    Ok(done) => match done.parked_again {
+                match skip_parked(&mut conn, projection, &stream, version).await {
+                    Ok(Skip::Skipped(done)) => match done.parked_again {
                         None => format!(
                             "skipped version {version} of {stream}; applied {} later event(s)",
                             done.applied
@@ -229,12 +273,31 @@ pub async fn purge(
                              the stream is parked again: {error}"
                         ),
                     },
+                    Ok(Skip::AlreadyPast { version: at }) => format!(
+                        "deleted; nothing skipped: {stream} is at version {at}, past version \
+                         {version} already"
+                    ),
+                    Ok(Skip::NotParkedAt {
+                        version: at,
+                        parked,
+                    }) => {
+                        let why = match parked {
+                            Some(parked) => format!(
+                                "{stream} is parked at version {parked}, not at this letter's \
+                                 version {version}: skipping would skip events that never failed"
+                            ),
+                            None => format!(
+                                "{stream} is not parked (it is at version {at}): version \
+                                 {version} may still be applied"
+                            ),
+                        };
+                        out.push(refuse(format!("{why}; nothing skipped, left in place")));
+                        continue;
+                    }
                     Err(failure) => {
-                        out.push(Resolution {
-                            id,
-                            ok: false,
-                            message: format!("purge of {stream} failed, left in place: {failure}"),
-                        });
+                        out.push(refuse(format!(
+                            "purge of {stream} failed, left in place: {failure}"
+                        )));
                         continue;
                     }
                 }

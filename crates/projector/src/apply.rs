@@ -474,19 +474,7 @@ pub async fn park_stream(
     Ok(parked)
 }
 
-/// How [`resume_stream`] treats the parked event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resume {
-    /// `dlq replay`: apply everything from the stored version to the head; on failure nothing
-    /// changes (the stream stays parked).
-    Replay,
-    /// `dlq purge`: first mark every version up to and including this one as applied without
-    /// applying it (the event is skipped for good), then catch up; if a later event fails too,
-    /// the skip is kept and the stream is parked again at that event.
-    SkipThrough(i64),
-}
-
-/// What [`resume_stream`] did.
+/// What [`resume_stream`] or [`skip_parked`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResumeOutcome {
     /// Events applied from the event store.
@@ -497,20 +485,82 @@ pub struct ResumeOutcome {
     pub parked_again: Option<String>,
 }
 
-/// Un-parks `stream_id` and applies its events from the event store up to the head, in one
-/// transaction (see [`Resume`]).
+/// `dlq replay`: un-parks `stream_id` and applies its events from the event store, from its
+/// stored version up to the head, in one transaction; on failure nothing changes (the stream
+/// stays parked).
 pub async fn resume_stream(
     conn: &mut PgConnection,
     projection: ProjectionKind,
     stream_id: &str,
-    mode: Resume,
 ) -> Result<ResumeOutcome, Failure> {
     let mut tx = begin_locked(conn, projection, Commit::Durable).await?;
     let locked = lock_streams(&mut tx, projection, &[stream_id.to_owned()]).await?;
-    let mut version = locked.first().map(|(_, v, _)| *v).unwrap_or_default();
-    if let Resume::SkipThrough(skip) = mode {
-        version = version.max(skip);
+    let version = locked.first().map(|(_, v, _)| *v).unwrap_or_default();
+    let outcome = unpark_and_catch_up(&mut tx, projection, stream_id, version, false).await?;
+    tx.commit().await.map_err(sql)?;
+    Ok(outcome)
+}
+
+/// What [`skip_parked`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Skip {
+    /// The version was marked applied without being applied, the stream un-parked and caught
+    /// up (or parked again at the next event that failed too).
+    Skipped(ResumeOutcome),
+    /// The stream is at or past that version already (it was applied, or skipped before):
+    /// nothing changed.
+    AlreadyPast {
+        /// The stream's version.
+        version: i64,
+    },
+    /// The stream is not parked at that version: skipping it would mark as applied an event
+    /// that is not the one holding the stream back (or skip one the projection may still
+    /// apply), so nothing changed.
+    NotParkedAt {
+        /// The stream's version.
+        version: i64,
+        /// The version it is parked at, if it is parked.
+        parked: Option<i64>,
+    },
+}
+
+/// `dlq purge`: skips exactly version `skip` of `stream_id` for good, and only while the stream
+/// is parked at it: that version is marked applied without being applied, the stream un-parked
+/// and caught up from the event store, in one transaction; if a later event fails too, the
+/// skip is kept and the stream is parked again at that event. Events between the stored
+/// version and `skip` are never skipped with it: a letter can name a version above the park
+/// (an entry given up on behind the one that really failed), and those events never failed.
+pub async fn skip_parked(
+    conn: &mut PgConnection,
+    projection: ProjectionKind,
+    stream_id: &str,
+    skip: i64,
+) -> Result<Skip, Failure> {
+    let mut tx = begin_locked(conn, projection, Commit::Durable).await?;
+    let locked = lock_streams(&mut tx, projection, &[stream_id.to_owned()]).await?;
+    let (version, parked) = locked.first().map(|(_, v, p)| (*v, *p)).unwrap_or_default();
+    // Dropping the transaction rolls back the bookkeeping row `lock_streams` may have made.
+    if version >= skip {
+        return Ok(Skip::AlreadyPast { version });
     }
+    if parked != Some(skip) {
+        return Ok(Skip::NotParkedAt { version, parked });
+    }
+    let outcome = unpark_and_catch_up(&mut tx, projection, stream_id, skip, true).await?;
+    tx.commit().await.map_err(sql)?;
+    Ok(Skip::Skipped(outcome))
+}
+
+/// Applies the stream's events after `version` from the store in a savepoint and stores the
+/// new version, un-parked. When the catch-up fails with poison and `park_again` is set, the
+/// stream keeps `version` and is parked at the next one; otherwise the failure is returned.
+async fn unpark_and_catch_up(
+    tx: &mut PgConnection,
+    projection: ProjectionKind,
+    stream_id: &str,
+    mut version: i64,
+    park_again: bool,
+) -> Result<ResumeOutcome, Failure> {
     let mut outcome = ResumeOutcome::default();
     let caught_up = {
         let mut savepoint = tx.begin().await.map_err(sql)?;
@@ -532,7 +582,7 @@ pub async fn resume_stream(
             version = v.max(version);
             None
         }
-        Err(Failure::Poison(error)) if matches!(mode, Resume::SkipThrough(_)) => Some(error),
+        Err(Failure::Poison(error)) if park_again => Some(error),
         Err(other) => return Err(other),
     };
     sqlx::query(
@@ -548,8 +598,7 @@ pub async fn resume_stream(
     .execute(&mut *tx)
     .await
     .map_err(sql)?;
-    notify_applied(&mut tx, projection).await?;
-    tx.commit().await.map_err(sql)?;
+    notify_applied(&mut *tx, projection).await?;
     outcome.version = version;
     outcome.parked_again = parked;
     Ok(outcome)

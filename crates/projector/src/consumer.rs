@@ -461,7 +461,7 @@ impl ProjectionConsumer {
             if unfinished > UNFINISHED_TRIES_LIMIT {
                 let stream = w
                     .entry
-                    .field(bus::codec::field::STREAM_ID)
+                    .readable_field(bus::codec::field::STREAM_ID)
                     .map(str::to_owned);
                 let error = format!(
                     "delivered {} times without being acknowledged; {} tries of it never \
@@ -503,9 +503,11 @@ impl ProjectionConsumer {
                     }
                 }
                 Err(e) => {
+                    // A stream id that was not UTF-8 names no stream: parking its escaped text
+                    // would leave a parked order nobody has.
                     let stream = w
                         .entry
-                        .field(bus::codec::field::STREAM_ID)
+                        .readable_field(bus::codec::field::STREAM_ID)
                         .map(str::to_owned);
                     self.failed(w, stream.as_deref(), &e.to_string()).await?;
                 }

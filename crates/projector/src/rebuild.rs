@@ -23,8 +23,9 @@
 //! 4. The shadow schema is dropped, on success or failure; a rebuild that died leaves it behind
 //!    and the next one starts by dropping it.
 //!
-//! The live read model is untouched until the swap commits, so a failed rebuild changes
-//! nothing; a rebuild meeting an event a newer release wrote fails (the release that wrote it
+//! The live read model is untouched until the swap commits, and the events that failed are
+//! dead-lettered (their live entries acknowledged) only after it, so a failed rebuild changes
+//! nothing, in PostgreSQL or in Redis; a rebuild meeting an event a newer release wrote fails (the release that wrote it
 //! can rebuild) instead of parking that order in the new model. Two rebuilds of one projection
 //! never run at once: each holds a session lock for its whole run, and a second one fails at
 //! once.
@@ -67,8 +68,8 @@ pub struct RebuildOutcome {
 }
 
 /// Rebuilds `projection` from the event store, folding `batch_size` events per transaction; see
-/// the module docs. Events that fail are parked in the new read model (and dead-lettered when
-/// `dead_letters` is given), as a consumer would.
+/// the module docs. Events that fail are parked in the new read model and, when `dead_letters`
+/// is given, dead-lettered once the swap has committed, as a consumer would.
 pub async fn rebuild(
     pool: &PgPool,
     projection: ProjectionKind,
@@ -124,9 +125,11 @@ async fn run(
     let fold = Fold {
         projection,
         batch_size,
-        dead_letters,
     };
     let mut outcome = RebuildOutcome::default();
+    // The events that failed, dead-lettered only once the swap has committed: a rebuild that
+    // fails changes nothing, in Redis either (no letter, no entry of the live group acked).
+    let mut failed: Vec<(RecordedEvent, String)> = Vec::new();
     let mut folded = 0;
     let progress = Progress::new(store::head_position(pool).await.context("read the head")?);
     for pass in 0..CATCH_UP_PASSES {
@@ -137,7 +140,9 @@ async fn run(
         while folded < head {
             let mut conn = pool.acquire().await.context("connect to Postgres")?;
             let mut tx = shadow.begin(&mut conn).await?;
-            folded = fold.page(&mut tx, folded, head, &mut outcome).await?;
+            folded = fold
+                .page(&mut tx, folded, head, &mut outcome, &mut failed)
+                .await?;
             tx.commit().await.context("commit a page of the rebuild")?;
             progress.update(folded, outcome.events);
         }
@@ -157,7 +162,9 @@ async fn run(
         .context("read the head")?;
     let before_tail = outcome.events;
     while folded < head {
-        folded = fold.page(&mut tx, folded, head, &mut outcome).await?;
+        folded = fold
+            .page(&mut tx, folded, head, &mut outcome, &mut failed)
+            .await?;
         progress.update(folded, outcome.events);
     }
     outcome.events_under_lock = outcome.events - before_tail;
@@ -165,6 +172,13 @@ async fn run(
     tx.commit().await.context("commit the rebuild")?;
     outcome.locked = lock_wait.elapsed();
     progress.finish();
+    if let Some(dl) = dead_letters {
+        for (event, error) in &failed {
+            dead_letter(dl, projection, event, error)
+                .await
+                .context("the rebuild is swapped in, but not every dead letter was written")?;
+        }
+    }
     outcome.position = head;
     outcome.elapsed = started.elapsed();
     if outcome.parked > 0 {
@@ -177,21 +191,22 @@ async fn run(
 }
 
 /// What every page of one rebuild folds with.
-struct Fold<'a> {
+struct Fold {
     projection: ProjectionKind,
     batch_size: i64,
-    dead_letters: Option<&'a DeadLetters>,
 }
 
-impl Fold<'_> {
+impl Fold {
     /// Folds the events after `after` (up to `head`, at most a batch) into the shadow tables of
-    /// the transaction; returns the position reached.
+    /// the transaction, parking there the streams whose event fails and adding those events to
+    /// `failed`; returns the position reached.
     async fn page(
         &self,
         tx: &mut PgConnection,
         after: i64,
         head: i64,
         outcome: &mut RebuildOutcome,
+        failed: &mut Vec<(RecordedEvent, String)>,
     ) -> anyhow::Result<i64> {
         let projection = self.projection;
         let mut events = store::read_all(&mut *tx, after, self.batch_size)
@@ -220,8 +235,8 @@ impl Fold<'_> {
             let event = events
                 .iter()
                 .find(|e| e.stream_id == p.stream_id && e.stream_version == p.version);
-            if let (Some(dl), Some(event)) = (self.dead_letters, event) {
-                dead_letter(dl, projection, event, &p.error).await?;
+            if let Some(event) = event {
+                failed.push((event.clone(), p.error.clone()));
             }
             park_stream(&mut *tx, projection, &p.stream_id, &p.error)
                 .await
@@ -293,7 +308,8 @@ impl Shadow {
     }
 
     /// A transaction whose unqualified names reach the shadow tables first, without a limit on
-    /// idle time (it may wait on Redis while it dead-letters).
+    /// idle time: the fold works between its statements, and a rebuild an operator runs is not
+    /// the frozen process that limit is there for.
     async fn begin<'c>(
         &self,
         conn: &'c mut PgConnection,

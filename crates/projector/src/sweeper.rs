@@ -26,13 +26,16 @@
 //! engine the consumers use. That is how the read model converges after Redis was flushed,
 //! restarted without persistence, or trimmed entries, with no operator action. A blocker that
 //! keeps failing is retried with backoff and finally dead-lettered and parked like a consumer
-//! would; one a newer release wrote is only held (see [`crate::failure`]).
+//! would, each event once the sweeper has seen that event itself fail `max_attempts` times
+//! (counted per event, so a blocker never inherits the count of the one before it); one a newer
+//! release wrote is only held (see [`crate::failure`]).
 //!
 //! Wake-ups: `LISTEN projection_applied`, sent by an apply of this projection that could not
 //! move the mark over all of its own events (see [`crate::apply`]); an apply that could wakes
 //! nobody. Plus a fallback tick ([`SweeperSettings::tick`]) that also covers healing
 //! and events held behind parked streams, since notifications are only hints.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bus::{DeadLetterQueue, StreamEntry, encode_fields};
@@ -164,7 +167,11 @@ pub struct Sweeper {
     settings: SweeperSettings,
     blocking: Option<(i64, Instant)>,
     healing: bool,
-    attempts: u32,
+    /// Failed heals of each event (stream, version) that failed in the sweeper's last heal:
+    /// an event is dead-lettered only once the sweeper itself has seen it fail
+    /// `max_attempts` times, so a blocker never inherits the count of the one before it, and
+    /// another event of the heal batch, failing for the first time, is not given up with it.
+    failures: HashMap<(String, i64), u32>,
     next_try: Instant,
     /// When the lag gauges were last refreshed (they cost a query, so at most every
     /// [`LAG_INTERVAL`]).
@@ -193,7 +200,7 @@ impl Sweeper {
             settings,
             blocking: None,
             healing: false,
-            attempts: 0,
+            failures: HashMap::new(),
             next_try: Instant::now(),
             lag_recorded: Instant::now()
                 .checked_sub(LAG_INTERVAL)
@@ -221,7 +228,7 @@ impl Sweeper {
         let Some(blocker) = blocker else {
             self.blocking = None;
             self.healing = false;
-            self.attempts = 0;
+            self.failures.clear();
             self.newer_release_blocker = None;
             return Ok(outcome);
         };
@@ -463,25 +470,45 @@ impl Sweeper {
         }
         if poisoned.is_empty() {
             self.healing = true;
-            self.attempts = 0;
+            self.failures.clear();
             return Ok(outcome.applied);
         }
         self.healing = false;
-        self.attempts += 1;
-        if self.attempts < self.settings.max_attempts {
-            metrics::record_retry(self.projection);
-            self.next_try =
-                Instant::now() + poison_retry_delay(self.settings.retry_base, self.attempts);
-            return Ok(outcome.applied);
-        }
+        // One more failure for each event that failed; events that no longer fail (applied, or
+        // parked by a consumer meanwhile) are forgotten.
+        let mut failures = HashMap::with_capacity(poisoned.len());
         for p in &poisoned {
-            self.give_up(p, &events).await?;
+            let key = (p.stream_id.clone(), p.version);
+            let n = self.failures.get(&key).copied().unwrap_or(0) + 1;
+            failures.insert(key, n);
         }
-        self.attempts = 0;
+        self.failures = failures;
+        let mut most = 0;
+        for p in &poisoned {
+            let key = (p.stream_id.clone(), p.version);
+            let n = self.failures.get(&key).copied().unwrap_or(0);
+            if n >= self.settings.max_attempts {
+                self.give_up(p, &events, n).await?;
+                self.failures.remove(&key);
+            } else {
+                most = most.max(n);
+            }
+        }
+        if most > 0 {
+            metrics::record_retry(self.projection);
+            self.next_try = Instant::now() + poison_retry_delay(self.settings.retry_base, most);
+        }
         Ok(outcome.applied)
     }
 
-    async fn give_up(&self, p: &Poisoned, batch: &[RecordedEvent]) -> Result<(), Failure> {
+    /// Dead-letters (when dead letters are configured) and parks the event `p`, which failed
+    /// `attempts` heals.
+    async fn give_up(
+        &self,
+        p: &Poisoned,
+        batch: &[RecordedEvent],
+        attempts: u32,
+    ) -> Result<(), Failure> {
         let event = match batch
             .iter()
             .find(|e| e.stream_id == p.stream_id && e.stream_version == p.version)
@@ -499,7 +526,7 @@ impl Sweeper {
                     self.projection.name(),
                     &entry_of(&event),
                     &p.error,
-                    self.settings.max_attempts,
+                    attempts,
                     &dl.consumer,
                 )
                 .await

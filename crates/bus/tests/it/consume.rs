@@ -395,3 +395,61 @@ async fn a_destroyed_group_is_reported_as_no_group() {
     );
     crate::cleanup(&mut conn, &keys).await;
 }
+
+#[tokio::test]
+async fn an_entry_with_a_field_that_is_not_utf8_is_read_marked_and_the_entries_around_it_flow() {
+    let (client, mut conn, keys) = shared().await;
+    let publisher = Publisher::new(conn.clone(), keys.clone(), 1000);
+    publisher.publish(&events(1..=1)).await.expect("publish");
+    // Added by hand or by another client: Redis stores bytes.
+    let _: String = redis::cmd("XADD")
+        .arg(keys.stream())
+        .arg("1-1")
+        .arg("stream_id")
+        .arg(&b"order-\xff"[..])
+        .arg("data")
+        .arg(&b"{\"a\":\"\xfe\"}"[..])
+        .query_async(&mut conn)
+        .await
+        .expect("xadd");
+    publisher.publish(&events(2..=3)).await.expect("publish");
+    let consumer =
+        Consumer::new(&client, conn.clone(), keys.clone(), "g", "c1", MAX_BLOCK).expect("consumer");
+    consumer.ensure_group("0").await.expect("group");
+
+    let check = |entries: &[bus::StreamEntry]| {
+        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["1-0", "1-1", "2-0", "3-0"]);
+        let bad = &entries[1];
+        assert_eq!(bad.field("stream_id"), Some(r"order-\xff"));
+        assert_eq!(bad.field("data"), Some(r#"{"a":"\xfe"}"#));
+        assert_eq!(bad.unreadable_fields(), ["stream_id", "data"]);
+        let error = bus::decode_entry(bad).expect_err("refused").to_string();
+        assert!(error.contains("not UTF-8"), "{error}");
+        for good in [&entries[0], &entries[2], &entries[3]] {
+            bus::decode_entry(good).expect("the others decode");
+        }
+    };
+    check(
+        &consumer
+            .read_new(10, Duration::ZERO)
+            .await
+            .expect("read new"),
+    );
+    // A restart with the same name reads them again from its pending list.
+    check(
+        &consumer
+            .read_own_pending(10)
+            .await
+            .expect("read own pending"),
+    );
+    // Another consumer claims them.
+    let other =
+        Consumer::new(&client, conn.clone(), keys.clone(), "g", "c2", MAX_BLOCK).expect("consumer");
+    let claimed = other
+        .autoclaim(Duration::ZERO, 10, |_| false)
+        .await
+        .expect("autoclaim");
+    check(&claimed.into_iter().map(|(e, _)| e).collect::<Vec<_>>());
+    crate::cleanup(&mut conn, &keys).await;
+}

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod dlq;
 mod status;
 mod support;
 
@@ -192,6 +193,68 @@ async fn an_undecodable_entry_lands_in_the_dead_letter_stream_with_every_contrac
     for field in ["error", "attempts", "failed_at", "original_id", "consumer"] {
         assert!(names.contains(&field), "{field} missing from {names:?}");
     }
+    w.assert_exact().await;
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// An entry holding a field that is not UTF-8 (added by hand or by another client), read with
+/// a batch by an instance that stopped before processing it: the instance restarted under the
+/// same name dead-letters it, with its fields as far as they can be read, and acknowledges it
+/// and the entries read with it, in both groups.
+#[tokio::test]
+async fn an_entry_that_is_not_utf8_is_dead_lettered_and_its_batch_flows_after_a_restart() {
+    let mut w = World::new().await;
+    append_orders(w.pool(), 3).await;
+    w.publish().await;
+    let head = store::head_position(w.pool()).await.unwrap();
+    let bad_id = format!("{head}-1");
+    let mut conn = w.redis.clone();
+    let _: String = redis::cmd("XADD")
+        .arg(w.keys.stream())
+        .arg(&bad_id)
+        .arg("event_type")
+        .arg("OrderPlaced")
+        .arg("data")
+        .arg(&b"{\"oops\":\"\xff\"}"[..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    append_orders(w.pool(), 3).await;
+    w.publish().await;
+    for projection in ProjectionKind::ALL {
+        let stopped = group_consumer(&w, projection, "solo");
+        stopped.ensure_group(bus::FROM_BEGINNING).await.unwrap();
+        let read = stopped.read_new(1_000, Duration::ZERO).await.unwrap();
+        assert!(read.iter().any(|e| e.id == bad_id));
+    }
+
+    let (token, task) = w.spawn_projector("solo", FAST).await;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    for projection in ProjectionKind::ALL {
+        let letters = wait_until(DEADLINE, "the entry is dead-lettered", || async {
+            let letters = dlq.list(projection.name(), 10).await.unwrap();
+            (!letters.is_empty()).then_some(letters)
+        })
+        .await;
+        assert_eq!(letters.len(), 1);
+        let letter = &letters[0];
+        assert_eq!(letter.original_id, bad_id);
+        assert!(letter.error.contains("not UTF-8"), "{}", letter.error);
+        assert_eq!(
+            letter.original.get("data").map(String::as_str),
+            Some(r#"{"oops":"\xff"}"#)
+        );
+        assert_eq!(
+            letter.original.get("event_type").map(String::as_str),
+            Some("OrderPlaced")
+        );
+        wait_until(DEADLINE, "nothing is left pending", || async {
+            (pending_count(&w, projection.name()).await == 0).then_some(())
+        })
+        .await;
+    }
+    w.wait_caught_up().await;
     w.assert_exact().await;
     token.cancel();
     task.await.unwrap().unwrap();
@@ -1039,6 +1102,59 @@ async fn sweep_waiting_for_the_checkpoint_row(
     sweep
 }
 
+/// A faulty release fails one event after another: the sweeper fails twice on order X's
+/// event before a consumer parks X, then order Y's event becomes the blocker. Y is dead-lettered
+/// only once the sweeper has failed on Y itself `max_attempts` times (three), with its own
+/// count as `attempts`, instead of after one try because X's count carried over.
+#[tokio::test]
+async fn the_sweeper_counts_failures_per_event_so_a_new_blocker_never_inherits_the_last_ones() {
+    let w = World::new().await;
+    let projection = ProjectionKind::OrderSummaries;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    let mut sweeper = Sweeper::new(
+        projection,
+        w.pool().clone(),
+        Some(projector::sweeper::DeadLetters {
+            queue: dlq.clone(),
+            consumer: "sweeper".into(),
+        }),
+        SweeperSettings {
+            grace: Duration::ZERO,
+            max_attempts: 3,
+            retry_base: Duration::ZERO,
+            ..SweeperSettings::default()
+        },
+    );
+    let x = damaged_order(w.pool()).await;
+    for _ in 0..2 {
+        sweeper.sweep_once().await.unwrap();
+    }
+    assert_eq!(dlq.len(projection.name()).await.unwrap(), 0);
+    let mut conn = w.pool().acquire().await.unwrap();
+    projector::apply::park_stream(&mut conn, projection, &order_stream_id(x), "boom")
+        .await
+        .unwrap();
+    drop(conn);
+
+    let y = damaged_order(w.pool()).await;
+    for heal in 1..=2 {
+        sweeper.sweep_once().await.unwrap();
+        assert_eq!(
+            dlq.len(projection.name()).await.unwrap(),
+            0,
+            "dead-lettered after {heal} failed heal(s) of its own"
+        );
+    }
+    sweeper.sweep_once().await.unwrap();
+    let letters = dlq.list(projection.name(), 10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        letters[0].original.get("stream_id"),
+        Some(&order_stream_id(y))
+    );
+    assert_eq!(letters[0].attempts, 3);
+}
+
 /// A sweeper of `projection` on the test's database, without dead letters, that heals a blocker
 /// only after `grace`.
 fn test_sweeper(w: &World, projection: ProjectionKind, grace: Duration) -> Sweeper {
@@ -1514,6 +1630,102 @@ async fn a_rebuild_meeting_an_event_of_a_newer_release_fails_and_changes_nothing
     .await
     .unwrap();
     assert_eq!(parked, 0);
+}
+
+/// A draft order (three events) whose fourth event is damaged: an `ItemAdded` of the current
+/// schema version whose payload does not fit it, so every apply of it fails (live or in a
+/// rebuild's shadow tables alike). Returns the order id.
+async fn damaged_order(pool: &sqlx::PgPool) -> Uuid {
+    let order = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let cmds = commands(order, Uuid::new_v4(), support::Fate::Draft);
+    run_commands(pool, order, &cmds, &mut state).await;
+    store::testing::append_as_another_release_wrote_it(
+        pool,
+        order,
+        "ItemAdded",
+        1,
+        serde_json::json!({"nope": 1}),
+    )
+    .await;
+    order
+}
+
+/// A rebuild meets a poison event and, pages later, an event of a newer release, so it fails:
+/// it leaves Redis as it was (no dead letter, no live entry acknowledged). A rebuild that
+/// succeeds dead-letters what failed, after its swap.
+#[tokio::test]
+async fn a_failed_rebuild_writes_no_dead_letter_and_acknowledges_no_live_entry() {
+    let mut w = World::new().await;
+    damaged_order(w.pool()).await;
+    append_orders(w.pool(), 2).await;
+    let newer = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let cmds = commands(newer, Uuid::new_v4(), support::Fate::Draft);
+    run_commands(w.pool(), newer, &cmds, &mut state).await;
+    store::testing::append_as_another_release_wrote_it(
+        w.pool(),
+        newer,
+        "OrderDiscounted",
+        1,
+        serde_json::json!({"percent": 10}),
+    )
+    .await;
+    w.publish().await;
+    let live = group_consumer(&w, ProjectionKind::OrderSummaries, "live");
+    live.ensure_group(bus::FROM_BEGINNING).await.unwrap();
+    live.read_new(1_000, Duration::ZERO).await.unwrap();
+    let pending = pending_count(&w, "order_summaries").await;
+    assert!(pending > 0);
+
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    let dead_letters = projector::sweeper::DeadLetters {
+        queue: dlq.clone(),
+        consumer: "rebuild".into(),
+    };
+    let err = projector::rebuild::rebuild(
+        w.pool(),
+        ProjectionKind::OrderSummaries,
+        2,
+        Some(&dead_letters),
+    )
+    .await
+    .expect_err("the rebuild fails at the newer release's event");
+    assert!(format!("{err:#}").contains("newer release"), "{err:#}");
+    assert_eq!(dlq.len("order_summaries").await.unwrap(), 0);
+    assert_eq!(pending_count(&w, "order_summaries").await, pending);
+
+    // Without the newer release's event, the same rebuild succeeds and writes the letter.
+    let w = World::new().await;
+    let victim = damaged_order(w.pool()).await;
+    append_orders(w.pool(), 2).await;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    let dead_letters = projector::sweeper::DeadLetters {
+        queue: dlq.clone(),
+        consumer: "rebuild".into(),
+    };
+    let outcome = projector::rebuild::rebuild(
+        w.pool(),
+        ProjectionKind::OrderSummaries,
+        2,
+        Some(&dead_letters),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome.parked, 1);
+    let letters = dlq.list("order_summaries", 10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        letters[0].original.get("stream_id"),
+        Some(&order_stream_id(victim))
+    );
+    assert_eq!(
+        letters[0]
+            .original
+            .get("stream_version")
+            .map(String::as_str),
+        Some("4")
+    );
 }
 
 /// A paid order cancelled by the previous release (`OrderCancelled` at schema version 1, which
