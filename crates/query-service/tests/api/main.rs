@@ -580,6 +580,141 @@ async fn a_checkpoint_advanced_without_a_notification_is_found_by_the_poll() {
     assert_eq!(projection_position(response.headers()), 3);
 }
 
+/// A TCP proxy to the test's PostgreSQL that can hold the server's reply carrying given bytes
+/// (and only that) while passing everything else: a query is executed on the server, then its
+/// answer waits here, as one delayed on the network does.
+struct ReplyHoldingProxy {
+    options: sqlx::postgres::PgConnectOptions,
+    hold: tokio::sync::watch::Sender<Option<&'static [u8]>>,
+    held: Arc<std::sync::atomic::AtomicU64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl ReplyHoldingProxy {
+    async fn start(db: &TestDatabase) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let direct = db.pool.connect_options();
+        let upstream = (direct.get_host().to_owned(), direct.get_port());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (hold, holding) = tokio::sync::watch::channel(None::<&'static [u8]>);
+        let held = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = Arc::clone(&held);
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(upstream.clone())
+                    .await
+                    .unwrap();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                    let _ = server_write.shutdown().await;
+                });
+                let (mut holding, counter) = (holding.clone(), Arc::clone(&counter));
+                tokio::spawn(async move {
+                    let mut buffer = vec![0u8; 16 * 1024];
+                    loop {
+                        let read = match server_read.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(read) => read,
+                        };
+                        let marker = *holding.borrow_and_update();
+                        if let Some(marker) = marker
+                            && buffer[..read].windows(marker.len()).any(|w| w == marker)
+                        {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            if holding.wait_for(Option::is_none).await.is_err() {
+                                return;
+                            }
+                        }
+                        if client_write.write_all(&buffer[..read]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            options: direct.as_ref().clone().port(port),
+            hold,
+            held,
+            accept,
+        }
+    }
+
+    /// A pool of one connection through the proxy.
+    async fn pool(&self) -> PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(self.options.clone())
+            .await
+            .unwrap()
+    }
+
+    /// Holds the next replies that carry `marker` (`Some`), or lets them go (`None`).
+    fn hold_replies_with(&self, marker: Option<&'static [u8]>) {
+        self.hold.send_replace(marker);
+    }
+
+    /// Replies held so far.
+    fn held(&self) -> u64 {
+        self.held.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for ReplyHoldingProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_poll_overtaken_by_a_notification_never_moves_a_projection_back() {
+    use query_service::consistency::{CheckpointWatcher, ORDER_SUMMARIES};
+    let db = TestDatabase::new().await;
+    let checkpoint = |position: i64| {
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (projection, position) VALUES ('order_summaries', $1) \
+             ON CONFLICT (projection) DO UPDATE SET position = EXCLUDED.position",
+        )
+        .bind(position)
+        .execute(&db.pool)
+    };
+    checkpoint(10).await.unwrap();
+    let proxy = ReplyHoldingProxy::start(&db).await;
+    let pool = proxy.pool().await;
+    let watcher = CheckpointWatcher::new();
+    watcher.poll_once(&pool).await.unwrap();
+    assert_eq!(watcher.position(ORDER_SUMMARIES), 10);
+
+    // The poll's read of the checkpoints finds 10; its answer (the rows name the projection) is
+    // delayed on the way back.
+    proxy.hold_replies_with(Some(b"order_summaries"));
+    let poll = {
+        let (watcher, pool) = (watcher.clone(), pool.clone());
+        tokio::spawn(async move { watcher.poll_once(&pool).await })
+    };
+    wait_until("the poll's read is answered", || async { proxy.held() > 0 }).await;
+    // Meanwhile the projector applies 11 and announces it; the listener raises the watch.
+    checkpoint(11).await.unwrap();
+    watcher.apply_notification("order_summaries:11");
+    assert_eq!(watcher.position(ORDER_SUMMARIES), 11);
+    proxy.hold_replies_with(None);
+    poll.await.unwrap().unwrap();
+    assert_eq!(
+        watcher.position(ORDER_SUMMARIES),
+        11,
+        "a read older than the notification must not lower the position"
+    );
+
+    // A poll that no notification overtook is the truth, also when it is lower (a rebuild
+    // reset the checkpoint).
+    checkpoint(3).await.unwrap();
+    watcher.poll_once(&pool).await.unwrap();
+    assert_eq!(watcher.position(ORDER_SUMMARIES), 3);
+}
+
 #[tokio::test]
 async fn a_wait_past_wait_ms_answers_503_with_retry_after() {
     let app = spawn_app().await;
