@@ -422,7 +422,8 @@ impl CheckpointWatcher {
         }
     }
 
-    /// Starts the listener and the poller; both stop when `cancel` is cancelled.
+    /// Starts the listener and the poller; both stop when `cancel` is cancelled, also in the
+    /// middle of a database call.
     ///
     /// The listener gets a one-connection pool of its own, with the request pool's connection
     /// settings and named `query-service listener`, so it never takes a connection from the
@@ -456,7 +457,13 @@ impl CheckpointWatcher {
                 () = cancel.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            if let Err(e) = self.poll_once(&pool).await {
+            // Raced with the cancel: a server that went silent leaves a read waiting for up to
+            // the connection's TCP_USER_TIMEOUT (30 s), past the service's shutdown grace period.
+            let result = tokio::select! {
+                () = cancel.cancelled() => return,
+                result = self.poll_once(&pool) => result,
+            };
+            if let Err(e) = result {
                 tracing::warn!(error = %e, "cannot read projection checkpoints");
             }
         }

@@ -59,7 +59,7 @@ pub struct LogTail {
 
 impl LogTail {
     /// Starts the task that reads the tail after each commit while any stream is subscribed;
-    /// it stops when `cancel` is cancelled.
+    /// it stops when `cancel` is cancelled, also in the middle of a read.
     pub fn spawn(
         pool: PgPool,
         watcher: CheckpointWatcher,
@@ -105,7 +105,12 @@ impl LogTail {
                 last = *head.borrow();
                 continue;
             }
-            match store::read_all(&pool, last, TAIL_PAGE_EVENTS).await {
+            // Raced with the cancel, so a silent server cannot hold shutdown past its grace.
+            let read = tokio::select! {
+                () = cancel.cancelled() => return,
+                read = store::read_all(&pool, last, TAIL_PAGE_EVENTS) => read,
+            };
+            match read {
                 Ok(events) if !events.is_empty() => {
                     self.stats.reads.fetch_add(1, Ordering::Relaxed);
                     let read_to = events.last().map_or(last, |e| e.global_position);

@@ -39,6 +39,10 @@ struct TestApp {
     tail: Arc<TailStats>,
     history: Arc<HistoryStats>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The service's `run_until_stopped`.
+    running: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The proxy the service reaches PostgreSQL through, with `Options::through_proxy`.
+    proxy: Option<ReplyHoldingProxy>,
 }
 
 impl Drop for TestApp {
@@ -63,6 +67,8 @@ struct Options {
     cors_allowed_origins: Option<&'static str>,
     /// `EVENT_STREAM_PROGRESS_MS`.
     event_stream_progress_ms: Option<u64>,
+    /// Connects the service through a [`ReplyHoldingProxy`] (`TestApp::proxy`).
+    through_proxy: bool,
 }
 
 async fn spawn_app() -> TestApp {
@@ -71,11 +77,18 @@ async fn spawn_app() -> TestApp {
 
 async fn spawn_app_with(options: Options) -> TestApp {
     let db = TestDatabase::new().await;
+    let proxy = match options.through_proxy {
+        true => Some(ReplyHoldingProxy::start(&db).await),
+        false => None,
+    };
+    let database_url = proxy
+        .as_ref()
+        .map_or_else(|| db.url.clone(), |p| p.url(&db));
     let poll_ms = options.poll_ms.unwrap_or(250).to_string();
     let mut config = Config::try_parse_from([
         "query-service",
         "--database-url",
-        &db.url,
+        &database_url,
         "--listen-addr",
         "127.0.0.1:0",
         "--db-max-connections",
@@ -109,7 +122,7 @@ async fn spawn_app_with(options: Options) -> TestApp {
     let (streams, tail) = (app.stream_stats(), app.tail_stats());
     let history = app.history_stats();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(app.run_until_stopped(async move {
+    let running = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
     }));
     let test = TestApp {
@@ -122,6 +135,8 @@ async fn spawn_app_with(options: Options) -> TestApp {
         tail,
         history,
         stop: Some(stop),
+        running: Some(running),
+        proxy,
     };
     // The listener connects in the background; a NOTIFY before its LISTEN would be lost.
     let listens = Arc::clone(&test.watcher);
@@ -621,7 +636,8 @@ impl ReplyHoldingProxy {
                         };
                         let marker = *holding.borrow_and_update();
                         if let Some(marker) = marker
-                            && buffer[..read].windows(marker.len()).any(|w| w == marker)
+                            && (marker.is_empty()
+                                || buffer[..read].windows(marker.len()).any(|w| w == marker))
                         {
                             counter.fetch_add(1, Ordering::SeqCst);
                             if holding.wait_for(Option::is_none).await.is_err() {
@@ -652,7 +668,19 @@ impl ReplyHoldingProxy {
             .unwrap()
     }
 
-    /// Holds the next replies that carry `marker` (`Some`), or lets them go (`None`).
+    /// The URL of `db` through the proxy.
+    fn url(&self, db: &TestDatabase) -> String {
+        let direct = db.pool.connect_options().get_port();
+        let url = db.url.replace(
+            &format!(":{direct}/"),
+            &format!(":{}/", self.options.get_port()),
+        );
+        assert_ne!(url, db.url);
+        url
+    }
+
+    /// Holds the next replies that carry `marker` (`Some`; every reply for an empty one: a
+    /// server gone silent), or lets them go (`None`).
     fn hold_replies_with(&self, marker: Option<&'static [u8]>) {
         self.hold.send_replace(marker);
     }
@@ -713,6 +741,45 @@ async fn a_poll_overtaken_by_a_notification_never_moves_a_projection_back() {
     checkpoint(3).await.unwrap();
     watcher.poll_once(&pool).await.unwrap();
     assert_eq!(watcher.position(ORDER_SUMMARIES), 3);
+}
+
+/// PostgreSQL stops answering (its host died, a fail-over moved its address) while the log's
+/// tail reads a commit for a stream at the head and the checkpoint poll reads: told to stop,
+/// the service still stops within its grace period instead of waiting on those reads.
+#[tokio::test]
+async fn a_service_told_to_stop_while_postgresql_is_silent_stops_within_its_grace_period() {
+    let mut app = spawn_app_with(Options {
+        poll_ms: Some(20),
+        through_proxy: true,
+        ..Options::default()
+    })
+    .await;
+    let mut stream = SseReader::open(&app, "/events/stream", None).await.unwrap();
+    stream.next_frame().await; // the retry frame: the stream is open and follows the tail
+    let proxy = app.proxy.take().unwrap();
+    // The tail's read of the next commit is answered, and the answer never arrives.
+    let reads = app.tail.reads.load(Ordering::Relaxed);
+    proxy.hold_replies_with(Some(b"OrderCreated"));
+    app.append_order(Uuid::new_v4(), vec![create(Uuid::new_v4(), Uuid::new_v4())])
+        .await;
+    wait_until("the tail's read is held", || async { proxy.held() > 0 }).await;
+    assert_eq!(app.tail.reads.load(Ordering::Relaxed), reads);
+    // Then nothing answers at all: the next poll waits too.
+    proxy.hold_replies_with(Some(b""));
+    let polls = app.watcher.checkpoint_polls.load(Ordering::Relaxed);
+    wait_until("a poll has begun since", || async {
+        app.watcher.checkpoint_polls.load(Ordering::Relaxed) > polls
+    })
+    .await;
+
+    let _ = app.stop.take().unwrap().send(());
+    tokio::time::timeout(DEADLINE, app.running.take().unwrap())
+        .await
+        .expect("the service stops although PostgreSQL does not answer")
+        .unwrap()
+        .unwrap();
+    drop(stream);
+    drop(proxy);
 }
 
 #[tokio::test]
