@@ -167,6 +167,12 @@ impl PollWindow<'_> {
     /// Publishes what the poll read, or the highest notification received since it began if that
     /// is higher. Returns the previous position when this lowered it.
     fn publish(self, read: i64) -> Option<i64> {
+        self.publish_and(read, |_, _| {})
+    }
+
+    /// Like [`Self::publish`], calling `on_lower(from, to)` when it lowers the position, before
+    /// the receivers see the lower value.
+    fn publish_and(self, read: i64, on_lower: impl FnOnce(i64, i64)) -> Option<i64> {
         let mut polls = self.followed.lock();
         let notified = take_window(&mut polls, self.id);
         let position = read.max(notified);
@@ -177,6 +183,7 @@ impl PollWindow<'_> {
             }
             if position < *current {
                 lowered_from = Some(*current);
+                on_lower(*current, position);
             }
             *current = position;
             true
@@ -203,13 +210,24 @@ fn take_window(polls: &mut OpenPolls, id: u64) -> i64 {
 #[derive(Clone)]
 pub struct CheckpointWatcher {
     projections: Arc<HashMap<&'static str, Followed>>,
-    /// The highest committed position of the event log.
-    head: Arc<watch::Sender<i64>>,
-    /// Raises of `head` by announcements so far: a poll lowers the head only when none came
-    /// while it read, since then its lower value is the truth and not a read that an
-    /// announcement overtook.
-    head_raises: Arc<AtomicU64>,
+    /// The highest committed position of the event log: raised by append announcements, and
+    /// lowered by a poll (to no less than the announcements received while it ran) only when
+    /// the log went back, which only a database restored from a backup (or a fail-over to a
+    /// replica behind) does.
+    head: Arc<Followed>,
+    /// Each time the head went back, and where to: read by the log's tail, which must not hand
+    /// out what it read before.
+    rewinds: Arc<Mutex<HeadRewinds>>,
     stats: Arc<WatcherStats>,
+}
+
+/// How often the log's head went back since start, and to which position the last time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeadRewinds {
+    /// Times the head went back.
+    pub count: u64,
+    /// The position it went back to the last time (0 before any).
+    pub to: i64,
 }
 
 impl std::fmt::Debug for CheckpointWatcher {
@@ -240,8 +258,8 @@ impl CheckpointWatcher {
             .collect();
         Self {
             projections: Arc::new(projections),
-            head: Arc::new(watch::Sender::new(0)),
-            head_raises: Arc::new(AtomicU64::new(0)),
+            head: Arc::new(Followed::new()),
+            rewinds: Arc::default(),
             stats: Arc::new(WatcherStats::default()),
         }
     }
@@ -255,48 +273,39 @@ impl CheckpointWatcher {
     /// A receiver of the log's head as it rises (for the log's tail reader; a request waiting
     /// on the tail counts itself with [`Self::count_wait`]).
     pub fn head_receiver(&self) -> watch::Receiver<i64> {
-        self.head.subscribe()
+        self.head.tx.subscribe()
     }
 
-    /// Raises the head to `position` (an append's announcement: never lowers).
-    fn raise_head(&self, position: i64) {
-        // Counted under the watch's lock, like the poll's check of the count below.
-        self.head.send_if_modified(|current| {
-            self.head_raises.fetch_add(1, Ordering::AcqRel);
-            let raise = position > *current;
-            if raise {
-                *current = position;
-            }
-            raise
-        });
+    /// How often the head went back, and to where the last time. Updated before the head's
+    /// receivers see the lower value.
+    pub fn head_rewinds(&self) -> HeadRewinds {
+        *self.rewinds.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sets the head to `position` as a poll read it, `raises_before` being
-    /// [`Self::head_raises`] when the poll began. A higher value raises it; a lower one is the
-    /// truth when no announcement came meanwhile: the log went back, which only a database
-    /// restored from a backup does. Followed down, a long poll at the restored head waits for
-    /// the next commit instead of finding the head above it and reading again at once, and the
-    /// log's tail reads the positions the store gives out again.
-    fn set_head_from_poll(&self, position: i64, raises_before: u64) {
-        let mut went_back_from = None;
-        self.head.send_if_modified(|current| {
-            if position > *current {
-                *current = position;
-                true
-            } else if position < *current
-                && self.head_raises.load(Ordering::Acquire) == raises_before
-            {
-                went_back_from = Some(*current);
-                *current = position;
-                true
-            } else {
-                false
-            }
+    /// Applies one `event_store_appended` payload (the new head); malformed ones are ignored.
+    /// An announcement only ever raises the head.
+    pub fn apply_appended(&self, payload: &str) {
+        if let Ok(head) = payload.trim().parse::<i64>() {
+            self.head.notify(head);
+        }
+    }
+
+    /// Publishes the head a poll read, through its `window` (opened when the poll began). A
+    /// lower value is the truth, raised to the announcements received meanwhile: the log went
+    /// back. Followed down, a long poll at the restored head waits for the next commit instead
+    /// of finding the head above it and reading again at once, and the log's tail reads the
+    /// positions the store gives out again. Counting only the announcements, not waiting for a
+    /// poll none came during, keeps commits landing under load from holding the head up.
+    fn set_head_from_poll(&self, window: PollWindow<'_>, position: i64) {
+        let went_back_from = window.publish_and(position, |_, to| {
+            let mut rewinds = self.rewinds.lock().unwrap_or_else(PoisonError::into_inner);
+            rewinds.count += 1;
+            rewinds.to = to;
         });
         if let Some(from) = went_back_from {
             tracing::warn!(
                 from,
-                to = position,
+                to = *self.head.tx.borrow(),
                 "the event log's head went back (was the database restored from a backup?); \
                  following it"
             );
@@ -384,12 +393,12 @@ impl CheckpointWatcher {
 
     /// Reads every checkpoint once and publishes them (one step of the poller).
     pub async fn poll_once(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
-        let raises_before = self.head_raises.load(Ordering::Acquire);
-        // Opened before the read, so every notification the read may not include is counted.
+        // Opened before the reads, so every notification they may not include is counted.
         let windows: Vec<_> = PROJECTIONS
             .into_iter()
             .filter_map(|name| Some((name, self.projections.get(name)?.begin_poll())))
             .collect();
+        let head_window = self.head.begin_poll();
         self.stats.checkpoint_polls.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("query_checkpoint_polls_total").increment(1);
         let rows: Vec<(String, i64)> = sqlx::query_as(POLL_SQL).fetch_all(pool).await?;
@@ -402,7 +411,7 @@ impl CheckpointWatcher {
             window.publish(read);
         }
         let head = store::head_position(pool).await?;
-        self.set_head_from_poll(head, raises_before);
+        self.set_head_from_poll(head_window, head);
         Ok(())
     }
 
@@ -510,9 +519,7 @@ impl CheckpointWatcher {
                 .await
                 .context("receive a projection_position notification")?;
             if notification.channel() == store::APPENDED_CHANNEL {
-                if let Ok(head) = notification.payload().trim().parse::<i64>() {
-                    self.raise_head(head);
-                }
+                self.apply_appended(notification.payload());
             } else {
                 self.apply_notification(notification.payload());
             }

@@ -2665,3 +2665,196 @@ async fn when_the_log_goes_back_long_polls_wait_and_streams_get_the_reused_posit
     let frame = stream.next_event().await;
     assert_eq!(frame.id, Some(reused.to_string()), "{frame:?}");
 }
+
+/// What a restore from an earlier backup does to the log: every event after `kept` is gone,
+/// and the positions after it will be given to other events.
+async fn lose_events_after(pool: &PgPool, kept: i64) {
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("SET session_replication_role = replica")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM events WHERE global_position > $1")
+        .bind(kept)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("SET session_replication_role = DEFAULT")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
+/// Waits until the service has polled the log twice, so it has seen what it holds now.
+async fn wait_for_two_polls(app: &TestApp) {
+    let polls = app.watcher.checkpoint_polls.load(Ordering::Relaxed);
+    wait_until("the watcher polls the log", || async {
+        app.watcher.checkpoint_polls.load(Ordering::Relaxed) >= polls + 2
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn streams_past_the_end_of_a_log_that_went_back_end_and_are_refused_there_on_reconnect() {
+    let app = spawn_app().await;
+    let order = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let kept = app
+        .append_command(order, &mut state, create(order, Uuid::new_v4()))
+        .await;
+    let mut last = kept;
+    for sku in ["A", "B", "C"] {
+        last = app.append_command(order, &mut state, add(sku, 1, 1)).await;
+    }
+    let mut log = SseReader::open(&app, &format!("/events/stream?after_position={kept}"), None)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        log.next_event().await;
+    }
+    let mut one = SseReader::open(&app, &format!("/orders/{order}/events/stream"), None)
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        one.next_event().await;
+    }
+
+    lose_events_after(app.pool(), kept).await;
+    // Waiting at the old end, they would skip, silently, what is committed at the reused
+    // positions; they end instead, and their clients reconnect from their last ids.
+    assert!(log.next_frame().await.is_none(), "the log's stream ends");
+    assert!(one.next_frame().await.is_none(), "the order's stream ends");
+    let (status, _, body) = SseReader::open(&app, "/events/stream", Some(last))
+        .await
+        .err()
+        .expect("a reconnect past the end is refused");
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["code"], "position_beyond_head", "{body}");
+    let (status, _, body) =
+        SseReader::open(&app, &format!("/orders/{order}/events/stream"), Some(4))
+            .await
+            .err()
+            .expect("a reconnect past the order's end is refused");
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["code"], "version_beyond_head", "{body}");
+}
+
+#[tokio::test]
+async fn a_stream_opened_after_the_log_went_back_gets_no_event_of_the_lost_history_from_the_tail() {
+    let app = spawn_app().await;
+    // A stream at the head, so the tail reads each commit.
+    let mut watching = SseReader::open(&app, "/events/stream", None).await.unwrap();
+    let order = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let kept = app
+        .append_command(order, &mut state, create(order, Uuid::new_v4()))
+        .await;
+    assert_eq!(watching.next_event().await.id, Some(kept.to_string()));
+    // Three events in one commit: the tail's last batch is (kept, kept + 3].
+    append_in_one_transaction(
+        &app,
+        order,
+        &mut state,
+        [add("A", 1, 1), add("B", 1, 1), add("C", 1, 1)],
+    )
+    .await;
+    for _ in 0..3 {
+        watching.next_event().await;
+    }
+
+    lose_events_after(app.pool(), kept).await;
+    wait_for_two_polls(&app).await;
+    let mut stream = SseReader::open(&app, &format!("/events/stream?after_position={kept}"), None)
+        .await
+        .unwrap();
+    let other = Uuid::new_v4();
+    let reused = app
+        .append_order(other, vec![create(other, Uuid::new_v4())])
+        .await[0];
+    assert_eq!(reused, kept + 1);
+    let frame = stream.next_event().await;
+    assert_eq!(frame.id, Some(reused.to_string()), "{frame:?}");
+    assert_eq!(
+        frame.data.unwrap()["stream_id"],
+        format!("order-{other}"),
+        "the event the store holds at that position, not the lost one"
+    );
+}
+
+/// Under write load a commit lands during nearly every poll; the head must still follow the
+/// log down, or the tail goes on reading from the lost end and long polls at the restored head
+/// spin.
+#[tokio::test]
+async fn a_poll_lowers_the_head_of_a_log_that_went_back_although_a_commit_lands_while_it_reads() {
+    use query_service::consistency::CheckpointWatcher;
+    let db = TestDatabase::new().await;
+    let create_order = || async {
+        let order = Uuid::new_v4();
+        let produced = decide(&OrderState::default(), &create(order, Uuid::new_v4())).unwrap();
+        let request = AppendRequest {
+            stream_id: order_stream_id(order),
+            expected: ExpectedVersion::Exact(0),
+            events: produced
+                .iter()
+                .map(|e| e.to_new_event(EventMetadata::default()))
+                .collect(),
+            idempotency: None,
+        };
+        store::append_batch(&db.pool, &[request])
+            .await
+            .unwrap()
+            .remove(0)
+            .unwrap()
+            .last_position
+    };
+    let kept = create_order().await;
+    for _ in 0..3 {
+        create_order().await;
+    }
+    // The migrations give every projection its checkpoint row: the poll's first read names it.
+    let proxy = ReplyHoldingProxy::start(&db).await;
+    let pool = proxy.pool().await;
+    let watcher = CheckpointWatcher::new();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    // The real listener; the poller polls once at start and not again during the test.
+    let tasks = watcher.spawn(pool.clone(), Duration::from_secs(600), cancel.clone());
+    let stats = watcher.stats();
+    let head = watcher.head_receiver();
+    wait_until(
+        "the listener listens and the first poll is done",
+        || async { stats.listens.load(Ordering::Relaxed) > 0 && *head.borrow() == kept + 3 },
+    )
+    .await;
+
+    lose_events_after(&db.pool, kept).await;
+    proxy.hold_replies_with(Some(b"order_summaries"));
+    let poll = {
+        let (watcher, pool) = (watcher.clone(), pool.clone());
+        tokio::spawn(async move { watcher.poll_once(&pool).await })
+    };
+    wait_until("the poll's first read is answered", || async {
+        proxy.held() > 0
+    })
+    .await;
+    // A commit lands and is announced while the poll reads; the projection notification sent
+    // after it tells when the listener has taken the announcement.
+    let reused = create_order().await;
+    assert_eq!(reused, kept + 1);
+    let notifications = stats.notifications.load(Ordering::Relaxed);
+    sqlx::query("SELECT pg_notify('projection_position', 'customer_stats:0')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    wait_until("the listener took the announcement", || async {
+        stats.notifications.load(Ordering::Relaxed) > notifications
+    })
+    .await;
+    proxy.hold_replies_with(None);
+    poll.await.unwrap().unwrap();
+    assert_eq!(*watcher.head_receiver().borrow(), reused);
+
+    cancel.cancel();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
