@@ -1,9 +1,10 @@
 //! Publishing events to the stream exactly once, and trimming it without losing unread entries.
 //!
 //! Each event becomes the entry `<global_position>-0`. Redis refuses an XADD whose id is not
-//! above the stream's top id, and the publish script counts that refusal as "already present",
-//! so republishing after a crash (the relay cannot know what reached Redis) appends nothing
-//! twice. The relay must therefore publish in position order, which [`Publisher::publish`]
+//! above the stream's top id; the publish script counts that refusal as "already present" when
+//! the stream holds that very event at that id, so republishing after a crash or a lost reply
+//! (the relay cannot know what reached Redis) appends nothing twice and is no error, and as
+//! "refused" otherwise (something else sits above the position). The relay must therefore publish in position order, which [`Publisher::publish`]
 //! checks for every batch.
 
 use redis::aio::ConnectionManager;
@@ -22,27 +23,51 @@ use events::envelope::RecordedEvent;
 pub const DEFAULT_HARD_CAP: usize = 1_000_000;
 
 /// The script recognises "already present" by the message Redis gives when an explicit XADD id
-/// is not above the top id: "equal or smaller than the target stream top item".
+/// is not above the top id: "equal or smaller than the target stream top item". It then looks
+/// at the entry with that id: holding the same `event_id`, it is this event, published by an
+/// earlier try of the batch whose reply was lost (a timeout, a dropped connection), and the
+/// retry is a no-op; anything else (no entry there, another event) means something else sits
+/// above the position, such as an entry added by hand with a time-based id (`XADD … *`), and the
+/// entry is refused.
 ///
 /// KEYS[1] stream; ARGV[1] hard cap, ARGV[2] fields per entry, then per entry: id and the
-/// field/value pairs. Returns `{appended, already_present}`. Any other XADD error aborts the
-/// script (entries added before it stay, and count as already present on the retry).
+/// field/value pairs. Returns `{appended, already_present, refused}`. Any other XADD error aborts
+/// the script (entries added before it stay, and count as already present on the retry).
 const PUBLISH_SCRIPT: &str = r"
 local key = KEYS[1]
 local cap = ARGV[1]
 local nfields = tonumber(ARGV[2])
-local appended, present = 0, 0
+local appended, present, refused = 0, 0, 0
 local i = 3
 while i <= #ARGV do
-  local args = {'XADD', key, 'MAXLEN', '~', cap, ARGV[i]}
+  local id = ARGV[i]
+  local args = {'XADD', key, 'MAXLEN', '~', cap, id}
+  local event_id
   for j = 1, nfields * 2 do
     args[#args + 1] = ARGV[i + j]
+    if j % 2 == 1 and ARGV[i + j] == 'event_id' then
+      event_id = ARGV[i + j + 1]
+    end
   end
   i = i + 1 + nfields * 2
   local reply = redis.pcall(unpack(args))
   if type(reply) == 'table' and reply.err then
     if string.find(reply.err, 'equal or smaller than the target stream top item', 1, true) then
-      present = present + 1
+      local same = false
+      local found = redis.call('XRANGE', key, id, id)
+      if #found == 1 then
+        local fields = found[1][2]
+        for j = 1, #fields, 2 do
+          if fields[j] == 'event_id' and fields[j + 1] == event_id then
+            same = true
+          end
+        end
+      end
+      if same then
+        present = present + 1
+      else
+        refused = refused + 1
+      end
     else
       return redis.error_reply(reply.err)
     end
@@ -50,16 +75,22 @@ while i <= #ARGV do
     appended = appended + 1
   end
 end
-return {appended, present}
+return {appended, present, refused}
 ";
 
-/// What one [`Publisher::publish`] call did.
+/// What one [`Publisher::publish`] call did. The entries not appended are a prefix of the batch
+/// (ids at or below the stream's top).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PublishOutcome {
     /// Entries newly added to the stream.
     pub appended: usize,
-    /// Entries skipped because their position was already published (or is below the top).
+    /// Entries the stream already held, with the same event at the same id: published before
+    /// (a retry after a lost reply, a relay that republished after a crash).
     pub already_present: usize,
+    /// Entries Redis refused although the stream does not hold them: its top id is above their
+    /// positions because something other than this event sits there (an entry added by hand
+    /// with a time-based id, another history). They are not on the stream.
+    pub refused: usize,
 }
 
 /// What one [`Publisher::trim`] call did.
@@ -144,14 +175,16 @@ impl Publisher {
             }
         }
         let mut conn = self.conn.clone();
-        let (appended, already_present): (usize, usize) = invocation
+        let (appended, already_present, refused): (usize, usize, usize) = invocation
             .invoke_async(&mut conn)
             .await
             .map_err(|e| BusError::from_redis(OP, e))?;
-        tracing::debug!(stream = %self.keys.stream, appended, already_present, "published events");
+        tracing::debug!(stream = %self.keys.stream, appended, already_present, refused,
+            "published events");
         Ok(PublishOutcome {
             appended,
             already_present,
+            refused,
         })
     }
 

@@ -1326,3 +1326,66 @@ async fn an_instance_that_stops_leading_exports_no_lag_of_its_last_leadership() 
         holder.close().await.expect("release the relay lock");
     }
 }
+
+/// A publish whose reply is lost (Redis stalled past the command timeout, the connection
+/// dropped) reached Redis all the same; the relay, never told, publishes the batch again. Those
+/// entries are its own, so no foreign writer is reported, while an entry added by hand above
+/// the positions still is.
+#[tokio::test]
+async fn a_batch_published_again_after_a_lost_reply_is_not_reported_as_refused() {
+    let metrics = platform::metrics::install("command-service");
+    let refused = || gauge(&metrics.render(), "relay_refused_entries_total").unwrap_or(0.0);
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let conn = redis(&shared_redis_url()).await;
+    append(&db, 3).await;
+    let mut ctx = step_context(&db, &conn, &keys.stream, 25).await;
+    assert_eq!(
+        relay::publish_step(&mut ctx).await.expect("step").published,
+        3
+    );
+
+    // The first try of the next batch: in Redis, but its reply never reached the relay.
+    append(&db, 3).await;
+    let batch = store::read_all(&db.pool, 3, 25).await.expect("read");
+    let publisher = bus::Publisher::new(
+        conn.clone(),
+        bus::StreamKeys::new(&keys.stream),
+        bus::DEFAULT_HARD_CAP,
+    );
+    assert_eq!(
+        publisher.publish(&batch).await.expect("publish").appended,
+        3
+    );
+    let before = refused();
+    let retried = relay::publish_step(&mut ctx).await.expect("step");
+    assert_eq!((retried.published, retried.caught_up), (3, true));
+    assert_eq!(
+        refused(),
+        before,
+        "the relay's own entries are no foreign writer"
+    );
+    assert_eq!(ctx.checkpoint(), 6);
+
+    // An entry added by hand still is one.
+    let mut redis_conn = conn.clone();
+    let _: String = redis::cmd("XADD")
+        .arg(&keys.stream)
+        .arg("*")
+        .arg("probe")
+        .arg("1")
+        .query_async(&mut redis_conn)
+        .await
+        .expect("XADD *");
+    append(&db, 2).await;
+    relay::publish_step(&mut ctx).await.expect("step");
+    assert_eq!(refused(), before + 2.0);
+    assert_eq!(
+        ids(&entries(&conn, &keys.stream).await).len(),
+        7,
+        "six published entries and the probe"
+    );
+
+    ctx.close().await;
+    delete_key(&conn, &keys.stream).await;
+}

@@ -11,14 +11,15 @@
 //! Both publish into one `tokio::sync::watch` per known projection; a waiting request only awaits
 //! its watch with a deadline, so 200 waiting clients cost the database nothing more than one.
 //! A notification only ever raises a position (it is a hint that may arrive late); the poll is the
-//! truth and may lower it (e.g. after `projector rebuild` reset a checkpoint).
+//! truth and may lower it (e.g. after `projector rebuild` reset a checkpoint), but never below a
+//! notification received while it read: that one overtook the poll's read, which is stale.
 //!
 //! This module never reads a read-model row: callers re-read the checkpoint in the same query as
 //! their rows (see `read_models`), which is what `X-Projection-Position` reports.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -101,25 +102,140 @@ impl WaitOutcome {
     }
 }
 
+/// A position fed by notifications, which only raise it, and by polls of the table, the truth,
+/// which may lower it. A poll's read can be overtaken by a notification received while the
+/// poll ran (the read was answered before the projector's commit, the notification after it);
+/// published as read, it would move the position back below what that notification said was
+/// applied, and read-your-writes would wait, or time out, on a position the read model has.
+/// So a poll publishes the larger of its read and every notification received while it ran:
+/// that is also right when the position really went back, since notifications of the lowered
+/// mark are low too.
+struct Followed {
+    tx: watch::Sender<i64>,
+    polls: Mutex<OpenPolls>,
+}
+
+/// The polls under way on one [`Followed`], each with the highest notification received since it
+/// began (`i64::MIN` for none).
+#[derive(Default)]
+struct OpenPolls {
+    next_id: u64,
+    open: Vec<(u64, i64)>,
+}
+
+impl Followed {
+    fn new() -> Self {
+        Self {
+            tx: watch::Sender::new(0),
+            polls: Mutex::new(OpenPolls::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OpenPolls> {
+        // The lists stay consistent whatever panicked while holding the lock.
+        self.polls.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A notification: raises the position, and is remembered by every poll under way.
+    fn notify(&self, position: i64) {
+        let mut polls = self.lock();
+        for (_, highest) in &mut polls.open {
+            *highest = (*highest).max(position);
+        }
+        // Published under the lock, so a poll ending now either saw this one or runs after it.
+        raise_to(&self.tx, position)
+    }
+
+    /// Opens a poll's window; notifications from now on count against its read.
+    fn begin_poll(&self) -> PollWindow<'_> {
+        let mut polls = self.lock();
+        let id = polls.next_id;
+        polls.next_id += 1;
+        polls.open.push((id, i64::MIN));
+        PollWindow { followed: self, id }
+    }
+}
+
+/// A poll under way on one [`Followed`]; dropped without [`PollWindow::publish`] (a failed read)
+/// it publishes nothing.
+struct PollWindow<'a> {
+    followed: &'a Followed,
+    id: u64,
+}
+
+impl PollWindow<'_> {
+    /// Publishes what the poll read, or the highest notification received since it began if that
+    /// is higher. Returns the previous position when this lowered it.
+    fn publish(self, read: i64) -> Option<i64> {
+        self.publish_and(read, |_, _| {})
+    }
+
+    /// Like [`Self::publish`], calling `on_lower(from, to)` when it lowers the position, before
+    /// the receivers see the lower value.
+    fn publish_and(self, read: i64, on_lower: impl FnOnce(i64, i64)) -> Option<i64> {
+        let mut polls = self.followed.lock();
+        let notified = take_window(&mut polls, self.id);
+        let position = read.max(notified);
+        let mut lowered_from = None;
+        self.followed.tx.send_if_modified(|current| {
+            if *current == position {
+                return false;
+            }
+            if position < *current {
+                lowered_from = Some(*current);
+                on_lower(*current, position);
+            }
+            *current = position;
+            true
+        });
+        lowered_from
+    }
+}
+
+impl Drop for PollWindow<'_> {
+    fn drop(&mut self) {
+        take_window(&mut self.followed.lock(), self.id);
+    }
+}
+
+/// Closes the window `id` (if still open) and returns the highest notification it received.
+fn take_window(polls: &mut OpenPolls, id: u64) -> i64 {
+    match polls.open.iter().position(|(open, _)| *open == id) {
+        Some(index) => polls.open.swap_remove(index).1,
+        None => i64::MIN,
+    }
+}
+
 /// The positions of every served projection, kept current by two background tasks.
 #[derive(Clone)]
 pub struct CheckpointWatcher {
-    senders: Arc<HashMap<&'static str, watch::Sender<i64>>>,
-    /// The highest committed position of the event log.
-    head: Arc<watch::Sender<i64>>,
-    /// Raises of `head` by announcements so far: a poll lowers the head only when none came
-    /// while it read, since then its lower value is the truth and not a read that an
-    /// announcement overtook.
-    head_raises: Arc<AtomicU64>,
+    projections: Arc<HashMap<&'static str, Followed>>,
+    /// The highest committed position of the event log: raised by append announcements, and
+    /// lowered by a poll (to no less than the announcements received while it ran) only when
+    /// the log went back, which only a database restored from a backup (or a fail-over to a
+    /// replica behind) does.
+    head: Arc<Followed>,
+    /// Each time the head went back, and where to: read by the log's tail, which must not hand
+    /// out what it read before.
+    rewinds: Arc<Mutex<HeadRewinds>>,
     stats: Arc<WatcherStats>,
+}
+
+/// How often the log's head went back since start, and to which position the last time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeadRewinds {
+    /// Times the head went back.
+    pub count: u64,
+    /// The position it went back to the last time (0 before any).
+    pub to: i64,
 }
 
 impl std::fmt::Debug for CheckpointWatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let positions: HashMap<_, _> = self
-            .senders
+            .projections
             .iter()
-            .map(|(name, tx)| (*name, *tx.borrow()))
+            .map(|(name, followed)| (*name, *followed.tx.borrow()))
             .collect();
         f.debug_struct("CheckpointWatcher")
             .field("positions", &positions)
@@ -136,14 +252,14 @@ impl Default for CheckpointWatcher {
 impl CheckpointWatcher {
     /// A watcher with every known projection at position 0 and no tasks running yet.
     pub fn new() -> Self {
-        let senders = PROJECTIONS
+        let projections = PROJECTIONS
             .into_iter()
-            .map(|name| (name, watch::Sender::new(0)))
+            .map(|name| (name, Followed::new()))
             .collect();
         Self {
-            senders: Arc::new(senders),
-            head: Arc::new(watch::Sender::new(0)),
-            head_raises: Arc::new(AtomicU64::new(0)),
+            projections: Arc::new(projections),
+            head: Arc::new(Followed::new()),
+            rewinds: Arc::default(),
             stats: Arc::new(WatcherStats::default()),
         }
     }
@@ -157,48 +273,39 @@ impl CheckpointWatcher {
     /// A receiver of the log's head as it rises (for the log's tail reader; a request waiting
     /// on the tail counts itself with [`Self::count_wait`]).
     pub fn head_receiver(&self) -> watch::Receiver<i64> {
-        self.head.subscribe()
+        self.head.tx.subscribe()
     }
 
-    /// Raises the head to `position` (an append's announcement: never lowers).
-    fn raise_head(&self, position: i64) {
-        // Counted under the watch's lock, like the poll's check of the count below.
-        self.head.send_if_modified(|current| {
-            self.head_raises.fetch_add(1, Ordering::AcqRel);
-            let raise = position > *current;
-            if raise {
-                *current = position;
-            }
-            raise
-        });
+    /// How often the head went back, and to where the last time. Updated before the head's
+    /// receivers see the lower value.
+    pub fn head_rewinds(&self) -> HeadRewinds {
+        *self.rewinds.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sets the head to `position` as a poll read it, `raises_before` being
-    /// [`Self::head_raises`] when the poll began. A higher value raises it; a lower one is the
-    /// truth when no announcement came meanwhile: the log went back, which only a database
-    /// restored from a backup does. Followed down, a long poll at the restored head waits for
-    /// the next commit instead of finding the head above it and reading again at once, and the
-    /// log's tail reads the positions the store gives out again.
-    fn set_head_from_poll(&self, position: i64, raises_before: u64) {
-        let mut went_back_from = None;
-        self.head.send_if_modified(|current| {
-            if position > *current {
-                *current = position;
-                true
-            } else if position < *current
-                && self.head_raises.load(Ordering::Acquire) == raises_before
-            {
-                went_back_from = Some(*current);
-                *current = position;
-                true
-            } else {
-                false
-            }
+    /// Applies one `event_store_appended` payload (the new head); malformed ones are ignored.
+    /// An announcement only ever raises the head.
+    pub fn apply_appended(&self, payload: &str) {
+        if let Ok(head) = payload.trim().parse::<i64>() {
+            self.head.notify(head);
+        }
+    }
+
+    /// Publishes the head a poll read, through its `window` (opened when the poll began). A
+    /// lower value is the truth, raised to the announcements received meanwhile: the log went
+    /// back. Followed down, a long poll at the restored head waits for the next commit instead
+    /// of finding the head above it and reading again at once, and the log's tail reads the
+    /// positions the store gives out again. Counting only the announcements, not waiting for a
+    /// poll none came during, keeps commits landing under load from holding the head up.
+    fn set_head_from_poll(&self, window: PollWindow<'_>, position: i64) {
+        let went_back_from = window.publish_and(position, |_, to| {
+            let mut rewinds = self.rewinds.lock().unwrap_or_else(PoisonError::into_inner);
+            rewinds.count += 1;
+            rewinds.to = to;
         });
         if let Some(from) = went_back_from {
             tracing::warn!(
                 from,
-                to = position,
+                to = *self.head.tx.borrow(),
                 "the event log's head went back (was the database restored from a backup?); \
                  following it"
             );
@@ -212,24 +319,24 @@ impl CheckpointWatcher {
 
     /// The last published position of `projection` (0 when unknown).
     pub fn position(&self, projection: &str) -> i64 {
-        self.senders.get(projection).map_or(0, |tx| *tx.borrow())
+        self.projections
+            .get(projection)
+            .map_or(0, |followed| *followed.tx.borrow())
     }
 
     /// Raises `projection` to `position` (a notification: never lowers).
     pub fn raise(&self, projection: &str, position: i64) {
-        if let Some(tx) = self.senders.get(projection) {
-            raise_to(tx, position);
+        if let Some(followed) = self.projections.get(projection) {
+            followed.notify(position);
         }
     }
 
-    /// Sets `projection` to `position` as read from the table (the truth; may lower it).
+    /// Sets `projection` to `position` as a read of the table just found it (the truth; may
+    /// lower it). A poll does not use this: its read may be older than a notification received
+    /// meanwhile (see [`Followed`]).
     pub fn set(&self, projection: &str, position: i64) {
-        if let Some(tx) = self.senders.get(projection) {
-            tx.send_if_modified(|current| {
-                let changed = *current != position;
-                *current = position;
-                changed
-            });
+        if let Some(followed) = self.projections.get(projection) {
+            followed.begin_poll().publish(position);
         }
     }
 
@@ -246,9 +353,10 @@ impl CheckpointWatcher {
         deadline: Instant,
         require_change: bool,
     ) -> (i64, WaitOutcome) {
-        let Some(tx) = self.senders.get(projection) else {
+        let Some(followed) = self.projections.get(projection) else {
             return (0, WaitOutcome::Timeout);
         };
+        let tx = &followed.tx;
         let mut rx = tx.subscribe();
         let current = *rx.borrow_and_update();
         if !require_change && current >= min_position {
@@ -285,23 +393,25 @@ impl CheckpointWatcher {
 
     /// Reads every checkpoint once and publishes them (one step of the poller).
     pub async fn poll_once(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
-        let raises_before = self.head_raises.load(Ordering::Acquire);
+        // Opened before the reads, so every notification they may not include is counted.
+        let windows: Vec<_> = PROJECTIONS
+            .into_iter()
+            .filter_map(|name| Some((name, self.projections.get(name)?.begin_poll())))
+            .collect();
+        let head_window = self.head.begin_poll();
         self.stats.checkpoint_polls.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("query_checkpoint_polls_total").increment(1);
         let rows: Vec<(String, i64)> = sqlx::query_as(POLL_SQL).fetch_all(pool).await?;
-        let mut seen = Vec::with_capacity(PROJECTIONS.len());
-        for (projection, position) in rows {
-            self.set(&projection, position);
-            seen.push(projection);
-        }
-        // A projection without a row has applied nothing yet (or was reset by a rebuild).
-        for projection in PROJECTIONS {
-            if !seen.iter().any(|p| p == projection) {
-                self.set(projection, 0);
-            }
+        for (projection, window) in windows {
+            // A projection without a row has applied nothing yet (or was reset by a rebuild).
+            let read = rows
+                .iter()
+                .find(|(name, _)| name == projection)
+                .map_or(0, |(_, position)| *position);
+            window.publish(read);
         }
         let head = store::head_position(pool).await?;
-        self.set_head_from_poll(head, raises_before);
+        self.set_head_from_poll(head_window, head);
         Ok(())
     }
 
@@ -315,13 +425,14 @@ impl CheckpointWatcher {
             tracing::debug!(%payload, "ignored a malformed projection_position notification");
             return;
         };
-        if self.senders.contains_key(projection) {
+        if self.projections.contains_key(projection) {
             self.stats.notifications.fetch_add(1, Ordering::Relaxed);
             self.raise(projection, position);
         }
     }
 
-    /// Starts the listener and the poller; both stop when `cancel` is cancelled.
+    /// Starts the listener and the poller; both stop when `cancel` is cancelled, also in the
+    /// middle of a database call.
     ///
     /// The listener gets a one-connection pool of its own, with the request pool's connection
     /// settings and named `query-service listener`, so it never takes a connection from the
@@ -355,7 +466,13 @@ impl CheckpointWatcher {
                 () = cancel.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            if let Err(e) = self.poll_once(&pool).await {
+            // Raced with the cancel: a server that went silent leaves a read waiting for up to
+            // the connection's TCP_USER_TIMEOUT (30 s), past the service's shutdown grace period.
+            let result = tokio::select! {
+                () = cancel.cancelled() => return,
+                result = self.poll_once(&pool) => result,
+            };
+            if let Err(e) = result {
                 tracing::warn!(error = %e, "cannot read projection checkpoints");
             }
         }
@@ -402,9 +519,7 @@ impl CheckpointWatcher {
                 .await
                 .context("receive a projection_position notification")?;
             if notification.channel() == store::APPENDED_CHANNEL {
-                if let Ok(head) = notification.payload().trim().parse::<i64>() {
-                    self.raise_head(head);
-                }
+                self.apply_appended(notification.payload());
             } else {
                 self.apply_notification(notification.payload());
             }
@@ -451,7 +566,7 @@ mod tests {
             tokio::spawn(async move { w.wait_for(ORDER_SUMMARIES, 5, deadline, false).await })
         };
         // Publish only once the waiter is subscribed, so it really waits.
-        while w.senders[ORDER_SUMMARIES].receiver_count() == 0 {
+        while w.projections[ORDER_SUMMARIES].tx.receiver_count() == 0 {
             tokio::task::yield_now().await;
         }
         w.raise(ORDER_SUMMARIES, 4);

@@ -14,7 +14,9 @@
 //! back for up to `EVENT_STREAM_PROGRESS_MS` (1 s) and sends only the latest, or none when an
 //! event of its types comes first (its id says as much): one small frame per second at most,
 //! not one per commit of other types to every follower. A client that reconnects meanwhile
-//! reads those positions again and finds nothing of its types in them.
+//! reads those positions again and finds nothing of its types in them. A stream whose position
+//! the log goes back below (a database restored from a backup) ends: its client reconnects and
+//! is refused 409 while it is past the end, instead of skipping what is committed in between.
 //!
 //! Bounds: one page (at most [`STREAM_PAGE_EVENTS`] events, or the frames of one tail batch: up
 //! to [`crate::log_tail::TAIL_PAGE_EVENTS`] events when the tail fell behind) is held per stream, read only when the client has taken the previous one; at most `EVENT_STREAMS_MAX` streams are open at once
@@ -152,12 +154,16 @@ impl LogStreams {
         start: StreamStart,
     ) -> Option<Sse<impl Stream<Item = Result<Event, Infallible>> + use<>>> {
         let slot = self.open_slot()?;
+        let tail = self.tail.subscribe();
+        // Where the log is as the stream opens: its start was checked against that head.
+        let rewinds = tail.borrow().rewinds.count;
         let follow = Follow {
             history: self.history.clone(),
             after: start.after_position,
             event_types: start.event_types,
             at_head: false,
-            tail: self.tail.subscribe(),
+            tail,
+            rewinds,
             stats: Arc::clone(&self.stats),
             pending: VecDeque::from([Event::default().retry(RECONNECT_AFTER)]),
             progress_interval: self.progress_interval,
@@ -191,6 +197,9 @@ struct Follow {
     /// The shared tail's batches (subscribed for the stream's life, so the tail reads while
     /// this stream is open).
     tail: watch::Receiver<Arc<TailBatch>>,
+    /// Times the log's head had gone back when this stream last checked it was still on the log
+    /// ([`TailBatch::continues_from`]).
+    rewinds: u64,
     stats: Arc<StreamStats>,
     pending: VecDeque<Event>,
     /// Longest an id-only frame is held back at the head (zero: never).
@@ -227,6 +236,7 @@ impl Follow {
                 self.take_from_tail().await?;
                 continue;
             }
+            self.still_on_the_log()?;
             let page = LogPage {
                 after_position: self.after,
                 limit: STREAM_PAGE_EVENTS,
@@ -257,6 +267,9 @@ impl Follow {
     async fn take_from_tail(&mut self) -> Option<()> {
         loop {
             let batch = Arc::clone(&self.tail.borrow_and_update());
+            if !batch.continues_from(self.after, &mut self.rewinds) {
+                return self.end_past_the_log(batch.rewinds.to);
+            }
             if batch.read_to > self.after {
                 if batch.after > self.after {
                     self.at_head = false;
@@ -286,6 +299,28 @@ impl Follow {
                 }
             }
         }
+    }
+
+    /// `None` when the log went back below this stream's position since it last looked: what
+    /// it sent past the new end is not in the store any more, and the events committed at those
+    /// positions would never reach it.
+    fn still_on_the_log(&mut self) -> Option<()> {
+        let batch = Arc::clone(&self.tail.borrow());
+        if batch.continues_from(self.after, &mut self.rewinds) {
+            return Some(());
+        }
+        self.end_past_the_log(batch.rewinds.to)
+    }
+
+    /// Ends the stream (`None`): its client reconnects from its last id and is refused 409
+    /// `position_beyond_head` while that is past the end, as any follower from there is.
+    fn end_past_the_log(&self, log_end: i64) -> Option<()> {
+        tracing::info!(
+            after_position = self.after,
+            log_end,
+            "event stream ended: the event log went back below its position"
+        );
+        None
     }
 
     /// Queues a frame per event of the stream's types, then an id-only frame when `read_to` is

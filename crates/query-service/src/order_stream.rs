@@ -12,7 +12,8 @@
 //! been seen; from there it takes the shared [`crate::log_tail::LogTail`]'s batches (read once
 //! per instance, whatever the number of streams) and keeps the order's events, by version. A
 //! batch that does not continue from where it is (a stream too slow to see one) sends it back
-//! to reading the order's stream. Bounds, shutdown and keep-alive are those of the log's
+//! to reading the order's stream. When the log goes back below what it has read (a restore),
+//! it ends, as the log's stream does. Bounds, shutdown and keep-alive are those of the log's
 //! stream ([`crate::log_stream`]). It never writes.
 
 use std::collections::VecDeque;
@@ -41,6 +42,9 @@ pub(crate) struct OrderFollow {
     /// Every event of the log up to this position has been looked at; `None` while catching
     /// up from the order's stream.
     seen_to: Option<i64>,
+    /// Times the log's head had gone back when this stream last checked it was still on the log
+    /// ([`TailBatch::continues_from`]).
+    rewinds: u64,
     tail: watch::Receiver<Arc<TailBatch>>,
     stats: Arc<StreamStats>,
     pending: VecDeque<Event>,
@@ -58,12 +62,14 @@ impl OrderFollow {
         stop: CancellationToken,
         slot: StreamSlot,
     ) -> Self {
+        let rewinds = tail.borrow().rewinds.count;
         Self {
             history,
             order_id,
             stream_id: order_stream_id(order_id),
             after_version,
             seen_to: None,
+            rewinds,
             tail,
             stats,
             pending: VecDeque::from([Event::default().retry(RECONNECT_AFTER)]),
@@ -84,6 +90,10 @@ impl OrderFollow {
         loop {
             if let Some(event) = self.pending.pop_front() {
                 return Some(event);
+            }
+            let latest = Arc::clone(&self.tail.borrow());
+            if !self.still_on_the_log(&latest) {
+                return None;
             }
             match self.seen_to {
                 None => self.catch_up().await?,
@@ -126,6 +136,9 @@ impl OrderFollow {
     async fn take_from_tail(&mut self, seen_to: i64) -> Option<()> {
         loop {
             let batch = Arc::clone(&self.tail.borrow_and_update());
+            if !self.still_on_the_log(&batch) {
+                return None;
+            }
             if batch.read_to > seen_to {
                 if batch.after > seen_to {
                     self.seen_to = None;
@@ -146,6 +159,26 @@ impl OrderFollow {
                 changed = self.tail.changed() => changed.ok()?,
             }
         }
+    }
+
+    /// Whether the log has not gone back below what this stream read since it last looked. A
+    /// stream that read past the new end (or, catching up, cannot tell which log positions its
+    /// versions had) ends: its client reconnects from its last version and is refused 409
+    /// `version_beyond_head` while that is past the order's end, instead of never getting the
+    /// events committed at the reused versions.
+    fn still_on_the_log(&mut self, batch: &TailBatch) -> bool {
+        let read_to = match self.seen_to {
+            Some(seen_to) => seen_to,
+            None if self.after_version == 0 => 0,
+            None => i64::MAX,
+        };
+        if batch.continues_from(read_to, &mut self.rewinds) {
+            return true;
+        }
+        tracing::info!(order_id = %self.order_id, after_version = self.after_version,
+            log_end = batch.rewinds.to,
+            "order event stream ended: the event log went back below its position");
+        false
     }
 
     /// Queues the frame of `event` and moves `after_version` to it.

@@ -3,7 +3,8 @@
 //! `build` does everything that can fail at start (database, migrations, listen address), so a
 //! misconfigured service exits before it reports healthy; `run_until_stopped` serves until the
 //! shutdown future resolves, drains in-flight requests (bounded by `SHUTDOWN_GRACE_SECS`), then
-//! stops the watcher's tasks.
+//! stops the watcher's and the tail's tasks, which end at once even while a database call of
+//! theirs waits on a server that stopped answering.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,6 +31,9 @@ use crate::routes::{self, AppState};
 
 /// Service name, the `service` label of every metric and its PostgreSQL `application_name`.
 pub const SERVICE_NAME: &str = "query-service";
+
+/// Longest shutdown waits for the background tasks (watcher, tail) once they are cancelled.
+const TASKS_STOP_WITHIN: Duration = Duration::from_secs(1);
 
 /// A built, bound, not yet serving query service.
 pub struct Application {
@@ -191,7 +195,7 @@ impl Application {
     /// Serves until `shutdown` resolves and `SHUTDOWN_DELAY_MS` later (with `/readyz` answering
     /// 503 meanwhile), drains in-flight requests, then stops the watcher.
     pub async fn run_until_stopped(
-        self,
+        mut self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(port = self.port, "query service listening");
@@ -206,8 +210,17 @@ impl Application {
         let result =
             platform::shutdown::serve_with_grace(self.listener, router, shutdown, self.grace).await;
         self.cancel.cancel();
-        for task in self.tasks {
-            let _ = task.await;
+        // The tasks end at the cancel, even in the middle of a database call; the bound only
+        // keeps a future regression from holding the process past its grace period.
+        let stopped = futures::future::join_all(self.tasks.iter_mut());
+        if tokio::time::timeout(TASKS_STOP_WITHIN, stopped)
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks still running at shutdown; exiting anyway");
+            for task in &self.tasks {
+                task.abort();
+            }
         }
         tracing::info!("query service stopped");
         result

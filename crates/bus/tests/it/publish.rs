@@ -13,7 +13,8 @@ async fn publishing_keeps_order_and_every_field_readable_with_xrange() {
         outcome,
         PublishOutcome {
             appended: 3,
-            already_present: 0
+            already_present: 0,
+            refused: 0
         }
     );
 
@@ -82,7 +83,8 @@ async fn publishing_the_same_batch_twice_appends_nothing_the_second_time() {
         outcome,
         PublishOutcome {
             appended: 0,
-            already_present: 4
+            already_present: 4,
+            refused: 0
         }
     );
     assert_eq!(xrange(&mut conn, keys.stream()).await.len(), 4);
@@ -104,7 +106,8 @@ async fn a_batch_overlapping_the_last_published_position_appends_only_the_new_ev
         outcome,
         PublishOutcome {
             appended: 2,
-            already_present: 2
+            already_present: 2,
+            refused: 0
         }
     );
     let ids: Vec<String> = xrange(&mut conn, keys.stream())
@@ -113,6 +116,36 @@ async fn a_batch_overlapping_the_last_published_position_appends_only_the_new_ev
         .map(|(id, _)| id)
         .collect();
     assert_eq!(ids, ["1-0", "2-0", "3-0", "4-0", "5-0", "6-0"]);
+    crate::cleanup(&mut conn, &keys).await;
+}
+
+/// An entry added by hand with a time-based id sits above every position: what Redis refuses
+/// below it is not on the stream, and must not pass for a republished batch.
+#[tokio::test]
+async fn entries_below_a_foreign_entry_are_refused_not_already_present() {
+    let (_client, mut conn, keys) = shared().await;
+    let publisher = Publisher::new(conn.clone(), keys.clone(), bus::DEFAULT_HARD_CAP);
+    let all = events(1..=4);
+    publisher.publish(&all[..2]).await.expect("first publish");
+    let _: String = redis::cmd("XADD")
+        .arg(keys.stream())
+        .arg("*")
+        .arg("probe")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .expect("XADD *");
+
+    // The first two are there (a retry of a batch whose reply was lost); the next two are not.
+    let outcome = publisher.publish(&all).await.expect("publish");
+    assert_eq!(
+        outcome,
+        PublishOutcome {
+            appended: 0,
+            already_present: 2,
+            refused: 2
+        }
+    );
     crate::cleanup(&mut conn, &keys).await;
 }
 

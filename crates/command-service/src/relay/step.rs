@@ -297,21 +297,28 @@ pub async fn publish_step(ctx: &mut RelayContext) -> Result<StepOutcome, StepErr
             return Err(StepError::Publish(err));
         }
     };
-    // In a sorted batch the entries Redis already had are a prefix (ids at or below its top).
+    // In a sorted batch the entries not appended are a prefix (ids at or below the top).
+    let skipped = outcome.already_present + outcome.refused;
     telemetry::published(
         outcome.appended,
-        batch[outcome.already_present.min(batch.len())..]
+        batch[skipped.min(batch.len())..]
             .iter()
             .map(|event| event.recorded_at),
     );
     if outcome.already_present > 0 {
+        // The same events at the same ids: an earlier try of this batch reached Redis and its
+        // reply was lost (a timeout, a dropped connection). Nothing is wrong.
+        tracing::debug!(stream = %ctx.stream_key, already_present = outcome.already_present,
+            "entries were already on the stream (an earlier try's reply was lost)");
+    }
+    if outcome.refused > 0 {
         // A leadership resumes after the stream's newest relayed entry, so Redis refusing part
-        // of a later batch means its newest id is above these positions: something wrote to the
-        // stream with a time-based id (`XADD … *`), or another relay published them. Projections
-        // still converge (their sweeper applies from PostgreSQL), but say it loudly.
-        metrics::counter!("relay_refused_entries_total").increment(outcome.already_present as u64);
-        tracing::error!(stream = %ctx.stream_key, refused = outcome.already_present,
-            first_position = batch.first().map(|e| e.global_position),
+        // of a later batch it does not hold means its newest id is above these positions:
+        // something wrote to the stream with a time-based id (`XADD … *`). Projections still
+        // converge (their sweeper applies from PostgreSQL), but say it loudly.
+        metrics::counter!("relay_refused_entries_total").increment(outcome.refused as u64);
+        tracing::error!(stream = %ctx.stream_key, refused = outcome.refused,
+            first_position = batch.get(outcome.already_present).map(|e| e.global_position),
             "Redis refused entries as already present: the stream's newest id is above their \
              positions; entries on this stream must only be written by the relay (ids \
              `<position>-0`); remove the foreign entry with XDEL, then XSETID the stream back \

@@ -39,6 +39,10 @@ struct TestApp {
     tail: Arc<TailStats>,
     history: Arc<HistoryStats>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The service's `run_until_stopped`.
+    running: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The proxy the service reaches PostgreSQL through, with `Options::through_proxy`.
+    proxy: Option<ReplyHoldingProxy>,
 }
 
 impl Drop for TestApp {
@@ -63,6 +67,8 @@ struct Options {
     cors_allowed_origins: Option<&'static str>,
     /// `EVENT_STREAM_PROGRESS_MS`.
     event_stream_progress_ms: Option<u64>,
+    /// Connects the service through a [`ReplyHoldingProxy`] (`TestApp::proxy`).
+    through_proxy: bool,
 }
 
 async fn spawn_app() -> TestApp {
@@ -71,11 +77,18 @@ async fn spawn_app() -> TestApp {
 
 async fn spawn_app_with(options: Options) -> TestApp {
     let db = TestDatabase::new().await;
+    let proxy = match options.through_proxy {
+        true => Some(ReplyHoldingProxy::start(&db).await),
+        false => None,
+    };
+    let database_url = proxy
+        .as_ref()
+        .map_or_else(|| db.url.clone(), |p| p.url(&db));
     let poll_ms = options.poll_ms.unwrap_or(250).to_string();
     let mut config = Config::try_parse_from([
         "query-service",
         "--database-url",
-        &db.url,
+        &database_url,
         "--listen-addr",
         "127.0.0.1:0",
         "--db-max-connections",
@@ -109,7 +122,7 @@ async fn spawn_app_with(options: Options) -> TestApp {
     let (streams, tail) = (app.stream_stats(), app.tail_stats());
     let history = app.history_stats();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(app.run_until_stopped(async move {
+    let running = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
     }));
     let test = TestApp {
@@ -122,6 +135,8 @@ async fn spawn_app_with(options: Options) -> TestApp {
         tail,
         history,
         stop: Some(stop),
+        running: Some(running),
+        proxy,
     };
     // The listener connects in the background; a NOTIFY before its LISTEN would be lost.
     let listens = Arc::clone(&test.watcher);
@@ -578,6 +593,193 @@ async fn a_checkpoint_advanced_without_a_notification_is_found_by_the_poll() {
     let response = waiter.await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(projection_position(response.headers()), 3);
+}
+
+/// A TCP proxy to the test's PostgreSQL that can hold the server's reply carrying given bytes
+/// (and only that) while passing everything else: a query is executed on the server, then its
+/// answer waits here, as one delayed on the network does.
+struct ReplyHoldingProxy {
+    options: sqlx::postgres::PgConnectOptions,
+    hold: tokio::sync::watch::Sender<Option<&'static [u8]>>,
+    held: Arc<std::sync::atomic::AtomicU64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl ReplyHoldingProxy {
+    async fn start(db: &TestDatabase) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let direct = db.pool.connect_options();
+        let upstream = (direct.get_host().to_owned(), direct.get_port());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (hold, holding) = tokio::sync::watch::channel(None::<&'static [u8]>);
+        let held = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = Arc::clone(&held);
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(upstream.clone())
+                    .await
+                    .unwrap();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                    let _ = server_write.shutdown().await;
+                });
+                let (mut holding, counter) = (holding.clone(), Arc::clone(&counter));
+                tokio::spawn(async move {
+                    let mut buffer = vec![0u8; 16 * 1024];
+                    loop {
+                        let read = match server_read.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(read) => read,
+                        };
+                        let marker = *holding.borrow_and_update();
+                        if let Some(marker) = marker
+                            && (marker.is_empty()
+                                || buffer[..read].windows(marker.len()).any(|w| w == marker))
+                        {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            if holding.wait_for(Option::is_none).await.is_err() {
+                                return;
+                            }
+                        }
+                        if client_write.write_all(&buffer[..read]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            options: direct.as_ref().clone().port(port),
+            hold,
+            held,
+            accept,
+        }
+    }
+
+    /// A pool of one connection through the proxy.
+    async fn pool(&self) -> PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(self.options.clone())
+            .await
+            .unwrap()
+    }
+
+    /// The URL of `db` through the proxy.
+    fn url(&self, db: &TestDatabase) -> String {
+        let direct = db.pool.connect_options().get_port();
+        let url = db.url.replace(
+            &format!(":{direct}/"),
+            &format!(":{}/", self.options.get_port()),
+        );
+        assert_ne!(url, db.url);
+        url
+    }
+
+    /// Holds the next replies that carry `marker` (`Some`; every reply for an empty one: a
+    /// server gone silent), or lets them go (`None`).
+    fn hold_replies_with(&self, marker: Option<&'static [u8]>) {
+        self.hold.send_replace(marker);
+    }
+
+    /// Replies held so far.
+    fn held(&self) -> u64 {
+        self.held.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for ReplyHoldingProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_poll_overtaken_by_a_notification_never_moves_a_projection_back() {
+    use query_service::consistency::{CheckpointWatcher, ORDER_SUMMARIES};
+    let db = TestDatabase::new().await;
+    let checkpoint = |position: i64| {
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (projection, position) VALUES ('order_summaries', $1) \
+             ON CONFLICT (projection) DO UPDATE SET position = EXCLUDED.position",
+        )
+        .bind(position)
+        .execute(&db.pool)
+    };
+    checkpoint(10).await.unwrap();
+    let proxy = ReplyHoldingProxy::start(&db).await;
+    let pool = proxy.pool().await;
+    let watcher = CheckpointWatcher::new();
+    watcher.poll_once(&pool).await.unwrap();
+    assert_eq!(watcher.position(ORDER_SUMMARIES), 10);
+
+    // The poll's read of the checkpoints finds 10; its answer (the rows name the projection) is
+    // delayed on the way back.
+    proxy.hold_replies_with(Some(b"order_summaries"));
+    let poll = {
+        let (watcher, pool) = (watcher.clone(), pool.clone());
+        tokio::spawn(async move { watcher.poll_once(&pool).await })
+    };
+    wait_until("the poll's read is answered", || async { proxy.held() > 0 }).await;
+    // Meanwhile the projector applies 11 and announces it; the listener raises the watch.
+    checkpoint(11).await.unwrap();
+    watcher.apply_notification("order_summaries:11");
+    assert_eq!(watcher.position(ORDER_SUMMARIES), 11);
+    proxy.hold_replies_with(None);
+    poll.await.unwrap().unwrap();
+    assert_eq!(
+        watcher.position(ORDER_SUMMARIES),
+        11,
+        "a read older than the notification must not lower the position"
+    );
+
+    // A poll that no notification overtook is the truth, also when it is lower (a rebuild
+    // reset the checkpoint).
+    checkpoint(3).await.unwrap();
+    watcher.poll_once(&pool).await.unwrap();
+    assert_eq!(watcher.position(ORDER_SUMMARIES), 3);
+}
+
+/// PostgreSQL stops answering (its host died, a fail-over moved its address) while the log's
+/// tail reads a commit for a stream at the head and the checkpoint poll reads: told to stop,
+/// the service still stops within its grace period instead of waiting on those reads.
+#[tokio::test]
+async fn a_service_told_to_stop_while_postgresql_is_silent_stops_within_its_grace_period() {
+    let mut app = spawn_app_with(Options {
+        poll_ms: Some(20),
+        through_proxy: true,
+        ..Options::default()
+    })
+    .await;
+    let mut stream = SseReader::open(&app, "/events/stream", None).await.unwrap();
+    stream.next_frame().await; // the retry frame: the stream is open and follows the tail
+    let proxy = app.proxy.take().unwrap();
+    // The tail's read of the next commit is answered, and the answer never arrives.
+    let reads = app.tail.reads.load(Ordering::Relaxed);
+    proxy.hold_replies_with(Some(b"OrderCreated"));
+    app.append_order(Uuid::new_v4(), vec![create(Uuid::new_v4(), Uuid::new_v4())])
+        .await;
+    wait_until("the tail's read is held", || async { proxy.held() > 0 }).await;
+    assert_eq!(app.tail.reads.load(Ordering::Relaxed), reads);
+    // Then nothing answers at all: the next poll waits too.
+    proxy.hold_replies_with(Some(b""));
+    let polls = app.watcher.checkpoint_polls.load(Ordering::Relaxed);
+    wait_until("a poll has begun since", || async {
+        app.watcher.checkpoint_polls.load(Ordering::Relaxed) > polls
+    })
+    .await;
+
+    let _ = app.stop.take().unwrap().send(());
+    tokio::time::timeout(DEADLINE, app.running.take().unwrap())
+        .await
+        .expect("the service stops although PostgreSQL does not answer")
+        .unwrap()
+        .unwrap();
+    drop(stream);
+    drop(proxy);
 }
 
 #[tokio::test]
@@ -2462,4 +2664,197 @@ async fn when_the_log_goes_back_long_polls_wait_and_streams_get_the_reused_posit
     assert_eq!(page["events"][0]["stream_id"], format!("order-{other}"));
     let frame = stream.next_event().await;
     assert_eq!(frame.id, Some(reused.to_string()), "{frame:?}");
+}
+
+/// What a restore from an earlier backup does to the log: every event after `kept` is gone,
+/// and the positions after it will be given to other events.
+async fn lose_events_after(pool: &PgPool, kept: i64) {
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("SET session_replication_role = replica")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM events WHERE global_position > $1")
+        .bind(kept)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("SET session_replication_role = DEFAULT")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
+/// Waits until the service has polled the log twice, so it has seen what it holds now.
+async fn wait_for_two_polls(app: &TestApp) {
+    let polls = app.watcher.checkpoint_polls.load(Ordering::Relaxed);
+    wait_until("the watcher polls the log", || async {
+        app.watcher.checkpoint_polls.load(Ordering::Relaxed) >= polls + 2
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn streams_past_the_end_of_a_log_that_went_back_end_and_are_refused_there_on_reconnect() {
+    let app = spawn_app().await;
+    let order = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let kept = app
+        .append_command(order, &mut state, create(order, Uuid::new_v4()))
+        .await;
+    let mut last = kept;
+    for sku in ["A", "B", "C"] {
+        last = app.append_command(order, &mut state, add(sku, 1, 1)).await;
+    }
+    let mut log = SseReader::open(&app, &format!("/events/stream?after_position={kept}"), None)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        log.next_event().await;
+    }
+    let mut one = SseReader::open(&app, &format!("/orders/{order}/events/stream"), None)
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        one.next_event().await;
+    }
+
+    lose_events_after(app.pool(), kept).await;
+    // Waiting at the old end, they would skip, silently, what is committed at the reused
+    // positions; they end instead, and their clients reconnect from their last ids.
+    assert!(log.next_frame().await.is_none(), "the log's stream ends");
+    assert!(one.next_frame().await.is_none(), "the order's stream ends");
+    let (status, _, body) = SseReader::open(&app, "/events/stream", Some(last))
+        .await
+        .err()
+        .expect("a reconnect past the end is refused");
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["code"], "position_beyond_head", "{body}");
+    let (status, _, body) =
+        SseReader::open(&app, &format!("/orders/{order}/events/stream"), Some(4))
+            .await
+            .err()
+            .expect("a reconnect past the order's end is refused");
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["code"], "version_beyond_head", "{body}");
+}
+
+#[tokio::test]
+async fn a_stream_opened_after_the_log_went_back_gets_no_event_of_the_lost_history_from_the_tail() {
+    let app = spawn_app().await;
+    // A stream at the head, so the tail reads each commit.
+    let mut watching = SseReader::open(&app, "/events/stream", None).await.unwrap();
+    let order = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let kept = app
+        .append_command(order, &mut state, create(order, Uuid::new_v4()))
+        .await;
+    assert_eq!(watching.next_event().await.id, Some(kept.to_string()));
+    // Three events in one commit: the tail's last batch is (kept, kept + 3].
+    append_in_one_transaction(
+        &app,
+        order,
+        &mut state,
+        [add("A", 1, 1), add("B", 1, 1), add("C", 1, 1)],
+    )
+    .await;
+    for _ in 0..3 {
+        watching.next_event().await;
+    }
+
+    lose_events_after(app.pool(), kept).await;
+    wait_for_two_polls(&app).await;
+    let mut stream = SseReader::open(&app, &format!("/events/stream?after_position={kept}"), None)
+        .await
+        .unwrap();
+    let other = Uuid::new_v4();
+    let reused = app
+        .append_order(other, vec![create(other, Uuid::new_v4())])
+        .await[0];
+    assert_eq!(reused, kept + 1);
+    let frame = stream.next_event().await;
+    assert_eq!(frame.id, Some(reused.to_string()), "{frame:?}");
+    assert_eq!(
+        frame.data.unwrap()["stream_id"],
+        format!("order-{other}"),
+        "the event the store holds at that position, not the lost one"
+    );
+}
+
+/// Under write load a commit lands during nearly every poll; the head must still follow the
+/// log down, or the tail goes on reading from the lost end and long polls at the restored head
+/// spin.
+#[tokio::test]
+async fn a_poll_lowers_the_head_of_a_log_that_went_back_although_a_commit_lands_while_it_reads() {
+    use query_service::consistency::CheckpointWatcher;
+    let db = TestDatabase::new().await;
+    let create_order = || async {
+        let order = Uuid::new_v4();
+        let produced = decide(&OrderState::default(), &create(order, Uuid::new_v4())).unwrap();
+        let request = AppendRequest {
+            stream_id: order_stream_id(order),
+            expected: ExpectedVersion::Exact(0),
+            events: produced
+                .iter()
+                .map(|e| e.to_new_event(EventMetadata::default()))
+                .collect(),
+            idempotency: None,
+        };
+        store::append_batch(&db.pool, &[request])
+            .await
+            .unwrap()
+            .remove(0)
+            .unwrap()
+            .last_position
+    };
+    let kept = create_order().await;
+    for _ in 0..3 {
+        create_order().await;
+    }
+    // The migrations give every projection its checkpoint row: the poll's first read names it.
+    let proxy = ReplyHoldingProxy::start(&db).await;
+    let pool = proxy.pool().await;
+    let watcher = CheckpointWatcher::new();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    // The real listener; the poller polls once at start and not again during the test.
+    let tasks = watcher.spawn(pool.clone(), Duration::from_secs(600), cancel.clone());
+    let stats = watcher.stats();
+    let head = watcher.head_receiver();
+    wait_until(
+        "the listener listens and the first poll is done",
+        || async { stats.listens.load(Ordering::Relaxed) > 0 && *head.borrow() == kept + 3 },
+    )
+    .await;
+
+    lose_events_after(&db.pool, kept).await;
+    proxy.hold_replies_with(Some(b"order_summaries"));
+    let poll = {
+        let (watcher, pool) = (watcher.clone(), pool.clone());
+        tokio::spawn(async move { watcher.poll_once(&pool).await })
+    };
+    wait_until("the poll's first read is answered", || async {
+        proxy.held() > 0
+    })
+    .await;
+    // A commit lands and is announced while the poll reads; the projection notification sent
+    // after it tells when the listener has taken the announcement.
+    let reused = create_order().await;
+    assert_eq!(reused, kept + 1);
+    let notifications = stats.notifications.load(Ordering::Relaxed);
+    sqlx::query("SELECT pg_notify('projection_position', 'customer_stats:0')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    wait_until("the listener took the announcement", || async {
+        stats.notifications.load(Ordering::Relaxed) > notifications
+    })
+    .await;
+    proxy.hold_replies_with(None);
+    poll.await.unwrap().unwrap();
+    assert_eq!(*watcher.head_receiver().borrow(), reused);
+
+    cancel.cancel();
+    for task in tasks {
+        task.await.unwrap();
+    }
 }
