@@ -10,6 +10,7 @@
 //! URL itself, which may carry a password, is never printed.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -309,6 +310,35 @@ fn service_options(database_url: &str, service: &str) -> anyhow::Result<PgConnec
     ))
 }
 
+/// How long a writing pool's session must have sat idle before it is checked for being alive
+/// and writable on its way out of the pool (see [`pool_of`]).
+const READ_ONLY_CHECK_IDLE: Duration = Duration::from_secs(1);
+
+/// How long after a write refused as read-only (25006) the writing pools check every session
+/// they hand out, busy or not.
+const READ_ONLY_RECHECK: Duration = Duration::from_secs(10);
+
+/// When this process last saw a write refused as read-only, in milliseconds since
+/// [`process_epoch`] plus one (0: never).
+static READ_ONLY_REFUSED_AT_MS: AtomicU64 = AtomicU64::new(0);
+
+fn process_epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+fn note_read_only_refusal() {
+    let now = u64::try_from(process_epoch().elapsed().as_millis()).unwrap_or(u64::MAX);
+    READ_ONLY_REFUSED_AT_MS.store(now.saturating_add(1), Ordering::Relaxed);
+}
+
+fn read_only_refusal_is_recent() -> bool {
+    let seen = READ_ONLY_REFUSED_AT_MS.load(Ordering::Relaxed);
+    seen != 0
+        && u128::from(seen - 1) + READ_ONLY_RECHECK.as_millis()
+            > process_epoch().elapsed().as_millis()
+}
+
 async fn pool_of(
     options: &PgConnectOptions,
     max_connections: u32,
@@ -320,23 +350,33 @@ async fn pool_of(
     let pool = match use_ {
         Use::ReadsOnly => pool,
         // The query answers what sqlx's ping would (is the session alive?) and whether the
-        // session can write, in the same one round trip.
-        Use::Writes => pool.test_before_acquire(false).before_acquire(|conn, _| {
-            Box::pin(async move {
-                let read_only: String = sqlx::query_scalar(
-                    "SELECT pg_catalog.current_setting('transaction_read_only')",
-                )
-                .fetch_one(conn)
-                .await?;
-                if read_only == "on" {
-                    tracing::info!(
-                        "closing a pooled PostgreSQL session the server made read-only; the \
+        // session can write, in the same one round trip. A session handed back less than
+        // `READ_ONLY_CHECK_IDLE` ago was writing a moment before and is handed out as it is:
+        // under load that is every acquire, and the query would cost the server a statement per
+        // group commit (measured: ~5% of the hot order's rate). Once a write was refused as
+        // read-only ([`is_unavailable`] saw 25006), every session is checked for a while, so
+        // a busy one the server made read-only is closed at its next acquire.
+        Use::Writes => pool
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for < READ_ONLY_CHECK_IDLE && !read_only_refusal_is_recent() {
+                        return Ok(true);
+                    }
+                    let read_only: String = sqlx::query_scalar(
+                        "SELECT pg_catalog.current_setting('transaction_read_only')",
+                    )
+                    .fetch_one(conn)
+                    .await?;
+                    if read_only == "on" {
+                        tracing::info!(
+                            "closing a pooled PostgreSQL session the server made read-only; the \
                          pool reconnects to wherever DATABASE_URL leads now"
-                    );
-                }
-                Ok(read_only != "on")
-            })
-        }),
+                        );
+                    }
+                    Ok(read_only != "on")
+                })
+            }),
     };
     pool.connect_with(options.clone())
         .await
@@ -546,7 +586,15 @@ async fn create_database(options: &PgConnectOptions) -> anyhow::Result<()> {
 /// restored) or its login is refused (28000, 28P01: credentials rotated or revoked). Nothing is
 /// wrong with the work, and an operator puts it right. At start the same answers are a
 /// configuration mistake to report at once ([`is_unreachable`]).
+///
+/// Seeing a write refused as read-only (25006) also makes this process's writing pools check
+/// every session they hand out for a while (`READ_ONLY_RECHECK`), so the one refused is closed
+/// instead of handed out again.
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    if sqlstate(e).as_deref() == Some("25006") {
+        // The writing pools then check the sessions they hand out (see `pool_of`).
+        note_read_only_refusal();
+    }
     is_unreachable(e)
         || sqlstate(e).is_some_and(|code| matches!(code.as_str(), "3D000" | "28000" | "28P01"))
 }
