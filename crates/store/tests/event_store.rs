@@ -683,6 +683,32 @@ mod snapshots {
             loaded.state, full.state,
             "snapshot plus tail equals the full fold"
         );
+        let all = store::read_stream(&db.pool, &order_stream_id(order_id), 0, 100)
+            .await
+            .expect("read");
+        let id_at = |version: i64| all[usize::try_from(version - 1).unwrap()].event_id;
+        // The load names the state's last event, what an append decided on it expects.
+        assert_eq!(full.last_event_id, Some(id_at(31)));
+        assert_eq!(loaded.last_event_id, Some(id_at(31)));
+
+        // A snapshot at the head: nothing to replay, and the last event is still named.
+        let at_31 = full.state.clone();
+        store::save_snapshot(
+            &db.pool,
+            &order_stream_id(order_id),
+            31,
+            STATE_SCHEMA_VERSION,
+            &at_31,
+        )
+        .await
+        .expect("save");
+        let at_head = store::load_order(&db.pool, order_id).await.expect("load");
+        assert_eq!(
+            (at_head.snapshot_version, at_head.events_replayed),
+            (Some(31), 0)
+        );
+        assert_eq!(at_head.state, full.state);
+        assert_eq!(at_head.last_event_id, Some(id_at(31)));
     }
 
     #[tokio::test]
