@@ -686,7 +686,7 @@ mod snapshots {
         let all = store::read_stream(&db.pool, &order_stream_id(order_id), 0, 100)
             .await
             .expect("read");
-        let id_at = |version: i64| all[usize::try_from(version - 1).unwrap()].event_id;
+        let id_at = |version: i64| all[usize::try_from(version - 1).expect("a version")].event_id;
         // The load names the state's last event, what an append decided on it expects.
         assert_eq!(full.last_event_id, Some(id_at(31)));
         assert_eq!(loaded.last_event_id, Some(id_at(31)));
