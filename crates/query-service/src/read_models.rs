@@ -341,11 +341,20 @@ impl ReadModels {
                 .await;
             match outcome {
                 WaitOutcome::Timeout => {
+                    // The watch hears of marks by notification and by a poll every
+                    // CHECKPOINT_POLL_MS; the table may hold one it has not heard of yet (a
+                    // notification still on its way, `wait_ms=0`). One read, the one the
+                    // request makes anyway when it need not wait, tells before a 503.
+                    let (value, position) = self.counted(&read).await?;
+                    if position >= wanted.min_position {
+                        CheckpointWatcher::record_outcome(projection, WaitOutcome::Satisfied);
+                        return Ok(Positioned { value, position });
+                    }
                     CheckpointWatcher::record_outcome(projection, WaitOutcome::Timeout);
                     return Err(ApiError::ConsistencyTimeout {
                         projection,
                         min_position: wanted.min_position,
-                        observed: seen,
+                        observed: seen.max(position),
                         wait_ms: u64::try_from(wanted.wait.as_millis()).unwrap_or(u64::MAX),
                     });
                 }

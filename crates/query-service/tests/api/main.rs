@@ -782,6 +782,25 @@ async fn a_service_told_to_stop_while_postgresql_is_silent_stops_within_its_grac
     drop(proxy);
 }
 
+/// The watch has not heard of a mark the table already holds (its notification is late and
+/// the poll far off): a read-your-writes request whose wait is up reads once before answering,
+/// and is served, not refused 503.
+#[tokio::test]
+async fn a_mark_the_watch_has_not_heard_of_yet_serves_the_read_instead_of_a_503() {
+    let app = spawn_app_with(Options {
+        poll_ms: Some(60_000),
+        ..Options::default()
+    })
+    .await;
+    app.set_checkpoint("order_summaries", 7, false).await;
+    let response = app.get("/orders?min_position=7&wait_ms=0").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(projection_position(response.headers()), 7);
+    let response = app.get("/orders?min_position=8&wait_ms=0").await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(projection_position(response.headers()), 7);
+}
+
 #[tokio::test]
 async fn a_wait_past_wait_ms_answers_503_with_retry_after() {
     let app = spawn_app().await;
