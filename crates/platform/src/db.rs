@@ -73,8 +73,9 @@ pub enum Use {
     /// `default_transaction_read_only`) is closed instead of handed out again, so the pool
     /// reconnects to wherever the address leads now. Otherwise the pool would keep such a
     /// session, which refuses every write (SQLSTATE 25006), until it reached its maximum
-    /// lifetime (30 min). The check replaces sqlx's test of an idle connection (a ping), so
-    /// each acquire still costs one round trip.
+    /// lifetime (30 min). The check replaces sqlx's ping of a session on its way out of the
+    /// pool, and runs only on one idle for a second or after a write was refused read-only
+    /// (see `pool_of`): under load a session handed out costs no round trip.
     Writes,
     /// It only reads (query-service, read-only admin commands): a read-only server serves it.
     ReadsOnly,
@@ -191,7 +192,8 @@ async fn wait_until_migrated(
         };
         if tokio::time::Instant::now() + pause >= deadline {
             return Err(anyhow!(
-                "database {} at {} lacks {} of this release's migrations (first missing: {});                  SKIP_MIGRATIONS is set, so they must be applied by `migrate` first",
+                "database {} at {} lacks {} of this release's migrations (first missing: {}); \
+                 SKIP_MIGRATIONS is set, so they must be applied by `migrate` first",
                 database_name(options),
                 server(options),
                 missing.len(),
@@ -371,7 +373,7 @@ async fn pool_of(
                     if read_only == "on" {
                         tracing::info!(
                             "closing a pooled PostgreSQL session the server made read-only; the \
-                         pool reconnects to wherever DATABASE_URL leads now"
+                             pool reconnects to wherever DATABASE_URL leads now"
                         );
                     }
                     Ok(read_only != "on")
@@ -591,16 +593,16 @@ async fn create_database(options: &PgConnectOptions) -> anyhow::Result<()> {
 /// every session they hand out for a while (`READ_ONLY_RECHECK`), so the one refused is closed
 /// instead of handed out again.
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
-    if sqlstate(e).as_deref() == Some("25006") {
+    let code = sqlstate(e);
+    if code.as_deref() == Some("25006") {
         // The writing pools then check the sessions they hand out (see `pool_of`).
         note_read_only_refusal();
     }
-    is_unreachable(e)
-        || sqlstate(e).is_some_and(|code| matches!(code.as_str(), "3D000" | "28000" | "28P01"))
+    is_unreachable(e) || matches!(code.as_deref(), Some("3D000" | "28000" | "28P01"))
 }
 
-/// [`is_unavailable`] but for a server that answers and turns this client away: what a
-/// starting service waits for, since a server still coming up (or out of connections) will
+/// [`is_unavailable`] without the answers that turn this client away (a missing database, a
+/// refused login): what a starting service waits for, since a server still coming up (or out of connections) will
 /// serve it soon, while a missing database is created and a refused login is a mistake.
 pub fn is_unreachable(e: &sqlx::Error) -> bool {
     match e {

@@ -336,8 +336,9 @@ impl History {
     /// folded. Each page continues after the versions already folded, and a stream's versions
     /// become visible in order, so the pages together are always a prefix of the stream: the
     /// state folded is one the order really had. As of an instant, the fold stops before the
-    /// first version recorded after it (as `store::read_stream_until_time` does), so a database
-    /// clock that stepped back between two appends still gives a prefix.
+    /// first version recorded after it, so a database clock that stepped back between two
+    /// appends still gives a prefix (test
+    /// `the_state_as_of_a_time_is_a_prefix_even_when_the_clock_stepped_back`).
     pub async fn state(&self, order_id: Uuid, at: StateAt) -> Result<OrderSummary, ApiError> {
         let stream_id = order_stream_id(order_id);
         let last_version = match at {

@@ -16,7 +16,8 @@
 //!   published through `tokio::sync::watch`) and the bounded wait of read-your-writes.
 //! - [`read_models`]: the `order_summaries` / `customer_stats` queries, each reading the
 //!   checkpoint in the same statement.
-//! - [`history`]: event pages and time travel from the event store with `events::fold_summary`.
+//! - [`history`]: event pages and time travel from the event store, folded page by page with
+//!   `events::SummaryFold`.
 //! - [`log_stream`]: `GET /events/stream`, the log as Server-Sent Events over `history`'s pages.
 //! - [`log_tail`]: the log's newest events, read once per instance for every stream at the head.
 //! - [`order_stream`]: `GET /orders/{id}/events/stream`, one order's events as Server-Sent

@@ -1042,6 +1042,48 @@ async fn time_travel_by_version_and_by_time_shows_the_states_in_between() {
     assert_eq!(body["code"], "order_not_found");
 }
 
+/// The database's clock may step back between two appends, so a later version can carry an
+/// earlier `recorded_at`. The state as of an instant is still one the order really had: the
+/// fold stops at the first version recorded after it, never skipping to a later one.
+#[tokio::test]
+async fn the_state_as_of_a_time_is_a_prefix_even_when_the_clock_stepped_back() {
+    let app = spawn_app().await;
+    let order_id = Uuid::new_v4();
+    app.append_order(
+        order_id,
+        vec![
+            create(order_id, Uuid::new_v4()),
+            add("SKU-1", 1, 100),
+            add("SKU-2", 1, 200),
+            add("SKU-3", 1, 400),
+        ],
+    )
+    .await;
+    // Versions 1..=4 recorded at +0 s, +2 s, +5 s and, after a step back, +3 s. Stored events
+    // are immutable; this test's own database lets its triggers go to rewrite the clock.
+    sqlx::raw_sql(
+        "ALTER TABLE events DISABLE TRIGGER USER; \
+         UPDATE events SET recorded_at = '2026-01-01T00:00:00Z'::timestamptz + make_interval( \
+           secs => (ARRAY[0, 2, 5, 3])[stream_version]); \
+         ALTER TABLE events ENABLE TRIGGER USER",
+    )
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let version_at = |secs: u32| {
+        let path = format!("/orders/{order_id}/state?at=2026-01-01T00:00:0{secs}Z");
+        let app = &app;
+        async move {
+            let (status, headers, body) = app.get_json(&path).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            headers["x-order-version"].to_str().unwrap().to_owned()
+        }
+    };
+    assert_eq!(version_at(1).await, "1");
+    assert_eq!(version_at(4).await, "2", "version 4 waits for version 3");
+    assert_eq!(version_at(5).await, "4");
+}
+
 /// Appends the events of `commands`, decided one after the other from `state` (which they move
 /// on), to the order in one transaction: a long stream without a transaction per command.
 async fn append_in_one_transaction(
