@@ -8,7 +8,7 @@ use projector::apply::{apply_batch, park_stream};
 use projector::sweeper::entry_of;
 use uuid::Uuid;
 
-use crate::support::{Fate, World, commands, run_commands};
+use crate::support::{self, Fate, World, commands, run_commands};
 
 const PROJECTION: ProjectionKind = ProjectionKind::OrderSummaries;
 
@@ -55,13 +55,7 @@ async fn letter(dlq: &DeadLetterQueue, event: &RecordedEvent) -> String {
 
 /// Runs `projector dlq <args>` on the world; returns whether it succeeded and its stdout.
 async fn run_dlq(w: &World, args: &[&str]) -> (bool, String) {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_projector"))
-        .arg("dlq")
-        .args(args)
-        .env("DATABASE_URL", &w.db.url)
-        .env("REDIS_URL", &w.redis_url)
-        .env("EVENT_STREAM", w.keys.stream())
-        .env("SKIP_MIGRATIONS", "true")
+    let output = support::projector_command(w, &[&["dlq"], args].concat())
         .output()
         .await
         .unwrap();

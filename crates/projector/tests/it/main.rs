@@ -328,12 +328,7 @@ async fn an_apply_that_keeps_failing_is_dead_lettered_its_order_held_back_others
     assert_eq!(dlq.len("order_summaries").await.unwrap(), 1);
 
     support::stop_refusing(w.pool()).await;
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_projector"))
-        .args(["dlq", "replay", "order_summaries"])
-        .env("DATABASE_URL", &w.db.url)
-        .env("REDIS_URL", &w.redis_url)
-        .env("EVENT_STREAM", w.keys.stream())
-        .env("SKIP_MIGRATIONS", "true")
+    let output = support::projector_command(&w, &["dlq", "replay", "order_summaries"])
         .output()
         .await
         .unwrap();
@@ -1890,12 +1885,7 @@ async fn dlq_purge_all_and_replay_resolve_every_letter_beyond_the_first_page() {
             .ignore();
     }
     let () = pipe.query_async(&mut conn).await.unwrap();
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_projector"))
-        .args(["dlq", "purge", "customer_stats", "--all"])
-        .env("DATABASE_URL", &w.db.url)
-        .env("REDIS_URL", &w.redis_url)
-        .env("EVENT_STREAM", w.keys.stream())
-        .env("SKIP_MIGRATIONS", "true")
+    let output = support::projector_command(&w, &["dlq", "purge", "customer_stats", "--all"])
         .output()
         .await
         .unwrap();

@@ -16,6 +16,19 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// `projector <args>` (an admin command) as an operator runs it against the world's database
+/// and stream: migrations left alone, output captured by `.output()`.
+pub fn projector_command(w: &World, args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_projector"));
+    command
+        .args(args)
+        .env("DATABASE_URL", &w.db.url)
+        .env("REDIS_URL", &w.redis_url)
+        .env("EVENT_STREAM", w.keys.stream())
+        .env("SKIP_MIGRATIONS", "true");
+    command
+}
+
 /// How long a test waits for the projector to converge.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 

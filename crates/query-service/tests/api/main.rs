@@ -2674,28 +2674,8 @@ async fn when_the_log_goes_back_long_polls_wait_and_streams_get_the_reused_posit
         app.append_command(order, &mut state, add(sku, 1, 1)).await;
     }
     // The "restore": everything after the first event is gone.
-    let mut conn = app.pool().acquire().await.unwrap();
-    sqlx::query("SET session_replication_role = replica")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    sqlx::query("DELETE FROM events WHERE global_position > $1")
-        .bind(kept)
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    sqlx::query("SET session_replication_role = DEFAULT")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    drop(conn);
-    let polls = app.watcher.checkpoint_polls.load(Ordering::Relaxed);
-    let watcher = Arc::clone(&app.watcher);
-    wait_until("the watcher polls the restored log", || {
-        let watcher = Arc::clone(&watcher);
-        async move { watcher.checkpoint_polls.load(Ordering::Relaxed) >= polls + 2 }
-    })
-    .await;
+    lose_events_after(app.pool(), kept).await;
+    wait_for_two_polls(&app).await;
 
     let mut stream = SseReader::open(&app, &format!("/events/stream?after_position={kept}"), None)
         .await
@@ -2708,9 +2688,8 @@ async fn when_the_log_goes_back_long_polls_wait_and_streams_get_the_reused_posit
             ))
             .send(),
     );
-    wait_until("the long poll waits for the next commit", || {
-        let watcher = Arc::clone(&watcher);
-        async move { watcher.waiting.load(Ordering::Relaxed) == 1 }
+    wait_until("the long poll waits for the next commit", || async {
+        app.watcher.waiting.load(Ordering::Relaxed) == 1
     })
     .await;
 
