@@ -1,6 +1,7 @@
-//! The admin subcommands' logic: `dlq list|show|replay|purge`, and `rebuild` from
-//! [`crate::rebuild`]. (`verify` lives in [`crate::verify`].) Each returns data and a rendering; `main` only prints and picks the exit
-//! code, so tests call the same functions the binary runs.
+//! The admin subcommands' logic: `dlq list|show|replay|purge` over the dead letters, and
+//! `rebuild` from [`crate::rebuild`]. (`dlq parked` and `--stream` live in [`crate::parked`],
+//! `verify` in [`crate::verify`].) Each returns data and a rendering; `main` only prints and
+//! picks the exit code, so tests call the same functions the binary runs.
 
 use anyhow::{Context as _, anyhow, bail};
 use bus::{DeadLetter, DeadLetterQueue};
@@ -59,14 +60,6 @@ pub fn render_list(letters: &[DeadLetter]) -> String {
             "failed_at",
         ]);
     for l in letters {
-        let mut error = l.error.clone();
-        if error.chars().count() > ERROR_COLUMN_WIDTH {
-            error = error
-                .chars()
-                .take(ERROR_COLUMN_WIDTH - 1)
-                .collect::<String>()
-                + "…";
-        }
         table.add_row([
             l.id.clone(),
             field(l, "position").to_owned(),
@@ -74,11 +67,68 @@ pub fn render_list(letters: &[DeadLetter]) -> String {
             field(l, "stream_version").to_owned(),
             field(l, "event_type").to_owned(),
             l.attempts.to_string(),
-            error,
+            shorten_error(&l.error),
             l.failed_at.clone(),
         ]);
     }
     format!("{table}\n{} dead letter(s)\n", letters.len())
+}
+
+/// `error` cut to the error column of the tables.
+pub(crate) fn shorten_error(error: &str) -> String {
+    if error.chars().count() <= ERROR_COLUMN_WIDTH {
+        return error.to_owned();
+    }
+    error
+        .chars()
+        .take(ERROR_COLUMN_WIDTH - 1)
+        .collect::<String>()
+        + "…"
+}
+
+/// A walk over the dead letters of a group that exist when it starts, oldest first, one page
+/// at a time, so memory stays bounded however many there are. Letters written meanwhile are
+/// left for the next walk, so it ends even while consumers keep dead-lettering.
+pub(crate) struct LetterPages<'a> {
+    dlq: &'a DeadLetterQueue,
+    group: &'a str,
+    /// The newest letter when the walk started; `None` when there was none.
+    until: Option<String>,
+    after: Option<String>,
+}
+
+impl<'a> LetterPages<'a> {
+    /// Starts a walk over `group`'s letters.
+    pub(crate) async fn new(dlq: &'a DeadLetterQueue, group: &'a str) -> anyhow::Result<Self> {
+        let until = dlq
+            .newest_id(group)
+            .await
+            .context("read the dead letters")?;
+        Ok(Self {
+            dlq,
+            group,
+            until,
+            after: None,
+        })
+    }
+
+    /// The next page of up to `page` letters, or `None` at the end.
+    pub(crate) async fn next(&mut self, page: usize) -> anyhow::Result<Option<Vec<DeadLetter>>> {
+        let Some(until) = &self.until else {
+            return Ok(None);
+        };
+        let letters = self
+            .dlq
+            .page(self.group, self.after.as_deref(), until, page.max(1))
+            .await
+            .context("read the dead letters")?;
+        let Some(last) = letters.last() else {
+            self.until = None;
+            return Ok(None);
+        };
+        self.after = Some(last.id.clone());
+        Ok(Some(letters))
+    }
 }
 
 /// `dlq show`: one dead letter as pretty JSON (`data` and `metadata` as JSON, not text).
@@ -156,6 +206,12 @@ async fn stream_of(pool: &PgPool, letter: &DeadLetter) -> Result<(String, i64), 
              so it is left in place; delete it by hand (XDEL) once you have checked it"
         ))),
     }
+}
+
+/// The stream and version of the event `letter` names, when the store holds that event at the
+/// letter's position (see [`stream_of`]); `None` otherwise.
+pub(crate) async fn resolved_version(pool: &PgPool, letter: &DeadLetter) -> Option<(String, i64)> {
+    stream_of(pool, letter).await.ok()
 }
 
 /// `dlq replay`: for each dead letter, un-park its stream and apply that event and the rest of
@@ -345,25 +401,9 @@ pub async fn resolve_all(
     page: usize,
     mut report: impl FnMut(&[Resolution]),
 ) -> anyhow::Result<Resolved> {
-    let group = projection.name();
     let mut done = Resolved::default();
-    let Some(until) = dlq
-        .newest_id(group)
-        .await
-        .context("read the dead letters")?
-    else {
-        return Ok(done);
-    };
-    let mut after: Option<String> = None;
-    loop {
-        let letters = dlq
-            .page(group, after.as_deref(), &until, page.max(1))
-            .await
-            .context("read the dead letters")?;
-        let Some(last) = letters.last() else {
-            return Ok(done);
-        };
-        after = Some(last.id.clone());
+    let mut pages = LetterPages::new(dlq, projection.name()).await?;
+    while let Some(letters) = pages.next(page).await? {
         let resolutions = match action {
             Resolve::Replay => replay(pool, dlq, projection, &letters).await?,
             Resolve::Purge => purge(pool, dlq, projection, &letters).await?,
@@ -373,6 +413,7 @@ pub async fn resolve_all(
         done.failed += resolutions.len() - ok;
         report(&resolutions);
     }
+    Ok(done)
 }
 
 /// One line per resolution.

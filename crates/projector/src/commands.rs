@@ -107,11 +107,41 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             group,
             id,
             all,
+            stream,
         } => {
             let projection = admin::projection_of_group(&group)?;
             let (_, redis, keys) = connect_redis(&cli)?;
             let dlq = DeadLetterQueue::new(redis, keys);
+            if let Some(stream) = stream {
+                let resolve = match action {
+                    DlqAction::Replay => admin::Resolve::Replay,
+                    DlqAction::Purge => admin::Resolve::Purge,
+                    _ => anyhow::bail!("--stream goes with `dlq replay` or `dlq purge`"),
+                };
+                let pool = connect_db(&cli).await?;
+                let resolution =
+                    crate::parked::resolve_stream(&pool, &dlq, projection, resolve, &stream)
+                        .await?;
+                let verb = if resolve == admin::Resolve::Replay {
+                    "replay"
+                } else {
+                    "purge"
+                };
+                let ok = resolution.ok;
+                print!("{}", admin::render_resolutions(verb, &[resolution]));
+                return Ok(if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
+            }
             match action {
+                DlqAction::Parked => {
+                    let pool = connect_db(&cli).await?;
+                    let (parked, total) = crate::parked::list(&pool, &dlq, projection).await?;
+                    print!("{}", crate::parked::render(&parked, total));
+                    Ok(ExitCode::SUCCESS)
+                }
                 DlqAction::List => {
                     let letters = admin::select(&dlq, &group, id.as_deref()).await?;
                     print!("{}", admin::render_list(&letters));
@@ -127,7 +157,9 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 DlqAction::Replay | DlqAction::Purge => {
                     if action == DlqAction::Purge && id.is_none() && !all {
-                        anyhow::bail!("`dlq purge` needs --id <entry id> or --all");
+                        anyhow::bail!(
+                            "`dlq purge` needs --id <entry id>, --all or --stream <stream>"
+                        );
                     }
                     let pool = connect_db(&cli).await?;
                     let verb = if action == DlqAction::Replay {

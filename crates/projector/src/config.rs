@@ -105,7 +105,7 @@ pub enum Command {
     Healthcheck,
     /// Inspect and resolve dead letters of a consumer group
     Dlq {
-        /// list, show, replay or purge
+        /// list, show, parked, replay or purge
         #[arg(value_enum)]
         action: DlqAction,
         /// The consumer group (= projection name), e.g. order_summaries
@@ -113,9 +113,14 @@ pub enum Command {
         /// One dead letter by its id in the dead-letter stream
         #[arg(long)]
         id: Option<String>,
-        /// Every dead letter of the group (replay's default; purge requires --id or --all)
-        #[arg(long)]
+        /// Every dead letter of the group (replay's default; purge requires --id, --all or
+        /// --stream)
+        #[arg(long, conflicts_with = "id")]
         all: bool,
+        /// replay or purge: the parked stream (order-<uuid>) to resolve from PostgreSQL,
+        /// whether or not a dead letter names its event; its resolved letters are deleted
+        #[arg(long, conflicts_with_all = ["id", "all"])]
+        stream: Option<String>,
     },
     /// Rebuild a read model from the event store alone
     Rebuild {
@@ -143,6 +148,9 @@ pub enum DlqAction {
     List,
     /// One dead letter as pretty JSON (needs --id)
     Show,
+    /// A table of the streams held back, from PostgreSQL, with the event each waits on and
+    /// how many dead letters name it
+    Parked,
     /// Un-park the stream and apply the event and the rest of its stream from the event store
     Replay,
     /// Delete the dead letter and skip its event for good, then catch up the rest of the stream

@@ -13,6 +13,7 @@
 //! - [`consumer`]: the Redis consumer group loop: retries, dead letters, reclaim.
 //! - [`sweeper`]: the low-water mark (`projection_checkpoints`) and self-healing.
 //! - [`admin`]: `dlq list|show|replay|purge`.
+//! - [`parked`]: `dlq parked` and `dlq replay|purge --stream`: parked streams from PostgreSQL.
 //! - [`rebuild`]: `rebuild`: a fresh fold into shadow tables, swapped in under the lock.
 //! - [`verify`]: `verify`: the read model against a fresh fold of the event store.
 //! - [`status`]: `status`: head, relay, and each projection's mark, lag, parked streams, dead
@@ -67,6 +68,7 @@ pub mod consumer;
 pub mod failure;
 pub mod linger;
 pub mod metrics;
+pub mod parked;
 pub mod projections;
 pub mod rebuild;
 pub mod status;

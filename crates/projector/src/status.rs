@@ -220,7 +220,7 @@ fn attention(status: &Status) -> Vec<String> {
         }
         if let Some(parked) = p.parked_streams.filter(|&n| n > 0) {
             lines.push(format!(
-                "{name}: {parked} order(s) held back behind a dead letter (projector dlq list {name})"
+                "{name}: {parked} order(s) held back behind a dead letter (projector dlq parked {name})"
             ));
         }
         if p.oldest_unapplied_needs_newer_release {

@@ -1,5 +1,6 @@
 //! `projector dlq replay|purge` against letters that do not name the event holding their order
-//! back: letters written behind the event that failed, and letters from another history.
+//! back (letters written behind the event that failed, letters from another history), and
+//! `dlq parked` with `--stream` for orders parked with no letter at all.
 
 use bus::DeadLetterQueue;
 use events::{OrderState, RecordedEvent, order_stream_id};
@@ -140,4 +141,172 @@ async fn purge_and_replay_refuse_a_letter_whose_event_the_store_does_not_hold_at
     }
     assert_eq!(bookkeeping(&w, &stream).await, (3, Some(4)), "untouched");
     assert_eq!(dlq.len(PROJECTION.name()).await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn an_order_parked_with_no_letter_is_listed_from_postgres_and_replayed_by_its_stream() {
+    let w = World::new().await;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    // Parked at version 4 with no letter (a rebuild stopped before writing it), and another
+    // order parked at its version 2 with two letters of that event (live and rebuild).
+    let lost = parked_order(&w, 3).await;
+    let stream = lost[0].stream_id.clone();
+    let lettered = parked_order(&w, 1).await;
+    letter(&dlq, &lettered[1]).await;
+    letter(&dlq, &lettered[1]).await;
+
+    let (parked, total) = projector::parked::list(w.pool(), &dlq, PROJECTION)
+        .await
+        .unwrap();
+    assert_eq!(total, 2);
+    let found: Vec<(&str, i64, i64, usize)> = parked
+        .iter()
+        .map(|p| (p.stream_id.as_str(), p.version, p.parked_version, p.letters))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            (stream.as_str(), 3, 4, 0),
+            (lettered[0].stream_id.as_str(), 1, 2, 2)
+        ],
+        "oldest held-back event first, letters counted by event"
+    );
+    let (ok, table) = run_dlq(&w, &["parked", "order_summaries"]).await;
+    assert!(
+        ok && table.contains(&stream) && table.contains("2 parked stream(s)"),
+        "{table}"
+    );
+
+    let (ok, stdout) = run_dlq(&w, &["replay", "order_summaries", "--stream", &stream]).await;
+    assert!(ok, "{stdout}");
+    assert!(stdout.contains("now at version 6"), "{stdout}");
+    assert_eq!(bookkeeping(&w, &stream).await, (6, None));
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM order_summaries WHERE order_id = $1")
+            .bind(events::order_id_of_stream(&stream).unwrap())
+            .fetch_one(w.pool())
+            .await
+            .unwrap();
+    assert_eq!(status, "shipped");
+    assert_eq!(
+        dlq.len(PROJECTION.name()).await.unwrap(),
+        2,
+        "the other order's letters stay"
+    );
+
+    // Not parked any more: refused, nothing done.
+    let (ok, stdout) = run_dlq(&w, &["purge", "order_summaries", "--stream", &stream]).await;
+    assert!(!ok && stdout.contains("is not parked"), "{stdout}");
+    assert_eq!(bookkeeping(&w, &stream).await, (6, None));
+}
+
+#[tokio::test]
+async fn purge_by_stream_skips_exactly_the_parked_event_and_deletes_the_letters_it_resolved() {
+    let w = World::new().await;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    // Parked at version 4, with letters of version 4 and of version 5 (given up on behind it),
+    // and a letter of another parked order.
+    let events = parked_order(&w, 3).await;
+    let stream = events[0].stream_id.clone();
+    letter(&dlq, &events[3]).await;
+    letter(&dlq, &events[4]).await;
+    let other = parked_order(&w, 2).await;
+    let other_letter = letter(&dlq, &other[2]).await;
+
+    let (ok, stdout) = run_dlq(&w, &["purge", "order_summaries", "--stream", &stream]).await;
+    assert!(ok, "{stdout}");
+    assert!(
+        stdout.contains("skipped version 4 of")
+            && stdout.contains("applied 2 later event(s)")
+            && stdout.contains("2 dead letter(s) of it deleted"),
+        "{stdout}"
+    );
+    assert_eq!(bookkeeping(&w, &stream).await, (6, None));
+    let left: Vec<String> = dlq
+        .list(PROJECTION.name(), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.id)
+        .collect();
+    assert_eq!(left, vec![other_letter]);
+    assert_eq!(
+        bookkeeping(&w, &other[0].stream_id).await,
+        (2, Some(3)),
+        "the other order is untouched"
+    );
+}
+
+#[tokio::test]
+async fn purge_by_stream_refuses_a_park_at_a_version_the_store_does_not_hold_and_replay_lifts_it() {
+    let w = World::new().await;
+    // Every event applied, then parked at version 7, which the store does not hold: the park
+    // outlived a restore of the database to before that event.
+    let events = parked_order(&w, 6).await;
+    let stream = events[0].stream_id.clone();
+    assert_eq!(bookkeeping(&w, &stream).await, (6, Some(7)));
+
+    let (ok, stdout) = run_dlq(&w, &["purge", "order_summaries", "--stream", &stream]).await;
+    assert!(!ok && stdout.contains("holds no version 7"), "{stdout}");
+    assert_eq!(
+        bookkeeping(&w, &stream).await,
+        (6, Some(7)),
+        "nothing skipped"
+    );
+
+    let (ok, stdout) = run_dlq(&w, &["replay", "order_summaries", "--stream", &stream]).await;
+    assert!(ok, "{stdout}");
+    assert_eq!(bookkeeping(&w, &stream).await, (6, None));
+}
+
+#[tokio::test]
+async fn dlq_list_and_show_print_the_letter_with_every_contract_field() {
+    let w = World::new().await;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    let events = parked_order(&w, 1).await;
+    let id = letter(&dlq, &events[1]).await;
+
+    let (ok, table) = run_dlq(&w, &["list", "order_summaries"]).await;
+    assert!(ok, "{table}");
+    for column in [
+        id.as_str(),
+        &events[1].global_position.to_string(),
+        &events[1].stream_id,
+        &events[1].event_type,
+        "boom",
+        "1 dead letter(s)",
+    ] {
+        assert!(table.contains(column), "{column} missing from\n{table}");
+    }
+
+    let (ok, shown) = run_dlq(&w, &["show", "order_summaries", "--id", &id]).await;
+    assert!(ok, "{shown}");
+    let letter: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(letter["id"], id.as_str());
+    assert_eq!(letter["error"], "boom");
+    assert_eq!(letter["attempts"], 5);
+    assert_eq!(letter["consumer"], "test");
+    for field in ["original_id", "failed_at"] {
+        assert!(letter[field].is_string(), "{field} in {shown}");
+    }
+    let event = &letter["event"];
+    for field in [
+        "position",
+        "event_id",
+        "stream_id",
+        "stream_version",
+        "event_type",
+        "schema_version",
+        "recorded_at",
+    ] {
+        assert!(event[field].is_string(), "{field} in {shown}");
+    }
+    assert_eq!(event["event_id"], events[1].event_id.to_string());
+    assert!(
+        event["data"].is_object() && event["metadata"].is_object(),
+        "{shown}"
+    );
+
+    let (ok, _) = run_dlq(&w, &["show", "order_summaries", "--id", "1-1"]).await;
+    assert!(!ok, "an unknown id fails");
 }

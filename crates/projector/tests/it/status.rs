@@ -126,7 +126,7 @@ async fn status_shows_the_lag_then_the_dead_lettered_order_then_a_clean_system()
         serde_json::json!([
             "order_summaries: 1 dead letter(s) (projector dlq list order_summaries)",
             "order_summaries: 1 order(s) held back behind a dead letter \
-             (projector dlq list order_summaries)"
+             (projector dlq parked order_summaries)"
         ])
     );
 

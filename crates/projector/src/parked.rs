@@ -1,0 +1,307 @@
+//! Parked streams seen from PostgreSQL, where the park is recorded: `dlq parked` lists them
+//! with the event holding each one back and how many dead letters name it, and
+//! `dlq replay|purge --stream` resolves one whether or not a dead letter names its event.
+//!
+//! A stream can be parked with no letter: a rebuild that stopped between its commit and
+//! writing its letters, a purge whose catch-up failed on a later event (that event parks the
+//! stream again, and no consumer ever dead-letters it), or letters deleted by hand. A walk over
+//! the dead letters alone never finds those; the `projection_streams` rows always do.
+//!
+//! Must never skip an event other than the one the stream is parked at, nor delete a letter
+//! whose event is not applied (or skipped) once it has run.
+
+use anyhow::Context as _;
+use bus::{DeadLetter, DeadLetterQueue};
+use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
+use sqlx::PgPool;
+
+use crate::admin::{DLQ_PAGE, LetterPages, Resolution, Resolve, resolved_version};
+use crate::apply::{Skip, resume_stream, skip_parked};
+use crate::projections::ProjectionKind;
+
+/// Most parked streams `dlq parked` lists, oldest held-back event first.
+pub const PARKED_PAGE: i64 = 1_000;
+
+/// One stream held back: where it stands and the event it waits on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedStream {
+    /// The stream, `order-<uuid>`.
+    pub stream_id: String,
+    /// Its last applied (or skipped) version.
+    pub version: i64,
+    /// The version holding it back.
+    pub parked_version: i64,
+    /// Why that version failed, as recorded when the stream was parked.
+    pub error: Option<String>,
+    /// The event at `parked_version`, if the store holds it: (position, event id, type). A
+    /// store restored from before the event was written holds none.
+    pub event: Option<(i64, uuid::Uuid, String)>,
+    /// Dead letters naming that event.
+    pub letters: usize,
+}
+
+/// The parked streams of `projection` (the first [`PARKED_PAGE`], oldest held-back event
+/// first) and the number of parked streams in all.
+pub async fn list(
+    pool: &PgPool,
+    dlq: &DeadLetterQueue,
+    projection: ProjectionKind,
+) -> anyhow::Result<(Vec<ParkedStream>, i64)> {
+    let total: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM projection_streams \
+         WHERE projection = $1 AND parked_version IS NOT NULL",
+    )
+    .bind(projection.name())
+    .fetch_one(pool)
+    .await
+    .context("count the parked streams")?;
+    let rows: Vec<ParkedRow> = sqlx::query_as(
+        "SELECT p.stream_id, p.version, p.parked_version, p.parked_error, \
+                e.global_position, e.event_id, e.event_type \
+         FROM projection_streams p \
+         LEFT JOIN events e \
+                ON e.stream_id = p.stream_id AND e.stream_version = p.parked_version \
+         WHERE p.projection = $1 AND p.parked_version IS NOT NULL \
+         ORDER BY e.global_position NULLS LAST, p.stream_id \
+         LIMIT $2",
+    )
+    .bind(projection.name())
+    .bind(PARKED_PAGE)
+    .fetch_all(pool)
+    .await
+    .context("read the parked streams")?;
+    let mut parked: Vec<ParkedStream> = rows.into_iter().map(ParkedRow::into_parked).collect();
+    if parked.is_empty() {
+        return Ok((parked, total));
+    }
+    let mut pages = LetterPages::new(dlq, projection.name()).await?;
+    while let Some(letters) = pages.next(DLQ_PAGE).await? {
+        for letter in &letters {
+            let names = letter.original.get("event_id");
+            if let Some(stream) = parked.iter_mut().find(|p| {
+                p.event
+                    .as_ref()
+                    .is_some_and(|(_, id, _)| names.is_some_and(|n| *n == id.to_string()))
+            }) {
+                stream.letters += 1;
+            }
+        }
+    }
+    Ok((parked, total))
+}
+
+/// One row of the parked-streams query.
+#[derive(sqlx::FromRow)]
+struct ParkedRow {
+    stream_id: String,
+    version: i64,
+    parked_version: i64,
+    parked_error: Option<String>,
+    global_position: Option<i64>,
+    event_id: Option<uuid::Uuid>,
+    event_type: Option<String>,
+}
+
+impl ParkedRow {
+    fn into_parked(self) -> ParkedStream {
+        let event = match (self.global_position, self.event_id, self.event_type) {
+            (Some(position), Some(id), Some(event_type)) => Some((position, id, event_type)),
+            _ => None,
+        };
+        ParkedStream {
+            stream_id: self.stream_id,
+            version: self.version,
+            parked_version: self.parked_version,
+            error: self.parked_error,
+            event,
+            letters: 0,
+        }
+    }
+}
+
+/// `dlq parked`: a table of stream, applied version, parked version, position, type, letters
+/// and error, and a line saying how many there are in all.
+pub fn render(parked: &[ParkedStream], total: i64) -> String {
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header([
+            "stream", "applied", "parked", "position", "type", "letters", "error",
+        ]);
+    for p in parked {
+        let (position, event_type) = match &p.event {
+            Some((position, _, event_type)) => (position.to_string(), event_type.clone()),
+            None => ("-".to_owned(), "(not in the store)".to_owned()),
+        };
+        table.add_row([
+            p.stream_id.clone(),
+            p.version.to_string(),
+            p.parked_version.to_string(),
+            position,
+            event_type,
+            p.letters.to_string(),
+            crate::admin::shorten_error(p.error.as_deref().unwrap_or("")),
+        ]);
+    }
+    let mut out = format!("{table}\n{total} parked stream(s)");
+    if (parked.len() as i64) < total {
+        out.push_str(&format!(", the first {} shown", parked.len()));
+    }
+    if parked.iter().any(|p| p.letters == 0) {
+        out.push_str(
+            "; a stream with no letter is resolved with `dlq replay|purge <group> --stream <stream>`",
+        );
+    }
+    out.push('\n');
+    out
+}
+
+/// `dlq replay --stream` or `dlq purge --stream`: resolves the park of `stream_id` from the
+/// store alone, then deletes the dead letters of that stream whose events are now applied or
+/// skipped. Replay un-parks the stream and applies its events from the parked one to the head;
+/// purge skips exactly the parked event and catches up the rest. The resolution says what
+/// happened; `ok` is false, and nothing changed, when the stream is not parked or the store
+/// cannot resolve it.
+pub async fn resolve_stream(
+    pool: &PgPool,
+    dlq: &DeadLetterQueue,
+    projection: ProjectionKind,
+    action: Resolve,
+    stream_id: &str,
+) -> anyhow::Result<Resolution> {
+    let refuse = |message: String| Resolution {
+        id: stream_id.to_owned(),
+        ok: false,
+        message,
+    };
+    let row: Option<(i64, Option<i64>)> = sqlx::query_as(
+        "SELECT version, parked_version FROM projection_streams \
+         WHERE projection = $1 AND stream_id = $2",
+    )
+    .bind(projection.name())
+    .bind(stream_id)
+    .fetch_optional(pool)
+    .await
+    .context("read the stream's bookkeeping")?;
+    let parked_version = match row {
+        Some((_, Some(parked))) => parked,
+        Some((version, None)) => {
+            return Ok(refuse(format!(
+                "{stream_id} is not parked (it is at version {version}); nothing done"
+            )));
+        }
+        None => {
+            return Ok(refuse(format!(
+                "{projection} has never seen {stream_id}; nothing done"
+            )));
+        }
+    };
+    let mut conn = pool.acquire().await.context("connect to Postgres")?;
+    let (message, now_at) = match action {
+        Resolve::Replay => match resume_stream(&mut conn, projection, stream_id).await {
+            Ok(done) => (
+                format!(
+                    "replayed: applied {} event(s) of {stream_id}, now at version {}",
+                    done.applied, done.version
+                ),
+                done.version,
+            ),
+            Err(failure) => {
+                return Ok(refuse(format!(
+                    "replay of {stream_id} failed, it stays parked at version \
+                     {parked_version}: {failure}"
+                )));
+            }
+        },
+        Resolve::Purge => {
+            let held: Option<i64> = sqlx::query_scalar(
+                "SELECT stream_version FROM events WHERE stream_id = $1 AND stream_version = $2",
+            )
+            .bind(stream_id)
+            .bind(parked_version)
+            .fetch_optional(&mut *conn)
+            .await
+            .context("read the parked event")?;
+            if held.is_none() {
+                // Skipping a version the store does not hold would mark as applied the event
+                // a later command writes at that version.
+                return Ok(refuse(format!(
+                    "the event store holds no version {parked_version} of {stream_id} (was the \
+                     database restored?), so there is nothing to skip; `dlq replay \
+                     --stream` un-parks it"
+                )));
+            }
+            match skip_parked(&mut conn, projection, stream_id, parked_version).await {
+                Ok(Skip::Skipped(done)) => (
+                    match done.parked_again {
+                        None => format!(
+                            "skipped version {parked_version} of {stream_id}; applied {} \
+                             later event(s)",
+                            done.applied
+                        ),
+                        Some(error) => format!(
+                            "skipped version {parked_version} of {stream_id}; the next event \
+                             failed too and the stream is parked again at version {}: {error}",
+                            done.version + 1
+                        ),
+                    },
+                    done.version,
+                ),
+                // Another run resolved it between the read above and the lock.
+                Ok(Skip::AlreadyPast { version } | Skip::NotParkedAt { version, .. }) => {
+                    return Ok(refuse(format!(
+                        "{stream_id} changed meanwhile (now at version {version}); nothing \
+                         skipped, run it again"
+                    )));
+                }
+                Err(failure) => {
+                    return Ok(refuse(format!(
+                        "purge of {stream_id} failed, it stays parked at version \
+                         {parked_version}: {failure}"
+                    )));
+                }
+            }
+        }
+    };
+    let deleted = delete_resolved_letters(pool, dlq, projection, stream_id, now_at).await?;
+    Ok(Resolution {
+        id: stream_id.to_owned(),
+        ok: true,
+        message: format!("{message}; {deleted} dead letter(s) of it deleted"),
+    })
+}
+
+/// Deletes the dead letters of `stream_id` whose events the store holds at their positions at
+/// version ≤ `version` (applied or skipped now); returns how many.
+async fn delete_resolved_letters(
+    pool: &PgPool,
+    dlq: &DeadLetterQueue,
+    projection: ProjectionKind,
+    stream_id: &str,
+    version: i64,
+) -> anyhow::Result<usize> {
+    let mut resolved: Vec<String> = Vec::new();
+    let mut pages = LetterPages::new(dlq, projection.name()).await?;
+    while let Some(letters) = pages.next(DLQ_PAGE).await? {
+        for letter in letters.iter().filter(|l| names_stream(l, stream_id)) {
+            if resolved_version(pool, letter)
+                .await
+                .is_some_and(|(stream, v)| stream == stream_id && v <= version)
+            {
+                resolved.push(letter.id.clone());
+            }
+        }
+    }
+    dlq.delete(projection.name(), &resolved)
+        .await
+        .context("delete the resolved dead letters")?;
+    Ok(resolved.len())
+}
+
+fn names_stream(letter: &DeadLetter, stream_id: &str) -> bool {
+    letter
+        .original
+        .get("stream_id")
+        .is_some_and(|s| s == stream_id)
+}
