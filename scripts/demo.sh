@@ -190,7 +190,7 @@ entry_id="$(rcli XADD "$EVENT_STREAM" "$poison_id" position not-a-number event_i
     stream_id order-demo-poison event_type Garbage data '{not json' metadata '{}')"
 echo "  XADD $EVENT_STREAM $poison_id position not-a-number ... -> entry $entry_id"
 echo "  waiting up to ${DLQ_WAIT_SECS}s for the projector to retry it and dead-letter it into $dlq"
-# shellcheck disable=SC2317 # called through wait_until
+# shellcheck disable=SC2317,SC2329 # called through wait_until
 dlq_grew() { (($(dlq_len) > before)); }
 if wait_until "$DLQ_WAIT_SECS" "a new entry in $dlq" dlq_grew; then
     echo "  dead-lettered; the newest entry of $dlq:"

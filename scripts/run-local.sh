@@ -92,7 +92,7 @@ fi
 PIDS=()
 NAMES=()
 
-# shellcheck disable=SC2317 # invoked from the traps below
+# shellcheck disable=SC2317,SC2329 # invoked from the traps below
 stop_all() {
     local pid
     ((${#PIDS[@]})) || return 0
@@ -112,7 +112,7 @@ stop_all() {
     PIDS=()
     log "==> stopped"
 }
-# shellcheck disable=SC2317 # invoked from the trap below
+# shellcheck disable=SC2317,SC2329 # invoked from the trap below
 on_signal() {
     trap - INT TERM
     stop_all
