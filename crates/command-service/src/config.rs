@@ -145,9 +145,7 @@ impl Config {
         self.auth.validate()?;
         self.relay.validate()?;
         self.http.allowed_origins()?;
-        if self.listen_addr.trim().is_empty() {
-            anyhow::bail!("invalid LISTEN_ADDR: must not be empty");
-        }
+        platform::config::validate_listen_addr(&self.listen_addr)?;
         Ok(())
     }
 }

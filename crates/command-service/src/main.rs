@@ -22,7 +22,7 @@ async fn main() -> ExitCode {
         .validate()
         .unwrap_or_else(|e| exit_on_config_error(e));
     // Held to the end of main: dropping it flushes the spans still queued for export.
-    let _telemetry = platform::telemetry::init(config.common.log_format);
+    let _telemetry = config.common.init_telemetry();
     let result = match config.command() {
         Command::Migrate => command_service::app::migrate(&config).await,
         _ => {

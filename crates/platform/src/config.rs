@@ -53,6 +53,11 @@ pub struct CommonArgs {
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
 
+    /// Which log lines are written: `tracing` EnvFilter directives, e.g. `debug` or
+    /// `info,projector=debug` (a directive that does not parse stops the binary at start)
+    #[arg(long, env = "RUST_LOG", default_value = crate::telemetry::DEFAULT_FILTER)]
+    pub rust_log: String,
+
     /// Do not run the embedded database migrations at start (env: true/false, 1/0, yes/no)
     #[arg(
         long,
@@ -104,6 +109,7 @@ impl CommonArgs {
         if self.event_stream.trim().is_empty() {
             return Err(anyhow!("invalid EVENT_STREAM: must not be empty"));
         }
+        crate::telemetry::log_filter(&self.rust_log)?;
         Ok(())
     }
 
@@ -122,6 +128,35 @@ impl CommonArgs {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
     }
+
+    /// Installs logging (and span export when configured) with `LOG_FORMAT` and `RUST_LOG`.
+    /// Call it after [`CommonArgs::validate`], which refuses a `RUST_LOG` that does not parse;
+    /// hold the guard to the end of `main`.
+    pub fn init_telemetry(&self) -> crate::telemetry::TelemetryGuard {
+        let filter = crate::telemetry::log_filter(&self.rust_log).unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(crate::telemetry::DEFAULT_FILTER)
+        });
+        crate::telemetry::init_with_filter(self.log_format, filter)
+    }
+}
+
+/// Checks a `LISTEN_ADDR` before anything connects: `host:port` with a numeric port (`[::]:8080`
+/// for IPv6), so a bad address stops the binary at start with one line naming the setting,
+/// instead of after it reached PostgreSQL (or failed to, naming another setting).
+pub fn validate_listen_addr(addr: &str) -> anyhow::Result<()> {
+    if addr.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let invalid = || {
+        anyhow!("invalid LISTEN_ADDR: expected host:port (e.g. 0.0.0.0:8080 or [::]:8080), got {addr:?}")
+    };
+    let (host, port) = addr.rsplit_once(':').ok_or_else(invalid)?;
+    // An IPv6 address must be bracketed; a host name holds no colon.
+    if host.is_empty() || host.contains(':') || host.contains(char::is_whitespace) {
+        return Err(invalid());
+    }
+    port.parse::<u16>().map_err(|_| invalid())?;
+    Ok(())
 }
 
 /// Parses a `DATABASE_URL` the way `db::connect` will, naming the setting on failure.
@@ -395,6 +430,28 @@ mod tests {
         cli.common.database_url = "not a url".into();
         let msg = cli.common.validate().unwrap_err().to_string();
         assert!(msg.starts_with("invalid DATABASE_URL: "), "{msg}");
+    }
+
+    #[test]
+    fn rust_log_is_a_flag_too_and_a_filter_that_does_not_parse_names_the_setting() {
+        let cli = Cli::try_parse_from(["bin", "--rust-log", "debug,sqlx=warn"]).unwrap();
+        assert_eq!(cli.common.rust_log, "debug,sqlx=warn");
+        cli.common.validate().unwrap();
+        let cli = Cli::try_parse_from(["bin", "--rust-log", "info,sqlx=loud"]).unwrap();
+        let msg = cli.common.validate().unwrap_err().to_string();
+        assert!(msg.starts_with("invalid RUST_LOG: "), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn a_listen_addr_needs_a_host_and_a_numeric_port() {
+        for good in ["0.0.0.0:8080", "[::]:8081", "localhost:8082", "127.0.0.1:0"] {
+            validate_listen_addr(good).unwrap();
+        }
+        for bad in ["localhost", "0.0.0.0", ":8080", "host:http", "host:70000", "::1:8080", ""] {
+            let msg = validate_listen_addr(bad).unwrap_err().to_string();
+            assert!(msg.starts_with("invalid LISTEN_ADDR: "), "{bad:?}: {msg}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The process-wide tracing subscriber, and OpenTelemetry trace export when configured.
 //!
-//! `RUST_LOG` picks what is logged (default [`DEFAULT_FILTER`]); the filter sits on the fmt layer,
+//! `RUST_LOG` (a setting of every binary, [`crate::config::CommonArgs::rust_log`]) picks what is
+//! logged (default [`DEFAULT_FILTER`]); the filter sits on the fmt layer,
 //! not on the registry, because a global `warn` filter would also disable the request spans that
 //! carry `request_id`, `correlation_id` and `trace_id` for any other layer. Logs go to stderr so
 //! that admin subcommands can keep stdout for their own output.
@@ -17,9 +18,16 @@ use tracing_subscriber::{EnvFilter, Layer};
 use crate::config::LogFormat;
 use crate::otel::{self, OtelGuard};
 
-/// Filter used when `RUST_LOG` is unset or invalid: our own info lines, only sqlx warnings
-/// (sqlx logs every statement at info).
+/// Filter used when `RUST_LOG` is unset: our own info lines, only sqlx warnings (sqlx logs
+/// every statement at info).
 pub const DEFAULT_FILTER: &str = "info,sqlx=warn";
+
+/// Parses a `RUST_LOG` value, naming the setting on failure.
+pub fn log_filter(directives: &str) -> anyhow::Result<EnvFilter> {
+    EnvFilter::builder()
+        .parse(directives)
+        .map_err(|e| anyhow::anyhow!("invalid RUST_LOG: {e}"))
+}
 
 /// Keeps span export alive: hold it for the life of `main` and drop it (or call
 /// [`TelemetryGuard::shutdown`]) after the graceful shutdown, so queued spans are sent. Without
@@ -45,14 +53,21 @@ impl TelemetryGuard {
     }
 }
 
-/// Installs the global subscriber. Safe to call more than once (tests do): later calls keep the
-/// first subscriber and return an empty guard.
-///
-/// A broken OTel configuration (e.g. a malformed endpoint) does not stop the service: logging
-/// starts without export and the problem is logged as an error.
+/// Installs the global subscriber with the `RUST_LOG` environment variable's filter (the
+/// default when it is unset or does not parse). Binaries take `RUST_LOG` as a setting and call
+/// [`init_with_filter`] instead.
 pub fn init(format: LogFormat) -> TelemetryGuard {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    init_with_filter(format, filter)
+}
+
+/// Installs the global subscriber, writing the log lines `filter` selects. Safe to call more
+/// than once (tests do): later calls keep the first subscriber and return an empty guard.
+///
+/// A broken OTel configuration (e.g. a malformed endpoint) does not stop the service: logging
+/// starts without export and the problem is logged as an error.
+pub fn init_with_filter(format: LogFormat, filter: EnvFilter) -> TelemetryGuard {
     let fmt_layer = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()

@@ -157,6 +157,14 @@ pub enum DlqAction {
     Purge,
 }
 
+impl Cli {
+    /// Checks what clap cannot; the error is one line naming the setting.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.common.validate()?;
+        platform::config::validate_listen_addr(&self.settings.listen_addr)
+    }
+}
+
 impl Settings {
     /// The consumer name: the setting, or `<hostname>-<pid>`.
     pub fn consumer_name(&self) -> String {

@@ -13,11 +13,11 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = platform::config::parse_or_exit();
-    if let Err(e) = cli.common.validate() {
+    if let Err(e) = cli.validate() {
         platform::config::exit_on_config_error(e);
     }
     // Held to the end of main: dropping it flushes the spans still queued for export.
-    let _telemetry = platform::telemetry::init(cli.common.log_format);
+    let _telemetry = cli.common.init_telemetry();
     match projector::commands::execute(cli).await {
         Ok(code) => code,
         Err(e) => {

@@ -115,6 +115,7 @@ impl Config {
         self.common.validate()?;
         self.auth.validate()?;
         self.http.allowed_origins()?;
+        platform::config::validate_listen_addr(&self.listen_addr)?;
         if self.reads.wait_ms_max == 0 {
             return Err(anyhow!("invalid WAIT_MS_MAX: must be at least 1"));
         }

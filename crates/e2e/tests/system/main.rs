@@ -15,6 +15,7 @@
 //!   event a newer release wrote.
 
 mod alerts;
+mod configuration;
 mod database_crash;
 mod event_stream;
 mod lifecycle;

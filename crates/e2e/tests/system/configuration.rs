@@ -1,0 +1,61 @@
+//! Misconfiguration as every binary meets it: a bad setting stops it at start, before it
+//! connects to anything, with exit code 2 and one line naming the setting.
+
+use std::process::Command;
+
+use crate::support::{bin_dir, free_port};
+
+/// Runs `bin` with `env` against a PostgreSQL and a Redis that nothing listens on, so a binary
+/// that got past its configuration would fail on (or wait for) a connection instead; returns
+/// its exit code and the non-empty lines of its stderr.
+fn start_with(bin: &str, env: &[(&str, &str)]) -> (Option<i32>, Vec<String>) {
+    let nowhere = free_port();
+    let output = Command::new(bin_dir().join(bin))
+        .env_clear()
+        .env(
+            "DATABASE_URL",
+            format!("postgres://postgres@127.0.0.1:{nowhere}/orders"),
+        )
+        .env("REDIS_URL", format!("redis://127.0.0.1:{nowhere}"))
+        .env("DB_CONNECT_WAIT_SECS", "0")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("run {bin}: {e}"));
+    let lines = String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    (output.status.code(), lines)
+}
+
+#[test]
+fn a_listen_addr_without_a_port_or_a_rust_log_that_does_not_parse_stops_every_binary_at_start() {
+    for bin in ["command-service", "query-service", "projector"] {
+        for (setting, value) in [("LISTEN_ADDR", "localhost"), ("RUST_LOG", "info,sqlx=loud")] {
+            let (code, lines) = start_with(bin, &[(setting, value)]);
+            assert_eq!(code, Some(2), "{bin} {setting}={value}: {lines:?}");
+            assert_eq!(lines.len(), 1, "{bin} {setting}={value}: {lines:?}");
+            assert!(
+                lines[0].contains(&format!("invalid {setting}")),
+                "{bin} {setting}={value}: {lines:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn rust_log_is_a_command_line_flag_of_every_binary() {
+    for bin in ["command-service", "query-service", "projector"] {
+        let output = Command::new(bin_dir().join(bin))
+            .arg("--help")
+            .output()
+            .unwrap_or_else(|e| panic!("run {bin} --help: {e}"));
+        let help = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{bin}: {help}");
+        assert!(
+            help.contains("--rust-log <RUST_LOG>") && help.contains("[env: RUST_LOG="),
+            "{bin} --help:\n{help}"
+        );
+    }
+}
