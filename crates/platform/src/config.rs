@@ -148,7 +148,9 @@ pub fn validate_listen_addr(addr: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     let invalid = || {
-        anyhow!("invalid LISTEN_ADDR: expected host:port (e.g. 0.0.0.0:8080 or [::]:8080), got {addr:?}")
+        anyhow!(
+            "invalid LISTEN_ADDR: expected host:port (e.g. 0.0.0.0:8080 or [::]:8080), got {addr:?}"
+        )
     };
     let (host, port) = addr.rsplit_once(':').ok_or_else(invalid)?;
     // An IPv6 address must be bracketed; a host name holds no colon.
@@ -448,7 +450,15 @@ mod tests {
         for good in ["0.0.0.0:8080", "[::]:8081", "localhost:8082", "127.0.0.1:0"] {
             validate_listen_addr(good).unwrap();
         }
-        for bad in ["localhost", "0.0.0.0", ":8080", "host:http", "host:70000", "::1:8080", ""] {
+        for bad in [
+            "localhost",
+            "0.0.0.0",
+            ":8080",
+            "host:http",
+            "host:70000",
+            "::1:8080",
+            "",
+        ] {
             let msg = validate_listen_addr(bad).unwrap_err().to_string();
             assert!(msg.starts_with("invalid LISTEN_ADDR: "), "{bad:?}: {msg}");
         }

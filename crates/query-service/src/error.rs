@@ -21,6 +21,7 @@
 //! | 404 | `order_not_found`, `customer_not_found` | nothing to show |
 //! | 409 | `position_beyond_head`, `version_beyond_head` | following the log (or an order) from past its end: a restored database, or a made-up position; `head` says where it ends |
 //! | 503 | `consistency_timeout` | the read model did not reach `min_position` within `wait_ms` |
+//! | 503 | `order_held_back` | `GET /orders/{id}` of an order held back behind a dead letter, when the summary cannot answer: `min_position` at or past the held-back event, or its creation held back (no Retry-After: it waits for an operator) |
 //! | 503 | `store_unavailable` | PostgreSQL cannot be reached, is restarting, or has no connection free (`platform::db::is_unavailable`) |
 //! | 503 | `event_from_newer_release` | time travel over an order holding an event a newer release wrote (during a rollout) |
 //! | 503 | `overloaded` | more requests at once than `MAX_IN_FLIGHT_REQUESTS` (platform layers), or more event streams than `EVENT_STREAMS_MAX` |
@@ -35,6 +36,9 @@ use uuid::Uuid;
 
 /// Response header carrying the checkpoint a read-model answer reflects.
 pub const PROJECTION_POSITION_HEADER: HeaderName = HeaderName::from_static("x-projection-position");
+/// Response header of `GET /orders/{id}` when the order is held back behind a dead letter: the
+/// version whose event failed; the summary shows the order as of the version before it.
+pub const HELD_BACK_VERSION_HEADER: HeaderName = HeaderName::from_static("x-held-back-version");
 /// Seconds a client is told to wait after a consistency timeout (`Retry-After`).
 pub const CONSISTENCY_RETRY_AFTER_SECS: u64 = 1;
 /// Seconds a client is told to wait when the database is unavailable (`Retry-After`), as the
@@ -56,6 +60,15 @@ pub enum ApiError {
     /// No such customer in `customer_stats` (as of `position`).
     #[error("customer {customer_id} not found")]
     CustomerNotFound { customer_id: Uuid, position: i64 },
+    /// The order is held back behind a dead letter at `version` (whose event is at
+    /// `event_position`, if the store holds it), and the summary cannot answer the request.
+    #[error("order {order_id} is held back at version {version}")]
+    OrderHeldBack {
+        order_id: Uuid,
+        version: i64,
+        event_position: Option<i64>,
+        position: i64,
+    },
     /// The read model did not reach `min_position` in time.
     #[error("{projection} did not reach position {min_position} within {wait_ms} ms")]
     ConsistencyTimeout {
@@ -113,6 +126,26 @@ impl ApiError {
                 let p = Problem::new(StatusCode::NOT_FOUND, "customer_not_found")
                     .with_detail(format!("customer {customer_id} has no orders"))
                     .with_extension("customer_id", customer_id);
+                with_position(p, Some(*position))
+            }
+            ApiError::OrderHeldBack {
+                order_id,
+                version,
+                event_position,
+                position,
+            } => {
+                let mut p = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "order_held_back")
+                    .with_detail(format!(
+                        "the event at version {version} of order {order_id} failed to apply and \
+                         was dead-lettered; the order's summary is held back before it until an \
+                         operator replays or purges it (projector dlq parked order_summaries)"
+                    ))
+                    .with_extension("order_id", order_id)
+                    .with_extension("held_back_version", version)
+                    .with_header(HELD_BACK_VERSION_HEADER, HeaderValue::from(*version));
+                if let Some(at) = event_position {
+                    p = p.with_extension("held_back_position", at);
+                }
                 with_position(p, Some(*position))
             }
             ApiError::ConsistencyTimeout {

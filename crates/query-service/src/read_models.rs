@@ -49,12 +49,18 @@ macro_rules! checkpoint_of {
     };
 }
 
+/// One order, and whether its stream is parked in `order_summaries` (held back behind a dead
+/// letter): the version it is parked at and that event's position. Both lookups are probes of
+/// a primary key (`projection_streams`) and a unique index (`events`).
 const ORDER_SQL: &str = concat!(
     "SELECT cp.position AS cp_position, ",
     summary_columns!(),
-    " FROM ",
+    ", p.parked_version AS held_version, e.global_position AS held_position FROM ",
     checkpoint_of!("order_summaries"),
-    " LEFT JOIN order_summaries s ON s.order_id = $1"
+    " LEFT JOIN order_summaries s ON s.order_id = $1",
+    " LEFT JOIN projection_streams p ON p.stream_id = 'order-' || $1::text \
+       AND p.projection = 'order_summaries' AND p.parked_version IS NOT NULL",
+    " LEFT JOIN events e ON e.stream_id = p.stream_id AND e.stream_version = p.parked_version"
 );
 
 /// A page: the newest `$n` orders created before a position. The LATERAL subquery is what walks
@@ -137,6 +143,21 @@ pub struct Positioned<T> {
     pub position: i64,
 }
 
+/// An order's summary as the read model holds it.
+#[derive(Debug, Clone)]
+pub struct OrderRead {
+    /// The summary.
+    pub summary: OrderSummary,
+    /// Set when the order is held back behind a dead letter: the version whose event failed.
+    /// The summary shows the order as of the version before it; later events wait for
+    /// `projector dlq replay` or `purge`.
+    pub held_back_version: Option<i64>,
+}
+
+/// Where an order's stream is parked, if it is: (version, position of that event when the
+/// store holds it).
+type HeldBack = Option<(i64, Option<i64>)>;
+
 /// Counts of a customer's orders per status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ByStatus {
@@ -193,12 +214,16 @@ impl ReadModels {
         Arc::clone(&self.stats)
     }
 
-    /// `GET /orders/{id}`.
+    /// `GET /orders/{id}`. An order held back behind a dead letter is answered with
+    /// [`ApiError::OrderHeldBack`] when the summary cannot show what the request asks for: a
+    /// read-your-writes request at or past the held-back event's position (the mark passes
+    /// that event, which counts as settled, but the summary lacks it), or an order whose very
+    /// creation is held back (there is no summary, yet the order exists).
     pub async fn order(
         &self,
         order_id: Uuid,
         consistency: Option<Consistency>,
-    ) -> Result<Positioned<OrderSummary>, ApiError> {
+    ) -> Result<Positioned<OrderRead>, ApiError> {
         let read = self
             .read_consistent(ORDER_SUMMARIES, consistency, || async move {
                 let row = sqlx::query(ORDER_SQL)
@@ -207,12 +232,34 @@ impl ReadModels {
                     .await?;
                 let position: i64 = row.try_get("cp_position")?;
                 let summary = summary_of(&row)?;
-                Ok((summary, position))
+                let held: HeldBack = row
+                    .try_get::<Option<i64>, _>("held_version")?
+                    .map(|version| Ok::<_, sqlx::Error>((version, row.try_get("held_position")?)))
+                    .transpose()?;
+                Ok(((summary, held), position))
             })
             .await?;
-        match read.value {
+        let (summary, held) = read.value;
+        if let Some((version, event_position)) = held {
+            let asked_past_it = match (consistency, event_position) {
+                (Some(wanted), Some(at)) => at <= wanted.min_position,
+                _ => false,
+            };
+            if summary.is_none() || asked_past_it {
+                return Err(ApiError::OrderHeldBack {
+                    order_id,
+                    version,
+                    event_position,
+                    position: read.position,
+                });
+            }
+        }
+        match summary {
             Some(summary) => Ok(Positioned {
-                value: summary,
+                value: OrderRead {
+                    summary,
+                    held_back_version: held.map(|(version, _)| version),
+                },
                 position: read.position,
             }),
             None => Err(ApiError::OrderNotFound {

@@ -8,8 +8,9 @@ use platform::extract::{Path, Query};
 use uuid::Uuid;
 
 use super::{AppState, positioned};
-use crate::error::{ApiError, PROJECTION_POSITION_HEADER};
+use crate::error::{ApiError, HELD_BACK_VERSION_HEADER, PROJECTION_POSITION_HEADER};
 use crate::params::{Consistency, ListOrders, RawConsistency, RawListOrders};
+use crate::read_models::Positioned;
 
 /// The summary of one order from the read model.
 #[utoipa::path(
@@ -25,7 +26,8 @@ use crate::params::{Consistency, ListOrders, RawConsistency, RawListOrders};
         (status = 200, description = "The order summary", body = events::OrderSummary,
             headers(
                 ("ETag" = String, description = "`\"<version>\"`: the order's stream version"),
-                ("X-Projection-Position" = i64, description = "Every event with a position up to this one is reflected"),
+                ("X-Projection-Position" = i64, description = "Every event with a position up to this one is settled: applied, or held back behind a dead letter"),
+                ("X-Held-Back-Version" = Option<i64>, description = "Only when the order is held back behind a dead letter: the version whose event failed; the summary shows the order as of the version before it until an operator replays or purges it"),
             )),
         (status = 304, description = "Not modified: the order is still at the version If-None-Match named (no body)",
             headers(
@@ -35,7 +37,7 @@ use crate::params::{Consistency, ListOrders, RawConsistency, RawListOrders};
         (status = 400, description = "`invalid_path`, `invalid_min_position`, `invalid_wait`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`: API_TOKEN is set and the bearer token is missing or wrong", body = platform::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`order_not_found` (carries X-Projection-Position)", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`consistency_timeout` with Retry-After: the read model did not reach min_position within wait_ms; `store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`consistency_timeout` with Retry-After: the read model did not reach min_position within wait_ms; `order_held_back` (no Retry-After; carries X-Projection-Position and X-Held-Back-Version, and `held_back_version`/`held_back_position` members): the order is held back behind a dead letter and min_position is at or past the held-back event, or its creation is held back; `store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]
@@ -47,20 +49,34 @@ pub async fn get_order(
 ) -> Result<Response, ApiError> {
     let consistency = Consistency::parse(&raw, &headers, &app.reads)?;
     let read = app.read_models.order(id, consistency).await?;
-    // `"<version>"`, the tag the write API's answers carry. (Quotes and digits: always valid.)
-    let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", read.value.version)) else {
-        return Ok(positioned(read));
+    let held_back = read.value.held_back_version;
+    let read = Positioned {
+        value: read.value.summary,
+        position: read.position,
     };
-    if client_has(&headers, &etag) {
-        let position = HeaderValue::from(read.position);
-        return Ok((
+    // `"<version>"`, the tag the write API's answers carry. (Quotes and digits: always valid.)
+    let etag = HeaderValue::from_str(&format!("\"{}\"", read.value.version)).ok();
+    let mut response = match etag {
+        Some(etag) if client_has(&headers, &etag) => (
             StatusCode::NOT_MODIFIED,
-            [(header::ETAG, etag), (PROJECTION_POSITION_HEADER, position)],
+            [
+                (header::ETAG, etag),
+                (PROJECTION_POSITION_HEADER, HeaderValue::from(read.position)),
+            ],
         )
-            .into_response());
+            .into_response(),
+        Some(etag) => {
+            let mut response = positioned(read);
+            response.headers_mut().insert(header::ETAG, etag);
+            response
+        }
+        None => positioned(read),
+    };
+    if let Some(version) = held_back {
+        response
+            .headers_mut()
+            .insert(HELD_BACK_VERSION_HEADER, HeaderValue::from(version));
     }
-    let mut response = positioned(read);
-    response.headers_mut().insert(header::ETAG, etag);
     Ok(response)
 }
 

@@ -501,6 +501,102 @@ async fn an_order_and_a_customer_are_read_from_their_read_models_with_their_posi
     assert_eq!(body["code"], "customer_not_found");
 }
 
+/// Parks `order_id`'s stream in `order_summaries` at `version`, as the projector does when that
+/// version's event is dead-lettered.
+async fn park(app: &TestApp, order_id: Uuid, version: i64) {
+    sqlx::query(
+        "INSERT INTO projection_streams (projection, stream_id, version, parked_version, \
+         parked_error) VALUES ('order_summaries', $1, $2, $3, 'boom')",
+    )
+    .bind(order_stream_id(order_id))
+    .bind(version - 1)
+    .bind(version)
+    .execute(app.pool())
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn an_order_held_back_behind_a_dead_letter_says_so_and_a_read_of_a_write_it_lacks_is_refused()
+{
+    let app = spawn_app().await;
+    let customer = Uuid::new_v4();
+    // Created and an item added (version 2, applied); placed (version 3) dead-lettered.
+    let order_id = Uuid::new_v4();
+    let positions = app
+        .append_order(
+            order_id,
+            vec![
+                create(order_id, customer),
+                add("SKU-1", 2, 1250),
+                OrderCommand::PlaceOrder,
+            ],
+        )
+        .await;
+    let mut order = TestOrder::new(customer, "draft", positions[0]);
+    order.order_id = order_id;
+    app.put_summary(&order).await;
+    park(&app, order_id, 3).await;
+    // An order whose creation was dead-lettered: no summary at all.
+    let unborn = Uuid::new_v4();
+    let unborn_at = app
+        .append_order(unborn, vec![create(unborn, customer)])
+        .await[0];
+    park(&app, unborn, 1).await;
+    // The mark passes both: a parked event counts as settled.
+    app.set_checkpoint("order_summaries", unborn_at, true).await;
+
+    let held = |headers: &reqwest::header::HeaderMap| {
+        headers
+            .get("x-held-back-version")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let path = format!("/orders/{order_id}");
+    let (status, headers, body) = app.get_json(&path).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["version"].as_i64(), body["status"].as_str()),
+        (Some(2), Some("draft"))
+    );
+    assert_eq!(held(&headers).as_deref(), Some("3"));
+
+    // A write before the held-back event is reflected: served, with the header.
+    let (status, headers, body) = app
+        .get_json(&format!("{path}?min_position={}", positions[1]))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(held(&headers).as_deref(), Some("3"));
+
+    // The held-back write itself (or anything after it) is not: refused, saying why.
+    for min_position in [positions[2], unborn_at] {
+        let (status, headers, body) = app
+            .get_json(&format!("{path}?min_position={min_position}"))
+            .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["code"], "order_held_back");
+        assert_eq!(body["held_back_version"], 3);
+        assert_eq!(body["held_back_position"], positions[2]);
+        assert_eq!(held(&headers).as_deref(), Some("3"));
+        assert_eq!(projection_position(&headers), unborn_at);
+        assert!(
+            headers.get("retry-after").is_none(),
+            "waiting does not help"
+        );
+    }
+
+    // No summary, yet the order exists: held back, not "not found".
+    let (status, headers, body) = app.get_json(&format!("/orders/{unborn}")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["code"], "order_held_back");
+    assert_eq!(body["held_back_version"], 1);
+    assert_eq!(held(&headers).as_deref(), Some("1"));
+    let (status, _, body) = app.get_json(&format!("/orders/{}", Uuid::new_v4())).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("order_not_found"))
+    );
+}
+
 #[tokio::test]
 async fn a_read_with_min_position_waits_until_a_notified_checkpoint_reaches_it() {
     // A poll interval far beyond the test: only the NOTIFY can wake the waiter.
