@@ -45,17 +45,50 @@ fn a_listen_addr_without_a_port_or_a_rust_log_that_does_not_parse_stops_every_bi
 }
 
 #[test]
-fn rust_log_is_a_command_line_flag_of_every_binary() {
-    for bin in ["command-service", "query-service", "projector"] {
+fn every_binary_lists_the_contract_settings_as_flags_with_their_defaults() {
+    for (bin, listen) in [
+        ("command-service", "0.0.0.0:8080"),
+        ("query-service", "0.0.0.0:8081"),
+        ("projector", "0.0.0.0:8082"),
+    ] {
         let output = Command::new(bin_dir().join(bin))
+            .env_clear()
             .arg("--help")
             .output()
             .unwrap_or_else(|e| panic!("run {bin} --help: {e}"));
         let help = String::from_utf8_lossy(&output.stdout);
         assert!(output.status.success(), "{bin}: {help}");
-        assert!(
-            help.contains("--rust-log <RUST_LOG>") && help.contains("[env: RUST_LOG="),
-            "{bin} --help:\n{help}"
-        );
+        for (flag, env, default) in [
+            ("--listen-addr", "LISTEN_ADDR", Some(listen)),
+            (
+                "--database-url",
+                "DATABASE_URL",
+                Some("postgres://postgres@127.0.0.1:5432/orders"),
+            ),
+            ("--redis-url", "REDIS_URL", Some("redis://127.0.0.1:6379")),
+            ("--rust-log", "RUST_LOG", Some("info,sqlx=warn")),
+            ("--log-format", "LOG_FORMAT", Some("pretty")),
+            ("--event-stream", "EVENT_STREAM", Some("es:events")),
+            ("--skip-migrations", "SKIP_MIGRATIONS", None),
+        ] {
+            // clap prints `--flag <VALUE>` (or the bare flag), then the text, then
+            // `[env: NAME=]` and `[default: value]` for the option.
+            let start = help
+                .find(&format!("{flag} "))
+                .or_else(|| help.find(&format!("{flag}\n")))
+                .unwrap_or_else(|| panic!("{bin} --help lacks {flag}:\n{help}"));
+            let entry = &help[start..];
+            let entry = &entry[..entry[2..].find("\n  -").map_or(entry.len(), |end| end + 2)];
+            assert!(
+                entry.contains(&format!("[env: {env}")),
+                "{bin} {flag}: {entry}"
+            );
+            if let Some(default) = default {
+                assert!(
+                    entry.contains(&format!("[default: {default}]")),
+                    "{bin} {flag}: {entry}"
+                );
+            }
+        }
     }
 }
