@@ -43,6 +43,63 @@ pub async fn select(
     }
 }
 
+/// One page of `dlq list`: up to [`DLQ_PAGE`] letters, oldest first, and how many the group
+/// holds in all.
+#[derive(Debug)]
+pub struct ListPage {
+    /// The letters of the page.
+    pub letters: Vec<DeadLetter>,
+    /// Every letter of the group.
+    pub total: u64,
+    /// Whether letters follow the page.
+    pub more: bool,
+}
+
+/// The page of `group`'s dead letters after the letter `after` (from the oldest when `None`).
+pub async fn list_page(
+    dlq: &DeadLetterQueue,
+    group: &str,
+    after: Option<&str>,
+) -> anyhow::Result<ListPage> {
+    let total = dlq.len(group).await.context("count the dead letters")?;
+    let Some(until) = dlq
+        .newest_id(group)
+        .await
+        .context("read the dead letters")?
+    else {
+        return Ok(ListPage {
+            letters: Vec::new(),
+            total,
+            more: false,
+        });
+    };
+    let mut letters = dlq
+        .page(group, after, &until, DLQ_PAGE + 1)
+        .await
+        .context("read the dead letters")?;
+    let more = letters.len() > DLQ_PAGE;
+    letters.truncate(DLQ_PAGE);
+    Ok(ListPage {
+        letters,
+        total,
+        more,
+    })
+}
+
+/// `dlq list` without `--id`: the page's table, then where it stands and how to go on.
+pub fn render_page(page: &ListPage) -> String {
+    let mut out = render_list(&page.letters);
+    if page.more
+        && let Some(last) = page.letters.last()
+    {
+        out.push_str(&format!(
+            "{} dead letter(s) in all; the next page: --after {}\n",
+            page.total, last.id
+        ));
+    }
+    out
+}
+
 /// `dlq list`: a table of id, position, stream, version, type, attempts, error, failed_at.
 pub fn render_list(letters: &[DeadLetter]) -> String {
     let mut table = Table::new();

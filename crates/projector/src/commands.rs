@@ -108,6 +108,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             id,
             all,
             stream,
+            after,
         } => {
             let projection = admin::projection_of_group(&group)?;
             let (_, redis, keys) = connect_redis(&cli)?;
@@ -140,6 +141,11 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                     let pool = connect_db(&cli).await?;
                     let (parked, total) = crate::parked::list(&pool, &dlq, projection).await?;
                     print!("{}", crate::parked::render(&parked, total));
+                    Ok(ExitCode::SUCCESS)
+                }
+                DlqAction::List if id.is_none() => {
+                    let page = admin::list_page(&dlq, &group, after.as_deref()).await?;
+                    print!("{}", admin::render_page(&page));
                     Ok(ExitCode::SUCCESS)
                 }
                 DlqAction::List => {

@@ -121,6 +121,9 @@ pub enum Command {
         /// whether or not a dead letter names its event; its resolved letters are deleted
         #[arg(long, conflicts_with_all = ["id", "all"])]
         stream: Option<String>,
+        /// list: the page after this dead letter id (the last id of the previous page)
+        #[arg(long, conflicts_with_all = ["id", "all", "stream"])]
+        after: Option<String>,
     },
     /// Rebuild a read model from the event store alone
     Rebuild {

@@ -310,3 +310,39 @@ async fn dlq_list_and_show_print_the_letter_with_every_contract_field() {
     let (ok, _) = run_dlq(&w, &["show", "order_summaries", "--id", "1-1"]).await;
     assert!(!ok, "an unknown id fails");
 }
+
+#[tokio::test]
+async fn dlq_list_pages_through_more_letters_than_one_page_holds() {
+    let w = World::new().await;
+    let mut conn = w.redis.clone();
+    let mut pipe = redis::pipe();
+    for i in 0..(projector::admin::DLQ_PAGE + 2) {
+        pipe.cmd("XADD")
+            .arg(w.keys.dlq("order_summaries"))
+            .arg("*")
+            .arg("hello")
+            .arg(i)
+            .arg("error")
+            .arg("undecodable")
+            .ignore();
+    }
+    let () = pipe.query_async(&mut conn).await.unwrap();
+
+    let (ok, first) = run_dlq(&w, &["list", "order_summaries"]).await;
+    assert!(ok, "{first}");
+    let next = first
+        .lines()
+        .find_map(|l| l.split("the next page: --after ").nth(1))
+        .unwrap_or_else(|| panic!("no next page named in\n{first}"));
+    assert!(first.contains("1002 dead letter(s) in all"), "{first}");
+    let (ok, second) = run_dlq(&w, &["list", "order_summaries", "--after", next]).await;
+    assert!(ok, "{second}");
+    assert!(
+        second.contains("2 dead letter(s)") && !second.contains("next page"),
+        "{second}"
+    );
+    assert!(
+        !second.contains(next),
+        "the page starts after the id it was given"
+    );
+}
