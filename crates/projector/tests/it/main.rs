@@ -78,20 +78,34 @@ async fn two_projector_instances_over_one_stream_give_exactly_the_result_of_one(
     b_task.await.unwrap().unwrap();
 }
 
+/// How many entries of `group` are pending (delivered, not acknowledged); any error of Redis
+/// fails the test, a missing group too.
 async fn pending_count(w: &World, group: &str) -> i64 {
+    match pending_count_once_grouped(w, group).await {
+        Some(pending) => pending,
+        None => panic!("XPENDING {group}: the group does not exist"),
+    }
+}
+
+/// [`pending_count`], or `None` while `group` does not exist yet (before a projector made it).
+async fn pending_count_once_grouped(w: &World, group: &str) -> Option<i64> {
     let mut conn = w.redis.clone();
-    let reply: redis::Value = redis::cmd("XPENDING")
+    let reply: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
         .arg(w.keys.stream())
         .arg(group)
         .query_async(&mut conn)
-        .await
-        .unwrap_or(redis::Value::Nil);
-    match reply {
+        .await;
+    let reply = match reply {
+        Ok(reply) => reply,
+        Err(e) if e.code() == Some("NOGROUP") => return None,
+        Err(e) => panic!("XPENDING {group}: {e}"),
+    };
+    match &reply {
         redis::Value::Array(parts) => match parts.first() {
-            Some(redis::Value::Int(n)) => *n,
-            _ => 0,
+            Some(redis::Value::Int(n)) => Some(*n),
+            _ => panic!("XPENDING {group} answered {reply:?}"),
         },
-        _ => 0,
+        _ => panic!("XPENDING {group} answered {reply:?}"),
     }
 }
 
@@ -116,7 +130,11 @@ async fn a_projector_killed_with_sigkill_mid_batch_loses_nothing_after_another_i
     wait_until(
         DEADLINE,
         "the doomed instance holds pending entries",
-        || async { (pending_count(&w, "order_summaries").await > 0).then_some(()) },
+        || async {
+            // The group is the doomed instance's to create.
+            let pending = pending_count_once_grouped(&w, "order_summaries").await;
+            pending.is_some_and(|pending| pending > 0).then_some(())
+        },
     )
     .await;
     child.start_kill().unwrap(); // SIGKILL
