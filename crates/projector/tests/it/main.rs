@@ -1963,11 +1963,12 @@ async fn a_projector_told_to_stop_while_postgresql_is_silent_stops_within_its_gr
     let w = World::new().await;
     let mut leader = w.pool().acquire().await.unwrap();
     for projection in ProjectionKind::ALL {
-        let _: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        let led: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(projection.sweeper_lock_key())
             .fetch_one(&mut *leader)
             .await
             .unwrap();
+        assert!(led, "{projection}: the test is the sweeper");
     }
     let proxy = support::HoldingProxy::start(w.pool().connect_options().get_port()).await;
     let direct_port = w.pool().connect_options().get_port();
