@@ -536,7 +536,10 @@ async fn live_applies_carry_on_during_a_rebuild_and_its_result_includes_them() {
     .fetch_one(w.pool())
     .await
     .unwrap();
-    assert!(folded > 0, "the rebuild has folded the orders before the middle one");
+    assert!(
+        folded > 0,
+        "the rebuild has folded the orders before the middle one"
+    );
 
     let late = Uuid::new_v4();
     let mut state = OrderState::default();
@@ -621,7 +624,9 @@ struct RebuildGate(sqlx::PgConnection);
 impl RebuildGate {
     /// Lets the rebuild go on.
     async fn open(self) {
-        sqlx::Connection::close(self.0).await.expect("open the gate");
+        sqlx::Connection::close(self.0)
+            .await
+            .expect("open the gate");
     }
 }
 
@@ -2013,10 +2018,11 @@ async fn dlq_purge_all_and_replay_resolve_every_letter_beyond_the_first_page() {
 
 /// PostgreSQL stops answering new connections without refusing them (its host died, a
 /// fail-over moved its address) while another instance is the sweeper, so this one keeps
-/// opening a connection to try to lead: told to stop, it still stops, within its grace period,
-/// with every task let go.
+/// opening a connection to try to lead: on SIGTERM it waits for those tasks only until its
+/// grace period runs out, then stops them and exits 0, saying so.
 #[tokio::test]
-async fn a_projector_told_to_stop_while_postgresql_is_silent_stops_within_its_grace_period() {
+async fn a_projector_told_to_stop_while_postgresql_is_silent_stops_its_tasks_when_the_grace_runs_out()
+ {
     let w = World::new().await;
     let mut leader = w.pool().acquire().await.unwrap();
     for projection in ProjectionKind::ALL {
@@ -2033,13 +2039,41 @@ async fn a_projector_told_to_stop_while_postgresql_is_silent_stops_within_its_gr
         w.db.url
             .replace(&format!(":{direct_port}/"), &format!(":{}/", proxy.port()));
     assert_ne!(url, w.db.url);
+    // A grace shorter than the sweepers' own wait for a connection to lead when told to stop
+    // (`sweeper::STOP_WAIT`, 2 s): only the grace running out ends them.
     let mut args = w.args("silenced", &["--shutdown-grace-secs", "1"]);
     let at = args.iter().position(|a| a == "--database-url").unwrap();
     args[at + 1] = url;
-    let cli = <projector::Cli as clap::Parser>::try_parse_from(args).unwrap();
-    let app = projector::Application::build(cli).await.unwrap();
-    let token = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(app.run_until_stopped(token.clone()));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_projector"))
+        .args(&args[1..])
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let log = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        })
+    };
+    let logged = |what: &'static str| {
+        let log = log.clone();
+        async move { log.lock().unwrap().contains(what).then_some(()) }
+    };
+    wait_until(DEADLINE, "the projector runs", || {
+        logged("projector running")
+    })
+    .await;
 
     proxy.hold_new_connections();
     wait_until(
@@ -2048,10 +2082,21 @@ async fn a_projector_told_to_stop_while_postgresql_is_silent_stops_within_its_gr
         || async { (proxy.held() >= 2).then_some(()) },
     )
     .await;
-    token.cancel();
-    tokio::time::timeout(DEADLINE, task)
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(DEADLINE, child.wait())
         .await
         .expect("the projector stops although PostgreSQL does not answer")
-        .unwrap()
         .unwrap();
+    reader.await.unwrap();
+    let log = log.lock().unwrap().clone();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(
+        log.contains("projections still busy after the grace period"),
+        "it did not stop for its grace running out:\n{log}"
+    );
 }
