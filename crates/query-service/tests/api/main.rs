@@ -745,9 +745,21 @@ async fn a_poll_overtaken_by_a_notification_never_moves_a_projection_back() {
 
 /// PostgreSQL stops answering (its host died, a fail-over moved its address) while the log's
 /// tail reads a commit for a stream at the head and the checkpoint poll reads: told to stop,
-/// the service still stops within its grace period instead of waiting on those reads.
+/// the service gives those reads up and stops, instead of waiting on them until a grace period
+/// runs out (its log says neither that requests nor that tasks outlived one).
 #[tokio::test]
-async fn a_service_told_to_stop_while_postgresql_is_silent_stops_within_its_grace_period() {
+async fn a_service_told_to_stop_while_postgresql_is_silent_gives_up_its_reads_instead_of_waiting_out_a_grace_period()
+ {
+    // Every task of the service runs on this thread (a current-thread runtime): its logs land
+    // here.
+    let logs = LogBuffer::default();
+    let _logging = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish(),
+    );
     let mut app = spawn_app_with(Options {
         poll_ms: Some(20),
         through_proxy: true,
@@ -778,8 +790,45 @@ async fn a_service_told_to_stop_while_postgresql_is_silent_stops_within_its_grac
         .expect("the service stops although PostgreSQL does not answer")
         .unwrap()
         .unwrap();
+    // The held reads were never answered: the service stopped without them.
+    assert_eq!(app.tail.reads.load(Ordering::Relaxed), reads);
+    let log = logs.text();
+    assert!(log.contains("query service stopped"), "{log}");
+    for outlived in [
+        "in-flight requests still running after the grace period",
+        "background tasks still running at shutdown",
+    ] {
+        assert!(!log.contains(outlived), "{log}");
+    }
     drop(stream);
     drop(proxy);
+}
+
+/// A `MakeWriter` keeping the log lines in memory.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl LogBuffer {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
+    type Writer = LogBuffer;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
 }
 
 /// The watch has not heard of a mark the table already holds (its notification is late and
@@ -1605,13 +1654,16 @@ async fn a_filtered_follower_waits_through_commits_of_other_types() {
     let item = app.append_command(order, &mut state, add("A", 1, 10)).await;
     // Woken by the item, the follower reads it, finds no match and waits a second time, which
     // a follower answered by the item never does (the only request, it would wait no more).
-    wait_until("the follower, not answered by the item, waits again", || {
-        let stats = Arc::clone(&stats);
-        async move {
-            stats.waits_begun.load(Ordering::Relaxed) > begun
-                && stats.waiting.load(Ordering::Relaxed) == 1
-        }
-    })
+    wait_until(
+        "the follower, not answered by the item, waits again",
+        || {
+            let stats = Arc::clone(&stats);
+            async move {
+                stats.waits_begun.load(Ordering::Relaxed) > begun
+                    && stats.waiting.load(Ordering::Relaxed) == 1
+            }
+        },
+    )
     .await;
     let placed = app
         .append_command(order, &mut state, OrderCommand::PlaceOrder)
@@ -1652,13 +1704,16 @@ async fn a_filtered_follower_reads_the_store_once_however_many_commits_of_other_
             .await;
         // Each commit of another type is dealt with before the next lands: the follower
         // waits once more after it, which a follower answered by it never does.
-        wait_until("the follower, not answered by the item, waits again", || {
-            let stats = Arc::clone(&stats);
-            async move {
-                stats.waits_begun.load(Ordering::Relaxed) >= begun + n
-                    && stats.waiting.load(Ordering::Relaxed) == 1
-            }
-        })
+        wait_until(
+            "the follower, not answered by the item, waits again",
+            || {
+                let stats = Arc::clone(&stats);
+                async move {
+                    stats.waits_begun.load(Ordering::Relaxed) >= begun + n
+                        && stats.waiting.load(Ordering::Relaxed) == 1
+                }
+            },
+        )
         .await;
     }
     let placed = app
