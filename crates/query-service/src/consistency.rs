@@ -565,10 +565,15 @@ mod tests {
             let w = w.clone();
             tokio::spawn(async move { w.wait_for(ORDER_SUMMARIES, 5, deadline, false).await })
         };
-        // Publish only once the waiter is subscribed, so it really waits.
-        while w.projections[ORDER_SUMMARIES].tx.receiver_count() == 0 {
-            tokio::task::yield_now().await;
-        }
+        // Publish only once the waiter waits, so it really waits.
+        let waiting = async {
+            while w.stats.waiting.load(Ordering::Relaxed) == 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the waiter waits");
         w.raise(ORDER_SUMMARIES, 4);
         w.raise(ORDER_SUMMARIES, 6);
         let (position, outcome) = waiter.await.unwrap();

@@ -233,7 +233,8 @@ async fn the_system_heals_by_itself_when_postgresql_crashes_under_load() {
 
 /// A service started while PostgreSQL is down (every pod after a power cut, say) waits for it,
 /// saying so in its log, and is ready as soon as the database is up, instead of exiting and
-/// being restarted with a growing back-off; one told to stop meanwhile exits 0 at once.
+/// being restarted with a growing back-off; one told to stop meanwhile stops waiting and
+/// exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_started_before_postgresql_waits_for_it_and_becomes_ready() {
     let mut postgres = PrivatePostgres::start()
@@ -268,13 +269,14 @@ async fn a_service_started_before_postgresql_waits_for_it_and_becomes_ready() {
     })
     .await;
 
-    // A service waiting for its database stops on SIGTERM like a running one: at once, exit 0.
+    // A service waiting for its database stops on SIGTERM like a running one, exit 0: it gives
+    // up the wait (an hour long here, so only the signal ends it), saying so.
     let mut waiting_query = Service::start(
         "query-service",
         "query-service",
         &database_url,
         &stream,
-        &[],
+        &[("DB_CONNECT_WAIT_SECS", "3600")],
     );
     bus::testing::wait_until(DEADLINE, "the query service waits for PostgreSQL", || {
         let log = waiting_query.log_tail();
@@ -286,6 +288,13 @@ async fn a_service_started_before_postgresql_waits_for_it_and_becomes_ready() {
     .await;
     let status = waiting_query.terminate().await;
     assert!(status.success(), "{status}\n{}", waiting_query.log_tail());
+    assert!(
+        waiting_query
+            .log()
+            .contains("stopped before the service had started"),
+        "{}",
+        waiting_query.log_tail()
+    );
 
     postgres.start_again().await.expect("PostgreSQL starts");
     command.wait_ready(&http).await;

@@ -148,7 +148,14 @@ async fn the_running_release_holds_an_event_of_a_newer_one_while_everything_else
         .next()
         .expect("a JSON value")
         .expect("the JSON report parses");
-    for projection in status["projections"].as_array().expect("projections") {
+    let projections = status["projections"].as_array().expect("projections");
+    let mut reported: Vec<&str> = projections
+        .iter()
+        .map(|p| p["projection"].as_str().expect("a projection's name"))
+        .collect();
+    reported.sort_unstable();
+    assert_eq!(reported, ["customer_stats", "order_summaries"], "{status}");
+    for projection in projections {
         assert_eq!(projection["dead_letters"], 0, "{projection}");
         assert_eq!(projection["parked_streams"], 0, "{projection}");
         assert_eq!(

@@ -124,17 +124,19 @@ impl Service {
         }
     }
 
-    /// Sends SIGTERM and waits for the exit status.
+    /// Sends SIGTERM and waits for the exit status. The process stays in the guard until it
+    /// has exited, so one that does not stop is killed when the failing test drops it.
     pub(crate) async fn terminate(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let pid = child.id().to_string();
+        let pid = self.child.as_ref().expect("running").id().to_string();
         Command::new("kill")
             .args(["-TERM", &pid])
             .status()
             .expect("kill runs");
         let started = Instant::now();
         loop {
+            let child = self.child.as_mut().expect("running");
             if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
                 return status;
             }
             assert!(

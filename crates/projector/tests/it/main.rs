@@ -78,20 +78,34 @@ async fn two_projector_instances_over_one_stream_give_exactly_the_result_of_one(
     b_task.await.unwrap().unwrap();
 }
 
+/// How many entries of `group` are pending (delivered, not acknowledged); any error of Redis
+/// fails the test, a missing group too.
 async fn pending_count(w: &World, group: &str) -> i64 {
+    match pending_count_once_grouped(w, group).await {
+        Some(pending) => pending,
+        None => panic!("XPENDING {group}: the group does not exist"),
+    }
+}
+
+/// [`pending_count`], or `None` while `group` does not exist yet (before a projector made it).
+async fn pending_count_once_grouped(w: &World, group: &str) -> Option<i64> {
     let mut conn = w.redis.clone();
-    let reply: redis::Value = redis::cmd("XPENDING")
+    let reply: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
         .arg(w.keys.stream())
         .arg(group)
         .query_async(&mut conn)
-        .await
-        .unwrap_or(redis::Value::Nil);
-    match reply {
+        .await;
+    let reply = match reply {
+        Ok(reply) => reply,
+        Err(e) if e.code() == Some("NOGROUP") => return None,
+        Err(e) => panic!("XPENDING {group}: {e}"),
+    };
+    match &reply {
         redis::Value::Array(parts) => match parts.first() {
-            Some(redis::Value::Int(n)) => *n,
-            _ => 0,
+            Some(redis::Value::Int(n)) => Some(*n),
+            _ => panic!("XPENDING {group} answered {reply:?}"),
         },
-        _ => 0,
+        _ => panic!("XPENDING {group} answered {reply:?}"),
     }
 }
 
@@ -116,7 +130,11 @@ async fn a_projector_killed_with_sigkill_mid_batch_loses_nothing_after_another_i
     wait_until(
         DEADLINE,
         "the doomed instance holds pending entries",
-        || async { (pending_count(&w, "order_summaries").await > 0).then_some(()) },
+        || async {
+            // The group is the doomed instance's to create.
+            let pending = pending_count_once_grouped(&w, "order_summaries").await;
+            pending.is_some_and(|pending| pending > 0).then_some(())
+        },
     )
     .await;
     child.start_kill().unwrap(); // SIGKILL
@@ -381,8 +399,9 @@ async fn a_redis_flush_in_the_middle_of_a_load_ends_with_exact_read_models_and_n
 #[tokio::test]
 async fn applies_lost_in_a_server_crash_after_their_entries_were_acknowledged_are_made_again() {
     let mut w = World::new().await;
-    // A grace long enough that the loss is seen before the sweeper repairs it.
-    let mut extra = vec!["--sweep-grace-ms", "2000"];
+    // The instance that applied them heals nothing during the test, so the loss is there to see
+    // for as long as the test looks; the one after it heals with a short grace.
+    let mut extra = vec!["--sweep-grace-ms", "600000"];
     extra.extend(FAST);
     let (token, task) = w.spawn_projector("solo", &extra).await;
     append_orders(w.pool(), 6).await;
@@ -425,7 +444,12 @@ async fn applies_lost_in_a_server_crash_after_their_entries_were_acknowledged_ar
             .is_clean(),
         "the loss shows"
     );
+    token.cancel();
+    task.await.unwrap().unwrap();
 
+    let mut extra = vec!["--sweep-grace-ms", "300"];
+    extra.extend(FAST);
+    let (token, task) = w.spawn_projector("solo", &extra).await;
     w.wait_caught_up().await;
     w.assert_exact().await;
     assert_eq!(pending_count(&w, "order_summaries").await, 0);
@@ -475,7 +499,7 @@ async fn rebuild_restores_a_truncated_read_model() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_applies_carry_on_during_a_rebuild_and_its_result_includes_them() {
     let w = World::new().await;
-    append_orders(w.pool(), 300).await;
+    let ids = append_orders(w.pool(), 300).await;
     let all = store::read_all(w.pool(), 0, 100_000).await.unwrap();
     let mut conn = w.pool().acquire().await.unwrap();
     apply_batch(&mut conn, ProjectionKind::OrderSummaries, &all)
@@ -486,25 +510,37 @@ async fn live_applies_carry_on_during_a_rebuild_and_its_result_includes_them() {
         .await
         .unwrap();
 
-    // Three events per transaction: hundreds of transactions, long enough to overlap.
+    // The rebuild is held halfway through its fold, for as long as the test holds the gate: a
+    // check constraint (copied to the shadow tables with the rest of the table's definition)
+    // waits for the gate's lock before a shadow row of the middle order is written.
+    let gate = hold_a_rebuild_at(w.pool(), ids[ids.len() / 2]).await;
     let pool = w.pool().clone();
     let rebuild = tokio::spawn(async move {
         projector::admin::rebuild(&pool, ProjectionKind::OrderSummaries, 3, None).await
     });
-    wait_until(
-        DEADLINE,
-        "the rebuild folds into its shadow tables",
-        || async {
-            let rows: Option<i64> = sqlx::query_scalar(
-                "SELECT count(*) FROM projector_rebuild_order_summaries.order_summaries",
-            )
-            .fetch_one(w.pool())
-            .await
-            .ok();
-            rows.is_some_and(|rows| rows > 0).then_some(())
-        },
-    )
+    wait_until(DEADLINE, "the rebuild is held in mid-fold", || async {
+        let held: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock' \
+               AND wait_event = 'advisory'",
+        )
+        .fetch_one(w.pool())
+        .await
+        .unwrap();
+        (held > 0).then_some(())
+    })
     .await;
+    let folded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM projector_rebuild_order_summaries.order_summaries",
+    )
+    .fetch_one(w.pool())
+    .await
+    .unwrap();
+    assert!(
+        folded > 0,
+        "the rebuild has folded the orders before the middle one"
+    );
+
     let late = Uuid::new_v4();
     let mut state = OrderState::default();
     run_commands(
@@ -518,13 +554,14 @@ async fn live_applies_carry_on_during_a_rebuild_and_its_result_includes_them() {
     let tail = store::read_all(w.pool(), all.len() as i64, 100)
         .await
         .unwrap();
-    apply_batch(&mut conn, ProjectionKind::OrderSummaries, &tail)
-        .await
-        .unwrap();
-    assert!(
-        !rebuild.is_finished(),
-        "the live apply waited for the rebuild to finish"
-    );
+    // The rebuild cannot finish while it is held: an apply that waited for it never ends.
+    tokio::time::timeout(
+        DEADLINE,
+        apply_batch(&mut conn, ProjectionKind::OrderSummaries, &tail),
+    )
+    .await
+    .expect("the live apply does not wait for the rebuild")
+    .unwrap();
     let live: i64 = sqlx::query_scalar("SELECT count(*) FROM order_summaries")
         .fetch_one(&mut *conn)
         .await
@@ -534,6 +571,7 @@ async fn live_applies_carry_on_during_a_rebuild_and_its_result_includes_them() {
         "the live read model took the new order during the rebuild"
     );
     drop(conn);
+    gate.open().await;
 
     let outcome = rebuild.await.unwrap().unwrap();
     assert_eq!(outcome.position, head);
@@ -548,6 +586,48 @@ async fn live_applies_carry_on_during_a_rebuild_and_its_result_includes_them() {
     .await
     .unwrap();
     assert_eq!(shadow, None, "the shadow schema is dropped");
+}
+
+/// Holds a rebuild of `order_summaries` at its first write of `order` to its shadow table,
+/// until [`RebuildGate::open`]: a check constraint on the live table, which the shadow copy
+/// takes over, waits there for an advisory lock the gate holds. Writes to the live table pass.
+async fn hold_a_rebuild_at(pool: &sqlx::PgPool, order: Uuid) -> RebuildGate {
+    const GATE: i64 = 0x6761_7465;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE FUNCTION rebuild_gate(t oid, id uuid) RETURNS boolean LANGUAGE plpgsql AS $$ \
+         BEGIN \
+           IF id = '{order}' AND (SELECT n.nspname FROM pg_class c \
+                                   JOIN pg_namespace n ON n.oid = c.relnamespace \
+                                   WHERE c.oid = t) LIKE 'projector_rebuild_%' THEN \
+             PERFORM pg_advisory_xact_lock_shared({GATE}); \
+           END IF; \
+           RETURN true; \
+         END $$; \
+         ALTER TABLE order_summaries ADD CONSTRAINT rebuild_gate \
+           CHECK (rebuild_gate(tableoid, order_id));"
+    )))
+    .execute(pool)
+    .await
+    .expect("install the rebuild gate");
+    let mut holder = pool.acquire().await.unwrap().detach();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(GATE)
+        .execute(&mut holder)
+        .await
+        .expect("close the gate");
+    RebuildGate(holder)
+}
+
+/// The closed gate of [`hold_a_rebuild_at`].
+struct RebuildGate(sqlx::PgConnection);
+
+impl RebuildGate {
+    /// Lets the rebuild go on.
+    async fn open(self) {
+        sqlx::Connection::close(self.0)
+            .await
+            .expect("open the gate");
+    }
 }
 
 /// A rebuild tells the listeners of the live read model nothing until its swap: its folds'
@@ -1323,8 +1403,8 @@ async fn an_event_of_a_newer_release_is_held_for_that_release_never_dead_lettere
             &format!("{projection} tried often"),
             || async move {
                 let holds =
-                    support::counter(port, "projector_newer_release_holds_total", projection).await;
-                (holds >= 10.0).then_some(())
+                    support::metric(port, "projector_newer_release_holds_total", projection).await;
+                holds.is_some_and(|holds| holds >= 10.0).then_some(())
             },
         )
         .await;
@@ -1844,8 +1924,8 @@ async fn an_instance_that_is_not_the_sweeper_exports_the_current_lag() {
             DEADLINE,
             &format!("{projection} exports a lag of {head}"),
             || async move {
-                let lag = support::counter(port, "projector_lag_events", projection).await;
-                (lag == head as f64).then_some(())
+                let lag = support::metric(port, "projector_lag_events", projection).await;
+                (lag == Some(head as f64)).then_some(())
             },
         )
         .await;
@@ -1856,9 +1936,10 @@ async fn an_instance_that_is_not_the_sweeper_exports_the_current_lag() {
             DEADLINE,
             &format!("{projection} exports no lag"),
             || async move {
-                let lag = support::counter(port, "projector_lag_events", projection).await;
-                let seconds = support::counter(port, "projector_lag_seconds", projection).await;
-                (lag == 0.0 && seconds == 0.0).then_some(())
+                // Exported as zero: a gauge that is missing is not a lag of zero.
+                let lag = support::metric(port, "projector_lag_events", projection).await;
+                let seconds = support::metric(port, "projector_lag_seconds", projection).await;
+                (lag == Some(0.0) && seconds == Some(0.0)).then_some(())
             },
         )
         .await;
@@ -1937,18 +2018,20 @@ async fn dlq_purge_all_and_replay_resolve_every_letter_beyond_the_first_page() {
 
 /// PostgreSQL stops answering new connections without refusing them (its host died, a
 /// fail-over moved its address) while another instance is the sweeper, so this one keeps
-/// opening a connection to try to lead: told to stop, it still stops, within its grace period,
-/// with every task let go.
+/// opening a connection to try to lead: on SIGTERM it waits for those tasks only until its
+/// grace period runs out, then stops them and exits 0, saying so.
 #[tokio::test]
-async fn a_projector_told_to_stop_while_postgresql_is_silent_stops_within_its_grace_period() {
+async fn a_projector_told_to_stop_while_postgresql_is_silent_stops_its_tasks_when_the_grace_runs_out()
+ {
     let w = World::new().await;
     let mut leader = w.pool().acquire().await.unwrap();
     for projection in ProjectionKind::ALL {
-        let _: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        let led: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(projection.sweeper_lock_key())
             .fetch_one(&mut *leader)
             .await
             .unwrap();
+        assert!(led, "{projection}: the test is the sweeper");
     }
     let proxy = support::HoldingProxy::start(w.pool().connect_options().get_port()).await;
     let direct_port = w.pool().connect_options().get_port();
@@ -1956,13 +2039,41 @@ async fn a_projector_told_to_stop_while_postgresql_is_silent_stops_within_its_gr
         w.db.url
             .replace(&format!(":{direct_port}/"), &format!(":{}/", proxy.port()));
     assert_ne!(url, w.db.url);
+    // A grace shorter than the sweepers' own wait for a connection to lead when told to stop
+    // (`sweeper::STOP_WAIT`, 2 s): only the grace running out ends them.
     let mut args = w.args("silenced", &["--shutdown-grace-secs", "1"]);
     let at = args.iter().position(|a| a == "--database-url").unwrap();
     args[at + 1] = url;
-    let cli = <projector::Cli as clap::Parser>::try_parse_from(args).unwrap();
-    let app = projector::Application::build(cli).await.unwrap();
-    let token = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(app.run_until_stopped(token.clone()));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_projector"))
+        .args(&args[1..])
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let log = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        })
+    };
+    let logged = |what: &'static str| {
+        let log = log.clone();
+        async move { log.lock().unwrap().contains(what).then_some(()) }
+    };
+    wait_until(DEADLINE, "the projector runs", || {
+        logged("projector running")
+    })
+    .await;
 
     proxy.hold_new_connections();
     wait_until(
@@ -1971,10 +2082,21 @@ async fn a_projector_told_to_stop_while_postgresql_is_silent_stops_within_its_gr
         || async { (proxy.held() >= 2).then_some(()) },
     )
     .await;
-    token.cancel();
-    tokio::time::timeout(DEADLINE, task)
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(DEADLINE, child.wait())
         .await
         .expect("the projector stops although PostgreSQL does not answer")
-        .unwrap()
         .unwrap();
+    reader.await.unwrap();
+    let log = log.lock().unwrap().clone();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(
+        log.contains("projections still busy after the grace period"),
+        "it did not stop for its grace running out:\n{log}"
+    );
 }

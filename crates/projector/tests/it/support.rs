@@ -306,9 +306,10 @@ pub async fn stop_refusing(pool: &PgPool) {
         .expect("drop the refusing trigger");
 }
 
-/// The value of counter `name` for `projection` on the `/metrics` of a projector listening on
-/// `port` (0 when it has no such sample yet).
-pub async fn counter(port: u16, name: &str, projection: ProjectionKind) -> f64 {
+/// The value of metric `name` for `projection` on the `/metrics` of a projector listening on
+/// `port`; `None` when it exports no such sample (not yet, or no longer), which a test must
+/// tell apart from a sample of 0.
+pub async fn metric(port: u16, name: &str, projection: ProjectionKind) -> Option<f64> {
     let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
         .await
         .expect("GET /metrics")
@@ -319,7 +320,6 @@ pub async fn counter(port: u16, name: &str, projection: ProjectionKind) -> f64 {
     text.lines()
         .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(&label))
         .find_map(|line| line.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// A TCP proxy to the local PostgreSQL that, once told to, accepts new connections and never
