@@ -198,6 +198,7 @@ pub async fn add_item(
         (status = 409, description = "`concurrency_conflict`: retries ran out", body = platform::Problem, content_type = "application/problem+json"),
         (status = 412, description = "`version_mismatch`: If-Match is stale", body = platform::Problem, content_type = "application/problem+json"),
         (status = 422, description = "`rule_violated` (with `rule`) or `idempotency_key_reused`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: a bug or damage (an unreadable stored event); logged, never detailed", body = platform::Problem, content_type = "application/problem+json"),
         (status = 503, description = "`store_unavailable`, `timeout`, `overloaded` (with Retry-After: too many requests at once), or `event_from_newer_release` (with Retry-After: the order holds an event written by a newer release than this instance, while a rollout is under way)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))

@@ -43,8 +43,14 @@ async fn the_openapi_document_lists_every_route_and_error_status() {
     for (path, method, success) in expected {
         let responses = &paths[path][method]["responses"];
         assert!(responses.get(success).is_some(), "{method} {path}");
-        for status in ["400", "401", "422", "503"] {
+        for status in ["400", "401", "412", "422", "500", "503"] {
             assert!(responses.get(status).is_some(), "{method} {path} {status}");
+        }
+        // Every command on an existing order.
+        if path != "/orders" {
+            for status in ["404", "409"] {
+                assert!(responses.get(status).is_some(), "{method} {path} {status}");
+            }
         }
     }
     for status in ["404", "409", "412", "413", "415"] {
