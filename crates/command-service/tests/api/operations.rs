@@ -215,13 +215,17 @@ async fn every_bound_the_openapi_document_declares_is_the_one_the_service_enforc
     };
     let too_long = cancel("r".repeat(MAX_TEXT_LEN + 1)).await.unwrap();
     assert_problem(too_long, 422, "rule_violated").await;
+    // `maxLength` counts characters, and so does the service: "é" is one, of two bytes.
+    let too_long = cancel("é".repeat(MAX_TEXT_LEN + 1)).await.unwrap();
+    let too_long = assert_problem(too_long, 422, "rule_violated").await;
+    assert_eq!(too_long["rule"], "text_too_long");
     // NUL cannot be stored at all; the pattern refuses every control character but line
     // breaks and tabs, and so does the service.
     let with_nul =
         assert_problem(cancel("r\u{0}".into()).await.unwrap(), 422, "rule_violated").await;
     assert_eq!(with_nul["rule"], "text_control_character");
     assert_eq!(
-        cancel("r".repeat(MAX_TEXT_LEN)).await.unwrap().status(),
+        cancel("é".repeat(MAX_TEXT_LEN)).await.unwrap().status(),
         200
     );
     app.stop().await;
