@@ -59,6 +59,15 @@ pub struct HandlerConfig {
     pub cache_capacity: usize,
 }
 
+/// What `If-Match` requires of the order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IfMatch {
+    /// `"<version>"`: the order is at exactly this version (0: it does not exist).
+    Version(i64),
+    /// `*`: the order exists, at any version (RFC 9110: "any current representation").
+    Any,
+}
+
 /// An `Idempotency-Key` and the hash of the request carrying it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyRequest {
@@ -72,8 +81,8 @@ pub struct IdempotencyRequest {
 pub struct CommandContext {
     /// Metadata stored with every event of the command.
     pub metadata: EventMetadata,
-    /// The version the client requires the order to be at (`If-Match`).
-    pub if_match: Option<i64>,
+    /// What the client requires of the order (`If-Match`).
+    pub if_match: Option<IfMatch>,
     pub idempotency: Option<IdempotencyRequest>,
 }
 
@@ -98,8 +107,10 @@ pub enum CommandError {
     AlreadyExists,
     #[error("{message}")]
     Rejected { rule: Rule, message: String },
-    #[error("the order is at version {actual}, not {expected}")]
-    VersionMismatch { expected: i64, actual: i64 },
+    /// `If-Match` does not hold: the order is at another version than the one named, or it
+    /// does not exist (`actual` 0) and `*` was given.
+    #[error("the order is at version {actual}, not the one If-Match requires ({expected:?})")]
+    VersionMismatch { expected: IfMatch, actual: i64 },
     #[error("the order kept changing concurrently; gave up after {attempts} attempts")]
     ConcurrencyConflict { attempts: u32 },
     #[error("this idempotency key was used with another request")]
@@ -262,9 +273,9 @@ impl CommandHandler {
                 Err(AttemptError::Conflict { actual }) => match context.if_match {
                     // At the client's version but not on the state this instance decided on
                     // (its chained append failed): decided again on the stored state.
-                    Some(expected) if actual != Some(expected) => {
+                    Some(IfMatch::Version(expected)) if actual != Some(expected) => {
                         return Err(CommandError::VersionMismatch {
-                            expected,
+                            expected: IfMatch::Version(expected),
                             actual: actual.unwrap_or(expected),
                         });
                     }
@@ -320,10 +331,25 @@ impl CommandHandler {
             let state = &order.state;
 
             let decided = match context.if_match {
-                Some(expected) if expected != state.version => Err(CommandError::VersionMismatch {
-                    expected,
-                    actual: state.version,
-                }),
+                Some(IfMatch::Version(expected)) if expected != state.version => {
+                    Err(CommandError::VersionMismatch {
+                        expected: IfMatch::Version(expected),
+                        actual: state.version,
+                    })
+                }
+                // `*` and no order: RFC 9110's "no current representation", 412. Only a create
+                // can get there: any other command on an unknown order is a 404 without the
+                // condition, and a server ignores preconditions when its answer would not be a
+                // success anyway (RFC 9110, 13.2.1).
+                Some(IfMatch::Any)
+                    if state.version == 0
+                        && matches!(command, OrderCommand::CreateOrder { .. }) =>
+                {
+                    Err(CommandError::VersionMismatch {
+                        expected: IfMatch::Any,
+                        actual: 0,
+                    })
+                }
                 _ => decide(state, command).map_err(CommandError::from),
             };
             let events = match decided {
@@ -331,7 +357,13 @@ impl CommandHandler {
                 Err(err) => {
                     if from_cache && !self.store_is_at(&stream_id, state.version).await {
                         *cached = None;
-                        return Err(AttemptError::Stale(err));
+                        // A create assumed new: decide again on the loaded order at once, as
+                        // when the store refuses its append.
+                        return Err(if assumed_new {
+                            AttemptError::NotNew
+                        } else {
+                            AttemptError::Stale(err)
+                        });
                     }
                     if assumed_new {
                         // Rejected before anything was known of the order: cache nothing.

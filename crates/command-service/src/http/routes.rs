@@ -98,7 +98,7 @@ fn command_header_params() -> Vec<utoipa::openapi::path::Parameter> {
     };
     let if_match = header(
         "If-Match",
-        "`\"<version>\"`: apply only at this version, else 412 (`\"0\"` on POST /orders: only if no order has this order_id); `*`: at any version (the order must exist)",
+        "`\"<version>\"`: apply only at this version, else 412 (`\"0\"` on POST /orders: only if no order has this order_id); `*`: at any version of an existing order (POST /orders: 412 when no order has this order_id, else the create's 409; the other routes: 404 as without it)",
         ObjectBuilder::new().pattern(Some(r#"^("[0-9]+"|\*)$"#)),
     );
     let rest = [
@@ -143,7 +143,7 @@ fn command_header_params() -> Vec<utoipa::openapi::path::Parameter> {
         (status = 409, description = "`order_exists`: an order with this order_id exists", body = platform::Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = platform::Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 412, description = "`version_mismatch`: If-Match names another version (`\"0\"`: the order exists)", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`version_mismatch`: If-Match names another version (`\"0\"`: the order exists), or is `*` and no order has this order_id", body = platform::Problem, content_type = "application/problem+json"),
         (status = 422, description = "`rule_violated` (with `rule`) or `idempotency_key_reused`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 500, description = "`internal`: a bug or damage; logged, never detailed", body = platform::Problem, content_type = "application/problem+json"),
         (status = 503, description = "`store_unavailable`, `timeout`, `overloaded` (with Retry-After: too many requests at once), or `event_from_newer_release` (with Retry-After: the order holds an event written by a newer release than this instance, while a rollout is under way)", body = platform::Problem, content_type = "application/problem+json"),
