@@ -90,6 +90,7 @@ impl Application {
                 cache_capacity: usize::try_from(config.commands.order_cache_capacity)
                     .unwrap_or(usize::MAX),
             },
+            http::error::rejection_answer,
         );
         let router = http::router(RouterParts {
             state: AppState { handler },

@@ -114,6 +114,15 @@ fn command_problem(err: &CommandError) -> Problem {
     }
 }
 
+/// What a refusal of a command is answered with, as the command handler records it under the
+/// request's `Idempotency-Key` to replay it: the problem's status and body.
+pub fn rejection_answer(err: &CommandError) -> (i16, serde_json::Value) {
+    let problem = command_problem(err);
+    let status = i16::try_from(problem.status().as_u16()).unwrap_or(500);
+    let body = serde_json::to_value(&problem).unwrap_or_default();
+    (status, body)
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         self.to_problem().into_response()
