@@ -3,10 +3,13 @@
 //! `shutdown` resolves, running the relay and the idempotency-key expiry beside the server.
 //!
 //! Shutdown order: serve on for `SHUTDOWN_DELAY_MS` with `/readyz` answering 503 (out of
-//! rotation), stop accepting and drain in-flight requests (bounded by
-//! `SHUTDOWN_GRACE_SECS`), then cancel the relay and the background tasks and wait for them.
-//! The group committer stops by itself once the router (its last handle) is dropped, after
-//! answering everything queued.
+//! rotation), stop accepting and drain in-flight requests, then cancel the relay and the
+//! background tasks, wait for them and close the pool. Everything after the delay shares one
+//! deadline, `SHUTDOWN_GRACE_SECS` from when draining began: whatever is still running then
+//! (a request, the relay, a query on a database that stopped answering) is abandoned with a
+//! warning and the service still returns `Ok` (exit 0), so that delay plus grace bound the
+//! whole stop, as `terminationGracePeriodSeconds` requires. The group committer stops by
+//! itself once the router (its last handle) is dropped, after answering everything queued.
 
 use std::future::Future;
 use std::time::Duration;
@@ -90,6 +93,7 @@ impl Application {
                 cache_capacity: usize::try_from(config.commands.order_cache_capacity)
                     .unwrap_or(usize::MAX),
             },
+            http::error::rejection_answer,
         );
         let router = http::router(RouterParts {
             state: AppState { handler },
@@ -176,6 +180,8 @@ impl Application {
         ));
 
         tracing::info!(addr = %config.listen_addr, port, relay = config.relay.relay_enabled, "listening");
+        let grace = config.common.shutdown_grace();
+        let (drain_began, drain_began_at) = tokio::sync::oneshot::channel();
         let stop = async move {
             tokio::select! {
                 () = shutdown => {}
@@ -185,24 +191,49 @@ impl Application {
         };
         let (router, stop) =
             shutdown::leave_rotation_first(router, stop, config.http.shutdown_delay());
-        let served =
-            shutdown::serve_with_grace(listener, router, stop, config.common.shutdown_grace())
-                .await;
+        let stop = async move {
+            stop.await;
+            let _ = drain_began.send(tokio::time::Instant::now());
+        };
+        let served = shutdown::serve_with_grace(listener, router, stop, grace).await;
 
+        // One deadline for everything after the delay. The server stopped on its own (an
+        // error) when draining never began.
+        let deadline = drain_began_at
+            .await
+            .unwrap_or_else(|_| tokio::time::Instant::now())
+            + grace;
         workers.cancel();
         let relay_result = match relay {
-            Some(task) => match tokio::time::timeout(config.common.shutdown_grace(), task).await {
+            Some(mut task) => match tokio::time::timeout_at(deadline, &mut task).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(join)) => Err(anyhow::anyhow!("the relay task panicked: {join}")),
                 Err(_) => {
-                    tracing::warn!("the relay did not stop within the grace period");
+                    tracing::warn!(
+                        grace_secs = grace.as_secs(),
+                        "the relay did not stop within the grace period (is PostgreSQL \
+                         answering?); abandoning it: the events it had not published are \
+                         published by the next relay"
+                    );
+                    task.abort();
                     Ok(())
                 }
             },
             None => Ok(()),
         };
-        let _ = expiry.await;
-        pool.close().await;
+        let mut expiry = expiry;
+        let rest = async {
+            let _ = (&mut expiry).await;
+            pool.close().await;
+        };
+        if tokio::time::timeout_at(deadline, rest).await.is_err() {
+            tracing::warn!(
+                grace_secs = grace.as_secs(),
+                "database work still running after the grace period (is PostgreSQL \
+                 answering?); exiting anyway"
+            );
+            expiry.abort();
+        }
         tracing::info!("stopped");
         served?;
         relay_result

@@ -20,7 +20,8 @@ pub const MAX_LINES: usize = 200;
 /// Longest SKU accepted, in bytes.
 pub const MAX_SKU_LEN: usize = 64;
 
-/// Longest free-text field (reason, carrier, tracking number, payment reference), in bytes.
+/// Longest free-text field (reason, carrier, tracking number, payment reference), in characters
+/// (Unicode scalar values, as JSON Schema's `maxLength` counts them), once trimmed.
 pub const MAX_TEXT_LEN: usize = 500;
 
 /// Active ISO 4217 alphabetic codes (fund and precious-metal codes excluded).

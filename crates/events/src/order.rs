@@ -282,10 +282,11 @@ fn required_text(field: &str, value: &str) -> Result<String, DomainError> {
     if trimmed.is_empty() {
         return reject(Rule::TextRequired, format!("`{field}` must not be empty"));
     }
-    if trimmed.len() > MAX_TEXT_LEN {
+    // Characters (Unicode scalar values), as JSON Schema's `maxLength` counts them: "é" is one.
+    if trimmed.chars().nth(MAX_TEXT_LEN).is_some() {
         return reject(
             Rule::TextTooLong,
-            format!("`{field}` is longer than {MAX_TEXT_LEN} bytes"),
+            format!("`{field}` is longer than {MAX_TEXT_LEN} characters"),
         );
     }
     // Line breaks and tabs are text; other control characters are not, and NUL (U+0000) cannot

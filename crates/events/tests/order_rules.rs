@@ -387,6 +387,33 @@ fn a_payment_needs_a_reference() {
 }
 
 #[test]
+fn free_text_is_measured_in_characters_not_bytes() {
+    let history = [created(), added("A", 2, 10), placed(20)];
+    let pay = |reference: String| OrderCommand::PayOrder {
+        amount: 20,
+        payment_reference: reference,
+    };
+    // Two-byte and four-byte characters at the limit: twice and four times as many bytes.
+    for character in ["é", "🦀"] {
+        let at_limit = format!("  {}  ", character.repeat(MAX_TEXT_LEN));
+        let events = then_events(&history, pay(at_limit));
+        assert_eq!(
+            events,
+            vec![OrderEvent::OrderPaid(OrderPaid {
+                amount: 20,
+                payment_reference: character.repeat(MAX_TEXT_LEN),
+            })],
+            "{character}"
+        );
+        then_rule(
+            &history,
+            pay(character.repeat(MAX_TEXT_LEN + 1)),
+            Rule::TextTooLong,
+        );
+    }
+}
+
+#[test]
 fn free_text_may_hold_line_breaks_but_no_other_control_character() {
     let history = [created(), added("A", 2, 10), placed(20)];
     for reference in ["ref\u{0}1", "ref\u{1b}[31m", "ref\u{7f}", "ref\u{85}x"] {

@@ -222,6 +222,12 @@ impl IntoResponse for Problem {
 pub struct ProblemCode(String);
 
 impl ProblemCode {
+    /// The code of a problem body sent without a [`Problem`] at hand (one stored earlier and
+    /// answered again).
+    pub fn new(code: impl Into<String>) -> Self {
+        Self(code.into())
+    }
+
     /// The stable code (`store_unavailable`, `not_found`, …).
     pub fn as_str(&self) -> &str {
         &self.0

@@ -66,9 +66,10 @@ struct StreamHead {
     last_event_id: Option<Uuid>,
 }
 
-/// A stored response for an `Idempotency-Key`, written atomically with the events. The store
-/// adds the append's `version` and `position` to `response_body` (an object) before storing it,
-/// since they are only known inside the append.
+/// A stored response for an `Idempotency-Key`. With an append it is written atomically with
+/// the events, and the store adds the append's `version` and `position` to `response_body` (an
+/// object) before storing it, since they are only known inside the append. A refusal is stored
+/// as given ([`crate::idempotency::record_first_answer`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct IdempotencyRecord {
     pub key: String,
@@ -235,7 +236,7 @@ pub(crate) async fn begin_append(
 
 /// What [`begin_append`] sends: BEGIN, the lock and the plan settings travel together, saving
 /// round trips on the serialised path.
-fn begin_statement() -> String {
+pub(crate) fn begin_statement() -> String {
     format!("BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY}); {CACHED_PLAN_SETTINGS}")
 }
 

@@ -12,7 +12,8 @@
 //!   store's history from a stream of another one).
 //! - [`snapshot`]: saving and loading snapshots, ignoring those of another state schema.
 //! - [`aggregate`]: loading an order's state from its latest valid snapshot plus later events.
-//! - [`idempotency`]: looking up the stored response of an `Idempotency-Key`.
+//! - [`idempotency`]: the stored first answer of an `Idempotency-Key`: looking it up, recording
+//!   a refusal (under the append lock), expiring old keys.
 //!
 //! # Invariants
 //! - Appends hold the transaction-scoped advisory lock [`append::APPEND_LOCK_KEY`] while they

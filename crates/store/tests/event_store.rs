@@ -580,6 +580,119 @@ async fn idempotency_records_are_stored_with_the_appended_version_and_position()
     );
 }
 
+fn refusal(key: &str, detail: &str) -> IdempotencyRecord {
+    IdempotencyRecord {
+        key: key.into(),
+        request_hash: vec![9],
+        response_status: 422,
+        response_body: serde_json::json!({ "code": "rule_violated", "detail": detail }),
+    }
+}
+
+async fn record_first_answer(
+    db: &TestDatabase,
+    record: &IdempotencyRecord,
+) -> Option<store::idempotency::StoredResponse> {
+    store::idempotency::record_first_answer(
+        &db.pool,
+        record,
+        store::DEFAULT_TRANSACTION_TIMEOUT,
+        std::future::pending(),
+    )
+    .await
+    .expect("recorded or found")
+}
+
+#[tokio::test]
+async fn a_refusal_becomes_a_keys_first_answer_only_when_the_key_has_none() {
+    let db = TestDatabase::new().await;
+    let first = refusal("key-r", "first");
+    assert_eq!(record_first_answer(&db, &first).await, None);
+    // A second refusal under the key finds the first, as stored.
+    let found = record_first_answer(&db, &refusal("key-r", "second"))
+        .await
+        .expect("the first answer");
+    assert_eq!(
+        (found.status, found.request_hash, found.body),
+        (422, vec![9], first.response_body.clone())
+    );
+    // An append with the key finds it taken and writes nothing.
+    let mut with_key = request("order-r", ExpectedVersion::Any, 1);
+    with_key.idempotency = Some(first);
+    assert!(matches!(
+        append_one(&db, with_key).await,
+        Err(AppendError::IdempotencyKeyTaken(key)) if key == "key-r"
+    ));
+    assert_eq!(
+        store::stream_version(&db.pool, "order-r")
+            .await
+            .expect("version"),
+        0
+    );
+}
+
+/// An append reads its keys under the append lock and inserts them when it commits: a refusal
+/// recorded in between would fail the whole group commit on the key's unique index. Recording
+/// takes the same lock, so it waits, then finds the append's answer.
+#[tokio::test]
+async fn a_refusal_recorded_while_an_append_holds_the_lock_waits_and_finds_the_appends_answer() {
+    let db = TestDatabase::new().await;
+    let mut append = begin_append_transaction(&db.pool).await.expect("begin");
+    let recording = tokio::spawn({
+        let pool = db.pool.clone();
+        async move {
+            store::idempotency::record_first_answer(
+                &pool,
+                &refusal("key-l", "refused"),
+                store::DEFAULT_TRANSACTION_TIMEOUT,
+                std::future::pending(),
+            )
+            .await
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+             WHERE d.datname = current_database() AND l.locktype = 'advisory' AND NOT l.granted",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .expect("query");
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the recording never waited for the append lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut with_key = request("order-l", ExpectedVersion::Exact(0), 1);
+    with_key.idempotency = Some(IdempotencyRecord {
+        response_status: 201,
+        response_body: serde_json::json!({ "order_id": "o" }),
+        ..refusal("key-l", "")
+    });
+    let outcome = store::append::append_within(&mut append, &[with_key])
+        .await
+        .expect("runs")
+        .remove(0)
+        .expect("appended");
+    append.commit().await.expect("commits");
+
+    let found = recording
+        .await
+        .expect("task")
+        .expect("recorded or found")
+        .expect("the append's answer");
+    assert_eq!(found.status, 201);
+    assert_eq!(
+        found.body,
+        serde_json::json!({ "order_id": "o", "version": 1, "position": outcome.last_position })
+    );
+}
+
 #[tokio::test]
 async fn the_events_table_refuses_updates_and_deletes() {
     let db = TestDatabase::new().await;

@@ -25,7 +25,21 @@
 //! `order_exists`, 412), without counting as a retry. The empty state is treated like a cached
 //! one: an answer decided from it is checked against the store first.
 //!
-//! This module never speaks HTTP; [`crate::http`] maps [`CommandError`] to problems.
+//! # Idempotency keys
+//! A command with an `Idempotency-Key` first looks the key up: a stored answer (success or
+//! refusal) is replayed, and the key with another request is refused. A success stores its
+//! answer in its append's transaction. A refusal decided on the store's state (a rule, an
+//! unknown order, `order_exists`, a failed `If-Match`) is recorded under the key as well, with
+//! `INSERT … ON CONFLICT DO NOTHING` under the append lock
+//! ([`store::idempotency::record_first_answer`]): when the key got an answer meanwhile (a
+//! concurrent request with it succeeded, and its success is why this one was refused), that
+//! answer is replayed instead. So every request with a key gets the key's first answer, and a
+//! repeat of a refused request does not run again on a state that has changed since. Transient
+//! failures (conflicts that outlasted the retries, an unavailable store) are not recorded: a
+//! repeat runs again.
+//!
+//! This module never speaks HTTP; [`crate::http`] maps [`CommandError`] to problems, and gives
+//! the handler the answer to record for a refusal ([`RejectionAnswer`]).
 
 pub mod cache;
 
@@ -59,6 +73,19 @@ pub struct HandlerConfig {
     pub cache_capacity: usize,
 }
 
+/// The status and body a refusal is answered with, recorded under its `Idempotency-Key` and
+/// replayed on a repeat. Given by the HTTP layer, which owns the error format.
+pub type RejectionAnswer = fn(&CommandError) -> (i16, serde_json::Value);
+
+/// What `If-Match` requires of the order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IfMatch {
+    /// `"<version>"`: the order is at exactly this version (0: it does not exist).
+    Version(i64),
+    /// `*`: the order exists, at any version (RFC 9110: "any current representation").
+    Any,
+}
+
 /// An `Idempotency-Key` and the hash of the request carrying it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyRequest {
@@ -72,8 +99,8 @@ pub struct IdempotencyRequest {
 pub struct CommandContext {
     /// Metadata stored with every event of the command.
     pub metadata: EventMetadata,
-    /// The version the client requires the order to be at (`If-Match`).
-    pub if_match: Option<i64>,
+    /// What the client requires of the order (`If-Match`).
+    pub if_match: Option<IfMatch>,
     pub idempotency: Option<IdempotencyRequest>,
 }
 
@@ -85,7 +112,8 @@ pub struct CommandOutcome {
     pub version: i64,
     /// Global position of the command's last event.
     pub position: i64,
-    /// Set when this was a repeat of an `Idempotency-Key`: the first response, to send again.
+    /// Set when this was a repeat of an `Idempotency-Key`: the first response, to send again
+    /// (a success, or a refusal with its problem body; `version` and `position` are then 0).
     pub replayed: Option<StoredResponse>,
 }
 
@@ -98,8 +126,10 @@ pub enum CommandError {
     AlreadyExists,
     #[error("{message}")]
     Rejected { rule: Rule, message: String },
-    #[error("the order is at version {actual}, not {expected}")]
-    VersionMismatch { expected: i64, actual: i64 },
+    /// `If-Match` does not hold: the order is at another version than the one named, or it
+    /// does not exist (`actual` 0) and `*` was given.
+    #[error("the order is at version {actual}, not the one If-Match requires ({expected:?})")]
+    VersionMismatch { expected: IfMatch, actual: i64 },
     #[error("the order kept changing concurrently; gave up after {attempts} attempts")]
     ConcurrencyConflict { attempts: u32 },
     #[error("this idempotency key was used with another request")]
@@ -132,6 +162,19 @@ impl CommandError {
             CommandError::NewerRelease(_) => "newer_release",
         }
     }
+
+    /// Whether this is a refusal decided on the order's state, which a repeat of the request
+    /// must be answered with again: a rule, an unknown order, an existing one, a failed
+    /// `If-Match`. Not a transient failure, which a repeat may get past.
+    fn is_decided(&self) -> bool {
+        matches!(
+            self,
+            CommandError::NotFound
+                | CommandError::AlreadyExists
+                | CommandError::Rejected { .. }
+                | CommandError::VersionMismatch { .. }
+        )
+    }
 }
 
 impl From<DomainError> for CommandError {
@@ -140,6 +183,24 @@ impl From<DomainError> for CommandError {
             DomainError::NotFound => CommandError::NotFound,
             DomainError::AlreadyExists => CommandError::AlreadyExists,
             DomainError::Rejected { rule, message } => CommandError::Rejected { rule, message },
+        }
+    }
+}
+
+/// How the attempts at a command ended when it did not succeed.
+struct Refusal {
+    error: CommandError,
+    /// Decided on the store's state (not on a cached one left unchecked when the retries ran
+    /// out): final, and recorded under the request's idempotency key when it
+    /// [`CommandError::is_decided`].
+    settled: bool,
+}
+
+impl Refusal {
+    fn settled(error: CommandError) -> Self {
+        Self {
+            error,
+            settled: true,
         }
     }
 }
@@ -173,6 +234,7 @@ struct Inner {
     committer: GroupCommitter,
     slots: OrderSlots,
     config: HandlerConfig,
+    rejection_answer: RejectionAnswer,
 }
 
 impl std::fmt::Debug for CommandHandler {
@@ -185,12 +247,14 @@ impl std::fmt::Debug for CommandHandler {
 }
 
 impl CommandHandler {
-    /// A handler appending through `committer` and reading from `pool`.
+    /// A handler appending through `committer` and reading from `pool`; a refusal of a
+    /// command with an `Idempotency-Key` is recorded as `rejection_answer` says it is answered.
     pub fn new(
         pool: PgPool,
         gate: DbGate,
         committer: GroupCommitter,
         config: HandlerConfig,
+        rejection_answer: RejectionAnswer,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -199,6 +263,7 @@ impl CommandHandler {
                 committer,
                 slots: OrderSlots::new(config.cache_capacity),
                 config,
+                rejection_answer,
             }),
         }
     }
@@ -235,38 +300,62 @@ impl CommandHandler {
         {
             return Ok(replay);
         }
+        match self.attempts(order_id, command, context).await {
+            Ok(outcome) => Ok(outcome),
+            Err(Refusal { error, settled }) => match &context.idempotency {
+                Some(idempotency) if settled && error.is_decided() => {
+                    self.record_refusal(order_id, idempotency, error).await
+                }
+                _ => Err(error),
+            },
+        }
+    }
+
+    /// The attempts at a command: the first, and the retries a conflict or a stale cached
+    /// state calls for.
+    async fn attempts(
+        &self,
+        order_id: Uuid,
+        command: &OrderCommand,
+        context: &CommandContext,
+    ) -> Result<CommandOutcome, Refusal> {
         let mut retries = 0u32;
         let mut reload = false;
         loop {
             let error = match self.attempt(order_id, command, context, reload).await {
                 Ok(outcome) => return Ok(outcome),
-                Err(AttemptError::Failed(err)) => return Err(err),
+                Err(AttemptError::Failed(err)) => return Err(Refusal::settled(err)),
                 Err(AttemptError::KeyTaken) => {
-                    // A concurrent request with the same key committed first: answer as a repeat.
+                    // A concurrent request with the same key was answered first (it committed,
+                    // or its refusal was recorded): answer as a repeat.
+                    let conflict = || CommandError::ConcurrencyConflict {
+                        attempts: retries + 1,
+                    };
                     let idempotency = context.idempotency.as_ref();
                     return match idempotency {
                         Some(idempotency) => {
-                            match self.stored_response(order_id, idempotency).await? {
+                            match self
+                                .stored_response(order_id, idempotency)
+                                .await
+                                .map_err(Refusal::settled)?
+                            {
                                 Some(replay) => Ok(replay),
-                                // Stored, then expired in between: vanishingly rare; let the client retry.
-                                None => Err(CommandError::ConcurrencyConflict {
-                                    attempts: retries + 1,
-                                }),
+                                // Stored, then expired in between: vanishingly rare; let the
+                                // client retry.
+                                None => Err(Refusal::settled(conflict())),
                             }
                         }
-                        None => Err(CommandError::ConcurrencyConflict {
-                            attempts: retries + 1,
-                        }),
+                        None => Err(Refusal::settled(conflict())),
                     };
                 }
                 Err(AttemptError::Conflict { actual }) => match context.if_match {
                     // At the client's version but not on the state this instance decided on
                     // (its chained append failed): decided again on the stored state.
-                    Some(expected) if actual != Some(expected) => {
-                        return Err(CommandError::VersionMismatch {
-                            expected,
+                    Some(IfMatch::Version(expected)) if actual != Some(expected) => {
+                        return Err(Refusal::settled(CommandError::VersionMismatch {
+                            expected: IfMatch::Version(expected),
                             actual: actual.unwrap_or(expected),
-                        });
+                        }));
                     }
                     _ => CommandError::ConcurrencyConflict {
                         attempts: retries + 1,
@@ -279,7 +368,11 @@ impl CommandHandler {
                 }
             };
             if retries >= self.inner.config.retries {
-                return Err(error);
+                // A conflict, or an answer from a cached state the store did not confirm.
+                return Err(Refusal {
+                    error,
+                    settled: false,
+                });
             }
             retries += 1;
             reload = true;
@@ -320,10 +413,25 @@ impl CommandHandler {
             let state = &order.state;
 
             let decided = match context.if_match {
-                Some(expected) if expected != state.version => Err(CommandError::VersionMismatch {
-                    expected,
-                    actual: state.version,
-                }),
+                Some(IfMatch::Version(expected)) if expected != state.version => {
+                    Err(CommandError::VersionMismatch {
+                        expected: IfMatch::Version(expected),
+                        actual: state.version,
+                    })
+                }
+                // `*` and no order: RFC 9110's "no current representation", 412. Only a create
+                // can get there: any other command on an unknown order is a 404 without the
+                // condition, and a server ignores preconditions when its answer would not be a
+                // success anyway (RFC 9110, 13.2.1).
+                Some(IfMatch::Any)
+                    if state.version == 0
+                        && matches!(command, OrderCommand::CreateOrder { .. }) =>
+                {
+                    Err(CommandError::VersionMismatch {
+                        expected: IfMatch::Any,
+                        actual: 0,
+                    })
+                }
                 _ => decide(state, command).map_err(CommandError::from),
             };
             let events = match decided {
@@ -331,7 +439,13 @@ impl CommandHandler {
                 Err(err) => {
                     if from_cache && !self.store_is_at(&stream_id, state.version).await {
                         *cached = None;
-                        return Err(AttemptError::Stale(err));
+                        // A create assumed new: decide again on the loaded order at once, as
+                        // when the store refuses its append.
+                        return Err(if assumed_new {
+                            AttemptError::NotNew
+                        } else {
+                            AttemptError::Stale(err)
+                        });
                     }
                     if assumed_new {
                         // Rejected before anything was known of the order: cache nothing.
@@ -448,6 +562,55 @@ impl CommandHandler {
         }
     }
 
+    /// Records `error`, a refusal decided on the store's state, as the first answer to the
+    /// request's idempotency key, and answers it; or, when the key has an answer already (a
+    /// concurrent request with it got there first), answers that one as a repeat.
+    async fn record_refusal(
+        &self,
+        order_id: Uuid,
+        idempotency: &IdempotencyRequest,
+        error: CommandError,
+    ) -> Result<CommandOutcome, CommandError> {
+        let (status, body) = (self.inner.rejection_answer)(&error);
+        let record = IdempotencyRecord {
+            key: idempotency.key.clone(),
+            request_hash: idempotency.request_hash.clone(),
+            response_status: status,
+            response_body: body,
+        };
+        // A write: like an append, it stops waiting for a connection when the database is known
+        // to be unreachable, but is never cut once it has begun.
+        let mut shut = self.inner.gate.shut_state();
+        let unreachable = async move {
+            if shut.wait_for(|shut| *shut).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let recorded = store::idempotency::record_first_answer(
+            &self.inner.pool,
+            &record,
+            store::DEFAULT_TRANSACTION_TIMEOUT,
+            unreachable,
+        )
+        .await
+        .map_err(|err| {
+            // Answering the refusal unrecorded would let a repeat run again on a changed
+            // order; a retry of this request settles it instead.
+            let unavailable = platform::db::is_unavailable(&err);
+            log_store_failure(
+                unavailable,
+                &err,
+                order_id,
+                "cannot record the refusal under its idempotency key",
+            );
+            store_failure(unavailable, &err)
+        })?;
+        match recorded {
+            None => Err(error),
+            Some(stored) => replay(order_id, idempotency, stored),
+        }
+    }
+
     /// Whether the stream is at `version` in the store; `false` when the store cannot tell.
     async fn store_is_at(&self, stream_id: &str, version: i64) -> bool {
         match store::stream_version(&self.inner.pool, stream_id).await {
@@ -459,7 +622,7 @@ impl CommandHandler {
         }
     }
 
-    /// The replay of a stored `Idempotency-Key` response, or `None` when the key is new.
+    /// The replay of a stored `Idempotency-Key` answer, or `None` when the key is new.
     async fn stored_response(
         &self,
         order_id: Uuid,
@@ -481,19 +644,10 @@ impl CommandHandler {
                 );
                 store_failure(unavailable, &err)
             })?;
-        let Some(stored) = stored else {
-            return Ok(None);
-        };
-        if stored.request_hash != idempotency.request_hash {
-            return Err(CommandError::IdempotencyKeyReused);
+        match stored {
+            Some(stored) => replay(order_id, idempotency, stored).map(Some),
+            None => Ok(None),
         }
-        let number = |name: &str| stored.body.get(name).and_then(|v| v.as_i64()).unwrap_or(0);
-        Ok(Some(CommandOutcome {
-            order_id,
-            version: number("version"),
-            position: number("position"),
-            replayed: Some(stored),
-        }))
     }
 
     /// Saves a snapshot in the background when the append took the order across a multiple of
@@ -516,6 +670,25 @@ impl CommandHandler {
             }
         });
     }
+}
+
+/// The answer to a request whose key has `stored` as its first answer: that answer again (a
+/// success or a refusal), or 422 when the key was used with another request.
+fn replay(
+    order_id: Uuid,
+    idempotency: &IdempotencyRequest,
+    stored: StoredResponse,
+) -> Result<CommandOutcome, CommandError> {
+    if stored.request_hash != idempotency.request_hash {
+        return Err(CommandError::IdempotencyKeyReused);
+    }
+    let number = |name: &str| stored.body.get(name).and_then(|v| v.as_i64()).unwrap_or(0);
+    Ok(CommandOutcome {
+        order_id,
+        version: number("version"),
+        position: number("position"),
+        replayed: Some(stored),
+    })
 }
 
 /// The HTTP status of a command's success: 201 for a created order, 200 otherwise.

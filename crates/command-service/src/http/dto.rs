@@ -57,7 +57,7 @@ pub struct PayOrderRequest {
     /// Must equal the order total, in minor units.
     #[schema(example = 2500, minimum = 0, maximum = 9_007_199_254_740_991_i64)]
     pub amount: i64,
-    /// Free text: not blank, at most 500 bytes once trimmed, no control characters but line breaks and tabs.
+    /// Free text: not blank, at most 500 characters once trimmed, no control characters but line breaks and tabs.
     #[schema(
         example = "psp-8f2c",
         pattern = r"^[^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*[^\s\x00-\x1F\x7F-\x9F][^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*$",
@@ -69,14 +69,14 @@ pub struct PayOrderRequest {
 /// `POST /orders/{id}/ship`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ShipOrderRequest {
-    /// Free text: not blank, at most 500 bytes once trimmed, no control characters but line breaks and tabs.
+    /// Free text: not blank, at most 500 characters once trimmed, no control characters but line breaks and tabs.
     #[schema(
         example = "DHL",
         pattern = r"^[^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*[^\s\x00-\x1F\x7F-\x9F][^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*$",
         max_length = 500
     )]
     pub carrier: String,
-    /// Free text: not blank, at most 500 bytes once trimmed, no control characters but line breaks and tabs.
+    /// Free text: not blank, at most 500 characters once trimmed, no control characters but line breaks and tabs.
     #[schema(
         example = "JJD000390007",
         pattern = r"^[^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*[^\s\x00-\x1F\x7F-\x9F][^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*$",
@@ -88,7 +88,7 @@ pub struct ShipOrderRequest {
 /// `POST /orders/{id}/cancel`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CancelOrderRequest {
-    /// Free text: not blank, at most 500 bytes once trimmed, no control characters but line breaks and tabs.
+    /// Free text: not blank, at most 500 characters once trimmed, no control characters but line breaks and tabs.
     #[schema(
         example = "customer changed their mind",
         pattern = r"^[^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*[^\s\x00-\x1F\x7F-\x9F][^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*$",

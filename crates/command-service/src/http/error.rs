@@ -7,7 +7,7 @@
 //! | 401 | `unauthorized` |
 //! | 404 | `order_not_found`, `not_found` (no such route) |
 //! | 409 | `order_exists`, `concurrency_conflict` |
-//! | 412 | `version_mismatch` |
+//! | 412 | `version_mismatch` (`If-Match` names another version, or `*` and no order exists) |
 //! | 413 | `payload_too_large` |
 //! | 415 | `unsupported_media_type` |
 //! | 422 | `rule_violated` (with `rule`), `idempotency_key_reused` |
@@ -17,7 +17,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use platform::Problem;
 
-use crate::commands::CommandError;
+use crate::commands::{CommandError, IfMatch};
 
 /// Seconds a client should wait before retrying after a 503 `store_unavailable`.
 const STORE_RETRY_AFTER_SECS: u64 = 1;
@@ -79,14 +79,21 @@ fn command_problem(err: &CommandError) -> Problem {
                 .with_detail(message.clone())
                 .with_extension("rule", rule.code())
         }
-        CommandError::VersionMismatch { expected, actual } => {
-            Problem::new(StatusCode::PRECONDITION_FAILED, "version_mismatch")
-                .with_detail(format!(
-                    "the order is at version {actual}, not the version {expected} given in If-Match"
-                ))
-                .with_extension("expected_version", expected)
-                .with_extension("actual_version", actual)
-        }
+        CommandError::VersionMismatch {
+            expected: IfMatch::Version(expected),
+            actual,
+        } => Problem::new(StatusCode::PRECONDITION_FAILED, "version_mismatch")
+            .with_detail(format!(
+                "the order is at version {actual}, not the version {expected} given in If-Match"
+            ))
+            .with_extension("expected_version", expected)
+            .with_extension("actual_version", actual),
+        CommandError::VersionMismatch {
+            expected: IfMatch::Any,
+            actual,
+        } => Problem::new(StatusCode::PRECONDITION_FAILED, "version_mismatch")
+            .with_detail("no order with this id exists, and If-Match: * requires one")
+            .with_extension("actual_version", actual),
         CommandError::ConcurrencyConflict { attempts } => {
             Problem::new(StatusCode::CONFLICT, "concurrency_conflict").with_detail(format!(
                 "the order was changed concurrently {attempts} times in a row; retry the request"
@@ -105,6 +112,15 @@ fn command_problem(err: &CommandError) -> Problem {
         CommandError::StoreFailed(_) => Problem::internal(),
         CommandError::NewerRelease(cause) => Problem::event_from_newer_release(cause),
     }
+}
+
+/// What a refusal of a command is answered with, as the command handler records it under the
+/// request's `Idempotency-Key` to replay it: the problem's status and body.
+pub fn rejection_answer(err: &CommandError) -> (i16, serde_json::Value) {
+    let problem = command_problem(err);
+    let status = i16::try_from(problem.status().as_u16()).unwrap_or(500);
+    let body = serde_json::to_value(&problem).unwrap_or_default();
+    (status, body)
 }
 
 impl IntoResponse for ApiError {

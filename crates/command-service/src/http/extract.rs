@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::MAX_IDEMPOTENCY_KEY_LEN;
 use super::error::ApiError;
+use crate::commands::IfMatch;
 
 /// A JSON body (with our problem rejections: 400, 413, 415) and the bytes it was read from.
 #[derive(Debug)]
@@ -98,8 +99,8 @@ async fn parse_json<T: DeserializeOwned, S: Send + Sync>(
 #[derive(Debug, Clone)]
 pub struct CommandHeaders {
     pub context: RequestContext,
-    /// The version in `If-Match: "<version>"` (none for `If-Match: *`, any version).
-    pub if_match: Option<i64>,
+    /// `If-Match`: one version, or `*` (the order must exist).
+    pub if_match: Option<IfMatch>,
     pub idempotency_key: Option<String>,
     /// `METHOD path`, hashed with the body for `Idempotency-Key`.
     pub method_and_path: String,
@@ -115,16 +116,15 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
         let Ok(context) = RequestContext::from_request_parts(parts, state).await;
         let if_match = match parts.headers.get(header::IF_MATCH) {
             None => None,
-            // "Any current version" (RFC 9110): the order must exist, which every command on an
-            // order requires anyway (404 otherwise), so it adds no condition.
-            Some(value) if value.as_bytes().trim_ascii() == b"*" => None,
-            Some(value) => Some(
+            // "Any current representation" (RFC 9110): the order must exist.
+            Some(value) if value.as_bytes().trim_ascii() == b"*" => Some(IfMatch::Any),
+            Some(value) => Some(IfMatch::Version(
                 value
                     .to_str()
                     .ok()
                     .and_then(parse_if_match)
                     .ok_or(ApiError::InvalidIfMatch)?,
-            ),
+            )),
         };
         let idempotency_key = match parts.headers.get(IDEMPOTENCY_KEY_HEADER) {
             None => None,

@@ -16,6 +16,8 @@ use super::dto::{
 use super::error::ApiError;
 use super::extract::{CommandBody, CommandHeaders, OptionalBody};
 use crate::commands::{CommandContext, CommandOutcome, IdempotencyRequest};
+use platform::problem::ProblemCode;
+use store::idempotency::StoredResponse;
 
 /// Header set on a response replayed for a repeated `Idempotency-Key`.
 pub const IDEMPOTENT_REPLAYED_HEADER: &str = "idempotent-replayed";
@@ -98,13 +100,13 @@ fn command_header_params() -> Vec<utoipa::openapi::path::Parameter> {
     };
     let if_match = header(
         "If-Match",
-        "`\"<version>\"`: apply only at this version, else 412 (`\"0\"` on POST /orders: only if no order has this order_id); `*`: at any version (the order must exist)",
+        "`\"<version>\"`: apply only at this version, else 412 (`\"0\"` on POST /orders: only if no order has this order_id); `*`: at any version of an existing order (POST /orders: 412 when no order has this order_id, else the create's 409; the other routes: 404 as without it)",
         ObjectBuilder::new().pattern(Some(r#"^("[0-9]+"|\*)$"#)),
     );
     let rest = [
         header(
             "Idempotency-Key",
-            "Makes a retry safe: a repeat with the same key and body returns the first response",
+            "Makes a retry safe: a repeat with the same key, method, path and body returns the first response (`Idempotent-Replayed: true`) and appends nothing, whether it was a success or a refusal decided on the order (404, 409 `order_exists`, 412, 422 `rule_violated`); a 409 `concurrency_conflict` or a 5xx is not kept, so a repeat runs again. The same key with another request is 422 `idempotency_key_reused`",
             ObjectBuilder::new()
                 .min_length(Some(1))
                 .max_length(Some(super::MAX_IDEMPOTENCY_KEY_LEN))
@@ -143,7 +145,7 @@ fn command_header_params() -> Vec<utoipa::openapi::path::Parameter> {
         (status = 409, description = "`order_exists`: an order with this order_id exists", body = platform::Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = platform::Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 412, description = "`version_mismatch`: If-Match names another version (`\"0\"`: the order exists)", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`version_mismatch`: If-Match names another version (`\"0\"`: the order exists), or is `*` and no order has this order_id", body = platform::Problem, content_type = "application/problem+json"),
         (status = 422, description = "`rule_violated` (with `rule`) or `idempotency_key_reused`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 500, description = "`internal`: a bug or damage; logged, never detailed", body = platform::Problem, content_type = "application/problem+json"),
         (status = 503, description = "`store_unavailable`, `timeout`, `overloaded` (with Retry-After: too many requests at once), or `event_from_newer_release` (with Retry-After: the order holds an event written by a newer release than this instance, while a rollout is under way)", body = platform::Problem, content_type = "application/problem+json"),
@@ -198,6 +200,7 @@ pub async fn add_item(
         (status = 409, description = "`concurrency_conflict`: retries ran out", body = platform::Problem, content_type = "application/problem+json"),
         (status = 412, description = "`version_mismatch`: If-Match is stale", body = platform::Problem, content_type = "application/problem+json"),
         (status = 422, description = "`rule_violated` (with `rule`) or `idempotency_key_reused`", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: a bug or damage (an unreadable stored event); logged, never detailed", body = platform::Problem, content_type = "application/problem+json"),
         (status = 503, description = "`store_unavailable`, `timeout`, `overloaded` (with Retry-After: too many requests at once), or `event_from_newer_release` (with Retry-After: the order holds an event written by a newer release than this instance, while a rollout is under way)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
@@ -356,6 +359,8 @@ fn command_metadata(context: &platform::http::RequestContext) -> EventMetadata {
 
 fn respond(created: bool, outcome: CommandOutcome) -> Response {
     let (status, body, replayed) = match outcome.replayed {
+        // A refusal recorded as the key's first answer: its problem, again.
+        Some(stored) if stored.status >= 400 => return replayed_problem(stored),
         Some(stored) => (
             StatusCode::from_u16(stored.status as u16).unwrap_or(StatusCode::OK),
             stored.body,
@@ -394,6 +399,35 @@ fn respond(created: bool, outcome: CommandOutcome) -> Response {
             HeaderName::from_static(IDEMPOTENT_REPLAYED_HEADER),
             HeaderValue::from_static("true"),
         );
+    }
+    response
+}
+
+/// A refusal stored under an `Idempotency-Key`, answered again: its status and problem body,
+/// with `Idempotent-Replayed: true`.
+fn replayed_problem(stored: StoredResponse) -> Response {
+    let status =
+        StatusCode::from_u16(stored.status as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let code = stored
+        .body
+        .get("code")
+        .and_then(|code| code.as_str())
+        .map(ProblemCode::new);
+    let mut response = (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(platform::problem::CONTENT_TYPE),
+        )],
+        stored.body.to_string(),
+    )
+        .into_response();
+    response.headers_mut().insert(
+        HeaderName::from_static(IDEMPOTENT_REPLAYED_HEADER),
+        HeaderValue::from_static("true"),
+    );
+    if let Some(code) = code {
+        response.extensions_mut().insert(code);
     }
     response
 }

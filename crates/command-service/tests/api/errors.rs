@@ -88,8 +88,23 @@ async fn if_match_star_applies_at_any_version_of_an_existing_order_only() {
         let body: serde_json::Value = response.json().await.unwrap();
         assert_eq!(body["version"], version);
     }
+    // On a route whose answer without the condition is 404, the condition does not change it.
     let response = add(Uuid::new_v4(), "A").await.unwrap();
     assert_problem(response, 404, "order_not_found").await;
+
+    // A create needs an existing order too: 412 when there is none, which creates nothing,
+    // and the create's own 409 when there is one.
+    let create = |order: Uuid| {
+        app.post("/orders")
+            .header("if-match", "*")
+            .json(&json!({ "customer_id": Uuid::new_v4(), "currency": "EUR", "order_id": order }))
+            .send()
+    };
+    let new_order = Uuid::new_v4();
+    let body = assert_problem(create(new_order).await.unwrap(), 412, "version_mismatch").await;
+    assert_eq!(body["actual_version"], 0);
+    assert_eq!(app.event_count(new_order).await, 0);
+    assert_problem(create(order_id).await.unwrap(), 409, "order_exists").await;
 }
 
 #[tokio::test]

@@ -157,6 +157,21 @@ impl TestApp {
         .collect()
     }
 
+    /// Stops the server gracefully and waits up to 15 s for it to return; panics unless it
+    /// returned `Ok` (what the binary turns into exit 0) by then.
+    pub async fn stop_within_deadline(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            tokio::time::timeout(Duration::from_secs(15), server)
+                .await
+                .expect("the service stops within the deadline")
+                .unwrap()
+                .expect("the service stops cleanly");
+        }
+    }
+
     /// Stops the server gracefully and waits for it.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {

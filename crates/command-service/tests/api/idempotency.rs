@@ -1,11 +1,12 @@
-//! `Idempotency-Key`: a repeat replays the first response; another request with the key is 422.
+//! `Idempotency-Key`: a repeat replays the first response (a success or a refusal decided on the
+//! order); another request with the key is 422.
 
 #![allow(clippy::unwrap_used)]
 
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{assert_problem, spawn_app};
+use crate::helpers::{assert_problem, spawn_app, spawn_app_on, spawn_app_with};
 
 #[tokio::test]
 async fn repeating_a_request_with_the_same_key_replays_the_first_response_and_appends_nothing() {
@@ -92,4 +93,223 @@ async fn concurrent_requests_with_one_key_append_once() {
         assert_eq!(body["version"], 2);
     }
     assert_eq!(app.event_count(order_id).await, 2);
+}
+
+/// Sends `send()` `n` times at once and returns each answer's status, replay header and body.
+async fn all_at_once<F, Fut>(n: usize, send: F) -> Vec<(u16, bool, Value)>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+{
+    let responses = futures::future::join_all((0..n).map(send)).await;
+    let mut answers = Vec::new();
+    for response in responses {
+        let response = response.unwrap();
+        let status = response.status().as_u16();
+        let replayed = response.headers().get("idempotent-replayed").is_some();
+        answers.push((status, replayed, response.json().await.unwrap()));
+    }
+    answers
+}
+
+/// Every answer is `status` with one body, and exactly one of them is not a replay.
+fn one_first_answer(step: &str, answers: &[(u16, bool, Value)], status: u16) -> Value {
+    for (got, _, body) in answers {
+        assert_eq!(*got, status, "{step}: {body}");
+        assert_eq!(body, &answers[0].2, "{step}");
+    }
+    let first = answers.iter().filter(|(_, replayed, _)| !replayed).count();
+    assert_eq!(first, 1, "{step}: one request ran, the others were repeats");
+    answers[0].2.clone()
+}
+
+/// Repeats racing the first request of a command that a second run would refuse (the order
+/// has moved on): each gets the first response, on one instance or two.
+#[tokio::test]
+async fn concurrent_repeats_of_a_command_a_second_run_would_refuse_all_get_the_first_response() {
+    let first = spawn_app().await;
+    let second = spawn_app_on(std::sync::Arc::clone(&first.db), &[]).await;
+    let apps = [&first, &second];
+    let app = |i: usize| apps[i % 2];
+    const N: usize = 8;
+
+    let order_id = Uuid::new_v4();
+    let create = json!({ "customer_id": Uuid::new_v4(), "currency": "EUR", "order_id": order_id });
+    let answers = all_at_once(N, |i| {
+        app(i)
+            .post("/orders")
+            .header("idempotency-key", "race-create")
+            .json(&create)
+            .send()
+    })
+    .await;
+    one_first_answer("create", &answers, 201);
+    assert_eq!(first.event_count(order_id).await, 1);
+    assert_eq!(first.add_item(order_id, "A", 2, 10).await.status(), 200);
+
+    let steps = [
+        ("place", json!({})),
+        ("pay", json!({ "amount": 20, "payment_reference": "psp-1" })),
+        (
+            "ship",
+            json!({ "carrier": "DHL", "tracking_number": "T-1" }),
+        ),
+    ];
+    for (version, (step, body)) in (3..).zip(steps) {
+        let path = format!("/orders/{order_id}/{step}");
+        let key = format!("race-{step}");
+        let answers = all_at_once(N, |i| {
+            app(i)
+                .post(&path)
+                .header("idempotency-key", key.as_str())
+                .json(&body)
+                .send()
+        })
+        .await;
+        let answer = one_first_answer(step, &answers, 200);
+        assert_eq!(answer["version"], version, "{step}");
+        assert_eq!(first.event_count(order_id).await, version, "{step}");
+    }
+
+    let other = first.create_order().await;
+    let answers = all_at_once(N, |i| {
+        app(i)
+            .post(&format!("/orders/{other}/cancel"))
+            .header("idempotency-key", "race-cancel")
+            .json(&json!({ "reason": "changed my mind" }))
+            .send()
+    })
+    .await;
+    one_first_answer("cancel", &answers, 200);
+    assert_eq!(first.event_count(other).await, 2);
+}
+
+#[tokio::test]
+async fn a_request_refused_by_a_rule_is_refused_again_on_a_repeat_after_the_order_changed() {
+    let app = spawn_app().await;
+    let order_id = app.create_order().await;
+    let place = |key: &'static str| {
+        app.post(&format!("/orders/{order_id}/place"))
+            .header("idempotency-key", key)
+            .send()
+    };
+    let response = place("place-1").await.unwrap();
+    assert!(response.headers().get("idempotent-replayed").is_none());
+    let refused = assert_problem(response, 422, "rule_violated").await;
+    assert_eq!(refused["rule"], "place_needs_items");
+
+    // The order could be placed now, but the repeat gets the first answer and appends nothing.
+    assert_eq!(app.add_item(order_id, "A", 1, 10).await.status(), 200);
+    let response = place("place-1").await.unwrap();
+    assert_eq!(response.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        assert_problem(response, 422, "rule_violated").await,
+        refused
+    );
+    assert_eq!(app.event_count(order_id).await, 2);
+
+    // The same key with another request is still refused as such.
+    let response = app
+        .post(&format!("/orders/{order_id}/cancel"))
+        .header("idempotency-key", "place-1")
+        .json(&json!({ "reason": "no" }))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 422, "idempotency_key_reused").await;
+    // A new request places it.
+    assert_eq!(place("place-2").await.unwrap().status(), 200);
+}
+
+/// 404, 412 and 409 `order_exists` are first answers too, replayed to a repeat; a conflict that
+/// outlasted the retries is not an answer about the request, and a repeat runs again.
+#[tokio::test]
+async fn precondition_refusals_are_replayed_to_a_repeat_but_a_conflict_is_not() {
+    let app = spawn_app_with(&[("command-retries", "0")]).await;
+    let order_id = Uuid::new_v4();
+    let add = |key: &'static str, if_match: Option<&'static str>| {
+        let mut request = app
+            .post(&format!("/orders/{order_id}/items"))
+            .header("idempotency-key", key);
+        if let Some(version) = if_match {
+            request = request.header("if-match", version);
+        }
+        request
+            .json(&json!({ "sku": "A", "quantity": 1, "unit_price": 10 }))
+            .send()
+    };
+    let not_found = assert_problem(add("early", None).await.unwrap(), 404, "order_not_found").await;
+    let create = json!({ "customer_id": Uuid::new_v4(), "currency": "EUR", "order_id": order_id });
+    assert_eq!(
+        app.post("/orders")
+            .json(&create)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    let response = add("early", None).await.unwrap();
+    assert_eq!(response.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        assert_problem(response, 404, "order_not_found").await,
+        not_found
+    );
+
+    let stale = assert_problem(
+        add("stale", Some("\"2\"")).await.unwrap(),
+        412,
+        "version_mismatch",
+    )
+    .await;
+    assert_eq!(app.add_item(order_id, "B", 1, 10).await.status(), 200);
+    // At version 2 now, which the repeat names: still the first answer.
+    let response = add("stale", Some("\"2\"")).await.unwrap();
+    assert_eq!(response.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        assert_problem(response, 412, "version_mismatch").await,
+        stale
+    );
+
+    let send_create = || {
+        app.post("/orders")
+            .header("idempotency-key", "create-again")
+            .json(&create)
+            .send()
+    };
+    let exists = assert_problem(send_create().await.unwrap(), 409, "order_exists").await;
+    let response = send_create().await.unwrap();
+    assert_eq!(response.headers()["idempotent-replayed"], "true");
+    assert_eq!(assert_problem(response, 409, "order_exists").await, exists);
+    assert_eq!(app.event_count(order_id).await, 2);
+
+    // Another writer moves the order on behind the instance's back: with no retries the
+    // command is a 409 conflict, which is not recorded, so its repeat runs and applies.
+    store::append_batch(
+        &app.db.pool,
+        &[store::AppendRequest {
+            stream_id: events::order_stream_id(order_id),
+            expected: store::ExpectedVersion::Exact(2),
+            events: vec![
+                events::OrderEvent::ItemAdded(
+                    serde_json::from_value(
+                        json!({ "sku": "SIDE", "quantity": 1, "unit_price": 5 }),
+                    )
+                    .unwrap(),
+                )
+                .to_new_event(events::EventMetadata::default()),
+            ],
+            idempotency: None,
+        }],
+    )
+    .await
+    .unwrap()
+    .remove(0)
+    .unwrap();
+    let conflict = add("after-conflict", None).await.unwrap();
+    assert_problem(conflict, 409, "concurrency_conflict").await;
+    let response = add("after-conflict", None).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().get("idempotent-replayed").is_none());
+    assert_eq!(app.event_count(order_id).await, 4);
 }

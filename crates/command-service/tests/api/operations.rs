@@ -4,7 +4,11 @@
 
 use serde_json::Value;
 
-use crate::helpers::{TestApp, assert_problem, spawn_app};
+use std::sync::Arc;
+
+use store::testing::TestDatabase;
+
+use crate::helpers::{TestApp, assert_problem, spawn_app, spawn_app_on, wait_until};
 
 #[tokio::test]
 async fn healthz_and_readyz_answer_200() {
@@ -43,8 +47,14 @@ async fn the_openapi_document_lists_every_route_and_error_status() {
     for (path, method, success) in expected {
         let responses = &paths[path][method]["responses"];
         assert!(responses.get(success).is_some(), "{method} {path}");
-        for status in ["400", "401", "422", "503"] {
+        for status in ["400", "401", "412", "422", "500", "503"] {
             assert!(responses.get(status).is_some(), "{method} {path} {status}");
+        }
+        // Every command on an existing order.
+        if path != "/orders" {
+            for status in ["404", "409"] {
+                assert!(responses.get(status).is_some(), "{method} {path} {status}");
+            }
         }
     }
     for status in ["404", "409", "412", "413", "415"] {
@@ -209,14 +219,55 @@ async fn every_bound_the_openapi_document_declares_is_the_one_the_service_enforc
     };
     let too_long = cancel("r".repeat(MAX_TEXT_LEN + 1)).await.unwrap();
     assert_problem(too_long, 422, "rule_violated").await;
+    // `maxLength` counts characters, and so does the service: "é" is one, of two bytes.
+    let too_long = cancel("é".repeat(MAX_TEXT_LEN + 1)).await.unwrap();
+    let too_long = assert_problem(too_long, 422, "rule_violated").await;
+    assert_eq!(too_long["rule"], "text_too_long");
     // NUL cannot be stored at all; the pattern refuses every control character but line
     // breaks and tabs, and so does the service.
     let with_nul =
         assert_problem(cancel("r\u{0}".into()).await.unwrap(), 422, "rule_violated").await;
     assert_eq!(with_nul["rule"], "text_control_character");
     assert_eq!(
-        cancel("r".repeat(MAX_TEXT_LEN)).await.unwrap().status(),
+        cancel("é".repeat(MAX_TEXT_LEN)).await.unwrap().status(),
         200
     );
     app.stop().await;
+}
+
+/// Database work that never ends (here the key expiry's `DELETE`, waiting on a row another
+/// session holds: to the service, the same as PostgreSQL not answering) does not hold the
+/// shutdown: told to stop, the service abandons it at the end of its grace period and still
+/// stops cleanly (exit 0).
+#[tokio::test]
+async fn database_work_still_running_at_the_end_of_the_grace_period_does_not_hold_the_shutdown() {
+    let db = Arc::new(TestDatabase::new().await);
+    sqlx::query(
+        "INSERT INTO idempotency_keys (idempotency_key, request_hash, response_status, \
+         response_body, created_at) VALUES ('old', '\\x00', 200, '{}', now() - interval '30 days')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM idempotency_keys WHERE idempotency_key = 'old' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    let app = spawn_app_on(Arc::clone(&db), &[("shutdown-grace-secs", "1")]).await;
+    wait_until("the key expiry waits for the held row", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE 'DELETE FROM idempotency_keys%'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        waiting == 1
+    })
+    .await;
+
+    app.stop_within_deadline().await;
+    holder.rollback().await.unwrap();
 }
