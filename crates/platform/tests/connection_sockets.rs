@@ -233,9 +233,9 @@ fn dead_peer_detection(socket: &OwnedFd) -> (bool, Duration, Duration, u32, u32)
 async fn every_database_connection_notices_a_vanished_server_within_half_a_minute() {
     let database = TempDatabase::named("platform_nodelay");
     let url = &database.url;
-    let pool = db::connect(&url, "nodelay-test", 2, None).await.unwrap();
+    let pool = db::connect(url, "nodelay-test", 2, None).await.unwrap();
     let held = (pool.acquire().await.unwrap(), pool.acquire().await.unwrap());
-    let dedicated = PgConnection::connect(&url).await.unwrap();
+    let dedicated = PgConnection::connect(url).await.unwrap();
 
     let sockets = sockets_where(
         |_, peer| peer.port() == postgres_port(),
