@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::keys::{DEFAULT_EVENT_STREAM, StreamKeys};
@@ -51,11 +50,19 @@ where
     }
 }
 
-/// How long a freshly spawned server may take to answer PING.
+/// How long a freshly spawned server may take to answer.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How many free ports a first start tries: the port is found by binding port 0 and releasing
+/// it, so another process may take it before the server binds it.
+const START_ATTEMPTS: usize = 5;
 
 /// A `redis-server` process of this test alone, on a free port, without persistence; killed
 /// when dropped. The binary is `REDIS_SERVER_BIN` or `redis-server` from `PATH`.
+///
+/// A start returns only once the server answering on the port says it is this very process
+/// (`INFO server`'s `process_id`), so a test never talks to another test's server that took
+/// the port in between.
 #[derive(Debug)]
 pub struct PrivateRedis {
     /// The TCP port it listens on (kept across [`PrivateRedis::start_again`]).
@@ -73,13 +80,13 @@ struct ServerTls {
 }
 
 impl PrivateRedis {
-    /// Starts a server on a free port and waits until it answers PING.
+    /// Starts a server on a free port and waits until it answers.
     pub async fn start() -> io::Result<Self> {
         Self::start_with(None).await
     }
 
     /// Starts a server that speaks only TLS, with the server certificate of `certificates`
-    /// (for `localhost` and `127.0.0.1`), and waits until it answers PING over TLS. With
+    /// (for `localhost` and `127.0.0.1`), and waits until it answers over TLS. With
     /// `require_client_certificates` it refuses clients without a certificate of that CA
     /// (`tls-auth-clients yes`). Keep `certificates` for as long as the server: it reads their
     /// files, again on [`PrivateRedis::start_again`].
@@ -94,15 +101,26 @@ impl PrivateRedis {
         .await
     }
 
+    /// Starts on a free port, on another one when something took the port first.
     async fn start_with(tls: Option<ServerTls>) -> io::Result<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let mut redis = Self {
-            port,
-            child: None,
-            tls,
-        };
-        redis.start_again().await?;
-        Ok(redis)
+        let mut taken = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let mut redis = Self {
+                port,
+                child: None,
+                tls: tls.clone(),
+            };
+            match redis.start_again().await {
+                Ok(()) => return Ok(redis),
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => taken.push(e.to_string()),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("no free port for redis-server after {START_ATTEMPTS} tries: {taken:?}"),
+        ))
     }
 
     /// `redis://127.0.0.1:<port>`, or `rediss://localhost:<port>` for a TLS server.
@@ -127,7 +145,11 @@ impl PrivateRedis {
         }
     }
 
-    /// Starts the server again on the same port, empty, and waits until it answers PING.
+    /// Starts the server again on the same port, empty, and waits until it answers.
+    ///
+    /// Fails with [`io::ErrorKind::AddrInUse`] when another process holds the port (it was
+    /// free when this server last released it, but anyone may take a free port): a test
+    /// that restarts Redis cannot go on then, and must not go on against someone else's server.
     pub async fn start_again(&mut self) -> io::Result<()> {
         self.stop();
         let bin = std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".to_owned());
@@ -165,34 +187,80 @@ impl PrivateRedis {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
+        let pid = child.id();
         self.child = Some(child);
         let started = Instant::now();
         while started.elapsed() < STARTUP_DEADLINE {
-            let answered = match &self.tls {
-                None => ping(self.port).await,
-                Some(tls) => ping_tls(self.port, &tls.certificates).await,
-            };
-            if answered {
-                return Ok(());
-            }
+            // Whether the child is still there first: a server answering on the port after the
+            // child exited is somebody else's.
             let exited = match self.child.as_mut() {
                 Some(child) => child.try_wait()?,
                 None => None,
             };
             if let Some(status) = exited {
                 self.child = None;
+                if TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!(
+                            "redis-server could not listen on port {}: another process holds it",
+                            self.port
+                        ),
+                    ));
+                }
                 return Err(io::Error::other(format!(
                     "redis-server on port {} exited at start: {status}",
                     self.port
                 )));
+            }
+            match self.answering_process().await {
+                Some(answering) if answering == pid => return Ok(()),
+                Some(foreign) => {
+                    self.stop();
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!(
+                            "port {} is answered by another redis-server (process {foreign}), \
+                             not the one this test started (process {pid})",
+                            self.port
+                        ),
+                    ));
+                }
+                None => {}
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.stop();
         Err(io::Error::new(
             io::ErrorKind::TimedOut,
-            format!("redis-server on port {} did not answer PING", self.port),
+            format!("redis-server on port {} did not answer", self.port),
         ))
+    }
+
+    /// The `process_id` of the Redis server answering on the port, if one answers.
+    async fn answering_process(&self) -> Option<u32> {
+        let client = match &self.tls {
+            None => redis::Client::open(self.url()).ok()?,
+            Some(tls) => {
+                let certificates = client_tls_in(&tls.certificates).ok()?;
+                redis::Client::build_with_tls(self.url(), certificates).ok()?
+            }
+        };
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(1)));
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .ok()?;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        info.lines()
+            .find_map(|line| line.strip_prefix("process_id:"))
+            .and_then(|pid| pid.trim().parse().ok())
     }
 }
 
@@ -200,44 +268,6 @@ impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// PING over TLS, trusting the test CA and presenting its client certificate.
-async fn ping_tls(port: u16, certificates: &Path) -> bool {
-    let Ok(tls) = client_tls_in(certificates) else {
-        return false;
-    };
-    let Ok(client) = redis::Client::build_with_tls(format!("rediss://localhost:{port}"), tls)
-    else {
-        return false;
-    };
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(1)))
-        .set_response_timeout(Some(Duration::from_secs(1)));
-    let Ok(mut conn) = client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-    else {
-        return false;
-    };
-    redis::cmd("PING")
-        .query_async::<String>(&mut conn)
-        .await
-        .is_ok_and(|pong| pong == "PONG")
-}
-
-async fn ping(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await else {
-        return false;
-    };
-    if stream.write_all(b"PING\r\n").await.is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 7];
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), stream.read_exact(&mut buf)).await,
-        Ok(Ok(_)) if &buf == b"+PONG\r\n"
-    )
 }
 
 /// The files [`TestCertificates::generate`] writes.

@@ -3,10 +3,13 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection};
 use store::testing::TestDatabase;
 use uuid::Uuid;
 
@@ -29,6 +32,7 @@ fn command() -> Command {
         .env("RELAY_ENABLED", "false")
         .env("LOG_FORMAT", "json")
         .env("DB_MAX_CONNECTIONS", "3")
+        .env("REDIS_URL", bus::testing::shared_redis_url())
         .env(
             "EVENT_STREAM",
             format!("test-{}:es:events", Uuid::new_v4().simple()),
@@ -37,67 +41,181 @@ fn command() -> Command {
     command
 }
 
-async fn wait_healthy(client: &reqwest::Client, base: &str, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(response) = client.get(format!("{base}/healthz")).send().await
-            && response.status() == 200
-        {
-            return;
+/// A running `command-service` process, killed when dropped (a failing test leaves nothing
+/// running), with the lines it has written to stderr so far.
+struct Service {
+    child: Child,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Service {
+    /// Spawns `command` with its stderr collected.
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command.stderr(Stdio::piped()).spawn().unwrap();
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn({
+            let stderr = stderr.clone();
+            move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { return };
+                    stderr.lock().unwrap().push(line);
+                }
+            }
+        });
+        Self { child, stderr }
+    }
+
+    /// Whether a line of stderr so far contains `text`.
+    fn logged(&self, text: &str) -> bool {
+        self.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains(text))
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    async fn wait_healthy(&mut self, client: &reqwest::Client, base: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(response) = client.get(format!("{base}/healthz")).send().await
+                && response.status() == 200
+            {
+                return;
+            }
+            assert!(
+                self.child.try_wait().unwrap().is_none(),
+                "the service exited before becoming healthy: {}",
+                self.stderr()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the service never became healthy: {}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the service exited before becoming healthy"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the service never became healthy"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the service did not exit: {}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
-async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "the service did not exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
+/// Polls `check` until it gives `Some`; fails naming `what` after 20 s.
+async fn wait_for<T, Fut>(what: &str, mut check: impl FnMut() -> Fut) -> T
+where
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// SIGTERM while a command is under way: the process stops taking requests, lets the command
+/// finish with its answer, then exits 0. The command is held in its append by the store's
+/// append lock, taken from the test's own connection, until the service is seen shutting down.
 #[tokio::test]
 async fn sigterm_drains_and_exits_zero() {
     let db = TestDatabase::new().await;
     let port = free_port();
-    let mut child = command()
+    let mut command = command();
+    command
         .env("DATABASE_URL", &db.url)
-        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"));
+    let mut service = Service::spawn(command);
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    wait_healthy(&client, &base, &mut child).await;
+    service.wait_healthy(&client, &base).await;
 
-    let response = client
-        .post(format!("{base}/orders"))
-        .json(&json!({ "customer_id": Uuid::new_v4(), "currency": "EUR" }))
-        .send()
+    let mut holder = PgConnection::connect(&db.url).await.unwrap();
+    let mut held = holder.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(store::append::APPEND_LOCK_KEY)
+        .execute(&mut *held)
         .await
         .unwrap();
-    assert_eq!(response.status(), 201);
+    let create = tokio::spawn({
+        let client = client.clone();
+        let base = base.clone();
+        async move {
+            client
+                .post(format!("{base}/orders"))
+                .json(&json!({ "customer_id": Uuid::new_v4(), "currency": "EUR" }))
+                .send()
+                .await
+        }
+    });
+    wait_for("the command waits for the append lock", || async {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT 1 FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid \
+             WHERE a.datname = current_database() AND a.application_name = 'command-service' \
+               AND l.locktype = 'advisory' AND NOT l.granted",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap()
+    })
+    .await;
 
     let killed = Command::new("kill")
         .arg("-TERM")
-        .arg(child.id().to_string())
+        .arg(service.child.id().to_string())
         .status()
         .unwrap();
     assert!(killed.success());
-    let status = wait_exit(&mut child).await;
-    assert_eq!(status.code(), Some(0), "{status:?}");
+    wait_for("the service starts draining", || async {
+        service
+            .logged("shutting down: draining in-flight requests")
+            .then_some(())
+    })
+    .await;
+
+    held.commit().await.unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(20), create)
+        .await
+        .expect("the command under way is answered")
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let order: Value = response.json().await.unwrap();
+    let order_id: Uuid = order["order_id"].as_str().unwrap().parse().unwrap();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE stream_id = $1")
+        .bind(events::order_stream_id(order_id))
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 1, "the answered command is stored");
+
+    let status = service.wait_exit().await;
+    assert_eq!(status.code(), Some(0), "{status:?}: {}", service.stderr());
 }
 
 /// Runs the binary with one bad setting and returns its exit status and stderr lines.
@@ -224,8 +342,9 @@ fn a_wrong_redis_tls_file_exits_non_zero_with_one_line_naming_the_setting() {
         ("DB_CONNECT_WAIT_SECS", "0"),
     ]);
     assert!(!status.success());
+    assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(
-        lines.iter().all(|line| !line.contains("REDIS")),
-        "{lines:?}"
+        lines[0].contains("cannot reach PostgreSQL at 127.0.0.1:1 (DATABASE_URL)"),
+        "it got past the Redis settings to connecting: {lines:?}"
     );
 }

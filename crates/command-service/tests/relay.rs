@@ -435,19 +435,66 @@ async fn a_transaction_holding_an_earlier_position_is_still_published_in_order()
         .remove(0)
         .expect("accepted");
     assert_eq!(slow_outcome.first_position, 2);
-    // … while another append waits behind it and the relay keeps looking.
-    let pool = db.pool.clone();
+    // … while another append waits behind it (seen waiting for the append lock) …
+    let later_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(
+            db.pool
+                .connect_options()
+                .as_ref()
+                .clone()
+                .application_name("later-writer"),
+        )
+        .await
+        .expect("connect the later writer");
     let fast_stream = order_stream_id(Uuid::new_v4());
     let waiting = {
+        let pool = later_pool.clone();
         let fast_stream = fast_stream.clone();
         tokio::spawn(async move { store::append_batch(&pool, &[request(&fast_stream, 1)]).await })
     };
-    // The scenario itself: hold the transaction across several relay cycles (not a wait).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(
-        !waiting.is_finished(),
-        "the second append waits for the first to commit"
-    );
+    wait_until(
+        DEADLINE,
+        "the second append waits for the append lock",
+        || async {
+            sqlx::query_scalar::<_, i32>(
+                "SELECT 1 FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid \
+             WHERE a.datname = current_database() AND a.application_name = 'later-writer' \
+               AND l.locktype = 'advisory' AND NOT l.granted",
+            )
+            .fetch_optional(&db.pool)
+            .await
+            .expect("look at the later writer's locks")
+        },
+    )
+    .await;
+    // … and the relay keeps looking: two of its reads of the log begin after this point, so at
+    // least one whole cycle (read, then publish what it found) ran while both appends are open.
+    let since: String = sqlx::query_scalar("SELECT clock_timestamp()::text")
+        .fetch_one(&db.pool)
+        .await
+        .expect("the server's time");
+    let reads = std::cell::RefCell::new(std::collections::HashSet::new());
+    let reads = &reads;
+    wait_until(DEADLINE, "the relay reads the log twice more", || {
+        let since = since.clone();
+        let pool = db.pool.clone();
+        async move {
+            let started: Option<String> = sqlx::query_scalar(
+                "SELECT query_start::text FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                   AND query LIKE '%FROM events WHERE global_position > $1%' \
+                   AND query_start > $1::timestamptz",
+            )
+            .bind(since)
+            .fetch_optional(&pool)
+            .await
+            .expect("look at the relay's queries");
+            reads.borrow_mut().extend(started);
+            (reads.borrow().len() >= 2).then_some(())
+        }
+    })
+    .await;
     assert_eq!(
         ids(&entries(&conn, &keys.stream).await),
         expected_ids(1..=1)
@@ -473,6 +520,7 @@ async fn a_transaction_holding_an_earlier_position_is_still_published_in_order()
     assert_eq!(found[2].field("stream_id"), Some(fast_stream.as_str()));
 
     relay.stop().await;
+    later_pool.close().await;
     delete_key(&conn, &keys.stream).await;
 }
 

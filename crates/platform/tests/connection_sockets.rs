@@ -11,19 +11,19 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
+use common::{TempDatabase, admin_url, postgres_port, redis_port, redis_url, with_param};
 use platform::config::RedisTlsArgs;
 use platform::{db, redis_conn};
 use redis::AsyncCommands;
 use rustix::process::{PidfdFlags, PidfdGetfdFlags, getpid, pidfd_getfd, pidfd_open};
 use sqlx::{Connection, PgConnection};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const SERVER: &str = "127.0.0.1:5432";
-const REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 /// `(peer, TCP_NODELAY)` of every TCP socket of this process connected to `port`.
 fn sockets_connected_to(port: u16) -> Vec<(SocketAddr, bool)> {
@@ -90,9 +90,7 @@ fn assert_all_send_at_once(sockets: &[(SocketAddr, bool)], open: usize, what: &s
 }
 
 async fn server_offers_tls() -> bool {
-    let mut conn = PgConnection::connect(&format!("postgres://postgres@{SERVER}/postgres"))
-        .await
-        .unwrap();
+    let mut conn = PgConnection::connect(&admin_url()).await.unwrap();
     let ssl: String = sqlx::query_scalar("SHOW ssl")
         .fetch_one(&mut conn)
         .await
@@ -100,21 +98,9 @@ async fn server_offers_tls() -> bool {
     ssl == "on"
 }
 
-async fn drop_database(name: &str) {
-    let mut admin = PgConnection::connect(&format!("postgres://postgres@{SERVER}/postgres"))
-        .await
-        .unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await
-    .unwrap();
-}
-
 #[tokio::test]
 async fn every_database_connection_sends_without_waiting_for_acknowledgements() {
-    let name = format!("platform_nodelay_{}", uuid::Uuid::new_v4().simple());
+    let database = TempDatabase::named("platform_nodelay");
     let mut modes = vec!["disable"];
     if server_offers_tls().await {
         modes.push("require");
@@ -122,7 +108,7 @@ async fn every_database_connection_sends_without_waiting_for_acknowledgements() 
         eprintln!("the server has ssl = off: only connections without TLS are checked");
     }
     for mode in modes {
-        let url = format!("postgres://postgres@{SERVER}/{name}?sslmode={mode}");
+        let url = with_param(&database.url, &format!("sslmode={mode}"));
         let pool = db::connect(&url, "nodelay-test", 3, None).await.unwrap();
         // Hold three pooled connections and one dedicated connection (as the relay's leader
         // lock and the listeners use) open at once.
@@ -138,13 +124,16 @@ async fn every_database_connection_sends_without_waiting_for_acknowledgements() 
                 .unwrap();
         assert_eq!(encrypted, mode == "require", "sslmode={mode}");
 
-        assert_all_send_at_once(&sockets_connected_to(5432), 4, &format!("sslmode={mode}"));
+        assert_all_send_at_once(
+            &sockets_connected_to(postgres_port()),
+            4,
+            &format!("sslmode={mode}"),
+        );
 
         dedicated.close().await.unwrap();
         drop(held);
         pool.close().await;
     }
-    drop_database(&name).await;
 }
 
 #[tokio::test]
@@ -153,21 +142,21 @@ async fn every_redis_connection_sends_without_waiting_for_acknowledgements() {
     // The services' connections (readiness, relay, projector consumers), all opened from the
     // client `CommonArgs::redis_client` builds, and those of the event bus's own `bus::client`.
     let services_client =
-        platform::config::redis_client(REDIS_URL, &RedisTlsArgs::default()).unwrap();
+        platform::config::redis_client(&redis_url(), &RedisTlsArgs::default()).unwrap();
     let mut manager = redis_conn::connect_manager(&services_client, timeout)
         .await
         .unwrap();
     let mut dedicated = redis_conn::dedicated_connection(&services_client, timeout)
         .await
         .unwrap();
-    let bus_client = bus::client(REDIS_URL).unwrap();
+    let bus_client = bus::client(&redis_url()).unwrap();
     let mut bus_conn = bus::connect(&bus_client).await.unwrap();
     for conn in [&mut manager, &mut bus_conn] {
         let _: String = redis::cmd("PING").query_async(conn).await.unwrap();
     }
     let _: Option<String> = dedicated.get("nodelay-test-missing-key").await.unwrap();
 
-    assert_all_send_at_once(&sockets_connected_to(6379), 3, "redis");
+    assert_all_send_at_once(&sockets_connected_to(redis_port()), 3, "redis");
 }
 
 /// Over TLS it matters most: each TLS record is its own write, so a pipeline longer than one
@@ -242,13 +231,16 @@ fn dead_peer_detection(socket: &OwnedFd) -> (bool, Duration, Duration, u32, u32)
 
 #[tokio::test]
 async fn every_database_connection_notices_a_vanished_server_within_half_a_minute() {
-    let name = format!("platform_nodelay_{}", uuid::Uuid::new_v4().simple());
-    let url = format!("postgres://postgres@{SERVER}/{name}");
-    let pool = db::connect(&url, "nodelay-test", 2, None).await.unwrap();
+    let database = TempDatabase::named("platform_nodelay");
+    let url = &database.url;
+    let pool = db::connect(url, "nodelay-test", 2, None).await.unwrap();
     let held = (pool.acquire().await.unwrap(), pool.acquire().await.unwrap());
-    let dedicated = PgConnection::connect(&url).await.unwrap();
+    let dedicated = PgConnection::connect(url).await.unwrap();
 
-    let sockets = sockets_where(|_, peer| peer.port() == 5432, dead_peer_detection);
+    let sockets = sockets_where(
+        |_, peer| peer.port() == postgres_port(),
+        dead_peer_detection,
+    );
     assert!(
         sockets.len() >= 3,
         "expected the 3 open connections, found {sockets:?}"
@@ -270,5 +262,4 @@ async fn every_database_connection_notices_a_vanished_server_within_half_a_minut
     dedicated.close().await.unwrap();
     drop(held);
     pool.close().await;
-    drop_database(&name).await;
 }

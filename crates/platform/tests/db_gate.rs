@@ -1,8 +1,10 @@
-//! The database gate against a real PostgreSQL (127.0.0.1:5432), reached through a TCP switch
-//! the test turns off and on: requests refused at once while the server cannot be reached,
-//! served again when it is back, and never refused while the server answers.
+//! The database gate against a real PostgreSQL (`TEST_DATABASE_URL`), reached through a TCP
+//! switch the test turns off and on: requests refused at once while the server cannot be
+//! reached, served again when it is back, and never refused while the server answers.
 
 #![allow(clippy::unwrap_used)]
+
+mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,46 +17,54 @@ use axum::extract::State;
 use axum::http::{Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use common::TempRole;
 use platform::Problem;
 use platform::db_gate::{
     DbGate, STORE_UNAVAILABLE, refuse_or_cut_while_unreachable, refuse_while_unreachable,
 };
+use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, PgConnection, PgPool};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tower::ServiceExt;
 
-const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-const POSTGRES: &str = "127.0.0.1:5432";
 /// How long a test waits for the gate to change before it fails.
 const DEADLINE: Duration = Duration::from_secs(20);
 
 /// A TCP forwarder to the shared PostgreSQL on a port of its own: switched off, the port refuses
 /// connections and every forwarded one is cut, as when the server crashes; switched on again,
-/// the same port forwards again.
+/// the same port forwards again. It counts the connections it accepted.
 struct Switch {
     port: u16,
     forwarding: Option<JoinHandle<()>>,
+    accepted: Arc<AtomicUsize>,
 }
 
 impl Switch {
     async fn on() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
         Self {
             port,
-            forwarding: Some(tokio::spawn(forward(listener))),
+            forwarding: Some(tokio::spawn(forward(listener, accepted.clone()))),
+            accepted,
         }
     }
 
     /// Connection options to the shared server through this switch.
     fn options(&self) -> PgConnectOptions {
-        PgConnectOptions::new()
-            .host("127.0.0.1")
-            .port(self.port)
-            .username("postgres")
-            .database("postgres")
+        Self::through(common::admin_options(), self.port)
+    }
+
+    /// `options` (of the shared server) with the switch's port in place of the server's.
+    fn through(options: PgConnectOptions, port: u16) -> PgConnectOptions {
+        options.host("127.0.0.1").port(port)
+    }
+
+    /// How many connections the switch has accepted so far.
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     async fn turn_off(&mut self) {
@@ -65,21 +75,33 @@ impl Switch {
         }
     }
 
+    /// Listens on the switch's port again. The port was free while the switch was off, so
+    /// another process may have taken it: the test cannot go on then (its pools are bound to
+    /// the port), and says so rather than failing somewhere further on.
     async fn turn_on(&mut self) {
         let address: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
-        let listener = TcpListener::bind(address).await.unwrap();
-        self.forwarding = Some(tokio::spawn(forward(listener)));
+        let listener = TcpListener::bind(address).await.unwrap_or_else(|e| {
+            panic!(
+                "cannot switch the server back on: port {} was taken by another process while \
+                 the switch was off ({e}); run the test again",
+                self.port
+            )
+        });
+        self.forwarding = Some(tokio::spawn(forward(listener, self.accepted.clone())));
     }
 }
 
-async fn forward(listener: TcpListener) {
+async fn forward(listener: TcpListener, accepted: Arc<AtomicUsize>) {
+    let server_address = common::postgres_address();
     let mut connections = JoinSet::new();
     loop {
         let Ok((mut client, _)) = listener.accept().await else {
             return;
         };
+        accepted.fetch_add(1, Ordering::SeqCst);
+        let server_address = server_address.clone();
         connections.spawn(async move {
-            if let Ok(mut server) = TcpStream::connect(POSTGRES).await {
+            if let Ok(mut server) = TcpStream::connect(server_address).await {
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
             }
         });
@@ -214,7 +236,8 @@ async fn while_the_server_cannot_be_reached_requests_are_refused_without_running
 /// A read already waiting for a pooled connection when the server goes away (the pool retries
 /// a refused connect until its acquire timeout, a minute here) is answered 503
 /// `store_unavailable` as soon as the gate shuts, on a read-only route; on a route that may
-/// write, the gate leaves the request under way to its own answer.
+/// write, the gate leaves the request under way to its own answer: once the server is back, it
+/// gets its connection and succeeds.
 #[tokio::test]
 async fn a_read_under_way_when_the_gate_shuts_is_answered_at_once() {
     let mut switch = Switch::on().await;
@@ -246,11 +269,17 @@ async fn a_read_under_way_when_the_gate_shuts_is_answered_at_once() {
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(response.headers()[header::RETRY_AFTER], "1");
     assert_eq!(code_of(response).await, STORE_UNAVAILABLE);
-    assert!(
-        !write.is_finished(),
-        "a request that may write is left to its own answer"
+
+    switch.turn_on().await;
+    let response = tokio::time::timeout(DEADLINE, write)
+        .await
+        .expect("the write is answered once the server is back")
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "a request that may write is left to its own answer, not cut when the gate shuts"
     );
-    write.abort();
 }
 
 /// A quiet service: the server went away and nothing else asks the database, so no other
@@ -278,42 +307,34 @@ async fn on_a_quiet_service_a_read_left_waiting_finds_the_server_gone_by_itself(
 async fn a_server_that_answers_never_shuts_the_gate_even_when_no_connection_can_be_had() {
     // A role limited to one connection: the pool's one connection is held, so a request times
     // out waiting for it, and the gate's probe is turned away by the server's limit — both
-    // failures of a server that is there, which requests must keep reaching.
-    let role = format!("gate_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = PgConnection::connect(ADMIN_URL).await.unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE ROLE \"{role}\" LOGIN CONNECTION LIMIT 1"
-    )))
-    .execute(&mut admin)
-    .await
-    .unwrap();
-    let options = PgConnectOptions::new()
-        .host("127.0.0.1")
-        .port(5432)
-        .username(&role)
-        .database("postgres");
+    // failures of a server that is there, which requests must keep reaching. The server is
+    // reached through a switch (left on) that counts connections, so the probe's is seen.
+    let role = TempRole::create("gate", "CONNECTION LIMIT 1").await;
+    let switch = Switch::on().await;
     let route = Route {
-        pool: pool_to(options, 1),
+        pool: pool_to(Switch::through(role.options(), switch.port), 1),
         calls: Arc::default(),
     };
     let gate = DbGate::new(&route.pool);
+    let shut = gate.shut_state();
     let app = app(route.clone(), gate.clone());
 
     let held = route.pool.acquire().await.unwrap();
+    let before = switch.accepted();
     let response = get_query(&app).await;
     assert_eq!(code_of(response).await, STORE_UNAVAILABLE);
-    assert!(
-        gate.is_probing(),
-        "a store_unavailable answer starts a probe"
-    );
+    // The request's pool is at its size and opens nothing: a new connection is the probe's.
+    wait_until("a store_unavailable answer starts a probe", || {
+        switch.accepted() > before
+    })
+    .await;
     wait_until("the probe ends", || !gate.is_probing()).await;
-    assert!(!gate.is_shut(), "the server answered the probe");
+    assert!(
+        !shut.has_changed().unwrap(),
+        "the server answered the probe, so the gate never shut"
+    );
 
     drop(held);
     assert_eq!(get_query(&app).await.status(), StatusCode::OK);
     route.pool.close().await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP ROLE \"{role}\"")))
-        .execute(&mut admin)
-        .await
-        .unwrap();
 }

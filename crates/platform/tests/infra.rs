@@ -1,7 +1,10 @@
-//! The pieces that talk to real Postgres and Redis (127.0.0.1:5432 and :6379), and a real server
-//! on port 0: database bootstrap, readiness, Redis connections, serve + healthcheck probe.
+//! The pieces that talk to real Postgres and Redis (`TEST_DATABASE_URL` and `REDIS_URL`), and a
+//! real server on port 0: database bootstrap, readiness, Redis connections, serve + healthcheck
+//! probe.
 
 #![allow(clippy::unwrap_used)]
+
+mod common;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -9,15 +12,13 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use common::{TempDatabase, TempRole, admin_url, redis_url, with_param};
 use platform::config::RedisTlsArgs;
 use platform::health::{Readiness, health_router};
 use platform::{db, redis_conn, shutdown};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
 use tower::ServiceExt;
-
-const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-const REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 static TEST_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("tests/migrations");
 
@@ -30,17 +31,6 @@ fn plain_client(url: &str) -> redis::Client {
 fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
-}
-
-/// Drops a test database, disconnecting whoever still uses it.
-async fn drop_database(name: &str) {
-    let mut admin = PgConnection::connect(ADMIN_URL).await.unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await
-    .unwrap();
 }
 
 /// What `pool`'s session shows for each setting in `names`, in order; closes the pool.
@@ -58,7 +48,7 @@ async fn settings(pool: sqlx::PgPool, names: &[&str]) -> Vec<String> {
 }
 
 async fn database_exists(name: &str) -> bool {
-    let mut admin = PgConnection::connect(ADMIN_URL).await.unwrap();
+    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
     sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
         .bind(name)
         .fetch_one(&mut admin)
@@ -68,11 +58,11 @@ async fn database_exists(name: &str) -> bool {
 
 #[tokio::test]
 async fn connect_creates_a_missing_database_and_runs_migrations() {
-    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
-    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
-    assert!(!database_exists(&name).await);
+    let database = TempDatabase::named("platform_test");
+    let (name, url) = (database.name.as_str(), database.url.as_str());
+    assert!(!database_exists(name).await);
 
-    let pool = db::connect(&url, "infra-test", 2, Some(&TEST_MIGRATOR))
+    let pool = db::connect(url, "infra-test", 2, Some(&TEST_MIGRATOR))
         .await
         .unwrap();
     let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM platform_probe")
@@ -83,13 +73,12 @@ async fn connect_creates_a_missing_database_and_runs_migrations() {
     pool.close().await;
 
     // A second start finds the database and the migrations already there.
-    let pool = db::connect(&url, "infra-test", 1, Some(&TEST_MIGRATOR))
+    let pool = db::connect(url, "infra-test", 1, Some(&TEST_MIGRATOR))
         .await
         .unwrap();
     pool.close().await;
 
-    assert!(database_exists(&name).await);
-    drop_database(&name).await;
+    assert!(database_exists(name).await);
 }
 
 /// Waits until `condition` holds, checking every 50 ms, or fails the test after 30 s.
@@ -105,20 +94,6 @@ where
     }
 }
 
-/// Whether a session named `application` is connected to database `name`.
-async fn session_connected(name: &str, application: &str) -> bool {
-    let mut admin = PgConnection::connect(ADMIN_URL).await.unwrap();
-    sqlx::query_scalar::<_, bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = $1 \
-         AND application_name = $2)",
-    )
-    .bind(name)
-    .bind(application)
-    .fetch_one(&mut admin)
-    .await
-    .unwrap()
-}
-
 /// Applies `TEST_MIGRATOR` to database `url` as a migrate job would, from a pool of its own.
 async fn migrate_from_elsewhere(url: &str) {
     let pool = sqlx::postgres::PgPoolOptions::new()
@@ -132,12 +107,12 @@ async fn migrate_from_elsewhere(url: &str) {
 
 #[tokio::test]
 async fn with_skip_migrations_a_service_does_not_start_on_a_database_without_its_migrations() {
-    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
-    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    let database = TempDatabase::named("platform_test");
+    let (name, url) = (database.name.as_str(), database.url.as_str());
     let awaited = db::Migrations::AwaitApplied(&TEST_MIGRATOR);
 
     let err = db::connect_when_reachable(
-        &url,
+        url,
         "infra-test",
         1,
         awaited,
@@ -148,36 +123,79 @@ async fn with_skip_migrations_a_service_does_not_start_on_a_database_without_its
     .unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("SKIP_MIGRATIONS"), "{msg}");
-    assert!(msg.contains(&name), "{msg}");
+    assert!(msg.contains(name), "{msg}");
     assert!(!msg.contains('\n'), "{msg}");
+}
 
-    drop_database(&name).await;
+/// A `MakeWriter` collecting log lines in memory.
+#[derive(Clone, Default)]
+struct LogBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl LogBuffer {
+    /// How many lines logged so far contain `text`.
+    fn lines_containing(&self, text: &str) -> usize {
+        let logged = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+        logged.lines().filter(|line| line.contains(text)).count()
+    }
+}
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
+    type Writer = LogBuffer;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
 }
 
 #[tokio::test]
 async fn with_skip_migrations_a_service_waits_for_its_migrations_and_starts_once_they_are_applied()
 {
-    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
-    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    use tracing::instrument::WithSubscriber as _;
+
+    let database = TempDatabase::named("platform_test");
+    let url = database.url.clone();
     let awaited = db::Migrations::AwaitApplied(&TEST_MIGRATOR);
-    let start = tokio::spawn({
-        let url = url.clone();
-        async move {
-            db::connect_when_reachable(
-                &url,
-                "awaiting-test",
-                1,
-                awaited,
-                db::Use::ReadsOnly,
-                Duration::from_secs(60),
-            )
-            .await
+    let logs = LogBuffer::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(logs.clone())
+        .finish();
+    let start = tokio::spawn(
+        {
+            let url = url.clone();
+            async move {
+                db::connect_when_reachable(
+                    &url,
+                    "awaiting-test",
+                    1,
+                    awaited,
+                    db::Use::ReadsOnly,
+                    Duration::from_secs(60),
+                )
+                .await
+            }
         }
-    });
-    // Its pool is connected, so it is checking the migrations, which nobody has applied.
-    wait_until("the starting service connects", || {
-        session_connected(&name, "awaiting-test")
-    })
+        .with_subscriber(subscriber),
+    );
+    // Connected, it found the migrations missing, waited, looked again and is waiting again:
+    // it is held back by the missing migrations, not merely slow to start.
+    let missing = "the database lacks this release's migrations";
+    wait_until(
+        "the starting service waits twice for the migrations",
+        || {
+            let logs = logs.clone();
+            async move { logs.lines_containing(missing) >= 2 }
+        },
+    )
     .await;
     assert!(!start.is_finished(), "it started without its migrations");
 
@@ -187,21 +205,24 @@ async fn with_skip_migrations_a_service_waits_for_its_migrations_and_starts_once
         .expect("it went on waiting after the migrations were applied")
         .unwrap()
         .unwrap();
+    assert_eq!(
+        logs.lines_containing("this release's database migrations are applied"),
+        1
+    );
     pool.close().await;
-    drop_database(&name).await;
 }
 
 #[tokio::test]
 async fn with_skip_migrations_a_newer_release_s_further_migrations_do_not_stop_a_start() {
-    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
-    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
-    db::connect(&url, "infra-test", 1, None)
+    let database = TempDatabase::named("platform_test");
+    let url = database.url.as_str();
+    db::connect(url, "infra-test", 1, None)
         .await
         .unwrap()
         .close()
         .await;
-    migrate_from_elsewhere(&url).await;
-    let mut conn = PgConnection::connect(&url).await.unwrap();
+    migrate_from_elsewhere(url).await;
+    let mut conn = PgConnection::connect(url).await.unwrap();
     sqlx::query(
         "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
          VALUES (99999999, 'a newer release', true, '\\x00', 0)",
@@ -213,7 +234,7 @@ async fn with_skip_migrations_a_newer_release_s_further_migrations_do_not_stop_a
 
     let awaited = db::Migrations::AwaitApplied(&TEST_MIGRATOR);
     let pool = db::connect_when_reachable(
-        &url,
+        url,
         "infra-test",
         1,
         awaited,
@@ -223,12 +244,11 @@ async fn with_skip_migrations_a_newer_release_s_further_migrations_do_not_stop_a
     .await
     .unwrap();
     pool.close().await;
-    drop_database(&name).await;
 }
 
 /// Runs `sql` on the maintenance database.
 async fn admin(sql: String) {
-    let mut admin = PgConnection::connect(ADMIN_URL).await.unwrap();
+    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
         .execute(&mut admin)
         .await
@@ -237,9 +257,9 @@ async fn admin(sql: String) {
 
 #[tokio::test]
 async fn a_write_refused_by_a_read_only_server_is_unavailability_and_its_session_is_not_reused() {
-    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
-    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
-    db::connect(&url, "infra-test", 1, Some(&TEST_MIGRATOR))
+    let database = TempDatabase::named("platform_test");
+    let (name, url) = (database.name.as_str(), database.url.as_str());
+    db::connect(url, "infra-test", 1, Some(&TEST_MIGRATOR))
         .await
         .unwrap()
         .close()
@@ -251,7 +271,7 @@ async fn a_write_refused_by_a_read_only_server_is_unavailability_and_its_session
     ))
     .await;
     let pool = db::connect_when_reachable(
-        &url,
+        url,
         "infra-test",
         1,
         db::Migrations::Ignore,
@@ -280,15 +300,14 @@ async fn a_write_refused_by_a_read_only_server_is_unavailability_and_its_session
     .await;
     sqlx::query(insert).execute(&pool).await.unwrap();
     pool.close().await;
-    drop_database(&name).await;
 }
 
 #[tokio::test]
 async fn service_connections_never_reuse_a_generic_plan_made_for_other_table_sizes() {
-    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
-    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    let database = TempDatabase::named("platform_test");
+    let url = database.url.as_str();
     // One connection, so every execution and the look at its statements share one session.
-    let pool = db::connect(&url, "infra-test", 1, Some(&TEST_MIGRATOR))
+    let pool = db::connect(url, "infra-test", 1, Some(&TEST_MIGRATOR))
         .await
         .unwrap();
     let mut conn = pool.acquire().await.unwrap();
@@ -312,14 +331,13 @@ async fn service_connections_never_reuse_a_generic_plan_made_for_other_table_siz
     assert_eq!(custom, 12);
     drop(conn);
     pool.close().await;
-    drop_database(&name).await;
 }
 
 #[tokio::test]
 async fn connections_carry_the_service_name_unless_the_url_names_them() {
-    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
-    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
-    let pool = db::connect(&url, "order-writer", 1, Some(&TEST_MIGRATOR))
+    let database = TempDatabase::named("platform_test");
+    let url = database.url.as_str();
+    let pool = db::connect(url, "order-writer", 1, Some(&TEST_MIGRATOR))
         .await
         .unwrap();
     assert_eq!(
@@ -327,18 +345,16 @@ async fn connections_carry_the_service_name_unless_the_url_names_them() {
         ["order-writer"]
     );
 
-    let named = format!("{url}?application_name=blue-deploy");
+    let named = with_param(url, "application_name=blue-deploy");
     let pool = db::connect(&named, "order-writer", 1, None).await.unwrap();
     assert_eq!(settings(pool, &["application_name"]).await, ["blue-deploy"]);
-
-    drop_database(&name).await;
 }
 
 #[tokio::test]
 async fn a_transaction_left_open_by_a_frozen_process_gives_up_its_locks() {
-    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
-    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
-    let pool = db::connect(&url, "infra-test", 2, None).await.unwrap();
+    let database = TempDatabase::named("platform_test");
+    let url = database.url.as_str();
+    let pool = db::connect(url, "infra-test", 2, None).await.unwrap();
     // The store's append lock is such a transaction-scoped advisory lock.
     let lock_key: i64 = 0x0E5E_7E57;
     let mut frozen = pool.begin().await.unwrap();
@@ -370,13 +386,12 @@ async fn a_transaction_left_open_by_a_frozen_process_gives_up_its_locks() {
     );
     drop(frozen);
     pool.close().await;
-    drop_database(&name).await;
 }
 
 #[tokio::test]
 async fn the_server_ends_silent_clients_within_seconds_unless_the_url_says_otherwise() {
-    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
-    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    let database = TempDatabase::named("platform_test");
+    let url = database.url.as_str();
     let limits = [
         "idle_in_transaction_session_timeout",
         "tcp_keepalives_idle",
@@ -385,32 +400,32 @@ async fn the_server_ends_silent_clients_within_seconds_unless_the_url_says_other
         "tcp_user_timeout",
     ];
 
-    let pool = db::connect(&url, "infra-test", 1, None).await.unwrap();
+    let pool = db::connect(url, "infra-test", 1, None).await.unwrap();
     assert_eq!(
         settings(pool, &limits).await,
         ["10s", "10", "5", "3", "30000"]
     );
 
-    let tuned = format!("{url}?options=-c%20idle_in_transaction_session_timeout%3D2500");
+    let tuned = with_param(
+        url,
+        "options=-c%20idle_in_transaction_session_timeout%3D2500",
+    );
     let pool = db::connect(&tuned, "infra-test", 1, None).await.unwrap();
     assert_eq!(
         settings(pool, &limits).await,
         ["2500ms", "10", "5", "3", "30000"]
     );
-
-    drop_database(&name).await;
 }
 
 #[tokio::test]
 async fn concurrent_starts_on_a_missing_database_all_succeed() {
-    let name = format!("platform_test_{}", uuid::Uuid::new_v4().simple());
-    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
-    let starts = (0..4).map(|_| db::connect(&url, "infra-test", 1, Some(&TEST_MIGRATOR)));
+    let database = TempDatabase::named("platform_test");
+    let url = database.url.as_str();
+    let starts = (0..4).map(|_| db::connect(url, "infra-test", 1, Some(&TEST_MIGRATOR)));
     let pools = futures::future::join_all(starts).await;
     for pool in pools {
         pool.unwrap().close().await;
     }
-    drop_database(&name).await;
 }
 
 #[tokio::test]
@@ -442,7 +457,7 @@ async fn an_unreachable_redis_is_one_clear_line() {
 #[tokio::test]
 async fn a_dedicated_connection_survives_a_block_longer_than_the_default_timeout() {
     let mut conn =
-        redis_conn::dedicated_connection(&plain_client(REDIS_URL), Duration::from_secs(3))
+        redis_conn::dedicated_connection(&plain_client(&redis_url()), Duration::from_secs(3))
             .await
             .unwrap();
     let key = format!("platform_test:{}", uuid::Uuid::new_v4().simple());
@@ -488,14 +503,14 @@ fn refused_postgres_pool() -> sqlx::PgPool {
 async fn orders_pool() -> sqlx::PgPool {
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
-        .connect(ADMIN_URL)
+        .connect(&admin_url())
         .await
         .unwrap()
 }
 
 #[tokio::test]
 async fn readyz_is_200_when_postgres_and_redis_answer() {
-    let redis = redis_conn::connect_manager(&plain_client(REDIS_URL), Duration::from_secs(1))
+    let redis = redis_conn::connect_manager(&plain_client(&redis_url()), Duration::from_secs(1))
         .await
         .unwrap();
     let (status, body) = readyz(Readiness::new(orders_pool().await, redis)).await;
@@ -509,7 +524,7 @@ async fn readyz_is_200_when_postgres_and_redis_answer() {
 #[tokio::test]
 async fn readyz_is_503_naming_the_cause_when_postgres_refuses_connections() {
     let pool = refused_postgres_pool();
-    let redis = redis_conn::connect_manager(&plain_client(REDIS_URL), Duration::from_secs(1))
+    let redis = redis_conn::connect_manager(&plain_client(&redis_url()), Duration::from_secs(1))
         .await
         .unwrap();
     let (status, body) = readyz(Readiness::new(pool, redis)).await;
@@ -534,13 +549,8 @@ async fn readyz_is_200_while_every_pooled_connection_is_busy_and_postgres_answer
 async fn readyz_is_200_while_the_pool_is_busy_and_the_server_is_at_its_connection_limit() {
     // A role limited to one connection, which the pool holds: the check's own connection is
     // turned away by a server that is there.
-    let role = format!("readyz_{}", uuid::Uuid::new_v4().simple());
-    admin(format!("CREATE ROLE \"{role}\" LOGIN CONNECTION LIMIT 1")).await;
-    let options = sqlx::postgres::PgConnectOptions::new()
-        .host("127.0.0.1")
-        .port(5432)
-        .username(&role)
-        .database("postgres");
+    let role = TempRole::create("readyz", "CONNECTION LIMIT 1").await;
+    let options = role.options();
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect_with(options)
@@ -551,7 +561,6 @@ async fn readyz_is_200_while_the_pool_is_busy_and_the_server_is_at_its_connectio
     assert_eq!(status, StatusCode::OK, "{body}");
     drop(busy);
     pool.close().await;
-    admin(format!("DROP ROLE \"{role}\"")).await;
 }
 
 #[tokio::test]

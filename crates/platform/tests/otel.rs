@@ -2,9 +2,10 @@
 //! that records the bodies POSTed to `/v1/traces` and decodes them as OTLP protobuf.
 //!
 //! Most tests install the layer from `otel::layer_for` with a thread-scoped subscriber, so they
-//! run side by side in one process. The `telemetry::init` test re-runs this test binary as a
-//! child process with `OTEL_EXPORTER_OTLP_ENDPOINT` set, because `init` installs the global
-//! subscriber once per process.
+//! run side by side in one process. The `telemetry::init` tests re-run this test binary as a
+//! child process with the environment they need (`OTEL_EXPORTER_OTLP_ENDPOINT` set, or no
+//! endpoint variable at all), because `init` installs the global subscriber once per process and
+//! reads the developer's environment.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -32,7 +33,7 @@ const REMOTE_PARENT_ID: &str = "00f067aa0ba902b7";
 const REMOTE_TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 /// How long a test waits for the collector to see a span.
 const DEADLINE: Duration = Duration::from_secs(20);
-/// Set in the child process of `init_with_the_endpoint_variable_exports_spans_and_flushes_on_drop`.
+/// Set in the child processes this test binary runs of itself (see [`run_child_test`]).
 const CHILD_MARKER: &str = "PLATFORM_OTEL_TEST_CHILD";
 
 /// One exported span with the resource it came with.
@@ -256,27 +257,71 @@ async fn without_an_otel_layer_the_request_context_is_unchanged() {
     assert_eq!(trace_id, REMOTE_TRACE_ID);
 }
 
+/// Runs the test `name` of this binary in a child process, with [`CHILD_MARKER`] set and
+/// `configure` applied to its environment, and fails unless that very test ran and passed. The
+/// child tests are `#[ignore]`d, so that they run only this way and never count as tests of
+/// their own.
+async fn run_child_test(name: &str, configure: impl FnOnce(&mut tokio::process::Command)) {
+    let mut command = tokio::process::Command::new(std::env::current_exe().unwrap());
+    command
+        .args([name, "--exact", "--ignored", "--nocapture"])
+        .env(CHILD_MARKER, "1")
+        .kill_on_drop(true);
+    configure(&mut command);
+    let output = command.output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("test result: ok. 1 passed"),
+        "the child test {name} did not pass ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Fails a child test started any other way than by its parent: its assertions speak only for
+/// the environment the parent gives it.
+fn assert_started_by_the_parent(parent: &str) {
+    assert!(
+        std::env::var_os(CHILD_MARKER).is_some(),
+        "this test runs as the child process of `{parent}`: run that test instead"
+    );
+}
+
+/// `init` in a process without either endpoint variable (removed from the child's environment,
+/// whatever the developer's shell exports).
+#[tokio::test]
+async fn without_the_endpoint_variables_init_installs_no_otel_layer() {
+    run_child_test(
+        "child_process_inits_without_the_endpoint_variables",
+        |child| {
+            child
+                .env_remove(otel::OTLP_ENDPOINT_ENV)
+                .env_remove(otel::OTLP_TRACES_ENDPOINT_ENV);
+        },
+    )
+    .await;
+}
+
+/// In the child process of `without_the_endpoint_variables_init_installs_no_otel_layer`.
 #[test]
-fn without_the_endpoint_variables_init_installs_no_otel_layer() {
-    if std::env::var_os(otel::OTLP_ENDPOINT_ENV).is_some()
-        || std::env::var_os(otel::OTLP_TRACES_ENDPOINT_ENV).is_some()
-    {
-        // The developer's shell exports to a collector: this test cannot speak for that case.
-        return;
-    }
+#[ignore = "the child process of without_the_endpoint_variables_init_installs_no_otel_layer"]
+fn child_process_inits_without_the_endpoint_variables() {
+    assert_started_by_the_parent("without_the_endpoint_variables_init_installs_no_otel_layer");
     assert_eq!(otel::otel_config_from_env(), None);
     let guard = telemetry::init(LogFormat::Json);
     assert!(!guard.exporting());
     assert!(!otel::export_enabled());
 }
 
-/// In the child process (marker set): the real `init` with the variables, one span with a
-/// remote parent, then the guard is dropped, which must flush it.
+/// In the child process of `init_with_the_endpoint_variable_exports_spans_and_flushes_on_drop`:
+/// the real `init` with the variables, one span with a remote parent, then the guard is
+/// dropped, which must flush it.
 #[test]
+#[ignore = "the child process of init_with_the_endpoint_variable_exports_spans_and_flushes_on_drop"]
 fn child_process_exports_through_init() {
-    if std::env::var_os(CHILD_MARKER).is_none() {
-        return;
-    }
+    assert_started_by_the_parent(
+        "init_with_the_endpoint_variable_exports_spans_and_flushes_on_drop",
+    );
     let guard = telemetry::init(LogFormat::Json);
     assert!(guard.exporting());
     assert!(otel::export_enabled());
@@ -292,26 +337,17 @@ fn child_process_exports_through_init() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_with_the_endpoint_variable_exports_spans_and_flushes_on_drop() {
     let (collector, addr) = Collector::start().await;
-    let exe = std::env::current_exe().unwrap();
-    let status = tokio::process::Command::new(exe)
-        .args([
-            "child_process_exports_through_init",
-            "--exact",
-            "--nocapture",
-        ])
-        .env(CHILD_MARKER, "1")
-        .env(otel::OTLP_ENDPOINT_ENV, format!("http://{addr}"))
-        .env_remove(otel::OTLP_TRACES_ENDPOINT_ENV)
-        .env(otel::SERVICE_NAME_ENV, "child-service")
-        .env_remove(otel::TRACES_FILTER_ENV)
-        // A long schedule delay: only the flush on drop can deliver the span in time.
-        .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success(), "child test failed: {status}");
+    run_child_test("child_process_exports_through_init", |child| {
+        child
+            .env(otel::OTLP_ENDPOINT_ENV, format!("http://{addr}"))
+            .env_remove(otel::OTLP_TRACES_ENDPOINT_ENV)
+            .env(otel::SERVICE_NAME_ENV, "child-service")
+            .env_remove(otel::TRACES_FILTER_ENV)
+            // A long schedule delay: only the flush on drop can deliver the span in time.
+            .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
+            .env("RUST_LOG", "warn");
+    })
+    .await;
 
     let exported = collector.wait_for_span("child_span").await;
     assert_eq!(

@@ -487,6 +487,36 @@ async fn a_stream_as_of_a_time_is_a_prefix_even_when_the_clock_stepped_back() {
     assert_eq!(versions_at(-1).await, Vec::<i64>::new());
 }
 
+/// Polls `check` every 20 ms until it gives `Some`; fails the test naming `what` after 20 s.
+async fn wait_for<T, Fut>(what: &str, mut check: impl FnMut() -> Fut) -> T
+where
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// How a gap could arise: a position taken by one transaction while an earlier one is still
+/// uncommitted, committed first, and read by a tailing reader that then resumes past the
+/// earlier position and never sees it. In this store no gap can arise: an append takes the
+/// head it sees committed plus one, under the append lock, so a later position cannot even be
+/// assigned while an earlier one is uncommitted. The lock is what makes a writer arriving then
+/// wait for the open append rather than take the same head and collide with it on the position.
+///
+/// So the test holds position 2 open, waits until the next writer is seen waiting for the
+/// append lock (not merely not finished yet), checks that a reader sees nothing after position
+/// 1 meanwhile, and that once position 2 commits the writer lands on 3 and the reader gets both,
+/// in order. Without the append lock the writer waits on position 2's row instead, and fails
+/// once it commits.
 #[tokio::test]
 async fn a_reader_does_not_skip_an_earlier_transaction_that_commits_late() {
     let db = TestDatabase::new().await;
@@ -502,29 +532,70 @@ async fn a_reader_does_not_skip_an_earlier_transaction_that_commits_late() {
             .expect("slow append runs");
     assert_eq!(slow_result[0].as_ref().expect("accepted").first_position, 2);
 
-    // A later writer starts while it is open.
-    let pool = db.pool.clone();
-    let fast = tokio::spawn(async move {
-        let mut results =
-            store::append_batch(&pool, &[request("order-fast", ExpectedVersion::Any, 1)])
-                .await
-                .expect("fast append commits");
-        results.remove(0).expect("accepted")
+    // A later writer starts while it is open, on a connection the server can name.
+    let later_pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(
+            db.pool
+                .connect_options()
+                .as_ref()
+                .clone()
+                .application_name("later-writer"),
+        )
+        .await
+        .expect("connect the later writer");
+    let later = tokio::spawn({
+        let pool = later_pool.clone();
+        async move {
+            let mut results =
+                store::append_batch(&pool, &[request("order-later", ExpectedVersion::Any, 1)])
+                    .await
+                    .expect("the later append commits");
+            results.remove(0).expect("accepted")
+        }
     });
+    let awaited_lock: i64 = wait_for("the later writer waits for a lock", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT CASE WHEN l.locktype = 'advisory' \
+                         THEN (l.classid::bigint << 32) | l.objid::bigint ELSE -1 END \
+             FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid AND NOT l.granted \
+             WHERE a.datname = current_database() AND a.application_name = 'later-writer'",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .expect("look at the later writer's locks")
+    })
+    .await;
+    assert_eq!(
+        awaited_lock,
+        store::append::APPEND_LOCK_KEY,
+        "the later writer waits for the append lock (-1: for another kind of lock)"
+    );
 
-    // The tail never shows anything beyond what is contiguous from the last position seen.
+    // While it waits, nothing past position 1 is visible, by any of the ways readers look.
     let seen = store::read_all(&db.pool, 1, 100).await.expect("read");
     assert!(
         seen.is_empty(),
         "nothing after position 1 is visible while position 2 is in flight: {seen:?}"
     );
+    assert_eq!(store::head_position(&db.pool).await.expect("head"), 1);
+    assert_eq!(
+        store::last_position_within(&db.pool, 1, 100)
+            .await
+            .expect("last position"),
+        None
+    );
 
     slow.commit().await.expect("slow commits");
-    let fast_outcome = fast.await.expect("task");
-    assert_eq!(fast_outcome.first_position, 3);
+    let later_outcome = later.await.expect("task");
+    assert_eq!(later_outcome.first_position, 3);
     let tail = store::read_all(&db.pool, 1, 100).await.expect("read");
-    let streams: Vec<&str> = tail.iter().map(|e| e.stream_id.as_str()).collect();
-    assert_eq!(streams, vec!["order-slow", "order-fast"]);
+    let placed: Vec<(i64, &str)> = tail
+        .iter()
+        .map(|e| (e.global_position, e.stream_id.as_str()))
+        .collect();
+    assert_eq!(placed, vec![(2, "order-slow"), (3, "order-later")]);
+    later_pool.close().await;
 }
 
 #[tokio::test]

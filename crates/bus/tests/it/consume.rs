@@ -1,7 +1,7 @@
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bus::testing::wait_until;
-use bus::{BusError, Consumer, Publisher, ensure_group};
+use bus::testing::{PrivateRedis, unique_keys, wait_until};
+use bus::{BusError, ConnectionManager, Consumer, Publisher, ensure_group};
 
 use crate::{MAX_BLOCK, events, shared};
 
@@ -86,51 +86,100 @@ async fn entries_read_from_the_group_are_gone_from_the_pending_list_once_acked()
     crate::cleanup(&mut conn, &keys).await;
 }
 
+/// How long a test waits for Redis or a read to get somewhere before it fails.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// The number of clients blocked in a command (`INFO clients`) on the server of `conn`: on a
+/// private server, whether the test's read is blocked right now.
+async fn blocked_clients(conn: &mut ConnectionManager) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("clients")
+        .query_async(conn)
+        .await
+        .expect("INFO clients");
+    info.lines()
+        .find_map(|line| line.strip_prefix("blocked_clients:"))
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no blocked_clients in {info}"))
+}
+
+/// Waits until exactly one client (the test's read) is blocked on the server of `conn`.
+async fn wait_until_blocked(conn: &mut ConnectionManager) {
+    wait_until(DEADLINE, "the read is blocked in Redis", || {
+        let mut conn = conn.clone();
+        async move { (blocked_clients(&mut conn).await == 1).then_some(()) }
+    })
+    .await;
+}
+
+/// A blocking read longer than a connection's default response timeout (500 ms) is not cut
+/// off by it: it is seen blocked in Redis, then ends empty without an error. On a private
+/// server, so that the blocked client is the test's.
 #[tokio::test]
 async fn a_blocking_read_of_two_seconds_returns_empty_rather_than_timing_out() {
-    let (client, mut conn, keys) = shared().await;
+    let redis = PrivateRedis::start().await.expect("a private redis-server");
+    let client = bus::client(&redis.url()).expect("url");
+    let mut conn = bus::connect(&client).await.expect("connect");
+    let keys = unique_keys();
     let consumer =
         Consumer::new(&client, conn.clone(), keys.clone(), "g", "c1", MAX_BLOCK).expect("consumer");
     consumer.ensure_group("$").await.expect("group");
 
-    let started = Instant::now();
-    let read = consumer
-        .read_new(10, Duration::from_secs(2))
+    let reader = tokio::spawn(async move { consumer.read_new(10, Duration::from_secs(2)).await });
+    wait_until_blocked(&mut conn).await;
+    let read = tokio::time::timeout(DEADLINE, reader)
         .await
+        .expect("the read ends once its block time is over")
+        .expect("join")
         .expect("no timeout error");
-    assert!(read.is_empty());
-    assert!(
-        started.elapsed() >= Duration::from_millis(1900),
-        "it did block: {:?}",
-        started.elapsed()
-    );
-    crate::cleanup(&mut conn, &keys).await;
+    assert!(read.is_empty(), "{read:?}");
+    assert_eq!(blocked_clients(&mut conn).await, 0);
 }
 
+/// While a read blocks on its own connection, the consumer's shared connection still answers
+/// (an ack completes while the read is seen blocked), and the read returns an entry published
+/// meanwhile, long before its block time is over. The group starts at `$`, so the read can only
+/// return what is published after it blocked.
 #[tokio::test]
 async fn a_blocked_read_does_not_hold_up_acks_and_wakes_up_on_publish() {
-    let (client, mut conn, keys) = shared().await;
+    let redis = PrivateRedis::start().await.expect("a private redis-server");
+    let client = bus::client(&redis.url()).expect("url");
+    let mut conn = bus::connect(&client).await.expect("connect");
+    let keys = unique_keys();
+    // Far longer than the test's deadline: only the publish can end the read in time.
+    let block = Duration::from_secs(300);
     let consumer = std::sync::Arc::new(
-        Consumer::new(&client, conn.clone(), keys.clone(), "g", "c1", MAX_BLOCK).expect("consumer"),
+        Consumer::new(&client, conn.clone(), keys.clone(), "g", "c1", block).expect("consumer"),
     );
-    consumer.ensure_group("0").await.expect("group");
+    consumer.ensure_group("$").await.expect("group");
     let reader = {
         let consumer = consumer.clone();
-        tokio::spawn(async move { consumer.read_new(10, Duration::from_secs(4)).await })
+        tokio::spawn(async move { consumer.read_new(10, block).await })
     };
-    // The shared connection stays responsive while the read blocks.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let started = Instant::now();
-    assert_eq!(consumer.ack(&["1-0"]).await.expect("ack"), 0);
-    assert!(started.elapsed() < Duration::from_secs(1));
+    wait_until_blocked(&mut conn).await;
+
+    let acked = tokio::time::timeout(DEADLINE, consumer.ack(&["1-0"]))
+        .await
+        .expect("an ack is answered while a read blocks")
+        .expect("ack");
+    assert_eq!(acked, 0);
+    assert_eq!(
+        blocked_clients(&mut conn).await,
+        1,
+        "the read was still blocked when the ack was answered"
+    );
 
     Publisher::new(conn.clone(), keys.clone(), 1000)
         .publish(&events([1]))
         .await
         .expect("publish");
-    let read = reader.await.expect("join").expect("read");
-    assert_eq!(read.len(), 1);
-    crate::cleanup(&mut conn, &keys).await;
+    let read = tokio::time::timeout(DEADLINE, reader)
+        .await
+        .expect("the blocked read wakes up on the publish")
+        .expect("join")
+        .expect("read");
+    let positions: Vec<_> = read.iter().map(|e| e.position()).collect();
+    assert_eq!(positions, [Some(1)]);
 }
 
 #[tokio::test]

@@ -105,3 +105,54 @@ async fn after_a_restart_without_persistence_the_group_is_reported_missing_and_c
         1
     );
 }
+
+/// A `redis-server` the test started itself, killed when dropped.
+struct ForeignServer(std::process::Child);
+
+impl Drop for ForeignServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The port a stopped private server frees may be taken by another process before the server
+/// starts again there: the restart then fails, naming the port, rather than leave the test
+/// talking to a server that is not its own.
+#[tokio::test]
+async fn a_restart_on_a_port_another_server_took_fails_instead_of_using_that_server() {
+    let mut redis = PrivateRedis::start().await.expect("start redis-server");
+    redis.stop();
+    let bin = std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".to_owned());
+    let _foreign = ForeignServer(
+        std::process::Command::new(bin)
+            .args(["--port", &redis.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the other redis-server"),
+    );
+    let client = bus::client(&redis.url()).expect("url");
+    wait_until(
+        Duration::from_secs(10),
+        "the other server answers on the port",
+        || async {
+            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .ok()
+        },
+    )
+    .await;
+
+    let err = redis
+        .start_again()
+        .await
+        .expect_err("the port is another server's");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+    assert!(err.to_string().contains(&redis.port.to_string()), "{err}");
+    assert!(!redis.is_running());
+}

@@ -21,13 +21,69 @@ async fn healthz_and_readyz_answer_200() {
     app.stop().await;
 }
 
+/// The value of the series `name` whose labels include every one of `labels` on a Prometheus
+/// text page; 0 when the page has no such series yet.
+fn series_value(page: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    page.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+            let (series_labels, value) = rest.split_once("} ")?;
+            labels
+                .iter()
+                .all(|(label, wanted)| {
+                    series_labels
+                        .split(',')
+                        .any(|pair| pair == format!("{label}=\"{wanted}\""))
+                })
+                .then(|| value.trim().parse::<f64>().ok())?
+        })
+        .sum()
+}
+
 #[tokio::test]
 async fn metrics_count_commands() {
     let app = spawn_app().await;
+    let counts = |page: &str| {
+        [
+            series_value(
+                page,
+                "commands_total",
+                &[("command", "CreateOrder"), ("outcome", "ok")],
+            ),
+            series_value(
+                page,
+                "commands_total",
+                &[("command", "AddItem"), ("outcome", "ok")],
+            ),
+            series_value(
+                page,
+                "commands_total",
+                &[("command", "AddItem"), ("outcome", "not_found")],
+            ),
+            series_value(
+                page,
+                "command_duration_seconds_count",
+                &[("command", "CreateOrder")],
+            ),
+        ]
+    };
+    let before = counts(&app.metrics().await);
+
+    let order_id = app.create_order().await;
     app.create_order().await;
-    let text = app.metrics().await;
-    assert!(text.contains("commands_total"), "{text}");
-    assert!(text.contains("command_duration_seconds"));
+    app.create_order().await;
+    assert_eq!(app.add_item(order_id, "sku-1", 1, 100).await.status(), 200);
+    let missing = app.add_item(uuid::Uuid::new_v4(), "sku-1", 1, 100).await;
+    assert_eq!(missing.status(), 404);
+
+    let after = counts(&app.metrics().await);
+    let rise: Vec<f64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+    assert_eq!(
+        rise,
+        [3.0, 1.0, 1.0, 3.0],
+        "created ok, added ok, added to a missing order, creations timed"
+    );
+    app.stop().await;
 }
 
 #[tokio::test]

@@ -21,6 +21,12 @@ use tokio::process::Command;
 const PG_CTL_WAIT: Duration = Duration::from_secs(60);
 
 /// A private PostgreSQL cluster; crashed and its directory removed when dropped.
+///
+/// The crash on drop does not rely on [`PrivatePostgres::is_running`] alone: a `pg_ctl start`
+/// that failed or timed out may still have left a postmaster running (it was slow to accept
+/// connections, or failed after forking), which would outlive the test and keep its port if the
+/// directory were simply removed. Whenever the cluster holds a `postmaster.pid` the server is
+/// stopped first.
 #[derive(Debug)]
 pub struct PrivatePostgres {
     bin_dir: PathBuf,
@@ -214,9 +220,17 @@ async fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
     )
 }
 
+impl PrivatePostgres {
+    /// Whether a postmaster may be running on this cluster: this handle started it, or a start
+    /// left its lock file behind (a postmaster removes `postmaster.pid` when it exits).
+    fn may_be_running(&self) -> bool {
+        self.running || self.data_dir().join("postmaster.pid").exists()
+    }
+}
+
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
-        if self.running {
+        if self.may_be_running() {
             let data = self.data_dir();
             let mut command = if self.as_postgres_user {
                 let mut command = std::process::Command::new("runuser");
