@@ -257,14 +257,14 @@ async fn without_an_otel_layer_the_request_context_is_unchanged() {
     assert_eq!(trace_id, REMOTE_TRACE_ID);
 }
 
-/// Runs the test `name` of this binary in a child process, with [`CHILD_MARKER`] set and
-/// `configure` applied to its environment, and fails unless that very test ran and passed. The
-/// child tests are `#[ignore]`d, so that they run only this way and never count as tests of
-/// their own.
+/// Runs the test `name` of this binary again in a child process, with [`CHILD_MARKER`] set and
+/// `configure` applied to its environment, and fails unless that very test ran and passed
+/// there. Each such test is one function: in the child (the marker set) it does the work that
+/// needs a process of its own; in the parent it starts the child and checks what it saw.
 async fn run_child_test(name: &str, configure: impl FnOnce(&mut tokio::process::Command)) {
     let mut command = tokio::process::Command::new(std::env::current_exe().unwrap());
     command
-        .args([name, "--exact", "--ignored", "--nocapture"])
+        .args([name, "--exact", "--nocapture"])
         .env(CHILD_MARKER, "1")
         .kill_on_drop(true);
     configure(&mut command);
@@ -278,89 +278,89 @@ async fn run_child_test(name: &str, configure: impl FnOnce(&mut tokio::process::
     );
 }
 
-/// Fails a child test started any other way than by its parent: its assertions speak only for
-/// the environment the parent gives it.
-fn assert_started_by_the_parent(parent: &str) {
-    assert!(
-        std::env::var_os(CHILD_MARKER).is_some(),
-        "this test runs as the child process of `{parent}`: run that test instead"
-    );
+/// Whether this process is the child [`run_child_test`] started.
+fn in_the_child() -> bool {
+    std::env::var_os(CHILD_MARKER).is_some()
+}
+
+/// A runtime for a parent's side of a child-process test (its child side is synchronous: the
+/// exporter's flush on drop must not run inside a runtime).
+fn parent_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// `init` in a process without either endpoint variable (removed from the child's environment,
 /// whatever the developer's shell exports).
-#[tokio::test]
-async fn without_the_endpoint_variables_init_installs_no_otel_layer() {
-    run_child_test(
-        "child_process_inits_without_the_endpoint_variables",
+#[test]
+fn without_the_endpoint_variables_init_installs_no_otel_layer() {
+    if in_the_child() {
+        assert_eq!(otel::otel_config_from_env(), None);
+        let guard = telemetry::init(LogFormat::Json);
+        assert!(!guard.exporting());
+        assert!(!otel::export_enabled());
+        return;
+    }
+    parent_runtime().block_on(run_child_test(
+        "without_the_endpoint_variables_init_installs_no_otel_layer",
         |child| {
             child
                 .env_remove(otel::OTLP_ENDPOINT_ENV)
                 .env_remove(otel::OTLP_TRACES_ENDPOINT_ENV);
         },
-    )
-    .await;
+    ));
 }
 
-/// In the child process of `without_the_endpoint_variables_init_installs_no_otel_layer`.
+/// The real `init` with the endpoint variable, in a child process: one span with a remote
+/// parent, then the guard is dropped, which must flush it to the collector the parent runs.
 #[test]
-#[ignore = "the child process of without_the_endpoint_variables_init_installs_no_otel_layer"]
-fn child_process_inits_without_the_endpoint_variables() {
-    assert_started_by_the_parent("without_the_endpoint_variables_init_installs_no_otel_layer");
-    assert_eq!(otel::otel_config_from_env(), None);
-    let guard = telemetry::init(LogFormat::Json);
-    assert!(!guard.exporting());
-    assert!(!otel::export_enabled());
-}
+fn init_with_the_endpoint_variable_exports_spans_and_flushes_on_drop() {
+    if in_the_child() {
+        let guard = telemetry::init(LogFormat::Json);
+        assert!(guard.exporting());
+        assert!(otel::export_enabled());
+        let span = tracing::info_span!("child_span");
+        assert!(otel::set_remote_parent(&span, REMOTE_TRACEPARENT));
+        span.in_scope(|| tracing::info!("in the child"));
+        drop(span);
+        // A debug span is below the default OTEL_TRACES_FILTER (`info`): not exported.
+        drop(tracing::debug_span!("filtered_span").entered());
+        drop(guard);
+        return;
+    }
+    parent_runtime().block_on(async {
+        let (collector, addr) = Collector::start().await;
+        run_child_test(
+            "init_with_the_endpoint_variable_exports_spans_and_flushes_on_drop",
+            |child| {
+                child
+                    .env(otel::OTLP_ENDPOINT_ENV, format!("http://{addr}"))
+                    .env_remove(otel::OTLP_TRACES_ENDPOINT_ENV)
+                    .env(otel::SERVICE_NAME_ENV, "child-service")
+                    .env_remove(otel::TRACES_FILTER_ENV)
+                    // A long schedule delay: only the flush on drop can deliver the span in time.
+                    .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
+                    .env("RUST_LOG", "warn");
+            },
+        )
+        .await;
 
-/// In the child process of `init_with_the_endpoint_variable_exports_spans_and_flushes_on_drop`:
-/// the real `init` with the variables, one span with a remote parent, then the guard is
-/// dropped, which must flush it.
-#[test]
-#[ignore = "the child process of init_with_the_endpoint_variable_exports_spans_and_flushes_on_drop"]
-fn child_process_exports_through_init() {
-    assert_started_by_the_parent(
-        "init_with_the_endpoint_variable_exports_spans_and_flushes_on_drop",
-    );
-    let guard = telemetry::init(LogFormat::Json);
-    assert!(guard.exporting());
-    assert!(otel::export_enabled());
-    let span = tracing::info_span!("child_span");
-    assert!(otel::set_remote_parent(&span, REMOTE_TRACEPARENT));
-    span.in_scope(|| tracing::info!("in the child"));
-    drop(span);
-    // A debug span is below the default OTEL_TRACES_FILTER (`info`): not exported.
-    drop(tracing::debug_span!("filtered_span").entered());
-    drop(guard);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn init_with_the_endpoint_variable_exports_spans_and_flushes_on_drop() {
-    let (collector, addr) = Collector::start().await;
-    run_child_test("child_process_exports_through_init", |child| {
-        child
-            .env(otel::OTLP_ENDPOINT_ENV, format!("http://{addr}"))
-            .env_remove(otel::OTLP_TRACES_ENDPOINT_ENV)
-            .env(otel::SERVICE_NAME_ENV, "child-service")
-            .env_remove(otel::TRACES_FILTER_ENV)
-            // A long schedule delay: only the flush on drop can deliver the span in time.
-            .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
-            .env("RUST_LOG", "warn");
-    })
-    .await;
-
-    let exported = collector.wait_for_span("child_span").await;
-    assert_eq!(
-        exported.span.trace_id,
-        hex::decode(REMOTE_TRACE_ID).unwrap()
-    );
-    assert_eq!(exported.service_name.as_deref(), Some("child-service"));
-    assert!(
-        collector
-            .spans()
-            .iter()
-            .all(|e| e.span.name != "filtered_span")
-    );
+        let exported = collector.wait_for_span("child_span").await;
+        assert_eq!(
+            exported.span.trace_id,
+            hex::decode(REMOTE_TRACE_ID).unwrap()
+        );
+        assert_eq!(exported.service_name.as_deref(), Some("child-service"));
+        assert!(
+            collector
+                .spans()
+                .iter()
+                .all(|e| e.span.name != "filtered_span")
+        );
+    });
 }
 
 /// A `MakeWriter` collecting the JSON log lines in memory.
