@@ -10,6 +10,8 @@
 //! Must never skip an event other than the one the stream is parked at, nor delete a letter
 //! whose event is not applied (or skipped) once it has run.
 
+use std::collections::HashMap;
+
 use anyhow::Context as _;
 use bus::{DeadLetter, DeadLetterQueue};
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
@@ -74,16 +76,22 @@ pub async fn list(
     if parked.is_empty() {
         return Ok((parked, total));
     }
+    // Which listed stream each held-back event belongs to, by event id, so the walk over the
+    // letters costs one lookup per letter.
+    let by_event: HashMap<String, usize> = parked
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.event.as_ref().map(|(_, id, _)| (id.to_string(), i)))
+        .collect();
     let mut pages = LetterPages::new(dlq, projection.name()).await?;
     while let Some(letters) = pages.next(DLQ_PAGE).await? {
         for letter in &letters {
-            let names = letter.original.get("event_id");
-            if let Some(stream) = parked.iter_mut().find(|p| {
-                p.event
-                    .as_ref()
-                    .is_some_and(|(_, id, _)| names.is_some_and(|n| *n == id.to_string()))
-            }) {
-                stream.letters += 1;
+            if let Some(&i) = letter
+                .original
+                .get("event_id")
+                .and_then(|id| by_event.get(id))
+            {
+                parked[i].letters += 1;
             }
         }
     }
