@@ -187,11 +187,30 @@ pub async fn append_batch_unless_unreachable(
     deadline: std::time::Duration,
     unreachable: impl std::future::Future<Output = ()>,
 ) -> Result<Vec<Result<AppendOutcome, AppendError>>, sqlx::Error> {
+    in_append_transaction(pool, deadline, unreachable, "the append", async |tx| {
+        append_holding_lock(tx, requests).await
+    })
+    .await
+}
+
+/// Runs `work` in a transaction holding the append lock ([`begin_statement`]) and commits it,
+/// all within `deadline`, or gives up waiting for a connection as soon as `unreachable`
+/// completes (then nothing began: a refused-connection error, certain). A deadline passed
+/// once the transaction began closes the connection, so the server rolls back what it has not
+/// committed; the caller cannot tell whether a commit under way landed. `what` names the work
+/// in the errors.
+pub(crate) async fn in_append_transaction<T>(
+    pool: &PgPool,
+    deadline: std::time::Duration,
+    unreachable: impl std::future::Future<Output = ()>,
+    what: &str,
+    work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+) -> Result<T, sqlx::Error> {
     let give_up = tokio::time::Instant::now() + deadline;
     let timed_out = || {
         sqlx::Error::Io(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            format!("the append transaction did not finish within {deadline:?}"),
+            format!("{what} did not finish within {deadline:?}"),
         ))
     };
     // The pool tests a connection before handing it out, which waits on a silent server too;
@@ -204,18 +223,18 @@ pub async fn append_batch_unless_unreachable(
         () = unreachable => {
             return Err(sqlx::Error::Io(std::io::Error::new(
                 std::io::ErrorKind::ConnectionRefused,
-                "the database cannot be reached; the append did not begin",
+                format!("the database cannot be reached; {what} did not begin"),
             )));
         }
     };
-    let append = async {
+    let run = async {
         let mut tx =
             sqlx::Connection::begin_with(&mut *conn, AssertSqlSafe(begin_statement())).await?;
-        let results = append_holding_lock(&mut tx, requests).await?;
+        let result = work(&mut tx).await?;
         tx.commit().await?;
-        Ok(results)
+        Ok(result)
     };
-    match tokio::time::timeout_at(give_up, append).await {
+    match tokio::time::timeout_at(give_up, run).await {
         Ok(result) => result,
         Err(_) => {
             conn.close_on_drop();

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use sqlx::{AssertSqlSafe, PgExecutor, PgPool, Row};
+use sqlx::{PgExecutor, PgPool, Row};
 
 use crate::append::IdempotencyRecord;
 
@@ -78,55 +78,30 @@ pub async fn record_first_answer(
     deadline: Duration,
     unreachable: impl std::future::Future<Output = ()>,
 ) -> Result<Option<StoredResponse>, sqlx::Error> {
-    let give_up = tokio::time::Instant::now() + deadline;
-    let timed_out = || {
-        sqlx::Error::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("recording an idempotency key did not finish within {deadline:?}"),
-        ))
-    };
-    let mut conn = tokio::select! {
-        biased;
-        acquired = tokio::time::timeout_at(give_up, pool.acquire()) => {
-            acquired.map_err(|_| timed_out())??
-        }
-        () = unreachable => {
-            return Err(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::ConnectionRefused,
-                "the database cannot be reached; nothing was recorded",
-            )));
-        }
-    };
-    let record_it = async {
-        let mut tx = sqlx::Connection::begin_with(
-            &mut *conn,
-            AssertSqlSafe(crate::append::begin_statement()),
-        )
-        .await?;
-        let row = sqlx::query(RECORD_SQL)
-            .bind(&record.key)
-            .bind(&record.request_hash)
-            .bind(record.response_status)
-            .bind(&record.response_body)
-            .fetch_optional(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        row.map(|row| {
-            Ok(StoredResponse {
-                request_hash: row.try_get("request_hash")?,
-                status: row.try_get("response_status")?,
-                body: row.try_get("response_body")?,
+    crate::append::in_append_transaction(
+        pool,
+        deadline,
+        unreachable,
+        "recording an idempotency key",
+        async |tx| {
+            let row = sqlx::query(RECORD_SQL)
+                .bind(&record.key)
+                .bind(&record.request_hash)
+                .bind(record.response_status)
+                .bind(&record.response_body)
+                .fetch_optional(&mut *tx)
+                .await?;
+            row.map(|row| {
+                Ok(StoredResponse {
+                    request_hash: row.try_get("request_hash")?,
+                    status: row.try_get("response_status")?,
+                    body: row.try_get("response_body")?,
+                })
             })
-        })
-        .transpose()
-    };
-    match tokio::time::timeout_at(give_up, record_it).await {
-        Ok(result) => result,
-        Err(_) => {
-            conn.close_on_drop();
-            Err(timed_out())
-        }
-    }
+            .transpose()
+        },
+    )
+    .await
 }
 
 /// Deletes keys older than `max_age_secs`; returns how many. Keys only need to outlive client
