@@ -548,7 +548,13 @@ async fn an_allowed_origin_may_preflight_without_a_token_and_read_the_answers() 
         .to_str()
         .unwrap()
         .to_owned();
-    for name in ["etag", "location", "x-projection-position", "retry-after"] {
+    for name in [
+        "etag",
+        "location",
+        "x-projection-position",
+        "x-held-back-version",
+        "retry-after",
+    ] {
         assert!(exposed.contains(name), "{name} not in {exposed}");
     }
 

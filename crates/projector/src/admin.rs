@@ -231,6 +231,8 @@ enum Unresolved {
     /// another history (the database was restored from a backup after it was written), or
     /// the store could not be read. The message says which, for the operator.
     Refused(String),
+    /// The store could not be read; the message says why.
+    Unreadable(String),
 }
 
 /// The stream and version of the event `letter` names, found by its position *and* its event
@@ -248,7 +250,7 @@ async fn stream_of(pool: &PgPool, letter: &DeadLetter) -> Result<(String, i64), 
     .bind(position)
     .fetch_optional(pool)
     .await
-    .map_err(|e| Unresolved::Refused(format!("cannot read the event store: {e}")))?;
+    .map_err(|e| Unresolved::Unreadable(format!("cannot read the event store: {e}")))?;
     match row {
         Some((stream, version, held)) if held == event_id => Ok((stream, version)),
         Some((stream, version, held)) => Err(Unresolved::Refused(format!(
@@ -266,9 +268,17 @@ async fn stream_of(pool: &PgPool, letter: &DeadLetter) -> Result<(String, i64), 
 }
 
 /// The stream and version of the event `letter` names, when the store holds that event at the
-/// letter's position (see [`stream_of`]); `None` otherwise.
-pub(crate) async fn resolved_version(pool: &PgPool, letter: &DeadLetter) -> Option<(String, i64)> {
-    stream_of(pool, letter).await.ok()
+/// letter's position (see [`stream_of`]); `None` when it does not or the letter names none; an
+/// error when the store cannot be read.
+pub(crate) async fn resolved_version(
+    pool: &PgPool,
+    letter: &DeadLetter,
+) -> anyhow::Result<Option<(String, i64)>> {
+    match stream_of(pool, letter).await {
+        Ok(found) => Ok(Some(found)),
+        Err(Unresolved::NamesNoEvent | Unresolved::Refused(_)) => Ok(None),
+        Err(Unresolved::Unreadable(message)) => Err(anyhow!(message)),
+    }
 }
 
 /// `dlq replay`: for each dead letter, un-park its stream and apply that event and the rest of
@@ -292,7 +302,7 @@ pub async fn replay(
                          or unreadable), so it cannot be replayed; purge it"
                             .to_owned()
                     }
-                    Unresolved::Refused(message) => message,
+                    Unresolved::Refused(message) | Unresolved::Unreadable(message) => message,
                 };
                 out.push(Resolution {
                     id,
@@ -349,7 +359,7 @@ pub async fn purge(
             message,
         };
         let message = match stream_of(pool, letter).await {
-            Err(Unresolved::Refused(message)) => {
+            Err(Unresolved::Refused(message) | Unresolved::Unreadable(message)) => {
                 out.push(refuse(message));
                 continue;
             }

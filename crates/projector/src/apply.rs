@@ -582,7 +582,17 @@ async fn unpark_and_catch_up(
             version = v.max(version);
             None
         }
-        Err(Failure::Poison(error)) if park_again => Some(error),
+        Err(Failure::Poison(_)) if park_again => {
+            // Some event after `version` failed, and the chunked catch-up cannot say which:
+            // apply them one at a time, keeping each that applies, to park at the one that
+            // fails (parking at `version + 1` instead would let the next purge skip an event
+            // that never failed).
+            let (applied, v, error) =
+                catch_up_until_failure(&mut *tx, projection, stream_id, version).await?;
+            outcome.applied = applied;
+            version = v.max(version);
+            error
+        }
         Err(other) => return Err(other),
     };
     sqlx::query(
@@ -602,6 +612,46 @@ async fn unpark_and_catch_up(
     outcome.version = version;
     outcome.parked_again = parked;
     Ok(outcome)
+}
+
+/// Applies the stream's events after `version` from the store one at a time, each in a
+/// savepoint, until one fails with poison; returns (applied, the version reached, that
+/// failure's error if one failed). Slower than [`catch_up`]; only for finding the event that
+/// failed.
+async fn catch_up_until_failure(
+    conn: &mut PgConnection,
+    projection: ProjectionKind,
+    stream_id: &str,
+    mut version: i64,
+) -> Result<(usize, i64, Option<String>), Failure> {
+    let mut applied = 0;
+    loop {
+        let events = store::read_stream(&mut *conn, stream_id, version, STREAM_READ_CHUNK)
+            .await
+            .map_err(sql)?;
+        if events.is_empty() {
+            return Ok((applied, version, None));
+        }
+        for event in events {
+            if projection.handles(&event.event_type) {
+                let mut savepoint = conn.begin().await.map_err(sql)?;
+                match projection
+                    .apply(&mut savepoint, std::slice::from_ref(&event))
+                    .await
+                    .map_err(|e| e.failure())
+                {
+                    Ok(()) => savepoint.commit().await.map_err(sql)?,
+                    Err(Failure::Poison(error)) => {
+                        savepoint.rollback().await.map_err(sql)?;
+                        return Ok((applied, version, Some(error)));
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
+            applied += 1;
+            version = event.stream_version;
+        }
+    }
 }
 
 /// Applies the stream's events after `version` from the store; returns (applied, new version).

@@ -111,6 +111,11 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             after,
         } => {
             let projection = admin::projection_of_group(&group)?;
+            if after.is_some() && action != DlqAction::List {
+                // `replay` and `purge` without --id act on every letter: an --after they
+                // ignored would resolve letters the operator meant to leave.
+                anyhow::bail!("--after goes with `dlq list` only");
+            }
             let (_, redis, keys) = connect_redis(&cli)?;
             let dlq = DeadLetterQueue::new(redis, keys);
             if let Some(stream) = stream {

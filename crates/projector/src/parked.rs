@@ -249,8 +249,9 @@ pub async fn resolve_stream(
                             done.applied
                         ),
                         Some(error) => format!(
-                            "skipped version {parked_version} of {stream_id}; the next event \
-                             failed too and the stream is parked again at version {}: {error}",
+                            "skipped version {parked_version} of {stream_id}; a later event \
+                             failed too: the events before it are applied and the stream is \
+                             parked again at version {}: {error}",
                             done.version + 1
                         ),
                     },
@@ -272,11 +273,20 @@ pub async fn resolve_stream(
             }
         }
     };
-    let deleted = delete_resolved_letters(pool, dlq, projection, stream_id, now_at).await?;
+    // The resolution has committed: a failure to tidy its letters is reported with it, not
+    // instead of it (a rerun would find the stream no longer parked).
+    let letters = match delete_resolved_letters(pool, dlq, projection, stream_id, now_at).await {
+        Ok(deleted) => format!("{deleted} dead letter(s) of it deleted"),
+        Err(e) => format!(
+            "its dead letters could not be deleted ({}): `dlq list` shows them, and `dlq purge \
+             --id` deletes each without skipping anything now",
+            platform::config::error_chain(e.as_ref())
+        ),
+    };
     Ok(Resolution {
         id: stream_id.to_owned(),
         ok: true,
-        message: format!("{message}; {deleted} dead letter(s) of it deleted"),
+        message: format!("{message}; {letters}"),
     })
 }
 
@@ -294,7 +304,7 @@ async fn delete_resolved_letters(
     while let Some(letters) = pages.next(DLQ_PAGE).await? {
         for letter in letters.iter().filter(|l| names_stream(l, stream_id)) {
             if resolved_version(pool, letter)
-                .await
+                .await?
                 .is_some_and(|(stream, v)| stream == stream_id && v <= version)
             {
                 resolved.push(letter.id.clone());

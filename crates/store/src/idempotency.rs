@@ -60,7 +60,8 @@ const RECORD_SQL: &str = "WITH recorded AS ( \
 /// its key, unless the key already has one: then nothing is written and that answer is
 /// returned. `None`: `record` is now the key's first answer.
 ///
-/// Holds the append lock ([`crate::append::APPEND_LOCK_KEY`]) for one statement: an append
+/// Holds the append lock ([`crate::append::APPEND_LOCK_KEY`]) for one statement, and commits
+/// without waiting for the WAL flush (a refusal lost to a server crash is answered anew): an append
 /// checks its keys under that lock and inserts them at the end of its transaction, so a key
 /// recorded here in between would fail the whole group commit on the key's unique index.
 /// Under the lock, a concurrent append with the same key either committed first (its answer
@@ -84,6 +85,13 @@ pub async fn record_first_answer(
         unreachable,
         "recording an idempotency key",
         async |tx| {
+            // Not waiting for the WAL flush under the append lock: a burst of refusals must not
+            // queue the appends behind one flush each. A record a server crash loses lets a
+            // repeat run again, as before refusals were recorded; any later durable commit
+            // flushes it too.
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut *tx)
+                .await?;
             let row = sqlx::query(RECORD_SQL)
                 .bind(&record.key)
                 .bind(&record.request_hash)

@@ -146,12 +146,23 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
 }
 
 impl CommandHeaders {
-    /// SHA-256 of method, path and body: what makes two requests "the same" for a key.
+    /// SHA-256 of method, path, body and `If-Match`: what makes two requests "the same" for a
+    /// key. `If-Match` is part of it because a refusal it caused (412) is the key's answer:
+    /// a retry naming another version is another request (422 `idempotency_key_reused`), not
+    /// a repeat to answer with a 412 that contradicts it. Without `If-Match` the hash is the
+    /// method, path and body alone, as keys stored by earlier releases were hashed.
     pub fn request_hash(&self, body: &[u8]) -> Vec<u8> {
         let mut hasher = Sha256::new();
         hasher.update(self.method_and_path.as_bytes());
         hasher.update(b"\n");
         hasher.update(body);
+        match self.if_match {
+            None => {}
+            Some(IfMatch::Any) => hasher.update(b"\nIf-Match: *"),
+            Some(IfMatch::Version(version)) => {
+                hasher.update(format!("\nIf-Match: \"{version}\"").as_bytes());
+            }
+        }
         hasher.finalize().to_vec()
     }
 }

@@ -270,6 +270,14 @@ async fn precondition_refusals_are_replayed_to_a_repeat_but_a_conflict_is_not() 
         assert_problem(response, 412, "version_mismatch").await,
         stale
     );
+    // Another If-Match under the key is another request (422), not a repeat to answer with a
+    // 412 that contradicts the version it names.
+    assert_problem(
+        add("stale", Some("\"3\"")).await.unwrap(),
+        422,
+        "idempotency_key_reused",
+    )
+    .await;
 
     let send_create = || {
         app.post("/orders")

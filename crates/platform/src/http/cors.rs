@@ -36,11 +36,12 @@ pub const ALLOWED_REQUEST_HEADERS: [HeaderName; 10] = [
 ];
 
 /// The response headers of the APIs a page's script may read (beyond the safelisted ones).
-pub const EXPOSED_RESPONSE_HEADERS: [HeaderName; 8] = [
+pub const EXPOSED_RESPONSE_HEADERS: [HeaderName; 9] = [
     header::ETAG,
     header::LOCATION,
     header::RETRY_AFTER,
     HeaderName::from_static("x-projection-position"),
+    HeaderName::from_static("x-held-back-version"),
     HeaderName::from_static("x-order-version"),
     HeaderName::from_static(CORRELATION_ID_HEADER),
     HeaderName::from_static(REQUEST_ID_HEADER),

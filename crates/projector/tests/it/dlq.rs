@@ -338,11 +338,52 @@ async fn dlq_list_pages_through_more_letters_than_one_page_holds() {
     let (ok, second) = run_dlq(&w, &["list", "order_summaries", "--after", next]).await;
     assert!(ok, "{second}");
     assert!(
-        second.contains("2 dead letter(s)") && !second.contains("next page"),
+        second.lines().any(|l| l == "2 dead letter(s)") && !second.contains("next page"),
         "{second}"
     );
     assert!(
         !second.contains(next),
         "the page starts after the id it was given"
     );
+
+    // Only `list` pages: a replay or purge given --after is refused, not run on every letter.
+    for action in ["replay", "purge"] {
+        let (ok, stdout) = run_dlq(&w, &[action, "order_summaries", "--after", next]).await;
+        assert!(!ok, "{action}: {stdout}");
+    }
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    assert_eq!(dlq.len(PROJECTION.name()).await.unwrap(), 1002);
+}
+
+#[tokio::test]
+async fn a_purge_whose_catch_up_fails_later_keeps_what_applied_and_parks_at_the_event_that_failed()
+{
+    let w = World::new().await;
+    // Parked at version 3; version 4 applies, version 5 (the payment) is refused.
+    let events = parked_order(&w, 2).await;
+    let stream = events[0].stream_id.clone();
+    let order = events::order_id_of_stream(&stream).unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE FUNCTION refuse_paying() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           RAISE EXCEPTION 'refusing the payment of {order}'; END $$; \
+         CREATE TRIGGER refuse_paying BEFORE INSERT OR UPDATE ON order_summaries FOR EACH ROW \
+           WHEN (NEW.order_id = '{order}' AND NEW.version >= 5) EXECUTE FUNCTION refuse_paying();"
+    )))
+    .execute(w.pool())
+    .await
+    .unwrap();
+
+    let (ok, stdout) = run_dlq(&w, &["purge", "order_summaries", "--stream", &stream]).await;
+    assert!(ok, "{stdout}");
+    assert!(
+        stdout.contains("skipped version 3 of") && stdout.contains("parked again at version 5"),
+        "{stdout}"
+    );
+    assert_eq!(
+        bookkeeping(&w, &stream).await,
+        (4, Some(5)),
+        "version 4 applied, parked at the version that failed"
+    );
+    let (ok, table) = run_dlq(&w, &["parked", "order_summaries"]).await;
+    assert!(ok && table.contains("refusing the payment"), "{table}");
 }
