@@ -1,10 +1,9 @@
-//! Reading the event store: one stream by version or time, the whole log by position, and the
+//! Reading the event store: one stream by version, the whole log by position, and the
 //! event ids at given positions.
 //!
 //! Because positions are dense and assigned in commit order (see the crate docs), `read_all`
 //! from the last position seen never skips an event that commits late.
 
-use chrono::{DateTime, Utc};
 use events::{EventMetadata, RecordedEvent};
 use sqlx::postgres::PgRow;
 use sqlx::{PgExecutor, Row};
@@ -48,45 +47,6 @@ pub async fn read_stream(
     .bind(stream_id)
     .bind(after_version)
     .bind(limit)
-    .fetch_all(executor)
-    .await?;
-    decode_rows(rows)
-}
-
-/// Events of a stream up to and including `max_version`, in version order.
-pub async fn read_stream_until_version(
-    executor: impl PgExecutor<'_>,
-    stream_id: &str,
-    max_version: i64,
-) -> Result<Vec<RecordedEvent>, sqlx::Error> {
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM events WHERE stream_id = $1 AND stream_version <= $2 \
-         ORDER BY stream_version"
-    )))
-    .bind(stream_id)
-    .bind(max_version)
-    .fetch_all(executor)
-    .await?;
-    decode_rows(rows)
-}
-
-/// The events of a stream up to `at`, in version order: every version before the first one
-/// recorded after `at`. Always a prefix of the stream, so it folds, even when the database's
-/// clock stepped back between two appends (`recorded_at` is its `clock_timestamp()`): a later
-/// version recorded "earlier" never comes without the versions before it.
-pub async fn read_stream_until_time(
-    executor: impl PgExecutor<'_>,
-    stream_id: &str,
-    at: DateTime<Utc>,
-) -> Result<Vec<RecordedEvent>, sqlx::Error> {
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM events WHERE stream_id = $1 AND stream_version < COALESCE( \
-           (SELECT min(stream_version) FROM events WHERE stream_id = $1 AND recorded_at > $2), \
-           9223372036854775807) \
-         ORDER BY stream_version"
-    )))
-    .bind(stream_id)
-    .bind(at)
     .fetch_all(executor)
     .await?;
     decode_rows(rows)

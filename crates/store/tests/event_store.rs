@@ -441,52 +441,6 @@ async fn reads_return_events_in_stream_and_global_order() {
     assert_eq!(store::head_position(&db.pool).await.expect("head"), 12);
 }
 
-/// The database's clock may step back between two appends (an NTP correction, a host
-/// migration), so a later version can carry an earlier `recorded_at`. The stream as of a time
-/// is then still a prefix of it, never a later version without the ones before.
-#[tokio::test]
-async fn a_stream_as_of_a_time_is_a_prefix_even_when_the_clock_stepped_back() {
-    let db = TestDatabase::new().await;
-    // Versions 1..=4 recorded at +0 s, +2 s, +5 s and, after a step back, +3 s.
-    for (version, offset_secs) in [(1_i64, 0_i64), (2, 2), (3, 5), (4, 3)] {
-        sqlx::query(
-            "INSERT INTO events (global_position, event_id, stream_id, stream_version, \
-               event_type, schema_version, data, metadata, recorded_at) \
-             VALUES ($1, $2, 'order-c', $1, 'E', 1, '{}', '{}', \
-               '2026-01-01T00:00:00Z'::timestamptz + make_interval(secs => $3))",
-        )
-        .bind(version)
-        .bind(Uuid::new_v4())
-        .bind(offset_secs as f64)
-        .execute(&db.pool)
-        .await
-        .expect("insert");
-    }
-    let versions_at = |offset_secs: i64| {
-        let at = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
-            .expect("time")
-            .with_timezone(&chrono::Utc)
-            + chrono::Duration::seconds(offset_secs);
-        let pool = db.pool.clone();
-        async move {
-            store::read_stream_until_time(&pool, "order-c", at)
-                .await
-                .expect("read")
-                .iter()
-                .map(|e| e.stream_version)
-                .collect::<Vec<_>>()
-        }
-    };
-    assert_eq!(versions_at(1).await, [1]);
-    assert_eq!(
-        versions_at(4).await,
-        [1, 2],
-        "version 4 waits for version 3"
-    );
-    assert_eq!(versions_at(5).await, [1, 2, 3, 4]);
-    assert_eq!(versions_at(-1).await, Vec::<i64>::new());
-}
-
 /// Polls `check` every 20 ms until it gives `Some`; fails the test naming `what` after 20 s.
 async fn wait_for<T, Fut>(what: &str, mut check: impl FnMut() -> Fut) -> T
 where
@@ -843,7 +797,7 @@ mod snapshots {
         );
 
         // Snapshot at version 21 (order plus 20 items).
-        let events = store::read_stream_until_version(&db.pool, &order_stream_id(order_id), 21)
+        let events = store::read_stream(&db.pool, &order_stream_id(order_id), 0, 21)
             .await
             .expect("read");
         let at_21 = events
