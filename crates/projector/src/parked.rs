@@ -38,7 +38,8 @@ pub struct ParkedStream {
     /// The event at `parked_version`, if the store holds it: (position, event id, type). A
     /// store restored from before the event was written holds none.
     pub event: Option<(i64, uuid::Uuid, String)>,
-    /// Dead letters naming that event.
+    /// Dead letters naming that event (or, when the store does not hold it, naming the
+    /// stream).
     pub letters: usize,
 }
 
@@ -76,21 +77,25 @@ pub async fn list(
     if parked.is_empty() {
         return Ok((parked, total));
     }
-    // Which listed stream each held-back event belongs to, by event id, so the walk over the
-    // letters costs one lookup per letter.
-    let by_event: HashMap<String, usize> = parked
-        .iter()
-        .enumerate()
-        .filter_map(|(i, p)| p.event.as_ref().map(|(_, id, _)| (id.to_string(), i)))
-        .collect();
+    // Which listed stream each letter speaks for, so the walk over the letters costs one
+    // lookup per letter: by the held-back event's id, or, when the store does not hold that
+    // event (an entry that could not be decoded parked the stream), by the stream it names.
+    let mut by_event: HashMap<String, usize> = HashMap::new();
+    let mut by_stream: HashMap<String, usize> = HashMap::new();
+    for (i, p) in parked.iter().enumerate() {
+        match &p.event {
+            Some((_, id, _)) => by_event.insert(id.to_string(), i),
+            None => by_stream.insert(p.stream_id.clone(), i),
+        };
+    }
     let mut pages = LetterPages::new(dlq, projection.name()).await?;
     while let Some(letters) = pages.next(DLQ_PAGE).await? {
         for letter in &letters {
-            if let Some(&i) = letter
-                .original
-                .get("event_id")
+            let field = |name: &str| letter.original.get(name);
+            let speaks_for = field("event_id")
                 .and_then(|id| by_event.get(id))
-            {
+                .or_else(|| field("stream_id").and_then(|stream| by_stream.get(stream)));
+            if let Some(&i) = speaks_for {
                 parked[i].letters += 1;
             }
         }

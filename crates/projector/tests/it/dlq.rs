@@ -245,6 +245,30 @@ async fn purge_by_stream_refuses_a_park_at_a_version_the_store_does_not_hold_and
     let events = parked_order(&w, 6).await;
     let stream = events[0].stream_id.clone();
     assert_eq!(bookkeeping(&w, &stream).await, (6, Some(7)));
+    // A letter of an entry that could not be decoded names the stream but no event: with no
+    // event in the store to match, it counts for the stream it names.
+    let mut redis = w.redis.clone();
+    let _: String = redis::cmd("XADD")
+        .arg(w.keys.dlq(PROJECTION.name()))
+        .arg("*")
+        .arg("stream_id")
+        .arg(&stream)
+        .arg("error")
+        .arg("undecodable")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    let (parked, _) = projector::parked::list(w.pool(), &dlq, PROJECTION)
+        .await
+        .unwrap();
+    assert_eq!(
+        parked
+            .iter()
+            .map(|p| (p.event.is_none(), p.letters))
+            .collect::<Vec<_>>(),
+        [(true, 1)]
+    );
 
     let (ok, stdout) = run_dlq(&w, &["purge", "order_summaries", "--stream", &stream]).await;
     assert!(!ok && stdout.contains("holds no version 7"), "{stdout}");
