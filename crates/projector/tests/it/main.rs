@@ -722,7 +722,8 @@ async fn a_second_rebuild_of_the_same_projection_is_refused_while_one_runs() {
         .unwrap();
 }
 
-async fn run_verify(w: &World) -> (bool, String) {
+/// Runs `projector verify order_summaries`; returns its exit code and stdout.
+async fn run_verify(w: &World) -> (Option<i32>, String) {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_projector"))
         .args(["verify", "order_summaries"])
         .env("DATABASE_URL", &w.db.url)
@@ -731,7 +732,7 @@ async fn run_verify(w: &World) -> (bool, String) {
         .await
         .unwrap();
     (
-        output.status.success(),
+        output.status.code(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
     )
 }
@@ -746,15 +747,19 @@ async fn verify_finds_a_deliberately_corrupted_row_and_passes_on_a_clean_one() {
         .await
         .unwrap();
     drop(conn);
-    let (ok, out) = run_verify(&w).await;
-    assert!(ok, "{out}");
+    let (code, out) = run_verify(&w).await;
+    assert_eq!(code, Some(0), "{out}");
     sqlx::query("UPDATE order_summaries SET total = total + 1 WHERE order_id = $1")
         .bind(ids[3])
         .execute(w.pool())
         .await
         .unwrap();
-    let (ok, out) = run_verify(&w).await;
-    assert!(!ok, "{out}");
+    let (code, out) = run_verify(&w).await;
+    assert_eq!(
+        code,
+        Some(1),
+        "the contract's exit code for a difference: {out}"
+    );
     assert!(
         out.contains(&ids[3].to_string()) && out.contains("total"),
         "{out}"
