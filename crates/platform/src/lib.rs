@@ -34,6 +34,7 @@
 //! - [`shutdown`]: SIGTERM/Ctrl-C as a future and a cancellation token, and `serve` with graceful
 //!   shutdown.
 //! - [`healthcheck`]: a tiny HTTP probe for Docker `HEALTHCHECK` (containers have no curl).
+//! - `testing` (feature `test-util`): `LogBuffer`, service logs kept in memory for tests.
 
 pub mod auth;
 pub mod config;
@@ -50,5 +51,7 @@ pub mod redis_conn;
 pub mod redis_tls;
 pub mod shutdown;
 pub mod telemetry;
+#[cfg(feature = "test-util")]
+pub mod testing;
 
 pub use problem::Problem;

@@ -15,6 +15,7 @@ use axum::http::{Request, StatusCode};
 use common::{TempDatabase, TempRole, admin_url, redis_url, with_param};
 use platform::config::RedisTlsArgs;
 use platform::health::{Readiness, health_router};
+use platform::testing::LogBuffer;
 use platform::{db, redis_conn, shutdown};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
@@ -125,35 +126,6 @@ async fn with_skip_migrations_a_service_does_not_start_on_a_database_without_its
     assert!(msg.contains("SKIP_MIGRATIONS"), "{msg}");
     assert!(msg.contains(name), "{msg}");
     assert!(!msg.contains('\n'), "{msg}");
-}
-
-/// A `MakeWriter` collecting log lines in memory.
-#[derive(Clone, Default)]
-struct LogBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl LogBuffer {
-    /// How many lines logged so far contain `text`.
-    fn lines_containing(&self, text: &str) -> usize {
-        let logged = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
-        logged.lines().filter(|line| line.contains(text)).count()
-    }
-}
-
-impl std::io::Write for LogBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
-    type Writer = LogBuffer;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
 }
 
 #[tokio::test]

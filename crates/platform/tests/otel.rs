@@ -24,6 +24,7 @@ use platform::config::LogFormat;
 use platform::http::{HttpLimits, RequestContext, TRACEPARENT_HEADER, standard_layers};
 use platform::otel;
 use platform::telemetry;
+use platform::testing::LogBuffer;
 use prost::Message as _;
 use tower::ServiceExt as _;
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -363,27 +364,6 @@ fn init_with_the_endpoint_variable_exports_spans_and_flushes_on_drop() {
     });
 }
 
-/// A `MakeWriter` collecting the JSON log lines in memory.
-#[derive(Clone, Default)]
-struct LogBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
-    type Writer = LogBuffer;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
 /// Runs `work` with JSON logs collected in memory; returns its output and, for every line
 /// logged inside a request span, that span's fields and the line's message.
 async fn with_request_logs<T>(
@@ -398,7 +378,7 @@ async fn with_request_logs<T>(
     let scope = tracing::subscriber::set_default(subscriber);
     let output = work.await;
     drop(scope);
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let text = logs.text();
     let logged = text
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use clap::Parser;
 use events::{EventMetadata, OrderCommand, OrderState, decide, evolve, order_stream_id};
+use platform::testing::LogBuffer;
 use query_service::consistency::WatcherStats;
 use query_service::history::{HistoryStats, STATE_PAGE_EVENTS};
 use query_service::log_stream::StreamStats;
@@ -898,33 +899,6 @@ async fn a_service_told_to_stop_while_postgresql_is_silent_gives_up_its_reads_in
     }
     drop(stream);
     drop(proxy);
-}
-
-/// A `MakeWriter` keeping the log lines in memory.
-#[derive(Clone, Default)]
-struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl LogBuffer {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl std::io::Write for LogBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
-    type Writer = LogBuffer;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
 }
 
 /// The watch has not heard of a mark the table already holds (its notification is late and
