@@ -20,6 +20,7 @@
 //!   letters and consumer group, from whichever store is reachable.
 //! - [`failure`]: the one place deciding transient vs poison.
 //! - [`metrics`]: metric names and recording helpers.
+//! - `testing` (feature `test-util`): `RebuildGate`, a rebuild held in mid-fold for tests.
 //!
 //! # Exactly once and in order: the version guard with catch-up
 //!
@@ -73,6 +74,8 @@ pub mod projections;
 pub mod rebuild;
 pub mod status;
 pub mod sweeper;
+#[cfg(feature = "test-util")]
+pub mod testing;
 pub mod verify;
 
 pub use app::Application;

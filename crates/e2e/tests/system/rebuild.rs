@@ -1,8 +1,8 @@
 //! `projector rebuild` under live traffic.
 
 use crate::support::*;
+use projector::testing::RebuildGate;
 use serde_json::json;
-use sqlx::Connection as _;
 use store::testing::TestDatabase;
 use uuid::Uuid;
 
@@ -34,22 +34,13 @@ async fn a_rebuild_under_live_traffic_ends_exact_without_stopping_commands() {
 
     // The rebuild is held halfway through its fold, for as long as the gate is closed, so the
     // commands below are answered while it runs, whatever the speed of either.
-    let gate = hold_a_rebuild_at(&db.pool, &orders[orders.len() / 2]).await;
+    let middle = orders[orders.len() / 2].parse().expect("an order id");
+    let gate = RebuildGate::hold_at(&db.pool, middle).await;
     let rebuild = tokio::spawn({
         let (database_url, stream) = (db.url.clone(), stream.clone());
         async move { projector_admin(&database_url, &stream, &["rebuild", "order_summaries"]).await }
     });
-    let held = || async {
-        let held: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock' \
-               AND wait_event = 'advisory' AND query LIKE '%order_summaries%'",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .expect("read pg_stat_activity");
-        held > 0
-    };
+    let held = || RebuildGate::is_holding(&db.pool);
     bus::testing::wait_until(DEADLINE, "the rebuild is held in mid-fold", || async {
         held().await.then_some(())
     })
@@ -60,7 +51,7 @@ async fn a_rebuild_under_live_traffic_ends_exact_without_stopping_commands() {
         last = position(&send(&http, create(customer), 201).await);
     }
     assert!(held().await, "the rebuild is still in mid-fold");
-    gate.close().await.expect("open the gate");
+    gate.open().await;
     let (rebuilt, printed) = rebuild.await.expect("rebuild task");
     assert!(rebuilt, "{printed}");
     assert!(printed.contains("rebuilt order_summaries"), "{printed}");
@@ -87,36 +78,4 @@ async fn a_rebuild_under_live_traffic_ends_exact_without_stopping_commands() {
             service.log_tail()
         );
     }
-}
-
-/// Holds a rebuild of `order_summaries` at its first write of `order` to its shadow table until
-/// the returned connection closes: a check constraint on the live table, which the rebuild's
-/// shadow copy takes over, waits there for an advisory lock the connection holds. Writes to the
-/// live table pass.
-async fn hold_a_rebuild_at(pool: &sqlx::PgPool, order: &str) -> sqlx::PgConnection {
-    const GATE: i64 = 0x6761_7465;
-    let order: Uuid = order.parse().expect("an order id");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE FUNCTION rebuild_gate(t oid, id uuid) RETURNS boolean LANGUAGE plpgsql AS $$ \
-         BEGIN \
-           IF id = '{order}' AND (SELECT n.nspname FROM pg_class c \
-                                   JOIN pg_namespace n ON n.oid = c.relnamespace \
-                                   WHERE c.oid = t) LIKE 'projector_rebuild_%' THEN \
-             PERFORM pg_advisory_xact_lock_shared({GATE}); \
-           END IF; \
-           RETURN true; \
-         END $$; \
-         ALTER TABLE order_summaries ADD CONSTRAINT rebuild_gate \
-           CHECK (rebuild_gate(tableoid, order_id));"
-    )))
-    .execute(pool)
-    .await
-    .expect("install the rebuild gate");
-    let mut holder = pool.acquire().await.expect("a connection").detach();
-    sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(GATE)
-        .execute(&mut holder)
-        .await
-        .expect("close the gate");
-    holder
 }

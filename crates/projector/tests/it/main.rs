@@ -16,6 +16,7 @@ use events::{OrderState, order_stream_id};
 use projector::ProjectionKind;
 use projector::apply::apply_batch;
 use projector::sweeper::{Sweeper, SweeperSettings};
+use projector::testing::RebuildGate;
 use rand::seq::SliceRandom as _;
 use support::{DEADLINE, World, append_orders, commands, run_commands};
 use uuid::Uuid;
@@ -513,21 +514,13 @@ async fn live_applies_carry_on_during_a_rebuild_and_its_result_includes_them() {
     // The rebuild is held halfway through its fold, for as long as the test holds the gate: a
     // check constraint (copied to the shadow tables with the rest of the table's definition)
     // waits for the gate's lock before a shadow row of the middle order is written.
-    let gate = hold_a_rebuild_at(w.pool(), ids[ids.len() / 2]).await;
+    let gate = RebuildGate::hold_at(w.pool(), ids[ids.len() / 2]).await;
     let pool = w.pool().clone();
     let rebuild = tokio::spawn(async move {
         projector::admin::rebuild(&pool, ProjectionKind::OrderSummaries, 3, None).await
     });
     wait_until(DEADLINE, "the rebuild is held in mid-fold", || async {
-        let held: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock' \
-               AND wait_event = 'advisory'",
-        )
-        .fetch_one(w.pool())
-        .await
-        .unwrap();
-        (held > 0).then_some(())
+        RebuildGate::is_holding(w.pool()).await.then_some(())
     })
     .await;
     let folded: i64 = sqlx::query_scalar(
@@ -586,48 +579,6 @@ async fn live_applies_carry_on_during_a_rebuild_and_its_result_includes_them() {
     .await
     .unwrap();
     assert_eq!(shadow, None, "the shadow schema is dropped");
-}
-
-/// Holds a rebuild of `order_summaries` at its first write of `order` to its shadow table,
-/// until [`RebuildGate::open`]: a check constraint on the live table, which the shadow copy
-/// takes over, waits there for an advisory lock the gate holds. Writes to the live table pass.
-async fn hold_a_rebuild_at(pool: &sqlx::PgPool, order: Uuid) -> RebuildGate {
-    const GATE: i64 = 0x6761_7465;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE FUNCTION rebuild_gate(t oid, id uuid) RETURNS boolean LANGUAGE plpgsql AS $$ \
-         BEGIN \
-           IF id = '{order}' AND (SELECT n.nspname FROM pg_class c \
-                                   JOIN pg_namespace n ON n.oid = c.relnamespace \
-                                   WHERE c.oid = t) LIKE 'projector_rebuild_%' THEN \
-             PERFORM pg_advisory_xact_lock_shared({GATE}); \
-           END IF; \
-           RETURN true; \
-         END $$; \
-         ALTER TABLE order_summaries ADD CONSTRAINT rebuild_gate \
-           CHECK (rebuild_gate(tableoid, order_id));"
-    )))
-    .execute(pool)
-    .await
-    .expect("install the rebuild gate");
-    let mut holder = pool.acquire().await.unwrap().detach();
-    sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(GATE)
-        .execute(&mut holder)
-        .await
-        .expect("close the gate");
-    RebuildGate(holder)
-}
-
-/// The closed gate of [`hold_a_rebuild_at`].
-struct RebuildGate(sqlx::PgConnection);
-
-impl RebuildGate {
-    /// Lets the rebuild go on.
-    async fn open(self) {
-        sqlx::Connection::close(self.0)
-            .await
-            .expect("open the gate");
-    }
 }
 
 /// A rebuild tells the listeners of the live read model nothing until its swap: its folds'
