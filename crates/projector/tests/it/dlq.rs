@@ -96,13 +96,7 @@ async fn purge_skips_only_the_event_its_letter_names_and_only_while_the_order_is
     assert!(stdout.contains("skipped version 4 of"), "{stdout}");
     assert_eq!(bookkeeping(&w, &stream).await, (6, None));
     // Version 5 was applied, not skipped: the order is shipped and paid.
-    let status: String =
-        sqlx::query_scalar("SELECT status FROM order_summaries WHERE order_id = $1")
-            .bind(events::order_id_of_stream(&stream).unwrap())
-            .fetch_one(w.pool())
-            .await
-            .unwrap();
-    assert_eq!(status, "shipped");
+    assert_eq!(support::summary_status(&w, &stream).await, "shipped");
 
     // The letter of version 5 names an event applied meanwhile: deleted, nothing skipped.
     let (ok, stdout) = run_dlq(&w, &["purge", "order_summaries", "--id", &behind]).await;
@@ -181,13 +175,7 @@ async fn an_order_parked_with_no_letter_is_listed_from_postgres_and_replayed_by_
     assert!(ok, "{stdout}");
     assert!(stdout.contains("now at version 6"), "{stdout}");
     assert_eq!(bookkeeping(&w, &stream).await, (6, None));
-    let status: String =
-        sqlx::query_scalar("SELECT status FROM order_summaries WHERE order_id = $1")
-            .bind(events::order_id_of_stream(&stream).unwrap())
-            .fetch_one(w.pool())
-            .await
-            .unwrap();
-    assert_eq!(status, "shipped");
+    assert_eq!(support::summary_status(&w, &stream).await, "shipped");
     assert_eq!(
         dlq.len(PROJECTION.name()).await.unwrap(),
         2,
@@ -338,19 +326,7 @@ async fn dlq_list_and_show_print_the_letter_with_every_contract_field() {
 #[tokio::test]
 async fn dlq_list_pages_through_more_letters_than_one_page_holds() {
     let w = World::new().await;
-    let mut conn = w.redis.clone();
-    let mut pipe = redis::pipe();
-    for i in 0..(projector::admin::DLQ_PAGE + 2) {
-        pipe.cmd("XADD")
-            .arg(w.keys.dlq("order_summaries"))
-            .arg("*")
-            .arg("hello")
-            .arg(i)
-            .arg("error")
-            .arg("undecodable")
-            .ignore();
-    }
-    let () = pipe.query_async(&mut conn).await.unwrap();
+    support::undecodable_letters(&w, "order_summaries", projector::admin::DLQ_PAGE + 2).await;
 
     let (ok, first) = run_dlq(&w, &["list", "order_summaries"]).await;
     assert!(ok, "{first}");

@@ -1909,19 +1909,7 @@ async fn an_instance_that_is_not_the_sweeper_exports_the_current_lag() {
 #[tokio::test]
 async fn dlq_purge_all_and_replay_resolve_every_letter_beyond_the_first_page() {
     let w = World::new().await;
-    let mut conn = w.redis.clone();
-    let mut pipe = redis::pipe();
-    for i in 0..(projector::admin::DLQ_PAGE + 1) {
-        pipe.cmd("XADD")
-            .arg(w.keys.dlq("customer_stats"))
-            .arg("*")
-            .arg("hello")
-            .arg(i)
-            .arg("error")
-            .arg("undecodable")
-            .ignore();
-    }
-    let () = pipe.query_async(&mut conn).await.unwrap();
+    support::undecodable_letters(&w, "customer_stats", projector::admin::DLQ_PAGE + 1).await;
     let output = support::projector_command(&w, &["dlq", "purge", "customer_stats", "--all"])
         .output()
         .await

@@ -284,6 +284,33 @@ pub async fn append_orders(pool: &PgPool, count: usize) -> Vec<Uuid> {
     ids
 }
 
+/// Writes `count` dead letters to `group`'s dead-letter stream that name no event (entries
+/// that could not be decoded), in one round trip.
+pub async fn undecodable_letters(w: &World, group: &str, count: usize) {
+    let mut conn = w.redis.clone();
+    let mut pipe = redis::pipe();
+    for i in 0..count {
+        pipe.cmd("XADD")
+            .arg(w.keys.dlq(group))
+            .arg("*")
+            .arg("hello")
+            .arg(i)
+            .arg("error")
+            .arg("undecodable")
+            .ignore();
+    }
+    let () = pipe.query_async(&mut conn).await.unwrap();
+}
+
+/// The `status` column of `stream`'s order in `order_summaries`.
+pub async fn summary_status(w: &World, stream: &str) -> String {
+    sqlx::query_scalar("SELECT status FROM order_summaries WHERE order_id = $1")
+        .bind(events::order_id_of_stream(stream).unwrap())
+        .fetch_one(w.pool())
+        .await
+        .unwrap()
+}
+
 /// Makes `order_summaries` refuse every write of `order` from version 4 (its placing) on, with
 /// a trigger: a projection bug or a constraint the event breaks, as the projector meets it.
 pub async fn refuse_placing(pool: &PgPool, order: Uuid) {
