@@ -38,12 +38,28 @@ VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG";
 pub const MAX_QUOTED_LEN: usize = 80;
 
 /// `value` in backticks for an error message, cut to [`MAX_QUOTED_LEN`] bytes (at a character
-/// boundary) with `…` when longer.
+/// boundary) with `…` when longer, its control characters written as escapes (`\u{0}`). The
+/// message may be stored (an idempotency key's recorded refusal is `jsonb`), and PostgreSQL's
+/// jsonb refuses NUL: echoed as it came, a NUL would turn a rule violation into a failure to
+/// record it.
 pub fn quoted(value: &str) -> String {
-    if value.len() <= MAX_QUOTED_LEN {
-        return format!("`{value}`");
+    let (shown, cut) = if value.len() <= MAX_QUOTED_LEN {
+        (value, "")
+    } else {
+        (&value[..value.floor_char_boundary(MAX_QUOTED_LEN)], "…")
+    };
+    let mut out = String::with_capacity(shown.len() + 2 + cut.len());
+    out.push('`');
+    for c in shown.chars() {
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
     }
-    format!("`{}…`", &value[..value.floor_char_boundary(MAX_QUOTED_LEN)])
+    out.push_str(cut);
+    out.push('`');
+    out
 }
 
 /// An ISO 4217 currency code such as `EUR`.
@@ -137,6 +153,16 @@ impl fmt::Display for Sku {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_quoted_value_is_cut_and_its_control_characters_escaped() {
+        assert_eq!(quoted("SKU-1"), "`SKU-1`");
+        assert_eq!(quoted("a\u{0}b\nc"), "`a\\u{0}b\\u{a}c`");
+        let long = "é".repeat(100);
+        let shown = quoted(&long);
+        assert!(shown.ends_with("…`"), "{shown}");
+        assert!(shown.len() <= MAX_QUOTED_LEN + "``…".len(), "{shown}");
+    }
 
     #[test]
     fn known_upper_case_codes_are_currencies() {

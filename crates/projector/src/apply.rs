@@ -401,11 +401,12 @@ async fn apply_isolating_inner(
     projection: ProjectionKind,
     events: &[RecordedEvent],
 ) -> Result<(ApplyOutcome, Vec<Poisoned>), Failure> {
-    match apply_batch(conn, projection, events).await {
+    let batch_failure = match apply_batch(conn, projection, events).await {
         Ok(outcome) => return Ok((outcome, Vec::new())),
         Err(f) if f.is_transient() => return Err(f),
-        Err(f) => tracing::debug!(projection = %projection, error = %f, "batch failed; isolating"),
-    }
+        Err(f) => f,
+    };
+    tracing::debug!(projection = %projection, error = %batch_failure, "batch failed; isolating");
     let mut by_stream: BTreeMap<&str, Vec<RecordedEvent>> = BTreeMap::new();
     for event in events {
         by_stream
@@ -413,16 +414,32 @@ async fn apply_isolating_inner(
             .or_default()
             .push(event.clone());
     }
+    // A stage that would apply exactly what the last one did is not run again: a batch of one
+    // stream failed as that stream, and a stream of one event as that event. A poison entry
+    // retried on its own (the usual case) so costs one failed transaction per try, not three.
+    let mut known_failure = (by_stream.len() == 1).then_some(batch_failure);
     let mut total = ApplyOutcome::default();
     let mut poisoned = Vec::new();
     for (stream, mut list) in by_stream {
-        match apply_batch(conn, projection, &list).await {
-            Ok(outcome) => {
-                total += outcome;
-                continue;
-            }
-            Err(f) if f.is_transient() => return Err(f),
-            Err(_) => {}
+        let stream_failure = match known_failure.take() {
+            Some(failure) => failure,
+            None => match apply_batch(conn, projection, &list).await {
+                Ok(outcome) => {
+                    total += outcome;
+                    continue;
+                }
+                Err(f) if f.is_transient() => return Err(f),
+                Err(f) => f,
+            },
+        };
+        if let [event] = list.as_slice() {
+            poisoned.push(Poisoned {
+                stream_id: stream.to_owned(),
+                version: event.stream_version,
+                newer_release: matches!(stream_failure, Failure::NewerRelease(_)),
+                error: stream_failure.to_string(),
+            });
+            continue;
         }
         list.sort_by_key(|e| e.stream_version);
         for event in &list {

@@ -52,6 +52,9 @@ pub enum Command {
 }
 
 /// Settings of read-your-writes and paging.
+/// The largest `WAIT_MS_MAX` accepted: ten minutes.
+pub const WAIT_MS_MAX_LIMIT: u64 = 600_000;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReadArgs {
     /// Milliseconds a request with `min_position` waits when it gives no `wait_ms`
@@ -59,7 +62,10 @@ pub struct ReadArgs {
     pub wait_ms_default: u64,
 
     /// Largest `wait_ms` a request may ask for; larger ones are refused with 400 `invalid_wait`
-    #[arg(long, env = "WAIT_MS_MAX", default_value_t = 10_000)]
+    /// (1 to 600000: a read-your-writes wait of minutes outlives any proxy's idle timeout, and
+    /// the bound keeps every deadline computed from it far from overflow)
+    #[arg(long, env = "WAIT_MS_MAX", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=WAIT_MS_MAX_LIMIT))]
     pub wait_ms_max: u64,
 
     /// Milliseconds between two reads of `projection_checkpoints` by the watcher, the fallback
@@ -116,9 +122,6 @@ impl Config {
         self.auth.validate()?;
         self.http.allowed_origins()?;
         platform::config::validate_listen_addr(&self.listen_addr)?;
-        if self.reads.wait_ms_max == 0 {
-            return Err(anyhow!("invalid WAIT_MS_MAX: must be at least 1"));
-        }
         if self.reads.wait_ms_default > self.reads.wait_ms_max {
             return Err(anyhow!(
                 "invalid WAIT_MS_DEFAULT: {} exceeds WAIT_MS_MAX ({})",

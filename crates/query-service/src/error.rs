@@ -22,6 +22,7 @@
 //! | 409 | `position_beyond_head`, `version_beyond_head` | following the log (or an order) from past its end: a restored database, or a made-up position; `head` says where it ends |
 //! | 503 | `consistency_timeout` | the read model did not reach `min_position` within `wait_ms` |
 //! | 503 | `order_held_back` | `GET /orders/{id}` of an order held back behind a dead letter, when the summary cannot answer: `min_position` at or past the held-back event, or its creation held back (no Retry-After: it waits for an operator) |
+//! | 503 | `customer_held_back` | `GET /customers/{id}` of a customer with orders held back behind a dead letter of `customer_stats`, when the stats cannot answer: `min_position` at or past a held-back event, or the customer's only orders held back at their creation (no Retry-After: it waits for an operator) |
 //! | 503 | `store_unavailable` | PostgreSQL cannot be reached, is restarting, or has no connection free (`platform::db::is_unavailable`) |
 //! | 503 | `event_from_newer_release` | time travel over an order holding an event a newer release wrote (during a rollout) |
 //! | 503 | `overloaded` | more requests at once than `MAX_IN_FLIGHT_REQUESTS` (platform layers), or more event streams than `EVENT_STREAMS_MAX` |
@@ -67,6 +68,16 @@ pub enum ApiError {
         order_id: Uuid,
         version: i64,
         event_position: Option<i64>,
+        position: i64,
+    },
+    /// `held_orders` of the customer's orders are held back behind dead letters (the earliest
+    /// held-back event at `first_event_position`, if the store holds it), and the stats cannot
+    /// answer the request.
+    #[error("{held_orders} order(s) of customer {customer_id} are held back")]
+    CustomerHeldBack {
+        customer_id: Uuid,
+        held_orders: i64,
+        first_event_position: Option<i64>,
         position: i64,
     },
     /// The read model did not reach `min_position` in time.
@@ -144,6 +155,26 @@ impl ApiError {
                     .with_extension("held_back_version", version)
                     .with_header(HELD_BACK_VERSION_HEADER, HeaderValue::from(*version));
                 if let Some(at) = event_position {
+                    p = p.with_extension("held_back_position", at);
+                }
+                with_position(p, Some(*position))
+            }
+            ApiError::CustomerHeldBack {
+                customer_id,
+                held_orders,
+                first_event_position,
+                position,
+            } => {
+                let mut p = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "customer_held_back")
+                    .with_detail(format!(
+                        "{held_orders} order(s) of customer {customer_id} have an event that \
+                         failed to apply and was dead-lettered; the customer's stats are held \
+                         back before each until an operator replays or purges it (projector \
+                         dlq parked customer_stats)"
+                    ))
+                    .with_extension("customer_id", customer_id)
+                    .with_extension("held_back_orders", held_orders);
+                if let Some(at) = first_event_position {
                     p = p.with_extension("held_back_position", at);
                 }
                 with_position(p, Some(*position))

@@ -32,6 +32,7 @@ use utoipa::{Modify, OpenApi};
         events::LineItem,
         events::EventMetadata,
         crate::read_models::OrderPage,
+        crate::read_models::ListedOrder,
         crate::read_models::CustomerStats,
         crate::read_models::ByStatus,
         crate::history::EventPage,

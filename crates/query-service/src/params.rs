@@ -379,19 +379,27 @@ fn parse_event_types(raw: Option<&str>) -> Result<Option<Vec<String>>, ApiError>
         let well_formed = !name.is_empty()
             && name.len() <= MAX_EVENT_TYPE_NAME_CHARS
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if name.len() > MAX_EVENT_TYPE_NAME_CHARS {
+            // Not echoed: the detail stays short whatever the request holds.
+            return Err(invalid_event_type(&format!(
+                "a name is longer than {MAX_EVENT_TYPE_NAME_CHARS} characters"
+            )));
+        }
         if !well_formed {
             return Err(invalid_event_type(&format!(
                 "{name:?} is not an event type name"
             )));
         }
         if !types.iter().any(|t| t == name) {
+            // Refused as soon as the list is too long, so the repeat check above stays
+            // bounded by the limit, however many names the request holds.
+            if types.len() == MAX_FILTER_EVENT_TYPES {
+                return Err(invalid_event_type(&format!(
+                    "at most {MAX_FILTER_EVENT_TYPES} names"
+                )));
+            }
             types.push(name.to_owned());
         }
-    }
-    if types.len() > MAX_FILTER_EVENT_TYPES {
-        return Err(invalid_event_type(&format!(
-            "at most {MAX_FILTER_EVENT_TYPES} names"
-        )));
     }
     Ok(Some(types))
 }
@@ -535,5 +543,34 @@ mod tests {
         };
         let e = Consistency::parse(&too_long, &HeaderMap::new(), &ReadArgs::default());
         assert_eq!(code(e.unwrap_err()), "invalid_wait");
+    }
+
+    #[test]
+    fn an_event_type_filter_is_refused_past_its_limit_of_distinct_names_and_echoes_no_long_name() {
+        let names: Vec<String> = (0..=MAX_FILTER_EVENT_TYPES)
+            .map(|i| format!("T{i}"))
+            .collect();
+        let at_limit = names[..MAX_FILTER_EVENT_TYPES].join(",");
+        assert_eq!(
+            parse_event_types(Some(&at_limit)).unwrap().map(|t| t.len()),
+            Some(MAX_FILTER_EVENT_TYPES)
+        );
+        // Repeats count once.
+        let repeated = vec!["OrderPaid"; 1000].join(",");
+        assert_eq!(
+            parse_event_types(Some(&repeated)).unwrap(),
+            Some(vec!["OrderPaid".to_owned()])
+        );
+        assert_eq!(
+            code(parse_event_types(Some(&names.join(","))).unwrap_err()),
+            "invalid_event_type"
+        );
+        let long = "A".repeat(10_000);
+        let ApiError::BadRequest { code, detail } = parse_event_types(Some(&long)).unwrap_err()
+        else {
+            panic!("not a bad request");
+        };
+        assert_eq!(code, "invalid_event_type");
+        assert!(!detail.contains(&long[..100]), "{detail}");
     }
 }

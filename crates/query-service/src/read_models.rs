@@ -63,6 +63,15 @@ const ORDER_SQL: &str = concat!(
     " LEFT JOIN events e ON e.stream_id = p.stream_id AND e.stream_version = p.parked_version"
 );
 
+/// Whether each order of a page is parked in `order_summaries` (held back behind a dead
+/// letter), as `held_version`: one probe of `projection_streams`' primary key per row.
+macro_rules! page_held_join {
+    () => {
+        " LEFT JOIN projection_streams p ON p.stream_id = 'order-' || s.order_id::text \
+         AND p.projection = 'order_summaries' AND p.parked_version IS NOT NULL"
+    };
+}
+
 /// A page: the newest `$n` orders created before a position. The LATERAL subquery is what walks
 /// the index; the outer ORDER BY keeps the order it produced.
 macro_rules! page_sql {
@@ -70,13 +79,15 @@ macro_rules! page_sql {
         concat!(
             "SELECT cp.position AS cp_position, ",
             summary_columns!(),
-            " FROM ",
+            ", p.parked_version AS held_version FROM ",
             checkpoint_of!("order_summaries"),
             " LEFT JOIN LATERAL (SELECT * FROM order_summaries WHERE ",
             $filter,
             " ORDER BY created_position DESC LIMIT ",
             $limit,
-            ") s ON true ORDER BY s.created_position DESC"
+            ") s ON true",
+            page_held_join!(),
+            " ORDER BY s.created_position DESC"
         )
     };
 }
@@ -94,12 +105,13 @@ macro_rules! page_by_status_sql {
         concat!(
             "SELECT cp.position AS cp_position, ",
             summary_columns!(),
-            " FROM ",
+            ", p.parked_version AS held_version FROM ",
             checkpoint_of!("order_summaries"),
             " LEFT JOIN LATERAL (SELECT * FROM order_summaries WHERE status = '",
             $status,
-            "' AND created_position < $1 ORDER BY created_position DESC LIMIT $2) s ON true \
-             ORDER BY s.created_position DESC"
+            "' AND created_position < $1 ORDER BY created_position DESC LIMIT $2) s ON true",
+            page_held_join!(),
+            " ORDER BY s.created_position DESC"
         )
     };
 }
@@ -119,14 +131,27 @@ const PAGE_BY_CUSTOMER_AND_STATUS_SQL: &str = page_sql!(
     "$2"
 );
 
+/// One customer, and the customer's orders parked in `customer_stats` (held back behind a dead
+/// letter): how many, and the position of the earliest held-back event the store holds. A
+/// parked stream's customer is read from its creation event, since a stream parked at its
+/// creation has no row in the read model. Parked streams are few, and the partial index
+/// `projection_streams_parked` finds them without reading the rest.
 const CUSTOMER_SQL: &str = concat!(
     "SELECT cp.position AS cp_position, c.customer_id, c.order_count, c.total_spent, \
      c.draft_count, c.placed_count, c.paid_count, c.shipped_count, c.cancelled_count, \
      (SELECT COALESCE(jsonb_object_agg(sp.currency, sp.total_spent), '{}'::jsonb) \
       FROM customer_stats_spent sp \
-      WHERE sp.customer_id = c.customer_id AND sp.total_spent <> 0) AS spent_by_currency FROM ",
+      WHERE sp.customer_id = c.customer_id AND sp.total_spent <> 0) AS spent_by_currency, \
+     h.held_orders, h.held_position FROM ",
     checkpoint_of!("customer_stats"),
-    " LEFT JOIN customer_stats c ON c.customer_id = $1"
+    " LEFT JOIN customer_stats c ON c.customer_id = $1",
+    " CROSS JOIN LATERAL (SELECT count(*) AS held_orders, \
+       min(he.global_position) AS held_position \
+       FROM projection_streams p \
+       JOIN events ce ON ce.stream_id = p.stream_id AND ce.stream_version = 1 \
+       LEFT JOIN events he ON he.stream_id = p.stream_id AND he.stream_version = p.parked_version \
+       WHERE p.projection = 'customer_stats' AND p.parked_version IS NOT NULL \
+       AND ce.data->>'customer_id' = $1::text) h"
 );
 
 /// Counts of read-model queries, for tests and `/metrics`.
@@ -181,13 +206,30 @@ pub struct CustomerStats {
     /// are left out.
     #[schema(example = json!({"EUR": 9900, "USD": 1250}))]
     pub spent_by_currency: BTreeMap<String, i64>,
+    /// How many of the customer's orders are held back behind a dead letter of `customer_stats`:
+    /// the figures above lack the held-back event and the later events of each, until an
+    /// operator replays or purges it (`projector dlq parked customer_stats`). Usually 0.
+    pub held_back_orders: i64,
+}
+
+/// One order of a page of `GET /orders`: its summary, marked when it is held back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct ListedOrder {
+    #[serde(flatten)]
+    pub summary: OrderSummary,
+    /// Only when the order is held back behind a dead letter: the version whose event failed.
+    /// The summary shows the order as of the version before it until an operator replays or
+    /// purges it, as `X-Held-Back-Version` of `GET /orders/{id}` says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_back_version: Option<i64>,
 }
 
 /// The body of `GET /orders`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct OrderPage {
-    /// Newest first.
-    pub items: Vec<OrderSummary>,
+    /// Newest first. An order whose very creation is held back behind a dead letter has no
+    /// summary yet and is not listed.
+    pub items: Vec<ListedOrder>,
     /// Pass as `cursor` for the next page; `null` on the last page.
     pub next_cursor: Option<String>,
 }
@@ -303,7 +345,11 @@ impl ReadModels {
                 for row in &rows {
                     if let Some(summary) = summary_of(row)? {
                         let created: i64 = row.try_get("created_position")?;
-                        items.push((summary, created));
+                        let listed = ListedOrder {
+                            summary,
+                            held_back_version: row.try_get("held_version")?,
+                        };
+                        items.push((listed, created));
                     }
                 }
                 Ok((items, position))
@@ -320,14 +366,18 @@ impl ReadModels {
         };
         Ok(Positioned {
             value: OrderPage {
-                items: rows.into_iter().map(|(summary, _)| summary).collect(),
+                items: rows.into_iter().map(|(listed, _)| listed).collect(),
                 next_cursor,
             },
             position: read.position,
         })
     }
 
-    /// `GET /customers/{id}`.
+    /// `GET /customers/{id}`. A customer with orders held back behind a dead letter is answered
+    /// with [`ApiError::CustomerHeldBack`] when the stats cannot show what the request asks
+    /// for: a read-your-writes request at or past a held-back event's position, or a customer
+    /// whose only orders are held back at their creation (no stats, yet the customer has
+    /// orders).
     pub async fn customer(
         &self,
         customer_id: Uuid,
@@ -340,10 +390,26 @@ impl ReadModels {
                     .fetch_one(&self.pool)
                     .await?;
                 let position: i64 = row.try_get("cp_position")?;
-                Ok((customer_of(&row)?, position))
+                let held_orders: i64 = row.try_get("held_orders")?;
+                let held_position: Option<i64> = row.try_get("held_position")?;
+                let stats = customer_of(&row, held_orders)?;
+                Ok(((stats, held_orders, held_position), position))
             })
             .await?;
-        match read.value {
+        let (stats, held_orders, held_position) = read.value;
+        let asked_past_it = match (consistency, held_position) {
+            (Some(wanted), Some(at)) => at <= wanted.min_position,
+            _ => false,
+        };
+        if held_orders > 0 && (stats.is_none() || asked_past_it) {
+            return Err(ApiError::CustomerHeldBack {
+                customer_id,
+                held_orders,
+                first_event_position: held_position,
+                position: read.position,
+            });
+        }
+        match stats {
             Some(stats) => Ok(Positioned {
                 value: stats,
                 position: read.position,
@@ -468,7 +534,7 @@ fn summary_of(row: &PgRow) -> Result<Option<OrderSummary>, ApiError> {
 }
 
 /// The stats in a row, or `None` when the LEFT JOIN found no customer.
-fn customer_of(row: &PgRow) -> Result<Option<CustomerStats>, ApiError> {
+fn customer_of(row: &PgRow, held_back_orders: i64) -> Result<Option<CustomerStats>, ApiError> {
     let Some(customer_id) = row.try_get::<Option<Uuid>, _>("customer_id")? else {
         return Ok(None);
     };
@@ -486,5 +552,6 @@ fn customer_of(row: &PgRow) -> Result<Option<CustomerStats>, ApiError> {
         spent_by_currency: row
             .try_get::<sqlx::types::Json<BTreeMap<String, i64>>, _>("spent_by_currency")?
             .0,
+        held_back_orders,
     }))
 }

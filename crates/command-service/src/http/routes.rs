@@ -189,7 +189,8 @@ pub async fn add_item(
     delete, path = "/orders/{id}/items/{sku}", tag = "orders",
     params(
         ("id" = Uuid, Path, description = "Order id"),
-        ("sku" = String, Path, description = "SKU of the line to remove"),
+        ("sku" = String, Path, description = "SKU of the line to remove (1-64 of A-Z a-z 0-9 - _ .; anything else is 422 `invalid_sku`)",
+            pattern = "^[A-Za-z0-9._-]+$", min_length = 1, max_length = 64),
         OrderCommandHeaders,
     ),
     responses(

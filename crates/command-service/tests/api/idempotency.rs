@@ -321,3 +321,37 @@ async fn precondition_refusals_are_replayed_to_a_repeat_but_a_conflict_is_not() 
     assert!(response.headers().get("idempotent-replayed").is_none());
     assert_eq!(app.event_count(order_id).await, 4);
 }
+
+/// A refusal that echoes what the request held is recorded and replayed even when that held a
+/// NUL, which PostgreSQL's jsonb cannot store: the echo escapes it.
+#[tokio::test]
+async fn a_refusal_echoing_a_nul_character_is_recorded_and_replayed() {
+    let app = spawn_app().await;
+    let body = json!({ "customer_id": Uuid::new_v4(), "currency": "E\u{0}R" });
+    let create = || {
+        app.post("/orders")
+            .header("idempotency-key", "nul-1")
+            .json(&body)
+            .send()
+    };
+    let first = assert_problem(create().await.unwrap(), 422, "rule_violated").await;
+    assert_eq!(first["rule"], "invalid_currency");
+    assert!(
+        first["detail"].as_str().unwrap().contains("E\\u{0}R"),
+        "{first}"
+    );
+    let response = create().await.unwrap();
+    assert_eq!(response.headers()["idempotent-replayed"], "true");
+    assert_eq!(assert_problem(response, 422, "rule_violated").await, first);
+
+    let order_id = app.create_order().await;
+    let remove = || {
+        app.delete(&format!("/orders/{order_id}/items/A%00B"))
+            .header("idempotency-key", "nul-2")
+            .send()
+    };
+    let first = assert_problem(remove().await.unwrap(), 422, "rule_violated").await;
+    assert_eq!(first["rule"], "invalid_sku");
+    let response = remove().await.unwrap();
+    assert_eq!(response.headers()["idempotent-replayed"], "true");
+}

@@ -279,6 +279,82 @@ async fn an_entry_that_is_not_utf8_is_dead_lettered_and_its_batch_flows_after_a_
     task.await.unwrap().unwrap();
 }
 
+/// A failing apply is tried again only once its backoff has passed, `RETRY_BASE_MS` after the
+/// first failure and twice that after the second, then dead-lettered. The refusing trigger
+/// records when each try reached it in sequences, which a rolled-back transaction leaves set.
+#[tokio::test]
+async fn a_failing_apply_is_retried_only_after_its_backoff_which_doubles_each_time() {
+    const RETRY_BASE_MS: i64 = 300;
+    let mut w = World::new().await;
+    let victim = Uuid::new_v4();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE SEQUENCE tries; \
+         CREATE SEQUENCE try_1_at; CREATE SEQUENCE try_2_at; CREATE SEQUENCE try_3_at; \
+         CREATE FUNCTION refuse_victim() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           PERFORM setval('try_' || nextval('tries') || '_at', \
+             (extract(epoch FROM clock_timestamp()) * 1000)::bigint); \
+           RAISE EXCEPTION 'refusing order {victim}'; END $$; \
+         CREATE TRIGGER refuse_victim BEFORE INSERT OR UPDATE ON order_summaries FOR EACH ROW \
+           WHEN (NEW.order_id = '{victim}' AND NEW.version >= 4) EXECUTE FUNCTION refuse_victim();"
+    )))
+    .execute(w.pool())
+    .await
+    .unwrap();
+    // The sweeper would try the blocked event too, on its own schedule: not within this test.
+    let retry_base = RETRY_BASE_MS.to_string();
+    let (token, task) = w
+        .spawn_projector(
+            "solo",
+            &[
+                "--retry-base-ms",
+                &retry_base,
+                "--max-attempts",
+                "3",
+                "--sweep-grace-ms",
+                "600000",
+            ],
+        )
+        .await;
+    // The placing arrives alone, after the rest is applied: each try is one apply of it.
+    let cmds = commands(victim, Uuid::new_v4(), support::Fate::Paid);
+    let mut state = OrderState::default();
+    run_commands(w.pool(), victim, &cmds[..3], &mut state).await;
+    w.publish().await;
+    w.wait_caught_up().await;
+    run_commands(w.pool(), victim, &cmds[3..4], &mut state).await;
+    w.publish().await;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    wait_until(DEADLINE, "the placing is dead-lettered", || async {
+        (dlq.len("order_summaries").await.unwrap() == 1).then_some(())
+    })
+    .await;
+    token.cancel();
+    task.await.unwrap().unwrap();
+
+    let (tries, first, second, third): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT last_value FROM tries), (SELECT last_value FROM try_1_at), \
+                (SELECT last_value FROM try_2_at), (SELECT last_value FROM try_3_at)",
+    )
+    .fetch_one(w.pool())
+    .await
+    .unwrap();
+    assert_eq!(tries, 3, "three tries, then the dead letter");
+    assert!(
+        second - first >= RETRY_BASE_MS,
+        "the second try came {} ms after the first",
+        second - first
+    );
+    assert!(
+        third - second >= 2 * RETRY_BASE_MS,
+        "the third try came {} ms after the second",
+        third - second
+    );
+    assert_eq!(
+        dlq.list("order_summaries", 10).await.unwrap()[0].attempts,
+        3
+    );
+}
+
 #[tokio::test]
 async fn an_apply_that_keeps_failing_is_dead_lettered_its_order_held_back_others_flow_and_replay_makes_it_exact()
  {

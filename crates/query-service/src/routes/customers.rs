@@ -10,7 +10,8 @@ use super::{AppState, positioned};
 use crate::error::ApiError;
 use crate::params::{Consistency, RawConsistency};
 
-/// A customer's order counts by status and money spent.
+/// A customer's order counts by status and money spent, and how many of the customer's orders
+/// are held back behind a dead letter (the figures lack their held-back events).
 #[utoipa::path(
     get,
     path = "/customers/{id}",
@@ -25,7 +26,8 @@ use crate::params::{Consistency, RawConsistency};
         (status = 400, description = "`invalid_path`, `invalid_min_position`, `invalid_wait`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`customer_not_found` (carries X-Projection-Position)", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`consistency_timeout` or `store_unavailable` with Retry-After, or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: a bug or damage (an unreadable row or stored event); logged, never detailed", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`timeout`: the request took longer than WAIT_MS_MAX + 5 s; `consistency_timeout` or `store_unavailable` with Retry-After; `customer_held_back` (no Retry-After; carries X-Projection-Position, and `held_back_orders`/`held_back_position` members): orders of the customer are held back behind a dead letter and min_position is at or past the earliest held-back event, or the customer's only orders are held back at their creation; or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]

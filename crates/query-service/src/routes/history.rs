@@ -36,7 +36,8 @@ pub const ORDER_VERSION_HEADER: &str = "x-order-version";
         (status = 400, description = "`invalid_after_position`, `invalid_limit`, `invalid_wait`, `invalid_event_type` (a name no release writes)", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 409, description = "`position_beyond_head`: after_position (or Last-Event-ID) is past the end of the log, which the `head` member gives: nothing was committed there (a database restored from an earlier backup, or a made-up position)", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: a bug or damage (an unreadable row or stored event); logged, never detailed", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`timeout`: the request took longer than WAIT_MS_MAX + 5 s; `store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]
@@ -67,7 +68,8 @@ pub async fn get_events(
         (status = 400, description = "`invalid_after_position`, `invalid_event_type`, `invalid_last_event_id`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 409, description = "`position_beyond_head`: after_position (or Last-Event-ID) is past the end of the log, which the `head` member gives: nothing was committed there (a database restored from an earlier backup, or a made-up position)", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: EVENT_STREAMS_MAX streams are open, or too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: a bug or damage (an unreadable row or stored event); logged, never detailed", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`timeout`: the request took longer than WAIT_MS_MAX + 5 s; `store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: EVENT_STREAMS_MAX streams are open, or too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]
@@ -102,7 +104,8 @@ pub async fn get_event_stream(
         (status = 400, description = "`invalid_path`, `invalid_after_version`, `invalid_limit`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`order_not_found`: the order has no events", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: a bug or damage (an unreadable row or stored event); logged, never detailed", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`timeout`: the request took longer than WAIT_MS_MAX + 5 s; `store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]
@@ -135,7 +138,8 @@ pub async fn get_order_events(
         (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 409, description = "`version_beyond_head`: after_version (or Last-Event-ID) is past the order's last version, which the `head` member gives (a database restored from an earlier backup, or a made-up version)", body = platform::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`order_not_found`: the order has no events", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: EVENT_STREAMS_MAX streams are open, or too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: a bug or damage (an unreadable row or stored event); logged, never detailed", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`timeout`: the request took longer than WAIT_MS_MAX + 5 s; `store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: EVENT_STREAMS_MAX streams are open, or too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]
@@ -187,7 +191,8 @@ pub async fn get_order_event_stream(
         (status = 400, description = "`invalid_path`, `invalid_query` (both version and at), `invalid_version`, `invalid_at`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`order_not_found`: the order had no events at that point", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`store_unavailable` with Retry-After: the database cannot be used now; `overloaded` (with Retry-After: too many requests at once); or `event_from_newer_release` (with Retry-After: the order holds an event written by a newer release than this instance, while a rollout is under way)", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: a bug or damage (an unreadable row or stored event); logged, never detailed", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`timeout`: the request took longer than WAIT_MS_MAX + 5 s; `store_unavailable` with Retry-After: the database cannot be used now; `overloaded` (with Retry-After: too many requests at once); or `event_from_newer_release` (with Retry-After: the order holds an event written by a newer release than this instance, while a rollout is under way)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]

@@ -37,7 +37,8 @@ use crate::read_models::Positioned;
         (status = 400, description = "`invalid_path`, `invalid_min_position`, `invalid_wait`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`: API_TOKEN is set and the bearer token is missing or wrong", body = platform::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`order_not_found` (carries X-Projection-Position)", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`consistency_timeout` with Retry-After: the read model did not reach min_position within wait_ms; `order_held_back` (no Retry-After; carries X-Projection-Position and X-Held-Back-Version, and `held_back_version`/`held_back_position` members): the order is held back behind a dead letter and min_position is at or past the held-back event, or its creation is held back; `store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: a bug or damage (an unreadable row or stored event); logged, never detailed", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`timeout`: the request took longer than WAIT_MS_MAX + 5 s; `consistency_timeout` with Retry-After: the read model did not reach min_position within wait_ms; `order_held_back` (no Retry-After; carries X-Projection-Position and X-Held-Back-Version, and `held_back_version`/`held_back_position` members): the order is held back behind a dead letter and min_position is at or past the held-back event, or its creation is held back; `store_unavailable` with Retry-After: the database cannot be used now; or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]
@@ -110,7 +111,8 @@ fn client_has(headers: &HeaderMap, etag: &HeaderValue) -> bool {
             headers(("X-Projection-Position" = i64, description = "Every event with a position up to this one is reflected"))),
         (status = 400, description = "`invalid_query` (malformed customer_id), `invalid_status`, `invalid_limit`, `invalid_cursor`, `invalid_min_position`, `invalid_wait`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = platform::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`consistency_timeout` or `store_unavailable` with Retry-After, or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: a bug or damage (an unreadable row or stored event); logged, never detailed", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`timeout`: the request took longer than WAIT_MS_MAX + 5 s; `consistency_timeout` or `store_unavailable` with Retry-After, or `overloaded` (with Retry-After: too many requests at once)", body = platform::Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]

@@ -487,7 +487,8 @@ async fn an_order_and_a_customer_are_read_from_their_read_models_with_their_posi
             "order_count": 4,
             "total_spent": 9900,
             "by_status": {"draft": 1, "placed": 1, "paid": 1, "shipped": 1, "cancelled": 0},
-            "spent_by_currency": {"EUR": 8650, "USD": 1250}
+            "spent_by_currency": {"EUR": 8650, "USD": 1250},
+            "held_back_orders": 0
         })
     );
 
@@ -505,13 +506,19 @@ async fn an_order_and_a_customer_are_read_from_their_read_models_with_their_posi
 /// Parks `order_id`'s stream in `order_summaries` at `version`, as the projector does when that
 /// version's event is dead-lettered.
 async fn park(app: &TestApp, order_id: Uuid, version: i64) {
+    park_in(app, "order_summaries", order_id, version).await;
+}
+
+/// Parks `order_id`'s stream in `projection` at `version`.
+async fn park_in(app: &TestApp, projection: &str, order_id: Uuid, version: i64) {
     sqlx::query(
         "INSERT INTO projection_streams (projection, stream_id, version, parked_version, \
-         parked_error) VALUES ('order_summaries', $1, $2, $3, 'boom')",
+         parked_error) VALUES ($4, $1, $2, $3, 'boom')",
     )
     .bind(order_stream_id(order_id))
     .bind(version - 1)
     .bind(version)
+    .bind(projection)
     .execute(app.pool())
     .await
     .unwrap();
@@ -596,6 +603,120 @@ async fn an_order_held_back_behind_a_dead_letter_says_so_and_a_read_of_a_write_i
         (status, body["code"].as_str()),
         (StatusCode::NOT_FOUND, Some("order_not_found"))
     );
+
+    // The list marks the held-back order; an order that is not held back carries no mark, and
+    // the order with no summary is not listed.
+    let mut clear = TestOrder::new(customer, "draft", unborn_at + 1);
+    clear.order_id = Uuid::new_v4();
+    app.put_summary(&clear).await;
+    for query in [
+        format!("customer_id={customer}"),
+        "status=draft".to_owned(),
+        format!("customer_id={customer}&status=draft"),
+        String::new(),
+    ] {
+        let (status, _, body) = app.get_json(&format!("/orders?{query}")).await;
+        assert_eq!(status, StatusCode::OK, "{query}: {body}");
+        let listed: Vec<(String, Option<i64>)> = body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| {
+                assert_eq!(item["status"], "draft", "{query}: a summary, flattened");
+                (
+                    item["order_id"].as_str().unwrap().to_owned(),
+                    item.get("held_back_version").map(|v| v.as_i64().unwrap()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            vec![
+                (clear.order_id.to_string(), None),
+                (order_id.to_string(), Some(3))
+            ],
+            "{query}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_customer_with_an_order_held_back_says_how_many_and_a_read_of_a_write_the_stats_lack_is_refused()
+ {
+    let app = spawn_app().await;
+    let customer = Uuid::new_v4();
+    // One order fully applied to customer_stats; a second whose placing (version 3) was
+    // dead-lettered there; a third whose creation was.
+    let applied = Uuid::new_v4();
+    let applied_at = app
+        .append_order(applied, vec![create(applied, customer)])
+        .await[0];
+    let held = Uuid::new_v4();
+    let held_at = app
+        .append_order(
+            held,
+            vec![
+                create(held, customer),
+                add("SKU-1", 2, 1250),
+                OrderCommand::PlaceOrder,
+            ],
+        )
+        .await;
+    park_in(&app, "customer_stats", held, 3).await;
+    sqlx::query(
+        "INSERT INTO customer_stats (customer_id, order_count, total_spent, draft_count, \
+         placed_count, paid_count, shipped_count, cancelled_count) VALUES ($1, 2, 0, 2, 0, 0, 0, 0)",
+    )
+    .bind(customer)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    // Another customer's held-back order is not this customer's.
+    let stranger = Uuid::new_v4();
+    let strangers_order = Uuid::new_v4();
+    let strangers_at = app
+        .append_order(strangers_order, vec![create(strangers_order, stranger)])
+        .await[0];
+    park_in(&app, "customer_stats", strangers_order, 1).await;
+    app.set_checkpoint("customer_stats", strangers_at, true)
+        .await;
+
+    let path = format!("/customers/{customer}");
+    for min_position in [None, Some(applied_at), Some(held_at[1])] {
+        let query = min_position.map_or(String::new(), |p| format!("?min_position={p}"));
+        let (status, _, body) = app.get_json(&format!("{path}{query}")).await;
+        assert_eq!(status, StatusCode::OK, "{query}: {body}");
+        assert_eq!(body["order_count"], 2);
+        assert_eq!(body["held_back_orders"], 1, "{query}");
+    }
+    // At or past the held-back placing: the stats lack it.
+    for min_position in [held_at[2], strangers_at] {
+        let (status, headers, body) = app
+            .get_json(&format!("{path}?min_position={min_position}"))
+            .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["code"], "customer_held_back");
+        assert_eq!(body["held_back_orders"], 1);
+        assert_eq!(body["held_back_position"], held_at[2]);
+        assert_eq!(projection_position(&headers), strangers_at);
+        assert!(
+            headers.get("retry-after").is_none(),
+            "waiting does not help"
+        );
+    }
+
+    // The stranger has no stats at all, yet has an order: held back, not "not found".
+    let (status, _, body) = app.get_json(&format!("/customers/{stranger}")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["code"], "customer_held_back");
+    assert_eq!(body["held_back_orders"], 1);
+    assert_eq!(body["held_back_position"], strangers_at);
+
+    // The same order parked in the other projection does not count here.
+    park(&app, applied, 1).await;
+    let (status, _, body) = app.get_json(&path).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["held_back_orders"], 1);
 }
 
 #[tokio::test]
@@ -873,13 +994,11 @@ async fn a_service_told_to_stop_while_postgresql_is_silent_gives_up_its_reads_in
         .await;
     wait_until("the tail's read is held", || async { proxy.held() > 0 }).await;
     assert_eq!(app.tail.reads.load(Ordering::Relaxed), reads);
-    // Then nothing answers at all: the next poll waits too.
+    // Then nothing answers at all: the checkpoint poll waits too. (Counting the polls that
+    // begin would race: one begun just before the silence is held, and no other begins.)
+    let held = proxy.held();
     proxy.hold_replies_with(Some(b""));
-    let polls = app.watcher.checkpoint_polls.load(Ordering::Relaxed);
-    wait_until("a poll has begun since", || async {
-        app.watcher.checkpoint_polls.load(Ordering::Relaxed) > polls
-    })
-    .await;
+    wait_until("a poll's reply is held", || async { proxy.held() > held }).await;
 
     let _ = app.stop.take().unwrap().send(());
     tokio::time::timeout(DEADLINE, app.running.take().unwrap())
@@ -2780,15 +2899,18 @@ fn a_bad_cors_origin_exits_non_zero_with_one_line_naming_it() {
 
 #[test]
 fn a_bad_number_setting_exits_2_with_one_line_naming_it() {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_query-service"))
-        .env("WAIT_MS_MAX", "soon")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert_eq!(lines.len(), 1, "{lines:?}");
-    assert!(lines[0].contains("WAIT_MS_MAX"), "{lines:?}");
+    // Not a number, none, and past the bound (whose deadlines could overflow an `Instant`).
+    for bad in ["soon", "0", "600001", "18446744073709551615"] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_query-service"))
+            .env("WAIT_MS_MAX", bad)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(output.status.code(), Some(2), "{bad}: {stderr}");
+        assert_eq!(lines.len(), 1, "{bad}: {lines:?}");
+        assert!(lines[0].contains("WAIT_MS_MAX"), "{bad}: {lines:?}");
+    }
 }
 
 /// A database restored from a backup: the log goes back, and the positions above its new head
