@@ -98,7 +98,9 @@ impl Application {
         let router = http::router(RouterParts {
             state: AppState { handler },
             token: config.auth.tokens(),
-            readiness: Readiness::new(pool.clone(), redis),
+            // A failed `postgres` check probes the server, so `database_unreachable` tells an
+            // outage even when no request comes in (the instance is out of rotation then).
+            readiness: Readiness::new(pool.clone(), redis).with_db_gate(db_gate.clone()),
             db_gate,
             metrics,
             limits: HttpLimits {

@@ -13,6 +13,12 @@
 //! reads Redis, so taking either out of rotation for a Redis outage would turn a delay of the
 //! read models into an outage of the API. A name that is not a check is 400, so a mistyped
 //! probe fails loudly instead of checking more than it meant to leave out.
+//!
+//! With [`Readiness::with_db_gate`], a failed `postgres` check also tells the service's database
+//! gate ([`DbGate::suspect`]), which probes the server and, while it cannot be reached, sets
+//! `database_unreachable` to 1. Without that, only a request answered `store_unavailable` would
+//! start the probe, and an instance that is out of rotation (its readiness fails) or simply has no
+//! traffic gets none: the gauge, and the alert reading it, would stay silent through an outage.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -31,6 +37,7 @@ use serde::Serialize;
 use sqlx::{Connection as _, PgPool};
 
 use crate::config::error_chain;
+use crate::db_gate::DbGate;
 
 /// Longest a single readiness check may take: the answer must reach the kubelet within its
 /// probes' `timeoutSeconds` (2 s in `deploy/k8s`), or the probe fails whatever it says.
@@ -59,6 +66,8 @@ type CheckFn = Arc<dyn Fn() -> CheckFuture + Send + Sync>;
 #[derive(Clone, Default)]
 pub struct Readiness {
     checks: Vec<(String, CheckFn)>,
+    /// Told when the `postgres` check fails ([`Readiness::with_db_gate`]).
+    db_gate: Option<DbGate>,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -83,6 +92,14 @@ impl Readiness {
             let pg = pg.clone();
             async move { postgres_reachable(&pg).await }
         })
+    }
+
+    /// Tells `gate` whenever the `postgres` check fails (an error or no answer in time), so that
+    /// the gate probes the server and `database_unreachable` says whether it can be reached,
+    /// whether or not requests come in (see the module documentation).
+    pub fn with_db_gate(mut self, gate: DbGate) -> Self {
+        self.db_gate = Some(gate);
+        self
     }
 
     /// Adds the `redis` check: `PING` on the connection.
@@ -137,6 +154,13 @@ impl Readiness {
         });
         let checks: BTreeMap<String, String> =
             futures::future::join_all(runs).await.into_iter().collect();
+        if let Some(gate) = &self.db_gate
+            && checks
+                .get(POSTGRES_CHECK)
+                .is_some_and(|outcome| outcome.starts_with("error"))
+        {
+            gate.suspect();
+        }
         let ready = checks.values().all(|v| v == "ok" || v == EXCLUDED);
         ReadinessReport {
             status: if ready { "ready" } else { "not_ready" },
