@@ -1437,3 +1437,71 @@ async fn a_batch_published_again_after_a_lost_reply_is_not_reported_as_refused()
     ctx.close().await;
     delete_key(&conn, &keys.stream).await;
 }
+
+/// Logs of this thread (a current-thread test runtime: the relay's tasks too), the relay's own
+/// at debug level and above.
+fn capture_logs() -> (
+    platform::testing::LogBuffer,
+    tracing::subscriber::DefaultGuard,
+) {
+    let logs = platform::testing::LogBuffer::default();
+    let guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .with_env_filter("info,command_service=debug")
+            .finish(),
+    );
+    (logs, guard)
+}
+
+/// A standby relay whose PostgreSQL does not answer fails at every poll, on every instance: it
+/// says so when it starts (and would again a minute later), not at every poll, and says when the
+/// server answers again.
+#[tokio::test]
+async fn a_standby_that_cannot_reach_postgresql_logs_it_once_not_at_every_poll() {
+    let (logs, _logging) = capture_logs();
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let url = shared_redis_url();
+    let conn = redis(&url).await;
+    let proxy = SilencingProxy::start(&db).await;
+    let pool = proxy.pool(1).await;
+    proxy.set_silent(true);
+    let relay = RunningRelay::start_on(
+        pool,
+        &url,
+        &keys.stream,
+        RelayArgs {
+            relay_query_timeout_ms: 100,
+            relay_standby_poll_ms: 20,
+            ..test_args()
+        },
+    );
+    wait_until(DEADLINE, "five polls have failed", || async {
+        (logs.lines_containing("relay standby still cannot reach PostgreSQL") >= 4).then_some(())
+    })
+    .await;
+    assert_eq!(
+        logs.lines_containing("relay standby cannot reach PostgreSQL"),
+        1,
+        "{}",
+        logs.text()
+    );
+
+    proxy.set_silent(false);
+    let status = &relay.status;
+    wait_until(DEADLINE, "the relay leads", || async {
+        status.is_leader().then_some(())
+    })
+    .await;
+    assert_eq!(
+        logs.lines_containing("relay standby reaches PostgreSQL again"),
+        1,
+        "{}",
+        logs.text()
+    );
+
+    relay.stop().await;
+    delete_key(&conn, &keys.stream).await;
+}
