@@ -345,7 +345,8 @@ for g in doc.get("groups", []):
                 errors.append(f"{alerts}: {a}: {m.group(1)} must select {PROBE_ROUTES}")
         if not any(re.search(rf"\b{a}\b", h) for h in runbook_headings):
             errors.append(f"{runbook}: no section (## heading) for alert {a}")
-required = {"ProjectionLagHigh", "ProjectionDeadLetters", "RelayLagHigh", "OrdersServiceDown"}
+required = {"ProjectionLagHigh", "ProjectionDeadLetters", "RelayLagHigh", "OrdersServiceDown",
+            "DatabaseUnreachable", "RelayNotLeading", "RelayEntriesRefused", "RelayGapInLog"}
 if not required <= names:
     errors.append(f"{alerts}: missing alerts {sorted(required - names)}")
 

@@ -64,6 +64,9 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
         let metrics = platform::metrics::install(SERVICE_NAME);
+        // `relay_is_leader` 0 and the relay's never-expected counters at 0, also where the relay
+        // is disabled: the alerts sum and increase them over every instance.
+        relay::telemetry::exported_from_start();
         let migrations = db::Migrations::of(&store::MIGRATOR, config.common.skip_migrations);
         let pool = db::connect_when_reachable(
             &config.common.database_url,

@@ -247,6 +247,7 @@ pub async fn run_with_status(
     shutdown: CancellationToken,
     status: RelayStatus,
 ) -> anyhow::Result<()> {
+    telemetry::exported_from_start();
     if !args.relay_enabled {
         tracing::info!("outbox relay disabled (RELAY_ENABLED=false) in this instance");
         shutdown.cancelled().await;

@@ -86,6 +86,28 @@ async fn metrics_count_commands() {
     app.stop().await;
 }
 
+/// Every instance says whether its relay leads, also one whose relay is disabled
+/// (`RELAY_ENABLED=false`, as `spawn_app` runs it): the alert on no relay leading sums
+/// `relay_is_leader` over the instances. The relay's never-expected counters are there at 0
+/// from the start too, so that `increase()` sees their first increment.
+#[tokio::test]
+async fn an_instance_whose_relay_is_disabled_exports_that_it_does_not_lead() {
+    let app = spawn_app().await;
+    let page = app.metrics().await;
+    for name in [
+        "relay_is_leader",
+        "relay_refused_entries_total",
+        "relay_gaps_total",
+    ] {
+        let exported = page
+            .lines()
+            .any(|line| line.starts_with(&format!("{name}{{")));
+        assert!(exported, "{name} is not exported:\n{page}");
+        assert_eq!(series_value(&page, name, &[]), 0.0, "{name}:\n{page}");
+    }
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn the_openapi_document_lists_every_route_and_error_status() {
     let app = spawn_app().await;
