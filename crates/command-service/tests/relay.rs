@@ -1455,6 +1455,50 @@ fn capture_logs() -> (
     (logs, guard)
 }
 
+/// While a foreign entry sits above the positions, Redis refuses every later batch: the counter
+/// counts every refused entry, and the error is logged once per `REFUSED_LOG_INTERVAL` rather
+/// than at every step (many a second under load).
+#[tokio::test]
+async fn entries_refused_step_after_step_are_all_counted_but_logged_once_an_interval() {
+    let (logs, _logging) = capture_logs();
+    let metrics = platform::metrics::install("command-service");
+    let refused = || gauge(&metrics.render(), "relay_refused_entries_total").unwrap_or(0.0);
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let conn = redis(&shared_redis_url()).await;
+    append(&db, 2).await;
+    let mut ctx = step_context(&db, &conn, &keys.stream, 25).await;
+    assert_eq!(
+        relay::publish_step(&mut ctx).await.expect("step").published,
+        2
+    );
+    let mut redis_conn = conn.clone();
+    let _: String = redis::cmd("XADD")
+        .arg(&keys.stream)
+        .arg("*")
+        .arg("probe")
+        .arg("1")
+        .query_async(&mut redis_conn)
+        .await
+        .expect("XADD *");
+
+    let before = refused();
+    for _ in 0..4 {
+        append(&db, 2).await;
+        relay::publish_step(&mut ctx).await.expect("step");
+    }
+    assert_eq!(refused(), before + 8.0, "every refused entry is counted");
+    assert_eq!(
+        logs.lines_containing("Redis refused entries as already present"),
+        1,
+        "{}",
+        logs.text()
+    );
+
+    ctx.close().await;
+    delete_key(&conn, &keys.stream).await;
+}
+
 /// A standby relay whose PostgreSQL does not answer fails at every poll, on every instance: it
 /// says so when it starts (and would again a minute later), not at every poll, and says when the
 /// server answers again.

@@ -82,6 +82,10 @@ pub(crate) fn gap() {
     metrics::counter!(GAPS_TOTAL).increment(1);
 }
 
+pub(crate) fn refused_entries(refused: usize) {
+    metrics::counter!(REFUSED_ENTRIES_TOTAL).increment(refused as u64);
+}
+
 pub(crate) fn published(appended: usize, recorded_at: impl Iterator<Item = DateTime<Utc>>) {
     metrics::counter!(PUBLISHED_TOTAL).increment(appended as u64);
     let now = Utc::now();
