@@ -108,6 +108,31 @@ async fn an_instance_whose_relay_is_disabled_exports_that_it_does_not_lead() {
     app.stop().await;
 }
 
+/// How many appends shared a group commit is a histogram with buckets, as every histogram of
+/// the service is: the exporter renders a histogram it has no buckets for as a summary, whose
+/// quantiles cannot be added up across instances.
+#[tokio::test]
+async fn the_group_commit_size_is_a_histogram_with_buckets_and_no_metric_is_a_summary() {
+    let app = spawn_app().await;
+    app.create_order().await;
+    let page = app.metrics().await;
+    assert!(
+        page.lines()
+            .any(|line| line == "# TYPE event_store_batch_requests histogram"),
+        "{page}"
+    );
+    assert!(
+        series_value(&page, "event_store_batch_requests_bucket", &[("le", "1")]) >= 1.0,
+        "{page}"
+    );
+    let summaries: Vec<&str> = page
+        .lines()
+        .filter(|line| line.starts_with("# TYPE ") && line.ends_with(" summary"))
+        .collect();
+    assert!(summaries.is_empty(), "{summaries:?}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn the_openapi_document_lists_every_route_and_error_status() {
     let app = spawn_app().await;
