@@ -14,7 +14,8 @@
 #      match something in the base, selectors/config references are consistent
 #   5. kubernetes-validate --strict -k $K8S_VERSION on every resource file
 #      (an unknown kind or apiVersion counts as a failure)
-#   6. Prometheus rule and scrape files: structure and required fields
+#   6. Prometheus rule and scrape files: structure and required fields; every alert
+#      has a section in docs/RUNBOOK.md; the API alerts leave out the probe routes
 #   7. shellcheck -x scripts/*.sh .ci/run
 #
 # Env knobs:
@@ -304,15 +305,18 @@ check_k8s_schemas() {
 
 check_prometheus() {
     "$VBIN/python" - deploy/prometheus/alerts.yaml deploy/prometheus/scrape-config.yaml \
-        deploy/prometheus-adapter/values.yaml <<'PY'
+        deploy/prometheus-adapter/values.yaml docs/RUNBOOK.md <<'PY'
 """Structural checks of the Prometheus rule, scrape and adapter files (no promtool here)."""
 import re
 import sys
 
 import yaml
 
-alerts, scrape, adapter = sys.argv[1:4]
+alerts, scrape, adapter, runbook = sys.argv[1:5]
 errors = []
+# The routes of the probes and the scrape: no API requests, so the API alerts leave them out.
+PROBE_ROUTES = 'route!~"/healthz|/readyz|/metrics"'
+runbook_headings = [line[3:] for line in open(runbook).read().splitlines() if line.startswith("## ")]
 
 doc = yaml.safe_load(open(alerts))
 names = set()
@@ -336,7 +340,13 @@ for g in doc.get("groups", []):
         expr = r["expr"]
         if expr.count("(") != expr.count(")") or expr.count("{") != expr.count("}"):
             errors.append(f"{alerts}: {a}: unbalanced brackets in expr")
-required = {"ProjectionLagHigh", "ProjectionDeadLetters", "RelayLagHigh", "OrdersServiceDown"}
+        for m in re.finditer(r"\b(http_requests_total|http_request_duration_seconds\w*)\s*(\{[^}]*\})?", expr):
+            if PROBE_ROUTES not in re.sub(r"\s+", "", m.group(2) or ""):
+                errors.append(f"{alerts}: {a}: {m.group(1)} must select {PROBE_ROUTES}")
+        if not any(re.search(rf"\b{a}\b", h) for h in runbook_headings):
+            errors.append(f"{runbook}: no section (## heading) for alert {a}")
+required = {"ProjectionLagHigh", "ProjectionDeadLetters", "RelayLagHigh", "OrdersServiceDown",
+            "DatabaseUnreachable", "RelayNotLeading", "RelayEntriesRefused", "RelayGapInLog"}
 if not required <= names:
     errors.append(f"{alerts}: missing alerts {sorted(required - names)}")
 

@@ -64,6 +64,9 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
         let metrics = platform::metrics::install(SERVICE_NAME);
+        // `relay_is_leader` 0 and the relay's never-expected counters at 0, also where the relay
+        // is disabled: the alerts sum and increase them over every instance.
+        relay::telemetry::exported_from_start();
         let migrations = db::Migrations::of(&store::MIGRATOR, config.common.skip_migrations);
         let pool = db::connect_when_reachable(
             &config.common.database_url,
@@ -98,7 +101,9 @@ impl Application {
         let router = http::router(RouterParts {
             state: AppState { handler },
             token: config.auth.tokens(),
-            readiness: Readiness::new(pool.clone(), redis),
+            // A failed `postgres` check probes the server, so `database_unreachable` tells an
+            // outage even when no request comes in (the instance is out of rotation then).
+            readiness: Readiness::new(pool.clone(), redis).with_db_gate(db_gate.clone()),
             db_gate,
             metrics,
             limits: HttpLimits {

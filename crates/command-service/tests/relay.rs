@@ -1437,3 +1437,115 @@ async fn a_batch_published_again_after_a_lost_reply_is_not_reported_as_refused()
     ctx.close().await;
     delete_key(&conn, &keys.stream).await;
 }
+
+/// Logs of this thread (a current-thread test runtime: the relay's tasks too), the relay's own
+/// at debug level and above.
+fn capture_logs() -> (
+    platform::testing::LogBuffer,
+    tracing::subscriber::DefaultGuard,
+) {
+    let logs = platform::testing::LogBuffer::default();
+    let guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .with_env_filter("info,command_service=debug")
+            .finish(),
+    );
+    (logs, guard)
+}
+
+/// While a foreign entry sits above the positions, Redis refuses every later batch: the counter
+/// counts every refused entry, and the error is logged once per `REFUSED_LOG_INTERVAL` rather
+/// than at every step (many a second under load).
+#[tokio::test]
+async fn entries_refused_step_after_step_are_all_counted_but_logged_once_an_interval() {
+    let (logs, _logging) = capture_logs();
+    let metrics = platform::metrics::install("command-service");
+    let refused = || gauge(&metrics.render(), "relay_refused_entries_total").unwrap_or(0.0);
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let conn = redis(&shared_redis_url()).await;
+    append(&db, 2).await;
+    let mut ctx = step_context(&db, &conn, &keys.stream, 25).await;
+    assert_eq!(
+        relay::publish_step(&mut ctx).await.expect("step").published,
+        2
+    );
+    let mut redis_conn = conn.clone();
+    let _: String = redis::cmd("XADD")
+        .arg(&keys.stream)
+        .arg("*")
+        .arg("probe")
+        .arg("1")
+        .query_async(&mut redis_conn)
+        .await
+        .expect("XADD *");
+
+    let before = refused();
+    for _ in 0..4 {
+        append(&db, 2).await;
+        relay::publish_step(&mut ctx).await.expect("step");
+    }
+    assert_eq!(refused(), before + 8.0, "every refused entry is counted");
+    assert_eq!(
+        logs.lines_containing("Redis refused entries as already present"),
+        1,
+        "{}",
+        logs.text()
+    );
+
+    ctx.close().await;
+    delete_key(&conn, &keys.stream).await;
+}
+
+/// A standby relay whose PostgreSQL does not answer fails at every poll, on every instance: it
+/// says so when it starts (and would again a minute later), not at every poll, and says when the
+/// server answers again.
+#[tokio::test]
+async fn a_standby_that_cannot_reach_postgresql_logs_it_once_not_at_every_poll() {
+    let (logs, _logging) = capture_logs();
+    let db = TestDatabase::new().await;
+    let keys = unique_keys();
+    let url = shared_redis_url();
+    let conn = redis(&url).await;
+    let proxy = SilencingProxy::start(&db).await;
+    let pool = proxy.pool(1).await;
+    proxy.set_silent(true);
+    let relay = RunningRelay::start_on(
+        pool,
+        &url,
+        &keys.stream,
+        RelayArgs {
+            relay_query_timeout_ms: 100,
+            relay_standby_poll_ms: 20,
+            ..test_args()
+        },
+    );
+    wait_until(DEADLINE, "five polls have failed", || async {
+        (logs.lines_containing("relay standby still cannot reach PostgreSQL") >= 4).then_some(())
+    })
+    .await;
+    assert_eq!(
+        logs.lines_containing("relay standby cannot reach PostgreSQL"),
+        1,
+        "{}",
+        logs.text()
+    );
+
+    proxy.set_silent(false);
+    let status = &relay.status;
+    wait_until(DEADLINE, "the relay leads", || async {
+        status.is_leader().then_some(())
+    })
+    .await;
+    assert_eq!(
+        logs.lines_containing("relay standby reaches PostgreSQL again"),
+        1,
+        "{}",
+        logs.text()
+    );
+
+    relay.stop().await;
+    delete_key(&conn, &keys.stream).await;
+}

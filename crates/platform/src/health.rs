@@ -13,11 +13,21 @@
 //! reads Redis, so taking either out of rotation for a Redis outage would turn a delay of the
 //! read models into an outage of the API. A name that is not a check is 400, so a mistyped
 //! probe fails loudly instead of checking more than it meant to leave out.
+//!
+//! A failing check is logged when it starts failing, then at most once a minute while it keeps
+//! failing, and once more when it passes again ([`crate::outage`]): the kubelet asks every few
+//! seconds, and an outage must not write a line per probe.
+//!
+//! With [`Readiness::with_db_gate`], a failed `postgres` check also tells the service's database
+//! gate ([`DbGate::suspect`]), which probes the server and, while it cannot be reached, sets
+//! `database_unreachable` to 1. Without that, only a request answered `store_unavailable` would
+//! start the probe, and an instance that is out of rotation (its readiness fails) or simply has no
+//! traffic gets none: the gauge, and the alert reading it, would stay silent through an outage.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::Router;
@@ -31,6 +41,8 @@ use serde::Serialize;
 use sqlx::{Connection as _, PgPool};
 
 use crate::config::error_chain;
+use crate::db_gate::DbGate;
+use crate::outage::OutageLog;
 
 /// Longest a single readiness check may take: the answer must reach the kubelet within its
 /// probes' `timeoutSeconds` (2 s in `deploy/k8s`), or the probe fails whatever it says.
@@ -59,6 +71,11 @@ type CheckFn = Arc<dyn Fn() -> CheckFuture + Send + Sync>;
 #[derive(Clone, Default)]
 pub struct Readiness {
     checks: Vec<(String, CheckFn)>,
+    /// Told when the `postgres` check fails ([`Readiness::with_db_gate`]).
+    db_gate: Option<DbGate>,
+    /// Per check, which of its failures `/readyz` logs (shared by the clones of this value that
+    /// serve concurrent requests).
+    outages: Arc<Mutex<HashMap<String, OutageLog>>>,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -83,6 +100,14 @@ impl Readiness {
             let pg = pg.clone();
             async move { postgres_reachable(&pg).await }
         })
+    }
+
+    /// Tells `gate` whenever the `postgres` check fails (an error or no answer in time), so that
+    /// the gate probes the server and `database_unreachable` says whether it can be reached,
+    /// whether or not requests come in (see the module documentation).
+    pub fn with_db_gate(mut self, gate: DbGate) -> Self {
+        self.db_gate = Some(gate);
+        self
     }
 
     /// Adds the `redis` check: `PING` on the connection.
@@ -137,6 +162,13 @@ impl Readiness {
         });
         let checks: BTreeMap<String, String> =
             futures::future::join_all(runs).await.into_iter().collect();
+        if let Some(gate) = &self.db_gate
+            && checks
+                .get(POSTGRES_CHECK)
+                .is_some_and(|outcome| outcome.starts_with("error"))
+        {
+            gate.suspect();
+        }
         let ready = checks.values().all(|v| v == "ok" || v == EXCLUDED);
         ReadinessReport {
             status: if ready { "ready" } else { "not_ready" },
@@ -215,13 +247,46 @@ pub async fn readyz(State(readiness): State<Readiness>, RawQuery(query): RawQuer
         .into_response();
     }
     let report = readiness.check_all_but(&excluded).await;
+    readiness.log_outcomes(&report);
     let status = if report.is_ready() {
         StatusCode::OK
     } else {
-        tracing::warn!(checks = ?report.checks, "not ready");
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, axum::Json(report)).into_response()
+}
+
+impl Readiness {
+    /// Logs what changed in `report`'s checks: a check that starts failing (and a reminder a
+    /// minute while it keeps failing), and one that passes again. An excluded check says nothing
+    /// either way. Every other failure goes to debug.
+    fn log_outcomes(&self, report: &ReadinessReport) {
+        let mut outages = self.outages.lock().unwrap_or_else(PoisonError::into_inner);
+        for (check, outcome) in &report.checks {
+            if outcome == EXCLUDED {
+                continue;
+            }
+            let outage = outages.entry(check.clone()).or_default();
+            if outcome == "ok" {
+                if let Some(recovered) = outage.recovered() {
+                    tracing::info!(check = %check, failures = recovered.failures,
+                        failed_ms = recovered.failed_ms(), "readiness check passes again");
+                }
+                continue;
+            }
+            let error = outcome.strip_prefix("error: ").unwrap_or(outcome);
+            match outage.failed() {
+                Some(failing) if failing.first => {
+                    tracing::warn!(check = %check, error, "not ready: readiness check fails");
+                }
+                Some(failing) => {
+                    tracing::warn!(check = %check, error, failures = failing.failures,
+                        failing_ms = failing.failing_ms(), "not ready: readiness check still fails");
+                }
+                None => tracing::debug!(check = %check, error, "not ready: readiness check fails"),
+            }
+        }
+    }
 }
 
 /// The check names of every `exclude` parameter of `query`, comma-separated (`,` or `%2C`) or

@@ -27,6 +27,9 @@
 //! - [`db`]: connect to Postgres, creating the database when missing, and run migrations.
 //! - [`db_gate`]: while Postgres cannot be reached, API requests are refused at once (503) rather
 //!   than each waiting for a connection; a probe lets them through when it is back.
+//! - [`outage`]: `OutageLog`, which failures of a retried operation to log during an outage (the
+//!   first, a reminder a minute, the recovery), so a loop retrying every second does not flood
+//!   the log.
 //! - [`redis_conn`]: a `ConnectionManager` with explicit timeouts, and dedicated connections for
 //!   blocking reads.
 //! - [`redis_tls`]: the TLS files of a `rediss://` `REDIS_URL` (trusted authorities, client
@@ -46,6 +49,7 @@ pub mod healthcheck;
 pub mod http;
 pub mod metrics;
 pub mod otel;
+pub mod outage;
 pub mod problem;
 pub mod redis_conn;
 pub mod redis_tls;

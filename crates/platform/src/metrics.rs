@@ -28,6 +28,18 @@ pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// Histogram buckets for a count of things per operation (how many appends shared one group
+/// commit): powers of two from 1 to 1024, past the committer's largest batch (256 by default).
+pub const COUNT_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
+/// The histograms that measure counts rather than seconds, each given [`COUNT_BUCKETS`]. The
+/// exporter renders a histogram it has no buckets for as a summary (quantiles of this process
+/// alone, which cannot be added up across instances), so every histogram whose name does not end
+/// in `_seconds` must be listed here; a test checks the services' `/metrics` has no summary.
+pub const COUNT_HISTOGRAMS: &[&str] = &["event_store_batch_requests"];
+
 /// How often histogram buffers are folded into their buckets (the exporter's own default).
 pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -40,9 +52,7 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn install(service: &'static str) -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let builder = match PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_SECONDS)
-            {
+            let builder = match with_buckets(PrometheusBuilder::new()) {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot set histogram buckets; using summaries");
@@ -61,6 +71,20 @@ pub fn install(service: &'static str) -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// `builder` with the buckets of every histogram of the services: [`LATENCY_BUCKETS_SECONDS`] for
+/// names ending in `_seconds`, [`COUNT_BUCKETS`] for the [`COUNT_HISTOGRAMS`]. (A full-name
+/// match wins over a suffix match.)
+fn with_buckets(
+    builder: PrometheusBuilder,
+) -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
+    let mut builder = builder
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_SECONDS)?;
+    for name in COUNT_HISTOGRAMS {
+        builder = builder.set_buckets_for_metric(Matcher::Full((*name).into()), COUNT_BUCKETS)?;
+    }
+    Ok(builder)
 }
 
 /// Runs `handle`'s upkeep every `every` on a thread of its own for the rest of the process: a
@@ -99,5 +123,28 @@ mod tests {
         ::metrics::counter!("platform_test_total").increment(1);
         assert!(a.render().contains("platform_test_total"));
         assert!(b.render().contains("service=\"test\""));
+    }
+
+    #[test]
+    fn a_count_histogram_is_rendered_with_buckets_not_as_a_summary() {
+        let recorder = with_buckets(PrometheusBuilder::new())
+            .unwrap()
+            .build_recorder();
+        let handle = recorder.handle();
+        ::metrics::with_local_recorder(&recorder, || {
+            ::metrics::histogram!("event_store_batch_requests").record(3.0);
+            ::metrics::histogram!("platform_test_seconds").record(0.002);
+        });
+        handle.run_upkeep();
+        let page = handle.render();
+        assert!(
+            page.contains("event_store_batch_requests_bucket{le=\"4\"} 1"),
+            "{page}"
+        );
+        assert!(
+            page.contains("platform_test_seconds_bucket{le=\"0.0025\"} 1"),
+            "{page}"
+        );
+        assert!(!page.contains("quantile="), "{page}");
     }
 }

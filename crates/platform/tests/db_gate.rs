@@ -1,6 +1,7 @@
 //! The database gate against a real PostgreSQL (`TEST_DATABASE_URL`), reached through a TCP
 //! switch the test turns off and on: requests refused at once while the server cannot be
-//! reached, served again when it is back, and never refused while the server answers.
+//! reached, served again when it is back, and never refused while the server answers; and the
+//! readiness probe finding the server gone when no request does.
 
 #![allow(clippy::unwrap_used)]
 
@@ -22,6 +23,7 @@ use platform::Problem;
 use platform::db_gate::{
     DbGate, STORE_UNAVAILABLE, refuse_or_cut_while_unreachable, refuse_while_unreachable,
 };
+use platform::health::{Readiness, health_router};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::net::{TcpListener, TcpStream};
@@ -337,4 +339,71 @@ async fn a_server_that_answers_never_shuts_the_gate_even_when_no_connection_can_
     drop(held);
     assert_eq!(get_query(&app).await.status(), StatusCode::OK);
     route.pool.close().await;
+}
+
+/// The value of `name`'s one series on a Prometheus text page, if it is there.
+fn gauge(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+async fn get_path(app: &Router, path: &str) -> Response {
+    app.clone()
+        .oneshot(Request::get(path).body(Body::empty()).unwrap())
+        .await
+        .unwrap()
+}
+
+async fn page(app: &Router, path: &str) -> String {
+    let bytes = axum::body::to_bytes(get_path(app, path).await.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+/// An instance nobody sends requests to (a quiet hour, or out of rotation because its readiness
+/// fails) still finds the server gone: the readiness probe's failed `postgres` check starts the
+/// gate's probe, so `database_unreachable` is 1 for as long as the server cannot be reached and
+/// the alert on it can fire, and 0 again once it can.
+#[tokio::test]
+async fn a_failed_readiness_check_finds_the_server_gone_without_any_request() {
+    let metrics = platform::metrics::install("platform-test");
+    let mut switch = Switch::on().await;
+    let pool = pool_to(switch.options(), 2);
+    let gate = DbGate::new(&pool);
+    let readiness = Readiness::default()
+        .with_postgres(pool.clone())
+        .with_db_gate(gate.clone());
+    let probes: Router = health_router(readiness, metrics);
+    assert_eq!(get_path(&probes, "/readyz").await.status(), StatusCode::OK);
+    assert_eq!(
+        gauge(&page(&probes, "/metrics").await, "database_unreachable"),
+        Some(0.0)
+    );
+
+    switch.turn_off().await;
+    // Only the readiness probe asks; no request is made.
+    assert_eq!(
+        get_path(&probes, "/readyz").await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    wait_until("the gate shuts", || gate.is_shut()).await;
+    assert_eq!(
+        gauge(&page(&probes, "/metrics").await, "database_unreachable"),
+        Some(1.0)
+    );
+
+    switch.turn_on().await;
+    wait_until("the gate opens once the server is back", || !gate.is_shut()).await;
+    assert_eq!(
+        gauge(&page(&probes, "/metrics").await, "database_unreachable"),
+        Some(0.0)
+    );
+    assert_eq!(get_path(&probes, "/readyz").await.status(), StatusCode::OK);
 }

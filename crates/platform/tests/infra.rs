@@ -608,6 +608,74 @@ async fn a_custom_check_can_fail_readiness() {
     );
 }
 
+/// The kubelet asks every few seconds: a check that keeps failing is logged when it starts
+/// failing, not at every probe, and once more when it passes again; a probe that leaves the
+/// check out says nothing about it, and a new outage is logged again.
+#[tokio::test]
+async fn a_failing_check_is_logged_when_it_starts_failing_and_when_it_passes_again_not_at_every_probe()
+ {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let logs = LogBuffer::default();
+    let _logging = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish(),
+    );
+    let failing = Arc::new(AtomicBool::new(true));
+    let readiness = Readiness::default().with_check("projection_lag", {
+        let failing = failing.clone();
+        move || {
+            let failing = failing.load(Ordering::SeqCst);
+            async move {
+                if failing {
+                    anyhow::bail!("lag is 5000 events");
+                }
+                Ok(())
+            }
+        }
+    });
+
+    for _ in 0..5 {
+        let (status, _) = readyz(readiness.clone()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let (status, _) = readyz_at(readiness.clone(), "/readyz?exclude=projection_lag").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        logs.lines_containing("readiness check fails"),
+        1,
+        "{}",
+        logs.text()
+    );
+    assert_eq!(logs.lines_containing("lag is 5000 events"), 1);
+
+    failing.store(false, Ordering::SeqCst);
+    for _ in 0..3 {
+        let (status, _) = readyz(readiness.clone()).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(
+        logs.lines_containing("readiness check passes again"),
+        1,
+        "{}",
+        logs.text()
+    );
+
+    failing.store(true, Ordering::SeqCst);
+    let (status, _) = readyz(readiness).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        logs.lines_containing("readiness check fails"),
+        2,
+        "{}",
+        logs.text()
+    );
+}
+
 #[tokio::test]
 async fn a_served_app_answers_the_probe_and_stops_on_shutdown() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -539,9 +539,12 @@ impl Sweeper {
 
     /// Competes for leadership and sweeps while leader, until `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) {
+        // Retried every LEADER_RETRY while PostgreSQL is down: the first failure, a reminder a
+        // minute and the recovery are logged, the rest at debug.
+        let mut lost = platform::outage::OutageLog::new();
         while !shutdown.is_cancelled() {
             let led = {
-                let lead = self.lead(&shutdown);
+                let lead = self.lead(&shutdown, &mut lost);
                 tokio::pin!(lead);
                 tokio::select! {
                     led = &mut lead => led,
@@ -555,9 +558,16 @@ impl Sweeper {
             };
             match led {
                 Ok(()) => {}
-                Err(e) => {
-                    tracing::warn!(projection = %self.projection, error = %e, "sweeper lost its connection")
-                }
+                Err(e) => match lost.failed() {
+                    Some(failing) if failing.first => tracing::warn!(projection = %self.projection,
+                        error = %e, "sweeper lost its connection; retrying (logged again every \
+                        minute while it lasts, and when it is back)"),
+                    Some(failing) => tracing::warn!(projection = %self.projection, error = %e,
+                        failures = failing.failures, failing_ms = failing.failing_ms(),
+                        "sweeper still has no connection; retrying"),
+                    None => tracing::debug!(projection = %self.projection, error = %e,
+                        "sweeper still has no connection"),
+                },
             }
             // Not leading: the lag is still this instance's to export (see
             // `record_lag_from_mark`), refreshed while it waits to try again.
@@ -576,8 +586,13 @@ impl Sweeper {
         }
     }
 
-    /// Returns when not (or no longer) the leader, or on shutdown.
-    async fn lead(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    /// Returns when not (or no longer) the leader, or on shutdown. Ends `lost`'s outage (and
+    /// logs so) once PostgreSQL answers again.
+    async fn lead(
+        &mut self,
+        shutdown: &CancellationToken,
+        lost: &mut platform::outage::OutageLog,
+    ) -> anyhow::Result<()> {
         let options = self.pool.connect_options();
         let mut lock_conn = tokio::time::timeout(
             LOCK_CONNECTION_TIMEOUT,
@@ -589,6 +604,10 @@ impl Sweeper {
             .bind(self.projection.sweeper_lock_key())
             .fetch_one(&mut lock_conn)
             .await?;
+        if let Some(recovered) = lost.recovered() {
+            tracing::info!(projection = %self.projection, failures = recovered.failures,
+                failed_ms = recovered.failed_ms(), "sweeper reaches PostgreSQL again");
+        }
         if !leader {
             let _ = lock_conn.close().await;
             return Ok(());

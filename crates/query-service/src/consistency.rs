@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use platform::outage::OutageLog;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::watch;
@@ -459,6 +460,9 @@ impl CheckpointWatcher {
     }
 
     async fn run_poller(self, pool: PgPool, interval: Duration, cancel: CancellationToken) {
+        // Fails every CHECKPOINT_POLL_MS while PostgreSQL is down: the first failure, a reminder
+        // a minute and the recovery are logged, the rest at debug.
+        let mut failing = OutageLog::new();
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -472,20 +476,49 @@ impl CheckpointWatcher {
                 () = cancel.cancelled() => return,
                 result = self.poll_once(&pool) => result,
             };
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "cannot read projection checkpoints");
+            match result {
+                Ok(()) => {
+                    if let Some(recovered) = failing.recovered() {
+                        tracing::info!(
+                            failures = recovered.failures,
+                            failed_ms = recovered.failed_ms(),
+                            "reading projection checkpoints again"
+                        );
+                    }
+                }
+                Err(e) => match failing.failed() {
+                    Some(failure) if failure.first => tracing::warn!(error = %e,
+                        "cannot read projection checkpoints; retrying (logged again every minute \
+                         while it lasts, and when it works again)"),
+                    Some(failure) => tracing::warn!(error = %e, failures = failure.failures,
+                        failing_ms = failure.failing_ms(), "still cannot read projection checkpoints"),
+                    None => tracing::debug!(error = %e, "still cannot read projection checkpoints"),
+                },
             }
         }
     }
 
     async fn run_listener(self, options: PgConnectOptions, cancel: CancellationToken) {
+        // Reconnects every LISTENER_RETRY_DELAY while PostgreSQL is down: the first failure, a
+        // reminder a minute and the recovery are logged, the rest at debug.
+        let mut failing = OutageLog::new();
         loop {
             let result = tokio::select! {
                 () = cancel.cancelled() => return,
-                result = self.listen(options.clone()) => result,
+                result = self.listen(options.clone(), &mut failing) => result,
             };
             if let Err(e) = result {
-                tracing::warn!(error = %platform::config::error_chain(e.as_ref()), "projection_position listener failed; reconnecting");
+                let error = platform::config::error_chain(e.as_ref());
+                match failing.failed() {
+                    Some(failure) if failure.first => tracing::warn!(%error,
+                        "projection_position listener failed; reconnecting (logged again every \
+                         minute while it cannot, and when it listens again)"),
+                    Some(failure) => tracing::warn!(%error, failures = failure.failures,
+                        failing_ms = failure.failing_ms(),
+                        "projection_position listener still cannot listen; reconnecting"),
+                    None => tracing::debug!(%error,
+                        "projection_position listener still cannot listen"),
+                }
             }
             tokio::select! {
                 () = cancel.cancelled() => return,
@@ -495,8 +528,13 @@ impl CheckpointWatcher {
     }
 
     /// Listens until an unrecoverable error. `PgListener::recv` reconnects by itself after an
-    /// I/O error; notifications sent meanwhile are lost, which the poller makes up for.
-    async fn listen(&self, options: PgConnectOptions) -> anyhow::Result<()> {
+    /// I/O error; notifications sent meanwhile are lost, which the poller makes up for. Ends
+    /// `failing`'s outage (and logs so) once it listens.
+    async fn listen(
+        &self,
+        options: PgConnectOptions,
+        failing: &mut OutageLog,
+    ) -> anyhow::Result<()> {
         let pool = PgPoolOptions::new()
             .max_connections(1)
             .max_lifetime(None)
@@ -512,6 +550,13 @@ impl CheckpointWatcher {
             .await
             .context("LISTEN projection_position, event_store_appended")?;
         self.stats.listens.fetch_add(1, Ordering::Relaxed);
+        if let Some(recovered) = failing.recovered() {
+            tracing::info!(
+                failures = recovered.failures,
+                failed_ms = recovered.failed_ms(),
+                "projection_position listener listens again"
+            );
+        }
         tracing::debug!("listening for projection positions");
         loop {
             let notification = listener
@@ -587,5 +632,66 @@ mod tests {
         let deadline = Instant::now() + Duration::from_millis(20);
         let (position, outcome) = w.wait_for(CUSTOMER_STATS, 1, deadline, false).await;
         assert_eq!((position, outcome), (0, WaitOutcome::Timeout));
+    }
+
+    /// While PostgreSQL is gone the poller fails at every poll and the listener at every
+    /// reconnect: each says so when it starts (and would again a minute later), not at every
+    /// try, and says when it works again.
+    #[tokio::test]
+    async fn the_poller_and_the_listener_log_an_outage_once_not_at_every_try_and_when_it_ends() {
+        // The watcher's tasks run on this thread (a current-thread runtime): its logs land here.
+        let logs = platform::testing::LogBuffer::default();
+        let _logging = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_writer(logs.clone())
+                .with_ansi(false)
+                .with_env_filter("info,query_service=debug")
+                .finish(),
+        );
+        let db = store::testing::TestDatabase::new().await;
+        let switch = store::testing::PostgresSwitch::on(&db).await;
+        switch.turn_off();
+        let watcher = CheckpointWatcher::new();
+        let cancel = CancellationToken::new();
+        let tasks = watcher.spawn(
+            switch.lazy_pool(2),
+            Duration::from_millis(20),
+            cancel.clone(),
+        );
+        let lines = |text: &str| logs.lines_containing(text);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while lines("still cannot read projection checkpoints") < 5
+            || lines("projection_position listener still cannot listen") < 2
+        {
+            assert!(Instant::now() < deadline, "{}", logs.text());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            lines("cannot read projection checkpoints; retrying"),
+            1,
+            "{}",
+            logs.text()
+        );
+        assert_eq!(
+            lines("projection_position listener failed"),
+            1,
+            "{}",
+            logs.text()
+        );
+
+        switch.turn_on();
+        while lines("reading projection checkpoints again") == 0
+            || lines("projection_position listener listens again") == 0
+        {
+            assert!(Instant::now() < deadline, "{}", logs.text());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(lines("reading projection checkpoints again"), 1);
+        assert_eq!(lines("projection_position listener listens again"), 1);
+
+        cancel.cancel();
+        for task in tasks {
+            task.await.unwrap();
+        }
     }
 }

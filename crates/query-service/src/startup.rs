@@ -121,11 +121,14 @@ impl Application {
             history,
             reads: config.reads.clone(),
         };
+        let db_gate = DbGate::new(&pool);
         let router = routes::router(
             state,
             config.auth.tokens(),
-            Readiness::new(pool.clone(), redis),
-            DbGate::new(&pool),
+            // A failed `postgres` check probes the server, so `database_unreachable` tells an
+            // outage even when no request comes in (the instance is out of rotation then).
+            Readiness::new(pool.clone(), redis).with_db_gate(db_gate.clone()),
+            db_gate,
             metrics,
         );
         let router = standard_layers(

@@ -164,7 +164,13 @@ async fn run(
                 }
             }
             Err(err) => {
-                tracing::warn!(error = %err, requests = requests.len(), "append transaction failed");
+                // Debug only: each caller logs its own failed append once, and that line is the
+                // one worth reading during an incident. It carries the order and the request
+                // (its span), is a warning when the database is unavailable (503, retried) and
+                // an error when a retry cannot help (500), which only the service can tell; a
+                // line here as well would say every failure twice. How many appends a failure
+                // took down is `event_store_appends_total{outcome="error"}`.
+                tracing::debug!(error = %err, requests = requests.len(), "append transaction failed");
                 metrics::counter!("event_store_appends_total", "outcome" => "error")
                     .increment(requests.len() as u64);
                 let shared = std::sync::Arc::new(err);

@@ -1,7 +1,9 @@
 //! Test support: a fresh, migrated database per test on the local PostgreSQL, dropped when the
 //! test ends, so tests run in parallel without seeing each other's data; and a proxy in front of
 //! it that can go silent ([`SilencingProxy`]), for the failures where the server stops answering;
-//! and a server of one test alone that it can crash and start again ([`PrivatePostgres`]).
+//! one that can be switched off and on ([`PostgresSwitch`]), for a server that is gone for a
+//! while; and a server of one test alone that it can crash and start again
+//! ([`PrivatePostgres`]).
 //! Enabled by the `test-util` feature; never used by the services.
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -193,6 +195,84 @@ impl SilencingProxy {
 impl Drop for SilencingProxy {
     fn drop(&mut self) {
         self.accept.abort();
+    }
+}
+
+/// A TCP forwarder to the server of a test database, on a port of its own, that can be switched
+/// off and on. Off, it closes every connection it has forwarded and every new one as soon as it
+/// is accepted, as a proxy or load balancer in front of a server that is down does: each client
+/// finds the server gone at once, instead of retrying a refused connect until its pool's acquire
+/// timeout. On again, it forwards again, at the same address.
+pub struct PostgresSwitch {
+    options: PgConnectOptions,
+    on: tokio::sync::watch::Sender<bool>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl PostgresSwitch {
+    /// A switch, on, in front of the server of `db`.
+    pub async fn on(db: &TestDatabase) -> Self {
+        let direct = db.pool.connect_options();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the switch");
+        let port = listener.local_addr().expect("switch address").port();
+        let upstream = (direct.get_host().to_owned(), direct.get_port());
+        let (on, watch) = tokio::sync::watch::channel(true);
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !*watch.borrow() {
+                    continue;
+                }
+                let upstream = upstream.clone();
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = watch.wait_for(|on| !on) => {}
+                    }
+                });
+            }
+        });
+        Self {
+            options: direct.as_ref().clone().host("127.0.0.1").port(port),
+            on,
+            accept,
+        }
+    }
+
+    /// Connection options to the test database through the switch.
+    pub fn options(&self) -> PgConnectOptions {
+        self.options.clone()
+    }
+
+    /// A pool of at most `size` connections through the switch that connects when first used
+    /// and gives up waiting for a connection after half a second.
+    pub fn lazy_pool(&self, size: u32) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(size)
+            .acquire_timeout(std::time::Duration::from_millis(500))
+            .connect_lazy_with(self.options())
+    }
+
+    /// Cuts every forwarded connection, and closes new ones at once (see the type's docs).
+    pub fn turn_off(&self) {
+        self.on.send_replace(false);
+    }
+
+    /// Forwards new connections again.
+    pub fn turn_on(&self) {
+        self.on.send_replace(true);
+    }
+}
+
+impl Drop for PostgresSwitch {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.on.send_replace(false);
     }
 }
 

@@ -515,6 +515,9 @@ impl CommandHandler {
                             AppendError::CommitterStopped => true,
                             _ => false,
                         };
+                        // The one line logged for this failure (the group committer logs
+                        // its batch's only at debug): it names the order, sits in the request's
+                        // span, and says warn for a 503 to retry, error for a 500.
                         log_store_failure(unavailable, &other, order_id, "append failed");
                         AttemptError::Failed(store_failure(unavailable, &other))
                     }

@@ -78,6 +78,7 @@ pub use step::{Gap, RelayContext, StepError, StepOutcome, publish_step};
 
 use backoff::Backoff;
 use leader::Candidate;
+use platform::outage::OutageLog;
 
 /// First pause after a failed publish or read; doubles per failure up to [`RETRY_MAX_DELAY`].
 pub const RETRY_MIN_DELAY: Duration = Duration::from_millis(100);
@@ -246,6 +247,7 @@ pub async fn run_with_status(
     shutdown: CancellationToken,
     status: RelayStatus,
 ) -> anyhow::Result<()> {
+    telemetry::exported_from_start();
     if !args.relay_enabled {
         tracing::info!("outbox relay disabled (RELAY_ENABLED=false) in this instance");
         shutdown.cancelled().await;
@@ -289,10 +291,20 @@ impl Relay {
         let mut candidate =
             Candidate::new(self.options.clone(), lock_key, self.args.query_timeout());
         let mut standby_logged = false;
+        // A standby that cannot reach PostgreSQL fails every RELAY_STANDBY_POLL_MS, on every
+        // instance: the first failure, a reminder a minute and the recovery are logged.
+        let mut unreachable = OutageLog::new();
         telemetry::set_leader(false);
         telemetry::stream_diverged(false);
         while !self.shutdown.is_cancelled() {
-            match candidate.try_acquire().await {
+            let attempt = candidate.try_acquire().await;
+            if attempt.is_ok()
+                && let Some(recovered) = unreachable.recovered()
+            {
+                tracing::info!(stream = %self.stream_key, failures = recovered.failures,
+                    failed_ms = recovered.failed_ms(), "relay standby reaches PostgreSQL again");
+            }
+            match attempt {
                 Ok(Some(conn)) => {
                     standby_logged = false;
                     tracing::info!(stream = %self.stream_key, lock_key, "relay leadership gained");
@@ -318,8 +330,23 @@ impl Relay {
                     }
                 }
                 Err(err) => {
-                    tracing::warn!(stream = %self.stream_key, error = %platform::config::error_chain(&err),
-                        "relay standby cannot reach Postgres; retrying");
+                    let error = platform::config::error_chain(&err);
+                    match unreachable.failed() {
+                        Some(failing) if failing.first => {
+                            tracing::warn!(stream = %self.stream_key, %error,
+                                "relay standby cannot reach PostgreSQL; retrying (logged again \
+                                 every minute while it lasts, and when it is reachable)");
+                        }
+                        Some(failing) => {
+                            tracing::warn!(stream = %self.stream_key, %error,
+                                failures = failing.failures, failing_ms = failing.failing_ms(),
+                                "relay standby still cannot reach PostgreSQL; retrying");
+                        }
+                        None => {
+                            tracing::debug!(stream = %self.stream_key, %error,
+                                "relay standby still cannot reach PostgreSQL");
+                        }
+                    }
                 }
             }
             self.pause(self.args.standby_poll()).await;

@@ -28,6 +28,11 @@ use super::leader::{DEFAULT_QUERY_TIMEOUT, answered_within};
 use super::status::RelayStatus;
 use super::telemetry;
 
+/// Least time between two log lines about entries Redis refused: while a foreign entry sits above
+/// the positions, every step with new events is refused, many a second under load, and
+/// `relay_refused_entries_total` (with its alert, RelayEntriesRefused) counts every one.
+pub const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 /// What one [`publish_step`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StepOutcome {
@@ -90,6 +95,10 @@ pub struct RelayContext {
     history_checked: bool,
     /// The stream's newest position, while it contradicts the store (see [`StepOutcome`]).
     diverged: Option<i64>,
+    /// When refused entries were last logged ([`REFUSED_LOG_INTERVAL`]).
+    refused_logged_at: Option<Instant>,
+    /// Entries refused since that line, to be told by the next.
+    refused_unlogged: usize,
 }
 
 impl std::fmt::Debug for RelayContext {
@@ -147,6 +156,8 @@ impl RelayContext {
             query_timeout: DEFAULT_QUERY_TIMEOUT,
             history_checked: false,
             diverged: None,
+            refused_logged_at: None,
+            refused_unlogged: 0,
         })
     }
 
@@ -315,14 +326,24 @@ pub async fn publish_step(ctx: &mut RelayContext) -> Result<StepOutcome, StepErr
         // A leadership resumes after the stream's newest relayed entry, so Redis refusing part
         // of a later batch it does not hold means its newest id is above these positions:
         // something wrote to the stream with a time-based id (`XADD … *`). Projections still
-        // converge (their sweeper applies from PostgreSQL), but say it loudly.
-        metrics::counter!("relay_refused_entries_total").increment(outcome.refused as u64);
-        tracing::error!(stream = %ctx.stream_key, refused = outcome.refused,
-            first_position = batch.get(outcome.already_present).map(|e| e.global_position),
-            "Redis refused entries as already present: the stream's newest id is above their \
-             positions; entries on this stream must only be written by the relay (ids \
-             `<position>-0`); remove the foreign entry with XDEL, then XSETID the stream back \
-             to its newest `<position>-0` entry (RUNBOOK: RelayLagHigh)");
+        // converge (their sweeper applies from PostgreSQL), but say it loudly: at once, then
+        // every REFUSED_LOG_INTERVAL while it goes on (the counter counts every entry).
+        telemetry::refused_entries(outcome.refused);
+        ctx.refused_unlogged += outcome.refused;
+        if ctx
+            .refused_logged_at
+            .is_none_or(|at| at.elapsed() >= REFUSED_LOG_INTERVAL)
+        {
+            ctx.refused_logged_at = Some(Instant::now());
+            tracing::error!(stream = %ctx.stream_key,
+                refused = std::mem::take(&mut ctx.refused_unlogged),
+                first_position = batch.get(outcome.already_present).map(|e| e.global_position),
+                "Redis refused entries as already present: the stream's newest id is above their \
+                 positions; entries on this stream must only be written by the relay (ids \
+                 `<position>-0`); remove the foreign entry with XDEL, then XSETID the stream back \
+                 to its newest `<position>-0` entry (RUNBOOK: RelayEntriesRefused; logged at \
+                 most every 10 s, relay_refused_entries_total counts every entry)");
+        }
     }
 
     ctx.checkpoint = last_position;

@@ -7,8 +7,9 @@
 //! | `relay_published_total` | counter | entries newly added to the stream |
 //! | `relay_publish_errors_total` | counter | failed publish attempts (Redis down, …) |
 //! | `relay_gaps_total` | counter | reads that showed a gap in positions (never expected) |
+//! | `relay_refused_entries_total` | counter | entries Redis refused because a foreign entry sits above them (never expected) |
 //! | `relay_checkpoint_position` | gauge | the leader's checkpoint |
-//! | `relay_is_leader` | gauge | 1 while this instance leads |
+//! | `relay_is_leader` | gauge | 1 while this instance leads; 0 on standbys and where `RELAY_ENABLED=false` |
 //! | `relay_commit_to_stream_seconds` | histogram | publish time − `recorded_at`, per event |
 //! | `relay_stream_diverged` | gauge | 1 while the stream's newest entry is not the store's event at its position (publishing held) |
 //!
@@ -16,6 +17,11 @@
 //! 0 ([`leadership_ended`]): alerts take the maximum over all instances, and a standby still
 //! exporting the lag or the divergence it last saw would keep them firing after the new leader
 //! has caught up or the stream was fixed.
+//!
+//! [`exported_from_start`] puts what the alerts read on `/metrics` before anything happens, on
+//! every command-service instance, whether or not it runs the relay: `relay_is_leader` at 0, so
+//! that `sum(relay_is_leader) < 1` (RelayNotLeading) sees instances that do not lead, and the
+//! never-expected counters at 0, so that `increase()` sees their first increment.
 
 use chrono::{DateTime, Utc};
 
@@ -29,6 +35,9 @@ pub const PUBLISHED_TOTAL: &str = "relay_published_total";
 pub const PUBLISH_ERRORS_TOTAL: &str = "relay_publish_errors_total";
 /// Reads that showed a gap in positions.
 pub const GAPS_TOTAL: &str = "relay_gaps_total";
+/// Entries Redis refused as already present although the stream did not hold them: a foreign
+/// entry sits above their positions.
+pub const REFUSED_ENTRIES_TOTAL: &str = "relay_refused_entries_total";
 /// The leader's checkpoint.
 pub const CHECKPOINT_POSITION: &str = "relay_checkpoint_position";
 /// 1 while this instance leads, else 0.
@@ -41,6 +50,14 @@ pub const STREAM_DIVERGED: &str = "relay_stream_diverged";
 
 pub(crate) fn stream_diverged(diverged: bool) {
     metrics::gauge!(STREAM_DIVERGED).set(if diverged { 1.0 } else { 0.0 });
+}
+
+/// Exports the relay's alerting metrics at their resting values (see the module docs); called
+/// once at start by every command-service instance, its relay enabled or not.
+pub fn exported_from_start() {
+    set_leader(false);
+    metrics::counter!(GAPS_TOTAL).increment(0);
+    metrics::counter!(REFUSED_ENTRIES_TOTAL).increment(0);
 }
 
 pub(crate) fn set_leader(leader: bool) {
@@ -63,6 +80,10 @@ pub(crate) fn publish_error() {
 
 pub(crate) fn gap() {
     metrics::counter!(GAPS_TOTAL).increment(1);
+}
+
+pub(crate) fn refused_entries(refused: usize) {
+    metrics::counter!(REFUSED_ENTRIES_TOTAL).increment(refused as u64);
 }
 
 pub(crate) fn published(appended: usize, recorded_at: impl Iterator<Item = DateTime<Utc>>) {

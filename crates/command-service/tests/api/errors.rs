@@ -280,6 +280,47 @@ async fn a_failed_append_whose_client_gave_up_does_not_leave_its_state_in_the_ca
     assert_eq!(app.event_count(order_id).await, 2);
 }
 
+/// A group commit the database fails is logged once for each command it fails, by the command
+/// (naming its order, at error level since a retry cannot help), and not once more for the batch
+/// by the committer.
+#[tokio::test]
+async fn a_failed_append_is_logged_once_not_again_for_its_group_commit() {
+    // The service's tasks run on this thread (a current-thread runtime): its logs land here.
+    let logs = platform::testing::LogBuffer::default();
+    let _logging = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish(),
+    );
+    let app = spawn_app_with(&[("command-retries", "0")]).await;
+    let order_id = app.create_order().await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             RAISE EXCEPTION 'refused by the test'; END $$; \
+         CREATE TRIGGER refuse_boom BEFORE INSERT ON events FOR EACH ROW \
+             WHEN (NEW.data->>'sku' = 'BOOM') EXECUTE FUNCTION refuse_boom();",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+
+    let response = app.add_item(order_id, "BOOM", 1, 10).await;
+    assert_problem(response, 500, "internal").await;
+    let failures: Vec<String> = logs
+        .text()
+        .lines()
+        .filter(|line| line.contains("refused by the test"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(failures.len(), 1, "{failures:#?}");
+    assert!(failures[0].contains("append failed"), "{failures:#?}");
+    assert!(failures[0].contains(&order_id.to_string()), "{failures:#?}");
+    assert!(failures[0].contains("ERROR"), "{failures:#?}");
+    app.stop().await;
+}
+
 /// Appends an `ItemAdded` to the order behind the application's back, making its cache stale.
 async fn append_behind_the_apps_back(app: &crate::helpers::TestApp, order_id: Uuid, at: i64) {
     let event: OrderEvent = serde_json::from_value::<events::order::ItemAdded>(

@@ -86,6 +86,53 @@ async fn metrics_count_commands() {
     app.stop().await;
 }
 
+/// Every instance says whether its relay leads, also one whose relay is disabled
+/// (`RELAY_ENABLED=false`, as `spawn_app` runs it): the alert on no relay leading sums
+/// `relay_is_leader` over the instances. The relay's never-expected counters are there at 0
+/// from the start too, so that `increase()` sees their first increment.
+#[tokio::test]
+async fn an_instance_whose_relay_is_disabled_exports_that_it_does_not_lead() {
+    let app = spawn_app().await;
+    let page = app.metrics().await;
+    for name in [
+        "relay_is_leader",
+        "relay_refused_entries_total",
+        "relay_gaps_total",
+    ] {
+        let exported = page
+            .lines()
+            .any(|line| line.starts_with(&format!("{name}{{")));
+        assert!(exported, "{name} is not exported:\n{page}");
+        assert_eq!(series_value(&page, name, &[]), 0.0, "{name}:\n{page}");
+    }
+    app.stop().await;
+}
+
+/// How many appends shared a group commit is a histogram with buckets, as every histogram of
+/// the service is: the exporter renders a histogram it has no buckets for as a summary, whose
+/// quantiles cannot be added up across instances.
+#[tokio::test]
+async fn the_group_commit_size_is_a_histogram_with_buckets_and_no_metric_is_a_summary() {
+    let app = spawn_app().await;
+    app.create_order().await;
+    let page = app.metrics().await;
+    assert!(
+        page.lines()
+            .any(|line| line == "# TYPE event_store_batch_requests histogram"),
+        "{page}"
+    );
+    assert!(
+        series_value(&page, "event_store_batch_requests_bucket", &[("le", "1")]) >= 1.0,
+        "{page}"
+    );
+    let summaries: Vec<&str> = page
+        .lines()
+        .filter(|line| line.starts_with("# TYPE ") && line.ends_with(" summary"))
+        .collect();
+    assert!(summaries.is_empty(), "{summaries:?}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn the_openapi_document_lists_every_route_and_error_status() {
     let app = spawn_app().await;

@@ -915,6 +915,49 @@ impl Drop for ReplyHoldingProxy {
     }
 }
 
+/// The value of `database_unreachable` on the service's `/metrics`, if it is there.
+async fn database_unreachable(app: &TestApp) -> Option<f64> {
+    let page = app.get("/metrics").await.text().await.unwrap();
+    page.lines()
+        .find(|line| line.starts_with("database_unreachable{"))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+/// An instance nobody sends requests to (a quiet hour, or out of rotation because its readiness
+/// fails) still reports PostgreSQL gone: its readiness probe's failed `postgres` check has the
+/// database gate probe the server, so `database_unreachable` is 1 while it cannot be reached (the
+/// alert on it can fire) and 0 once it answers again.
+#[tokio::test]
+async fn a_service_that_only_its_readiness_probe_asks_reports_postgresql_unreachable() {
+    let mut app = spawn_app_with(Options {
+        through_proxy: true,
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(app.get("/readyz").await.status(), StatusCode::OK);
+    assert_eq!(database_unreachable(&app).await, Some(0.0));
+
+    // The server goes silent: nothing it sends reaches the service any more.
+    let proxy = app.proxy.take().unwrap();
+    proxy.hold_replies_with(Some(b""));
+    assert_eq!(
+        app.get("/readyz").await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    wait_until("the service reports PostgreSQL unreachable", || async {
+        database_unreachable(&app).await == Some(1.0)
+    })
+    .await;
+
+    proxy.hold_replies_with(None);
+    wait_until("the service reports PostgreSQL reachable again", || async {
+        database_unreachable(&app).await == Some(0.0)
+    })
+    .await;
+    assert_eq!(app.get("/readyz").await.status(), StatusCode::OK);
+}
+
 #[tokio::test]
 async fn a_poll_overtaken_by_a_notification_never_moves_a_projection_back() {
     use query_service::consistency::{CheckpointWatcher, ORDER_SUMMARIES};
