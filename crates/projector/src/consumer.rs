@@ -174,6 +174,20 @@ fn queue_key(entry: &StreamEntry, stream: Option<&str>) -> String {
     }
 }
 
+/// Whether `entry`, decoded from the event stream, is `stored`, the event store's event at its
+/// position: the same event id, stream, version, type, schema version and data. Metadata and
+/// `recorded_at` are not compared (the store's copy is applied), so a relay formatting them
+/// another way never turns the store's own events away.
+fn same_event(entry: &RecordedEvent, stored: &RecordedEvent) -> bool {
+    entry.global_position == stored.global_position
+        && entry.event_id == stored.event_id
+        && entry.stream_id == stored.stream_id
+        && entry.stream_version == stored.stream_version
+        && entry.event_type == stored.event_type
+        && entry.schema_version == stored.schema_version
+        && entry.data == stored.data
+}
+
 impl ProjectionConsumer {
     /// A consumer of `projection` through `consumer` (whose group must be the projection's
     /// name).
@@ -555,13 +569,17 @@ impl ProjectionConsumer {
         Ok(())
     }
 
-    /// Takes out of `events` (and `work`, its parallel) every entry whose event the event store
-    /// does not hold at its position, and returns their entry ids, to be acknowledged unapplied.
-    /// Such entries come from a history the store does not have (the database was restored
-    /// from a backup while Redis kept the stream): applied, each would put an event into the
-    /// read model that the store never had, and the version guard would then skip the store's
-    /// own event of that version for good. What the store does hold at those positions reaches
-    /// the read model through the sweeper.
+    /// Takes out of `events` (and `work`, its parallel) every entry that is not the event the
+    /// event store holds at its position, and returns their entry ids, to be acknowledged
+    /// unapplied; the entries kept are replaced by the store's copies of their events. Such
+    /// entries come from a history the store does not have (the database was restored from a
+    /// backup while Redis kept the stream), or were written by hand: applied, each would put an
+    /// event into the read model that the store never had, and the version guard would then
+    /// skip the store's own event of that version for good. An entry must match the store's
+    /// event in every field the projections read, not only in its position and event id: one
+    /// that reuses a real event's position and id under another stream or version would
+    /// otherwise be applied to that stream. What the store does hold at those positions
+    /// reaches the read model through the sweeper.
     async fn drop_foreign(
         &mut self,
         conn: &mut sqlx::PgConnection,
@@ -569,29 +587,29 @@ impl ProjectionConsumer {
         work: &mut Vec<&Work>,
     ) -> Result<Vec<String>, Failure> {
         let positions: Vec<i64> = events.iter().map(|e| e.global_position).collect();
-        let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
-        let held: HashSet<i64> = store::positions_holding(&mut *conn, &positions, &ids)
+        let held: HashMap<i64, RecordedEvent> = store::events_at(&mut *conn, &positions)
             .await
             .map_err(|e| classify_sql(&e))?
             .into_iter()
+            .map(|e| (e.global_position, e))
             .collect();
-        if held.len() == events.len() {
-            return Ok(Vec::new());
-        }
         let mut foreign = Vec::new();
         let mut kept = 0;
         for i in 0..events.len() {
-            if held.contains(&events[i].global_position) {
-                events.swap(kept, i);
-                work.swap(kept, i);
-                kept += 1;
-            } else {
-                foreign.push(work[i].entry.id.clone());
+            match held.get(&events[i].global_position) {
+                Some(stored) if same_event(&events[i], stored) => {
+                    // The store's copy: what is applied is what the store holds, to the last
+                    // field (`recorded_at`, metadata), whatever the entry carried.
+                    events[i] = stored.clone();
+                    events.swap(kept, i);
+                    work.swap(kept, i);
+                    kept += 1;
+                }
+                _ => foreign.push(work[i].entry.id.clone()),
             }
         }
         events.truncate(kept);
         work.truncate(kept);
-        // Fewer positions held than entries can also mean one event delivered twice in a batch.
         let Some(first) = foreign.first() else {
             return Ok(foreign);
         };
@@ -603,10 +621,11 @@ impl ProjectionConsumer {
             self.foreign_logged_at = Some(Instant::now());
             tracing::error!(projection = %self.projection, skipped = foreign.len(),
                 first_entry = %first,
-                "entries of the event stream name events the event store does not have at \
-                 their positions (was the database restored from a backup?): acknowledged \
-                 without applying them; the store's own events reach the read model through \
-                 the sweeper (RUNBOOK: RelayStreamDiverged)");
+                "entries of the event stream are not the events the event store holds at \
+                 their positions (was the database restored from a backup, or were entries \
+                 written by hand?): acknowledged without applying them; the store's own \
+                 events reach the read model through the sweeper (RUNBOOK: \
+                 RelayStreamDiverged)");
         }
         Ok(foreign)
     }

@@ -56,9 +56,10 @@
 //!   `customer_stats_spent`);
 //! - acknowledge an entry before its transaction committed;
 //! - apply an event of a stream before all its earlier versions;
-//! - apply an entry whose event the event store does not hold at its position (a stream of
-//!   another history, after the database was restored from a backup): the consumer checks
-//!   each batch against the store and acknowledges such entries unapplied.
+//! - apply an entry that is not the event the event store holds at its position, field for
+//!   field (a stream of another history, after the database was restored from a backup; an
+//!   entry written by hand reusing a real event's position and id): the consumer checks each
+//!   batch against the store, applies the store's copies and acknowledges the others unapplied.
 
 pub mod admin;
 pub mod app;
