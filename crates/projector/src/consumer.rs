@@ -16,10 +16,13 @@
 //!   order, other streams flow. After `MAX_ATTEMPTS` it is dead-lettered (`bus` XADD to
 //!   `<stream>:dlq:<group>` + XACK, only while the entry is still pending for this consumer)
 //!   and its stream parked in Postgres, so later events of the order are held back until
-//!   `projector dlq replay`. An entry without a stream id is dead-lettered without parking
-//!   anything. An entry that arrives already delivered `MAX_ATTEMPTS` times (claimed from
-//!   other consumers) is tried once, on its own, and dead-lettered only if that try fails, or
-//!   if earlier such tries never ended (it stops whoever tries it);
+//!   `projector dlq replay`. An entry that cannot be decoded is no event of any order (the
+//!   relay never writes one; the store holds the real events, and the sweeper applies what
+//!   Redis lacks), whatever stream it names: it is queued under its own entry id, holds back
+//!   nothing, and is dead-lettered without parking anything. An entry that arrives already
+//!   delivered `MAX_ATTEMPTS` times (claimed from other consumers) is tried once, on its own,
+//!   and dead-lettered only if that try fails, or if earlier such tries never ended (it stops
+//!   whoever tries it);
 //! - newer release (an event of a type or schema version this build does not know): the entry
 //!   is held like a poison entry, its stream's later entries behind it, but counts no attempt
 //!   and is never dead-lettered. An instance of the newer release gets it from the store (its
@@ -165,8 +168,9 @@ impl std::fmt::Debug for ProjectionConsumer {
     }
 }
 
-/// The key a failing entry's retry queue is filed under: its stream, or the entry itself when
-/// it names no stream (nothing else can be ordered behind it).
+/// The key a failing entry's retry queue is filed under: its event's stream, or the entry
+/// itself when it is no event (it could not be decoded: nothing is ordered behind it, and the
+/// stream it may name is not held back by it).
 fn queue_key(entry: &StreamEntry, stream: Option<&str>) -> String {
     match stream {
         Some(stream) => stream.to_owned(),
@@ -473,10 +477,8 @@ impl ProjectionConsumer {
             };
             self.trying.insert(id.clone());
             if unfinished > UNFINISHED_TRIES_LIMIT {
-                let stream = w
-                    .entry
-                    .readable_field(bus::codec::field::STREAM_ID)
-                    .map(str::to_owned);
+                // Only an event parks its stream; an entry that does not decode is none.
+                let stream = decode_entry(&w.entry).ok().map(|event| event.stream_id);
                 let error = format!(
                     "delivered {} times without being acknowledged; {} tries of it never \
                      ended (did it stop the consumer trying it?)",
@@ -517,13 +519,11 @@ impl ProjectionConsumer {
                     }
                 }
                 Err(e) => {
-                    // A stream id that was not UTF-8 names no stream: parking its escaped text
-                    // would leave a parked order nobody has.
-                    let stream = w
-                        .entry
-                        .readable_field(bus::codec::field::STREAM_ID)
-                        .map(str::to_owned);
-                    self.failed(w, stream.as_deref(), &e.to_string()).await?;
+                    // Whatever stream it names, it is none of that order's events: the relay
+                    // never writes an entry that does not decode, and the store holds the
+                    // order's real events. So it is retried on its own and never holds back,
+                    // or parks, the stream it names.
+                    self.failed(w, None, &e.to_string()).await?;
                 }
             }
         }
@@ -733,7 +733,8 @@ impl ProjectionConsumer {
         Ok(())
     }
 
-    /// Dead-letters `entry` and parks its stream (when it names one).
+    /// Dead-letters `entry` and parks `stream`, the stream of its event (`None` for an entry
+    /// that is no event: nothing is parked).
     async fn give_up(
         &mut self,
         entry: &StreamEntry,

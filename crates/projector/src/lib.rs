@@ -41,7 +41,9 @@
 //! counting attempts; poison (the entry itself fails) is retried with backoff per stream, then
 //! dead-lettered to `<stream>:dlq:<group>` and the stream *parked*: its later events are held
 //! back (acknowledged, not applied) until `projector dlq replay` re-applies the stream from the
-//! event store, or `dlq purge` skips the event. Other orders never wait.
+//! event store, or `dlq purge` skips the event. Other orders never wait. An entry that cannot
+//! be decoded is no event of any order: it is retried and dead-lettered on its own, and parks
+//! nothing, whatever stream it names.
 //!
 //! # Low-water mark and healing
 //!

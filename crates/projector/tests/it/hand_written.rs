@@ -1,14 +1,16 @@
-//! Entries the relay never wrote, added to the event stream by hand or by another client, that
-//! copy a real event's position and id under another stream or version. None of them is an
-//! event of the store, so none may change a real order.
+//! Entries the relay never wrote, added to the event stream by hand or by another client: one
+//! that cannot be decoded but names a real order, and ones that copy a real event's position
+//! and id under another stream or version. None of them is an event of the store, so none may
+//! hold back, park or change a real order.
 
+use bus::DeadLetterQueue;
 use bus::testing::wait_until;
-use events::{RecordedEvent, order_stream_id};
+use events::{OrderState, RecordedEvent, order_stream_id};
 use projector::ProjectionKind;
 use uuid::Uuid;
 
-use super::pending_count;
-use crate::support::{DEADLINE, World, append_orders};
+use super::{FAST, parked_streams, pending_count};
+use crate::support::{self, DEADLINE, World, append_orders, commands, run_commands};
 
 /// Adds `fields` to the stream as entry `id`, as `redis-cli XADD` would.
 async fn xadd(w: &World, id: &str, fields: &[(&str, String)]) {
@@ -38,6 +40,72 @@ async fn bookkeeping(w: &World, projection: ProjectionKind, stream: &str) -> (i6
     .await
     .unwrap()
     .unwrap_or((0, None))
+}
+
+/// `XADD <stream> <id> stream_id order-<real order> position x`, between the order's first
+/// events and its later ones: the entry is dead-lettered on its own, with the order it names
+/// in the letter, while the order's later entries are applied past it; no order is parked.
+#[tokio::test]
+async fn an_undecodable_entry_naming_a_real_order_is_dead_lettered_without_holding_that_order_back()
+{
+    let mut w = World::new().await;
+    let order = Uuid::new_v4();
+    let cmds = commands(order, Uuid::new_v4(), support::Fate::Shipped);
+    let mut state = OrderState::default();
+    run_commands(w.pool(), order, &cmds[..2], &mut state).await;
+    w.publish().await;
+    let stream = order_stream_id(order);
+    let head = store::head_position(w.pool()).await.unwrap();
+    // `<head>-1` keeps the relay's later `<position>-0` ids valid.
+    let bad_id = format!("{head}-1");
+    xadd(
+        &w,
+        &bad_id,
+        &[("stream_id", stream.clone()), ("position", "x".to_owned())],
+    )
+    .await;
+    run_commands(w.pool(), order, &cmds[2..], &mut state).await;
+    append_orders(w.pool(), 2).await;
+    w.publish().await;
+    let last = state.version;
+
+    // No healing by the sweeper: the consumers alone must apply the order's later entries.
+    let args = [FAST, &["--sweep-grace-ms", "600000"]].concat();
+    let (token, task) = w.spawn_projector("solo", &args).await;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    for projection in ProjectionKind::ALL {
+        let letters = wait_until(DEADLINE, "the entry is dead-lettered", || async {
+            let letters = dlq.list(projection.name(), 10).await.unwrap();
+            (!letters.is_empty()).then_some(letters)
+        })
+        .await;
+        assert_eq!(letters.len(), 1, "{projection}");
+        assert_eq!(letters[0].original_id, bad_id);
+        assert_eq!(letters[0].original.get("stream_id"), Some(&stream));
+        assert!(
+            letters[0].error.contains("position"),
+            "{}",
+            letters[0].error
+        );
+        wait_until(
+            DEADLINE,
+            &format!("{projection} applies the order to its last version"),
+            || async {
+                let (version, _) = bookkeeping(&w, projection, &stream).await;
+                (version == last).then_some(())
+            },
+        )
+        .await;
+        wait_until(DEADLINE, "every entry is acknowledged", || async {
+            (pending_count(&w, projection.name()).await == 0).then_some(())
+        })
+        .await;
+        assert_eq!(parked_streams(&w, projection).await, 0, "{projection}");
+    }
+    w.wait_caught_up().await;
+    w.assert_exact().await;
+    token.cancel();
+    task.await.unwrap().unwrap();
 }
 
 /// Two entries copy real events' positions and event ids: one names another order (a stream
