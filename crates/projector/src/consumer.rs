@@ -485,6 +485,9 @@ impl ProjectionConsumer {
                     w.prior_attempts + 1,
                     unfinished - 1
                 );
+                // The letter forgets the entry's unfinished tries in the same script that
+                // writes it; an entry no longer this consumer's is left to the one holding it,
+                // which ends its own try.
                 self.give_up(&w.entry, stream.as_deref(), &error, w.prior_attempts + 1)
                     .await?;
                 self.trying.remove(id);
