@@ -25,6 +25,10 @@ pub const NEWER_RELEASE_HOLDS: &str = "projector_newer_release_holds_total";
 pub const LAG_EVENTS: &str = "projector_lag_events";
 /// Age of the oldest event not yet covered by the low-water mark, in seconds (gauge).
 pub const LAG_SECONDS: &str = "projector_lag_seconds";
+/// Streams of the projection parked behind a dead letter: orders whose later events are held
+/// back now (gauge). Read with the lag, so an alert fires for as long as any order waits, not
+/// only when a dead letter is written.
+pub const PARKED_STREAMS: &str = "projector_parked_streams";
 
 /// Duration of one apply transaction, commit included (histogram).
 pub const APPLY_SECONDS: &str = "projector_apply_seconds";
@@ -89,8 +93,9 @@ pub fn newer_release_holds(projection: ProjectionKind, streams: usize) {
         .increment(streams as u64);
 }
 
-/// Sets the lag gauges.
-pub fn record_lag(projection: ProjectionKind, events: i64, seconds: f64) {
+/// Sets the lag gauges and the parked streams from one successful read.
+pub fn record_lag(projection: ProjectionKind, events: i64, seconds: f64, parked: i64) {
     metrics::gauge!(LAG_EVENTS, "projection" => projection.name()).set(events as f64);
     metrics::gauge!(LAG_SECONDS, "projection" => projection.name()).set(seconds);
+    metrics::gauge!(PARKED_STREAMS, "projection" => projection.name()).set(parked as f64);
 }

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod dlq;
+mod gauges;
 mod hand_written;
 mod status;
 mod support;
