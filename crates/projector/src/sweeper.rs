@@ -10,7 +10,8 @@
 //! [`LEADER_RETRY`]. If the leader dies its connection closes, the lock is released, and
 //! another instance takes over. Every instance, leading or not, exports the projection's lag
 //! (`projector_lag_events`, `projector_lag_seconds`) and its parked streams
-//! (`projector_parked_streams`), so none exports a stale one.
+//! (`projector_parked_streams`), so none exports a stale one; a read of them that fails leaves
+//! them as they were, and `projector_lag_last_success_timestamp_seconds`, which stops, shows it.
 //!
 //! The low-water mark P means: every event with position ≤ P has been applied, or is held back
 //! by a parked stream. Each sweep looks up, in position order, the first event after P whose
@@ -382,9 +383,11 @@ impl Sweeper {
         ))
         .bind(self.projection.name())
         .bind(position)
-        .fetch_one(&self.pool)
-        .await;
-        self.set_lag(lag, position);
+        .fetch_one(&self.pool);
+        // A lag read that hangs must not hold up the sweep; the gauges' age shows it.
+        if let Ok(lag) = tokio::time::timeout(LOCK_CONNECTION_TIMEOUT, lag).await {
+            self.set_lag(lag, position);
+        }
     }
 
     /// Sets the lag gauges from the stored low-water mark, at most every [`LAG_INTERVAL`]: what
@@ -420,17 +423,25 @@ impl Sweeper {
         self.set_lag(lag, position);
     }
 
+    /// Sets the lag gauges, the parked streams and the time of this successful read. A failed
+    /// read leaves them all as they were: the lag alerts cannot tell a frozen value, but the
+    /// alert on `projector_lag_last_success_timestamp_seconds` sees the time stop.
     fn set_lag(&self, lag: Result<sqlx::postgres::PgRow, sqlx::Error>, position: i64) {
-        if let Ok(row) = lag {
-            let head: i64 = row.try_get("head").unwrap_or(position);
-            let age: Option<f64> = row.try_get("age").unwrap_or(None);
-            let parked: i64 = row.try_get("parked").unwrap_or(0);
-            metrics::record_lag(
-                self.projection,
-                (head - position).max(0),
-                age.unwrap_or(0.0).max(0.0),
-                parked,
-            );
+        match lag {
+            Ok(row) => {
+                let head: i64 = row.try_get("head").unwrap_or(position);
+                let age: Option<f64> = row.try_get("age").unwrap_or(None);
+                let parked: i64 = row.try_get("parked").unwrap_or(0);
+                metrics::record_lag(
+                    self.projection,
+                    (head - position).max(0),
+                    age.unwrap_or(0.0).max(0.0),
+                    parked,
+                );
+            }
+            Err(e) => {
+                tracing::debug!(projection = %self.projection, error = %e, "cannot read the lag");
+            }
         }
     }
 
