@@ -177,8 +177,10 @@ impl DeadLetterQueue {
     /// Atomically appends `entry` to the dead-letter stream of `group` with `error`, `attempts`,
     /// `failed_at` (now), `original_id` and `consumer`, and acknowledges it in `group`, whether
     /// or not it was pending there: for events that come from the event store (the sweeper, a
-    /// rebuild), whose entries Redis may have lost. A consumer giving up on an entry it holds
-    /// uses [`Self::dead_letter_pending`]. Returns the id of the dead letter.
+    /// rebuild), whose entries Redis may have lost. Also forgets the entry's unfinished tries,
+    /// as [`Self::dead_letter_pending`] does: acknowledged, it is tried by nobody again, and a
+    /// field left in [`StreamKeys::trying`] would stay there for good. A consumer giving up on an
+    /// entry it holds uses [`Self::dead_letter_pending`]. Returns the id of the dead letter.
     pub async fn dead_letter(
         &self,
         group: &str,
@@ -194,9 +196,16 @@ impl DeadLetterQueue {
             .arg(letter_fields(entry, error, attempts, consumer));
         let mut xack = redis::cmd("XACK");
         xack.arg(&self.keys.stream).arg(group).arg(&entry.id);
+        let mut hdel = redis::cmd("HDEL");
+        hdel.arg(self.keys.trying(group)).arg(&entry.id);
 
         let mut pipe = redis::pipe();
-        pipe.atomic().add_command(xadd).add_command(xack).ignore();
+        pipe.atomic()
+            .add_command(xadd)
+            .add_command(xack)
+            .ignore()
+            .add_command(hdel)
+            .ignore();
         let mut conn = self.conn.clone();
         let (id,): (String,) = pipe
             .query_async(&mut conn)

@@ -235,13 +235,20 @@ enum Unresolved {
     Unreadable(String),
 }
 
+/// The position and event id `letter` names; `None` when either is missing or unreadable: the
+/// letter of an entry that could not be decoded, which is no event of any order (whatever
+/// stream it names) and never parked one.
+pub(crate) fn named_event(letter: &DeadLetter) -> Option<(i64, uuid::Uuid)> {
+    let position = field(letter, "position").parse::<i64>().ok()?;
+    let event_id = uuid::Uuid::parse_str(field(letter, "event_id")).ok()?;
+    Some((position, event_id))
+}
+
 /// The stream and version of the event `letter` names, found by its position *and* its event
 /// id: after a restore the store hands the positions of lost events to other events, and a
 /// letter resolved by position alone would act on an unrelated order.
 async fn stream_of(pool: &PgPool, letter: &DeadLetter) -> Result<(String, i64), Unresolved> {
-    let position = field(letter, "position").parse::<i64>().ok();
-    let event_id = uuid::Uuid::parse_str(field(letter, "event_id")).ok();
-    let (Some(position), Some(event_id)) = (position, event_id) else {
+    let Some((position, event_id)) = named_event(letter) else {
         return Err(Unresolved::NamesNoEvent);
     };
     let row: Option<(String, i64, uuid::Uuid)> = sqlx::query_as(
@@ -363,26 +370,10 @@ pub async fn purge(
                 out.push(refuse(message));
                 continue;
             }
-            Err(Unresolved::NamesNoEvent) => match letter.original.get("stream_id") {
-                // Undecodable, but it parked its stream: un-park it and catch the stream up
-                // from the event store, which holds the real events.
-                Some(stream) => {
-                    let mut conn = pool.acquire().await.context("connect to Postgres")?;
-                    match resume_stream(&mut conn, projection, stream).await {
-                        Ok(done) => format!(
-                            "deleted; un-parked {stream} and applied {} event(s) from the store",
-                            done.applied
-                        ),
-                        Err(failure) => {
-                            out.push(refuse(format!(
-                                "un-parking {stream} failed, left in place: {failure}"
-                            )));
-                            continue;
-                        }
-                    }
-                }
-                None => "deleted (it named no event of the store)".to_owned(),
-            },
+            // An entry that could not be decoded held nothing back: it is deleted alone. The
+            // stream it may name is left as it is, since un-parking it would lift a park some
+            // real event of that order caused.
+            Err(Unresolved::NamesNoEvent) => no_event_deleted(pool, projection, letter).await?,
             Ok((stream, version)) => {
                 let mut conn = pool.acquire().await.context("connect to Postgres")?;
                 match skip_parked(&mut conn, projection, &stream, version).await {
@@ -436,6 +427,36 @@ pub async fn purge(
         });
     }
     Ok(out)
+}
+
+/// What `purge` says of a letter that names no event, which it deletes alone. A stream it
+/// names that is parked (by an older release, which parked the stream an entry that could not
+/// be decoded named) is pointed out, with how to lift that park.
+async fn no_event_deleted(
+    pool: &PgPool,
+    projection: ProjectionKind,
+    letter: &DeadLetter,
+) -> anyhow::Result<String> {
+    let deleted = "deleted (it named no event of the store; nothing skipped or un-parked)";
+    let Some(stream) = letter.original.get("stream_id") else {
+        return Ok(deleted.to_owned());
+    };
+    let parked: Option<i64> = sqlx::query_scalar(
+        "SELECT parked_version FROM projection_streams \
+         WHERE projection = $1 AND stream_id = $2 AND parked_version IS NOT NULL",
+    )
+    .bind(projection.name())
+    .bind(stream)
+    .fetch_optional(pool)
+    .await
+    .context("read the stream's bookkeeping")?;
+    Ok(match parked {
+        Some(version) => format!(
+            "{deleted}; {stream}, which it names, stays parked at version {version}: `dlq \
+             parked` shows why, `dlq replay --stream {stream}` lifts it"
+        ),
+        None => deleted.to_owned(),
+    })
 }
 
 /// Which of `replay` and `purge` [`resolve_all`] runs.

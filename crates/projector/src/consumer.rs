@@ -16,10 +16,13 @@
 //!   order, other streams flow. After `MAX_ATTEMPTS` it is dead-lettered (`bus` XADD to
 //!   `<stream>:dlq:<group>` + XACK, only while the entry is still pending for this consumer)
 //!   and its stream parked in Postgres, so later events of the order are held back until
-//!   `projector dlq replay`. An entry without a stream id is dead-lettered without parking
-//!   anything. An entry that arrives already delivered `MAX_ATTEMPTS` times (claimed from
-//!   other consumers) is tried once, on its own, and dead-lettered only if that try fails, or
-//!   if earlier such tries never ended (it stops whoever tries it);
+//!   `projector dlq replay`. An entry that cannot be decoded is no event of any order (the
+//!   relay never writes one; the store holds the real events, and the sweeper applies what
+//!   Redis lacks), whatever stream it names: it is queued under its own entry id, holds back
+//!   nothing, and is dead-lettered without parking anything. An entry that arrives already
+//!   delivered `MAX_ATTEMPTS` times (claimed from other consumers) is tried once, on its own,
+//!   and dead-lettered only if that try fails, or if earlier such tries never ended (it stops
+//!   whoever tries it);
 //! - newer release (an event of a type or schema version this build does not know): the entry
 //!   is held like a poison entry, its stream's later entries behind it, but counts no attempt
 //!   and is never dead-lettered. An instance of the newer release gets it from the store (its
@@ -165,13 +168,28 @@ impl std::fmt::Debug for ProjectionConsumer {
     }
 }
 
-/// The key a failing entry's retry queue is filed under: its stream, or the entry itself when
-/// it names no stream (nothing else can be ordered behind it).
+/// The key a failing entry's retry queue is filed under: its event's stream, or the entry
+/// itself when it is no event (it could not be decoded: nothing is ordered behind it, and the
+/// stream it may name is not held back by it).
 fn queue_key(entry: &StreamEntry, stream: Option<&str>) -> String {
     match stream {
         Some(stream) => stream.to_owned(),
         None => format!("entry:{}", entry.id),
     }
+}
+
+/// Whether `entry`, decoded from the event stream, is `stored`, the event store's event at its
+/// position: the same event id, stream, version, type, schema version and data. Metadata and
+/// `recorded_at` are not compared (the store's copy is applied), so a relay formatting them
+/// another way never turns the store's own events away.
+fn same_event(entry: &RecordedEvent, stored: &RecordedEvent) -> bool {
+    entry.global_position == stored.global_position
+        && entry.event_id == stored.event_id
+        && entry.stream_id == stored.stream_id
+        && entry.stream_version == stored.stream_version
+        && entry.event_type == stored.event_type
+        && entry.schema_version == stored.schema_version
+        && entry.data == stored.data
 }
 
 impl ProjectionConsumer {
@@ -459,16 +477,17 @@ impl ProjectionConsumer {
             };
             self.trying.insert(id.clone());
             if unfinished > UNFINISHED_TRIES_LIMIT {
-                let stream = w
-                    .entry
-                    .readable_field(bus::codec::field::STREAM_ID)
-                    .map(str::to_owned);
+                // Only an event parks its stream; an entry that does not decode is none.
+                let stream = decode_entry(&w.entry).ok().map(|event| event.stream_id);
                 let error = format!(
                     "delivered {} times without being acknowledged; {} tries of it never \
                      ended (did it stop the consumer trying it?)",
                     w.prior_attempts + 1,
                     unfinished - 1
                 );
+                // The letter forgets the entry's unfinished tries in the same script that
+                // writes it; an entry no longer this consumer's is left to the one holding it,
+                // which ends its own try.
                 self.give_up(&w.entry, stream.as_deref(), &error, w.prior_attempts + 1)
                     .await?;
                 self.trying.remove(id);
@@ -503,13 +522,11 @@ impl ProjectionConsumer {
                     }
                 }
                 Err(e) => {
-                    // A stream id that was not UTF-8 names no stream: parking its escaped text
-                    // would leave a parked order nobody has.
-                    let stream = w
-                        .entry
-                        .readable_field(bus::codec::field::STREAM_ID)
-                        .map(str::to_owned);
-                    self.failed(w, stream.as_deref(), &e.to_string()).await?;
+                    // Whatever stream it names, it is none of that order's events: the relay
+                    // never writes an entry that does not decode, and the store holds the
+                    // order's real events. So it is retried on its own and never holds back,
+                    // or parks, the stream it names.
+                    self.failed(w, None, &e.to_string()).await?;
                 }
             }
         }
@@ -555,13 +572,17 @@ impl ProjectionConsumer {
         Ok(())
     }
 
-    /// Takes out of `events` (and `work`, its parallel) every entry whose event the event store
-    /// does not hold at its position, and returns their entry ids, to be acknowledged unapplied.
-    /// Such entries come from a history the store does not have (the database was restored
-    /// from a backup while Redis kept the stream): applied, each would put an event into the
-    /// read model that the store never had, and the version guard would then skip the store's
-    /// own event of that version for good. What the store does hold at those positions reaches
-    /// the read model through the sweeper.
+    /// Takes out of `events` (and `work`, its parallel) every entry that is not the event the
+    /// event store holds at its position, and returns their entry ids, to be acknowledged
+    /// unapplied; the entries kept are replaced by the store's copies of their events. Such
+    /// entries come from a history the store does not have (the database was restored from a
+    /// backup while Redis kept the stream), or were written by hand: applied, each would put an
+    /// event into the read model that the store never had, and the version guard would then
+    /// skip the store's own event of that version for good. An entry must match the store's
+    /// event in every field the projections read, not only in its position and event id: one
+    /// that reuses a real event's position and id under another stream or version would
+    /// otherwise be applied to that stream. What the store does hold at those positions
+    /// reaches the read model through the sweeper.
     async fn drop_foreign(
         &mut self,
         conn: &mut sqlx::PgConnection,
@@ -569,29 +590,29 @@ impl ProjectionConsumer {
         work: &mut Vec<&Work>,
     ) -> Result<Vec<String>, Failure> {
         let positions: Vec<i64> = events.iter().map(|e| e.global_position).collect();
-        let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
-        let held: HashSet<i64> = store::positions_holding(&mut *conn, &positions, &ids)
+        let held: HashMap<i64, RecordedEvent> = store::events_at(&mut *conn, &positions)
             .await
             .map_err(|e| classify_sql(&e))?
             .into_iter()
+            .map(|e| (e.global_position, e))
             .collect();
-        if held.len() == events.len() {
-            return Ok(Vec::new());
-        }
         let mut foreign = Vec::new();
         let mut kept = 0;
         for i in 0..events.len() {
-            if held.contains(&events[i].global_position) {
-                events.swap(kept, i);
-                work.swap(kept, i);
-                kept += 1;
-            } else {
-                foreign.push(work[i].entry.id.clone());
+            match held.get(&events[i].global_position) {
+                Some(stored) if same_event(&events[i], stored) => {
+                    // The store's copy: what is applied is what the store holds, to the last
+                    // field (`recorded_at`, metadata), whatever the entry carried.
+                    events[i] = stored.clone();
+                    events.swap(kept, i);
+                    work.swap(kept, i);
+                    kept += 1;
+                }
+                _ => foreign.push(work[i].entry.id.clone()),
             }
         }
         events.truncate(kept);
         work.truncate(kept);
-        // Fewer positions held than entries can also mean one event delivered twice in a batch.
         let Some(first) = foreign.first() else {
             return Ok(foreign);
         };
@@ -603,10 +624,11 @@ impl ProjectionConsumer {
             self.foreign_logged_at = Some(Instant::now());
             tracing::error!(projection = %self.projection, skipped = foreign.len(),
                 first_entry = %first,
-                "entries of the event stream name events the event store does not have at \
-                 their positions (was the database restored from a backup?): acknowledged \
-                 without applying them; the store's own events reach the read model through \
-                 the sweeper (RUNBOOK: RelayStreamDiverged)");
+                "entries of the event stream are not the events the event store holds at \
+                 their positions (was the database restored from a backup, or were entries \
+                 written by hand?): acknowledged without applying them; the store's own \
+                 events reach the read model through the sweeper (RUNBOOK: \
+                 RelayStreamDiverged)");
         }
         Ok(foreign)
     }
@@ -714,7 +736,8 @@ impl ProjectionConsumer {
         Ok(())
     }
 
-    /// Dead-letters `entry` and parks its stream (when it names one).
+    /// Dead-letters `entry` and parks `stream`, the stream of its event (`None` for an entry
+    /// that is no event: nothing is parked).
     async fn give_up(
         &mut self,
         entry: &StreamEntry,

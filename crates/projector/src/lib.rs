@@ -41,7 +41,9 @@
 //! counting attempts; poison (the entry itself fails) is retried with backoff per stream, then
 //! dead-lettered to `<stream>:dlq:<group>` and the stream *parked*: its later events are held
 //! back (acknowledged, not applied) until `projector dlq replay` re-applies the stream from the
-//! event store, or `dlq purge` skips the event. Other orders never wait.
+//! event store, or `dlq purge` skips the event. Other orders never wait. An entry that cannot
+//! be decoded is no event of any order: it is retried and dead-lettered on its own, and parks
+//! nothing, whatever stream it names.
 //!
 //! # Low-water mark and healing
 //!
@@ -56,9 +58,10 @@
 //!   `customer_stats_spent`);
 //! - acknowledge an entry before its transaction committed;
 //! - apply an event of a stream before all its earlier versions;
-//! - apply an entry whose event the event store does not hold at its position (a stream of
-//!   another history, after the database was restored from a backup): the consumer checks
-//!   each batch against the store and acknowledges such entries unapplied.
+//! - apply an entry that is not the event the event store holds at its position, field for
+//!   field (a stream of another history, after the database was restored from a backup; an
+//!   entry written by hand reusing a real event's position and id): the consumer checks each
+//!   batch against the store, applies the store's copies and acknowledges the others unapplied.
 
 pub mod admin;
 pub mod app;

@@ -25,6 +25,14 @@ pub const NEWER_RELEASE_HOLDS: &str = "projector_newer_release_holds_total";
 pub const LAG_EVENTS: &str = "projector_lag_events";
 /// Age of the oldest event not yet covered by the low-water mark, in seconds (gauge).
 pub const LAG_SECONDS: &str = "projector_lag_seconds";
+/// Streams of the projection parked behind a dead letter: orders whose later events are held
+/// back now (gauge). Read with the lag, so an alert fires for as long as any order waits, not
+/// only when a dead letter is written.
+pub const PARKED_STREAMS: &str = "projector_parked_streams";
+/// When this instance last read the lag and the parked streams from PostgreSQL, in Unix
+/// seconds (gauge; the process start until the first read). Those gauges keep their last value
+/// while the read fails, so their alerts cannot fire then; this one shows it.
+pub const LAG_LAST_SUCCESS: &str = "projector_lag_last_success_timestamp_seconds";
 
 /// Duration of one apply transaction, commit included (histogram).
 pub const APPLY_SECONDS: &str = "projector_apply_seconds";
@@ -46,6 +54,16 @@ pub fn register(projection: ProjectionKind) {
     ] {
         metrics::counter!(counter, "projection" => projection.name()).increment(0);
     }
+    // Counted from the start: a process that never reads the lag is as blind as one that
+    // stopped reading it.
+    metrics::gauge!(LAG_LAST_SUCCESS, "projection" => projection.name()).set(unix_now());
+}
+
+/// Now, in Unix seconds.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Records how long one sweep took.
@@ -89,8 +107,10 @@ pub fn newer_release_holds(projection: ProjectionKind, streams: usize) {
         .increment(streams as u64);
 }
 
-/// Sets the lag gauges.
-pub fn record_lag(projection: ProjectionKind, events: i64, seconds: f64) {
+/// Sets the lag gauges and the parked streams from one successful read, and when it was.
+pub fn record_lag(projection: ProjectionKind, events: i64, seconds: f64, parked: i64) {
     metrics::gauge!(LAG_EVENTS, "projection" => projection.name()).set(events as f64);
     metrics::gauge!(LAG_SECONDS, "projection" => projection.name()).set(seconds);
+    metrics::gauge!(PARKED_STREAMS, "projection" => projection.name()).set(parked as f64);
+    metrics::gauge!(LAG_LAST_SUCCESS, "projection" => projection.name()).set(unix_now());
 }

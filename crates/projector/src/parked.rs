@@ -17,7 +17,7 @@ use bus::{DeadLetter, DeadLetterQueue};
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use sqlx::PgPool;
 
-use crate::admin::{DLQ_PAGE, LetterPages, Resolution, Resolve, resolved_version};
+use crate::admin::{DLQ_PAGE, LetterPages, Resolution, Resolve, named_event, resolved_version};
 use crate::apply::{Skip, resume_stream, skip_parked};
 use crate::projections::ProjectionKind;
 
@@ -38,8 +38,8 @@ pub struct ParkedStream {
     /// The event at `parked_version`, if the store holds it: (position, event id, type). A
     /// store restored from before the event was written holds none.
     pub event: Option<(i64, uuid::Uuid, String)>,
-    /// Dead letters naming that event (or, when the store does not hold it, naming the
-    /// stream).
+    /// Dead letters naming that event (or, when the store does not hold it, naming another
+    /// event of the stream: letters from before a restore of the database).
     pub letters: usize,
 }
 
@@ -79,7 +79,9 @@ pub async fn list(
     }
     // Which listed stream each letter speaks for, so the walk over the letters costs one
     // lookup per letter: by the held-back event's id, or, when the store does not hold that
-    // event (an entry that could not be decoded parked the stream), by the stream it names.
+    // event (a letter from before a restore of the database), by the stream it names. A letter
+    // that names no event (an entry that could not be decoded) speaks for no stream: such an
+    // entry never parks one.
     let mut by_event: HashMap<String, usize> = HashMap::new();
     let mut by_stream: HashMap<String, usize> = HashMap::new();
     for (i, p) in parked.iter().enumerate() {
@@ -92,6 +94,9 @@ pub async fn list(
     while let Some(letters) = pages.next(DLQ_PAGE).await? {
         for letter in &letters {
             let field = |name: &str| letter.original.get(name);
+            if named_event(letter).is_none() {
+                continue;
+            }
             let speaks_for = field("event_id")
                 .and_then(|id| by_event.get(id))
                 .or_else(|| field("stream_id").and_then(|stream| by_stream.get(stream)));

@@ -9,7 +9,9 @@
 //! [`ProjectionKind::sweeper_lock_key`] on a dedicated connection; the others retry every
 //! [`LEADER_RETRY`]. If the leader dies its connection closes, the lock is released, and
 //! another instance takes over. Every instance, leading or not, exports the projection's lag
-//! (`projector_lag_events`, `projector_lag_seconds`), so none exports a stale one.
+//! (`projector_lag_events`, `projector_lag_seconds`) and its parked streams
+//! (`projector_parked_streams`), so none exports a stale one; a read of them that fails leaves
+//! them as they were, and `projector_lag_last_success_timestamp_seconds`, which stops, shows it.
 //!
 //! The low-water mark P means: every event with position ≤ P has been applied, or is held back
 //! by a parked stream. Each sweep looks up, in position order, the first event after P whose
@@ -95,6 +97,16 @@ macro_rules! first_unfinished_sql {
     };
 }
 pub(crate) use first_unfinished_sql;
+
+/// SQL of the number of streams projection `$1` has parked, as the column `parked`: the
+/// partial index `projection_streams_parked` holds exactly those rows, so the count reads only
+/// them. A macro so that both lag queries share one text with `concat!`.
+macro_rules! parked_count_sql {
+    () => {
+        "(SELECT count(*) FROM projection_streams \
+          WHERE projection = $1 AND parked_version IS NOT NULL) AS parked"
+    };
+}
 
 /// The `pg_notify` payload of [`POSITION_CHANNEL`].
 pub fn position_payload(projection: ProjectionKind, position: i64) -> String {
@@ -363,36 +375,41 @@ impl Sweeper {
     }
 
     async fn record_lag(&self, position: i64) {
-        let lag = sqlx::query(
+        let lag = sqlx::query(concat!(
             "SELECT (SELECT COALESCE(max(global_position), 0) FROM events) AS head, \
                     (SELECT EXTRACT(EPOCH FROM now() - recorded_at)::float8 FROM events \
-                      WHERE global_position = $1 + 1) AS age",
-        )
+                      WHERE global_position = $2 + 1) AS age, ",
+            parked_count_sql!(),
+        ))
+        .bind(self.projection.name())
         .bind(position)
-        .fetch_one(&self.pool)
-        .await;
-        self.set_lag(lag, position);
+        .fetch_one(&self.pool);
+        // A lag read that hangs must not hold up the sweep; the gauges' age shows it.
+        if let Ok(lag) = tokio::time::timeout(LOCK_CONNECTION_TIMEOUT, lag).await {
+            self.set_lag(lag, position);
+        }
     }
 
     /// Sets the lag gauges from the stored low-water mark, at most every [`LAG_INTERVAL`]: what
     /// an instance that is not the sweeper exports. Every instance exports the projection's
     /// lag, so none keeps exporting the value of a leadership it lost (the alerts and the
-    /// autoscaler take the maximum over all instances). Three primary-key probes and the
-    /// head, one query.
+    /// autoscaler take the maximum over all instances). Three primary-key probes, the head and
+    /// the parked streams, one query.
     pub async fn record_lag_from_mark(&mut self) {
         if self.lag_recorded.elapsed() < LAG_INTERVAL {
             return;
         }
         self.lag_recorded = Instant::now();
-        let lag = sqlx::query(
+        let lag = sqlx::query(concat!(
             "WITH cp AS (SELECT COALESCE((SELECT position FROM projection_checkpoints \
                                            WHERE projection = $1), 0) AS position) \
              SELECT cp.position, \
                     (SELECT COALESCE(max(global_position), 0) FROM events) AS head, \
                     (SELECT EXTRACT(EPOCH FROM now() - recorded_at)::float8 FROM events \
-                      WHERE global_position = cp.position + 1) AS age \
-             FROM cp",
-        )
+                      WHERE global_position = cp.position + 1) AS age, ",
+            parked_count_sql!(),
+            " FROM cp",
+        ))
         .bind(self.projection.name())
         .fetch_one(&self.pool);
         // A server that went silent must not keep this instance from trying to lead.
@@ -406,15 +423,25 @@ impl Sweeper {
         self.set_lag(lag, position);
     }
 
+    /// Sets the lag gauges, the parked streams and the time of this successful read. A failed
+    /// read leaves them all as they were: the lag alerts cannot tell a frozen value, but the
+    /// alert on `projector_lag_last_success_timestamp_seconds` sees the time stop.
     fn set_lag(&self, lag: Result<sqlx::postgres::PgRow, sqlx::Error>, position: i64) {
-        if let Ok(row) = lag {
-            let head: i64 = row.try_get("head").unwrap_or(position);
-            let age: Option<f64> = row.try_get("age").unwrap_or(None);
-            metrics::record_lag(
-                self.projection,
-                (head - position).max(0),
-                age.unwrap_or(0.0).max(0.0),
-            );
+        match lag {
+            Ok(row) => {
+                let head: i64 = row.try_get("head").unwrap_or(position);
+                let age: Option<f64> = row.try_get("age").unwrap_or(None);
+                let parked: i64 = row.try_get("parked").unwrap_or(0);
+                metrics::record_lag(
+                    self.projection,
+                    (head - position).max(0),
+                    age.unwrap_or(0.0).max(0.0),
+                    parked,
+                );
+            }
+            Err(e) => {
+                tracing::debug!(projection = %self.projection, error = %e, "cannot read the lag");
+            }
         }
     }
 

@@ -37,8 +37,8 @@ pub use append::{
 };
 pub use committer::{CommitterConfig, DEFAULT_TRANSACTION_TIMEOUT, GroupCommitter};
 pub use read::{
-    event_id_at, head_position, last_position_within, positions_holding, read_all,
-    read_all_of_types, read_stream, stream_version, unregistered_event_types,
+    event_id_at, events_at, head_position, last_position_within, read_all, read_all_of_types,
+    read_stream, stream_version, unregistered_event_types,
 };
 pub use snapshot::{load_snapshot, save_snapshot};
 

@@ -1,5 +1,5 @@
 //! Reading the event store: one stream by version, the whole log by position, and the
-//! event ids at given positions.
+//! events at given positions.
 //!
 //! Because positions are dense and assigned in commit order (see the crate docs), `read_all`
 //! from the last position seen never skips an event that commits late.
@@ -153,23 +153,22 @@ pub async fn event_id_at(
         .await
 }
 
-/// Of the `(position, event_id)` pairs given, the positions at which the store holds that very
-/// event: an entry of the event stream whose position is missing here came from a history the
-/// store does not have (see the relay's history check).
-pub async fn positions_holding(
+/// The events the store holds at `positions` (in no particular order; a position it does not
+/// hold is left out). How a reader of the event stream tells the store's events from entries of
+/// another history, or forged ones: an entry is the store's event only if it equals the
+/// event at its position in every field that is applied, so the caller compares them and
+/// applies the store's copy (see the relay's history check for the same idea).
+pub async fn events_at(
     executor: impl PgExecutor<'_>,
     positions: &[i64],
-    event_ids: &[uuid::Uuid],
-) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT e.global_position \
-         FROM UNNEST($1::int8[], $2::uuid[]) AS x(position, event_id) \
-         JOIN events e ON e.global_position = x.position AND e.event_id = x.event_id",
-    )
+) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM events WHERE global_position = ANY($1)"
+    )))
     .bind(positions)
-    .bind(event_ids)
     .fetch_all(executor)
-    .await
+    .await?;
+    decode_rows(rows)
 }
 
 /// The current version of a stream (0 if it has no events).

@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use bus::{Consumer, DeadLetterQueue, Publisher};
+use bus::{ConnectionManager, Consumer, DeadLetterQueue, Publisher, StreamKeys};
 
 use crate::{MAX_BLOCK, events, shared, xrange};
 
@@ -158,5 +158,53 @@ async fn a_consumer_dead_letters_an_entry_only_while_it_is_pending_for_that_cons
     );
     let letters = xrange(&mut conn, &keys.dlq("g")).await;
     assert_eq!(letters.len(), 1);
+    crate::cleanup(&mut conn, &keys).await;
+}
+
+/// Whether group `g` records unfinished tries of entry `id`.
+async fn has_tries(conn: &mut ConnectionManager, keys: &StreamKeys, id: &str) -> bool {
+    redis::cmd("HEXISTS")
+        .arg(keys.trying("g"))
+        .arg(id)
+        .query_async(conn)
+        .await
+        .expect("hexists")
+}
+
+/// Unfinished tries of an entry (`<stream>:trying:<group>`) go with its dead letter, whether a
+/// consumer holding the entry writes it or the letter comes from the event store (a sweeper, a
+/// rebuild): acknowledged, the entry is tried by nobody again, so its field would never go.
+#[tokio::test]
+async fn every_dead_letter_forgets_the_unfinished_tries_of_its_entry() {
+    let (client, mut conn, keys) = shared().await;
+    let published = events(1..=2);
+    Publisher::new(conn.clone(), keys.clone(), 1000)
+        .publish(&published)
+        .await
+        .expect("publish");
+    let consumer =
+        Consumer::new(&client, conn.clone(), keys.clone(), "g", "c1", MAX_BLOCK).expect("consumer");
+    consumer.ensure_group("0").await.expect("group");
+    let read = consumer.read_new(10, Duration::ZERO).await.expect("read");
+    for entry in &read {
+        assert_eq!(consumer.begin_try(&entry.id).await.expect("begin"), 1);
+    }
+    consumer
+        .dead_letter(&read[0], "boom", 5)
+        .await
+        .expect("dead-letter")
+        .expect("pending for this consumer");
+    assert!(
+        !has_tries(&mut conn, &keys, "1-0").await,
+        "the holder's letter"
+    );
+    DeadLetterQueue::new(conn.clone(), keys.clone())
+        .dead_letter("g", &read[1], "boom", 5, "g/sweeper")
+        .await
+        .expect("dead-letter");
+    assert!(
+        !has_tries(&mut conn, &keys, "2-0").await,
+        "a letter from the store"
+    );
     crate::cleanup(&mut conn, &keys).await;
 }

@@ -1,6 +1,7 @@
 //! `projector dlq replay|purge` against letters that do not name the event holding their order
-//! back (letters written behind the event that failed, letters from another history), and
-//! `dlq parked` with `--stream` for orders parked with no letter at all.
+//! back (letters written behind the event that failed, letters from another history, letters
+//! of entries that could not be decoded), and `dlq parked` with `--stream` for orders parked
+//! with no letter at all.
 
 use bus::DeadLetterQueue;
 use events::{OrderState, RecordedEvent, order_stream_id};
@@ -233,20 +234,14 @@ async fn purge_by_stream_refuses_a_park_at_a_version_the_store_does_not_hold_and
     let events = parked_order(&w, 6).await;
     let stream = events[0].stream_id.clone();
     assert_eq!(bookkeeping(&w, &stream).await, (6, Some(7)));
-    // A letter of an entry that could not be decoded names the stream but no event: with no
-    // event in the store to match, it counts for the stream it names.
-    let mut redis = w.redis.clone();
-    let _: String = redis::cmd("XADD")
-        .arg(w.keys.dlq(PROJECTION.name()))
-        .arg("*")
-        .arg("stream_id")
-        .arg(&stream)
-        .arg("error")
-        .arg("undecodable")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    // A letter from before the restore names version 7 of the stream, an event the store
+    // lost: with no event in the store to match, it counts for the stream it names.
     let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    let mut lost = events[5].clone();
+    lost.global_position += 100;
+    lost.event_id = Uuid::new_v4();
+    lost.stream_version = 7;
+    letter(&dlq, &lost).await;
     let (parked, _) = projector::parked::list(w.pool(), &dlq, PROJECTION)
         .await
         .unwrap();
@@ -269,6 +264,60 @@ async fn purge_by_stream_refuses_a_park_at_a_version_the_store_does_not_hold_and
     let (ok, stdout) = run_dlq(&w, &["replay", "order_summaries", "--stream", &stream]).await;
     assert!(ok, "{stdout}");
     assert_eq!(bookkeeping(&w, &stream).await, (6, None));
+}
+
+/// The letter of an entry that could not be decoded names an order but no event: such an entry
+/// never parks its order, so `dlq parked` counts the letter for no order, `dlq replay` refuses
+/// it and `dlq purge` deletes it alone, leaving a park it did not cause in place (here an
+/// older release's, at a version the store does not hold) for `--stream` to lift.
+#[tokio::test]
+async fn a_letter_naming_an_order_but_no_event_holds_nothing_back_and_its_purge_leaves_the_order_parked()
+ {
+    let w = World::new().await;
+    let events = parked_order(&w, 6).await;
+    let stream = events[0].stream_id.clone();
+    let mut redis = w.redis.clone();
+    let undecodable: String = redis::cmd("XADD")
+        .arg(w.keys.dlq(PROJECTION.name()))
+        .arg("*")
+        .arg("stream_id")
+        .arg(&stream)
+        .arg("position")
+        .arg("x")
+        .arg("error")
+        .arg("entry 1-0: bad number in field `position`")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    let (parked, _) = projector::parked::list(w.pool(), &dlq, PROJECTION)
+        .await
+        .unwrap();
+    assert_eq!(
+        parked.iter().map(|p| p.letters).collect::<Vec<_>>(),
+        [0],
+        "the letter counts for no order"
+    );
+
+    let (ok, stdout) = run_dlq(&w, &["replay", "order_summaries"]).await;
+    assert!(!ok && stdout.contains("names no event"), "{stdout}");
+    assert_eq!(bookkeeping(&w, &stream).await, (6, Some(7)));
+
+    let (ok, stdout) = run_dlq(&w, &["purge", "order_summaries", "--id", &undecodable]).await;
+    assert!(ok, "{stdout}");
+    assert!(
+        stdout.contains("nothing skipped or un-parked")
+            && stdout.contains(&format!(
+                "{stream}, which it names, stays parked at version 7"
+            )),
+        "{stdout}"
+    );
+    assert_eq!(dlq.len(PROJECTION.name()).await.unwrap(), 0);
+    assert_eq!(
+        bookkeeping(&w, &stream).await,
+        (6, Some(7)),
+        "the order stays parked"
+    );
 }
 
 #[tokio::test]

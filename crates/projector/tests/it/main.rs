@@ -4,6 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod dlq;
+mod gauges;
+mod hand_written;
 mod outages;
 mod status;
 mod support;
@@ -1680,6 +1682,112 @@ async fn entries_delivered_many_times_are_dead_lettered_only_when_their_tries_fa
         (applied == 2).then_some(())
     })
     .await;
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// How many unfinished tries `projection`'s group records for entry `id` (0 when none).
+async fn unfinished_tries(w: &World, projection: ProjectionKind, id: &str) -> i64 {
+    let mut conn = w.redis.clone();
+    let tries: Option<i64> = redis::cmd("HGET")
+        .arg(w.keys.trying(projection.name()))
+        .arg(id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    tries.unwrap_or(0)
+}
+
+/// An entry dead-lettered because more than two tries of it never ended is forgotten in
+/// `<stream>:trying:<group>` with its letter: the hash keeps no field of an entry that is no
+/// longer pending.
+#[tokio::test]
+async fn an_entry_dead_lettered_because_its_tries_never_ended_leaves_no_unfinished_try_behind() {
+    let mut w = World::new().await;
+    let crashing = append_orders(w.pool(), 2).await[0];
+    w.publish().await;
+    let first = entry_ids(&w, crashing).await.remove(0);
+    held_by_a_stopped_consumer(&w, std::slice::from_ref(&first), 10).await;
+    for projection in ProjectionKind::ALL {
+        // Two tries of it began and never ended.
+        let mut conn = w.redis.clone();
+        let _: i64 = redis::cmd("HSET")
+            .arg(w.keys.trying(projection.name()))
+            .arg(&first)
+            .arg(2)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+
+    let args = [
+        FAST,
+        &["--sweep-grace-ms", "600000", "--claim-idle-ms", "100"],
+    ]
+    .concat();
+    let (token, task) = w.spawn_projector("new", &args).await;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    for projection in ProjectionKind::ALL {
+        let letters = wait_until(DEADLINE, "the entry is dead-lettered", || async {
+            let letters = dlq.list(projection.name(), 10).await.unwrap();
+            (!letters.is_empty()).then_some(letters)
+        })
+        .await;
+        assert_eq!(letters[0].original_id, first);
+        assert!(
+            letters[0].error.contains("never ended"),
+            "{}",
+            letters[0].error
+        );
+        wait_until(DEADLINE, "its unfinished tries are forgotten", || async {
+            (unfinished_tries(&w, projection, &first).await == 0).then_some(())
+        })
+        .await;
+    }
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A consumer stopped twice trying an order's placing (two unfinished tries recorded, the
+/// entry pending for it) and nobody has claimed the entry yet; the sweeper applies the order
+/// from the store, the placing fails there too, and the sweeper dead-letters it: the letter
+/// acknowledges the entry and forgets its unfinished tries, so none is left behind for good.
+#[tokio::test]
+async fn an_event_the_sweeper_dead_letters_leaves_no_unfinished_try_of_its_entry_behind() {
+    let mut w = World::new().await;
+    let victim = Uuid::new_v4();
+    support::refuse_placing(w.pool(), victim).await;
+    let cmds = commands(victim, Uuid::new_v4(), support::Fate::Placed);
+    run_commands(w.pool(), victim, &cmds, &mut OrderState::default()).await;
+    w.publish().await;
+    let placing = entry_ids(&w, victim).await.remove(3);
+    held_by_a_stopped_consumer(&w, std::slice::from_ref(&placing), 1).await;
+    let projection = ProjectionKind::OrderSummaries;
+    let mut conn = w.redis.clone();
+    let _: i64 = redis::cmd("HSET")
+        .arg(w.keys.trying(projection.name()))
+        .arg(&placing)
+        .arg(2)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // Nothing is claimed: the sweeper alone meets the placing.
+    let args = [
+        FAST,
+        &["--sweep-grace-ms", "100", "--claim-idle-ms", "600000"],
+    ]
+    .concat();
+    let (token, task) = w.spawn_projector("new", &args).await;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    let letters = wait_until(DEADLINE, "the sweeper dead-letters the placing", || async {
+        let letters = dlq.list(projection.name(), 10).await.unwrap();
+        (!letters.is_empty()).then_some(letters)
+    })
+    .await;
+    assert_eq!(letters[0].original_id, placing);
+    assert_eq!(letters[0].consumer, "new/sweeper");
+    assert_eq!(unfinished_tries(&w, projection, &placing).await, 0);
     token.cancel();
     task.await.unwrap().unwrap();
 }

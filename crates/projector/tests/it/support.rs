@@ -127,12 +127,7 @@ impl World {
         consumer: &str,
         extra: &[&str],
     ) -> (CancellationToken, JoinHandle<anyhow::Result<()>>, u16) {
-        let cli = Cli::try_parse_from(self.args(consumer, extra)).expect("args parse");
-        let app = Application::build(cli).await.expect("projector builds");
-        let port = app.port();
-        let token = CancellationToken::new();
-        let handle = tokio::spawn(app.run_until_stopped(token.clone()));
-        (token, handle, port)
+        spawn_projector_with(self.args(consumer, extra)).await
     }
 
     pub async fn checkpoint(&self, projection: ProjectionKind) -> i64 {
@@ -171,6 +166,19 @@ impl World {
             .expect("verify runs");
         assert!(report.is_clean(), "{}", report.render(projection));
     }
+}
+
+/// Starts a projector in-process with the command line `args` (see [`World::args`]); returns
+/// its stop token, its task and the port its HTTP endpoints listen on.
+pub async fn spawn_projector_with(
+    args: Vec<String>,
+) -> (CancellationToken, JoinHandle<anyhow::Result<()>>, u16) {
+    let cli = Cli::try_parse_from(args).expect("args parse");
+    let app = Application::build(cli).await.expect("projector builds");
+    let port = app.port();
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(app.run_until_stopped(token.clone()));
+    (token, handle, port)
 }
 
 /// How far an order goes through its life.
@@ -351,11 +359,12 @@ pub async fn metric(port: u16, name: &str, projection: ProjectionKind) -> Option
 
 /// A TCP proxy to the local PostgreSQL that, once told to, accepts new connections and never
 /// passes a byte of them (a server whose host vanished: nothing answers, nothing refuses),
-/// while the connections made before keep working.
+/// while the connections made before keep working, or, once cut, are dropped too.
 pub struct HoldingProxy {
     port: u16,
     holding: std::sync::Arc<std::sync::atomic::AtomicBool>,
     held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    passing: std::sync::Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
 }
 
@@ -369,29 +378,42 @@ impl HoldingProxy {
         let port = listener.local_addr().expect("address").port();
         let holding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let held = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (h, n) = (holding.clone(), held.clone());
+        let passing = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (h, n, p) = (holding.clone(), held.clone(), passing.clone());
         let accept = tokio::spawn(async move {
             let mut kept = Vec::new();
             while let Ok((mut client, _)) = listener.accept().await {
+                // Under the lock `cut` takes, so no connection passes after it.
+                let mut passing = p.lock().expect("proxy tasks");
                 if h.load(Ordering::SeqCst) {
                     n.fetch_add(1, Ordering::SeqCst);
                     kept.push(client);
                     continue;
                 }
-                tokio::spawn(async move {
+                passing.push(tokio::spawn(async move {
                     if let Ok(mut server) =
                         tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
                     {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                     }
-                });
+                }));
             }
         });
         Self {
             port,
             holding,
             held,
+            passing,
             accept,
+        }
+    }
+
+    /// Holds new connections and drops every connection made before: the server is gone.
+    pub fn cut(&self) {
+        let mut passing = self.passing.lock().expect("proxy tasks");
+        self.hold_new_connections();
+        for pass in passing.drain(..) {
+            pass.abort();
         }
     }
 
