@@ -118,7 +118,11 @@ impl Modify for OperationalRoutes {
                          Kubernetes readiness probe asks, since reads never touch Redis); \
                          reported as `excluded`; 400 `invalid_exclude` when one is no check",
                     ))
-                    .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                    .schema(Some(
+                        ObjectBuilder::new()
+                            .schema_type(Type::String)
+                            .pattern(Some("^(postgres|redis)(,(postgres|redis))*$")),
+                    ))
                     .build(),
             )]);
             readyz.responses.responses.insert(

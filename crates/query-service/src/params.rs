@@ -306,14 +306,16 @@ pub struct StreamStart {
 impl StreamStart {
     /// `Last-Event-ID` (a resuming client) wins over `after_position` (where a new client
     /// starts): a browser reconnects with the same URL and the header.
+    /// A malformed `after_position` is refused even beside the header: the URL is wrong.
     pub fn parse(raw: &RawLogStream, headers: &HeaderMap) -> Result<Self, ApiError> {
+        let from_query = parse_after_position(raw.after_position.as_deref())?;
         let after_position = match headers.get(&LAST_EVENT_ID_HEADER) {
             Some(value) => parse_after(
                 Some(value.to_str().unwrap_or("-")),
                 "invalid_last_event_id",
                 "Last-Event-ID must be an id this stream sent (an integer ≥ 0)",
             )?,
-            None => parse_after_position(raw.after_position.as_deref())?,
+            None => from_query,
         };
         let event_types = parse_event_types(raw.event_type.as_deref())?;
         Ok(Self {
@@ -333,18 +335,20 @@ pub struct OrderStreamStart {
 impl OrderStreamStart {
     /// `Last-Event-ID` (a resuming client: the version it received last) wins over
     /// `after_version`, as for the log's stream.
+    /// A malformed `after_version` is refused even beside the header, as for the log's stream.
     pub fn parse(raw: &RawOrderStream, headers: &HeaderMap) -> Result<Self, ApiError> {
+        let from_query = parse_after(
+            raw.after_version.as_deref(),
+            "invalid_after_version",
+            "after_version must be an integer ≥ 0",
+        )?;
         let after_version = match headers.get(&LAST_EVENT_ID_HEADER) {
             Some(value) => parse_after(
                 Some(value.to_str().unwrap_or("-")),
                 "invalid_last_event_id",
                 "Last-Event-ID must be an id this stream sent (an order version, an integer ≥ 0)",
             )?,
-            None => parse_after(
-                raw.after_version.as_deref(),
-                "invalid_after_version",
-                "after_version must be an integer ≥ 0",
-            )?,
+            None => from_query,
         };
         Ok(Self { after_version })
     }
@@ -572,5 +576,39 @@ mod tests {
         };
         assert_eq!(code, "invalid_event_type");
         assert!(!detail.contains(&long[..100]), "{detail}");
+    }
+
+    #[test]
+    fn a_malformed_start_in_the_url_is_refused_even_when_last_event_id_is_given() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            &LAST_EVENT_ID_HEADER,
+            axum::http::HeaderValue::from_static("3"),
+        );
+        let raw = RawOrderStream {
+            after_version: Some("9223372036854775808".into()),
+        };
+        assert_eq!(
+            code(OrderStreamStart::parse(&raw, &headers).unwrap_err()),
+            "invalid_after_version"
+        );
+        let raw = RawLogStream {
+            after_position: Some("-1".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            code(StreamStart::parse(&raw, &headers).unwrap_err()),
+            "invalid_after_position"
+        );
+        let raw = RawOrderStream {
+            after_version: Some("1".into()),
+        };
+        assert_eq!(
+            OrderStreamStart::parse(&raw, &headers)
+                .unwrap()
+                .after_version,
+            3,
+            "the header wins over a well-formed after_version"
+        );
     }
 }

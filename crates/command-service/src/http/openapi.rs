@@ -76,7 +76,8 @@ fn healthz() {}
 
 /// Readiness: Postgres and Redis reachable
 #[utoipa::path(get, path = "/readyz", tag = "operations",
-    params(("exclude" = Option<String>, Query,
+    params(("exclude" = Option<String>, Query, nullable = false,
+        pattern = "^(postgres|redis)(,(postgres|redis))*$",
         description = "Checks to leave out, comma-separated or repeated (`redis`: what the Kubernetes readiness probe asks, since commands succeed with Redis down); reported as `excluded`")),
     responses(
         (status = 200, description = "`{\"status\":\"ready\",\"checks\":{…}}`"),

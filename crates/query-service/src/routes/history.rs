@@ -61,7 +61,7 @@ pub async fn get_events(
     params(
         ("after_position" = Option<i64>, Query, description = "Start after this global position (default 0: the whole log); Last-Event-ID wins when present", minimum = 0),
         ("event_type" = Option<String>, Query, description = "Only events of these types, comma-separated, as for GET /events", example = "OrderPaid,OrderShipped"),
-        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this id (the last `id` received)", minimum = 0),
+        ("Last-Event-ID" = Option<i64>, Header, nullable = false, description = "Resume after this id (the last `id` received)", minimum = 0),
     ),
     responses(
         (status = 200, description = "`text/event-stream`: frames until the client hangs up or the service shuts down; a comment every 15 s keeps it open", content_type = "text/event-stream", body = String),
@@ -130,7 +130,7 @@ pub async fn get_order_events(
     params(
         ("id" = Uuid, Path, description = "Order id"),
         ("after_version" = Option<i64>, Query, description = "Start after this version of the order (default 0: its whole history); Last-Event-ID wins when present", minimum = 0),
-        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this id (the last version received)", minimum = 0),
+        ("Last-Event-ID" = Option<i64>, Header, nullable = false, description = "Resume after this id (the last version received)", minimum = 0),
     ),
     responses(
         (status = 200, description = "`text/event-stream`: frames until the client hangs up or the service shuts down; a comment every 15 s keeps it open", content_type = "text/event-stream", body = String),
