@@ -184,6 +184,62 @@ impl Consumer {
     /// same name must finish first. Entries trimmed from the stream meanwhile are acknowledged
     /// and left out.
     pub async fn read_own_pending(&self, count: usize) -> Result<Vec<StreamEntry>, BusError> {
+        Ok(self
+            .read_own_pending_counted(count)
+            .await?
+            .into_iter()
+            .map(|(entry, _)| entry)
+            .collect())
+    }
+
+    /// [`Self::read_own_pending`], each entry with its delivery count including this read, as
+    /// [`Self::autoclaim`] gives it: an instance restarted under the same name (a container
+    /// restarted in its pod keeps the pod's name) meets again the entries it held, and one that
+    /// stopped the instance trying it comes back this way, never through a claim. Its count
+    /// grows by one at each such restart, so the caller can tell it as it tells a claimed one.
+    pub async fn read_own_pending_counted(
+        &self,
+        count: usize,
+    ) -> Result<Vec<(StreamEntry, u32)>, BusError> {
+        let entries = self.read_own_pending_entries(count).await?;
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(Vec::new());
+        };
+        const OP: &str = "count deliveries of own pending entries";
+        let mut conn = self.conn.clone();
+        let reply: Value = redis::cmd("XPENDING")
+            .arg(&self.keys.stream)
+            .arg(&self.group)
+            .arg(&first.id)
+            .arg(&last.id)
+            .arg(entries.len())
+            .arg(&self.name)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.classify(OP, e))?;
+        let mut deliveries: HashMap<String, u32> = HashMap::with_capacity(entries.len());
+        for row in value_to_vec(OP, reply)? {
+            let Value::Array(parts) = row else {
+                return Err(BusError::unexpected(OP, "a pending entry is not an array"));
+            };
+            let (Some(id), Some(count)) = (parts.first(), parts.get(3)) else {
+                return Err(BusError::unexpected(OP, "a pending entry has four parts"));
+            };
+            let count = u32::try_from(value_to_i64(OP, count)?).unwrap_or(u32::MAX);
+            deliveries.insert(value_to_string(OP, id)?, count);
+        }
+        Ok(entries
+            .into_iter()
+            .map(|entry| {
+                // Read a moment ago, so pending; were it acknowledged in between (by an
+                // operator), it counts as delivered once.
+                let n = deliveries.get(&entry.id).copied().unwrap_or(1);
+                (entry, n)
+            })
+            .collect())
+    }
+
+    async fn read_own_pending_entries(&self, count: usize) -> Result<Vec<StreamEntry>, BusError> {
         const OP: &str = "read own pending entries";
         let mut conn = self.conn.clone();
         let reply: Value = redis::cmd("XREADGROUP")

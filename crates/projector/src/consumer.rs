@@ -20,7 +20,8 @@
 //!   relay never writes one; the store holds the real events, and the sweeper applies what
 //!   Redis lacks), whatever stream it names: it is queued under its own entry id, holds back
 //!   nothing, and is dead-lettered without parking anything. An entry that arrives already
-//!   delivered `MAX_ATTEMPTS` times (claimed from other consumers) is tried once, on its own,
+//!   delivered `MAX_ATTEMPTS` times (claimed from other consumers, or this consumer's own
+//!   pending entry after a restart under the same name) is tried once, on its own,
 //!   and dead-lettered only if that try fails, or if earlier such tries never ended (it stops
 //!   whoever tries it);
 //! - newer release (an event of a type or schema version this build does not know): the entry
@@ -349,18 +350,21 @@ impl ProjectionConsumer {
     async fn fetch(&mut self) -> Result<Vec<Work>, Failure> {
         // Own pending entries first, before any claim: reading them (`XREADGROUP … 0`) counts
         // a delivery of each, which entries claimed and held meanwhile must not get.
+        // Each counts its deliveries as a claimed entry does: an entry that stopped this
+        // instance (a crash, an OOM kill) comes back here after the restart, under the same
+        // name, and would otherwise be tried at every restart, for ever, never dead-lettered.
         if !self.pending_drained {
             let own = self
                 .consumer
-                .read_own_pending(self.settings.batch_size)
+                .read_own_pending_counted(self.settings.batch_size)
                 .await;
             let own = self.handle_bus(own).await?.unwrap_or_default();
             let work: Vec<Work> = own
                 .into_iter()
-                .filter(|e| !self.queued_ids.contains(&e.id))
-                .map(|entry| Work {
+                .filter(|(e, _)| !self.queued_ids.contains(&e.id))
+                .map(|(entry, deliveries)| Work {
                     entry,
-                    prior_attempts: 0,
+                    prior_attempts: deliveries.saturating_sub(1),
                 })
                 .collect();
             if !work.is_empty() {
@@ -475,7 +479,6 @@ impl ProjectionConsumer {
             let Some(unfinished) = self.handle_bus(begun).await? else {
                 return Ok(());
             };
-            self.trying.insert(id.clone());
             if unfinished > UNFINISHED_TRIES_LIMIT {
                 // Only an event parks its stream; an entry that does not decode is none.
                 let stream = decode_entry(&w.entry).ok().map(|event| event.stream_id);
@@ -488,11 +491,14 @@ impl ProjectionConsumer {
                 // The letter forgets the entry's unfinished tries in the same script that
                 // writes it; an entry no longer this consumer's is left to the one holding it,
                 // which ends its own try.
+                // Not marked as a try under way before the letter is written: were writing it
+                // to fail (Redis or PostgreSQL gone for a moment), the step is repeated, and
+                // it must decide again to write the letter, not go on to try the entry.
                 self.give_up(&w.entry, stream.as_deref(), &error, w.prior_attempts + 1)
                     .await?;
-                self.trying.remove(id);
                 return Ok(());
             }
+            self.trying.insert(id.clone());
         }
         self.apply_work(std::slice::from_ref(w)).await?;
         let ended = self.consumer.end_try(id).await;

@@ -68,6 +68,18 @@ async fn entries_read_from_the_group_are_gone_from_the_pending_list_once_acked()
         own.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
         ["3-0"]
     );
+    // Each read of the pending list is a delivery: first read, then the two above, then this.
+    let counted = consumer
+        .read_own_pending_counted(10)
+        .await
+        .expect("pending");
+    assert_eq!(
+        counted
+            .iter()
+            .map(|(e, n)| (e.id.as_str(), *n))
+            .collect::<Vec<_>>(),
+        [("3-0", 4)]
+    );
 
     let pending: (i64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
         .arg(keys.stream())

@@ -1518,15 +1518,20 @@ async fn an_event_of_a_newer_release_is_held_for_that_release_never_dead_lettere
 /// Makes consumer `gone` of every projection's group hold all entries published so far, as an
 /// instance that stopped would, with the entries `often` delivered `deliveries` times.
 async fn held_by_a_stopped_consumer(w: &World, often: &[String], deliveries: u32) {
+    held_by(w, "gone", often, deliveries).await;
+}
+
+/// [`held_by_a_stopped_consumer`], the consumer named `consumer`.
+async fn held_by(w: &World, consumer: &str, often: &[String], deliveries: u32) {
     for projection in ProjectionKind::ALL {
-        let gone = group_consumer(w, projection, "gone");
+        let gone = group_consumer(w, projection, consumer);
         gone.ensure_group(bus::FROM_BEGINNING).await.unwrap();
         while !gone.read_new(100, Duration::ZERO).await.unwrap().is_empty() {}
         let mut conn = w.redis.clone();
         let _: redis::Value = redis::cmd("XCLAIM")
             .arg(w.keys.stream())
             .arg(projection.name())
-            .arg("gone")
+            .arg(consumer)
             .arg(0)
             .arg(often)
             .arg("RETRYCOUNT")
@@ -1682,6 +1687,57 @@ async fn entries_delivered_many_times_are_dead_lettered_only_when_their_tries_fa
         (applied == 2).then_some(())
     })
     .await;
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// An instance stopped by an entry (a crash, an OOM kill) restarts under the same name, as a
+/// container restarted in its pod does, and meets the entry again among its own pending
+/// entries, delivered once more at each restart. Once its deliveries reach `MAX_ATTEMPTS` and
+/// more than two of its tries never ended, it is dead-lettered without another try, as a
+/// claimed entry is, instead of stopping the instance at every restart for ever.
+#[tokio::test]
+async fn an_entry_that_stopped_the_instance_is_dead_lettered_when_it_restarts_under_the_same_name_not_tried_for_ever()
+ {
+    let mut w = World::new().await;
+    let crashing = append_orders(w.pool(), 2).await[0];
+    w.publish().await;
+    let crashing_first = entry_ids(&w, crashing).await.remove(0);
+    held_by(&w, "same", std::slice::from_ref(&crashing_first), 10).await;
+    for projection in ProjectionKind::ALL {
+        // Two tries of it began and never ended.
+        let mut conn = w.redis.clone();
+        let _: i64 = redis::cmd("HSET")
+            .arg(w.keys.trying(projection.name()))
+            .arg(&crashing_first)
+            .arg(2)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+
+    // No claims: the entry can only come back as the instance's own.
+    let args = [
+        FAST,
+        &["--sweep-grace-ms", "600000", "--claim-idle-ms", "600000"],
+    ]
+    .concat();
+    let (token, task) = w.spawn_projector("same", &args).await;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    for projection in ProjectionKind::ALL {
+        let letters = wait_until(DEADLINE, "the crashing entry is dead-lettered", || async {
+            let letters = dlq.list(projection.name(), 10).await.unwrap();
+            (!letters.is_empty()).then_some(letters)
+        })
+        .await;
+        assert_eq!(letters.len(), 1);
+        assert_eq!(letters[0].original_id, crashing_first);
+        assert!(
+            letters[0].error.contains("never ended"),
+            "{}",
+            letters[0].error
+        );
+    }
     token.cancel();
     task.await.unwrap().unwrap();
 }
