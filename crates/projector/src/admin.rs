@@ -235,13 +235,20 @@ enum Unresolved {
     Unreadable(String),
 }
 
-/// The position and event id `letter` names; `None` when either is missing or unreadable: the
-/// letter of an entry that could not be decoded, which is no event of any order (whatever
-/// stream it names) and never parked one.
+/// The position and event id `letter` names; `None` for the letter of an entry that could
+/// not be decoded (by [`bus::decode_entry`], as the consumer decodes it), which is no event of
+/// any order, whatever stream, position or event id it names, and never parked one.
 pub(crate) fn named_event(letter: &DeadLetter) -> Option<(i64, uuid::Uuid)> {
-    let position = field(letter, "position").parse::<i64>().ok()?;
-    let event_id = uuid::Uuid::parse_str(field(letter, "event_id")).ok()?;
-    Some((position, event_id))
+    let entry = bus::StreamEntry {
+        id: letter.original_id.clone(),
+        fields: letter
+            .original
+            .iter()
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect(),
+    };
+    let event = bus::decode_entry(&entry).ok()?;
+    Some((event.global_position, event.event_id))
 }
 
 /// The stream and version of the event `letter` names, found by its position *and* its event

@@ -51,10 +51,10 @@ pub enum Command {
     Healthcheck,
 }
 
-/// Settings of read-your-writes and paging.
 /// The largest `WAIT_MS_MAX` accepted: ten minutes.
 pub const WAIT_MS_MAX_LIMIT: u64 = 600_000;
 
+/// Settings of read-your-writes and paging.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReadArgs {
     /// Milliseconds a request with `min_position` waits when it gives no `wait_ms`

@@ -54,6 +54,7 @@ use platform::db_gate::DbGate;
 use sqlx::PgPool;
 use store::idempotency::StoredResponse;
 use store::{AppendError, AppendRequest, GroupCommitter, IdempotencyRecord};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use cache::{CachedOrder, OrderSlots};
@@ -490,15 +491,24 @@ impl CommandHandler {
         // The wait and the cache repair run in a task of their own: if the client goes away and
         // this future is dropped, a failed append must still clear the cached state, which
         // includes it. Commands already chained on it fail their own version check and retry
-        // from a fresh load.
-        let settle = tokio::spawn(async move {
-            let result = pending.await.unwrap_or(Err(AppendError::CommitterStopped));
-            if result.is_err() {
-                *slot.lock().await = None;
-                metrics::counter!("command_cache_discarded_total").increment(1);
+        // from a fresh load. The failure is logged there too, in the request's span: the one
+        // line logged for it (the group committer logs its batch's only at debug), which must
+        // reach the log when the request is gone before the commit fails (it timed out, or
+        // its client hung up). It names the order, and says warn for a 503, error for a 500.
+        let settle = tokio::spawn(
+            async move {
+                let result = pending.await.unwrap_or(Err(AppendError::CommitterStopped));
+                if let Err(err) = &result {
+                    *slot.lock().await = None;
+                    metrics::counter!("command_cache_discarded_total").increment(1);
+                    if let Some(unavailable) = append_failure_unavailable(err) {
+                        log_store_failure(unavailable, err, order_id, "append failed");
+                    }
+                }
+                result
             }
-            result
-        });
+            .instrument(tracing::Span::current()),
+        );
         let result = settle.await.unwrap_or(Err(AppendError::CommitterStopped));
         let outcome = match result {
             Ok(outcome) => outcome,
@@ -510,15 +520,8 @@ impl CommandHandler {
                     },
                     AppendError::IdempotencyKeyTaken(_) => AttemptError::KeyTaken,
                     other => {
-                        let unavailable = match &other {
-                            AppendError::Database(e) => platform::db::is_unavailable(e),
-                            AppendError::CommitterStopped => true,
-                            _ => false,
-                        };
-                        // The one line logged for this failure (the group committer logs
-                        // its batch's only at debug): it names the order, sits in the request's
-                        // span, and says warn for a 503 to retry, error for a 500.
-                        log_store_failure(unavailable, &other, order_id, "append failed");
+                        // Logged by the task above.
+                        let unavailable = append_failure_unavailable(&other).unwrap_or(false);
                         AttemptError::Failed(store_failure(unavailable, &other))
                     }
                 });
@@ -726,6 +729,18 @@ fn store_failure(unavailable: bool, error: &dyn std::fmt::Display) -> CommandErr
         CommandError::StoreUnavailable(error.to_string())
     } else {
         CommandError::StoreFailed(error.to_string())
+    }
+}
+
+/// For an append that failed for the store's sake, whether the database was unavailable (a
+/// 503 to retry) rather than refusing it (a 500); `None` for the outcomes that are answers
+/// about the request (a version conflict, an idempotency key answered already), not failures.
+fn append_failure_unavailable(err: &AppendError) -> Option<bool> {
+    match err {
+        AppendError::Conflict { .. } | AppendError::IdempotencyKeyTaken(_) => None,
+        AppendError::Database(e) => Some(platform::db::is_unavailable(e)),
+        AppendError::CommitterStopped => Some(true),
+        _ => Some(false),
     }
 }
 

@@ -55,8 +55,9 @@ async fn a_parked_order_is_exported_as_a_parked_stream_until_it_is_replayed() {
     wait_parked(port, ProjectionKind::OrderSummaries, 1.0).await;
     wait_parked(port, ProjectionKind::CustomerStats, 0.0).await;
 
-    // Now the projector leads: the count stays while the order does.
-    drop(leader);
+    // Now the projector leads: the count stays while the order does. (Closed, not handed back
+    // to the pool, where its session would keep both locks.)
+    leader.close().await.unwrap();
     let key = ProjectionKind::OrderSummaries.sweeper_lock_key();
     wait_until(DEADLINE, "the projector leads the sweeper", || async {
         let mut conn = w.pool().acquire().await.unwrap();
