@@ -185,7 +185,7 @@ impl Consumer {
     /// and left out.
     pub async fn read_own_pending(&self, count: usize) -> Result<Vec<StreamEntry>, BusError> {
         Ok(self
-            .read_own_pending_counted(count)
+            .read_own_pending_counted(count, "0")
             .await?
             .into_iter()
             .map(|(entry, _)| entry)
@@ -197,11 +197,14 @@ impl Consumer {
     /// restarted in its pod keeps the pod's name) meets again the entries it held, and one that
     /// stopped the instance trying it comes back this way, never through a claim. Its count
     /// grows by one at each such restart, so the caller can tell it as it tells a claimed one.
+    /// The read starts after entry id `after` (`0`: from the first): a caller paging through
+    /// its pending list passes the last id it got, so no entry is delivered twice by it.
     pub async fn read_own_pending_counted(
         &self,
         count: usize,
+        after: &str,
     ) -> Result<Vec<(StreamEntry, u32)>, BusError> {
-        let entries = self.read_own_pending_entries(count).await?;
+        let entries = self.read_own_pending_entries(count, after).await?;
         let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
             return Ok(Vec::new());
         };
@@ -239,31 +242,42 @@ impl Consumer {
             .collect())
     }
 
-    async fn read_own_pending_entries(&self, count: usize) -> Result<Vec<StreamEntry>, BusError> {
+    async fn read_own_pending_entries(
+        &self,
+        count: usize,
+        after: &str,
+    ) -> Result<Vec<StreamEntry>, BusError> {
         const OP: &str = "read own pending entries";
         let mut conn = self.conn.clone();
-        let reply: Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(&self.group)
-            .arg(&self.name)
-            .arg("COUNT")
-            .arg(count.max(1))
-            .arg("STREAMS")
-            .arg(&self.keys.stream)
-            .arg("0")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.classify(OP, e))?;
-        let parsed = parse_read_reply(OP, reply)?;
-        if !parsed.deleted.is_empty() {
+        loop {
+            let reply: Value = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(&self.group)
+                .arg(&self.name)
+                .arg("COUNT")
+                .arg(count.max(1))
+                .arg("STREAMS")
+                .arg(&self.keys.stream)
+                .arg(after)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.classify(OP, e))?;
+            let parsed = parse_read_reply(OP, reply)?;
+            if parsed.deleted.is_empty() {
+                return Ok(parsed.entries);
+            }
             tracing::warn!(
                 group = %self.group,
                 ids = ?parsed.deleted,
                 "pending entries were trimmed before being processed; acknowledging them"
             );
             self.ack(&parsed.deleted).await?;
+            // A page of trimmed entries only is no end of the list: acknowledged, they have
+            // left it, and the same read now returns what follows them.
+            if !parsed.entries.is_empty() {
+                return Ok(parsed.entries);
+            }
         }
-        Ok(parsed.entries)
     }
 
     /// Acknowledges entries (XACK); returns how many were pending.

@@ -151,6 +151,10 @@ pub struct ProjectionConsumer {
     /// to the engine (which holds them back) instead of starting a retry queue of their own.
     parked_now: HashSet<String>,
     pending_drained: bool,
+    /// Where the next read of this consumer's own pending entries starts (after this id; `0`
+    /// at first): each is read once, so one held in a retry queue meanwhile is not delivered
+    /// again by the next page's read.
+    own_pending_after: String,
     next_reclaim: Instant,
     linger: Linger,
     /// When entries of another history were last logged ([`FOREIGN_LOG_INTERVAL`]).
@@ -215,6 +219,7 @@ impl ProjectionConsumer {
             trying: HashSet::new(),
             parked_now: HashSet::new(),
             pending_drained: false,
+            own_pending_after: "0".to_owned(),
             next_reclaim: Instant::now(),
             foreign_logged_at: None,
             newer_release_logged_at: None,
@@ -353,12 +358,17 @@ impl ProjectionConsumer {
         // Each counts its deliveries as a claimed entry does: an entry that stopped this
         // instance (a crash, an OOM kill) comes back here after the restart, under the same
         // name, and would otherwise be tried at every restart, for ever, never dead-lettered.
-        if !self.pending_drained {
+        while !self.pending_drained {
             let own = self
                 .consumer
-                .read_own_pending_counted(self.settings.batch_size)
+                .read_own_pending_counted(self.settings.batch_size, &self.own_pending_after)
                 .await;
             let own = self.handle_bus(own).await?.unwrap_or_default();
+            let Some((last, _)) = own.last() else {
+                self.pending_drained = true;
+                break;
+            };
+            self.own_pending_after = last.id.clone();
             let work: Vec<Work> = own
                 .into_iter()
                 .filter(|(e, _)| !self.queued_ids.contains(&e.id))
@@ -370,7 +380,6 @@ impl ProjectionConsumer {
             if !work.is_empty() {
                 return Ok(work);
             }
-            self.pending_drained = true;
         }
         let now = Instant::now();
         if now >= self.next_reclaim {

@@ -70,7 +70,7 @@ async fn entries_read_from_the_group_are_gone_from_the_pending_list_once_acked()
     );
     // Each read of the pending list is a delivery: first read, then the two above, then this.
     let counted = consumer
-        .read_own_pending_counted(10)
+        .read_own_pending_counted(10, "0")
         .await
         .expect("pending");
     assert_eq!(
@@ -79,6 +79,23 @@ async fn entries_read_from_the_group_are_gone_from_the_pending_list_once_acked()
             .map(|(e, n)| (e.id.as_str(), *n))
             .collect::<Vec<_>>(),
         [("3-0", 4)]
+    );
+    // Paging on from the last id read delivers nothing again.
+    assert!(
+        consumer
+            .read_own_pending_counted(10, "3-0")
+            .await
+            .expect("pending")
+            .is_empty()
+    );
+    assert_eq!(
+        consumer
+            .read_own_pending_counted(10, "0")
+            .await
+            .expect("pending")[0]
+            .1,
+        5,
+        "not delivered by the read after it"
     );
 
     let pending: (i64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
