@@ -316,28 +316,28 @@ fn service_options(database_url: &str, service: &str) -> anyhow::Result<PgConnec
 /// and writable on its way out of the pool (see [`pool_of`]).
 const READ_ONLY_CHECK_IDLE: Duration = Duration::from_secs(1);
 
-/// How long after a write refused as read-only (25006) the writing pools check every session
-/// they hand out, busy or not.
-const READ_ONLY_RECHECK: Duration = Duration::from_secs(10);
+/// How long after a write refused as read-only (25006), or a session found gone, the writing
+/// pools check every session they hand out, busy or not.
+const SESSION_RECHECK: Duration = Duration::from_secs(10);
 
-/// When this process last saw a write refused as read-only, in milliseconds since
-/// [`process_epoch`] plus one (0: never).
-static READ_ONLY_REFUSED_AT_MS: AtomicU64 = AtomicU64::new(0);
+/// When this process last saw a write refused as read-only or a session gone, in milliseconds
+/// since [`process_epoch`] plus one (0: never).
+static SESSIONS_IN_DOUBT_AT_MS: AtomicU64 = AtomicU64::new(0);
 
 fn process_epoch() -> std::time::Instant {
     static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     *EPOCH.get_or_init(std::time::Instant::now)
 }
 
-fn note_read_only_refusal() {
+fn note_sessions_in_doubt() {
     let now = u64::try_from(process_epoch().elapsed().as_millis()).unwrap_or(u64::MAX);
-    READ_ONLY_REFUSED_AT_MS.store(now.saturating_add(1), Ordering::Relaxed);
+    SESSIONS_IN_DOUBT_AT_MS.store(now.saturating_add(1), Ordering::Relaxed);
 }
 
-fn read_only_refusal_is_recent() -> bool {
-    let seen = READ_ONLY_REFUSED_AT_MS.load(Ordering::Relaxed);
+fn sessions_in_doubt_recently() -> bool {
+    let seen = SESSIONS_IN_DOUBT_AT_MS.load(Ordering::Relaxed);
     seen != 0
-        && u128::from(seen - 1) + READ_ONLY_RECHECK.as_millis()
+        && u128::from(seen - 1) + SESSION_RECHECK.as_millis()
             > process_epoch().elapsed().as_millis()
 }
 
@@ -356,13 +356,14 @@ async fn pool_of(
         // `READ_ONLY_CHECK_IDLE` ago was writing a moment before and is handed out as it is:
         // under load that is every acquire, and the query would cost the server a statement per
         // group commit (measured: ~5% of the hot order's rate). Once a write was refused as
-        // read-only ([`is_unavailable`] saw 25006), every session is checked for a while, so
-        // a busy one the server made read-only is closed at its next acquire.
+        // read-only ([`is_unavailable`] saw 25006) or a session was found gone (cut, or ended
+        // by a server restart), every session is checked for a while, so a busy one the server
+        // made read-only, or ended, is closed at its next acquire instead of failing a request.
         Use::Writes => pool
             .test_before_acquire(false)
             .before_acquire(|conn, meta| {
                 Box::pin(async move {
-                    if meta.idle_for < READ_ONLY_CHECK_IDLE && !read_only_refusal_is_recent() {
+                    if meta.idle_for < READ_ONLY_CHECK_IDLE && !sessions_in_doubt_recently() {
                         return Ok(true);
                     }
                     let read_only: String = sqlx::query_scalar(
@@ -589,16 +590,33 @@ async fn create_database(options: &PgConnectOptions) -> anyhow::Result<()> {
 /// wrong with the work, and an operator puts it right. At start the same answers are a
 /// configuration mistake to report at once ([`is_unreachable`]).
 ///
-/// Seeing a write refused as read-only (25006) also makes this process's writing pools check
-/// every session they hand out for a while (`READ_ONLY_RECHECK`), so the one refused is closed
-/// instead of handed out again.
+/// Seeing a write refused as read-only (25006), or a session gone, also makes this process's
+/// writing pools check every session they hand out for a while (`SESSION_RECHECK`), so the
+/// one refused is closed instead of handed out again, and the others a restarted server ended
+/// are found before a request meets them.
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
     let code = sqlstate(e);
-    if code.as_deref() == Some("25006") {
-        // The writing pools then check the sessions they hand out (see `pool_of`).
-        note_read_only_refusal();
+    if code.as_deref() == Some("25006") || is_session_lost(e, code.as_deref()) {
+        // The writing pools then check the sessions they hand out (see `pool_of`): the other
+        // sessions of the pool are likely refused, or cut, the same way.
+        note_sessions_in_doubt();
     }
     is_unreachable(e) || matches!(code.as_deref(), Some("3D000" | "28000" | "28P01"))
+}
+
+/// Whether `e` says the session it was sent on is gone: cut (an I/O error, a protocol out of
+/// step) or ended by the server (an admin shutdown, a crash, a restart: 57P01..57P03, class
+/// 08). After a server restart every pooled session is gone alike, and one that was busy a
+/// moment before is handed out unchecked; seeing one gone makes the writing pools check them
+/// all for a while, so each failed session costs one request, not one per session.
+fn is_session_lost(e: &sqlx::Error, code: Option<&str>) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(_) => code.is_some_and(|code| {
+            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
+    }
 }
 
 /// [`is_unavailable`] without the answers that turn this client away (a missing database, a

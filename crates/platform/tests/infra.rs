@@ -274,6 +274,50 @@ async fn a_write_refused_by_a_read_only_server_is_unavailability_and_its_session
     pool.close().await;
 }
 
+/// A server restart ends every session of a writing pool at once, and sessions used a moment
+/// before are handed out unchecked. Once one request meets an ended session (and the service
+/// asks `is_unavailable` about its error), the pool checks the others before handing them
+/// out: the restart costs that one request, not one per pooled session.
+#[tokio::test]
+async fn once_a_session_is_found_ended_the_writing_pool_checks_the_others_before_using_them() {
+    let database = TempDatabase::named("platform_test");
+    let (name, url) = (database.name.as_str(), database.url.as_str());
+    const SESSIONS: usize = 4;
+    let pool = db::connect_when_reachable(
+        url,
+        "infra-test",
+        SESSIONS as u32,
+        db::Migrations::Ignore,
+        db::Use::Writes,
+        Duration::ZERO,
+    )
+    .await
+    .unwrap();
+    // Every session opened and used, then handed back.
+    let mut held = Vec::new();
+    for _ in 0..SESSIONS {
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query("SELECT 1").execute(&mut *conn).await.unwrap();
+        held.push(conn);
+    }
+    drop(held);
+    admin(format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+    ))
+    .await;
+
+    let mut failures = Vec::new();
+    for _ in 0..SESSIONS {
+        if let Err(e) = sqlx::query("SELECT 1").execute(&pool).await {
+            assert!(db::is_unavailable(&e), "{e}");
+            failures.push(e.to_string());
+        }
+    }
+    assert!(failures.len() <= 1, "{failures:?}");
+    pool.close().await;
+}
+
 #[tokio::test]
 async fn service_connections_never_reuse_a_generic_plan_made_for_other_table_sizes() {
     let database = TempDatabase::named("platform_test");
