@@ -1444,15 +1444,7 @@ fn capture_logs() -> (
     platform::testing::LogBuffer,
     tracing::subscriber::DefaultGuard,
 ) {
-    let logs = platform::testing::LogBuffer::default();
-    let guard = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_writer(logs.clone())
-            .with_ansi(false)
-            .with_env_filter("info,command_service=debug")
-            .finish(),
-    );
-    (logs, guard)
+    platform::testing::LogBuffer::capture("info,command_service=debug")
 }
 
 /// While a foreign entry sits above the positions, Redis refuses every later batch: the counter

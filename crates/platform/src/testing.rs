@@ -11,6 +11,22 @@ use std::sync::{Arc, Mutex};
 pub struct LogBuffer(Arc<Mutex<Vec<u8>>>);
 
 impl LogBuffer {
+    /// A buffer that receives, until the guard is dropped, what this thread logs at the levels
+    /// `filter` lets through (an `EnvFilter` directive such as `info` or
+    /// `info,projector=debug`), as plain text lines. A test on a current-thread runtime sees
+    /// what the service it runs logs.
+    pub fn capture(filter: &str) -> (Self, tracing::subscriber::DefaultGuard) {
+        let logs = Self::default();
+        let guard = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_writer(logs.clone())
+                .with_ansi(false)
+                .with_env_filter(filter)
+                .finish(),
+        );
+        (logs, guard)
+    }
+
     /// Everything logged so far.
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()

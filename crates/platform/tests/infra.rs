@@ -661,14 +661,7 @@ async fn a_failing_check_is_logged_when_it_starts_failing_and_when_it_passes_aga
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    let logs = LogBuffer::default();
-    let _logging = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_writer(logs.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .finish(),
-    );
+    let (logs, _logging) = LogBuffer::capture("info");
     let failing = Arc::new(AtomicBool::new(true));
     let readiness = Readiness::default().with_check("projection_lag", {
         let failing = failing.clone();

@@ -640,14 +640,7 @@ mod tests {
     #[tokio::test]
     async fn the_poller_and_the_listener_log_an_outage_once_not_at_every_try_and_when_it_ends() {
         // The watcher's tasks run on this thread (a current-thread runtime): its logs land here.
-        let logs = platform::testing::LogBuffer::default();
-        let _logging = tracing::subscriber::set_default(
-            tracing_subscriber::fmt()
-                .with_writer(logs.clone())
-                .with_ansi(false)
-                .with_env_filter("info,query_service=debug")
-                .finish(),
-        );
+        let (logs, _logging) = platform::testing::LogBuffer::capture("info,query_service=debug");
         let db = store::testing::TestDatabase::new().await;
         let switch = store::testing::PostgresSwitch::on(&db).await;
         switch.turn_off();

@@ -286,14 +286,7 @@ async fn a_failed_append_whose_client_gave_up_does_not_leave_its_state_in_the_ca
 #[tokio::test]
 async fn a_failed_append_is_logged_once_not_again_for_its_group_commit() {
     // The service's tasks run on this thread (a current-thread runtime): its logs land here.
-    let logs = platform::testing::LogBuffer::default();
-    let _logging = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_writer(logs.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .finish(),
-    );
+    let (logs, _logging) = platform::testing::LogBuffer::capture("info");
     let app = spawn_app_with(&[("command-retries", "0")]).await;
     let order_id = app.create_order().await;
     sqlx::raw_sql(

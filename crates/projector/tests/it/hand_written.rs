@@ -74,11 +74,7 @@ async fn an_undecodable_entry_naming_a_real_order_is_dead_lettered_without_holdi
     let (token, task) = w.spawn_projector("solo", &args).await;
     let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
     for projection in ProjectionKind::ALL {
-        let letters = wait_until(DEADLINE, "the entry is dead-lettered", || async {
-            let letters = dlq.list(projection.name(), 10).await.unwrap();
-            (!letters.is_empty()).then_some(letters)
-        })
-        .await;
+        let letters = support::first_letters(&dlq, projection, "the entry is dead-lettered").await;
         assert_eq!(letters.len(), 1, "{projection}");
         assert_eq!(letters[0].original_id, bad_id);
         assert_eq!(letters[0].original.get("stream_id"), Some(&stream));

@@ -254,11 +254,7 @@ async fn an_entry_that_is_not_utf8_is_dead_lettered_and_its_batch_flows_after_a_
     let (token, task) = w.spawn_projector("solo", FAST).await;
     let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
     for projection in ProjectionKind::ALL {
-        let letters = wait_until(DEADLINE, "the entry is dead-lettered", || async {
-            let letters = dlq.list(projection.name(), 10).await.unwrap();
-            (!letters.is_empty()).then_some(letters)
-        })
-        .await;
+        let letters = support::first_letters(&dlq, projection, "the entry is dead-lettered").await;
         assert_eq!(letters.len(), 1);
         let letter = &letters[0];
         assert_eq!(letter.original_id, bad_id);
@@ -1636,14 +1632,7 @@ async fn entries_delivered_many_times_are_dead_lettered_only_when_their_tries_fa
     held_by_a_stopped_consumer(&w, &often, 10).await;
     for projection in ProjectionKind::ALL {
         // Two tries of it began and never ended.
-        let mut conn = w.redis.clone();
-        let _: i64 = redis::cmd("HSET")
-            .arg(w.keys.trying(projection.name()))
-            .arg(&crashing_first)
-            .arg(2)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        begin_unfinished_tries(&w, projection, &crashing_first, 2).await;
     }
 
     let args = [
@@ -1706,14 +1695,7 @@ async fn an_entry_that_stopped_the_instance_is_dead_lettered_when_it_restarts_un
     held_by(&w, "same", std::slice::from_ref(&crashing_first), 10).await;
     for projection in ProjectionKind::ALL {
         // Two tries of it began and never ended.
-        let mut conn = w.redis.clone();
-        let _: i64 = redis::cmd("HSET")
-            .arg(w.keys.trying(projection.name()))
-            .arg(&crashing_first)
-            .arg(2)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        begin_unfinished_tries(&w, projection, &crashing_first, 2).await;
     }
 
     // No claims: the entry can only come back as the instance's own.
@@ -1725,11 +1707,8 @@ async fn an_entry_that_stopped_the_instance_is_dead_lettered_when_it_restarts_un
     let (token, task) = w.spawn_projector("same", &args).await;
     let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
     for projection in ProjectionKind::ALL {
-        let letters = wait_until(DEADLINE, "the crashing entry is dead-lettered", || async {
-            let letters = dlq.list(projection.name(), 10).await.unwrap();
-            (!letters.is_empty()).then_some(letters)
-        })
-        .await;
+        let letters =
+            support::first_letters(&dlq, projection, "the crashing entry is dead-lettered").await;
         assert_eq!(letters.len(), 1);
         assert_eq!(letters[0].original_id, crashing_first);
         assert!(
@@ -1740,6 +1719,19 @@ async fn an_entry_that_stopped_the_instance_is_dead_lettered_when_it_restarts_un
     }
     token.cancel();
     task.await.unwrap().unwrap();
+}
+
+/// Records `tries` tries of entry `id` in `projection`'s group that began and never ended, as
+/// instances stopped by the entry leave them.
+async fn begin_unfinished_tries(w: &World, projection: ProjectionKind, id: &str, tries: i64) {
+    let mut conn = w.redis.clone();
+    let _: i64 = redis::cmd("HSET")
+        .arg(w.keys.trying(projection.name()))
+        .arg(id)
+        .arg(tries)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
 }
 
 /// How many unfinished tries `projection`'s group records for entry `id` (0 when none).
@@ -1766,14 +1758,7 @@ async fn an_entry_dead_lettered_because_its_tries_never_ended_leaves_no_unfinish
     held_by_a_stopped_consumer(&w, std::slice::from_ref(&first), 10).await;
     for projection in ProjectionKind::ALL {
         // Two tries of it began and never ended.
-        let mut conn = w.redis.clone();
-        let _: i64 = redis::cmd("HSET")
-            .arg(w.keys.trying(projection.name()))
-            .arg(&first)
-            .arg(2)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        begin_unfinished_tries(&w, projection, &first, 2).await;
     }
 
     let args = [
@@ -1784,11 +1769,7 @@ async fn an_entry_dead_lettered_because_its_tries_never_ended_leaves_no_unfinish
     let (token, task) = w.spawn_projector("new", &args).await;
     let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
     for projection in ProjectionKind::ALL {
-        let letters = wait_until(DEADLINE, "the entry is dead-lettered", || async {
-            let letters = dlq.list(projection.name(), 10).await.unwrap();
-            (!letters.is_empty()).then_some(letters)
-        })
-        .await;
+        let letters = support::first_letters(&dlq, projection, "the entry is dead-lettered").await;
         assert_eq!(letters[0].original_id, first);
         assert!(
             letters[0].error.contains("never ended"),
@@ -1819,14 +1800,7 @@ async fn an_event_the_sweeper_dead_letters_leaves_no_unfinished_try_of_its_entry
     let placing = entry_ids(&w, victim).await.remove(3);
     held_by_a_stopped_consumer(&w, std::slice::from_ref(&placing), 1).await;
     let projection = ProjectionKind::OrderSummaries;
-    let mut conn = w.redis.clone();
-    let _: i64 = redis::cmd("HSET")
-        .arg(w.keys.trying(projection.name()))
-        .arg(&placing)
-        .arg(2)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    begin_unfinished_tries(&w, projection, &placing, 2).await;
 
     // Nothing is claimed: the sweeper alone meets the placing.
     let args = [

@@ -13,14 +13,7 @@ use crate::support::{DEADLINE, World};
 /// try, and says when the server answers again.
 #[tokio::test]
 async fn a_sweeper_without_postgresql_says_so_once_not_at_every_retry_and_when_it_is_back() {
-    let logs = platform::testing::LogBuffer::default();
-    let _logging = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_writer(logs.clone())
-            .with_ansi(false)
-            .with_env_filter("info,projector=debug")
-            .finish(),
-    );
+    let (logs, _logging) = platform::testing::LogBuffer::capture("info,projector=debug");
     let w = World::new().await;
     let switch = PostgresSwitch::on(&w.db).await;
     switch.turn_off();

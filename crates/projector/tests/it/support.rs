@@ -439,3 +439,16 @@ impl Drop for HoldingProxy {
         self.accept.abort();
     }
 }
+
+/// The dead letters of `projection` once it has any (`what` names the wait in a timeout).
+pub async fn first_letters(
+    dlq: &bus::DeadLetterQueue,
+    projection: ProjectionKind,
+    what: &str,
+) -> Vec<bus::DeadLetter> {
+    wait_until(DEADLINE, what, || async {
+        let letters = dlq.list(projection.name(), 10).await.unwrap();
+        (!letters.is_empty()).then_some(letters)
+    })
+    .await
+}

@@ -1013,14 +1013,7 @@ async fn a_service_told_to_stop_while_postgresql_is_silent_gives_up_its_reads_in
  {
     // Every task of the service runs on this thread (a current-thread runtime): its logs land
     // here.
-    let logs = LogBuffer::default();
-    let _logging = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_writer(logs.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .finish(),
-    );
+    let (logs, _logging) = LogBuffer::capture("info");
     let mut app = spawn_app_with(Options {
         poll_ms: Some(20),
         through_proxy: true,
