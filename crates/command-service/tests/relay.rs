@@ -436,17 +436,7 @@ async fn a_transaction_holding_an_earlier_position_is_still_published_in_order()
         .expect("accepted");
     assert_eq!(slow_outcome.first_position, 2);
     // … while another append waits behind it (seen waiting for the append lock) …
-    let later_pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(
-            db.pool
-                .connect_options()
-                .as_ref()
-                .clone()
-                .application_name("later-writer"),
-        )
-        .await
-        .expect("connect the later writer");
+    let later_pool = db.named_pool("later-writer").await;
     let fast_stream = order_stream_id(Uuid::new_v4());
     let waiting = {
         let pool = later_pool.clone();

@@ -85,6 +85,22 @@ impl TestDatabase {
         let url = options.to_url_lossy().to_string();
         Self { name, url, pool }
     }
+
+    /// A pool of one connection to this database that names itself `application_name` in
+    /// `pg_stat_activity`, so a test can find its session there (what it waits for, say).
+    pub async fn named_pool(&self, application_name: &str) -> PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(
+                self.pool
+                    .connect_options()
+                    .as_ref()
+                    .clone()
+                    .application_name(application_name),
+            )
+            .await
+            .expect("connect a named pool")
+    }
 }
 
 impl Drop for TestDatabase {

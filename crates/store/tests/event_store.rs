@@ -487,17 +487,7 @@ async fn a_reader_does_not_skip_an_earlier_transaction_that_commits_late() {
     assert_eq!(slow_result[0].as_ref().expect("accepted").first_position, 2);
 
     // A later writer starts while it is open, on a connection the server can name.
-    let later_pool = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(
-            db.pool
-                .connect_options()
-                .as_ref()
-                .clone()
-                .application_name("later-writer"),
-        )
-        .await
-        .expect("connect the later writer");
+    let later_pool = db.named_pool("later-writer").await;
     let later = tokio::spawn({
         let pool = later_pool.clone();
         async move {
