@@ -49,6 +49,19 @@ macro_rules! checkpoint_of {
     };
 }
 
+/// `p`: the `projection_streams` row of the order whose id is `$order_id` when its stream is
+/// parked in `order_summaries` (held back behind a dead letter), else NULLs. One probe of the
+/// table's primary key.
+macro_rules! held_join {
+    ($order_id:literal) => {
+        concat!(
+            " LEFT JOIN projection_streams p ON p.stream_id = 'order-' || ",
+            $order_id,
+            "::text AND p.projection = 'order_summaries' AND p.parked_version IS NOT NULL"
+        )
+    };
+}
+
 /// One order, and whether its stream is parked in `order_summaries` (held back behind a dead
 /// letter): the version it is parked at and that event's position. Both lookups are probes of
 /// a primary key (`projection_streams`) and a unique index (`events`).
@@ -58,19 +71,9 @@ const ORDER_SQL: &str = concat!(
     ", p.parked_version AS held_version, e.global_position AS held_position FROM ",
     checkpoint_of!("order_summaries"),
     " LEFT JOIN order_summaries s ON s.order_id = $1",
-    " LEFT JOIN projection_streams p ON p.stream_id = 'order-' || $1::text \
-       AND p.projection = 'order_summaries' AND p.parked_version IS NOT NULL",
+    held_join!("$1"),
     " LEFT JOIN events e ON e.stream_id = p.stream_id AND e.stream_version = p.parked_version"
 );
-
-/// Whether each order of a page is parked in `order_summaries` (held back behind a dead
-/// letter), as `held_version`: one probe of `projection_streams`' primary key per row.
-macro_rules! page_held_join {
-    () => {
-        " LEFT JOIN projection_streams p ON p.stream_id = 'order-' || s.order_id::text \
-         AND p.projection = 'order_summaries' AND p.parked_version IS NOT NULL"
-    };
-}
 
 /// A page: the newest `$n` orders created before a position. The LATERAL subquery is what walks
 /// the index; the outer ORDER BY keeps the order it produced.
@@ -86,7 +89,7 @@ macro_rules! page_sql {
             " ORDER BY created_position DESC LIMIT ",
             $limit,
             ") s ON true",
-            page_held_join!(),
+            held_join!("s.order_id"),
             " ORDER BY s.created_position DESC"
         )
     };
@@ -110,7 +113,7 @@ macro_rules! page_by_status_sql {
             " LEFT JOIN LATERAL (SELECT * FROM order_summaries WHERE status = '",
             $status,
             "' AND created_position < $1 ORDER BY created_position DESC LIMIT $2) s ON true",
-            page_held_join!(),
+            held_join!("s.order_id"),
             " ORDER BY s.created_position DESC"
         )
     };
