@@ -54,7 +54,8 @@
 //! Each projection is one consumer group named after it (`order_summaries`, `customer_stats`),
 //! created with [`ensure_group`] from id `0` with MKSTREAM; BUSYGROUP counts as success, so
 //! every instance calls it at start. Each instance is a consumer with a name stable across its
-//! restarts; it first finishes its own pending entries ([`Consumer::read_own_pending`]), then
+//! restarts; it first finishes its own pending entries, with their delivery counts so an entry
+//! that stopped it is told apart ([`Consumer::read_own_pending_counted`]), then
 //! reads new ones ([`Consumer::read_new`], `XREADGROUP … >` on a dedicated connection whose
 //! reply timeout exceeds the block time). After a Redis restart without persistence every call
 //! fails with [`BusError::NoGroup`]: recreate the group and continue (the projections' own
