@@ -50,8 +50,19 @@ pub enum LoadError {
     },
 }
 
-/// Loads an order (the default state, version 0, when it has no events).
+impl crate::session::SessionLost for LoadError {
+    fn session_lost(&self) -> bool {
+        matches!(self, LoadError::Database(e) if crate::session::is_lost(e))
+    }
+}
+
+/// Loads an order (the default state, version 0, when it has no events). A load that met a
+/// pooled session a server restart ended is made again on another ([`crate::session`]).
 pub async fn load_order(pool: &PgPool, order_id: Uuid) -> Result<LoadedOrder, LoadError> {
+    crate::session::read_again_on_lost_session(pool, || load_order_once(pool, order_id)).await
+}
+
+async fn load_order_once(pool: &PgPool, order_id: Uuid) -> Result<LoadedOrder, LoadError> {
     let stream_id = order_stream_id(order_id);
     let snapshot = load_snapshot::<OrderState>(pool, &stream_id, STATE_SCHEMA_VERSION).await?;
     let snapshot_version = snapshot.as_ref().map(|(version, _)| *version);

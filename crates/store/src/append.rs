@@ -187,8 +187,8 @@ pub async fn append_batch_unless_unreachable(
     deadline: std::time::Duration,
     unreachable: impl std::future::Future<Output = ()>,
 ) -> Result<Vec<Result<AppendOutcome, AppendError>>, sqlx::Error> {
-    in_append_transaction(pool, deadline, unreachable, "the append", async |tx| {
-        append_holding_lock(tx, requests).await
+    in_append_transaction(pool, deadline, unreachable, "the append", || {
+        async |tx| append_holding_lock(tx, requests).await
     })
     .await
 }
@@ -199,13 +199,23 @@ pub async fn append_batch_unless_unreachable(
 /// once the transaction began closes the connection, so the server rolls back what it has not
 /// committed; the caller cannot tell whether a commit under way landed. `what` names the work
 /// in the errors.
-pub(crate) async fn in_append_transaction<T>(
+///
+/// A transaction that fails on a session found gone before its `COMMIT` was sent (a server
+/// restart ended the pooled session) committed nothing, so it is run again on another session
+/// ([`crate::session`]), within the same deadline: `work` makes the work afresh for each try,
+/// and each runs in a fresh transaction. A failed `COMMIT` is returned as it is.
+pub(crate) async fn in_append_transaction<T, Work>(
     pool: &PgPool,
     deadline: std::time::Duration,
     unreachable: impl std::future::Future<Output = ()>,
     what: &str,
-    work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
-) -> Result<T, sqlx::Error> {
+    // Made afresh per try rather than one `AsyncFnMut`: the future of a call that borrows the
+    // closure would not be provably `Send` for every borrow, which a spawned committer needs.
+    mut work: impl FnMut() -> Work,
+) -> Result<T, sqlx::Error>
+where
+    Work: AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+{
     let give_up = tokio::time::Instant::now() + deadline;
     let timed_out = || {
         sqlx::Error::Io(std::io::Error::new(
@@ -213,35 +223,58 @@ pub(crate) async fn in_append_transaction<T>(
             format!("{what} did not finish within {deadline:?}"),
         ))
     };
-    // The pool tests a connection before handing it out, which waits on a silent server too;
-    // a refused connect it retries until its own acquire timeout.
-    let mut conn = tokio::select! {
-        biased;
-        acquired = tokio::time::timeout_at(give_up, pool.acquire()) => {
-            acquired.map_err(|_| timed_out())??
-        }
-        () = unreachable => {
-            return Err(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::ConnectionRefused,
-                format!("the database cannot be reached; {what} did not begin"),
-            )));
-        }
-    };
-    let run = async {
-        let mut tx =
-            sqlx::Connection::begin_with(&mut *conn, AssertSqlSafe(begin_statement())).await?;
-        let result = work(&mut tx).await?;
-        tx.commit().await?;
-        Ok(result)
-    };
-    match tokio::time::timeout_at(give_up, run).await {
-        Ok(result) => result,
-        Err(_) => {
-            conn.close_on_drop();
-            Err(timed_out())
+    // Polled again by each try's wait for a connection; once it completes, nothing is tried.
+    let mut unreachable = std::pin::pin!(unreachable);
+    let mut tries_left = crate::session::tries_after_lost_sessions(pool);
+    loop {
+        // The pool tests a connection before handing it out, which waits on a silent server
+        // too; a refused connect it retries until its own acquire timeout.
+        let mut conn = tokio::select! {
+            biased;
+            acquired = tokio::time::timeout_at(give_up, pool.acquire()) => {
+                acquired.map_err(|_| timed_out())??
+            }
+            () = &mut unreachable => {
+                return Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    format!("the database cannot be reached; {what} did not begin"),
+                )));
+            }
+        };
+        let run = async {
+            let mut tx = sqlx::Connection::begin_with(&mut *conn, AssertSqlSafe(begin_statement()))
+                .await
+                .map_err(Uncommitted)?;
+            let result = work()(&mut tx).await.map_err(Uncommitted)?;
+            tx.commit().await.map_err(Committing)?;
+            Ok(result)
+        };
+        match tokio::time::timeout_at(give_up, run).await {
+            Ok(Ok(result)) => return Ok(result),
+            Ok(Err(TransactionFailure::Uncommitted(e)))
+                if crate::session::is_lost(&e) && tries_left > 0 =>
+            {
+                tries_left -= 1;
+                tracing::debug!(error = %e, "a pooled session was gone; {what} runs again on another");
+            }
+            Ok(Err(TransactionFailure::Uncommitted(e) | TransactionFailure::Committing(e))) => {
+                return Err(e);
+            }
+            Err(_) => {
+                conn.close_on_drop();
+                return Err(timed_out());
+            }
         }
     }
 }
+
+/// Where an append transaction failed: before its `COMMIT` was sent (nothing was written), or
+/// in it (whether it landed is unknown).
+enum TransactionFailure {
+    Uncommitted(sqlx::Error),
+    Committing(sqlx::Error),
+}
+use TransactionFailure::{Committing, Uncommitted};
 
 /// Begins an append transaction: holding the append lock, under [`CACHED_PLAN_SETTINGS`], and
 /// with nothing else changed. In particular its commit waits for the WAL flush as the server's

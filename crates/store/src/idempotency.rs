@@ -84,29 +84,31 @@ pub async fn record_first_answer(
         deadline,
         unreachable,
         "recording an idempotency key",
-        async |tx| {
-            // Not waiting for the WAL flush under the append lock: a burst of refusals must not
-            // queue the appends behind one flush each. A record a server crash loses lets a
-            // repeat run again, as before refusals were recorded; any later durable commit
-            // flushes it too.
-            sqlx::query("SET LOCAL synchronous_commit = off")
-                .execute(&mut *tx)
-                .await?;
-            let row = sqlx::query(RECORD_SQL)
-                .bind(&record.key)
-                .bind(&record.request_hash)
-                .bind(record.response_status)
-                .bind(&record.response_body)
-                .fetch_optional(&mut *tx)
-                .await?;
-            row.map(|row| {
-                Ok(StoredResponse {
-                    request_hash: row.try_get("request_hash")?,
-                    status: row.try_get("response_status")?,
-                    body: row.try_get("response_body")?,
+        || {
+            async |tx| {
+                // Not waiting for the WAL flush under the append lock: a burst of refusals must not
+                // queue the appends behind one flush each. A record a server crash loses lets a
+                // repeat run again, as before refusals were recorded; any later durable commit
+                // flushes it too.
+                sqlx::query("SET LOCAL synchronous_commit = off")
+                    .execute(&mut *tx)
+                    .await?;
+                let row = sqlx::query(RECORD_SQL)
+                    .bind(&record.key)
+                    .bind(&record.request_hash)
+                    .bind(record.response_status)
+                    .bind(&record.response_body)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                row.map(|row| {
+                    Ok(StoredResponse {
+                        request_hash: row.try_get("request_hash")?,
+                        status: row.try_get("response_status")?,
+                        body: row.try_get("response_body")?,
+                    })
                 })
-            })
-            .transpose()
+                .transpose()
+            }
         },
     )
     .await

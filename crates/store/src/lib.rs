@@ -12,6 +12,8 @@
 //!   store's history from a stream of another one).
 //! - [`snapshot`]: saving and loading snapshots, ignoring those of another state schema.
 //! - [`aggregate`]: loading an order's state from its latest valid snapshot plus later events.
+//! - [`session`]: sessions a server restart ended, and the work sent again on another session
+//!   because nothing of it can have committed.
 //! - [`idempotency`]: the stored first answer of an `Idempotency-Key`: looking it up, recording
 //!   a refusal (under the append lock), expiring old keys.
 //!
@@ -28,6 +30,7 @@ pub mod append;
 pub mod committer;
 pub mod idempotency;
 pub mod read;
+pub mod session;
 pub mod snapshot;
 
 pub use aggregate::{LoadError, LoadedOrder, load_order};
@@ -38,7 +41,7 @@ pub use append::{
 pub use committer::{CommitterConfig, DEFAULT_TRANSACTION_TIMEOUT, GroupCommitter};
 pub use read::{
     event_id_at, events_at, head_position, last_position_within, read_all, read_all_of_types,
-    read_stream, stream_version, unregistered_event_types,
+    read_stream, stream_head, stream_version, unregistered_event_types,
 };
 pub use snapshot::{load_snapshot, save_snapshot};
 

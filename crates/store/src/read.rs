@@ -7,6 +7,7 @@
 use events::{EventMetadata, RecordedEvent};
 use sqlx::postgres::PgRow;
 use sqlx::{PgExecutor, Row};
+use uuid::Uuid;
 
 const COLUMNS: &str = "global_position, event_id, stream_id, stream_version, event_type, \
                        schema_version, data, metadata, recorded_at";
@@ -169,6 +170,25 @@ pub async fn events_at(
     .fetch_all(executor)
     .await?;
     decode_rows(rows)
+}
+
+/// The id of a stream's last event, and its version: `(0, None)` for a stream with no events.
+///
+/// A version counts events; it does not say which. Two writers can each bring a stream to the
+/// same version with different events, so only the pair names a state (the append's
+/// [`crate::ExpectedVersion::Head`] checks the same pair).
+pub async fn stream_head(
+    executor: impl PgExecutor<'_>,
+    stream_id: &str,
+) -> Result<(i64, Option<Uuid>), sqlx::Error> {
+    let head: Option<(i64, Uuid)> = sqlx::query_as(
+        "SELECT stream_version, event_id FROM events WHERE stream_id = $1 \
+         ORDER BY stream_version DESC LIMIT 1",
+    )
+    .bind(stream_id)
+    .fetch_optional(executor)
+    .await?;
+    Ok(head.map_or((0, None), |(version, event_id)| (version, Some(event_id))))
 }
 
 /// The current version of a stream (0 if it has no events).

@@ -742,7 +742,7 @@ mod snapshots {
     use super::*;
     use events::{OrderCommand, decide, evolve, order_stream_id};
 
-    async fn order_with_items(db: &TestDatabase, items: usize) -> Uuid {
+    pub(super) async fn order_with_items(db: &TestDatabase, items: usize) -> Uuid {
         let order_id = Uuid::new_v4();
         let mut state = OrderState::default();
         let mut commands = vec![OrderCommand::CreateOrder {
@@ -996,4 +996,83 @@ async fn only_names_no_release_registered_are_unregistered_event_types() {
         .await
         .expect("look up");
     assert_eq!(unregistered, ["OrderPayed", "orderpaid"]);
+}
+
+/// A server restart ends every pooled session at once.
+mod ended_sessions {
+    use super::*;
+
+    /// A pool of `sessions` that hands out a session used a moment before without testing it,
+    /// as the services' writing pools do under load, each session opened, used and handed back.
+    async fn unchecked_pool_of_used_sessions(db: &TestDatabase, sessions: u32) -> sqlx::PgPool {
+        let pool = PgPoolOptions::new()
+            .max_connections(sessions)
+            .test_before_acquire(false)
+            .connect_with(db.pool.connect_options().as_ref().clone())
+            .await
+            .expect("connect an unchecked pool");
+        let mut held = Vec::new();
+        for _ in 0..sessions {
+            let mut conn = pool.acquire().await.expect("a session");
+            sqlx::query("SELECT 1")
+                .execute(&mut *conn)
+                .await
+                .expect("the session works");
+            held.push(conn);
+        }
+        drop(held);
+        pool
+    }
+
+    /// Ends every session of the test's database, as a restart of the server does.
+    async fn end_every_session(db: &TestDatabase) {
+        let mut admin = sqlx::PgConnection::connect(&store::testing::server_url())
+            .await
+            .expect("an admin session");
+        let ended: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1) AS ended",
+        )
+        .bind(&db.name)
+        .fetch_one(&mut admin)
+        .await
+        .expect("end the sessions");
+        assert!(ended > 0, "no session to end");
+    }
+
+    /// Work sent on a session the server ended committed nothing, so it is sent again on another
+    /// session: the appends and loads made after a restart succeed, however many of the pooled
+    /// sessions it ended, instead of failing one request per dead session.
+    #[tokio::test]
+    async fn appends_and_loads_on_sessions_a_restart_ended_are_made_again_on_live_ones() {
+        const SESSIONS: u32 = 3;
+        let db = TestDatabase::new().await;
+        let order_id = super::snapshots::order_with_items(&db, 1).await;
+        let stream = events::order_stream_id(order_id);
+
+        let pool = unchecked_pool_of_used_sessions(&db, SESSIONS).await;
+        end_every_session(&db).await;
+        for version in 2..2 + i64::from(SESSIONS) {
+            let outcome = store::append_batch_within(
+                &pool,
+                &[request(&stream, ExpectedVersion::Exact(version), 1)],
+                std::time::Duration::from_secs(30),
+            )
+            .await
+            .expect("the append transaction runs on a live session")
+            .remove(0)
+            .expect("the append is accepted");
+            assert_eq!(outcome.stream_version, version + 1);
+        }
+
+        let other = super::snapshots::order_with_items(&db, 2).await;
+        let pool = unchecked_pool_of_used_sessions(&db, SESSIONS).await;
+        end_every_session(&db).await;
+        for _ in 0..SESSIONS {
+            let loaded = store::load_order(&pool, other)
+                .await
+                .expect("the load runs on a live session");
+            assert_eq!(loaded.state.version, 3);
+        }
+    }
 }

@@ -438,7 +438,7 @@ impl CommandHandler {
             let events = match decided {
                 Ok(events) => events,
                 Err(err) => {
-                    if from_cache && !self.store_is_at(&stream_id, state.version).await {
+                    if from_cache && !self.store_holds(&stream_id, order).await {
                         *cached = None;
                         // A create assumed new: decide again on the loaded order at once, as
                         // when the store refuses its append.
@@ -617,12 +617,17 @@ impl CommandHandler {
         }
     }
 
-    /// Whether the stream is at `version` in the store; `false` when the store cannot tell.
-    async fn store_is_at(&self, stream_id: &str, version: i64) -> bool {
-        match store::stream_version(&self.inner.pool, stream_id).await {
-            Ok(current) => current == version,
+    /// Whether the store holds the cached `order` as its stream's current state: the same
+    /// version *and* the same last event. The version alone would confirm a state the store
+    /// never had, such as one including this instance's own append still in flight, when
+    /// another writer's event brought the stream to that version; a refusal decided on it would
+    /// be answered, and recorded under an idempotency key, as final. `false` when the store
+    /// cannot tell.
+    async fn store_holds(&self, stream_id: &str, order: &CachedOrder) -> bool {
+        match store::stream_head(&self.inner.pool, stream_id).await {
+            Ok(head) => head == (order.state.version, order.last_event_id),
             Err(err) => {
-                tracing::warn!(error = %err, stream_id, "cannot read the stream version");
+                tracing::warn!(error = %err, stream_id, "cannot read the stream's head");
                 false
             }
         }
@@ -637,7 +642,10 @@ impl CommandHandler {
         let stored = self
             .inner
             .gate
-            .unless_shut(store::idempotency::find(&self.inner.pool, &idempotency.key))
+            .unless_shut(store::session::read_again_on_lost_session(
+                &self.inner.pool,
+                || store::idempotency::find(&self.inner.pool, &idempotency.key),
+            ))
             .await
             .ok_or_else(cut_short)?
             .map_err(|err| {

@@ -42,6 +42,93 @@ async fn many_writers_on_one_hot_order_all_succeed_with_contiguous_versions() {
     assert_eq!(stored, (1..=201).collect::<Vec<i64>>());
 }
 
+/// This instance's cached draft is stale: another instance removed its only item. It places the
+/// order on that cache, and while the placement waits for the append lock its cache holds the
+/// placed order, at the very version the removal brought the store to. A keyed add-item
+/// decided on that cache would be refused ("items only in draft") for a placement the store
+/// never held; the store's version matches, but its last event is the removal, so the refusal
+/// is not taken as final: the add is decided again on the stored draft and lands, and the key
+/// keeps the add's success.
+#[tokio::test]
+async fn a_refusal_decided_on_a_cached_state_the_store_never_held_is_decided_again() {
+    let app = spawn_app().await;
+    let other = spawn_app_on(Arc::clone(&app.db), &[]).await;
+    let order_id = app.create_order().await;
+    assert_eq!(app.add_item(order_id, "A", 1, 10).await.status(), 200);
+    let removed = other
+        .delete(&format!("/orders/{order_id}/items/A"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 200);
+
+    // Held, the append lock keeps this instance's placement waiting in its group commit.
+    let mut holder = app.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(store::append::APPEND_LOCK_KEY)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let lock_waiters = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+    };
+    let place = tokio::spawn(app.post(&format!("/orders/{order_id}/place")).send());
+    wait_until("the placement waits for the append lock", || async {
+        lock_waiters().await == 1
+    })
+    .await;
+    let add = || {
+        app.post(&format!("/orders/{order_id}/items"))
+            .header("Idempotency-Key", "add-c")
+            .json(&json!({ "sku": "C", "quantity": 1, "unit_price": 10 }))
+            .send()
+    };
+    let added = tokio::spawn(add());
+    // The add reaches the store: queued behind the placement as an append, or (taking the
+    // refusal as final) waiting for the lock to record it under its key.
+    wait_until("the add reaches the store", || async {
+        lock_waiters().await == 2
+            || app
+                .metrics()
+                .await
+                .lines()
+                .any(|line| line.starts_with("event_store_append_queue{") && line.ends_with("} 1"))
+    })
+    .await;
+    holder.rollback().await.unwrap();
+
+    let added = added.await.unwrap().unwrap();
+    assert_eq!(added.status(), 200, "{}", added.text().await.unwrap());
+    let mut expected = vec!["OrderCreated", "ItemAdded", "ItemRemoved", "ItemAdded"];
+    // The placement, decided again on the stored order, is refused for want of items, or
+    // lands after the add when the add committed first.
+    let place = place.await.unwrap().unwrap();
+    if place.status() == 200 {
+        expected.push("OrderPlaced");
+    } else {
+        let problem = assert_problem(place, 422, "rule_violated").await;
+        assert_eq!(problem["rule"], "place_needs_items", "{problem}");
+    }
+    let types: Vec<Value> = app
+        .events_of(order_id)
+        .await
+        .into_iter()
+        .map(|(_, event_type, _)| Value::from(event_type))
+        .collect();
+    assert_eq!(types, expected);
+    assert_eq!(
+        add().await.unwrap().status(),
+        200,
+        "the key keeps the success"
+    );
+}
+
 /// This instance decides two commands back to back on its cached draft, the second chained on
 /// the first, while another instance has placed the order. The first loses to the placement,
 /// which also took the order to the version the second expects; the second must not land on

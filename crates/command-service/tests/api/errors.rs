@@ -471,6 +471,57 @@ async fn a_store_failure_is_a_503_that_leaks_nothing() {
     assert!(!text.contains(&app.db.name), "{text}");
 }
 
+/// A PostgreSQL restart ends every pooled session of the service at once, and the sessions used
+/// a moment before are handed out untested. Whatever a command sent on one committed nothing,
+/// so it is sent again on a live session: the first commands after the restart succeed
+/// instead of each costing a client a 503, whether they look up an idempotency key, load an
+/// order no instance has cached, or only append.
+#[tokio::test]
+async fn commands_after_the_server_ended_every_session_succeed_without_a_503() {
+    let app = spawn_app().await;
+    let order_id = app.create_order().await;
+    // A second instance, whose cache is empty: its first command loads the order.
+    let other = spawn_app_on(Arc::clone(&app.db), &[]).await;
+    let loaded_by_other = app.create_order().await;
+    assert_eq!(other.add_item(order_id, "WARM", 1, 10).await.status(), 200);
+
+    let mut admin =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&store::testing::server_url())
+            .await
+            .unwrap();
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1) AS ended",
+    )
+    .bind(&app.db.name)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(ended >= 2, "the services' sessions were ended: {ended}");
+
+    let appended = app.add_item(order_id, "A", 1, 10).await;
+    assert_eq!(appended.status(), 200, "{}", appended.text().await.unwrap());
+    let keyed = app
+        .post(&format!("/orders/{order_id}/items"))
+        .header("Idempotency-Key", "after-the-restart")
+        .json(&json!({ "sku": "B", "quantity": 1, "unit_price": 10 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(keyed.status(), 200, "{}", keyed.text().await.unwrap());
+    let loaded = other.add_item(loaded_by_other, "C", 1, 10).await;
+    assert_eq!(loaded.status(), 200, "{}", loaded.text().await.unwrap());
+    assert_eq!(
+        app.post("/orders")
+            .json(&json!({ "customer_id": Uuid::new_v4(), "currency": "EUR" }))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+}
+
 /// An order holding a stored event this release should read but cannot (damage, or a bug in an
 /// upcaster) is a 500 that leaks nothing, not a 503 telling the client to retry what can never
 /// succeed; other orders are served as before.
