@@ -11,8 +11,11 @@
 #   2. hadolint Dockerfile
 #   3. yamllint -s on docker-compose.yml and deploy/ (config: deploy/.yamllint)
 #   4. kustomizations: every referenced file exists, patches and image overrides
-#      match something in the base, selectors/config references are consistent
-#   5. kubernetes-validate --strict -k $K8S_VERSION on every resource file
+#      match something in the base, selectors/config references are consistent;
+#      every pod spec (of a kustomization or of a manifest applied on its own, such
+#      as deploy/k8s/tools/) passes the "restricted" Pod Security Standard's checks
+#   5. kubernetes-validate --strict -k $K8S_VERSION on every resource file, and on
+#      every manifest under deploy/k8s outside a kustomization's directory
 #      (an unknown kind or apiVersion counts as a failure)
 #   6. Prometheus rule and scrape files: structure and required fields; every alert
 #      has a section in docs/RUNBOOK.md; the API alerts leave out the probe routes
@@ -112,6 +115,10 @@ For every kustomization.yaml under the given root:
   - Service, PodDisruptionBudget and HPA point at an existing workload whose pod
     labels match; envFrom/configMapRef/secretRef names exist (unless the
     overlay deletes the Secret on purpose: then it is expected to pre-exist).
+YAML files in directories without a kustomization.yaml are manifests applied on
+their own (`kubectl apply -f`): they are validated too.
+Every pod spec, in either, must pass the "restricted" Pod Security Standard's
+checks (the namespace enforces it, and it applies to every pod created there).
 Writes the resource files (not patches) to validate to argv[1].
 """
 import os
@@ -270,6 +277,60 @@ def check_references(kdir, resources, deleted):
                     errors.append(f"{kdir}: {kind} {name} uses missing {rk} {rn}")
 
 
+# The volume types the restricted standard allows.
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                      "persistentVolumeClaim", "projected", "secret"}
+
+
+def pod_spec(doc):
+    kind, spec = doc.get("kind"), doc.get("spec") or {}
+    if kind == "Pod":
+        return spec
+    if kind == "CronJob":
+        spec = spec.get("jobTemplate", {}).get("spec", {})
+    if kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob"):
+        return spec.get("template", {}).get("spec", {})
+    return None
+
+
+def restricted_violations(spec):
+    """What the "restricted" Pod Security Standard refuses in a pod spec."""
+    out = []
+    pod_sc = spec.get("securityContext") or {}
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(flag):
+            out.append(f"{flag} is set")
+    for v in spec.get("volumes") or []:
+        kinds = set(v) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            out.append(f"volume {v.get('name')}: type {sorted(kinds)} not allowed")
+    if pod_sc.get("runAsUser") == 0:
+        out.append("pod runAsUser is 0")
+    containers = [c for key in ("initContainers", "containers", "ephemeralContainers")
+                  for c in spec.get(key) or []]
+    for c in containers:
+        sc, name = c.get("securityContext") or {}, c.get("name")
+        if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
+            out.append(f"container {name}: runAsNonRoot is not true (pod or container)")
+        if sc.get("runAsUser") == 0:
+            out.append(f"container {name}: runAsUser is 0")
+        seccomp = (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"container {name}: seccompProfile is not RuntimeDefault or Localhost")
+        if sc.get("privileged"):
+            out.append(f"container {name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"container {name}: allowPrivilegeEscalation is not false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            out.append(f"container {name}: capabilities do not drop ALL")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            out.append(f"container {name}: adds capabilities other than NET_BIND_SERVICE")
+        if c.get("ports") and any(p.get("hostPort") for p in c["ports"]):
+            out.append(f"container {name}: hostPort")
+    return out
+
+
 kdirs = sorted({dp for dp, _, fs in os.walk(root) if kustomization_in(dp)})
 if not kdirs:
     errors.append(f"no kustomization.yaml under {root}")
@@ -277,6 +338,23 @@ for kdir in kdirs:
     resources, deleted = resolve(kdir)
     check_references(kdir, resources, deleted)
     print(f"{kdir}: {len(resources)} resources")
+
+# Manifests applied on their own: YAML files in a directory without a kustomization.
+standalone = sorted(
+    os.path.normpath(os.path.join(dp, f))
+    for dp, _, fs in os.walk(root) if not kustomization_in(dp)
+    for f in fs if f.endswith((".yaml", ".yml")))
+resource_files.update(standalone)
+if standalone:
+    print(f"applied on their own: {', '.join(standalone)}")
+
+for path in sorted(resource_files):
+    for d in load_docs(path):
+        spec = pod_spec(d)
+        if spec is None:
+            continue
+        for v in restricted_violations(spec):
+            errors.append(f"{path}: {d['kind']} {d['metadata']['name']}: restricted Pod Security: {v}")
 
 with open(out_path, "w") as f:
     f.write("\n".join(sorted(resource_files)) + "\n")
