@@ -11,7 +11,8 @@
 #   2. hadolint Dockerfile
 #   3. yamllint -s on docker-compose.yml and deploy/ (config: deploy/.yamllint)
 #   4. kustomizations: every referenced file exists, patches and image overrides
-#      match something in the base, selectors/config references are consistent;
+#      match something in the base, selectors/config references are consistent,
+#      no kustomization that others build on ships a Secret;
 #      every pod spec (of a kustomization or of a manifest applied on its own, such
 #      as deploy/k8s/tools/) passes the "restricted" Pod Security Standard's checks
 #   5. kubernetes-validate --strict -k $K8S_VERSION on every resource file, and on
@@ -113,8 +114,11 @@ For every kustomization.yaml under the given root:
     kind/name of a strategic-merge patch);
   - each `images:` entry names an image some container uses;
   - Service, PodDisruptionBudget and HPA point at an existing workload whose pod
-    labels match; envFrom/configMapRef/secretRef names exist (unless the
-    overlay deletes the Secret on purpose: then it is expected to pre-exist).
+    labels match; envFrom/configMapRef/secretRef names exist, but for the
+    Secrets created per environment outside git (PRE_EXISTING_SECRETS) or
+    deleted by the overlay on purpose: those are expected to pre-exist;
+  - a kustomization that another one builds on ships no Secret (every apply of
+    the other would write its values over the real one).
 YAML files in directories without a kustomization.yaml are manifests applied on
 their own (`kubectl apply -f`): they are validated too.
 Every pod spec, in either, must pass the "restricted" Pod Security Standard's
@@ -130,6 +134,11 @@ import yaml
 out_path, root = sys.argv[1], sys.argv[2]
 errors = []
 resource_files = set()
+# Secrets that exist in the namespace before any apply, created per environment outside
+# git (deploy/README.md); only the dev overlay ships an example of one.
+PRE_EXISTING_SECRETS = {"orders-secrets"}
+# Kustomization directories that another kustomization lists as a resource.
+bases = set()
 
 
 def load_docs(path):
@@ -174,6 +183,7 @@ def resolve(kdir):
         if p is None:
             continue
         if os.path.isdir(p):
+            bases.add(p)
             sub, subdel = resolve(p)
             resources += sub
             deleted |= subdel
@@ -273,7 +283,8 @@ def check_references(kdir, resources, deleted):
             refs = [("ConfigMap", e["configMapRef"]["name"]) for e in c.get("envFrom", []) if "configMapRef" in e]
             refs += [("Secret", e["secretRef"]["name"]) for e in c.get("envFrom", []) if "secretRef" in e]
             for rk, rn in refs:
-                if rn not in by_kind.get(rk, {}) and not (rk == "Secret" and rn in deleted):
+                expected = rk == "Secret" and (rn in deleted or rn in PRE_EXISTING_SECRETS)
+                if rn not in by_kind.get(rk, {}) and not expected:
                     errors.append(f"{kdir}: {kind} {name} uses missing {rk} {rn}")
 
 
@@ -338,6 +349,11 @@ for kdir in kdirs:
     resources, deleted = resolve(kdir)
     check_references(kdir, resources, deleted)
     print(f"{kdir}: {len(resources)} resources")
+for kdir in sorted(bases):
+    for r, f in cache.get(kdir, ([], set()))[0]:
+        if r.get("kind") == "Secret":
+            errors.append(f"{f}: Secret {r['metadata']['name']} in {kdir}, which other kustomizations "
+                          "build on: each of their applies would write it over the real one")
 
 # Manifests applied on their own: YAML files in a directory without a kustomization.
 standalone = sorted(
