@@ -44,8 +44,10 @@ RUN cargo chef prepare --recipe-path recipe.json
 
 # ---------------------------------------------------------------------------
 FROM chef AS builder
-# sqlx `query!` macros must not try to reach a database at build time: they read
-# the committed `.sqlx/` cache instead (copied below with the sources).
+# The code uses no sqlx `query!` macros (its queries are strings, checked by the tests
+# against a real database), so the build needs no database and there is no `.sqlx/`
+# cache. SQLX_OFFLINE keeps it so: such a macro added without a committed cache
+# (`cargo sqlx prepare`) fails the build instead of looking for a database.
 ENV SQLX_OFFLINE=true
 COPY --from=planner /src/recipe.json recipe.json
 # Patched dependencies (`[patch.crates-io]`, vendor/README.md) are dependencies, not workspace

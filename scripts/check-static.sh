@@ -11,8 +11,12 @@
 #   2. hadolint Dockerfile
 #   3. yamllint -s on docker-compose.yml and deploy/ (config: deploy/.yamllint)
 #   4. kustomizations: every referenced file exists, patches and image overrides
-#      match something in the base, selectors/config references are consistent
-#   5. kubernetes-validate --strict -k $K8S_VERSION on every resource file
+#      match something in the base, selectors/config references are consistent,
+#      no kustomization that others build on ships a Secret;
+#      every pod spec (of a kustomization or of a manifest applied on its own, such
+#      as deploy/k8s/tools/) passes the "restricted" Pod Security Standard's checks
+#   5. kubernetes-validate --strict -k $K8S_VERSION on every resource file, and on
+#      every manifest under deploy/k8s outside a kustomization's directory
 #      (an unknown kind or apiVersion counts as a failure)
 #   6. Prometheus rule and scrape files: structure and required fields; every alert
 #      has a section in docs/RUNBOOK.md; the API alerts leave out the probe routes
@@ -110,8 +114,15 @@ For every kustomization.yaml under the given root:
     kind/name of a strategic-merge patch);
   - each `images:` entry names an image some container uses;
   - Service, PodDisruptionBudget and HPA point at an existing workload whose pod
-    labels match; envFrom/configMapRef/secretRef names exist (unless the
-    overlay deletes the Secret on purpose: then it is expected to pre-exist).
+    labels match; envFrom/configMapRef/secretRef names exist, but for the
+    Secrets created per environment outside git (PRE_EXISTING_SECRETS) or
+    deleted by the overlay on purpose: those are expected to pre-exist;
+  - a kustomization that another one builds on ships no Secret (every apply of
+    the other would write its values over the real one).
+YAML files in directories without a kustomization.yaml are manifests applied on
+their own (`kubectl apply -f`): they are validated too.
+Every pod spec, in either, must pass the "restricted" Pod Security Standard's
+checks (the namespace enforces it, and it applies to every pod created there).
 Writes the resource files (not patches) to validate to argv[1].
 """
 import os
@@ -123,6 +134,11 @@ import yaml
 out_path, root = sys.argv[1], sys.argv[2]
 errors = []
 resource_files = set()
+# Secrets that exist in the namespace before any apply, created per environment outside
+# git (deploy/README.md); only the dev overlay ships an example of one.
+PRE_EXISTING_SECRETS = {"orders-secrets"}
+# Kustomization directories that another kustomization lists as a resource.
+bases = set()
 
 
 def load_docs(path):
@@ -167,6 +183,7 @@ def resolve(kdir):
         if p is None:
             continue
         if os.path.isdir(p):
+            bases.add(p)
             sub, subdel = resolve(p)
             resources += sub
             deleted |= subdel
@@ -266,8 +283,63 @@ def check_references(kdir, resources, deleted):
             refs = [("ConfigMap", e["configMapRef"]["name"]) for e in c.get("envFrom", []) if "configMapRef" in e]
             refs += [("Secret", e["secretRef"]["name"]) for e in c.get("envFrom", []) if "secretRef" in e]
             for rk, rn in refs:
-                if rn not in by_kind.get(rk, {}) and not (rk == "Secret" and rn in deleted):
+                expected = rk == "Secret" and (rn in deleted or rn in PRE_EXISTING_SECRETS)
+                if rn not in by_kind.get(rk, {}) and not expected:
                     errors.append(f"{kdir}: {kind} {name} uses missing {rk} {rn}")
+
+
+# The volume types the restricted standard allows.
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                      "persistentVolumeClaim", "projected", "secret"}
+
+
+def pod_spec(doc):
+    kind, spec = doc.get("kind"), doc.get("spec") or {}
+    if kind == "Pod":
+        return spec
+    if kind == "CronJob":
+        spec = spec.get("jobTemplate", {}).get("spec", {})
+    if kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob"):
+        return spec.get("template", {}).get("spec", {})
+    return None
+
+
+def restricted_violations(spec):
+    """What the "restricted" Pod Security Standard refuses in a pod spec."""
+    out = []
+    pod_sc = spec.get("securityContext") or {}
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(flag):
+            out.append(f"{flag} is set")
+    for v in spec.get("volumes") or []:
+        kinds = set(v) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            out.append(f"volume {v.get('name')}: type {sorted(kinds)} not allowed")
+    if pod_sc.get("runAsUser") == 0:
+        out.append("pod runAsUser is 0")
+    containers = [c for key in ("initContainers", "containers", "ephemeralContainers")
+                  for c in spec.get(key) or []]
+    for c in containers:
+        sc, name = c.get("securityContext") or {}, c.get("name")
+        if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
+            out.append(f"container {name}: runAsNonRoot is not true (pod or container)")
+        if sc.get("runAsUser") == 0:
+            out.append(f"container {name}: runAsUser is 0")
+        seccomp = (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"container {name}: seccompProfile is not RuntimeDefault or Localhost")
+        if sc.get("privileged"):
+            out.append(f"container {name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"container {name}: allowPrivilegeEscalation is not false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            out.append(f"container {name}: capabilities do not drop ALL")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            out.append(f"container {name}: adds capabilities other than NET_BIND_SERVICE")
+        if c.get("ports") and any(p.get("hostPort") for p in c["ports"]):
+            out.append(f"container {name}: hostPort")
+    return out
 
 
 kdirs = sorted({dp for dp, _, fs in os.walk(root) if kustomization_in(dp)})
@@ -277,6 +349,28 @@ for kdir in kdirs:
     resources, deleted = resolve(kdir)
     check_references(kdir, resources, deleted)
     print(f"{kdir}: {len(resources)} resources")
+for kdir in sorted(bases):
+    for r, f in cache.get(kdir, ([], set()))[0]:
+        if r.get("kind") == "Secret":
+            errors.append(f"{f}: Secret {r['metadata']['name']} in {kdir}, which other kustomizations "
+                          "build on: each of their applies would write it over the real one")
+
+# Manifests applied on their own: YAML files in a directory without a kustomization.
+standalone = sorted(
+    os.path.normpath(os.path.join(dp, f))
+    for dp, _, fs in os.walk(root) if not kustomization_in(dp)
+    for f in fs if f.endswith((".yaml", ".yml")))
+resource_files.update(standalone)
+if standalone:
+    print(f"applied on their own: {', '.join(standalone)}")
+
+for path in sorted(resource_files):
+    for d in load_docs(path):
+        spec = pod_spec(d)
+        if spec is None:
+            continue
+        for v in restricted_violations(spec):
+            errors.append(f"{path}: {d['kind']} {d['metadata']['name']}: restricted Pod Security: {v}")
 
 with open(out_path, "w") as f:
     f.write("\n".join(sorted(resource_files)) + "\n")
