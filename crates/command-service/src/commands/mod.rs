@@ -14,8 +14,10 @@
 //! # Staleness
 //! A cached state may lag another instance's writes, or run ahead of commits still pending. An
 //! answer that depends only on the state (a rule rejection, 404, 409 `order_exists`, 412) is
-//! therefore given from a cached state only after checking that the store is at that same
-//! version; otherwise the state is reloaded and the command retried.
+//! therefore given from a cached state only after checking that the store holds that same
+//! state: the same version *and* the same last event, since a cached state running ahead of
+//! an append still pending can share its version with another writer's event; otherwise the
+//! state is reloaded and the command retried.
 //!
 //! # Creating without a load
 //! A `CreateOrder` for an order this instance has not cached is decided on the empty state
