@@ -42,10 +42,12 @@
 //!   publishes from the stored checkpoint ([`step`]).
 //! - **Redis outages** never block commands (only the relay talks to Redis on the write side).
 //!   The relay retries with exponential backoff and jitter (100 ms → 5 s) and publishes the
-//!   backlog when Redis is back. If Redis lost the stream, publishing continues from the
-//!   stored checkpoint (written at most every `RELAY_CHECKPOINT_INTERVAL_MS`, so up to that much
-//!   is published again, and projectors skip it as duplicates); the projector heals the lost
-//!   entries from the event store.
+//!   backlog when Redis is back. If Redis lost the stream, or its newest entries (a restart
+//!   from an older snapshot), publishing continues after the checkpoint: a running leader's
+//!   own, so nothing it had published is published again, or for a new leadership the stored
+//!   one (written at most every `RELAY_CHECKPOINT_INTERVAL_MS`, so up to that much is published
+//!   again, and projectors skip it as duplicates). The entries Redis lost stay lost to the
+//!   stream's readers; the projectors' sweepers apply their events from the event store.
 //! - **Bounded stream**: every XADD carries `MAXLEN ~ STREAM_MAX_LEN_HARD`, and every
 //!   `RELAY_TRIM_INTERVAL_MS` the leader trims to `STREAM_RETAIN` entries without dropping
 //!   anything a consumer group has not read or acknowledged ([`bus::Publisher::trim`]).
