@@ -548,10 +548,24 @@ impl CommandHandler {
             .await
             .ok_or_else(cut_short)?;
         match loaded {
-            Ok(loaded) => Ok(CachedOrder {
-                state: loaded.state,
-                last_event_id: loaded.last_event_id,
-            }),
+            Ok(loaded) => {
+                let every = self.inner.config.snapshot_every;
+                if every > 0 && i64::try_from(loaded.events_replayed).unwrap_or(i64::MAX) >= every {
+                    // The order has no usable snapshot near its head: none was written yet
+                    // (snapshots turned on over existing orders), the one stored is of another
+                    // state schema (a release changed the state), or it no longer deserialises.
+                    // Without one, every instance's next load replays the same events again
+                    // until the order crosses its next multiple of the interval.
+                    self.save_snapshot_in_background(
+                        order_stream_id(order_id),
+                        loaded.state.clone(),
+                    );
+                }
+                Ok(CachedOrder {
+                    state: loaded.state,
+                    last_event_id: loaded.last_event_id,
+                })
+            }
             Err(err @ store::LoadError::NewerRelease { .. }) => {
                 tracing::warn!(error = %err, %order_id,
                     "cannot load order: this instance is older than the release that wrote it");
@@ -667,16 +681,22 @@ impl CommandHandler {
     }
 
     /// Saves a snapshot in the background when the append took the order across a multiple of
-    /// the snapshot interval. A lost snapshot only costs a longer load later.
+    /// the snapshot interval.
     fn maybe_snapshot(&self, stream_id: String, before: i64, after: OrderState) {
         let every = self.inner.config.snapshot_every;
         if every <= 0 || before / every == after.version / every {
             return;
         }
+        self.save_snapshot_in_background(stream_id, after);
+    }
+
+    /// Saves `state` as its stream's snapshot, unless a newer one is stored, without holding up
+    /// the command. A lost snapshot only costs a longer load later.
+    fn save_snapshot_in_background(&self, stream_id: String, state: OrderState) {
         let pool = self.inner.pool.clone();
         tokio::spawn(async move {
-            let version = after.version;
-            match store::save_snapshot(&pool, &stream_id, version, STATE_SCHEMA_VERSION, &after)
+            let version = state.version;
+            match store::save_snapshot(&pool, &stream_id, version, STATE_SCHEMA_VERSION, &state)
                 .await
             {
                 Ok(()) => metrics::counter!("snapshots_written_total").increment(1),

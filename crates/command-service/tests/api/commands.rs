@@ -229,3 +229,49 @@ async fn a_snapshot_is_written_every_n_events_and_a_fresh_instance_still_decides
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["version"], 9);
 }
+
+/// An order written while snapshots were off (or whose snapshot is of another state schema)
+/// has none to load from: the first load that replays a whole interval of events saves one at
+/// the version it loaded, so later loads start there instead of replaying the same events
+/// until the order next crosses a multiple of the interval.
+#[tokio::test]
+async fn a_load_that_replays_a_whole_interval_saves_a_snapshot_where_it_loaded() {
+    let app = spawn_app_with(&[("snapshot-every", "0")]).await;
+    let order_id = app.create_order().await;
+    for i in 0..6 {
+        assert_eq!(
+            app.add_item(order_id, &format!("SKU-{i}"), 1, 100)
+                .await
+                .status(),
+            200
+        );
+    }
+    // A fresh instance with snapshots on: its command loads seven events, and takes the order
+    // to version 8, no multiple of 5.
+    let other = spawn_app_on(Arc::clone(&app.db), &[("snapshot-every", "5")]).await;
+    assert_eq!(
+        other.add_item(order_id, "SKU-6", 1, 100).await.status(),
+        200
+    );
+    let pool = app.db.pool.clone();
+    let stream = format!("order-{order_id}");
+    wait_until("a snapshot at the loaded version", || {
+        let (pool, stream) = (pool.clone(), stream.clone());
+        async move {
+            let version: Option<i64> =
+                sqlx::query_scalar("SELECT stream_version FROM snapshots WHERE stream_id = $1")
+                    .bind(&stream)
+                    .fetch_optional(&pool)
+                    .await
+                    .unwrap();
+            version == Some(7)
+        }
+    })
+    .await;
+    let loaded = store::load_order(&app.db.pool, order_id).await.unwrap();
+    assert_eq!(
+        (loaded.snapshot_version, loaded.events_replayed),
+        (Some(7), 1)
+    );
+    assert_eq!(loaded.state.version, 8);
+}
