@@ -185,20 +185,8 @@ async fn a_snapshot_is_written_every_n_events_and_a_fresh_instance_still_decides
             200
         );
     }
-    let pool = app.db.pool.clone();
-    let stream = format!("order-{order_id}");
-    wait_until("a snapshot at version 5", || {
-        let pool = pool.clone();
-        let stream = stream.clone();
-        async move {
-            let version: Option<i64> =
-                sqlx::query_scalar("SELECT stream_version FROM snapshots WHERE stream_id = $1")
-                    .bind(&stream)
-                    .fetch_optional(&pool)
-                    .await
-                    .unwrap();
-            version == Some(5)
-        }
+    wait_until("a snapshot at version 5", || async {
+        app.snapshot_version(order_id).await == Some(5)
     })
     .await;
 
@@ -253,19 +241,8 @@ async fn a_load_that_replays_a_whole_interval_saves_a_snapshot_where_it_loaded()
         other.add_item(order_id, "SKU-6", 1, 100).await.status(),
         200
     );
-    let pool = app.db.pool.clone();
-    let stream = format!("order-{order_id}");
-    wait_until("a snapshot at the loaded version", || {
-        let (pool, stream) = (pool.clone(), stream.clone());
-        async move {
-            let version: Option<i64> =
-                sqlx::query_scalar("SELECT stream_version FROM snapshots WHERE stream_id = $1")
-                    .bind(&stream)
-                    .fetch_optional(&pool)
-                    .await
-                    .unwrap();
-            version == Some(7)
-        }
+    wait_until("a snapshot at the loaded version", || async {
+        app.snapshot_version(order_id).await == Some(7)
     })
     .await;
     let loaded = store::load_order(&app.db.pool, order_id).await.unwrap();

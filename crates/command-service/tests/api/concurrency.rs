@@ -63,24 +63,10 @@ async fn a_refusal_decided_on_a_cached_state_the_store_never_held_is_decided_aga
     assert_eq!(removed.status(), 200);
 
     // Held, the append lock keeps this instance's placement waiting in its group commit.
-    let mut holder = app.db.pool.begin().await.unwrap();
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(store::append::APPEND_LOCK_KEY)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
-    let lock_waiters = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-        )
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap()
-    };
+    let holder = app.hold_append_lock().await;
     let place = tokio::spawn(app.post(&format!("/orders/{order_id}/place")).send());
     wait_until("the placement waits for the append lock", || async {
-        lock_waiters().await == 1
+        app.append_lock_waiters().await == 1
     })
     .await;
     let add = || {
@@ -93,7 +79,7 @@ async fn a_refusal_decided_on_a_cached_state_the_store_never_held_is_decided_aga
     // The add reaches the store: queued behind the placement as an append, or (taking the
     // refusal as final) waiting for the lock to record it under its key.
     wait_until("the add reaches the store", || async {
-        lock_waiters().await == 2
+        app.append_lock_waiters().await == 2
             || app
                 .metrics()
                 .await
@@ -148,25 +134,14 @@ async fn a_command_chained_on_one_another_instance_beat_never_lands_on_the_other
     assert_eq!(placed.status(), 200);
 
     // Held, the append lock keeps this instance's first append waiting in its group commit.
-    let mut holder = app.db.pool.begin().await.unwrap();
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(store::append::APPEND_LOCK_KEY)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = app.hold_append_lock().await;
     let first = tokio::spawn(
         app.post(&format!("/orders/{order_id}/items"))
             .json(&json!({ "sku": "B", "quantity": 1, "unit_price": 10 }))
             .send(),
     );
     wait_until("the first append waits for the append lock", || async {
-        sqlx::query_scalar::<_, bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-             AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
-        )
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap()
+        app.append_lock_waiters().await > 0
     })
     .await;
     let second = tokio::spawn(

@@ -157,6 +157,38 @@ impl TestApp {
         .collect()
     }
 
+    /// Takes the store's append lock in a transaction of the test's own and returns it: until
+    /// it ends, every append (and every refusal recorded under a key) waits for the lock.
+    pub async fn hold_append_lock(&self) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut holder = self.db.pool.begin().await.unwrap();
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(store::append::APPEND_LOCK_KEY)
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        holder
+    }
+
+    /// How many sessions of the test's database wait for an advisory lock (the append lock).
+    pub async fn append_lock_waiters(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(&self.db.pool)
+        .await
+        .unwrap()
+    }
+
+    /// The version of the order's stored snapshot, if it has one.
+    pub async fn snapshot_version(&self, order_id: Uuid) -> Option<i64> {
+        sqlx::query_scalar("SELECT stream_version FROM snapshots WHERE stream_id = $1")
+            .bind(format!("order-{order_id}"))
+            .fetch_optional(&self.db.pool)
+            .await
+            .unwrap()
+    }
+
     /// Stops the server gracefully and waits up to 15 s for it to return; panics unless it
     /// returned `Ok` (what the binary turns into exit 0) by then.
     pub async fn stop_within_deadline(mut self) {
