@@ -32,14 +32,16 @@ pub async fn find(
     .bind(key)
     .fetch_optional(executor)
     .await?;
-    row.map(|row| {
-        Ok(StoredResponse {
-            request_hash: row.try_get("request_hash")?,
-            status: row.try_get("response_status")?,
-            body: row.try_get("response_body")?,
-        })
+    row.map(stored_response).transpose()
+}
+
+/// The stored answer in `row` (`request_hash`, `response_status`, `response_body`).
+fn stored_response(row: sqlx::postgres::PgRow) -> Result<StoredResponse, sqlx::Error> {
+    Ok(StoredResponse {
+        request_hash: row.try_get("request_hash")?,
+        status: row.try_get("response_status")?,
+        body: row.try_get("response_body")?,
     })
-    .transpose()
 }
 
 /// The statement of [`record_first_answer`]: stores the record unless the key has an answer,
@@ -100,14 +102,7 @@ pub async fn record_first_answer(
                     .bind(&record.response_body)
                     .fetch_optional(&mut *tx)
                     .await?;
-                row.map(|row| {
-                    Ok(StoredResponse {
-                        request_hash: row.try_get("request_hash")?,
-                        status: row.try_get("response_status")?,
-                        body: row.try_get("response_body")?,
-                    })
-                })
-                .transpose()
+                row.map(stored_response).transpose()
             }
         },
     )
