@@ -461,34 +461,78 @@ async fn apply_isolating_inner(
     Ok((total, poisoned))
 }
 
-/// Parks `stream_id`: its next unapplied version (`version + 1`) failed for good, so every
-/// later event of the stream is held back until `dlq replay` or `dlq purge`. An already parked
-/// stream keeps its first parked version and error. Returns the parked version.
+/// The last version of `stream_id` that `projection` has applied (or skipped); 0 when it has
+/// applied none. Whoever gives up on an event asks this first: an event applied meanwhile (by
+/// another instance's consumer, or its sweeper from the store) failed nothing for good, and is
+/// neither dead-lettered nor parked.
+pub async fn applied_version(
+    executor: impl sqlx::PgExecutor<'_>,
+    projection: ProjectionKind,
+    stream_id: &str,
+) -> Result<i64, Failure> {
+    let version: Option<i64> = sqlx::query_scalar(
+        "SELECT version FROM projection_streams WHERE projection = $1 AND stream_id = $2",
+    )
+    .bind(projection.name())
+    .bind(stream_id)
+    .fetch_optional(executor)
+    .await
+    .map_err(sql)?;
+    Ok(version.unwrap_or(0))
+}
+
+/// Parks `stream_id` at version `failed`, whose event failed for good, so that it and every
+/// later event of the stream are held back until `dlq replay` or `dlq purge`; returns the
+/// version the stream is parked at, or `None` when the projection has applied `failed`
+/// already (another instance applied it after it failed here): nothing is parked then, since
+/// the order's next event never failed.
+///
+/// A parked version is always the stream's first unapplied one (`version + 1`): the engine
+/// holds back everything after `version`, reads show the order as of the version before the
+/// parked one, the mark passes events from the parked version on, and `dlq purge` marks exactly
+/// the parked version applied. So when events lie between the applied version and `failed`
+/// (their entries are held by another consumer, or lost), they are applied first, from the
+/// event store, one at a time; the first of them that fails is parked instead, with its own
+/// error. An already parked stream keeps its first parked version and error.
 pub async fn park_stream(
     conn: &mut PgConnection,
     projection: ProjectionKind,
     stream_id: &str,
+    failed: i64,
     error: &str,
-) -> Result<i64, Failure> {
+) -> Result<Option<i64>, Failure> {
     let mut tx = begin_locked(conn, projection, Commit::Durable).await?;
-    let parked: i64 = sqlx::query_scalar(
-        "INSERT INTO projection_streams AS p (projection, stream_id, version, parked_version, \
-             parked_error) VALUES ($1, $2, 0, 1, $3) \
-         ON CONFLICT (projection, stream_id) DO UPDATE SET \
-             parked_version = COALESCE(p.parked_version, p.version + 1), \
-             parked_error = COALESCE(p.parked_error, EXCLUDED.parked_error) \
-         RETURNING parked_version",
+    let locked = lock_streams(&mut tx, projection, &[stream_id.to_owned()]).await?;
+    let (version, parked) = locked.first().map(|(_, v, p)| (*v, *p)).unwrap_or_default();
+    // Returning early drops the transaction, which rolls back the bookkeeping row
+    // `lock_streams` may have made.
+    if let Some(parked) = parked {
+        return Ok(Some(parked));
+    }
+    if version >= failed {
+        tracing::info!(projection = %projection, stream_id, version, failed,
+            "not parking a stream whose failed event is applied already");
+        return Ok(None);
+    }
+    let (_, version, earlier) =
+        catch_up_until_failure(&mut tx, projection, stream_id, version, failed - 1).await?;
+    let error = earlier.as_deref().unwrap_or(error);
+    let parked = version + 1;
+    sqlx::query(
+        "UPDATE projection_streams SET version = $3, parked_version = $3 + 1, parked_error = $4 \
+         WHERE projection = $1 AND stream_id = $2",
     )
     .bind(projection.name())
     .bind(stream_id)
+    .bind(version)
     .bind(error)
-    .fetch_one(&mut *tx)
+    .execute(&mut *tx)
     .await
     .map_err(sql)?;
     notify_applied(&mut tx, projection).await?;
     tx.commit().await.map_err(sql)?;
     tracing::warn!(projection = %projection, stream_id, parked_version = parked, error, "parked stream");
-    Ok(parked)
+    Ok(Some(parked))
 }
 
 /// What [`resume_stream`] or [`skip_parked`] did.
@@ -605,7 +649,7 @@ async fn unpark_and_catch_up(
             // fails (parking at `version + 1` instead would let the next purge skip an event
             // that never failed).
             let (applied, v, error) =
-                catch_up_until_failure(&mut *tx, projection, stream_id, version).await?;
+                catch_up_until_failure(&mut *tx, projection, stream_id, version, i64::MAX).await?;
             outcome.applied = applied;
             version = v.max(version);
             error
@@ -631,23 +675,25 @@ async fn unpark_and_catch_up(
     Ok(outcome)
 }
 
-/// Applies the stream's events after `version` from the store one at a time, each in a
-/// savepoint, until one fails with poison; returns (applied, the version reached, that
-/// failure's error if one failed). Slower than [`catch_up`]; only for finding the event that
-/// failed.
+/// Applies the stream's events after `version`, up to version `until`, from the store one at a
+/// time, each in a savepoint, until one fails with poison; returns (applied, the version
+/// reached, that failure's error if one failed). Slower than [`catch_up`]; only for finding the
+/// event that failed.
 async fn catch_up_until_failure(
     conn: &mut PgConnection,
     projection: ProjectionKind,
     stream_id: &str,
     mut version: i64,
+    until: i64,
 ) -> Result<(usize, i64, Option<String>), Failure> {
     let mut applied = 0;
-    loop {
-        let events = store::read_stream(&mut *conn, stream_id, version, STREAM_READ_CHUNK)
+    while version < until {
+        let chunk = STREAM_READ_CHUNK.min(until - version);
+        let events = store::read_stream(&mut *conn, stream_id, version, chunk)
             .await
             .map_err(sql)?;
         if events.is_empty() {
-            return Ok((applied, version, None));
+            break;
         }
         for event in events {
             if projection.handles(&event.event_type) {
@@ -669,6 +715,7 @@ async fn catch_up_until_failure(
             version = event.stream_version;
         }
     }
+    Ok((applied, version, None))
 }
 
 /// Applies the stream's events after `version` from the store; returns (applied, new version).

@@ -15,15 +15,20 @@
 //!   retried after `RETRY_BASE_MS · 2^(n-1)`; later entries of that stream wait behind it in
 //!   order, other streams flow. After `MAX_ATTEMPTS` it is dead-lettered (`bus` XADD to
 //!   `<stream>:dlq:<group>` + XACK, only while the entry is still pending for this consumer)
-//!   and its stream parked in Postgres, so later events of the order are held back until
-//!   `projector dlq replay`. An entry that cannot be decoded is no event of any order (the
-//!   relay never writes one; the store holds the real events, and the sweeper applies what
-//!   Redis lacks), whatever stream it names: it is queued under its own entry id, holds back
-//!   nothing, and is dead-lettered without parking anything. An entry that arrives already
-//!   delivered `MAX_ATTEMPTS` times (claimed from other consumers, or this consumer's own
-//!   pending entry after a restart under the same name) is tried once, on its own,
-//!   and dead-lettered only if that try fails, or if earlier such tries never ended (it stops
-//!   whoever tries it);
+//!   and its stream parked in Postgres at its event ([`crate::apply::park_stream`]), so it
+//!   and the later events of the order are held back until `projector dlq replay`. Whenever
+//!   the consumer gives up on an entry it first looks whether the projection has applied the
+//!   entry's event meanwhile (another instance's sweeper applied it from the store, or another
+//!   consumer did): then nothing failed for good, and the entry is acknowledged and its
+//!   unfinished tries forgotten, with no letter and no park. An entry that cannot be decoded
+//!   is no event of any order (the relay never writes one; the store holds the real events,
+//!   and the sweeper applies what Redis lacks), whatever stream it names: it is queued under
+//!   its own entry id, holds back nothing, and is dead-lettered without parking anything. An
+//!   entry that arrives already delivered `MAX_ATTEMPTS` times (claimed from other consumers,
+//!   or this consumer's own pending entry after a restart under the same name) is tried once,
+//!   on its own, and dead-lettered only if that try fails, or if earlier such tries never
+//!   ended (it stops whoever tries it), and in either case only if its event is not applied
+//!   already;
 //! - newer release (an event of a type or schema version this build does not know): the entry
 //!   is held like a poison entry, its stream's later entries behind it, but counts no attempt
 //!   and is never dead-lettered. An instance of the newer release gets it from the store (its
@@ -44,7 +49,7 @@ use events::RecordedEvent;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::apply::{Poisoned, apply_isolating, park_stream};
+use crate::apply::{Poisoned, applied_version, apply_isolating, park_stream};
 use crate::failure::{
     Backoff, Failure, NEWER_RELEASE_LOG_INTERVAL, classify_bus, classify_sql,
     newer_release_retry_delay, poison_retry_delay,
@@ -147,9 +152,11 @@ pub struct ProjectionConsumer {
     /// Entries whose try this consumer recorded in Redis and has not ended yet
     /// ([`Self::try_delivered_often`]).
     trying: HashSet<String>,
-    /// Streams dead-lettered and parked during the current step: their later entries go back
-    /// to the engine (which holds them back) instead of starting a retry queue of their own.
-    parked_now: HashSet<String>,
+    /// Streams whose failing entry was given up on during the current step (dead-lettered and
+    /// parked, or found applied meanwhile and acknowledged): their later entries go back to the
+    /// engine (which holds them back, or applies them) instead of starting a retry queue of
+    /// their own.
+    settled_now: HashSet<String>,
     pending_drained: bool,
     /// Where the next read of this consumer's own pending entries starts (after this id; `0`
     /// at first): each is read once, so one held in a retry queue meanwhile is not delivered
@@ -217,7 +224,7 @@ impl ProjectionConsumer {
             queued_ids: HashSet::new(),
             finalized: HashSet::new(),
             trying: HashSet::new(),
-            parked_now: HashSet::new(),
+            settled_now: HashSet::new(),
             pending_drained: false,
             own_pending_after: "0".to_owned(),
             next_reclaim: Instant::now(),
@@ -263,7 +270,7 @@ impl ProjectionConsumer {
     }
 
     async fn step(&mut self) -> Result<usize, Failure> {
-        self.parked_now.clear();
+        self.settled_now.clear();
         let mut handled = self.run_due_retries().await?;
         if self.in_hand.is_empty() {
             self.in_hand = self.fetch().await?;
@@ -476,7 +483,8 @@ impl ProjectionConsumer {
     /// entry that stops every consumer trying it (a crash, an abort), whose failures no error
     /// ever counted; so the try is recorded in Redis before it begins
     /// ([`bus::Consumer::begin_try`]) and forgotten when it ends, and an entry more than
-    /// [`UNFINISHED_TRIES_LIMIT`] of whose tries never ended is dead-lettered without another.
+    /// [`UNFINISHED_TRIES_LIMIT`] of whose tries never ended is dead-lettered without another
+    /// (or, its event applied already by another instance, acknowledged: [`Self::give_up`]).
     async fn try_delivered_often(&mut self, w: &Work) -> Result<(), Failure> {
         let id = &w.entry.id;
         if self.queued_ids.contains(id) || self.finalized.contains(id) {
@@ -490,7 +498,7 @@ impl ProjectionConsumer {
             };
             if unfinished > UNFINISHED_TRIES_LIMIT {
                 // Only an event parks its stream; an entry that does not decode is none.
-                let stream = decode_entry(&w.entry).ok().map(|event| event.stream_id);
+                let event = decode_entry(&w.entry).ok();
                 let error = format!(
                     "delivered {} times without being acknowledged; {} tries of it never \
                      ended (did it stop the consumer trying it?)",
@@ -503,7 +511,7 @@ impl ProjectionConsumer {
                 // Not marked as a try under way before the letter is written: were writing it
                 // to fail (Redis or PostgreSQL gone for a moment), the step is repeated, and
                 // it must decide again to write the letter, not go on to try the entry.
-                self.give_up(&w.entry, stream.as_deref(), &error, w.prior_attempts + 1)
+                self.give_up(&w.entry, event.as_ref(), &error, w.prior_attempts + 1)
                     .await?;
                 return Ok(());
             }
@@ -571,7 +579,7 @@ impl ProjectionConsumer {
                     self.hold_for_newer_release(w, &event.stream_id, &p.error);
                 }
                 Some(p) if event.stream_version >= p.version => {
-                    self.failed(w, Some(&event.stream_id), &p.error).await?;
+                    self.failed(w, Some(event), &p.error).await?;
                 }
                 _ => ack.push(w.entry.id.clone()),
             }
@@ -716,10 +724,16 @@ impl ProjectionConsumer {
         }
     }
 
-    /// One more failed attempt of `w`: queue it for a retry, or give up on it.
-    async fn failed(&mut self, w: &Work, stream: Option<&str>, error: &str) -> Result<(), Failure> {
-        let key = queue_key(&w.entry, stream);
-        if self.parked_now.contains(&key) {
+    /// One more failed attempt of `w`, whose event is `event` (`None` for an entry that is no
+    /// event): queue it for a retry, or give up on it.
+    async fn failed(
+        &mut self,
+        w: &Work,
+        event: Option<&RecordedEvent>,
+        error: &str,
+    ) -> Result<(), Failure> {
+        let key = queue_key(&w.entry, event.map(|e| e.stream_id.as_str()));
+        if self.settled_now.contains(&key) {
             self.in_hand.push(Work {
                 entry: w.entry.clone(),
                 prior_attempts: 0,
@@ -732,7 +746,7 @@ impl ProjectionConsumer {
         }
         let attempts = w.prior_attempts + 1;
         if attempts >= self.settings.max_attempts {
-            return self.give_up(&w.entry, stream, error, attempts).await;
+            return self.give_up(&w.entry, event, error, attempts).await;
         }
         metrics::record_retry(self.projection);
         let delay = poison_retry_delay(self.settings.retry_base, attempts);
@@ -751,15 +765,36 @@ impl ProjectionConsumer {
         Ok(())
     }
 
-    /// Dead-letters `entry` and parks `stream`, the stream of its event (`None` for an entry
-    /// that is no event: nothing is parked).
+    /// Gives up on `entry`, whose event is `event` (`None` for an entry that is no event):
+    /// dead-letters it and parks the event's stream at it (an entry that is no event parks
+    /// nothing). Unless the projection has applied that event meanwhile (another instance's
+    /// sweeper applied it from the store, or a consumer that claimed the entry, while this
+    /// consumer's tries failed or were cut short): then nothing failed for good, and the entry
+    /// is acknowledged and its unfinished tries forgotten, with no letter and no park. A
+    /// letter, or a park, would hold back the order's next event, which never failed.
     async fn give_up(
         &mut self,
         entry: &StreamEntry,
-        stream: Option<&str>,
+        event: Option<&RecordedEvent>,
         error: &str,
         attempts: u32,
     ) -> Result<(), Failure> {
+        if let Some(event) = event {
+            let applied = applied_version(&self.pool, self.projection, &event.stream_id).await?;
+            if applied >= event.stream_version {
+                let acked = self.consumer.ack(std::slice::from_ref(&entry.id)).await;
+                self.handle_bus(acked).await?;
+                let ended = self.consumer.end_try(&entry.id).await;
+                self.handle_bus(ended).await?;
+                self.finalized.insert(entry.id.clone());
+                self.settled_now.insert(event.stream_id.clone());
+                tracing::info!(projection = %self.projection, id = %entry.id,
+                    stream = %event.stream_id, version = event.stream_version, applied, attempts,
+                    "giving up on an entry whose event is applied already: acknowledged, not \
+                     dead-lettered");
+                return Ok(());
+            }
+        }
         let dead = self.consumer.dead_letter(entry, error, attempts).await;
         let written = self.handle_bus(dead).await?.flatten();
         self.finalized.insert(entry.id.clone());
@@ -769,30 +804,41 @@ impl ProjectionConsumer {
             return Ok(());
         }
         metrics::record_dead_letter(self.projection);
-        let Some(stream) = stream else {
+        let Some(event) = event else {
             return Ok(());
         };
-        park_with_retries(&self.pool, self.projection, stream, error).await;
-        self.parked_now.insert(stream.to_owned());
-        // Later entries of the stream queued behind it are now held back by the park: hand
-        // them to the engine, which counts and acknowledges them.
+        // Should another instance apply the event between the look above and the park, the
+        // park finds it applied and parks nothing.
+        park_with_retries(
+            &self.pool,
+            self.projection,
+            &event.stream_id,
+            event.stream_version,
+            error,
+        )
+        .await;
+        self.settled_now.insert(event.stream_id.clone());
+        // Later entries of the stream queued behind it are now held back by the park (or, not
+        // parked, applied): hand them to the engine, which counts and acknowledges them.
         Ok(())
     }
 }
 
-/// Parks `stream`, retrying transient failures a few times. If it still fails the stream is
-/// not parked: the sweeper later finds its next event unapplied, retries it and dead-letters
-/// it again, so nothing is applied out of order either way.
+/// Parks `stream` at version `failed` ([`park_stream`]), retrying transient failures a few
+/// times. If it still fails the stream is not parked: the sweeper later finds its next event
+/// unapplied, retries it and dead-letters it again, so nothing is applied out of order either
+/// way.
 pub async fn park_with_retries(
     pool: &PgPool,
     projection: ProjectionKind,
     stream: &str,
+    failed: i64,
     error: &str,
 ) {
     let mut backoff = Backoff::default();
     for _ in 0..PARK_ATTEMPTS {
         let result = match pool.acquire().await {
-            Ok(mut conn) => park_stream(&mut conn, projection, stream, error).await,
+            Ok(mut conn) => park_stream(&mut conn, projection, stream, failed, error).await,
             Err(e) => Err(classify_sql(&e)),
         };
         match result {

@@ -39,11 +39,14 @@
 //!
 //! Transient failures (a dependency down) pause the loop and retry the same entries without
 //! counting attempts; poison (the entry itself fails) is retried with backoff per stream, then
-//! dead-lettered to `<stream>:dlq:<group>` and the stream *parked*: its later events are held
-//! back (acknowledged, not applied) until `projector dlq replay` re-applies the stream from the
-//! event store, or `dlq purge` skips the event. Other orders never wait. An entry that cannot
-//! be decoded is no event of any order: it is retried and dead-lettered on its own, and parks
-//! nothing, whatever stream it names.
+//! dead-lettered to `<stream>:dlq:<group>` and the stream *parked* at that event: it and its
+//! later events are held back (acknowledged, not applied) until `projector dlq replay`
+//! re-applies the stream from the event store, or `dlq purge` skips the event. Other orders
+//! never wait. An event the read model has applied by the time the consumer or the sweeper
+//! gives up on it (another instance applied it meanwhile) failed nothing for good: its entry is
+//! acknowledged, with no letter and no park; and a park never holds an order back at an event
+//! that is applied already. An entry that cannot be decoded is no event of any order: it is
+//! retried and dead-lettered on its own, and parks nothing, whatever stream it names.
 //!
 //! # Low-water mark and healing
 //!

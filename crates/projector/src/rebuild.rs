@@ -238,7 +238,7 @@ impl Fold {
             if let Some(event) = event {
                 failed.push((event.clone(), p.error.clone()));
             }
-            park_stream(&mut *tx, projection, &p.stream_id, &p.error)
+            park_stream(&mut *tx, projection, &p.stream_id, p.version, &p.error)
                 .await
                 .map_err(|f| anyhow!("park {}: {f}", p.stream_id))?;
             outcome.parked += 1;

@@ -29,8 +29,9 @@
 //! restarted without persistence, or trimmed entries, with no operator action. A blocker that
 //! keeps failing is retried with backoff and finally dead-lettered and parked like a consumer
 //! would, each event once the sweeper has seen that event itself fail `max_attempts` times
-//! (counted per event, so a blocker never inherits the count of the one before it); one a newer
-//! release wrote is only held (see [`crate::failure`]).
+//! (counted per event, so a blocker never inherits the count of the one before it), and only if
+//! no consumer has applied it meanwhile; one a newer release wrote is only held (see
+//! [`crate::failure`]).
 //!
 //! Wake-ups: `LISTEN projection_applied`, sent by an apply of this projection that could not
 //! move the mark over all of its own events (see [`crate::apply`]); an apply that could wakes
@@ -46,7 +47,7 @@ use sqlx::postgres::PgListener;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row};
 use tokio_util::sync::CancellationToken;
 
-use crate::apply::{APPLIED_CHANNEL, Poisoned, apply_isolating};
+use crate::apply::{APPLIED_CHANNEL, Poisoned, applied_version, apply_isolating};
 use crate::consumer::park_with_retries;
 use crate::failure::{
     Backoff, Failure, NEWER_RELEASE_LOG_INTERVAL, classify_bus, classify_sql,
@@ -529,13 +530,22 @@ impl Sweeper {
     }
 
     /// Dead-letters (when dead letters are configured) and parks the event `p`, which failed
-    /// `attempts` heals.
+    /// `attempts` heals; unless the projection has applied it meanwhile (a consumer did, after
+    /// the last heal failed): then nothing failed for good, and there is neither a letter nor a
+    /// park.
     async fn give_up(
         &self,
         p: &Poisoned,
         batch: &[RecordedEvent],
         attempts: u32,
     ) -> Result<(), Failure> {
+        let applied = applied_version(&self.pool, self.projection, &p.stream_id).await?;
+        if applied >= p.version {
+            tracing::info!(projection = %self.projection, stream = %p.stream_id,
+                version = p.version, applied, attempts,
+                "not dead-lettering an event the sweeper gave up on: it is applied already");
+            return Ok(());
+        }
         let event = match batch
             .iter()
             .find(|e| e.stream_id == p.stream_id && e.stream_version == p.version)
@@ -560,7 +570,16 @@ impl Sweeper {
                 .map_err(|e| classify_bus(&e))?;
             metrics::record_dead_letter(self.projection);
         }
-        park_with_retries(&self.pool, self.projection, &p.stream_id, &p.error).await;
+        // Should a consumer apply the event between the look above and the park, the park
+        // finds it applied and parks nothing.
+        park_with_retries(
+            &self.pool,
+            self.projection,
+            &p.stream_id,
+            p.version,
+            &p.error,
+        )
+        .await;
         Ok(())
     }
 

@@ -28,10 +28,11 @@ async fn parked_order(w: &World, applied: usize) -> Vec<RecordedEvent> {
     apply_batch(&mut conn, PROJECTION, &events[..applied])
         .await
         .unwrap();
-    let parked = park_stream(&mut conn, PROJECTION, &stream, "boom")
+    let next = applied as i64 + 1;
+    let parked = park_stream(&mut conn, PROJECTION, &stream, next, "boom")
         .await
         .unwrap();
-    assert_eq!(parked, applied as i64 + 1);
+    assert_eq!(parked, Some(next));
     events
 }
 
@@ -454,4 +455,83 @@ async fn a_purge_whose_catch_up_fails_later_keeps_what_applied_and_parks_at_the_
     );
     let (ok, table) = run_dlq(&w, &["parked", "order_summaries"]).await;
     assert!(ok && table.contains("refusing the payment"), "{table}");
+}
+
+/// A park holds an order back from the event that failed, and only while that event is
+/// unapplied: parking a version the projection has applied meanwhile parks nothing; parking a
+/// version beyond the applied one (the entries between held by another consumer, or lost)
+/// applies the events between from the store first and parks at the failed one, or, when one
+/// of them fails too, at that one with its own error. So reads never name a held-back version
+/// that did not fail, and a purge skips exactly the event that failed.
+#[tokio::test]
+async fn a_park_holds_back_from_the_event_that_failed_and_never_from_one_applied_already() {
+    let w = World::new().await;
+    let shipped = |refused: bool| {
+        let w = &w;
+        async move {
+            let order = Uuid::new_v4();
+            if refused {
+                // Refuses its placing (version 4) and everything after it.
+                support::refuse_placing(w.pool(), order).await;
+            }
+            let cmds = commands(order, Uuid::new_v4(), Fate::Shipped);
+            run_commands(w.pool(), order, &cmds, &mut OrderState::default()).await;
+            let stream = order_stream_id(order);
+            let events = store::read_stream(w.pool(), &stream, 0, 100).await.unwrap();
+            (stream, events)
+        }
+    };
+    let mut conn = w.pool().acquire().await.unwrap();
+
+    let (stream, events) = shipped(false).await;
+    apply_batch(&mut conn, PROJECTION, &events[..3])
+        .await
+        .unwrap();
+    for applied in [2, 3] {
+        let parked = park_stream(&mut conn, PROJECTION, &stream, applied, "boom")
+            .await
+            .unwrap();
+        assert_eq!(
+            parked, None,
+            "parked for version {applied}, applied already"
+        );
+        assert_eq!(bookkeeping(&w, &stream).await, (3, None));
+    }
+    let parked = park_stream(&mut conn, PROJECTION, &stream, 5, "boom")
+        .await
+        .unwrap();
+    assert_eq!(parked, Some(5));
+    assert_eq!(
+        bookkeeping(&w, &stream).await,
+        (4, Some(5)),
+        "version 4 applied from the store, parked at the version that failed"
+    );
+    assert_eq!(support::summary_status(&w, &stream).await, "placed");
+    let (ok, stdout) = run_dlq(&w, &["purge", "order_summaries", "--stream", &stream]).await;
+    assert!(ok && stdout.contains("skipped version 5 of"), "{stdout}");
+    assert_eq!(bookkeeping(&w, &stream).await, (6, None));
+
+    let (stream, events) = shipped(true).await;
+    apply_batch(&mut conn, PROJECTION, &events[..2])
+        .await
+        .unwrap();
+    let parked = park_stream(&mut conn, PROJECTION, &stream, 6, "boom")
+        .await
+        .unwrap();
+    assert_eq!(parked, Some(4), "parked at the first version that fails");
+    assert_eq!(bookkeeping(&w, &stream).await, (3, Some(4)));
+    let error: Option<String> = sqlx::query_scalar(
+        "SELECT parked_error FROM projection_streams WHERE projection = $1 AND stream_id = $2",
+    )
+    .bind(PROJECTION.name())
+    .bind(&stream)
+    .fetch_one(w.pool())
+    .await
+    .unwrap();
+    assert!(
+        error
+            .as_deref()
+            .is_some_and(|e| e.contains("refusing order")),
+        "{error:?}"
+    );
 }

@@ -48,10 +48,19 @@ async fn a_parked_order_is_exported_as_a_parked_stream_until_it_is_replayed() {
     w.wait_caught_up().await;
     wait_parked(port, ProjectionKind::OrderSummaries, 0.0).await;
 
+    // Parked at its next event, as if that had failed.
+    let events = store::read_stream(w.pool(), &stream, 0, 100).await.unwrap();
+    let next = events.len() as i64 + 1;
     let mut conn = w.pool().acquire().await.unwrap();
-    park_stream(&mut conn, ProjectionKind::OrderSummaries, &stream, "boom")
-        .await
-        .unwrap();
+    park_stream(
+        &mut conn,
+        ProjectionKind::OrderSummaries,
+        &stream,
+        next,
+        "boom",
+    )
+    .await
+    .unwrap();
     wait_parked(port, ProjectionKind::OrderSummaries, 1.0).await;
     wait_parked(port, ProjectionKind::CustomerStats, 0.0).await;
 

@@ -1237,7 +1237,8 @@ async fn the_sweeper_counts_failures_per_event_so_a_new_blocker_never_inherits_t
     }
     assert_eq!(dlq.len(projection.name()).await.unwrap(), 0);
     let mut conn = w.pool().acquire().await.unwrap();
-    projector::apply::park_stream(&mut conn, projection, &order_stream_id(x), "boom")
+    // Its fourth event is the damaged one.
+    projector::apply::park_stream(&mut conn, projection, &order_stream_id(x), 4, "boom")
         .await
         .unwrap();
     drop(conn);
@@ -1717,6 +1718,87 @@ async fn an_entry_that_stopped_the_instance_is_dead_lettered_when_it_restarts_un
             letters[0].error
         );
     }
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// An instance killed twice mid-try for reasons of its own (an OOM kill, two kills in a
+/// deploy) restarts under the same name and meets one of its pending entries delivered ten
+/// times with two tries that never ended; meanwhile another instance's sweeper applied that
+/// entry's order from the store, and the order has a new event since. The entry is no failure:
+/// its event is applied, so it is acknowledged and its tries forgotten; nothing is
+/// dead-lettered, the order is not parked, and its new event is applied.
+#[tokio::test]
+async fn an_entry_given_up_on_whose_event_is_applied_already_is_acknowledged_not_dead_lettered() {
+    let mut w = World::new().await;
+    let order = Uuid::new_v4();
+    let mut state = OrderState::default();
+    let cmds = commands(order, Uuid::new_v4(), support::Fate::Draft);
+    run_commands(w.pool(), order, &cmds, &mut state).await;
+    append_orders(w.pool(), 1).await;
+    w.publish().await;
+    let first = entry_ids(&w, order).await.remove(0);
+    held_by(&w, "same", std::slice::from_ref(&first), 10).await;
+    for projection in ProjectionKind::ALL {
+        // Two tries of it began and never ended.
+        begin_unfinished_tries(&w, projection, &first, 2).await;
+    }
+    // Another instance's sweeper applied the order from the store meanwhile.
+    let stream = order_stream_id(order);
+    let applied = store::read_stream(w.pool(), &stream, 0, 100).await.unwrap();
+    let mut conn = w.pool().acquire().await.unwrap();
+    for projection in ProjectionKind::ALL {
+        apply_batch(&mut conn, projection, &applied).await.unwrap();
+    }
+    drop(conn);
+    run_commands(
+        w.pool(),
+        order,
+        &[events::OrderCommand::PlaceOrder],
+        &mut state,
+    )
+    .await;
+    w.publish().await;
+
+    // No claims and no healing: the entry comes back only as the instance's own.
+    let args = [
+        FAST,
+        &["--sweep-grace-ms", "600000", "--claim-idle-ms", "600000"],
+    ]
+    .concat();
+    let (token, task) = w.spawn_projector("same", &args).await;
+    w.wait_caught_up().await;
+    for projection in ProjectionKind::ALL {
+        wait_until(
+            DEADLINE,
+            &format!("{projection} acknowledges every entry"),
+            || {
+                let w = &w;
+                async move { (pending_count(w, projection.name()).await == 0).then_some(()) }
+            },
+        )
+        .await;
+    }
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    for projection in ProjectionKind::ALL {
+        assert_eq!(
+            parked_streams(&w, projection).await,
+            0,
+            "{projection} parked"
+        );
+        assert_eq!(
+            dlq.len(projection.name()).await.unwrap(),
+            0,
+            "{projection} letters"
+        );
+        assert_eq!(
+            unfinished_tries(&w, projection, &first).await,
+            0,
+            "{projection}"
+        );
+    }
+    assert_eq!(support::summary_status(&w, &stream).await, "placed");
+    w.assert_exact().await;
     token.cancel();
     task.await.unwrap().unwrap();
 }
