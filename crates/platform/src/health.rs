@@ -14,6 +14,10 @@
 //! read models into an outage of the API. A name that is not a check is 400, so a mistyped
 //! probe fails loudly instead of checking more than it meant to leave out.
 //!
+//! One run of a check is under way at a time: requests arriving while it runs answer with its
+//! outcome, so a burst of probes (these routes are never shed) cannot open a server connection
+//! each through the Postgres check; a request asked after a run finished gets a run of its own.
+//!
 //! A failing check is logged when it starts failing, then at most once a minute while it keeps
 //! failing, and once more when it passes again ([`crate::outage`]): the kubelet asks every few
 //! seconds, and an outage must not write a line per probe.
@@ -29,6 +33,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use axum::Router;
 use axum::extract::{RawQuery, State};
@@ -67,10 +73,44 @@ pub const EXCLUDED: &str = "excluded";
 pub type CheckFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 type CheckFn = Arc<dyn Fn() -> CheckFuture + Send + Sync>;
 
+/// One registered check: its name, the function running it, and its latest outcome.
+#[derive(Clone)]
+struct Check {
+    name: String,
+    run: CheckFn,
+    /// The latest outcome and when it was known. Held while the check runs, so one run of a
+    /// check is under way at a time: requests arriving meanwhile wait for it and answer with
+    /// its outcome instead of each running the check. `/readyz` carries no auth and is never
+    /// shed, and the Postgres check opens a connection of its own when no pooled one is idle:
+    /// a burst of probes (or a flood) would otherwise open one server connection each and
+    /// could take every connection slot of the server.
+    latest: Arc<tokio::sync::Mutex<Option<(Instant, String)>>>,
+}
+
+impl Check {
+    /// The check's outcome as of a moment after `asked`: the outcome of a run that finished
+    /// after it (one under way when it was asked), or of a run made now.
+    async fn outcome_after(&self, asked: Instant) -> String {
+        let mut latest = self.latest.lock().await;
+        if let Some((known_at, outcome)) = latest.as_ref()
+            && *known_at >= asked
+        {
+            return outcome.clone();
+        }
+        let outcome = match tokio::time::timeout(CHECK_TIMEOUT, (self.run)()).await {
+            Ok(Ok(())) => "ok".to_owned(),
+            Ok(Err(e)) => format!("error: {}", error_chain(e.as_ref())),
+            Err(_) => format!("error: timed out after {} ms", CHECK_TIMEOUT.as_millis()),
+        };
+        *latest = Some((Instant::now(), outcome.clone()));
+        outcome
+    }
+}
+
 /// The set of dependency checks behind `/readyz`.
 #[derive(Clone, Default)]
 pub struct Readiness {
-    checks: Vec<(String, CheckFn)>,
+    checks: Vec<Check>,
     /// Told when the `postgres` check fails ([`Readiness::with_db_gate`]).
     db_gate: Option<DbGate>,
     /// Per check, which of its failures `/readyz` logs (shared by the clones of this value that
@@ -80,7 +120,7 @@ pub struct Readiness {
 
 impl std::fmt::Debug for Readiness {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<&str> = self.checks.iter().map(|(n, _)| n.as_str()).collect();
+        let names: Vec<&str> = self.checks.iter().map(|c| c.name.as_str()).collect();
         f.debug_struct("Readiness").field("checks", &names).finish()
     }
 }
@@ -127,8 +167,12 @@ impl Readiness {
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
-        let check: CheckFn = Arc::new(move || Box::pin(check()) as CheckFuture);
-        self.checks.push((name.into(), check));
+        let run: CheckFn = Arc::new(move || Box::pin(check()) as CheckFuture);
+        self.checks.push(Check {
+            name: name.into(),
+            run,
+            latest: Arc::default(),
+        });
         self
     }
 
@@ -139,25 +183,21 @@ impl Readiness {
 
     /// The names of the checks, in the order they were added.
     pub fn check_names(&self) -> Vec<&str> {
-        self.checks.iter().map(|(name, _)| name.as_str()).collect()
+        self.checks.iter().map(|c| c.name.as_str()).collect()
     }
 
     /// Runs every check but those named in `excluded` concurrently, each bounded by
-    /// [`CHECK_TIMEOUT`]; the excluded ones are reported as `excluded`.
+    /// [`CHECK_TIMEOUT`]; the excluded ones are reported as `excluded`. A check already running
+    /// for another request is not run again: its outcome is this request's too.
     pub async fn check_all_but(&self, excluded: &[String]) -> ReadinessReport {
-        let runs = self.checks.iter().map(|(name, check)| {
-            let skip = excluded.iter().any(|e| e == name);
-            let fut = (!skip).then(|| check());
+        let asked = Instant::now();
+        let runs = self.checks.iter().map(|check| {
+            let skip = excluded.iter().any(|e| *e == check.name);
             async move {
-                let Some(fut) = fut else {
-                    return (name.clone(), EXCLUDED.to_owned());
-                };
-                let outcome = match tokio::time::timeout(CHECK_TIMEOUT, fut).await {
-                    Ok(Ok(())) => "ok".to_owned(),
-                    Ok(Err(e)) => format!("error: {}", error_chain(e.as_ref())),
-                    Err(_) => format!("error: timed out after {} ms", CHECK_TIMEOUT.as_millis()),
-                };
-                (name.clone(), outcome)
+                if skip {
+                    return (check.name.clone(), EXCLUDED.to_owned());
+                }
+                (check.name.clone(), check.outcome_after(asked).await)
             }
         });
         let checks: BTreeMap<String, String> =

@@ -652,6 +652,65 @@ async fn a_custom_check_can_fail_readiness() {
     );
 }
 
+/// `/readyz` carries no auth and is never shed, and the Postgres check may open a server
+/// connection of its own: requests arriving while a check runs share its outcome instead of
+/// each running it, so a burst of probes never runs a check twice at once. A probe asked
+/// after a run finished gets a run of its own, never an old outcome.
+#[tokio::test]
+async fn concurrent_probes_share_one_run_of_a_check_and_a_later_probe_runs_it_again() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let running = Arc::new(AtomicUsize::new(0));
+    let most_at_once = Arc::new(AtomicUsize::new(0));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (release, released) = tokio::sync::watch::channel(false);
+    let readiness = Readiness::default().with_check("slow", {
+        let (running, most_at_once, runs) = (running.clone(), most_at_once.clone(), runs.clone());
+        move || {
+            let (running, most_at_once, runs) =
+                (running.clone(), most_at_once.clone(), runs.clone());
+            let mut released = released.clone();
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most_at_once.fetch_max(now, Ordering::SeqCst);
+                // Held until the test has sent every probe.
+                let _ = released.wait_for(|released| *released).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            }
+        }
+    });
+
+    const PROBES: usize = 40;
+    let probes: Vec<_> = (0..PROBES)
+        .map(|_| tokio::spawn(readyz(readiness.clone())))
+        .collect();
+    wait_until("the first run is under way", || {
+        let running = running.clone();
+        async move { running.load(Ordering::SeqCst) == 1 }
+    })
+    .await;
+    release.send_replace(true);
+    for probe in probes {
+        let (status, body) = probe.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    // Every probe was asked before the run ended (the runtime ran them all while the test
+    // waited for the run), so that one run answered them all.
+    assert_eq!(most_at_once.load(Ordering::SeqCst), 1);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    let (status, _) = readyz(readiness.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "a later probe runs the check"
+    );
+}
+
 /// The kubelet asks every few seconds: a check that keeps failing is logged when it starts
 /// failing, not at every probe, and once more when it passes again; a probe that leaves the
 /// check out says nothing about it, and a new outage is logged again.
