@@ -192,7 +192,7 @@ impl Readiness {
     pub async fn check_all_but(&self, excluded: &[String]) -> ReadinessReport {
         let asked = Instant::now();
         let runs = self.checks.iter().map(|check| {
-            let skip = excluded.iter().any(|e| *e == check.name);
+            let skip = excluded.contains(&check.name);
             async move {
                 if skip {
                     return (check.name.clone(), EXCLUDED.to_owned());
