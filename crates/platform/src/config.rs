@@ -201,6 +201,16 @@ pub struct AuthArgs {
     /// accepted (to rotate one: `new,old`, then `new`); unset or empty means no authentication
     #[arg(long, env = "API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+
+    /// Refuse to start without a token in API_TOKEN, so a missing or blank secret stops the
+    /// service instead of opening its API to anyone (env: true/false, 1/0, yes/no)
+    #[arg(
+        long,
+        env = "REQUIRE_API_TOKEN",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub require_api_token: bool,
 }
 
 impl AuthArgs {
@@ -212,6 +222,10 @@ impl AuthArgs {
             Some(list) if !list.is_empty() && BearerTokens::parse(list).is_none() => Err(anyhow!(
                 "invalid API_TOKEN: no token in it (only whitespace or commas); leave it empty \
                  or unset to run without authentication"
+            )),
+            None | Some("") if self.require_api_token => Err(anyhow!(
+                "invalid API_TOKEN: unset or empty, and REQUIRE_API_TOKEN is on; set the API's \
+                 token (or comma-separated tokens)"
             )),
             _ => Ok(()),
         }
@@ -474,6 +488,7 @@ mod tests {
     fn an_empty_token_means_no_auth_and_an_empty_list_is_refused() {
         let auth = |value: &str| AuthArgs {
             api_token: Some(value.to_owned()),
+            require_api_token: false,
         };
         assert!(auth("").tokens().is_none());
         assert!(auth("").validate().is_ok());
@@ -483,10 +498,28 @@ mod tests {
     }
 
     #[test]
+    fn a_service_told_to_require_a_token_refuses_to_start_without_one() {
+        for env in [None, Some("")] {
+            let mut cli = Cli::try_parse_from(["bin", "--require-api-token"]).unwrap();
+            cli.auth.api_token = env.map(str::to_owned);
+            let err = cli.auth.validate().unwrap_err().to_string();
+            assert!(err.starts_with("invalid API_TOKEN: "), "{env:?}: {err}");
+            assert!(err.contains("REQUIRE_API_TOKEN"), "{err}");
+        }
+        let cli =
+            Cli::try_parse_from(["bin", "--require-api-token", "--api-token", "t-1"]).unwrap();
+        assert!(cli.auth.validate().is_ok());
+        let cli = Cli::try_parse_from(["bin"]).unwrap();
+        assert!(!cli.auth.require_api_token);
+        assert!(cli.auth.validate().is_ok());
+    }
+
+    #[test]
     fn a_token_of_only_whitespace_is_refused_rather_than_turning_authentication_off() {
         for blank in [" ", "\n", " \t\r\n"] {
             let auth = AuthArgs {
                 api_token: Some(blank.to_owned()),
+                require_api_token: false,
             };
             let err = auth.validate().unwrap_err().to_string();
             assert!(err.starts_with("invalid API_TOKEN: "), "{blank:?}: {err}");
