@@ -255,6 +255,8 @@ where
                 if crate::session::is_lost(&e) && tries_left > 0 =>
             {
                 tries_left -= 1;
+                // Gone: closed rather than handed back to be pinged.
+                conn.close_on_drop();
                 tracing::debug!(error = %e, "a pooled session was gone; {what} runs again on another");
             }
             Ok(Err(TransactionFailure::Uncommitted(e) | TransactionFailure::Committing(e))) => {
