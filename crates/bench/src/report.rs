@@ -511,6 +511,14 @@ impl Report {
                     p.peak_rss_mb, p.scenario, p.processes
                 );
             }
+            for (name, p) in m.peaks.iter().filter(|(_, p)| p.final_reading_missed > 0) {
+                let _ = writeln!(
+                    md,
+                    "\n{name}: {} process(es) exited before their final reading; their figure is \
+                     the last periodic sample (every 250 ms).",
+                    p.final_reading_missed
+                );
+            }
             md.push('\n');
         }
         if !self.targets.is_empty() {
