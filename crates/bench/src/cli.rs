@@ -52,7 +52,8 @@ pub enum Scenario {
     /// Reading the whole log over HTTP: paging GET /events (all, and filtered) and one
     /// GET /events/stream (needs --spawn)
     Follow,
-    /// Command latency on a 10,000-event order vs a fresh one, snapshots on and off (needs --spawn)
+    /// Command latency on a long order (10,099 events by default: ≥ 10,000, ending one short of
+    /// a snapshot) vs a fresh one, snapshots on and off (needs --spawn)
     LongStream,
     /// Peak RSS of each service under full command load (needs --spawn)
     Memory,
@@ -270,7 +271,9 @@ pub struct Sizing {
     )]
     pub rebuild_projection: String,
 
-    /// Events of each long order
+    /// Fewest events of each long order; rounded up to one short of the next multiple of
+    /// --snapshot-every (10,099 by default), so the first command replays the longest tail a
+    /// snapshot leaves
     #[arg(
         long,
         env = "BENCH_LONG_EVENTS",
