@@ -158,7 +158,8 @@ pub struct Sizing {
     #[arg(long, env = "BENCH_LEVEL_SECS", default_value_t = 10, global = true)]
     pub level_secs: u64,
 
-    /// Seconds of unmeasured warm-up before each measured interval
+    /// Seconds of unmeasured warm-up before each measured interval (each commands level, the
+    /// hot order, and each ceiling configuration)
     #[arg(long, env = "BENCH_WARMUP_SECS", default_value_t = 2, global = true)]
     pub warmup_secs: u64,
 
@@ -170,7 +171,9 @@ pub struct Sizing {
     #[arg(long, env = "BENCH_HOT_SECS", default_value_t = 10, global = true)]
     pub hot_secs: u64,
 
-    /// Rows per INSERT transaction in the ceiling (each size is measured at every concurrency)
+    /// Rows per INSERT transaction in the ceiling (each size is measured at every concurrency;
+    /// one more point, at the service's concurrency, uses the service's own mean group-commit
+    /// size from the commands sweep of the same run, else 32)
     #[arg(
         long,
         env = "BENCH_CEILING_BATCHES",
@@ -180,7 +183,7 @@ pub struct Sizing {
     )]
     pub ceiling_batches: Vec<usize>,
 
-    /// Seconds measured per ceiling configuration
+    /// Seconds measured per ceiling configuration (after --warmup-secs)
     #[arg(long, env = "BENCH_CEILING_SECS", default_value_t = 4, global = true)]
     pub ceiling_secs: u64,
 
