@@ -43,7 +43,8 @@ pub enum Scenario {
     Hot,
     /// The raw ceiling: batched multi-row INSERTs into a scratch events table
     Ceiling,
-    /// Response-to-read-model freshness at a steady rate, and the relay's commit-to-stream time
+    /// Response-to-read-model freshness at a steady rate, and the time from an event's
+    /// `recorded_at` (set at INSERT) to the Redis stream
     Freshness,
     /// Projector catch-up over a backlog, with 1 and 2 instances (needs --spawn)
     Catchup,
@@ -159,7 +160,7 @@ pub struct Sizing {
     pub level_secs: u64,
 
     /// Seconds of unmeasured warm-up before each measured interval (each commands level, the
-    /// hot order, and each ceiling configuration)
+    /// hot order, each ceiling configuration, and the freshness run)
     #[arg(long, env = "BENCH_WARMUP_SECS", default_value_t = 2, global = true)]
     pub warmup_secs: u64,
 
@@ -194,7 +195,7 @@ pub struct Sizing {
 
     /// Clients sharing the freshness run's ticks (each sends a command, then may wait for it to
     /// be visible; default: one per 10 read-backs a second, at least 64, so a read-back cycle
-    /// of up to 100 ms keeps up); raise it when the run reports missed ticks
+    /// of up to 100 ms keeps up); raise it when the run reports late or missed ticks
     #[arg(long, env = "BENCH_FRESHNESS_CLIENTS", global = true)]
     pub freshness_clients: Option<usize>,
 
@@ -209,7 +210,7 @@ pub struct Sizing {
     )]
     pub freshness_read_every: u64,
 
-    /// Seconds of the freshness run
+    /// Seconds measured in the freshness run (after --warmup-secs)
     #[arg(
         long,
         env = "BENCH_FRESHNESS_SECS",

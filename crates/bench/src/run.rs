@@ -233,6 +233,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
                     &stream,
                     freshness::FreshnessPlan {
                         rate,
+                        warmup,
                         measure: Duration::from_secs(sizing.freshness_secs),
                         clients: sizing.freshness_clients.unwrap_or_else(|| {
                             default_freshness_clients(rate, sizing.freshness_read_every)
@@ -461,8 +462,9 @@ fn service_batch(report: &Report, concurrency: &[usize]) -> ceiling::ServiceBatc
 
 /// Freshness clients for `rate` when each reads back one command in `read_every`: a client's
 /// cycle is a command plus, one time in `read_every`, the wait until it is visible, so one
-/// client per 10 read-backs a second lets a read-back cycle take up to 100 ms without missing
-/// ticks. No more than that: idle clients turn every stall into a burst of concurrent commands.
+/// client per 10 read-backs a second lets a read-back cycle take up to 100 ms without ticks
+/// waiting for a client (which the run counts as late past [`freshness::LATE_AFTER`]). No more
+/// than that: idle clients turn every stall into a burst of concurrent commands.
 fn default_freshness_clients(rate: f64, read_every: u64) -> usize {
     ((rate / 10.0 / read_every.max(1) as f64).ceil() as usize).max(64)
 }
