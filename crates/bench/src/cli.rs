@@ -43,7 +43,8 @@ pub enum Scenario {
     Hot,
     /// The raw ceiling: batched multi-row INSERTs into a scratch events table
     Ceiling,
-    /// Response-to-read-model freshness at a steady rate, and the relay's commit-to-stream time
+    /// Response-to-read-model freshness at a steady rate, and the time from an event's
+    /// `recorded_at` (set at INSERT) to the Redis stream
     Freshness,
     /// Projector catch-up over a backlog, with 1 and 2 instances (needs --spawn)
     Catchup,
@@ -52,7 +53,8 @@ pub enum Scenario {
     /// Reading the whole log over HTTP: paging GET /events (all, and filtered) and one
     /// GET /events/stream (needs --spawn)
     Follow,
-    /// Command latency on a 10,000-event order vs a fresh one, snapshots on and off (needs --spawn)
+    /// Command latency on a long order (10,099 events by default: ≥ 10,000, ending one short of
+    /// a snapshot) vs a fresh one, snapshots on and off (needs --spawn)
     LongStream,
     /// Peak RSS of each service under full command load (needs --spawn)
     Memory,
@@ -157,7 +159,8 @@ pub struct Sizing {
     #[arg(long, env = "BENCH_LEVEL_SECS", default_value_t = 10, global = true)]
     pub level_secs: u64,
 
-    /// Seconds of unmeasured warm-up before each measured interval
+    /// Seconds of unmeasured warm-up before each measured interval (each commands level, the
+    /// hot order, each ceiling configuration, and the freshness run)
     #[arg(long, env = "BENCH_WARMUP_SECS", default_value_t = 2, global = true)]
     pub warmup_secs: u64,
 
@@ -169,7 +172,9 @@ pub struct Sizing {
     #[arg(long, env = "BENCH_HOT_SECS", default_value_t = 10, global = true)]
     pub hot_secs: u64,
 
-    /// Rows per INSERT transaction in the ceiling (each size is measured at every concurrency)
+    /// Rows per INSERT transaction in the ceiling (each size is measured at every concurrency;
+    /// one more point, at the service's concurrency, uses the service's own mean group-commit
+    /// size from the commands sweep of the same run, else 32)
     #[arg(
         long,
         env = "BENCH_CEILING_BATCHES",
@@ -179,7 +184,7 @@ pub struct Sizing {
     )]
     pub ceiling_batches: Vec<usize>,
 
-    /// Seconds measured per ceiling configuration
+    /// Seconds measured per ceiling configuration (after --warmup-secs)
     #[arg(long, env = "BENCH_CEILING_SECS", default_value_t = 4, global = true)]
     pub ceiling_secs: u64,
 
@@ -190,7 +195,7 @@ pub struct Sizing {
 
     /// Clients sharing the freshness run's ticks (each sends a command, then may wait for it to
     /// be visible; default: one per 10 read-backs a second, at least 64, so a read-back cycle
-    /// of up to 100 ms keeps up); raise it when the run reports missed ticks
+    /// of up to 100 ms keeps up); raise it when the run reports late or missed ticks
     #[arg(long, env = "BENCH_FRESHNESS_CLIENTS", global = true)]
     pub freshness_clients: Option<usize>,
 
@@ -205,7 +210,7 @@ pub struct Sizing {
     )]
     pub freshness_read_every: u64,
 
-    /// Seconds of the freshness run
+    /// Seconds measured in the freshness run (after --warmup-secs)
     #[arg(
         long,
         env = "BENCH_FRESHNESS_SECS",
@@ -270,7 +275,9 @@ pub struct Sizing {
     )]
     pub rebuild_projection: String,
 
-    /// Events of each long order
+    /// Fewest events of each long order; rounded up to one short of the next multiple of
+    /// --snapshot-every (10,099 by default), so the first command replays the longest tail a
+    /// snapshot leaves
     #[arg(
         long,
         env = "BENCH_LONG_EVENTS",

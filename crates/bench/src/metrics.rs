@@ -15,6 +15,10 @@ pub const COMMAND_HISTOGRAMS: [&str; 3] = [
     "command_duration_seconds",
 ];
 
+/// The breakdown key of the mean requests per group commit (from
+/// `event_store_batch_requests`), which also sizes the ceiling's service-sized point.
+pub const BATCH_REQUESTS_MEAN: &str = "event_store_batch_requests mean";
+
 /// Counters of the command service worth reporting per interval.
 pub const COMMAND_COUNTERS: [&str; 1] = ["command_retries_total"];
 

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::machine::Machine;
 use crate::scenarios::catchup::CatchupResult;
-use crate::scenarios::ceiling::CeilingResult;
+use crate::scenarios::ceiling::{CeilingPoint, CeilingResult};
 use crate::scenarios::closed_loop::LoadResult;
 use crate::scenarios::commands::{HotResult, SweepResult};
 use crate::scenarios::follow::FollowResult;
@@ -84,31 +84,11 @@ impl Report {
     pub fn check_targets(&mut self) {
         let mut checks = Vec::new();
         let saturation = self.saturation_level().cloned();
-        let ceiling = saturation.as_ref().and_then(|level| {
-            self.ceiling
-                .as_ref()
-                .and_then(|c| c.best_at(level.clients.min(64)))
-                .cloned()
-        });
-        checks.push(match (&saturation, &ceiling) {
+        checks.push(match (&saturation, &self.ceiling) {
             (Some(level), Some(ceiling)) => {
-                let share = level.commands_per_sec / ceiling.events_per_sec.max(f64::MIN_POSITIVE);
-                TargetCheck {
-                    target:
-                        "commands at 64 clients ≥ 40% of the batched-INSERT ceiling, p99 < 50 ms"
-                            .into(),
-                    measured: format!(
-                        "{:.0} events/s = {:.1}% of {:.0} events/s ({} rows/tx); p99 {:.1} ms",
-                        level.commands_per_sec,
-                        share * 100.0,
-                        ceiling.events_per_sec,
-                        ceiling.rows_per_transaction,
-                        level.latency.p99_ms
-                    ),
-                    met: Some(share >= 0.40 && level.latency.p99_ms < 50.0),
-                }
+                ceiling_check(level, ceiling).unwrap_or_else(|| missing(CEILING_TARGET))
             }
-            _ => missing("commands at 64 clients ≥ 40% of the batched-INSERT ceiling, p99 < 50 ms"),
+            _ => missing(CEILING_TARGET),
         });
         checks.push(match &self.hot {
             Some(hot) => TargetCheck {
@@ -124,15 +104,8 @@ impl Report {
             None => missing("one hot order, 8 writers: ≥ 1,000 commands/s, p99 < 50 ms"),
         });
         checks.push(match &self.freshness {
-            Some(f) => TargetCheck {
-                target: "response → visible in read model p99 < 100 ms at half saturation".into(),
-                measured: format!(
-                    "p99 {:.1} ms at {:.0} commands/s ({} not visible)",
-                    f.response_to_visible.p99_ms, f.achieved_rate, f.not_visible
-                ),
-                met: Some(f.response_to_visible.p99_ms < 100.0 && f.not_visible == 0),
-            },
-            None => missing("response → visible in read model p99 < 100 ms at half saturation"),
+            Some(f) => freshness_check(f),
+            None => missing(FRESHNESS_TARGET),
         });
         checks.push(match &self.catchup {
             Some(c) if !c.runs.is_empty() => {
@@ -170,31 +143,8 @@ impl Report {
             None => missing("rebuild ≥ 25,000 events/s"),
         });
         checks.push(match &self.long_stream {
-            Some(l) => {
-                // Snapshots on, and the cache limited so every command loads its order.
-                let on = l
-                    .variants
-                    .iter()
-                    .find(|v| v.snapshots && v.cache_capacity == Some(1))
-                    .or_else(|| l.variants.iter().find(|v| v.snapshots));
-                match on {
-                    Some(v) => {
-                        let cold = v.cold_long.p50_ms / v.cold_fresh.p50_ms.max(f64::MIN_POSITIVE);
-                        let warm = v.warm_long.p50_ms / v.warm_fresh.p50_ms.max(f64::MIN_POSITIVE);
-                        TargetCheck {
-                            target: format!("an order with {} events within 2x of a fresh order's latency", l.long_events),
-                            measured: format!(
-                                "snapshots on, cache {:?}: first command p50 {:.1} vs {:.1} ms ({cold:.2}x), later p50 {:.1} vs {:.1} ms ({warm:.2}x)",
-                                v.cache_capacity,
-                                v.cold_long.p50_ms, v.cold_fresh.p50_ms, v.warm_long.p50_ms, v.warm_fresh.p50_ms
-                            ),
-                            met: Some(cold <= 2.0 && warm <= 2.0 && v.errors == 0),
-                        }
-                    }
-                    None => missing("an order with 10,000 events within 2x of a fresh order's latency"),
-                }
-            }
-            None => missing("an order with 10,000 events within 2x of a fresh order's latency"),
+            Some(l) => long_stream_check(l),
+            None => missing(LONG_STREAM_TARGET),
         });
         checks.push(match &self.memory {
             Some(m) if !m.peaks.is_empty() => {
@@ -284,7 +234,7 @@ impl Report {
                     "| {} | {} | {} | {} | {} |",
                     l.clients,
                     figure(&l.breakdown, "event_store_commit mean ms"),
-                    figure(&l.breakdown, "event_store_batch_requests mean"),
+                    figure(&l.breakdown, crate::metrics::BATCH_REQUESTS_MEAN),
                     figure(&l.breakdown, "command_duration mean ms"),
                     figure(&l.breakdown, "command_retries_total")
                 );
@@ -319,7 +269,7 @@ impl Report {
                 md,
                 "Service-side: commit mean {} ms, {} requests per group commit, command handling mean {} ms, {} internal retries.\n",
                 figure(&l.breakdown, "event_store_commit mean ms"),
-                figure(&l.breakdown, "event_store_batch_requests mean"),
+                figure(&l.breakdown, crate::metrics::BATCH_REQUESTS_MEAN),
                 figure(&l.breakdown, "command_duration mean ms"),
                 figure(&l.breakdown, "command_retries_total")
             );
@@ -330,76 +280,10 @@ impl Report {
             );
         }
         if let Some(ceiling) = &self.ceiling {
-            let _ = writeln!(
-                md,
-                "### Ceiling: multi-row INSERT transactions into the events table\n"
-            );
-            let _ = writeln!(
-                md,
-                "| clients | rows/tx | events/s | tx p50 ms | tx p99 ms |\n|---:|---:|---:|---:|---:|"
-            );
-            for p in &ceiling.points {
-                let _ = writeln!(
-                    md,
-                    "| {} | {} | {:.0} | {:.1} | {:.1} |",
-                    p.clients,
-                    p.rows_per_transaction,
-                    p.events_per_sec,
-                    p.transaction_latency.p50_ms,
-                    p.transaction_latency.p99_ms
-                );
-            }
-            md.push('\n');
+            ceiling_table(&mut md, ceiling, self.saturation_level());
         }
         if let Some(f) = &self.freshness {
-            let _ = writeln!(
-                md,
-                "### Freshness at {:.0} commands/s (target {:.0}/s, {:.0} s)\n",
-                f.achieved_rate, f.target_rate, f.measured_secs
-            );
-            let _ = writeln!(
-                md,
-                "| measure | p50 ms | p95 ms | p99 ms | max ms | samples |\n|---|---:|---:|---:|---:|---:|"
-            );
-            let read_back = if f.read_every <= 1 {
-                "every command".to_owned()
-            } else {
-                format!("1 command in {}", f.read_every)
-            };
-            for (name, s) in [
-                ("command latency", &f.command_latency),
-                (
-                    &*format!("response → visible (`?min_position=`, {read_back})"),
-                    &f.response_to_visible,
-                ),
-                (
-                    "recorded_at → seen on the Redis stream",
-                    &f.commit_to_stream,
-                ),
-                (
-                    "sampled: response → applied to `order_summaries` row (DB poll)",
-                    &f.response_to_applied,
-                ),
-                (
-                    "sampled: response → `order_summaries` checkpoint ≥ position (DB poll)",
-                    &f.response_to_checkpoint,
-                ),
-            ] {
-                let _ = writeln!(
-                    md,
-                    "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
-                    s.p50_ms, s.p95_ms, s.p99_ms, s.max_ms, s.count
-                );
-            }
-            let _ = writeln!(
-                md,
-                "\nnot visible within 10 s: {}; command errors: {}; missed ticks: {}; query-service consistency wait mean {} ms over {} waits\n",
-                f.not_visible,
-                f.command_errors,
-                f.missed_ticks,
-                figure(&f.query_breakdown, "query_consistency_wait mean ms"),
-                figure(&f.query_breakdown, "query_consistency_wait_seconds count")
-            );
+            freshness_section(&mut md, f);
             cpu_table(
                 &mut md,
                 &[CpuColumn {
@@ -467,36 +351,7 @@ impl Report {
             );
         }
         if let Some(l) = &self.long_stream {
-            let _ = writeln!(
-                md,
-                "### Long stream ({} events) vs fresh order, {} orders each\n",
-                l.long_events, l.orders
-            );
-            let _ = writeln!(
-                md,
-                "| snapshots | SNAPSHOT_EVERY | ORDER_CACHE_CAPACITY | first cmd long p50/p99 ms | first cmd fresh p50/p99 ms | later long p50/p99 ms | later fresh p50/p99 ms | errors |"
-            );
-            let _ = writeln!(md, "|---|---:|---|---:|---:|---:|---:|---:|");
-            for v in &l.variants {
-                let _ = writeln!(
-                    md,
-                    "| {} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {} |",
-                    if v.snapshots { "on" } else { "off" },
-                    v.snapshot_every,
-                    v.cache_capacity
-                        .map_or("default".to_owned(), |c| c.to_string()),
-                    v.cold_long.p50_ms,
-                    v.cold_long.p99_ms,
-                    v.cold_fresh.p50_ms,
-                    v.cold_fresh.p99_ms,
-                    v.warm_long.p50_ms,
-                    v.warm_long.p99_ms,
-                    v.warm_fresh.p50_ms,
-                    v.warm_fresh.p99_ms,
-                    v.errors
-                );
-            }
-            md.push('\n');
+            long_stream_table(&mut md, l);
         }
         if let Some(m) = &self.memory {
             let _ = writeln!(md, "### Peak RSS (VmHWM) of the spawned services\n");
@@ -509,6 +364,14 @@ impl Report {
                     md,
                     "| {name} | {:.1} | {} | {} |",
                     p.peak_rss_mb, p.scenario, p.processes
+                );
+            }
+            for (name, p) in m.peaks.iter().filter(|(_, p)| p.final_reading_missed > 0) {
+                let _ = writeln!(
+                    md,
+                    "\n{name}: {} process(es) exited before their final reading; their figure is \
+                     the last periodic sample (every 250 ms).",
+                    p.final_reading_missed
                 );
             }
             md.push('\n');
@@ -536,6 +399,285 @@ impl Report {
         }
         md
     }
+}
+
+/// The command target, against the batched-INSERT ceiling.
+const CEILING_TARGET: &str =
+    "commands at 64 clients ≥ 40% of the batched-INSERT ceiling, p99 < 50 ms";
+
+/// The freshness target, and the rule that the run held its rate.
+const FRESHNESS_TARGET: &str = "response → visible in read model p99 < 100 ms at half saturation, \
+     with no command error, no missed tick and at most 1% of ticks late";
+
+/// The long-stream target.
+const LONG_STREAM_TARGET: &str =
+    "an order with ≥ 10,000 events within 2x of a fresh order's latency";
+
+/// The command target: the service's events/s as a share of the best ceiling point at its
+/// concurrency (the target's definition), with the rows per transaction and rows in flight of
+/// that point beside it, and the share of the point sized like the service's group commit.
+fn ceiling_check(level: &LoadResult, ceiling: &CeilingResult) -> Option<TargetCheck> {
+    let clients = level
+        .clients
+        .min(crate::scenarios::ceiling::MAX_CEILING_CONNECTIONS);
+    let best = ceiling.best_at(clients)?;
+    let share = level.commands_per_sec / best.events_per_sec.max(f64::MIN_POSITIVE);
+    let mut measured = format!(
+        "{:.0} events/s = {:.1}% of {:.0} events/s ({} clients × {} rows/tx, up to {} rows in flight)",
+        level.commands_per_sec,
+        share * 100.0,
+        best.events_per_sec,
+        best.clients,
+        best.rows_per_transaction,
+        best.clients * best.rows_per_transaction,
+    );
+    if let (Some(batch), Some(sized)) = (ceiling.service_batch, ceiling.service_sized()) {
+        let sized_share = level.commands_per_sec / sized.events_per_sec.max(f64::MIN_POSITIVE);
+        let _ = write!(
+            measured,
+            "; {:.1}% of {:.0} events/s at {} rows/tx ({})",
+            sized_share * 100.0,
+            sized.events_per_sec,
+            sized.rows_per_transaction,
+            batch.measured_mean.map_or_else(
+                || "a fixed size, the service's group commit not measured".to_owned(),
+                |mean| format!("the service's mean group commit, {mean:.1} requests"),
+            )
+        );
+    }
+    let _ = write!(measured, "; p99 {:.1} ms", level.latency.p99_ms);
+    Some(TargetCheck {
+        target: CEILING_TARGET.into(),
+        measured,
+        met: Some(share >= 0.40 && level.latency.p99_ms < 50.0),
+    })
+}
+
+/// The freshness target: met only if the p99 is under 100 ms, every read-back was visible, and
+/// the run held its rate ([`FreshnessResult::rate_held`]).
+fn freshness_check(f: &FreshnessResult) -> TargetCheck {
+    TargetCheck {
+        target: FRESHNESS_TARGET.into(),
+        measured: format!(
+            "p99 {:.1} ms at {:.0} commands/s ({} not visible); {} of {} ticks late ({:.2}%, > {:.0} ms), \
+             {} missed, {} command errors",
+            f.response_to_visible.p99_ms,
+            f.achieved_rate,
+            f.not_visible,
+            f.late_ticks,
+            f.ticks,
+            f.late_share() * 100.0,
+            f.late_after_ms,
+            f.missed_ticks,
+            f.command_errors
+        ),
+        met: Some(
+            f.response_to_visible.count > 0
+                && f.response_to_visible.p99_ms < 100.0
+                && f.not_visible == 0
+                && f.rate_held(),
+        ),
+    }
+}
+
+/// The long-stream target, on snapshots on with a cache of one order (every command loads its
+/// order), else snapshots on with the default cache; the variant is named in the verdict.
+fn long_stream_check(l: &LongStreamResult) -> TargetCheck {
+    let on = l
+        .variants
+        .iter()
+        .find(|v| v.snapshots && v.cache_capacity == Some(1))
+        .or_else(|| l.variants.iter().find(|v| v.snapshots));
+    let Some(v) = on else {
+        return missing(LONG_STREAM_TARGET);
+    };
+    let cold = v.cold_long.p50_ms / v.cold_fresh.p50_ms.max(f64::MIN_POSITIVE);
+    let warm = v.warm_long.p50_ms / v.warm_fresh.p50_ms.max(f64::MIN_POSITIVE);
+    let cache = match v.cache_capacity {
+        Some(1) => "ORDER_CACHE_CAPACITY=1, so every command loads its order".to_owned(),
+        Some(capacity) => format!("ORDER_CACHE_CAPACITY={capacity}"),
+        None => "the default order cache".to_owned(),
+    };
+    TargetCheck {
+        target: LONG_STREAM_TARGET.into(),
+        measured: format!(
+            "{} events ({} after the last snapshot), snapshots on (SNAPSHOT_EVERY={}), {cache}: \
+             first command p50 {:.1} vs {:.1} ms ({cold:.2}x), later p50 {:.1} vs {:.1} ms ({warm:.2}x)",
+            l.long_events,
+            l.events_after_snapshot,
+            v.snapshot_every,
+            v.cold_long.p50_ms,
+            v.cold_fresh.p50_ms,
+            v.warm_long.p50_ms,
+            v.warm_fresh.p50_ms
+        ),
+        met: Some(cold <= 2.0 && warm <= 2.0 && v.errors == 0),
+    }
+}
+
+/// The ceiling's points, with the rows each keeps in flight; the best point at the service's
+/// concurrency (the target's denominator) and the service-sized one are marked.
+fn ceiling_table(md: &mut String, ceiling: &CeilingResult, saturation: Option<&LoadResult>) {
+    let _ = writeln!(
+        md,
+        "### Ceiling: multi-row INSERT transactions into the events table\n"
+    );
+    let clients = saturation.map(|l| {
+        l.clients
+            .min(crate::scenarios::ceiling::MAX_CEILING_CONNECTIONS)
+    });
+    let best = clients.and_then(|c| ceiling.best_at(c));
+    let sized = ceiling.service_sized();
+    let _ = writeln!(
+        md,
+        "| clients | rows/tx | rows in flight (clients × rows) | events/s | tx p50 ms | tx p99 ms | |\n\
+         |---:|---:|---:|---:|---:|---:|---|"
+    );
+    for p in &ceiling.points {
+        let is = |other: Option<&CeilingPoint>| other.is_some_and(|o| std::ptr::eq(o, p));
+        let mark = match (is(best), is(sized)) {
+            (true, true) => "target's ceiling; service-sized",
+            (true, false) => "target's ceiling",
+            (false, true) => "service-sized",
+            (false, false) => "",
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {mark} |",
+            p.clients,
+            p.rows_per_transaction,
+            p.clients * p.rows_per_transaction,
+            p.events_per_sec,
+            p.transaction_latency.p50_ms,
+            p.transaction_latency.p99_ms
+        );
+    }
+    if let Some(batch) = ceiling.service_batch {
+        let _ = writeln!(
+            md,
+            "\nThe service commits one group at a time under its append lock, so at {} clients it \
+             has at most {} rows in flight; the service-sized point uses {} rows/tx ({}).",
+            batch.clients,
+            batch.clients,
+            batch.rows_per_transaction,
+            batch.measured_mean.map_or_else(
+                || "a fixed size: the service's group commit was not measured in this run"
+                    .to_owned(),
+                |mean| format!("its mean group commit in this run, {mean:.1} requests"),
+            )
+        );
+    }
+    md.push('\n');
+}
+
+/// The freshness run: latencies, then what became of the ticks and the rule they must pass.
+fn freshness_section(md: &mut String, f: &FreshnessResult) {
+    let _ = writeln!(
+        md,
+        "### Freshness at {:.0} commands/s (target {:.0}/s, {:.0} s after a {:.0} s warm-up)\n",
+        f.achieved_rate, f.target_rate, f.measured_secs, f.warmup_secs
+    );
+    let _ = writeln!(
+        md,
+        "| measure | p50 ms | p95 ms | p99 ms | max ms | samples |\n|---|---:|---:|---:|---:|---:|"
+    );
+    let read_back = if f.read_every <= 1 {
+        "every command".to_owned()
+    } else {
+        format!("1 command in {}", f.read_every)
+    };
+    let probed = format!(
+        "sampled: response → row applied and checkpoint ≥ position (one DB poll every {} ms reads both)",
+        crate::scenarios::freshness::PROBE_POLL.as_millis()
+    );
+    for (name, s) in [
+        (
+            "command service time (sent → response)",
+            &f.command_service_time,
+        ),
+        (
+            "command response time (intended send → response)",
+            &f.command_response_time,
+        ),
+        (
+            &*format!("response → visible (`?min_position=`, {read_back})"),
+            &f.response_to_visible,
+        ),
+        (
+            "recorded_at (set at INSERT) → seen on the Redis stream",
+            &f.recorded_at_to_stream,
+        ),
+        (probed.as_str(), &f.response_to_applied_and_checkpointed),
+    ] {
+        let _ = writeln!(
+            md,
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+            s.p50_ms, s.p95_ms, s.p99_ms, s.max_ms, s.count
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nticks due in the window: {}; late (sent > {:.0} ms after their intended time): {} ({:.2}%); \
+         missed (never sent): {}; command errors: {}; not visible within 10 s: {}; probes dropped: {}, \
+         failed: {}; query-service consistency wait mean {} ms over {} waits\n",
+        f.ticks,
+        f.late_after_ms,
+        f.late_ticks,
+        f.late_share() * 100.0,
+        f.missed_ticks,
+        f.command_errors,
+        f.not_visible,
+        f.probes_dropped,
+        f.probes_failed,
+        figure(&f.query_breakdown, "query_consistency_wait mean ms"),
+        figure(&f.query_breakdown, "query_consistency_wait_seconds count")
+    );
+    let _ = writeln!(
+        md,
+        "The run counts as holding its rate only with no command error, no missed tick and at most \
+         {:.0}% of ticks late; the freshness target is met only then. {}\n",
+        f.late_share_allowed * 100.0,
+        if f.rate_held() {
+            "This run held it."
+        } else {
+            "**This run did not hold it.**"
+        }
+    );
+}
+
+/// The long-stream variants. The first command of each order gives one sample per order
+/// (about 30), so its p99 would be its max: the first-command columns show p50 and max.
+fn long_stream_table(md: &mut String, l: &LongStreamResult) {
+    let _ = writeln!(
+        md,
+        "### Long stream ({} events, {} after the last snapshot) vs fresh order, {} orders each\n",
+        l.long_events, l.events_after_snapshot, l.orders
+    );
+    let _ = writeln!(
+        md,
+        "| snapshots | SNAPSHOT_EVERY | ORDER_CACHE_CAPACITY | first cmd long p50/max ms | first cmd fresh p50/max ms | later long p50/p99 ms | later fresh p50/p99 ms | errors |"
+    );
+    let _ = writeln!(md, "|---|---:|---|---:|---:|---:|---:|---:|");
+    for v in &l.variants {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {} |",
+            if v.snapshots { "on" } else { "off" },
+            v.snapshot_every,
+            v.cache_capacity
+                .map_or("default".to_owned(), |c| c.to_string()),
+            v.cold_long.p50_ms,
+            v.cold_long.max_ms,
+            v.cold_fresh.p50_ms,
+            v.cold_fresh.max_ms,
+            v.warm_long.p50_ms,
+            v.warm_long.p99_ms,
+            v.warm_fresh.p50_ms,
+            v.warm_fresh.p99_ms,
+            v.errors
+        );
+    }
+    md.push('\n');
 }
 
 /// One column of a CPU table: a measured interval and what it cost.
@@ -679,8 +821,10 @@ fn errors(errors: &std::collections::BTreeMap<String, u64>) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::scenarios::long_stream::LongStreamResult;
 
     fn level_with_cpu(clients: usize, accepted: u64, cpu: &[(&str, f64)]) -> LoadResult {
         LoadResult {
@@ -746,6 +890,185 @@ mod tests {
         let mut none = String::new();
         resident_table(&mut none, &[level_with_cpu(1, 10, &[])]);
         assert!(none.is_empty(), "no table without memory figures");
+    }
+
+    fn summary(p99_ms: f64, count: u64) -> crate::stats::LatencySummary {
+        crate::stats::LatencySummary {
+            count,
+            p50_ms: p99_ms / 2.0,
+            p95_ms: p99_ms,
+            p99_ms,
+            max_ms: p99_ms,
+            ..Default::default()
+        }
+    }
+
+    /// A freshness run like results-1041: p99 76.9 ms, nothing invisible, no errors.
+    fn freshness(ticks: u64, late: u64, missed: u64, errors: u64) -> FreshnessResult {
+        FreshnessResult {
+            target_rate: 2_877.75,
+            achieved_rate: 2_817.0,
+            warmup_secs: 2.0,
+            measured_secs: 20.0,
+            clients: 72,
+            read_every: 4,
+            ticks,
+            late_ticks: late,
+            missed_ticks: missed,
+            late_after_ms: 10.0,
+            late_share_allowed: 0.01,
+            command_service_time: summary(30.0, ticks),
+            command_response_time: summary(40.0, ticks),
+            response_to_visible: summary(76.9, ticks / 4),
+            not_visible: 0,
+            command_errors: errors,
+            recorded_at_to_stream: summary(20.0, ticks),
+            response_to_applied_and_checkpointed: summary(70.0, ticks / 50),
+            probes_dropped: 0,
+            probes_failed: 0,
+            query_breakdown: Default::default(),
+            accepted: ticks,
+            cpu_seconds: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_fast_freshness_run_that_missed_ticks_does_not_meet_the_target() {
+        assert_eq!(freshness_check(&freshness(57_000, 0, 0, 0)).met, Some(true));
+        let missed = freshness_check(&freshness(57_000, 0, 1_200, 0));
+        assert_eq!(missed.met, Some(false), "{missed:?}");
+        assert!(missed.measured.contains("1200 missed"), "{missed:?}");
+        assert_eq!(
+            freshness_check(&freshness(57_000, 0, 0, 1)).met,
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn a_freshness_run_with_more_than_one_percent_late_ticks_does_not_meet_the_target() {
+        assert_eq!(
+            freshness_check(&freshness(10_000, 100, 0, 0)).met,
+            Some(true)
+        );
+        let late = freshness_check(&freshness(10_000, 101, 0, 0));
+        assert_eq!(late.met, Some(false));
+        assert!(
+            late.measured.contains("101 of 10000 ticks late (1.01%"),
+            "{late:?}"
+        );
+    }
+
+    #[test]
+    fn a_freshness_run_without_read_backs_does_not_meet_the_target() {
+        let mut empty = freshness(10_000, 0, 0, 0);
+        empty.response_to_visible = Default::default();
+        assert_eq!(freshness_check(&empty).met, Some(false));
+    }
+
+    #[test]
+    fn the_freshness_section_states_the_rule_and_names_both_command_latencies() {
+        let mut md = String::new();
+        freshness_section(&mut md, &freshness(10_000, 500, 3, 0));
+        assert!(
+            md.contains("command service time (sent → response)"),
+            "{md}"
+        );
+        assert!(
+            md.contains("command response time (intended send → response)"),
+            "{md}"
+        );
+        assert!(
+            md.contains("recorded_at (set at INSERT) → seen on the Redis stream"),
+            "{md}"
+        );
+        assert!(
+            md.contains("late (sent > 10 ms after their intended time): 500 (5.00%)"),
+            "{md}"
+        );
+        assert!(md.contains("at most 1% of ticks late"), "{md}");
+        assert!(md.contains("**This run did not hold it.**"), "{md}");
+        assert!(md.contains("after a 2 s warm-up"), "{md}");
+    }
+
+    fn ceiling_point(clients: usize, rows: usize, events_per_sec: f64) -> CeilingPoint {
+        CeilingPoint {
+            clients,
+            rows_per_transaction: rows,
+            transactions: 1,
+            events_per_sec,
+            transaction_latency: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_ceiling_verdict_keeps_the_best_point_and_shows_rows_and_the_service_sized_share() {
+        let mut level = level_with_cpu(64, 95_370, &[]);
+        level.latency = summary(12.2, 95_370);
+        let ceiling = CeilingResult {
+            points: vec![
+                ceiling_point(64, 1, 6_833.0),
+                ceiling_point(64, 30, 38_148.0),
+                ceiling_point(64, 64, 83_472.0),
+            ],
+            service_batch: Some(crate::scenarios::ceiling::ServiceBatch::new(64, Some(30.0))),
+        };
+        let check = ceiling_check(&level, &ceiling).unwrap();
+        assert_eq!(check.met, Some(false));
+        assert!(
+            check.measured.contains(
+                "= 11.4% of 83472 events/s (64 clients × 64 rows/tx, up to 4096 rows in flight)"
+            ),
+            "{check:?}"
+        );
+        assert!(
+            check.measured.contains(
+                "25.0% of 38148 events/s at 30 rows/tx (the service's mean group commit, 30.0 requests)"
+            ),
+            "{check:?}"
+        );
+        let mut md = String::new();
+        ceiling_table(&mut md, &ceiling, Some(&level));
+        assert!(
+            md.contains("| 64 | 64 | 4096 | 83472 | 0.0 | 0.0 | target's ceiling |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 64 | 30 | 1920 | 38148 | 0.0 | 0.0 | service-sized |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn the_long_stream_verdict_names_its_variant_and_the_tail_it_replayed() {
+        use crate::scenarios::long_stream::LongStreamVariant;
+        let variant = |cache_capacity| LongStreamVariant {
+            snapshots: true,
+            snapshot_every: 100,
+            cache_capacity,
+            cold_long: summary(2.0, 30),
+            cold_fresh: summary(2.0, 30),
+            warm_long: summary(2.0, 1_200),
+            warm_fresh: summary(2.0, 1_200),
+            errors: 0,
+        };
+        let result = LongStreamResult {
+            long_events: 10_099,
+            events_after_snapshot: 99,
+            orders: 30,
+            variants: vec![variant(None), variant(Some(1))],
+        };
+        let check = long_stream_check(&result);
+        assert_eq!(check.met, Some(true));
+        assert!(
+            check.measured.starts_with(
+                "10099 events (99 after the last snapshot), snapshots on (SNAPSHOT_EVERY=100), \
+                 ORDER_CACHE_CAPACITY=1, so every command loads its order"
+            ),
+            "{check:?}"
+        );
+        let mut md = String::new();
+        long_stream_table(&mut md, &result);
+        assert!(md.contains("first cmd long p50/max ms"), "{md}");
     }
 
     #[test]

@@ -233,6 +233,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
                     &stream,
                     freshness::FreshnessPlan {
                         rate,
+                        warmup,
                         measure: Duration::from_secs(sizing.freshness_secs),
                         clients: sizing.freshness_clients.unwrap_or_else(|| {
                             default_freshness_clients(rate, sizing.freshness_read_every)
@@ -257,16 +258,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
     }
 
     // 2. The ceiling, with the services stopped so they neither compete nor hold connections.
+    // Besides the configured batch sizes, one point at the service's concurrency with
+    // transactions the size of the service's own group commit, measured by the sweep above.
     if wants(selected, Scenario::Ceiling) {
+        let service_batch = service_batch(&report, &sizing.concurrency);
+        let configurations = ceiling::plan(
+            &sizing.concurrency,
+            &sizing.ceiling_batches,
+            Some(service_batch),
+        );
         let result = async {
             let pool = scratch
                 .migrated_pool("ceiling", ceiling::MAX_CEILING_CONNECTIONS as u32)
                 .await?;
             let result = ceiling::run(
                 &pool,
-                &sizing.concurrency,
-                &sizing.ceiling_batches,
-                Duration::from_secs(1),
+                &configurations,
+                Some(service_batch),
+                warmup,
                 Duration::from_secs(sizing.ceiling_secs),
             )
             .await;
@@ -435,10 +444,27 @@ async fn settle(scratch: &Scratch) {
     pool.close().await;
 }
 
+/// The service-sized ceiling point: the concurrency of the sweep's saturation level and its
+/// mean requests per group commit when the sweep ran, else the highest concurrency asked for
+/// and [`ceiling::SERVICE_BATCH_FALLBACK_ROWS`].
+fn service_batch(report: &Report, concurrency: &[usize]) -> ceiling::ServiceBatch {
+    match report.saturation_level() {
+        Some(level) => ceiling::ServiceBatch::new(
+            level.clients,
+            level
+                .breakdown
+                .get(crate::metrics::BATCH_REQUESTS_MEAN)
+                .copied(),
+        ),
+        None => ceiling::ServiceBatch::new(concurrency.iter().copied().max().unwrap_or(64), None),
+    }
+}
+
 /// Freshness clients for `rate` when each reads back one command in `read_every`: a client's
 /// cycle is a command plus, one time in `read_every`, the wait until it is visible, so one
-/// client per 10 read-backs a second lets a read-back cycle take up to 100 ms without missing
-/// ticks. No more than that: idle clients turn every stall into a burst of concurrent commands.
+/// client per 10 read-backs a second lets a read-back cycle take up to 100 ms without ticks
+/// waiting for a client (which the run counts as late past [`freshness::LATE_AFTER`]). No more
+/// than that: idle clients turn every stall into a burst of concurrent commands.
 fn default_freshness_clients(rate: f64, read_every: u64) -> usize {
     ((rate / 10.0 / read_every.max(1) as f64).ceil() as usize).max(64)
 }

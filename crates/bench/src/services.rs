@@ -1,6 +1,12 @@
 //! Running the real service binaries as child processes: each on a free loopback port, against
 //! a given database and Redis stream key, logs to files, peak RSS sampled from /proc while it
 //! runs. Stopping is SIGTERM (the services drain and exit 0), then SIGKILL after a deadline.
+//!
+//! Peak RSS is `VmHWM`, a high-water mark, so one reading after the peak is exact; but /proc
+//! stops showing it the moment the process exits (a zombie has no memory map). So besides the
+//! sampling, a service is read just before it is sent SIGTERM, and a one-shot command (e.g.
+//! `projector rebuild`) as each line of its output arrives: it prints its summary when its
+//! work is done, just before it exits.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,7 +28,8 @@ pub const READY_DEADLINE: Duration = Duration::from_secs(60);
 pub const STOP_DEADLINE: Duration = Duration::from_secs(30);
 
 /// How often the peak RSS of a child is sampled (VmHWM is a high-water mark, so sampling only
-/// has to catch the process before it exits).
+/// has to catch the process before it exits; the final readings are taken apart, see the
+/// module docs).
 const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
 /// The three binaries.
@@ -69,6 +76,9 @@ pub struct MemoryPeak {
     pub scenario: String,
     /// How many processes of this service were measured.
     pub processes: usize,
+    /// Processes whose final reading came too late (the process had already exited), so their
+    /// figure is the last periodic sample, up to [`RSS_SAMPLE_EVERY`] old.
+    pub final_reading_missed: usize,
 }
 
 /// A running child service.
@@ -155,8 +165,9 @@ impl Launcher {
     }
 
     /// Runs a one-shot subcommand of a binary (e.g. `projector rebuild order_summaries`) to
-    /// completion, recording its peak RSS; returns how long it ran and the file holding what it
-    /// printed.
+    /// completion, recording its peak RSS (read as each line of its output arrives, so the last
+    /// reading is taken when it reports done, before it exits); returns how long it ran and the
+    /// file holding what it printed.
     pub async fn run_to_completion(
         &self,
         service: Service,
@@ -170,8 +181,11 @@ impl Launcher {
         command.args(args);
         let log_name = format!("{scenario}-{}-{}.log", service.binary(), args.join("-"));
         let log_path = self.log_dir.join(&log_name);
-        let (stdout, stderr) = log_files(&log_path)?;
-        command.stdout(stdout).stderr(stderr).kill_on_drop(true);
+        let (stdout_log, stderr_log) = log_files(&log_path)?;
+        command
+            .stdout(Stdio::piped())
+            .stderr(stderr_log)
+            .kill_on_drop(true);
         let started = Instant::now();
         let mut child = command
             .spawn()
@@ -179,11 +193,26 @@ impl Launcher {
         let pid = child.id().context("a just-spawned child has a pid")?;
         let peak_kb = Arc::new(AtomicU64::new(0));
         let sampler = tokio::spawn(sample_peak_rss(pid, peak_kb.clone()));
+        let output = child.stdout.take().context("the child's stdout is piped")?;
+        let forwarder = tokio::spawn(forward_output(output, stdout_log, pid, peak_kb.clone()));
         let status = child.wait().await.context("wait for the child")?;
         let elapsed = started.elapsed();
         sampler.abort();
-        self.note_peak(service, scenario, peak_kb.load(Ordering::Relaxed))
-            .await;
+        let read_at_exit = forwarder.await.context("forward the child's output")??;
+        if !read_at_exit {
+            eprintln!(
+                "{}: exited before its peak RSS could be read at its last line; reporting the \
+                 last {RSS_SAMPLE_EVERY:?} sample",
+                service.binary()
+            );
+        }
+        self.note_peak(
+            service,
+            scenario,
+            peak_kb.load(Ordering::Relaxed),
+            read_at_exit,
+        )
+        .await;
         if !status.success() {
             bail!(
                 "{} {} exited with {status}; see {}",
@@ -220,10 +249,9 @@ impl Launcher {
     /// Stops a child: SIGTERM, wait for the drain, SIGKILL past [`STOP_DEADLINE`]. Records its
     /// peak RSS.
     pub async fn stop(&self, mut running: Running) -> anyhow::Result<()> {
-        let peak = running
-            .peak_kb
-            .load(Ordering::Relaxed)
-            .max(read_peak_kb(running.pid));
+        // The final reading, while the process still runs: once it exits, /proc has no VmHWM.
+        let before_stop = read_peak_kb(running.pid);
+        let peak = running.peak_kb.load(Ordering::Relaxed).max(before_stop);
         running.peak_kb.store(peak, Ordering::Relaxed);
         // SIGTERM through kill(1): the tool forbids unsafe code, so no libc call.
         let _ = Command::new("kill")
@@ -240,15 +268,16 @@ impl Launcher {
             let _ = running.child.kill().await;
         }
         running.sampler.abort();
-        self.note_peak(running.service, &running.scenario, peak)
+        self.note_peak(running.service, &running.scenario, peak, before_stop > 0)
             .await;
         Ok(())
     }
 
-    async fn note_peak(&self, service: Service, scenario: &str, peak_kb: u64) {
+    async fn note_peak(&self, service: Service, scenario: &str, peak_kb: u64, read_at_exit: bool) {
         let mut memory = self.memory.lock().await;
         let entry = memory.peaks.entry(service.binary().to_owned()).or_default();
         entry.processes += 1;
+        entry.final_reading_missed += usize::from(!read_at_exit);
         // Decimal megabytes, the unit of the target (100 MB).
         let mb = peak_kb as f64 * 1024.0 / 1_000_000.0;
         if mb > entry.peak_rss_mb {
@@ -338,6 +367,29 @@ fn parse_status_kb(status: &str, field: &str) -> Option<u64> {
         .and_then(|kb| kb.parse().ok())
 }
 
+/// Copies a one-shot child's stdout to its log line by line, reading its `VmHWM` as each line
+/// arrives, before writing it. Returns whether the reading at the last line found the process
+/// still running (a one-shot command prints its summary when done, then exits).
+async fn forward_output(
+    output: tokio::process::ChildStdout,
+    mut log: std::fs::File,
+    pid: u32,
+    peak_kb: Arc<AtomicU64>,
+) -> anyhow::Result<bool> {
+    use std::io::Write;
+    use tokio::io::AsyncBufReadExt;
+
+    let mut lines = tokio::io::BufReader::new(output).lines();
+    let mut read_at_last_line = false;
+    while let Some(line) = lines.next_line().await.context("read the child's output")? {
+        let kb = read_peak_kb(pid);
+        peak_kb.fetch_max(kb, Ordering::Relaxed);
+        read_at_last_line = kb > 0;
+        writeln!(log, "{line}").context("write the child's output to its log")?;
+    }
+    Ok(read_at_last_line)
+}
+
 async fn sample_peak_rss(pid: u32, peak_kb: Arc<AtomicU64>) {
     loop {
         let kb = read_peak_kb(pid);
@@ -347,6 +399,7 @@ async fn sample_peak_rss(pid: u32, peak_kb: Arc<AtomicU64>) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -356,6 +409,36 @@ mod tests {
         assert_eq!(parse_vm_hwm(status), Some(12345));
         assert_eq!(parse_vm_hwm("Name:\tx\n"), None);
         assert_eq!(parse_status_kb(status, "VmRSS:"), Some(100));
+    }
+
+    #[tokio::test]
+    async fn a_one_shot_commands_output_reaches_its_log_and_its_peak_is_read_at_its_last_line() {
+        let dir = std::env::temp_dir().join(format!("bench-forward-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log_path = dir.join("out.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        // Done, then a moment of shutdown before it exits, as a rebuild does.
+        let mut child = Command::new("sh")
+            .args(["-c", "echo working; echo done; sleep 0.3"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id().unwrap();
+        let peak_kb = Arc::new(AtomicU64::new(0));
+        let output = child.stdout.take().unwrap();
+        let forwarded = tokio::spawn(forward_output(output, log, pid, peak_kb.clone()));
+        let _ = child.wait().await;
+        let read_at_exit = forwarded.await.unwrap().unwrap();
+        assert!(
+            read_at_exit,
+            "the reading at the last line found the process running"
+        );
+        assert!(peak_kb.load(Ordering::Relaxed) > 0);
+        assert_eq!(
+            std::fs::read_to_string(&log_path).unwrap(),
+            "working\ndone\n"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -42,18 +42,26 @@ async fn a_seeded_long_order_has_exactly_the_asked_events_and_loads_from_its_sna
 }
 
 #[tokio::test]
-async fn the_ceiling_reports_one_point_per_client_count_and_batch_size() {
+async fn the_ceiling_reports_one_point_per_configuration_including_the_service_sized_one() {
     let db = TestDatabase::new().await;
+    let service_batch = ceiling::ServiceBatch::new(2, Some(3.0));
+    let configurations = ceiling::plan(&[1, 2], &[1, 4], Some(service_batch));
     let result = ceiling::run(
         &db.pool,
-        &[1, 2],
-        &[1, 4],
+        &configurations,
+        Some(service_batch),
         Duration::from_millis(50),
         Duration::from_millis(300),
     )
     .await
     .unwrap();
-    assert_eq!(result.points.len(), 4);
+    assert_eq!(result.points.len(), 5);
     assert!(result.points.iter().all(|p| p.transactions > 0));
     assert!(result.best_at(2).is_some());
+    assert_eq!(
+        result
+            .service_sized()
+            .map(|p| (p.clients, p.rows_per_transaction)),
+        Some((2, 3))
+    );
 }
