@@ -200,7 +200,14 @@ impl Application {
             stop.await;
             let _ = drain_began.send(tokio::time::Instant::now());
         };
-        let served = shutdown::serve_with_grace(listener, router, stop, grace).await;
+        let served = shutdown::serve_with_limits(
+            listener,
+            router,
+            stop,
+            grace,
+            config.common.connection_limits(),
+        )
+        .await;
 
         // One deadline for everything after the delay. The server stopped on its own (an
         // error) when draining never began.

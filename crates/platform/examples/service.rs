@@ -102,11 +102,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {} (LISTEN_ADDR)", config.listen_addr))?;
     tracing::info!(addr = %config.listen_addr, "listening");
     let token = shutdown::cancel_on_signal();
-    shutdown::serve_with_grace(
+    shutdown::serve_with_limits(
         listener,
         app,
         token.cancelled_owned(),
         config.common.shutdown_grace(),
+        config.common.connection_limits(),
     )
     .await
 }

@@ -84,6 +84,18 @@ pub struct CommonArgs {
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
 
+    /// Most HTTP connections open at once; at the cap no connection is accepted until one closes
+    /// (new ones wait in the listen backlog). Keep it above MAX_IN_FLIGHT_REQUESTS plus the
+    /// query-service's EVENT_STREAMS_MAX, and within the memory limit (a connection holds up to
+    /// about 25 KiB before its request is parsed) and the open-file limit
+    #[arg(
+        long,
+        env = "MAX_CONNECTIONS",
+        default_value_t = crate::shutdown::DEFAULT_MAX_CONNECTIONS as u64,
+        value_parser = clap::value_parser!(u64).range(1..=1_000_000)
+    )]
+    pub max_connections: u64,
+
     /// Seconds a service (or `migrate`) starting while PostgreSQL cannot be reached yet
     /// (refused, not resolvable, still starting) waits for it, trying again, before it exits
     /// (0: exit at once). The other admin commands never wait
@@ -127,6 +139,15 @@ impl CommonArgs {
     /// The shutdown grace period as a `Duration`.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    /// The limits of the binary's HTTP connections: `MAX_CONNECTIONS`, and the fixed header-read
+    /// timeout and buffer size.
+    pub fn connection_limits(&self) -> crate::shutdown::ConnectionLimits {
+        crate::shutdown::ConnectionLimits {
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            ..crate::shutdown::ConnectionLimits::default()
+        }
     }
 
     /// Installs logging (and span export when configured) with `LOG_FORMAT` and `RUST_LOG`.
@@ -396,6 +417,7 @@ mod tests {
         assert_eq!(cli.common.db_max_connections, 10);
         assert_eq!(cli.common.event_stream, "es:events");
         assert_eq!(cli.common.shutdown_grace_secs, 20);
+        assert_eq!(cli.common.max_connections, 2048);
         assert!(!cli.common.skip_migrations);
         cli.common.validate().unwrap();
     }

@@ -34,8 +34,9 @@
 //!   blocking reads.
 //! - [`redis_tls`]: the TLS files of a `rediss://` `REDIS_URL` (trusted authorities, client
 //!   certificate), read and checked at start.
-//! - [`shutdown`]: SIGTERM/Ctrl-C as a future and a cancellation token, and `serve` with graceful
-//!   shutdown.
+//! - [`shutdown`]: SIGTERM/Ctrl-C as a future and a cancellation token, and `serve`: hyper's
+//!   HTTP/1.1 server with a header-read timeout, a bounded buffer and a cap on open connections
+//!   (`ConnectionLimits`), and graceful shutdown.
 //! - [`healthcheck`]: a tiny HTTP probe for Docker `HEALTHCHECK` (containers have no curl).
 //! - `testing` (feature `test-util`): `LogBuffer`, service logs kept in memory for tests.
 

@@ -141,11 +141,12 @@ impl Application {
         tracing::info!(consumer = %name, projections = ?settings.projections, port = self.port(), "projector running");
         let grace = self.cli.common.shutdown_grace();
         let serve = async {
-            let served = platform::shutdown::serve_with_grace(
+            let served = platform::shutdown::serve_with_limits(
                 self.listener,
                 self.router,
                 shutdown.clone().cancelled_owned(),
                 grace,
+                self.cli.common.connection_limits(),
             )
             .await;
             shutdown.cancel();

@@ -45,6 +45,8 @@ pub struct Application {
     streams_stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     grace: std::time::Duration,
+    /// `MAX_CONNECTIONS` and the server's other bounds on connections.
+    connection_limits: platform::shutdown::ConnectionLimits,
     /// `SHUTDOWN_DELAY_MS`: how long it goes on serving, out of rotation, before it drains.
     delay: std::time::Duration,
     watcher_stats: Arc<WatcherStats>,
@@ -156,6 +158,7 @@ impl Application {
             streams_stop,
             tasks,
             grace: config.common.shutdown_grace(),
+            connection_limits: config.common.connection_limits(),
             delay: config.http.shutdown_delay(),
             watcher_stats: watcher.stats(),
             read_stats: read_models.stats(),
@@ -210,8 +213,14 @@ impl Application {
             shutdown.await;
             streams_stop.cancel();
         };
-        let result =
-            platform::shutdown::serve_with_grace(self.listener, router, shutdown, self.grace).await;
+        let result = platform::shutdown::serve_with_limits(
+            self.listener,
+            router,
+            shutdown,
+            self.grace,
+            self.connection_limits,
+        )
+        .await;
         self.cancel.cancel();
         // The tasks end at the cancel, even in the middle of a database call; the bound only
         // keeps a future regression from holding the process past its grace period.
