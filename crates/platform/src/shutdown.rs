@@ -168,11 +168,13 @@ async fn not_ready_while_leaving(
 pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
 
 /// How long a client has to send a request's line and headers, counted from when its connection
-/// opens or its previous response was sent: long enough for any real client on a slow network,
-/// short enough that a client sending nothing, or its headers a byte at a time, gives its
-/// connection up within half a minute. It is also how long an idle keep-alive connection stays open,
-/// so a proxy that keeps idle connections to a service must close them sooner.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// opens or its previous response was sent. It is also how long an idle keep-alive connection
+/// stays open, and it must outlast the idle timeout of the proxies in front (ingress-nginx and
+/// AWS load balancers keep idle upstream connections 60 s): a proxy that sends a request on a
+/// connection the service is closing at that moment answers its client 502. So 75 s, nginx's own
+/// keep-alive default; what a client sending nothing, or its headers a byte at a time, can hold
+/// meanwhile is bounded by [`CONNECTION_BUFFER_BYTES`] and the connection cap.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(75);
 
 /// Most bytes one connection buffers (hyper's default is about 400 KiB). A request's line and
 /// headers must fit in it, else the answer is 431 and the connection is closed: 16 KiB, the
