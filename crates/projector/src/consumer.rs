@@ -771,7 +771,9 @@ impl ProjectionConsumer {
     /// sweeper applied it from the store, or a consumer that claimed the entry, while this
     /// consumer's tries failed or were cut short): then nothing failed for good, and the entry
     /// is acknowledged and its unfinished tries forgotten, with no letter and no park. A
-    /// letter, or a park, would hold back the order's next event, which never failed.
+    /// letter, or a park, would hold back the order's next event, which never failed. (Applied
+    /// in the moment between that look and the letter, the event leaves a letter but no park:
+    /// `park_stream` looks again under the stream's lock, and `dlq purge` deletes the letter.)
     async fn give_up(
         &mut self,
         entry: &StreamEntry,

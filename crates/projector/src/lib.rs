@@ -44,8 +44,9 @@
 //! re-applies the stream from the event store, or `dlq purge` skips the event. Other orders
 //! never wait. An event the read model has applied by the time the consumer or the sweeper
 //! gives up on it (another instance applied it meanwhile) failed nothing for good: its entry is
-//! acknowledged, with no letter and no park; and a park never holds an order back at an event
-//! that is applied already. An entry that cannot be decoded is no event of any order: it is
+//! acknowledged, with no letter and no park (applied in the moment between that look and the
+//! letter, it leaves a letter but no park, which `dlq purge` deletes); and a park never holds
+//! an order back at an event that is applied already. An entry that cannot be decoded is no event of any order: it is
 //! retried and dead-lettered on its own, and parks nothing, whatever stream it names.
 //!
 //! # Low-water mark and healing

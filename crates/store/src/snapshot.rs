@@ -34,7 +34,9 @@ pub async fn load_snapshot<T: DeserializeOwned>(
     }
 }
 
-/// Stores a snapshot unless a newer one (same schema) is already there.
+/// Stores a snapshot unless a newer one (same schema) is already there. One at the same version
+/// is replaced: the state is the same, unless the stored one no longer deserialises, which a
+/// load that replayed the order in its stead repairs this way.
 pub async fn save_snapshot<T: Serialize>(
     executor: impl PgExecutor<'_>,
     stream_id: &str,
@@ -50,7 +52,7 @@ pub async fn save_snapshot<T: Serialize>(
            SET stream_version = EXCLUDED.stream_version, \
                state_schema_version = EXCLUDED.state_schema_version, \
                state = EXCLUDED.state, taken_at = now() \
-         WHERE snapshots.stream_version < EXCLUDED.stream_version \
+         WHERE snapshots.stream_version <= EXCLUDED.stream_version \
             OR snapshots.state_schema_version <> EXCLUDED.state_schema_version",
     )
     .bind(stream_id)

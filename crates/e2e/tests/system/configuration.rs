@@ -44,6 +44,46 @@ fn a_listen_addr_without_a_port_or_a_rust_log_that_does_not_parse_stops_every_bi
     }
 }
 
+/// A connection cap of 0 would serve nothing, and an API told to require a token must not start
+/// open because the token's secret is missing or blank.
+#[test]
+fn a_zero_connection_cap_or_a_required_token_left_unset_stops_the_binary_at_start() {
+    let mut cases = vec![
+        (
+            "command-service",
+            vec![("MAX_CONNECTIONS", "0")],
+            "MAX_CONNECTIONS",
+        ),
+        (
+            "query-service",
+            vec![("MAX_CONNECTIONS", "0")],
+            "MAX_CONNECTIONS",
+        ),
+        (
+            "projector",
+            vec![("MAX_CONNECTIONS", "0")],
+            "MAX_CONNECTIONS",
+        ),
+    ];
+    for bin in ["command-service", "query-service"] {
+        cases.push((bin, vec![("REQUIRE_API_TOKEN", "true")], "API_TOKEN"));
+        cases.push((
+            bin,
+            vec![("REQUIRE_API_TOKEN", "true"), ("API_TOKEN", "")],
+            "API_TOKEN",
+        ));
+    }
+    for (bin, env, setting) in cases {
+        let (code, lines) = start_with(bin, &env);
+        assert_eq!(code, Some(2), "{bin} {env:?}: {lines:?}");
+        assert_eq!(lines.len(), 1, "{bin} {env:?}: {lines:?}");
+        // The line names the setting: `invalid API_TOKEN: …` from the service's own check,
+        // clap's `invalid value '0' for '--max-connections <MAX_CONNECTIONS>'` for a number
+        // out of range.
+        assert!(lines[0].contains(setting), "{bin} {env:?}: {lines:?}");
+    }
+}
+
 #[test]
 fn every_binary_lists_the_contract_settings_as_flags_with_their_defaults() {
     for (bin, listen) in [
