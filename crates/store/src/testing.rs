@@ -103,6 +103,27 @@ impl TestDatabase {
     }
 }
 
+impl TestDatabase {
+    /// Ends every session of this database, as a restart of the server does to its clients
+    /// (`pg_terminate_backend`, from a session of its own on the server's maintenance
+    /// database); returns how many it ended.
+    pub async fn end_every_session(&self) -> i64 {
+        let mut admin = PgConnection::connect(&server_url())
+            .await
+            .expect("an admin session");
+        let ended = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1) AS ended",
+        )
+        .bind(&self.name)
+        .fetch_one(&mut admin)
+        .await
+        .expect("end the sessions");
+        let _ = admin.close().await;
+        ended
+    }
+}
+
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         let name = self.name.clone();

@@ -1024,22 +1024,6 @@ mod ended_sessions {
         pool
     }
 
-    /// Ends every session of the test's database, as a restart of the server does.
-    async fn end_every_session(db: &TestDatabase) {
-        let mut admin = sqlx::PgConnection::connect(&store::testing::server_url())
-            .await
-            .expect("an admin session");
-        let ended: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = $1) AS ended",
-        )
-        .bind(&db.name)
-        .fetch_one(&mut admin)
-        .await
-        .expect("end the sessions");
-        assert!(ended > 0, "no session to end");
-    }
-
     /// Work sent on a session the server ended committed nothing, so it is sent again on another
     /// session: the appends and loads made after a restart succeed, however many of the pooled
     /// sessions it ended, instead of failing one request per dead session.
@@ -1051,7 +1035,7 @@ mod ended_sessions {
         let stream = events::order_stream_id(order_id);
 
         let pool = unchecked_pool_of_used_sessions(&db, SESSIONS).await;
-        end_every_session(&db).await;
+        assert!(db.end_every_session().await > 0, "no session to end");
         for version in 2..2 + i64::from(SESSIONS) {
             let outcome = store::append_batch_within(
                 &pool,
@@ -1067,7 +1051,7 @@ mod ended_sessions {
 
         let other = super::snapshots::order_with_items(&db, 2).await;
         let pool = unchecked_pool_of_used_sessions(&db, SESSIONS).await;
-        end_every_session(&db).await;
+        assert!(db.end_every_session().await > 0, "no session to end");
         for _ in 0..SESSIONS {
             let loaded = store::load_order(&pool, other)
                 .await

@@ -485,18 +485,7 @@ async fn commands_after_the_server_ended_every_session_succeed_without_a_503() {
     let loaded_by_other = app.create_order().await;
     assert_eq!(other.add_item(order_id, "WARM", 1, 10).await.status(), 200);
 
-    let mut admin =
-        <sqlx::PgConnection as sqlx::Connection>::connect(&store::testing::server_url())
-            .await
-            .unwrap();
-    let ended: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = $1) AS ended",
-    )
-    .bind(&app.db.name)
-    .fetch_one(&mut admin)
-    .await
-    .unwrap();
+    let ended = app.db.end_every_session().await;
     assert!(ended >= 2, "the services' sessions were ended: {ended}");
 
     let appended = app.add_item(order_id, "A", 1, 10).await;
