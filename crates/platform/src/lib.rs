@@ -15,6 +15,8 @@
 //! - [`otel`]: OpenTelemetry trace export (OTLP over HTTP/protobuf, batch processor) and the
 //!   bridge from W3C `traceparent` values to OTel span parents.
 //! - [`metrics`]: the process-wide Prometheus recorder and the `/metrics` handler.
+//! - [`open_files`]: the soft limit on open files raised to the hard one when a server starts,
+//!   so connections run out at `MAX_CONNECTIONS`, not at a container's default of 1024.
 //! - [`problem`]: `Problem`, the RFC 9457 `application/problem+json` error response.
 //! - [`extract`]: `Json`, `Path` and `Query` extractors whose rejections are `Problem`s, plus the
 //!   404/405 fallbacks.
@@ -49,6 +51,7 @@ pub mod health;
 pub mod healthcheck;
 pub mod http;
 pub mod metrics;
+pub mod open_files;
 pub mod otel;
 pub mod outage;
 pub mod problem;

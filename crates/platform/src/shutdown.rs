@@ -280,6 +280,7 @@ async fn run(
     grace: Option<Duration>,
     limits: ConnectionLimits,
 ) {
+    crate::open_files::raise_for_connections(limits.max_connections);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
