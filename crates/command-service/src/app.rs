@@ -209,8 +209,8 @@ impl Application {
         )
         .await;
 
-        // One deadline for everything after the delay. The server stopped on its own (an
-        // error) when draining never began.
+        // One deadline for everything after the delay; counted from now should the server
+        // have returned before draining began (it returns only once told to stop).
         let deadline = drain_began_at
             .await
             .unwrap_or_else(|_| tokio::time::Instant::now())
