@@ -193,6 +193,10 @@ const ACCEPT_RETRY_AFTER: Duration = Duration::from_millis(100);
 /// Gauge of the connections open now, on every binary (bounded by `MAX_CONNECTIONS`).
 pub const OPEN_CONNECTIONS_METRIC: &str = "http_connections_open";
 
+/// Gauge of the cap on open connections (`MAX_CONNECTIONS`), so an alert can tell how near
+/// [`OPEN_CONNECTIONS_METRIC`] is to it whatever each deployment set.
+pub const MAX_CONNECTIONS_METRIC: &str = "http_connections_max";
+
 /// Bounds on the connections a server accepts: what holds before a request's headers are
 /// parsed, where the router's own limits ([`crate::http::HttpLimits`]) cannot act yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,6 +298,7 @@ async fn run(
     let mut accept_failures = OutageLog::new();
     // Exposed at zero from the start.
     metrics::gauge!(OPEN_CONNECTIONS_METRIC).increment(0.0);
+    metrics::gauge!(MAX_CONNECTIONS_METRIC).set(max_connections as f64);
 
     tokio::pin!(shutdown);
     loop {

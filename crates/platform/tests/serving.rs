@@ -242,8 +242,14 @@ async fn connections_beyond_the_cap_are_not_served_until_one_closes() {
         assert_eq!(read_response(&mut client).await, (200, "ok".to_owned()));
         held.push(client);
     }
-    let open = open_connections(&metrics.render());
+    let page = metrics.render();
+    let open = open_connections(&page);
     assert!(open >= 2.0, "http_connections_open is {open}");
+    assert!(
+        page.lines()
+            .any(|line| line.starts_with("http_connections_max")),
+        "the cap is exported: {page}"
+    );
 
     // The kernel completes the third connection (it waits in the listen backlog), but the
     // server does not accept it: its request is not answered.
