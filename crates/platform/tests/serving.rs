@@ -136,6 +136,16 @@ async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
     received
 }
 
+/// Waits until the server closes `stream` and asserts it sent nothing before closing it.
+async fn assert_closed_unanswered(stream: &mut TcpStream) {
+    let received = read_until_closed(stream).await;
+    assert!(
+        received.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&received)
+    );
+}
+
 #[tokio::test]
 async fn a_client_that_stalls_in_the_middle_of_its_headers_is_disconnected() {
     let server = Server::start(ok_router(), short_timeout()).await;
@@ -145,12 +155,7 @@ async fn a_client_that_stalls_in_the_middle_of_its_headers_is_disconnected() {
         .await
         .unwrap();
 
-    let received = read_until_closed(&mut client).await;
-    assert!(
-        received.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&received)
-    );
+    assert_closed_unanswered(&mut client).await;
     server.stop().await;
 }
 
@@ -159,12 +164,7 @@ async fn a_client_that_connects_and_sends_nothing_is_disconnected() {
     let server = Server::start(ok_router(), short_timeout()).await;
     let mut client = server.connect().await;
 
-    let received = read_until_closed(&mut client).await;
-    assert!(
-        received.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&received)
-    );
+    assert_closed_unanswered(&mut client).await;
     server.stop().await;
 }
 
@@ -175,12 +175,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_read_timeout()
     send_get(&mut client, "/").await;
     assert_eq!(read_response(&mut client).await, (200, "ok".to_owned()));
 
-    let received = read_until_closed(&mut client).await;
-    assert!(
-        received.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&received)
-    );
+    assert_closed_unanswered(&mut client).await;
     server.stop().await;
 }
 

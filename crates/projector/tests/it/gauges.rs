@@ -35,15 +35,7 @@ async fn a_parked_order_is_exported_as_a_parked_stream_until_it_is_replayed() {
     w.publish().await;
     let stream = order_stream_id(order);
     // The test leads both sweepers first: the projector exports what it reads as a follower.
-    let mut leader = w.pool().acquire().await.unwrap();
-    for projection in ProjectionKind::ALL {
-        let led: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(projection.sweeper_lock_key())
-            .fetch_one(&mut *leader)
-            .await
-            .unwrap();
-        assert!(led);
-    }
+    let leader = support::lead_every_sweeper(&w).await;
     let (token, task, port) = w.spawn_projector_serving("solo", &[]).await;
     w.wait_caught_up().await;
     wait_parked(port, ProjectionKind::OrderSummaries, 0.0).await;

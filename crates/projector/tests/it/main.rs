@@ -1631,10 +1631,8 @@ async fn entries_delivered_many_times_are_dead_lettered_only_when_their_tries_fa
     let crashing_first = entry_ids(&w, crashing).await.remove(0);
     let often = [refused_ids.clone(), vec![crashing_first.clone()]].concat();
     held_by_a_stopped_consumer(&w, &often, 10).await;
-    for projection in ProjectionKind::ALL {
-        // Two tries of it began and never ended.
-        begin_unfinished_tries(&w, projection, &crashing_first, 2).await;
-    }
+    // Two tries of it began and never ended, in every group.
+    begin_unfinished_tries_in_every_group(&w, &crashing_first, 2).await;
 
     let args = [
         FAST,
@@ -1694,10 +1692,8 @@ async fn an_entry_that_stopped_the_instance_is_dead_lettered_when_it_restarts_un
     w.publish().await;
     let crashing_first = entry_ids(&w, crashing).await.remove(0);
     held_by(&w, "same", std::slice::from_ref(&crashing_first), 10).await;
-    for projection in ProjectionKind::ALL {
-        // Two tries of it began and never ended.
-        begin_unfinished_tries(&w, projection, &crashing_first, 2).await;
-    }
+    // Two tries of it began and never ended, in every group.
+    begin_unfinished_tries_in_every_group(&w, &crashing_first, 2).await;
 
     // No claims: the entry can only come back as the instance's own.
     let args = [
@@ -1739,10 +1735,8 @@ async fn an_entry_given_up_on_whose_event_is_applied_already_is_acknowledged_not
     w.publish().await;
     let first = entry_ids(&w, order).await.remove(0);
     held_by(&w, "same", std::slice::from_ref(&first), 10).await;
-    for projection in ProjectionKind::ALL {
-        // Two tries of it began and never ended.
-        begin_unfinished_tries(&w, projection, &first, 2).await;
-    }
+    // Two tries of it began and never ended, in every group.
+    begin_unfinished_tries_in_every_group(&w, &first, 2).await;
     // Another instance's sweeper applied the order from the store meanwhile.
     let stream = order_stream_id(order);
     let applied = store::read_stream(w.pool(), &stream, 0, 100).await.unwrap();
@@ -1816,6 +1810,13 @@ async fn begin_unfinished_tries(w: &World, projection: ProjectionKind, id: &str,
         .unwrap();
 }
 
+/// [`begin_unfinished_tries`] in the group of every projection.
+async fn begin_unfinished_tries_in_every_group(w: &World, id: &str, tries: i64) {
+    for projection in ProjectionKind::ALL {
+        begin_unfinished_tries(w, projection, id, tries).await;
+    }
+}
+
 /// How many unfinished tries `projection`'s group records for entry `id` (0 when none).
 async fn unfinished_tries(w: &World, projection: ProjectionKind, id: &str) -> i64 {
     let mut conn = w.redis.clone();
@@ -1838,10 +1839,8 @@ async fn an_entry_dead_lettered_because_its_tries_never_ended_leaves_no_unfinish
     w.publish().await;
     let first = entry_ids(&w, crashing).await.remove(0);
     held_by_a_stopped_consumer(&w, std::slice::from_ref(&first), 10).await;
-    for projection in ProjectionKind::ALL {
-        // Two tries of it began and never ended.
-        begin_unfinished_tries(&w, projection, &first, 2).await;
-    }
+    // Two tries of it began and never ended, in every group.
+    begin_unfinished_tries_in_every_group(&w, &first, 2).await;
 
     let args = [
         FAST,
@@ -2160,15 +2159,7 @@ async fn the_sweeper_holds_at_an_event_of_a_newer_release_without_trying_it_agai
 #[tokio::test]
 async fn an_instance_that_is_not_the_sweeper_exports_the_current_lag() {
     let mut w = World::new().await;
-    let mut leader = w.pool().acquire().await.unwrap();
-    for projection in ProjectionKind::ALL {
-        let led: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(projection.sweeper_lock_key())
-            .fetch_one(&mut *leader)
-            .await
-            .unwrap();
-        assert!(led);
-    }
+    let _leader = support::lead_every_sweeper(&w).await;
     let (token, task, port) = w.spawn_projector_serving("follower", &[]).await;
     append_orders(w.pool(), 3).await;
     let head = store::head_position(w.pool()).await.unwrap();
@@ -2265,15 +2256,7 @@ async fn dlq_purge_all_and_replay_resolve_every_letter_beyond_the_first_page() {
 async fn a_projector_told_to_stop_while_postgresql_is_silent_stops_its_tasks_when_the_grace_runs_out()
  {
     let w = World::new().await;
-    let mut leader = w.pool().acquire().await.unwrap();
-    for projection in ProjectionKind::ALL {
-        let led: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(projection.sweeper_lock_key())
-            .fetch_one(&mut *leader)
-            .await
-            .unwrap();
-        assert!(led, "{projection}: the test is the sweeper");
-    }
+    let _leader = support::lead_every_sweeper(&w).await;
     let proxy = support::HoldingProxy::start(w.pool().connect_options().get_port()).await;
     let direct_port = w.pool().connect_options().get_port();
     let url =

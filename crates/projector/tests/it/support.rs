@@ -274,6 +274,21 @@ pub async fn run_commands(
     }
 }
 
+/// Takes every projection's sweeper lock on a session of the test's own and returns it: while
+/// it is held, no projector instance leads a sweeper, and each runs as a follower.
+pub async fn lead_every_sweeper(w: &World) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
+    let mut leader = w.pool().acquire().await.unwrap();
+    for projection in ProjectionKind::ALL {
+        let led: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(projection.sweeper_lock_key())
+            .fetch_one(&mut *leader)
+            .await
+            .unwrap();
+        assert!(led, "{projection}: the test is the sweeper");
+    }
+    leader
+}
+
 /// Appends `count` orders spread over a few customers, each customer's in two currencies;
 /// returns their ids.
 pub async fn append_orders(pool: &PgPool, count: usize) -> Vec<Uuid> {
