@@ -20,17 +20,20 @@ pub struct StoredResponse {
     pub body: serde_json::Value,
 }
 
-/// The stored response for `key`, if a command with it has committed or been refused.
-pub async fn find(
-    executor: impl PgExecutor<'_>,
-    key: &str,
-) -> Result<Option<StoredResponse>, sqlx::Error> {
+/// The stored response for `key`, if a command with it has committed or been refused. A lookup
+/// that met a pooled session a server restart ended is made again on another
+/// ([`crate::session`]).
+pub async fn find(pool: &PgPool, key: &str) -> Result<Option<StoredResponse>, sqlx::Error> {
+    crate::session::read_again_on_lost_session(pool, || find_once(pool, key)).await
+}
+
+async fn find_once(pool: &PgPool, key: &str) -> Result<Option<StoredResponse>, sqlx::Error> {
     let row = sqlx::query(
         "SELECT request_hash, response_status, response_body FROM idempotency_keys \
          WHERE idempotency_key = $1",
     )
     .bind(key)
-    .fetch_optional(executor)
+    .fetch_optional(pool)
     .await?;
     row.map(stored_response).transpose()
 }

@@ -33,7 +33,7 @@ pub(crate) fn tries_after_lost_sessions(pool: &PgPool) -> u32 {
 }
 
 /// A failure that may be a session found gone ([`is_lost`]).
-pub trait SessionLost {
+pub(crate) trait SessionLost {
     /// Whether the failure is a session found gone.
     fn session_lost(&self) -> bool;
 }
@@ -47,7 +47,7 @@ impl SessionLost for sqlx::Error {
 /// Runs `read` (work that changes nothing, or commits nothing before it fails) and runs it again
 /// while it fails on a session found gone, at most once per session of `pool` and one more.
 /// Any other failure, or the last one, is returned as it is.
-pub async fn read_again_on_lost_session<T, E, Read>(
+pub(crate) async fn read_again_on_lost_session<T, E, Read>(
     pool: &PgPool,
     // A function making the read's future rather than an `AsyncFnMut`: the future of a call
     // borrowing the closure would not be provably `Send` for every borrow, which a request

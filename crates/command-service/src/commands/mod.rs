@@ -658,10 +658,7 @@ impl CommandHandler {
         let stored = self
             .inner
             .gate
-            .unless_shut(store::session::read_again_on_lost_session(
-                &self.inner.pool,
-                || store::idempotency::find(&self.inner.pool, &idempotency.key),
-            ))
+            .unless_shut(store::idempotency::find(&self.inner.pool, &idempotency.key))
             .await
             .ok_or_else(cut_short)?
             .map_err(|err| {
