@@ -77,6 +77,18 @@ pub struct Poisoned {
     pub newer_release: bool,
 }
 
+impl Poisoned {
+    /// Version `version` of `stream_id` failed with `failure`.
+    fn at(stream_id: &str, version: i64, failure: &Failure) -> Self {
+        Self {
+            stream_id: stream_id.to_owned(),
+            version,
+            error: failure.to_string(),
+            newer_release: matches!(failure, Failure::NewerRelease(_)),
+        }
+    }
+}
+
 fn sql(e: sqlx::Error) -> Failure {
     classify_sql(&e)
 }
@@ -433,12 +445,7 @@ async fn apply_isolating_inner(
             },
         };
         if let [event] = list.as_slice() {
-            poisoned.push(Poisoned {
-                stream_id: stream.to_owned(),
-                version: event.stream_version,
-                newer_release: matches!(stream_failure, Failure::NewerRelease(_)),
-                error: stream_failure.to_string(),
-            });
+            poisoned.push(Poisoned::at(stream, event.stream_version, &stream_failure));
             continue;
         }
         list.sort_by_key(|e| e.stream_version);
@@ -447,12 +454,7 @@ async fn apply_isolating_inner(
                 Ok(outcome) => total += outcome,
                 Err(Failure::Transient(error)) => return Err(Failure::Transient(error)),
                 Err(failure) => {
-                    poisoned.push(Poisoned {
-                        stream_id: stream.to_owned(),
-                        version: event.stream_version,
-                        newer_release: matches!(failure, Failure::NewerRelease(_)),
-                        error: failure.to_string(),
-                    });
+                    poisoned.push(Poisoned::at(stream, event.stream_version, &failure));
                     break;
                 }
             }
