@@ -193,9 +193,9 @@ pub struct Sizing {
     #[arg(long, env = "BENCH_RATE", global = true)]
     pub rate: Option<f64>,
 
-    /// Clients sharing the freshness run's ticks (each sends a command, then may wait for it to
-    /// be visible; default: one per 10 read-backs a second, at least 64, so a read-back cycle
-    /// of up to 100 ms keeps up); raise it when the run reports late or missed ticks
+    /// Clients sharing the freshness run's ticks (each sends one command at a time; read-backs
+    /// run beside them; default: one per 40 commands a second, at least 64, so a command may
+    /// take up to 25 ms); raise it when the run reports late ticks with the CPU not saturated
     #[arg(long, env = "BENCH_FRESHNESS_CLIENTS", global = true)]
     pub freshness_clients: Option<usize>,
 

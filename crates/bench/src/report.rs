@@ -617,13 +617,14 @@ fn freshness_section(md: &mut String, f: &FreshnessResult) {
     }
     let _ = writeln!(
         md,
-        "\nticks due in the window: {}; late (sent > {:.0} ms after their intended time): {} ({:.2}%); \
-         missed (never sent): {}; command errors: {}; not visible within 10 s: {}; probes dropped: {}, \
+        "\nticks due in the window: {}; late (sent > {:.0} ms after their intended time): {} ({:.2}%), \
+         of which released late by the load generator's ticker: {}; missed (never sent): {}; command errors: {}; not visible within 10 s: {}; probes dropped: {}, \
          failed: {}; query-service consistency wait mean {} ms over {} waits\n",
         f.ticks,
         f.late_after_ms,
         f.late_ticks,
         f.late_share() * 100.0,
+        f.late_released_ticks,
         f.missed_ticks,
         f.command_errors,
         f.not_visible,
@@ -914,6 +915,7 @@ mod tests {
             read_every: 4,
             ticks,
             late_ticks: late,
+            late_released_ticks: 0,
             missed_ticks: missed,
             late_after_ms: 10.0,
             late_share_allowed: 0.01,

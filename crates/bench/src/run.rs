@@ -235,9 +235,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
                         rate,
                         warmup,
                         measure: Duration::from_secs(sizing.freshness_secs),
-                        clients: sizing.freshness_clients.unwrap_or_else(|| {
-                            default_freshness_clients(rate, sizing.freshness_read_every)
-                        }),
+                        clients: sizing
+                            .freshness_clients
+                            .unwrap_or_else(|| default_freshness_clients(rate)),
                         read_every: sizing.freshness_read_every,
                     },
                     probe_pool.clone(),
@@ -460,11 +460,11 @@ fn service_batch(report: &Report, concurrency: &[usize]) -> ceiling::ServiceBatc
     }
 }
 
-/// Freshness clients for `rate` when each reads back one command in `read_every`: a client's
-/// cycle is a command plus, one time in `read_every`, the wait until it is visible, so one
-/// client per 10 read-backs a second lets a read-back cycle take up to 100 ms without ticks
-/// waiting for a client (which the run counts as late past [`freshness::LATE_AFTER`]). No more
-/// than that: idle clients turn every stall into a burst of concurrent commands.
-fn default_freshness_clients(rate: f64, read_every: u64) -> usize {
-    ((rate / 10.0 / read_every.max(1) as f64).ceil() as usize).max(64)
+/// Freshness clients for `rate`: a client is busy only while its command is in flight (its
+/// read-backs run on their own, see [`freshness`]), so one client per 40 commands a second lets
+/// a command take up to 25 ms, about the mean at saturation, without ticks waiting for a client
+/// (which the run counts as late past [`freshness::LATE_AFTER`]). No more than that: idle
+/// clients turn every stall into a burst of concurrent commands.
+fn default_freshness_clients(rate: f64) -> usize {
+    ((rate / 40.0).ceil() as usize).max(64)
 }

@@ -10,12 +10,18 @@
 //!   command has two latencies: the *service time* from the moment a client sent it, and the
 //!   *response time* from its intended time, which includes any wait for a free client (so a
 //!   stall is not hidden by the clients it kept busy: coordinated omission).
-//! - Right after every `read_every`-th accepted command of each client, the client asks the
-//!   query service for the order with `?min_position=<position>` (which waits server-side, so
-//!   no polling) and measures from the command's response to the 200. Reading back only a
-//!   sample keeps the run what it claims to be, a command rate: reading back every command
-//!   adds a read-your-writes request per command, as much work again on the same machine
-//!   (`--freshness-read-every 1` measures that mixed load).
+//! - Right after every `read_every`-th accepted command of each client, a read-back task asks
+//!   the query service for the order with `?min_position=<position>` (which waits server-side,
+//!   so no polling) and measures from the command's response to the 200. The client takes its
+//!   next tick meanwhile: the ticks stand for users arriving, and a user's wait for their own
+//!   write does not delay the next user's command. (A client that waited itself was busy for
+//!   the whole visibility wait, so the pool ran nearly full at half saturation and ticks
+//!   waited for a client: the generator, not the services, made them late.) At most
+//!   [`READ_BACKS_IN_FLIGHT`] read-backs wait at once; past that a client waits for one to
+//!   end, so a read side that stops answering shows as late ticks, not as unbounded tasks.
+//!   Reading back only a sample keeps the run what it claims to be, a command rate: reading
+//!   back every command adds a read-your-writes request per command, as much work again on
+//!   the same machine (`--freshness-read-every 1` measures that mixed load).
 //! - Meanwhile a reader follows the Redis stream with `XREAD BLOCK` and, for every entry it
 //!   sees, measures the time since the event's `recorded_at`. That column is set by
 //!   `clock_timestamp()` when the row is inserted, before the commit, so this is insert plus
@@ -33,7 +39,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Serialize;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, Semaphore, mpsc};
+use tokio::task::JoinSet;
 
 use crate::api::{Api, Outcome, Workload};
 use crate::stats::{Latencies, LatencySummary, rate};
@@ -62,6 +69,12 @@ const VISIBLE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// One accepted command in this many is followed in the database.
 pub const PROBE_EVERY: u64 = 50;
+
+/// Most read-backs waiting on the query service at once. Normally a few dozen wait (the
+/// read-back rate times the visibility delay); the bound is for a read side that stops
+/// answering, where each would wait out [`VISIBLE_DEADLINE`]. Well under the services' default
+/// connection cap, since each holds a connection.
+pub const READ_BACKS_IN_FLIGHT: usize = 512;
 
 /// Poll interval of a probe (it adds a little database load; 1 in [`PROBE_EVERY`]).
 pub const PROBE_POLL: Duration = Duration::from_millis(5);
@@ -110,6 +123,10 @@ pub struct FreshnessResult {
     pub ticks: u64,
     /// Ticks a client took more than `late_after_ms` after their intended time.
     pub late_ticks: u64,
+    /// Of `late_ticks`, those the ticker itself released more than `late_after_ms` late: the
+    /// load generator's timer was not scheduled in time (the CPU was busy), rather than every
+    /// client being busy with a command.
+    pub late_released_ticks: u64,
     /// Ticks never sent inside the window (backlog full when due, or no client free before
     /// the window closed).
     pub missed_ticks: u64,
@@ -217,6 +234,8 @@ pub fn intended_time(start: Instant, period: Duration, k: u64) -> Instant {
 struct Tick {
     /// When it was due.
     intended: Instant,
+    /// When the ticker put it on the queue.
+    released: Instant,
 }
 
 /// What one client saw of the measured window.
@@ -226,6 +245,7 @@ struct Tally {
     visible: Latencies,
     accepted: u64,
     late: u64,
+    late_released: u64,
     missed: u64,
     not_visible: u64,
     errors: u64,
@@ -240,11 +260,23 @@ impl Tally {
             visible: Latencies::new()?,
             accepted: 0,
             late: 0,
+            late_released: 0,
             missed: 0,
             not_visible: 0,
             errors: 0,
             probes_dropped: 0,
         })
+    }
+
+    /// Counts a finished read-back.
+    fn read_back(&mut self, done: ReadBack) {
+        if !done.measured {
+            return;
+        }
+        match done.visible_after {
+            Some(after) => self.visible.record(after),
+            None => self.not_visible += 1,
+        }
     }
 
     fn merge(&mut self, other: &Tally) {
@@ -253,11 +285,20 @@ impl Tally {
         self.visible.merge(&other.visible);
         self.accepted += other.accepted;
         self.late += other.late;
+        self.late_released += other.late_released;
         self.missed += other.missed;
         self.not_visible += other.not_visible;
         self.errors += other.errors;
         self.probes_dropped += other.probes_dropped;
     }
+}
+
+/// How one read-back ended.
+struct ReadBack {
+    /// Its command was one of the measured window's.
+    measured: bool,
+    /// From the command's response to the 200; `None` when it was not visible in time.
+    visible_after: Option<Duration>,
 }
 
 /// A probe request: order, the version and position its command wrote, when it was answered.
@@ -294,14 +335,17 @@ pub async fn run(
     let receiver = Arc::new(Mutex::new(receiver));
     let (probe_sender, probe_receiver) = mpsc::channel::<ProbeRequest>(TICK_BACKLOG);
     let probing = probe_pool.is_some();
+    let read_backs = Arc::new(Semaphore::new(READ_BACKS_IN_FLIGHT));
     let mut clients = Vec::new();
     for _ in 0..clients_count {
         let api = api.clone();
         let receiver = receiver.clone();
         let probe_sender = probe_sender.clone();
+        let read_backs = read_backs.clone();
         let mut tally = Tally::new()?;
         clients.push(tokio::spawn(async move {
             let mut workload = Workload::new();
+            let mut reading = JoinSet::new();
             // Every accepted command, warm-up included: picks which are read back and probed.
             let mut accepted_all = 0u64;
             loop {
@@ -316,7 +360,12 @@ pub async fn run(
                         tally.missed += u64::from(measured);
                         continue;
                     }
-                    Dispatch::Late => tally.late += u64::from(measured),
+                    Dispatch::Late => {
+                        tally.late += u64::from(measured);
+                        if tick.released.saturating_duration_since(tick.intended) > LATE_AFTER {
+                            tally.late_released += u64::from(measured);
+                        }
+                    }
                     Dispatch::OnTime => {}
                 }
                 let command = workload.next_command();
@@ -350,18 +399,26 @@ pub async fn run(
                         tally.probes_dropped += 1;
                     }
                 }
+                while let Some(done) = reading.try_join_next() {
+                    tally.read_back(done?);
+                }
                 // Warm-up commands are read back too, so the warm-up is the same load.
                 if !accepted_all.is_multiple_of(read_every) {
                     continue;
                 }
-                let seen = visible(&api, command.order_id, accepted.position).await;
-                if measured {
-                    if seen {
-                        tally.visible.record(answered.elapsed());
-                    } else {
-                        tally.not_visible += 1;
+                let permit = read_backs.clone().acquire_owned().await?;
+                let api = api.clone();
+                reading.spawn(async move {
+                    let seen = visible(&api, command.order_id, accepted.position).await;
+                    drop(permit);
+                    ReadBack {
+                        measured,
+                        visible_after: seen.then(|| answered.elapsed()),
                     }
-                }
+                });
+            }
+            while let Some(done) = reading.join_next().await {
+                tally.read_back(done?);
             }
             anyhow::Ok(tally)
         }));
@@ -407,7 +464,11 @@ pub async fn run(
         tokio::time::sleep_until(intended.into()).await;
         let measured = intended >= measure_from;
         due_in_window += u64::from(measured);
-        if ticks.try_send(Tick { intended }).is_err() {
+        let tick = Tick {
+            intended,
+            released: Instant::now(),
+        };
+        if ticks.try_send(tick).is_err() {
             backlog_full += u64::from(measured);
         }
     }
@@ -436,6 +497,7 @@ pub async fn run(
         read_every,
         ticks: due_in_window,
         late_ticks: tally.late,
+        late_released_ticks: tally.late_released,
         missed_ticks: backlog_full + tally.missed,
         late_after_ms: LATE_AFTER.as_secs_f64() * 1000.0,
         late_share_allowed: LATE_SHARE_ALLOWED,
@@ -454,12 +516,13 @@ pub async fn run(
     };
     eprintln!(
         "freshness: {:.0}/s: visible p50 {:.1} ms p99 {:.1} ms; response time p99 {:.1} ms; \
-         {} late, {} missed of {} ticks; recorded_at to stream p50 {:.1} ms p99 {:.1} ms",
+         {} late ({} released late), {} missed of {} ticks; recorded_at to stream p50 {:.1} ms p99 {:.1} ms",
         result.achieved_rate,
         result.response_to_visible.p50_ms,
         result.response_to_visible.p99_ms,
         result.command_response_time.p99_ms,
         result.late_ticks,
+        result.late_released_ticks,
         result.missed_ticks,
         result.ticks,
         result.recorded_at_to_stream.p50_ms,

@@ -6,6 +6,7 @@
 //! - `lifecycle`: orders through the three services into exact read models; a poison entry.
 //! - `redis_tls`: everything over a Redis that speaks only TLS.
 //! - `alerts`: every metric an alert reads is exposed from the start.
+//! - `benchmark`: a short `bench freshness` run against services it spawns itself.
 //! - `rebuild`: `projector rebuild` under live traffic.
 //! - `event_stream`: a browser-style follower of the live log across a killed query service.
 //! - `database_crash`: PostgreSQL crashing under load and coming back.
@@ -15,6 +16,7 @@
 //!   event a newer release wrote.
 
 mod alerts;
+mod benchmark;
 mod configuration;
 mod database_crash;
 mod event_stream;
