@@ -74,6 +74,7 @@ impl Application {
             config.common.db_max_connections,
             migrations,
             db::Use::Writes,
+            db::Planning::EveryExecution,
             config.common.db_connect_wait(),
         )
         .await?;

@@ -81,6 +81,22 @@ pub enum Use {
     ReadsOnly,
 }
 
+/// How the server plans a service's prepared statements (sqlx prepares each once per pooled
+/// connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Planning {
+    /// Every execution is planned for its parameters and the tables' current size
+    /// ([`with_custom_plans`]): for services with statements whose right plan depends on the
+    /// data (the projector's bookkeeping, the command service's reads).
+    EveryExecution,
+    /// The server's own choice: a statement whose generic plan costs no more than its custom
+    /// ones keeps that plan cached ([`with_cached_index_plans`]), with sequential and bitmap
+    /// scans ruled out, so a plan cached while the tables were small still walks an index once
+    /// they are large. For a service every one of whose statements is meant to be index probes
+    /// or ordered index scans (the query service).
+    CachedIndexScans,
+}
+
 /// Connects a pool to `database_url`, creating the database if it does not exist, then runs
 /// `migrator` when given; a pool for reads ([`Use::ReadsOnly`]). The connections name themselves `service` in `pg_stat_activity`
 /// and the server log unless the URL or `PGAPPNAME` names them otherwise.
@@ -96,6 +112,7 @@ pub async fn connect(
         max_connections,
         migrator.map_or(Migrations::Ignore, Migrations::Run),
         Use::ReadsOnly,
+        Planning::EveryExecution,
         Duration::ZERO,
     )
     .await
@@ -118,9 +135,10 @@ pub async fn connect_when_reachable(
     max_connections: u32,
     migrations: Migrations,
     use_: Use,
+    planning: Planning,
     wait: Duration,
 ) -> anyhow::Result<PgPool> {
-    let options = service_options(database_url, service)?;
+    let options = service_options(database_url, service, planning)?;
     let deadline = tokio::time::Instant::now() + wait;
     let first = wait_until_reachable(&options, wait).await;
     pool_after(&options, first, max_connections, migrations, use_, deadline).await
@@ -297,17 +315,23 @@ pub async fn connect_existing(
     service: &str,
     max_connections: u32,
 ) -> anyhow::Result<PgPool> {
-    let options = service_options(database_url, service)?;
+    let options = service_options(database_url, service, Planning::EveryExecution)?;
     pool_of(&options, max_connections, Use::ReadsOnly).await
 }
 
 /// The options every service connection carries (see the module documentation).
-fn service_options(database_url: &str, service: &str) -> anyhow::Result<PgConnectOptions> {
+fn service_options(
+    database_url: &str,
+    service: &str,
+    planning: Planning,
+) -> anyhow::Result<PgConnectOptions> {
+    let options = without_loopback_tls(database_url, validate_database_url(database_url)?);
+    let options = match planning {
+        Planning::EveryExecution => with_custom_plans(options),
+        Planning::CachedIndexScans => with_cached_index_plans(options),
+    };
     Ok(with_application_name(
-        with_dead_client_limits(with_custom_plans(without_loopback_tls(
-            database_url,
-            validate_database_url(database_url)?,
-        ))),
+        with_dead_client_limits(options),
         service,
     ))
 }
@@ -398,7 +422,7 @@ pub async fn migrate(
     wait: Duration,
 ) -> anyhow::Result<()> {
     let stop = crate::shutdown::cancel_on_signal();
-    let options = service_options(database_url, service)?;
+    let options = service_options(database_url, service, Planning::EveryExecution)?;
     let Some(first) =
         crate::shutdown::unless_stopped(&stop, wait_until_reachable(&options, wait)).await
     else {
@@ -455,9 +479,35 @@ pub fn without_loopback_tls(database_url: &str, options: PgConnectOptions) -> Pg
 /// to plan and ~0.05 ms to run, BENCHMARKS.md), but a plan that fits the data is worth far more
 /// than the planning it saves. The one exception is the append transaction
 /// (`store::append_batch`), whose statements have one right plan at any table size and ask
-/// for the cached one themselves, with sequential scans ruled out (`SET LOCAL`).
+/// for the cached one themselves, with sequential scans ruled out (`SET LOCAL`); and the query
+/// service, whose connections use [`with_cached_index_plans`].
 pub fn with_custom_plans(options: PgConnectOptions) -> PgConnectOptions {
     options.options([("plan_cache_mode", "force_custom_plan")])
+}
+
+/// Lets the server keep a statement's generic plan when it costs no more than planning each
+/// execution would give (`plan_cache_mode=auto`, PostgreSQL's default: after five custom
+/// plans, as long as the generic one is not estimated dearer), and rules out the plans that
+/// only suit small tables: sequential scans and bitmap scans (`enable_seqscan=off`,
+/// `enable_bitmapscan=off`, which make the planner take an index wherever one serves the
+/// query, and fall back to a scan only where none does). And `jit=off`: a plan that keeps a
+/// ruled-out scan (reading a whole table of a few rows, which no index serves) carries its
+/// penalty in its estimated cost, far past the threshold at which the server would compile the
+/// query to machine code first, milliseconds for a read of microseconds.
+///
+/// For a service whose statements are all meant to be index probes and ordered index scans,
+/// whatever the tables' size: the query service. Its read of one order is four index probes
+/// that took about 0.33 ms to plan and 0.05 ms to run (BENCHMARKS.md); planned per execution,
+/// the planning was more than half of what PostgreSQL spent on the query service. A generic
+/// plan cached while the tables were empty, or held a few rows, would otherwise be free to
+/// scan them, and would go on scanning once they hold millions of rows until an `ANALYZE`.
+pub fn with_cached_index_plans(options: PgConnectOptions) -> PgConnectOptions {
+    options.options([
+        ("plan_cache_mode", "auto"),
+        ("enable_seqscan", "off"),
+        ("enable_bitmapscan", "off"),
+        ("jit", "off"),
+    ])
 }
 
 /// How long the server lets a session sit idle inside a transaction before ending it

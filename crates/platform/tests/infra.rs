@@ -118,6 +118,7 @@ async fn with_skip_migrations_a_service_does_not_start_on_a_database_without_its
         1,
         awaited,
         db::Use::ReadsOnly,
+        db::Planning::EveryExecution,
         Duration::ZERO,
     )
     .await
@@ -151,6 +152,7 @@ async fn with_skip_migrations_a_service_waits_for_its_migrations_and_starts_once
                     1,
                     awaited,
                     db::Use::ReadsOnly,
+                    db::Planning::EveryExecution,
                     Duration::from_secs(60),
                 )
                 .await
@@ -211,6 +213,7 @@ async fn with_skip_migrations_a_newer_release_s_further_migrations_do_not_stop_a
         1,
         awaited,
         db::Use::ReadsOnly,
+        db::Planning::EveryExecution,
         Duration::ZERO,
     )
     .await
@@ -248,6 +251,7 @@ async fn a_write_refused_by_a_read_only_server_is_unavailability_and_its_session
         1,
         db::Migrations::Ignore,
         db::Use::Writes,
+        db::Planning::EveryExecution,
         Duration::ZERO,
     )
     .await
@@ -289,6 +293,7 @@ async fn once_a_session_is_found_ended_the_writing_pool_checks_the_others_before
         SESSIONS as u32,
         db::Migrations::Ignore,
         db::Use::Writes,
+        db::Planning::EveryExecution,
         Duration::ZERO,
     )
     .await

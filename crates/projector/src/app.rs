@@ -35,6 +35,7 @@ async fn connect_db_waiting(cli: &Cli, wait: std::time::Duration) -> anyhow::Res
         cli.common.db_max_connections,
         migrations,
         platform::db::Use::Writes,
+        platform::db::Planning::EveryExecution,
         wait,
     )
     .await

@@ -32,6 +32,11 @@ use crate::routes::{self, AppState};
 /// Service name, the `service` label of every metric and its PostgreSQL `application_name`.
 pub const SERVICE_NAME: &str = "query-service";
 
+/// How PostgreSQL plans this service's statements: every one of them is index probes or an
+/// ordered index scan (`read_models`, `history`), so their plans are cached on each connection,
+/// with scans that only suit small tables ruled out, instead of planned at every read.
+pub const PLANNING: db::Planning = db::Planning::CachedIndexScans;
+
 /// Longest shutdown waits for the background tasks (watcher, tail) once they are cancelled.
 const TASKS_STOP_WITHIN: Duration = Duration::from_secs(1);
 
@@ -77,6 +82,7 @@ impl Application {
             config.common.db_max_connections,
             migrations,
             db::Use::ReadsOnly,
+            PLANNING,
             config.common.db_connect_wait(),
         )
         .await?;
