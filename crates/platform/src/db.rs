@@ -138,29 +138,55 @@ pub async fn connect_when_reachable(
     planning: Planning,
     wait: Duration,
 ) -> anyhow::Result<PgPool> {
-    let options = service_options(database_url, service, planning)?;
+    let options = service_options(database_url, service)?;
     let deadline = tokio::time::Instant::now() + wait;
     let first = wait_until_reachable(&options, wait).await;
-    pool_after(&options, first, max_connections, migrations, use_, deadline).await
+    pool_after(
+        &options,
+        first,
+        max_connections,
+        use_,
+        planning,
+        migrations,
+        deadline,
+    )
+    .await
 }
 
 /// The rest of [`connect_when_reachable`] once `first`, the last try to reach the server, has
 /// an answer: creates the database when it was missing, connects the pool, migrates (or waits
 /// for the migrations until `deadline`).
+///
+/// The migrations run on a connection of their own that plans every execution, whatever the
+/// pool's [`Planning`]: a data migration's `UPDATE … FROM` over a whole table must not be
+/// planned as if only index scans existed.
 async fn pool_after(
     options: &PgConnectOptions,
     first: Result<PgConnection, sqlx::Error>,
     max_connections: u32,
-    migrations: Migrations,
     use_: Use,
+    planning: Planning,
+    migrations: Migrations,
     deadline: tokio::time::Instant,
 ) -> anyhow::Result<PgPool> {
     ensure_database(options, first).await?;
-    let pool = pool_of(options, max_connections, use_).await?;
+    let pool = pool_of(
+        &with_planning(options.clone(), planning),
+        max_connections,
+        use_,
+    )
+    .await?;
     match migrations {
         Migrations::Ignore => {}
         Migrations::Run(migrator) => {
-            migrator.run(&pool).await.map_err(|e| {
+            // A pool of one, closed once they ran: `Migrator::run` on a pool keeps the future
+            // `Send` for every caller.
+            let migrating = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_lazy_with(with_custom_plans(options.clone()));
+            let migrated = migrator.run(&migrating).await;
+            migrating.close().await;
+            migrated.map_err(|e| {
                 anyhow!(
                     "cannot run database migrations on {} at {}: {}",
                     database_name(options),
@@ -315,25 +341,31 @@ pub async fn connect_existing(
     service: &str,
     max_connections: u32,
 ) -> anyhow::Result<PgPool> {
-    let options = service_options(database_url, service, Planning::EveryExecution)?;
+    let options = with_planning(
+        service_options(database_url, service)?,
+        Planning::EveryExecution,
+    );
     pool_of(&options, max_connections, Use::ReadsOnly).await
 }
 
-/// The options every service connection carries (see the module documentation).
-fn service_options(
-    database_url: &str,
-    service: &str,
-    planning: Planning,
-) -> anyhow::Result<PgConnectOptions> {
-    let options = without_loopback_tls(database_url, validate_database_url(database_url)?);
-    let options = match planning {
-        Planning::EveryExecution => with_custom_plans(options),
-        Planning::CachedIndexScans => with_cached_index_plans(options),
-    };
+/// The options every service connection carries (see the module documentation), but for the
+/// planner's, which are the pool's ([`with_planning`]).
+fn service_options(database_url: &str, service: &str) -> anyhow::Result<PgConnectOptions> {
     Ok(with_application_name(
-        with_dead_client_limits(options),
+        with_dead_client_limits(without_loopback_tls(
+            database_url,
+            validate_database_url(database_url)?,
+        )),
         service,
     ))
+}
+
+/// `options` with the planner settings of `planning`.
+fn with_planning(options: PgConnectOptions, planning: Planning) -> PgConnectOptions {
+    match planning {
+        Planning::EveryExecution => with_custom_plans(options),
+        Planning::CachedIndexScans => with_cached_index_plans(options),
+    }
 }
 
 /// How long a writing pool's session must have sat idle before it is checked for being alive
@@ -422,7 +454,7 @@ pub async fn migrate(
     wait: Duration,
 ) -> anyhow::Result<()> {
     let stop = crate::shutdown::cancel_on_signal();
-    let options = service_options(database_url, service, Planning::EveryExecution)?;
+    let options = service_options(database_url, service)?;
     let Some(first) =
         crate::shutdown::unless_stopped(&stop, wait_until_reachable(&options, wait)).await
     else {
@@ -433,8 +465,9 @@ pub async fn migrate(
         &options,
         first,
         1,
-        Migrations::Run(migrator),
         Use::ReadsOnly,
+        Planning::EveryExecution,
+        Migrations::Run(migrator),
         tokio::time::Instant::now(),
     )
     .await?;

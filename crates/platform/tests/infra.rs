@@ -324,7 +324,8 @@ async fn once_a_session_is_found_ended_the_writing_pool_checks_the_others_before
 }
 
 #[tokio::test]
-async fn service_connections_never_reuse_a_generic_plan_made_for_other_table_sizes() {
+async fn connections_planning_every_execution_never_reuse_a_generic_plan_made_for_other_table_sizes()
+ {
     let database = TempDatabase::named("platform_test");
     let url = database.url.as_str();
     // One connection, so every execution and the look at its statements share one session.

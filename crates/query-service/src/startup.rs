@@ -33,8 +33,10 @@ use crate::routes::{self, AppState};
 pub const SERVICE_NAME: &str = "query-service";
 
 /// How PostgreSQL plans this service's statements: every one of them is index probes or an
-/// ordered index scan (`read_models`, `history`), so their plans are cached on each connection,
-/// with scans that only suit small tables ruled out, instead of planned at every read.
+/// ordered index scan (`read_models`, and the store's reads behind `history`), but for the
+/// checkpoint poll's read of `projection_checkpoints` whole (a row per projection), so their
+/// plans are cached on each connection, with scans that only suit small tables ruled out,
+/// instead of planned at every read. Test `plans`.
 pub const PLANNING: db::Planning = db::Planning::CachedIndexScans;
 
 /// Longest shutdown waits for the background tasks (watcher, tail) once they are cancelled.

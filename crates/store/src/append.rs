@@ -138,7 +138,7 @@ impl From<sqlx::Error> for AppendError {
 }
 
 /// How an append transaction has its two statements planned: once per connection, where the
-/// services otherwise plan every execution (`platform::db::with_custom_plans`). Planning the
+/// command service otherwise plans every execution (`platform::db::with_custom_plans`). Planning the
 /// read took four times as long as running it, inside the append lock. The read is index
 /// probes only and the write inserts what it is given, so one plan is right at any table size,
 /// provided it is not made while the store is small enough for a sequential scan of `events`

@@ -52,9 +52,10 @@ const TICK_BACKLOG: usize = 1_024;
 
 /// A command a client sends more than this after its intended time counts as late. The
 /// timer's own jitter on a busy two-core machine is about a millisecond, so a 10 ms delay
-/// means every client was busy: the load generator, not the schedule, decided when the
-/// command left. It is also a tenth of the 100 ms freshness target, so a late command has
-/// visibly eaten into it.
+/// means every client was busy, or the ticker itself was not scheduled in time (counted apart,
+/// `late_released_ticks`): the load generator, not the schedule, decided when the command
+/// left. It is also a tenth of the 100 ms freshness target, so a late command has visibly
+/// eaten into it.
 pub const LATE_AFTER: Duration = Duration::from_millis(10);
 
 /// Largest share of a window's ticks that may be late for the run still to count as offering

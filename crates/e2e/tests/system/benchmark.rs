@@ -5,7 +5,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::support::bin_dir;
+use crate::support::{REDIS_URL, bin_dir};
 
 /// Every measured command is read back (`--freshness-read-every 1`), so the read-backs the
 /// report counts, visible or not, are exactly the measured ticks that were sent and accepted:
@@ -25,6 +25,8 @@ fn a_freshness_run_reads_back_every_command_it_measured_and_sees_each_one() {
         .arg("--spawn")
         .arg("--bin-dir")
         .arg(&dir)
+        .args(["--postgres-url", &store::testing::server_url()])
+        .args(["--redis-url", REDIS_URL])
         .args([
             "--rate",
             "40",
