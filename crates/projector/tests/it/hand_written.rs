@@ -9,7 +9,7 @@ use events::{OrderState, RecordedEvent, order_stream_id};
 use projector::ProjectionKind;
 use uuid::Uuid;
 
-use super::{FAST, parked_streams, pending_count};
+use super::{FAST, parked_streams, wait_nothing_pending};
 use crate::support::{self, DEADLINE, World, append_orders, commands, run_commands};
 
 /// Adds `fields` to the stream as entry `id`, as `redis-cli XADD` would.
@@ -92,10 +92,7 @@ async fn an_undecodable_entry_naming_a_real_order_is_dead_lettered_without_holdi
             },
         )
         .await;
-        wait_until(DEADLINE, "every entry is acknowledged", || async {
-            (pending_count(&w, projection.name()).await == 0).then_some(())
-        })
-        .await;
+        wait_nothing_pending(&w, projection.name()).await;
         assert_eq!(parked_streams(&w, projection).await, 0, "{projection}");
     }
     w.wait_caught_up().await;
@@ -141,10 +138,7 @@ async fn entries_reusing_a_real_position_and_event_id_under_another_stream_or_ve
     let (token, task) = w.spawn_projector("solo", &[]).await;
     w.wait_caught_up().await;
     for projection in ProjectionKind::ALL {
-        wait_until(DEADLINE, "every entry is acknowledged", || async {
-            (pending_count(&w, projection.name()).await == 0).then_some(())
-        })
-        .await;
+        wait_nothing_pending(&w, projection.name()).await;
         assert_eq!(
             bookkeeping(&w, projection, &elsewhere.stream_id).await,
             (0, None),

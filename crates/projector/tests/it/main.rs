@@ -91,6 +91,16 @@ async fn pending_count(w: &World, group: &str) -> i64 {
     }
 }
 
+/// Waits until `group` holds no pending entry: every entry delivered to it is acknowledged.
+async fn wait_nothing_pending(w: &World, group: &str) {
+    wait_until(
+        DEADLINE,
+        &format!("{group} acknowledges every entry"),
+        || async { (pending_count(w, group).await == 0).then_some(()) },
+    )
+    .await;
+}
+
 /// [`pending_count`], or `None` while `group` does not exist yet (before a projector made it).
 async fn pending_count_once_grouped(w: &World, group: &str) -> Option<i64> {
     let mut conn = w.redis.clone();
@@ -267,10 +277,7 @@ async fn an_entry_that_is_not_utf8_is_dead_lettered_and_its_batch_flows_after_a_
             letter.original.get("event_type").map(String::as_str),
             Some("OrderPlaced")
         );
-        wait_until(DEADLINE, "nothing is left pending", || async {
-            (pending_count(&w, projection.name()).await == 0).then_some(())
-        })
-        .await;
+        wait_nothing_pending(&w, projection.name()).await;
     }
     w.wait_caught_up().await;
     w.assert_exact().await;
@@ -485,10 +492,7 @@ async fn applies_lost_in_a_server_crash_after_their_entries_were_acknowledged_ar
     let lost = append_orders(w.pool(), 6).await;
     w.publish().await;
     w.wait_caught_up().await;
-    wait_until(DEADLINE, "every entry is acknowledged", || async {
-        (pending_count(&w, "order_summaries").await == 0).then_some(())
-    })
-    .await;
+    wait_nothing_pending(&w, "order_summaries").await;
 
     let streams: Vec<String> = lost.iter().map(|id| order_stream_id(*id)).collect();
     let mut tx = w.pool().begin().await.unwrap();
@@ -1313,10 +1317,7 @@ async fn an_entry_of_another_history_is_never_applied() {
         .spawn_projector("solo", &["--sweep-grace-ms", "300"])
         .await;
     w.wait_caught_up().await;
-    wait_until(DEADLINE, "every entry is acknowledged", || async {
-        (pending_count(&w, "order_summaries").await == 0).then_some(())
-    })
-    .await;
+    wait_nothing_pending(&w, "order_summaries").await;
     let stranger_rows: i64 =
         sqlx::query_scalar("SELECT count(*) FROM order_summaries WHERE order_id = $1")
             .bind(stranger)
@@ -1592,15 +1593,7 @@ async fn entries_delivered_many_times_while_held_are_applied_by_the_instance_tha
     .concat();
     let (token, task) = w.spawn_projector("new", &args).await;
     for projection in ProjectionKind::ALL {
-        wait_until(
-            DEADLINE,
-            &format!("{projection} acknowledges every entry"),
-            || {
-                let w = &w;
-                async move { (pending_count(w, projection.name()).await == 0).then_some(()) }
-            },
-        )
-        .await;
+        wait_nothing_pending(&w, projection.name()).await;
     }
     w.wait_caught_up().await;
     w.assert_exact().await;
@@ -1763,15 +1756,7 @@ async fn an_entry_given_up_on_whose_event_is_applied_already_is_acknowledged_not
     let (token, task) = w.spawn_projector("same", &args).await;
     w.wait_caught_up().await;
     for projection in ProjectionKind::ALL {
-        wait_until(
-            DEADLINE,
-            &format!("{projection} acknowledges every entry"),
-            || {
-                let w = &w;
-                async move { (pending_count(w, projection.name()).await == 0).then_some(()) }
-            },
-        )
-        .await;
+        wait_nothing_pending(&w, projection.name()).await;
     }
     let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
     for projection in ProjectionKind::ALL {
