@@ -2,8 +2,10 @@
 //!
 //! `/healthz` only says the process answers. `/readyz` runs every registered check concurrently,
 //! each bounded by [`CHECK_TIMEOUT`], and answers 200 `{"status":"ready","checks":{…}}` or 503
-//! `{"status":"not_ready","checks":{"redis":"error: …"}}`. Services add their own checks with
-//! [`Readiness::with_check`]. These routes carry no auth and never touch the domain.
+//! `{"status":"not_ready","checks":{"redis":"error: connection refused"}}`. Services add their
+//! own checks with [`Readiness::with_check`]. These routes carry no auth and never touch the
+//! domain, so a failed check shows only the kind of failure, in a fixed phrase
+//! (`failure_kind`); its error, which can name hosts, users and databases, goes to the log.
 //!
 //! `/readyz?exclude=redis` (the parameter repeated or comma-separated, as Kubernetes' own
 //! API server takes it) leaves the named checks out: they are not run, are reported as
@@ -84,13 +86,20 @@ struct Check {
     /// shed, and the Postgres check opens a connection of its own when no pooled one is idle:
     /// a burst of probes (or a flood) would otherwise open one server connection each and
     /// could take every connection slot of the server.
-    latest: Arc<tokio::sync::Mutex<Option<(Instant, String)>>>,
+    latest: Arc<tokio::sync::Mutex<Option<(Instant, Outcome)>>>,
+}
+
+/// One run's outcome: what `/readyz` shows, and for a failure, the error for the log.
+#[derive(Debug, Clone)]
+struct Outcome {
+    shown: String,
+    error: Option<String>,
 }
 
 impl Check {
     /// The check's outcome as of a moment after `asked`: the outcome of a run that finished
     /// after it (one under way when it was asked), or of a run made now.
-    async fn outcome_after(&self, asked: Instant) -> String {
+    async fn outcome_after(&self, asked: Instant) -> Outcome {
         let mut latest = self.latest.lock().await;
         if let Some((known_at, outcome)) = latest.as_ref()
             && *known_at >= asked
@@ -98,9 +107,21 @@ impl Check {
             return outcome.clone();
         }
         let outcome = match tokio::time::timeout(CHECK_TIMEOUT, (self.run)()).await {
-            Ok(Ok(())) => "ok".to_owned(),
-            Ok(Err(e)) => format!("error: {}", error_chain(e.as_ref())),
-            Err(_) => format!("error: timed out after {} ms", CHECK_TIMEOUT.as_millis()),
+            Ok(Ok(())) => Outcome {
+                shown: "ok".to_owned(),
+                error: None,
+            },
+            Ok(Err(e)) => Outcome {
+                shown: format!("error: {}", failure_kind(&e)),
+                error: Some(error_chain(e.as_ref())),
+            },
+            Err(_) => {
+                let timed_out = format!("timed out after {} ms", CHECK_TIMEOUT.as_millis());
+                Outcome {
+                    shown: format!("error: {timed_out}"),
+                    error: Some(timed_out),
+                }
+            }
         };
         *latest = Some((Instant::now(), outcome.clone()));
         outcome
@@ -161,7 +182,8 @@ impl Readiness {
         })
     }
 
-    /// Adds a named check; an `Err` makes `/readyz` answer 503 with its message.
+    /// Adds a named check; an `Err` makes `/readyz` answer 503 naming the kind of failure
+    /// (`failure_kind`), and is logged in full.
     pub fn with_check<F, Fut>(mut self, name: impl Into<String>, check: F) -> Self
     where
         F: Fn() -> Fut + Send + Sync + 'static,
@@ -195,13 +217,23 @@ impl Readiness {
             let skip = excluded.contains(&check.name);
             async move {
                 if skip {
-                    return (check.name.clone(), EXCLUDED.to_owned());
+                    let excluded = Outcome {
+                        shown: EXCLUDED.to_owned(),
+                        error: None,
+                    };
+                    return (check.name.clone(), excluded);
                 }
                 (check.name.clone(), check.outcome_after(asked).await)
             }
         });
-        let checks: BTreeMap<String, String> =
-            futures::future::join_all(runs).await.into_iter().collect();
+        let mut checks = BTreeMap::new();
+        let mut errors = BTreeMap::new();
+        for (name, outcome) in futures::future::join_all(runs).await {
+            if let Some(error) = outcome.error {
+                errors.insert(name.clone(), error);
+            }
+            checks.insert(name, outcome.shown);
+        }
         if let Some(gate) = &self.db_gate
             && checks
                 .get(POSTGRES_CHECK)
@@ -213,7 +245,87 @@ impl Readiness {
         ReadinessReport {
             status: if ready { "ready" } else { "not_ready" },
             checks,
+            errors,
         }
+    }
+}
+
+/// What `/readyz` shows of a failed check: the kind of failure, in one of a few fixed phrases.
+/// The error's own text can name hosts, users, databases and server messages, and these routes
+/// are served to anyone (STYLE: a 5xx body never carries internal detail), so it goes to the
+/// log instead, when the check starts failing (`Readiness::log_outcomes`). Kubernetes' own
+/// `/readyz` withholds reasons the same way.
+fn failure_kind(err: &anyhow::Error) -> &'static str {
+    if let Some(kind) = err.chain().find_map(kind_of_cause) {
+        return kind;
+    }
+    let text = error_chain(err.as_ref()).to_lowercase();
+    KINDS_BY_TEXT
+        .iter()
+        .find(|(needles, _)| needles.iter().any(|needle| text.contains(needle)))
+        .map_or(CHECK_FAILED, |(_, kind)| kind)
+}
+
+/// The shown phrase of a failure no kind matched.
+const CHECK_FAILED: &str = "check failed (the service's log says why)";
+
+/// Kinds recognised by the error's text, for causes that reach the check only as text (a TLS
+/// error inside an I/O error, a name lookup that failed).
+const KINDS_BY_TEXT: &[(&[&str], &str)] = &[
+    (&["certificate", "tls", "handshake"], "TLS handshake failed"),
+    (&["connection refused"], "connection refused"),
+    (
+        &[
+            "failed to lookup address",
+            "name or service not known",
+            "no such host",
+        ],
+        "host not found",
+    ),
+    (&["authentication", "password"], "authentication failed"),
+    (&["timed out"], "timed out"),
+];
+
+/// The kind of one cause in an error's chain, when its type says it.
+fn kind_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+        return kind_of_io(io);
+    }
+    if let Some(redis) = cause.downcast_ref::<redis::RedisError>() {
+        return match redis.kind() {
+            redis::ErrorKind::AuthenticationFailed => Some("authentication failed"),
+            _ if redis.is_timeout() => Some("timed out"),
+            _ => None,
+        };
+    }
+    match cause.downcast_ref::<sqlx::Error>()? {
+        sqlx::Error::Io(io) => kind_of_io(io),
+        sqlx::Error::Tls(_) => Some("TLS handshake failed"),
+        sqlx::Error::PoolTimedOut => Some("timed out"),
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // invalid_password, invalid_authorization_specification
+            Some("28P01" | "28000") => Some("authentication failed"),
+            // invalid_catalog_name
+            Some("3D000") => Some("database does not exist"),
+            // cannot_connect_now
+            Some("57P03") => Some("server starting up or shutting down"),
+            Some(TOO_MANY_CONNECTIONS) => Some("too many connections"),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn kind_of_io(io: &std::io::Error) -> Option<&'static str> {
+    use std::io::ErrorKind;
+    match io.kind() {
+        ErrorKind::ConnectionRefused => Some("connection refused"),
+        ErrorKind::TimedOut => Some("timed out"),
+        ErrorKind::ConnectionReset
+        | ErrorKind::ConnectionAborted
+        | ErrorKind::BrokenPipe
+        | ErrorKind::UnexpectedEof => Some("connection lost"),
+        _ => None,
     }
 }
 
@@ -254,8 +366,11 @@ async fn postgres_reachable(pg: &PgPool) -> anyhow::Result<()> {
 pub struct ReadinessReport {
     /// `ready` or `not_ready`.
     pub status: &'static str,
-    /// Each check's name and `ok` or `error: …`.
+    /// Each check's name and `ok`, `excluded`, or `error: <kind of failure>`.
     pub checks: BTreeMap<String, String>,
+    /// Each failed check's name and its error in full: for the log, never served.
+    #[serde(skip)]
+    pub errors: BTreeMap<String, String>,
 }
 
 impl ReadinessReport {
@@ -314,7 +429,7 @@ impl Readiness {
                 }
                 continue;
             }
-            let error = outcome.strip_prefix("error: ").unwrap_or(outcome);
+            let error = report.errors.get(check).unwrap_or(outcome);
             match outage.failed() {
                 Some(failing) if failing.first => {
                     tracing::warn!(check = %check, error, "not ready: readiness check fails");
