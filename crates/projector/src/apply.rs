@@ -130,6 +130,12 @@ pub async fn apply_batch(
 /// ([`crate::sweeper`]); when another transaction holds the checkpoint row, this one leaves the
 /// mark to it (`SKIP LOCKED`: applies of several instances never queue on the row).
 /// Returns the new mark, or `None` when this transaction did not move it.
+///
+/// `target` is `MATERIALIZED`: read twice by the `UPDATE` (its filter and its `SET`), it was
+/// inlined twice, so the statement, planned at every execution like every apply statement, was
+/// planned with its scan twice, and ran the scan twice whenever the mark moved. Planning took
+/// 0.63-0.74 ms and execution 0.55-0.63 ms when the mark moved; 0.38-0.43 and 0.43-0.47 ms
+/// computed once (`docs/bench/mark-planning/`).
 async fn advance_mark(
     conn: &mut PgConnection,
     projection: ProjectionKind,
@@ -137,7 +143,7 @@ async fn advance_mark(
     sqlx::query_scalar(concat!(
         "WITH cp AS (SELECT position FROM projection_checkpoints \
                      WHERE projection = $1 FOR UPDATE SKIP LOCKED), \
-              target AS (SELECT cp.position AS start, COALESCE((",
+              target AS MATERIALIZED (SELECT cp.position AS start, COALESCE((",
         crate::sweeper::first_unfinished_sql!(),
         ") - 1, GREATEST(cp.position, LEAST((SELECT max(global_position) FROM events), \
                                             cp.position + $2))) AS position FROM cp), \
