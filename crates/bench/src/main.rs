@@ -4,6 +4,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// jemalloc, as the services have: the load generator shares the machine's CPUs with the
+/// system it measures, and glibc's malloc took about a sixth of its CPU (BENCHMARKS.md,
+/// "Changed this time"); what the tool spends is taken from the services.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
