@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 /// jemalloc, as the services have: the load generator shares the machine's CPUs with the
-/// system it measures, and glibc's malloc took about a sixth of its CPU (BENCHMARKS.md,
-/// "Changed this time"); what the tool spends is taken from the services.
+/// system it measures, and glibc's malloc took about a sixth of its CPU
+/// (`docs/bench/bench-allocator-and-mark/`); what the tool spends is taken from the services.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -272,8 +272,16 @@ const CHECK_FAILED: &str = "check failed (the service's log says why)";
 /// Kinds recognised by the error's text, for causes that reach the check only as text (a TLS
 /// error inside an I/O error, a name lookup that failed).
 const KINDS_BY_TEXT: &[(&[&str], &str)] = &[
-    (&["certificate", "tls", "handshake"], "TLS handshake failed"),
+    // rustls names a refusal by the other side "received fatal alert: …".
+    (
+        &["certificate", "tls", "handshake", "alert"],
+        "TLS handshake failed",
+    ),
     (&["connection refused"], "connection refused"),
+    (
+        &["connection reset", "broken pipe", "unexpected end of file"],
+        "connection lost",
+    ),
     (
         &[
             "failed to lookup address",
@@ -291,10 +299,14 @@ fn kind_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<&'static s
     if let Some(io) = cause.downcast_ref::<std::io::Error>() {
         return kind_of_io(io);
     }
+    // redis-rs keeps its I/O error behind an `Arc`, which the chain shows only by its text: its
+    // own predicates tell the kind.
     if let Some(redis) = cause.downcast_ref::<redis::RedisError>() {
         return match redis.kind() {
             redis::ErrorKind::AuthenticationFailed => Some("authentication failed"),
+            _ if redis.is_connection_refusal() => Some("connection refused"),
             _ if redis.is_timeout() => Some("timed out"),
+            _ if redis.is_connection_dropped() => Some("connection lost"),
             _ => None,
         };
     }
@@ -316,6 +328,7 @@ fn kind_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<&'static s
     }
 }
 
+/// The kind of an I/O failure that says something of the server or the network.
 fn kind_of_io(io: &std::io::Error) -> Option<&'static str> {
     use std::io::ErrorKind;
     match io.kind() {
@@ -370,7 +383,7 @@ pub struct ReadinessReport {
     pub checks: BTreeMap<String, String>,
     /// Each failed check's name and its error in full: for the log, never served.
     #[serde(skip)]
-    pub errors: BTreeMap<String, String>,
+    pub(crate) errors: BTreeMap<String, String>,
 }
 
 impl ReadinessReport {
@@ -487,4 +500,80 @@ where
         .route(METRICS_PATH, get(crate::metrics::metrics_handler))
         .with_state(metrics_handle);
     probes.merge(metrics)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::*;
+
+    fn io_error(kind: io::ErrorKind) -> io::Error {
+        io::Error::new(kind, "from the operating system")
+    }
+
+    /// Errors as the checks meet them, built the way their crates build them, and what
+    /// `/readyz` shows of each.
+    #[test]
+    fn each_kind_of_failure_is_named_by_a_fixed_phrase() {
+        let cases: Vec<(anyhow::Error, &str)> = vec![
+            (
+                io_error(io::ErrorKind::ConnectionRefused).into(),
+                "connection refused",
+            ),
+            (io_error(io::ErrorKind::TimedOut).into(), "timed out"),
+            (
+                io_error(io::ErrorKind::ConnectionReset).into(),
+                "connection lost",
+            ),
+            (
+                sqlx::Error::Io(io_error(io::ErrorKind::ConnectionRefused)).into(),
+                "connection refused",
+            ),
+            (sqlx::Error::PoolTimedOut.into(), "timed out"),
+            (
+                sqlx::Error::Tls("bad certificate".into()).into(),
+                "TLS handshake failed",
+            ),
+            (
+                redis::RedisError::from(io_error(io::ErrorKind::ConnectionRefused)).into(),
+                "connection refused",
+            ),
+            (
+                redis::RedisError::from(io_error(io::ErrorKind::BrokenPipe)).into(),
+                "connection lost",
+            ),
+            (
+                redis::RedisError::from((redis::ErrorKind::AuthenticationFailed, "refused")).into(),
+                "authentication failed",
+            ),
+            (
+                anyhow::anyhow!("invalid peer certificate: UnknownIssuer"),
+                "TLS handshake failed",
+            ),
+            (
+                anyhow::anyhow!("received fatal alert: UnknownCA"),
+                "TLS handshake failed",
+            ),
+            (
+                anyhow::anyhow!("failed to lookup address information: Name or service not known"),
+                "host not found",
+            ),
+            (anyhow::anyhow!("lag is 5000 events"), CHECK_FAILED),
+        ];
+        for (error, kind) in cases {
+            assert_eq!(failure_kind(&error), kind, "{error:#}");
+        }
+    }
+
+    /// Context naming a host wraps the cause: the kind is still found, and the phrase shown
+    /// carries nothing of the context.
+    #[test]
+    fn the_kind_is_found_under_context_and_shows_none_of_it() {
+        let error = anyhow::Error::new(io_error(io::ErrorKind::ConnectionRefused))
+            .context("connect to PostgreSQL at db.internal.example:5432 as orders_admin");
+        let shown = failure_kind(&error);
+        assert_eq!(shown, "connection refused");
+        assert!(!shown.contains("db.internal") && !shown.contains("orders_admin"));
+    }
 }

@@ -23,8 +23,9 @@ pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one TCP connect (plus handshake) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Reconnect attempts the manager makes per failure, with exponential backoff. Few enough that
-/// a connect that fails at once (refused, a certificate not trusted) reports its own error to
-/// `/readyz` within the check's 2 s, not only "timed out"; the next command tries again.
+/// a connect that fails at once (refused, a certificate not trusted) reports its own kind of
+/// failure to `/readyz` within the check's 1.5 s (`platform::health::CHECK_TIMEOUT`), not only
+/// "timed out"; the next command tries again.
 pub const RECONNECT_RETRIES: usize = 2;
 /// First reconnect delay; doubles per attempt.
 pub const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);

@@ -132,10 +132,11 @@ pub async fn apply_batch(
 /// Returns the new mark, or `None` when this transaction did not move it.
 ///
 /// `target` is `MATERIALIZED`: read twice by the `UPDATE` (its filter and its `SET`), it was
-/// inlined twice, so the statement, planned at every execution like every apply statement, was
-/// planned with its scan twice, and ran the scan twice whenever the mark moved. Planning took
-/// 0.63-0.74 ms and execution 0.55-0.63 ms when the mark moved; 0.38-0.43 and 0.43-0.47 ms
-/// computed once (`docs/bench/mark-planning/`).
+/// inlined with its expression copied into both, so the statement, planned at every execution
+/// like every apply statement, was planned with its scan twice, and ran the scan twice whenever
+/// the mark moved. When it moved, planning took
+/// 0.82 ms and execution 0.65 ms (medians of five sessions); computed once, 0.47 and 0.44 ms
+/// (`docs/bench/mark-planning/`).
 async fn advance_mark(
     conn: &mut PgConnection,
     projection: ProjectionKind,

@@ -23,3 +23,10 @@ UPDATE projection_checkpoints SET position = position - 20 WHERE projection = 'o
 EXPLAIN (ANALYZE, SUMMARY, COSTS OFF) EXECUTE m('order_summaries', 10000, 'x');
 EXPLAIN (ANALYZE, SUMMARY, COSTS OFF) EXECUTE m('order_summaries', 10000, 'x');
 ROLLBACK;
+-- What it returns: the mark it moves to, from 20 events back, on this database.
+SELECT (SELECT count(*) FROM order_summaries) AS orders, (SELECT count(*) FROM events) AS events;
+BEGIN;
+UPDATE projection_checkpoints SET position = position - 20 WHERE projection = 'order_summaries'
+RETURNING position AS mark_before;
+EXECUTE m('order_summaries', 10000, 'x');
+ROLLBACK;

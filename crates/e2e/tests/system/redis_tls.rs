@@ -11,8 +11,8 @@ use uuid::Uuid;
 /// a self-hosted `rediss://` server does by default: each service trusts the test's authority
 /// (`REDIS_CA_CERT`) and presents the client certificate (`REDIS_CLIENT_CERT`/`_KEY`); the relay
 /// publishes and the projections' groups consume and acknowledge over it. Each binary, not
-/// told to trust that authority, checks the server against the bundled roots and is not ready,
-/// naming the certificate error.
+/// told to trust that authority, checks the server against the bundled roots and is not ready:
+/// `/readyz` names the kind of failure, and the log the certificate's fault.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_services_publish_and_consume_through_a_redis_that_speaks_only_tls() {
     let certificates = TestCertificates::generate().expect("openssl makes the test certificates");
