@@ -544,6 +544,10 @@ mod tests {
                 "connection lost",
             ),
             (
+                redis::RedisError::from(io_error(io::ErrorKind::TimedOut)).into(),
+                "timed out",
+            ),
+            (
                 redis::RedisError::from((redis::ErrorKind::AuthenticationFailed, "refused")).into(),
                 "authentication failed",
             ),
