@@ -128,10 +128,22 @@ fn page_by_status_sql(status: OrderStatus) -> &'static str {
         OrderStatus::Cancelled => page_by_status_sql!("cancelled"),
     }
 }
-/// By customer and status: the customer index (a customer's orders are few), status filtered.
-const PAGE_BY_CUSTOMER_AND_STATUS_SQL: &str = page_sql!(
-    "customer_id = $3 AND status = $4 AND created_position < $1",
-    "$2"
+/// By customer and status: the customer's entries of `order_summaries_customer`, newest first
+/// (a customer's orders are few), filtered by status. `OFFSET 0` keeps the customer's walk a
+/// subquery planned on its own: with the status a condition of the same scan, the plan cached
+/// while the table was empty walked `order_summaries_status` and filtered by customer (test
+/// `plans`), which on a real table reads every order of a common status to find one customer's.
+/// The subquery's order is the outer query's, so the `LIMIT` still stops the walk early.
+const PAGE_BY_CUSTOMER_AND_STATUS_SQL: &str = concat!(
+    "SELECT cp.position AS cp_position, ",
+    summary_columns!(),
+    ", p.parked_version AS held_version FROM ",
+    checkpoint_of!("order_summaries"),
+    " LEFT JOIN LATERAL (SELECT * FROM (SELECT * FROM order_summaries \
+       WHERE customer_id = $3 AND created_position < $1 ORDER BY created_position DESC OFFSET 0) c \
+       WHERE status = $4 ORDER BY created_position DESC LIMIT $2) s ON true",
+    held_join!("s.order_id"),
+    " ORDER BY s.created_position DESC"
 );
 
 /// One customer, and the customer's orders parked in `customer_stats` (held back behind a dead

@@ -1,6 +1,7 @@
 //! How PostgreSQL plans the query service's statements on the service's own connection
 //! settings (`query_service::startup::PLANNING`): a plan the server caches must probe or walk
-//! indexes even when it was made while the tables were empty, because nothing but an `ANALYZE`
+//! indexes (where only one index is right, that one) even when it was made while the tables
+//! were empty, because nothing but an `ANALYZE`
 //! replaces it, and the hot read of one order must actually run on a cached plan.
 //!
 //! Every statement the service sends is prepared here on one connection by the very functions
@@ -153,9 +154,40 @@ fn example_of(t: &str) -> String {
 /// index serves that, and the table never grows with the data.
 const POLL: &str = "SELECT projection, position FROM projection_checkpoints";
 
+/// The index a statement's read of `order_summaries` must walk, where only one is right
+/// whatever the data: a customer's page walks that customer's entries (walking every order
+/// newest first to find them would read the whole table for a customer with few orders), the
+/// page without a filter walks `created_position`, and one order is a primary-key probe. A page
+/// by status may walk either the status index or `created_position`, by the status's own
+/// statistics (`read_models::page_by_status_sql`), so it is not named here.
+fn expected_index(statement: &str) -> Option<&'static str> {
+    if statement.contains("customer_id = $3") {
+        Some("order_summaries_customer")
+    } else if statement.contains("FROM order_summaries WHERE created_position < $1") {
+        Some("order_summaries_created_position_key")
+    } else if statement.contains("LEFT JOIN order_summaries s ON s.order_id = $1") {
+        Some("order_summaries_pkey")
+    } else {
+        None
+    }
+}
+
 fn assert_index_plans_only(plans: &[(String, Vec<String>)], when: &str) {
     assert_eq!(plans.len(), STATEMENTS, "statements prepared: {plans:#?}");
+    let named = plans
+        .iter()
+        .filter(|(statement, _)| expected_index(statement).is_some())
+        .count();
+    // One order, the page without a filter, and the customer's pages with and without a status.
+    assert_eq!(named, 4, "statements with an expected index: {plans:#?}");
     for (statement, plan) in plans {
+        if let Some(index) = expected_index(statement) {
+            let walks = format!("using {index} on order_summaries");
+            assert!(
+                plan.iter().any(|line| line.contains(&walks)),
+                "{when}, the cached plan of\n{statement}\ndoes not walk {index}: {plan:#?}"
+            );
+        }
         let scans: Vec<&String> = plan
             .iter()
             .filter(|line| line.contains("Seq Scan") || line.contains("Bitmap"))
