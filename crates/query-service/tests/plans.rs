@@ -1,8 +1,8 @@
 //! How PostgreSQL plans the query service's statements on the service's own connection
 //! settings (`query_service::startup::PLANNING`): a plan the server caches must probe or walk
 //! indexes (where only one index is right, that one) even when it was made while the tables
-//! were empty, because nothing but an `ANALYZE`
-//! replaces it, and the hot read of one order must actually run on a cached plan.
+//! were empty, because nothing but an `ANALYZE` replaces it, and the hot read of one order must
+//! actually run on a cached plan.
 //!
 //! Every statement the service sends is prepared here on one connection by the very functions
 //! the service calls (the read models, the event store reads behind the history, the log and
