@@ -797,18 +797,28 @@ pub(crate) fn describe_cause(e: &sqlx::Error) -> String {
     }
 }
 
+/// The fixed phrase of an I/O failure of a kind that says something of the server or the
+/// network, `None` for the others: shared by start-up messages ([`describe_io`]) and the
+/// readiness checks, which show nothing else.
+pub(crate) fn io_kind_phrase(e: &io::Error) -> Option<&'static str> {
+    use io::ErrorKind as K;
+    Some(match e.kind() {
+        K::ConnectionRefused => "connection refused",
+        K::TimedOut => "timed out",
+        K::ConnectionReset => "connection reset",
+        K::ConnectionAborted => "connection aborted",
+        K::HostUnreachable => "host unreachable",
+        K::NetworkUnreachable => "network unreachable",
+        K::AddrNotAvailable => "address not available",
+        _ => return None,
+    })
+}
+
 /// `connection refused` rather than `Connection refused (os error 111)`.
 pub(crate) fn describe_io(e: &io::Error) -> String {
-    use io::ErrorKind as K;
-    match e.kind() {
-        K::ConnectionRefused => "connection refused".to_owned(),
-        K::TimedOut => "timed out".to_owned(),
-        K::ConnectionReset => "connection reset".to_owned(),
-        K::ConnectionAborted => "connection aborted".to_owned(),
-        K::HostUnreachable => "host unreachable".to_owned(),
-        K::NetworkUnreachable => "network unreachable".to_owned(),
-        K::AddrNotAvailable => "address not available".to_owned(),
-        _ => {
+    match io_kind_phrase(e) {
+        Some(phrase) => phrase.to_owned(),
+        None => {
             let text = one_line(e);
             let text = match text.find(" (os error") {
                 Some(i) => text[..i].to_owned(),

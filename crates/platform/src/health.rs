@@ -328,17 +328,17 @@ fn kind_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<&'static s
     }
 }
 
-/// The kind of an I/O failure that says something of the server or the network.
+/// The kind of an I/O failure that says something of the server or the network
+/// ([`crate::db::io_kind_phrase`]), a connection ended in any way being "connection lost": how
+/// it ended tells a reader of `/readyz` nothing more.
 fn kind_of_io(io: &std::io::Error) -> Option<&'static str> {
     use std::io::ErrorKind;
     match io.kind() {
-        ErrorKind::ConnectionRefused => Some("connection refused"),
-        ErrorKind::TimedOut => Some("timed out"),
         ErrorKind::ConnectionReset
         | ErrorKind::ConnectionAborted
         | ErrorKind::BrokenPipe
         | ErrorKind::UnexpectedEof => Some("connection lost"),
-        _ => None,
+        _ => crate::db::io_kind_phrase(io),
     }
 }
 
@@ -522,6 +522,10 @@ mod tests {
                 "connection refused",
             ),
             (io_error(io::ErrorKind::TimedOut).into(), "timed out"),
+            (
+                io_error(io::ErrorKind::HostUnreachable).into(),
+                "host unreachable",
+            ),
             (
                 io_error(io::ErrorKind::ConnectionReset).into(),
                 "connection lost",

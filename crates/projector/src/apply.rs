@@ -134,9 +134,8 @@ pub async fn apply_batch(
 /// `target` is `MATERIALIZED`: read twice by the `UPDATE` (its filter and its `SET`), it was
 /// inlined with its expression copied into both, so the statement, planned at every execution
 /// like every apply statement, was planned with its scan twice, and ran the scan twice whenever
-/// the mark moved. When it moved, planning took
-/// 0.82 ms and execution 0.65 ms (medians of five sessions); computed once, 0.47 and 0.44 ms
-/// (`docs/bench/mark-planning/`).
+/// the mark moved. When it moved, planning took 0.82 ms and execution 0.65 ms (medians of five
+/// sessions); computed once, 0.47 and 0.44 ms (`docs/bench/mark-planning/`).
 async fn advance_mark(
     conn: &mut PgConnection,
     projection: ProjectionKind,
