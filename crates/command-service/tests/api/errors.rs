@@ -536,6 +536,33 @@ async fn a_command_on_an_order_with_an_unreadable_event_is_a_500_not_a_retry() {
     assert_eq!(fresh.add_item(other, "A", 1, 10).await.status(), 200);
 }
 
+/// An order stored in a currency this release does not list (one a newer release added during
+/// a rollout, or one later withdrawn from ISO 4217) loads and takes commands as any other: the
+/// code was checked against the list of the release that wrote it.
+#[tokio::test]
+async fn an_order_in_a_currency_this_release_does_not_list_takes_commands() {
+    let app = spawn_app().await;
+    let order_id = Uuid::now_v7();
+    assert!(events::money::Currency::parse("DEM").is_none());
+    store::testing::append_as_another_release_wrote_it(
+        &app.db.pool,
+        order_id,
+        "OrderCreated",
+        1,
+        json!({ "order_id": order_id, "customer_id": Uuid::new_v4(), "currency": "DEM" }),
+    )
+    .await;
+
+    assert_eq!(app.add_item(order_id, "A", 2, 150).await.status(), 200);
+    let response = app
+        .post(&format!("/orders/{order_id}/place"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(app.event_count(order_id).await, 3);
+}
+
 /// A rollout under way: a newer release wrote an event of a type this instance does not know
 /// into the order. A command on it is answered 503 `event_from_newer_release` with
 /// `Retry-After` (an instance of that release can serve it), not 500 or a rule violation, and
