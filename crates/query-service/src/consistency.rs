@@ -427,8 +427,9 @@ impl CheckpointWatcher {
             return;
         };
         if self.projections.contains_key(projection) {
-            self.stats.notifications.fetch_add(1, Ordering::Relaxed);
             self.raise(projection, position);
+            // Counted once raised, so a count seen means the watch holds the position.
+            self.stats.notifications.fetch_add(1, Ordering::Relaxed);
         }
     }
 

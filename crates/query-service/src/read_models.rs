@@ -490,7 +490,11 @@ impl ReadModels {
                     return Err(ApiError::ConsistencyTimeout {
                         projection,
                         min_position: wanted.min_position,
-                        observed: seen.max(position),
+                        // The table's value, read just now, not the watch's: the watch
+                        // may still hold a mark the table has since lost (a restore, a
+                        // crash that lost the last marks), and the header must never claim
+                        // more than the table holds.
+                        observed: position,
                         wait_ms: u64::try_from(wanted.wait.as_millis()).unwrap_or(u64::MAX),
                     });
                 }

@@ -1075,6 +1075,33 @@ async fn a_mark_the_watch_has_not_heard_of_yet_serves_the_read_instead_of_a_503(
     assert_eq!(projection_position(response.headers()), 7);
 }
 
+/// The table's mark went back (a restore, a crash that lost the last marks) and the watch has
+/// not polled since: a read-your-writes request the table cannot serve is a 503 naming the
+/// table's position, never the higher one the watch still holds, which would claim events
+/// applied that are not.
+#[tokio::test]
+async fn a_503_names_the_tables_mark_when_the_watch_still_holds_a_higher_one() {
+    let app = spawn_app_with(Options {
+        poll_ms: Some(60_000),
+        ..Options::default()
+    })
+    .await;
+    app.set_checkpoint("order_summaries", 10, true).await;
+    let stats = Arc::clone(&app.watcher);
+    wait_until("the watch has heard of position 10", || {
+        let stats = Arc::clone(&stats);
+        async move { stats.notifications.load(Ordering::Relaxed) > 0 }
+    })
+    .await;
+    app.set_checkpoint("order_summaries", 3, false).await;
+
+    let (status, headers, body) = app.get_json("/orders?min_position=5&wait_ms=0").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["code"], "consistency_timeout");
+    assert_eq!(projection_position(&headers), 3);
+    assert_eq!(body["projection_position"], 3);
+}
+
 #[tokio::test]
 async fn a_wait_past_wait_ms_answers_503_with_retry_after() {
     let app = spawn_app().await;
