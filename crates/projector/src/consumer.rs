@@ -482,7 +482,7 @@ impl ProjectionConsumer {
     /// event applied (a sweeper healed it) or its stream parked. What they can mean is an
     /// entry that stops every consumer trying it (a crash, an abort), whose failures no error
     /// ever counted; so the try is recorded in Redis before it begins
-    /// ([`bus::Consumer::begin_try`]) and forgotten when it ends, and an entry more than
+    /// ([`bus::Consumer::begin_try`]) and forgotten when it ends, and an entry
     /// [`UNFINISHED_TRIES_LIMIT`] of whose tries never ended is dead-lettered without another
     /// (or, its event applied already by another instance, acknowledged: [`Self::give_up`]).
     async fn try_delivered_often(&mut self, w: &Work) -> Result<(), Failure> {

@@ -25,13 +25,15 @@
 //! still the blocker [`SweeperSettings::grace`] after the sweeper first saw it (measured from
 //! then, not from `recorded_at`, so clock skew and old events do not matter), the sweeper
 //! applies it and the events after it, in batches from the event store, through the same
-//! engine the consumers use. That is how the read model converges after Redis was flushed,
+//! engine the consumers use, batch after batch without waiting again while each comes back
+//! full; a batch that reaches the head ends the healing. That is how the read model converges after Redis was flushed,
 //! restarted without persistence, or trimmed entries, with no operator action. A blocker that
 //! keeps failing is retried with backoff and finally dead-lettered and parked like a consumer
 //! would, each event once the sweeper has seen that event itself fail `max_attempts` times
 //! (counted per event, so a blocker never inherits the count of the one before it), and only if
-//! no consumer has applied it meanwhile; one a newer release wrote is only held (see
-//! [`crate::failure`]).
+//! no consumer has applied it meanwhile; when Redis refuses the dead letter, the order is
+//! parked without one, so that an outage of Redis never stops the read model at a failing
+//! event. One a newer release wrote is only held (see [`crate::failure`]).
 //!
 //! Wake-ups: `LISTEN projection_applied`, sent by an apply of this projection that could not
 //! move the mark over all of its own events (see [`crate::apply`]); an apply that could wakes
@@ -50,8 +52,8 @@ use tokio_util::sync::CancellationToken;
 use crate::apply::{APPLIED_CHANNEL, Poisoned, applied_version, apply_isolating};
 use crate::consumer::park_with_retries;
 use crate::failure::{
-    Backoff, Failure, NEWER_RELEASE_LOG_INTERVAL, classify_bus, classify_sql,
-    newer_release_retry_delay, poison_retry_delay,
+    Backoff, Failure, NEWER_RELEASE_LOG_INTERVAL, classify_sql, newer_release_retry_delay,
+    poison_retry_delay,
 };
 use crate::metrics;
 use crate::projections::ProjectionKind;
@@ -497,7 +499,12 @@ impl Sweeper {
             }
         }
         if poisoned.is_empty() {
-            self.healing = true;
+            // A full batch: more of the backlog may follow, and the next sweep heals it without
+            // a grace of its own. A batch that reached the head ends the healing: a blocker
+            // found after it is an event in flight to a consumer, and gets its grace, or the
+            // sweeper would apply every new event ahead of the consumers for as long as the
+            // load lasts.
+            self.healing = i64::try_from(events.len()).unwrap_or(i64::MAX) >= HEAL_BATCH;
             self.failures.clear();
             return Ok(outcome.applied);
         }
@@ -558,7 +565,8 @@ impl Sweeper {
                 .next(),
         };
         if let (Some(dl), Some(event)) = (&self.dead_letters, event) {
-            dl.queue
+            let letter = dl
+                .queue
                 .dead_letter(
                     self.projection.name(),
                     &entry_of(&event),
@@ -566,9 +574,19 @@ impl Sweeper {
                     attempts,
                     &dl.consumer,
                 )
-                .await
-                .map_err(|e| classify_bus(&e))?;
-            metrics::record_dead_letter(self.projection);
+                .await;
+            match letter {
+                Ok(_) => metrics::record_dead_letter(self.projection),
+                // Parked all the same. While Redis is down (or full) the sweeper is the only
+                // one applying, and an event neither applied nor parked would hold the mark,
+                // and every heal (which reads from the mark), at it until Redis is back: every
+                // order after one heal batch would wait. The park is recorded in PostgreSQL
+                // with its error; `dlq parked` lists it, and `dlq replay|purge --stream`
+                // resolves it without a letter.
+                Err(e) => tracing::error!(projection = %self.projection, stream = %p.stream_id,
+                    version = p.version, attempts, failure = %p.error, error = %e,
+                    "cannot write the dead letter of an event the sweeper gave up on (Redis);                      parking its order without one: `projector dlq parked` lists it"),
+            }
         }
         // Should a consumer apply the event between the look above and the park, the park
         // finds it applied and parks nothing.

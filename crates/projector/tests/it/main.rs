@@ -1266,6 +1266,111 @@ async fn the_sweeper_counts_failures_per_event_so_a_new_blocker_never_inherits_t
     assert_eq!(letters[0].attempts, 3);
 }
 
+/// Redis is down, so only the sweeper applies, from the event store, and an event fails for
+/// good: the sweeper cannot write its dead letter, and parks its order all the same. The mark
+/// passes it and every other order is applied, also those more than one heal batch after it
+/// (each heal reads from the mark); `dlq parked` finds the order, with no letter.
+#[tokio::test]
+async fn with_redis_down_an_event_that_keeps_failing_is_parked_without_a_letter_and_the_rest_applied()
+ {
+    let mut redis = PrivateRedis::start().await.unwrap();
+    let w = World::with_redis(redis.url()).await;
+    let projection = ProjectionKind::OrderSummaries;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    let damaged = damaged_order(w.pool()).await;
+    let damaged_at = store::head_position(w.pool()).await.unwrap();
+    let mut orders = 0;
+    while store::head_position(w.pool()).await.unwrap()
+        <= damaged_at + projector::sweeper::HEAL_BATCH
+    {
+        append_orders(w.pool(), 50).await;
+        orders += 50;
+    }
+    let head = store::head_position(w.pool()).await.unwrap();
+    redis.stop();
+
+    let mut sweeper = Sweeper::new(
+        projection,
+        w.pool().clone(),
+        Some(projector::sweeper::DeadLetters {
+            queue: dlq.clone(),
+            consumer: "sweeper".into(),
+        }),
+        SweeperSettings {
+            grace: Duration::ZERO,
+            max_attempts: 2,
+            retry_base: Duration::ZERO,
+            ..SweeperSettings::default()
+        },
+    );
+    let started = std::time::Instant::now();
+    loop {
+        let outcome = sweeper.sweep_once().await.expect("a sweep without Redis");
+        if outcome.position == head {
+            assert_eq!(outcome.blocker, None);
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the mark stays at {} (blocker {:?}), short of the head {head}",
+            outcome.position,
+            outcome.blocker
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let parked: Option<i64> = sqlx::query_scalar(
+        "SELECT parked_version FROM projection_streams WHERE projection = $1 AND stream_id = $2",
+    )
+    .bind(projection.name())
+    .bind(order_stream_id(damaged))
+    .fetch_one(w.pool())
+    .await
+    .unwrap();
+    assert_eq!(parked, Some(4));
+    let summaries: i64 = sqlx::query_scalar("SELECT count(*) FROM order_summaries")
+        .fetch_one(w.pool())
+        .await
+        .unwrap();
+    // Every other order, and the damaged one as it stood before its bad event.
+    assert_eq!(summaries, orders + 1);
+    redis.start_again().await.unwrap();
+    let (listed, total) = projector::parked::list(w.pool(), &dlq, projection)
+        .await
+        .unwrap();
+    assert_eq!(total, 1);
+    assert_eq!(listed[0].stream_id, order_stream_id(damaged));
+    assert_eq!(listed[0].letters, 0);
+}
+
+/// A heal that reached the head ends the healing: an event appended afterwards, which a
+/// consumer is about to apply, gets the grace like any blocker, instead of being applied by
+/// the sweeper at once (which, under steady load, would go on for as long as the load lasts).
+#[tokio::test]
+async fn after_a_heal_reaches_the_head_a_new_blocker_gets_its_grace() {
+    let w = World::new().await;
+    let projection = ProjectionKind::OrderSummaries;
+    append_orders(w.pool(), 3).await;
+    let mut sweeper = test_sweeper(&w, projection, Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    loop {
+        let outcome = sweeper.sweep_once().await.unwrap();
+        if outcome.healed > 0 {
+            assert_eq!(outcome.blocker, None);
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "no heal after the grace");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let before = store::head_position(w.pool()).await.unwrap();
+    append_orders(w.pool(), 1).await;
+    let outcome = sweeper.sweep_once().await.unwrap();
+    assert_eq!(outcome.healed, 0);
+    assert_eq!(outcome.blocker, Some(before + 1));
+    assert_eq!(outcome.position, before);
+}
+
 /// A sweeper of `projection` on the test's database, without dead letters, that heals a blocker
 /// only after `grace`.
 fn test_sweeper(w: &World, projection: ProjectionKind, grace: Duration) -> Sweeper {
@@ -1675,7 +1780,7 @@ async fn entries_delivered_many_times_are_dead_lettered_only_when_their_tries_fa
 /// An instance stopped by an entry (a crash, an OOM kill) restarts under the same name, as a
 /// container restarted in its pod does, and meets the entry again among its own pending
 /// entries, delivered once more at each restart. Once its deliveries reach `MAX_ATTEMPTS` and
-/// more than two of its tries never ended, it is dead-lettered without another try, as a
+/// two of its tries never ended, it is dead-lettered without another try, as a
 /// claimed entry is, instead of stopping the instance at every restart for ever.
 #[tokio::test]
 async fn an_entry_that_stopped_the_instance_is_dead_lettered_when_it_restarts_under_the_same_name_not_tried_for_ever()
