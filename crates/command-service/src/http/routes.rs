@@ -106,7 +106,7 @@ fn command_header_params() -> Vec<utoipa::openapi::path::Parameter> {
     let rest = [
         header(
             "Idempotency-Key",
-            "Makes a retry safe: a repeat with the same key, method, path and body returns the first response (`Idempotent-Replayed: true`) and appends nothing, whether it was a success or a refusal decided on the order (404, 409 `order_exists`, 412, 422 `rule_violated`); a 409 `concurrency_conflict` or a 5xx is not kept, so a repeat runs again. The same key with another request is 422 `idempotency_key_reused`",
+            "Makes a retry safe: a repeat with the same key, method, path and body returns the first response (`Idempotent-Replayed: true`) and appends nothing, whether it was a success or a refusal decided on the order (404, 409 `order_exists`, 412, 422 `rule_violated`); a 409 `concurrency_conflict` or a 5xx is not kept, so a repeat runs again; but a command answered 503 (`timeout`, `store_unavailable`) may have committed after all, and then a repeat with its key gets that success. The same key with another request is 422 `idempotency_key_reused`",
             ObjectBuilder::new()
                 .min_length(Some(1))
                 .max_length(Some(super::MAX_IDEMPOTENCY_KEY_LEN))

@@ -355,3 +355,36 @@ async fn a_refusal_echoing_a_nul_character_is_recorded_and_replayed() {
     let response = remove().await.unwrap();
     assert_eq!(response.headers()["idempotent-replayed"], "true");
 }
+
+/// A 503 answers the request, not the command: one that ran out of `REQUEST_TIMEOUT_MS` while
+/// its append waited for the store is still committed once the store takes it. A repeat with
+/// the same key then gets that success and appends nothing, where a repeat without a key would
+/// add the item a second time.
+#[tokio::test]
+async fn a_command_answered_503_timeout_may_commit_later_and_a_repeat_with_its_key_gets_that_success()
+ {
+    let app = spawn_app_with(&[("request-timeout-ms", "300")]).await;
+    let order_id = app.create_order().await;
+    let add = || {
+        app.post(&format!("/orders/{order_id}/items"))
+            .header("Idempotency-Key", "add-late")
+            .json(&json!({ "sku": "A", "quantity": 1, "unit_price": 10 }))
+            .send()
+    };
+
+    let holder = app.hold_append_lock().await;
+    let timed_out = add().await.unwrap();
+    assert_problem(timed_out, 503, "timeout").await;
+    holder.rollback().await.unwrap();
+    crate::helpers::wait_until("the timed-out command commits", || async {
+        app.event_count(order_id).await == 2
+    })
+    .await;
+
+    let again = add().await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let body: Value = again.json().await.unwrap();
+    assert_eq!(body["version"], 2);
+    assert_eq!(app.event_count(order_id).await, 2);
+}
