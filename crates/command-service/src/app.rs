@@ -96,6 +96,8 @@ impl Application {
                 retries: config.commands.command_retries,
                 cache_capacity: usize::try_from(config.commands.order_cache_capacity)
                     .unwrap_or(usize::MAX),
+                cache_max_bytes: usize::try_from(config.commands.order_cache_max_bytes)
+                    .unwrap_or(usize::MAX),
             },
             http::error::rejection_answer,
         );

@@ -91,6 +91,17 @@ pub struct CommandArgs {
     )]
     pub order_cache_capacity: u64,
 
+    /// Most bytes the cached order states may take, roughly (at least 64 KiB); the count alone
+    /// does not bound the memory, as one order may hold 200 lines of 64-character SKUs (about
+    /// 30 kB)
+    #[arg(
+        long,
+        env = "ORDER_CACHE_MAX_BYTES",
+        default_value_t = 32 * 1024 * 1024,
+        value_parser = clap::value_parser!(u64).range(64 * 1024..)
+    )]
+    pub order_cache_max_bytes: u64,
+
     /// Hours an Idempotency-Key and its stored response are kept
     #[arg(
         long,
@@ -164,6 +175,7 @@ mod tests {
         assert_eq!(config.http.max_in_flight(), 1024);
         assert_eq!(config.commands.request_timeout_ms, 10_000);
         assert_eq!(config.commands.order_cache_capacity, 10_000);
+        assert_eq!(config.commands.order_cache_max_bytes, 32 * 1024 * 1024);
         assert_eq!(config.commands.idempotency_ttl_hours, 24);
     }
 

@@ -74,6 +74,8 @@ pub struct HandlerConfig {
     pub retries: u32,
     /// Most orders whose state is cached.
     pub cache_capacity: usize,
+    /// Most bytes the cached states take, roughly ([`cache::weight`]).
+    pub cache_max_bytes: usize,
 }
 
 /// The status and body a refusal is answered with, recorded under its `Idempotency-Key` and
@@ -264,7 +266,7 @@ impl CommandHandler {
                 pool,
                 gate,
                 committer,
-                slots: OrderSlots::new(config.cache_capacity),
+                slots: OrderSlots::new(config.cache_capacity, config.cache_max_bytes),
                 config,
                 rejection_answer,
             }),
@@ -413,6 +415,9 @@ impl CommandHandler {
             };
             // Put the state back at once: every early return below leaves the cache as it was.
             let order = &*cached.insert(order);
+            if !from_cache {
+                self.inner.slots.record(order_id, order);
+            }
             let state = &order.state;
 
             let decided = match context.if_match {
@@ -483,10 +488,11 @@ impl CommandHandler {
                     }),
             };
             let pending = self.inner.committer.submit(request).await;
-            *cached = Some(CachedOrder {
+            let advanced = cached.insert(CachedOrder {
                 state: after.clone(),
                 last_event_id: after_last_event_id,
             });
+            self.inner.slots.record(order_id, advanced);
             (pending, before, after, assumed_new)
         };
 

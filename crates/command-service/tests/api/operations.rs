@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use store::testing::TestDatabase;
 
-use crate::helpers::{TestApp, assert_problem, spawn_app, spawn_app_on, wait_until};
+use crate::helpers::{
+    TestApp, assert_problem, spawn_app, spawn_app_on, spawn_app_with, wait_until,
+};
 
 #[tokio::test]
 async fn healthz_and_readyz_answer_200() {
@@ -373,4 +375,41 @@ async fn database_work_still_running_at_the_end_of_the_grace_period_does_not_hol
 
     app.stop_within_deadline().await;
     holder.rollback().await.unwrap();
+}
+
+/// `ORDER_CACHE_MAX_BYTES` bounds what the cached states take, not only how many there are:
+/// orders of many long lines fill it long before the count, the cache drops the ones nobody is
+/// commanding (`command_order_cache_bytes` stays within the bound), and a dropped order reloads
+/// and takes its next command at the right version.
+#[tokio::test]
+async fn the_cached_states_stay_within_their_bytes_and_a_dropped_order_reloads() {
+    const MAX_BYTES: usize = 64 * 1024;
+    const LINES: usize = 40;
+    let app = spawn_app_with(&[("order-cache-max-bytes", &MAX_BYTES.to_string())]).await;
+    let mut orders = Vec::new();
+    for _ in 0..12 {
+        let order_id = app.create_order().await;
+        for line in 0..LINES {
+            let sku = format!("{line:0>64}");
+            assert_eq!(app.add_item(order_id, &sku, 1, 10).await.status(), 200);
+        }
+        orders.push(order_id);
+    }
+    let page = app.metrics().await;
+    let bytes: f64 = page
+        .lines()
+        .find(|line| line.starts_with("command_order_cache_bytes{"))
+        .and_then(|line| line.rsplit(' ').next())
+        .expect("the cache's bytes are exported")
+        .parse()
+        .unwrap();
+    assert!(
+        bytes > 0.0 && bytes <= MAX_BYTES as f64,
+        "{bytes} bytes cached"
+    );
+
+    let first = app.add_item(orders[0], "LAST", 1, 10).await;
+    assert_eq!(first.status(), 200);
+    let body: Value = first.json().await.unwrap();
+    assert_eq!(body["version"], 2 + LINES);
 }
