@@ -102,12 +102,12 @@ pub struct CommandArgs {
     )]
     pub order_cache_max_bytes: u64,
 
-    /// Hours an Idempotency-Key and its stored response are kept
+    /// Hours an Idempotency-Key and its stored response are kept (1 to 87600, ten years)
     #[arg(
         long,
         env = "IDEMPOTENCY_TTL_HOURS",
         default_value_t = 24,
-        value_parser = clap::value_parser!(u64).range(1..)
+        value_parser = clap::value_parser!(u64).range(1..=MAX_IDEMPOTENCY_TTL_HOURS)
     )]
     pub idempotency_ttl_hours: u64,
 }
@@ -161,6 +161,12 @@ impl Config {
     }
 }
 
+/// Longest `IDEMPOTENCY_TTL_HOURS` accepted: ten years. The expiry computes `now()` minus the
+/// period in PostgreSQL, which fails for a period reaching back before 4713 BC; refused at
+/// start, such a value would otherwise leave every key unexpired, with a warning every ten
+/// minutes.
+pub const MAX_IDEMPOTENCY_TTL_HOURS: u64 = 87_600;
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -177,6 +183,19 @@ mod tests {
         assert_eq!(config.commands.order_cache_capacity, 10_000);
         assert_eq!(config.commands.order_cache_max_bytes, 32 * 1024 * 1024);
         assert_eq!(config.commands.idempotency_ttl_hours, 24);
+    }
+
+    #[test]
+    fn an_idempotency_period_beyond_ten_years_is_refused() {
+        let parse = |hours: &str| {
+            Config::try_parse_args(["command-service", "--idempotency-ttl-hours", hours])
+        };
+        assert_eq!(
+            parse("87600").unwrap().commands.idempotency_ttl_hours,
+            MAX_IDEMPOTENCY_TTL_HOURS
+        );
+        assert!(parse("87601").is_err());
+        assert!(parse("100000000").is_err());
     }
 
     #[test]
