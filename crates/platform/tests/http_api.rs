@@ -322,6 +322,25 @@ async fn the_request_context_carries_ids_and_a_trace_context() {
     assert_eq!(body["actor"], "alice");
 }
 
+/// A request id the service cannot use (too long, or not printable) is not echoed back: the
+/// response carries the UUID that stood for it in the service's logs and as the correlation
+/// id, so a client's report of the response finds its log lines.
+#[tokio::test]
+async fn an_unusable_request_id_is_answered_with_the_one_the_service_logged() {
+    for sent in ["a".repeat(200), "tab\there".to_owned()] {
+        let req = Request::get("/context")
+            .header("x-request-id", sent.as_str())
+            .body(Body::empty())
+            .unwrap();
+        let (response, body) = send(app(), req).await;
+        let echoed = response.headers()["x-request-id"].to_str().unwrap();
+        assert_ne!(echoed, sent);
+        assert!(uuid::Uuid::parse_str(echoed).is_ok(), "{echoed}");
+        assert_eq!(body["request_id"], echoed);
+        assert_eq!(response.headers()["x-correlation-id"], echoed);
+    }
+}
+
 #[tokio::test]
 async fn without_headers_ids_and_traceparent_are_generated() {
     let req = Request::get("/context")

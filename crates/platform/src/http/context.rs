@@ -83,12 +83,19 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestContext {
     }
 }
 
-/// Middleware: stores the [`RequestContext`] in the extensions and echoes the correlation id.
+/// Middleware: stores the [`RequestContext`] in the extensions and echoes the request id and
+/// the correlation id it uses. The request id echoed is the one logged: a value the client
+/// sent that is not a usable id (too long, not printable) is answered with the UUID that stood
+/// for it, so a client's report of a response always finds its log lines.
 pub(crate) async fn insert_context(mut req: Request, next: Next) -> Response {
     let ctx = RequestContext::from_headers(req.headers());
+    let request_id = axum::http::HeaderValue::from_str(&ctx.request_id).ok();
     let correlation_id = axum::http::HeaderValue::from_str(&ctx.correlation_id).ok();
     req.extensions_mut().insert(ctx);
     let mut response = next.run(req).await;
+    if let Some(value) = request_id {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
     if let Some(value) = correlation_id {
         response.headers_mut().insert(CORRELATION_ID_HEADER, value);
     }
