@@ -110,8 +110,9 @@ pub enum Command {
         action: DlqAction,
         /// The consumer group (= projection name), e.g. order_summaries
         group: String,
-        /// One dead letter by its id in the dead-letter stream
-        #[arg(long)]
+        /// One dead letter by its id in the dead-letter stream (`<ms>-<seq>`, as `dlq list`
+        /// shows it)
+        #[arg(long, value_parser = entry_id)]
         id: Option<String>,
         /// Every dead letter of the group (replay's default; purge requires --id, --all or
         /// --stream)
@@ -122,7 +123,7 @@ pub enum Command {
         #[arg(long, conflicts_with_all = ["id", "all"])]
         stream: Option<String>,
         /// list: the page after this dead letter id (the last id of the previous page)
-        #[arg(long, conflicts_with_all = ["id", "all", "stream"])]
+        #[arg(long, conflicts_with_all = ["id", "all", "stream"], value_parser = entry_id)]
         after: Option<String>,
     },
     /// Rebuild a read model from the event store alone
@@ -158,6 +159,28 @@ pub enum DlqAction {
     Replay,
     /// Delete the dead letter and skip its event for good, then catch up the rest of the stream
     Purge,
+}
+
+/// A stream entry id in full, `<milliseconds>-<sequence>`. Redis would take the milliseconds
+/// alone, as the range of every entry of that millisecond, and the sweeper and a rebuild write
+/// letters in bursts, many to a millisecond: `show`, `replay` or `purge` would act on whichever
+/// letter came first in it, not necessarily the one meant.
+fn entry_id(value: &str) -> Result<String, String> {
+    let is_full_id = value.split_once('-').is_some_and(|(ms, seq)| {
+        ms.parse::<u64>().is_ok()
+            && seq.parse::<u64>().is_ok()
+            && !ms.starts_with('+')
+            && !seq.starts_with('+')
+    });
+    if is_full_id {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "a dead letter id is <milliseconds>-<sequence> in full, as `dlq list` shows it \
+             (e.g. 1764300000000-0), not {}",
+            events::money::quoted(value)
+        ))
+    }
 }
 
 impl Cli {
@@ -207,6 +230,45 @@ impl Settings {
             max_attempts: self.max_attempts,
             retry_base: Duration::from_millis(self.retry_base_ms),
             ..SweeperSettings::default()
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn dlq_id(id: &str) -> Result<Option<String>, clap::Error> {
+        let id = format!("--id={id}");
+        let cli = Cli::try_parse_from(["projector", "dlq", "show", "order_summaries", &id])?;
+        match cli.command {
+            Some(Command::Dlq { id, .. }) => Ok(id),
+            other => panic!("not a dlq command: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_dead_letter_id_must_name_one_entry_in_full() {
+        assert_eq!(
+            dlq_id("1764300000000-3").unwrap().as_deref(),
+            Some("1764300000000-3")
+        );
+        for partial in [
+            "1764300000000",
+            "1764300000000-",
+            "-3",
+            "+1-0",
+            "1-+0",
+            "abc-1",
+            "",
+            "-",
+        ] {
+            let error = dlq_id(partial).expect_err(partial).to_string();
+            assert!(
+                error.contains("<milliseconds>-<sequence>"),
+                "{partial}: {error}"
+            );
         }
     }
 }
