@@ -26,6 +26,7 @@
 //! |---|---|---|
 //! | `es:events` (setting `EVENT_STREAM`) | stream | one entry per committed event, id `<global_position>-0` |
 //! | `es:events:dlq:<group>` | stream | dead letters of consumer group `<group>` ([`StreamKeys::dlq`]) |
+//! | `es:events:trying:<group>` | hash | entry id → tries of it begun and not ended, for entries delivered `MAX_ATTEMPTS` times ([`StreamKeys::trying`]) |
 //!
 //! Tests put everything under a unique prefix (`test-<uuid>:es:events`), so parallel tests never
 //! see each other's entries. No other key is created.
