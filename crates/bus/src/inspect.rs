@@ -20,8 +20,10 @@ use crate::keys::StreamKeys;
 pub struct StreamInfo {
     /// Entries in the stream (after trimming).
     pub length: u64,
-    /// Position of the newest entry (its id is `<position>-0`): how far the relay has published,
-    /// live. `None` when the stream is empty or missing.
+    /// Position of the newest entry the relay wrote ([`newest_relayed_entry`]): how far it has
+    /// published, live. Entries added by hand above it (`XADD … *`, whose id is a timestamp)
+    /// are passed over. `None` when the stream is empty or missing, or holds no relayed entry
+    /// near its top.
     pub last_position: Option<i64>,
     /// The consumer groups, one per projection that has ever consumed.
     pub groups: Vec<GroupInfo>,
@@ -56,9 +58,9 @@ pub async fn inspect(conn: &ConnectionManager, keys: &StreamKeys) -> Result<Stre
         .query_async(&mut conn)
         .await
         .map_err(|e| BusError::from_redis(OP, e))?;
-    let last_position = last_entry_id(&conn, keys.stream())
+    let last_position = newest_relayed_entry(&conn, keys)
         .await?
-        .and_then(|id| i64::try_from(id.ms).ok());
+        .map(|(position, _)| position);
     // XINFO GROUPS fails on a missing key (an empty stream that exists may have groups).
     let groups = if exists {
         groups(&conn, keys.stream()).await?
@@ -128,9 +130,11 @@ pub(crate) async fn last_entry_id(
 /// wrote: entries added by hand (a test entry, the demo's poison message) sit above it.
 const RELAYED_ENTRY_LOOKBACK: usize = 16;
 
-/// The newest entry among the last [`RELAYED_ENTRY_LOOKBACK`] whose id is `<position>-0`, as the
-/// relay writes them, with its `event_id`; `None` when the stream is empty, missing, or holds
-/// none of those near its top.
+/// The newest entry among the last [`RELAYED_ENTRY_LOOKBACK`] that the relay wrote: its id is
+/// `<position>-0`, its `position` field says the same position, and it has an `event_id`.
+/// `None` when the stream is empty, missing, or holds none of those near its top. (An entry
+/// added with `XADD … *` has an id of the same form, a millisecond timestamp, but not the
+/// `position` field to match.)
 pub async fn newest_relayed_entry(
     conn: &ConnectionManager,
     keys: &StreamKeys,
@@ -138,8 +142,13 @@ pub async fn newest_relayed_entry(
     const OP: &str = "read the newest entries";
     let entries = newest_entries(conn, &keys.stream, RELAYED_ENTRY_LOOKBACK, OP).await?;
     Ok(entries.iter().find_map(|entry| {
+        let position = entry.position()?;
+        let stated = entry
+            .field(crate::codec::field::POSITION)?
+            .parse::<i64>()
+            .ok()?;
         let event_id = entry.field(crate::codec::field::EVENT_ID)?;
-        Some((entry.position()?, Uuid::parse_str(event_id).ok()?))
+        (stated == position).then_some((position, Uuid::parse_str(event_id).ok()?))
     }))
 }
 

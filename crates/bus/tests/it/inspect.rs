@@ -79,3 +79,27 @@ async fn the_stream_shows_its_newest_position_and_each_group_its_pending_entries
         ]
     );
 }
+
+/// An entry added by hand above the relay's (`XADD … *`, as an operator's test entry is) has
+/// an id of the same form, a millisecond timestamp: the stream's newest position is still the
+/// relay's, not that timestamp, which would show the relay far ahead of the event store.
+#[tokio::test]
+async fn an_entry_added_by_hand_is_not_taken_for_the_relays_newest_position() {
+    let (_client, conn, keys) = shared().await;
+    let publisher = Publisher::new(conn.clone(), keys.clone(), bus::DEFAULT_HARD_CAP);
+    publisher.publish(&events(1..=3)).await.expect("publish");
+    let mut raw = conn.clone();
+    let _: String = redis::cmd("XADD")
+        .arg(keys.stream())
+        .arg("*")
+        .arg("position")
+        .arg("not-a-number")
+        .arg("event_id")
+        .arg(uuid::Uuid::new_v4().to_string())
+        .query_async(&mut raw)
+        .await
+        .expect("a hand-made entry");
+
+    let info = inspect(&conn, &keys).await.expect("inspect");
+    assert_eq!((info.length, info.last_position), (4, Some(3)));
+}
