@@ -2827,6 +2827,7 @@ async fn openapi_json_lists_every_route_and_error() {
         "/orders/{id}/state",
         "/events",
         "/events/stream",
+        "/orders/{id}/events/stream",
         "/customers/{id}",
         "/healthz",
         "/readyz",
@@ -2835,27 +2836,201 @@ async fn openapi_json_lists_every_route_and_error() {
     ] {
         assert!(paths.contains_key(route), "{route} missing");
     }
-    let text = doc.to_string();
-    for code in [
-        "invalid_path",
-        "invalid_query",
-        "invalid_limit",
-        "invalid_cursor",
-        "invalid_status",
-        "invalid_min_position",
-        "invalid_wait",
-        "invalid_after_version",
-        "invalid_after_position",
-        "invalid_event_type",
-        "invalid_last_event_id",
-        "invalid_version",
-        "invalid_at",
-        "unauthorized",
-        "order_not_found",
-        "customer_not_found",
+    // Each route's answers, by status, and the problem codes each status's description must
+    // name: per route, so a route that loses the documentation of one of its errors fails
+    // here even while another route still names the code.
+    const READ_MODEL_503: &[&str] = &[
+        "timeout",
         "consistency_timeout",
-    ] {
-        assert!(text.contains(code), "{code} not documented");
+        "store_unavailable",
+        "overloaded",
+    ];
+    const STORE_503: &[&str] = &["timeout", "store_unavailable", "overloaded"];
+    let expected: &[(&str, &[(&str, &[&str])])] = &[
+        (
+            "/orders/{id}",
+            &[
+                ("200", &[]),
+                ("304", &[]),
+                (
+                    "400",
+                    &["invalid_path", "invalid_min_position", "invalid_wait"],
+                ),
+                ("401", &["unauthorized"]),
+                ("404", &["order_not_found"]),
+                ("500", &["internal"]),
+                (
+                    "503",
+                    &[
+                        "timeout",
+                        "consistency_timeout",
+                        "order_held_back",
+                        "store_unavailable",
+                        "overloaded",
+                    ],
+                ),
+            ],
+        ),
+        (
+            "/orders",
+            &[
+                ("200", &[]),
+                (
+                    "400",
+                    &[
+                        "invalid_query",
+                        "invalid_status",
+                        "invalid_limit",
+                        "invalid_cursor",
+                        "invalid_min_position",
+                        "invalid_wait",
+                    ],
+                ),
+                ("401", &["unauthorized"]),
+                ("500", &["internal"]),
+                ("503", READ_MODEL_503),
+            ],
+        ),
+        (
+            "/customers/{id}",
+            &[
+                ("200", &[]),
+                (
+                    "400",
+                    &["invalid_path", "invalid_min_position", "invalid_wait"],
+                ),
+                ("401", &["unauthorized"]),
+                ("404", &["customer_not_found"]),
+                ("500", &["internal"]),
+                (
+                    "503",
+                    &[
+                        "timeout",
+                        "consistency_timeout",
+                        "customer_held_back",
+                        "store_unavailable",
+                        "overloaded",
+                    ],
+                ),
+            ],
+        ),
+        (
+            "/orders/{id}/events",
+            &[
+                ("200", &[]),
+                (
+                    "400",
+                    &["invalid_path", "invalid_after_version", "invalid_limit"],
+                ),
+                ("401", &["unauthorized"]),
+                ("404", &["order_not_found"]),
+                ("500", &["internal"]),
+                ("503", STORE_503),
+            ],
+        ),
+        (
+            "/orders/{id}/events/stream",
+            &[
+                ("200", &[]),
+                (
+                    "400",
+                    &[
+                        "invalid_path",
+                        "invalid_after_version",
+                        "invalid_last_event_id",
+                    ],
+                ),
+                ("401", &["unauthorized"]),
+                ("404", &["order_not_found"]),
+                ("409", &["version_beyond_head"]),
+                ("500", &["internal"]),
+                ("503", STORE_503),
+            ],
+        ),
+        (
+            "/orders/{id}/state",
+            &[
+                ("200", &[]),
+                (
+                    "400",
+                    &[
+                        "invalid_path",
+                        "invalid_query",
+                        "invalid_version",
+                        "invalid_at",
+                    ],
+                ),
+                ("401", &["unauthorized"]),
+                ("404", &["order_not_found"]),
+                ("500", &["internal"]),
+                (
+                    "503",
+                    &[
+                        "timeout",
+                        "store_unavailable",
+                        "overloaded",
+                        "event_from_newer_release",
+                    ],
+                ),
+            ],
+        ),
+        (
+            "/events",
+            &[
+                ("200", &[]),
+                (
+                    "400",
+                    &[
+                        "invalid_after_position",
+                        "invalid_limit",
+                        "invalid_wait",
+                        "invalid_event_type",
+                    ],
+                ),
+                ("401", &["unauthorized"]),
+                ("409", &["position_beyond_head"]),
+                ("500", &["internal"]),
+                ("503", STORE_503),
+            ],
+        ),
+        (
+            "/events/stream",
+            &[
+                ("200", &[]),
+                (
+                    "400",
+                    &[
+                        "invalid_after_position",
+                        "invalid_event_type",
+                        "invalid_last_event_id",
+                    ],
+                ),
+                ("401", &["unauthorized"]),
+                ("409", &["position_beyond_head"]),
+                ("500", &["internal"]),
+                ("503", STORE_503),
+            ],
+        ),
+    ];
+    for (route, answers) in expected {
+        let responses = doc["paths"][*route]["get"]["responses"]
+            .as_object()
+            .unwrap_or_else(|| panic!("GET {route} is not documented"));
+        let documented: Vec<&str> = responses.keys().map(String::as_str).collect();
+        let listed: Vec<&str> = answers.iter().map(|(status, _)| *status).collect();
+        assert_eq!(
+            documented, listed,
+            "the statuses documented for GET {route}"
+        );
+        for (status, codes) in *answers {
+            let description = responses[*status]["description"].as_str().unwrap_or("");
+            for code in *codes {
+                assert!(
+                    description.contains(&format!("`{code}`")),
+                    "GET {route} {status} does not name `{code}`: {description}"
+                );
+            }
+        }
     }
     let one = &doc["paths"]["/orders/{id}"]["get"];
     assert!(
