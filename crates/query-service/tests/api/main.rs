@@ -2846,7 +2846,9 @@ async fn openapi_json_lists_every_route_and_error() {
         "overloaded",
     ];
     const STORE_503: &[&str] = &["timeout", "store_unavailable", "overloaded"];
-    let expected: &[(&str, &[(&str, &[&str])])] = &[
+    /// A status and the codes its description names.
+    type Answer = (&'static str, &'static [&'static str]);
+    let expected: &[(&str, &[Answer])] = &[
         (
             "/orders/{id}",
             &[
