@@ -1,8 +1,8 @@
 //! How PostgreSQL plans the query service's statements on the service's own connection
 //! settings (`query_service::startup::PLANNING`): a plan the server caches must probe or walk
-//! indexes (where only one index is right, that one) even when it was made while the tables
-//! were empty, because nothing but an `ANALYZE` replaces it, and the hot read of one order must
-//! actually run on a cached plan.
+//! indexes (where only one index is right, that one, with no sort between it and the page's
+//! `LIMIT`) even when it was made while the tables were empty, because nothing but an `ANALYZE`
+//! replaces it, and the hot read of one order must actually run on a cached plan.
 //!
 //! Every statement the service sends is prepared here on one connection by the very functions
 //! the service calls (the read models, the event store reads behind the history, the log and
@@ -172,6 +172,17 @@ fn expected_index(statement: &str) -> Option<&'static str> {
     }
 }
 
+/// Whether a `Limit` node's input, the next node of the plan, is a sort.
+fn sorts_under_a_limit(plan: &[String]) -> bool {
+    plan.iter().enumerate().any(|(at, line)| {
+        line.contains("Limit  (")
+            && plan[at + 1..]
+                .iter()
+                .find(|next| next.contains("->"))
+                .is_some_and(|next| next.contains("Sort  ("))
+    })
+}
+
 fn assert_index_plans_only(plans: &[(String, Vec<String>)], when: &str) {
     assert_eq!(plans.len(), STATEMENTS, "statements prepared: {plans:#?}");
     let named = plans
@@ -186,6 +197,13 @@ fn assert_index_plans_only(plans: &[(String, Vec<String>)], when: &str) {
             assert!(
                 plan.iter().any(|line| line.contains(&walks)),
                 "{when}, the cached plan of\n{statement}\ndoes not walk {index}: {plan:#?}"
+            );
+            // The walk gives the rows in the page's order, so the LIMIT stops it early; a sort
+            // under the LIMIT would read every entry the walk finds before the first row comes
+            // out. (A sort above it, of the page's few rows, costs nothing.)
+            assert!(
+                !sorts_under_a_limit(plan),
+                "{when}, the cached plan of\n{statement}\nsorts what it walks: {plan:#?}"
             );
         }
         let scans: Vec<&String> = plan
@@ -245,4 +263,21 @@ async fn the_read_of_one_order_runs_on_a_plan_cached_on_its_connection() {
     // PostgreSQL plans the first five executions for their parameters, then keeps the generic
     // plan when it costs no more: the other five ran on it, unplanned.
     assert_eq!((generic, custom), (5, 5), "(generic, custom) plans");
+}
+
+#[test]
+fn a_sort_between_the_limit_and_the_walk_is_seen_and_one_above_the_limit_is_not() {
+    let plan = |lines: &[&str]| lines.iter().map(|l| (*l).to_owned()).collect::<Vec<_>>();
+    assert!(sorts_under_a_limit(&plan(&[
+        "Limit  (cost=1..2 rows=20 width=8)",
+        "  ->  Sort  (cost=1..2 rows=900 width=8)",
+        "        Sort Key: created_position DESC",
+        "        ->  Index Scan using order_summaries_customer on order_summaries  (cost=0..1)",
+    ])));
+    assert!(!sorts_under_a_limit(&plan(&[
+        "Sort  (cost=1..2 rows=20 width=8)",
+        "  Sort Key: created_position DESC",
+        "  ->  Limit  (cost=1..2 rows=20 width=8)",
+        "        ->  Index Scan using order_summaries_customer on order_summaries  (cost=0..1)",
+    ])));
 }
