@@ -25,9 +25,11 @@
 //! still the blocker [`SweeperSettings::grace`] after the sweeper first saw it (measured from
 //! then, not from `recorded_at`, so clock skew and old events do not matter), the sweeper
 //! applies it and the events after it, in batches from the event store, through the same
-//! engine the consumers use, batch after batch without waiting again while each comes back
-//! full; a batch that reaches the head ends the healing. That is how the read model converges after Redis was flushed,
-//! restarted without persistence, or trimmed entries, with no operator action. A blocker that
+//! engine the consumers use; then each blocker after it, without waiting again, until a sweep
+//! finds that someone else moved the mark past where the last heal left it (the consumers
+//! apply again, and the sweeper does not race them for the events in flight). That is how the
+//! read model converges after Redis was flushed, restarted without persistence, or trimmed
+//! entries, and keeps up while Redis is down, with no operator action. A blocker that
 //! keeps failing is retried with backoff and finally dead-lettered and parked like a consumer
 //! would, each event once the sweeper has seen that event itself fail `max_attempts` times
 //! (counted per event, so a blocker never inherits the count of the one before it), and only if
@@ -181,7 +183,12 @@ pub struct Sweeper {
     dead_letters: Option<DeadLetters>,
     settings: SweeperSettings,
     blocking: Option<(i64, Instant)>,
-    healing: bool,
+    /// While healing, the mark as the last heal left it. Healing goes on, each blocker healed
+    /// at once, until a sweep finds the mark past it: then someone else is applying (the
+    /// consumers are back), and a blocker is an event in flight to them, which gets its grace.
+    /// While Redis is down nobody else moves the mark, and the sweeper keeps the read models
+    /// within a sweep of the head instead of a grace behind it.
+    healing: Option<i64>,
     /// Failed heals of each event (stream, version) that failed in the sweeper's last heal:
     /// an event is dead-lettered only once the sweeper itself has seen it fail
     /// `max_attempts` times, so a blocker never inherits the count of the one before it, and
@@ -214,7 +221,7 @@ impl Sweeper {
             dead_letters,
             settings,
             blocking: None,
-            healing: false,
+            healing: None,
             failures: HashMap::new(),
             next_try: Instant::now(),
             lag_recorded: Instant::now()
@@ -242,7 +249,7 @@ impl Sweeper {
         }
         let Some(blocker) = blocker else {
             self.blocking = None;
-            self.healing = false;
+            self.healing = None;
             self.failures.clear();
             self.newer_release_blocker = None;
             return Ok(outcome);
@@ -262,10 +269,16 @@ impl Sweeper {
                 now
             }
         };
-        let overdue = self.healing || now.duration_since(since) >= self.settings.grace;
+        if self.healing.is_some_and(|healed_to| position > healed_to) {
+            self.healing = None;
+        }
+        let overdue = self.healing.is_some() || now.duration_since(since) >= self.settings.grace;
         if overdue && now >= self.next_try {
             outcome.healed = self.heal(position).await?;
             let (position, blocker) = self.advance_all().await?;
+            if let Some(healed_to) = self.healing.as_mut() {
+                *healed_to = position;
+            }
             outcome.position = position;
             outcome.blocker = blocker;
         }
@@ -489,7 +502,7 @@ impl Sweeper {
                      (RUNBOOK: ProjectorNeedsNewerRelease)");
             }
             if poisoned.is_empty() {
-                self.healing = false;
+                self.healing = None;
                 self.next_try = Instant::now()
                     + newer_release_retry_delay(
                         self.settings.retry_base,
@@ -499,16 +512,12 @@ impl Sweeper {
             }
         }
         if poisoned.is_empty() {
-            // A full batch: more of the backlog may follow, and the next sweep heals it without
-            // a grace of its own. A batch that reached the head ends the healing: a blocker
-            // found after it is an event in flight to a consumer, and gets its grace, or the
-            // sweeper would apply every new event ahead of the consumers for as long as the
-            // load lasts.
-            self.healing = i64::try_from(events.len()).unwrap_or(i64::MAX) >= HEAL_BATCH;
+            // Healing goes on from where this heal leaves the mark (the caller sets it).
+            self.healing = Some(position);
             self.failures.clear();
             return Ok(outcome.applied);
         }
-        self.healing = false;
+        self.healing = None;
         // One more failure for each event that failed; events that no longer fail (applied, or
         // parked by a consumer meanwhile) are forgotten.
         let mut failures = HashMap::with_capacity(poisoned.len());
@@ -583,9 +592,12 @@ impl Sweeper {
                 // order after one heal batch would wait. The park is recorded in PostgreSQL
                 // with its error; `dlq parked` lists it, and `dlq replay|purge --stream`
                 // resolves it without a letter.
-                Err(e) => tracing::error!(projection = %self.projection, stream = %p.stream_id,
-                    version = p.version, attempts, failure = %p.error, error = %e,
-                    "cannot write the dead letter of an event the sweeper gave up on (Redis);                      parking its order without one: `projector dlq parked` lists it"),
+                Err(e) => tracing::error!(
+                    projection = %self.projection, stream = %p.stream_id, version = p.version,
+                    attempts, failure = %p.error, error = %e,
+                    "cannot write the dead letter of an event the sweeper gave up on (Redis); \
+                     parking its order without one: `projector dlq parked` lists it"
+                ),
             }
         }
         // Should a consumer apply the event between the look above and the park, the park
