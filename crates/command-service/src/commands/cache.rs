@@ -151,15 +151,20 @@ impl OrderSlots {
         slot
     }
 
-    /// Records what the state just put in `order_id`'s slot weighs (the caller holds the slot),
-    /// and drops slots nobody holds when the states take more than the bound. A state cleared
-    /// afterwards keeps its weight until the next record or its eviction: the bound errs on
-    /// the side of memory.
-    pub fn record(&self, order_id: Uuid, order: &CachedOrder) {
+    /// Records what the state just put in `slot`, `order_id`'s, weighs (the caller holds the
+    /// slot), and drops slots nobody holds when the states take more than the bound. A state
+    /// cleared afterwards keeps its weight until the next record or its eviction: the bound
+    /// errs on the side of memory.
+    pub fn record(&self, order_id: Uuid, slot: &OrderSlot, order: &CachedOrder) {
         let weight = weight(order);
         let mut map = self.map();
-        let Some(kept) = map.slots.get_mut(&order_id) else {
-            // An unshared slot, handed out while every kept one was in use: not kept.
+        let Some(kept) = map
+            .slots
+            .get_mut(&order_id)
+            .filter(|kept| Arc::ptr_eq(&kept.slot, slot))
+        else {
+            // An unshared slot, handed out while every kept one was in use, is not kept (and
+            // one kept for the order since then holds another state).
             return;
         };
         let before = std::mem::replace(&mut kept.weight, weight);
@@ -240,6 +245,22 @@ mod tests {
     }
 
     #[test]
+    fn an_unshared_slot_records_no_weight_for_the_slot_kept_since() {
+        let slots = OrderSlots::new(1, usize::MAX);
+        let busy = slots.slot(Uuid::new_v4());
+        let id = Uuid::new_v4();
+        let unshared = slots.slot(id);
+        drop(busy);
+        let kept = slots.slot(id);
+        assert!(!Arc::ptr_eq(&kept, &unshared));
+        let before = slots.bytes();
+        slots.record(id, &unshared, &order_of(MAX_LINES));
+        assert_eq!(slots.bytes(), before);
+        slots.record(id, &kept, &order_of(MAX_LINES));
+        assert!(slots.bytes() > before);
+    }
+
+    #[test]
     fn a_largest_order_weighs_what_its_lines_take() {
         let largest = weight(&order_of(MAX_LINES));
         // 200 lines of 64-byte SKUs: at least the SKUs and the lines' vector.
@@ -256,11 +277,11 @@ mod tests {
         let slots = OrderSlots::new(10_000, max_bytes);
         let held_id = Uuid::new_v4();
         let held = slots.slot(held_id);
-        slots.record(held_id, &order_of(MAX_LINES));
+        slots.record(held_id, &held, &order_of(MAX_LINES));
         for _ in 0..100 {
             let id = Uuid::new_v4();
             let slot = slots.slot(id);
-            slots.record(id, &order_of(MAX_LINES));
+            slots.record(id, &slot, &order_of(MAX_LINES));
             drop(slot);
             assert!(
                 slots.bytes() <= max_bytes,

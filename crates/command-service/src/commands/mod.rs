@@ -416,7 +416,7 @@ impl CommandHandler {
             // Put the state back at once: every early return below leaves the cache as it was.
             let order = &*cached.insert(order);
             if !from_cache {
-                self.inner.slots.record(order_id, order);
+                self.inner.slots.record(order_id, &slot, order);
             }
             let state = &order.state;
 
@@ -492,7 +492,7 @@ impl CommandHandler {
                 state: after.clone(),
                 last_event_id: after_last_event_id,
             });
-            self.inner.slots.record(order_id, advanced);
+            self.inner.slots.record(order_id, &slot, advanced);
             (pending, before, after, assumed_new)
         };
 
