@@ -21,6 +21,11 @@ pub const FOREIGN_ENTRIES: &str = "projector_foreign_entries_total";
 /// Attempts to apply an event this build is too old to read, written by a newer release and
 /// held until an instance of that release applies it (counter; it grows while the hold lasts).
 pub const NEWER_RELEASE_HOLDS: &str = "projector_newer_release_holds_total";
+/// Events the sweeper applied itself, from the event store, because no consumer had: Redis
+/// lost or trimmed their entries, is down, or the consumers fell a grace behind (counter). It
+/// stays at 0 while the consumers keep up; its rate is how much of the work the sweeper is
+/// doing instead of them.
+pub const HEALED_EVENTS: &str = "projector_sweeper_healed_events_total";
 /// Head position minus the projection's low-water mark (gauge).
 pub const LAG_EVENTS: &str = "projector_lag_events";
 /// Age of the oldest event not yet covered by the low-water mark, in seconds (gauge).
@@ -51,6 +56,7 @@ pub fn register(projection: ProjectionKind) {
         DEAD_LETTERS,
         FOREIGN_ENTRIES,
         NEWER_RELEASE_HOLDS,
+        HEALED_EVENTS,
     ] {
         metrics::counter!(counter, "projection" => projection.name()).increment(0);
     }
@@ -89,6 +95,11 @@ pub fn record_apply(projection: ProjectionKind, outcome: &ApplyOutcome, seconds:
 /// Counts one scheduled poison retry.
 pub fn record_retry(projection: ProjectionKind) {
     metrics::counter!(RETRIES, "projection" => projection.name()).increment(1);
+}
+
+/// Counts events the sweeper applied itself.
+pub fn record_healed(projection: ProjectionKind, events: usize) {
+    metrics::counter!(HEALED_EVENTS, "projection" => projection.name()).increment(events as u64);
 }
 
 /// Counts one dead letter.

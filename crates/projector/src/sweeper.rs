@@ -471,6 +471,7 @@ impl Sweeper {
         let (outcome, poisoned) = apply_isolating(&mut conn, self.projection, &events).await?;
         drop(conn);
         if outcome.applied > 0 {
+            metrics::record_healed(self.projection, outcome.applied);
             tracing::info!(projection = %self.projection, applied = outcome.applied, after = position,
                 "sweeper applied events the consumers had not (Redis lost or trimmed them)");
         }

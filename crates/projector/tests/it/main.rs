@@ -456,12 +456,14 @@ async fn a_redis_flush_in_the_middle_of_a_load_ends_with_exact_read_models_and_n
     let mut w = World::with_redis(redis.url()).await;
     let mut extra = vec!["--sweep-grace-ms", "300"];
     extra.extend(FAST);
-    let (token, task) = w.spawn_projector("solo", &extra).await;
+    let (token, task, port) = w.spawn_projector_serving("solo", &extra).await;
     append_orders(w.pool(), 15).await;
     w.publish().await;
+    let published = store::head_position(w.pool()).await.unwrap();
     // Events appended but not yet published are lost with the flush too: the relay resumes
     // after its own checkpoint, not before.
     append_orders(w.pool(), 15).await;
+    let never_published = store::head_position(w.pool()).await.unwrap() - published;
     let mut conn = w.redis.clone();
     let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
     w.skip_publishing_up_to_head().await;
@@ -470,6 +472,17 @@ async fn a_redis_flush_in_the_middle_of_a_load_ends_with_exact_read_models_and_n
     w.publish().await;
     w.wait_caught_up().await;
     w.assert_exact().await;
+    // No consumer ever had the events appended before the flush and never published: the
+    // sweeper applied each of them, and says so.
+    for projection in ProjectionKind::ALL {
+        let healed = support::metric(port, "projector_sweeper_healed_events_total", projection)
+            .await
+            .unwrap_or(0.0);
+        assert!(
+            healed >= never_published as f64,
+            "{projection}: {healed} healed, {never_published} never published"
+        );
+    }
     token.cancel();
     task.await.unwrap().unwrap();
 }
