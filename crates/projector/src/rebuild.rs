@@ -24,7 +24,8 @@
 //!    and the next one starts by dropping it.
 //!
 //! The live read model is untouched until the swap commits, and the events that failed are
-//! dead-lettered (their live entries acknowledged) only after it, so a failed rebuild changes
+//! dead-lettered (their live entries acknowledged; at most [`LETTERS_KEPT`] of them, the
+//! others parked without a letter) only after it, so a failed rebuild changes
 //! nothing, in PostgreSQL or in Redis; a rebuild meeting an event a newer release wrote fails (the release that wrote it
 //! can rebuild) instead of parking that order in the new model. Two rebuilds of one projection
 //! never run at once: each holds a session lock for its whole run, and a second one fails at
@@ -49,6 +50,11 @@ use crate::sweeper::{DeadLetters, POSITION_CHANNEL, entry_of, position_payload};
 const CATCH_UP_PASSES: usize = 5;
 /// The tail (in events) small enough to fold under the lock instead of another pass.
 const SWAP_TAIL: i64 = 10_000;
+/// Most failed events a rebuild keeps, each with its error, to dead-letter once its swap has
+/// committed. A systematic fault (a bug that fails one event of every order) would otherwise
+/// keep an event per order in memory; the orders past this many are parked without a letter,
+/// which `dlq parked` lists with the rest.
+pub const LETTERS_KEPT: usize = 10_000;
 
 /// What a rebuild did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -76,6 +82,29 @@ pub async fn rebuild(
     batch_size: i64,
     dead_letters: Option<&DeadLetters>,
 ) -> anyhow::Result<RebuildOutcome> {
+    rebuild_keeping(pool, projection, batch_size, dead_letters, LETTERS_KEPT).await
+}
+
+/// [`rebuild`], keeping at most `letters_kept` failed events to dead-letter (tests use a small
+/// bound).
+#[cfg(any(test, feature = "test-util"))]
+pub async fn rebuild_keeping_letters(
+    pool: &PgPool,
+    projection: ProjectionKind,
+    batch_size: i64,
+    dead_letters: Option<&DeadLetters>,
+    letters_kept: usize,
+) -> anyhow::Result<RebuildOutcome> {
+    rebuild_keeping(pool, projection, batch_size, dead_letters, letters_kept).await
+}
+
+async fn rebuild_keeping(
+    pool: &PgPool,
+    projection: ProjectionKind,
+    batch_size: i64,
+    dead_letters: Option<&DeadLetters>,
+    letters_kept: usize,
+) -> anyhow::Result<RebuildOutcome> {
     let started = Instant::now();
     let mut guard = pool.acquire().await.context("connect to Postgres")?;
     let running: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
@@ -93,7 +122,15 @@ pub async fn rebuild(
             return Err(e);
         }
     };
-    let result = run(pool, &shadow, batch_size, dead_letters, started).await;
+    let result = run(
+        pool,
+        &shadow,
+        batch_size,
+        dead_letters,
+        letters_kept,
+        started,
+    )
+    .await;
     // Whatever happened, the shadow copies go; the live read model was not touched unless the
     // swap committed.
     if let Err(e) = shadow.drop(pool).await {
@@ -119,12 +156,14 @@ async fn run(
     shadow: &Shadow,
     batch_size: i64,
     dead_letters: Option<&DeadLetters>,
+    letters_kept: usize,
     started: Instant,
 ) -> anyhow::Result<RebuildOutcome> {
     let projection = shadow.projection;
     let fold = Fold {
         projection,
         batch_size,
+        letters_kept,
     };
     let mut outcome = RebuildOutcome::default();
     // The events that failed, dead-lettered only once the swap has committed: a rebuild that
@@ -187,6 +226,14 @@ async fn run(
             "some streams failed during the rebuild and are parked; see `projector dlq list`"
         );
     }
+    if outcome.parked > failed.len() && dead_letters.is_some() {
+        tracing::warn!(
+            parked = outcome.parked,
+            dead_lettered = failed.len(),
+            "more streams failed than a rebuild dead-letters; the others are parked without a \
+             letter: `projector dlq parked` lists every one"
+        );
+    }
     Ok(outcome)
 }
 
@@ -194,6 +241,8 @@ async fn run(
 struct Fold {
     projection: ProjectionKind,
     batch_size: i64,
+    /// Most failed events kept for their dead letters ([`LETTERS_KEPT`]).
+    letters_kept: usize,
 }
 
 impl Fold {
@@ -235,7 +284,9 @@ impl Fold {
             let event = events
                 .iter()
                 .find(|e| e.stream_id == p.stream_id && e.stream_version == p.version);
-            if let Some(event) = event {
+            if let Some(event) = event
+                && failed.len() < self.letters_kept
+            {
                 failed.push((event.clone(), p.error.clone()));
             }
             park_stream(&mut *tx, projection, &p.stream_id, p.version, &p.error)

@@ -2229,6 +2229,46 @@ async fn a_failed_rebuild_writes_no_dead_letter_and_acknowledges_no_live_entry()
     );
 }
 
+/// A rebuild keeps a bounded number of failed events for their dead letters (a systematic
+/// fault would otherwise keep one event per order in memory): past the bound, orders are
+/// parked without a letter, and `dlq parked` lists every parked order, letter or not.
+#[tokio::test]
+async fn a_rebuild_dead_letters_a_bounded_number_of_failures_and_parks_every_one() {
+    let w = World::new().await;
+    let mut damaged = Vec::new();
+    for _ in 0..3 {
+        damaged.push(order_stream_id(damaged_order(w.pool()).await));
+    }
+    append_orders(w.pool(), 2).await;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    let dead_letters = projector::sweeper::DeadLetters {
+        queue: dlq.clone(),
+        consumer: "rebuild".into(),
+    };
+    let outcome = projector::rebuild::rebuild_keeping_letters(
+        w.pool(),
+        ProjectionKind::OrderSummaries,
+        100,
+        Some(&dead_letters),
+        1,
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(outcome.parked, 3);
+    let letters = dlq.list("order_summaries", 10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    let (parked, total) = projector::parked::list(w.pool(), &dlq, ProjectionKind::OrderSummaries)
+        .await
+        .unwrap();
+    assert_eq!(total, 3);
+    let mut listed: Vec<&str> = parked.iter().map(|p| p.stream_id.as_str()).collect();
+    listed.sort_unstable();
+    damaged.sort_unstable();
+    assert_eq!(listed, damaged);
+    assert_eq!(parked.iter().map(|p| p.letters).sum::<usize>(), 1);
+}
+
 /// A paid order cancelled by the previous release (`OrderCancelled` at schema version 1, which
 /// recorded no refund) is projected like any other: both read models take the upcast event,
 /// the order is cancelled and its money no longer counts as spent.
