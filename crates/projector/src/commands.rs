@@ -93,7 +93,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 outcome.events_under_lock,
                 if outcome.parked > 0 {
                     format!(
-                        ", {} stream(s) parked (see `projector dlq list {projection}`)",
+                        ", {} stream(s) parked (see `projector dlq parked {projection}`)",
                         outcome.parked
                     )
                 } else {

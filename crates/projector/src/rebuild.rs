@@ -52,8 +52,8 @@ const CATCH_UP_PASSES: usize = 5;
 const SWAP_TAIL: i64 = 10_000;
 /// Most failed events a rebuild keeps, each with its error, to dead-letter once its swap has
 /// committed. A systematic fault (a bug that fails one event of every order) would otherwise
-/// keep an event per order in memory; the orders past this many are parked without a letter,
-/// which `dlq parked` lists with the rest.
+/// keep an event per order in memory; the orders past this many are parked without a letter
+/// (`projector status` counts every parked stream, `dlq parked` lists them).
 pub const LETTERS_KEPT: usize = 10_000;
 
 /// What a rebuild did.
@@ -231,7 +231,7 @@ async fn run(
             parked = outcome.parked,
             dead_lettered = failed.len(),
             "more streams failed than a rebuild dead-letters; the others are parked without a \
-             letter: `projector dlq parked` lists every one"
+             letter: `projector status` counts them, `projector dlq parked` lists them"
         );
     }
     Ok(outcome)

@@ -25,11 +25,12 @@
 //! still the blocker [`SweeperSettings::grace`] after the sweeper first saw it (measured from
 //! then, not from `recorded_at`, so clock skew and old events do not matter), the sweeper
 //! applies it and the events after it, in batches from the event store, through the same
-//! engine the consumers use; then each blocker after it, without waiting again, until a sweep
-//! finds that someone else moved the mark past where the last heal left it (the consumers
-//! apply again, and the sweeper does not race them for the events in flight). That is how the
-//! read model converges after Redis was flushed, restarted without persistence, or trimmed
-//! entries, and keeps up while Redis is down, with no operator action. A blocker that
+//! engine the consumers use ([`Healing`]): batch after batch while each comes back full (a
+//! backlog), then each new blocker once it is a tick old, until someone else moves the mark
+//! past where the last heal left it (the consumers apply again, and the sweeper stops racing
+//! them for the events in flight). That is how the read model converges after Redis was
+//! flushed, restarted without persistence, or trimmed entries, and keeps up while Redis is
+//! down, with no operator action. A blocker that
 //! keeps failing is retried with backoff and finally dead-lettered and parked like a consumer
 //! would, each event once the sweeper has seen that event itself fail `max_attempts` times
 //! (counted per event, so a blocker never inherits the count of the one before it), and only if
@@ -67,6 +68,8 @@ pub const POSITION_CHANNEL: &str = "projection_position";
 pub const SWEEP_PAGE: i64 = 1_000;
 /// Events the sweeper applies itself per transaction when healing.
 pub const HEAL_BATCH: i64 = 1_000;
+/// Least time between two log lines saying the sweeper applied events itself.
+const HEAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// How often a non-leader tries to become the sweeper.
 pub const LEADER_RETRY: Duration = Duration::from_secs(2);
 /// Longest wait for the lock connection to open, or for the leader's check that it still
@@ -175,6 +178,22 @@ pub struct SweepOutcome {
     pub held_for_newer_release: bool,
 }
 
+/// A sweeper that has healed, and how it goes on: the consumers may be gone (Redis down or
+/// flushed), so it does not wait out a grace for each blocker as it did for the first.
+#[derive(Debug, Clone, Copy)]
+struct Healing {
+    /// The mark as the last heal left it. Once a sweep finds it further, someone else applied
+    /// (the consumers are back), and a blocker is an event in flight to them: it gets its grace
+    /// again, and the sweeper stops racing them for it.
+    healed_to: i64,
+    /// The last heal's batch was full: a backlog follows, healed at once, batch after batch,
+    /// whatever the consumers do meanwhile (they may fill in events of the backlog's orders
+    /// and move the mark over a few). Otherwise a new blocker is healed once it is a tick old:
+    /// while Redis is down that keeps the read models within a tick or two of the head, and a
+    /// consumer that is there applies its event first.
+    backlog: bool,
+}
+
 /// The sweeper of one projection (the loop runs only while it is the leader).
 #[derive(Debug)]
 pub struct Sweeper {
@@ -183,12 +202,12 @@ pub struct Sweeper {
     dead_letters: Option<DeadLetters>,
     settings: SweeperSettings,
     blocking: Option<(i64, Instant)>,
-    /// While healing, the mark as the last heal left it. Healing goes on, each blocker healed
-    /// at once, until a sweep finds the mark past it: then someone else is applying (the
-    /// consumers are back), and a blocker is an event in flight to them, which gets its grace.
-    /// While Redis is down nobody else moves the mark, and the sweeper keeps the read models
-    /// within a sweep of the head instead of a grace behind it.
-    healing: Option<i64>,
+    /// Set by a heal that met no failing event, until the consumers are seen applying again.
+    healing: Option<Healing>,
+    /// Events healed since the last log line about it, and when that line was written: a
+    /// sweeper that heals every tick through an outage logs once a minute, not every tick.
+    healed_unlogged: usize,
+    heal_logged_at: Option<Instant>,
     /// Failed heals of each event (stream, version) that failed in the sweeper's last heal:
     /// an event is dead-lettered only once the sweeper itself has seen it fail
     /// `max_attempts` times, so a blocker never inherits the count of the one before it, and
@@ -222,6 +241,8 @@ impl Sweeper {
             settings,
             blocking: None,
             healing: None,
+            healed_unlogged: 0,
+            heal_logged_at: None,
             failures: HashMap::new(),
             next_try: Instant::now(),
             lag_recorded: Instant::now()
@@ -248,8 +269,9 @@ impl Sweeper {
             self.record_lag(position).await;
         }
         let Some(blocker) = blocker else {
+            // Healing survives a sweep that found the head applied: while Redis is down, the
+            // next event is the sweeper's to apply too, a tick after it appears, not a grace.
             self.blocking = None;
-            self.healing = None;
             self.failures.clear();
             self.newer_release_blocker = None;
             return Ok(outcome);
@@ -269,15 +291,22 @@ impl Sweeper {
                 now
             }
         };
-        if self.healing.is_some_and(|healed_to| position > healed_to) {
+        if self
+            .healing
+            .is_some_and(|h| !h.backlog && position > h.healed_to)
+        {
             self.healing = None;
         }
-        let overdue = self.healing.is_some() || now.duration_since(since) >= self.settings.grace;
-        if overdue && now >= self.next_try {
+        let wait = match self.healing {
+            Some(Healing { backlog: true, .. }) => Duration::ZERO,
+            Some(_) => self.settings.tick.min(self.settings.grace),
+            None => self.settings.grace,
+        };
+        if now.duration_since(since) >= wait && now >= self.next_try {
             outcome.healed = self.heal(position).await?;
             let (position, blocker) = self.advance_all().await?;
-            if let Some(healed_to) = self.healing.as_mut() {
-                *healed_to = position;
+            if let Some(healing) = self.healing.as_mut() {
+                healing.healed_to = position;
             }
             outcome.position = position;
             outcome.blocker = blocker;
@@ -472,8 +501,17 @@ impl Sweeper {
         drop(conn);
         if outcome.applied > 0 {
             metrics::record_healed(self.projection, outcome.applied);
-            tracing::info!(projection = %self.projection, applied = outcome.applied, after = position,
-                "sweeper applied events the consumers had not (Redis lost or trimmed them)");
+            self.healed_unlogged += outcome.applied;
+            if self
+                .heal_logged_at
+                .is_none_or(|at| at.elapsed() >= HEAL_LOG_INTERVAL)
+            {
+                self.heal_logged_at = Some(Instant::now());
+                tracing::info!(projection = %self.projection,
+                    applied = std::mem::take(&mut self.healed_unlogged), after = position,
+                    "sweeper applied events the consumers had not (Redis lost, trimmed or did \
+                     not deliver them; logged at most once a minute)");
+            }
         }
         let (newer_release, poisoned): (Vec<Poisoned>, Vec<Poisoned>) =
             poisoned.into_iter().partition(|p| p.newer_release);
@@ -513,8 +551,11 @@ impl Sweeper {
             }
         }
         if poisoned.is_empty() {
-            // Healing goes on from where this heal leaves the mark (the caller sets it).
-            self.healing = Some(position);
+            self.healing = Some(Healing {
+                // Where the heal took the mark at least; the caller sets where it is.
+                healed_to: events.last().map_or(position, |e| e.global_position),
+                backlog: i64::try_from(events.len()).unwrap_or(i64::MAX) >= HEAL_BATCH,
+            });
             self.failures.clear();
             return Ok(outcome.applied);
         }
@@ -700,8 +741,12 @@ impl Sweeper {
             {
                 listener = Some(l);
             }
+            let mut backlog = false;
             match self.sweep_once().await {
-                Ok(_) => backoff.reset(),
+                Ok(_) => {
+                    backoff.reset();
+                    backlog = self.healing.is_some_and(|h| h.backlog);
+                }
                 Err(f) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(projection = %self.projection, error = %f, "sweep failed");
@@ -722,6 +767,10 @@ impl Sweeper {
                 .map_err(|_| anyhow::anyhow!("the lock connection does not answer"))??;
             }
             tokio::time::sleep(MIN_SWEEP_INTERVAL).await;
+            if backlog {
+                // More of a backlog to heal: at once, not a tick later.
+                continue;
+            }
             let tick = self.settings.tick;
             // Only an apply of this projection can move its mark (the tick covers the rest:
             // healing after the grace period, events held behind a parked stream), so other
