@@ -41,7 +41,8 @@
 //! Wake-ups: `LISTEN projection_applied`, sent by an apply of this projection that could not
 //! move the mark over all of its own events (see [`crate::apply`]); an apply that could wakes
 //! nobody. Plus a fallback tick ([`SweeperSettings::tick`]) that also covers healing
-//! and events held behind parked streams, since notifications are only hints.
+//! and events held behind parked streams, since notifications are only hints; a sweeper
+//! healing a backlog sweeps again at once instead.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -124,9 +125,11 @@ pub fn position_payload(projection: ProjectionKind, position: i64) -> String {
 /// Tuning of a sweeper.
 #[derive(Debug, Clone)]
 pub struct SweeperSettings {
-    /// How long the blocker must stay unapplied before the sweeper applies it itself.
+    /// How long the blocker must stay unapplied before the sweeper applies it itself, when it
+    /// is not healing already.
     pub grace: Duration,
-    /// Fallback wake-up period.
+    /// Fallback wake-up period; also how long a blocker waits for a consumer once the sweeper
+    /// is healing (see [`Healing`]).
     pub tick: Duration,
     /// Attempts before a blocker that keeps failing is dead-lettered.
     pub max_attempts: u32,
@@ -180,17 +183,22 @@ pub struct SweepOutcome {
 
 /// A sweeper that has healed, and how it goes on: the consumers may be gone (Redis down or
 /// flushed), so it does not wait out a grace for each blocker as it did for the first.
+/// Ended by a heal that meets a failing event or one of a newer release, by a sweep that finds
+/// the mark past [`Healing::healed_to`] outside a backlog, and by a change of leader.
 #[derive(Debug, Clone, Copy)]
 struct Healing {
-    /// The mark as the last heal left it. Once a sweep finds it further, someone else applied
-    /// (the consumers are back), and a blocker is an event in flight to them: it gets its grace
-    /// again, and the sweeper stops racing them for it.
+    /// The last event of the last heal's batch: every event up to it is finished, so the mark
+    /// reaches it. Once a sweep finds the mark further, someone else applied (the consumers
+    /// are back, or the mark passed new events of a parked order), and a blocker gets its
+    /// grace again: the sweeper stops racing the consumers for the events in flight.
     healed_to: i64,
-    /// The last heal's batch was full: a backlog follows, healed at once, batch after batch,
-    /// whatever the consumers do meanwhile (they may fill in events of the backlog's orders
-    /// and move the mark over a few). Otherwise a new blocker is healed once it is a tick old:
-    /// while Redis is down that keeps the read models within a tick or two of the head, and a
-    /// consumer that is there applies its event first.
+    /// The last heal's batch was full, so more may follow: the next blocker is healed at once
+    /// and the sweeper sweeps again without waiting for its tick, batch after batch, whatever
+    /// the consumers do meanwhile (they may fill in earlier events of the backlog's orders and
+    /// move the mark over a few). Cleared by a sweep that finds no blocker. Otherwise a new
+    /// blocker is healed once it has been one for a tick: while Redis is down that keeps the
+    /// read models within a tick or two of the head, and a consumer that is there applies its
+    /// event first.
     backlog: bool,
 }
 
@@ -202,7 +210,7 @@ pub struct Sweeper {
     dead_letters: Option<DeadLetters>,
     settings: SweeperSettings,
     blocking: Option<(i64, Instant)>,
-    /// Set by a heal that met no failing event, until the consumers are seen applying again.
+    /// Set by a heal that met no failing event; see [`Healing`] for what ends it.
     healing: Option<Healing>,
     /// Events healed since the last log line about it, and when that line was written: a
     /// sweeper that heals every tick through an outage logs once a minute, not every tick.
@@ -253,8 +261,9 @@ impl Sweeper {
         }
     }
 
-    /// Advances the low-water mark as far as it goes, then heals the blocker if its grace is
-    /// over. One testable step.
+    /// Advances the low-water mark as far as it goes, then heals the blocker if it has waited
+    /// long enough: its grace, or while healing a tick, or nothing in a backlog. One testable
+    /// step.
     pub async fn sweep_once(&mut self) -> Result<SweepOutcome, Failure> {
         let started = Instant::now();
         let (position, blocker) = self.advance_all().await?;
@@ -269,8 +278,12 @@ impl Sweeper {
             self.record_lag(position).await;
         }
         let Some(blocker) = blocker else {
-            // Healing survives a sweep that found the head applied: while Redis is down, the
-            // next event is the sweeper's to apply too, a tick after it appears, not a grace.
+            // Healing survives a sweep that found the head applied (while Redis is down, the
+            // next event is the sweeper's to apply too, a tick after it appears, not a grace),
+            // but any backlog is gone.
+            if let Some(healing) = self.healing.as_mut() {
+                healing.backlog = false;
+            }
             self.blocking = None;
             self.failures.clear();
             self.newer_release_blocker = None;
@@ -305,9 +318,6 @@ impl Sweeper {
         if now.duration_since(since) >= wait && now >= self.next_try {
             outcome.healed = self.heal(position).await?;
             let (position, blocker) = self.advance_all().await?;
-            if let Some(healing) = self.healing.as_mut() {
-                healing.healed_to = position;
-            }
             outcome.position = position;
             outcome.blocker = blocker;
         }
@@ -510,7 +520,8 @@ impl Sweeper {
                 tracing::info!(projection = %self.projection,
                     applied = std::mem::take(&mut self.healed_unlogged), after = position,
                     "sweeper applied events the consumers had not (Redis lost, trimmed or did \
-                     not deliver them; logged at most once a minute)");
+                     not deliver them); `applied` counts them since the last such line, \
+                     written at most once a minute");
             }
         }
         let (newer_release, poisoned): (Vec<Poisoned>, Vec<Poisoned>) =
@@ -552,7 +563,6 @@ impl Sweeper {
         }
         if poisoned.is_empty() {
             self.healing = Some(Healing {
-                // Where the heal took the mark at least; the caller sets where it is.
                 healed_to: events.last().map_or(position, |e| e.global_position),
                 backlog: i64::try_from(events.len()).unwrap_or(i64::MAX) >= HEAL_BATCH,
             });
@@ -731,6 +741,10 @@ impl Sweeper {
             return Ok(());
         }
         tracing::info!(projection = %self.projection, "this instance is the sweeper");
+        // What a leadership of earlier knew of the blocker and of healing is stale: another
+        // leader may have healed, or the consumers come back, meanwhile.
+        self.healing = None;
+        self.blocking = None;
         let mut listener: Option<PgListener> = None;
         let mut backoff = Backoff::default();
         let mut last_alive_check = Instant::now();
@@ -743,9 +757,9 @@ impl Sweeper {
             }
             let mut backlog = false;
             match self.sweep_once().await {
-                Ok(_) => {
+                Ok(outcome) => {
                     backoff.reset();
-                    backlog = self.healing.is_some_and(|h| h.backlog);
+                    backlog = outcome.blocker.is_some() && self.healing.is_some_and(|h| h.backlog);
                 }
                 Err(f) => {
                     let delay = backoff.next_delay();
