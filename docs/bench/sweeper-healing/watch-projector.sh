@@ -5,7 +5,7 @@ while true; do
   for pid in $(pgrep -f "^$dir/projector" ); do
     port=$(ss -ltnpH 2>/dev/null | grep "pid=$pid," | awk '{print $4}' | sed 's/.*://' | head -1)
     [ -z "$port" ] && continue
-    m=$(curl -s --max-time 2 http://127.0.0.1:$port/metrics | grep -E '^projector_(duplicates_total|events_applied_total)' | tr '\n' ' ')
+    m=$(curl -s --max-time 2 http://127.0.0.1:$port/metrics | grep -E '^projector_(duplicates_total|events_applied_total|sweeper_healed_events_total)' | tr '\n' ' ')
     echo "$(date +%H:%M:%S) pid=$pid port=$port $m" >> $out
   done
   sleep 3
