@@ -25,6 +25,14 @@ pub const COMMAND_COUNTERS: [&str; 1] = ["command_retries_total"];
 /// Histograms of the query service: how long read-your-writes requests waited.
 pub const QUERY_HISTOGRAMS: [&str; 1] = ["query_consistency_wait_seconds"];
 
+/// Counters of the projector that tell whether its sweeper did the consumers' work during a
+/// scenario: events it applied itself from the event store, and events consumers found
+/// applied already (as they find each one the sweeper took first).
+pub const PROJECTOR_COUNTERS: [&str; 2] = [
+    "projector_sweeper_healed_events_total",
+    "projector_duplicates_total",
+];
+
 /// One scrape: every sample summed over its labels, by metric name.
 pub type Scrape = BTreeMap<String, f64>;
 

@@ -34,9 +34,22 @@ pub struct Report {
     pub follow: Option<FollowResult>,
     pub long_stream: Option<LongStreamResult>,
     pub memory: Option<MemoryLog>,
+    /// What the projector's sweeper did during each HTTP scenario (with `--spawn` only).
+    pub sweeper: Vec<SweeperActivity>,
     pub targets: Vec<TargetCheck>,
     /// Scenarios that failed, with the error.
     pub failures: Vec<String>,
+}
+
+/// The projector's counters over one HTTP scenario, its settling included: whether the sweeper
+/// applied events the consumers had not (it should not while they keep up) and raced them.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweeperActivity {
+    pub scenario: String,
+    /// Increase of `projector_sweeper_healed_events_total`, both projections.
+    pub healed_events: f64,
+    /// Increase of `projector_duplicates_total`, both projections.
+    pub duplicates: f64,
 }
 
 /// One performance target and how the run did against it.
@@ -66,6 +79,7 @@ impl Report {
             follow: None,
             long_stream: None,
             memory: None,
+            sweeper: Vec::new(),
             targets: Vec::new(),
             failures: Vec::new(),
         }
@@ -295,6 +309,7 @@ impl Report {
                 self.machine.as_ref().map(|m| m.cpus),
             );
         }
+        sweeper_table(&mut md, &self.sweeper);
         if let Some(c) = &self.catchup {
             let _ = writeln!(
                 md,
@@ -571,6 +586,33 @@ fn ceiling_table(md: &mut String, ceiling: &CeilingResult, saturation: Option<&L
 }
 
 /// The freshness run: latencies, then what became of the ticks and the rule they must pass.
+/// The sweeper's work during each HTTP scenario: none while the consumers keep up, so a
+/// figure here means it raced them (or covered for them) and its cost is in that scenario's.
+fn sweeper_table(md: &mut String, activity: &[SweeperActivity]) {
+    if activity.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "### The projector's sweeper during the HTTP scenarios\n\n\
+         | scenario (and its settling) | events the sweeper applied itself | events consumers \
+         found applied already |\n|---|---:|---:|"
+    );
+    for a in activity {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.0} |",
+            a.scenario, a.healed_events, a.duplicates
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nBoth stay at 0 while the consumers keep up: the sweeper applies an event only once it \
+         has waited `SWEEP_GRACE_MS` for them (a duplicate can also be an entry delivered \
+         twice).\n"
+    );
+}
+
 fn freshness_section(md: &mut String, f: &FreshnessResult) {
     let _ = writeln!(
         md,
@@ -1071,6 +1113,22 @@ mod tests {
         let mut md = String::new();
         long_stream_table(&mut md, &result);
         assert!(md.contains("first cmd long p50/max ms"), "{md}");
+    }
+
+    #[test]
+    fn the_sweeper_table_shows_each_http_scenario_and_nothing_without_one() {
+        let mut md = String::new();
+        sweeper_table(&mut md, &[]);
+        assert!(md.is_empty());
+        sweeper_table(
+            &mut md,
+            &[SweeperActivity {
+                scenario: "commands".into(),
+                healed_events: 1200.0,
+                duplicates: 35.0,
+            }],
+        );
+        assert!(md.contains("| commands | 1200 | 35 |"), "{md}");
     }
 
     #[test]

@@ -182,6 +182,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
             )?),
             None => None,
         };
+        // The projector's counters, read around each scenario when the tool started it.
+        let projector = stack.as_ref().map(|s| s.projector.url.clone());
+        let http_client = reqwest::Client::new();
+        let mut counters = projector_counters(&http_client, projector.as_deref()).await;
         if let Some(api) = &api {
             let measure = Duration::from_secs(sizing.level_secs);
             if wants(selected, Scenario::Commands) || selected == Scenario::Memory {
@@ -197,6 +201,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
             }
             if stack.is_some() {
                 settle(&scratch).await;
+                if wants(selected, Scenario::Commands) || selected == Scenario::Memory {
+                    let (client, base) = (&http_client, projector.as_deref());
+                    record_sweeper(&mut report, "commands", client, base, &mut counters).await;
+                }
             }
             if wants(selected, Scenario::Hot) || selected == Scenario::Memory {
                 match commands::hot(
@@ -213,6 +221,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
             }
             if stack.is_some() {
                 settle(&scratch).await;
+                if wants(selected, Scenario::Hot) || selected == Scenario::Memory {
+                    let (client, base) = (&http_client, projector.as_deref());
+                    record_sweeper(&mut report, "hot order", client, base, &mut counters).await;
+                }
             }
             if wants(selected, Scenario::Freshness) {
                 let rate = sizing.rate.unwrap_or_else(|| {
@@ -249,6 +261,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
                 }
                 if let Some(pool) = probe_pool {
                     pool.close().await;
+                }
+                if stack.is_some() {
+                    settle(&scratch).await;
+                    let (client, base) = (&http_client, projector.as_deref());
+                    record_sweeper(&mut report, "freshness", client, base, &mut counters).await;
                 }
             }
         }
@@ -410,6 +427,39 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(180);
 
 /// Waits until both projections' checkpoints reach the head of the log, so a scenario does not
 /// measure the previous scenario's backlog being worked off on the same two cores.
+/// The projector's counters ([`crate::metrics::PROJECTOR_COUNTERS`] among them) now, when the
+/// tool started the projector and it answers.
+async fn projector_counters(
+    client: &reqwest::Client,
+    base: Option<&str>,
+) -> Option<crate::metrics::Scrape> {
+    crate::metrics::scrape(client, base?).await.ok()
+}
+
+/// Records what the projector's sweeper did since `before` as `scenario`'s, and moves `before`
+/// to now.
+async fn record_sweeper(
+    report: &mut Report,
+    scenario: &str,
+    client: &reqwest::Client,
+    base: Option<&str>,
+    before: &mut Option<crate::metrics::Scrape>,
+) {
+    let after = projector_counters(client, base).await;
+    if let (Some(b), Some(a)) = (before.as_ref(), after.as_ref()) {
+        let increase = |name: &str| {
+            (a.get(name).copied().unwrap_or(0.0) - b.get(name).copied().unwrap_or(0.0)).max(0.0)
+        };
+        let [healed, duplicates] = crate::metrics::PROJECTOR_COUNTERS;
+        report.sweeper.push(crate::report::SweeperActivity {
+            scenario: scenario.to_owned(),
+            healed_events: increase(healed),
+            duplicates: increase(duplicates),
+        });
+    }
+    *before = after;
+}
+
 async fn settle(scratch: &Scratch) {
     let Ok(pool) = scratch.pool("main", 1).await else {
         return;

@@ -1,5 +1,6 @@
 //! The benchmark tool as BENCHMARKS.md runs it, on a small scale: `bench freshness --spawn`
-//! starts the three services itself and must account for every command it measured.
+//! starts the three services itself and must account for every command it measured, and for
+//! what the projector's sweeper did meanwhile.
 
 use std::process::Command;
 
@@ -65,4 +66,17 @@ fn a_freshness_run_reads_back_every_command_it_measured_and_sees_each_one() {
         f["response_to_visible"]["p50_ms"].as_f64().unwrap_or(0.0) > 0.0,
         "{f}"
     );
+    // The projector it started was asked what its sweeper did meanwhile (whether it covered for
+    // the consumers or raced them), so a run can tell.
+    let sweeper = report["sweeper"]
+        .as_array()
+        .expect("the sweeper's activity");
+    assert_eq!(sweeper.len(), 1, "{sweeper:?}");
+    assert_eq!(sweeper[0]["scenario"], "freshness");
+    for counter in ["healed_events", "duplicates"] {
+        assert!(
+            sweeper[0][counter].as_f64().is_some_and(|n| n >= 0.0),
+            "{counter}: {sweeper:?}"
+        );
+    }
 }
