@@ -26,8 +26,9 @@ pub const COMMAND_COUNTERS: [&str; 1] = ["command_retries_total"];
 pub const QUERY_HISTOGRAMS: [&str; 1] = ["query_consistency_wait_seconds"];
 
 /// Counters of the projector that tell whether its sweeper did the consumers' work during a
-/// scenario: events it applied itself from the event store, and events consumers found
-/// applied already (as they find each one the sweeper took first).
+/// scenario: events it applied itself from the event store, and events found applied already
+/// (by a consumer, each one the sweeper took first; or by the sweeper's heals, each one a
+/// consumer had applied): both mean the two overlapped.
 pub const PROJECTOR_COUNTERS: [&str; 2] = [
     "projector_sweeper_healed_events_total",
     "projector_duplicates_total",
@@ -42,6 +43,8 @@ pub async fn scrape(client: &reqwest::Client, base: &str) -> anyhow::Result<Scra
         .get(format!("{base}/metrics"))
         .send()
         .await
+        .context("GET /metrics")?
+        .error_for_status()
         .context("GET /metrics")?
         .text()
         .await

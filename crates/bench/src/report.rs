@@ -585,9 +585,9 @@ fn ceiling_table(md: &mut String, ceiling: &CeilingResult, saturation: Option<&L
     md.push('\n');
 }
 
-/// The freshness run: latencies, then what became of the ticks and the rule they must pass.
-/// The sweeper's work during each HTTP scenario: none while the consumers keep up, so a
-/// figure here means it raced them (or covered for them) and its cost is in that scenario's.
+/// The sweeper's work during each HTTP scenario (its warm-up and the settling after it
+/// included): none while the consumers keep up, so a figure here means it covered for them or
+/// raced them.
 fn sweeper_table(md: &mut String, activity: &[SweeperActivity]) {
     if activity.is_empty() {
         return;
@@ -595,8 +595,8 @@ fn sweeper_table(md: &mut String, activity: &[SweeperActivity]) {
     let _ = writeln!(
         md,
         "### The projector's sweeper during the HTTP scenarios\n\n\
-         | scenario (and its settling) | events the sweeper applied itself | events consumers \
-         found applied already |\n|---|---:|---:|"
+         | scenario (its warm-up and settling included) | events the sweeper applied itself | \
+         events found applied already |\n|---|---:|---:|"
     );
     for a in activity {
         let _ = writeln!(
@@ -608,11 +608,13 @@ fn sweeper_table(md: &mut String, activity: &[SweeperActivity]) {
     let _ = writeln!(
         md,
         "\nBoth stay at 0 while the consumers keep up: the sweeper applies an event only once it \
-         has waited `SWEEP_GRACE_MS` for them (a duplicate can also be an entry delivered \
+         has waited for them (`SWEEP_GRACE_MS`, or a tick once it is healing). An event found \
+         applied already is one the sweeper and a consumer both took (or an entry delivered \
          twice).\n"
     );
 }
 
+/// The freshness run: latencies, then what became of the ticks and the rule they must pass.
 fn freshness_section(md: &mut String, f: &FreshnessResult) {
     let _ = writeln!(
         md,

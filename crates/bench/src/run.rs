@@ -185,7 +185,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
         // The projector's counters, read around each scenario when the tool started it.
         let projector = stack.as_ref().map(|s| s.projector.url.clone());
         let http_client = reqwest::Client::new();
-        let mut counters = projector_counters(&http_client, projector.as_deref()).await;
+        let mut counters =
+            projector_counters(&http_client, projector.as_deref(), &mut report.failures).await;
         if let Some(api) = &api {
             let measure = Duration::from_secs(sizing.level_secs);
             if wants(selected, Scenario::Commands) || selected == Scenario::Memory {
@@ -425,15 +426,51 @@ fn write_outputs(cli: &Cli, report: &Report) -> anyhow::Result<()> {
 /// Longest wait for the read side to catch up between scenarios.
 const SETTLE_LIMIT: Duration = Duration::from_secs(180);
 
-/// Waits until both projections' checkpoints reach the head of the log, so a scenario does not
-/// measure the previous scenario's backlog being worked off on the same two cores.
-/// The projector's counters ([`crate::metrics::PROJECTOR_COUNTERS`] among them) now, when the
-/// tool started the projector and it answers.
+/// Longest wait for the projector's `/metrics`: a projector that does not answer must not hold
+/// up the run.
+const PROJECTOR_SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The projector's counters now, when the tool started the projector: `None` without one.
+/// A projector that does not answer, or exports neither of
+/// [`crate::metrics::PROJECTOR_COUNTERS`] (a release from before them), is a failure of the
+/// run, not a row of zeros.
 async fn projector_counters(
     client: &reqwest::Client,
     base: Option<&str>,
+    failures: &mut Vec<String>,
 ) -> Option<crate::metrics::Scrape> {
-    crate::metrics::scrape(client, base?).await.ok()
+    let scraped = tokio::time::timeout(
+        PROJECTOR_SCRAPE_TIMEOUT,
+        crate::metrics::scrape(client, base?),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(anyhow::anyhow!(
+            "no answer within {PROJECTOR_SCRAPE_TIMEOUT:?}"
+        ))
+    });
+    let missing = |scrape: &crate::metrics::Scrape| {
+        crate::metrics::PROJECTOR_COUNTERS
+            .into_iter()
+            .find(|name| !scrape.contains_key(*name))
+    };
+    match scraped {
+        Ok(scrape) => match missing(&scrape) {
+            None => Some(scrape),
+            Some(name) => {
+                failures.push(format!(
+                    "the sweeper's activity: the projector exports no {name}"
+                ));
+                None
+            }
+        },
+        Err(err) => {
+            failures.push(format!(
+                "the sweeper's activity: the projector's /metrics: {err:#}"
+            ));
+            None
+        }
+    }
 }
 
 /// Records what the projector's sweeper did since `before` as `scenario`'s, and moves `before`
@@ -445,7 +482,7 @@ async fn record_sweeper(
     base: Option<&str>,
     before: &mut Option<crate::metrics::Scrape>,
 ) {
-    let after = projector_counters(client, base).await;
+    let after = projector_counters(client, base, &mut report.failures).await;
     if let (Some(b), Some(a)) = (before.as_ref(), after.as_ref()) {
         let increase = |name: &str| {
             (a.get(name).copied().unwrap_or(0.0) - b.get(name).copied().unwrap_or(0.0)).max(0.0)
@@ -460,6 +497,8 @@ async fn record_sweeper(
     *before = after;
 }
 
+/// Waits until both projections' checkpoints reach the head of the log, so a scenario does not
+/// measure the previous scenario's backlog being worked off on the same two cores.
 async fn settle(scratch: &Scratch) {
     let Ok(pool) = scratch.pool("main", 1).await else {
         return;

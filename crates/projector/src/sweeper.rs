@@ -129,7 +129,7 @@ pub struct SweeperSettings {
     /// is not healing already.
     pub grace: Duration,
     /// Fallback wake-up period; also how long a blocker waits for a consumer once the sweeper
-    /// is healing (see [`Healing`]).
+    /// is healing (see [`Healing`]; never longer than `grace`).
     pub tick: Duration,
     /// Attempts before a blocker that keeps failing is dead-lettered.
     pub max_attempts: u32,
@@ -184,7 +184,8 @@ pub struct SweepOutcome {
 /// A sweeper that has healed, and how it goes on: the consumers may be gone (Redis down or
 /// flushed), so it does not wait out a grace for each blocker as it did for the first.
 /// Ended by a heal that meets a failing event or one of a newer release, by a sweep that finds
-/// the mark past [`Healing::healed_to`] outside a backlog, and by a change of leader.
+/// a blocker with the mark past [`Healing::healed_to`] outside a backlog, and by a change of
+/// leader.
 #[derive(Debug, Clone, Copy)]
 struct Healing {
     /// The last event of the last heal's batch: every event up to it is finished, so the mark
@@ -192,7 +193,8 @@ struct Healing {
     /// are back, or the mark passed new events of a parked order), and a blocker gets its
     /// grace again: the sweeper stops racing the consumers for the events in flight.
     healed_to: i64,
-    /// The last heal's batch was full, so more may follow: the next blocker is healed at once
+    /// The last heal's batch was full and the heal applied most of it itself (the consumers
+    /// never had those events), so more may follow: the next blocker is healed at once
     /// and the sweeper sweeps again without waiting for its tick, batch after batch, whatever
     /// the consumers do meanwhile (they may fill in earlier events of the backlog's orders and
     /// move the mark over a few). Cleared by a sweep that finds no blocker. Otherwise a new
@@ -564,7 +566,12 @@ impl Sweeper {
         if poisoned.is_empty() {
             self.healing = Some(Healing {
                 healed_to: events.last().map_or(position, |e| e.global_position),
-                backlog: i64::try_from(events.len()).unwrap_or(i64::MAX) >= HEAL_BATCH,
+                // A full batch the heal mostly applied itself: the consumers never had those
+                // events, and more like them may follow. A full batch they had mostly applied
+                // (one event stuck behind a slow or killed consumer) is no backlog, or the
+                // sweeper would race them for as long as they trail the head by a batch.
+                backlog: i64::try_from(events.len()).unwrap_or(i64::MAX) >= HEAL_BATCH
+                    && i64::try_from(outcome.applied).unwrap_or(i64::MAX) * 2 >= HEAL_BATCH,
             });
             self.failures.clear();
             return Ok(outcome.applied);

@@ -1482,6 +1482,43 @@ async fn an_order_in_a_currency_this_release_does_not_list_is_projected() {
     w.assert_exact().await;
 }
 
+/// A full heal batch the consumers had mostly applied (one order stuck behind a slow or killed
+/// consumer) is no backlog: the next blocker, an event in flight to them, is left to them, not
+/// healed at once.
+#[tokio::test]
+async fn a_full_heal_batch_the_consumers_had_mostly_applied_is_no_backlog() {
+    let w = World::new().await;
+    let projection = ProjectionKind::OrderSummaries;
+    while store::head_position(w.pool()).await.unwrap() <= 2 * projector::sweeper::HEAL_BATCH {
+        append_orders(w.pool(), 50).await;
+    }
+    let all = store::read_all(w.pool(), 0, 100_000).await.unwrap();
+    // Every order applied but the first (stuck) and one past the first heal's batch (in flight).
+    let stuck = all[0].stream_id.clone();
+    let in_flight = all
+        .iter()
+        .find(|e| e.global_position > projector::sweeper::HEAL_BATCH + 10)
+        .unwrap()
+        .stream_id
+        .clone();
+    let applied: Vec<_> = all
+        .iter()
+        .filter(|e| e.stream_id != stuck && e.stream_id != in_flight)
+        .cloned()
+        .collect();
+    let mut conn = w.pool().acquire().await.unwrap();
+    apply_batch(&mut conn, projection, &applied).await.unwrap();
+    drop(conn);
+
+    let mut sweeper = healing_test_sweeper(&w, projection);
+    let first = heal_once_returning(&mut sweeper).await;
+    let blocker = first.blocker.expect("the order in flight blocks the mark");
+    assert!(blocker > projector::sweeper::HEAL_BATCH, "{first:?}");
+    let next = sweeper.sweep_once().await.unwrap();
+    assert_eq!(next.healed, 0, "{next:?}");
+    assert_eq!(next.blocker, Some(blocker));
+}
+
 /// A sweeper for the healing tests, with [`HEALING_TEST_GRACE`] and [`HEALING_TEST_TICK`].
 fn healing_test_sweeper(w: &World, projection: ProjectionKind) -> Sweeper {
     Sweeper::new(
