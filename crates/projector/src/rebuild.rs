@@ -82,23 +82,12 @@ pub async fn rebuild(
     batch_size: i64,
     dead_letters: Option<&DeadLetters>,
 ) -> anyhow::Result<RebuildOutcome> {
-    rebuild_keeping(pool, projection, batch_size, dead_letters, LETTERS_KEPT).await
+    rebuild_keeping_letters(pool, projection, batch_size, dead_letters, LETTERS_KEPT).await
 }
 
-/// [`rebuild`], keeping at most `letters_kept` failed events to dead-letter (tests use a small
-/// bound).
-#[cfg(any(test, feature = "test-util"))]
+/// [`rebuild`], keeping at most `letters_kept` failed events to dead-letter ([`LETTERS_KEPT`]
+/// for the admin command; tests use a small bound).
 pub async fn rebuild_keeping_letters(
-    pool: &PgPool,
-    projection: ProjectionKind,
-    batch_size: i64,
-    dead_letters: Option<&DeadLetters>,
-    letters_kept: usize,
-) -> anyhow::Result<RebuildOutcome> {
-    rebuild_keeping(pool, projection, batch_size, dead_letters, letters_kept).await
-}
-
-async fn rebuild_keeping(
     pool: &PgPool,
     projection: ProjectionKind,
     batch_size: i64,

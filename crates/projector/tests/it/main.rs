@@ -1234,20 +1234,7 @@ async fn the_sweeper_counts_failures_per_event_so_a_new_blocker_never_inherits_t
     let w = World::new().await;
     let projection = ProjectionKind::OrderSummaries;
     let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
-    let mut sweeper = Sweeper::new(
-        projection,
-        w.pool().clone(),
-        Some(projector::sweeper::DeadLetters {
-            queue: dlq.clone(),
-            consumer: "sweeper".into(),
-        }),
-        SweeperSettings {
-            grace: Duration::ZERO,
-            max_attempts: 3,
-            retry_base: Duration::ZERO,
-            ..SweeperSettings::default()
-        },
-    );
+    let mut sweeper = eager_sweeper_with_dead_letters(&w, projection, &dlq, 3);
     let x = damaged_order(w.pool()).await;
     for _ in 0..2 {
         sweeper.sweep_once().await.unwrap();
@@ -1302,20 +1289,7 @@ async fn with_redis_down_an_event_that_keeps_failing_is_parked_without_a_letter_
     let head = store::head_position(w.pool()).await.unwrap();
     redis.stop();
 
-    let mut sweeper = Sweeper::new(
-        projection,
-        w.pool().clone(),
-        Some(projector::sweeper::DeadLetters {
-            queue: dlq.clone(),
-            consumer: "sweeper".into(),
-        }),
-        SweeperSettings {
-            grace: Duration::ZERO,
-            max_attempts: 2,
-            retry_base: Duration::ZERO,
-            ..SweeperSettings::default()
-        },
-    );
+    let mut sweeper = eager_sweeper_with_dead_letters(&w, projection, &dlq, 2);
     let started = std::time::Instant::now();
     loop {
         let outcome = sweeper.sweep_once().await.expect("a sweep without Redis");
@@ -1517,6 +1491,30 @@ async fn a_full_heal_batch_the_consumers_had_mostly_applied_is_no_backlog() {
     let next = sweeper.sweep_once().await.unwrap();
     assert_eq!(next.healed, 0, "{next:?}");
     assert_eq!(next.blocker, Some(blocker));
+}
+
+/// A sweeper that heals at once and retries at once, dead-lettering to `dlq` an event it has
+/// seen fail `max_attempts` times.
+fn eager_sweeper_with_dead_letters(
+    w: &World,
+    projection: ProjectionKind,
+    dlq: &DeadLetterQueue,
+    max_attempts: u32,
+) -> Sweeper {
+    Sweeper::new(
+        projection,
+        w.pool().clone(),
+        Some(projector::sweeper::DeadLetters {
+            queue: dlq.clone(),
+            consumer: "sweeper".into(),
+        }),
+        SweeperSettings {
+            grace: Duration::ZERO,
+            max_attempts,
+            retry_base: Duration::ZERO,
+            ..SweeperSettings::default()
+        },
+    )
 }
 
 /// A sweeper for the healing tests, with [`HEALING_TEST_GRACE`] and [`HEALING_TEST_TICK`].
