@@ -109,12 +109,16 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             all,
             stream,
             after,
+            after_position,
         } => {
             let projection = admin::projection_of_group(&group)?;
             if after.is_some() && action != DlqAction::List {
                 // `replay` and `purge` without --id act on every letter: an --after they
                 // ignored would resolve letters the operator meant to leave.
                 anyhow::bail!("--after goes with `dlq list` only");
+            }
+            if after_position.is_some() && action != DlqAction::Parked {
+                anyhow::bail!("--after-position goes with `dlq parked` only");
             }
             let (_, redis, keys) = connect_redis(&cli)?;
             let dlq = DeadLetterQueue::new(redis, keys);
@@ -144,8 +148,18 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             match action {
                 DlqAction::Parked => {
                     let pool = connect_db(&cli).await?;
-                    let (parked, total) = crate::parked::list(&pool, &dlq, projection).await?;
-                    print!("{}", crate::parked::render(&parked, total));
+                    let page = crate::parked::list_page(
+                        &pool,
+                        &dlq,
+                        projection,
+                        after_position,
+                        crate::parked::PARKED_PAGE,
+                    )
+                    .await?;
+                    print!(
+                        "{}",
+                        crate::parked::render(&page.streams, page.total, page.next_after)
+                    );
                     Ok(ExitCode::SUCCESS)
                 }
                 DlqAction::List if id.is_none() => {

@@ -125,6 +125,10 @@ pub enum Command {
         /// list: the page after this dead letter id (the last id of the previous page)
         #[arg(long, conflicts_with_all = ["id", "all", "stream"], value_parser = entry_id)]
         after: Option<String>,
+        /// parked: the page after this held-back event's position (the end of the previous
+        /// page gives it)
+        #[arg(long, conflicts_with_all = ["id", "all", "stream", "after"])]
+        after_position: Option<i64>,
     },
     /// Rebuild a read model from the event store alone
     Rebuild {

@@ -1,10 +1,13 @@
-//! Parked streams seen from PostgreSQL, where the park is recorded: `dlq parked` lists them
-//! with the event holding each one back and how many dead letters name it, and
+//! Parked streams seen from PostgreSQL, where the park is recorded: `dlq parked` lists them,
+//! a page at a time, with the event holding each one back and how many dead letters name it,
+//! and
 //! `dlq replay|purge --stream` resolves one whether or not a dead letter names its event.
 //!
 //! A stream can be parked with no letter: a rebuild that stopped between its commit and
-//! writing its letters, a purge whose catch-up failed on a later event (that event parks the
-//! stream again, and no consumer ever dead-letters it), or letters deleted by hand. A walk over
+//! writing its letters, or that failed on more events than it dead-letters, a sweeper that gave
+//! up on an event while Redis refused its letter, a purge whose catch-up failed on a later
+//! event (that event parks the stream again, and no consumer ever dead-letters it), or letters
+//! deleted by hand. A walk over
 //! the dead letters alone never finds those; the `projection_streams` rows always do.
 //!
 //! Must never skip an event other than the one the stream is parked at, nor delete a letter
@@ -50,6 +53,33 @@ pub async fn list(
     dlq: &DeadLetterQueue,
     projection: ProjectionKind,
 ) -> anyhow::Result<(Vec<ParkedStream>, i64)> {
+    let page = list_page(pool, dlq, projection, None, PARKED_PAGE).await?;
+    Ok((page.streams, page.total))
+}
+
+/// One page of `dlq parked`.
+#[derive(Debug)]
+pub struct ParkedPage {
+    /// Oldest held-back event first; the streams whose held-back event the store does not
+    /// hold (after a restore of the database) last.
+    pub streams: Vec<ParkedStream>,
+    /// Parked streams in all.
+    pub total: i64,
+    /// The position to pass as `--after-position` for the next page, when one follows and
+    /// the page's last stream has a held-back event in the store.
+    pub next_after: Option<i64>,
+}
+
+/// The parked streams of `projection` whose held-back event lies after position `after` (from
+/// the first when `None`), at most `page` of them, oldest held-back event first. Those whose
+/// held-back event the store does not hold come after all others, on the last page.
+pub async fn list_page(
+    pool: &PgPool,
+    dlq: &DeadLetterQueue,
+    projection: ProjectionKind,
+    after: Option<i64>,
+    page: i64,
+) -> anyhow::Result<ParkedPage> {
     let total: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM projection_streams \
          WHERE projection = $1 AND parked_version IS NOT NULL",
@@ -58,24 +88,38 @@ pub async fn list(
     .fetch_one(pool)
     .await
     .context("count the parked streams")?;
-    let rows: Vec<ParkedRow> = sqlx::query_as(
+    // One row more than the page tells whether another page follows.
+    let mut rows: Vec<ParkedRow> = sqlx::query_as(
         "SELECT p.stream_id, p.version, p.parked_version, p.parked_error, \
                 e.global_position, e.event_id, e.event_type \
          FROM projection_streams p \
          LEFT JOIN events e \
                 ON e.stream_id = p.stream_id AND e.stream_version = p.parked_version \
          WHERE p.projection = $1 AND p.parked_version IS NOT NULL \
+           AND COALESCE(e.global_position, 9223372036854775807) > $3 \
          ORDER BY e.global_position NULLS LAST, p.stream_id \
-         LIMIT $2",
+         LIMIT $2 + 1",
     )
     .bind(projection.name())
-    .bind(PARKED_PAGE)
+    .bind(page.max(1))
+    .bind(after.unwrap_or(0))
     .fetch_all(pool)
     .await
     .context("read the parked streams")?;
+    let more = rows.len() as i64 > page.max(1);
+    rows.truncate(usize::try_from(page.max(1)).unwrap_or(usize::MAX));
+    let next_after = if more {
+        rows.last().and_then(|row| row.global_position)
+    } else {
+        None
+    };
     let mut parked: Vec<ParkedStream> = rows.into_iter().map(ParkedRow::into_parked).collect();
     if parked.is_empty() {
-        return Ok((parked, total));
+        return Ok(ParkedPage {
+            streams: parked,
+            total,
+            next_after,
+        });
     }
     // Which listed stream each letter speaks for, so the walk over the letters costs one
     // lookup per letter: by the held-back event's id, or, when the store does not hold that
@@ -105,7 +149,11 @@ pub async fn list(
             }
         }
     }
-    Ok((parked, total))
+    Ok(ParkedPage {
+        streams: parked,
+        total,
+        next_after,
+    })
 }
 
 /// One row of the parked-streams query.
@@ -138,8 +186,8 @@ impl ParkedRow {
 }
 
 /// `dlq parked`: a table of stream, applied version, parked version, position, type, letters
-/// and error, and a line saying how many there are in all.
-pub fn render(parked: &[ParkedStream], total: i64) -> String {
+/// and error, and a line saying how many there are in all and how to ask for the next page.
+pub fn render(parked: &[ParkedStream], total: i64, next_after: Option<i64>) -> String {
     let mut table = Table::new();
     table
         .load_preset(UTF8_FULL_CONDENSED)
@@ -164,7 +212,10 @@ pub fn render(parked: &[ParkedStream], total: i64) -> String {
     }
     let mut out = format!("{table}\n{total} parked stream(s)");
     if (parked.len() as i64) < total {
-        out.push_str(&format!(", the first {} shown", parked.len()));
+        out.push_str(&format!(", {} shown", parked.len()));
+    }
+    if let Some(after) = next_after {
+        out.push_str(&format!("; the next page: --after-position {after}"));
     }
     if parked.iter().any(|p| p.letters == 0) {
         out.push_str(

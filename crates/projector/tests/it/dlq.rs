@@ -139,6 +139,63 @@ async fn purge_and_replay_refuse_a_letter_whose_event_the_store_does_not_hold_at
     assert_eq!(dlq.len(PROJECTION.name()).await.unwrap(), 2);
 }
 
+/// More parked orders than a page (a systematic fault parks one per order): `dlq parked`
+/// pages through all of them, oldest held-back event first, each page saying where the next
+/// begins, and the last saying nothing more.
+#[tokio::test]
+async fn dlq_parked_pages_through_every_parked_order() {
+    let w = World::new().await;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    let mut held = Vec::new();
+    for applied in [1, 2, 3] {
+        let events = parked_order(&w, applied).await;
+        held.push((events[applied].global_position, events[0].stream_id.clone()));
+    }
+    held.sort();
+
+    let mut listed = Vec::new();
+    let mut after = None;
+    let mut pages = 0;
+    loop {
+        let page = projector::parked::list_page(w.pool(), &dlq, PROJECTION, after, 2)
+            .await
+            .unwrap();
+        assert_eq!(page.total, 3);
+        listed.extend(page.streams.iter().map(|p| {
+            let (position, _, _) = p.event.clone().expect("the held-back event");
+            (position, p.stream_id.clone())
+        }));
+        pages += 1;
+        match page.next_after {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 2);
+    assert_eq!(listed, held);
+
+    // The command says where the next page begins, and takes it.
+    let (ok, first) = run_dlq(&w, &["parked", "order_summaries"]).await;
+    assert!(ok && !first.contains("--after-position"), "{first}");
+    let (ok, second) = run_dlq(
+        &w,
+        &[
+            "parked",
+            "order_summaries",
+            "--after-position",
+            &held[0].0.to_string(),
+        ],
+    )
+    .await;
+    assert!(ok && !second.contains(&held[0].1), "{second}");
+    assert!(
+        second.contains(&held[1].1) && second.contains(&held[2].1),
+        "{second}"
+    );
+    let (ok, refused) = run_dlq(&w, &["list", "order_summaries", "--after-position", "1"]).await;
+    assert!(!ok, "{refused}");
+}
+
 #[tokio::test]
 async fn an_order_parked_with_no_letter_is_listed_from_postgres_and_replayed_by_its_stream() {
     let w = World::new().await;
