@@ -186,6 +186,18 @@ mod tests {
     }
 
     #[test]
+    fn an_order_cache_under_64_kib_is_refused() {
+        let parse = |bytes: &str| {
+            Config::try_parse_args(["command-service", "--order-cache-max-bytes", bytes])
+        };
+        assert_eq!(
+            parse("65536").unwrap().commands.order_cache_max_bytes,
+            65_536
+        );
+        assert!(parse("65535").is_err());
+    }
+
+    #[test]
     fn an_idempotency_period_beyond_ten_years_is_refused() {
         let parse = |hours: &str| {
             Config::try_parse_args(["command-service", "--idempotency-ttl-hours", hours])

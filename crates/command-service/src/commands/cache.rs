@@ -97,7 +97,6 @@ impl Map {
             }
         });
         self.bytes = bytes;
-        metrics::gauge!(CACHE_BYTES_GAUGE).set(bytes as f64);
     }
 }
 
@@ -107,6 +106,8 @@ pub struct OrderSlots {
     capacity: usize,
     max_bytes: usize,
     map: Mutex<Map>,
+    /// [`CACHE_BYTES_GAUGE`], looked up once rather than per command.
+    bytes_gauge: metrics::Gauge,
 }
 
 impl OrderSlots {
@@ -117,6 +118,7 @@ impl OrderSlots {
             capacity: capacity.max(1),
             max_bytes,
             map: Mutex::new(Map::default()),
+            bytes_gauge: metrics::gauge!(CACHE_BYTES_GAUGE),
         }
     }
 
@@ -134,6 +136,7 @@ impl OrderSlots {
         }
         if map.slots.len() >= self.capacity {
             map.evict_unheld(self.capacity - self.capacity / 4 - 1, self.max_bytes);
+            self.bytes_gauge.set(map.bytes as f64);
         }
         let slot = OrderSlot::default();
         if map.slots.len() < self.capacity {
@@ -167,13 +170,18 @@ impl OrderSlots {
             // one kept for the order since then holds another state).
             return;
         };
+        if kept.weight == weight {
+            // Placing, paying, shipping and cancelling leave the lines as they were.
+            return;
+        }
         let before = std::mem::replace(&mut kept.weight, weight);
         map.bytes = map.bytes - before + weight;
         if map.bytes > self.max_bytes {
             map.evict_unheld(self.capacity, self.max_bytes - self.max_bytes / 4);
-        } else {
-            metrics::gauge!(CACHE_BYTES_GAUGE).set(map.bytes as f64);
         }
+        let bytes = map.bytes;
+        drop(map);
+        self.bytes_gauge.set(bytes as f64);
     }
 
     /// Number of slots currently kept.
