@@ -182,11 +182,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
             )?),
             None => None,
         };
-        // The projector's counters, read around each scenario when the tool started it.
-        let projector = stack.as_ref().map(|s| s.projector.url.clone());
-        let http_client = reqwest::Client::new();
-        let mut counters =
-            projector_counters(&http_client, projector.as_deref(), &mut report.failures).await;
+        let mut watch = match (&stack, &api) {
+            (Some(stack), Some(api)) => {
+                let (client, base) = (api.http().clone(), stack.projector.url.clone());
+                SweeperWatch::start(client, base, &mut report.failures).await
+            }
+            _ => None,
+        };
         if let Some(api) = &api {
             let measure = Duration::from_secs(sizing.level_secs);
             if wants(selected, Scenario::Commands) || selected == Scenario::Memory {
@@ -202,9 +204,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
             }
             if stack.is_some() {
                 settle(&scratch).await;
-                if wants(selected, Scenario::Commands) || selected == Scenario::Memory {
-                    let (client, base) = (&http_client, projector.as_deref());
-                    record_sweeper(&mut report, "commands", client, base, &mut counters).await;
+                if (wants(selected, Scenario::Commands) || selected == Scenario::Memory)
+                    && let Some(w) = watch.as_mut()
+                    && !w.record(&mut report, "commands").await
+                {
+                    watch = None;
                 }
             }
             if wants(selected, Scenario::Hot) || selected == Scenario::Memory {
@@ -222,9 +226,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
             }
             if stack.is_some() {
                 settle(&scratch).await;
-                if wants(selected, Scenario::Hot) || selected == Scenario::Memory {
-                    let (client, base) = (&http_client, projector.as_deref());
-                    record_sweeper(&mut report, "hot order", client, base, &mut counters).await;
+                if (wants(selected, Scenario::Hot) || selected == Scenario::Memory)
+                    && let Some(w) = watch.as_mut()
+                    && !w.record(&mut report, "hot order").await
+                {
+                    watch = None;
                 }
             }
             if wants(selected, Scenario::Freshness) {
@@ -263,10 +269,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
                 if let Some(pool) = probe_pool {
                     pool.close().await;
                 }
-                if stack.is_some() {
+                if let Some(w) = watch.as_mut() {
                     settle(&scratch).await;
-                    let (client, base) = (&http_client, projector.as_deref());
-                    record_sweeper(&mut report, "freshness", client, base, &mut counters).await;
+                    w.record(&mut report, "freshness").await;
                 }
             }
         }
@@ -430,18 +435,62 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(180);
 /// up the run.
 const PROJECTOR_SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The projector's counters now, when the tool started the projector: `None` without one.
-/// A projector that does not answer, or exports neither of
-/// [`crate::metrics::PROJECTOR_COUNTERS`] (a release from before them), is a failure of the
-/// run, not a row of zeros.
-async fn projector_counters(
+/// The projector's counters ([`crate::metrics::PROJECTOR_COUNTERS`]) read around each HTTP
+/// scenario, when the tool started the projector: what its sweeper did meanwhile.
+struct SweeperWatch {
+    client: reqwest::Client,
+    base: String,
+    before: crate::metrics::Scrape,
+}
+
+impl SweeperWatch {
+    /// Starts watching the projector at `base`; `None` when its counters cannot be read (the
+    /// reason recorded in `failures`).
+    async fn start(
+        client: reqwest::Client,
+        base: String,
+        failures: &mut Vec<String>,
+    ) -> Option<Self> {
+        let before = read_counters(&client, &base, failures).await?;
+        Some(Self {
+            client,
+            base,
+            before,
+        })
+    }
+
+    /// Records what the sweeper did since the last reading as `scenario`'s. `false` when the
+    /// counters could not be read (the reason recorded): the watch is over, so a projector
+    /// that stopped answering is reported once, not at every scenario.
+    async fn record(&mut self, report: &mut Report, scenario: &str) -> bool {
+        let Some(after) = read_counters(&self.client, &self.base, &mut report.failures).await
+        else {
+            return false;
+        };
+        let counters = crate::metrics::PROJECTOR_COUNTERS;
+        let increase = crate::metrics::breakdown(&self.before, &after, &[], &counters);
+        let [healed, duplicates] = counters.map(|name| increase[name].max(0.0));
+        report.sweeper.push(crate::report::SweeperActivity {
+            scenario: scenario.to_owned(),
+            healed_events: healed,
+            duplicates,
+        });
+        self.before = after;
+        true
+    }
+}
+
+/// The projector's counters now. A projector that does not answer, or exports neither of
+/// [`crate::metrics::PROJECTOR_COUNTERS`] (a release from before them), is a failure of the run
+/// (recorded in `failures`), not a row of zeros.
+async fn read_counters(
     client: &reqwest::Client,
-    base: Option<&str>,
+    base: &str,
     failures: &mut Vec<String>,
 ) -> Option<crate::metrics::Scrape> {
     let scraped = tokio::time::timeout(
         PROJECTOR_SCRAPE_TIMEOUT,
-        crate::metrics::scrape(client, base?),
+        crate::metrics::scrape(client, base),
     )
     .await
     .unwrap_or_else(|_| {
@@ -449,52 +498,18 @@ async fn projector_counters(
             "no answer within {PROJECTOR_SCRAPE_TIMEOUT:?}"
         ))
     });
-    let missing = |scrape: &crate::metrics::Scrape| {
-        crate::metrics::PROJECTOR_COUNTERS
+    let failure = match scraped {
+        Ok(scrape) => match crate::metrics::PROJECTOR_COUNTERS
             .into_iter()
             .find(|name| !scrape.contains_key(*name))
-    };
-    match scraped {
-        Ok(scrape) => match missing(&scrape) {
-            None => Some(scrape),
-            Some(name) => {
-                failures.push(format!(
-                    "the sweeper's activity: the projector exports no {name}"
-                ));
-                None
-            }
+        {
+            None => return Some(scrape),
+            Some(name) => format!("the projector exports no {name}"),
         },
-        Err(err) => {
-            failures.push(format!(
-                "the sweeper's activity: the projector's /metrics: {err:#}"
-            ));
-            None
-        }
-    }
-}
-
-/// Records what the projector's sweeper did since `before` as `scenario`'s, and moves `before`
-/// to now.
-async fn record_sweeper(
-    report: &mut Report,
-    scenario: &str,
-    client: &reqwest::Client,
-    base: Option<&str>,
-    before: &mut Option<crate::metrics::Scrape>,
-) {
-    let after = projector_counters(client, base, &mut report.failures).await;
-    if let (Some(b), Some(a)) = (before.as_ref(), after.as_ref()) {
-        let increase = |name: &str| {
-            (a.get(name).copied().unwrap_or(0.0) - b.get(name).copied().unwrap_or(0.0)).max(0.0)
-        };
-        let [healed, duplicates] = crate::metrics::PROJECTOR_COUNTERS;
-        report.sweeper.push(crate::report::SweeperActivity {
-            scenario: scenario.to_owned(),
-            healed_events: increase(healed),
-            duplicates: increase(duplicates),
-        });
-    }
-    *before = after;
+        Err(err) => format!("the projector's /metrics: {err:#}"),
+    };
+    failures.push(format!("the sweeper's activity: {failure}"));
+    None
 }
 
 /// Waits until both projections' checkpoints reach the head of the log, so a scenario does not
