@@ -156,10 +156,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                         crate::parked::PARKED_PAGE,
                     )
                     .await?;
-                    print!(
-                        "{}",
-                        crate::parked::render(&page.streams, page.total, page.next_after)
-                    );
+                    print!("{}", crate::parked::render(&page));
                     Ok(ExitCode::SUCCESS)
                 }
                 DlqAction::List if id.is_none() => {

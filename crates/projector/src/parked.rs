@@ -65,9 +65,24 @@ pub struct ParkedPage {
     pub streams: Vec<ParkedStream>,
     /// Parked streams in all.
     pub total: i64,
-    /// The position to pass as `--after-position` for the next page, when one follows and
-    /// the page's last stream has a held-back event in the store.
-    pub next_after: Option<i64>,
+    /// More follow this page.
+    pub more: bool,
+}
+
+impl ParkedPage {
+    /// The position to pass as `--after-position` for the next page: the last stream's
+    /// held-back event's, when more follow and the store holds it.
+    pub fn next_after(&self) -> Option<i64> {
+        self.more
+            .then(|| {
+                self.streams
+                    .last()?
+                    .event
+                    .as_ref()
+                    .map(|(position, _, _)| *position)
+            })
+            .flatten()
+    }
 }
 
 /// The parked streams of `projection` whose held-back event lies after position `after` (from
@@ -108,17 +123,12 @@ pub async fn list_page(
     .context("read the parked streams")?;
     let more = rows.len() as i64 > page.max(1);
     rows.truncate(usize::try_from(page.max(1)).unwrap_or(usize::MAX));
-    let next_after = if more {
-        rows.last().and_then(|row| row.global_position)
-    } else {
-        None
-    };
     let mut parked: Vec<ParkedStream> = rows.into_iter().map(ParkedRow::into_parked).collect();
     if parked.is_empty() {
         return Ok(ParkedPage {
             streams: parked,
             total,
-            next_after,
+            more,
         });
     }
     // Which listed stream each letter speaks for, so the walk over the letters costs one
@@ -152,7 +162,7 @@ pub async fn list_page(
     Ok(ParkedPage {
         streams: parked,
         total,
-        next_after,
+        more,
     })
 }
 
@@ -187,7 +197,8 @@ impl ParkedRow {
 
 /// `dlq parked`: a table of stream, applied version, parked version, position, type, letters
 /// and error, and a line saying how many there are in all and how to ask for the next page.
-pub fn render(parked: &[ParkedStream], total: i64, next_after: Option<i64>) -> String {
+pub fn render(page: &ParkedPage) -> String {
+    let (parked, total) = (&page.streams, page.total);
     let mut table = Table::new();
     table
         .load_preset(UTF8_FULL_CONDENSED)
@@ -214,8 +225,14 @@ pub fn render(parked: &[ParkedStream], total: i64, next_after: Option<i64>) -> S
     if (parked.len() as i64) < total {
         out.push_str(&format!(", {} shown", parked.len()));
     }
-    if let Some(after) = next_after {
-        out.push_str(&format!("; the next page: --after-position {after}"));
+    match page.next_after() {
+        Some(after) => out.push_str(&format!("; the next page: --after-position {after}")),
+        // The streams whose held-back event the store does not hold come last, with no
+        // position to page by: resolving those shown brings the rest into the listing.
+        None if page.more => out.push_str(
+            "; more hold back events the store does not hold: resolve these to list the rest",
+        ),
+        None => {}
     }
     if parked.iter().any(|p| p.letters == 0) {
         out.push_str(
