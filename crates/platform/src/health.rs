@@ -299,16 +299,8 @@ fn kind_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<&'static s
     if let Some(io) = cause.downcast_ref::<std::io::Error>() {
         return kind_of_io(io);
     }
-    // redis-rs keeps its I/O error behind an `Arc`, which the chain shows only by its text: its
-    // own predicates tell the kind.
     if let Some(redis) = cause.downcast_ref::<redis::RedisError>() {
-        return match redis.kind() {
-            redis::ErrorKind::AuthenticationFailed => Some("authentication failed"),
-            _ if redis.is_connection_refusal() => Some("connection refused"),
-            _ if redis.is_timeout() => Some("timed out"),
-            _ if redis.is_connection_dropped() => Some("connection lost"),
-            _ => None,
-        };
+        return crate::redis_conn::redis_kind_phrase(redis);
     }
     match cause.downcast_ref::<sqlx::Error>()? {
         sqlx::Error::Io(io) => kind_of_io(io),

@@ -84,12 +84,19 @@ pub async fn dedicated_connection(
 
 /// One line naming the server and the setting.
 fn describe(e: &RedisError, addr: &str) -> anyhow::Error {
-    let cause = if e.is_connection_refusal() {
-        "connection refused".to_owned()
-    } else if e.is_timeout() {
-        "timed out".to_owned()
-    } else {
-        one_line(e)
-    };
+    let cause = redis_kind_phrase(e).map_or_else(|| one_line(e), str::to_owned);
     anyhow!("cannot reach Redis at {addr} (REDIS_URL): {cause}")
+}
+
+/// The kind of a Redis failure in a few words, when redis-rs's own predicates tell it (it keeps
+/// its I/O error behind an `Arc`, so the error's type cannot): what start-up messages and
+/// `/readyz` say of it.
+pub(crate) fn redis_kind_phrase(e: &RedisError) -> Option<&'static str> {
+    match e.kind() {
+        redis::ErrorKind::AuthenticationFailed => Some("authentication failed"),
+        _ if e.is_connection_refusal() => Some("connection refused"),
+        _ if e.is_timeout() => Some("timed out"),
+        _ if e.is_connection_dropped() => Some("connection lost"),
+        _ => None,
+    }
 }
