@@ -75,16 +75,22 @@ const ORDER_SQL: &str = concat!(
     " LEFT JOIN events e ON e.stream_id = p.stream_id AND e.stream_version = p.parked_version"
 );
 
-/// A page: the newest `$n` orders created before a position. The LATERAL subquery is what walks
-/// the index; the outer ORDER BY keeps the order it produced.
+/// A page: the newest `$n` orders created before a position, read from `$source` (the table,
+/// or a subquery over it). The LATERAL subquery is what walks the index; the outer ORDER BY
+/// keeps the order it produced.
 macro_rules! page_sql {
     ($filter:literal, $limit:literal) => {
+        page_sql!(from "order_summaries", $filter, $limit)
+    };
+    (from $source:literal, $filter:literal, $limit:literal) => {
         concat!(
             "SELECT cp.position AS cp_position, ",
             summary_columns!(),
             ", p.parked_version AS held_version FROM ",
             checkpoint_of!("order_summaries"),
-            " LEFT JOIN LATERAL (SELECT * FROM order_summaries WHERE ",
+            " LEFT JOIN LATERAL (SELECT * FROM ",
+            $source,
+            " WHERE ",
             $filter,
             " ORDER BY created_position DESC LIMIT ",
             $limit,
@@ -99,51 +105,34 @@ macro_rules! page_sql {
 const PAGE_SQL: &str = page_sql!("created_position < $1", "$2");
 /// By customer: `order_summaries_customer (customer_id, created_position DESC)`.
 const PAGE_BY_CUSTOMER_SQL: &str = page_sql!("customer_id = $3 AND created_position < $1", "$2");
+
 /// By status: one statement per status with the status as a literal, so the planner weighs
 /// each status by its own statistics: `order_summaries_status (status, created_position DESC)`
 /// for a rare status, the `created_position` index for a common one. A `$n` parameter would get
 /// one generic plan for all five after a few executions.
-macro_rules! page_by_status_sql {
-    ($status:literal) => {
-        concat!(
-            "SELECT cp.position AS cp_position, ",
-            summary_columns!(),
-            ", p.parked_version AS held_version FROM ",
-            checkpoint_of!("order_summaries"),
-            " LEFT JOIN LATERAL (SELECT * FROM order_summaries WHERE status = '",
-            $status,
-            "' AND created_position < $1 ORDER BY created_position DESC LIMIT $2) s ON true",
-            held_join!("s.order_id"),
-            " ORDER BY s.created_position DESC"
-        )
-    };
-}
-
 fn page_by_status_sql(status: OrderStatus) -> &'static str {
     match status {
-        OrderStatus::Draft => page_by_status_sql!("draft"),
-        OrderStatus::Placed => page_by_status_sql!("placed"),
-        OrderStatus::Paid => page_by_status_sql!("paid"),
-        OrderStatus::Shipped => page_by_status_sql!("shipped"),
-        OrderStatus::Cancelled => page_by_status_sql!("cancelled"),
+        OrderStatus::Draft => page_sql!("status = 'draft' AND created_position < $1", "$2"),
+        OrderStatus::Placed => page_sql!("status = 'placed' AND created_position < $1", "$2"),
+        OrderStatus::Paid => page_sql!("status = 'paid' AND created_position < $1", "$2"),
+        OrderStatus::Shipped => page_sql!("status = 'shipped' AND created_position < $1", "$2"),
+        OrderStatus::Cancelled => {
+            page_sql!("status = 'cancelled' AND created_position < $1", "$2")
+        }
     }
 }
+
 /// By customer and status: the customer's entries of `order_summaries_customer`, newest first
 /// (a customer's orders are few), filtered by status. `OFFSET 0` keeps the customer's walk a
 /// subquery planned on its own: with the status a condition of the same scan, the plan cached
 /// while the table was empty walked `order_summaries_status` and filtered by customer (test
 /// `plans`), which on a real table reads every order of a common status to find one customer's.
 /// The subquery's order is the outer query's, so the `LIMIT` still stops the walk early.
-const PAGE_BY_CUSTOMER_AND_STATUS_SQL: &str = concat!(
-    "SELECT cp.position AS cp_position, ",
-    summary_columns!(),
-    ", p.parked_version AS held_version FROM ",
-    checkpoint_of!("order_summaries"),
-    " LEFT JOIN LATERAL (SELECT * FROM (SELECT * FROM order_summaries \
-       WHERE customer_id = $3 AND created_position < $1 ORDER BY created_position DESC OFFSET 0) c \
-       WHERE status = $4 ORDER BY created_position DESC LIMIT $2) s ON true",
-    held_join!("s.order_id"),
-    " ORDER BY s.created_position DESC"
+const PAGE_BY_CUSTOMER_AND_STATUS_SQL: &str = page_sql!(
+    from "(SELECT * FROM order_summaries WHERE customer_id = $3 AND created_position < $1 \
+          ORDER BY created_position DESC OFFSET 0) c",
+    "status = $4",
+    "$2"
 );
 
 /// One customer, and the customer's orders parked in `customer_stats` (held back behind a dead
