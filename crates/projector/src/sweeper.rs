@@ -67,6 +67,8 @@ use crate::projections::ProjectionKind;
 pub const POSITION_CHANNEL: &str = "projection_position";
 /// Most events the mark moves over in one sweep transaction.
 pub const SWEEP_PAGE: i64 = 1_000;
+/// [`HEAL_BATCH`] as a count of events in memory.
+const HEAL_BATCH_EVENTS: usize = HEAL_BATCH as usize;
 /// Events the sweeper applies itself per transaction when healing.
 pub const HEAL_BATCH: i64 = 1_000;
 /// Least time between two log lines saying the sweeper applied events itself.
@@ -176,6 +178,9 @@ pub struct SweepOutcome {
     pub blocker: Option<i64>,
     /// Events the sweeper applied itself.
     pub healed: usize,
+    /// A backlog is being healed and a blocker remains: the next sweep should come at once,
+    /// not a tick later.
+    pub backlog: bool,
     /// The blocker is an event a newer release wrote, found so by an earlier sweep: it was
     /// not tried again (an instance of that release applies it, and the blocker moves on).
     pub held_for_newer_release: bool,
@@ -323,6 +328,7 @@ impl Sweeper {
             outcome.position = position;
             outcome.blocker = blocker;
         }
+        outcome.backlog = outcome.blocker.is_some() && self.healing.is_some_and(|h| h.backlog);
         Ok(outcome)
     }
 
@@ -570,8 +576,8 @@ impl Sweeper {
                 // events, and more like them may follow. A full batch they had mostly applied
                 // (one event stuck behind a slow or killed consumer) is no backlog, or the
                 // sweeper would race them for as long as they trail the head by a batch.
-                backlog: i64::try_from(events.len()).unwrap_or(i64::MAX) >= HEAL_BATCH
-                    && i64::try_from(outcome.applied).unwrap_or(i64::MAX) * 2 >= HEAL_BATCH,
+                backlog: events.len() >= HEAL_BATCH_EVENTS
+                    && outcome.applied.saturating_mul(2) >= HEAL_BATCH_EVENTS,
             });
             self.failures.clear();
             return Ok(outcome.applied);
@@ -766,7 +772,7 @@ impl Sweeper {
             match self.sweep_once().await {
                 Ok(outcome) => {
                     backoff.reset();
-                    backlog = outcome.blocker.is_some() && self.healing.is_some_and(|h| h.backlog);
+                    backlog = outcome.backlog;
                 }
                 Err(f) => {
                     let delay = backoff.next_delay();
