@@ -116,20 +116,11 @@ async fn run(
         metrics::gauge!(QUEUE_GAUGE).decrement(batch.len() as f64);
         let (requests, replies): (Vec<AppendRequest>, Vec<Reply>) = batch.drain(..).unzip();
         let started = Instant::now();
-        let known_unreachable = async {
-            if let Some(state) = unreachable.as_mut()
-                && state.wait_for(|unreachable| *unreachable).await.is_ok()
-            {
-                return;
-            }
-            // No one tells, or no one will again: wait for the connection as usual.
-            std::future::pending().await
-        };
         let result = append_batch_unless_unreachable(
             &pool,
             &requests,
             config.transaction_timeout,
-            known_unreachable,
+            known_unreachable(&mut unreachable),
         )
         .await;
         metrics::histogram!("event_store_commit_seconds").record(started.elapsed().as_secs_f64());
@@ -146,14 +137,31 @@ async fn run(
                 // order, so only that one fails (a request chained on it fails its check).
                 tracing::warn!(error = %err, requests = requests.len(),
                     "append transaction refused a request's data; appending the batch one by one");
+                // One deadline for them all, as for one batch: each append alone takes
+                // milliseconds, but a server going silent meanwhile would hold each one its
+                // full timeout in turn, and every append queued behind the batch for up to
+                // `max_batch_requests` timeouts. Those left when it passes are not tried.
+                let give_up = Instant::now() + config.transaction_timeout;
                 for (request, reply) in requests.iter().zip(replies) {
-                    let alone = append_batch_unless_unreachable(
-                        &pool,
-                        std::slice::from_ref(request),
-                        config.transaction_timeout,
-                        std::future::pending(),
-                    )
-                    .await;
+                    let left = give_up.saturating_duration_since(Instant::now());
+                    let alone = if left.is_zero() {
+                        Err(sqlx::Error::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!(
+                                "the append did not begin: its batch, appended one by one after \
+                                 another request's data was refused, ran past {:?}",
+                                config.transaction_timeout
+                            ),
+                        )))
+                    } else {
+                        append_batch_unless_unreachable(
+                            &pool,
+                            std::slice::from_ref(request),
+                            left,
+                            known_unreachable(&mut unreachable),
+                        )
+                        .await
+                    };
                     let outcome = match alone {
                         Ok(mut outcomes) => {
                             outcomes.pop().unwrap_or(Err(AppendError::CommitterStopped))
@@ -180,6 +188,17 @@ async fn run(
             }
         }
     }
+}
+
+/// Completes once `unreachable` says the database is unreachable; never when there is no one
+/// to tell (or no one will again): an append then waits for its connection as usual.
+async fn known_unreachable(unreachable: &mut Option<watch::Receiver<bool>>) {
+    if let Some(state) = unreachable.as_mut()
+        && state.wait_for(|unreachable| *unreachable).await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
 }
 
 /// Sends one request's outcome, counting it.

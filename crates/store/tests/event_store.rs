@@ -1,6 +1,7 @@
 //! The event store against a real PostgreSQL, one fresh database per test.
 
 use std::str::FromStr;
+use std::time::Duration;
 
 use events::{EventMetadata, NewEvent, OrderState, STATE_SCHEMA_VERSION};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -372,6 +373,71 @@ async fn a_request_whose_data_the_server_refuses_fails_alone_not_its_whole_group
             "{stream}"
         );
     }
+}
+
+/// The batch's appends one by one share one deadline, as the batch did: when the first of
+/// them hangs (a server gone silent, a lock never released) past it, the others are answered
+/// at once, untried, instead of each waiting its full timeout in turn while every append
+/// queued behind the batch waits too.
+#[tokio::test]
+async fn a_refused_batch_appended_one_by_one_gives_up_on_the_rest_once_its_deadline_passes() {
+    let db = TestDatabase::new().await;
+    // An append to a `order-slow…` stream counts its try in a sequence (which a rollback does
+    // not undo) and then hangs past the committer's deadline.
+    sqlx::raw_sql(
+        "CREATE SEQUENCE slow_tries; \
+         CREATE FUNCTION hang_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           PERFORM nextval('slow_tries'); PERFORM pg_sleep(5); RETURN NEW; END $$; \
+         CREATE TRIGGER hang_slow BEFORE INSERT ON events FOR EACH ROW \
+           WHEN (NEW.stream_id LIKE 'order-slow%') EXECUTE FUNCTION hang_slow();",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("create the hanging trigger");
+    let committer = GroupCommitter::spawn(
+        db.pool.clone(),
+        CommitterConfig {
+            transaction_timeout: Duration::from_secs(1),
+            ..CommitterConfig::default()
+        },
+    );
+    let mut holder = db.pool.begin().await.expect("begin");
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(store::append::APPEND_LOCK_KEY)
+        .execute(&mut *holder)
+        .await
+        .expect("take the append lock");
+    // The refused request first: its data fails the group commit before any row is inserted.
+    let mut refused = request("order-nul", ExpectedVersion::Exact(0), 1);
+    refused.events[0].data = serde_json::json!({ "reason": "x\u{0}y" });
+    let mut pending = vec![committer.submit(refused).await];
+    for i in 0..3 {
+        let slow = request(&format!("order-slow-{i}"), ExpectedVersion::Exact(0), 1);
+        pending.push(committer.submit(slow).await);
+    }
+    holder.rollback().await.expect("release the append lock");
+    let mut outcomes = Vec::new();
+    for answer in pending {
+        outcomes.push(answer.await.expect("answered"));
+    }
+
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Err(AppendError::Database(_)))),
+        "{outcomes:?}"
+    );
+    let tries: i64 =
+        sqlx::query_scalar("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM slow_tries")
+            .fetch_one(&db.pool)
+            .await
+            .expect("read the tries");
+    assert_eq!(
+        tries, 1,
+        "only the first slow append was tried: {outcomes:?}"
+    );
+    let untried = format!("{:?}", outcomes[3]);
+    assert!(untried.contains("did not begin"), "{untried}");
 }
 
 #[tokio::test]
