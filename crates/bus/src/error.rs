@@ -64,6 +64,17 @@ impl BusError {
         matches!(self, BusError::NoGroup { .. })
     }
 
+    /// Whether Redis refused a write for want of memory (`OOM`: `maxmemory` reached with
+    /// `noeviction`). Such a server still answers reads, acknowledgements and deletions.
+    pub fn is_out_of_memory(&self) -> bool {
+        match self {
+            BusError::Redis { source, .. } | BusError::Connection { source, .. } => {
+                source.code() == Some("OOM")
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn unexpected(op: &'static str, detail: impl Into<String>) -> Self {
         BusError::UnexpectedReply {
             op,

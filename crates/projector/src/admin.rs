@@ -3,6 +3,8 @@
 //! `verify` in [`crate::verify`].) Each returns data and a rendering; `main` only prints and
 //! picks the exit code, so tests call the same functions the binary runs.
 
+use std::collections::HashSet;
+
 use anyhow::{Context as _, anyhow, bail};
 use bus::{DeadLetter, DeadLetterQueue};
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
@@ -214,7 +216,7 @@ pub fn render_show(letter: &DeadLetter) -> String {
 /// What happened to one dead letter in `replay` or `purge`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolution {
-    /// The dead letter's id.
+    /// The dead letter's id, or the stream's (`order-<uuid>`) when a stream was resolved.
     pub id: String,
     /// Whether it was resolved (and deleted from the dead-letter stream).
     pub ok: bool,
@@ -475,19 +477,34 @@ pub enum Resolve {
     Purge,
 }
 
-/// How many letters [`resolve_all`] resolved and how many it left in place.
+/// How many letters (and, for a replay, parked streams) [`resolve_all`] resolved and how many
+/// it left in place.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Resolved {
-    /// Resolved and deleted.
+    /// Resolved (the letters deleted).
     pub ok: usize,
     /// Left in place (their resolutions say why).
     pub failed: usize,
+}
+
+impl Resolved {
+    /// Counts `resolutions` in.
+    pub fn add(&mut self, resolutions: &[Resolution]) {
+        let ok = resolutions.iter().filter(|r| r.ok).count();
+        self.ok += ok;
+        self.failed += resolutions.len() - ok;
+    }
 }
 
 /// `dlq replay` (all) or `dlq purge --all`: every dead letter of `projection`'s group that
 /// exists when it starts, oldest first, `page` at a time, handing each page's resolutions to
 /// `report` as it goes. Letters written meanwhile are left for the next run, so it ends even
 /// while consumers keep dead-lettering.
+///
+/// A replay then goes on to the streams still parked whose letters it did not try
+/// ([`crate::parked::replay_parked`]): those parked with no letter (while Redis refused it,
+/// past a rebuild's bound, letters deleted by hand) would otherwise stay held back until an
+/// operator found each one in `dlq parked`. A purge never skips an event no letter names.
 pub async fn resolve_all(
     pool: &PgPool,
     dlq: &DeadLetterQueue,
@@ -497,21 +514,40 @@ pub async fn resolve_all(
     mut report: impl FnMut(&[Resolution]),
 ) -> anyhow::Result<Resolved> {
     let mut done = Resolved::default();
+    // Streams whose letter failed to replay: parked again (or still), and tried once already.
+    let mut failed_streams: HashSet<String> = HashSet::new();
     let mut pages = LetterPages::new(dlq, projection.name()).await?;
     while let Some(letters) = pages.next(page).await? {
         let resolutions = match action {
             Resolve::Replay => replay(pool, dlq, projection, &letters).await?,
             Resolve::Purge => purge(pool, dlq, projection, &letters).await?,
         };
-        let ok = resolutions.iter().filter(|r| r.ok).count();
-        done.ok += ok;
-        done.failed += resolutions.len() - ok;
+        for (letter, resolution) in letters.iter().zip(&resolutions) {
+            if !resolution.ok
+                && let Some(stream) = letter.original.get("stream_id")
+            {
+                failed_streams.insert(stream.clone());
+            }
+        }
+        done.add(&resolutions);
         report(&resolutions);
+    }
+    if action == Resolve::Replay {
+        let streams = crate::parked::replay_parked(
+            pool,
+            projection,
+            &failed_streams,
+            i64::try_from(page).unwrap_or(i64::MAX),
+            &mut report,
+        )
+        .await?;
+        done.ok += streams.ok;
+        done.failed += streams.failed;
     }
     Ok(done)
 }
 
-/// One line per resolution.
+/// One line per resolution (a letter's id, or a parked stream's).
 pub fn render_resolutions(verb: &str, resolutions: &[Resolution]) -> String {
     let mut out = String::new();
     for r in resolutions {

@@ -205,7 +205,11 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                         )
                         .await?;
                         if done.ok + done.failed == 0 {
-                            println!("no dead letters");
+                            if resolve == admin::Resolve::Replay {
+                                println!("no dead letters, no parked streams");
+                            } else {
+                                println!("no dead letters");
+                            }
                         }
                         return Ok(if done.failed == 0 {
                             ExitCode::SUCCESS

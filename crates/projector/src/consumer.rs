@@ -28,7 +28,8 @@
 //!   or this consumer's own pending entry after a restart under the same name) is tried once,
 //!   on its own, and dead-lettered only if that try fails, or if earlier such tries never
 //!   ended (it stops whoever tries it), and in either case only if its event is not applied
-//!   already;
+//!   already (while Redis is full and refuses to record a try, the try goes ahead unrecorded
+//!   rather than stop the consumer);
 //! - newer release (an event of a type or schema version this build does not know): the entry
 //!   is held like a poison entry, its stream's later entries behind it, but counts no attempt
 //!   and is never dead-lettered. An instance of the newer release gets it from the store (its
@@ -38,8 +39,10 @@
 //!   instance has applied (or parked); only they are processed again, as duplicates;
 //! - `NOGROUP` (Redis lost its data): the group is recreated and the sweeper fills the gap.
 //!
-//! Memory is bounded: the retry queues hold at most `max_queued` entries; while they are full
-//! no new entries are read.
+//! Memory is bounded: while the retry queues hold `max_queued` entries or more, the consumer
+//! takes no work at all (no new entries, none of its own pending ones, no claims) until a
+//! retry frees room, so they never hold more than `max_queued + batch_size - 1`. What it does
+//! not take stays pending in Redis, for it later or for another instance to claim.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -71,6 +74,9 @@ pub const UNFINISHED_TRIES_LIMIT: u32 = 2;
 /// Least time between two log lines about entries of another history: after a restore there
 /// may be thousands, and the counter counts every one.
 const FOREIGN_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Least time between two log lines about tries Redis, full, refused to count: every entry
+/// delivered many times meets it while Redis stays full.
+const UNCOUNTED_TRY_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Tuning of one consumer (from the service configuration).
 #[derive(Debug, Clone)]
@@ -92,7 +98,8 @@ pub struct ConsumerSettings {
     pub reclaim_interval: Duration,
     /// Longest block of one `XREADGROUP`.
     pub block: Duration,
-    /// Bound on entries held in the retry queues.
+    /// Entries in the retry queues at which the consumer stops taking work until a retry
+    /// frees room (they may hold up to one batch more: the last batch taken).
     pub max_queued: usize,
 }
 
@@ -168,6 +175,9 @@ pub struct ProjectionConsumer {
     foreign_logged_at: Option<Instant>,
     /// When entries held for a newer release were last logged ([`NEWER_RELEASE_LOG_INTERVAL`]).
     newer_release_logged_at: Option<Instant>,
+    /// When a try that Redis, full, refused to count was last logged
+    /// ([`UNCOUNTED_TRY_LOG_INTERVAL`]).
+    uncounted_try_logged_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for ProjectionConsumer {
@@ -230,6 +240,7 @@ impl ProjectionConsumer {
             next_reclaim: Instant::now(),
             foreign_logged_at: None,
             newer_release_logged_at: None,
+            uncounted_try_logged_at: None,
         }
     }
 
@@ -262,7 +273,9 @@ impl ProjectionConsumer {
     /// One step: due retries, then new work. Never panics; failures come back as an
     /// [`Outcome`].
     pub async fn process_batch(&mut self) -> Outcome {
-        match self.step().await {
+        let step = self.step().await;
+        metrics::record_retry_queued(self.projection, self.queued_ids.len());
+        match step {
             Ok(0) => Outcome::Idle,
             Ok(n) => Outcome::Worked(n),
             Err(failure) => Outcome::Transient(failure),
@@ -360,6 +373,17 @@ impl ProjectionConsumer {
     }
 
     async fn fetch(&mut self) -> Result<Vec<Work>, Failure> {
+        if self.queued_ids.len() >= self.settings.max_queued {
+            let until_due = self.until_next_retry();
+            // Full: take nothing until a retry frees room. Own pending and claimed entries
+            // count too: after a restart, or when another instance stopped, they can be as
+            // many as the stream's whole backlog, all failing alike.
+            let pause = until_due
+                .unwrap_or(self.settings.block)
+                .min(self.settings.block);
+            tokio::time::sleep(pause).await;
+            return Ok(Vec::new());
+        }
         // Own pending entries first, before any claim: reading them (`XREADGROUP … 0`) counts
         // a delivery of each, which entries claimed and held meanwhile must not get.
         // Each counts its deliveries as a claimed entry does: an entry that stopped this
@@ -421,17 +445,9 @@ impl ProjectionConsumer {
                 return Ok(work);
             }
         }
-        let next_due = self.retry.values().map(|q| q.due).min();
-        let until_due = next_due.map(|d| d.saturating_duration_since(Instant::now()));
-        if self.queued_ids.len() >= self.settings.max_queued {
-            // Full: read nothing new until a retry frees room.
-            let pause = until_due
-                .unwrap_or(self.settings.block)
-                .min(self.settings.block);
-            tokio::time::sleep(pause).await;
-            return Ok(Vec::new());
-        }
-        let block = until_due.map_or(self.settings.block, |d| d.min(self.settings.block));
+        let block = self
+            .until_next_retry()
+            .map_or(self.settings.block, |d| d.min(self.settings.block));
         let fresh = self
             .consumer
             .read_new(self.settings.batch_size, block)
@@ -458,6 +474,12 @@ impl ProjectionConsumer {
                 prior_attempts: 0,
             })
             .collect())
+    }
+
+    /// How long until the first retry queue is due; `None` when there is none.
+    fn until_next_retry(&self) -> Option<Duration> {
+        let next_due = self.retry.values().map(|q| q.due).min()?;
+        Some(next_due.saturating_duration_since(Instant::now()))
     }
 
     /// Applies `work` (in stream order), acknowledging what was committed and queueing or
@@ -492,7 +514,17 @@ impl ProjectionConsumer {
         }
         // A try that a transient failure interrupted is still the same try.
         if !self.trying.contains(id) {
-            let begun = self.consumer.begin_try(id).await;
+            let begun = match self.consumer.begin_try(id).await {
+                // Redis is full (it refuses the count, not the read or the acknowledgement):
+                // the try goes ahead uncounted rather than stop this consumer until Redis has
+                // room. An entry that stops every consumer is then found once Redis has room
+                // again, a try or two later.
+                Err(e) if e.is_out_of_memory() => {
+                    self.log_uncounted_try(&e);
+                    Ok(1)
+                }
+                begun => begun,
+            };
             let Some(unfinished) = self.handle_bus(begun).await? else {
                 return Ok(());
             };
@@ -522,6 +554,21 @@ impl ProjectionConsumer {
         self.handle_bus(ended).await?;
         self.trying.remove(id);
         Ok(())
+    }
+
+    /// Says, at most once per [`UNCOUNTED_TRY_LOG_INTERVAL`], that tries go ahead uncounted
+    /// because Redis is full.
+    fn log_uncounted_try(&mut self, error: &BusError) {
+        let now = Instant::now();
+        if self
+            .uncounted_try_logged_at
+            .is_some_and(|at| now.duration_since(at) < UNCOUNTED_TRY_LOG_INTERVAL)
+        {
+            return;
+        }
+        self.uncounted_try_logged_at = Some(now);
+        tracing::warn!(projection = %self.projection, error = %error,
+            "Redis is full: trying entries delivered many times without counting the try");
     }
 
     /// [`Self::process`] for entries to apply together.

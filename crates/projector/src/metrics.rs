@@ -26,6 +26,10 @@ pub const NEWER_RELEASE_HOLDS: &str = "projector_newer_release_holds_total";
 /// stays at 0 while the consumers keep up; its rate is how much of the work the sweeper is
 /// doing instead of them.
 pub const HEALED_EVENTS: &str = "projector_sweeper_healed_events_total";
+/// Entries this instance's consumer holds in its retry queues: failing entries and the later
+/// entries of their orders behind them (gauge). At `max_queued` the consumer takes no more
+/// work until a retry frees room.
+pub const RETRY_QUEUED: &str = "projector_retry_queued_entries";
 /// Head position minus the projection's low-water mark (gauge).
 pub const LAG_EVENTS: &str = "projector_lag_events";
 /// Age of the oldest event not yet covered by the low-water mark, in seconds (gauge).
@@ -116,6 +120,11 @@ pub fn foreign_entries(projection: ProjectionKind, count: usize) {
 pub fn newer_release_holds(projection: ProjectionKind, streams: usize) {
     metrics::counter!(NEWER_RELEASE_HOLDS, "projection" => projection.name())
         .increment(streams as u64);
+}
+
+/// Sets how many entries the consumer holds in its retry queues.
+pub fn record_retry_queued(projection: ProjectionKind, entries: usize) {
+    metrics::gauge!(RETRY_QUEUED, "projection" => projection.name()).set(entries as f64);
 }
 
 /// Sets the lag gauges and the parked streams from one successful read, and when it was.

@@ -1,7 +1,7 @@
 //! Parked streams seen from PostgreSQL, where the park is recorded: `dlq parked` lists them,
-//! a page at a time, with the event holding each one back and how many dead letters name it,
-//! and
-//! `dlq replay|purge --stream` resolves one whether or not a dead letter names its event.
+//! a page at a time, with the event holding each one back and how many dead letters name it;
+//! `dlq replay|purge --stream` resolves one whether or not a dead letter names its event; and
+//! `dlq replay` (all) replays every one still parked once the letters are done.
 //!
 //! A stream can be parked with no letter: a rebuild that stopped between its commit and
 //! writing its letters, or that failed on more events than it dead-letters, a sweeper that gave
@@ -13,14 +13,16 @@
 //! Must never skip an event other than the one the stream is parked at, nor delete a letter
 //! whose event is not applied (or skipped) once it has run.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use anyhow::Context as _;
 use bus::{DeadLetter, DeadLetterQueue};
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use sqlx::PgPool;
 
-use crate::admin::{DLQ_PAGE, LetterPages, Resolution, Resolve, named_event, resolved_version};
+use crate::admin::{
+    DLQ_PAGE, LetterPages, Resolution, Resolve, Resolved, named_event, resolved_version,
+};
 use crate::apply::{Skip, resume_stream, skip_parked};
 use crate::projections::ProjectionKind;
 
@@ -366,6 +368,72 @@ pub async fn resolve_stream(
         ok: true,
         message: format!("{message}; {letters}"),
     })
+}
+
+/// `dlq replay` (all), after the letters: un-parks every stream of `projection` still parked,
+/// except those in `tried` (their letters' replays failed in this run), and applies its
+/// events from the parked one to the head ([`resume_stream`]), `page` streams at a time in
+/// stream order, handing each page's resolutions (by stream) to `report`. The walk's cursor
+/// only moves forward, so each stream is tried at most once and the walk ends even while
+/// consumers keep parking. No letter is looked for: these streams' letters, if any, were written after the
+/// letters' walk began, and the next replay finds them applied and deletes them.
+pub async fn replay_parked(
+    pool: &PgPool,
+    projection: ProjectionKind,
+    tried: &HashSet<String>,
+    page: i64,
+    mut report: impl FnMut(&[Resolution]),
+) -> anyhow::Result<Resolved> {
+    let mut done = Resolved::default();
+    let mut after = String::new();
+    loop {
+        let streams: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT stream_id, parked_version FROM projection_streams \
+             WHERE projection = $1 AND parked_version IS NOT NULL AND stream_id > $2 \
+             ORDER BY stream_id LIMIT $3",
+        )
+        .bind(projection.name())
+        .bind(&after)
+        .bind(page.max(1))
+        .fetch_all(pool)
+        .await
+        .context("read the parked streams")?;
+        let Some((last, _)) = streams.last() else {
+            return Ok(done);
+        };
+        after = last.clone();
+        let mut resolutions = Vec::with_capacity(streams.len());
+        for (stream_id, parked_version) in streams {
+            if tried.contains(&stream_id) {
+                continue;
+            }
+            let mut conn = pool.acquire().await.context("connect to Postgres")?;
+            resolutions.push(
+                match resume_stream(&mut conn, projection, &stream_id).await {
+                    Ok(resumed) => Resolution {
+                        message: format!(
+                            "replayed (parked at version {parked_version}, no dead letter named \
+                         it): applied {} event(s), now at version {}",
+                            resumed.applied, resumed.version
+                        ),
+                        id: stream_id,
+                        ok: true,
+                    },
+                    Err(failure) => Resolution {
+                        message: format!(
+                            "replay failed, it stays parked at version {parked_version}: {failure}"
+                        ),
+                        id: stream_id,
+                        ok: false,
+                    },
+                },
+            );
+        }
+        done.add(&resolutions);
+        if !resolutions.is_empty() {
+            report(&resolutions);
+        }
+    }
 }
 
 /// Deletes the dead letters of `stream_id` whose events the store holds at their positions at

@@ -272,6 +272,67 @@ async fn an_order_parked_with_no_letter_is_listed_from_postgres_and_replayed_by_
     assert_eq!(bookkeeping(&w, &stream).await, (6, None));
 }
 
+/// After a systematic fault is fixed, one `dlq replay` lifts every park: the letters' orders,
+/// then the orders parked with no letter (while Redis refused it, past a rebuild's bound),
+/// which a walk over the letters alone never finds. An order whose letter failed to replay is
+/// not tried a second time in the same run.
+#[tokio::test]
+async fn a_replay_of_every_letter_also_replays_the_orders_parked_with_no_letter_once_each() {
+    let w = World::new().await;
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    let lettered = parked_order(&w, 1).await;
+    letter(&dlq, &lettered[1]).await;
+    let unlettered = [parked_order(&w, 2).await, parked_order(&w, 4).await];
+    let still_failing = parked_order(&w, 3).await;
+    letter(&dlq, &still_failing[3]).await;
+    let failing_stream = still_failing[0].stream_id.clone();
+    support::refuse_placing(
+        w.pool(),
+        events::order_id_of_stream(&failing_stream).unwrap(),
+    )
+    .await;
+
+    let (ok, stdout) = run_dlq(&w, &["replay", "order_summaries"]).await;
+
+    assert!(!ok, "one replay failed: exit 1\n{stdout}");
+    for order in [&lettered, &unlettered[0], &unlettered[1]] {
+        let stream = &order[0].stream_id;
+        assert_eq!(bookkeeping(&w, stream).await, (6, None), "{stdout}");
+        assert_eq!(support::summary_status(&w, stream).await, "shipped");
+    }
+    for order in &unlettered {
+        let line = format!("replay {}: ok: replayed", order[0].stream_id);
+        assert!(stdout.contains(&line), "{stdout}");
+    }
+    assert_eq!(bookkeeping(&w, &failing_stream).await, (3, Some(4)));
+    assert_eq!(
+        stdout.matches("FAILED").count(),
+        1,
+        "the failing order is tried once, by its letter\n{stdout}"
+    );
+    assert!(
+        !stdout.contains(&format!("replay {failing_stream}:")),
+        "{stdout}"
+    );
+    assert_eq!(
+        dlq.len(PROJECTION.name()).await.unwrap(),
+        1,
+        "its letter stays"
+    );
+
+    // Fixed: the next run replays its letter, and finds nothing else parked.
+    support::stop_refusing(w.pool()).await;
+    let (ok, stdout) = run_dlq(&w, &["replay", "order_summaries"]).await;
+    assert!(ok, "{stdout}");
+    assert_eq!(bookkeeping(&w, &failing_stream).await, (6, None));
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    let (ok, stdout) = run_dlq(&w, &["replay", "order_summaries"]).await;
+    assert!(
+        ok && stdout.contains("no dead letters, no parked streams"),
+        "{stdout}"
+    );
+}
+
 #[tokio::test]
 async fn purge_by_stream_skips_exactly_the_parked_event_and_deletes_the_letters_it_resolved() {
     let w = World::new().await;

@@ -7,6 +7,8 @@ mod dlq;
 mod gauges;
 mod hand_written;
 mod outages;
+mod redis_full;
+mod retry_bound;
 mod status;
 mod support;
 
