@@ -461,6 +461,19 @@ impl Consumer {
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
 
+    /// How many tries of entry `id` have begun without ending (see [`Self::begin_try`]), read
+    /// without recording one: what a full Redis, which refuses the `HINCRBY`, still answers.
+    pub async fn unfinished_tries(&self, id: &str) -> Result<u32, BusError> {
+        let mut conn = self.conn.clone();
+        let n: Option<i64> = redis::cmd("HGET")
+            .arg(self.keys.trying(&self.group))
+            .arg(id)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.classify("read the unfinished tries", e))?;
+        Ok(u32::try_from(n.unwrap_or(0)).unwrap_or(u32::MAX))
+    }
+
     /// Forgets the unfinished tries of entry `id` (see [`Self::begin_try`]).
     pub async fn end_try(&self, id: &str) -> Result<(), BusError> {
         let mut conn = self.conn.clone();

@@ -306,6 +306,17 @@ pub async fn replay(
     projection: ProjectionKind,
     letters: &[DeadLetter],
 ) -> anyhow::Result<Vec<Resolution>> {
+    replay_noting_failures(pool, dlq, projection, letters, &mut HashSet::new()).await
+}
+
+/// [`replay`], adding to `failed` each stream whose replay was tried and failed.
+async fn replay_noting_failures(
+    pool: &PgPool,
+    dlq: &DeadLetterQueue,
+    projection: ProjectionKind,
+    letters: &[DeadLetter],
+    failed: &mut HashSet<String>,
+) -> anyhow::Result<Vec<Resolution>> {
     let mut out = Vec::with_capacity(letters.len());
     for letter in letters {
         let id = letter.id.clone();
@@ -343,11 +354,14 @@ pub async fn replay(
                     ),
                 });
             }
-            Err(failure) => out.push(Resolution {
-                id,
-                ok: false,
-                message: format!("replay of {stream} failed, left in place: {failure}"),
-            }),
+            Err(failure) => {
+                out.push(Resolution {
+                    id,
+                    ok: false,
+                    message: format!("replay of {stream} failed, left in place: {failure}"),
+                });
+                failed.insert(stream);
+            }
         }
     }
     Ok(out)
@@ -501,7 +515,7 @@ impl Resolved {
 /// `report` as it goes. Letters written meanwhile are left for the next run, so it ends even
 /// while consumers keep dead-lettering.
 ///
-/// A replay then goes on to the streams still parked whose letters it did not try
+/// A replay then goes on to every stream still parked but those a letter's replay failed on
 /// ([`crate::parked::replay_parked`]): those parked with no letter (while Redis refused it,
 /// past a rebuild's bound, letters deleted by hand) would otherwise stay held back until an
 /// operator found each one in `dlq parked`. A purge never skips an event no letter names.
@@ -514,21 +528,16 @@ pub async fn resolve_all(
     mut report: impl FnMut(&[Resolution]),
 ) -> anyhow::Result<Resolved> {
     let mut done = Resolved::default();
-    // Streams whose letter failed to replay: parked again (or still), and tried once already.
+    // Streams a letter's replay tried and failed on: still parked, and tried once already.
     let mut failed_streams: HashSet<String> = HashSet::new();
     let mut pages = LetterPages::new(dlq, projection.name()).await?;
     while let Some(letters) = pages.next(page).await? {
         let resolutions = match action {
-            Resolve::Replay => replay(pool, dlq, projection, &letters).await?,
+            Resolve::Replay => {
+                replay_noting_failures(pool, dlq, projection, &letters, &mut failed_streams).await?
+            }
             Resolve::Purge => purge(pool, dlq, projection, &letters).await?,
         };
-        for (letter, resolution) in letters.iter().zip(&resolutions) {
-            if !resolution.ok
-                && let Some(stream) = letter.original.get("stream_id")
-            {
-                failed_streams.insert(stream.clone());
-            }
-        }
         done.add(&resolutions);
         report(&resolutions);
     }

@@ -114,8 +114,9 @@ pub enum Command {
         /// shows it)
         #[arg(long, value_parser = entry_id)]
         id: Option<String>,
-        /// Every dead letter of the group (replay's default; purge requires --id, --all or
-        /// --stream)
+        /// Every dead letter of the group (replay's default, which then also replays every
+        /// order still parked that no letter of the run failed on; purge requires --id, --all
+        /// or --stream)
         #[arg(long, conflicts_with = "id")]
         all: bool,
         /// replay or purge: the parked stream (order-<uuid>) to resolve from PostgreSQL,

@@ -373,7 +373,7 @@ impl ProjectionConsumer {
     }
 
     async fn fetch(&mut self) -> Result<Vec<Work>, Failure> {
-        if self.queued_ids.len() >= self.settings.max_queued {
+        if self.queued_ids.len() >= self.settings.max_queued.max(1) {
             let until_due = self.until_next_retry();
             // Full: take nothing until a retry frees room. Own pending and claimed entries
             // count too: after a restart, or when another instance stopped, they can be as
@@ -515,13 +515,15 @@ impl ProjectionConsumer {
         // A try that a transient failure interrupted is still the same try.
         if !self.trying.contains(id) {
             let begun = match self.consumer.begin_try(id).await {
-                // Redis is full (it refuses the count, not the read or the acknowledgement):
-                // the try goes ahead uncounted rather than stop this consumer until Redis has
-                // room. An entry that stops every consumer is then found once Redis has room
-                // again, a try or two later.
+                // Redis is full: it refuses to record the try, not to read the tries recorded.
+                // The try goes ahead unrecorded rather than stop this consumer until Redis has
+                // room; one with too many unfinished tries already is given up on as usual.
                 Err(e) if e.is_out_of_memory() => {
                     self.log_uncounted_try(&e);
-                    Ok(1)
+                    self.consumer
+                        .unfinished_tries(id)
+                        .await
+                        .map(|n| n.saturating_add(1))
                 }
                 begun => begun,
             };
@@ -844,6 +846,9 @@ impl ProjectionConsumer {
                 return Ok(());
             }
         }
+        // A full Redis still takes the letter: the script acknowledges the entry before it
+        // writes it, and Redis lets a script that has written go on writing (projector test
+        // `an_entry_given_up_on_while_redis_is_full_is_still_dead_lettered`).
         let dead = self.consumer.dead_letter(entry, error, attempts).await;
         let written = self.handle_bus(dead).await?.flatten();
         self.finalized.insert(entry.id.clone());

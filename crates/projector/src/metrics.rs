@@ -26,8 +26,8 @@ pub const NEWER_RELEASE_HOLDS: &str = "projector_newer_release_holds_total";
 /// stays at 0 while the consumers keep up; its rate is how much of the work the sweeper is
 /// doing instead of them.
 pub const HEALED_EVENTS: &str = "projector_sweeper_healed_events_total";
-/// Entries this instance's consumer holds in its retry queues: failing entries and the later
-/// entries of their orders behind them (gauge). At `max_queued` the consumer takes no more
+/// Entries this instance's consumer holds in its retry queues: failing entries, entries held
+/// for a newer release, and the later entries of their orders behind them (gauge). At `max_queued` the consumer takes no more
 /// work until a retry frees room.
 pub const RETRY_QUEUED: &str = "projector_retry_queued_entries";
 /// Head position minus the projection's low-water mark (gauge).

@@ -371,12 +371,16 @@ pub async fn resolve_stream(
 }
 
 /// `dlq replay` (all), after the letters: un-parks every stream of `projection` still parked,
-/// except those in `tried` (their letters' replays failed in this run), and applies its
+/// except those in `tried` (a letter's replay failed on them in this run), and applies its
 /// events from the parked one to the head ([`resume_stream`]), `page` streams at a time in
 /// stream order, handing each page's resolutions (by stream) to `report`. The walk's cursor
 /// only moves forward, so each stream is tried at most once and the walk ends even while
-/// consumers keep parking. No letter is looked for: these streams' letters, if any, were written after the
-/// letters' walk began, and the next replay finds them applied and deletes them.
+/// consumers keep parking.
+///
+/// Unlike `--stream`, it looks for no letter to delete: a letter of such a stream was written
+/// after the letters' walk began (the walk replayed or tried every earlier one), and the next
+/// `dlq replay` finds its event applied and deletes it. Looking would cost a walk over every
+/// letter per stream.
 pub async fn replay_parked(
     pool: &PgPool,
     projection: ProjectionKind,
@@ -404,36 +408,46 @@ pub async fn replay_parked(
         after = last.clone();
         let mut resolutions = Vec::with_capacity(streams.len());
         for (stream_id, parked_version) in streams {
-            if tried.contains(&stream_id) {
-                continue;
+            if !tried.contains(&stream_id) {
+                resolutions
+                    .push(replay_one_parked(pool, projection, stream_id, parked_version).await?);
             }
-            let mut conn = pool.acquire().await.context("connect to Postgres")?;
-            resolutions.push(
-                match resume_stream(&mut conn, projection, &stream_id).await {
-                    Ok(resumed) => Resolution {
-                        message: format!(
-                            "replayed (parked at version {parked_version}, no dead letter named \
-                         it): applied {} event(s), now at version {}",
-                            resumed.applied, resumed.version
-                        ),
-                        id: stream_id,
-                        ok: true,
-                    },
-                    Err(failure) => Resolution {
-                        message: format!(
-                            "replay failed, it stays parked at version {parked_version}: {failure}"
-                        ),
-                        id: stream_id,
-                        ok: false,
-                    },
-                },
-            );
         }
         done.add(&resolutions);
         if !resolutions.is_empty() {
             report(&resolutions);
         }
     }
+}
+
+/// [`replay_parked`] of one stream, parked at `parked_version` when the walk read it.
+async fn replay_one_parked(
+    pool: &PgPool,
+    projection: ProjectionKind,
+    stream_id: String,
+    parked_version: i64,
+) -> anyhow::Result<Resolution> {
+    let mut conn = pool.acquire().await.context("connect to Postgres")?;
+    Ok(
+        match resume_stream(&mut conn, projection, &stream_id).await {
+            Ok(resumed) => Resolution {
+                message: format!(
+                    "replayed (parked at version {parked_version}, no letter of it replayed in this \
+                 run): applied {} event(s), now at version {}",
+                    resumed.applied, resumed.version
+                ),
+                id: stream_id,
+                ok: true,
+            },
+            Err(failure) => Resolution {
+                message: format!(
+                    "replay failed, it stays parked at version {parked_version}: {failure}"
+                ),
+                id: stream_id,
+                ok: false,
+            },
+        },
+    )
 }
 
 /// Deletes the dead letters of `stream_id` whose events the store holds at their positions at

@@ -137,13 +137,14 @@ async fn run(
                 // order, so only that one fails (a request chained on it fails its check).
                 tracing::warn!(error = %err, requests = requests.len(),
                     "append transaction refused a request's data; appending the batch one by one");
-                // One deadline for them all, as for one batch: each append alone takes
+                // One more deadline for them all, as for one batch: each append alone takes
                 // milliseconds, but a server going silent meanwhile would hold each one its
                 // full timeout in turn, and every append queued behind the batch for up to
                 // `max_batch_requests` timeouts. Those left when it passes are not tried.
-                let give_up = Instant::now() + config.transaction_timeout;
+                // (Tokio's clock, as the appends' own deadlines use.)
+                let give_up = tokio::time::Instant::now() + config.transaction_timeout;
                 for (request, reply) in requests.iter().zip(replies) {
-                    let left = give_up.saturating_duration_since(Instant::now());
+                    let left = give_up.saturating_duration_since(tokio::time::Instant::now());
                     let alone = if left.is_zero() {
                         Err(sqlx::Error::Io(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
