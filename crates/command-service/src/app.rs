@@ -67,6 +67,7 @@ impl Application {
         // `relay_is_leader` 0 and the relay's never-expected counters at 0, also where the relay
         // is disabled: the alerts sum and increase them over every instance.
         relay::telemetry::exported_from_start();
+        crate::commands::export_counters_at_zero();
         let migrations = db::Migrations::of(&store::MIGRATOR, config.common.skip_migrations);
         let pool = db::connect_when_reachable(
             &config.common.database_url,
@@ -187,6 +188,9 @@ impl Application {
             workers.child_token(),
         ));
 
+        if !config.relay.relay_enabled {
+            tracing::info!("outbox relay disabled (RELAY_ENABLED=false) in this instance");
+        }
         tracing::info!(addr = %config.listen_addr, port, relay = config.relay.relay_enabled, "listening");
         let grace = config.common.shutdown_grace();
         let (drain_began, drain_began_at) = tokio::sync::oneshot::channel();

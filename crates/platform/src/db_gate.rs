@@ -40,6 +40,9 @@ use tokio::sync::watch;
 
 use crate::problem::{Problem, ProblemCode};
 
+/// Requests refused at once because the database is known to be unreachable (counter).
+pub const REFUSALS_TOTAL: &str = "database_unreachable_refusals_total";
+
 /// The problem code of a store that cannot be used now, shared by every service.
 pub const STORE_UNAVAILABLE: &str = "store_unavailable";
 /// Pause between two probes while the server is unreachable: how late, at most, requests are
@@ -89,6 +92,9 @@ impl DbGate {
     /// A gate for the server `pool` connects to; open until a probe finds the server unreachable.
     pub fn new(pool: &PgPool) -> Self {
         metrics::gauge!("database_unreachable").set(0.0);
+        // At 0 from the start, so a dashboard or a grep finds it before the first refusal, and
+        // `increase()` sees that first one.
+        metrics::counter!(REFUSALS_TOTAL).increment(0);
         Self {
             inner: Arc::new(Inner {
                 options: pool.connect_options(),
@@ -271,7 +277,7 @@ pub async fn refuse_or_cut_while_unreachable(
 
 /// The answer to a request refused (or cut short) because the server cannot be reached.
 fn refused() -> Response {
-    metrics::counter!("database_unreachable_refusals_total").increment(1);
+    metrics::counter!(REFUSALS_TOTAL).increment(1);
     Problem::unavailable(STORE_UNAVAILABLE, REFUSED_RETRY_AFTER_SECS)
         .with_detail("the store cannot be reached; retry later")
         .into_response()

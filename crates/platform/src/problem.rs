@@ -196,6 +196,28 @@ impl fmt::Display for Problem {
 
 impl std::error::Error for Problem {}
 
+/// A problem body stored as JSON and read back, written again as [`Problem`] wrote it: the
+/// RFC's members in its field order, then the extensions in the map's order. Stored as
+/// `jsonb`, a body comes back with its keys reordered, so a refusal answered again would
+/// differ, byte for byte, from the first answer. Anything but an object is written as it is.
+pub fn stored_body_text(body: &Value) -> String {
+    let Some(members) = body.as_object() else {
+        return body.to_string();
+    };
+    const FIELD_ORDER: [&str; 6] = ["type", "title", "status", "detail", "code", "instance"];
+    let rfc = FIELD_ORDER
+        .iter()
+        .filter_map(|name| members.get_key_value(*name));
+    let extensions = members
+        .iter()
+        .filter(|(name, _)| !FIELD_ORDER.contains(&name.as_str()));
+    let written: Vec<String> = rfc
+        .chain(extensions)
+        .map(|(name, value)| format!("{}:{value}", Value::String(name.clone())))
+        .collect();
+    format!("{{{}}}", written.join(","))
+}
+
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -279,6 +301,23 @@ impl utoipa::ToSchema for Problem {}
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// What `jsonb` gives back (keys reordered) is written again as the problem first was.
+    #[test]
+    fn a_stored_problem_body_is_written_again_byte_for_byte() {
+        let problem = Problem::new(StatusCode::PRECONDITION_FAILED, "version_mismatch")
+            .with_detail("expected version 2, the order is at 3")
+            .with_instance("/orders/x")
+            .with_extension("expected_version", 2)
+            .with_extension("actual_version", 3)
+            .with_extension("zone", serde_json::json!({ "b": 1, "a": [true, null] }));
+        let first = serde_json::to_string(&problem).unwrap();
+        let stored: Value = serde_json::from_str(&first).unwrap();
+        assert_ne!(stored.to_string(), first, "the test needs reordered keys");
+
+        assert_eq!(stored_body_text(&stored), first);
+        assert_eq!(stored_body_text(&Value::Null), "null");
+    }
 
     #[test]
     fn the_body_has_the_standard_members_and_extensions() {

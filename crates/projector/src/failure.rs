@@ -51,7 +51,7 @@ fn contention_sqlstate(code: &str) -> bool {
 /// Classifies a database error: the database unavailable (`platform::db::is_unavailable`) or
 /// contention is transient, anything else poison.
 pub fn classify_sql(err: &sqlx::Error) -> Failure {
-    let message = one_line(err);
+    let message = describe_sql(err);
     let contention = err
         .as_database_error()
         .and_then(|db| db.code())
@@ -61,6 +61,42 @@ pub fn classify_sql(err: &sqlx::Error) -> Failure {
     } else {
         Failure::Poison(message)
     }
+}
+
+/// A database error as the letter, the park and the log carry it: the server's message, its
+/// SQLSTATE, and the constraint, table and detail it names, on one line. Not sqlx's rendering,
+/// which ends with the line of PostgreSQL's own source that raised it ("at line 3907"), of no
+/// use to an operator, and leaves out the rest.
+pub fn describe_sql(err: &sqlx::Error) -> String {
+    let Some(db) = err.as_database_error() else {
+        return one_line(err);
+    };
+    let mut about = Vec::new();
+    if let Some(code) = db.code() {
+        about.push(format!("SQLSTATE {code}"));
+    }
+    if let Some(constraint) = db.constraint() {
+        about.push(format!("constraint {constraint}"));
+    }
+    if let Some(table) = db.table() {
+        about.push(format!("table {table}"));
+    }
+    if let Some(detail) = db
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .and_then(|pg| pg.detail())
+    {
+        about.push(detail.to_owned());
+    }
+    let message = if about.is_empty() {
+        format!("error returned from database: {}", db.message())
+    } else {
+        format!(
+            "error returned from database: {} ({})",
+            db.message(),
+            about.join("; ")
+        )
+    };
+    one_line(&message)
 }
 
 /// Classifies a Redis error. Only connection problems are transient; `NOGROUP` is handled by

@@ -58,6 +58,13 @@ pub enum ApiError {
         order_id: Uuid,
         position: Option<i64>,
     },
+    /// The order had no events yet at `at` (time travel): 404 `order_not_found` too, since it
+    /// may never have any, but the detail does not claim it does not exist.
+    #[error("order {order_id} had no events at or before {at}")]
+    OrderNotFoundAt {
+        order_id: Uuid,
+        at: chrono::DateTime<chrono::Utc>,
+    },
     /// No such customer in `customer_stats` (as of `position`).
     #[error("customer {customer_id} not found")]
     CustomerNotFound { customer_id: Uuid, position: i64 },
@@ -129,6 +136,14 @@ impl ApiError {
                     .with_detail(format!("order {order_id} does not exist"))
                     .with_extension("order_id", order_id);
                 with_position(p, *position)
+            }
+            ApiError::OrderNotFoundAt { order_id, at } => {
+                Problem::new(StatusCode::NOT_FOUND, "order_not_found")
+                    .with_detail(format!(
+                        "order {order_id} had no events at or before {}",
+                        at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+                    ))
+                    .with_extension("order_id", order_id)
             }
             ApiError::CustomerNotFound {
                 customer_id,

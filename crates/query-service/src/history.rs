@@ -376,9 +376,12 @@ impl History {
                 break;
             }
         }
-        fold.summary().ok_or(ApiError::OrderNotFound {
-            order_id,
-            position: None,
+        fold.summary().ok_or(match at {
+            StateAt::Time(at) => ApiError::OrderNotFoundAt { order_id, at },
+            StateAt::Now | StateAt::Version(_) => ApiError::OrderNotFound {
+                order_id,
+                position: None,
+            },
         })
     }
 }

@@ -6,6 +6,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::{PgExecutor, Row};
 
+/// Snapshots found unreadable (they no longer deserialise) and ignored (counter).
+pub const SNAPSHOTS_IGNORED_TOTAL: &str = "event_store_snapshots_ignored_total";
+
 /// The latest snapshot of `stream_id` if it was written with `state_schema_version` and still
 /// deserialises: `(version, state)`.
 pub async fn load_snapshot<T: DeserializeOwned>(
@@ -28,7 +31,7 @@ pub async fn load_snapshot<T: DeserializeOwned>(
         Ok(state) => Ok(Some((version, state))),
         Err(err) => {
             tracing::warn!(stream_id, error = %err, "ignoring a snapshot that no longer deserialises");
-            metrics::counter!("event_store_snapshots_ignored_total").increment(1);
+            metrics::counter!(SNAPSHOTS_IGNORED_TOTAL).increment(1);
             Ok(None)
         }
     }

@@ -420,7 +420,7 @@ fn replayed_problem(stored: StoredResponse) -> Response {
             header::CONTENT_TYPE,
             HeaderValue::from_static(platform::problem::CONTENT_TYPE),
         )],
-        stored.body.to_string(),
+        platform::problem::stored_body_text(&stored.body),
     )
         .into_response();
     response.headers_mut().insert(

@@ -58,6 +58,7 @@ pub fn exported_from_start() {
     set_leader(false);
     metrics::counter!(GAPS_TOTAL).increment(0);
     metrics::counter!(REFUSED_ENTRIES_TOTAL).increment(0);
+    metrics::counter!(PUBLISH_ERRORS_TOTAL).increment(0);
 }
 
 pub(crate) fn set_leader(leader: bool) {

@@ -195,17 +195,19 @@ async fn a_request_refused_by_a_rule_is_refused_again_on_a_repeat_after_the_orde
     };
     let response = place("place-1").await.unwrap();
     assert!(response.headers().get("idempotent-replayed").is_none());
-    let refused = assert_problem(response, 422, "rule_violated").await;
+    assert_eq!(response.status(), 422);
+    let first_body = response.text().await.unwrap();
+    let refused: serde_json::Value = serde_json::from_str(&first_body).unwrap();
+    assert_eq!(refused["code"], "rule_violated");
     assert_eq!(refused["rule"], "place_needs_items");
 
-    // The order could be placed now, but the repeat gets the first answer and appends nothing.
+    // The order could be placed now, but the repeat gets the first answer, byte for byte, and
+    // appends nothing.
     assert_eq!(app.add_item(order_id, "A", 1, 10).await.status(), 200);
     let response = place("place-1").await.unwrap();
     assert_eq!(response.headers()["idempotent-replayed"], "true");
-    assert_eq!(
-        assert_problem(response, 422, "rule_violated").await,
-        refused
-    );
+    assert_eq!(response.status(), 422);
+    assert_eq!(response.text().await.unwrap(), first_body);
     assert_eq!(app.event_count(order_id).await, 2);
 
     // The same key with another request is still refused as such.

@@ -90,8 +90,9 @@ async fn metrics_count_commands() {
 
 /// Every instance says whether its relay leads, also one whose relay is disabled
 /// (`RELAY_ENABLED=false`, as `spawn_app` runs it): the alert on no relay leading sums
-/// `relay_is_leader` over the instances. The relay's never-expected counters are there at 0
-/// from the start too, so that `increase()` sees their first increment.
+/// `relay_is_leader` over the instances. The relay's counters, and those the runbook tells
+/// an operator to look at, are there at 0 from the start too, so that `increase()` sees their
+/// first increment and a grep finds them before anything happened.
 #[tokio::test]
 async fn an_instance_whose_relay_is_disabled_exports_that_it_does_not_lead() {
     let app = spawn_app().await;
@@ -100,6 +101,11 @@ async fn an_instance_whose_relay_is_disabled_exports_that_it_does_not_lead() {
         "relay_is_leader",
         "relay_refused_entries_total",
         "relay_gaps_total",
+        "relay_publish_errors_total",
+        "command_retries_total",
+        "command_cache_discarded_total",
+        "event_store_snapshots_ignored_total",
+        "database_unreachable_refusals_total",
     ] {
         let exported = page
             .lines()

@@ -322,6 +322,12 @@ async fn a_replay_of_every_letter_also_replays_the_orders_parked_with_no_letter_
         1,
         "the failing order is tried once, by its letter\n{stdout}"
     );
+    // The error as the server gave it, with its SQLSTATE, not the line of PostgreSQL's source.
+    assert!(
+        stdout.contains("refusing order") && stdout.contains("(SQLSTATE P0001)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(" at line "), "{stdout}");
     assert!(
         !stdout.contains(&format!("replay {failing_stream}:")),
         "{stdout}"

@@ -1349,6 +1349,11 @@ async fn time_travel_by_version_and_by_time_shows_the_states_in_between() {
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["code"], "order_not_found");
+    assert_eq!(
+        body["detail"],
+        format!("order {order_id} had no events at or before 2000-01-01T00:00:00Z"),
+        "not that it does not exist"
+    );
 }
 
 /// The database's clock may step back between two appends, so a later version can carry an
