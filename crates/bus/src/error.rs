@@ -68,13 +68,8 @@ impl BusError {
     /// `noeviction`). Such a server still answers reads, acknowledgements and deletions.
     pub fn is_out_of_memory(&self) -> bool {
         match self {
-            // A write refused inside a script carries the code too, on Redis 7; older servers
-            // fold it into the script error's message.
             BusError::Redis { source, .. } | BusError::Connection { source, .. } => {
                 source.code() == Some("OOM")
-                    || source
-                        .detail()
-                        .is_some_and(|d| d.contains("OOM command not allowed"))
             }
             _ => false,
         }

@@ -20,6 +20,9 @@ pub const EVENT_FROM_NEWER_RELEASE: &str = "event_from_newer_release";
 /// `Retry-After` of [`Problem::event_from_newer_release`]: long enough for a rollout's next
 /// instance to start, short enough for a client's retry budget.
 const NEWER_RELEASE_RETRY_AFTER_SECS: u64 = 2;
+/// The members a [`Problem`] writes before its extensions, in its fields' order.
+const FIELD_ORDER: [&str; 6] = ["type", "title", "status", "detail", "code", "instance"];
+
 /// Members the RFC and we define; extension members may not use these names.
 const RESERVED: &[&str] = &["type", "title", "status", "detail", "instance", "code"];
 
@@ -200,11 +203,14 @@ impl std::error::Error for Problem {}
 /// RFC's members in its field order, then the extensions in the map's order. Stored as
 /// `jsonb`, a body comes back with its keys reordered, so a refusal answered again would
 /// differ, byte for byte, from the first answer. Anything but an object is written as it is.
+///
+/// Byte for byte as long as `serde_json` keeps its maps sorted (its `preserve_order` feature
+/// off, as in this workspace: both the first answer and this one then sort the extensions),
+/// and for strings and integers: `jsonb` rewrites a float's notation (no refusal carries one).
 pub fn stored_body_text(body: &Value) -> String {
     let Some(members) = body.as_object() else {
         return body.to_string();
     };
-    const FIELD_ORDER: [&str; 6] = ["type", "title", "status", "detail", "code", "instance"];
     let rfc = FIELD_ORDER
         .iter()
         .filter_map(|name| members.get_key_value(*name));
@@ -317,6 +323,16 @@ mod tests {
 
         assert_eq!(stored_body_text(&stored), first);
         assert_eq!(stored_body_text(&Value::Null), "null");
+    }
+
+    /// The members written first are exactly those no extension may take.
+    #[test]
+    fn the_members_written_first_are_the_reserved_ones() {
+        let mut written = FIELD_ORDER.to_vec();
+        let mut reserved = RESERVED.to_vec();
+        written.sort_unstable();
+        reserved.sort_unstable();
+        assert_eq!(written, reserved);
     }
 
     #[test]

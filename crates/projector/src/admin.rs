@@ -515,7 +515,8 @@ impl Resolved {
 /// `report` as it goes. Letters written meanwhile are left for the next run, so it ends even
 /// while consumers keep dead-lettering.
 ///
-/// A replay then goes on to every stream still parked but those a letter's replay failed on
+/// A replay then goes on to every stream still parked but those whose catch-up failed for a
+/// letter
 /// ([`crate::parked::replay_parked`]): those parked with no letter (while Redis refused it,
 /// past a rebuild's bound, letters deleted by hand) would otherwise stay held back until an
 /// operator found each one in `dlq parked`. A purge never skips an event no letter names.

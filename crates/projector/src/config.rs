@@ -115,7 +115,7 @@ pub enum Command {
         #[arg(long, value_parser = entry_id)]
         id: Option<String>,
         /// Every dead letter of the group (replay's default, which then also replays every
-        /// order still parked that no letter of the run failed on; purge requires --id, --all
+        /// order still parked but those whose catch-up failed for a letter of the run; purge requires --id, --all
         /// or --stream)
         #[arg(long, conflicts_with = "id")]
         all: bool,

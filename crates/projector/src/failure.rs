@@ -63,6 +63,17 @@ pub fn classify_sql(err: &sqlx::Error) -> Failure {
     }
 }
 
+/// Most characters of a database error's detail [`describe_sql`] keeps.
+const DETAIL_CHARS: usize = 300;
+
+/// `text`, cut to its first `max` characters (with `…` when it was longer).
+fn capped(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
 /// A database error as the letter, the park and the log carry it: the server's message, its
 /// SQLSTATE, and the constraint, table and detail it names, on one line. Not sqlx's rendering,
 /// which ends with the line of PostgreSQL's own source that raised it ("at line 3907"), of no
@@ -85,7 +96,10 @@ pub fn describe_sql(err: &sqlx::Error) -> String {
         .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
         .and_then(|pg| pg.detail())
     {
-        about.push(detail.to_owned());
+        // A check or not-null violation's detail is the whole row ("Failing row contains
+        // (…)"); what identifies it comes first, and the letter, the park and the log line
+        // need no more than that.
+        about.push(format!("detail: {}", capped(detail, DETAIL_CHARS)));
     }
     let message = if about.is_empty() {
         format!("error returned from database: {}", db.message())

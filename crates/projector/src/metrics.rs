@@ -27,8 +27,8 @@ pub const NEWER_RELEASE_HOLDS: &str = "projector_newer_release_holds_total";
 /// doing instead of them.
 pub const HEALED_EVENTS: &str = "projector_sweeper_healed_events_total";
 /// Entries this instance's consumer holds in its retry queues: failing entries, entries held
-/// for a newer release, and the later entries of their orders behind them (gauge). At `max_queued` the consumer takes no more
-/// work until a retry frees room.
+/// for a newer release, and the later entries of their orders behind them (gauge). At
+/// `max_queued` the consumer takes no more work until a retry frees room.
 pub const RETRY_QUEUED: &str = "projector_retry_queued_entries";
 /// Head position minus the projection's low-water mark (gauge).
 pub const LAG_EVENTS: &str = "projector_lag_events";

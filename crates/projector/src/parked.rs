@@ -432,8 +432,8 @@ async fn replay_one_parked(
         match resume_stream(&mut conn, projection, &stream_id).await {
             Ok(resumed) => Resolution {
                 message: format!(
-                    "replayed (parked at version {parked_version}, no letter of it replayed in this \
-                 run): applied {} event(s), now at version {}",
+                    "replayed (parked at version {parked_version} when the walk read it): applied {} \
+                 event(s), now at version {}",
                     resumed.applied, resumed.version
                 ),
                 id: stream_id,

@@ -60,7 +60,10 @@ pub enum ApiError {
     },
     /// The order had no events yet at `at` (time travel): 404 `order_not_found` too, since it
     /// may never have any, but the detail does not claim it does not exist.
-    #[error("order {order_id} had no events at or before {at}")]
+    #[error(
+        "order {order_id} had no events at or before {}",
+        .at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+    )]
     OrderNotFoundAt {
         order_id: Uuid,
         at: chrono::DateTime<chrono::Utc>,
@@ -137,12 +140,9 @@ impl ApiError {
                     .with_extension("order_id", order_id);
                 with_position(p, *position)
             }
-            ApiError::OrderNotFoundAt { order_id, at } => {
+            ApiError::OrderNotFoundAt { order_id, .. } => {
                 Problem::new(StatusCode::NOT_FOUND, "order_not_found")
-                    .with_detail(format!(
-                        "order {order_id} had no events at or before {}",
-                        at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
-                    ))
+                    .with_detail(self.to_string())
                     .with_extension("order_id", order_id)
             }
             ApiError::CustomerNotFound {

@@ -337,6 +337,9 @@ async fn a_replay_of_every_letter_also_replays_the_orders_parked_with_no_letter_
         1,
         "its letter stays"
     );
+    // The command line says so by its exit code.
+    let (ok, stdout) = run_dlq(&w, &["replay", "order_summaries"]).await;
+    assert!(!ok && stdout.contains("FAILED"), "{stdout}");
 
     // Fixed: the next run replays its letter, and finds nothing else parked.
     support::stop_refusing(w.pool()).await;
@@ -500,6 +503,16 @@ async fn a_letter_naming_an_order_but_no_event_holds_nothing_back_and_its_purge_
             "{fields:?}: the order stays parked"
         );
     }
+
+    // A replay of everything replays the parked order itself, which no letter can resolve.
+    let (ok, stdout) = run_dlq(&w, &["replay", "order_summaries"]).await;
+    assert!(
+        ok && stdout.contains(&format!(
+            "replay {stream}: ok: replayed (parked at version 7"
+        )),
+        "{stdout}"
+    );
+    assert_eq!(bookkeeping(&w, &stream).await, (6, None));
 }
 
 #[tokio::test]

@@ -44,8 +44,8 @@ fn consumer(w: &World, name: &str) -> Consumer {
 
 /// The world's one order, published, its entries each delivered ten times to consumer
 /// `restarted` (as after ten claims by consumers that stopped), each with `unfinished` tries
-/// recorded as begun and never ended; then Redis is full. Returns the consumer, the number of
-/// entries and the world.
+/// recorded as begun and never ended; then Redis is full. Returns the world, a projection
+/// consumer of that name and the number of entries.
 async fn entries_delivered_often_then_redis_full(
     server: &PrivateRedis,
     unfinished: u32,
