@@ -51,7 +51,9 @@ async fn the_ceiling_reports_one_point_per_configuration_including_the_service_s
         &configurations,
         Some(service_batch),
         Duration::from_millis(50),
-        Duration::from_millis(300),
+        // Long enough that a loaded machine still commits one transaction of each
+        // configuration inside it: the test asserts that each measured something, not how much.
+        Duration::from_secs(1),
     )
     .await
     .unwrap();

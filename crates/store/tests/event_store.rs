@@ -638,12 +638,19 @@ async fn a_reader_does_not_skip_an_earlier_transaction_that_commits_late() {
 async fn a_rolled_back_append_leaves_no_gap_in_positions() {
     let db = TestDatabase::new().await;
     let mut doomed = db.pool.begin().await.expect("begin");
-    store::append::append_within(
+    let appended = store::append::append_within(
         &mut doomed,
         &[request("order-doomed", ExpectedVersion::Any, 3)],
     )
     .await
-    .expect("runs");
+    .expect("runs")
+    .remove(0)
+    .expect("appended");
+    assert_eq!(
+        (appended.first_position, appended.last_position),
+        (1, 3),
+        "it took positions before it was rolled back"
+    );
     doomed.rollback().await.expect("rollback");
     let outcome = append_one(&db, request("order-next", ExpectedVersion::Any, 1))
         .await

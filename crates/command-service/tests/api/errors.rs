@@ -244,23 +244,45 @@ async fn a_failed_append_whose_client_gave_up_does_not_leave_its_state_in_the_ca
     // No internal retries: a command decided on a stale cached state would be a 409.
     let app = spawn_app_with(&[("command-retries", "0")]).await;
     let order_id = app.create_order().await;
-    // The store fails the append of one SKU, slowly enough for the client to leave first.
+    // The store fails the append of one SKU; the append lock, held here, keeps the append
+    // waiting until the client has left.
     sqlx::raw_sql(
         "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-             PERFORM pg_sleep(0.5); RAISE EXCEPTION 'refused by the test'; END $$; \
+             RAISE EXCEPTION 'refused by the test'; END $$; \
          CREATE TRIGGER refuse_boom BEFORE INSERT ON events FOR EACH ROW \
              WHEN (NEW.data->>'sku' = 'BOOM') EXECUTE FUNCTION refuse_boom();",
     )
     .execute(&app.db.pool)
     .await
     .unwrap();
-    let abandoned = app
-        .post(&format!("/orders/{order_id}/items"))
-        .json(&json!({ "sku": "BOOM", "quantity": 1, "unit_price": 10 }))
-        .timeout(std::time::Duration::from_millis(100))
-        .send()
-        .await;
-    assert!(abandoned.is_err(), "the client should have given up first");
+    let mut holder = app.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(store::append::APPEND_LOCK_KEY)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let abandoned = tokio::spawn(
+        app.post(&format!("/orders/{order_id}/items"))
+            .json(&json!({ "sku": "BOOM", "quantity": 1, "unit_price": 10 }))
+            .send(),
+    );
+    wait_until("the append waits for the append lock", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+            > 0
+    })
+    .await;
+    abandoned.abort();
+    assert!(
+        abandoned.await.is_err_and(|e| e.is_cancelled()),
+        "the client gave up before any answer"
+    );
+    holder.rollback().await.unwrap();
 
     wait_until(
         "the failed append's state is dropped from the cache",

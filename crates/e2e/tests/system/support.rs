@@ -545,7 +545,12 @@ impl Writers {
     pub(crate) async fn stop(self) -> WriteOutcomes {
         self.stop.send(true).expect("the writers listen");
         for task in self.tasks {
-            task.await.expect("a writer does not panic");
+            // A writer retries a 503 until it is answered: a service that never answers again
+            // would hold it for ever.
+            tokio::time::timeout(DEADLINE, task)
+                .await
+                .expect("a writer stops within the deadline (is the service answering?)")
+                .expect("a writer does not panic");
         }
         std::mem::take(&mut *self.outcomes.lock().expect("lock"))
     }

@@ -2010,7 +2010,12 @@ async fn a_filtered_follower_is_answered_at_wait_ms_while_commits_of_other_types
     ]
     .into_iter()
     .cycle();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !follower.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower was never answered"
+        );
         let command = toggles.next().unwrap();
         last = app.append_command(order, &mut state, command).await;
     }
@@ -3077,10 +3082,17 @@ async fn health_and_metrics_answer() {
     let app = spawn_app().await;
     assert_eq!(app.get("/healthz").await.status(), StatusCode::OK);
     assert_eq!(app.get("/readyz").await.status(), StatusCode::OK);
-    let _ = app.get("/orders?min_position=0").await;
+    assert_eq!(
+        app.get("/orders?min_position=0").await.status(),
+        StatusCode::OK
+    );
     let metrics = app.get("/metrics").await.text().await.unwrap();
     assert!(
-        metrics.contains("query_consistency_waits_total"),
+        metrics
+            .lines()
+            .any(|line| line.starts_with("query_consistency_waits_total{")
+                && line.contains("outcome=\"immediate\"")
+                && line.ends_with(" 1")),
         "{metrics}"
     );
 }
