@@ -197,6 +197,17 @@ async fn sigterm_drains_and_exits_zero() {
             .then_some(())
     })
     .await;
+    // It takes no new request meanwhile: a new connection is refused (a fresh client, with no
+    // connection kept from before).
+    wait_for("the service refuses new connections", || async {
+        reqwest::Client::new()
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .is_err_and(|e| e.is_connect())
+            .then_some(())
+    })
+    .await;
 
     held.commit().await.unwrap();
     let response = tokio::time::timeout(Duration::from_secs(20), create)
