@@ -50,6 +50,22 @@ where
     }
 }
 
+/// Sets `maxmemory` of the Redis behind `conn` (bytes; 0 is no limit), with `noeviction`: over
+/// it, Redis refuses every write that adds data (`OOM command not allowed …`), as a full server
+/// does. Only for a [`PrivateRedis`]: never the shared server.
+pub async fn set_maxmemory(conn: &redis::aio::ConnectionManager, bytes: u64) {
+    let mut conn = conn.clone();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .arg("maxmemory")
+        .arg(bytes)
+        .query_async(&mut conn)
+        .await
+        .expect("CONFIG SET maxmemory");
+}
+
 /// How long a freshly spawned server may take to answer.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(10);
 

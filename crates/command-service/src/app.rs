@@ -64,8 +64,9 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
         let metrics = platform::metrics::install(SERVICE_NAME);
-        // `relay_is_leader` 0 and the relay's never-expected counters at 0, also where the relay
-        // is disabled: the alerts sum and increase them over every instance.
+        // `relay_is_leader` 0 and the relay's counters at 0, also where the relay is disabled:
+        // the alerts sum and increase them over every instance. The command path's counters
+        // too, for the RUNBOOK's readers.
         relay::telemetry::exported_from_start();
         crate::commands::export_counters_at_zero();
         let migrations = db::Migrations::of(&store::MIGRATOR, config.common.skip_migrations);

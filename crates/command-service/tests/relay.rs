@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use bus::testing::{PrivateRedis, shared_redis_url, unique_keys, wait_until};
+use bus::testing::{PrivateRedis, set_maxmemory, shared_redis_url, unique_keys, wait_until};
 use bus::{ConnectionManager, StreamEntry};
 use command_service::relay::{self, RelayArgs, RelayStatus};
 use events::{EventMetadata, NewEvent, order_stream_id};
@@ -299,21 +299,6 @@ async fn events_committed_while_redis_is_down_appear_after_it_restarts() {
     .await;
 
     relay.stop().await;
-}
-
-/// Sets `maxmemory` of the Redis at `conn` (bytes; 0 is no limit), with `noeviction`: over it,
-/// Redis refuses every write that adds data (`OOM command not allowed …`), as a full server does.
-async fn set_maxmemory(conn: &ConnectionManager, bytes: u64) {
-    let mut conn = conn.clone();
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory-policy")
-        .arg("noeviction")
-        .arg("maxmemory")
-        .arg(bytes)
-        .query_async(&mut conn)
-        .await
-        .expect("CONFIG SET maxmemory");
 }
 
 /// Redis full: its appends are refused. Commits keep succeeding, the relay keeps its

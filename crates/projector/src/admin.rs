@@ -218,7 +218,7 @@ pub fn render_show(letter: &DeadLetter) -> String {
 pub struct Resolution {
     /// The dead letter's id, or the stream's (`order-<uuid>`) when a stream was resolved.
     pub id: String,
-    /// Whether it was resolved (and deleted from the dead-letter stream).
+    /// Whether it was resolved (a letter: and deleted from the dead-letter stream).
     pub ok: bool,
     /// What happened, for the operator.
     pub message: String,
@@ -495,13 +495,19 @@ pub enum Resolve {
 /// it left in place.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Resolved {
-    /// Resolved (the letters deleted).
+    /// Resolved (a letter: deleted).
     pub ok: usize,
     /// Left in place (their resolutions say why).
     pub failed: usize,
 }
 
 impl Resolved {
+    /// Counts `other`'s in.
+    pub fn merge(&mut self, other: Resolved) {
+        self.ok += other.ok;
+        self.failed += other.failed;
+    }
+
     /// Counts `resolutions` in.
     pub fn add(&mut self, resolutions: &[Resolution]) {
         let ok = resolutions.iter().filter(|r| r.ok).count();
@@ -516,8 +522,7 @@ impl Resolved {
 /// while consumers keep dead-lettering.
 ///
 /// A replay then goes on to every stream still parked but those whose catch-up failed for a
-/// letter
-/// ([`crate::parked::replay_parked`]): those parked with no letter (while Redis refused it,
+/// letter ([`crate::parked::replay_parked`]): those parked with no letter (while Redis refused it,
 /// past a rebuild's bound, letters deleted by hand) would otherwise stay held back until an
 /// operator found each one in `dlq parked`. A purge never skips an event no letter names.
 pub async fn resolve_all(
@@ -551,8 +556,7 @@ pub async fn resolve_all(
             &mut report,
         )
         .await?;
-        done.ok += streams.ok;
-        done.failed += streams.failed;
+        done.merge(streams);
     }
     Ok(done)
 }

@@ -78,7 +78,7 @@ fn capped(text: &str, max: usize) -> String {
 /// SQLSTATE, and the constraint, table and detail it names, on one line. Not sqlx's rendering,
 /// which ends with the line of PostgreSQL's own source that raised it ("at line 3907"), of no
 /// use to an operator, and leaves out the rest.
-pub fn describe_sql(err: &sqlx::Error) -> String {
+fn describe_sql(err: &sqlx::Error) -> String {
     let Some(db) = err.as_database_error() else {
         return one_line(err);
     };

@@ -13,7 +13,8 @@
 //! - [`consumer`]: the Redis consumer group loop: retries, dead letters, reclaim.
 //! - [`sweeper`]: the low-water mark (`projection_checkpoints`) and self-healing.
 //! - [`admin`]: `dlq list|show|replay|purge`.
-//! - [`parked`]: `dlq parked` and `dlq replay|purge --stream`: parked streams from PostgreSQL.
+//! - [`parked`]: `dlq parked`, `dlq replay|purge --stream` and the walk of `dlq replay` over
+//!   the parked streams: parked streams from PostgreSQL.
 //! - [`rebuild`]: `rebuild`: a fresh fold into shadow tables, swapped in under the lock.
 //! - [`verify`]: `verify`: the read model against a fresh fold of the event store.
 //! - [`status`]: `status`: head, relay, and each projection's mark, lag, parked streams, dead

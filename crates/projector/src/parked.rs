@@ -238,7 +238,8 @@ pub fn render(page: &ParkedPage) -> String {
     }
     if parked.iter().any(|p| p.letters == 0) {
         out.push_str(
-            "; a stream with no letter is resolved with `dlq replay|purge <group> --stream <stream>`",
+            "; a stream with no letter is replayed by `dlq replay <group>` with the rest, or \
+             resolved alone with `dlq replay|purge <group> --stream <stream>`",
         );
     }
     out.push('\n');

@@ -329,20 +329,52 @@ async fn an_append_chained_on_a_failed_one_is_refused_when_another_brought_the_s
     assert_eq!(outcome.stream_version, 3);
 }
 
-/// PostgreSQL's jsonb cannot hold U+0000. A request carrying it fails its group commit; the
-/// committer then appends the batch's requests one by one, so only that request fails.
-#[tokio::test]
-async fn a_request_whose_data_the_server_refuses_fails_alone_not_its_whole_group_commit() {
-    let db = TestDatabase::new().await;
-    let committer = GroupCommitter::spawn(db.pool.clone(), CommitterConfig::default());
-    // Held, the append lock keeps the first batch waiting while the others queue behind it,
-    // so the refused request shares a group commit with at least one other.
+/// Takes the append lock on a transaction of the test's own, then has `committer` append a
+/// first request and waits until that append waits on the lock: the requests submitted next
+/// queue behind it and share the next group commit, whatever runtime runs the committer.
+/// Returns the holding transaction (roll it back to release the lock) and the first append.
+async fn first_append_waiting_on_the_lock(
+    db: &TestDatabase,
+    committer: &GroupCommitter,
+) -> (
+    sqlx::Transaction<'static, sqlx::Postgres>,
+    store::committer::PendingAppend,
+) {
     let mut holder = db.pool.begin().await.expect("begin");
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(store::append::APPEND_LOCK_KEY)
         .execute(&mut *holder)
         .await
         .expect("take the append lock");
+    let first = committer
+        .submit(request("order-first", ExpectedVersion::Exact(0), 1))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("read the locks")
+        == 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first append never waited on the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (holder, first)
+}
+
+/// PostgreSQL's jsonb cannot hold U+0000. A request carrying it fails its group commit; the
+/// committer then appends the batch's requests one by one, so only that request fails.
+#[tokio::test]
+async fn a_request_whose_data_the_server_refuses_fails_alone_not_its_whole_group_commit() {
+    let db = TestDatabase::new().await;
+    let committer = GroupCommitter::spawn(db.pool.clone(), CommitterConfig::default());
+    let (holder, first) = first_append_waiting_on_the_lock(&db, &committer).await;
     let mut refused = request("order-nul", ExpectedVersion::Exact(0), 1);
     refused.events[0].data = serde_json::json!({ "reason": "x\u{0}y" });
     let mut pending = Vec::new();
@@ -354,6 +386,7 @@ async fn a_request_whose_data_the_server_refuses_fails_alone_not_its_whole_group
         pending.push(committer.submit(request).await);
     }
     holder.rollback().await.expect("release the append lock");
+    assert!(first.await.expect("answered").is_ok());
     let mut outcomes = Vec::new();
     for answer in pending {
         outcomes.push(answer.await.expect("answered"));
@@ -401,32 +434,7 @@ async fn a_refused_batch_appended_one_by_one_gives_up_on_the_rest_once_its_deadl
             ..CommitterConfig::default()
         },
     );
-    let mut holder = db.pool.begin().await.expect("begin");
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(store::append::APPEND_LOCK_KEY)
-        .execute(&mut *holder)
-        .await
-        .expect("take the append lock");
-    // A first append waits on the lock, so the next ones queue and share the next group commit.
-    let first = committer
-        .submit(request("order-first", ExpectedVersion::Exact(0), 1))
-        .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while sqlx::query_scalar::<_, i64>(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .expect("read the locks")
-        == 0
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the first append never waited on the lock"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (holder, first) = first_append_waiting_on_the_lock(&db, &committer).await;
     // The refused request first: its data fails the group commit before any row is inserted
     // (PostgreSQL refuses the `jsonb[]` parameter while binding it).
     let mut refused = request("order-nul", ExpectedVersion::Exact(0), 1);

@@ -21,7 +21,8 @@
 //! [`exported_from_start`] puts what the alerts read on `/metrics` before anything happens, on
 //! every command-service instance, whether or not it runs the relay: `relay_is_leader` at 0, so
 //! that `sum(relay_is_leader) < 1` (RelayNotLeading) sees instances that do not lead, and the
-//! never-expected counters at 0, so that `increase()` sees their first increment.
+//! never-expected counters at 0, so that `increase()` sees their first increment; and
+//! `relay_publish_errors_total` at 0, which the RUNBOOK tells an operator to look at.
 
 use chrono::{DateTime, Utc};
 
@@ -52,7 +53,8 @@ pub(crate) fn stream_diverged(diverged: bool) {
     metrics::gauge!(STREAM_DIVERGED).set(if diverged { 1.0 } else { 0.0 });
 }
 
-/// Exports the relay's alerting metrics at their resting values (see the module docs); called
+/// Exports the relay's alerting metrics, and the publish errors the RUNBOOK points at, at their
+/// resting values (see the module docs); called
 /// once at start by every command-service instance, its relay enabled or not.
 pub fn exported_from_start() {
     set_leader(false);

@@ -14,32 +14,13 @@ use crate::support::{self, DEADLINE, Fate, World, append_orders, commands, run_c
 
 const PROJECTION: ProjectionKind = ProjectionKind::OrderSummaries;
 
-/// Sets `maxmemory` of the world's Redis (bytes; 0 is no limit), with `noeviction`.
+/// Sets `maxmemory` of the world's (private) Redis ([`bus::testing::set_maxmemory`]).
 async fn set_maxmemory(w: &World, bytes: u64) {
-    let mut conn = w.redis.clone();
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory-policy")
-        .arg("noeviction")
-        .arg("maxmemory")
-        .arg(bytes)
-        .query_async(&mut conn)
-        .await
-        .expect("CONFIG SET maxmemory");
+    bus::testing::set_maxmemory(&w.redis, bytes).await;
 }
 
-/// The projection's consumer `name` on the world's stream.
 fn consumer(w: &World, name: &str) -> Consumer {
-    let client = bus::client(&w.redis_url).unwrap();
-    Consumer::new(
-        &client,
-        w.redis.clone(),
-        w.keys.clone(),
-        PROJECTION.name(),
-        name,
-        Duration::from_millis(20),
-    )
-    .unwrap()
+    support::group_consumer(w, PROJECTION, name)
 }
 
 /// The world's one order, published, its entries each delivered ten times to consumer

@@ -7,7 +7,7 @@ use bus::Consumer;
 use projector::ProjectionKind;
 use projector::consumer::{ConsumerSettings, ProjectionConsumer};
 
-use crate::support::{World, append_orders};
+use crate::support::{self, World, append_orders};
 
 const PROJECTION: ProjectionKind = ProjectionKind::OrderSummaries;
 const BATCH: usize = 4;
@@ -28,16 +28,7 @@ async fn refuse_every_summary(w: &World) {
 }
 
 fn consumer(w: &World, name: &str) -> Consumer {
-    let client = bus::client(&w.redis_url).unwrap();
-    Consumer::new(
-        &client,
-        w.redis.clone(),
-        w.keys.clone(),
-        PROJECTION.name(),
-        name,
-        Duration::from_millis(20),
-    )
-    .unwrap()
+    support::group_consumer(w, PROJECTION, name)
 }
 
 /// A consumer whose retries are an hour away, reading `BATCH` entries at a time and claiming

@@ -467,3 +467,18 @@ pub async fn first_letters(
     })
     .await
 }
+
+/// Consumer `name` of `projection`'s group on the world's stream, blocking at most 20 ms a
+/// read: what a projector instance reads through, for a test that drives one directly.
+pub fn group_consumer(w: &World, projection: ProjectionKind, name: &str) -> bus::Consumer {
+    let client = bus::client(&w.redis_url).unwrap();
+    bus::Consumer::new(
+        &client,
+        w.redis.clone(),
+        w.keys.clone(),
+        projection.name(),
+        name,
+        Duration::from_millis(20),
+    )
+    .unwrap()
+}
