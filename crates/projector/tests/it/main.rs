@@ -23,7 +23,7 @@ use projector::apply::apply_batch;
 use projector::sweeper::{Sweeper, SweeperSettings};
 use projector::testing::RebuildGate;
 use rand::seq::SliceRandom as _;
-use support::{DEADLINE, World, append_orders, commands, run_commands};
+use support::{DEADLINE, World, append_orders, commands, group_consumer, run_commands};
 use uuid::Uuid;
 
 /// Fast retries and reclaims, so failure tests finish quickly.
@@ -1630,20 +1630,6 @@ async fn streams_applied_to_the_end(w: &World, projection: ProjectionKind, excep
     .bind(except)
     .fetch_one(w.pool())
     .await
-    .unwrap()
-}
-
-/// A consumer of `projection`'s group on `w`'s stream, named `name`.
-fn group_consumer(w: &World, projection: ProjectionKind, name: &str) -> bus::Consumer {
-    let client = bus::client(&w.redis_url).unwrap();
-    bus::Consumer::new(
-        &client,
-        w.redis.clone(),
-        w.keys.clone(),
-        projection.name(),
-        name,
-        Duration::from_millis(100),
-    )
     .unwrap()
 }
 

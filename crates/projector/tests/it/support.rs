@@ -468,7 +468,7 @@ pub async fn first_letters(
     .await
 }
 
-/// Consumer `name` of `projection`'s group on the world's stream, blocking at most 20 ms a
+/// Consumer `name` of `projection`'s group on the world's stream, blocking at most 100 ms a
 /// read: what a projector instance reads through, for a test that drives one directly.
 pub fn group_consumer(w: &World, projection: ProjectionKind, name: &str) -> bus::Consumer {
     let client = bus::client(&w.redis_url).unwrap();
@@ -478,7 +478,7 @@ pub fn group_consumer(w: &World, projection: ProjectionKind, name: &str) -> bus:
         w.keys.clone(),
         projection.name(),
         name,
-        Duration::from_millis(20),
+        Duration::from_millis(100),
     )
     .unwrap()
 }
