@@ -59,33 +59,47 @@ fn spent(status: OrderStatus, total: i64) -> i64 {
     if status.is_paid_for() { total } else { 0 }
 }
 
+/// A customer's spent amounts no longer fit a 64-bit sum (PostgreSQL's `bigint` would refuse
+/// them too): about a thousand orders of the largest total. Checked rather than left to wrap
+/// (silently, in a release build) into figures nobody spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpentOverflow;
+
 impl Stats {
-    fn add_order(&mut self, order: &Remembered) {
+    fn add_order(&mut self, order: &Remembered) -> Result<(), SpentOverflow> {
         self.order_count += 1;
         self.by_status[status_index(order.status)] += 1;
-        self.add_spent(&order.currency, spent(order.status, order.total));
+        self.add_spent(&order.currency, spent(order.status, order.total))
     }
 
-    fn remove_order(&mut self, order: &Remembered) {
+    fn remove_order(&mut self, order: &Remembered) -> Result<(), SpentOverflow> {
         self.order_count -= 1;
         self.by_status[status_index(order.status)] -= 1;
-        self.add_spent(&order.currency, -spent(order.status, order.total));
+        self.add_spent(&order.currency, -spent(order.status, order.total))
     }
 
-    fn add_spent(&mut self, currency: &str, amount: i64) {
-        self.total_spent += amount;
+    fn add_spent(&mut self, currency: &str, amount: i64) -> Result<(), SpentOverflow> {
+        self.total_spent = self.total_spent.checked_add(amount).ok_or(SpentOverflow)?;
         if amount == 0 {
-            return;
+            return Ok(());
         }
         let sum = self
             .spent_by_currency
             .entry(currency.to_owned())
             .or_default();
-        *sum += amount;
+        *sum = sum.checked_add(amount).ok_or(SpentOverflow)?;
         if *sum == 0 {
             self.spent_by_currency.remove(currency);
         }
+        Ok(())
     }
+}
+
+/// The apply's error for a customer whose spent amounts overflow.
+fn overflowed(customer: Uuid) -> ApplyError {
+    ApplyError::Invalid(format!(
+        "customer {customer}: the amounts spent no longer fit a 64-bit sum"
+    ))
 }
 
 /// Folds the events of one order into its remembered state; `None` before `OrderCreated` or
@@ -252,9 +266,17 @@ impl Projection for CustomerStats {
                 if was == now {
                     continue;
                 }
-                deltas.entry(was.customer_id).or_default().remove_order(was);
+                deltas
+                    .entry(was.customer_id)
+                    .or_default()
+                    .remove_order(was)
+                    .map_err(|SpentOverflow| overflowed(was.customer_id))?;
             }
-            deltas.entry(now.customer_id).or_default().add_order(now);
+            deltas
+                .entry(now.customer_id)
+                .or_default()
+                .add_order(now)
+                .map_err(|SpentOverflow| overflowed(now.customer_id))?;
             o_id.push(*id);
             o_customer.push(now.customer_id);
             o_status.push(now.status.as_str().to_owned());
@@ -327,10 +349,20 @@ impl Projection for CustomerStats {
                     .filter(|e| Self::handles(&e.event_type))
                     .try_fold(None, |state, e| evolve(id, state, e));
                 match folded {
-                    Ok(Some(order)) => expected
-                        .entry(order.customer_id)
-                        .or_default()
-                        .add_order(&order),
+                    Ok(Some(order)) => {
+                        let added = expected
+                            .entry(order.customer_id)
+                            .or_default()
+                            .add_order(&order);
+                        if added.is_err() {
+                            report.push(
+                                order.customer_id,
+                                "total_spent",
+                                "a sum within 64 bits",
+                                "an overflow",
+                            );
+                        }
+                    }
                     Ok(None) => {}
                     Err(e) => report.push(id, "fold", "a foldable stream", e),
                 }
@@ -414,5 +446,42 @@ impl Projection for CustomerStats {
             }
         }
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn paid(customer_id: Uuid, total: i64) -> Remembered {
+        Remembered {
+            customer_id,
+            status: OrderStatus::Paid,
+            total,
+            currency: "EUR".to_owned(),
+        }
+    }
+
+    /// Spent amounts past a 64-bit sum are an error, never a wrapped figure; below it, adding
+    /// and removing an order leave the figures as they were.
+    #[test]
+    fn spent_amounts_past_a_64_bit_sum_are_refused_not_wrapped() {
+        let customer = Uuid::new_v4();
+        let big = paid(customer, events::money::MAX_AMOUNT);
+        let mut stats = Stats::default();
+        let mut added = 0;
+        while stats.add_order(&big).is_ok() {
+            added += 1;
+            assert!(added <= 1_100, "never refused");
+        }
+        assert_eq!(added, i64::MAX / events::money::MAX_AMOUNT);
+        assert!(stats.total_spent > 0, "not wrapped: {}", stats.total_spent);
+
+        let mut stats = Stats::default();
+        stats.add_order(&big).unwrap();
+        stats.remove_order(&big).unwrap();
+        assert_eq!(stats.total_spent, 0);
+        assert!(stats.spent_by_currency.is_empty());
     }
 }
