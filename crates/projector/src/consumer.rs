@@ -74,9 +74,6 @@ pub const UNFINISHED_TRIES_LIMIT: u32 = 2;
 /// Least time between two log lines about entries of another history: after a restore there
 /// may be thousands, and the counter counts every one.
 const FOREIGN_LOG_INTERVAL: Duration = Duration::from_secs(10);
-/// Least time between two log lines about tries Redis, full, refused to count: every entry
-/// delivered many times meets it while Redis stays full.
-const UNCOUNTED_TRY_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Tuning of one consumer (from the service configuration).
 #[derive(Debug, Clone)]
@@ -175,9 +172,9 @@ pub struct ProjectionConsumer {
     foreign_logged_at: Option<Instant>,
     /// When entries held for a newer release were last logged ([`NEWER_RELEASE_LOG_INTERVAL`]).
     newer_release_logged_at: Option<Instant>,
-    /// When a try that Redis, full, refused to count was last logged
-    /// ([`UNCOUNTED_TRY_LOG_INTERVAL`]).
-    uncounted_try_logged_at: Option<Instant>,
+    /// Tries Redis, full, refused to record: the first is logged, then a reminder a minute
+    /// while it lasts, and the first recorded again.
+    uncounted_tries: platform::outage::OutageLog,
 }
 
 impl std::fmt::Debug for ProjectionConsumer {
@@ -240,7 +237,7 @@ impl ProjectionConsumer {
             next_reclaim: Instant::now(),
             foreign_logged_at: None,
             newer_release_logged_at: None,
-            uncounted_try_logged_at: None,
+            uncounted_tries: platform::outage::OutageLog::new(),
         }
     }
 
@@ -525,7 +522,16 @@ impl ProjectionConsumer {
                         .await
                         .map(|n| n.saturating_add(1))
                 }
-                begun => begun,
+                begun => {
+                    if begun.is_ok()
+                        && let Some(recovered) = self.uncounted_tries.recovered()
+                    {
+                        tracing::info!(projection = %self.projection,
+                            uncounted = recovered.failures, failed_ms = recovered.failed_ms(),
+                            "Redis records tries of entries delivered many times again");
+                    }
+                    begun
+                }
             };
             let Some(unfinished) = self.handle_bus(begun).await? else {
                 return Ok(());
@@ -558,19 +564,14 @@ impl ProjectionConsumer {
         Ok(())
     }
 
-    /// Says, at most once per [`UNCOUNTED_TRY_LOG_INTERVAL`], that tries go ahead uncounted
-    /// because Redis is full.
+    /// Says that tries go ahead uncounted because Redis is full: at the first, then once a
+    /// minute while it lasts ([`platform::outage::OutageLog`]).
     fn log_uncounted_try(&mut self, error: &BusError) {
-        let now = Instant::now();
-        if self
-            .uncounted_try_logged_at
-            .is_some_and(|at| now.duration_since(at) < UNCOUNTED_TRY_LOG_INTERVAL)
-        {
-            return;
+        if let Some(failing) = self.uncounted_tries.failed() {
+            tracing::warn!(projection = %self.projection, error = %error,
+                uncounted = failing.failures, failing_ms = failing.failing_ms(),
+                "Redis is full: trying entries delivered many times without counting the try");
         }
-        self.uncounted_try_logged_at = Some(now);
-        tracing::warn!(projection = %self.projection, error = %error,
-            "Redis is full: trying entries delivered many times without counting the try");
     }
 
     /// [`Self::process`] for entries to apply together.
