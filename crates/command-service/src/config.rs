@@ -78,7 +78,7 @@ pub struct CommandArgs {
         long,
         env = "REQUEST_TIMEOUT_MS",
         default_value_t = 10_000,
-        value_parser = clap::value_parser!(u64).range(1..)
+        value_parser = clap::value_parser!(u64).range(1..=platform::config::MAX_INTERVAL_MS)
     )]
     pub request_timeout_ms: u64,
 

@@ -136,7 +136,9 @@ impl fmt::Display for Currency {
 }
 
 /// A stock-keeping unit: 1 to 64 characters of letters, digits, `-`, `_` and `.`, so it is safe
-/// in a URL path segment (`DELETE /orders/{id}/items/{sku}`).
+/// in a URL path segment (`DELETE /orders/{id}/items/{sku}`). A SKU that is only `.` or `..`
+/// is a path segment of its own ([`Sku::is_dot_segment`]): it reads, as stored, but a new line
+/// may not have it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Sku(String);
@@ -153,6 +155,15 @@ impl Sku {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// Whether the SKU is `.` or `..`: URL clients (browsers, `fetch`, most HTTP libraries)
+    /// resolve such a segment away, even written `%2E%2E`, so `DELETE /orders/{id}/items/..`
+    /// reaches another route and the line could not be removed. Adding one is refused; lines
+    /// an earlier release added still read, and remove with a client that sends the path as
+    /// it is.
+    pub fn is_dot_segment(&self) -> bool {
+        matches!(self.0.as_str(), "." | "..")
     }
 }
 
@@ -230,5 +241,11 @@ mod tests {
         assert!(Sku::parse("a/b").is_none());
         assert!(Sku::parse(&"x".repeat(MAX_SKU_LEN)).is_some());
         assert!(Sku::parse(&"x".repeat(MAX_SKU_LEN + 1)).is_none());
+        for dots in [".", ".."] {
+            assert!(Sku::parse(dots).is_some_and(|sku| sku.is_dot_segment()));
+        }
+        for not_dots in ["...", ".a", "a..", "-"] {
+            assert!(Sku::parse(not_dots).is_some_and(|sku| !sku.is_dot_segment()));
+        }
     }
 }

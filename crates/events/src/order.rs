@@ -313,7 +313,7 @@ fn parse_sku(sku: &str) -> Result<Sku, DomainError> {
             reject(
                 Rule::InvalidSku,
                 format!(
-                    "{} is not a valid SKU (1-64 of A-Z a-z 0-9 - _ .)",
+                    "{} is not a valid SKU (1-64 of A-Z a-z 0-9 - _ ., not `.` or `..`)",
                     quoted(sku)
                 ),
             )
@@ -380,6 +380,12 @@ pub fn decide(state: &OrderState, command: &OrderCommand) -> Result<Vec<OrderEve
         } => {
             items_editable(order)?;
             let sku = parse_sku(sku)?;
+            if sku.is_dot_segment() {
+                return reject(
+                    Rule::InvalidSku,
+                    format!("`{sku}` is not a valid SKU: URL clients resolve it away from a path"),
+                );
+            }
             if *quantity <= 0 {
                 return reject(Rule::QuantityNotPositive, "`quantity` must be at least 1");
             }

@@ -161,6 +161,28 @@ fn adding_an_item_to_a_draft_records_it() {
     );
 }
 
+/// `.` and `..` are URL path segments clients resolve away, so such a line could not be
+/// removed over HTTP; one an earlier release added still reads and is still removed.
+#[test]
+fn a_sku_that_is_a_dot_segment_cannot_be_added_but_an_old_line_of_one_can_be_removed() {
+    for dots in [".", ".."] {
+        then_rule(&[created()], add(dots, 1, 100), Rule::InvalidSku);
+        assert_eq!(
+            then_events(
+                &[created(), added(dots, 1, 100)],
+                OrderCommand::RemoveItem { sku: dots.into() }
+            ),
+            vec![OrderEvent::ItemRemoved(ItemRemoved {
+                sku: events::money::Sku::parse(dots).expect("sku")
+            })]
+        );
+    }
+    assert_eq!(
+        then_events(&[created()], add("...", 1, 100)),
+        vec![added("...", 1, 100)]
+    );
+}
+
 #[test]
 fn adding_the_same_sku_twice_merges_quantities() {
     let state = given(&[created(), added("BOOK", 2, 1500), added("BOOK", 3, 1500)]);

@@ -23,6 +23,11 @@ pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const DEFAULT_EVENT_STREAM: &str = "es:events";
 /// Exit code for a bad setting, the same code clap uses for bad arguments.
 pub const CONFIG_ERROR_EXIT_CODE: i32 = 2;
+/// Longest time any interval, timeout or grace setting may name, in milliseconds: a day. A
+/// longer one is a mistake, and some would fail only much later: an instant a century ahead
+/// overflows the clock (a panic at shutdown), and Redis refuses an idle time past its own
+/// integers (a reclaim that never works), so they are refused at start, naming the setting.
+pub const MAX_INTERVAL_MS: u64 = 86_400_000;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -80,8 +85,14 @@ pub struct CommonArgs {
     #[arg(long, env = "EVENT_STREAM", default_value = DEFAULT_EVENT_STREAM)]
     pub event_stream: String,
 
-    /// Seconds to let in-flight requests and work finish after SIGTERM before exiting
-    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    /// Seconds to let in-flight requests and work finish after SIGTERM before exiting (at most
+    /// a day)
+    #[arg(
+        long,
+        env = "SHUTDOWN_GRACE_SECS",
+        default_value_t = 20,
+        value_parser = clap::value_parser!(u64).range(0..=MAX_INTERVAL_MS / 1_000)
+    )]
     pub shutdown_grace_secs: u64,
 
     /// Most HTTP connections open at once; at the cap no connection is accepted until one closes

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use platform::config::CommonArgs;
+use platform::config::{CommonArgs, MAX_INTERVAL_MS};
 
 use crate::consumer::ConsumerSettings;
 use crate::projections::ProjectionKind;
@@ -70,22 +70,24 @@ pub struct Settings {
     pub max_attempts: u32,
 
     /// First retry delay of a failing entry in milliseconds (doubles per attempt)
-    #[arg(long, env = "RETRY_BASE_MS", default_value_t = 200)]
+    #[arg(long, env = "RETRY_BASE_MS", default_value_t = 200,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_INTERVAL_MS))]
     pub retry_base_ms: u64,
 
     /// Idle time in milliseconds after which another consumer's pending entry is claimed
     #[arg(long, env = "CLAIM_IDLE_MS", default_value_t = 30_000,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=MAX_INTERVAL_MS))]
     pub claim_idle_ms: u64,
 
     /// How often (milliseconds) to claim entries of stopped consumers
     #[arg(long, env = "RECLAIM_INTERVAL_MS", default_value_t = 5_000,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=MAX_INTERVAL_MS))]
     pub reclaim_interval_ms: u64,
 
     /// How long (milliseconds) the oldest unapplied event may wait before the sweeper applies
     /// it from the event store itself
-    #[arg(long, env = "SWEEP_GRACE_MS", default_value_t = 3_000)]
+    #[arg(long, env = "SWEEP_GRACE_MS", default_value_t = 3_000,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_INTERVAL_MS))]
     pub sweep_grace_ms: u64,
 
     /// Events per transaction during `rebuild`

@@ -70,7 +70,8 @@ pub struct ReadArgs {
 
     /// Milliseconds between two reads of `projection_checkpoints` by the watcher, the fallback
     /// for notifications lost while its LISTEN connection reconnects (at least 10)
-    #[arg(long, env = "CHECKPOINT_POLL_MS", default_value_t = 250)]
+    #[arg(long, env = "CHECKPOINT_POLL_MS", default_value_t = 250,
+          value_parser = clap::value_parser!(u64).range(..=platform::config::MAX_INTERVAL_MS))]
     pub checkpoint_poll_ms: u64,
 
     /// Positions one page of `GET /events?event_type=` reads at most: a filter that matches

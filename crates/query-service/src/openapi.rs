@@ -182,7 +182,8 @@ impl utoipa::IntoParams for ConsistencyParams {
                 .description(Some(
                     "How long to wait for `min_position`, in ms (default 2000, WAIT_MS_DEFAULT); \
                      above WAIT_MS_MAX (default 10000) → 400 `invalid_wait`; on timeout 503 \
-                     `consistency_timeout` with Retry-After",
+                     `consistency_timeout` with Retry-After, or 409 `position_beyond_head` when \
+                     min_position is past the end of the log",
                 ))
                 .schema(Some(integer(0.0)))
                 .build(),

@@ -475,6 +475,18 @@ impl ReadModels {
                         CheckpointWatcher::record_outcome(projection, WaitOutcome::Satisfied);
                         return Ok(Positioned { value, position });
                     }
+                    // A position past the end of the log was never handed out by this store
+                    // (made up, or from before a restore to an earlier backup): waiting longer
+                    // cannot help, and a 503 would invite retries and count as an outage. Asked
+                    // only now, so a wait that is met costs no query.
+                    let head = store::head_position(&self.pool).await?;
+                    if wanted.min_position > head {
+                        return Err(ApiError::BeyondHead {
+                            code: "position_beyond_head",
+                            after: wanted.min_position,
+                            head,
+                        });
+                    }
                     CheckpointWatcher::record_outcome(projection, WaitOutcome::Timeout);
                     return Err(ApiError::ConsistencyTimeout {
                         projection,

@@ -6,6 +6,10 @@
 //! client can check a request before sending it. utoipa takes only literals for bounds: the API
 //! tests check each declared bound against the domain's constant and against what the service
 //! accepts and refuses.
+//!
+//! Every body is a JSON object, and a field it does not know is refused (400 `invalid_body`,
+//! naming it): a misspelt optional field (`orderId` for `order_id`) would otherwise be dropped
+//! in silence, and a retry of a create meant to be safe would create a second order.
 
 use events::OrderCommand;
 use events::money::Currency;
@@ -15,6 +19,7 @@ use uuid::Uuid;
 
 /// `POST /orders`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CreateOrderRequest {
     pub customer_id: Uuid,
     /// An active ISO 4217 code, upper case (`EUR`).
@@ -27,11 +32,13 @@ pub struct CreateOrderRequest {
 
 /// `POST /orders/{id}/items`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct AddItemRequest {
-    /// 1-64 of `A-Z a-z 0-9 - _ .`
+    /// 1-64 of `A-Z a-z 0-9 - _ .`, but not `.` or `..` (path segments URL clients resolve
+    /// away, so the line could not be removed)
     #[schema(
         example = "BOOK-42",
-        pattern = "^[A-Za-z0-9._-]+$",
+        pattern = r"^(?!\.\.?$)[A-Za-z0-9._-]+$",
         min_length = 1,
         max_length = 64
     )]
@@ -53,6 +60,7 @@ pub const FREE_TEXT_PATTERN: &str = r"^[^\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]*[^
 
 /// `POST /orders/{id}/pay`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct PayOrderRequest {
     /// Must equal the order total, in minor units.
     #[schema(example = 2500, minimum = 0, maximum = 9_007_199_254_740_991_i64)]
@@ -68,6 +76,7 @@ pub struct PayOrderRequest {
 
 /// `POST /orders/{id}/ship`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ShipOrderRequest {
     /// Free text: not blank, at most 500 characters once trimmed, no control characters but line breaks and tabs.
     #[schema(
@@ -87,6 +96,7 @@ pub struct ShipOrderRequest {
 
 /// `POST /orders/{id}/cancel`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CancelOrderRequest {
     /// Free text: not blank, at most 500 characters once trimmed, no control characters but line breaks and tabs.
     #[schema(
@@ -99,6 +109,7 @@ pub struct CancelOrderRequest {
 
 /// `POST /orders/{id}/place`: no body is needed; an empty JSON object is accepted.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct PlaceOrderRequest {}
 
 /// Every successful command's answer.

@@ -84,14 +84,25 @@ fn bytes_rejection(rejection: BytesRejection) -> Problem {
 }
 
 /// Parses with platform's `Json`, so content-type and JSON errors get the shared problem codes.
+///
+/// A command body is a JSON object. serde also fills a struct from an array, by position
+/// (`["SKU-1", 2, 150]`); such a body is refused: its meaning would change with the order of
+/// the struct's fields, and no client is told it may send one.
 async fn parse_json<T: DeserializeOwned, S: Send + Sync>(
     headers: HeaderMap,
     bytes: Bytes,
     state: &S,
 ) -> Result<T, Problem> {
-    let mut rebuilt = Request::new(Body::from(bytes));
+    let mut rebuilt = Request::new(Body::from(bytes.clone()));
     *rebuilt.headers_mut() = headers;
     let Json(value) = Json::<T>::from_request(rebuilt, state).await?;
+    // It parsed, so the first byte past any whitespace opens the value.
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(Problem::bad_request(
+            "invalid_body",
+            "the body must be a JSON object",
+        ));
+    }
     Ok(value)
 }
 

@@ -127,7 +127,7 @@ pub struct RelayArgs {
 
     /// How often the leader trims the stream to `STREAM_RETAIN`, in milliseconds.
     #[arg(long, env = "RELAY_TRIM_INTERVAL_MS", default_value_t = 5000,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=platform::config::MAX_INTERVAL_MS))]
     pub relay_trim_interval_ms: u64,
 
     /// Least time between two writes of the stored publish checkpoint, in milliseconds; 0

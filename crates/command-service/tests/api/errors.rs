@@ -44,6 +44,53 @@ async fn wrong_types_are_a_400() {
     assert_problem(response, 400, "invalid_body").await;
 }
 
+/// A body is a JSON object of known fields: an array filled in by position, or a misspelt
+/// field that would be dropped in silence, is refused and appends nothing.
+#[tokio::test]
+async fn a_body_that_is_an_array_or_names_an_unknown_field_is_a_400_and_appends_nothing() {
+    let app = spawn_app().await;
+    let order_id = app.create_order().await;
+    for (path, body) in [
+        (format!("/orders/{order_id}/items"), json!(["ARR", 3, 50])),
+        (format!("/orders/{order_id}/cancel"), json!(["a reason"])),
+        (format!("/orders/{order_id}/place"), json!([])),
+        (
+            format!("/orders/{order_id}/items"),
+            json!({ "sku": "A", "quantity": 1, "unit_price": 1, "unitPrice": 500 }),
+        ),
+        (format!("/orders/{order_id}/place"), json!({ "now": true })),
+    ] {
+        let response = app.post(&path).json(&body).send().await.unwrap();
+        let problem = assert_problem(response, 400, "invalid_body").await;
+        let detail = problem["detail"].as_str().unwrap();
+        if body.is_array() {
+            assert_eq!(detail, "the body must be a JSON object", "{path} {body}");
+        } else {
+            assert!(detail.contains("unknown field"), "{path} {body}: {detail}");
+        }
+    }
+    assert_eq!(app.event_count(order_id).await, 1, "only the create");
+    // The retry-safe create with its id misspelt: refused, rather than an order under a
+    // generated id that a retry would create again.
+    let meant = Uuid::new_v4();
+    let response = app
+        .post("/orders")
+        .json(&json!({ "customer_id": Uuid::new_v4(), "currency": "EUR", "orderId": meant }))
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(response, 400, "invalid_body").await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("`orderId`"),
+        "{problem}"
+    );
+    let orders: i64 = sqlx::query_scalar("SELECT count(DISTINCT stream_id) FROM events")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(orders, 1, "no second order");
+}
+
 #[tokio::test]
 async fn a_malformed_order_id_in_the_path_is_a_400() {
     let app = spawn_app().await;

@@ -319,6 +319,8 @@ async fn every_bound_the_openapi_document_declares_is_the_one_the_service_enforc
         ("A-1".to_owned(), max + 1, 1),
         ("A-1".to_owned(), 0, 1),
         ("A-1".to_owned(), 1, -1),
+        (".".to_owned(), 1, 1),
+        ("..".to_owned(), 1, 1),
     ] {
         let response = app.add_item(order, &sku, quantity, unit_price).await;
         assert_problem(response, 422, "rule_violated").await;

@@ -44,6 +44,47 @@ fn a_listen_addr_without_a_port_or_a_rust_log_that_does_not_parse_stops_every_bi
     }
 }
 
+/// An interval, timeout or grace past a day is refused at start rather than failing later: a
+/// grace of centuries overflowed the clock at SIGTERM (a panic, exit 101), and an idle time
+/// past Redis' integers made every reclaim fail.
+#[test]
+fn a_duration_setting_longer_than_a_day_stops_the_binary_at_start() {
+    let huge = u64::MAX.to_string();
+    let mut cases = vec![];
+    for bin in ["command-service", "query-service", "projector"] {
+        cases.push((bin, "SHUTDOWN_GRACE_SECS", "86401"));
+        cases.push((bin, "SHUTDOWN_GRACE_SECS", huge.as_str()));
+    }
+    for setting in [
+        "CLAIM_IDLE_MS",
+        "RECLAIM_INTERVAL_MS",
+        "SWEEP_GRACE_MS",
+        "RETRY_BASE_MS",
+    ] {
+        cases.push(("projector", setting, huge.as_str()));
+    }
+    cases.push(("command-service", "REQUEST_TIMEOUT_MS", huge.as_str()));
+    cases.push(("command-service", "RELAY_TRIM_INTERVAL_MS", huge.as_str()));
+    cases.push(("query-service", "CHECKPOINT_POLL_MS", huge.as_str()));
+    for (bin, setting, value) in cases {
+        let (code, lines) = start_with(bin, &[(setting, value)]);
+        assert_eq!(code, Some(2), "{bin} {setting}={value}: {lines:?}");
+        assert_eq!(lines.len(), 1, "{bin} {setting}={value}: {lines:?}");
+        assert!(
+            lines[0].contains(setting),
+            "{bin} {setting}={value}: {lines:?}"
+        );
+    }
+    // A day itself is accepted: the binary gets past its configuration and fails on the
+    // database nothing listens on, with another message.
+    let (code, lines) = start_with("projector", &[("CLAIM_IDLE_MS", "86400000")]);
+    assert_ne!(code, Some(2), "{lines:?}");
+    assert!(
+        !lines.iter().any(|l| l.contains("CLAIM_IDLE_MS")),
+        "{lines:?}"
+    );
+}
+
 /// A connection cap of 0 would serve nothing, and an API told to require a token must not start
 /// open because the token's secret is missing or blank.
 #[test]

@@ -29,7 +29,7 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::{Level, Span};
 
 pub use context::{
@@ -107,7 +107,12 @@ pub fn standard_layers(router: Router, limits: HttpLimits) -> Router {
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(make_span)
-                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+                .on_response(DefaultOnResponse::new().level(Level::INFO))
+                // A 5xx answer is logged at WARN: most are the service working as meant under
+                // load or an outage (503 `overloaded`, `consistency_timeout`,
+                // `store_unavailable`), which a client can cause at will; what is a fault (a
+                // 500) is logged at ERROR with its cause where it is made.
+                .on_failure(DefaultOnFailure::new().level(Level::WARN)),
         )
         .layer(middleware::from_fn(context::insert_context))
         .layer(PropagateRequestIdLayer::x_request_id())

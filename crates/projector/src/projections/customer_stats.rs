@@ -369,18 +369,20 @@ impl Projection for CustomerStats {
             }
         }
         let mut actual: BTreeMap<Uuid, Stats> = BTreeMap::new();
-        let mut last = Uuid::nil();
+        // Keyset paging from no bound rather than from the nil UUID: the command service
+        // accepts the nil UUID as a customer id like any other, and `> nil` would skip it.
+        let mut last: Option<Uuid> = None;
         loop {
             let rows = sqlx::query(
                 "SELECT customer_id, order_count, total_spent, draft_count, placed_count, \
                  paid_count, shipped_count, cancelled_count FROM customer_stats \
-                 WHERE customer_id > $1 ORDER BY customer_id LIMIT 10000",
+                 WHERE $1::uuid IS NULL OR customer_id > $1 ORDER BY customer_id LIMIT 10000",
             )
             .bind(last)
             .fetch_all(&mut *conn)
             .await?;
             let Some(row) = rows.last() else { break };
-            last = row.try_get("customer_id")?;
+            last = Some(row.try_get("customer_id")?);
             for row in &rows {
                 actual.insert(
                     row.try_get("customer_id")?,
@@ -399,19 +401,20 @@ impl Projection for CustomerStats {
                 );
             }
         }
-        let mut last = (Uuid::nil(), String::new());
+        let mut last: Option<(Uuid, String)> = None;
         loop {
             let rows = sqlx::query(
                 "SELECT customer_id, currency, total_spent FROM customer_stats_spent \
-                 WHERE (customer_id, currency) > ($1, $2) AND total_spent <> 0 \
+                 WHERE ($1::uuid IS NULL OR (customer_id, currency) > ($1, $2)) \
+                   AND total_spent <> 0 \
                  ORDER BY customer_id, currency LIMIT 10000",
             )
-            .bind(last.0)
-            .bind(&last.1)
+            .bind(last.as_ref().map(|(customer, _)| *customer))
+            .bind(last.as_ref().map(|(_, currency)| currency.as_str()))
             .fetch_all(&mut *conn)
             .await?;
             let Some(row) = rows.last() else { break };
-            last = (row.try_get("customer_id")?, row.try_get("currency")?);
+            last = Some((row.try_get("customer_id")?, row.try_get("currency")?));
             for row in &rows {
                 let customer: Uuid = row.try_get("customer_id")?;
                 actual

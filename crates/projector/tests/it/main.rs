@@ -1128,6 +1128,51 @@ async fn customer_stats_keep_what_was_spent_in_each_currency_apart() {
         .await;
 }
 
+/// The nil UUID is a customer id the command service accepts; `verify` compares its row like
+/// any other instead of reporting it missing.
+#[tokio::test]
+async fn verify_compares_the_stats_of_a_customer_whose_id_is_the_nil_uuid() {
+    use support::{Fate, commands};
+    let w = World::new().await;
+    for customer in [Uuid::nil(), Uuid::new_v4()] {
+        let id = Uuid::new_v4();
+        run_commands(
+            w.pool(),
+            id,
+            &commands(id, customer, Fate::Paid),
+            &mut OrderState::default(),
+        )
+        .await;
+    }
+    let all = store::read_all(w.pool(), 0, 10_000).await.unwrap();
+    let mut conn = w.pool().acquire().await.unwrap();
+    apply_batch(&mut conn, ProjectionKind::CustomerStats, &all)
+        .await
+        .unwrap();
+    let report = projector::verify::verify(w.pool(), ProjectionKind::CustomerStats)
+        .await
+        .unwrap();
+    assert!(
+        report.is_clean(),
+        "{}",
+        report.render(ProjectionKind::CustomerStats)
+    );
+    // And a difference in that row is found.
+    sqlx::query("UPDATE customer_stats SET paid_count = 7 WHERE customer_id = $1")
+        .bind(Uuid::nil())
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let report = projector::verify::verify(w.pool(), ProjectionKind::CustomerStats)
+        .await
+        .unwrap();
+    let rendered = report.render(ProjectionKind::CustomerStats);
+    assert!(
+        rendered.contains(&format!("{} paid_count", Uuid::nil())),
+        "{rendered}"
+    );
+}
+
 #[tokio::test]
 async fn upgrading_to_spend_per_currency_fills_it_from_what_was_projected() {
     // The schema before migration 0007, with an order remembered by customer_stats in each

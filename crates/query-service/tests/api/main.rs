@@ -232,6 +232,16 @@ impl TestApp {
         follower
     }
 
+    /// Appends orders of one event each until the log reaches `position`: a read-your-writes
+    /// wait for a position the log does not have is refused 409, not waited for.
+    async fn fill_log_to(&self, position: i64) {
+        while store::head_position(self.pool()).await.unwrap() < position {
+            let order = Uuid::new_v4();
+            self.append_order(order, vec![create(order, Uuid::new_v4())])
+                .await;
+        }
+    }
+
     /// Appends one event batch per command to a new order; returns the versions' positions.
     async fn append_order(&self, order_id: Uuid, commands: Vec<OrderCommand>) -> Vec<i64> {
         let mut state = OrderState::default();
@@ -730,6 +740,7 @@ async fn a_read_with_min_position_waits_until_a_notified_checkpoint_reaches_it()
     let order = TestOrder::new(Uuid::new_v4(), "draft", 1);
     app.put_summary(&order).await;
     app.set_checkpoint("order_summaries", 1, true).await;
+    app.fill_log_to(5).await;
 
     let (status, _, body) = app
         .get_json(&format!(
@@ -1067,6 +1078,7 @@ async fn a_mark_the_watch_has_not_heard_of_yet_serves_the_read_instead_of_a_503(
     })
     .await;
     app.set_checkpoint("order_summaries", 7, false).await;
+    app.fill_log_to(8).await;
     let response = app.get("/orders?min_position=7&wait_ms=0").await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(projection_position(response.headers()), 7);
@@ -1094,6 +1106,7 @@ async fn a_503_names_the_tables_mark_when_the_watch_still_holds_a_higher_one() {
     })
     .await;
     app.set_checkpoint("order_summaries", 3, false).await;
+    app.fill_log_to(5).await;
 
     let (status, headers, body) = app.get_json("/orders?min_position=5&wait_ms=0").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -1102,10 +1115,47 @@ async fn a_503_names_the_tables_mark_when_the_watch_still_holds_a_higher_one() {
     assert_eq!(body["projection_position"], 3);
 }
 
+/// A position past the end of the log was never answered to a command by this store (made up,
+/// or from before a restore to an earlier backup): once the wait is up the read is refused 409
+/// with where the log ends, not 503, which invites retries and counts as an outage.
+#[tokio::test]
+async fn a_wait_for_a_position_past_the_end_of_the_log_is_refused_with_where_it_ends() {
+    let app = spawn_app().await;
+    let order = Uuid::new_v4();
+    let customer = Uuid::new_v4();
+    let positions = app.append_order(order, vec![create(order, customer)]).await;
+    let head = positions[0];
+    app.set_checkpoint("order_summaries", 0, true).await;
+    app.set_checkpoint("customer_stats", 0, true).await;
+    for path in [
+        format!("/orders/{order}"),
+        "/orders".to_owned(),
+        format!("/customers/{customer}"),
+    ] {
+        let (status, _, body) = app
+            .get_json(&format!("{path}?min_position={}&wait_ms=50", head + 1))
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT, "{path}: {body}");
+        assert_eq!(body["code"], "position_beyond_head", "{path}");
+        assert_eq!(body["head"], head, "{path}");
+        let (status, _, body) = app
+            .get_json(&format!("{path}?min_position={i}&wait_ms=0", i = i64::MAX))
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT, "{path}: {body}");
+        // A position the log has, not applied yet, is still a wait that timed out.
+        let (status, _, body) = app
+            .get_json(&format!("{path}?min_position={head}&wait_ms=0"))
+            .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}: {body}");
+        assert_eq!(body["code"], "consistency_timeout", "{path}");
+    }
+}
+
 #[tokio::test]
 async fn a_wait_past_wait_ms_answers_503_with_retry_after() {
     let app = spawn_app().await;
     app.set_checkpoint("order_summaries", 2, true).await;
+    app.fill_log_to(100).await;
     let response = app.get("/orders?min_position=100&wait_ms=150").await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(response.headers()["retry-after"], "1");
@@ -2870,6 +2920,7 @@ async fn openapi_json_lists_every_route_and_error() {
                 ),
                 ("401", &["unauthorized"]),
                 ("404", &["order_not_found"]),
+                ("409", &["position_beyond_head"]),
                 ("500", &["internal"]),
                 (
                     "503",
@@ -2899,6 +2950,7 @@ async fn openapi_json_lists_every_route_and_error() {
                     ],
                 ),
                 ("401", &["unauthorized"]),
+                ("409", &["position_beyond_head"]),
                 ("500", &["internal"]),
                 ("503", READ_MODEL_503),
             ],
@@ -2913,6 +2965,7 @@ async fn openapi_json_lists_every_route_and_error() {
                 ),
                 ("401", &["unauthorized"]),
                 ("404", &["customer_not_found"]),
+                ("409", &["position_beyond_head"]),
                 ("500", &["internal"]),
                 (
                     "503",
