@@ -266,6 +266,14 @@ impl DeadLetterQueue {
         until: &str,
         count: usize,
     ) -> Result<Vec<DeadLetter>, BusError> {
+        // Nothing follows the largest id there is, and Redis refuses an exclusive start at it
+        // ("invalid start ID") rather than answer an empty page.
+        if after
+            .and_then(crate::entry::EntryId::parse)
+            .is_some_and(|id| id.ms == u64::MAX && id.seq == u64::MAX)
+        {
+            return Ok(Vec::new());
+        }
         let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
         self.range(group, &start, until, Some(count)).await
     }

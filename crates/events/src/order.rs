@@ -278,7 +278,10 @@ fn reject<T>(rule: Rule, message: impl Into<String>) -> Result<T, DomainError> {
 }
 
 fn required_text(field: &str, value: &str) -> Result<String, DomainError> {
-    let trimmed = value.trim();
+    // Blank as the published schema's pattern sees it (ECMAScript's `\s`): Unicode white space
+    // and U+FEFF, the byte order mark, which Rust's `trim` keeps. A reason of a lone, invisible
+    // BOM is no reason.
+    let trimmed = value.trim_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
     if trimmed.is_empty() {
         return reject(Rule::TextRequired, format!("`{field}` must not be empty"));
     }

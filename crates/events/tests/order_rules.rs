@@ -536,6 +536,26 @@ fn cancelling_needs_a_reason() {
         OrderCommand::CancelOrder { reason: "".into() },
         Rule::TextRequired,
     );
+    // Blank as the published schema sees it: a byte order mark is no reason either.
+    for blank in ["\u{feff}", " \u{feff}\n", "\u{85}"] {
+        then_rule(
+            &[created()],
+            OrderCommand::CancelOrder {
+                reason: blank.into(),
+            },
+            Rule::TextRequired,
+        );
+    }
+    let events = then_events(
+        &[created()],
+        OrderCommand::CancelOrder {
+            reason: "\u{feff} late \u{feff}".into(),
+        },
+    );
+    assert!(
+        matches!(&events[..], [OrderEvent::OrderCancelled(c)] if c.reason == "late"),
+        "{events:?}"
+    );
 }
 
 #[test]

@@ -193,8 +193,21 @@ pub fn validate_listen_addr(addr: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Parses a `DATABASE_URL` the way `db::connect` will, naming the setting on failure.
+/// Parses a `DATABASE_URL` the way `db::connect` will, naming the setting on failure. The
+/// scheme must be `postgres` or `postgresql`: the parser reads any URL's host, user and
+/// database, so `mysql://…` or `http://…` (a setting meant for something else) would connect
+/// to whatever PostgreSQL listens there.
 pub fn validate_database_url(url: &str) -> anyhow::Result<PgConnectOptions> {
+    let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+    if let Some(scheme) = scheme
+        && !scheme.eq_ignore_ascii_case("postgres")
+        && !scheme.eq_ignore_ascii_case("postgresql")
+    {
+        return Err(anyhow!(
+            "invalid DATABASE_URL: the scheme is `{}`, not postgres:// or postgresql://",
+            one_line(&scheme.chars().take(20).collect::<String>())
+        ));
+    }
     PgConnectOptions::from_str(url).map_err(|e| anyhow!("invalid DATABASE_URL: {}", one_line(&e)))
 }
 
@@ -479,6 +492,21 @@ mod tests {
         cli.common.database_url = "not a url".into();
         let msg = cli.common.validate().unwrap_err().to_string();
         assert!(msg.starts_with("invalid DATABASE_URL: "), "{msg}");
+        for other in [
+            "mysql://postgres@127.0.0.1:5432/orders",
+            "http://127.0.0.1:5432/orders",
+        ] {
+            cli.common.database_url = other.into();
+            let msg = cli.common.validate().unwrap_err().to_string();
+            assert!(msg.starts_with("invalid DATABASE_URL: the scheme"), "{msg}");
+        }
+        for fine in [
+            "postgres://postgres@127.0.0.1:5432/orders",
+            "postgresql://postgres@127.0.0.1/orders",
+        ] {
+            cli.common.database_url = fine.into();
+            cli.common.validate().unwrap();
+        }
     }
 
     #[test]

@@ -95,15 +95,20 @@ async fn parse_json<T: DeserializeOwned, S: Send + Sync>(
 ) -> Result<T, Problem> {
     let mut rebuilt = Request::new(Body::from(bytes.clone()));
     *rebuilt.headers_mut() = headers;
-    let Json(value) = Json::<T>::from_request(rebuilt, state).await?;
-    // It parsed, so the first byte past any whitespace opens the value.
-    if bytes.trim_ascii_start().first() != Some(&b'{') {
-        return Err(Problem::bad_request(
-            "invalid_body",
-            "the body must be a JSON object",
-        ));
+    let parsed = Json::<T>::from_request(rebuilt, state).await;
+    let object = bytes.trim_ascii_start().first() == Some(&b'{');
+    match parsed {
+        Ok(Json(value)) if object => Ok(value),
+        // Refused before its content was read (415, 413): that answer stands.
+        Err(problem) if problem.status() != StatusCode::BAD_REQUEST => Err(problem),
+        // Valid JSON of another kind: serde may have taken an array by position, or called
+        // it a syntax error (`[1]` for a struct of no fields has "trailing characters").
+        _ if !object && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok() => Err(
+            Problem::bad_request("invalid_body", "the body must be a JSON object"),
+        ),
+        Ok(Json(value)) => Ok(value),
+        Err(problem) => Err(problem),
     }
-    Ok(value)
 }
 
 /// The request's command headers and context.

@@ -54,6 +54,8 @@ async fn a_body_that_is_an_array_or_names_an_unknown_field_is_a_400_and_appends_
         (format!("/orders/{order_id}/items"), json!(["ARR", 3, 50])),
         (format!("/orders/{order_id}/cancel"), json!(["a reason"])),
         (format!("/orders/{order_id}/place"), json!([])),
+        (format!("/orders/{order_id}/place"), json!([1])),
+        ("/orders".to_owned(), json!([Uuid::new_v4(), "EUR"])),
         (
             format!("/orders/{order_id}/items"),
             json!({ "sku": "A", "quantity": 1, "unit_price": 1, "unitPrice": 500 }),

@@ -355,11 +355,13 @@ impl Projection for CustomerStats {
                             .or_default()
                             .add_order(&order);
                         if added.is_err() {
+                            // The event store's orders add up past what the read model
+                            // can hold: the expected figure itself cannot be stored.
                             report.push(
                                 order.customer_id,
                                 "total_spent",
-                                "a sum within 64 bits",
-                                "an overflow",
+                                "the event store's sum, which overflows 64 bits",
+                                "what the read model could hold (its event is dead-lettered)",
                             );
                         }
                     }

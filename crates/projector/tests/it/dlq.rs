@@ -589,6 +589,19 @@ async fn dlq_list_pages_through_more_letters_than_one_page_holds() {
         !second.contains(next),
         "the page starts after the id it was given"
     );
+    // After the largest id there is: an empty page, not Redis' refusal of the range.
+    let (ok, last) = run_dlq(
+        &w,
+        &[
+            "list",
+            "order_summaries",
+            "--after",
+            "18446744073709551615-18446744073709551615",
+        ],
+    )
+    .await;
+    assert!(ok, "{last}");
+    assert!(last.lines().any(|l| l == "0 dead letter(s)"), "{last}");
 
     // Only `list` pages: a replay or purge given --after is refused, not run on every letter.
     for action in ["replay", "purge"] {
