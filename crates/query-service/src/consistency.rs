@@ -392,6 +392,16 @@ impl CheckpointWatcher {
         .increment(1);
     }
 
+    /// Counts a wait that ran out for a position past the end of the log (answered 409).
+    pub fn record_beyond_head(projection: &'static str) {
+        metrics::counter!(
+            "query_consistency_waits_total",
+            "projection" => projection,
+            "outcome" => "beyond_head"
+        )
+        .increment(1);
+    }
+
     /// Reads every checkpoint once and publishes them (one step of the poller).
     pub async fn poll_once(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
         // Opened before the reads, so every notification they may not include is counted.

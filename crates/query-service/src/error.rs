@@ -98,6 +98,15 @@ pub enum ApiError {
         observed: i64,
         wait_ms: u64,
     },
+    /// A read-your-writes wait for a position past the end of the log (`position_beyond_head`),
+    /// found when the wait ran out: no command of this event store was answered with it.
+    #[error("{projection}: min_position {min_position} is past the end of the log ({head})")]
+    WaitBeyondHead {
+        projection: &'static str,
+        min_position: i64,
+        head: i64,
+        observed: i64,
+    },
     /// A resume point past the end of the log (`position_beyond_head`) or of an order's
     /// stream (`version_beyond_head`): nothing was ever committed there in this store.
     #[error("{code}: {after} is past {head}")]
@@ -207,6 +216,26 @@ impl ApiError {
                     ))
                     .with_extension("projection", projection)
                     .with_extension("min_position", min_position)
+                    .with_extension("projection_position", observed);
+                with_position(p, Some(*observed))
+            }
+            ApiError::WaitBeyondHead {
+                projection,
+                min_position,
+                head,
+                observed,
+            } => {
+                let p = Problem::new(StatusCode::CONFLICT, "position_beyond_head")
+                    .with_detail(format!(
+                        "min_position {min_position} is past the end of the event log ({head}): \
+                         this event store answered no command with it. A made-up position, or \
+                         one from before the database was restored from an earlier backup: then \
+                         the write it answered is lost; check the order. Once the log passes \
+                         {min_position}, reads wait for it and are served, without that write"
+                    ))
+                    .with_extension("projection", projection)
+                    .with_extension("min_position", min_position)
+                    .with_extension("head", head)
                     .with_extension("projection_position", observed);
                 with_position(p, Some(*observed))
             }

@@ -459,12 +459,16 @@ impl TryFrom<&RawStateAt> for StateAt {
     }
 }
 
-/// Parses RFC 3339; a `+` offset that form decoding turned into a space is put back.
+/// Parses RFC 3339; a `+` offset that form decoding turned into a space is put back. Only the
+/// last space can be one: RFC 3339 lets a space stand between date and time too.
 fn parse_at(s: &str) -> Option<DateTime<Utc>> {
     let s = s.trim();
     DateTime::parse_from_rfc3339(s)
-        .or_else(|_| DateTime::parse_from_rfc3339(&s.replace(' ', "+")))
         .ok()
+        .or_else(|| {
+            let (before, offset) = s.rsplit_once(' ')?;
+            DateTime::parse_from_rfc3339(&format!("{before}+{offset}")).ok()
+        })
         .map(|t| t.with_timezone(&Utc))
 }
 
@@ -522,6 +526,15 @@ mod tests {
             StateAt::try_from(&spaced).unwrap(),
             StateAt::Time(_)
         ));
+        // A space between date and time as well (RFC 3339 allows it): the offset is the last.
+        let two_spaces = RawStateAt {
+            version: None,
+            at: Some("2026-01-01 00:00:00 01:00".into()),
+        };
+        assert_eq!(
+            StateAt::try_from(&two_spaces).unwrap(),
+            StateAt::Time("2025-12-31T23:00:00Z".parse().unwrap())
+        );
         let bad = RawStateAt {
             version: None,
             at: Some("yesterday".into()),

@@ -476,15 +476,18 @@ impl ReadModels {
                         return Ok(Positioned { value, position });
                     }
                     // A position past the end of the log was never handed out by this store
-                    // (made up, or from before a restore to an earlier backup): waiting longer
-                    // cannot help, and a 503 would invite retries and count as an outage. Asked
-                    // only now, so a wait that is met costs no query.
+                    // (made up, or from before a restore to an earlier backup): a 503 would
+                    // invite retries that cannot help until other commits reach it, and count
+                    // as an outage. Asked only now, so a wait that is met costs no query.
+                    self.stats.queries.fetch_add(1, Ordering::Relaxed);
                     let head = store::head_position(&self.pool).await?;
                     if wanted.min_position > head {
-                        return Err(ApiError::BeyondHead {
-                            code: "position_beyond_head",
-                            after: wanted.min_position,
+                        CheckpointWatcher::record_beyond_head(projection);
+                        return Err(ApiError::WaitBeyondHead {
+                            projection,
+                            min_position: wanted.min_position,
                             head,
+                            observed: position,
                         });
                     }
                     CheckpointWatcher::record_outcome(projection, WaitOutcome::Timeout);

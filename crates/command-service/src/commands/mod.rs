@@ -679,10 +679,48 @@ impl CommandHandler {
         order_id: Uuid,
         idempotency: &IdempotencyRequest,
     ) -> Result<Option<CommandOutcome>, CommandError> {
-        let stored = self
-            .inner
+        match self.find_stored(order_id, &idempotency.key).await? {
+            Some(stored) => replay(order_id, idempotency, stored).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The answer stored under `idempotency`'s key if it answered this very request (the same
+    /// hash), for a request whose body this release refuses: only an earlier release, whose
+    /// rules accepted the body, can have given one. `None` when the key has no answer, or one
+    /// to another request (the refusal of the body stands then). `order_id` is the path's,
+    /// or, for a create, taken from the stored answer.
+    pub async fn earlier_answer(
+        &self,
+        order_id: Option<Uuid>,
+        idempotency: &IdempotencyRequest,
+    ) -> Result<Option<CommandOutcome>, CommandError> {
+        let Some(stored) = self
+            .find_stored(order_id.unwrap_or_default(), &idempotency.key)
+            .await?
+        else {
+            return Ok(None);
+        };
+        if stored.request_hash != idempotency.request_hash {
+            return Ok(None);
+        }
+        let order_id = order_id
+            .or_else(|| stored.body.get("order_id")?.as_str()?.parse().ok())
+            .unwrap_or_default();
+        metrics::counter!("commands_total", "command" => "unparsed", "outcome" => "replayed")
+            .increment(1);
+        replay(order_id, idempotency, stored).map(Some)
+    }
+
+    /// The answer stored under `key`, if any; `order_id` names the order in a failure's log.
+    async fn find_stored(
+        &self,
+        order_id: Uuid,
+        key: &str,
+    ) -> Result<Option<StoredResponse>, CommandError> {
+        self.inner
             .gate
-            .unless_shut(store::idempotency::find(&self.inner.pool, &idempotency.key))
+            .unless_shut(store::idempotency::find(&self.inner.pool, key))
             .await
             .ok_or_else(cut_short)?
             .map_err(|err| {
@@ -694,11 +732,7 @@ impl CommandHandler {
                     "cannot look up an idempotency key",
                 );
                 store_failure(unavailable, &err)
-            })?;
-        match stored {
-            Some(stored) => replay(order_id, idempotency, stored).map(Some),
-            None => Ok(None),
-        }
+            })
     }
 
     /// Saves a snapshot in the background when the append took the order across a multiple of

@@ -38,7 +38,7 @@ pub struct AddItemRequest {
     /// away, so the line could not be removed)
     #[schema(
         example = "BOOK-42",
-        pattern = r"^(?!\.\.?$)[A-Za-z0-9._-]+$",
+        pattern = r"^(?:[A-Za-z0-9._-]*[A-Za-z0-9_-][A-Za-z0-9._-]*|\.{3,})$",
         min_length = 1,
         max_length = 64
     )]

@@ -17,10 +17,13 @@ use super::MAX_IDEMPOTENCY_KEY_LEN;
 use super::error::ApiError;
 use crate::commands::IfMatch;
 
-/// A JSON body (with our problem rejections: 400, 413, 415) and the bytes it was read from.
+/// A JSON body and the bytes it was read from. A body that cannot be read (413) or is not JSON
+/// (415) is rejected; one whose content this release refuses (400: malformed, wrong types, an
+/// unknown field, not an object) is kept as `Err` in `value`, so the handler can first look
+/// for an answer an earlier release gave the same request under its `Idempotency-Key`.
 #[derive(Debug)]
 pub struct CommandBody<T> {
-    pub value: T,
+    pub value: Result<T, Problem>,
     pub bytes: Bytes,
 }
 
@@ -34,16 +37,17 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let headers = req.headers().clone();
         let bytes = read_bytes(req, state).await?;
-        let value = parse_json(headers, bytes.clone(), state).await?;
+        let value = refused_content_kept(parse_json(headers, bytes.clone(), state).await)?;
         Ok(Self { value, bytes })
     }
 }
 
 /// A body that may be absent: an empty body means `T::default()`; anything else must be JSON
-/// of type `T` (`POST /orders/{id}/place` takes no body, or `{}`).
+/// of type `T` (`POST /orders/{id}/place` takes no body, or `{}`). Refusals as for
+/// [`CommandBody`].
 #[derive(Debug)]
 pub struct OptionalBody<T> {
-    pub value: T,
+    pub value: Result<T, Problem>,
     pub bytes: Bytes,
 }
 
@@ -59,12 +63,23 @@ where
         let bytes = read_bytes(req, state).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(Self {
-                value: T::default(),
+                value: Ok(T::default()),
                 bytes,
             });
         }
-        let value = parse_json(headers, bytes.clone(), state).await?;
+        let value = refused_content_kept(parse_json(headers, bytes.clone(), state).await)?;
         Ok(Self { value, bytes })
+    }
+}
+
+/// Splits a parse's outcome: a 400 (the content refused) is kept for the handler, any other
+/// refusal (415, 413) rejects the request at once.
+// The outer error is the extractor's rejection, a `Problem` like every other one.
+#[allow(clippy::result_large_err)]
+fn refused_content_kept<T>(parsed: Result<T, Problem>) -> Result<Result<T, Problem>, Problem> {
+    match parsed {
+        Err(problem) if problem.status() != StatusCode::BAD_REQUEST => Err(problem),
+        kept => Ok(kept),
     }
 }
 

@@ -36,7 +36,7 @@ impl utoipa::IntoResponses for OrderCommandProblems {
         use utoipa::openapi::content::ContentBuilder;
         use utoipa::openapi::response::ResponseBuilder;
         [
-            ("400", "Malformed JSON, wrong types, bad path or header"),
+            ("400", "`malformed_json`; `invalid_body`: wrong types, a missing or unknown field, or a body that is not a JSON object; `invalid_path`; `invalid_if_match`; `invalid_idempotency_key`"),
             ("401", "Token configured and missing or wrong"),
             ("404", "`order_not_found`"),
             ("409", "`concurrency_conflict`: retries ran out"),
@@ -140,7 +140,7 @@ fn command_header_params() -> Vec<utoipa::openapi::path::Parameter> {
     params(OrderCommandHeaders),
     responses(
         (status = 201, description = "Created; `Location: /orders/{id}`, `ETag: \"<version>\"`", body = CommandResponse),
-        (status = 400, description = "Malformed JSON, wrong types, bad header", body = platform::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`malformed_json`; `invalid_body`: wrong types, a missing or unknown field, or a body that is not a JSON object; `invalid_if_match`; `invalid_idempotency_key`", body = platform::Problem, content_type = "application/problem+json"),
         (status = 401, description = "Token configured and missing or wrong", body = platform::Problem, content_type = "application/problem+json"),
         (status = 409, description = "`order_exists`: an order with this order_id exists", body = platform::Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = platform::Problem, content_type = "application/problem+json"),
@@ -157,8 +157,8 @@ pub async fn create_order(
     headers: CommandHeaders,
     body: CommandBody<CreateOrderRequest>,
 ) -> ApiResult {
-    let (order_id, command) = body.value.into_command();
-    run(&app, headers, &body.bytes, order_id, command).await
+    let parsed = body.value.map(CreateOrderRequest::into_command);
+    run_or_replay(&app, headers, &body.bytes, None, parsed).await
 }
 
 /// Add an item (or more units of a SKU already in the order)
@@ -181,7 +181,8 @@ pub async fn add_item(
     headers: CommandHeaders,
     body: CommandBody<AddItemRequest>,
 ) -> ApiResult {
-    run(&app, headers, &body.bytes, order_id, body.value.into()).await
+    let parsed = body.value.map(|value| (order_id, value.into()));
+    run_or_replay(&app, headers, &body.bytes, Some(order_id), parsed).await
 }
 
 /// Remove a line
@@ -241,15 +242,10 @@ pub async fn place_order(
     headers: CommandHeaders,
     body: OptionalBody<PlaceOrderRequest>,
 ) -> ApiResult {
-    let PlaceOrderRequest {} = body.value;
-    run(
-        &app,
-        headers,
-        &body.bytes,
-        order_id,
-        OrderCommand::PlaceOrder,
-    )
-    .await
+    let parsed = body
+        .value
+        .map(|PlaceOrderRequest {}| (order_id, OrderCommand::PlaceOrder));
+    run_or_replay(&app, headers, &body.bytes, Some(order_id), parsed).await
 }
 
 /// Pay a placed order (the amount must equal the total)
@@ -272,7 +268,8 @@ pub async fn pay_order(
     headers: CommandHeaders,
     body: CommandBody<PayOrderRequest>,
 ) -> ApiResult {
-    run(&app, headers, &body.bytes, order_id, body.value.into()).await
+    let parsed = body.value.map(|value| (order_id, value.into()));
+    run_or_replay(&app, headers, &body.bytes, Some(order_id), parsed).await
 }
 
 /// Ship a paid order
@@ -295,7 +292,8 @@ pub async fn ship_order(
     headers: CommandHeaders,
     body: CommandBody<ShipOrderRequest>,
 ) -> ApiResult {
-    run(&app, headers, &body.bytes, order_id, body.value.into()).await
+    let parsed = body.value.map(|value| (order_id, value.into()));
+    run_or_replay(&app, headers, &body.bytes, Some(order_id), parsed).await
 }
 
 /// Cancel an order that has not shipped
@@ -318,7 +316,38 @@ pub async fn cancel_order(
     headers: CommandHeaders,
     body: CommandBody<CancelOrderRequest>,
 ) -> ApiResult {
-    run(&app, headers, &body.bytes, order_id, body.value.into()).await
+    let parsed = body.value.map(|value| (order_id, value.into()));
+    run_or_replay(&app, headers, &body.bytes, Some(order_id), parsed).await
+}
+
+/// The tail of a handler with a body: runs the command parsed from it; a body this release
+/// refuses (400) is answered with that refusal, unless its `Idempotency-Key` holds the answer to
+/// this very request (the same hash of method, path, body and `If-Match`). Only an earlier
+/// release can have given one, with a rule that accepted the body (one that ignored unknown
+/// fields): a client retrying a command that release committed gets its first answer, not a
+/// 400 that says the command failed. `path_order` is the order of the path (none for a create).
+async fn run_or_replay(
+    app: &AppState,
+    headers: CommandHeaders,
+    body: &[u8],
+    path_order: Option<Uuid>,
+    parsed: Result<(Uuid, OrderCommand), platform::Problem>,
+) -> ApiResult {
+    let refused = match parsed {
+        Ok((order_id, command)) => return run(app, headers, body, order_id, command).await,
+        Err(refused) => refused,
+    };
+    let Some(key) = headers.idempotency_key.clone() else {
+        return Err(refused.into());
+    };
+    let idempotency = IdempotencyRequest {
+        key,
+        request_hash: headers.request_hash(body),
+    };
+    match app.handler.earlier_answer(path_order, &idempotency).await? {
+        Some(outcome) => Ok(respond(path_order.is_none(), outcome)),
+        None => Err(refused.into()),
+    }
 }
 
 /// The shared tail of every handler: build the context, execute, answer.

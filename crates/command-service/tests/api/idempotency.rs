@@ -395,3 +395,89 @@ async fn a_command_answered_503_timeout_may_commit_later_and_a_repeat_with_its_k
     assert_eq!(body["version"], 2);
     assert_eq!(app.event_count(order_id).await, 2);
 }
+
+/// Stores `response` under `key` as the answer to `POST path` with `body`, as a release that
+/// accepted the body (one that ignored unknown fields) would have.
+async fn store_earlier_answer(
+    app: &crate::helpers::TestApp,
+    key: &str,
+    path: &str,
+    body: &str,
+    status: i16,
+    response: Value,
+) {
+    use sha2::Digest as _;
+    let hash = sha2::Sha256::digest(format!("POST {path}\n{body}"));
+    sqlx::query(
+        "INSERT INTO idempotency_keys (idempotency_key, request_hash, response_status, \
+                                       response_body) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(key)
+    .bind(hash.to_vec())
+    .bind(status)
+    .bind(response)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+}
+
+/// During a rollout, a release that ignored unknown fields may have committed a command whose
+/// body this one refuses. Its client's retry under the same key gets that first answer, not a
+/// 400 saying the command failed; any other request with the body is still refused.
+#[tokio::test]
+async fn a_body_refused_now_is_answered_with_what_an_earlier_release_stored_under_its_key() {
+    let app = spawn_app().await;
+    let order_id = app.create_order().await;
+    let path = format!("/orders/{order_id}/items");
+    let body = r#"{"sku":"A","quantity":1,"unit_price":5,"note":"gift"}"#;
+    let first = json!({ "order_id": order_id, "version": 2, "position": 7 });
+    store_earlier_answer(&app, "k-items", &path, body, 200, first.clone()).await;
+    let send = |key: Option<&'static str>, body: &'static str| {
+        let mut request = app
+            .post(&path)
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        request.send()
+    };
+    let again = send(Some("k-items"), body).await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.headers()["etag"], "\"2\"");
+    assert_eq!(again.json::<Value>().await.unwrap(), first);
+    // Without the key, under another key, or with another body under the key: refused.
+    for (key, other) in [
+        (None, body),
+        (Some("k-other"), body),
+        (
+            Some("k-items"),
+            r#"{"sku":"A","quantity":2,"unit_price":5,"note":"gift"}"#,
+        ),
+    ] {
+        let refused = send(key, other).await.unwrap();
+        assert_problem(refused, 400, "invalid_body").await;
+    }
+    assert_eq!(app.event_count(order_id).await, 1, "nothing appended");
+
+    // A create: its order id comes from the stored answer.
+    let created = Uuid::new_v4();
+    let body = format!(
+        r#"{{"customer_id":"{}","currency":"EUR","orderId":"{created}"}}"#,
+        Uuid::new_v4()
+    );
+    let first = json!({ "order_id": created, "version": 1, "position": 9 });
+    store_earlier_answer(&app, "k-create", "/orders", &body, 201, first.clone()).await;
+    let again = app
+        .post("/orders")
+        .header("content-type", "application/json")
+        .header("idempotency-key", "k-create")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.headers()["location"], format!("/orders/{created}"));
+    assert_eq!(again.json::<Value>().await.unwrap(), first);
+}

@@ -79,6 +79,31 @@ impl AllowedOrigins {
                     "`{origin}` is not an origin like https://host[:port] (no path, no wildcard)"
                 );
             }
+            // A port, if given, is written as a browser writes it in `Origin`, or the origin
+            // would never match and browsers would be refused without a word (`[::1]` is a
+            // host, not a port).
+            if let Some((host, port)) = rest.rsplit_once(':')
+                && !port.contains(']')
+            {
+                let written = !host.is_empty()
+                    && !port.is_empty()
+                    && port.bytes().all(|b| b.is_ascii_digit())
+                    && !port.starts_with('0')
+                    && port.parse::<u16>().is_ok();
+                if !written {
+                    bail!(
+                        "`{origin}` is not an origin like https://host[:port] \
+                         (the port is 1 to 65535, in plain digits)"
+                    );
+                }
+                let default = if scheme == "https" { "443" } else { "80" };
+                if port == default {
+                    bail!(
+                        "`{origin}` names the default port, which browsers leave out of the \
+                         Origin they send: write `{scheme}://{host}`"
+                    );
+                }
+            }
             origins
                 .push(HeaderValue::from_str(origin).map_err(|_| {
                     anyhow!("`{origin}` is not an origin like https://host[:port]")
@@ -123,6 +148,14 @@ mod tests {
                 HeaderValue::from_static("http://localhost:3000"),
             ])
         );
+        for good in [
+            "http://[::1]",
+            "http://[::1]:8080",
+            "https://a.example:65535",
+            "https://a.example:80",
+        ] {
+            assert!(AllowedOrigins::parse(good).is_ok(), "{good:?} was refused");
+        }
         for bad in [
             "",
             "ops.example.com",
@@ -131,6 +164,14 @@ mod tests {
             "https://*.example.com",
             "ftp://files.example.com",
             "https://a.example.com,,https://b.example.com",
+            "https://a.example:99999",
+            "https://a.example:0",
+            "https://a.example:",
+            "https://:8080",
+            "https://a.example:+80",
+            "https://a.example:080",
+            "https://a.example:443",
+            "http://a.example:80",
         ] {
             assert!(AllowedOrigins::parse(bad).is_err(), "{bad:?} was accepted");
         }

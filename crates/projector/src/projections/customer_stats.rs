@@ -371,16 +371,28 @@ impl Projection for CustomerStats {
             }
         }
         let mut actual: BTreeMap<Uuid, Stats> = BTreeMap::new();
-        // Keyset paging from no bound rather than from the nil UUID: the command service
-        // accepts the nil UUID as a customer id like any other, and `> nil` would skip it.
+        // Keyset paging whose first page has no bound, rather than starting from the nil UUID:
+        // the command service accepts the nil UUID as a customer id like any other, and
+        // `> nil` would skip it. (Two statements, not `$1 IS NULL OR …`, which a generic plan
+        // could not turn into an index bound.)
+        macro_rules! stats {
+            ($rest:literal) => {
+                concat!(
+                    "SELECT customer_id, order_count, total_spent, draft_count, placed_count, \
+                     paid_count, shipped_count, cancelled_count FROM customer_stats ",
+                    $rest
+                )
+            };
+        }
         let mut last: Option<Uuid> = None;
         loop {
-            let rows = sqlx::query(
-                "SELECT customer_id, order_count, total_spent, draft_count, placed_count, \
-                 paid_count, shipped_count, cancelled_count FROM customer_stats \
-                 WHERE $1::uuid IS NULL OR customer_id > $1 ORDER BY customer_id LIMIT 10000",
-            )
-            .bind(last)
+            let rows = match last {
+                None => sqlx::query(stats!("ORDER BY customer_id LIMIT 10000")),
+                Some(after) => sqlx::query(stats!(
+                    "WHERE customer_id > $1 ORDER BY customer_id LIMIT 10000"
+                ))
+                .bind(after),
+            }
             .fetch_all(&mut *conn)
             .await?;
             let Some(row) = rows.last() else { break };
@@ -403,16 +415,26 @@ impl Projection for CustomerStats {
                 );
             }
         }
+        macro_rules! spent {
+            ($bound:literal) => {
+                concat!(
+                    "SELECT customer_id, currency, total_spent FROM customer_stats_spent \
+                     WHERE total_spent <> 0 ",
+                    $bound,
+                    " ORDER BY customer_id, currency LIMIT 10000"
+                )
+            };
+        }
         let mut last: Option<(Uuid, String)> = None;
         loop {
-            let rows = sqlx::query(
-                "SELECT customer_id, currency, total_spent FROM customer_stats_spent \
-                 WHERE ($1::uuid IS NULL OR (customer_id, currency) > ($1, $2)) \
-                   AND total_spent <> 0 \
-                 ORDER BY customer_id, currency LIMIT 10000",
-            )
-            .bind(last.as_ref().map(|(customer, _)| *customer))
-            .bind(last.as_ref().map(|(_, currency)| currency.as_str()))
+            let rows = match &last {
+                None => sqlx::query(spent!("")),
+                Some((customer, currency)) => {
+                    sqlx::query(spent!("AND (customer_id, currency) > ($1, $2)"))
+                        .bind(*customer)
+                        .bind(currency.as_str())
+                }
+            }
             .fetch_all(&mut *conn)
             .await?;
             let Some(row) = rows.last() else { break };

@@ -1132,12 +1132,15 @@ async fn a_wait_for_a_position_past_the_end_of_the_log_is_refused_with_where_it_
         "/orders".to_owned(),
         format!("/customers/{customer}"),
     ] {
-        let (status, _, body) = app
+        let (status, headers, body) = app
             .get_json(&format!("{path}?min_position={}&wait_ms=50", head + 1))
             .await;
+        assert_eq!(projection_position(&headers), 0, "{path}");
         assert_eq!(status, StatusCode::CONFLICT, "{path}: {body}");
         assert_eq!(body["code"], "position_beyond_head", "{path}");
         assert_eq!(body["head"], head, "{path}");
+        assert_eq!(body["min_position"], head + 1, "{path}");
+        assert_eq!(body["projection_position"], 0, "{path}");
         let (status, _, body) = app
             .get_json(&format!("{path}?min_position={i}&wait_ms=0", i = i64::MAX))
             .await;
@@ -1149,6 +1152,27 @@ async fn a_wait_for_a_position_past_the_end_of_the_log_is_refused_with_where_it_
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}: {body}");
         assert_eq!(body["code"], "consistency_timeout", "{path}");
     }
+}
+
+/// A 503 any client can cause at will (here a read-your-writes wait that runs out) is logged
+/// at WARN, not ERROR: ERROR lines, and alerts on them, stay for faults.
+#[tokio::test]
+async fn a_503_answer_is_logged_as_a_warning_not_an_error() {
+    // The service's tasks run on this thread (a current-thread runtime): its logs land here.
+    let (logs, _logging) = LogBuffer::capture("info");
+    let app = spawn_app().await;
+    app.fill_log_to(3).await;
+    app.set_checkpoint("order_summaries", 1, true).await;
+    let (status, _, body) = app.get_json("/orders?min_position=3&wait_ms=0").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let text = logs.text();
+    let failed: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("response failed"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{text}");
+    assert!(failed[0].contains("WARN"), "{text}");
+    assert!(!text.contains("ERROR"), "{text}");
 }
 
 #[tokio::test]
