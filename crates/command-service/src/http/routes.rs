@@ -101,7 +101,9 @@ fn command_header_params() -> Vec<utoipa::openapi::path::Parameter> {
     let if_match = header(
         "If-Match",
         "`\"<version>\"`: apply only at this version, else 412 (`\"0\"` on POST /orders: only if no order has this order_id); `*`: at any version of an existing order (POST /orders: 412 when no order has this order_id, else the create's 409; the other routes: 404 as without it)",
-        ObjectBuilder::new().pattern(Some(r#"^("[0-9]+"|\*)$"#)),
+        // At most 18 digits: every such number is a version the service reads (a 64-bit
+        // integer); a longer one may not fit, and is refused 400 `invalid_if_match`.
+        ObjectBuilder::new().pattern(Some(r#"^("[0-9]{1,18}"|\*)$"#)),
     );
     let rest = [
         header(

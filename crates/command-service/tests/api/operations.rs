@@ -289,7 +289,26 @@ async fn every_bound_the_openapi_document_declares_is_the_one_the_service_enforc
             );
         }
         // On POST /orders, `"0"` creates only a new order (412 otherwise).
-        assert!(header("If-Match").is_some(), "{path}: If-Match");
+        let if_match = header("If-Match").unwrap_or_else(|| panic!("{path}: If-Match"));
+        // Every value the pattern admits is one the service reads as a version or `*`.
+        let pattern = regex::Regex::new(if_match["schema"]["pattern"].as_str().unwrap()).unwrap();
+        for (value, admitted) in [
+            ("\"0\"", true),
+            ("\"999999999999999999\"", true),
+            ("*", true),
+            ("\"99999999999999999999\"", false),
+            ("W/\"1\"", false),
+        ] {
+            assert_eq!(pattern.is_match(value), admitted, "{path}: {value}");
+            if admitted && value != "*" {
+                let digits = value.trim_matches('"');
+                assert_eq!(
+                    command_service::http::extract::parse_if_match(value),
+                    digits.parse().ok(),
+                    "{value}"
+                );
+            }
+        }
     }
 
     // And the service accepts each bound and refuses one step past it.
