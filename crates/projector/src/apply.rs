@@ -438,7 +438,7 @@ async fn apply_isolating_inner(
     let mut known_failure = (by_stream.len() == 1).then_some(batch_failure);
     let mut total = ApplyOutcome::default();
     let mut poisoned = Vec::new();
-    for (stream, mut list) in by_stream {
+    for mut list in by_stream.into_values() {
         let stream_failure = match known_failure.take() {
             Some(failure) => failure,
             None => match apply_batch(conn, projection, &list).await {
@@ -451,7 +451,9 @@ async fn apply_isolating_inner(
             },
         };
         if let [event] = list.as_slice() {
-            poisoned.push(Poisoned::at(stream, event.stream_version, &stream_failure));
+            let (outcome, found) = locate_failure(conn, projection, event, &stream_failure).await?;
+            total += outcome;
+            poisoned.push(found);
             continue;
         }
         list.sort_by_key(|e| e.stream_version);
@@ -460,13 +462,57 @@ async fn apply_isolating_inner(
                 Ok(outcome) => total += outcome,
                 Err(Failure::Transient(error)) => return Err(Failure::Transient(error)),
                 Err(failure) => {
-                    poisoned.push(Poisoned::at(stream, event.stream_version, &failure));
+                    let (outcome, found) =
+                        locate_failure(conn, projection, event, &failure).await?;
+                    total += outcome;
+                    poisoned.push(found);
                     break;
                 }
             }
         }
     }
     Ok((total, poisoned))
+}
+
+/// The event that failed when `event`, applied alone, failed with `failure`. When the stream's
+/// applied version is below the one before `event`'s, that apply filled the gap from the event
+/// store first (the entries of those events are another consumer's, or no longer on the
+/// stream), and the failure may be one of the gap's: they are applied one at a time, each in
+/// its own transaction, up to the first that fails, which is the one reported. If none fails,
+/// `event` itself did. Naming the event that failed is what lets the consumer holding `event`
+/// wait for it instead of dead-lettering `event`, which never failed, under its error.
+async fn locate_failure(
+    conn: &mut PgConnection,
+    projection: ProjectionKind,
+    event: &RecordedEvent,
+    failure: &Failure,
+) -> Result<(ApplyOutcome, Poisoned), Failure> {
+    let stream = event.stream_id.as_str();
+    let mut total = ApplyOutcome::default();
+    let mut after = applied_version(&mut *conn, projection, stream).await?;
+    while after + 1 < event.stream_version {
+        let gap = STREAM_READ_CHUNK.min(event.stream_version - 1 - after);
+        let earlier = store::read_stream(&mut *conn, stream, after, gap)
+            .await
+            .map_err(sql)?;
+        if earlier.is_empty() {
+            break;
+        }
+        for gap_event in &earlier {
+            match apply_batch(conn, projection, std::slice::from_ref(gap_event)).await {
+                Ok(outcome) => total += outcome,
+                Err(Failure::Transient(error)) => return Err(Failure::Transient(error)),
+                Err(failed) => {
+                    return Ok((
+                        total,
+                        Poisoned::at(stream, gap_event.stream_version, &failed),
+                    ));
+                }
+            }
+            after = gap_event.stream_version;
+        }
+    }
+    Ok((total, Poisoned::at(stream, event.stream_version, failure)))
 }
 
 /// The last version of `stream_id` that `projection` has applied (or skipped); 0 when it has

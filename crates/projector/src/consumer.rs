@@ -623,12 +623,23 @@ impl ProjectionConsumer {
         let poisoned: HashMap<&str, &Poisoned> =
             poisoned.iter().map(|p| (p.stream_id.as_str(), p)).collect();
         let mut ack = Vec::with_capacity(events.len());
-        for (event, w) in events.iter().zip(applied_work) {
+        // Each stream's entries in version order, so the entry of the event that failed takes
+        // its retry queue before the later ones queue behind it, whatever order they came in.
+        let mut order: Vec<usize> = (0..events.len()).collect();
+        order.sort_by(|&a, &b| {
+            (events[a].stream_id.as_str(), events[a].stream_version)
+                .cmp(&(events[b].stream_id.as_str(), events[b].stream_version))
+        });
+        for i in order {
+            let (event, w) = (&events[i], applied_work[i]);
             match poisoned.get(event.stream_id.as_str()) {
                 Some(p) if event.stream_version >= p.version && p.newer_release => {
                     self.hold_for_newer_release(w, &event.stream_id, &p.error);
                 }
-                Some(p) if event.stream_version >= p.version => {
+                Some(p) if event.stream_version > p.version => {
+                    self.wait_for_earlier_failure(w, &event.stream_id, p);
+                }
+                Some(p) if event.stream_version == p.version => {
                     self.failed(w, Some(event), &p.error).await?;
                 }
                 _ => ack.push(w.entry.id.clone()),
@@ -762,6 +773,35 @@ impl ProjectionConsumer {
                 attempts: w.prior_attempts,
                 due: Instant::now() + self.newer_release_retry(),
                 newer_release: true,
+            },
+        );
+        self.queued_ids.insert(w.entry.id.clone());
+    }
+
+    /// Queues `w`, whose event did not fail: an earlier event of its stream did, `p`, read
+    /// from the event store to fill the gap because its own entry is not in this batch (another
+    /// consumer holds it, or no entry does any more). Counted against `w`, the failure would
+    /// dead-letter an event that never failed, under the other's error, and leave the one that
+    /// failed without a letter. So `w` is tried again at the pace of a last retry and never
+    /// given up on: once the earlier event is applied it applies, and once its holder (or, for
+    /// an event no consumer holds, the sweeper) dead-letters and parks it, the park holds `w`
+    /// back and it is acknowledged.
+    fn wait_for_earlier_failure(&mut self, w: &Work, stream: &str, p: &Poisoned) {
+        if self.retry.contains_key(stream) {
+            self.hold_behind(stream, &w.entry);
+            return;
+        }
+        tracing::debug!(projection = %self.projection, id = %w.entry.id, stream,
+            failed_version = p.version, error = %p.error,
+            "an earlier event of the order failed; waiting for it to be applied or parked");
+        self.retry.insert(
+            stream.to_owned(),
+            RetryQueue {
+                entries: VecDeque::from([w.entry.clone()]),
+                attempts: w.prior_attempts,
+                due: Instant::now()
+                    + poison_retry_delay(self.settings.retry_base, self.settings.max_attempts),
+                newer_release: false,
             },
         );
         self.queued_ids.insert(w.entry.id.clone());

@@ -9,6 +9,7 @@ mod hand_written;
 mod outages;
 mod redis_full;
 mod retry_bound;
+mod split_order;
 mod status;
 mod support;
 

@@ -1,0 +1,99 @@
+//! An order whose entries are split between consumers: the entry of the event that fails is
+//! one consumer's, a later entry of the same order another's.
+
+use std::time::Duration;
+
+use bus::DeadLetterQueue;
+use events::{OrderState, order_stream_id};
+use projector::ProjectionKind;
+use projector::consumer::{ConsumerSettings, ProjectionConsumer};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::support::{self, DEADLINE, Fate, World, commands, refuse_placing, run_commands};
+
+const PROJECTION: ProjectionKind = ProjectionKind::OrderSummaries;
+
+/// A projection consumer named `name` that takes at most `batch_size` entries a step and
+/// gives up on an entry after two quick tries.
+fn projection_consumer(w: &World, name: &str, batch_size: usize) -> ProjectionConsumer {
+    let settings = ConsumerSettings {
+        batch_size,
+        linger: Duration::ZERO,
+        max_attempts: 2,
+        retry_base: Duration::from_millis(10),
+        block: Duration::from_millis(20),
+        ..ConsumerSettings::default()
+    };
+    let consumer = support::group_consumer(w, PROJECTION, name);
+    ProjectionConsumer::new(PROJECTION, w.pool().clone(), consumer, settings)
+}
+
+/// The placing of an order fails; its entry is consumer `a`'s, the payment's entry consumer
+/// `b`'s. `b` finds the placing missing, reads it from the event store, and it fails there
+/// too: that failure is not the payment's. The one letter is the placing's, written by the
+/// consumer that holds it, the order is parked at the placing, and the payment is held back
+/// behind it, not dead-lettered in its stead under the placing's error.
+#[tokio::test]
+async fn a_failure_met_while_filling_a_gap_is_not_charged_to_the_later_entry_that_met_it() {
+    let mut w = World::new().await;
+    let order = Uuid::new_v4();
+    refuse_placing(w.pool(), order).await;
+    // Versions 1 to 5: created, two items, placed (refused), paid.
+    let cmds = commands(order, Uuid::new_v4(), Fate::Paid);
+    run_commands(w.pool(), order, &cmds, &mut OrderState::default()).await;
+    w.publish().await;
+    let mut a = projection_consumer(&w, "a", 4);
+    let mut b = projection_consumer(&w, "b", 100);
+    // `a` takes versions 1 to 4 (the placing fails), `b` the payment.
+    a.process_batch().await;
+    b.process_batch().await;
+
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        a.process_batch().await;
+        b.process_batch().await;
+        if a.queued() == 0 && b.queued() == 0 && dlq.len(PROJECTION.name()).await.unwrap() > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still queued: a {}, b {}",
+            a.queued(),
+            b.queued()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let letters = dlq.list(PROJECTION.name(), 10).await.unwrap();
+    let versions: Vec<(&str, &str, &str)> = letters
+        .iter()
+        .map(|l| {
+            (
+                l.original["stream_version"].as_str(),
+                l.original["event_type"].as_str(),
+                l.consumer.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(versions, [("4", "OrderPlaced", "a")], "{letters:#?}");
+    let (version, parked): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT version, parked_version FROM projection_streams \
+         WHERE projection = $1 AND stream_id = $2",
+    )
+    .bind(PROJECTION.name())
+    .bind(order_stream_id(order))
+    .fetch_one(w.pool())
+    .await
+    .unwrap();
+    assert_eq!((version, parked), (3, Some(4)));
+    // The payment's entry is acknowledged, held back by the park: nothing is left pending.
+    let mut conn = w.redis.clone();
+    let pending: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+        .arg(w.keys.stream())
+        .arg(PROJECTION.name())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(pending.0, 0);
+}
