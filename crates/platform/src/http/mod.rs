@@ -108,11 +108,12 @@ pub fn standard_layers(router: Router, limits: HttpLimits) -> Router {
             TraceLayer::new_for_http()
                 .make_span_with(make_span)
                 .on_response(DefaultOnResponse::new().level(Level::INFO))
-                // A 5xx answer is logged at WARN: most are the service working as meant under
-                // load or an outage (503 `overloaded`, `consistency_timeout`,
-                // `store_unavailable`), which a client can cause at will; what is a fault (a
-                // 500) is logged at ERROR with its cause where it is made.
-                .on_failure(DefaultOnFailure::new().level(Level::WARN)),
+                // A 5xx answer's own line is debug: the response line above (INFO) already
+                // gives every status, most 5xx are the service working as meant (503
+                // `overloaded`, `consistency_timeout`, `store_unavailable`, which a client can
+                // cause at will, and which outage logs and metrics report), and what is a fault
+                // (a 500) is logged at ERROR with its cause where it is made.
+                .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
         )
         .layer(middleware::from_fn(context::insert_context))
         .layer(PropagateRequestIdLayer::x_request_id())
