@@ -451,9 +451,9 @@ async fn apply_isolating_inner(
             },
         };
         if let [event] = list.as_slice() {
-            let (outcome, found) = locate_failure(conn, projection, event, &stream_failure).await?;
+            let (outcome, found) = locate_failure(conn, projection, event, stream_failure).await?;
             total += outcome;
-            poisoned.push(found);
+            poisoned.extend(found);
             continue;
         }
         list.sort_by_key(|e| e.stream_version);
@@ -462,11 +462,16 @@ async fn apply_isolating_inner(
                 Ok(outcome) => total += outcome,
                 Err(Failure::Transient(error)) => return Err(Failure::Transient(error)),
                 Err(failure) => {
-                    let (outcome, found) =
-                        locate_failure(conn, projection, event, &failure).await?;
+                    let (outcome, found) = locate_failure(conn, projection, event, failure).await?;
                     total += outcome;
-                    poisoned.push(found);
-                    break;
+                    match found {
+                        Some(found) => {
+                            poisoned.push(found);
+                            break;
+                        }
+                        // It applied after all (the gap was settled meanwhile): go on.
+                        None => continue,
+                    }
                 }
             }
         }
@@ -474,27 +479,43 @@ async fn apply_isolating_inner(
     Ok((total, poisoned))
 }
 
-/// The event that failed when `event`, applied alone, failed with `failure`. When the stream's
-/// applied version is below the one before `event`'s, that apply filled the gap from the event
-/// store first (the entries of those events are another consumer's, or no longer on the
-/// stream), and the failure may be one of the gap's: they are applied one at a time, each in
-/// its own transaction, up to the first that fails, which is the one reported. If none fails,
-/// `event` itself did. Naming the event that failed is what lets the consumer holding `event`
-/// wait for it instead of dead-lettering `event`, which never failed, under its error.
+/// The event that failed when `event`, applied alone, failed with `failure`; `None` when it
+/// turns out to apply after all. When the stream's applied version is below the one before
+/// `event`'s, that apply filled the gap from the event store first (the entries of those
+/// events are another consumer's, or no longer on the stream), and the failure may be one of
+/// the gap's: they are applied one at a time, each in its own transaction, up to the first that
+/// fails, which is the one reported. If none fails (they applied, or the gap was settled
+/// meanwhile: its holder applied or parked it), `event` is applied alone once more, so that
+/// only its own failure is charged to it. Naming the event that failed is what lets the
+/// consumer holding `event` wait for it instead of dead-lettering `event`, which never failed,
+/// under its error. A read here that fails for good falls back to charging `event`, as
+/// before; only a transient failure is returned.
 async fn locate_failure(
     conn: &mut PgConnection,
     projection: ProjectionKind,
     event: &RecordedEvent,
-    failure: &Failure,
-) -> Result<(ApplyOutcome, Poisoned), Failure> {
+    failure: Failure,
+) -> Result<(ApplyOutcome, Option<Poisoned>), Failure> {
     let stream = event.stream_id.as_str();
+    let charged = |failure: &Failure| Some(Poisoned::at(stream, event.stream_version, failure));
     let mut total = ApplyOutcome::default();
-    let mut after = applied_version(&mut *conn, projection, stream).await?;
+    let mut after = match applied_version(&mut *conn, projection, stream).await {
+        Ok(version) => version,
+        Err(Failure::Transient(error)) => return Err(Failure::Transient(error)),
+        Err(_) => return Ok((total, charged(&failure))),
+    };
+    if after + 1 >= event.stream_version {
+        return Ok((total, charged(&failure)));
+    }
     while after + 1 < event.stream_version {
         let gap = STREAM_READ_CHUNK.min(event.stream_version - 1 - after);
-        let earlier = store::read_stream(&mut *conn, stream, after, gap)
-            .await
-            .map_err(sql)?;
+        let earlier = match store::read_stream(&mut *conn, stream, after, gap).await {
+            Ok(earlier) => earlier,
+            Err(e) => match sql(e) {
+                Failure::Transient(error) => return Err(Failure::Transient(error)),
+                _ => return Ok((total, charged(&failure))),
+            },
+        };
         if earlier.is_empty() {
             break;
         }
@@ -503,16 +524,21 @@ async fn locate_failure(
                 Ok(outcome) => total += outcome,
                 Err(Failure::Transient(error)) => return Err(Failure::Transient(error)),
                 Err(failed) => {
-                    return Ok((
-                        total,
-                        Poisoned::at(stream, gap_event.stream_version, &failed),
-                    ));
+                    let at = Poisoned::at(stream, gap_event.stream_version, &failed);
+                    return Ok((total, Some(at)));
                 }
             }
             after = gap_event.stream_version;
         }
     }
-    Ok((total, Poisoned::at(stream, event.stream_version, failure)))
+    match apply_batch(conn, projection, std::slice::from_ref(event)).await {
+        Ok(outcome) => {
+            total += outcome;
+            Ok((total, None))
+        }
+        Err(Failure::Transient(error)) => Err(Failure::Transient(error)),
+        Err(own) => Ok((total, charged(&own))),
+    }
 }
 
 /// The last version of `stream_id` that `projection` has applied (or skipped); 0 when it has

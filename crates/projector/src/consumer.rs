@@ -782,11 +782,20 @@ impl ProjectionConsumer {
     /// from the event store to fill the gap because its own entry is not in this batch (another
     /// consumer holds it, or no entry does any more). Counted against `w`, the failure would
     /// dead-letter an event that never failed, under the other's error, and leave the one that
-    /// failed without a letter. So `w` is tried again at the pace of a last retry and never
-    /// given up on: once the earlier event is applied it applies, and once its holder (or, for
+    /// failed without a letter. So `w` is tried again at the pace of a last retry, its count
+    /// untouched: once the earlier event is applied it applies, and once its holder (or, for
     /// an event no consumer holds, the sweeper) dead-letters and parks it, the park holds `w`
     /// back and it is acknowledged.
     fn wait_for_earlier_failure(&mut self, w: &Work, stream: &str, p: &Poisoned) {
+        // The earlier event was given up on (dead-lettered and parked) or found applied in
+        // this very step: run the entry again now, to be held back or applied.
+        if self.settled_now.contains(stream) {
+            self.in_hand.push(Work {
+                entry: w.entry.clone(),
+                prior_attempts: 0,
+            });
+            return;
+        }
         if self.retry.contains_key(stream) {
             self.hold_behind(stream, &w.entry);
             return;

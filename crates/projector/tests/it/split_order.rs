@@ -48,8 +48,19 @@ async fn a_failure_met_while_filling_a_gap_is_not_charged_to_the_later_entry_tha
     // `a` takes versions 1 to 4 (the placing fails), `b` the payment.
     a.process_batch().await;
     b.process_batch().await;
-
     let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    // `b` alone, for many times what two tries take: the payment waits, and is never `b`'s
+    // to give up on.
+    let alone = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < alone {
+        b.process_batch().await;
+        assert_eq!(
+            dlq.len(PROJECTION.name()).await.unwrap(),
+            0,
+            "b dead-lettered an event that never failed"
+        );
+        assert_eq!(b.queued(), 1, "the payment waits");
+    }
     let deadline = Instant::now() + DEADLINE;
     loop {
         a.process_batch().await;
@@ -96,4 +107,34 @@ async fn a_failure_met_while_filling_a_gap_is_not_charged_to_the_later_entry_tha
         .await
         .unwrap();
     assert_eq!(pending.0, 0);
+}
+
+/// One consumer holds both: when it gives up on the placing (a letter and a park), the payment
+/// queued behind it is held back and acknowledged in the same step, not left waiting.
+#[tokio::test]
+async fn a_dead_letter_settles_the_later_entries_of_its_order_in_the_same_step() {
+    let mut w = World::new().await;
+    let order = Uuid::new_v4();
+    refuse_placing(w.pool(), order).await;
+    let cmds = commands(order, Uuid::new_v4(), Fate::Paid);
+    run_commands(w.pool(), order, &cmds, &mut OrderState::default()).await;
+    w.publish().await;
+    let mut solo = projection_consumer(&w, "solo", 100);
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    let deadline = Instant::now() + DEADLINE;
+    while dlq.len(PROJECTION.name()).await.unwrap() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the placing is never dead-lettered"
+        );
+        solo.process_batch().await;
+    }
+    assert_eq!(
+        solo.queued(),
+        0,
+        "the payment is settled with its placing's letter"
+    );
+    let letters = dlq.list(PROJECTION.name(), 10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].original["stream_version"], "4");
 }
