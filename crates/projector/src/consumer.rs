@@ -141,6 +141,10 @@ struct RetryQueue {
     due: Instant,
     /// The front entry's event was written by a newer release (see [`crate::failure`]).
     newer_release: bool,
+    /// The version of the order's earlier event whose failure the front entry waits on
+    /// ([`ProjectionConsumer::wait_for_earlier_failure`]); `None` for a queue whose front
+    /// failed itself.
+    waiting_for: Option<i64>,
 }
 
 /// The consumer of one projection in this instance.
@@ -587,7 +591,20 @@ impl ProjectionConsumer {
             }
             match decode_entry(&w.entry) {
                 Ok(event) => {
-                    if self.retry.contains_key(&event.stream_id) {
+                    let waits_on_it = self.retry.get(&event.stream_id).is_some_and(|q| {
+                        q.waiting_for
+                            .is_some_and(|failed| event.stream_version <= failed)
+                    });
+                    if waits_on_it {
+                        // The order's queue waits on this very event (a later entry met its
+                        // failure while filling the gap), and now this consumer holds its
+                        // entry (claimed, or read again): it is tried now, counted as its
+                        // own, and the waiting entries go back in hand behind it. Queued
+                        // behind them, it would never be tried by this consumer.
+                        self.release_waiting(&event.stream_id);
+                        events.push(event);
+                        applied_work.push(w);
+                    } else if self.retry.contains_key(&event.stream_id) {
                         self.hold_behind(&event.stream_id, &w.entry);
                     } else {
                         events.push(event);
@@ -773,6 +790,7 @@ impl ProjectionConsumer {
                 attempts: w.prior_attempts,
                 due: Instant::now() + self.newer_release_retry(),
                 newer_release: true,
+                waiting_for: None,
             },
         );
         self.queued_ids.insert(w.entry.id.clone());
@@ -811,9 +829,25 @@ impl ProjectionConsumer {
                 due: Instant::now()
                     + poison_retry_delay(self.settings.retry_base, self.settings.max_attempts),
                 newer_release: false,
+                waiting_for: Some(p.version),
             },
         );
         self.queued_ids.insert(w.entry.id.clone());
+    }
+
+    /// Takes the waiting queue of `stream` apart: its entries go back in hand, to be processed
+    /// after the work under way, the front one keeping its count.
+    fn release_waiting(&mut self, stream: &str) {
+        let Some(queue) = self.retry.remove(stream) else {
+            return;
+        };
+        for (i, entry) in queue.entries.into_iter().enumerate() {
+            self.queued_ids.remove(&entry.id);
+            self.in_hand.push(Work {
+                prior_attempts: if i == 0 { queue.attempts } else { 0 },
+                entry,
+            });
+        }
     }
 
     fn hold_behind(&mut self, key: &str, entry: &StreamEntry) {
@@ -858,6 +892,7 @@ impl ProjectionConsumer {
                 attempts,
                 due: Instant::now() + delay,
                 newer_release: false,
+                waiting_for: None,
             },
         );
         self.queued_ids.insert(w.entry.id.clone());

@@ -138,3 +138,65 @@ async fn a_dead_letter_settles_the_later_entries_of_its_order_in_the_same_step()
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].original["stream_version"], "4");
 }
+
+/// The payment's entry, delivered many times, waits in consumer `b` on the placing, whose
+/// entry a stopped consumer `a` holds. Once `b` claims the placing's entry, it tries it as its
+/// own, counts its failures and dead-letters it: queued behind the waiting payment, it was
+/// never tried, and nobody wrote its letter.
+#[tokio::test]
+async fn an_earlier_entry_claimed_by_the_consumer_waiting_on_it_is_tried_and_dead_lettered() {
+    let mut w = World::new().await;
+    let order = Uuid::new_v4();
+    refuse_placing(w.pool(), order).await;
+    let cmds = commands(order, Uuid::new_v4(), Fate::Paid);
+    run_commands(w.pool(), order, &cmds, &mut OrderState::default()).await;
+    w.publish().await;
+    // `a` reads versions 1 to 4 and stops; `b` reads the payment, delivered ten times already.
+    let a = support::group_consumer(&w, PROJECTION, "a");
+    a.ensure_group(bus::FROM_BEGINNING).await.unwrap();
+    assert_eq!(a.read_new(4, Duration::ZERO).await.unwrap().len(), 4);
+    let b_group = support::group_consumer(&w, PROJECTION, "b");
+    let payment = b_group.read_new(10, Duration::ZERO).await.unwrap();
+    assert_eq!(payment.len(), 1);
+    let mut conn = w.redis.clone();
+    let _: redis::Value = redis::cmd("XCLAIM")
+        .arg(w.keys.stream())
+        .arg(PROJECTION.name())
+        .arg("b")
+        .arg(0)
+        .arg(&payment[0].id)
+        .arg("RETRYCOUNT")
+        .arg(10)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let settings = ConsumerSettings {
+        linger: Duration::ZERO,
+        max_attempts: 2,
+        retry_base: Duration::from_millis(10),
+        block: Duration::from_millis(20),
+        claim_idle: Duration::from_millis(300),
+        reclaim_interval: Duration::from_millis(50),
+        ..ConsumerSettings::default()
+    };
+    let mut b = ProjectionConsumer::new(PROJECTION, w.pool().clone(), b_group, settings);
+    let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        b.process_batch().await;
+        if b.queued() == 0 && dlq.len(PROJECTION.name()).await.unwrap() > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the placing is never dead-lettered ({} queued)",
+            b.queued()
+        );
+    }
+    let letters = dlq.list(PROJECTION.name(), 10).await.unwrap();
+    let named: Vec<(&str, &str)> = letters
+        .iter()
+        .map(|l| (l.original["stream_version"].as_str(), l.consumer.as_str()))
+        .collect();
+    assert_eq!(named, [("4", "b")], "{letters:#?}");
+}
