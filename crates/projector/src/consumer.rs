@@ -29,7 +29,12 @@
 //!   on its own, and dead-lettered only if that try fails, or if earlier such tries never
 //!   ended (it stops whoever tries it), and in either case only if its event is not applied
 //!   already (while Redis is full and refuses to record a try, the try goes ahead unrecorded
-//!   rather than stop the consumer);
+//!   rather than stop the consumer). A failure met while filling an order's gap from the event
+//!   store (the earlier event's entry is another consumer's, or gone) is the earlier event's,
+//!   which the engine names: the later entry waits in a queue of its own, counting no attempt,
+//!   until that event is applied or dead-lettered and parked by whoever holds it (the sweeper,
+//!   for an event no consumer holds); should this consumer come to hold the earlier entry, it
+//!   tries it at once, as its own;
 //! - newer release (an event of a type or schema version this build does not know): the entry
 //!   is held like a poison entry, its stream's later entries behind it, but counts no attempt
 //!   and is never dead-lettered. An instance of the newer release gets it from the store (its
