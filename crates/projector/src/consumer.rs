@@ -144,12 +144,21 @@ struct RetryQueue {
     entries: VecDeque<StreamEntry>,
     attempts: u32,
     due: Instant,
-    /// The front entry's event was written by a newer release (see [`crate::failure`]).
-    newer_release: bool,
-    /// The version of the order's earlier event whose failure the front entry waits on
-    /// ([`ProjectionConsumer::wait_for_earlier_failure`]); `None` for a queue whose front
-    /// failed itself.
-    waiting_for: Option<i64>,
+    /// Why the front entry is queued.
+    kind: QueueKind,
+}
+
+/// Why the front entry of a [`RetryQueue`] is queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QueueKind {
+    /// Its own event failed: each retry counts an attempt, the last one dead-letters it.
+    Failed,
+    /// Its event was written by a newer release (see [`crate::failure`]): held, never
+    /// dead-lettered.
+    NewerRelease,
+    /// An earlier event of its order failed, at this version, while its apply filled the gap
+    /// ([`ProjectionConsumer::wait_for_earlier_failure`]): it waits, counting no attempt.
+    WaitingFor(i64),
 }
 
 /// The consumer of one projection in this instance.
@@ -313,7 +322,11 @@ impl ProjectionConsumer {
             .iter()
             .filter(|(_, q)| q.due <= now)
             .map(|(k, _)| k.clone())
-            .partition(|k| self.retry.get(k).is_some_and(|q| q.newer_release));
+            .partition(|k| {
+                self.retry
+                    .get(k)
+                    .is_some_and(|q| q.kind == QueueKind::NewerRelease)
+            });
         if !held.is_empty() {
             // This build still cannot read them, so trying each would only cost a failing
             // transaction per order per round (thousands while a new event version rolls
@@ -597,8 +610,8 @@ impl ProjectionConsumer {
             match decode_entry(&w.entry) {
                 Ok(event) => {
                     let waits_on_it = self.retry.get(&event.stream_id).is_some_and(|q| {
-                        q.waiting_for
-                            .is_some_and(|failed| event.stream_version <= failed)
+                        matches!(q.kind, QueueKind::WaitingFor(failed)
+                            if event.stream_version <= failed)
                     });
                     if waits_on_it {
                         // The order's queue waits on this very event (a later entry met its
@@ -788,17 +801,8 @@ impl ProjectionConsumer {
                  that release applies it; upgrade this instance (RUNBOOK: \
                  ProjectorNeedsNewerRelease)");
         }
-        self.retry.insert(
-            stream.to_owned(),
-            RetryQueue {
-                entries: VecDeque::from([w.entry.clone()]),
-                attempts: w.prior_attempts,
-                due: Instant::now() + self.newer_release_retry(),
-                newer_release: true,
-                waiting_for: None,
-            },
-        );
-        self.queued_ids.insert(w.entry.id.clone());
+        let delay = self.newer_release_retry();
+        self.queue_alone(stream, w, w.prior_attempts, delay, QueueKind::NewerRelease);
     }
 
     /// Queues `w`, whose event did not fail: an earlier event of its stream did, `p`, read
@@ -813,10 +817,7 @@ impl ProjectionConsumer {
         // The earlier event was given up on (dead-lettered and parked) or found applied in
         // this very step: run the entry again now, to be held back or applied.
         if self.settled_now.contains(stream) {
-            self.in_hand.push(Work {
-                entry: w.entry.clone(),
-                prior_attempts: 0,
-            });
+            self.take_again(w);
             return;
         }
         if self.retry.contains_key(stream) {
@@ -826,18 +827,39 @@ impl ProjectionConsumer {
         tracing::debug!(projection = %self.projection, id = %w.entry.id, stream,
             failed_version = p.version, error = %p.error,
             "an earlier event of the order failed; waiting for it to be applied or parked");
+        let delay = poison_retry_delay(self.settings.retry_base, self.settings.max_attempts);
+        let kind = QueueKind::WaitingFor(p.version);
+        self.queue_alone(stream, w, w.prior_attempts, delay, kind);
+    }
+
+    /// Starts the retry queue `key` with `w` alone at its front, due after `delay`.
+    fn queue_alone(
+        &mut self,
+        key: &str,
+        w: &Work,
+        attempts: u32,
+        delay: Duration,
+        kind: QueueKind,
+    ) {
         self.retry.insert(
-            stream.to_owned(),
+            key.to_owned(),
             RetryQueue {
                 entries: VecDeque::from([w.entry.clone()]),
-                attempts: w.prior_attempts,
-                due: Instant::now()
-                    + poison_retry_delay(self.settings.retry_base, self.settings.max_attempts),
-                newer_release: false,
-                waiting_for: Some(p.version),
+                attempts,
+                due: Instant::now() + delay,
+                kind,
             },
         );
         self.queued_ids.insert(w.entry.id.clone());
+    }
+
+    /// Puts `w` back in hand, to be processed again in this round as new work (its order's
+    /// earlier event was settled meanwhile).
+    fn take_again(&mut self, w: &Work) {
+        self.in_hand.push(Work {
+            entry: w.entry.clone(),
+            prior_attempts: 0,
+        });
     }
 
     /// Takes the waiting queue of `stream` apart: its entries go back in hand, to be processed
@@ -872,10 +894,7 @@ impl ProjectionConsumer {
     ) -> Result<(), Failure> {
         let key = queue_key(&w.entry, event.map(|e| e.stream_id.as_str()));
         if self.settled_now.contains(&key) {
-            self.in_hand.push(Work {
-                entry: w.entry.clone(),
-                prior_attempts: 0,
-            });
+            self.take_again(w);
             return Ok(());
         }
         if self.retry.contains_key(&key) {
@@ -890,17 +909,7 @@ impl ProjectionConsumer {
         let delay = poison_retry_delay(self.settings.retry_base, attempts);
         tracing::warn!(projection = %self.projection, id = %w.entry.id, attempts, error,
             retry_in_ms = delay.as_millis() as u64, "entry failed; will retry");
-        self.retry.insert(
-            key,
-            RetryQueue {
-                entries: VecDeque::from([w.entry.clone()]),
-                attempts,
-                due: Instant::now() + delay,
-                newer_release: false,
-                waiting_for: None,
-            },
-        );
-        self.queued_ids.insert(w.entry.id.clone());
+        self.queue_alone(&key, w, attempts, delay, QueueKind::Failed);
         Ok(())
     }
 

@@ -87,7 +87,7 @@ async fn two_projector_instances_over_one_stream_give_exactly_the_result_of_one(
 
 /// How many entries of `group` are pending (delivered, not acknowledged); any error of Redis
 /// fails the test, a missing group too.
-async fn pending_count(w: &World, group: &str) -> i64 {
+pub(crate) async fn pending_count(w: &World, group: &str) -> i64 {
     match pending_count_once_grouped(w, group).await {
         Some(pending) => pending,
         None => panic!("XPENDING {group}: the group does not exist"),

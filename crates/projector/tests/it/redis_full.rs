@@ -70,18 +70,6 @@ async fn entries_delivered_often_then_redis_full(
     (w, restarted, entries.len())
 }
 
-/// Entries pending in the projection's group.
-async fn pending(w: &World) -> u64 {
-    let mut conn = w.redis.clone();
-    let pending: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
-        .arg(w.keys.stream())
-        .arg(PROJECTION.name())
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    pending.0
-}
-
 /// An entry delivered more than `MAX_ATTEMPTS` times (claimed over and over by consumers that
 /// stopped) is tried once more before it is dead-lettered, and that try is recorded in Redis
 /// first, to tell an entry that stops every consumer. A full Redis refuses the record: the try
@@ -96,7 +84,11 @@ async fn an_entry_delivered_many_times_is_still_applied_while_redis_is_full() {
 
     assert_eq!(outcome, Outcome::Worked(entries));
     w.assert_projection_exact(PROJECTION).await;
-    assert_eq!(pending(&w).await, 0, "every entry acknowledged");
+    assert_eq!(
+        crate::pending_count(&w, PROJECTION.name()).await,
+        0,
+        "every entry acknowledged"
+    );
     set_maxmemory(&w, 0).await;
 }
 
@@ -125,7 +117,7 @@ async fn an_entry_whose_tries_stopped_consumers_is_not_tried_again_while_redis_i
         .await
         .unwrap();
     assert_eq!(summaries, 0);
-    assert_eq!(pending(&w).await, 0);
+    assert_eq!(crate::pending_count(&w, PROJECTION.name()).await, 0);
     set_maxmemory(&w, 0).await;
 }
 

@@ -29,6 +29,18 @@ fn projection_consumer(w: &World, name: &str, batch_size: usize) -> ProjectionCo
     ProjectionConsumer::new(PROJECTION, w.pool().clone(), consumer, settings)
 }
 
+/// A world with one order at versions 1 to 5 (created, two items, placed, paid), published,
+/// whose placing `order_summaries` refuses; returns the world and the order.
+async fn an_order_whose_placing_is_refused() -> (World, Uuid) {
+    let mut w = World::new().await;
+    let order = Uuid::new_v4();
+    refuse_placing(w.pool(), order).await;
+    let cmds = commands(order, Uuid::new_v4(), Fate::Paid);
+    run_commands(w.pool(), order, &cmds, &mut OrderState::default()).await;
+    w.publish().await;
+    (w, order)
+}
+
 /// The placing of an order fails; its entry is consumer `a`'s, the payment's entry consumer
 /// `b`'s. `b` finds the placing missing, reads it from the event store, and it fails there
 /// too: that failure is not the payment's. The one letter is the placing's, written by the
@@ -36,13 +48,7 @@ fn projection_consumer(w: &World, name: &str, batch_size: usize) -> ProjectionCo
 /// behind it, not dead-lettered in its stead under the placing's error.
 #[tokio::test]
 async fn a_failure_met_while_filling_a_gap_is_not_charged_to_the_later_entry_that_met_it() {
-    let mut w = World::new().await;
-    let order = Uuid::new_v4();
-    refuse_placing(w.pool(), order).await;
-    // Versions 1 to 5: created, two items, placed (refused), paid.
-    let cmds = commands(order, Uuid::new_v4(), Fate::Paid);
-    run_commands(w.pool(), order, &cmds, &mut OrderState::default()).await;
-    w.publish().await;
+    let (w, order) = an_order_whose_placing_is_refused().await;
     let mut a = projection_consumer(&w, "a", 4);
     let mut b = projection_consumer(&w, "b", 100);
     // `a` takes versions 1 to 4 (the placing fails), `b` the payment.
@@ -99,26 +105,14 @@ async fn a_failure_met_while_filling_a_gap_is_not_charged_to_the_later_entry_tha
     .unwrap();
     assert_eq!((version, parked), (3, Some(4)));
     // The payment's entry is acknowledged, held back by the park: nothing is left pending.
-    let mut conn = w.redis.clone();
-    let pending: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
-        .arg(w.keys.stream())
-        .arg(PROJECTION.name())
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(pending.0, 0);
+    assert_eq!(crate::pending_count(&w, PROJECTION.name()).await, 0);
 }
 
 /// One consumer holds both: when it gives up on the placing (a letter and a park), the payment
 /// queued behind it is held back and acknowledged in the same step, not left waiting.
 #[tokio::test]
 async fn a_dead_letter_settles_the_later_entries_of_its_order_in_the_same_step() {
-    let mut w = World::new().await;
-    let order = Uuid::new_v4();
-    refuse_placing(w.pool(), order).await;
-    let cmds = commands(order, Uuid::new_v4(), Fate::Paid);
-    run_commands(w.pool(), order, &cmds, &mut OrderState::default()).await;
-    w.publish().await;
+    let (w, _) = an_order_whose_placing_is_refused().await;
     let mut solo = projection_consumer(&w, "solo", 100);
     let dlq = DeadLetterQueue::new(w.redis.clone(), w.keys.clone());
     let deadline = Instant::now() + DEADLINE;
@@ -145,12 +139,7 @@ async fn a_dead_letter_settles_the_later_entries_of_its_order_in_the_same_step()
 /// never tried, and nobody wrote its letter.
 #[tokio::test]
 async fn an_earlier_entry_claimed_by_the_consumer_waiting_on_it_is_tried_and_dead_lettered() {
-    let mut w = World::new().await;
-    let order = Uuid::new_v4();
-    refuse_placing(w.pool(), order).await;
-    let cmds = commands(order, Uuid::new_v4(), Fate::Paid);
-    run_commands(w.pool(), order, &cmds, &mut OrderState::default()).await;
-    w.publish().await;
+    let (w, _) = an_order_whose_placing_is_refused().await;
     // `a` reads versions 1 to 4 and stops; `b` reads the payment, delivered ten times already.
     let a = support::group_consumer(&w, PROJECTION, "a");
     a.ensure_group(bus::FROM_BEGINNING).await.unwrap();
